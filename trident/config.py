@@ -1,0 +1,283 @@
+"""Frozen, typed configuration. Each config is validated once, at construction.
+
+ModelConfig describes a decoder-only transformer in the terms of its Hugging Face config.json;
+``ModelConfig.from_hf_dict`` reads such a dict (old ``rope_theta``/``rope_scaling`` keys and new
+``rope_parameters`` alike), filling what the file leaves out with the family's defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from trident.errors import TridentError
+
+FULL_ATTENTION = "full_attention"
+SLIDING_ATTENTION = "sliding_attention"
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary position embedding: base frequency and optional scaling (default, linear, llama3)."""
+
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ("default", "linear", "llama3"):
+            raise TridentError(
+                f"unsupported rope scaling type {self.rope_type!r}; supported: default, linear, llama3"
+            )
+
+    @classmethod
+    def from_hf(cls, theta: float, scaling: dict[str, Any] | None) -> RopeConfig:
+        scaling = dict(scaling or {})
+        rope_type = scaling.get("rope_type", scaling.get("type", "default")) or "default"
+        return cls(
+            theta=float(scaling.get("rope_theta", theta)),
+            rope_type=rope_type,
+            factor=float(scaling.get("factor", 1.0) or 1.0),
+            low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)),
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a decoder-only transformer (the union of what our families need)."""
+
+    model_type: str
+    """Hugging Face model_type: llama, mistral, qwen2, qwen3, gemma2, gemma3_text."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    rope_local: RopeConfig | None = None
+    """Rotary settings of sliding-window layers when they differ (gemma3)."""
+    layer_types: tuple[str, ...] = ()
+    """Per layer: full_attention or sliding_attention."""
+    sliding_window: int | None = None
+    """A token attends to itself and the sliding_window - 1 tokens before it on sliding layers."""
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    query_pre_attn_scalar: float | None = None
+    """Attention scale is query_pre_attn_scalar ** -0.5 when set, else head_dim ** -0.5."""
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    source_dtype: str = "float32"
+    architecture: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.layer_types:
+            object.__setattr__(self, "layer_types", (FULL_ATTENTION,) * self.num_layers)
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise TridentError(f"model config: {name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise TridentError(
+                f"model config: num_heads ({self.num_heads}) must be a multiple of "
+                f"num_kv_heads ({self.num_kv_heads})"
+            )
+        if len(self.layer_types) != self.num_layers:
+            raise TridentError(
+                f"model config: {len(self.layer_types)} layer_types for {self.num_layers} layers"
+            )
+        bad = set(self.layer_types) - {FULL_ATTENTION, SLIDING_ATTENTION}
+        if bad:
+            raise TridentError(f"model config: unsupported layer types {sorted(bad)}")
+        if SLIDING_ATTENTION in self.layer_types and not self.sliding_window:
+            raise TridentError("model config: sliding_attention layers need a sliding_window")
+
+    @property
+    def attention_scale(self) -> float:
+        base = self.query_pre_attn_scalar if self.query_pre_attn_scalar else self.head_dim
+        return float(base) ** -0.5
+
+    def layer_window(self, layer_index: int) -> int | None:
+        """The sliding window of one layer, or None for full attention."""
+        if self.layer_types[layer_index] == SLIDING_ATTENTION:
+            return self.sliding_window
+        return None
+
+    def num_parameters(self) -> int:
+        """Parameter count implied by the shape (what the weights should hold)."""
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        attn = h * q + 2 * h * kv + q * h
+        if self.attention_bias:
+            attn += q + 2 * kv
+        mlp = 3 * h * i
+        per_layer = attn + mlp + 2 * h  # two norms at least
+        total = self.num_layers * per_layer + v * h + h
+        if not self.tie_word_embeddings:
+            total += v * h
+        return total
+
+    @classmethod
+    def from_hf_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        """Build from a Hugging Face config.json dict, with the family's defaults for absent keys."""
+        from trident.models.registry import family_for
+
+        if "text_config" in raw and raw.get("model_type") in ("gemma3",):
+            text = dict(raw["text_config"])
+            text.setdefault("model_type", "gemma3_text")
+            raw = text
+        model_type = raw.get("model_type")
+        if not model_type:
+            raise TridentError("model config has no model_type; is this a Hugging Face config.json?")
+        family = family_for(model_type, raw.get("architectures"))
+        d = {**family.hf_defaults, **raw}
+        try:
+            num_heads = int(d["num_attention_heads"])
+            hidden = int(d["hidden_size"])
+            num_layers = int(d["num_hidden_layers"])
+            head_dim = int(d.get("head_dim") or hidden // num_heads)
+            rope, rope_local = _read_rope(d)
+            eos = d.get("eos_token_id")
+            eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+            layer_types = _read_layer_types(d, model_type, num_layers)
+            window = d.get("sliding_window") if SLIDING_ATTENTION in layer_types else None
+            return cls(
+                model_type=model_type,
+                architecture=(raw.get("architectures") or [family.architectures[0]])[0],
+                vocab_size=int(d["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(d["intermediate_size"]),
+                num_layers=num_layers,
+                num_heads=num_heads,
+                num_kv_heads=int(d.get("num_key_value_heads") or num_heads),
+                head_dim=head_dim,
+                max_position_embeddings=int(d.get("max_position_embeddings") or 2048),
+                rms_norm_eps=float(d.get("rms_norm_eps") or 1e-6),
+                hidden_act=str(d.get("hidden_act") or d.get("hidden_activation") or "silu"),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                attention_bias=bool(d.get("attention_bias", False)),
+                mlp_bias=bool(d.get("mlp_bias", False)),
+                rope=rope,
+                rope_local=rope_local,
+                layer_types=layer_types,
+                sliding_window=int(window) if window else None,
+                attn_logit_softcapping=_opt_float(d.get("attn_logit_softcapping")),
+                final_logit_softcapping=_opt_float(d.get("final_logit_softcapping")),
+                query_pre_attn_scalar=_opt_float(d.get("query_pre_attn_scalar")),
+                bos_token_id=d.get("bos_token_id"),
+                eos_token_ids=tuple(int(e) for e in eos_ids),
+                source_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
+            )
+        except KeyError as e:
+            raise TridentError(f"model config for {model_type!r} lacks the key {e.args[0]!r}") from None
+
+
+def _opt_float(x: Any) -> float | None:
+    return None if x is None else float(x)
+
+
+def _read_rope(d: dict[str, Any]) -> tuple[RopeConfig, RopeConfig | None]:
+    params = d.get("rope_parameters")
+    if isinstance(params, dict) and FULL_ATTENTION in params:  # per layer type (gemma3, transformers 5)
+        full = params[FULL_ATTENTION]
+        local = params.get(SLIDING_ATTENTION)
+        rope = RopeConfig.from_hf(full.get("rope_theta", 1_000_000.0), full)
+        rope_local = RopeConfig.from_hf(local.get("rope_theta", 10_000.0), local) if local else None
+        return rope, rope_local
+    if isinstance(params, dict):
+        return RopeConfig.from_hf(params.get("rope_theta", d.get("rope_theta", 10000.0)), params), None
+    rope = RopeConfig.from_hf(d.get("rope_theta") or 10000.0, d.get("rope_scaling"))
+    local_theta = d.get("rope_local_base_freq")
+    return rope, (RopeConfig(theta=float(local_theta)) if local_theta else None)
+
+
+def _read_layer_types(d: dict[str, Any], model_type: str, num_layers: int) -> tuple[str, ...]:
+    if d.get("layer_types"):
+        return tuple(d["layer_types"])
+    if model_type == "gemma2":
+        return tuple(SLIDING_ATTENTION if i % 2 == 0 else FULL_ATTENTION for i in range(num_layers))
+    if model_type == "gemma3_text":
+        pattern = int(d.get("sliding_window_pattern", 6))
+        return tuple(SLIDING_ATTENTION if (i + 1) % pattern else FULL_ATTENTION for i in range(num_layers))
+    if model_type == "mistral" and d.get("sliding_window"):
+        return (SLIDING_ATTENTION,) * num_layers
+    if model_type in ("qwen2", "qwen3") and d.get("use_sliding_window") and d.get("sliding_window"):
+        max_window_layers = int(d.get("max_window_layers", num_layers))
+        return tuple(SLIDING_ATTENTION if i >= max_window_layers else FULL_ATTENTION for i in range(num_layers))
+    return (FULL_ATTENTION,) * num_layers
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache."""
+
+    block_size: int = 16
+    """Tokens per KV block."""
+    num_blocks: int | None = None
+    """Blocks to allocate; None sizes the cache from memory_budget_bytes."""
+    memory_budget_bytes: int = 1 << 30
+    """Bytes for the KV cache when num_blocks is None."""
+    enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"
+    """auto = the model's compute dtype."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.block_size, int) or self.block_size <= 0:
+            raise TridentError(f"block_size must be a positive integer, got {self.block_size!r}")
+        if self.num_blocks is not None and self.num_blocks <= 0:
+            raise TridentError(f"num_blocks must be positive, got {self.num_blocks!r}")
+        if self.kv_cache_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise TridentError(f"unsupported kv_cache_dtype {self.kv_cache_dtype!r}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching: how much work one engine step may take."""
+
+    max_num_seqs: int = 64
+    """Most sequences running at once."""
+    max_num_batched_tokens: int = 512
+    """Token budget of one step (decode tokens plus prefill chunk tokens)."""
+    enable_chunked_prefill: bool = True
+    """Split long prompts across steps so running decodes are not stalled."""
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
+            raise TridentError("max_num_seqs and max_num_batched_tokens must be positive")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an engine needs besides the model files."""
+
+    model: str
+    device: str = "cpu"
+    dtype: str = "auto"
+    """auto = float32 on the CPU, bfloat16 on CUDA."""
+    max_model_len: int | None = None
+    """Context length; None = the model's max_position_embeddings (capped at 8192 on the CPU)."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    num_threads: int | None = None
+    """torch CPU threads; None = all cores."""
+    seed: int = 0
+    """Seed of the generator for sampled requests that give no seed of their own."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise TridentError(f"unsupported dtype {self.dtype!r}; use auto, float32, bfloat16 or float16")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise TridentError(f"max_model_len must be positive, got {self.max_model_len!r}")

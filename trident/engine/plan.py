@@ -1,0 +1,64 @@
+"""What the scheduler asks of the model runner for one step, and what comes back. Imports no torch.
+
+The scheduler and the runner talk only through these plain dataclasses, so either side can be
+faked in a test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trident.engine.request import SampledToken, SamplingParams
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """The tokens of one sequence to run through the model in this step."""
+
+    seq_id: int
+    token_ids: tuple[int, ...]
+    """Tokens to compute now: seq.token_ids[start_pos : start_pos + len(token_ids)]."""
+    start_pos: int
+    """Position of token_ids[0]; the KV cache already holds positions [0, start_pos)."""
+    block_table: tuple[int, ...]
+    """Physical KV blocks covering positions [0, start_pos + len(token_ids))."""
+    sample: bool
+    """True when this chunk ends at the sequence's last token: a next token is sampled from it."""
+    params: SamplingParams
+    sample_index: int = 0
+    """Which of the request's n samples this is (decorrelates seeded samples)."""
+    num_output_tokens: int = 0
+    """Tokens generated so far (with the seed, makes seeded sampling reproducible after preemption)."""
+    prompt_token_ids: tuple[int, ...] = ()
+    """Only filled when sampling needs the history (penalties)."""
+    output_token_ids: tuple[int, ...] = ()
+    """Only filled when sampling needs the history (penalties)."""
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One engine step: the chunks to compute, in order (decodes and prefill chunks mixed)."""
+
+    chunks: tuple[ScheduledChunk, ...]
+    preempted_seq_ids: tuple[int, ...] = ()
+    """Sequences whose blocks were taken back this step; they will be recomputed later."""
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """The runner's answer: a sampled token for every chunk whose ``sample`` was set."""
+
+    sampled: dict[int, SampledToken]
+    """seq_id -> token."""

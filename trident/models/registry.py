@@ -1,0 +1,89 @@
+"""Architecture registry: Hugging Face model_type -> the module that implements it (imported lazily).
+
+Each family also declares the defaults of its Hugging Face config class, because a config.json
+written by ``save_pretrained`` leaves out every value equal to its class default.
+An unknown architecture is a clear error listing what is supported.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from trident.errors import TridentError
+
+_LLAMA_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "hidden_act": "silu", "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+    "rope_theta": 10000.0, "attention_bias": False, "mlp_bias": False,
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: where its code lives and its config defaults."""
+
+    model_types: tuple[str, ...]
+    architectures: tuple[str, ...]
+    module: str
+    class_name: str
+    hf_defaults: dict[str, Any] = field(default_factory=dict)
+
+    def load_class(self) -> type:
+        return getattr(importlib.import_module(self.module), self.class_name)
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family(("llama",), ("LlamaForCausalLM",), "trident.models.llama", "LlamaForCausalLM", _LLAMA_DEFAULTS),
+    Family(("mistral",), ("MistralForCausalLM",), "trident.models.llama", "LlamaForCausalLM",
+           {**_LLAMA_DEFAULTS, "intermediate_size": 14336, "num_key_value_heads": 8,
+            "max_position_embeddings": 4096 * 32, "sliding_window": 4096}),
+    Family(("qwen2",), ("Qwen2ForCausalLM",), "trident.models.qwen2", "Qwen2ForCausalLM",
+           {**_LLAMA_DEFAULTS, "vocab_size": 151936, "intermediate_size": 22016,
+            "max_position_embeddings": 32768, "bos_token_id": None, "eos_token_id": None,
+            "use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 28}),
+    Family(("qwen3",), ("Qwen3ForCausalLM",), "trident.models.qwen3", "Qwen3ForCausalLM",
+           {**_LLAMA_DEFAULTS, "vocab_size": 151936, "intermediate_size": 22016, "head_dim": 128,
+            "max_position_embeddings": 32768, "bos_token_id": None, "eos_token_id": None,
+            "use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 28}),
+    Family(("gemma2",), ("Gemma2ForCausalLM",), "trident.models.gemma", "GemmaForCausalLM",
+           {"vocab_size": 256000, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+            "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+            "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 8192, "rms_norm_eps": 1e-6,
+            "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "tie_word_embeddings": True,
+            "rope_theta": 10000.0, "attention_bias": False, "query_pre_attn_scalar": 256,
+            "sliding_window": 4096, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0}),
+    Family(("gemma3_text", "gemma3"), ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"),
+           "trident.models.gemma", "GemmaForCausalLM",
+           {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+            "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+            "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 131072,
+            "rms_norm_eps": 1e-6, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
+            "tie_word_embeddings": True, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+            "attention_bias": False, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+            "final_logit_softcapping": None, "attn_logit_softcapping": None}),
+)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for f in FAMILIES for t in f.model_types)
+
+
+def family_for(model_type: str, architectures: list[str] | None = None) -> Family:
+    """The family implementing ``model_type``; a TridentError naming the supported ones otherwise."""
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    for family in FAMILIES:
+        if architectures and any(a in family.architectures for a in architectures):
+            return family
+    raise TridentError(
+        f"unsupported architecture {model_type!r} ({', '.join(architectures or []) or 'no architectures'}); "
+        f"trident supports: {', '.join(supported_model_types())}"
+    )
+
+
+def model_class(model_type: str) -> type:
+    return family_for(model_type).load_class()
