@@ -1,0 +1,49 @@
+"""Tiny random Hugging Face models of every supported architecture (the independent reference)."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+from trident.config import ModelConfig
+
+COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+
+def tiny_hf_configs() -> dict[str, transformers.PretrainedConfig]:
+    """name -> HF config. Sliding windows are short so test sequences cross them."""
+    return {
+        "llama": transformers.LlamaConfig(**COMMON, rope_theta=10000.0),
+        "llama3-scaled": transformers.LlamaConfig(
+            **COMMON, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 64}, tie_word_embeddings=True),
+        "mistral-window": transformers.MistralConfig(**COMMON, sliding_window=7),
+        "qwen2": transformers.Qwen2Config(**COMMON),
+        "qwen3": transformers.Qwen3Config(**COMMON, head_dim=32),
+        "gemma2": transformers.Gemma2Config(**COMMON, head_dim=24, sliding_window=6, query_pre_attn_scalar=20,
+                                            attn_logit_softcapping=5.0, final_logit_softcapping=30.0),
+        "gemma3": transformers.Gemma3TextConfig(**{**COMMON, "num_hidden_layers": 4}, head_dim=24,
+                                                sliding_window=5, query_pre_attn_scalar=20,
+                                                layer_types=["sliding_attention", "full_attention",
+                                                             "sliding_attention", "sliding_attention"]),
+    }
+
+
+def make_hf_model(config: transformers.PretrainedConfig, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                          attn_implementation="eager").eval()
+    with torch.no_grad():  # larger-than-init weights so differences would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+            elif p.dim() >= 1:
+                p.normal_(0, 0.15)
+    return model
+
+
+def trident_config(config: transformers.PretrainedConfig) -> ModelConfig:
+    raw = config.to_dict()
+    return ModelConfig.from_hf_dict(raw)

@@ -1,0 +1,70 @@
+"""The attention backend interface and the per-step metadata every layer reads.
+
+The runner builds one :class:`AttentionMetadata` per step from the StepPlan and passes it down
+explicitly; layers never look anything up in globals. The KV cache of a layer is a pair of tensors
+``[num_blocks, block_size, num_kv_heads, head_dim]`` (keys, values).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class PrefillSeq:
+    """One sequence computing more than one token this step (a prompt chunk)."""
+
+    token_start: int
+    """Index of its first token in the flat batch."""
+    num_query_tokens: int
+    context_len: int
+    """Tokens in the cache after this step (start_pos + num_query_tokens)."""
+    block_table: torch.Tensor
+    """int64 [num_blocks_needed] physical blocks covering [0, context_len)."""
+    query_positions: torch.Tensor
+    """int64 [num_query_tokens]."""
+
+
+@dataclass(frozen=True)
+class DecodeBatch:
+    """All sequences computing exactly one token this step, attended together (padded)."""
+
+    token_indices: torch.Tensor
+    """int64 [B]: where their tokens sit in the flat batch."""
+    block_tables: torch.Tensor
+    """int64 [B, max_blocks], padded with block 0."""
+    context_lens: torch.Tensor
+    """int64 [B]."""
+    query_positions: torch.Tensor
+    """int64 [B] (= context_lens - 1)."""
+    token_indices_are_all: bool = False
+    """True when the whole flat batch is this decode batch, in order (no scatter needed)."""
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs for one step, shared by all layers."""
+
+    slot_mapping: torch.Tensor
+    """int64 [num_tokens]: cache slot (block * block_size + offset) of every new token."""
+    prefills: tuple[PrefillSeq, ...]
+    decode: DecodeBatch | None
+    num_tokens: int
+    mask_cache: dict = field(default_factory=dict)
+    """Masks built once per step per sliding window and reused by every layer."""
+
+
+class AttentionBackend(Protocol):
+    """Writes new keys/values into the paged cache and attends over it."""
+
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 meta: AttentionMetadata) -> None: ...
+
+    def forward(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata, *, scale: float, sliding_window: int | None,
+                logit_softcap: float | None) -> torch.Tensor:
+        """query [num_tokens, num_heads, head_dim] -> output of the same shape."""
+        ...

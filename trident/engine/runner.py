@@ -1,0 +1,102 @@
+"""The model runner: turns a StepPlan into flat tensors, runs the model over the paged KV cache and
+samples. Owns the KV cache tensors."""
+
+from __future__ import annotations
+
+import torch
+
+from trident.attention.base import AttentionMetadata, DecodeBatch, PrefillSeq
+from trident.engine.plan import ScheduledChunk, StepPlan, StepResult
+from trident.engine.sampler import Sampler
+
+
+class ModelRunner:
+    """Runs one engine step on ``model`` (built, weights loaded, on ``device`` in ``dtype``)."""
+
+    def __init__(self, model: torch.nn.Module, *, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
+                 device: torch.device, sampler: Sampler) -> None:
+        config = model.config
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        self.sampler = sampler
+        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        # Zeroed (not empty): padded decode rows read other blocks, and 0 * NaN garbage would poison them.
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=kv_dtype, device=device), torch.zeros(shape, dtype=kv_dtype, device=device))
+            for _ in range(config.num_layers)
+        ]
+
+    @staticmethod
+    def kv_bytes_per_block(config, block_size: int, kv_dtype: torch.dtype) -> int:
+        element = torch.empty((), dtype=kv_dtype).element_size()
+        return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * element
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        if plan.is_empty:
+            return StepResult(sampled={})
+        input_ids, positions, meta, logits_indices, sample_chunks = self.prepare(plan)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if not sample_chunks:
+            return StepResult(sampled={})
+        logits = self.model.compute_logits(hidden[logits_indices])
+        tokens = self.sampler(logits, sample_chunks)
+        return StepResult(sampled={c.seq_id: t for c, t in zip(sample_chunks, tokens)})
+
+    def prepare(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor,
+                                               list[ScheduledChunk]]:
+        bs = self.block_size
+        dev = self.device
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        prefills: list[PrefillSeq] = []
+        decode_indices: list[int] = []
+        decode_tables: list[tuple[int, ...]] = []
+        decode_lens: list[int] = []
+        logits_indices: list[int] = []
+        sample_chunks: list[ScheduledChunk] = []
+        for chunk in plan.chunks:
+            start = len(input_ids)
+            n = chunk.num_tokens
+            input_ids.extend(chunk.token_ids)
+            chunk_positions = range(chunk.start_pos, chunk.start_pos + n)
+            positions.extend(chunk_positions)
+            table = chunk.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in chunk_positions)
+            context_len = chunk.start_pos + n
+            if n == 1:
+                decode_indices.append(start)
+                decode_tables.append(table)
+                decode_lens.append(context_len)
+            else:
+                prefills.append(PrefillSeq(
+                    token_start=start, num_query_tokens=n, context_len=context_len,
+                    block_table=torch.tensor(table[: -(-context_len // bs)], dtype=torch.long, device=dev),
+                    query_positions=torch.arange(chunk.start_pos, context_len, device=dev),
+                ))
+            if chunk.sample:
+                logits_indices.append(start + n - 1)
+                sample_chunks.append(chunk)
+        decode = None
+        if decode_indices:
+            width = max(len(t) for t in decode_tables)
+            padded = [list(t) + [0] * (width - len(t)) for t in decode_tables]
+            context_lens = torch.tensor(decode_lens, dtype=torch.long, device=dev)
+            decode = DecodeBatch(
+                token_indices=torch.tensor(decode_indices, dtype=torch.long, device=dev),
+                block_tables=torch.tensor(padded, dtype=torch.long, device=dev),
+                context_lens=context_lens,
+                query_positions=context_lens - 1,
+                token_indices_are_all=not prefills,
+            )
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            prefills=tuple(prefills), decode=decode, num_tokens=len(input_ids),
+        )
+        return (torch.tensor(input_ids, dtype=torch.long, device=dev),
+                torch.tensor(positions, dtype=torch.long, device=dev),
+                meta,
+                torch.tensor(logits_indices, dtype=torch.long, device=dev),
+                sample_chunks)

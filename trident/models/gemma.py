@@ -1,0 +1,99 @@
+"""Gemma 2 and Gemma 3 (text).
+
+Differences from Llama: embeddings scaled by sqrt(hidden_size); RMSNorm scales by (1 + weight);
+four norms per layer (before and after attention and MLP); GeLU-tanh gated MLP; attention scale from
+query_pre_attn_scalar; sliding-window and global layers interleaved; Gemma 2 soft-caps attention
+scores and final logits with tanh; Gemma 3 norms each query/key head and gives its sliding layers
+their own rotary base.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from trident.attention.base import AttentionBackend, AttentionMetadata
+from trident.config import SLIDING_ATTENTION, ModelConfig
+from trident.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding
+from trident.models.weights import PackedModules, load_weights
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class GemmaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int, backend: AttentionBackend) -> None:
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.is_sliding = config.layer_types[layer_index] == SLIDING_ATTENTION
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, unit_offset=True)
+        self.self_attn = Attention(config, layer_index, backend, qk_norm=config.model_type == "gemma3_text",
+                                   norm_unit_offset=True)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, unit_offset=True)
+        self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps, unit_offset=True)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+        self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps, unit_offset=True)
+
+    def forward(self, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], kv_cache: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(hidden), cos_sin, kv_cache, meta)
+        hidden = hidden + self.post_attention_layernorm(attn)
+        mlp = self.mlp(self.pre_feedforward_layernorm(hidden))
+        return hidden + self.post_feedforward_layernorm(mlp)
+
+
+class GemmaModel(nn.Module):
+    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(GemmaDecoderLayer(config, i, backend) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, unit_offset=True)
+        self.rotary = RotaryEmbedding(config.rope, config.head_dim)
+        self.rotary_local = RotaryEmbedding(config.rope_local, config.head_dim) if config.rope_local else None
+        self.embed_scale = config.hidden_size ** 0.5
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
+                meta: AttentionMetadata) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        # The scale is rounded to the activation dtype first, as the reference implementation does.
+        hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
+        cos_sin = self.rotary(positions, hidden.dtype)
+        cos_sin_local = self.rotary_local(positions, hidden.dtype) if self.rotary_local else cos_sin
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            hidden = layer(hidden, cos_sin_local if layer.is_sliding else cos_sin, kv_cache, meta)
+        return self.norm(hidden)
+
+
+class GemmaForCausalLM(nn.Module):
+    """Gemma 2 / Gemma 3 text causal LM (embeddings always tied)."""
+
+    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.config = config
+        self.model = GemmaModel(config, backend)
+        self.final_logit_softcapping = config.final_logit_softcapping
+
+    @property
+    def packed_modules(self) -> PackedModules:
+        c = self.config
+        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        return {
+            "qkv_proj": (("q_proj", q), ("k_proj", kv), ("v_proj", kv)),
+            "gate_up_proj": (("gate_proj", c.intermediate_size), ("up_proj", c.intermediate_size)),
+        }
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
+                meta: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = torch.nn.functional.linear(hidden, self.model.embed_tokens.weight).float()
+        if self.final_logit_softcapping:
+            cap = self.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def load_weights(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
+        load_weights(self, tensors, self.packed_modules)
