@@ -1,0 +1,280 @@
+"""Continuous batching: which sequences run in each engine step, and how much of each. Imports no torch.
+
+Every step has a token budget (``max_num_batched_tokens``) and room for at most ``max_num_seqs``
+running sequences. Running sequences come first, in arrival order: a decoding sequence gets its one
+new token, a sequence still in prefill gets as much of the rest of its prompt as the budget allows
+(chunked prefill). When the KV blocks a running sequence needs are not free, the running sequence
+that arrived last is preempted by recompute (its blocks are released and it goes back to the waiting
+queue), until the blocks fit or the sequence has preempted itself. Then, if nothing was preempted,
+waiting sequences are admitted strictly first come, first served: each starts after the longest chain
+of its full blocks found in the prefix cache. The samples of a request with n > 1 wait until the first
+one has computed the prompt's shareable blocks, so they find them in the cache. A sequence that
+reaches the context length, or would no longer fit in the whole cache, finishes with LENGTH.
+
+The scheduler drives :class:`~trident.engine.block_manager.BlockManager` and talks to the model runner
+only through :class:`~trident.engine.plan.StepPlan` and :class:`~trident.engine.plan.StepResult`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections import deque
+
+from trident.config import CacheConfig, SchedulerConfig
+from trident.engine.block_manager import BlockManager, cdiv
+from trident.engine.plan import ScheduledChunk, StepPlan, StepResult
+from trident.engine.request import FinishReason, SampledToken, Sequence, SequenceStatus
+from trident.errors import TridentError
+
+
+class Scheduler:
+    """Owns the waiting and running sequences and the block manager of the KV cache."""
+
+    def __init__(self, config: SchedulerConfig, cache: CacheConfig, num_blocks: int, max_model_len: int,
+                 eos_token_ids: tuple[int, ...]) -> None:
+        if max_model_len <= 1:
+            raise TridentError(f"max_model_len must be at least 2, got {max_model_len}")
+        self.config = config
+        self.block_size = cache.block_size
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.block_manager = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.max_seq_len = min(max_model_len, num_blocks * cache.block_size + 1)
+        """Most tokens a sequence may reach: the context length, or what the whole cache can hold (the
+        last sampled token needs no KV slot). Reaching it finishes the sequence with LENGTH."""
+        self.num_preemptions = 0
+        self.waiting: deque[Sequence] = deque()
+        """In arrival order (read only for callers)."""
+        self.running: list[Sequence] = []
+        """In arrival order (read only for callers)."""
+        self._seqs: dict[int, Sequence] = {}
+        """Unfinished sequences by seq_id."""
+        self._requests: dict[str, list[Sequence]] = {}
+        """Unfinished sequences by request_id."""
+        self._rank: dict[int, int] = {}
+        """seq_id -> arrival rank (order of add calls)."""
+        self._next_rank = 0
+
+    # ---------------------------------------------------------------------------------- state
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self._seqs)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def prefix_cache_queried_tokens(self) -> int:
+        return self.block_manager.stats.queried_tokens
+
+    @property
+    def prefix_cache_hit_tokens(self) -> int:
+        return self.block_manager.stats.hit_tokens
+
+    # ------------------------------------------------------------------------------ requests
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new WAITING sequence. Raises TridentError if it could never run."""
+        self.check(seq)
+        if seq.seq_id in self._seqs:
+            raise ValueError(f"sequence {seq.seq_id} was already added")
+        if seq.status is not SequenceStatus.WAITING or seq.num_computed_tokens or seq.block_table:
+            raise ValueError(f"sequence {seq.seq_id} must be new (WAITING, nothing computed, no blocks)")
+        self._rank[seq.seq_id] = self._next_rank
+        self._next_rank += 1
+        self._seqs[seq.seq_id] = seq
+        self._requests.setdefault(seq.request_id, []).append(seq)
+        self.waiting.append(seq)
+
+    def check(self, seq: Sequence) -> None:
+        """Raise TridentError if the sequence could never run (what :meth:`add` checks; queues nothing)."""
+        n = seq.num_tokens
+        if n == 0:
+            raise TridentError("the prompt is empty; give at least one token")
+        if n >= self.max_model_len:
+            raise TridentError(
+                f"the prompt has {n} tokens but the context length (max_model_len) is {self.max_model_len}, "
+                f"which must leave room for at least one new token; shorten the prompt or raise max_model_len"
+            )
+        bm = self.block_manager
+        if cdiv(n, bm.block_size) > bm.num_blocks:
+            raise TridentError(
+                f"the prompt has {n} tokens but the whole KV cache holds {bm.num_blocks * bm.block_size} "
+                f"({bm.num_blocks} blocks of {bm.block_size}); shorten the prompt or give the KV cache more "
+                f"memory (CacheConfig.memory_budget_bytes or num_blocks)"
+            )
+
+    def finish(self, seq_id: int, reason: FinishReason) -> None:
+        """End a sequence now and free its blocks. Does nothing if it is unknown or already finished."""
+        seq = self._seqs.pop(seq_id, None)
+        if seq is None:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.finish_time = time.monotonic()
+        siblings = self._requests[seq.request_id]
+        siblings.remove(seq)
+        if not siblings:
+            del self._requests[seq.request_id]
+        del self._rank[seq_id]
+
+    def abort_request(self, request_id: str) -> list[Sequence]:
+        """Finish every unfinished sequence of the request with ABORT; returns them."""
+        seqs = list(self._requests.get(request_id, ()))
+        for seq in seqs:
+            self.finish(seq.seq_id, FinishReason.ABORT)
+        return seqs
+
+    # -------------------------------------------------------------------------------- a step
+
+    def schedule(self) -> StepPlan:
+        """Pick this step's chunks: running sequences first, then waiting ones, within the budget."""
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[int] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self._make_room(seq, n, preempted):
+                break  # it preempted itself, and every sequence after it is gone too
+            chunks.append(self._chunk(seq, n))
+            budget -= n
+            i += 1
+        if not preempted:
+            self._admit(chunks, budget)
+        return StepPlan(chunks=tuple(chunks), preempted_seq_ids=tuple(preempted))
+
+    def update(self, plan: StepPlan, result: StepResult) -> list[Sequence]:
+        """Apply the runner's answer to ``plan``; returns the sequences that got a token (finished too)."""
+        updated: list[Sequence] = []
+        for chunk in plan.chunks:
+            seq = self._seqs.get(chunk.seq_id)
+            if seq is None or seq.status is not SequenceStatus.RUNNING:
+                continue  # finished (aborted) since the plan was made
+            if chunk.start_pos != seq.num_computed_tokens:
+                raise RuntimeError(f"stale chunk for sequence {seq.seq_id}: starts at {chunk.start_pos}, "
+                                   f"but {seq.num_computed_tokens} tokens are computed")
+            seq.num_computed_tokens += chunk.num_tokens
+            self.block_manager.mark_computed(seq)
+            if not chunk.sample:
+                continue
+            self._append(seq, result.sampled[seq.seq_id])
+            updated.append(seq)
+            reason = self._stop_reason(seq)
+            if reason is not None:
+                self.finish(seq.seq_id, reason)
+        return updated
+
+    # ----------------------------------------------------------------------------- internals
+
+    def _make_room(self, seq: Sequence, n: int, preempted: list[int]) -> bool:
+        """Allocate blocks for ``n`` more tokens of a running sequence, preempting the last-arrived
+        running sequences as needed. False if ``seq`` itself had to be preempted."""
+        while not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
+            victim = self.running.pop()
+            self._preempt(victim)
+            preempted.append(victim.seq_id)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Release the sequence's blocks and queue it again to be recomputed (its tokens are kept)."""
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        rank = self._rank[seq.seq_id]
+        later = (j for j, s in enumerate(self.waiting) if self._rank[s.seq_id] > rank)
+        self.waiting.insert(next(later, len(self.waiting)), seq)
+
+    def _admit(self, chunks: list[ScheduledChunk], budget: int) -> None:
+        """Admit waiting sequences in arrival order until one does not fit (nothing passes it)."""
+        bm = self.block_manager
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if self._waits_for_sibling(seq):
+                break
+            cached = bm.find_cached_prefix(seq, seq.num_tokens - 1)  # always compute the last token
+            num_cached = len(cached) * bm.block_size
+            remaining = seq.num_tokens - num_cached
+            if self.config.enable_chunked_prefill:
+                n = min(remaining, budget)
+            elif remaining <= budget or not chunks:
+                n = remaining  # a prompt over the budget may run alone
+            else:
+                break
+            if not bm.allocate(seq, num_cached + n, cached):
+                break
+            self.waiting.popleft()
+            if bm.enable_prefix_caching:
+                bm.stats.record(seq.num_tokens, num_cached)
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = num_cached
+            seq.num_computed_tokens = num_cached
+            seq.status = SequenceStatus.RUNNING
+            bisect.insort(self.running, seq, key=lambda s: self._rank[s.seq_id])
+            chunks.append(self._chunk(seq, n))
+            budget -= n
+
+    def _waits_for_sibling(self, seq: Sequence) -> bool:
+        """With n > 1 and prefix caching, a sample waits while a running sibling still computes the
+        prompt's shareable full blocks, so it then finds them in the cache instead of computing them."""
+        if seq.params.n == 1 or not self.block_manager.enable_prefix_caching:
+            return False
+        bs = self.block_size
+        shareable = (seq.num_prompt_tokens - 1) // bs * bs  # a hit always leaves the last token
+        return any(s.status is SequenceStatus.RUNNING and s.num_computed_tokens < shareable
+                   for s in self._requests[seq.request_id] if s is not seq)
+
+    def _chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
+        start = seq.num_computed_tokens
+        sample = start + n == seq.num_tokens
+        history = sample and seq.params.needs_penalties
+        return ScheduledChunk(
+            seq_id=seq.seq_id,
+            token_ids=tuple(seq.token_ids[start:start + n]),
+            start_pos=start,
+            block_table=tuple(seq.block_table),
+            sample=sample,
+            params=seq.params,
+            sample_index=seq.sample_index,
+            num_output_tokens=seq.num_output_tokens,
+            prompt_token_ids=tuple(seq.prompt_token_ids) if history else (),
+            output_token_ids=tuple(seq.output_token_ids) if history else (),
+        )
+
+    def _append(self, seq: Sequence, token: SampledToken) -> None:
+        seq.token_ids.append(token.token_id)
+        if seq.params.logprobs is not None:
+            seq.logprobs.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+
+    def _stop_reason(self, seq: Sequence) -> FinishReason | None:
+        """Why the sequence ends after its newest token, or None to go on."""
+        params = seq.params
+        token = seq.token_ids[-1]
+        if seq.num_output_tokens >= params.min_tokens and (
+            (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids
+        ):
+            return FinishReason.STOP
+        if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
+            return FinishReason.LENGTH
+        if seq.num_tokens >= self.max_seq_len:
+            return FinishReason.LENGTH
+        return None
