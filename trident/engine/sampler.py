@@ -1,0 +1,203 @@
+"""Turn a batch of next-token logits into sampled tokens (one row per chunk with ``sample=True``).
+
+Per row, in this order (the order of vLLM's original V0 sampler; V1 applies min-p before top-k/top-p,
+which gives a different result only when top-p and min-p are both set):
+
+1. **Penalties** on the raw logits: ``repetition_penalty`` over every token of the prompt and the
+   output (positive logits are divided by it, negative ones multiplied), then
+   ``frequency_penalty * count`` and ``presence_penalty * (count > 0)`` subtracted, counting output
+   tokens only.
+2. **Log-probabilities for reporting** (``params.logprobs``): ``log_softmax`` of the *penalized*
+   logits, before temperature and truncation. They describe the model's (penalized) distribution,
+   not the truncated one we draw from, so a reported top-k list is the same whatever the
+   temperature/top-k/top-p settings, and it never contains ``-inf`` for tokens a filter removed.
+3. **Temperature**: ``0`` means greedy: the argmax of the penalized logits (ties go to the lowest
+   token id, which is what ``torch.argmax`` returns). Otherwise the logits are divided by it.
+4. **top-k**: keep exactly k tokens (among equal logits at the cut, lower ids win).
+5. **top-p**: keep the smallest prefix of the (renormalized) sorted distribution whose mass reaches
+   top_p, i.e. drop a token when the mass of the tokens ranked before it is already >= top_p.
+6. **min-p**: drop tokens whose (renormalized) probability is below ``min_p`` times the largest.
+7. **Draw** with the exponential race ``argmax(probs / E)``, ``E ~ Exponential(1)`` i.i.d. per token,
+   which picks token i with probability ``probs[i]``.
+
+Seeds: a row whose request has ``params.seed`` draws its noise from its own ``torch.Generator`` seeded
+with a mix of (seed, sample_index, num_output_tokens), so its tokens depend neither on which other
+rows share the batch nor on preemption (a recomputed sequence has the same num_output_tokens when it
+samples again). Rows without a seed share the sampler's generator.
+
+The common case (every row greedy, no penalties, no logprobs) is one ``argmax``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from trident.engine.plan import ScheduledChunk
+from trident.engine.request import SampledToken, SamplingParams
+
+_MASK64 = (1 << 64) - 1
+
+
+class Sampler:
+    """Samples one token per logits row. Holds only the generator used for unseeded rows."""
+
+    def __init__(self, seed: int = 0, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed & _MASK64)
+
+    def __call__(self, logits: torch.Tensor, chunks: Sequence[ScheduledChunk]) -> list[SampledToken]:
+        """Sample a token for each row; ``logits[i]`` ([num_chunks, vocab]) belongs to ``chunks[i]``."""
+        if logits.dim() != 2 or logits.shape[0] != len(chunks):
+            raise ValueError(f"logits of shape {tuple(logits.shape)} do not match {len(chunks)} chunks")
+        if not chunks:
+            return []
+        if all(_plain_greedy(c.params) for c in chunks):
+            return [SampledToken(t) for t in logits.argmax(dim=-1).tolist()]
+
+        penalized = apply_penalties(logits.float(), chunks)
+        logprobs = None
+        if any(c.params.logprobs is not None for c in chunks):
+            logprobs = torch.log_softmax(penalized, dim=-1)
+        tokens = penalized.argmax(dim=-1)  # the greedy rows' answer; random rows are overwritten below
+        random_rows = [i for i, c in enumerate(chunks) if not c.params.greedy]
+        if random_rows:
+            rows = torch.tensor(random_rows, device=logits.device)
+            row_chunks = [chunks[i] for i in random_rows]
+            probs = filtered_probs(penalized[rows], [c.params for c in row_chunks])
+            tokens[rows] = self._draw(probs, row_chunks)
+        return _package(tokens.tolist(), logprobs, chunks)
+
+    def _draw(self, probs: torch.Tensor, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
+        """One token per row of ``probs`` by the exponential race, with each row's generator."""
+        noise = torch.empty_like(probs)
+        unseeded = [i for i, c in enumerate(chunks) if c.params.seed is None]
+        if len(unseeded) == len(chunks):
+            noise.exponential_(generator=self.generator)
+        else:
+            if unseeded:
+                block = torch.empty((len(unseeded), probs.shape[1]), dtype=probs.dtype, device=probs.device)
+                noise[torch.tensor(unseeded, device=probs.device)] = block.exponential_(
+                    generator=self.generator)
+            for i, c in enumerate(chunks):
+                if c.params.seed is not None:
+                    g = torch.Generator(device=probs.device)
+                    g.manual_seed(row_seed(c.params.seed, c.sample_index, c.num_output_tokens))
+                    noise[i].exponential_(generator=g)
+        # A zero draw would turn a masked token's 0/0 into NaN, which argmax would pick.
+        noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+        return (probs / noise).argmax(dim=-1)
+
+
+def _plain_greedy(params: SamplingParams) -> bool:
+    return params.temperature == 0.0 and params.logprobs is None and not params.needs_penalties
+
+
+def row_seed(seed: int, sample_index: int, num_output_tokens: int) -> int:
+    """A 63-bit generator seed for one draw of a seeded request (splitmix64 over the three values)."""
+    h = 0x9E3779B97F4A7C15
+    for value in (seed, sample_index, num_output_tokens):
+        h = _splitmix64((h ^ (value & _MASK64)) & _MASK64)
+    return h >> 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def apply_penalties(logits: torch.Tensor, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
+    """Repetition, frequency and presence penalties; returns ``logits`` itself when no row has any.
+
+    Uses ``chunk.prompt_token_ids`` (repetition only) and ``chunk.output_token_ids`` (all three).
+    Never modifies ``logits`` in place.
+    """
+    rows = [i for i, c in enumerate(chunks) if c.params.needs_penalties]
+    if not rows:
+        return logits
+    vocab, device = logits.shape[1], logits.device
+    params = [chunks[i].params for i in rows]
+    output_counts = _token_counts([chunks[i].output_token_ids for i in rows], vocab, device)
+    prompt_counts = _token_counts([chunks[i].prompt_token_ids for i in rows], vocab, device)
+    repetition = _column([p.repetition_penalty for p in params], device)
+    frequency = _column([p.frequency_penalty for p in params], device)
+    presence = _column([p.presence_penalty for p in params], device)
+
+    index = torch.tensor(rows, device=device)
+    x = logits[index]
+    seen = (prompt_counts + output_counts) > 0
+    x = torch.where(seen, torch.where(x > 0, x / repetition, x * repetition), x)
+    x = x - frequency * output_counts - presence * (output_counts > 0).float()
+    out = logits.clone()
+    out[index] = x
+    return out
+
+
+def filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p for non-greedy rows; returns the probabilities to draw from."""
+    vocab, device = logits.shape[1], logits.device
+    x = logits / _column([p.temperature for p in params], device)
+    if any(0 < p.top_k < vocab or p.top_p < 1.0 for p in params):
+        top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
+        # top_p == 1 must disable the filter exactly (float32 cumulative sums can exceed 1).
+        top_p = torch.tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in params], device=device)
+        x = _top_k_top_p(x, top_k, top_p)
+    if any(p.min_p > 0 for p in params):
+        probs = torch.softmax(x, dim=-1)
+        threshold = probs.amax(dim=-1, keepdim=True) * _column([p.min_p for p in params], device)
+        x = x.masked_fill(probs < threshold, float("-inf"))
+    return torch.softmax(x, dim=-1)
+
+
+def _top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) all but each row's top_k tokens, then all but its top_p nucleus."""
+    sorted_x, order = x.sort(dim=-1, descending=True, stable=True)
+    positions = torch.arange(x.shape[1], device=x.device)
+    sorted_x = sorted_x.masked_fill(positions[None, :] >= top_k[:, None], float("-inf"))
+    probs = torch.softmax(sorted_x, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # exactly 0 for the first token, so it always stays
+    sorted_x = sorted_x.masked_fill(mass_before >= top_p[:, None], float("-inf"))
+    return torch.empty_like(x).scatter_(1, order, sorted_x)
+
+
+def _token_counts(token_lists: Sequence[Sequence[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[rows, vocab] float32 occurrence counts of each token id per row."""
+    width = max((len(t) for t in token_lists), default=0)
+    counts = torch.zeros((len(token_lists), vocab + 1), dtype=torch.float32, device=device)
+    if width:
+        padded = [list(t) + [vocab] * (width - len(t)) for t in token_lists]  # id `vocab` = padding
+        ids = torch.tensor(padded, dtype=torch.long, device=device)
+        counts.scatter_add_(1, ids, torch.ones(ids.shape, dtype=torch.float32, device=device))
+    return counts[:, :vocab]
+
+
+def _column(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
+
+
+def _package(tokens: list[int], logprobs: torch.Tensor | None,
+             chunks: Sequence[ScheduledChunk]) -> list[SampledToken]:
+    """Attach the chosen token's logprob and the top alternatives to the rows that asked for them."""
+    if logprobs is None:
+        return [SampledToken(t) for t in tokens]
+    rows = [i for i, c in enumerate(chunks) if c.params.logprobs is not None]
+    index = torch.tensor(rows, device=logprobs.device)
+    chosen = torch.tensor([tokens[i] for i in rows], device=logprobs.device)
+    chosen_logprob = logprobs[index, chosen].tolist()
+    k_max = min(max(chunks[i].params.logprobs for i in rows), logprobs.shape[1])
+    top_values: list[list[float]] = [[] for _ in rows]
+    top_ids: list[list[int]] = [[] for _ in rows]
+    if k_max > 0:
+        values, ids = logprobs[index].topk(k_max, dim=-1)
+        top_values, top_ids = values.tolist(), ids.tolist()
+
+    result = [SampledToken(t) for t in tokens]
+    for j, i in enumerate(rows):
+        k = chunks[i].params.logprobs
+        pairs = sorted(zip(top_ids[j], top_values[j], strict=True), key=lambda p: (-p[1], p[0]))[:k]
+        result[i] = SampledToken(tokens[i], chosen_logprob[j], tuple(pairs))
+    return result
