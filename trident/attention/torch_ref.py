@@ -33,8 +33,8 @@ class TorchAttention:
         out = torch.empty_like(query)
         for seq in meta.prefills:
             q = query[seq.token_start: seq.token_start + seq.num_query_tokens]
-            k = k_cache[seq.block_table].flatten(0, 1)[: seq.context_len]
-            v = v_cache[seq.block_table].flatten(0, 1)[: seq.context_len]
+            k = _gather_blocks(k_cache, seq.block_table).flatten(0, 1)[: seq.context_len]
+            v = _gather_blocks(v_cache, seq.block_table).flatten(0, 1)[: seq.context_len]
             mask = _mask(seq.query_positions, torch.arange(seq.context_len), sliding_window)
             out[seq.token_start: seq.token_start + seq.num_query_tokens] = _attend(
                 q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), mask.unsqueeze(0), scale, logit_softcap
@@ -51,8 +51,8 @@ class TorchAttention:
         decode = meta.decode
         assert decode is not None
         batch = decode.block_tables.shape[0]
-        k = k_cache[decode.block_tables].flatten(1, 2)  # [B, max_blocks * block_size, kv_heads, D]
-        v = v_cache[decode.block_tables].flatten(1, 2)
+        k = _gather_blocks(k_cache, decode.block_tables).flatten(1, 2)  # [B, blocks * block_size, kv_heads, D]
+        v = _gather_blocks(v_cache, decode.block_tables).flatten(1, 2)
         key = ("decode", sliding_window, k.shape[1])
         mask = meta.mask_cache.get(key)
         if mask is None:
@@ -63,6 +63,13 @@ class TorchAttention:
             mask = valid.view(batch, 1, k.shape[1])
             meta.mask_cache[key] = mask
         return _attend(query.view(batch, 1, *query.shape[1:]), k, v, mask, scale, logit_softcap).view_as(query)
+
+
+def _gather_blocks(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """cache[block_table] through index_select, which copies whole contiguous blocks (much faster on
+    the CPU than advanced indexing)."""
+    flat = torch.index_select(cache, 0, block_table.reshape(-1))
+    return flat.view(*block_table.shape, *cache.shape[1:])
 
 
 def _mask(query_positions: torch.Tensor, key_positions: torch.Tensor, sliding_window: int | None) -> torch.Tensor:

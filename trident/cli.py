@@ -1,0 +1,226 @@
+"""`trident` command line: info, generate, chat, bench.
+
+Errors a user can cause (TridentError) are printed as one line, without a stack trace, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from trident.errors import TridentError
+
+MODEL_HELP = "a .gguf file or a Hugging Face folder (default: the embedded SmolLM2-135M-Instruct Q4_1 GGUF)"
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype (auto: float32 on the CPU, bfloat16 on CUDA)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, "
+                   "at most 8192 on the CPU)")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences batched at once")
+    g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step")
+
+
+def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    g = p.add_argument_group("sampling (default: greedy)")
+    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+
+
+def _params(args: argparse.Namespace):
+    from trident.engine.request import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, seed=args.seed, stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
+    )
+
+
+def _engine(args: argparse.Namespace):
+    from trident.engine.engine import LLMEngine
+    from trident.engine.llm import engine_config
+
+    return LLMEngine(engine_config(
+        args.model, device=args.device, dtype=args.dtype, num_threads=args.threads,
+        max_model_len=args.max_model_len, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    ))
+
+
+def _stream(engine, prompt_ids: list[int], params, out=sys.stdout) -> tuple[str, dict]:
+    """Generate one reply, printing text as it comes; return the text and timing figures."""
+    t0 = time.perf_counter()
+    request_id = engine.add_request(prompt_ids, params)
+    first = None
+    text = ""
+    try:
+        while engine.has_unfinished():
+            for o in engine.step():
+                if o.request_id != request_id:
+                    continue
+                delta = o.outputs[0].delta_text
+                if first is None and o.outputs[0].token_ids:
+                    first = time.perf_counter()
+                if delta:
+                    out.write(delta)
+                    out.flush()
+                if o.finished:
+                    text = o.outputs[0].text
+                    tokens = len(o.outputs[0].token_ids)
+                    reason = o.outputs[0].finish_reason
+    except KeyboardInterrupt:
+        engine.abort(request_id)
+        raise
+    end = time.perf_counter()
+    first = first or end
+    decode_s = end - first
+    return text, {
+        "prompt_tokens": len(prompt_ids), "tokens": tokens, "finish_reason": reason,
+        "ttft_s": first - t0, "prefill_tok_s": len(prompt_ids) / max(first - t0, 1e-9),
+        "decode_tok_s": (tokens - 1) / decode_s if tokens > 1 and decode_s > 0 else float("nan"),
+    }
+
+
+def _stats_line(s: dict) -> str:
+    return (f"[{s['prompt_tokens']} prompt tokens, {s['tokens']} generated ({s['finish_reason']}); "
+            f"time to first token {s['ttft_s'] * 1000:.0f} ms ({s['prefill_tok_s']:.0f} tok/s prefill); "
+            f"decode {s['decode_tok_s']:.1f} tok/s]")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from trident.loader import load_checkpoint
+    from trident.loader.info import describe
+
+    Console().print(describe(load_checkpoint(args.model)))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    params = _params(args)
+    tok = engine.tokenizer
+    if tok is None:
+        raise TridentError("this model has no tokenizer; trident generate needs one")
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        prompt_ids = tok.encode_chat(messages + [{"role": "user", "content": args.prompt}])
+    else:
+        prompt_ids = tok.encode(args.prompt)
+        sys.stdout.write(args.prompt)
+    print(f"[loaded in {engine.load_seconds:.2f} s]", file=sys.stderr)
+    _, stats = _stream(engine, prompt_ids, params)
+    print()
+    print(_stats_line(stats), file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    params = _params(args)
+    tok = engine.tokenizer
+    if tok is None:
+        raise TridentError("this model has no tokenizer; trident chat needs one")
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages: list[dict] = []
+    print(f"[loaded in {engine.load_seconds:.2f} s] type a message; /reset clears the conversation, "
+          "/exit or Ctrl-D quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return 0
+        if not line.strip():
+            continue
+        if line.strip() == "/exit":
+            return 0
+        if line.strip() == "/reset":
+            messages = []
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt_ids = tok.encode_chat(system + messages)
+        try:
+            reply, stats = _stream(engine, prompt_ids, params)
+        except KeyboardInterrupt:
+            print("\n[interrupted]", file=sys.stderr)
+            messages.pop()
+            continue
+        except TridentError as e:  # e.g. the conversation outgrew the context: say so and go on
+            print(f"error: {e}", file=sys.stderr)
+            messages.pop()
+            continue
+        print()
+        print(_stats_line(stats), file=sys.stderr)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from trident.bench.run import run_bench
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trident", description="LLM inference engine and compression toolkit.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="print a model's architecture, parameters, dtypes, context and memory")
+    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("generate", help="generate text from a prompt, streaming, and print tok/s")
+    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--system", default=None, help="system message (with --chat)")
+    _sampling_args(p, max_tokens=128)
+    _engine_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat with the model's chat template")
+    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    p.add_argument("--system", default=None, help="system message")
+    _sampling_args(p, max_tokens=512)
+    _engine_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    from trident.bench.run import add_bench_parser
+
+    add_bench_parser(sub, MODEL_HELP, _engine_args)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except TridentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

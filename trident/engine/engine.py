@@ -1,0 +1,203 @@
+"""LLMEngine: one model, a scheduler over a paged KV cache and a model runner, stepped by the caller.
+
+``add_request`` queues a prompt, ``step`` runs one batched model step for everything running and
+returns the requests that progressed; LLM.generate, the CLI and the server all drive it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from trident.attention.torch_ref import TorchAttention
+from trident.config import EngineConfig
+from trident.engine.output import OutputProcessor
+from trident.engine.request import FinishReason, SamplingParams, Sequence
+from trident.engine.results import CompletionOutput, RequestMetrics, RequestOutput
+from trident.engine.runner import ModelRunner
+from trident.engine.sampler import Sampler
+from trident.engine.scheduler import Scheduler
+from trident.errors import TridentError
+from trident.loader import Checkpoint, load_checkpoint
+from trident.models.build import build_model
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU_DEFAULT_MAX_MODEL_LEN = 8192
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    delta: dict[int, str]
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preemptions: int
+    prefix_cache_queried_tokens: int
+    prefix_cache_hit_tokens: int
+
+
+class LLMEngine:
+    """A single-model engine. Not thread-safe: one caller steps it."""
+
+    def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None) -> None:
+        t0 = time.perf_counter()
+        self.config = config
+        if config.num_threads is not None or config.device == "cpu":
+            torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+        checkpoint = checkpoint or load_checkpoint(config.model or None)
+        self.checkpoint = checkpoint
+        self.model_config = checkpoint.config
+        self.tokenizer = checkpoint.tokenizer
+        self.device = torch.device(config.device)
+        self.dtype = _resolve_dtype(config.dtype, self.device)
+        self.model = build_model(self.model_config, checkpoint.tensors, dtype=self.dtype, device=self.device,
+                                 backend=TorchAttention())
+        limit = self.model_config.max_position_embeddings
+        if config.max_model_len is not None:
+            if config.max_model_len > limit:
+                raise TridentError(f"max_model_len {config.max_model_len} exceeds the model's context length {limit}")
+            self.max_model_len = config.max_model_len
+        else:
+            self.max_model_len = min(limit, CPU_DEFAULT_MAX_MODEL_LEN) if self.device.type == "cpu" else limit
+        cache = config.cache
+        kv_dtype = self.dtype if cache.kv_cache_dtype == "auto" else _DTYPES[cache.kv_cache_dtype]
+        block_bytes = ModelRunner.kv_bytes_per_block(self.model_config, cache.block_size, kv_dtype)
+        useful = config.scheduler.max_num_seqs * -(-self.max_model_len // cache.block_size)
+        num_blocks = cache.num_blocks or max(1, min(cache.memory_budget_bytes // block_bytes, useful))
+        self.num_blocks = num_blocks
+        self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=cache.block_size,
+                                  kv_dtype=kv_dtype, device=self.device, sampler=Sampler(seed=config.seed))
+        eos = tuple(self.tokenizer.eos_token_ids) if self.tokenizer else self.model_config.eos_token_ids
+        self.eos_token_ids = eos
+        self.scheduler = Scheduler(config.scheduler, cache, num_blocks, self.max_model_len, eos)
+        self.outputs = OutputProcessor(self.tokenizer) if self.tokenizer else None
+        self._requests: dict[str, _Request] = {}
+        self._seq_to_request: dict[int, _Request] = {}
+        self._seq_ids = itertools.count()
+        self._request_ids = itertools.count()
+        self.load_seconds = time.perf_counter() - t0
+
+    # -- requests ---------------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise TridentError("this model has no tokenizer; pass prompt token ids instead of text")
+            prompt_ids = self.tokenizer.encode(prompt)
+            text = prompt
+        else:
+            prompt_ids = [int(t) for t in prompt]
+            text = None
+        if not prompt_ids:
+            raise TridentError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(t < 0 or t >= vocab for t in prompt_ids):
+            raise TridentError(f"prompt token ids must be in [0, {vocab})")
+        request_id = request_id or f"req-{next(self._request_ids)}"
+        if request_id in self._requests:
+            raise TridentError(f"request id {request_id!r} is already in use")
+        now = time.monotonic()
+        seqs = [Sequence(seq_id=next(self._seq_ids), request_id=request_id, sample_index=i,
+                         prompt_token_ids=list(prompt_ids), params=params, arrival_time=now)
+                for i in range(params.n)]
+        for seq in seqs:  # validates length against the context and the cache; nothing queued on error
+            self.scheduler.check(seq)
+        request = _Request(request_id, text, list(prompt_ids), seqs, {})
+        for seq in seqs:
+            self.scheduler.add(seq)
+            self._seq_to_request[seq.seq_id] = request
+        self._requests[request_id] = request
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return
+        self.scheduler.abort_request(request_id)
+        self._forget(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    # -- stepping ---------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; return the requests that got new tokens (or finished) in it."""
+        plan = self.scheduler.schedule()
+        result = self.runner.execute(plan)
+        changed = self.scheduler.update(plan, result)
+        touched: dict[str, _Request] = {}
+        for seq in changed:
+            request = self._seq_to_request[seq.seq_id]
+            touched[request.request_id] = request
+            if self.outputs is None:
+                continue
+            delta = self.outputs.process(seq)
+            if delta.stopped and not seq.is_finished:
+                self.scheduler.finish(seq.seq_id, FinishReason.STOP)
+            text = delta.text + (self.outputs.flush(seq) if seq.is_finished else "")
+            request.delta[seq.seq_id] = request.delta.get(seq.seq_id, "") + text
+        results = [self._output(request) for request in touched.values()]
+        for out in results:
+            if out.finished:
+                self._forget(self._requests.pop(out.request_id))
+        return results
+
+    def _output(self, request: _Request) -> RequestOutput:
+        completions = []
+        for seq in request.seqs:
+            if self.outputs is not None:
+                text = self.outputs.text(seq.seq_id)
+            else:
+                text = ""
+            completions.append(CompletionOutput(
+                index=seq.sample_index, text=text, delta_text=request.delta.pop(seq.seq_id, ""),
+                token_ids=tuple(seq.output_token_ids),
+                finish_reason=seq.finish_reason.value if seq.finish_reason else None,
+                logprobs=tuple(seq.logprobs) if seq.params.logprobs is not None else None,
+            ))
+        first = [s.first_token_time for s in request.seqs if s.first_token_time is not None]
+        done = [s.finish_time for s in request.seqs if s.finish_time is not None]
+        finished = all(s.is_finished for s in request.seqs)
+        return RequestOutput(
+            request_id=request.request_id, prompt=request.prompt,
+            prompt_token_ids=tuple(request.prompt_token_ids), outputs=tuple(completions), finished=finished,
+            num_cached_tokens=request.seqs[0].num_cached_tokens,
+            metrics=RequestMetrics(
+                arrival_time=request.seqs[0].arrival_time, first_token_time=min(first) if first else None,
+                finish_time=max(done) if finished and done else None,
+                num_preemptions=sum(s.num_preemptions for s in request.seqs),
+            ),
+        )
+
+    def _forget(self, request: _Request) -> None:
+        for seq in request.seqs:
+            self._seq_to_request.pop(seq.seq_id, None)
+            if self.outputs is not None:
+                self.outputs.release(seq.seq_id)
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            num_running=s.num_running, num_waiting=s.num_waiting, kv_cache_usage=s.block_manager.usage,
+            num_preemptions=s.num_preemptions, prefix_cache_queried_tokens=s.prefix_cache_queried_tokens,
+            prefix_cache_hit_tokens=s.prefix_cache_hit_tokens,
+        )
+
+
+def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return _DTYPES[name]
