@@ -3,6 +3,7 @@ samples. Owns the KV cache tensors."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from trident.attention.base import AttentionMetadata, DecodeBatch, PrefillSeq
@@ -22,10 +23,8 @@ class ModelRunner:
         self.sampler = sampler
         shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
         # Zeroed (not empty): padded decode rows read other blocks, and 0 * NaN garbage would poison them.
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=kv_dtype, device=device), torch.zeros(shape, dtype=kv_dtype, device=device))
-            for _ in range(config.num_layers)
-        ]
+        self.kv_caches = [(_zeros(shape, kv_dtype, device), _zeros(shape, kv_dtype, device))
+                          for _ in range(config.num_layers)]
 
     @staticmethod
     def kv_bytes_per_block(config, block_size: int, kv_dtype: torch.dtype) -> int:
@@ -100,3 +99,12 @@ class ModelRunner:
                 meta,
                 torch.tensor(logits_indices, dtype=torch.long, device=dev),
                 sample_chunks)
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed tensor. On the CPU the memory comes from calloc through numpy, so the operating system
+    hands out zero pages as they are first touched: a large cache costs nothing until it is used."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)

@@ -14,13 +14,13 @@ from trident.models.registry import model_class
 
 def build_model(config: ModelConfig, tensors: Mapping[str, torch.Tensor], *, dtype: torch.dtype,
                 device: torch.device, backend: AttentionBackend) -> torch.nn.Module:
-    """Instantiate without initialising parameters (they are all overwritten), then load the weights."""
+    """Create the modules on the meta device (nothing allocated or initialised), then set every
+    parameter from the checkpoint's tensors, without a copy where none is needed."""
     cls = model_class(config.model_type)
     with torch.device("meta"):
         model = cls(config, backend)
-    model = model.to_empty(device=device).to(dtype)
+    model.load_weights(tensors, dtype=dtype, device=device)
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.reset_inv_freq(device)
-    model.load_weights(tensors)
     return model.eval()

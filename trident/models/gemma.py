@@ -16,7 +16,7 @@ from torch import nn
 
 from trident.attention.base import AttentionBackend, AttentionMetadata
 from trident.config import SLIDING_ATTENTION, ModelConfig
-from trident.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding
+from trident.models.layers import Attention, Embedding, GatedMLP, RMSNorm, RotaryEmbedding
 from trident.models.weights import PackedModules, load_weights
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -46,7 +46,7 @@ class GemmaDecoderLayer(nn.Module):
 class GemmaModel(nn.Module):
     def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(GemmaDecoderLayer(config, i, backend) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, unit_offset=True)
         self.rotary = RotaryEmbedding(config.rope, config.head_dim)
@@ -94,6 +94,7 @@ class GemmaForCausalLM(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def load_weights(self, tensors: Mapping[str, torch.Tensor]) -> None:
+    def load_weights(self, tensors: Mapping[str, torch.Tensor], *, dtype: torch.dtype,
+                     device: torch.device) -> None:
         tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
-        load_weights(self, tensors, self.packed_modules)
+        load_weights(self, tensors, self.packed_modules, dtype=dtype, device=device)

@@ -13,7 +13,7 @@ from torch import nn
 
 from trident.attention.base import AttentionBackend, AttentionMetadata
 from trident.config import ModelConfig
-from trident.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding
+from trident.models.layers import Attention, Embedding, GatedMLP, Linear, RMSNorm, RotaryEmbedding
 from trident.models.weights import PackedModules, load_weights
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -36,7 +36,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, backend: AttentionBackend, qk_norm: bool) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, i, backend, qk_norm) for i in range(config.num_layers)
         )
@@ -62,7 +62,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config, backend, self.qk_norm)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
     @property
     def packed_modules(self) -> PackedModules:
@@ -81,7 +81,8 @@ class LlamaForCausalLM(nn.Module):
         weight = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
         return torch.nn.functional.linear(hidden, weight).float()
 
-    def load_weights(self, tensors: Mapping[str, torch.Tensor]) -> None:
+    def load_weights(self, tensors: Mapping[str, torch.Tensor], *, dtype: torch.dtype,
+                     device: torch.device) -> None:
         if self.config.tie_word_embeddings:
             tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
-        load_weights(self, tensors, self.packed_modules)
+        load_weights(self, tensors, self.packed_modules, dtype=dtype, device=device)

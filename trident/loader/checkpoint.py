@@ -1,0 +1,39 @@
+"""What loading a model file or folder yields: config, weights under Hugging Face names, tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from trident.config import ModelConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from trident.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True, eq=False)
+class Checkpoint:
+    """A loaded model: everything needed to build and run it, independent of the file format."""
+
+    config: ModelConfig
+    tensors: dict[str, torch.Tensor]
+    """Weights keyed by Hugging Face parameter names (``model.layers.0.self_attn.q_proj.weight``).
+    Quantized GGUF tensors are dequantized to float32; float tensors keep their stored dtype and may be
+    copy-on-write views of the file."""
+    tensor_types: dict[str, str]
+    """The stored type of each tensor: ggml names for GGUF ("Q4_1", "Q6_K", "F32"), safetensors dtype
+    names for folders ("BF16", "F32")."""
+    tokenizer: Tokenizer | None
+    format: str
+    """"gguf" or "safetensors"."""
+    path: str
+    file_bytes: int
+    """Bytes of the weight files on disk."""
+    hf_config: dict[str, Any] = field(default_factory=dict)
+    """The Hugging Face-style config dict the ModelConfig was built from (read or reconstructed)."""
+
+    def num_parameters(self) -> int:
+        """Parameters actually stored (a tied lm_head counts once)."""
+        return sum(t.numel() for t in self.tensors.values())
