@@ -54,15 +54,33 @@ class TorchAttention:
         k = _gather_blocks(k_cache, decode.block_tables).flatten(1, 2)  # [B, blocks * block_size, kv_heads, D]
         v = _gather_blocks(v_cache, decode.block_tables).flatten(1, 2)
         key = ("decode", sliding_window, k.shape[1])
-        mask = meta.mask_cache.get(key)
-        if mask is None:
-            key_positions = torch.arange(k.shape[1])
+        bias = meta.mask_cache.get(key)
+        if bias is None:  # additive mask [B, 1, 1, S]: 0 where visible, -inf elsewhere; built once per step
+            key_positions = torch.arange(k.shape[1], device=k.device)
             valid = key_positions[None, :] < decode.context_lens[:, None]
             if sliding_window is not None:
                 valid &= key_positions[None, :] > (decode.query_positions[:, None] - sliding_window)
-            mask = valid.view(batch, 1, k.shape[1])
-            meta.mask_cache[key] = mask
-        return _attend(query.view(batch, 1, *query.shape[1:]), k, v, mask, scale, logit_softcap).view_as(query)
+            bias = torch.zeros(valid.shape, dtype=torch.float32, device=k.device).masked_fill_(~valid, float("-inf"))
+            bias = bias.view(batch, 1, 1, -1)
+            meta.mask_cache[key] = bias
+        return _attend_one(query, k, v, bias, scale, logit_softcap)
+
+
+def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
+                logit_softcap: float | None) -> torch.Tensor:
+    """One query per sequence: q [B, H, D], k/v [B, S, Hkv, D], bias [B, 1, 1, S] -> [B, H, D].
+
+    Plain batched matmuls: for a single query they cost far less than the fused CPU kernel's setup."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    qg = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float()  # [B, Hkv, G, S]
+    scores.mul_(scale)
+    if logit_softcap is not None:
+        scores = torch.tanh(scores.div_(logit_softcap)).mul_(logit_softcap)
+    probs = torch.softmax(scores.add_(bias), dim=-1).to(v.dtype)
+    out = torch.matmul(probs, v.transpose(1, 2))  # [B, Hkv, G, D]
+    return out.reshape(batch, num_heads, head_dim)
 
 
 def _gather_blocks(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
