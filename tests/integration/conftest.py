@@ -28,3 +28,10 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_hf(tiny_llama_dir):
     return transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def default_llm():
+    from trident import LLM
+
+    return LLM()

@@ -20,8 +20,8 @@ CHATS = [
 
 
 @pytest.fixture(scope="module")
-def llm() -> LLM:
-    return LLM()
+def llm(default_llm) -> LLM:
+    return default_llm
 
 
 @pytest.fixture(scope="module")

@@ -88,7 +88,7 @@ def _print_table(kind: str, rows: list[dict], keys: tuple[str, ...]) -> None:
         main = "decode_tok_s" if kind == "latency" else "output_tok_s"
         ratio = rows[0][main] / rows[1][main]
         table.caption = f"trident / peer {main}: {ratio:.2f}x"
-    Console().print(table)
+    Console(width=max(Console().width, 130)).print(table)
 
 
 def _fmt(value) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+from rich.progress import Progress
+
 from trident.bench.workloads import Workload
 from trident.engine.engine import LLMEngine
 from trident.engine.request import SamplingParams
@@ -48,10 +50,13 @@ def run_offline(engine: LLMEngine, workload: Workload) -> dict:
     for prompt in workload.prompts:
         engine.add_request(list(prompt), _params(workload.output_len))
     tokens = 0
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                tokens += len(out.outputs[0].token_ids)
+    with Progress(transient=True) as progress:
+        task = progress.add_task("trident offline", total=len(workload.prompts) * workload.output_len)
+        while engine.has_unfinished():
+            for out in engine.step():
+                progress.advance(task)  # one new token per request per step
+                if out.finished:
+                    tokens += len(out.outputs[0].token_ids)
     elapsed = time.perf_counter() - t0
     return {"requests": len(workload.prompts), "output_tokens": tokens, "elapsed_s": elapsed,
             "output_tok_s": tokens / elapsed}
