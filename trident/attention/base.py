@@ -2,7 +2,7 @@
 
 The runner builds one :class:`AttentionMetadata` per step from the StepPlan and passes it down
 explicitly; layers never look anything up in globals. The KV cache of a layer is a pair of tensors
-``[num_blocks, block_size, num_kv_heads, head_dim]`` (keys, values).
+(keys, values) whose layout the backend chooses (``cache_shape``).
 """
 
 from __future__ import annotations
@@ -59,6 +59,11 @@ class AttentionMetadata:
 
 class AttentionBackend(Protocol):
     """Writes new keys/values into the paged cache and attends over it."""
+
+    @staticmethod
+    def cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+        """Shape of one layer's key (and value) cache tensor."""
+        ...
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  meta: AttentionMetadata) -> None: ...

@@ -1,10 +1,11 @@
 """Reference attention over the paged KV cache in plain torch (the CPU path, and what GPU kernels are
 tested against).
 
-Keys and values of a sequence are gathered block by block from the cache (whole blocks are
-contiguous, so the gather is a few large copies), then attended with a causal mask, an optional
-sliding window (a query at position i sees keys j with i - window < j <= i) and optional tanh
-soft-capping of the scores. Decoding sequences are padded to the longest and attended in one call.
+Cache layout (this backend's choice): ``[num_kv_heads, num_blocks, block_size, head_dim]``, head-major,
+so that gathering a sequence's blocks yields keys already laid out ``[kv_heads, tokens, head_dim]`` for
+the matmuls, with no transposing copy. Queries attend with a causal mask, an optional sliding window
+(a query at position i sees keys j with i - window < j <= i) and optional tanh soft-capping of the
+scores. All decoding sequences are padded to the longest and attended in one batched matmul.
 """
 
 from __future__ import annotations
@@ -18,27 +19,34 @@ from trident.attention.base import AttentionMetadata
 class TorchAttention:
     """The reference backend. Grouped-query attention without repeating keys/values."""
 
+    @staticmethod
+    def cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+        return (num_kv_heads, num_blocks, block_size, head_dim)
+
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  meta: AttentionMetadata) -> None:
-        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, key.to(k_cache.dtype))
-        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, value.to(v_cache.dtype))
+        """key/value [num_tokens, kv_heads, head_dim] into their slots."""
+        for new, cache in ((key, k_cache), (value, v_cache)):
+            flat = cache.view(cache.shape[0], -1, cache.shape[3])
+            flat.index_copy_(1, meta.slot_mapping, new.transpose(0, 1).to(cache.dtype))
 
     def forward(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata, *, scale: float, sliding_window: int | None,
                 logit_softcap: float | None) -> torch.Tensor:
+        """query [num_tokens, num_heads, head_dim] -> output of the same shape."""
         decode = meta.decode
         if decode is not None and decode.token_indices_are_all:
             return self._decode(query, k_cache, v_cache, meta, scale, sliding_window, logit_softcap)
         out = torch.empty_like(query)
         for seq in meta.prefills:
-            q = query[seq.token_start: seq.token_start + seq.num_query_tokens]
-            k = _gather_blocks(k_cache, seq.block_table).flatten(0, 1)[: seq.context_len]
-            v = _gather_blocks(v_cache, seq.block_table).flatten(0, 1)[: seq.context_len]
-            mask = _mask(seq.query_positions, torch.arange(seq.context_len), sliding_window)
-            out[seq.token_start: seq.token_start + seq.num_query_tokens] = _attend(
-                q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), mask.unsqueeze(0), scale, logit_softcap
-            )[0]
+            rows = slice(seq.token_start, seq.token_start + seq.num_query_tokens)
+            k = _gather(k_cache, seq.block_table)[:, : seq.context_len]  # [kv_heads, S, D]
+            v = _gather(v_cache, seq.block_table)[:, : seq.context_len]
+            key_positions = torch.arange(seq.context_len, device=query.device)
+            mask = _mask(seq.query_positions, key_positions, sliding_window)
+            q = query[rows].transpose(0, 1).unsqueeze(0).to(k.dtype)  # [1, H, L, D]
+            o = _attend(q, k.unsqueeze(0), v.unsqueeze(0), mask[None, None], scale, logit_softcap)
+            out[rows] = o[0].transpose(0, 1).to(out.dtype)
         if decode is not None:
             out[decode.token_indices] = self._decode(
                 query[decode.token_indices], k_cache, v_cache, meta, scale, sliding_window, logit_softcap
@@ -48,46 +56,39 @@ class TorchAttention:
     def _decode(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float, sliding_window: int | None,
                 logit_softcap: float | None) -> torch.Tensor:
+        """One query per sequence: query [B, H, D] -> [B, H, D]."""
         decode = meta.decode
         assert decode is not None
-        batch = decode.block_tables.shape[0]
-        k = _gather_blocks(k_cache, decode.block_tables).flatten(1, 2)  # [B, blocks * block_size, kv_heads, D]
-        v = _gather_blocks(v_cache, decode.block_tables).flatten(1, 2)
-        key = ("decode", sliding_window, k.shape[1])
+        batch, num_heads, head_dim = query.shape
+        num_kv_heads = k_cache.shape[0]
+        k = _gather(k_cache, decode.block_tables)  # [kv_heads, B, S, D]
+        v = _gather(v_cache, decode.block_tables)
+        span = k.shape[2]
+        key = ("decode", sliding_window, span)
         bias = meta.mask_cache.get(key)
-        if bias is None:  # additive mask [B, 1, 1, S]: 0 where visible, -inf elsewhere; built once per step
-            key_positions = torch.arange(k.shape[1], device=k.device)
+        if bias is None:  # additive mask [1, B, 1, S]: 0 where visible, -inf elsewhere; built once per step
+            key_positions = torch.arange(span, device=k.device)
             valid = key_positions[None, :] < decode.context_lens[:, None]
             if sliding_window is not None:
                 valid &= key_positions[None, :] > (decode.query_positions[:, None] - sliding_window)
             bias = torch.zeros(valid.shape, dtype=torch.float32, device=k.device).masked_fill_(~valid, float("-inf"))
-            bias = bias.view(batch, 1, 1, -1)
+            bias = bias.view(1, batch, 1, span)
             meta.mask_cache[key] = bias
-        return _attend_one(query, k, v, bias, scale, logit_softcap)
+        # Plain batched matmuls over [kv_heads, B]: for one query they cost far less than a fused kernel's setup.
+        q = query.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim).transpose(0, 1).to(k.dtype)
+        scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)  # [kv_heads, B, G, S]
+        if logit_softcap is not None:
+            scores = torch.tanh(scores.div_(logit_softcap)).mul_(logit_softcap)
+        probs = torch.softmax(scores.add_(bias), dim=-1).to(v.dtype)
+        out = torch.matmul(probs, v)  # [kv_heads, B, G, D]
+        return out.transpose(0, 1).reshape(batch, num_heads, head_dim).to(query.dtype)
 
 
-def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
-                logit_softcap: float | None) -> torch.Tensor:
-    """One query per sequence: q [B, H, D], k/v [B, S, Hkv, D], bias [B, 1, 1, S] -> [B, H, D].
-
-    Plain batched matmuls: for a single query they cost far less than the fused CPU kernel's setup."""
-    batch, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[2]
-    qg = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float()  # [B, Hkv, G, S]
-    scores.mul_(scale)
-    if logit_softcap is not None:
-        scores = torch.tanh(scores.div_(logit_softcap)).mul_(logit_softcap)
-    probs = torch.softmax(scores.add_(bias), dim=-1).to(v.dtype)
-    out = torch.matmul(probs, v.transpose(1, 2))  # [B, Hkv, G, D]
-    return out.reshape(batch, num_heads, head_dim)
-
-
-def _gather_blocks(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-    """cache[block_table] through index_select, which copies whole contiguous blocks (much faster on
-    the CPU than advanced indexing)."""
-    flat = torch.index_select(cache, 0, block_table.reshape(-1))
-    return flat.view(*block_table.shape, *cache.shape[1:])
+def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """The blocks of ``block_table`` ([n] or [B, n]) as [kv_heads, (B,) n * block_size, head_dim]."""
+    picked = torch.index_select(cache, 1, block_table.reshape(-1))  # whole contiguous blocks per head
+    return picked.view(cache.shape[0], *block_table.shape[:-1], block_table.shape[-1] * cache.shape[2],
+                       cache.shape[3])
 
 
 def _mask(query_positions: torch.Tensor, key_positions: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
@@ -100,15 +101,10 @@ def _mask(query_positions: torch.Tensor, key_positions: torch.Tensor, sliding_wi
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
             logit_softcap: float | None) -> torch.Tensor:
-    """q [B, Lq, H, D], k/v [B, Lk, Hkv, D], mask [B, Lq, Lk] -> [B, Lq, H, D]."""
-    q = q.transpose(1, 2)
-    k = k.transpose(1, 2)
-    v = v.transpose(1, 2)
-    attn_mask = mask.unsqueeze(1)
+    """q [B, H, Lq, D], k/v [B, Hkv, S, D], boolean mask [B, 1, Lq, S] -> [B, H, Lq, D]."""
     if logit_softcap is None:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale,
-                                             enable_gqa=q.shape[1] != k.shape[1])
-        return out.transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
     # Soft-capped scores (gemma2): explicit matmuls, keys/values shared by each group of query heads.
     batch, num_heads, lq, head_dim = q.shape
     num_kv_heads = k.shape[1]
@@ -117,7 +113,6 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale
     scores = torch.tanh(scores / logit_softcap) * logit_softcap
     scores = scores.view(batch, num_kv_heads, group, lq, -1)
-    scores = scores.masked_fill(~attn_mask.unsqueeze(1), float("-inf"))
+    scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype).view(batch, num_kv_heads, group * lq, -1)
-    out = torch.matmul(probs, v).view(batch, num_heads, lq, head_dim)
-    return out.transpose(1, 2)
+    return torch.matmul(probs, v).view(batch, num_heads, lq, head_dim)

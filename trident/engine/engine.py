@@ -62,8 +62,9 @@ class LLMEngine:
         self.tokenizer = checkpoint.tokenizer
         self.device = torch.device(config.device)
         self.dtype = _resolve_dtype(config.dtype, self.device)
+        backend = TorchAttention()
         self.model = build_model(self.model_config, checkpoint.tensors, dtype=self.dtype, device=self.device,
-                                 backend=TorchAttention())
+                                 backend=backend)
         limit = self.model_config.max_position_embeddings
         if config.max_model_len is not None:
             if config.max_model_len > limit:
@@ -77,7 +78,7 @@ class LLMEngine:
         useful = config.scheduler.max_num_seqs * -(-self.max_model_len // cache.block_size)
         num_blocks = cache.num_blocks or max(1, min(cache.memory_budget_bytes // block_bytes, useful))
         self.num_blocks = num_blocks
-        self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=cache.block_size,
+        self.runner = ModelRunner(self.model, backend=backend, num_blocks=num_blocks, block_size=cache.block_size,
                                   kv_dtype=kv_dtype, device=self.device, sampler=Sampler(seed=config.seed))
         eos = tuple(self.tokenizer.eos_token_ids) if self.tokenizer else self.model_config.eos_token_ids
         self.eos_token_ids = eos

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from trident.attention.base import AttentionMetadata, DecodeBatch, PrefillSeq
+from trident.attention.base import AttentionBackend, AttentionMetadata, DecodeBatch, PrefillSeq
 from trident.engine.plan import ScheduledChunk, StepPlan, StepResult
 from trident.engine.sampler import Sampler
 
@@ -14,14 +14,14 @@ from trident.engine.sampler import Sampler
 class ModelRunner:
     """Runs one engine step on ``model`` (built, weights loaded, on ``device`` in ``dtype``)."""
 
-    def __init__(self, model: torch.nn.Module, *, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
-                 device: torch.device, sampler: Sampler) -> None:
+    def __init__(self, model: torch.nn.Module, *, backend: AttentionBackend, num_blocks: int, block_size: int,
+                 kv_dtype: torch.dtype, device: torch.device, sampler: Sampler) -> None:
         config = model.config
         self.model = model
         self.block_size = block_size
         self.device = device
         self.sampler = sampler
-        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        shape = backend.cache_shape(num_blocks, block_size, config.num_kv_heads, config.head_dim)
         # Zeroed (not empty): padded decode rows read other blocks, and 0 * NaN garbage would poison them.
         self.kv_caches = [(_zeros(shape, kv_dtype, device), _zeros(shape, kv_dtype, device))
                           for _ in range(config.num_layers)]
