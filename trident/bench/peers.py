@@ -1,7 +1,7 @@
 """Hugging Face transformers on the same workload, in the same process (the honest ratio).
 
 The model is loaded the way a transformers user would: from the same GGUF file (dequantized by
-transformers) or the same Hugging Face folder, in float32 on the CPU.
+transformers) or the same Hugging Face folder, in the same dtype as trident's run.
 """
 
 from __future__ import annotations
@@ -12,16 +12,15 @@ import time
 from trident.bench.workloads import Workload
 
 
-def load_hf(path: str):
-    import torch
+def load_hf(path: str, dtype):
     from transformers import AutoModelForCausalLM
 
     t0 = time.perf_counter()
     if path.endswith(".gguf"):
         model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                     dtype=torch.float32)
+                                                     dtype=dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model.eval(), time.perf_counter() - t0
 
 

@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import time
 from datetime import datetime, timezone
 
@@ -26,6 +27,7 @@ def add_bench_parser(sub, model_help: str, engine_args) -> None:
     p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (latency 241, offline 128)")
     p.add_argument("--output-len", type=int, default=128, help="generated tokens per request")
     p.add_argument("--num-prompts", type=int, default=16, help="requests in the offline workload")
+    p.add_argument("--repeat", type=int, default=3, help="repetitions per engine, interleaved; medians reported")
     p.add_argument("--json", default=None, help="where to write results (default: bench-results/KIND-TIME.json)")
     engine_args(p)
     p.set_defaults(func=run_bench)
@@ -48,23 +50,31 @@ def run_bench(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - t0
     if args.kind == "latency":
         workload = latency_workload(engine.tokenizer, args.prompt_len or 241, args.output_len)
-        ours = trident_side.run_latency(engine, workload)
+        ours_fn, theirs_fn = trident_side.run_latency, peers.hf_latency
     else:
         workload = offline_workload(engine.tokenizer, args.num_prompts, args.prompt_len or 128, args.output_len)
-        ours = trident_side.run_offline(engine, workload)
-    rows = [{"engine": "trident", "load_s": load_s, **ours}]
-    del engine
+        ours_fn, theirs_fn = trident_side.run_offline, peers.hf_offline
+    dtype_name = str(engine.dtype).removeprefix("torch.")
+    model = hf_load_s = None
     if args.compare == "hf":
-        model, hf_load_s = peers.load_hf(model_path)
-        theirs = peers.hf_latency(model, workload) if args.kind == "latency" else peers.hf_offline(model, workload)
-        rows.append({"engine": "hf-transformers (fp32)", "load_s": hf_load_s, **theirs})
-        del model
+        model, hf_load_s = peers.load_hf(model_path, engine.dtype)
+    # Interleave the engines' repetitions so that drift of a shared machine hits both alike; report medians.
+    ours_runs, theirs_runs = [], []
+    for _ in range(args.repeat):
+        ours_runs.append(ours_fn(engine, workload))
+        if model is not None:
+            theirs_runs.append(theirs_fn(model, workload))
+    rows = [{"engine": f"trident ({dtype_name})", "load_s": load_s, **_median(ours_runs), "runs": ours_runs}]
+    if model is not None:
+        rows.append({"engine": f"hf-transformers ({dtype_name})", "load_s": hf_load_s, **_median(theirs_runs),
+                     "runs": theirs_runs})
     keys = LATENCY_KEYS if args.kind == "latency" else OFFLINE_KEYS
     _print_table(args.kind, rows, keys)
     record = {
         "kind": args.kind, "model": model_path, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "threads": args.threads or os.cpu_count()},
+                    "cpu_count": os.cpu_count(), "threads": args.threads or os.cpu_count(),
+                    "cpu_model": _cpu_model()},
         "workload": {"prompts": len(workload.prompts), "prompt_len": len(workload.prompts[0]),
                      "output_len": workload.output_len},
         "results": rows,
@@ -89,6 +99,19 @@ def _print_table(kind: str, rows: list[dict], keys: tuple[str, ...]) -> None:
         ratio = rows[0][main] / rows[1][main]
         table.caption = f"trident / peer {main}: {ratio:.2f}x"
     Console(width=max(Console().width, 130)).print(table)
+
+
+def _median(runs: list[dict]) -> dict:
+    """Per-key median over repetitions (numbers only)."""
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
 
 
 def _fmt(value) -> str:
