@@ -27,6 +27,8 @@ def add_bench_parser(sub, model_help: str, engine_args) -> None:
     p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (latency 241, offline 128)")
     p.add_argument("--output-len", type=int, default=128, help="generated tokens per request")
     p.add_argument("--num-prompts", type=int, default=16, help="requests in the offline workload")
+    p.add_argument("--prefix-caching", action="store_true",
+                   help="keep the prefix cache on (off by default: repetitions would be served from it)")
     p.add_argument("--repeat", type=int, default=3, help="repetitions per engine, interleaved; medians reported")
     p.add_argument("--json", default=None, help="where to write results (default: bench-results/KIND-TIME.json)")
     engine_args(p)
@@ -45,7 +47,7 @@ def run_bench(args: argparse.Namespace) -> int:
     engine = LLMEngine(engine_config(
         model_path, device=args.device, dtype=args.dtype, num_threads=args.threads,
         max_model_len=args.max_model_len, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.prefix_caching,
     ))
     load_s = time.perf_counter() - t0
     if args.kind == "latency":

@@ -14,7 +14,7 @@ from torch import nn
 from trident.attention.base import AttentionBackend, AttentionMetadata
 from trident.config import ModelConfig
 from trident.models.layers import Attention, Embedding, GatedMLP, Linear, RMSNorm, RotaryEmbedding
-from trident.models.weights import PackedModules, load_weights
+from trident.models.weights import PackedModules, attention_mlp_packing, load_weights
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -66,12 +66,7 @@ class LlamaForCausalLM(nn.Module):
 
     @property
     def packed_modules(self) -> PackedModules:
-        c = self.config
-        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        return {
-            "qkv_proj": (("q_proj", q), ("k_proj", kv), ("v_proj", kv)),
-            "gate_up_proj": (("gate_proj", c.intermediate_size), ("up_proj", c.intermediate_size)),
-        }
+        return attention_mlp_packing(self.config)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata) -> torch.Tensor:

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from trident.config import ModelConfig
 from trident.errors import TridentError
 
 PackedModules = Mapping[str, tuple[tuple[str, int], ...]]
@@ -51,6 +52,15 @@ def load_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor], packed_m
         value = value.to(device=device, dtype=dtype)
         module_name, _, attr = name.rpartition(".")
         modules[module_name]._parameters[attr] = nn.Parameter(value, requires_grad=False)
+
+
+def attention_mlp_packing(config: ModelConfig) -> PackedModules:
+    """The fusion every family here uses: q/k/v into qkv_proj, gate/up into gate_up_proj."""
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    return {
+        "qkv_proj": (("q_proj", q), ("k_proj", kv), ("v_proj", kv)),
+        "gate_up_proj": (("gate_proj", config.intermediate_size), ("up_proj", config.intermediate_size)),
+    }
 
 
 def _few(names: list[str]) -> str:
