@@ -15,3 +15,16 @@ def default_gguf_path() -> str:
         return default_model_path()
     except TridentError as e:
         pytest.skip(str(e))
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """GPU tests (marked ``gpu``) are selected with ``-m gpu``; without a CUDA device they are reported as
+    skipped with the reason, never silently passed."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    no_cuda = pytest.mark.skipif(True, reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(no_cuda)

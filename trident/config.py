@@ -277,6 +277,8 @@ class EngineConfig:
     """Seed of the generator for sampled requests that give no seed of their own."""
 
     def __post_init__(self) -> None:
+        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+            raise TridentError(f"unsupported device {self.device!r}; use cpu, cuda or cuda:N")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise TridentError(f"unsupported dtype {self.dtype!r}; use auto, float32, bfloat16 or float16")
         if self.max_model_len is not None and self.max_model_len <= 0:

@@ -56,6 +56,10 @@ def test_bad_token_ids_and_text_without_tokenizer(tiny_llama_dir) -> None:
 def test_unknown_engine_option_and_bad_paths(tmp_path) -> None:
     with pytest.raises(TridentError, match="unknown engine option"):
         LLM(None, block_sise=8)
+    with pytest.raises(TridentError, match="device"):
+        LLM(None, device="tpu")
+    with pytest.raises(TridentError, match="dtype"):
+        LLM(None, dtype="int3")
     with pytest.raises(TridentError):
         LLM(str(tmp_path / "missing.gguf"))
     (tmp_path / "corrupt.gguf").write_bytes(b"GGUF" + b"\x00\xff" * 100)

@@ -58,16 +58,27 @@ DTYPES = {"float32": (torch.float32, TOLERANCE), "bfloat16": (torch.bfloat16, 8e
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("name", list(tiny_hf_configs()))
 def test_logits_match_hf_through_paged_cache(name: str, dtype_name: str) -> None:
+    _check_against_hf(name, dtype_name, torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("name", list(tiny_hf_configs()))
+def test_logits_match_hf_on_cuda(name: str, dtype_name: str) -> None:
+    _check_against_hf(name, dtype_name, torch.device("cuda"))
+
+
+def _check_against_hf(name: str, dtype_name: str, device: torch.device) -> None:
     dtype, tolerance = DTYPES[dtype_name]
     hf_config = tiny_hf_configs()[name]
     hf = make_hf_model(hf_config)
     config = trident_config(hf_config)
     backend = TorchAttention()
-    model = build_model(config, hf.state_dict(), dtype=dtype, device=torch.device("cpu"), backend=backend)
+    model = build_model(config, hf.state_dict(), dtype=dtype, device=device, backend=backend)
     num_blocks = 40
     runner = ModelRunner(model, backend=backend, num_blocks=num_blocks, block_size=BLOCK_SIZE, kv_dtype=dtype,
-                         device=torch.device("cpu"), sampler=Sampler())
-    rng = random.Random(hash(name) % 1000)
+                         device=device, sampler=Sampler(device=device))
+    rng = random.Random(sum(name.encode()))
     free = list(range(num_blocks))
     rng.shuffle(free)  # non-contiguous, out-of-order block tables
     prompts = [[rng.randrange(hf_config.vocab_size) for _ in range(n)] for n in (13, 9, 3)]
@@ -87,7 +98,7 @@ def test_logits_match_hf_through_paged_cache(name: str, dtype_name: str) -> None
             if chunk.sample:
                 seq.tokens.append(int(logits[seq.seq_id][-1].argmax()))
     for seq in seqs:
-        ours = torch.cat(computed[seq.seq_id]).float()
+        ours = torch.cat(computed[seq.seq_id]).float().cpu()
         assert ours.shape[0] == seq.computed
         assert seq.computed > 7  # longer than every sliding window in the configs
         with torch.no_grad():

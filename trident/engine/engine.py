@@ -56,6 +56,8 @@ class LLMEngine:
         self.config = config
         if config.num_threads is not None or config.device == "cpu":
             torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+        if config.device.startswith("cuda") and not torch.cuda.is_available():
+            raise TridentError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
         checkpoint = checkpoint or load_checkpoint(config.model or None)
         self.checkpoint = checkpoint
         self.model_config = checkpoint.config
@@ -79,7 +81,8 @@ class LLMEngine:
         num_blocks = cache.num_blocks or max(1, min(cache.memory_budget_bytes // block_bytes, useful))
         self.num_blocks = num_blocks
         self.runner = ModelRunner(self.model, backend=backend, num_blocks=num_blocks, block_size=cache.block_size,
-                                  kv_dtype=kv_dtype, device=self.device, sampler=Sampler(seed=config.seed))
+                                  kv_dtype=kv_dtype, device=self.device,
+                                  sampler=Sampler(seed=config.seed, device=self.device))
         eos = tuple(self.tokenizer.eos_token_ids) if self.tokenizer else self.model_config.eos_token_ids
         self.eos_token_ids = eos
         self.scheduler = Scheduler(config.scheduler, cache, num_blocks, self.max_model_len, eos)
