@@ -266,7 +266,7 @@ class EngineConfig:
     model: str
     device: str = "cpu"
     dtype: str = "auto"
-    """auto = float32 on the CPU, bfloat16 on CUDA."""
+    """auto = bfloat16 on CUDA and on CPUs with native bf16 matmuls (AMX / AVX512-BF16), else float32."""
     max_model_len: int | None = None
     """Context length; None = the model's max_position_embeddings (capped at 8192 on the CPU)."""
     cache: CacheConfig = field(default_factory=CacheConfig)

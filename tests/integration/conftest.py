@@ -34,4 +34,4 @@ def tiny_llama_hf(tiny_llama_dir):
 def default_llm():
     from trident import LLM
 
-    return LLM()
+    return LLM(dtype="float32")  # the reference numerics; auto may pick bf16 on this CPU

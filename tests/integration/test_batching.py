@@ -26,7 +26,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 
 
 def test_generate_equals_hf_greedy(tiny_llama_dir, tiny_llama_hf) -> None:
-    llm = LLM(str(tiny_llama_dir), block_size=4)
+    llm = LLM(str(tiny_llama_dir), dtype="float32", block_size=4)
     prompts = _prompts(4, seed=1)
     outs = llm.generate(prompts, GREEDY)
     for prompt, out in zip(prompts, outs):
@@ -36,15 +36,15 @@ def test_generate_equals_hf_greedy(tiny_llama_dir, tiny_llama_hf) -> None:
 
 def test_batch_invariance_alone_together_preempted_prefix(tiny_llama_dir) -> None:
     prompts = _prompts(16, seed=2)
-    alone_llm = LLM(str(tiny_llama_dir), block_size=4)
+    alone_llm = LLM(str(tiny_llama_dir), dtype="float32", block_size=4)
     alone = [alone_llm.generate([p], GREEDY)[0].token_ids for p in prompts]
 
-    together = LLM(str(tiny_llama_dir), block_size=4, max_num_batched_tokens=64)
+    together = LLM(str(tiny_llama_dir), dtype="float32", block_size=4, max_num_batched_tokens=64)
     assert [o.token_ids for o in together.generate(prompts, GREEDY)] == alone
     assert together.engine.stats().num_preemptions == 0
 
     # A cache of 40 blocks of 4 tokens cannot hold 16 sequences of up to 50 tokens: preemption happens.
-    small = LLM(str(tiny_llama_dir), block_size=4, num_blocks=40, max_num_batched_tokens=64)
+    small = LLM(str(tiny_llama_dir), dtype="float32", block_size=4, num_blocks=40, max_num_batched_tokens=64)
     assert [o.token_ids for o in small.generate(prompts, GREEDY)] == alone
     stats = small.engine.stats()
     assert stats.num_preemptions > 0
@@ -54,11 +54,11 @@ def test_batch_invariance_alone_together_preempted_prefix(tiny_llama_dir) -> Non
 def test_shared_prefix_hits_the_cache(tiny_llama_dir) -> None:
     system = [5 + i % 100 for i in range(24)]  # 6 full blocks of 4 tokens
     prompts = _prompts(6, seed=3, prefix=system)
-    reference = LLM(str(tiny_llama_dir), block_size=4, enable_prefix_caching=False)
+    reference = LLM(str(tiny_llama_dir), dtype="float32", block_size=4, enable_prefix_caching=False)
     expected = [o.token_ids for o in reference.generate(prompts, GREEDY)]
     assert reference.engine.stats().prefix_cache_hit_tokens == 0
 
-    llm = LLM(str(tiny_llama_dir), block_size=4)
+    llm = LLM(str(tiny_llama_dir), dtype="float32", block_size=4)
     first = llm.generate(prompts[:1], GREEDY)[0]
     assert first.num_cached_tokens == 0
     outs = llm.generate(prompts[1:], GREEDY)

@@ -11,7 +11,7 @@ from trident import LLM, SamplingParams
 @pytest.mark.gpu
 def test_cuda_engine_matches_cpu_greedy(tiny_llama_dir) -> None:
     prompts = _prompts(16, seed=7)
-    cpu = [o.token_ids for o in LLM(str(tiny_llama_dir), block_size=4).generate(prompts, GREEDY)]
+    cpu = [o.token_ids for o in LLM(str(tiny_llama_dir), dtype="float32", block_size=4).generate(prompts, GREEDY)]
     cuda = LLM(str(tiny_llama_dir), block_size=4, device="cuda", dtype="float32", num_blocks=64)
     assert [o.token_ids for o in cuda.generate(prompts, GREEDY)] == cpu
     assert cuda.engine.stats().num_preemptions > 0  # a small cache, so preemption ran on the device too

@@ -46,7 +46,7 @@ def test_logprobs_match_a_direct_forward_pass(default_llm) -> None:
     lp = out.outputs[0].logprobs
     assert len(lp) == 3
     # Reference: one forward pass over prompt + generated tokens in a fresh engine (float64 log-softmax).
-    engine = LLM().engine
+    engine = LLM(dtype="float32").engine
     ids = list(out.prompt_token_ids) + list(out.token_ids)
     runner_model = engine.model
     blocks = tuple(range(-(-len(ids) // engine.config.cache.block_size)))

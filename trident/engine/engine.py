@@ -22,6 +22,7 @@ from trident.engine.runner import ModelRunner
 from trident.engine.sampler import Sampler
 from trident.engine.scheduler import Scheduler
 from trident.errors import TridentError
+from trident.hardware import cpu_has_native_bf16
 from trident.loader import Checkpoint, load_checkpoint
 from trident.models.build import build_model
 
@@ -202,6 +203,9 @@ class LLMEngine:
 
 
 def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    return _DTYPES[name]
+    """auto: bfloat16 on CUDA and on CPUs with native bf16 matmuls (as vLLM's CPU backend does), else float32."""
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cpu" and not cpu_has_native_bf16():
+        return torch.float32
+    return torch.bfloat16
