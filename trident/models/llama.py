@@ -13,7 +13,7 @@ from torch import nn
 
 from trident.attention.base import AttentionBackend, AttentionMetadata
 from trident.config import ModelConfig
-from trident.models.layers import Attention, Embedding, GatedMLP, Linear, RMSNorm, RotaryEmbedding
+from trident.models.layers import Attention, Embedding, GatedMLP, Linear, RMSNorm, RotaryEmbedding, linear
 from trident.models.weights import PackedModules, attention_mlp_packing, load_weights
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -74,7 +74,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        return linear(hidden, weight).float()
 
     def load_weights(self, tensors: Mapping[str, torch.Tensor], *, dtype: torch.dtype,
                      device: torch.device) -> None:
