@@ -7,14 +7,11 @@ import pytest
 
 @pytest.fixture(scope="session")
 def default_gguf_path() -> str:
-    """Path of the real default model (SmolLM2-135M-Instruct Q4_1 GGUF); skips when it is not installed."""
-    from trident.errors import TridentError
+    """Path of the real default model (SmolLM2-135M-Instruct Q4_1 GGUF). `make test` installs it, so a
+    missing model is an error here, never a skip."""
     from trident.loader import default_model_path
 
-    try:
-        return default_model_path()
-    except TridentError as e:
-        pytest.skip(str(e))
+    return default_model_path()
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -114,12 +114,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def _text_engine(args: argparse.Namespace, command: str):
+    """Engine, sampling parameters and tokenizer for a command that works on text."""
+    params = _params(args)  # validate before loading anything
     engine = _engine(args)
-    params = _params(args)
-    tok = engine.tokenizer
-    if tok is None:
-        raise TridentError("this model has no tokenizer; trident generate needs one")
+    if engine.tokenizer is None:
+        raise TridentError(f"this model has no tokenizer; trident {command} needs one")
+    return engine, params, engine.tokenizer
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    engine, params, tok = _text_engine(args, "generate")
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         prompt_ids = tok.encode_chat(messages + [{"role": "user", "content": args.prompt}])
@@ -134,11 +139,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    engine = _engine(args)
-    params = _params(args)
-    tok = engine.tokenizer
-    if tok is None:
-        raise TridentError("this model has no tokenizer; trident chat needs one")
+    engine, params, tok = _text_engine(args, "chat")
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages: list[dict] = []
     print(f"[loaded in {engine.load_seconds:.2f} s] type a message; /reset clears the conversation, "
