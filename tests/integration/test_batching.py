@@ -65,3 +65,24 @@ def test_shared_prefix_hits_the_cache(tiny_llama_dir) -> None:
     assert [first.token_ids] + [o.token_ids for o in outs] == expected
     assert all(o.num_cached_tokens >= 24 for o in outs)
     assert llm.engine.stats().prefix_cache_hit_tokens >= 24 * 5
+
+
+def test_abort_mid_generation_frees_blocks_and_spares_the_others(tiny_llama_dir) -> None:
+    prompts = _prompts(4, seed=5)
+    alone = [o.token_ids for o in LLM(str(tiny_llama_dir), dtype="float32", block_size=4).generate(prompts, GREEDY)]
+    llm = LLM(str(tiny_llama_dir), dtype="float32", block_size=4)
+    engine = llm.engine
+    ids = [engine.add_request(p, GREEDY) for p in prompts]
+    for _ in range(3):
+        engine.step()
+    engine.abort(ids[1])
+    engine.abort("no-such-request")  # unknown ids are ignored
+    finished = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.request_id != ids[1]
+            if out.finished:
+                finished[out.request_id] = out.token_ids
+    assert [finished[i] for i in (ids[0], ids[2], ids[3])] == [alone[0], alone[2], alone[3]]
+    assert engine.scheduler.block_manager.num_free_blocks == engine.num_blocks
+    assert engine.stats().num_running == 0 and engine.stats().num_waiting == 0
