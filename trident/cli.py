@@ -1,4 +1,4 @@
-"""`trident` command line: info, generate, chat, bench.
+"""`trident` command line: info, generate, chat, bench, serve.
 
 Errors a user can cause (TridentError) are printed as one line, without a stack trace, exit code 2.
 """
@@ -180,6 +180,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from trident.serve.server import default_model_name, serve
+
+    engine = _engine(args)
+    name = args.served_model_name or default_model_name(args.model)
+    print(f"[loaded in {engine.load_seconds:.2f} s] serving {name!r} on http://{args.host}:{args.port}/v1",
+          file=sys.stderr)
+    serve(engine, name, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trident", description="LLM inference engine and compression toolkit.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -203,6 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(p, max_tokens=512)
     _engine_args(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None,
+                   help="the name clients pass as \"model\" (default: the model file or folder name)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _engine_args(p)
+    p.set_defaults(func=cmd_serve)
 
     from trident.bench.run import add_bench_parser
 

@@ -1,0 +1,45 @@
+"""The FastAPI app: OpenAI-compatible routes over one AsyncEngine.
+
+``build_app(async_engine, served_model_name)`` is the only entry point; the app holds no globals, so
+tests and the CLI build as many as they like.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from starlette.requests import Request
+from starlette.responses import Response
+
+from trident.serve.async_engine import AsyncEngine
+from trident.serve.chat import create_chat_completion
+from trident.serve.completions import create_completion
+from trident.serve.context import ServeContext
+from trident.serve.errors import install_error_handlers
+from trident.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+
+
+def build_app(async_engine: AsyncEngine, served_model_name: str) -> FastAPI:
+    """An app serving ``async_engine``'s model under ``served_model_name``."""
+    ctx = ServeContext(engine=async_engine, served_model_name=served_model_name)
+    app = FastAPI(title="trident", docs_url=None, redoc_url=None)
+    app.state.serve = ctx
+    install_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        card = ModelCard(id=served_model_name, created=ctx.created, max_model_len=async_engine.max_model_len)
+        return ModelList(data=[card])
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await create_completion(ctx, body, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await create_chat_completion(ctx, body, request)
+
+    return app

@@ -1,0 +1,164 @@
+"""AsyncEngine: one LLMEngine shared by many asyncio callers (HTTP requests) through one stepping task.
+
+Every request gets its own queue of RequestOutputs. A single background task steps the engine while
+any request is unfinished, so requests that arrive while others run join the same batch (continuous
+batching). The blocking ``engine.step()`` runs in a worker thread, so the event loop keeps serving
+other clients meanwhile; an ``asyncio.Lock`` makes sure that ``add_request``, ``abort`` and ``step``
+never overlap (the LLMEngine is not thread-safe).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from trident.engine.engine import LLMEngine
+from trident.engine.request import SamplingParams
+from trident.engine.results import RequestOutput
+
+
+@dataclass(frozen=True)
+class AsyncEngineStats:
+    """Counters of the async layer (the engine's own figures come from ``engine.stats()``)."""
+
+    num_requests: int
+    """Requests accepted so far."""
+    num_aborted: int
+    """Requests aborted before they finished (client gone or cancelled)."""
+    num_streams: int
+    """Requests whose outputs someone is still waiting for."""
+
+
+class RequestStream:
+    """The outputs of one request, as an async iterator; ``close()`` aborts it if it has not finished.
+
+    Each item is the request's full state after a step (text so far, ``delta_text`` of that step); the
+    last one has ``finished=True``.
+    """
+
+    def __init__(self, owner: AsyncEngine, request_id: str, queue: asyncio.Queue) -> None:
+        self.request_id = request_id
+        self._owner = owner
+        self._queue = queue
+        self.finished = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item.finished:
+            self.finished = True
+        return item
+
+    def close(self) -> None:
+        """Stop listening; an unfinished request is aborted (its KV blocks are freed before the next step)."""
+        if not self.finished:
+            self.finished = True
+            self._owner._abort(self.request_id)
+
+
+class AsyncEngine:
+    """Drives one :class:`LLMEngine` from asyncio; see the module docstring."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._lock = asyncio.Lock()
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._pending_aborts: set[str] = set()
+        self._loop_task: asyncio.Task | None = None
+        self._loop_running = False
+        self._num_requests = 0
+        self._num_aborted = 0
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    async def submit(self, prompt: str | list[int], params: SamplingParams,
+                     request_id: str | None = None) -> RequestStream:
+        """Queue a request and return its output stream. Raises TridentError (nothing queued) on bad input."""
+        request_id = request_id or f"req-{uuid.uuid4().hex}"
+        queue: asyncio.Queue = asyncio.Queue()
+        async with self._lock:
+            self.engine.add_request(prompt, params, request_id)
+            self._queues[request_id] = queue
+            self._num_requests += 1
+            if not self._loop_running:
+                self._loop_running = True
+                self._loop_task = asyncio.create_task(self._run(), name="trident-engine-loop")
+        return RequestStream(self, request_id, queue)
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as they come; leaving the loop early (or being cancelled) aborts it."""
+        stream = await self.submit(prompt, params, request_id)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.close()
+
+    def stats(self) -> AsyncEngineStats:
+        return AsyncEngineStats(num_requests=self._num_requests, num_aborted=self._num_aborted,
+                                num_streams=len(self._queues))
+
+    async def wait_idle(self) -> None:
+        """Return once the stepping task has nothing left to do (for shutdown and tests)."""
+        while self._loop_running and self._loop_task is not None:
+            await asyncio.shield(self._loop_task)
+
+    # -- internals --------------------------------------------------------------------------------
+    def _abort(self, request_id: str) -> None:
+        """Forget the request's queue now; the engine abort happens under the lock, before the next step."""
+        if self._queues.pop(request_id, None) is not None:
+            self._pending_aborts.add(request_id)
+            self._num_aborted += 1
+
+    def _apply_aborts(self) -> None:
+        for request_id in self._pending_aborts:
+            self.engine.abort(request_id)
+        self._pending_aborts.clear()
+
+    async def _run(self) -> None:
+        """Step the engine until no request is left; deliver each step's outputs to their queues."""
+        while True:
+            async with self._lock:
+                self._apply_aborts()
+                if not self.engine.has_unfinished():
+                    self._loop_running = False
+                    return
+                try:
+                    outputs = await asyncio.to_thread(self.engine.step)
+                except asyncio.CancelledError:  # shutdown: the step thread may still run, so leave the engine be
+                    self._loop_running = False
+                    self._fail_queues(RuntimeError("the server is shutting down"))
+                    raise
+                except Exception as e:  # an engine failure fails every waiting request instead of hanging it
+                    for request_id in list(self._queues):
+                        self.engine.abort(request_id)
+                    self._fail_queues(e)
+                    continue
+            for out in outputs:
+                queue = self._queues.get(out.request_id)
+                if queue is None:
+                    continue
+                queue.put_nowait(out)
+                if out.finished:
+                    del self._queues[out.request_id]
+
+    def _fail_queues(self, error: Exception) -> None:
+        queues, self._queues = self._queues, {}
+        for queue in queues.values():
+            queue.put_nowait(error)

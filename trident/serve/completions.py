@@ -1,0 +1,88 @@
+"""POST /v1/completions: a text (or token-id) prompt in, one or n completions out, streamed or not."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi.responses import StreamingResponse
+from starlette.requests import Request
+from starlette.responses import Response
+
+from trident.engine.results import CompletionOutput
+from trident.serve.async_engine import RequestStream
+from trident.serve.context import ServeContext, new_id
+from trident.serve.errors import ApiError, error_response
+from trident.serve.logprobs import completion_logprobs
+from trident.serve.protocol import CompletionChoice, CompletionRequest, CompletionResponse
+from trident.serve.streaming import DONE, ChoiceTracker, error_event, final_output, sse, usage
+
+
+def _prompt_ids(ctx: ServeContext, prompt: str | list) -> list[int]:
+    """Token ids of the one prompt a request may carry (a string, ids, or a one-element list of either)."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise ApiError(400, f"this server takes one prompt per request, got {len(prompt)}; send them as "
+                           "separate requests (they are batched together anyway)", param="prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return ctx.tokenizer().encode(prompt)
+    return list(prompt)
+
+
+async def create_completion(ctx: ServeContext, body: CompletionRequest, request: Request) -> Response:
+    ctx.check_model(body.model)
+    if body.echo:
+        raise ApiError(400, "echo is not supported", param="echo")
+    params = body.sampling_params(body.max_tokens, body.logprobs)
+    prompt_ids = _prompt_ids(ctx, body.prompt)
+    ctx.check_length(len(prompt_ids), body.max_tokens, prompt_param="prompt", max_tokens_param="max_tokens")
+    if body.logprobs and ctx.engine.tokenizer is None:
+        raise ApiError(400, "logprobs need a tokenizer to name the tokens", param="logprobs")
+    request_id = new_id("cmpl")
+    stream = await ctx.engine.submit(prompt_ids, params, request_id)
+    if body.stream:
+        return StreamingResponse(_events(ctx, body, stream), media_type="text/event-stream")
+    out = await final_output(stream, request)
+    if out is None:
+        return error_response(499, "the client closed the connection")
+    choices = [_choice(ctx, body, c) for c in out.outputs]
+    return Response(CompletionResponse(id=request_id, model=ctx.served_model_name, choices=choices,
+                                       usage=usage(out)).model_dump_json(), media_type="application/json")
+
+
+def _choice(ctx: ServeContext, body: CompletionRequest, c: CompletionOutput) -> CompletionChoice:
+    logprobs = None
+    if body.logprobs is not None and c.logprobs is not None:
+        logprobs = completion_logprobs(ctx.engine.tokenizer, c.logprobs, body.logprobs)
+    return CompletionChoice(index=c.index, text=c.text, logprobs=logprobs, finish_reason=c.finish_reason)
+
+
+async def _events(ctx: ServeContext, body: CompletionRequest, stream: RequestStream) -> AsyncIterator[str]:
+    """SSE chunks of a streamed completion; closing the iterator (client gone) aborts the request."""
+    tracker = ChoiceTracker()
+    last = None
+    try:
+        async for out in stream:
+            last = out
+            choices = []
+            for c in out.outputs:
+                step = tracker.advance(c)
+                if step is None:
+                    continue
+                logprobs = None
+                if body.logprobs is not None and step.logprobs is not None:
+                    logprobs = completion_logprobs(ctx.engine.tokenizer, step.logprobs, body.logprobs,
+                                                   step.text_offset)
+                choices.append(CompletionChoice(index=c.index, text=step.text, logprobs=logprobs,
+                                                finish_reason=step.finish_reason))
+            if choices:
+                yield sse(CompletionResponse(id=stream.request_id, model=ctx.served_model_name, choices=choices))
+        if body.include_usage and last is not None:
+            yield sse(CompletionResponse(id=stream.request_id, model=ctx.served_model_name, choices=[],
+                                         usage=usage(last)))
+        yield DONE
+    except Exception as e:  # the engine failed after the response began: say so in the stream
+        yield error_event(e)
+        yield DONE
+    finally:
+        stream.close()

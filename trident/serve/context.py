@@ -1,0 +1,49 @@
+"""What every route needs: the engine, the name clients use for the model, and request checks."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from trident.serve.async_engine import AsyncEngine
+from trident.serve.errors import ApiError
+
+
+@dataclass
+class ServeContext:
+    """The one model this app serves."""
+
+    engine: AsyncEngine
+    served_model_name: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def check_model(self, name: str) -> None:
+        """404 unless the request names the served model."""
+        if name != self.served_model_name:
+            raise ApiError(404, f"the model {name!r} does not exist; this server serves {self.served_model_name!r}",
+                           param="model", code="model_not_found")
+
+    def check_length(self, num_prompt_tokens: int, max_tokens: int | None, *, prompt_param: str,
+                     max_tokens_param: str) -> None:
+        """400 if the prompt plus max_tokens cannot fit in the model's context."""
+        limit = self.engine.max_model_len
+        if num_prompt_tokens >= limit:
+            raise ApiError(400, f"the prompt has {num_prompt_tokens} tokens but this model's context length is "
+                           f"{limit} (and at least one token must be generated); shorten the prompt",
+                           param=prompt_param, code="context_length_exceeded")
+        if max_tokens is not None and num_prompt_tokens + max_tokens > limit:
+            raise ApiError(400, f"this model's context length is {limit} tokens, but {num_prompt_tokens} prompt "
+                           f"tokens plus {max_tokens_param}={max_tokens} need {num_prompt_tokens + max_tokens}; "
+                           f"lower {max_tokens_param} or shorten the prompt", param=max_tokens_param,
+                           code="context_length_exceeded")
+
+    def tokenizer(self):
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise ApiError(400, "this model has no tokenizer, so it only takes prompts as token ids")
+        return tokenizer
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"

@@ -1,0 +1,92 @@
+"""OpenAI-style error bodies and the exception handlers that produce them.
+
+Every error leaves the server as ``{"error": {"message", "type", "param", "code"}}``. A request FastAPI
+cannot validate (malformed JSON, a wrong type, a missing field) is a 400, not FastAPI's 422; a
+TridentError (bad sampling values, prompt over the context, ...) is a 400; anything unexpected is a
+500 with a generic message, and the server keeps running.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from trident.errors import TridentError
+from trident.serve.protocol import ErrorInfo, ErrorResponse
+
+logger = logging.getLogger("trident.serve")
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+          429: "rate_limit_error"}
+
+
+class ApiError(Exception):
+    """An error a route answers with directly (status, message and the OpenAI fields)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    err_type = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    body = ErrorResponse(error=ErrorInfo(message=message, type=err_type, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "function-after", "function-before"}
+
+
+def _is_union_tag(part: object) -> bool:
+    """Pydantic names the union member in an error's location ("str", "list[int]"); the client needs none."""
+    return isinstance(part, str) and (part in _TYPE_TAGS or "[" in part or part[:1].isupper())
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """One readable line for the first few validation errors, and the parameter of the first."""
+    parts = []
+    param = None
+    for err in exc.errors()[:3]:
+        loc = [str(x) for x in err.get("loc", ()) if x != "body" and not _is_union_tag(x)]
+        if err.get("type") == "json_invalid":
+            parts.append(f"the request body is not valid JSON ({err.get('msg', '')})")
+            continue
+        where = ".".join(loc)
+        param = param or where or None
+        parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg", "invalid")))
+    return "; ".join(parts) or "invalid request", param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers that turn every failure into an OpenAI-style error body."""
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return error_response(400, message, param=param)
+
+    @app.exception_handler(ApiError)
+    async def _on_api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.message, param=exc.param, code=exc.code)
+
+    @app.exception_handler(TridentError)
+    async def _on_trident_error(_: Request, exc: TridentError) -> JSONResponse:
+        return error_response(400, str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+        return error_response(exc.status_code, message)
+
+    @app.exception_handler(Exception)
+    async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal server error; see the server log")
