@@ -53,7 +53,7 @@ def test_batch_invariance_alone_together_preempted_prefix(tiny_llama_dir) -> Non
 
 def test_shared_prefix_hits_the_cache(tiny_llama_dir) -> None:
     system = [5 + i % 100 for i in range(24)]  # 6 full blocks of 4 tokens
-    prompts = _prompts(6, seed=3, prefix=system)
+    prompts = _prompts(16, seed=3, prefix=system)
     reference = LLM(str(tiny_llama_dir), dtype="float32", block_size=4, enable_prefix_caching=False)
     expected = [o.token_ids for o in reference.generate(prompts, GREEDY)]
     assert reference.engine.stats().prefix_cache_hit_tokens == 0
@@ -64,7 +64,7 @@ def test_shared_prefix_hits_the_cache(tiny_llama_dir) -> None:
     outs = llm.generate(prompts[1:], GREEDY)
     assert [first.token_ids] + [o.token_ids for o in outs] == expected
     assert all(o.num_cached_tokens >= 24 for o in outs)
-    assert llm.engine.stats().prefix_cache_hit_tokens >= 24 * 5
+    assert llm.engine.stats().prefix_cache_hit_tokens >= 24 * 15
 
 
 def test_abort_mid_generation_frees_blocks_and_spares_the_others(tiny_llama_dir) -> None:
