@@ -15,19 +15,34 @@ from trident.serve.chat import create_chat_completion
 from trident.serve.completions import create_completion
 from trident.serve.context import ServeContext
 from trident.serve.errors import install_error_handlers
+from trident.serve.metrics import METRICS_CONTENT_TYPE, ServerMetrics
+from trident.serve.metrics_middleware import RequestErrorCounter
 from trident.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+"""Routes whose requests ``trident_requests_total`` counts."""
 
 
 def build_app(async_engine: AsyncEngine, served_model_name: str) -> FastAPI:
     """An app serving ``async_engine``'s model under ``served_model_name``."""
     ctx = ServeContext(engine=async_engine, served_model_name=served_model_name)
+    metrics = ServerMetrics(served_model_name)
+    metrics.model_loaded()
+    async_engine.add_observer(metrics)
     app = FastAPI(title="trident", docs_url=None, redoc_url=None)
     app.state.serve = ctx
+    app.state.metrics = metrics
     install_error_handlers(app)
+    app.add_middleware(RequestErrorCounter, paths=GENERATION_PATHS, on_error=metrics.request_refused)
 
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        metrics.engine_stats(async_engine.engine.stats())
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models() -> ModelList:

@@ -5,18 +5,37 @@ any request is unfinished, so requests that arrive while others run join the sam
 batching). The blocking ``engine.step()`` runs in a worker thread, so the event loop keeps serving
 other clients meanwhile; an ``asyncio.Lock`` makes sure that ``add_request``, ``abort`` and ``step``
 never overlap (the LLMEngine is not thread-safe).
+
+Observers (``add_observer``; the server's metrics) hear once about every accepted request's end and
+about the engine's figures after each step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Protocol
 
-from trident.engine.engine import LLMEngine
+from trident.engine.engine import EngineStats, LLMEngine
 from trident.engine.request import SamplingParams
 from trident.engine.results import RequestOutput
+
+logger = logging.getLogger("trident.serve")
+
+
+class EngineObserver(Protocol):
+    """Told about every request leaving the AsyncEngine and about the engine's figures (e.g. metrics)."""
+
+    def request_done(self, status: str, last: RequestOutput | None) -> None:
+        """Called exactly once per accepted request: ``status`` is the finish reason when it finished
+        ("stop", "length"), "abort" when its listener left first, "error" when the engine failed;
+        ``last`` is its final output, or the latest one delivered (None if none was)."""
+
+    def engine_stats(self, stats: EngineStats) -> None:
+        """Called after each engine step and when the loop goes idle."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +96,13 @@ class AsyncEngine:
         self._loop_running = False
         self._num_requests = 0
         self._num_aborted = 0
+        self._last_outputs: dict[str, RequestOutput] = {}
+        """request_id -> latest output delivered, for requests still in ``_queues``."""
+        self._observers: list[EngineObserver] = []
+
+    def add_observer(self, observer: EngineObserver) -> None:
+        """Report every request's end and the engine's figures to ``observer`` from now on."""
+        self._observers.append(observer)
 
     @property
     def tokenizer(self):
@@ -125,6 +151,7 @@ class AsyncEngine:
         if self._queues.pop(request_id, None) is not None:
             self._pending_aborts.add(request_id)
             self._num_aborted += 1
+            self._notify_done(request_id, "abort", self._last_outputs.pop(request_id, None))
 
     def _apply_aborts(self) -> None:
         for request_id in self._pending_aborts:
@@ -138,6 +165,7 @@ class AsyncEngine:
                 self._apply_aborts()
                 if not self.engine.has_unfinished():
                     self._loop_running = False
+                    self._notify_stats()
                     return
                 try:
                     outputs = await asyncio.to_thread(self.engine.step)
@@ -150,6 +178,7 @@ class AsyncEngine:
                         self.engine.abort(request_id)
                     self._fail_queues(e)
                     continue
+                self._notify_stats()
             for out in outputs:
                 queue = self._queues.get(out.request_id)
                 if queue is None:
@@ -157,8 +186,40 @@ class AsyncEngine:
                 queue.put_nowait(out)
                 if out.finished:
                     del self._queues[out.request_id]
+                    self._last_outputs.pop(out.request_id, None)
+                    self._notify_done(out.request_id, _finish_status(out), out)
+                else:
+                    self._last_outputs[out.request_id] = out
 
     def _fail_queues(self, error: Exception) -> None:
         queues, self._queues = self._queues, {}
-        for queue in queues.values():
+        for request_id, queue in queues.items():
             queue.put_nowait(error)
+            self._notify_done(request_id, "error", self._last_outputs.pop(request_id, None))
+
+    def _notify_done(self, request_id: str, status: str, last: RequestOutput | None) -> None:
+        for observer in self._observers:
+            try:
+                observer.request_done(status, last)
+            except Exception:  # an observer must never stall the engine loop
+                logger.exception("observer failed on the end of %s", request_id)
+
+    def _notify_stats(self) -> None:
+        if not self._observers:
+            return
+        stats = self.engine.stats()
+        for observer in self._observers:
+            try:
+                observer.engine_stats(stats)
+            except Exception:  # an observer must never stall the engine loop
+                logger.exception("observer failed on engine stats")
+
+
+def _finish_status(output: RequestOutput) -> str:
+    """One status for a finished request: "abort" if any sample was aborted, else "length" if any ran
+    out of tokens, else "stop"."""
+    reasons = {c.finish_reason for c in output.outputs}
+    for status in ("abort", "length"):
+        if status in reasons:
+            return status
+    return "stop"

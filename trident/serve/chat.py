@@ -12,6 +12,7 @@ from trident.serve.async_engine import RequestStream
 from trident.serve.context import ServeContext, new_id
 from trident.serve.errors import ApiError, error_response
 from trident.serve.logprobs import chat_logprobs
+from trident.serve.metrics_middleware import mark_submitted
 from trident.serve.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -51,6 +52,7 @@ async def create_chat_completion(ctx: ServeContext, body: ChatCompletionRequest,
     ctx.check_length(len(prompt_ids), max_tokens, prompt_param="messages", max_tokens_param=max_tokens_param)
     request_id = new_id("chatcmpl")
     stream = await ctx.engine.submit(prompt_ids, params, request_id)
+    mark_submitted(request)
     if body.stream:
         return StreamingResponse(_events(ctx, body, num_logprobs, stream), media_type="text/event-stream")
     out = await final_output(stream, request)

@@ -13,6 +13,7 @@ from trident.serve.async_engine import RequestStream
 from trident.serve.context import ServeContext, new_id
 from trident.serve.errors import ApiError, error_response
 from trident.serve.logprobs import completion_logprobs
+from trident.serve.metrics_middleware import mark_submitted
 from trident.serve.protocol import CompletionChoice, CompletionRequest, CompletionResponse
 from trident.serve.streaming import DONE, ChoiceTracker, error_event, final_output, sse, usage
 
@@ -40,6 +41,7 @@ async def create_completion(ctx: ServeContext, body: CompletionRequest, request:
         raise ApiError(400, "logprobs need a tokenizer to name the tokens", param="logprobs")
     request_id = new_id("cmpl")
     stream = await ctx.engine.submit(prompt_ids, params, request_id)
+    mark_submitted(request)
     if body.stream:
         return StreamingResponse(_events(ctx, body, stream), media_type="text/event-stream")
     out = await final_output(stream, request)

@@ -1,0 +1,135 @@
+"""Prometheus metrics of one server: request outcomes, latencies, token counts and engine gauges.
+
+``ServerMetrics`` owns its own ``CollectorRegistry`` (never the process-wide default one), so several
+apps can live in one process. Every series carries a ``model`` label (the served model name); every
+label combination is created up front, so each metric name is exposed (at 0) before its first event.
+
+Where figures come from:
+
+- Per-request figures are recorded by ``request_done``, which the :class:`AsyncEngine` calls exactly
+  once for every request it accepted: with the finish reason (``stop``/``length``) when it finishes,
+  ``abort`` when its client goes away first, ``error`` when the engine fails under it.
+- Requests refused before they reach the engine (4xx/5xx) are counted as ``error`` by
+  :class:`RequestErrorCounter`, an ASGI middleware around the generation routes.
+- Gauges and the preemption counter mirror ``LLMEngine.stats()``; ``engine_stats`` refreshes them
+  after each engine step and on each scrape.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from trident.engine.engine import EngineStats
+from trident.engine.results import RequestOutput
+
+METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
+"""The content type of ``ServerMetrics.render()``: Prometheus text exposition format 0.0.4."""
+
+REQUEST_STATUSES = ("stop", "length", "abort", "error")
+"""Values of the ``status`` label of ``trident_requests_total``."""
+
+TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 7.5,
+                  10.0, 20.0, 40.0, 80.0)
+"""Time to first token: milliseconds for a short prompt on a GPU, seconds for a long one on a CPU."""
+TPOT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
+                  0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
+"""Time per output token: a few ms per decode step on a GPU, up to a few hundred ms on a laptop CPU."""
+E2E_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0,
+                 600.0)
+"""End-to-end request latency, from arrival to the last token."""
+
+
+class ServerMetrics:
+    """The metrics of one served model, in a registry of their own; see the module docstring."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        labels = ["model"]
+        self.requests = Counter("trident_requests_total", "Requests by final status: the finish reason "
+                                "(stop, length), abort (client gone) or error (4xx/5xx).",
+                                ["model", "status"], registry=r)
+        self.ttft = Histogram("trident_time_to_first_token_seconds", "Time from arrival to the first "
+                              "generated token, per finished request.", labels, buckets=TTFT_BUCKETS_S, registry=r)
+        self.tpot = Histogram("trident_time_per_output_token_seconds", "Mean time between output tokens after "
+                              "the first, per finished request with at least two tokens.", labels,
+                              buckets=TPOT_BUCKETS_S, registry=r)
+        self.e2e = Histogram("trident_e2e_request_latency_seconds", "Time from arrival to the last token, per "
+                             "finished request.", labels, buckets=E2E_BUCKETS_S, registry=r)
+        self.running = Gauge("trident_num_requests_running", "Sequences in the running batch.", labels,
+                             registry=r)
+        self.waiting = Gauge("trident_num_requests_waiting", "Sequences queued for the batch.", labels,
+                             registry=r)
+        self.kv_cache_usage = Gauge("trident_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0-1).",
+                                    labels, registry=r)
+        self.prefix_cache_hit_ratio = Gauge("trident_prefix_cache_hit_ratio", "Prompt tokens served from the "
+                                            "prefix cache / prompt tokens looked up, since start.", labels,
+                                            registry=r)
+        self.prompt_tokens = Counter("trident_prompt_tokens_total", "Prompt tokens of requests that finished or "
+                                     "were aborted after producing output.", labels, registry=r)
+        self.generation_tokens = Counter("trident_generation_tokens_total", "Generated tokens (all samples) of "
+                                         "requests that finished or were aborted.", labels, registry=r)
+        self.preemptions = Counter("trident_num_preemptions_total", "Sequences preempted for lack of KV blocks "
+                                   "(mirrors the engine's counter).", labels, registry=r)
+        self.model_loads = Counter("trident_model_loads_total", "Times the model was loaded.", labels, registry=r)
+        self.model_unloads = Counter("trident_model_unloads_total", "Times the model was unloaded.", labels,
+                                     registry=r)
+        for status in REQUEST_STATUSES:
+            self.requests.labels(model=model, status=status)
+        for metric in (self.ttft, self.tpot, self.e2e, self.running, self.waiting, self.kv_cache_usage,
+                       self.prefix_cache_hit_ratio, self.prompt_tokens, self.generation_tokens, self.preemptions,
+                       self.model_loads, self.model_unloads):
+            metric.labels(model=model)
+        self._engine_preemptions = 0
+        """The engine's preemption count at the last refresh (the counter grows by the difference)."""
+
+    # -- events -----------------------------------------------------------------------------------
+    def request_done(self, status: str, last: RequestOutput | None) -> None:
+        """Record a request leaving the engine: finished (``last`` is its final output), aborted or failed
+        (``last`` is the latest output its client received, or None). Latencies are recorded only for
+        requests that finished."""
+        m = self.model
+        self.requests.labels(model=m, status=status).inc()
+        if last is None:
+            return
+        num_generated = sum(len(c.token_ids) for c in last.outputs)
+        self.prompt_tokens.labels(model=m).inc(len(last.prompt_token_ids))
+        self.generation_tokens.labels(model=m).inc(num_generated)
+        if not last.finished or status in ("abort", "error"):
+            return
+        metrics = last.metrics
+        if metrics.ttft_s is not None:
+            self.ttft.labels(model=m).observe(metrics.ttft_s)
+        if metrics.e2e_s is not None:
+            self.e2e.labels(model=m).observe(metrics.e2e_s)
+        longest = max((len(c.token_ids) for c in last.outputs), default=0)
+        if longest > 1 and metrics.finish_time is not None and metrics.first_token_time is not None:
+            self.tpot.labels(model=m).observe((metrics.finish_time - metrics.first_token_time) / (longest - 1))
+
+    def request_refused(self) -> None:
+        """Count a request answered with an error before it reached the engine."""
+        self.requests.labels(model=self.model, status="error").inc()
+
+    def engine_stats(self, stats: EngineStats) -> None:
+        """Refresh the gauges and the preemption counter from the engine's figures."""
+        m = self.model
+        self.running.labels(model=m).set(stats.num_running)
+        self.waiting.labels(model=m).set(stats.num_waiting)
+        self.kv_cache_usage.labels(model=m).set(stats.kv_cache_usage)
+        queried = stats.prefix_cache_queried_tokens
+        self.prefix_cache_hit_ratio.labels(model=m).set(stats.prefix_cache_hit_tokens / queried if queried else 0.0)
+        if stats.num_preemptions > self._engine_preemptions:
+            self.preemptions.labels(model=m).inc(stats.num_preemptions - self._engine_preemptions)
+        self._engine_preemptions = stats.num_preemptions
+
+    def model_loaded(self) -> None:
+        self.model_loads.labels(model=self.model).inc()
+
+    def model_unloaded(self) -> None:
+        self.model_unloads.labels(model=self.model).inc()
+
+    def render(self) -> bytes:
+        """The registry in Prometheus text format (content type ``METRICS_CONTENT_TYPE``)."""
+        return generate_latest(self.registry)
