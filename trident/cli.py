@@ -6,10 +6,15 @@ Errors a user can cause (TridentError) are printed as one line, without a stack 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from collections.abc import Mapping
 
 from trident.errors import TridentError
+
+API_KEY_ENV = "TRIDENT_API_KEY"
+"""Where ``trident serve`` takes its API key from when --api-key is not given."""
 
 MODEL_HELP = "a .gguf file or a Hugging Face folder (default: the embedded SmolLM2-135M-Instruct Q4_1 GGUF)"
 
@@ -25,6 +30,25 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences batched at once")
     g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step")
+
+
+def _limit_args(p: argparse.ArgumentParser) -> None:
+    from trident.serve.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUED_REQUESTS
+
+    g = p.add_argument_group("limits and safety")
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (/health and "
+                   f"/metrics stay open); if absent, the environment variable {API_KEY_ENV} is used when set "
+                   "(default: no key)")
+    g.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_REQUESTS,
+                   help="waiting requests beyond the running batch before new ones get 429 with Retry-After "
+                   f"(default: {DEFAULT_MAX_QUEUED_REQUESTS})")
+    g.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
+                   help="abort a request running longer, answering 408 (default: no limit)")
+    g.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help=f"refuse larger request bodies with 413 (default: {DEFAULT_MAX_BODY_BYTES})")
+    g.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser requests (CORS) from this origin, e.g. https://app.example.com "
+                   "(repeatable; default: CORS off)")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -180,14 +204,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def serve_config(args: argparse.Namespace, environ: Mapping[str, str] = os.environ):
+    """The ServeConfig of ``trident serve``'s flags (the API key falls back to $TRIDENT_API_KEY)."""
+    from trident.serve.config import ServeConfig
+
+    api_key = args.api_key if args.api_key is not None else environ.get(API_KEY_ENV) or None
+    return ServeConfig(api_key=api_key, max_queued_requests=args.max_queued_requests,
+                       request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
+                       allowed_origins=tuple(args.allowed_origin))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from trident.serve.server import default_model_name, serve
 
+    config = serve_config(args)  # validate before loading anything
     engine = _engine(args)
     name = args.served_model_name or default_model_name(args.model)
     print(f"[loaded in {engine.load_seconds:.2f} s] serving {name!r} on http://{args.host}:{args.port}/v1",
           file=sys.stderr)
-    serve(engine, name, host=args.host, port=args.port, log_level=args.log_level)
+    serve(engine, name, host=args.host, port=args.port, log_level=args.log_level, config=config)
     return 0
 
 
@@ -222,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None,
                    help="the name clients pass as \"model\" (default: the model file or folder name)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _limit_args(p)
     _engine_args(p)
     p.set_defaults(func=cmd_serve)
 

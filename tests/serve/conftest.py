@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -37,16 +38,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def live_server() -> Iterator[LiveServer]:
+@contextmanager
+def run_server(app, async_engine) -> Iterator[LiveServer]:
+    """Serve ``app`` with uvicorn on a free loopback port in a thread until the block ends."""
     import uvicorn
 
-    from trident.engine.engine import LLMEngine
-    from trident.engine.llm import engine_config
-    from trident.serve import AsyncEngine, build_app
-
-    async_engine = AsyncEngine(LLMEngine(engine_config(None, dtype="float32")))
-    app = build_app(async_engine, MODEL_NAME)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            loop="asyncio", http="h11", lifespan="off"))
@@ -57,9 +53,22 @@ def live_server() -> Iterator[LiveServer]:
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("the test server did not start")
         time.sleep(0.02)
-    yield LiveServer(base_url=f"http://127.0.0.1:{port}", async_engine=async_engine)
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield LiveServer(base_url=f"http://127.0.0.1:{port}", async_engine=async_engine)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def live_server() -> Iterator[LiveServer]:
+    from trident.engine.engine import LLMEngine
+    from trident.engine.llm import engine_config
+    from trident.serve import AsyncEngine, build_app
+
+    async_engine = AsyncEngine(LLMEngine(engine_config(None, dtype="float32")))
+    with run_server(build_app(async_engine, MODEL_NAME), async_engine) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
@@ -80,3 +89,9 @@ def offline_llm(live_server):
     from trident import LLM
 
     return LLM(dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def start_server():
+    """``run_server`` for tests that build an app of their own: ``with start_server(app, engine) as live:``."""
+    return run_server

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,8 +23,17 @@ from typing import Protocol
 from trident.engine.engine import EngineStats, LLMEngine
 from trident.engine.request import SamplingParams
 from trident.engine.results import RequestOutput
+from trident.errors import TridentError
 
 logger = logging.getLogger("trident.serve")
+
+
+class QueueFullError(TridentError):
+    """The engine already holds as many waiting requests as allowed; nothing was queued (retry later)."""
+
+
+class RequestTimeoutError(TridentError):
+    """A request ran past its time limit; it has been aborted and its KV blocks are freed."""
 
 
 class EngineObserver(Protocol):
@@ -54,13 +64,17 @@ class RequestStream:
     """The outputs of one request, as an async iterator; ``close()`` aborts it if it has not finished.
 
     Each item is the request's full state after a step (text so far, ``delta_text`` of that step); the
-    last one has ``finished=True``.
+    last one has ``finished=True``. With a ``deadline`` (``time.monotonic()`` seconds), waiting past it
+    aborts the request and raises :class:`RequestTimeoutError`.
     """
 
-    def __init__(self, owner: AsyncEngine, request_id: str, queue: asyncio.Queue) -> None:
+    def __init__(self, owner: AsyncEngine, request_id: str, queue: asyncio.Queue,
+                 deadline: float | None = None, timeout_s: float | None = None) -> None:
         self.request_id = request_id
         self._owner = owner
         self._queue = queue
+        self._deadline = deadline
+        self._timeout_s = timeout_s
         self.finished = False
 
     def __aiter__(self) -> RequestStream:
@@ -69,13 +83,25 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self.finished:
             raise StopAsyncIteration
-        item = await self._queue.get()
+        item = await self._next_item()
         if isinstance(item, BaseException):
             self.finished = True
             raise item
         if item.finished:
             self.finished = True
         return item
+
+    async def _next_item(self) -> RequestOutput | BaseException:
+        if self._deadline is None:
+            return await self._queue.get()
+        try:
+            return await asyncio.wait_for(self._queue.get(), max(self._deadline - time.monotonic(), 0.0))
+        except TimeoutError:
+            self.finished = True
+            self._owner._abort(self.request_id, status="error")
+            raise RequestTimeoutError(f"the request ran longer than the server's time limit of "
+                                      f"{self._timeout_s:g} s and was aborted; ask for fewer tokens or retry "
+                                      "when the server is less busy") from None
 
     def close(self) -> None:
         """Stop listening; an unfinished request is aborted (its KV blocks are freed before the next step)."""
@@ -112,19 +138,24 @@ class AsyncEngine:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
-    async def submit(self, prompt: str | list[int], params: SamplingParams,
-                     request_id: str | None = None) -> RequestStream:
-        """Queue a request and return its output stream. Raises TridentError (nothing queued) on bad input."""
+    async def submit(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None, *,
+                     max_waiting: int | None = None, timeout_s: float | None = None) -> RequestStream:
+        """Queue a request and return its output stream. Raises TridentError (nothing queued) on bad input,
+        :class:`QueueFullError` when the engine already holds ``max_waiting`` waiting requests. With
+        ``timeout_s``, the stream aborts the request once it has run that long (from now)."""
         request_id = request_id or f"req-{uuid.uuid4().hex}"
         queue: asyncio.Queue = asyncio.Queue()
+        deadline = time.monotonic() + timeout_s if timeout_s is not None else None
         async with self._lock:
+            if max_waiting is not None and self.engine.stats().num_waiting >= max_waiting:
+                raise QueueFullError(f"the server is busy: {max_waiting} requests are already waiting; retry later")
             self.engine.add_request(prompt, params, request_id)
             self._queues[request_id] = queue
             self._num_requests += 1
             if not self._loop_running:
                 self._loop_running = True
                 self._loop_task = asyncio.create_task(self._run(), name="trident-engine-loop")
-        return RequestStream(self, request_id, queue)
+        return RequestStream(self, request_id, queue, deadline=deadline, timeout_s=timeout_s)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -146,12 +177,13 @@ class AsyncEngine:
             await asyncio.shield(self._loop_task)
 
     # -- internals --------------------------------------------------------------------------------
-    def _abort(self, request_id: str) -> None:
-        """Forget the request's queue now; the engine abort happens under the lock, before the next step."""
+    def _abort(self, request_id: str, status: str = "abort") -> None:
+        """Forget the request's queue now; the engine abort happens under the lock, before the next step.
+        Observers hear ``status``: "abort" (listener gone) or "error" (timed out)."""
         if self._queues.pop(request_id, None) is not None:
             self._pending_aborts.add(request_id)
             self._num_aborted += 1
-            self._notify_done(request_id, "abort", self._last_outputs.pop(request_id, None))
+            self._notify_done(request_id, status, self._last_outputs.pop(request_id, None))
 
     def _apply_aborts(self) -> None:
         for request_id in self._pending_aborts:

@@ -51,7 +51,7 @@ async def create_chat_completion(ctx: ServeContext, body: ChatCompletionRequest,
     prompt_ids = ctx.tokenizer().encode_chat([m.as_template_message() for m in body.messages])
     ctx.check_length(len(prompt_ids), max_tokens, prompt_param="messages", max_tokens_param=max_tokens_param)
     request_id = new_id("chatcmpl")
-    stream = await ctx.engine.submit(prompt_ids, params, request_id)
+    stream = await ctx.submit(prompt_ids, params, request_id)
     mark_submitted(request)
     if body.stream:
         return StreamingResponse(_events(ctx, body, num_logprobs, stream), media_type="text/event-stream")

@@ -40,7 +40,7 @@ async def create_completion(ctx: ServeContext, body: CompletionRequest, request:
     if body.logprobs and ctx.engine.tokenizer is None:
         raise ApiError(400, "logprobs need a tokenizer to name the tokens", param="logprobs")
     request_id = new_id("cmpl")
-    stream = await ctx.engine.submit(prompt_ids, params, request_id)
+    stream = await ctx.submit(prompt_ids, params, request_id)
     mark_submitted(request)
     if body.stream:
         return StreamingResponse(_events(ctx, body, stream), media_type="text/event-stream")

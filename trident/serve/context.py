@@ -1,4 +1,4 @@
-"""What every route needs: the engine, the name clients use for the model, and request checks."""
+"""What every route needs: the engine, the name clients use for the model, the limits, request checks."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from trident.serve.async_engine import AsyncEngine
+from trident.engine.request import SamplingParams
+from trident.serve.async_engine import AsyncEngine, RequestStream
+from trident.serve.config import ServeConfig
 from trident.serve.errors import ApiError
 
 
@@ -16,7 +18,14 @@ class ServeContext:
 
     engine: AsyncEngine
     served_model_name: str
+    config: ServeConfig = field(default_factory=ServeConfig)
     created: int = field(default_factory=lambda: int(time.time()))
+
+    async def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> RequestStream:
+        """Hand a checked request to the engine under the configured queue limit and time limit
+        (QueueFullError when the queue is full; the stream raises RequestTimeoutError past the limit)."""
+        return await self.engine.submit(prompt_ids, params, request_id, max_waiting=self.config.max_queued_requests,
+                                        timeout_s=self.config.request_timeout_s)
 
     def check_model(self, name: str) -> None:
         """404 unless the request names the served model."""

@@ -3,7 +3,8 @@
 Every error leaves the server as ``{"error": {"message", "type", "param", "code"}}``. A request FastAPI
 cannot validate (malformed JSON, a wrong type, a missing field) is a 400, not FastAPI's 422; a
 TridentError (bad sampling values, prompt over the context, ...) is a 400; anything unexpected is a
-500 with a generic message, and the server keeps running.
+500 with a generic message, and the server keeps running. A full queue is a 429 with Retry-After, a
+request past the time limit a 408.
 """
 
 from __future__ import annotations
@@ -17,30 +18,39 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from trident.errors import TridentError
+from trident.serve.async_engine import QueueFullError, RequestTimeoutError
 from trident.serve.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger("trident.serve")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          429: "rate_limit_error"}
+          408: "timeout_error", 413: "invalid_request_error", 429: "rate_limit_error"}
 
 
 class ApiError(Exception):
     """An error a route answers with directly (status, message and the OpenAI fields)."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers
+        """Extra response headers (e.g. Retry-After on a 429)."""
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """An OpenAI-style error body with ``status`` (the error type follows from the status)."""
     err_type = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     body = ErrorResponse(error=ErrorInfo(message=message, type=err_type, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status)
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
+
+RETRY_AFTER_S = 1
+"""The Retry-After (seconds) of a 429: about how long a few engine steps take to drain the queue."""
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "function-after", "function-before"}
 
@@ -75,7 +85,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _on_api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message, param=exc.param, code=exc.code)
+        return error_response(exc.status, exc.message, param=exc.param, code=exc.code, headers=exc.headers)
+
+    @app.exception_handler(QueueFullError)
+    async def _on_queue_full(_: Request, exc: QueueFullError) -> JSONResponse:
+        return error_response(429, str(exc), code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    @app.exception_handler(RequestTimeoutError)
+    async def _on_timeout(_: Request, exc: RequestTimeoutError) -> JSONResponse:
+        return error_response(408, str(exc), code="request_timeout")
 
     @app.exception_handler(TridentError)
     async def _on_trident_error(_: Request, exc: TridentError) -> JSONResponse:

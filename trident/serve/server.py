@@ -7,6 +7,7 @@ import os
 from trident.engine.engine import LLMEngine
 from trident.serve.api import build_app
 from trident.serve.async_engine import AsyncEngine
+from trident.serve.config import ServeConfig
 
 
 def default_model_name(model: str | None) -> str:
@@ -18,9 +19,9 @@ def default_model_name(model: str | None) -> str:
 
 
 def serve(engine: LLMEngine, served_model_name: str, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info") -> None:
-    """Serve ``engine`` over HTTP until interrupted."""
+          log_level: str = "info", config: ServeConfig | None = None) -> None:
+    """Serve ``engine`` over HTTP until interrupted, within ``config``'s limits."""
     import uvicorn
 
-    app = build_app(AsyncEngine(engine), served_model_name)
+    app = build_app(AsyncEngine(engine), served_model_name, config)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

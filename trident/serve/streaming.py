@@ -12,7 +12,7 @@ from starlette.requests import Request
 
 from trident.engine.request import SampledToken
 from trident.engine.results import CompletionOutput, RequestOutput
-from trident.serve.async_engine import RequestStream
+from trident.serve.async_engine import RequestStream, RequestTimeoutError
 from trident.serve.protocol import ErrorInfo, ErrorResponse, PromptTokensDetails, Usage
 
 logger = logging.getLogger("trident.serve")
@@ -96,7 +96,12 @@ async def final_output(stream: RequestStream, request: Request) -> RequestOutput
 
 
 def error_event(error: Exception) -> str:
-    """The SSE event a stream ends with when the engine fails after the response has begun."""
+    """The SSE event a stream ends with when the engine fails, or the request times out, after the response
+    has begun."""
+    if isinstance(error, RequestTimeoutError):
+        logger.info("stream timed out: %s", error)
+        body = ErrorResponse(error=ErrorInfo(message=str(error), type="timeout_error", code="request_timeout"))
+        return f"data: {body.model_dump_json()}\n\n"
     logger.error("generation failed mid-stream: %s", error)
     body = ErrorResponse(error=ErrorInfo(message="generation failed; see the server log", type="server_error"))
     return f"data: {body.model_dump_json()}\n\n"
