@@ -1,5 +1,6 @@
 """`trident bench offline|latency`: measure trident (and with --compare hf, Hugging Face transformers in
-the same process on the same token ids), print a table and write JSON."""
+the same process on the same token ids), print a table and write JSON. `trident bench serve` drives a
+running server instead (trident/bench/serve.py)."""
 
 from __future__ import annotations
 
@@ -19,23 +20,31 @@ OFFLINE_KEYS = ("load_s", "requests", "output_tokens", "elapsed_s", "output_tok_
 
 
 def add_bench_parser(sub, model_help: str, engine_args) -> None:
-    p = sub.add_parser("bench", help="benchmark: latency (batch 1) or offline (many requests batched)")
-    p.add_argument("kind", choices=["latency", "offline"])
+    p = sub.add_parser("bench", help="benchmark: latency (batch 1), offline (many requests batched) or "
+                       "serve (online load against a running OpenAI-compatible server)")
+    p.add_argument("kind", choices=["latency", "offline", "serve"])
     p.add_argument("model", nargs="?", default=None, help=model_help)
     p.add_argument("--compare", choices=["hf"], default=None,
                    help="also run Hugging Face transformers on the same workload in this process")
     p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (latency 241, offline 128)")
     p.add_argument("--output-len", type=int, default=128, help="generated tokens per request")
-    p.add_argument("--num-prompts", type=int, default=16, help="requests in the offline workload")
+    p.add_argument("--num-prompts", type=int, default=16, help="requests in the offline or serve workload")
     p.add_argument("--prefix-caching", action="store_true",
                    help="keep the prefix cache on (off by default: repetitions would be served from it)")
     p.add_argument("--repeat", type=int, default=3, help="repetitions per engine, interleaved; medians reported")
     p.add_argument("--json", default=None, help="where to write results (default: bench-results/KIND-TIME.json)")
     engine_args(p)
+    from trident.bench.serve import add_serve_args
+
+    add_serve_args(p)
     p.set_defaults(func=run_bench)
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.kind == "serve":
+        from trident.bench.serve import run_serve_bench
+
+        return run_serve_bench(args)
     from trident.bench import peers, trident_side
     from trident.bench.workloads import latency_workload, offline_workload
     from trident.engine.engine import LLMEngine
