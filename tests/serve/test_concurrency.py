@@ -12,10 +12,12 @@ import httpx
 from trident.engine.request import SamplingParams
 
 TOPICS = ["the sea", "a red fox", "old computers", "mountains", "a quiet library", "rain", "chess", "bread"]
+TEMPLATES = ["Write one sentence about {}.", "Describe {} in a few words.", "What do you like about {}?",
+             "Give me a fact about {}."]
 
 
 def test_concurrent_streams_match_offline(live_server, client, offline_llm, model_name):
-    prompts = [f"Write one sentence about {t}." for t in TOPICS]
+    prompts = [template.format(topic) for template in TEMPLATES for topic in TOPICS]  # 32 clients
     refs = offline_llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24))
     texts: list[str | None] = [None] * len(prompts)
     errors: list[BaseException] = []
