@@ -21,8 +21,9 @@ from trident.serve.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
+    Usage,
 )
-from trident.serve.streaming import DONE, ChoiceTracker, error_event, final_output, sse, usage
+from trident.serve.streaming import ChoiceStep, final_output, sse_events, usage
 
 
 def _num_logprobs(body: ChatCompletionRequest) -> int | None:
@@ -69,34 +70,21 @@ async def create_chat_completion(ctx: ServeContext, body: ChatCompletionRequest,
     return Response(response.model_dump_json(), media_type="application/json")
 
 
-async def _events(ctx: ServeContext, body: ChatCompletionRequest, num_logprobs: int | None,
-                  stream: RequestStream) -> AsyncIterator[str]:
+def _events(ctx: ServeContext, body: ChatCompletionRequest, num_logprobs: int | None,
+            stream: RequestStream) -> AsyncIterator[str]:
     """SSE chunks: a role chunk per choice, content deltas, a finish chunk per choice, [DONE]."""
     model = ctx.served_model_name
-    tracker = ChoiceTracker()
-    last = None
-    try:
-        first = [ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")) for i in range(body.n)]
-        yield sse(ChatCompletionChunk(id=stream.request_id, model=model, choices=first))
-        async for out in stream:
-            last = out
-            choices = []
-            for c in out.outputs:
-                step = tracker.advance(c)
-                if step is None:
-                    continue
-                logprobs = None
-                if num_logprobs is not None and step.logprobs:
-                    logprobs = chat_logprobs(ctx.engine.tokenizer, step.logprobs, num_logprobs)
-                choices.append(ChatChunkChoice(index=c.index, delta=ChatDelta(content=step.text or None),
-                                               logprobs=logprobs, finish_reason=step.finish_reason))
-            if choices:
-                yield sse(ChatCompletionChunk(id=stream.request_id, model=model, choices=choices))
-        if body.include_usage and last is not None:
-            yield sse(ChatCompletionChunk(id=stream.request_id, model=model, choices=[], usage=usage(last)))
-        yield DONE
-    except Exception as e:  # the engine failed after the response began: say so in the stream
-        yield error_event(e)
-        yield DONE
-    finally:
-        stream.close()
+
+    def chunk(steps: list[tuple[int, ChoiceStep]], use: Usage | None) -> ChatCompletionChunk:
+        choices = []
+        for index, step in steps:
+            logprobs = None
+            if num_logprobs is not None and step.logprobs:
+                logprobs = chat_logprobs(ctx.engine.tokenizer, step.logprobs, num_logprobs)
+            choices.append(ChatChunkChoice(index=index, delta=ChatDelta(content=step.text or None),
+                                           logprobs=logprobs, finish_reason=step.finish_reason))
+        return ChatCompletionChunk(id=stream.request_id, model=model, choices=choices, usage=use)
+
+    first = ChatCompletionChunk(id=stream.request_id, model=model, choices=[
+        ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")) for i in range(body.n)])
+    return sse_events(stream, chunk, body.include_usage, first=first)

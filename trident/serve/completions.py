@@ -14,8 +14,8 @@ from trident.serve.context import ServeContext, new_id
 from trident.serve.errors import ApiError, error_response
 from trident.serve.logprobs import completion_logprobs
 from trident.serve.metrics_middleware import mark_submitted
-from trident.serve.protocol import CompletionChoice, CompletionRequest, CompletionResponse
-from trident.serve.streaming import DONE, ChoiceTracker, error_event, final_output, sse, usage
+from trident.serve.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
+from trident.serve.streaming import ChoiceStep, final_output, sse_events, usage
 
 
 def _prompt_ids(ctx: ServeContext, prompt: str | list) -> list[int]:
@@ -59,32 +59,17 @@ def _choice(ctx: ServeContext, body: CompletionRequest, c: CompletionOutput) -> 
     return CompletionChoice(index=c.index, text=c.text, logprobs=logprobs, finish_reason=c.finish_reason)
 
 
-async def _events(ctx: ServeContext, body: CompletionRequest, stream: RequestStream) -> AsyncIterator[str]:
-    """SSE chunks of a streamed completion; closing the iterator (client gone) aborts the request."""
-    tracker = ChoiceTracker()
-    last = None
-    try:
-        async for out in stream:
-            last = out
-            choices = []
-            for c in out.outputs:
-                step = tracker.advance(c)
-                if step is None:
-                    continue
-                logprobs = None
-                if body.logprobs is not None and step.logprobs is not None:
-                    logprobs = completion_logprobs(ctx.engine.tokenizer, step.logprobs, body.logprobs,
-                                                   step.text_offset)
-                choices.append(CompletionChoice(index=c.index, text=step.text, logprobs=logprobs,
-                                                finish_reason=step.finish_reason))
-            if choices:
-                yield sse(CompletionResponse(id=stream.request_id, model=ctx.served_model_name, choices=choices))
-        if body.include_usage and last is not None:
-            yield sse(CompletionResponse(id=stream.request_id, model=ctx.served_model_name, choices=[],
-                                         usage=usage(last)))
-        yield DONE
-    except Exception as e:  # the engine failed after the response began: say so in the stream
-        yield error_event(e)
-        yield DONE
-    finally:
-        stream.close()
+def _events(ctx: ServeContext, body: CompletionRequest, stream: RequestStream) -> AsyncIterator[str]:
+    """SSE chunks of a streamed completion."""
+
+    def chunk(steps: list[tuple[int, ChoiceStep]], use: Usage | None) -> CompletionResponse:
+        choices = []
+        for index, step in steps:
+            logprobs = None
+            if body.logprobs is not None and step.logprobs is not None:
+                logprobs = completion_logprobs(ctx.engine.tokenizer, step.logprobs, body.logprobs, step.text_offset)
+            choices.append(CompletionChoice(index=index, text=step.text, logprobs=logprobs,
+                                            finish_reason=step.finish_reason))
+        return CompletionResponse(id=stream.request_id, model=ctx.served_model_name, choices=choices, usage=use)
+
+    return sse_events(stream, chunk, body.include_usage)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from pydantic import BaseModel
@@ -68,6 +69,35 @@ class ChoiceTracker:
             return None
         return ChoiceStep(text=c.delta_text, logprobs=new_logprobs, finish_reason=c.finish_reason,
                           text_offset=offset)
+
+
+ChunkBuilder = Callable[[list[tuple[int, ChoiceStep]], Usage | None], BaseModel]
+"""Builds one route's chunk from (choice index, news) pairs, or the closing usage-only chunk (no pairs)."""
+
+
+async def sse_events(stream: RequestStream, build_chunk: ChunkBuilder, include_usage: bool,
+                     first: BaseModel | None = None) -> AsyncIterator[str]:
+    """The SSE body of a streamed generation: an optional first chunk, a chunk per engine step that brought
+    news, the usage chunk when asked for, then [DONE]. A failure (or timeout) after the response has begun
+    ends the stream with an error event. Closing the iterator (client gone) aborts the request."""
+    tracker = ChoiceTracker()
+    last = None
+    try:
+        if first is not None:
+            yield sse(first)
+        async for out in stream:
+            last = out
+            steps = [(c.index, step) for c in out.outputs if (step := tracker.advance(c)) is not None]
+            if steps:
+                yield sse(build_chunk(steps, None))
+        if include_usage and last is not None:
+            yield sse(build_chunk([], usage(last)))
+        yield DONE
+    except Exception as e:
+        yield error_event(e)
+        yield DONE
+    finally:
+        stream.close()
 
 
 async def _last(stream: RequestStream) -> RequestOutput:
