@@ -275,10 +275,15 @@ class EngineConfig:
     """torch CPU threads; None = all cores."""
     seed: int = 0
     """Seed of the generator for sampled requests that give no seed of their own."""
+    attention_backend: str = "auto"
+    """auto (triton on CUDA when it imports, else torch), torch (the reference) or triton (CUDA only)."""
 
     def __post_init__(self) -> None:
+        from trident.attention.registry import check_backend_name
+
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
             raise TridentError(f"unsupported device {self.device!r}; use cpu, cuda or cuda:N")
+        check_backend_name(self.attention_backend, self.device.split(":")[0])
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise TridentError(f"unsupported dtype {self.dtype!r}; use auto, float32, bfloat16 or float16")
         if self.max_model_len is not None and self.max_model_len <= 0:

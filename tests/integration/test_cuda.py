@@ -1,4 +1,5 @@
-"""The engine on a CUDA device (reference torch attention) gives the CPU's greedy tokens (fp32)."""
+"""The engine on a CUDA device gives the CPU's greedy tokens (fp32), with the reference torch attention
+and with the Triton kernels (auto's choice there)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from trident import LLM, SamplingParams
 def test_cuda_engine_matches_cpu_greedy(tiny_llama_dir) -> None:
     prompts = _prompts(16, seed=7)
     cpu = [o.token_ids for o in LLM(str(tiny_llama_dir), dtype="float32", block_size=4).generate(prompts, GREEDY)]
-    cuda = LLM(str(tiny_llama_dir), block_size=4, device="cuda", dtype="float32", num_blocks=64)
+    cuda = LLM(str(tiny_llama_dir), block_size=4, device="cuda", dtype="float32", num_blocks=64,
+               attention_backend="torch")
     assert [o.token_ids for o in cuda.generate(prompts, GREEDY)] == cpu
     assert cuda.engine.stats().num_preemptions > 0  # a small cache, so preemption ran on the device too
     sampled = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=8, n=2, ignore_eos=True)
@@ -20,3 +22,24 @@ def test_cuda_engine_matches_cpu_greedy(tiny_llama_dir) -> None:
     assert all(len(o.token_ids) == 8 for r in out for o in r.outputs)
     again = cuda.generate(prompts[:2], sampled)  # seeded: the same samples again
     assert [[o.token_ids for o in r.outputs] for r in again] == [[o.token_ids for o in r.outputs] for r in out]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_triton_backend_matches_cpu_greedy(tiny_llama_dir, block_size: int) -> None:
+    """Chunked prefill, prefix-cache hits, preemption and mixed prefill/decode steps through the kernels."""
+    system = [5 + i % 100 for i in range(2 * block_size + 3)]
+    prompts = _prompts(16, seed=7) + _prompts(8, seed=8, prefix=system)
+    options = dict(block_size=block_size, dtype="float32", max_num_batched_tokens=48)
+    cpu = [o.token_ids for o in LLM(str(tiny_llama_dir), **options).generate(prompts, GREEDY)]
+    cuda = LLM(str(tiny_llama_dir), device="cuda", num_blocks=256 // block_size, attention_backend="triton",
+               **options)
+    assert cuda.engine.attention_backend == "triton"
+    assert [o.token_ids for o in cuda.generate(prompts, GREEDY)] == cpu
+    stats = cuda.engine.stats()
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hit_tokens > 0
+
+
+@pytest.mark.gpu
+def test_auto_picks_triton_on_cuda(tiny_llama_dir) -> None:
+    assert LLM(str(tiny_llama_dir), device="cuda", num_blocks=16).engine.attention_backend == "triton"

@@ -1,6 +1,6 @@
 """fp32 logits equal Hugging Face transformers for every architecture, through the paged KV cache:
 chunked prefill, decode steps, several sequences per step, block tables that are not contiguous,
-and sequences longer than the sliding windows."""
+and sequences longer than the sliding windows. On CUDA, with each attention backend (torch, triton)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from hf_tiny import make_hf_model, tiny_hf_configs, trident_config
 
-from trident.attention.torch_ref import TorchAttention
+from trident.attention.registry import create_backend
 from trident.engine.plan import ScheduledChunk, StepPlan
 from trident.engine.request import SamplingParams
 from trident.engine.runner import ModelRunner
@@ -62,18 +62,19 @@ def test_logits_match_hf_through_paged_cache(name: str, dtype_name: str) -> None
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("name", list(tiny_hf_configs()))
-def test_logits_match_hf_on_cuda(name: str, dtype_name: str) -> None:
-    _check_against_hf(name, dtype_name, torch.device("cuda"))
+def test_logits_match_hf_on_cuda(name: str, dtype_name: str, backend_name: str) -> None:
+    _check_against_hf(name, dtype_name, torch.device("cuda"), backend_name)
 
 
-def _check_against_hf(name: str, dtype_name: str, device: torch.device) -> None:
+def _check_against_hf(name: str, dtype_name: str, device: torch.device, backend_name: str = "torch") -> None:
     dtype, tolerance = DTYPES[dtype_name]
     hf_config = tiny_hf_configs()[name]
     hf = make_hf_model(hf_config)
     config = trident_config(hf_config)
-    backend = TorchAttention()
+    backend = create_backend(backend_name, device)
     model = build_model(config, hf.state_dict(), dtype=dtype, device=device, backend=backend)
     num_blocks = 40
     runner = ModelRunner(model, backend=backend, num_blocks=num_blocks, block_size=BLOCK_SIZE, kv_dtype=dtype,

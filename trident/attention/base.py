@@ -44,6 +44,22 @@ class DecodeBatch:
     """True when the whole flat batch is this decode batch, in order (no scatter needed)."""
 
 
+@dataclass(frozen=True)
+class PrefillBatch:
+    """All prefill chunks of a step as flat tensors, for kernels that attend to every chunk in one launch.
+    Built only for backends that ask for it (``wants_prefill_batch``); chunk s is ``prefills[s]``."""
+
+    query_starts: torch.Tensor
+    """int32 [N]: row of each chunk's first token in the flat batch."""
+    query_lens: torch.Tensor
+    """int32 [N]."""
+    context_lens: torch.Tensor
+    """int32 [N]: tokens in the cache after this step; the chunk's tokens are the last query_lens of them."""
+    block_tables: torch.Tensor
+    """int32 [N, max_blocks], padded with block 0."""
+    max_query_len: int
+
+
 @dataclass
 class AttentionMetadata:
     """Everything attention needs for one step, shared by all layers."""
@@ -53,12 +69,17 @@ class AttentionMetadata:
     prefills: tuple[PrefillSeq, ...]
     decode: DecodeBatch | None
     num_tokens: int
+    prefill_batch: PrefillBatch | None = None
+    """The prefills as flat tensors; set when the backend wants_prefill_batch and there are prefills."""
     mask_cache: dict = field(default_factory=dict)
     """Masks built once per step per sliding window and reused by every layer."""
 
 
 class AttentionBackend(Protocol):
     """Writes new keys/values into the paged cache and attends over it."""
+
+    wants_prefill_batch: bool
+    """Whether the runner should also build ``AttentionMetadata.prefill_batch`` each step."""
 
     @staticmethod
     def cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:

@@ -19,6 +19,8 @@ from trident.attention.base import AttentionMetadata
 class TorchAttention:
     """The reference backend. Grouped-query attention without repeating keys/values."""
 
+    wants_prefill_batch = False  # attends chunk by chunk from AttentionMetadata.prefills
+
     @staticmethod
     def cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
         return (num_kv_heads, num_blocks, block_size, head_dim)

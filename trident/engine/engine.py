@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trident.attention.torch_ref import TorchAttention
+from trident.attention.registry import create_backend, resolve_backend_name
 from trident.config import EngineConfig
 from trident.engine.output import OutputProcessor
 from trident.engine.request import FinishReason, SamplingParams, Sequence
@@ -21,13 +21,10 @@ from trident.engine.results import CompletionOutput, RequestMetrics, RequestOutp
 from trident.engine.runner import ModelRunner
 from trident.engine.sampler import Sampler
 from trident.engine.scheduler import Scheduler
+from trident.engine.sizing import kv_dtype_of, num_kv_blocks, resolve_dtype, resolve_max_model_len
 from trident.errors import TridentError
-from trident.hardware import cpu_has_native_bf16
 from trident.loader import Checkpoint, load_checkpoint
 from trident.models.build import build_model
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CPU_DEFAULT_MAX_MODEL_LEN = 8192
 
 
 @dataclass
@@ -37,6 +34,17 @@ class _Request:
     prompt_token_ids: list[int]
     seqs: list[Sequence]
     delta: dict[int, str]
+
+
+@dataclass(frozen=True)
+class MemoryUsage:
+    weights_bytes: int
+    """Parameters and buffers (weights mapped from a file count too: they are resident once touched)."""
+    kv_cache_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes
 
 
 @dataclass(frozen=True)
@@ -64,22 +72,16 @@ class LLMEngine:
         self.model_config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
         self.device = torch.device(config.device)
-        self.dtype = _resolve_dtype(config.dtype, self.device)
-        backend = TorchAttention()
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.attention_backend = resolve_backend_name(config.attention_backend, self.device)
+        """The attention backend in use (torch or triton), auto resolved."""
+        backend = create_backend(self.attention_backend, self.device)
         self.model = build_model(self.model_config, checkpoint.tensors, dtype=self.dtype, device=self.device,
                                  backend=backend)
-        limit = self.model_config.max_position_embeddings
-        if config.max_model_len is not None:
-            if config.max_model_len > limit:
-                raise TridentError(f"max_model_len {config.max_model_len} exceeds the model's context length {limit}")
-            self.max_model_len = config.max_model_len
-        else:
-            self.max_model_len = min(limit, CPU_DEFAULT_MAX_MODEL_LEN) if self.device.type == "cpu" else limit
+        self.max_model_len = resolve_max_model_len(self.model_config, config, self.device)
         cache = config.cache
-        kv_dtype = self.dtype if cache.kv_cache_dtype == "auto" else _DTYPES[cache.kv_cache_dtype]
-        block_bytes = ModelRunner.kv_bytes_per_block(self.model_config, cache.block_size, kv_dtype)
-        useful = config.scheduler.max_num_seqs * -(-self.max_model_len // cache.block_size)
-        num_blocks = cache.num_blocks or max(1, min(cache.memory_budget_bytes // block_bytes, useful))
+        kv_dtype = kv_dtype_of(config, self.dtype)
+        num_blocks = num_kv_blocks(self.model_config, config, self.max_model_len, kv_dtype)
         self.num_blocks = num_blocks
         self.runner = ModelRunner(self.model, backend=backend, num_blocks=num_blocks, block_size=cache.block_size,
                                   kv_dtype=kv_dtype, device=self.device,
@@ -201,11 +203,11 @@ class LLMEngine:
             prefix_cache_hit_tokens=s.prefix_cache_hit_tokens,
         )
 
-
-def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bfloat16 on CUDA and on CPUs with native bf16 matmuls (as vLLM's CPU backend does), else float32."""
-    if name != "auto":
-        return _DTYPES[name]
-    if device.type == "cpu" and not cpu_has_native_bf16():
-        return torch.float32
-    return torch.bfloat16
+    def memory_usage(self) -> MemoryUsage:
+        """Bytes this engine holds: its weights (each storage counted once) and its KV cache."""
+        storages = {}
+        for tensor in (*self.model.parameters(), *self.model.buffers()):
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        kv = sum(k.nbytes + v.nbytes for k, v in self.runner.kv_caches)
+        return MemoryUsage(weights_bytes=sum(storages.values()), kv_cache_bytes=kv)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from trident.attention.base import AttentionBackend, AttentionMetadata, DecodeBatch, PrefillSeq
+from trident.attention.base import AttentionBackend, AttentionMetadata, DecodeBatch, PrefillBatch, PrefillSeq
 from trident.engine.plan import ScheduledChunk, StepPlan, StepResult
 from trident.engine.sampler import Sampler
 
@@ -21,15 +21,11 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.sampler = sampler
+        self.wants_prefill_batch = backend.wants_prefill_batch
         shape = backend.cache_shape(num_blocks, block_size, config.num_kv_heads, config.head_dim)
         # Zeroed (not empty): padded decode rows read other blocks, and 0 * NaN garbage would poison them.
         self.kv_caches = [(_zeros(shape, kv_dtype, device), _zeros(shape, kv_dtype, device))
                           for _ in range(config.num_layers)]
-
-    @staticmethod
-    def kv_bytes_per_block(config, block_size: int, kv_dtype: torch.dtype) -> int:
-        element = torch.empty((), dtype=kv_dtype).element_size()
-        return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * element
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
@@ -51,6 +47,7 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         prefills: list[PrefillSeq] = []
+        prefill_tables: list[tuple[int, ...]] = []
         decode_indices: list[int] = []
         decode_tables: list[tuple[int, ...]] = []
         decode_lens: list[int] = []
@@ -70,9 +67,10 @@ class ModelRunner:
                 decode_tables.append(table)
                 decode_lens.append(context_len)
             else:
+                prefill_tables.append(table[: -(-context_len // bs)])
                 prefills.append(PrefillSeq(
                     token_start=start, num_query_tokens=n, context_len=context_len,
-                    block_table=torch.tensor(table[: -(-context_len // bs)], dtype=torch.long, device=dev),
+                    block_table=torch.tensor(prefill_tables[-1], dtype=torch.long, device=dev),
                     query_positions=torch.arange(chunk.start_pos, context_len, device=dev),
                 ))
             if chunk.sample:
@@ -90,15 +88,31 @@ class ModelRunner:
                 query_positions=context_lens - 1,
                 token_indices_are_all=not prefills,
             )
+        prefill_batch = None
+        if prefills and self.wants_prefill_batch:
+            prefill_batch = self._prefill_batch(prefills, prefill_tables)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            prefills=tuple(prefills), decode=decode, num_tokens=len(input_ids),
+            prefills=tuple(prefills), decode=decode, num_tokens=len(input_ids), prefill_batch=prefill_batch,
         )
         return (torch.tensor(input_ids, dtype=torch.long, device=dev),
                 torch.tensor(positions, dtype=torch.long, device=dev),
                 meta,
                 torch.tensor(logits_indices, dtype=torch.long, device=dev),
                 sample_chunks)
+
+    def _prefill_batch(self, prefills: list[PrefillSeq], tables: list[tuple[int, ...]]) -> PrefillBatch:
+        """The prefill chunks as flat int32 tensors, sent to the device in one copy."""
+        n, width = len(prefills), max(len(t) for t in tables)
+        flat = [p.token_start for p in prefills] + [p.num_query_tokens for p in prefills]
+        flat += [p.context_len for p in prefills]
+        for table in tables:
+            flat.extend(table)
+            flat.extend([0] * (width - len(table)))
+        packed = torch.tensor(flat, dtype=torch.int32, device=self.device)
+        return PrefillBatch(query_starts=packed[:n], query_lens=packed[n: 2 * n], context_lens=packed[2 * n: 3 * n],
+                            block_tables=packed[3 * n:].view(n, width),
+                            max_query_len=max(p.num_query_tokens for p in prefills))
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,45 @@
+"""The memory estimate made before loading (what the server's memory budget relies on) equals what the
+engine then holds, measured from its tensors."""
+
+from __future__ import annotations
+
+import pytest
+
+from trident.engine.engine import LLMEngine
+from trident.engine.llm import engine_config
+from trident.engine.sizing import estimate_memory
+from trident.loader import load_checkpoint
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"dtype": "float32", "memory_budget_bytes": 1 << 20},
+    {"dtype": "bfloat16", "memory_budget_bytes": 3 << 20, "block_size": 32},
+    {"dtype": "float32", "num_blocks": 7, "kv_cache_dtype": "bfloat16"},
+    {"dtype": "float32", "max_num_seqs": 2, "max_model_len": 64},  # capped by what 2 sequences can use
+])
+def test_estimate_equals_engine_memory(tiny_llama_dir, kwargs):
+    config = engine_config(str(tiny_llama_dir), **kwargs)
+    checkpoint = load_checkpoint(str(tiny_llama_dir))
+    estimate = estimate_memory(checkpoint.config, config)
+    engine = LLMEngine(config, checkpoint)
+    used = engine.memory_usage()
+    assert estimate.num_blocks == engine.num_blocks and estimate.max_model_len == engine.max_model_len
+    assert estimate.kv_cache_bytes == used.kv_cache_bytes
+    # parameters by hand: embeddings, per layer q/k/v/o + gate/up/down + 2 norms, final norm, untied head
+    c = checkpoint.config
+    per_layer = (c.hidden_size * c.num_heads * c.head_dim * 2 + c.hidden_size * c.num_kv_heads * c.head_dim * 2
+                 + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size)
+    params = 2 * c.vocab_size * c.hidden_size + c.num_layers * per_layer + c.hidden_size
+    element = 4 if kwargs["dtype"] == "float32" else 2
+    assert estimate.weights_bytes == params * element
+    assert abs(used.weights_bytes - estimate.weights_bytes) <= 1024  # + the rotary table buffer
+
+
+def test_estimate_of_the_default_model(default_llm):
+    """The real SmolLM2 (tied embeddings: counted once) at the float32 the default_llm fixture uses."""
+    engine = default_llm.engine
+    estimate = estimate_memory(engine.model_config, engine.config)
+    used = engine.memory_usage()
+    assert estimate.kv_cache_bytes == used.kv_cache_bytes
+    assert abs(used.weights_bytes - estimate.weights_bytes) <= 1024
+    assert estimate.weights_bytes == 134_515_008 * 4  # SmolLM2-135M's parameter count, float32

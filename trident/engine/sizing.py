@@ -1,0 +1,99 @@
+"""How big an engine will be, decided before anything is allocated: compute dtype, context length, KV-cache
+blocks and weight bytes. ``LLMEngine`` sizes itself with these functions, so an estimate made from a
+model's config (``estimate_memory``: the server's memory budget, ``trident advise --fit``) is what the
+engine then allocates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trident.config import EngineConfig, ModelConfig
+from trident.errors import TridentError
+from trident.hardware import cpu_has_native_bf16
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU_DEFAULT_MAX_MODEL_LEN = 8192
+"""Context cap on the CPU when none is asked for: longer prompts take minutes to prefill there."""
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bfloat16 on CUDA and on CPUs with native bf16 matmuls (as vLLM's CPU backend does), else float32."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cpu" and not cpu_has_native_bf16():
+        return torch.float32
+    return torch.bfloat16
+
+
+def resolve_max_model_len(model_config: ModelConfig, config: EngineConfig, device: torch.device) -> int:
+    """The context length the engine serves: the one asked for (at most the model's), else the model's
+    (capped at ``CPU_DEFAULT_MAX_MODEL_LEN`` on the CPU)."""
+    limit = model_config.max_position_embeddings
+    if config.max_model_len is not None:
+        if config.max_model_len > limit:
+            raise TridentError(f"max_model_len {config.max_model_len} exceeds the model's context length {limit}")
+        return config.max_model_len
+    return min(limit, CPU_DEFAULT_MAX_MODEL_LEN) if device.type == "cpu" else limit
+
+
+def kv_dtype_of(config: EngineConfig, dtype: torch.dtype) -> torch.dtype:
+    kv = config.cache.kv_cache_dtype
+    return dtype if kv == "auto" else DTYPES[kv]
+
+
+def kv_bytes_per_block(model_config: ModelConfig, block_size: int, kv_dtype: torch.dtype) -> int:
+    """Keys and values of ``block_size`` tokens in every layer."""
+    element = torch.empty((), dtype=kv_dtype).element_size()
+    return 2 * model_config.num_layers * block_size * model_config.num_kv_heads * model_config.head_dim * element
+
+
+def num_kv_blocks(model_config: ModelConfig, config: EngineConfig, max_model_len: int, kv_dtype: torch.dtype) -> int:
+    """Blocks to allocate: ``num_blocks`` when given, else as many as the KV memory budget holds, but no more
+    than ``max_num_seqs`` full-length sequences need."""
+    cache = config.cache
+    if cache.num_blocks:
+        return cache.num_blocks
+    block_bytes = kv_bytes_per_block(model_config, cache.block_size, kv_dtype)
+    useful = config.scheduler.max_num_seqs * -(-max_model_len // cache.block_size)
+    return max(1, min(cache.memory_budget_bytes // block_bytes, useful))
+
+
+def weights_bytes(model_config: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of the model's parameters in ``dtype``, counted on a meta-device build (nothing allocated;
+    tied embeddings counted once, as the engine shares them)."""
+    from trident.attention.torch_ref import TorchAttention
+    from trident.models.registry import model_class
+
+    with torch.device("meta"):
+        model = model_class(model_config.model_type)(model_config, TorchAttention())
+    element = torch.empty((), dtype=dtype).element_size()
+    return sum(p.numel() for p in model.parameters()) * element
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What an engine of this model and config allocates."""
+
+    weights_bytes: int
+    kv_cache_bytes: int
+    num_blocks: int
+    max_model_len: int
+    dtype: torch.dtype
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes
+
+
+def estimate_memory(model_config: ModelConfig, config: EngineConfig) -> MemoryEstimate:
+    """Weights plus KV cache of an engine built from ``config`` for a model of ``model_config``."""
+    device = torch.device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    max_model_len = resolve_max_model_len(model_config, config, device)
+    kv_dtype = kv_dtype_of(config, dtype)
+    blocks = num_kv_blocks(model_config, config, max_model_len, kv_dtype)
+    return MemoryEstimate(weights_bytes=weights_bytes(model_config, dtype),
+                          kv_cache_bytes=blocks * kv_bytes_per_block(model_config, config.cache.block_size, kv_dtype),
+                          num_blocks=blocks, max_model_len=max_model_len, dtype=dtype)

@@ -1,0 +1,70 @@
+"""Pieces shared by the paged-attention kernels (decode and prefill): score scaling with optional tanh
+soft-capping in Triton, and the plain torch math their references are built from.
+
+Cache layout of these kernels: ``[num_blocks, num_kv_heads, block_size, head_dim]``. Scores are kept in
+the log2 domain (``exp2`` in the online softmax), so the host folds ``log2(e)`` into the scale factors
+that :func:`score_factors` returns.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = math.log2(math.e)
+
+
+def score_factors(scale: float, logit_softcap: float | None) -> tuple[float, float]:
+    """(scale_in, scale_out) for :func:`scaled_scores`: with soft-capping the raw dot product is mapped to
+    ``cap * tanh(raw * scale / cap)``, without it to ``raw * scale``; both then times log2(e)."""
+    if logit_softcap is None:
+        return scale * LOG2E, 1.0
+    return scale / logit_softcap, logit_softcap * LOG2E
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """Exact fp32 products for fp32 caches (the reference numerics); 16-bit operands ignore the setting."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def scaled_scores(raw, scale_in, scale_out, USE_SOFTCAP: tl.constexpr):
+    """Raw q.k products -> log2-domain scores (soft-capped when USE_SOFTCAP)."""
+    if USE_SOFTCAP:
+        x = raw * scale_in
+        # tanh(x) = 1 - 2 / (exp(2x) + 1): exact limits at both ends (exp overflow -> 1, underflow -> -1).
+        return (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)) * scale_out
+    else:
+        return raw * scale_in
+
+
+# -- torch reference math ---------------------------------------------------------------------------------
+
+def gather_sequence(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first ``length`` tokens of one sequence from a block-major cache, as [length, kv_heads, D]."""
+    num_pages = -(-length // cache.shape[2])
+    pages = cache[block_table[:num_pages].long()]  # [pages, kv_heads, block_size, D]
+    return pages.transpose(1, 2).reshape(-1, cache.shape[1], cache.shape[3])[:length]
+
+
+def attend_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, query_positions: torch.Tensor,
+                     scale: float, sliding_window: int | None, logit_softcap: float | None) -> torch.Tensor:
+    """Plain fp32 attention of one sequence: query [L, H, D] at ``query_positions`` over key/value
+    [S, kv_heads, D] at positions 0..S-1 -> [L, H, D] fp32. A query at position i sees keys j with
+    i - window < j <= i."""
+    num_heads, num_kv_heads = query.shape[1], key.shape[1]
+    group = num_heads // num_kv_heads
+    k = key.float().repeat_interleave(group, dim=1)  # [S, H, D]
+    v = value.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("lhd,shd->hls", query.float(), k) * scale
+    if logit_softcap is not None:
+        scores = torch.tanh(scores / logit_softcap) * logit_softcap
+    key_positions = torch.arange(key.shape[0], device=query.device)
+    allowed = key_positions[None, :] <= query_positions[:, None]
+    if sliding_window is not None:
+        allowed &= key_positions[None, :] > query_positions[:, None] - sliding_window
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    return torch.einsum("hls,shd->lhd", probs, v)
