@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install chromium demo test lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -21,7 +21,14 @@ demo: install
 	$(VENV)/bin/trident info
 	$(VENV)/bin/trident generate --chat --prompt "What is the capital of France?" --max-tokens 48
 
-test: install
+# Headless Chromium for the /dashboard test: Debian's package, installed only when none is on PATH.
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || command -v sudo)
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
+
+test: install chromium
 	$(VENV)/bin/pytest -q
 
 lint: install

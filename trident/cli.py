@@ -15,6 +15,8 @@ from trident.errors import TridentError
 
 API_KEY_ENV = "TRIDENT_API_KEY"
 """Where ``trident serve`` takes its API key from when --api-key is not given."""
+ADMIN_KEY_ENV = "TRIDENT_ADMIN_KEY"
+"""Where ``trident serve`` takes its admin key from when --admin-key is not given."""
 
 MODEL_HELP = "a .gguf file or a Hugging Face folder (default: the embedded SmolLM2-135M-Instruct Q4_1 GGUF)"
 
@@ -22,6 +24,8 @@ MODEL_HELP = "a .gguf file or a Hugging Face folder (default: the embedded SmolL
 def _engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="attention kernels (auto: triton on CUDA when it imports, else the torch reference)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype (auto: bfloat16 on CUDA and on CPUs with AMX/AVX512-BF16, else float32)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
@@ -30,6 +34,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences batched at once")
     g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step")
+    g.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
+                   help="bytes for the KV cache, e.g. 512MiB or 2GiB (default: 1GiB, and never more than "
+                   "--max-num-seqs full-length sequences need)")
 
 
 def _limit_args(p: argparse.ArgumentParser) -> None:
@@ -46,6 +53,9 @@ def _limit_args(p: argparse.ArgumentParser) -> None:
                    help="abort a request running longer, answering 408 (default: no limit)")
     g.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help=f"refuse larger request bodies with 413 (default: {DEFAULT_MAX_BODY_BYTES})")
+    g.add_argument("--admin-key", default=None, help="enable the admin API (/admin/models, load, unload) for "
+                   f"'Authorization: Bearer KEY'; if absent, {ADMIN_KEY_ENV} is used when set (default: the "
+                   "admin API is off)")
     g.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser requests (CORS) from this origin, e.g. https://app.example.com "
                    "(repeatable; default: CORS off)")
@@ -77,15 +87,25 @@ def _params(args: argparse.Namespace):
     )
 
 
+def _engine_config(args: argparse.Namespace, model: str | None):
+    from trident.engine.llm import engine_config
+    from trident.serve.model_spec import parse_size
+
+    extra = {}
+    if args.kv_cache_memory is not None:
+        extra["memory_budget_bytes"] = parse_size(args.kv_cache_memory, "--kv-cache-memory")
+    return engine_config(
+        model, device=args.device, dtype=args.dtype, num_threads=args.threads,
+        attention_backend=args.attention_backend,
+        max_model_len=args.max_model_len, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, **extra,
+    )
+
+
 def _engine(args: argparse.Namespace):
     from trident.engine.engine import LLMEngine
-    from trident.engine.llm import engine_config
 
-    return LLMEngine(engine_config(
-        args.model, device=args.device, dtype=args.dtype, num_threads=args.threads,
-        max_model_len=args.max_model_len, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-    ))
+    return LLMEngine(_engine_config(args, args.model))
 
 
 def _stream(engine, prompt_ids: list[int], params, out=sys.stdout) -> tuple[str, dict]:
@@ -209,20 +229,29 @@ def serve_config(args: argparse.Namespace, environ: Mapping[str, str] = os.envir
     from trident.serve.config import ServeConfig
 
     api_key = args.api_key if args.api_key is not None else environ.get(API_KEY_ENV) or None
+    admin_key = args.admin_key if args.admin_key is not None else environ.get(ADMIN_KEY_ENV) or None
     return ServeConfig(api_key=api_key, max_queued_requests=args.max_queued_requests,
                        request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
-                       allowed_origins=tuple(args.allowed_origin))
+                       allowed_origins=tuple(args.allowed_origin), admin_key=admin_key)
+
+
+def serve_pool_config(args: argparse.Namespace):
+    """The PoolConfig of ``trident serve``'s model arguments (validated; nothing loaded)."""
+    from trident.serve.server import pool_config
+
+    return pool_config(_engine_config(args, None), paths=args.models, named=args.named_models,
+                       aliases=args.alias, config_file=args.config, memory_budget=args.memory_budget,
+                       served_model_name=args.served_model_name)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from trident.serve.server import default_model_name, serve
+    from trident.serve.pool import ModelPool
+    from trident.serve.server import serve
 
-    config = serve_config(args)  # validate before loading anything
-    engine = _engine(args)
-    name = args.served_model_name or default_model_name(args.model)
-    print(f"[loaded in {engine.load_seconds:.2f} s] serving {name!r} on http://{args.host}:{args.port}/v1",
-          file=sys.stderr)
-    serve(engine, name, host=args.host, port=args.port, log_level=args.log_level, config=config)
+    config = serve_config(args)  # validate everything before loading anything
+    pool = ModelPool(serve_pool_config(args), config)
+    serve(pool, host=args.host, port=args.port, log_level=args.log_level, config=config,
+          base_engine=_engine_config(args, None))
     return 0
 
 
@@ -250,12 +279,28 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(p)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
-    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    p = sub.add_parser("serve", help="serve one or several models over an OpenAI-compatible HTTP API",
+                       description="Serve models over an OpenAI-compatible HTTP API, with /metrics (Prometheus), "
+                       "/dashboard and an optional admin API. Several models: repeat --model NAME=PATH or use "
+                       "--config; each request's \"model\" picks one (or an alias of one). Under "
+                       "--memory-budget, a request for a model that is not loaded unloads the least recently "
+                       "used idle ones to make room.")
+    p.add_argument("models", nargs="*", metavar="MODEL", help=MODEL_HELP + "; served under its file name")
+    p.add_argument("--model", dest="named_models", action="append", default=[], metavar="NAME=PATH",
+                   help="serve the model at PATH as NAME (repeatable; PATH 'default' is the embedded model)")
+    p.add_argument("--alias", action="append", default=[], metavar="ALIAS=NAME",
+                   help="another name for a served model, e.g. chat-fast=chat-int8 (repeatable)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="a .toml or .json file listing models ([[models]] name, path, dtype, max_model_len, "
+                   "kv_cache_memory, max_num_seqs, max_queued_requests, aliases, preload), aliases and "
+                   "memory_budget; see docs/serving.md")
+    p.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="bytes the loaded models (weights + KV caches) may hold together, e.g. 8GiB; the least "
+                   "recently used idle model is unloaded to make room (default: no limit)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None,
-                   help="the name clients pass as \"model\" (default: the model file or folder name)")
+                   help="the name clients pass as \"model\" for a single MODEL (default: its file or folder name)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _limit_args(p)
     _engine_args(p)

@@ -64,10 +64,10 @@ def run_server(app, async_engine) -> Iterator[LiveServer]:
 def live_server() -> Iterator[LiveServer]:
     from trident.engine.engine import LLMEngine
     from trident.engine.llm import engine_config
-    from trident.serve import AsyncEngine, build_app
+    from trident.serve import AsyncEngine, ModelPool, build_app
 
     async_engine = AsyncEngine(LLMEngine(engine_config(None, dtype="float32")))
-    with run_server(build_app(async_engine, MODEL_NAME), async_engine) as server:
+    with run_server(build_app(ModelPool.of_engine(async_engine, MODEL_NAME)), async_engine) as server:
         yield server
 
 

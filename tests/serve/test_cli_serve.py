@@ -9,7 +9,7 @@ from trident.serve.server import default_model_name
 def test_serve_arguments():
     args = build_parser().parse_args(["serve", "model.gguf", "--port", "9000", "--served-model-name", "tiny",
                                       "--dtype", "float32", "--max-num-seqs", "8"])
-    assert (args.model, args.host, args.port, args.served_model_name) == ("model.gguf", "127.0.0.1", 9000, "tiny")
+    assert (args.models, args.host, args.port, args.served_model_name) == (["model.gguf"], "127.0.0.1", 9000, "tiny")
     assert args.dtype == "float32" and args.max_num_seqs == 8 and args.func.__name__ == "cmd_serve"
 
 

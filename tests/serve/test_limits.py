@@ -29,12 +29,12 @@ FLOOD_SIZE = 16
 def limited(start_server) -> Iterator:
     from trident.engine.engine import LLMEngine
     from trident.engine.llm import engine_config
-    from trident.serve import AsyncEngine, ServeConfig, build_app
+    from trident.serve import AsyncEngine, ModelPool, ServeConfig, build_app
 
     config = ServeConfig(api_key=KEY, max_queued_requests=MAX_QUEUED, request_timeout_s=TIMEOUT_S,
                          max_body_bytes=MAX_BODY, allowed_origins=(ORIGIN,))
     async_engine = AsyncEngine(LLMEngine(engine_config(None, dtype="float32", max_num_seqs=2)))
-    with start_server(build_app(async_engine, MODEL, config), async_engine) as live:
+    with start_server(build_app(ModelPool.of_engine(async_engine, MODEL, config)), async_engine) as live:
         yield live
 
 
@@ -42,9 +42,10 @@ def _client(live, api_key: str = KEY) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{live.base_url}/v1", api_key=api_key, max_retries=0, timeout=60)
 
 
-def _errors(live) -> float:
+def _errors(live, model: str = MODEL) -> float:
+    """Requests counted as errors of ``model`` ("": refused before they were routed to a model)."""
     samples, _ = scrape(live.base_url)
-    return samples[("trident_requests_total", frozenset({"model": MODEL, "status": "error"}.items()))]
+    return samples[("trident_requests_total", frozenset({"model": model, "status": "error"}.items()))]
 
 
 def _assert_all_blocks_free(live) -> None:
@@ -67,7 +68,7 @@ def test_api_key_required(limited):
     with pytest.raises(openai.AuthenticationError):
         _client(limited, "wrong").completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
     after, _ = scrape(limited.base_url)
-    assert delta(before, after, "trident_requests_total", MODEL, status="error") == 4
+    assert delta(before, after, "trident_requests_total", "", status="error") == 4  # refused before routing
     assert _client(limited).models.list().data[0].id == MODEL
     reply = _client(limited).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
                                                      max_tokens=3, temperature=0)
@@ -117,7 +118,7 @@ def test_request_over_time_limit_is_aborted(limited):
 
 
 def test_oversized_body_is_413(limited):
-    errors_before = _errors(limited)
+    errors_before = _errors(limited, "")  # refused before the body was read, so before routing
     url = f"{limited.base_url}/v1/completions"
     big = {"model": MODEL, "prompt": "x" * (MAX_BODY + 100), "max_tokens": 2}
     r = httpx.post(url, json=big, headers=AUTH)
@@ -131,7 +132,7 @@ def test_oversized_body_is_413(limited):
 
     r = httpx.post(url, content=chunks(), headers={**AUTH, "content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
-    assert _errors(limited) - errors_before == 2
+    assert _errors(limited, "") - errors_before == 2
 
 
 def test_cors_only_for_the_allowed_origin(limited, live_server):

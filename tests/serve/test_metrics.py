@@ -47,12 +47,14 @@ def delta(before: Samples, after: Samples, name: str, model: str, **labels: str)
 
 def test_metrics_parse_and_start_at_zero():
     """Two apps in one process keep separate registries; every series exists before its first event."""
-    a, b = ServerMetrics("a"), ServerMetrics("b")
-    a.model_loaded()
+    a, b = ServerMetrics(["a"]), ServerMetrics(["b"])
+    a.model_loaded("a", memory_bytes=123, load_seconds=0.5)
     text = a.render().decode()
     assert 'trident_model_loads_total{model="a"} 1.0' in text
     assert 'trident_model_unloads_total{model="a"} 0.0' in text
     assert 'trident_requests_total{model="a",status="abort"} 0.0' in text
+    assert 'trident_model_loaded{model="a"} 1.0' in text and 'trident_model_memory_bytes{model="a"} 123.0' in text
+    assert 'trident_requests_total{model="",status="error"} 0.0' in text  # refused before routing
     assert 'model="a"' not in b.render().decode()
 
 
@@ -81,6 +83,9 @@ def test_counters_match_the_requests_made(live_server, client, model_name):
     malformed = httpx.post(f"{live_server.base_url}/v1/chat/completions", content=b"{not json",
                            headers={"content-type": "application/json"})
     assert malformed.status_code == 400
+    too_long = httpx.post(f"{live_server.base_url}/v1/completions",
+                          json={"model": model_name, "prompt": "x", "max_tokens": 10**7})
+    assert too_long.status_code == 400  # routed to the model, then refused
     live_server.wait_idle()
     after, _ = scrape(live_server.base_url)
 
@@ -91,7 +96,8 @@ def test_counters_match_the_requests_made(live_server, client, model_name):
     assert delta(before, after, "trident_requests_total", model_name, status="length") == num_length
     assert delta(before, after, "trident_requests_total", model_name, status="stop") == len(finished) - num_length
     assert delta(before, after, "trident_requests_total", model_name, status="abort") == 0
-    assert delta(before, after, "trident_requests_total", model_name, status="error") == 2
+    assert delta(before, after, "trident_requests_total", model_name, status="error") == 1
+    assert delta(before, after, "trident_requests_total", "", status="error") == 2  # unknown model, bad JSON
     assert delta(before, after, "trident_prompt_tokens_total", model_name) == sum(p for _, p, _ in finished)
     assert delta(before, after, "trident_generation_tokens_total", model_name) == sum(g for _, _, g in finished)
     for histogram in ("trident_time_to_first_token_seconds", "trident_e2e_request_latency_seconds"):
@@ -164,7 +170,7 @@ def test_dashboard_queries_only_exposed_metrics(live_server):
             queried.add(re.sub(r"_(bucket|sum|count)$", "", name))
     _, exposed = scrape(live_server.base_url)
     assert queried - exposed == set()
-    families = text_string_to_metric_families(ServerMetrics("m").render().decode())
+    families = text_string_to_metric_families(ServerMetrics(["m"]).render().decode())
     defined = {f.name for f in families if not f.name.endswith("_created")}  # prometheus_client's timestamps
     on_panels = {re.sub(r"_total$", "", name) for name in queried}
     assert on_panels == defined  # and every metric the server defines is on a panel

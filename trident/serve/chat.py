@@ -42,7 +42,6 @@ def _max_tokens(body: ChatCompletionRequest) -> tuple[int | None, str]:
 
 
 async def create_chat_completion(ctx: ServeContext, body: ChatCompletionRequest, request: Request) -> Response:
-    ctx.check_model(body.model)
     max_tokens, max_tokens_param = _max_tokens(body)
     num_logprobs = _num_logprobs(body)
     params = body.sampling_params(max_tokens, num_logprobs)

@@ -31,7 +31,6 @@ def _prompt_ids(ctx: ServeContext, prompt: str | list) -> list[int]:
 
 
 async def create_completion(ctx: ServeContext, body: CompletionRequest, request: Request) -> Response:
-    ctx.check_model(body.model)
     if body.echo:
         raise ApiError(400, "echo is not supported", param="echo")
     params = body.sampling_params(body.max_tokens, body.logprobs)

@@ -34,12 +34,21 @@ class ServeConfig:
     actually received (never read whole)."""
     allowed_origins: tuple[str, ...] = ()
     """Browser origins allowed by CORS (e.g. ``"https://app.example.com"``, or ``"*"``). Empty: CORS off."""
+    admin_key: str | None = None
+    """When set, /admin/* (load, unload and register models) needs ``Authorization: Bearer <admin_key>``.
+    None: the admin API is disabled (403)."""
 
     def __post_init__(self) -> None:
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()
                                          or self.api_key != self.api_key.strip()):
             raise TridentError("api_key must be a non-empty string without surrounding spaces, or None for no "
                                "authentication")
+        if self.admin_key is not None and (not isinstance(self.admin_key, str) or not self.admin_key.strip()
+                                           or self.admin_key != self.admin_key.strip()):
+            raise TridentError("admin_key must be a non-empty string without surrounding spaces, or None to "
+                               "disable the admin API")
+        if self.admin_key is not None and self.admin_key == self.api_key:
+            raise TridentError("admin_key must differ from api_key: every client holds the API key")
         if isinstance(self.max_queued_requests, bool) or not isinstance(self.max_queued_requests, int) \
                 or self.max_queued_requests < 1:
             raise TridentError(f"max_queued_requests must be an integer >= 1, got {self.max_queued_requests!r}")

@@ -1,37 +1,30 @@
-"""What every route needs: the engine, the name clients use for the model, the limits, request checks."""
+"""What every route needs about the model a request goes to: its engine, its name, its limits, request checks."""
 
 from __future__ import annotations
 
-import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from trident.engine.request import SamplingParams
 from trident.serve.async_engine import AsyncEngine, RequestStream
-from trident.serve.config import ServeConfig
 from trident.serve.errors import ApiError
 
 
-@dataclass
+@dataclass(frozen=True)
 class ServeContext:
-    """The one model this app serves."""
+    """One loaded model, as the routes see it (made by the ModelPool)."""
 
     engine: AsyncEngine
     served_model_name: str
-    config: ServeConfig = field(default_factory=ServeConfig)
-    created: int = field(default_factory=lambda: int(time.time()))
+    """The model's name in responses and on /metrics (an alias a request used resolves to it)."""
+    max_queued_requests: int
+    request_timeout_s: float | None = None
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> RequestStream:
-        """Hand a checked request to the engine under the configured queue limit and time limit
+        """Hand a checked request to the engine under the model's queue limit and the server's time limit
         (QueueFullError when the queue is full; the stream raises RequestTimeoutError past the limit)."""
-        return await self.engine.submit(prompt_ids, params, request_id, max_waiting=self.config.max_queued_requests,
-                                        timeout_s=self.config.request_timeout_s)
-
-    def check_model(self, name: str) -> None:
-        """404 unless the request names the served model."""
-        if name != self.served_model_name:
-            raise ApiError(404, f"the model {name!r} does not exist; this server serves {self.served_model_name!r}",
-                           param="model", code="model_not_found")
+        return await self.engine.submit(prompt_ids, params, request_id, max_waiting=self.max_queued_requests,
+                                        timeout_s=self.request_timeout_s)
 
     def check_length(self, num_prompt_tokens: int, max_tokens: int | None, *, prompt_param: str,
                      max_tokens_param: str) -> None:

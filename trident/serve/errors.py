@@ -4,7 +4,9 @@ Every error leaves the server as ``{"error": {"message", "type", "param", "code"
 cannot validate (malformed JSON, a wrong type, a missing field) is a 400, not FastAPI's 422; a
 TridentError (bad sampling values, prompt over the context, ...) is a 400; anything unexpected is a
 500 with a generic message, and the server keeps running. A full queue is a 429 with Retry-After, a
-request past the time limit a 408.
+request past the time limit a 408. An unknown model is a 404; a model that cannot be loaded now because
+the models filling the memory budget are busy is a 503 with Retry-After; unloading a busy model or
+registering a taken name is a 409.
 """
 
 from __future__ import annotations
@@ -19,12 +21,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from trident.errors import TridentError
 from trident.serve.async_engine import QueueFullError, RequestTimeoutError
+from trident.serve.pool_errors import (
+    ModelBusyError,
+    ModelCapacityError,
+    ModelConflictError,
+    ModelTooLargeError,
+    UnknownModelError,
+)
 from trident.serve.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger("trident.serve")
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          408: "timeout_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "not_found_error", 408: "timeout_error", 409: "conflict_error", 413: "invalid_request_error",
+          429: "rate_limit_error"}
 
 
 class ApiError(Exception):
@@ -51,6 +61,8 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 
 RETRY_AFTER_S = 1
 """The Retry-After (seconds) of a 429: about how long a few engine steps take to drain the queue."""
+CAPACITY_RETRY_AFTER_S = 5
+"""The Retry-After (seconds) of a 503 for a model that cannot be loaded yet: busy models must finish first."""
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "function-after", "function-before"}
 
@@ -94,6 +106,27 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestTimeoutError)
     async def _on_timeout(_: Request, exc: RequestTimeoutError) -> JSONResponse:
         return error_response(408, str(exc), code="request_timeout")
+
+    @app.exception_handler(UnknownModelError)
+    async def _on_unknown_model(_: Request, exc: UnknownModelError) -> JSONResponse:
+        return error_response(404, str(exc), param="model", code="model_not_found")
+
+    @app.exception_handler(ModelCapacityError)
+    async def _on_capacity(_: Request, exc: ModelCapacityError) -> JSONResponse:
+        return error_response(503, str(exc), code="model_capacity",
+                              headers={"Retry-After": str(CAPACITY_RETRY_AFTER_S)})
+
+    @app.exception_handler(ModelTooLargeError)
+    async def _on_too_large(_: Request, exc: ModelTooLargeError) -> JSONResponse:
+        return error_response(400, str(exc), param="model", code="model_too_large")
+
+    @app.exception_handler(ModelBusyError)
+    async def _on_busy(_: Request, exc: ModelBusyError) -> JSONResponse:
+        return error_response(409, str(exc), code="model_busy")
+
+    @app.exception_handler(ModelConflictError)
+    async def _on_conflict(_: Request, exc: ModelConflictError) -> JSONResponse:
+        return error_response(409, str(exc), code="model_conflict")
 
     @app.exception_handler(TridentError)
     async def _on_trident_error(_: Request, exc: TridentError) -> JSONResponse:

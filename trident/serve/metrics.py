@@ -1,8 +1,10 @@
 """Prometheus metrics of one server: request outcomes, latencies, token counts and engine gauges.
 
 ``ServerMetrics`` owns its own ``CollectorRegistry`` (never the process-wide default one), so several
-apps can live in one process. Every series carries a ``model`` label (the served model name); every
-label combination is created up front, so each metric name is exposed (at 0) before its first event.
+apps can live in one process. Every series but the memory budget carries a ``model`` label (the served
+model's name; requests refused before a model was chosen, e.g. for an unknown model, carry
+``model=""``); every label combination of a model is created when the model is registered, so each
+metric name is exposed (at 0) before its first event.
 
 Where figures come from:
 
@@ -13,9 +15,12 @@ Where figures come from:
   :class:`RequestErrorCounter`, an ASGI middleware around the generation routes.
 - Gauges and the preemption counter mirror ``LLMEngine.stats()``; ``engine_stats`` refreshes them
   after each engine step and on each scrape.
+- Loads, unloads, whether a model is loaded and the bytes it holds come from the ModelPool.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -41,10 +46,9 @@ E2E_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 45
 
 
 class ServerMetrics:
-    """The metrics of one served model, in a registry of their own; see the module docstring."""
+    """The metrics of every model a server serves, in a registry of their own; see the module docstring."""
 
-    def __init__(self, model: str) -> None:
-        self.model = model
+    def __init__(self, models: Iterable[str] = (), memory_budget_bytes: int | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         labels = ["model"]
@@ -65,8 +69,8 @@ class ServerMetrics:
         self.kv_cache_usage = Gauge("trident_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0-1).",
                                     labels, registry=r)
         self.prefix_cache_hit_ratio = Gauge("trident_prefix_cache_hit_ratio", "Prompt tokens served from the "
-                                            "prefix cache / prompt tokens looked up, since start.", labels,
-                                            registry=r)
+                                            "prefix cache / prompt tokens looked up, since the model was loaded.",
+                                            labels, registry=r)
         self.prompt_tokens = Counter("trident_prompt_tokens_total", "Prompt tokens of requests that finished or "
                                      "were aborted after producing output.", labels, registry=r)
         self.generation_tokens = Counter("trident_generation_tokens_total", "Generated tokens (all samples) of "
@@ -76,21 +80,61 @@ class ServerMetrics:
         self.model_loads = Counter("trident_model_loads_total", "Times the model was loaded.", labels, registry=r)
         self.model_unloads = Counter("trident_model_unloads_total", "Times the model was unloaded.", labels,
                                      registry=r)
+        self.model_loaded_gauge = Gauge("trident_model_loaded", "1 while the model is loaded, else 0.", labels,
+                                        registry=r)
+        self.model_memory = Gauge("trident_model_memory_bytes", "Bytes the loaded model holds (weights and KV "
+                                  "cache); 0 when unloaded.", labels, registry=r)
+        self.model_load_seconds = Gauge("trident_model_load_seconds", "Wall time of the model's latest load.",
+                                        labels, registry=r)
+        self.memory_budget = Gauge("trident_memory_budget_bytes", "Bytes the loaded models may hold together "
+                                   "(0: no budget).", registry=r)
+        self.memory_budget.set(memory_budget_bytes or 0)
+        self._models: set[str] = set()
+        self._engine_preemptions: dict[str, int] = {}
+        """Each model's engine preemption count at the last refresh (the counter grows by the difference)."""
+        for status in REQUEST_STATUSES:  # requests refused before a model was chosen
+            self.requests.labels(model="", status=status)
+        for model in models:
+            self.add_model(model)
+
+    def add_model(self, model: str) -> None:
+        """Create every series of ``model`` (at 0); idempotent."""
+        if model in self._models:
+            return
+        self._models.add(model)
         for status in REQUEST_STATUSES:
             self.requests.labels(model=model, status=status)
-        for metric in (self.ttft, self.tpot, self.e2e, self.running, self.waiting, self.kv_cache_usage,
-                       self.prefix_cache_hit_ratio, self.prompt_tokens, self.generation_tokens, self.preemptions,
-                       self.model_loads, self.model_unloads):
+        for metric in self._per_model_metrics():
             metric.labels(model=model)
-        self._engine_preemptions = 0
-        """The engine's preemption count at the last refresh (the counter grows by the difference)."""
+
+    def remove_model(self, model: str) -> None:
+        """Drop every series of ``model`` (a registration that never loaded)."""
+        if model not in self._models:
+            return
+        self._models.discard(model)
+        self._engine_preemptions.pop(model, None)
+        for status in REQUEST_STATUSES:
+            self.requests.remove(model, status)
+        for metric in self._per_model_metrics():
+            metric.remove(model)
+
+    def _per_model_metrics(self) -> tuple:
+        return (self.ttft, self.tpot, self.e2e, self.running, self.waiting, self.kv_cache_usage,
+                self.prefix_cache_hit_ratio, self.prompt_tokens, self.generation_tokens, self.preemptions,
+                self.model_loads, self.model_unloads, self.model_loaded_gauge, self.model_memory,
+                self.model_load_seconds)
+
+    def observer(self, model: str) -> ModelObserver:
+        """What an AsyncEngine serving ``model`` reports to."""
+        self.add_model(model)
+        return ModelObserver(self, model)
 
     # -- events -----------------------------------------------------------------------------------
-    def request_done(self, status: str, last: RequestOutput | None) -> None:
-        """Record a request leaving the engine: finished (``last`` is its final output), aborted or failed
-        (``last`` is the latest output its client received, or None). Latencies are recorded only for
+    def request_done(self, model: str, status: str, last: RequestOutput | None) -> None:
+        """Record a request leaving ``model``'s engine: finished (``last`` is its final output), aborted or
+        failed (``last`` is the latest output its client received, or None). Latencies are recorded only for
         requests that finished."""
-        m = self.model
+        m = model
         self.requests.labels(model=m, status=status).inc()
         if last is None:
             return
@@ -108,28 +152,52 @@ class ServerMetrics:
         if longest > 1 and metrics.finish_time is not None and metrics.first_token_time is not None:
             self.tpot.labels(model=m).observe((metrics.finish_time - metrics.first_token_time) / (longest - 1))
 
-    def request_refused(self) -> None:
-        """Count a request answered with an error before it reached the engine."""
-        self.requests.labels(model=self.model, status="error").inc()
+    def request_refused(self, model: str = "") -> None:
+        """Count a request answered with an error before it reached an engine (``model``: the model it was
+        routed to, or "" when none was chosen)."""
+        self.requests.labels(model=model, status="error").inc()
 
-    def engine_stats(self, stats: EngineStats) -> None:
-        """Refresh the gauges and the preemption counter from the engine's figures."""
-        m = self.model
+    def engine_stats(self, model: str, stats: EngineStats) -> None:
+        """Refresh ``model``'s gauges and preemption counter from its engine's figures."""
+        m = model
         self.running.labels(model=m).set(stats.num_running)
         self.waiting.labels(model=m).set(stats.num_waiting)
         self.kv_cache_usage.labels(model=m).set(stats.kv_cache_usage)
         queried = stats.prefix_cache_queried_tokens
         self.prefix_cache_hit_ratio.labels(model=m).set(stats.prefix_cache_hit_tokens / queried if queried else 0.0)
-        if stats.num_preemptions > self._engine_preemptions:
-            self.preemptions.labels(model=m).inc(stats.num_preemptions - self._engine_preemptions)
-        self._engine_preemptions = stats.num_preemptions
+        previous = self._engine_preemptions.get(m, 0)
+        if stats.num_preemptions > previous:
+            self.preemptions.labels(model=m).inc(stats.num_preemptions - previous)
+        self._engine_preemptions[m] = stats.num_preemptions
 
-    def model_loaded(self) -> None:
-        self.model_loads.labels(model=self.model).inc()
+    def model_loaded(self, model: str, memory_bytes: int, load_seconds: float) -> None:
+        self.add_model(model)
+        self.model_loads.labels(model=model).inc()
+        self.model_loaded_gauge.labels(model=model).set(1)
+        self.model_memory.labels(model=model).set(memory_bytes)
+        self.model_load_seconds.labels(model=model).set(load_seconds)
+        self._engine_preemptions[model] = 0  # a fresh engine counts from zero
 
-    def model_unloaded(self) -> None:
-        self.model_unloads.labels(model=self.model).inc()
+    def model_unloaded(self, model: str) -> None:
+        """Count the unload and zero the model's gauges (its engine is gone)."""
+        self.model_unloads.labels(model=model).inc()
+        for gauge in (self.model_loaded_gauge, self.model_memory, self.running, self.waiting, self.kv_cache_usage):
+            gauge.labels(model=model).set(0)
 
     def render(self) -> bytes:
         """The registry in Prometheus text format (content type ``METRICS_CONTENT_TYPE``)."""
         return generate_latest(self.registry)
+
+
+class ModelObserver:
+    """An :class:`~trident.serve.async_engine.EngineObserver` that records into ``metrics`` under ``model``."""
+
+    def __init__(self, metrics: ServerMetrics, model: str) -> None:
+        self.metrics = metrics
+        self.model = model
+
+    def request_done(self, status: str, last: RequestOutput | None) -> None:
+        self.metrics.request_done(self.model, status, last)
+
+    def engine_stats(self, stats: EngineStats) -> None:
+        self.metrics.engine_stats(self.model, stats)

@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _SUBMITTED = "trident_submitted_to_engine"
+_MODEL = "trident_model"
 
 
 def mark_submitted(request: Request) -> None:
@@ -23,11 +24,17 @@ def mark_submitted(request: Request) -> None:
     setattr(request.state, _SUBMITTED, True)
 
 
-class RequestErrorCounter:
-    """Calls ``on_error()`` once for each POST to ``paths`` answered with status >= 400 (or failing before
-    any answer) without having been submitted to the engine."""
+def mark_model(request: Request, model: str) -> None:
+    """Tell the middleware which model the request was routed to (the ``model`` label of its error)."""
+    setattr(request.state, _MODEL, model)
 
-    def __init__(self, app: ASGIApp, paths: Collection[str], on_error: Callable[[], None]) -> None:
+
+class RequestErrorCounter:
+    """Calls ``on_error(model)`` once for each POST to ``paths`` answered with status >= 400 (or failing
+    before any answer) without having been submitted to an engine; ``model`` is the model the request was
+    routed to (:func:`mark_model`), or "" when it was refused before that."""
+
+    def __init__(self, app: ASGIApp, paths: Collection[str], on_error: Callable[[str], None]) -> None:
         self.app = app
         self.paths = frozenset(paths)
         self.on_error = on_error
@@ -48,7 +55,7 @@ class RequestErrorCounter:
             await self.app(scope, receive, watch)
         except BaseException:
             if not status and not state.get(_SUBMITTED):
-                self.on_error()
+                self.on_error(state.get(_MODEL, ""))
             raise
         if status and status[0] >= 400 and not state.get(_SUBMITTED):
-            self.on_error()
+            self.on_error(state.get(_MODEL, ""))

@@ -200,7 +200,12 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "trident"
-    max_model_len: int
+    root: str
+    """The served model this name routes to (itself, or an alias's target)."""
+    loaded: bool
+    """Whether it is in memory now (else the first request loads it)."""
+    max_model_len: int | None = None
+    """Context length in tokens; None until the model has been looked at (loaded or estimated)."""
 
 
 class ModelList(BaseModel):
