@@ -1,7 +1,10 @@
-"""Hugging Face transformers on the same workload, in the same process (the honest ratio).
+"""Hugging Face transformers on the same workload, in the same process (the honest ratio): loading, and
+batch-1 latency with a static-cache ``generate``. The offline side is trident/bench/peer_offline.py.
 
-The model is loaded the way a transformers user would: from the same GGUF file (dequantized by
-transformers) or the same Hugging Face folder, in the same dtype as trident's run.
+A model file or folder is loaded the way a transformers user would (the same GGUF, dequantized by
+transformers, or the same folder); a random-weight shape gets the very tensors trident runs, assigned
+into a transformers model of that config (no copy when dtype and device agree). Attention is transformers'
+default for the architecture (sdpa where supported); continuous batching switches it to its paged variant.
 """
 
 from __future__ import annotations
@@ -9,33 +12,66 @@ from __future__ import annotations
 import os
 import time
 
+import torch
+
 from trident.bench.workloads import Workload
+from trident.errors import TridentError
+from trident.loader.checkpoint import Checkpoint
 
 
-def load_hf(path: str, dtype):
+def load_hf(path: str, dtype: torch.dtype, device: torch.device):
     from transformers import AutoModelForCausalLM
 
-    t0 = time.perf_counter()
     if path.endswith(".gguf"):
         model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                      dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return model.eval(), time.perf_counter() - t0
+    return model.to(device).eval()
 
 
-def hf_latency(model, workload: Workload) -> dict:
-    import torch
+def load_hf_same_weights(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device):
+    """A transformers model of ``checkpoint.hf_config`` holding ``checkpoint.tensors`` themselves.
 
-    x = torch.tensor([workload.prompts[0]])
-    n = workload.output_len
+    The model is built on ``device`` without initialising its weights (buffers such as rotary frequencies
+    are computed as usual), then every parameter is replaced by the checkpoint's tensor and tied weights
+    are re-tied. A tensor the model lacks, or a parameter left unset, is an error."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    raw = dict(checkpoint.hf_config)
+    config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    with torch.device(device), no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    result = model.load_state_dict(checkpoint.tensors, strict=False, assign=True)
+    tied = {"lm_head.weight"} if checkpoint.config.tie_word_embeddings else set()
+    if result.unexpected_keys or set(result.missing_keys) - tied:
+        raise TridentError(f"transformers' {type(model).__name__} does not take trident's tensor names: missing "
+                           f"{sorted(set(result.missing_keys) - tied)[:5]}, unexpected {result.unexpected_keys[:5]}")
+    model.tie_weights()
+    return model.eval()
+
+
+def hf_latency(model, workload: Workload, compile: bool = False) -> dict:
+    """Batch 1 with a static KV cache: prefill tok/s of the prompt (one forward), decode tok/s of the rest.
+    ``compile`` lets transformers compile the decode step (it does so on accelerators only)."""
+    device = model.device
+    x = torch.tensor([workload.prompts[0]], device=device)
+    n = workload.output_lens[0]
+    options = dict(do_sample=False, cache_implementation="static", disable_compile=not compile,
+                   attention_mask=torch.ones_like(x), pad_token_id=0)
     with torch.inference_mode():
-        model.generate(x, max_new_tokens=8, do_sample=False)  # warm-up
+        # Warm-up; a compiled decode step is traced for the cache length of the real run, so warm up with it.
+        warm = n if compile else min(n, 8)
+        model.generate(x, max_new_tokens=warm, min_new_tokens=warm, **options)
+        _sync(device)
         t0 = time.perf_counter()
         model(x)
+        _sync(device)
         prefill_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        out = model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        out = model.generate(x, max_new_tokens=n, min_new_tokens=n, **options)
+        _sync(device)
         total_s = time.perf_counter() - t0
     generated = out.shape[1] - x.shape[1]
     return {"prompt_tokens": x.shape[1], "output_tokens": generated,
@@ -44,16 +80,11 @@ def hf_latency(model, workload: Workload) -> dict:
             "ttft_ms": prefill_s * 1000}
 
 
-def hf_offline(model, workload: Workload) -> dict:
-    """One static batch of all prompts (they have equal lengths, so there is no padding)."""
-    import torch
+def hf_latency_method(device: torch.device, compile: bool) -> str:
+    compiled = compile and device.type != "cpu"
+    return "static cache, compiled" if compiled else "static cache"
 
-    x = torch.tensor(workload.prompts)
-    n = workload.output_len
-    with torch.inference_mode():
-        model.generate(x[:, :32], max_new_tokens=4, do_sample=False)  # warm-up
-        t0 = time.perf_counter()
-        out = model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        elapsed = time.perf_counter() - t0
-    tokens = (out.shape[1] - x.shape[1]) * x.shape[0]
-    return {"requests": x.shape[0], "output_tokens": tokens, "elapsed_s": elapsed, "output_tok_s": tokens / elapsed}
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -5,35 +5,52 @@ running server instead (trident/bench/serve.py)."""
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
-import time
 from datetime import datetime, timezone
 
 from rich.console import Console
-from rich.table import Table
 
-LATENCY_KEYS = ("load_s", "prefill_tok_s", "decode_tok_s", "ttft_ms", "prompt_tokens", "output_tokens")
-OFFLINE_KEYS = ("load_s", "requests", "output_tokens", "elapsed_s", "output_tok_s")
+from trident.bench.shapes import known_shapes
+from trident.errors import TridentError
+
+BENCH_EPILOG = (
+    "Random weights: --shape NAME (one of: " + ", ".join(known_shapes()) + ") or --shape path/to/config.json "
+    "builds the model on --device directly, in --dtype, from --weights-seed; --compare hf then runs the very same "
+    "tensors in transformers. Offline, --max-num-seqs defaults to every request at once and the KV cache "
+    "(--kv-cache-memory) to what every sequence needs at full length. The table shows each engine's fraction of "
+    "the decode bandwidth roofline (weights + KV bytes per step over a copy bandwidth measured in the run; "
+    "trident/bench/roofline.py). Example: trident bench offline --shape qwen3-0.6b --workload nano --device cuda "
+    "--compare hf"
+)
 
 
 def add_bench_parser(sub, model_help: str, engine_args) -> None:
     p = sub.add_parser("bench", help="benchmark: latency (batch 1), offline (many requests batched) or "
-                       "serve (online load against a running OpenAI-compatible server)")
+                       "serve (online load against a running OpenAI-compatible server)", epilog=BENCH_EPILOG)
     p.add_argument("kind", choices=["latency", "offline", "serve"])
     p.add_argument("model", nargs="?", default=None, help=model_help)
+    p.add_argument("--shape", default=None, metavar="NAME|CONFIG",
+                   help="benchmark random weights of a named shape or of a config.json instead of a model file")
+    p.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights of --shape (default 0)")
+    p.add_argument("--workload", choices=["default", "nano"], default="default",
+                   help="offline workload: default (equal-length prompts) or nano (nano-vllm's 256 random prompts "
+                   "of 100-1024 tokens, outputs of 100-1024 tokens; --num-prompts N takes the first N)")
     p.add_argument("--compare", choices=["hf"], default=None,
-                   help="also run Hugging Face transformers on the same workload in this process")
-    p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (latency 241, offline 128)")
-    p.add_argument("--output-len", type=int, default=128, help="generated tokens per request")
-    p.add_argument("--num-prompts", type=int, default=16, help="requests in the offline or serve workload")
+                   help="also run Hugging Face transformers on the same workload in this process (offline: its "
+                   "continuous batching; latency: static-cache generate)")
+    p.add_argument("--hf-compile", action="store_true",
+                   help="latency: let transformers torch.compile its static-cache decode step (on accelerators)")
+    p.add_argument("--prompt-len", type=int, default=None,
+                   help="prompt tokens (latency 241, offline 128; nano: caps each prompt)")
+    p.add_argument("--output-len", type=int, default=None,
+                   help="generated tokens per request (default 128; nano: caps each output length)")
+    p.add_argument("--num-prompts", type=int, default=None,
+                   help="requests in the offline or serve workload (default 16; nano 256)")
     p.add_argument("--prefix-caching", action="store_true",
                    help="keep the prefix cache on (off by default: repetitions would be served from it)")
     p.add_argument("--repeat", type=int, default=3, help="repetitions per engine, interleaved; medians reported")
     p.add_argument("--json", default=None, help="where to write results (default: bench-results/KIND-TIME.json)")
     engine_args(p)
+    p.set_defaults(max_num_seqs=None)  # resolved per workload (trident/bench/subject.py)
     from trident.bench.serve import add_serve_args
 
     add_serve_args(p)
@@ -41,93 +58,130 @@ def add_bench_parser(sub, model_help: str, engine_args) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.num_prompts is None:
+        args.num_prompts = 256 if args.workload == "nano" else 16
+    for flag in ("num_prompts", "repeat", "prompt_len", "output_len"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise TridentError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     if args.kind == "serve":
         from trident.bench.serve import run_serve_bench
 
         return run_serve_bench(args)
-    from trident.bench import peers, trident_side
-    from trident.bench.workloads import latency_workload, offline_workload
-    from trident.engine.engine import LLMEngine
-    from trident.engine.llm import engine_config
-    from trident.loader import default_model_path
+    from trident.bench import peer_offline, peers, report, trident_side
+    from trident.bench.subject import prepare
 
-    model_path = args.model or default_model_path()
-    t0 = time.perf_counter()
-    engine = LLMEngine(engine_config(
-        model_path, device=args.device, dtype=args.dtype, num_threads=args.threads,
-        max_model_len=args.max_model_len, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.prefix_caching,
-    ))
-    load_s = time.perf_counter() - t0
-    if args.kind == "latency":
-        workload = latency_workload(engine.tokenizer, args.prompt_len or 241, args.output_len)
-        ours_fn, theirs_fn = trident_side.run_latency, peers.hf_latency
-    else:
-        workload = offline_workload(engine.tokenizer, args.num_prompts, args.prompt_len or 128, args.output_len)
-        ours_fn, theirs_fn = trident_side.run_offline, peers.hf_offline
+    console = Console()
+    subject = prepare(args)
+    engine, workload = subject.engine, subject.workload
     dtype_name = str(engine.dtype).removeprefix("torch.")
-    model = hf_load_s = None
+    bound = _roofline(engine, workload, args.kind)
+    if args.kind == "latency":
+        ours_fn = trident_side.run_latency
+
+        def theirs_fn(model):
+            return {**peers.hf_latency(model, workload, compile=args.hf_compile),
+                    "method": peers.hf_latency_method(engine.device, args.hf_compile)}
+    else:
+        ours_fn = trident_side.run_offline
+
+        def theirs_fn(model):
+            return peer_offline.hf_offline(model, workload)
+
+    model = peer_error = hf_load_s = None
     if args.compare == "hf":
-        model, hf_load_s = peers.load_hf(model_path, engine.dtype)
+        model, hf_load_s, peer_error = _load_peer(subject)
     # Interleave the engines' repetitions so that drift of a shared machine hits both alike; report medians.
     ours_runs, theirs_runs = [], []
-    for _ in range(args.repeat):
-        ours_runs.append(ours_fn(engine, workload))
-        if model is not None:
-            theirs_runs.append(theirs_fn(model, workload))
-    rows = [{"engine": f"trident ({dtype_name})", "load_s": load_s, **_median(ours_runs), "runs": ours_runs}]
-    if model is not None:
-        rows.append({"engine": f"hf-transformers ({dtype_name})", "load_s": hf_load_s, **_median(theirs_runs),
-                     "runs": theirs_runs})
-    keys = LATENCY_KEYS if args.kind == "latency" else OFFLINE_KEYS
-    _print_table(args.kind, rows, keys)
-    record = {
-        "kind": args.kind, "model": model_path, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "threads": args.threads or os.cpu_count(),
-                    "cpu_model": _cpu_model()},
-        "workload": {"prompts": len(workload.prompts), "prompt_len": len(workload.prompts[0]),
-                     "output_len": workload.output_len},
-        "results": rows,
-    }
-    path = args.json or os.path.join("bench-results", f"{args.kind}-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(record, f, indent=2)
-    Console().print(f"results written to {path}")
+    for i in range(args.repeat):
+        console.log(f"repetition {i + 1}/{args.repeat}: trident {args.kind}")
+        ours_runs.append({**ours_fn(engine, workload), "method": f"paged KV ({engine.attention_backend} attention)"})
+        if model is not None and peer_error is None:
+            console.log(f"repetition {i + 1}/{args.repeat}: hf-transformers {args.kind}")
+            try:
+                theirs_runs.append(theirs_fn(model))
+            except Exception as e:  # a peer's failure is reported in its row; trident's row stands
+                peer_error = f"{type(e).__name__}: {e}"
+    bound_tok_s = bound.tok_s if bound else None
+    rows = [report.summarize(f"trident ({dtype_name})", subject.load_s, ours_runs, None, bound_tok_s, args.kind)]
+    if args.compare == "hf":
+        rows.append(report.summarize(f"hf-transformers ({dtype_name})", hf_load_s, theirs_runs, peer_error,
+                                     bound_tok_s, args.kind))
+    report.print_table(args.kind, f"trident bench {args.kind}: {subject.name}, {dtype_name}, {args.device}",
+                       rows, _captions(args, subject, dtype_name, bound))
+    record = _record(args, subject, dtype_name, bound, rows)
+    console.print(f"results written to {report.write_json(record, args.json, args.kind)}")
     return 0
 
 
-def _print_table(kind: str, rows: list[dict], keys: tuple[str, ...]) -> None:
-    table = Table(title=f"trident bench {kind}")
-    table.add_column("engine")
-    for key in keys:
-        table.add_column(key, justify="right")
-    for row in rows:
-        table.add_row(row["engine"], *(_fmt(row.get(k)) for k in keys))
-    if len(rows) == 2:
-        main = "decode_tok_s" if kind == "latency" else "output_tok_s"
-        ratio = rows[0][main] / rows[1][main]
-        table.caption = f"trident / peer {main}: {ratio:.2f}x"
-    Console(width=max(Console().width, 130)).print(table)
+def _roofline(engine, workload, kind: str):
+    """The decode roofline of this workload on this engine's weights and KV dtype, at a bandwidth measured now
+    (None for a latency run of a single token, which has no decode step)."""
+    import torch
+
+    from trident.bench import roofline
+    from trident.engine.sizing import kv_dtype_of
+
+    bandwidth = roofline.copy_bandwidth(engine.device)
+    weight_bytes = roofline.decode_weight_bytes(engine.model.named_parameters(),
+                                                engine.model_config.tie_word_embeddings)
+    kv_element = torch.empty((), dtype=kv_dtype_of(engine.config, engine.dtype)).element_size()
+    prompt_lens, output_lens = workload.prompt_lens, workload.output_lens
+    if kind == "latency":
+        # The decode rate excludes the first token (prefill's): decode token t reads prompt + 1 + t cached tokens.
+        if output_lens[0] < 2:
+            return None
+        prompt_lens, output_lens = (prompt_lens[0] + 1,), (output_lens[0] - 1,)
+    return roofline.decode_roofline(engine.model_config, weight_bytes, kv_element, prompt_lens, output_lens,
+                                    bandwidth)
 
 
-def _median(runs: list[dict]) -> dict:
-    """Per-key median over repetitions (numbers only)."""
-    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+def _captions(args: argparse.Namespace, subject, dtype_name: str, bound) -> list[str]:
+    from trident.bench import report
+
+    workload = subject.workload
+    source = f"shape {subject.name} (random weights, seed {args.weights_seed})" if subject.shape else subject.name
+    captions = [f"{source} · {dtype_name} · {args.device} ({report.device_name(args.device)}) · workload "
+                f"{workload.name}: {len(workload.prompts)} requests, {workload.output_tokens} output tokens"]
+    if bound:
+        captions.append(f"roofline: copy bandwidth {bound.bandwidth_bytes_s / 1e9:,.0f} GB/s, "
+                        f"{report.size(bound.weight_bytes)} of weights per step, mean batch {bound.mean_batch:.1f}, "
+                        f"mean context {bound.mean_context:.0f} tokens -> {bound.tok_s:,.0f} tok/s")
+    return captions
 
 
-def _cpu_model() -> str:
+def _record(args: argparse.Namespace, subject, dtype_name: str, bound, rows: list[dict]) -> dict:
+    from trident.bench import report
+
+    engine = subject.engine
+    record = {
+        "kind": args.kind, "model": subject.name, "source": "shape" if subject.shape else "file",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": report.machine(args.device, args.threads),
+        "device": args.device, "dtype": dtype_name, "attention_backend": engine.attention_backend,
+        "engine_options": subject.engine_options, "workload": subject.workload.summary(),
+        "roofline": bound.as_dict() if bound else None,
+        "results": rows,
+    }
+    if subject.shape:
+        record["shape"] = {"name": subject.shape.name, "source": subject.shape.source,
+                           "hf_config": subject.shape.hf_config, "weights_seed": args.weights_seed}
+    return record
+
+
+def _load_peer(subject):
+    """(model, load seconds, error): transformers with the same weights (a shape) or the same file."""
+    import time
+
+    from trident.bench import peers
+
+    engine = subject.engine
+    t0 = time.perf_counter()
     try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        return platform.processor()
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.2f}" if value < 100 else f"{value:.0f}"
-    return str(value)
+        if subject.shape:
+            model = peers.load_hf_same_weights(subject.checkpoint, engine.dtype, engine.device)
+        else:
+            model = peers.load_hf(subject.name, engine.dtype, engine.device)
+    except Exception as e:  # reported in the peer's row
+        return None, None, f"{type(e).__name__}: {e}"
+    return model, time.perf_counter() - t0, None

@@ -15,8 +15,12 @@ def _params(output_len: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=output_len, min_tokens=output_len, ignore_eos=True)
 
 
-def warm_up(engine: LLMEngine) -> None:
-    engine.add_request(list(range(1, 33)), _params(4))
+def warm_up(engine: LLMEngine, num_requests: int = 1) -> None:
+    """A few steps of ``num_requests`` short requests at once (capped at the engine's batch), so that one-time
+    work (kernel compilation, allocator growth) for batched prefill and decode falls outside the timing."""
+    vocab = min(engine.model_config.vocab_size, 1000)
+    for i in range(min(num_requests, engine.config.scheduler.max_num_seqs)):
+        engine.add_request([(1 + i + j) % vocab for j in range(32)], _params(4))
     while engine.has_unfinished():
         engine.step()
 
@@ -26,7 +30,7 @@ def run_latency(engine: LLMEngine, workload: Workload) -> dict:
     warm_up(engine)
     prompt = list(workload.prompts[0])
     t0 = time.perf_counter()
-    engine.add_request(prompt, _params(workload.output_len))
+    engine.add_request(prompt, _params(workload.output_lens[0]))
     t_first = None
     tokens = 0
     while engine.has_unfinished():
@@ -44,19 +48,20 @@ def run_latency(engine: LLMEngine, workload: Workload) -> dict:
 
 
 def run_offline(engine: LLMEngine, workload: Workload) -> dict:
-    """All prompts at once, continuously batched: total generated tokens per second."""
-    warm_up(engine)
+    """All prompts at once, continuously batched: total generated tokens per second. ``steps`` counts engine
+    steps, ``mean_batch`` the tokens one step generated on average."""
+    warm_up(engine, len(workload.prompts))
     t0 = time.perf_counter()
-    for prompt in workload.prompts:
-        engine.add_request(list(prompt), _params(workload.output_len))
-    tokens = 0
+    for prompt, output_len in zip(workload.prompts, workload.output_lens):
+        engine.add_request(list(prompt), _params(output_len))
+    tokens = steps = 0
     with Progress(transient=True) as progress:
-        task = progress.add_task("trident offline", total=len(workload.prompts) * workload.output_len)
+        task = progress.add_task("trident offline", total=workload.output_tokens)
         while engine.has_unfinished():
-            for out in engine.step():
-                progress.advance(task)  # one new token per request per step
-                if out.finished:
-                    tokens += len(out.outputs[0].token_ids)
+            outputs = engine.step()
+            steps += 1
+            progress.advance(task, len(outputs))  # one new token per request that progressed
+            tokens += sum(len(out.outputs[0].token_ids) for out in outputs if out.finished)
     elapsed = time.perf_counter() - t0
     return {"requests": len(workload.prompts), "output_tokens": tokens, "elapsed_s": elapsed,
-            "output_tok_s": tokens / elapsed}
+            "output_tok_s": tokens / elapsed, "steps": steps, "mean_batch": tokens / steps}
