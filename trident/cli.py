@@ -34,8 +34,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences batched at once")
     g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="never replay decode steps from CUDA graphs (captured at start-up on CUDA otherwise)")
     g.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
-                   help="bytes for the KV cache, e.g. 512MiB or 2GiB (default: 1GiB, and never more than "
+                   help="bytes for the KV cache, e.g. 512MiB or 2GiB (default: 1GiB on the CPU; on CUDA what is "
+                   "left of 90%% of the GPU's memory after the weights and an activation reserve; never more than "
                    "--max-num-seqs full-length sequences need)")
 
 
@@ -98,7 +101,7 @@ def _engine_config(args: argparse.Namespace, model: str | None):
         model, device=args.device, dtype=args.dtype, num_threads=args.threads,
         attention_backend=args.attention_backend,
         max_model_len=args.max_model_len, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, **extra,
+        max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager, **extra,
     )
 
 

@@ -228,8 +228,12 @@ class CacheConfig:
     """Tokens per KV block."""
     num_blocks: int | None = None
     """Blocks to allocate; None sizes the cache from memory_budget_bytes."""
-    memory_budget_bytes: int = 1 << 30
-    """Bytes for the KV cache when num_blocks is None."""
+    memory_budget_bytes: int | None = None
+    """Bytes for the KV cache when num_blocks is None. None: 1 GiB on the CPU; on CUDA what is left of
+    ``gpu_memory_utilization`` of the device's memory after the weights and an activation reserve."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of the GPU's memory this engine may fill (weights, KV cache, activations), when
+    memory_budget_bytes is None."""
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"
     """auto = the model's compute dtype."""
@@ -241,6 +245,12 @@ class CacheConfig:
             raise TridentError(f"num_blocks must be positive, got {self.num_blocks!r}")
         if self.kv_cache_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise TridentError(f"unsupported kv_cache_dtype {self.kv_cache_dtype!r}")
+        if self.memory_budget_bytes is not None and (isinstance(self.memory_budget_bytes, bool) or not isinstance(
+                self.memory_budget_bytes, int) or self.memory_budget_bytes <= 0):
+            raise TridentError(f"memory_budget_bytes must be a positive integer or None, got "
+                               f"{self.memory_budget_bytes!r}")
+        if not 0.05 <= self.gpu_memory_utilization <= 1.0:
+            raise TridentError(f"gpu_memory_utilization must be in [0.05, 1], got {self.gpu_memory_utilization!r}")
 
 
 @dataclass(frozen=True)
@@ -277,6 +287,10 @@ class EngineConfig:
     """Seed of the generator for sampled requests that give no seed of their own."""
     attention_backend: str = "auto"
     """auto (triton on CUDA when it imports, else torch), torch (the reference) or triton (CUDA only)."""
+    enforce_eager: bool = False
+    """Never capture CUDA graphs (they replay decode-only steps on CUDA with a backend that supports them)."""
+    cuda_graph_max_batch_size: int | None = None
+    """Largest decode batch replayed from a CUDA graph; None: max_num_seqs, at most 512."""
 
     def __post_init__(self) -> None:
         from trident.attention.registry import check_backend_name
@@ -288,3 +302,5 @@ class EngineConfig:
             raise TridentError(f"unsupported dtype {self.dtype!r}; use auto, float32, bfloat16 or float16")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise TridentError(f"max_model_len must be positive, got {self.max_model_len!r}")
+        if self.cuda_graph_max_batch_size is not None and self.cuda_graph_max_batch_size <= 0:
+            raise TridentError(f"cuda_graph_max_batch_size must be positive, got {self.cuda_graph_max_batch_size!r}")

@@ -38,6 +38,39 @@ def test_triton_backend_matches_cpu_greedy(tiny_llama_dir, block_size: int) -> N
     assert [o.token_ids for o in cuda.generate(prompts, GREEDY)] == cpu
     stats = cuda.engine.stats()
     assert stats.num_preemptions > 0 and stats.prefix_cache_hit_tokens > 0
+    graphs = cuda.engine.runner.graphs
+    assert graphs is not None and graphs.replays > 0  # decode-only steps replayed CUDA graphs
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_match_eager(tiny_llama_dir) -> None:
+    """Batches that fill a bucket exactly and ones padded up to the next (3 -> 4, 11 -> 16, 20 -> 24)."""
+    options = dict(device="cuda", dtype="float32", num_blocks=512, max_num_seqs=24)
+    graphed = LLM(str(tiny_llama_dir), **options)
+    eager = LLM(str(tiny_llama_dir), enforce_eager=True, **options)
+    assert graphed.engine.runner.graphs.batch_sizes == (1, 2, 4, 8, 16, 24) and eager.engine.runner.graphs is None
+    for n in (1, 3, 8, 11, 20):
+        prompts = _prompts(n, seed=n)
+        want = [o.token_ids for o in eager.generate(prompts, GREEDY)]
+        before = graphed.engine.runner.graphs.replays
+        assert [o.token_ids for o in graphed.generate(prompts, GREEDY)] == want
+        assert graphed.engine.runner.graphs.replays > before
+
+
+@pytest.mark.gpu
+def test_default_model_gpu_greedy_equals_cpu(default_llm) -> None:
+    """The real SmolLM2 on CUDA (Triton kernels, CUDA graphs, float32) gives the CPU reference's 64 greedy
+    tokens; bf16 with graphs gives bf16 eager's."""
+    chats = [[{"role": "user", "content": c}] for c in
+             ("What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
+              "Explain what a CPU cache is.")]
+    params = SamplingParams(temperature=0, max_tokens=64)
+    cpu = [o.token_ids for o in default_llm.chat(chats, params)]
+    gpu = LLM(device="cuda", dtype="float32")
+    assert gpu.engine.runner.graphs is not None
+    assert [o.token_ids for o in gpu.chat(chats, params)] == cpu
+    bf16 = [o.token_ids for o in LLM(device="cuda").chat(chats, params)]
+    assert [o.token_ids for o in LLM(device="cuda", enforce_eager=True).chat(chats, params)] == bf16
 
 
 @pytest.mark.gpu

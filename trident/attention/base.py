@@ -80,6 +80,9 @@ class AttentionBackend(Protocol):
 
     wants_prefill_batch: bool
     """Whether the runner should also build ``AttentionMetadata.prefill_batch`` each step."""
+    supports_cuda_graphs: bool
+    """Whether a decode-only step can be captured and replayed as a CUDA graph: its launches depend only on
+    tensor shapes, nothing syncs with the host, and a padding row (slot -1, context length 0) is harmless."""
 
     @staticmethod
     def cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:

@@ -20,6 +20,7 @@ class TorchAttention:
     """The reference backend. Grouped-query attention without repeating keys/values."""
 
     wants_prefill_batch = False  # attends chunk by chunk from AttentionMetadata.prefills
+    supports_cuda_graphs = False  # padding rows (slot -1) would be written to the last slot
 
     @staticmethod
     def cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:

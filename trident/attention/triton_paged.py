@@ -30,6 +30,7 @@ class TritonPagedAttention:
     """The CUDA backend. Grouped-query attention reads each K/V tile once for its whole query-head group."""
 
     wants_prefill_batch = True
+    supports_cuda_graphs = True
 
     def __init__(self, num_sms: int | None = None) -> None:
         self._num_sms = num_sms

@@ -137,15 +137,20 @@ class BlockManager:
         if cached_blocks and table:
             raise ValueError(f"sequence {seq.seq_id} already holds blocks; cached blocks go first")
         num_new = cdiv(num_tokens, self.block_size) - len(table) - len(cached_blocks)
-        num_revived = sum(1 for b in cached_blocks if self._ref_counts[b] == 0)
-        if max(num_new, 0) + num_revived > self.num_free_blocks:
-            return False
-        for block_id in cached_blocks:  # revive before taking new blocks, which could evict them
-            if self._ref_counts[block_id] == 0:
-                del self._evictable[block_id]
-            self._ref_counts[block_id] += 1
-            table.append(block_id)
-        if cached_blocks:
+        if not cached_blocks:  # a running sequence growing: the common case, once per block it fills
+            if num_new <= 0:
+                return True
+            if num_new > len(self._free) + len(self._evictable):
+                return False
+        else:
+            num_revived = sum(1 for b in cached_blocks if self._ref_counts[b] == 0)
+            if max(num_new, 0) + num_revived > self.num_free_blocks:
+                return False
+            for block_id in cached_blocks:  # revive before taking new blocks, which could evict them
+                if self._ref_counts[block_id] == 0:
+                    del self._evictable[block_id]
+                self._ref_counts[block_id] += 1
+                table.append(block_id)
             self._num_hashed[seq.seq_id] = len(cached_blocks)
         for _ in range(num_new):
             block_id = self._take_block()

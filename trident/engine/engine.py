@@ -2,6 +2,12 @@
 
 ``add_request`` queues a prompt, ``step`` runs one batched model step for everything running and
 returns the requests that progressed; LLM.generate, the CLI and the server all drive it.
+
+Per-step host cost: the scheduler, the detokenizer and the outputs touch every running sequence at
+every step, so each does O(1) work per sequence (amortized): outputs share the sequences' token lists
+through :class:`~trident.engine.results.Snapshot` views instead of copying them, and
+``step(only_finished=True)`` (what LLM.generate uses) builds no output, and decodes no text, for a
+request until it finishes (text is still followed step by step for samples with stop strings).
 """
 
 from __future__ import annotations
@@ -16,12 +22,19 @@ import torch
 from trident.attention.registry import create_backend, resolve_backend_name
 from trident.config import EngineConfig
 from trident.engine.output import OutputProcessor
-from trident.engine.request import FinishReason, SamplingParams, Sequence
-from trident.engine.results import CompletionOutput, RequestMetrics, RequestOutput
+from trident.engine.request import FinishReason, SamplingParams, Sequence, SequenceStatus
+from trident.engine.results import CompletionOutput, RequestMetrics, RequestOutput, Snapshot
 from trident.engine.runner import ModelRunner
 from trident.engine.sampler import Sampler
 from trident.engine.scheduler import Scheduler
-from trident.engine.sizing import kv_dtype_of, num_kv_blocks, resolve_dtype, resolve_max_model_len
+from trident.engine.sizing import (
+    cuda_graph_batch_sizes,
+    kv_budget_bytes,
+    kv_dtype_of,
+    num_kv_blocks,
+    resolve_dtype,
+    resolve_max_model_len,
+)
 from trident.errors import TridentError
 from trident.loader import Checkpoint, load_checkpoint
 from trident.models.build import build_model
@@ -31,9 +44,12 @@ from trident.models.build import build_model
 class _Request:
     request_id: str
     prompt: str | None
-    prompt_token_ids: list[int]
+    prompt_token_ids: tuple[int, ...]
     seqs: list[Sequence]
-    delta: dict[int, str]
+    delta: dict[int, list[str]]
+    """seq_id -> text produced since the request's previous output (joined when the next one is built)."""
+    metrics: RequestMetrics | None = None
+    """The metrics of the latest output: reused while they stay the same (they seldom change)."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +84,6 @@ class LLMEngine:
         if config.device.startswith("cuda") and not torch.cuda.is_available():
             raise TridentError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
         checkpoint = checkpoint or load_checkpoint(config.model or None)
-        self.checkpoint = checkpoint
         self.model_config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
         self.device = torch.device(config.device)
@@ -81,11 +96,14 @@ class LLMEngine:
         self.max_model_len = resolve_max_model_len(self.model_config, config, self.device)
         cache = config.cache
         kv_dtype = kv_dtype_of(config, self.dtype)
-        num_blocks = num_kv_blocks(self.model_config, config, self.max_model_len, kv_dtype)
+        num_blocks = num_kv_blocks(self.model_config, config, self.max_model_len, kv_dtype,
+                                   kv_budget_bytes(self.model_config, config, self.device))
         self.num_blocks = num_blocks
+        graph_sizes = cuda_graph_batch_sizes(config, self.device, backend.supports_cuda_graphs)
         self.runner = ModelRunner(self.model, backend=backend, num_blocks=num_blocks, block_size=cache.block_size,
                                   kv_dtype=kv_dtype, device=self.device,
-                                  sampler=Sampler(seed=config.seed, device=self.device))
+                                  sampler=Sampler(seed=config.seed, device=self.device),
+                                  max_model_len=self.max_model_len, cuda_graph_batch_sizes=graph_sizes)
         eos = tuple(self.tokenizer.eos_token_ids) if self.tokenizer else self.model_config.eos_token_ids
         self.eos_token_ids = eos
         self.scheduler = Scheduler(config.scheduler, cache, num_blocks, self.max_model_len, eos)
@@ -122,7 +140,7 @@ class LLMEngine:
                 for i in range(params.n)]
         for seq in seqs:  # validates length against the context and the cache; nothing queued on error
             self.scheduler.check(seq)
-        request = _Request(request_id, text, list(prompt_ids), seqs, {})
+        request = _Request(request_id, text, tuple(prompt_ids), seqs, {})
         for seq in seqs:
             self.scheduler.add(seq)
             self._seq_to_request[seq.seq_id] = request
@@ -140,53 +158,88 @@ class LLMEngine:
         return bool(self._requests)
 
     # -- stepping ---------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Run one engine step; return the requests that got new tokens (or finished) in it."""
+    def step(self, *, only_finished: bool = False) -> list[RequestOutput]:
+        """Run one engine step; return the requests that got new tokens (or finished) in it.
+
+        With ``only_finished``, return only the requests that finished in this step, each with its
+        final output (``delta_text`` then holds all the text not handed out before). That is all an
+        offline caller needs, and it skips building an output for every running request at every
+        step. Callers may switch between the two forms from one step to the next.
+        """
         plan = self.scheduler.schedule()
         result = self.runner.execute(plan)
         changed = self.scheduler.update(plan, result)
+        seq_to_request = self._seq_to_request
         touched: dict[str, _Request] = {}
         for seq in changed:
-            request = self._seq_to_request[seq.seq_id]
-            touched[request.request_id] = request
-            if self.outputs is None:
-                continue
-            delta = self.outputs.process(seq)
-            if delta.stopped and not seq.is_finished:
-                self.scheduler.finish(seq.seq_id, FinishReason.STOP)
-            text = delta.text + (self.outputs.flush(seq) if seq.is_finished else "")
-            request.delta[seq.seq_id] = request.delta.get(seq.seq_id, "") + text
-        results = [self._output(request) for request in touched.values()]
-        for out in results:
-            if out.finished:
-                self._forget(self._requests.pop(out.request_id))
+            request = seq_to_request[seq.seq_id]
+            if self.outputs is not None:
+                self._detokenize(seq, request, only_finished)
+            if not only_finished or seq.status is _FINISHED:
+                touched[request.request_id] = request
+        results = []
+        for request in touched.values():
+            finished = all(s.status is _FINISHED for s in request.seqs)
+            if finished or not only_finished:
+                results.append(self._output(request, finished))
+            if finished:
+                self._forget(self._requests.pop(request.request_id))
         return results
 
-    def _output(self, request: _Request) -> RequestOutput:
+    def _detokenize(self, seq: Sequence, request: _Request, only_finished: bool) -> None:
+        """Turn the sequence's new token into text (and end it on a stop string).
+
+        Without stop strings and with only finished outputs wanted, nothing is decoded until the
+        sequence finishes, and then its text comes from one decode of everything not yet handed out.
+        """
+        outputs = self.outputs
+        assert outputs is not None
+        if only_finished and not seq.params.stop:
+            if seq.status is _FINISHED:
+                request.delta.setdefault(seq.seq_id, []).append(outputs.flush(seq))
+            return
+        delta = outputs.process(seq)
+        if delta.stopped and seq.status is not _FINISHED:
+            self.scheduler.finish(seq.seq_id, FinishReason.STOP)
+        text = delta.text + (outputs.flush(seq) if seq.status is _FINISHED else "")
+        if text:
+            request.delta.setdefault(seq.seq_id, []).append(text)
+
+    def _output(self, request: _Request, finished: bool) -> RequestOutput:
+        """The request as it stands: O(1) per sample, whatever the number of tokens so far."""
         completions = []
+        first_token_time = finish_time = None
+        num_preemptions = 0
         for seq in request.seqs:
-            if self.outputs is not None:
-                text = self.outputs.text(seq.seq_id)
-            else:
-                text = ""
+            tokens = seq.token_ids
+            reason = seq.finish_reason
+            parts = request.delta.pop(seq.seq_id, None)
             completions.append(CompletionOutput(
-                index=seq.sample_index, text=text, delta_text=request.delta.pop(seq.seq_id, ""),
-                token_ids=tuple(seq.output_token_ids),
-                finish_reason=seq.finish_reason.value if seq.finish_reason else None,
-                logprobs=tuple(seq.logprobs) if seq.params.logprobs is not None else None,
+                index=seq.sample_index,
+                text=self.outputs.text(seq.seq_id) if self.outputs is not None else "",
+                delta_text="".join(parts) if parts else "",
+                token_ids=Snapshot(tokens, seq.num_prompt_tokens, len(tokens)),
+                finish_reason=reason.value if reason is not None else None,
+                logprobs=Snapshot(seq.logprobs) if seq.params.logprobs is not None else None,
             ))
-        first = [s.first_token_time for s in request.seqs if s.first_token_time is not None]
-        done = [s.finish_time for s in request.seqs if s.finish_time is not None]
-        finished = all(s.is_finished for s in request.seqs)
+            t = seq.first_token_time
+            if t is not None and (first_token_time is None or t < first_token_time):
+                first_token_time = t
+            t = seq.finish_time
+            if finished and t is not None and (finish_time is None or t > finish_time):
+                finish_time = t
+            num_preemptions += seq.num_preemptions
+        first = request.seqs[0]
+        metrics = request.metrics
+        if metrics is None or (metrics.first_token_time, metrics.finish_time, metrics.num_preemptions) != (
+                first_token_time, finish_time, num_preemptions):
+            metrics = request.metrics = RequestMetrics(
+                arrival_time=first.arrival_time, first_token_time=first_token_time, finish_time=finish_time,
+                num_preemptions=num_preemptions)
         return RequestOutput(
-            request_id=request.request_id, prompt=request.prompt,
-            prompt_token_ids=tuple(request.prompt_token_ids), outputs=tuple(completions), finished=finished,
-            num_cached_tokens=request.seqs[0].num_cached_tokens,
-            metrics=RequestMetrics(
-                arrival_time=request.seqs[0].arrival_time, first_token_time=min(first) if first else None,
-                finish_time=max(done) if finished and done else None,
-                num_preemptions=sum(s.num_preemptions for s in request.seqs),
-            ),
+            request_id=request.request_id, prompt=request.prompt, prompt_token_ids=request.prompt_token_ids,
+            outputs=tuple(completions), finished=finished, num_cached_tokens=first.num_cached_tokens,
+            metrics=metrics,
         )
 
     def _forget(self, request: _Request) -> None:
@@ -211,3 +264,6 @@ class LLMEngine:
             storages[storage.data_ptr()] = storage.nbytes()
         kv = sum(k.nbytes + v.nbytes for k, v in self.runner.kv_caches)
         return MemoryUsage(weights_bytes=sum(storages.values()), kv_cache_bytes=kv)
+
+
+_FINISHED = SequenceStatus.FINISHED  # a module constant: enum attribute look-ups are slow on Python 3.11

@@ -56,10 +56,9 @@ class LLM:
                       transient=True, disable=not use_progress) as progress:
             task = progress.add_task("generate", total=len(ids))
             while len(finished) < len(ids):
-                for out in engine.step():
-                    if out.finished:
-                        finished[out.request_id] = out
-                        progress.advance(task)
+                for out in engine.step(only_finished=True):  # no per-step outputs: only the final ones
+                    finished[out.request_id] = out
+                    progress.advance(task)
         return [finished[i] for i in ids]
 
     def chat(self, conversations: list[dict] | list[list[dict]], params: SamplingParams | None = None,

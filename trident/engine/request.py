@@ -10,6 +10,7 @@ import enum
 import math
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from trident.errors import TridentError
 
@@ -84,11 +85,13 @@ class SamplingParams:
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20),
                f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
 
-    @property
+    # Derived flags are read for every sequence at every step: computed once (cached_property writes the
+    # instance's __dict__ directly, so it works on a frozen dataclass and never takes part in == or hash).
+    @cached_property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    @property
+    @cached_property
     def needs_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
@@ -127,9 +130,14 @@ class SampledToken:
     top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Sequence:
-    """One sample of a request: its tokens, KV blocks and progress. Mutated only by the scheduler."""
+    """One sample of a request: its tokens, KV blocks and progress. Mutated only by the scheduler.
+
+    ``token_ids`` and ``logprobs`` are append-only: nothing ever shortens or rewrites them (a preempted
+    sequence keeps its tokens), so a view of their first items stays valid for good (the engine hands
+    out outputs that way instead of copying them every step).
+    """
 
     seq_id: int
     request_id: str
@@ -138,7 +146,7 @@ class Sequence:
     params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
     token_ids: list[int] = field(default_factory=list)
-    """Prompt followed by the generated tokens."""
+    """Prompt followed by the generated tokens (append-only)."""
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     """Tokens whose keys and values are in the KV cache."""
@@ -147,17 +155,17 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     logprobs: list[SampledToken] = field(default_factory=list)
+    """The sampled tokens, when ``params.logprobs`` asks for them (append-only)."""
     num_preemptions: int = 0
     first_token_time: float | None = None
     finish_time: float | None = None
+    num_prompt_tokens: int = field(init=False)
+    """``len(prompt_token_ids)``, kept because it is read for every sequence at every step."""
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
+        self.num_prompt_tokens = len(self.prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:
@@ -173,4 +181,7 @@ class Sequence:
 
     @property
     def is_finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED
+        return self.status is _FINISHED
+
+
+_FINISHED = SequenceStatus.FINISHED  # a module constant: enum attribute look-ups are slow on Python 3.11

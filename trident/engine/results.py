@@ -1,10 +1,94 @@
-"""What generation returns to callers (LLM.generate, the CLI, the server). Imports no torch."""
+"""What generation returns to callers (LLM.generate, the CLI, the server). Imports no torch.
+
+An output is a value: nothing in it changes after it was handed out, although the engine goes on
+generating. Token ids and logprobs come as :class:`Snapshot` views of the sequence's append-only lists,
+so an output costs the same to build at the 1st token as at the 10,000th (a tuple copy per step would
+make streaming a request quadratic in its length).
+"""
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
+from typing import Generic, TypeVar, overload
 
 from trident.engine.request import SampledToken
+
+T = TypeVar("T")
+
+
+class Snapshot(SequenceABC, Generic[T]):
+    """Items ``[start, stop)`` of a list that only ever grows at its end, read in place.
+
+    Made in O(1), it behaves as the tuple of those items would: ``len``, indexing, iteration; a slice
+    is a tuple; it equals, and hashes like, the tuple with the same items (and another snapshot with
+    them), but not a list (as a tuple does not); ``+`` gives a tuple. Items appended to the list later
+    are not part of it. The list's owner must never change or remove items below ``stop``.
+    """
+
+    __slots__ = ("_items", "_start", "_stop")
+
+    def __init__(self, items: list[T], start: int = 0, stop: int | None = None) -> None:
+        stop = len(items) if stop is None else stop
+        if not 0 <= start <= stop <= len(items):
+            raise ValueError(f"snapshot bounds [{start}, {stop}) do not fit a list of {len(items)} items")
+        self._items = items
+        self._start = start
+        self._stop = stop
+
+    def __len__(self) -> int:
+        return self._stop - self._start
+
+    @overload
+    def __getitem__(self, index: int) -> T: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[T, ...]: ...
+    def __getitem__(self, index: int | slice) -> T | tuple[T, ...]:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self._stop - self._start)
+            if step == 1:
+                return tuple(self._items[self._start + start:self._start + max(start, stop)])
+            return tuple(self._items[self._start:self._stop][index])
+        n = self._stop - self._start
+        i = index + n if index < 0 else index
+        if not 0 <= i < n:
+            raise IndexError("snapshot index out of range")
+        return self._items[self._start + i]
+
+    def __iter__(self) -> Iterator[T]:
+        return itertools.islice(self._items, self._start, self._stop)
+
+    def _tuple(self) -> tuple[T, ...]:
+        return tuple(self._items[self._start:self._stop])
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Snapshot):
+            return len(self) == len(other) and self._tuple() == other._tuple()
+        if isinstance(other, tuple):
+            return len(self) == len(other) and self._tuple() == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._tuple())
+
+    def __add__(self, other: object) -> tuple:
+        if isinstance(other, (tuple, Snapshot)):
+            return self._tuple() + tuple(other)
+        return NotImplemented
+
+    def __radd__(self, other: object) -> tuple:
+        if isinstance(other, tuple):
+            return other + self._tuple()
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return repr(self._tuple())
+
+    def __reduce__(self) -> tuple:
+        items = list(self)
+        return Snapshot, (items, 0, len(items))
 
 
 @dataclass(frozen=True)
@@ -15,11 +99,14 @@ class CompletionOutput:
     text: str
     """Text so far (final text once finished; stop strings removed)."""
     delta_text: str
-    """Text added by this step (for streaming)."""
-    token_ids: tuple[int, ...]
+    """Text added since the previous output of this request was handed out (for streaming): with
+    ``LLMEngine.step()`` that is this step's text; when only finished requests are reported, all of it."""
+    token_ids: Snapshot[int]
+    """The generated token ids (tuple-like, see :class:`Snapshot`)."""
     finish_reason: str | None
     """None while running; "stop", "length" or "abort" once finished."""
-    logprobs: tuple[SampledToken, ...] | None = None
+    logprobs: Snapshot[SampledToken] | None = None
+    """The sampled tokens with their log-probabilities, when asked for (tuple-like)."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +141,7 @@ class RequestOutput:
         return self.outputs[0].text
 
     @property
-    def token_ids(self) -> tuple[int, ...]:
+    def token_ids(self) -> Snapshot[int]:
         return self.outputs[0].token_ids
 
     @property

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from trident.attention.base import AttentionBackend, AttentionMetadata, DecodeBatch, PrefillBatch, PrefillSeq
+from trident.engine.cuda_graphs import DecodeGraphs, max_blocks_per_seq
 from trident.engine.plan import ScheduledChunk, StepPlan, StepResult
 from trident.engine.sampler import Sampler
 
@@ -15,7 +16,8 @@ class ModelRunner:
     """Runs one engine step on ``model`` (built, weights loaded, on ``device`` in ``dtype``)."""
 
     def __init__(self, model: torch.nn.Module, *, backend: AttentionBackend, num_blocks: int, block_size: int,
-                 kv_dtype: torch.dtype, device: torch.device, sampler: Sampler) -> None:
+                 kv_dtype: torch.dtype, device: torch.device, sampler: Sampler, max_model_len: int | None = None,
+                 cuda_graph_batch_sizes: tuple[int, ...] = ()) -> None:
         config = model.config
         self.model = model
         self.block_size = block_size
@@ -26,11 +28,21 @@ class ModelRunner:
         # Zeroed (not empty): padded decode rows read other blocks, and 0 * NaN garbage would poison them.
         self.kv_caches = [(_zeros(shape, kv_dtype, device), _zeros(shape, kv_dtype, device))
                           for _ in range(config.num_layers)]
+        self.graphs: DecodeGraphs | None = None
+        """Captured decode steps (CUDA with a capturable backend, unless enforce_eager), else None."""
+        if cuda_graph_batch_sizes:
+            assert max_model_len is not None
+            self.graphs = DecodeGraphs(lambda ids, pos, meta: self.model(ids, pos, self.kv_caches, meta),
+                                       cuda_graph_batch_sizes, max_blocks_per_seq(max_model_len, block_size), device)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
         if plan.is_empty:
             return StepResult(sampled={})
+        graphs = self.graphs
+        if graphs is not None and graphs.bucket(len(plan.chunks)) is not None and \
+                all(c.num_tokens == 1 and c.sample for c in plan.chunks):
+            return self._execute_graph(plan, graphs)
         input_ids, positions, meta, logits_indices, sample_chunks = self.prepare(plan)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
         if not sample_chunks:
@@ -38,6 +50,17 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[logits_indices])
         tokens = self.sampler(logits, sample_chunks)
         return StepResult(sampled={c.seq_id: t for c, t in zip(sample_chunks, tokens)})
+
+    def _execute_graph(self, plan: StepPlan, graphs: DecodeGraphs) -> StepResult:
+        """A decode-only step replayed from a CUDA graph (every chunk is one token and samples)."""
+        bs = self.block_size
+        chunks = plan.chunks
+        positions = [c.start_pos for c in chunks]
+        tables = [c.block_table for c in chunks]
+        slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions)]
+        hidden = graphs.run([c.token_ids[-1] for c in chunks], positions, slots, tables)
+        tokens = self.sampler(self.model.compute_logits(hidden), chunks)
+        return StepResult(sampled={c.seq_id: t for c, t in zip(chunks, tokens)})
 
     def prepare(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor,
                                                list[ScheduledChunk]]:

@@ -47,6 +47,8 @@ class Sampler:
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed & _MASK64)
+        self._plain_tokens: dict[int, SampledToken] = {}
+        """token id -> its SampledToken without logprobs (immutable, so one per id serves every row)."""
 
     def __call__(self, logits: torch.Tensor, chunks: Sequence[ScheduledChunk]) -> list[SampledToken]:
         """Sample a token for each row; ``logits[i]`` ([num_chunks, vocab]) belongs to ``chunks[i]``."""
@@ -54,8 +56,8 @@ class Sampler:
             raise ValueError(f"logits of shape {tuple(logits.shape)} do not match {len(chunks)} chunks")
         if not chunks:
             return []
-        if all(_plain_greedy(c.params) for c in chunks):
-            return [SampledToken(t) for t in logits.argmax(dim=-1).tolist()]
+        if _all_plain_greedy(chunks):
+            return self._plain(logits.argmax(dim=-1).tolist())
 
         penalized = apply_penalties(logits.float(), chunks)
         logprobs = None
@@ -68,7 +70,18 @@ class Sampler:
             row_chunks = [chunks[i] for i in random_rows]
             probs = filtered_probs(penalized[rows], [c.params for c in row_chunks])
             tokens[rows] = self._draw(probs, row_chunks)
-        return _package(tokens.tolist(), logprobs, chunks)
+        return _package(self._plain(tokens.tolist()), logprobs, chunks)
+
+    def _plain(self, token_ids: list[int]) -> list[SampledToken]:
+        """A SampledToken (without logprobs) per id, shared from a cache instead of built per row."""
+        cache = self._plain_tokens
+        out = []
+        for t in token_ids:
+            token = cache.get(t)
+            if token is None:
+                token = cache[t] = SampledToken(t)
+            out.append(token)
+        return out
 
     def _draw(self, probs: torch.Tensor, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
         """One token per row of ``probs`` by the exponential race, with each row's generator."""
@@ -93,6 +106,19 @@ class Sampler:
 
 def _plain_greedy(params: SamplingParams) -> bool:
     return params.temperature == 0.0 and params.logprobs is None and not params.needs_penalties
+
+
+def _all_plain_greedy(chunks: Sequence[ScheduledChunk]) -> bool:
+    """Whether every row is plain greedy; rows sharing one params object (a batch of one kind) are
+    checked once."""
+    last = None
+    for c in chunks:
+        params = c.params
+        if params is not last:
+            if not _plain_greedy(params):
+                return False
+            last = params
+    return True
 
 
 def row_seed(seed: int, sample_index: int, num_output_tokens: int) -> int:
@@ -179,11 +205,12 @@ def _column(values: Sequence[float], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
 
 
-def _package(tokens: list[int], logprobs: torch.Tensor | None,
+def _package(plain: list[SampledToken], logprobs: torch.Tensor | None,
              chunks: Sequence[ScheduledChunk]) -> list[SampledToken]:
     """Attach the chosen token's logprob and the top alternatives to the rows that asked for them."""
     if logprobs is None:
-        return [SampledToken(t) for t in tokens]
+        return plain
+    tokens = [t.token_id for t in plain]
     rows = [i for i, c in enumerate(chunks) if c.params.logprobs is not None]
     index = torch.tensor(rows, device=logprobs.device)
     chosen = torch.tensor([tokens[i] for i in rows], device=logprobs.device)
@@ -195,7 +222,7 @@ def _package(tokens: list[int], logprobs: torch.Tensor | None,
         values, ids = logprobs[index].topk(k_max, dim=-1)
         top_values, top_ids = values.tolist(), ids.tolist()
 
-    result = [SampledToken(t) for t in tokens]
+    result = list(plain)
     for j, i in enumerate(rows):
         k = chunks[i].params.logprobs
         pairs = sorted(zip(top_ids[j], top_values[j], strict=True), key=lambda p: (-p[1], p[0]))[:k]

@@ -24,7 +24,7 @@ from collections import deque
 from trident.config import CacheConfig, SchedulerConfig
 from trident.engine.block_manager import BlockManager, cdiv
 from trident.engine.plan import ScheduledChunk, StepPlan, StepResult
-from trident.engine.request import FinishReason, SampledToken, Sequence, SequenceStatus
+from trident.engine.request import FinishReason, Sequence, SequenceStatus
 from trident.errors import TridentError
 
 
@@ -116,7 +116,7 @@ class Scheduler:
         seq = self._seqs.pop(seq_id, None)
         if seq is None:
             return
-        if seq.status is SequenceStatus.RUNNING:
+        if seq.status is _RUNNING:
             self.running.remove(seq)
         else:
             self.waiting.remove(seq)
@@ -144,13 +144,21 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[int] = []
+        running = self.running
+        capacity = self.block_size
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self._make_room(seq, n, preempted):
+        # The hot loop of a decode step: every running sequence, so it reads plain attributes only and
+        # calls the block manager only when the chunk reaches past the blocks the sequence holds.
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            start = seq.num_computed_tokens
+            num_tokens = len(seq.token_ids)
+            n = num_tokens - start
+            if n > budget:
+                n = budget
+            if start + n > len(seq.block_table) * capacity and not self._make_room(seq, start + n, preempted):
                 break  # it preempted itself, and every sequence after it is gone too
-            chunks.append(self._chunk(seq, n))
+            chunks.append(self._chunk(seq, start, n, num_tokens))
             budget -= n
             i += 1
         if not preempted:
@@ -160,30 +168,57 @@ class Scheduler:
     def update(self, plan: StepPlan, result: StepResult) -> list[Sequence]:
         """Apply the runner's answer to ``plan``; returns the sequences that got a token (finished too)."""
         updated: list[Sequence] = []
+        seqs = self._seqs
+        sampled = result.sampled
+        bm = self.block_manager
+        hashing = bm.enable_prefix_caching
+        bs = self.block_size
+        eos = self.eos_token_ids
+        max_seq_len = self.max_seq_len
+        now = time.monotonic()
         for chunk in plan.chunks:
-            seq = self._seqs.get(chunk.seq_id)
-            if seq is None or seq.status is not SequenceStatus.RUNNING:
+            seq = seqs.get(chunk.seq_id)
+            if seq is None or seq.status is not _RUNNING:
                 continue  # finished (aborted) since the plan was made
-            if chunk.start_pos != seq.num_computed_tokens:
+            start = seq.num_computed_tokens
+            if chunk.start_pos != start:
                 raise RuntimeError(f"stale chunk for sequence {seq.seq_id}: starts at {chunk.start_pos}, "
-                                   f"but {seq.num_computed_tokens} tokens are computed")
-            seq.num_computed_tokens += chunk.num_tokens
-            self.block_manager.mark_computed(seq)
+                                   f"but {start} tokens are computed")
+            computed = start + len(chunk.token_ids)
+            seq.num_computed_tokens = computed
+            # Every full computed block already has its hash (this runs after each change of
+            # num_computed_tokens), so only a chunk that fills a block has anything to hash.
+            if hashing and computed // bs > start // bs:
+                bm.mark_computed(seq)
             if not chunk.sample:
                 continue
-            self._append(seq, result.sampled[seq.seq_id])
+            token = sampled[seq.seq_id]
+            token_id = token.token_id
+            tokens = seq.token_ids
+            tokens.append(token_id)
+            params = seq.params
+            if params.logprobs is not None:
+                seq.logprobs.append(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
             updated.append(seq)
-            reason = self._stop_reason(seq)
-            if reason is not None:
-                self.finish(seq.seq_id, reason)
+            # Why the sequence ends after its newest token, if it does.
+            num_tokens = len(tokens)
+            num_output = num_tokens - seq.num_prompt_tokens
+            if num_output >= params.min_tokens and (
+                (token_id in eos and not params.ignore_eos) or token_id in params.stop_token_ids
+            ):
+                self.finish(seq.seq_id, FinishReason.STOP)
+            elif (params.max_tokens is not None and num_output >= params.max_tokens) or num_tokens >= max_seq_len:
+                self.finish(seq.seq_id, FinishReason.LENGTH)
         return updated
 
     # ----------------------------------------------------------------------------- internals
 
-    def _make_room(self, seq: Sequence, n: int, preempted: list[int]) -> bool:
-        """Allocate blocks for ``n`` more tokens of a running sequence, preempting the last-arrived
-        running sequences as needed. False if ``seq`` itself had to be preempted."""
-        while not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
+    def _make_room(self, seq: Sequence, num_tokens: int, preempted: list[int]) -> bool:
+        """Allocate blocks for the first ``num_tokens`` tokens of a running sequence, preempting the
+        last-arrived running sequences as needed. False if ``seq`` itself had to be preempted."""
+        while not self.block_manager.allocate(seq, num_tokens):
             victim = self.running.pop()
             self._preempt(victim)
             preempted.append(victim.seq_id)
@@ -228,7 +263,7 @@ class Scheduler:
             seq.num_computed_tokens = num_cached
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=lambda s: self._rank[s.seq_id])
-            chunks.append(self._chunk(seq, n))
+            chunks.append(self._chunk(seq, num_cached, n, seq.num_tokens))
             budget -= n
 
     def _waits_for_sibling(self, seq: Sequence) -> bool:
@@ -241,40 +276,28 @@ class Scheduler:
         return any(s.status is SequenceStatus.RUNNING and s.num_computed_tokens < shareable
                    for s in self._requests[seq.request_id] if s is not seq)
 
-    def _chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
-        start = seq.num_computed_tokens
-        sample = start + n == seq.num_tokens
-        history = sample and seq.params.needs_penalties
-        return ScheduledChunk(
-            seq_id=seq.seq_id,
-            token_ids=tuple(seq.token_ids[start:start + n]),
-            start_pos=start,
-            block_table=tuple(seq.block_table),
-            sample=sample,
-            params=seq.params,
-            sample_index=seq.sample_index,
-            num_output_tokens=seq.num_output_tokens,
-            prompt_token_ids=tuple(seq.prompt_token_ids) if history else (),
-            output_token_ids=tuple(seq.output_token_ids) if history else (),
+    @staticmethod
+    def _chunk(seq: Sequence, start: int, n: int, num_tokens: int) -> ScheduledChunk:
+        """The chunk of ``n`` tokens of ``seq`` from position ``start`` (``num_tokens``: its length)."""
+        tokens = seq.token_ids
+        sample = start + n == num_tokens
+        params = seq.params
+        if sample and params.needs_penalties:
+            prompt, output = tuple(seq.prompt_token_ids), tuple(tokens[seq.num_prompt_tokens:])
+        else:
+            prompt = output = ()
+        return ScheduledChunk(  # positional: the keyword form costs twice as much, once per sequence per step
+            seq.seq_id,
+            (tokens[start],) if n == 1 else tuple(tokens[start:start + n]),
+            start,
+            tuple(seq.block_table),
+            sample,
+            params,
+            seq.sample_index,
+            num_tokens - seq.num_prompt_tokens,
+            prompt,
+            output,
         )
 
-    def _append(self, seq: Sequence, token: SampledToken) -> None:
-        seq.token_ids.append(token.token_id)
-        if seq.params.logprobs is not None:
-            seq.logprobs.append(token)
-        if seq.first_token_time is None:
-            seq.first_token_time = time.monotonic()
 
-    def _stop_reason(self, seq: Sequence) -> FinishReason | None:
-        """Why the sequence ends after its newest token, or None to go on."""
-        params = seq.params
-        token = seq.token_ids[-1]
-        if seq.num_output_tokens >= params.min_tokens and (
-            (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids
-        ):
-            return FinishReason.STOP
-        if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
-            return FinishReason.LENGTH
-        if seq.num_tokens >= self.max_seq_len:
-            return FinishReason.LENGTH
-        return None
+_RUNNING = SequenceStatus.RUNNING  # a module constant: enum attribute look-ups are slow on Python 3.11

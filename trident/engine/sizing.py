@@ -16,6 +16,10 @@ from trident.hardware import cpu_has_native_bf16
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_DEFAULT_MAX_MODEL_LEN = 8192
 """Context cap on the CPU when none is asked for: longer prompts take minutes to prefill there."""
+DEFAULT_CPU_KV_BYTES = 1 << 30
+"""KV cache on the CPU when no budget is given (allocated lazily: untouched pages cost nothing)."""
+ACTIVATION_RESERVE_BYTES = 2 << 30
+"""GPU memory kept free for activations, CUDA graphs and the allocator's slack, beside the logits."""
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -49,15 +53,37 @@ def kv_bytes_per_block(model_config: ModelConfig, block_size: int, kv_dtype: tor
     return 2 * model_config.num_layers * block_size * model_config.num_kv_heads * model_config.head_dim * element
 
 
-def num_kv_blocks(model_config: ModelConfig, config: EngineConfig, max_model_len: int, kv_dtype: torch.dtype) -> int:
-    """Blocks to allocate: ``num_blocks`` when given, else as many as the KV memory budget holds, but no more
+def kv_budget_bytes(model_config: ModelConfig, config: EngineConfig, device: torch.device,
+                    pending_bytes: int = 0) -> int:
+    """Bytes the KV cache may take: ``memory_budget_bytes`` when given; else 1 GiB on the CPU, and on CUDA
+    ``gpu_memory_utilization`` of the device's memory minus what is already in use on it (other
+    processes, this engine's weights once loaded), minus ``pending_bytes`` (weights not loaded yet) and an
+    activation reserve."""
+    cache = config.cache
+    if cache.memory_budget_bytes is not None:
+        return cache.memory_budget_bytes
+    if device.type != "cuda":
+        return DEFAULT_CPU_KV_BYTES
+    free, total = torch.cuda.mem_get_info(device)
+    reserve = ACTIVATION_RESERVE_BYTES + config.scheduler.max_num_seqs * model_config.vocab_size * 8
+    budget = int(total * cache.gpu_memory_utilization) - (total - free) - pending_bytes - reserve
+    if budget <= 0:
+        raise TridentError(f"no GPU memory is left for the KV cache: {free / 2**30:.1f} of {total / 2**30:.1f} "
+                           f"GiB free, weights to load {pending_bytes / 2**30:.1f} GiB, reserve "
+                           f"{reserve / 2**30:.1f} GiB; raise gpu_memory_utilization or use a smaller model")
+    return budget
+
+
+def num_kv_blocks(model_config: ModelConfig, config: EngineConfig, max_model_len: int, kv_dtype: torch.dtype,
+                  budget_bytes: int) -> int:
+    """Blocks to allocate: ``num_blocks`` when given, else as many as ``budget_bytes`` hold, but no more
     than ``max_num_seqs`` full-length sequences need."""
     cache = config.cache
     if cache.num_blocks:
         return cache.num_blocks
     block_bytes = kv_bytes_per_block(model_config, cache.block_size, kv_dtype)
     useful = config.scheduler.max_num_seqs * -(-max_model_len // cache.block_size)
-    return max(1, min(cache.memory_budget_bytes // block_bytes, useful))
+    return max(1, min(budget_bytes // block_bytes, useful))
 
 
 def weights_bytes(model_config: ModelConfig, dtype: torch.dtype) -> int:
@@ -93,7 +119,21 @@ def estimate_memory(model_config: ModelConfig, config: EngineConfig) -> MemoryEs
     dtype = resolve_dtype(config.dtype, device)
     max_model_len = resolve_max_model_len(model_config, config, device)
     kv_dtype = kv_dtype_of(config, dtype)
-    blocks = num_kv_blocks(model_config, config, max_model_len, kv_dtype)
-    return MemoryEstimate(weights_bytes=weights_bytes(model_config, dtype),
+    weights = weights_bytes(model_config, dtype)
+    blocks = num_kv_blocks(model_config, config, max_model_len, kv_dtype,
+                           kv_budget_bytes(model_config, config, device, pending_bytes=weights))
+    return MemoryEstimate(weights_bytes=weights,
                           kv_cache_bytes=blocks * kv_bytes_per_block(model_config, config.cache.block_size, kv_dtype),
                           num_blocks=blocks, max_model_len=max_model_len, dtype=dtype)
+
+
+def cuda_graph_batch_sizes(config: EngineConfig, device: torch.device, supported: bool) -> tuple[int, ...]:
+    """Decode batch sizes to capture as CUDA graphs (a step of B sequences replays the smallest one >= B):
+    1, 2, 4, 8, then every 8 to 64, every 16 to 128, every 32 beyond. Empty off CUDA, with enforce_eager,
+    or when the attention backend cannot be captured."""
+    if device.type != "cuda" or config.enforce_eager or not supported:
+        return ()
+    largest = config.cuda_graph_max_batch_size or min(config.scheduler.max_num_seqs, 512)
+    sizes = [1, 2, 4, 8, *range(16, 65, 8), *range(80, 129, 16), *range(160, 513, 32)]
+    chosen = [b for b in sizes if b < largest]
+    return (*chosen, largest)
