@@ -121,5 +121,12 @@ class DecodeGraphs:
         return self._outputs[bucket][:batch]
 
 
+    def replay(self, bucket: int) -> torch.Tensor:
+        """Replay the graph of ``bucket`` on whatever the static buffers hold (timing the GPU part of a step);
+        returns its output buffer."""
+        self._graphs[bucket].replay()
+        return self._outputs[bucket]
+
+
 def max_blocks_per_seq(max_model_len: int, block_size: int) -> int:
     return -(-max_model_len // block_size)
