@@ -110,6 +110,32 @@ def test_deltas_concatenate_to_full_decode(data, skip, metaspace):
     assert not any(d.stopped for d in deltas)
 
 
+@HYPO
+@given(data=st.data(), skip=st.booleans(), metaspace=st.booleans())
+def test_tokens_left_unprocessed_come_out_later_in_one_piece(data, skip, metaspace):
+    """Offline generation processes a sequence without stop strings only when it finishes (or at some
+    steps only, when the caller mixes both kinds of step): whatever tokens were skipped, the text adds
+    up to the full decode, and a sequence never processed before is decoded in one call."""
+    decoder = Decoder(metaspace_tokenizer() if metaspace else byte_level_tokenizer())
+    ids = st.integers(0, decoder.vocab_size - 1)
+    output = data.draw(st.lists(ids, max_size=60))
+    processed = data.draw(st.lists(st.booleans(), min_size=len(output), max_size=len(output)))
+    processor = OutputProcessor(decoder)
+    seq = make_seq(SamplingParams(skip_special_tokens=skip), prompt=data.draw(st.lists(ids, max_size=5)))
+    texts = []
+    for token, process in zip(output, processed, strict=True):
+        seq.token_ids.append(token)
+        if process:
+            texts.append(processor.process(seq).text)
+    decoder.calls.clear()
+    texts.append(processor.flush(seq))
+    flush_calls = list(decoder.calls)
+    want = decoder.decode(output, skip_special_tokens=skip)
+    assert "".join(texts) == want and processor.text(seq.seq_id) == want
+    if output and not any(processed):
+        assert flush_calls == [len(output)]  # the whole output in one decode
+
+
 @pytest.mark.parametrize("text", [
     "héllo 世界 🙂 🦀",
     "x🎉y😀 日本語のテキスト 👩‍👩‍👧 end ∑𝔘",

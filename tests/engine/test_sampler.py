@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from trident.engine.plan import ScheduledChunk
-from trident.engine.request import SamplingParams
+from trident.engine.request import SampledToken, SamplingParams
 from trident.engine.sampler import Sampler, apply_penalties, row_seed
 
 N_DRAWS = 20_000
@@ -147,6 +147,23 @@ def test_fast_greedy_path_is_argmax():
     out = Sampler()(logits, chunks)
     assert [s.token_id for s in out] == logits.argmax(-1).tolist()
     assert all(s.logprob is None and s.top_logprobs == () for s in out)
+
+
+def test_greedy_rows_share_one_token_object_per_id_and_a_single_other_row_is_noticed():
+    logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(2))
+    logits[3] = logits[0]
+    plain, other = SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, logprobs=1)
+    sampler = Sampler()
+    out = sampler(logits, [make_chunk(plain, seq_id=i) for i in range(6)])
+    assert out[0] is out[3] and out[0] == SampledToken(int(logits[0].argmax()))
+    again = sampler(logits, [make_chunk(plain, seq_id=i) for i in range(6)])
+    assert all(a is b for a, b in zip(out, again))
+    # one row with logprobs among plain ones (as separate params objects) leaves the all-greedy path
+    mixed = sampler(logits, [make_chunk(SamplingParams(temperature=0.0) if i != 4 else other, seq_id=i)
+                             for i in range(6)])
+    assert [t.token_id for t in mixed] == logits.argmax(-1).tolist()
+    assert mixed[4].logprob is not None and len(mixed[4].top_logprobs) == 1
+    assert all(t.logprob is None for i, t in enumerate(mixed) if i != 4)
 
 
 def test_greedy_ties_go_to_lowest_id():

@@ -715,3 +715,49 @@ def test_finish_and_abort_free_blocks_and_are_idempotent() -> None:
     assert c.finish_reason is FinishReason.STOP and not s.has_unfinished
     assert s.block_manager.num_free_blocks == s.block_manager.num_blocks
     assert Counter(x.status for x in (a, b, c)) == {SequenceStatus.FINISHED: 3}
+
+
+# ------------------------------------------------------------------------- the decode fast path
+
+def test_decode_steps_call_the_block_manager_only_when_a_block_fills() -> None:
+    """The per-sequence decode loop leaves the block manager alone until a chunk crosses a block end:
+    then a new block is allocated before the step and the filled block gets its hash after it."""
+    bs = 4
+    s = make_scheduler(block_size=bs)
+    runner = FakeRunner(s)
+    (a,) = add(s, "a", tokens(6), SamplingParams(max_tokens=12, ignore_eos=True))
+    step(s, runner)  # the prompt: 2 blocks
+    bm = s.block_manager
+    calls: list[tuple[str, int]] = []
+    allocate, mark_computed = bm.allocate, bm.mark_computed
+    bm.allocate = lambda seq, n, cached=(): calls.append(("allocate", n)) or allocate(seq, n, cached)
+    bm.mark_computed = lambda seq: calls.append(("mark_computed", seq.num_computed_tokens)) or mark_computed(seq)
+    while not a.is_finished:
+        step(s, runner)
+    # positions 6..16 computed one at a time: blocks start at 8, 12 and 16; blocks end at 8, 12 and 16
+    assert calls == [("mark_computed", 8), ("allocate", 9), ("mark_computed", 12), ("allocate", 13),
+                     ("mark_computed", 16), ("allocate", 17)]
+
+
+def test_blocks_filled_by_decoding_are_found_in_the_prefix_cache() -> None:
+    bs = 4
+    s = make_scheduler(block_size=bs)
+    runner = FakeRunner(s)
+    (a,) = add(s, "a", tokens(6), SamplingParams(max_tokens=7, ignore_eos=True))
+    run_to_end(s, runner)  # 13 tokens: 3 full blocks, the last 2 filled while decoding
+    assert a.num_tokens == 13 and s.block_manager.num_evictable_blocks == 3
+    (b,) = add(s, "b", a.token_ids[:12] + [5], SamplingParams(max_tokens=2, ignore_eos=True))
+    plan = step(s, runner)
+    assert b.num_cached_tokens == 12 and chunk_of(plan, b).token_ids == (5,)
+    run_to_end(s, runner)
+    assert b.output_token_ids == oracle_tokens(b.prompt_token_ids, 0, 2)
+
+
+def test_scheduled_chunks_are_immutable_records() -> None:
+    s = make_scheduler()
+    add(s, "a", [1, 2, 3])
+    (chunk,) = s.schedule().chunks
+    with pytest.raises(AttributeError):
+        chunk.start_pos = 1  # type: ignore[misc]
+    assert chunk._replace(start_pos=1).start_pos == 1 and chunk.start_pos == 0
+    assert chunk.token_ids == (1, 2, 3) and chunk.num_tokens == 3 and chunk.sample

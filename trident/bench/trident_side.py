@@ -58,10 +58,11 @@ def run_offline(engine: LLMEngine, workload: Workload) -> dict:
     with Progress(transient=True) as progress:
         task = progress.add_task("trident offline", total=workload.output_tokens)
         while engine.has_unfinished():
-            outputs = engine.step()
+            finished = engine.step(only_finished=True)  # as LLM.generate: no per-step outputs to build
             steps += 1
-            progress.advance(task, len(outputs))  # one new token per request that progressed
-            tokens += sum(len(out.outputs[0].token_ids) for out in outputs if out.finished)
+            done = sum(len(out.outputs[0].token_ids) for out in finished)
+            progress.advance(task, done)
+            tokens += done
     elapsed = time.perf_counter() - t0
     return {"requests": len(workload.prompts), "output_tokens": tokens, "elapsed_s": elapsed,
             "output_tok_s": tokens / elapsed, "steps": steps, "mean_batch": tokens / steps}

@@ -127,6 +127,12 @@ class RequestMetrics:
 
 @dataclass(frozen=True)
 class RequestOutput:
+    """A request as it stands after an engine step: a value that later steps never change.
+
+    ``LLMEngine.step()`` returns one for every request that progressed in the step; with
+    ``step(only_finished=True)`` (LLM.generate) only the final one (``finished=True``) of each request.
+    """
+
     request_id: str
     prompt: str | None
     prompt_token_ids: tuple[int, ...]
