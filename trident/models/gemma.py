@@ -5,6 +5,10 @@ four norms per layer (before and after attention and MLP); GeLU-tanh gated MLP; 
 query_pre_attn_scalar; sliding-window and global layers interleaved; Gemma 2 soft-caps attention
 scores and final logits with tanh; Gemma 3 norms each query/key head and gives its sliding layers
 their own rotary base.
+
+As in llama.py, the residual stream travels beside the sublayer output, so each residual add fuses with
+the norm that reads the sum (input_layernorm, pre_feedforward_layernorm, the final norm); the post-norms
+of the attention and MLP outputs stay plain norms.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from torch import nn
 from trident.attention.base import AttentionBackend, AttentionMetadata
 from trident.config import SLIDING_ATTENTION, ModelConfig
 from trident.models.layers import Attention, Embedding, GatedMLP, RMSNorm, RotaryEmbedding, linear
+from trident.models.ops import RotaryInputs
 from trident.models.weights import PackedModules, attention_mlp_packing, load_weights
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -35,12 +40,16 @@ class GemmaDecoderLayer(nn.Module):
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps, unit_offset=True)
 
-    def forward(self, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], kv_cache: KVCache,
-                meta: AttentionMetadata) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(hidden), cos_sin, kv_cache, meta)
-        hidden = hidden + self.post_attention_layernorm(attn)
-        mlp = self.mlp(self.pre_feedforward_layernorm(hidden))
-        return hidden + self.post_feedforward_layernorm(mlp)
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: RotaryInputs, kv_cache: KVCache,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (this layer's normed MLP output, the residual stream before it is added)."""
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.post_attention_layernorm(self.self_attn(hidden, rope, kv_cache, meta))
+        hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
+        return self.post_feedforward_layernorm(self.mlp(hidden)), residual
 
 
 class GemmaModel(nn.Module):
@@ -58,11 +67,12 @@ class GemmaModel(nn.Module):
         hidden = self.embed_tokens(input_ids)
         # The scale is rounded to the activation dtype first, as the reference implementation does.
         hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
-        cos_sin = self.rotary(positions, hidden.dtype)
-        cos_sin_local = self.rotary_local(positions, hidden.dtype) if self.rotary_local else cos_sin
+        rope = self.rotary(positions, hidden.dtype)
+        rope_local = self.rotary_local(positions, hidden.dtype) if self.rotary_local else rope
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden = layer(hidden, cos_sin_local if layer.is_sliding else cos_sin, kv_cache, meta)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, rope_local if layer.is_sliding else rope, kv_cache, meta)
+        return self.norm(hidden, residual)[0]
 
 
 class GemmaForCausalLM(nn.Module):

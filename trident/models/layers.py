@@ -1,7 +1,9 @@
 """Building blocks shared by the model families: norms, rotary embeddings, gated MLP, attention layer.
 
 Weights follow Hugging Face names; fused projections (qkv_proj, gate_up_proj) are declared by each
-model's ``packed_modules`` mapping and filled by :func:`trident.models.weights.load_weights`.
+model's ``packed_modules`` mapping and filled by :func:`trident.models.weights.load_weights`. The
+elementwise math (norms, rotary, gated activation) is in :mod:`trident.models.ops`, which runs it through
+Triton kernels on CUDA and through torch elsewhere.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from torch import nn
 
 from trident.attention.base import AttentionBackend, AttentionMetadata
 from trident.config import ModelConfig, RopeConfig
-from trident.errors import TridentError
+from trident.models import ops
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -56,6 +58,10 @@ class RMSNorm(nn.Module):
 
     ``unit_offset`` selects Gemma's form, which scales by (1 + weight) before casting back; the
     Llama form casts back first and then scales by weight (the two differ in low precision).
+
+    ``norm(x)`` gives the normalised x. ``norm(x, residual)`` first adds x to the residual stream and
+    gives (normalised sum, sum): the decoder layers carry the residual stream separately so that the
+    add fuses with the norm after it.
     """
 
     def __init__(self, dim: int, eps: float, unit_offset: bool = False) -> None:
@@ -64,15 +70,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.unit_offset = unit_offset
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        if dtype == torch.float32 and not self.unit_offset:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused kernel
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.unit_offset:
-            return (xf * (1.0 + self.weight.float())).to(dtype)
-        return self.weight * xf.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps, self.unit_offset)
+        return ops.add_rms_norm(x, residual, self.weight, self.eps, self.unit_offset)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -106,33 +108,9 @@ class RotaryEmbedding(nn.Module):
         """Recompute the frequencies (after the module was created on the meta device)."""
         self.inv_freq = rope_inv_freq(self.rope, self.head_dim).to(device)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [num_tokens, head_dim] for the positions."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [num_tokens, heads, head_dim]; cos/sin [num_tokens, head_dim]."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
-
-
-ACTIVATIONS = {
-    "silu": F.silu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu": F.gelu,
-}
-
-
-def activation(name: str):
-    try:
-        return ACTIVATIONS[name]
-    except KeyError:
-        raise TridentError(f"unsupported activation {name!r}; supported: {', '.join(ACTIVATIONS)}") from None
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> ops.RotaryInputs:
+        """What the layers need to rotate queries and keys at ``positions`` (once per forward)."""
+        return ops.rotary_inputs(positions, self.inv_freq, dtype)
 
 
 class GatedMLP(nn.Module):
@@ -142,12 +120,11 @@ class GatedMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=bias)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
-        self.act = activation(act)
+        self.act = ops.check_activation(act)
         self.intermediate_size = intermediate_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+        return self.down_proj(ops.act_and_mul(self.gate_up_proj(x), self.act))
 
 
 class Attention(nn.Module):
@@ -174,20 +151,15 @@ class Attention(nn.Module):
         self.layer_index = layer_index
         self.backend = backend
 
-    def forward(self, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
-                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, rope: ops.RotaryInputs, kv_cache: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        qkv = self.qkv_proj(hidden)
-        cos, sin = cos_sin
+        head_norms = None
         if self.qk_norm:
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = apply_rotary(self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim)), cos, sin)
-            k = apply_rotary(self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim)), cos, sin)
-        else:  # rotate queries and keys in one pass
-            qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-            qk = apply_rotary(qk.view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
-            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+            head_norms = ops.HeadNorms(self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
+                                       self.q_norm.unit_offset)
+        q, k, v = ops.rotate_qkv(self.qkv_proj(hidden), self.num_heads, self.num_kv_heads, self.head_dim, rope,
+                                 head_norms)
         k_cache, v_cache = kv_cache
         self.backend.write_kv(k, v, k_cache, v_cache, meta)
         out = self.backend.forward(q, k_cache, v_cache, meta, scale=self.scale,

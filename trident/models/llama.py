@@ -2,6 +2,10 @@
 
 Pre-norm decoder: x += attn(norm(x)); x += mlp(norm(x)). Grouped-query attention, rotary
 embeddings (default, linear or llama3 scaling), SiLU-gated MLP, optional sliding window (Mistral).
+
+The residual stream x travels beside the sublayer output (vLLM's form): a layer takes (hidden, residual)
+and each norm adds hidden into the residual and normalises the sum in one step, so on CUDA the add and
+the norm are one kernel. The first layer has no residual yet (None): the embeddings are the stream.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from torch import nn
 from trident.attention.base import AttentionBackend, AttentionMetadata
 from trident.config import ModelConfig
 from trident.models.layers import Attention, Embedding, GatedMLP, Linear, RMSNorm, RotaryEmbedding, linear
+from trident.models.ops import RotaryInputs
 from trident.models.weights import PackedModules, attention_mlp_packing, load_weights
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -27,10 +32,16 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
 
-    def forward(self, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], kv_cache: KVCache,
-                meta: AttentionMetadata) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos_sin, kv_cache, meta)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: RotaryInputs, kv_cache: KVCache,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (this layer's MLP output, the residual stream before it is added)."""
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, rope, kv_cache, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
@@ -46,10 +57,11 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
-        cos_sin = self.rotary(positions, hidden.dtype)
+        rope = self.rotary(positions, hidden.dtype)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden = layer(hidden, cos_sin, kv_cache, meta)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, rope, kv_cache, meta)
+        return self.norm(hidden, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):

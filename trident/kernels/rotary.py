@@ -1,0 +1,124 @@
+"""Rotary position embedding of queries and keys in place, in one launch, optionally after a per-head
+RMSNorm (Qwen3's and Gemma 3's q_norm / k_norm): a Triton kernel and its torch reference.
+
+Layout: Hugging Face's half split. With ``x1, x2`` the two halves of a head and ``c, s`` the cosine and
+sine of ``angle[i] = position * inv_freq[i]`` (i < head_dim / 2), a head becomes
+``(x1 * c - x2 * s, x2 * c + x1 * s)``. The angle is the float32 product, as Hugging Face computes it;
+the kernel takes cos and sin of it in float32, rotates in float32 and rounds once to the input dtype, so
+no cos/sin tables are built or read. On NVIDIA GPUs Triton 3.6 lowers tl.cos / tl.sin to libdevice's
+full-range __nv_cosf / __nv_sinf, not to the fast approximations that are accurate only near [-pi, pi]
+(checked in the sm_90 PTX); tests/kernels/test_rotary.py checks angles up to 400,000 radians. The
+per-head norm is the same arithmetic as :func:`trident.kernels.rms_norm.rms_norm_reference` (rounded to
+the input dtype before the rotation, as the unfused model stores it).
+
+One program handles one token: all its query heads, then all its key heads. Queries and keys may be
+strided views of the fused qkv projection (any token and head stride, each head contiguous). The launch
+depends on shapes only: CUDA graphs can capture it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from trident.kernels.rms_norm import rms_norm_reference
+
+
+def rotary_reference(query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                     q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
+                     eps: float = 0.0, unit_offset: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """query [T, Hq, D], key [T, Hk, D], positions [T], inv_freq [D / 2] float32 -> new rotated
+    (query, key), each first normalised per head when its norm weight [D] is given."""
+    angle = positions.float()[:, None] * inv_freq.float()[None, :]
+    cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]
+
+    def rotate(x: torch.Tensor, norm_weight: torch.Tensor | None) -> torch.Tensor:
+        if norm_weight is not None:
+            x = rms_norm_reference(x, norm_weight, eps, unit_offset)
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+    return rotate(query, q_norm_weight), rotate(key, k_norm_weight)
+
+
+def rotary(query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+           q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
+           eps: float = 0.0, unit_offset: bool = False) -> None:
+    """The Triton kernel: :func:`rotary_reference`'s result written over query and key in place. Both
+    norm weights are given (Qwen3, Gemma 3) or neither."""
+    num_tokens, num_q_heads, head_dim = query.shape
+    num_k_heads = key.shape[1]
+    assert key.shape == (num_tokens, num_k_heads, head_dim) and key.dtype == query.dtype
+    assert query.stride(2) == 1 and key.stride(2) == 1, "each head must be contiguous"
+    assert head_dim % 2 == 0 and inv_freq.shape == (head_dim // 2,) and inv_freq.dtype == torch.float32
+    assert positions.shape == (num_tokens,) and inv_freq.is_contiguous()
+    qk_norm = q_norm_weight is not None
+    assert qk_norm == (k_norm_weight is not None), "give both norm weights or neither"
+    if qk_norm:
+        for w in (q_norm_weight, k_norm_weight):
+            assert w.shape == (head_dim,) and w.is_contiguous() and w.dtype == query.dtype
+    if num_tokens == 0:
+        return
+    half = head_dim // 2
+    half_pad = triton.next_power_of_2(half)
+    heads_pad = triton.next_power_of_2(max(num_q_heads, num_k_heads))
+    _rotary_kernel[(num_tokens,)](
+        query, key, positions, inv_freq,
+        q_norm_weight if qk_norm else inv_freq, k_norm_weight if qk_norm else inv_freq,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1),
+        num_q_heads, num_k_heads, half, eps,
+        QK_NORM=qk_norm, UNIT_OFFSET=unit_offset,
+        QH_PAD=triton.next_power_of_2(num_q_heads), KH_PAD=triton.next_power_of_2(num_k_heads),
+        HALF_PAD=half_pad,
+        num_warps=min(max(heads_pad * half_pad // 512, 1), 8),
+    )
+
+
+@triton.jit
+def _rotate_heads(base_ptr, norm_weight_ptr, stride_head, num_heads, half, eps, cos, sin, dims,
+                  QK_NORM: tl.constexpr, UNIT_OFFSET: tl.constexpr, H_PAD: tl.constexpr):
+    """Normalise (if QK_NORM) and rotate the ``num_heads`` heads at base_ptr, in place."""
+    heads = tl.arange(0, H_PAD)
+    dim_mask = dims < half
+    mask = (heads[:, None] < num_heads) & dim_mask[None, :]
+    first = base_ptr + heads[:, None] * stride_head + dims[None, :]
+    x1 = tl.load(first, mask=mask, other=0.0)
+    x2 = tl.load(first + half, mask=mask, other=0.0)
+    dtype = x1.dtype
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
+    if QK_NORM:
+        mean_square = (tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * half)
+        scale = tl.rsqrt(mean_square + eps)[:, None]
+        w1 = tl.load(norm_weight_ptr + dims, mask=dim_mask, other=0.0).to(tl.float32)[None, :]
+        w2 = tl.load(norm_weight_ptr + half + dims, mask=dim_mask, other=0.0).to(tl.float32)[None, :]
+        if UNIT_OFFSET:
+            x1 = (x1 * scale * (1.0 + w1)).to(dtype).to(tl.float32)
+            x2 = (x2 * scale * (1.0 + w2)).to(dtype).to(tl.float32)
+        else:
+            x1 = ((x1 * scale).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
+            x2 = ((x2 * scale).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
+    c = cos[None, :]
+    s = sin[None, :]
+    tl.store(first, (x1 * c - x2 * s).to(dtype), mask=mask)
+    tl.store(first + half, (x2 * c + x1 * s).to(dtype), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(q_ptr, k_ptr, positions_ptr, inv_freq_ptr, q_norm_ptr, k_norm_ptr,
+                   stride_qt, stride_qh, stride_kt, stride_kh,
+                   num_q_heads, num_k_heads, half, eps,
+                   QK_NORM: tl.constexpr, UNIT_OFFSET: tl.constexpr,
+                   QH_PAD: tl.constexpr, KH_PAD: tl.constexpr, HALF_PAD: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    position = tl.load(positions_ptr + token).to(tl.float32)
+    dims = tl.arange(0, HALF_PAD)
+    inv_freq = tl.load(inv_freq_ptr + dims, mask=dims < half, other=0.0)
+    angle = position * inv_freq
+    cos = tl.cos(angle)
+    sin = tl.sin(angle)
+    _rotate_heads(q_ptr + token * stride_qt, q_norm_ptr, stride_qh, num_q_heads, half, eps, cos, sin, dims,
+                  QK_NORM, UNIT_OFFSET, QH_PAD)
+    _rotate_heads(k_ptr + token * stride_kt, k_norm_ptr, stride_kh, num_k_heads, half, eps, cos, sin, dims,
+                  QK_NORM, UNIT_OFFSET, KH_PAD)
