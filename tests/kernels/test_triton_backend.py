@@ -107,11 +107,10 @@ def test_decode_step_matches_torch_attention(kernel_device, index: int) -> None:
     _check_step(CASES[index], chunks, kernel_device, seed=10 + index)
 
 
-def test_decode_replays_in_a_cuda_graph(kernel_device) -> None:
+def test_decode_replays_in_a_cuda_graph() -> None:
     """The decode path captures into a CUDA graph (no host syncs, shapes only) and a replay follows new
-    block tables and context lengths written into the captured tensors."""
-    if kernel_device.type != "cuda":
-        pytest.skip("CUDA graphs need a CUDA device")
+    block tables and context lengths written into the captured tensors. CUDA only: Triton's interpreter
+    has no graphs, so this test does not take the ``kernel_device`` fixture."""
     from trident.attention.base import DecodeBatch
 
     backend = TritonPagedAttention()

@@ -186,15 +186,9 @@ class ModelPool:
 
     async def load(self, name: str) -> ModelStatus:
         """Load model ``name`` (no-op when loaded), unloading idle models as the budget needs."""
-        entry = self._entries[self.resolve(name)]
-        entry.pending += 1
-        try:
-            if entry.engine is None:
-                await self._load(entry)
-            entry.last_used = time.monotonic()
-        finally:
-            entry.pending -= 1
-        return self._status(entry)
+        async with self.use(name):
+            pass
+        return self._status(self._entries[self.resolve(name)])
 
     def register(self, spec: ModelSpec) -> bool:
         """Add a model to serve (admin API); False when the same name with the same settings is served."""
