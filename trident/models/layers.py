@@ -76,6 +76,13 @@ class RMSNorm(nn.Module):
             return ops.rms_norm(x, self.weight, self.eps, self.unit_offset)
         return ops.add_rms_norm(x, residual, self.weight, self.eps, self.unit_offset)
 
+    def with_residual(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised, residual stream) at a layer's entry: the first layer starts the stream with x, the
+        others add x to it first."""
+        if residual is None:
+            return self(x), x
+        return self(x, residual)
+
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     """Inverse frequencies [head_dim / 2] in float32, with the configured scaling applied."""

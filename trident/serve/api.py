@@ -76,18 +76,19 @@ def build_app(pool: ModelPool, config: ServeConfig | None = None, base_engine: E
                                        max_model_len=status.max_model_len))
         return ModelList(data=cards)
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Response:
+    async def routed(handler, body, request: Request) -> Response:
+        """Run a generation route on the model the request names (loaded on demand)."""
         name = pool.resolve(body.model)
         mark_model(request, name)
         async with pool.use(name) as ctx:
-            return await create_completion(ctx, body, request)
+            return await handler(ctx, body, request)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await routed(create_completion, body, request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        name = pool.resolve(body.model)
-        mark_model(request, name)
-        async with pool.use(name) as ctx:
-            return await create_chat_completion(ctx, body, request)
+        return await routed(create_chat_completion, body, request)
 
     return app

@@ -147,14 +147,18 @@ _SPEC_KEYS = {"name", "path", "aliases", "max_queued_requests", "preload", "dtyp
 _FILE_KEYS = {"models", "memory_budget", "aliases"}
 
 
+def _check_keys(table: Mapping, known: set[str], where: str) -> None:
+    unknown = set(table) - known
+    if unknown:
+        raise TridentError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}; known: "
+                           f"{', '.join(sorted(known))}")
+
+
 def spec_from_dict(entry: Mapping, base: EngineConfig, where: str) -> ModelSpec:
     """One ``[[models]]`` entry of a config file; keys not given take ``base``'s values."""
     if not isinstance(entry, Mapping):
         raise TridentError(f"{where}: each model must be a table of settings, got {entry!r}")
-    unknown = set(entry) - _SPEC_KEYS
-    if unknown:
-        raise TridentError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}; known: "
-                           f"{', '.join(sorted(_SPEC_KEYS))}")
+    _check_keys(entry, _SPEC_KEYS, where)
     if "name" not in entry:
         raise TridentError(f"{where}: every model needs a name")
     cache = replace(base.cache, **{k: entry[k] for k in ("block_size", "enable_prefix_caching") if k in entry})
@@ -192,10 +196,7 @@ def read_config_file(path: str | Path, base: EngineConfig) -> tuple[list[ModelSp
         raise TridentError(f"the config file {path} is not valid {path.suffix[1:].upper()}: {e}") from None
     if not isinstance(data, dict):
         raise TridentError(f"the config file {path} must hold a table (object) at the top")
-    unknown = set(data) - _FILE_KEYS
-    if unknown:
-        raise TridentError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}; known: "
-                           f"{', '.join(sorted(_FILE_KEYS))}")
+    _check_keys(data, _FILE_KEYS, str(path))
     entries = data.get("models", [])
     if not isinstance(entries, list):
         raise TridentError(f"{path}: models must be a list of tables ([[models]] in TOML)")
