@@ -29,6 +29,8 @@ from trident.kernels.paged_common import (
 MIN_SPLIT_TOKENS = 64
 """A split covers at least one key tile of the longest possible context."""
 MAX_SPLITS = 32
+SPLITS_PAD = triton.next_power_of_2(MAX_SPLITS)
+"""The reduce kernel's split axis: one padded width for every split count (one compiled variant)."""
 PROGRAMS_PER_SM = 3
 """Splitting stops once there are this many programs per multiprocessor (a few resident at once hide the
 latency of the page-table and K/V loads)."""
@@ -46,13 +48,17 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: 
     return max(1, min(wanted, triton.cdiv(max_context, MIN_SPLIT_TOKENS), MAX_SPLITS))
 
 
-def decode_tile(head_dim: int, dtype: torch.dtype) -> int:
-    """Keys per tile for a (padded) head dim and cache dtype. 16-bit: 64 for D <= 128 (105 registers, no
-    spills on sm_90 by ptxas -v; with the split rule within 5% of the fastest split on an H200), 32 for
-    D = 256. fp32 products run on plain FMAs (exact) and need more registers: half that."""
+def decode_tile(head_dim: int, dtype: torch.dtype, num_splits: int = 1) -> int:
+    """Keys per tile for a (padded) head dim, cache dtype and split count. 16-bit, D <= 128: 128 unsplit (on an
+    H200, the nano workload's mixed contexts at batch 100-256 ran 6-10% faster than with 64, at 88-95% of
+    the bandwidth bound: scripts/decode_sweep.py), 64 when split (105 registers, no spills on sm_90 by
+    ptxas -v; with the split rule within 5% of the fastest split); 32 for D = 256. fp32 products run on
+    plain FMAs (exact) and need more registers: half of 64."""
     if dtype == torch.float32:
         return 32 if head_dim <= 128 else 16
-    return 64 if head_dim <= 128 else 32
+    if head_dim <= 128:
+        return 128 if num_splits == 1 else 64
+    return 32
 
 
 def paged_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -74,8 +80,10 @@ def paged_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     assert block_tables.stride(1) == 1
     group = num_heads // num_kv_heads
     dim_pad = max(16, triton.next_power_of_2(head_dim))
-    block_n = block_n or decode_tile(dim_pad, k_cache.dtype)
+    block_n = block_n or decode_tile(dim_pad, k_cache.dtype, num_splits)
     scale_in, scale_out = score_factors(scale, logit_softcap)
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"paged_decode: num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     split = num_splits > 1
     if split:
         partial_out = torch.empty((batch, num_heads, num_splits, dim_pad), dtype=torch.float32, device=out.device)
@@ -94,7 +102,7 @@ def paged_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if split:
         _reduce_kernel[(batch, num_heads)](
             partial_out, partial_lse, token_indices, out, out.stride(0), out.stride(1), head_dim, num_heads,
-            num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), DIM_PAD=dim_pad,
+            num_splits, SPLITS_PAD=SPLITS_PAD, DIM_PAD=dim_pad,
         )
 
 
@@ -114,7 +122,9 @@ def paged_decode_reference(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         out[row] = o[0].to(out.dtype)
 
 
-@triton.jit
+# Arguments that change from step to step are not specialised on (Triton would otherwise compile a variant
+# for each new value that is 1 or a multiple of 16: seconds of compilation in the middle of serving).
+@triton.jit(do_not_specialize=["stride_bt", "num_splits"])
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, token_indices_ptr,
                    out_ptr, partial_out_ptr, partial_lse_ptr,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_cb, stride_ch, stride_cs,
@@ -176,7 +186,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
                  acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _reduce_kernel(partial_out_ptr, partial_lse_ptr, token_indices_ptr, out_ptr, stride_ot, stride_oh,
                    head_dim, num_heads, num_splits, SPLITS_PAD: tl.constexpr, DIM_PAD: tl.constexpr):
     """Combine the splits of one (sequence, head): weights 2^(lse_s - max lse)."""

@@ -90,7 +90,7 @@ def paged_prefill_reference(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
         out[start: start + n] = o.to(out.dtype)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # the block-table width changes every step (see paged_decode)
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_starts_ptr, query_lens_ptr, context_lens_ptr,
                     block_tables_ptr, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
                     stride_cb, stride_ch, stride_cs, scale_in, scale_out, window, block_size, head_dim,
