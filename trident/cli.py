@@ -36,6 +36,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step")
     g.add_argument("--enforce-eager", action="store_true",
                    help="never replay decode steps from CUDA graphs (captured at start-up on CUDA otherwise)")
+    g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false", default=None,
+                   help="plan each step only after the previous one's tokens are back (by default on CUDA the next "
+                   "step is planned and launched while the GPU runs the current one)")
     g.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
                    help="bytes for the KV cache, e.g. 512MiB or 2GiB (default: 1GiB on the CPU; on CUDA what is "
                    "left of 90%% of the GPU's memory after the weights and an activation reserve; never more than "
@@ -101,7 +104,8 @@ def _engine_config(args: argparse.Namespace, model: str | None):
         model, device=args.device, dtype=args.dtype, num_threads=args.threads,
         attention_backend=args.attention_backend,
         max_model_len=args.max_model_len, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager, **extra,
+        max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling, **extra,
     )
 
 

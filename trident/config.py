@@ -291,6 +291,10 @@ class EngineConfig:
     """Never capture CUDA graphs (they replay decode-only steps on CUDA with a backend that supports them)."""
     cuda_graph_max_batch_size: int | None = None
     """Largest decode batch replayed from a CUDA graph; None: max_num_seqs, at most 512."""
+    async_scheduling: bool | None = None
+    """Plan and launch step k+1 while the device still runs step k (its sampled tokens feed step k+1 on the
+    device). None: on for CUDA, off on the CPU (where the host and the model share the cores). Steps of
+    requests with repetition/frequency/presence penalties always run synchronously (they need the history)."""
 
     def __post_init__(self) -> None:
         from trident.attention.registry import check_backend_name

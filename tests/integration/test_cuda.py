@@ -76,3 +76,19 @@ def test_default_model_gpu_greedy_equals_cpu(default_llm) -> None:
 @pytest.mark.gpu
 def test_auto_picks_triton_on_cuda(tiny_llama_dir) -> None:
     assert LLM(str(tiny_llama_dir), device="cuda", num_blocks=16).engine.attention_backend == "triton"
+
+
+@pytest.mark.gpu
+def test_async_scheduling_with_cuda_graphs_equals_sync(tiny_llama_dir) -> None:
+    """Pending tokens fed inside CUDA-graph replays (and in eager mixed steps) give what synchronous steps give:
+    tokens, texts, finish reasons, logprobs (within 1e-4), streamed outputs; through preemption and prefix hits."""
+    from test_async_scheduling import _requests, _run, assert_same
+
+    requests = _requests(seed=4, count=24)
+    options = dict(device="cuda", dtype="float32", block_size=4, num_blocks=96, max_num_batched_tokens=40,
+                   max_num_seqs=12)
+    sync = LLM(str(tiny_llama_dir), async_scheduling=False, **options).engine
+    engine = LLM(str(tiny_llama_dir), **options).engine
+    assert engine.async_scheduling and engine.runner.graphs is not None  # both on by default on CUDA
+    assert_same(_run(engine, requests), _run(sync, requests))
+    assert engine.runner.graphs.replays > 0 and engine.stats().num_preemptions > 0

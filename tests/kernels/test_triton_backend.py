@@ -37,7 +37,7 @@ CASES = [
 def _runner(backend, num_kv_heads: int, head_dim: int, block_size: int, num_blocks: int, dtype, device):
     model = SimpleNamespace(config=SimpleNamespace(num_kv_heads=num_kv_heads, head_dim=head_dim, num_layers=1))
     return ModelRunner(model, backend=backend, num_blocks=num_blocks, block_size=block_size, kv_dtype=dtype,
-                       device=device, sampler=Sampler(device=device))
+                       device=device, sampler=Sampler(device=device), max_num_seqs=8)
 
 
 def _plan(chunks: list[tuple[int, int]], block_size: int, rng: random.Random) -> tuple[StepPlan, int]:

@@ -33,7 +33,7 @@ def test_decode_graph_replays_match_eager(name: str, dtype_name: str) -> None:
     model = build_model(trident_config(hf_config), make_hf_model(hf_config).state_dict(), dtype=dtype,
                         device=device, backend=backend)
     runner = ModelRunner(model, backend=backend, num_blocks=40, block_size=BLOCK_SIZE, kv_dtype=dtype,
-                         device=device, sampler=Sampler(device=device), max_model_len=48,
+                         device=device, sampler=Sampler(device=device), max_num_seqs=4, max_model_len=48,
                          cuda_graph_batch_sizes=(1, 2, 4))
     rng = random.Random(len(name))
     free = list(range(40))

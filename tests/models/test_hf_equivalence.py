@@ -78,7 +78,7 @@ def _check_against_hf(name: str, dtype_name: str, device: torch.device, backend_
     model = build_model(config, hf.state_dict(), dtype=dtype, device=device, backend=backend)
     num_blocks = 40
     runner = ModelRunner(model, backend=backend, num_blocks=num_blocks, block_size=BLOCK_SIZE, kv_dtype=dtype,
-                         device=device, sampler=Sampler(device=device))
+                         device=device, sampler=Sampler(device=device), max_num_seqs=8)
     rng = random.Random(sum(name.encode()))
     free = list(range(num_blocks))
     rng.shuffle(free)  # non-contiguous, out-of-order block tables

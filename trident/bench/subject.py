@@ -83,7 +83,8 @@ def engine_options(args: argparse.Namespace, checkpoint: Checkpoint, workload: W
     options = dict(device=args.device, dtype=args.dtype, num_threads=args.threads,
                    attention_backend=args.attention_backend, max_model_len=args.max_model_len,
                    block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
-                   enable_prefix_caching=args.prefix_caching,
+                   enable_prefix_caching=args.prefix_caching, enforce_eager=args.enforce_eager,
+                   async_scheduling=args.async_scheduling,
                    max_num_seqs=args.max_num_seqs or (len(workload.prompts) if args.kind == "offline" else 64))
     if args.kv_cache_memory is not None:
         from trident.serve.model_spec import parse_size

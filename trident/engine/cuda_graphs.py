@@ -9,8 +9,12 @@ nothing), and their outputs are ignored.
 
 The block-table buffer is as wide as the longest sequence the engine allows, so any step fits; each step
 copies only the columns its longest sequence uses (the kernels read a row only up to its context length).
-Inputs go through pinned host buffers into the static device buffers, asynchronously; the step's sampling
-synchronises before the next step overwrites the host buffers.
+Inputs go through pinned host buffers into the static device buffers, asynchronously (two sets of host
+buffers used in turn, each reused only once the copies of its previous step are done).
+
+A row's token may also come from the device: where ``token_src[i] >= 0`` the graph reads its token from
+``feedback[token_src[i]]`` (the previous step's sampled tokens, still on the device: asynchronous
+scheduling), so the host never has to wait for them before launching the step.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ class DecodeGraphs:
     """Captured decode forwards for ``batch_sizes`` (ascending); see the module docstring."""
 
     def __init__(self, forward: ModelForward, batch_sizes: Sequence[int], max_blocks_per_seq: int,
-                 device: torch.device, show_progress: bool = True) -> None:
+                 device: torch.device, feedback: torch.Tensor, show_progress: bool = True) -> None:
         self.batch_sizes = tuple(sorted(batch_sizes))
         self.max_batch = self.batch_sizes[-1]
         self.max_blocks = max_blocks_per_seq
@@ -45,9 +49,15 @@ class DecodeGraphs:
         self.context_lens = torch.zeros(m, **i64)
         self.block_tables = torch.zeros((m, max_blocks_per_seq), **i64)
         self.token_indices = torch.arange(m, **i64)
+        self.token_src = torch.full((m,), -1, **i64)
+        self.feedback = feedback
+        """int64 device tensor the rows with ``token_src >= 0`` read their tokens from."""
         pinned = dict(dtype=torch.long, pin_memory=True)
-        self._host_rows = torch.zeros((4, m), **pinned)  # ids, positions, slots, context lens
-        self._host_tables = torch.zeros((m, max_blocks_per_seq), **pinned)
+        # ids, positions, slots, context lens, token sources; and block tables: two sets, used in turn
+        self._host_rows = [torch.zeros((5, m), **pinned) for _ in range(2)]
+        self._host_tables = [torch.zeros((m, max_blocks_per_seq), **pinned) for _ in range(2)]
+        self._copied = [torch.cuda.Event(), torch.cuda.Event()]
+        """Recorded after the copies out of each set: its next user waits for it (normally long done)."""
         self.replays = 0
         """Steps replayed so far."""
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -80,46 +90,54 @@ class DecodeGraphs:
                 meta = self._meta(batch)
                 ids, positions = self.input_ids[:batch], self.positions[:batch]
                 stream.wait_stream(torch.cuda.current_stream(self.device))
+                src = self.token_src[:batch]
                 with torch.cuda.stream(stream):  # warm-up off the capture: compiles kernels, settles allocations
-                    forward(ids, positions, meta)
+                    forward(fed_tokens(ids, src, self.feedback), positions, meta)
                 torch.cuda.current_stream(self.device).wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self._outputs[batch] = forward(ids, positions, meta)
+                    self._outputs[batch] = forward(fed_tokens(ids, src, self.feedback), positions, meta)
                 self._graphs[batch] = graph
                 progress.advance(task)
         torch.cuda.synchronize(self.device)
 
     def run(self, token_ids: Sequence[int], positions: Sequence[int], slots: Sequence[int],
-            tables: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Hidden states [B, hidden] of a decode step: sequence i feeds ``token_ids[i]`` at ``positions[i]``
-        into KV slot ``slots[i]`` and attends its first ``positions[i] + 1`` tokens through ``tables[i]``.
+            tables: Sequence[Sequence[int]], token_src: Sequence[int] | None = None) -> torch.Tensor:
+        """Hidden states [B, hidden] of a decode step: sequence i feeds ``token_ids[i]`` (or, where
+        ``token_src[i] >= 0``, the device's ``feedback[token_src[i]]``) at ``positions[i]`` into KV slot
+        ``slots[i]`` and attends its first ``positions[i] + 1`` tokens through ``tables[i]``.
         The result is a view of the graph's output buffer, valid until the next replay."""
         batch = len(token_ids)
         bucket = self.bucket(batch)
         assert bucket is not None, f"no CUDA graph for a batch of {batch}"
-        rows = self._host_rows.numpy()
+        turn = self.replays % 2
+        self._copied[turn].synchronize()
+        host_rows, host_tables = self._host_rows[turn], self._host_tables[turn]
+        rows = host_rows.numpy()
         rows[0, :batch] = token_ids
         rows[1, :batch] = positions
         rows[2, :batch] = slots
         rows[3, :batch] = positions
         rows[3, :batch] += 1
+        rows[4, :batch] = -1 if token_src is None else token_src
         rows[:, batch:bucket] = 0
         rows[2, batch:bucket] = -1  # padding rows write nowhere and attend nothing (context length 0)
+        rows[4, batch:bucket] = -1
         width = max(len(t) for t in tables)
-        host_tables = self._host_tables.numpy()
+        tables_np = host_tables.numpy()
         for i, table in enumerate(tables):
-            host_tables[i, : len(table)] = table
+            tables_np[i, : len(table)] = table
         n = bucket
-        self.input_ids[:n].copy_(self._host_rows[0, :n], non_blocking=True)
-        self.positions[:n].copy_(self._host_rows[1, :n], non_blocking=True)
-        self.slots[:n].copy_(self._host_rows[2, :n], non_blocking=True)
-        self.context_lens[:n].copy_(self._host_rows[3, :n], non_blocking=True)
-        self.block_tables[:batch, :width].copy_(self._host_tables[:batch, :width], non_blocking=True)
+        self.input_ids[:n].copy_(host_rows[0, :n], non_blocking=True)
+        self.positions[:n].copy_(host_rows[1, :n], non_blocking=True)
+        self.slots[:n].copy_(host_rows[2, :n], non_blocking=True)
+        self.context_lens[:n].copy_(host_rows[3, :n], non_blocking=True)
+        self.token_src[:n].copy_(host_rows[4, :n], non_blocking=True)
+        self.block_tables[:batch, :width].copy_(host_tables[:batch, :width], non_blocking=True)
+        self._copied[turn].record(torch.cuda.current_stream(self.device))
         self._graphs[bucket].replay()
         self.replays += 1
         return self._outputs[bucket][:batch]
-
 
     def replay(self, bucket: int) -> torch.Tensor:
         """Replay the graph of ``bucket`` on whatever the static buffers hold (timing the GPU part of a step);
@@ -130,3 +148,9 @@ class DecodeGraphs:
 
 def max_blocks_per_seq(max_model_len: int, block_size: int) -> int:
     return -(-max_model_len // block_size)
+
+
+def fed_tokens(token_ids: torch.Tensor, token_src: torch.Tensor, feedback: torch.Tensor) -> torch.Tensor:
+    """``token_ids`` with each entry whose ``token_src`` is >= 0 replaced by ``feedback[token_src]``: tokens
+    sampled by the previous step, fed without a round trip through the host."""
+    return torch.where(token_src >= 0, feedback[token_src.clamp(min=0)], token_ids)

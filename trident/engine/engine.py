@@ -3,6 +3,13 @@
 ``add_request`` queues a prompt, ``step`` runs one batched model step for everything running and
 returns the requests that progressed; LLM.generate, the CLI and the server all drive it.
 
+Asynchronous scheduling (``EngineConfig.async_scheduling``, on by default on CUDA): ``step`` plans and
+launches step k, and only then waits for step k-1's tokens and applies them, so the host's work (planning,
+outputs, detokenizing) runs while the device computes. Step k reads the tokens step k-1 sampled straight
+from the device. Each call still returns what one step produced: the outputs of the step before the one it
+launched (the first call of a run returns none). Requests whose sampling needs the sequence's history
+(penalties) switch the engine back to synchronous steps while they run.
+
 Per-step host cost: the scheduler, the detokenizer and the outputs touch every running sequence at
 every step, so each does O(1) work per sequence (amortized): outputs share the sequences' token lists
 through :class:`~trident.engine.results.Snapshot` views instead of copying them, and
@@ -22,9 +29,10 @@ import torch
 from trident.attention.registry import create_backend, resolve_backend_name
 from trident.config import EngineConfig
 from trident.engine.output import OutputProcessor
+from trident.engine.plan import StepPlan
 from trident.engine.request import FinishReason, SamplingParams, Sequence, SequenceStatus
 from trident.engine.results import CompletionOutput, RequestMetrics, RequestOutput, Snapshot
-from trident.engine.runner import ModelRunner
+from trident.engine.runner import LaunchedStep, ModelRunner
 from trident.engine.sampler import Sampler
 from trident.engine.scheduler import Scheduler
 from trident.engine.sizing import (
@@ -103,7 +111,17 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, backend=backend, num_blocks=num_blocks, block_size=cache.block_size,
                                   kv_dtype=kv_dtype, device=self.device,
                                   sampler=Sampler(seed=config.seed, device=self.device),
-                                  max_model_len=self.max_model_len, cuda_graph_batch_sizes=graph_sizes)
+                                  max_num_seqs=config.scheduler.max_num_seqs, max_model_len=self.max_model_len,
+                                  cuda_graph_batch_sizes=graph_sizes)
+        if self.device.type == "cuda":
+            self.runner.warm_up()
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self.device.type == "cuda")
+        """Whether steps overlap (the config's choice, auto resolved)."""
+        self._in_flight: tuple[StepPlan, LaunchedStep] | None = None
+        """The launched step whose tokens are not applied yet (asynchronous scheduling)."""
+        self._num_history_seqs = 0
+        """Unfinished sequences whose sampling reads their token history: steps are synchronous while any run."""
         eos = tuple(self.tokenizer.eos_token_ids) if self.tokenizer else self.model_config.eos_token_ids
         self.eos_token_ids = eos
         self.scheduler = Scheduler(config.scheduler, cache, num_blocks, self.max_model_len, eos)
@@ -141,6 +159,8 @@ class LLMEngine:
         for seq in seqs:  # validates length against the context and the cache; nothing queued on error
             self.scheduler.check(seq)
         request = _Request(request_id, text, tuple(prompt_ids), seqs, {})
+        if params.needs_penalties:
+            self._num_history_seqs += len(seqs)
         for seq in seqs:
             self.scheduler.add(seq)
             self._seq_to_request[seq.seq_id] = request
@@ -166,9 +186,22 @@ class LLMEngine:
         offline caller needs, and it skips building an output for every running request at every
         step. Callers may switch between the two forms from one step to the next.
         """
+        if self.async_scheduling and not self._num_history_seqs:
+            plan = self.scheduler.schedule()
+            launched = self.runner.launch(plan)
+            previous, self._in_flight = self._in_flight, (plan, launched)
+            if previous is None:
+                return []
+            return self._apply(*previous, only_finished)
+        if self._in_flight is not None:  # apply the step in flight before planning synchronously again
+            previous, self._in_flight = self._in_flight, None
+            return self._apply(*previous, only_finished)
         plan = self.scheduler.schedule()
-        result = self.runner.execute(plan)
-        changed = self.scheduler.update(plan, result)
+        return self._apply(plan, self.runner.launch(plan), only_finished)
+
+    def _apply(self, plan: StepPlan, launched: LaunchedStep, only_finished: bool) -> list[RequestOutput]:
+        """Wait for a launched step's tokens, hand them to the scheduler and build the outputs."""
+        changed = self.scheduler.update(plan, launched.result())
         seq_to_request = self._seq_to_request
         touched: dict[str, _Request] = {}
         for seq in changed:
@@ -243,6 +276,8 @@ class LLMEngine:
         )
 
     def _forget(self, request: _Request) -> None:
+        if request.seqs[0].params.needs_penalties:
+            self._num_history_seqs -= len(request.seqs)
         for seq in request.seqs:
             self._seq_to_request.pop(seq.seq_id, None)
             if self.outputs is not None:

@@ -11,6 +11,10 @@ from typing import NamedTuple
 
 from trident.engine.request import SampledToken, SamplingParams
 
+PENDING_TOKEN = -1
+"""Stands in a chunk's ``token_ids`` for a token still being sampled on the device by the step before (with
+asynchronous scheduling): the runner feeds the device's sampled token in its place."""
+
 
 class ScheduledChunk(NamedTuple):
     """The tokens of one sequence to run through the model in this step.
@@ -22,7 +26,8 @@ class ScheduledChunk(NamedTuple):
 
     seq_id: int
     token_ids: tuple[int, ...]
-    """Tokens to compute now: seq.token_ids[start_pos : start_pos + len(token_ids)]."""
+    """Tokens to compute now: seq.token_ids[start_pos : start_pos + len(token_ids)], or (PENDING_TOKEN,) for a
+    one-token chunk whose token the step in flight is still sampling."""
     start_pos: int
     """Position of token_ids[0]; the KV cache already holds positions [0, start_pos)."""
     block_table: tuple[int, ...]

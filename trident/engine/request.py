@@ -149,7 +149,12 @@ class Sequence:
     """Prompt followed by the generated tokens (append-only)."""
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
-    """Tokens whose keys and values are in the KV cache."""
+    """Tokens whose keys and values are in the KV cache (steps whose results the scheduler has applied)."""
+    num_scheduled_tokens: int = 0
+    """``num_computed_tokens`` plus the tokens of steps launched but not yet applied (with asynchronous
+    scheduling, the step in flight on the device); equal to it between synchronous steps."""
+    num_pending: int = 0
+    """Sampled tokens on their way: scheduled sampling chunks whose token is not yet in ``token_ids``."""
     num_cached_tokens: int = 0
     """Prompt tokens found in the prefix cache at the first schedule (for usage and metrics)."""
     block_table: list[int] = field(default_factory=list)

@@ -1,23 +1,49 @@
 """The model runner: turns a StepPlan into flat tensors, runs the model over the paged KV cache and
-samples. Owns the KV cache tensors."""
+samples, all queued on the device without waiting for it (:meth:`ModelRunner.launch`); the sampled tokens
+reach the host when :meth:`LaunchedStep.result` asks. Owns the KV cache tensors."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from trident.attention.base import AttentionBackend, AttentionMetadata, DecodeBatch, PrefillBatch, PrefillSeq
-from trident.engine.cuda_graphs import DecodeGraphs, max_blocks_per_seq
-from trident.engine.plan import ScheduledChunk, StepPlan, StepResult
-from trident.engine.sampler import Sampler
+from trident.engine.cuda_graphs import DecodeGraphs, fed_tokens, max_blocks_per_seq
+from trident.engine.plan import PENDING_TOKEN, ScheduledChunk, StepPlan, StepResult
+from trident.engine.request import SamplingParams
+from trident.engine.sampler import DeviceSamples, Sampler
+from trident.engine.transfer import to_device
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device. :meth:`result` waits for its sampled tokens (only those: the host may plan
+    and launch the next step before calling it)."""
+
+    sample_chunks: tuple[ScheduledChunk, ...] | list[ScheduledChunk]
+    samples: DeviceSamples | None
+    sampler: Sampler
+
+    def result(self) -> StepResult:
+        if self.samples is None:
+            return StepResult(sampled={})
+        tokens = self.sampler.resolve(self.samples, self.sample_chunks)
+        return StepResult(sampled={c.seq_id: t for c, t in zip(self.sample_chunks, tokens)})
 
 
 class ModelRunner:
-    """Runs one engine step on ``model`` (built, weights loaded, on ``device`` in ``dtype``)."""
+    """Runs one engine step on ``model`` (built, weights loaded, on ``device`` in ``dtype``).
+
+    Chunks may carry PENDING_TOKEN: their token is the one the previous launched step sampled for the same
+    sequence, read on the device (:func:`fed_tokens`). At most one step is in flight: launch step k+1 only
+    after step k's launch, and wait for step k's result before launching step k+2.
+    """
 
     def __init__(self, model: torch.nn.Module, *, backend: AttentionBackend, num_blocks: int, block_size: int,
-                 kv_dtype: torch.dtype, device: torch.device, sampler: Sampler, max_model_len: int | None = None,
-                 cuda_graph_batch_sizes: tuple[int, ...] = ()) -> None:
+                 kv_dtype: torch.dtype, device: torch.device, sampler: Sampler, max_num_seqs: int,
+                 max_model_len: int | None = None, cuda_graph_batch_sizes: tuple[int, ...] = ()) -> None:
         config = model.config
         self.model = model
         self.block_size = block_size
@@ -28,39 +54,82 @@ class ModelRunner:
         # Zeroed (not empty): padded decode rows read other blocks, and 0 * NaN garbage would poison them.
         self.kv_caches = [(_zeros(shape, kv_dtype, device), _zeros(shape, kv_dtype, device))
                           for _ in range(config.num_layers)]
+        self._feedback = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
+        """The previous step's sampled tokens, where the chunks of this step read their pending tokens."""
+        self._last_sampled: tuple[tuple[ScheduledChunk, ...] | list[ScheduledChunk], torch.Tensor] | None = None
+        """The sampling chunks of the last launched step and its device tokens (one per chunk)."""
         self.graphs: DecodeGraphs | None = None
         """Captured decode steps (CUDA with a capturable backend, unless enforce_eager), else None."""
         if cuda_graph_batch_sizes:
             assert max_model_len is not None
             self.graphs = DecodeGraphs(lambda ids, pos, meta: self.model(ids, pos, self.kv_caches, meta),
-                                       cuda_graph_batch_sizes, max_blocks_per_seq(max_model_len, block_size), device)
+                                       cuda_graph_batch_sizes, max_blocks_per_seq(max_model_len, block_size), device,
+                                       self._feedback)
 
     @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Run one mixed step (a prompt chunk crossing a block boundary beside a decode) on scratch blocks, so
+        that the eager paths' one-time work (Triton compilation, allocator growth) happens at start-up rather
+        than in the first requests; then zero the cache again. Needs three blocks; does nothing with fewer."""
+        if self.kv_caches[0][0].numel() < 3 * self.block_size * self.model.config.num_kv_heads:
+            return
+        bs = self.block_size
+        greedy = SamplingParams(temperature=0.0)
+        prompt = ScheduledChunk(-1, (0,) * (bs + 1), 0, (0, 1), True, greedy)
+        decode = ScheduledChunk(-2, (0,), 1, (2,), True, greedy)
+        self.execute(StepPlan(chunks=(prompt, decode)))
+        self._last_sampled = None
+        for k, v in self.kv_caches:
+            k.zero_()
+            v.zero_()
+
     def execute(self, plan: StepPlan) -> StepResult:
+        """Run a step and wait for its result."""
+        return self.launch(plan).result()
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan) -> LaunchedStep:
+        """Queue a step on the device (model, logits, sampling, the copy of the tokens to the host) without
+        waiting for it."""
         if plan.is_empty:
-            return StepResult(sampled={})
+            self._last_sampled = None
+            return LaunchedStep((), None, self.sampler)
         graphs = self.graphs
         if graphs is not None and graphs.bucket(len(plan.chunks)) is not None and \
                 all(c.num_tokens == 1 and c.sample for c in plan.chunks):
-            return self._execute_graph(plan, graphs)
-        input_ids, positions, meta, logits_indices, sample_chunks = self.prepare(plan)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+            hidden, sample_chunks = self._forward_graph(plan, graphs), plan.chunks
+        else:
+            input_ids, positions, meta, logits_indices, sample_chunks = self.prepare(plan)
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)
+            if sample_chunks:
+                hidden = hidden[logits_indices]
         if not sample_chunks:
-            return StepResult(sampled={})
-        logits = self.model.compute_logits(hidden[logits_indices])
-        tokens = self.sampler(logits, sample_chunks)
-        return StepResult(sampled={c.seq_id: t for c, t in zip(sample_chunks, tokens)})
+            self._last_sampled = None
+            return LaunchedStep((), None, self.sampler)
+        samples = self.sampler.sample(self.model.compute_logits(hidden), sample_chunks)
+        self._last_sampled = (sample_chunks, samples.token_ids)
+        return LaunchedStep(sample_chunks, samples, self.sampler)
 
-    def _execute_graph(self, plan: StepPlan, graphs: DecodeGraphs) -> StepResult:
-        """A decode-only step replayed from a CUDA graph (every chunk is one token and samples)."""
+    def _token_sources(self, chunks) -> list[int] | None:
+        """Per chunk, the row of the previous step's samples its pending token comes from (-1 for a chunk
+        whose tokens are known); None when no chunk waits for one. Fills the feedback buffer when needed."""
+        if not any(c.token_ids[0] == PENDING_TOKEN for c in chunks):
+            return None
+        assert self._last_sampled is not None, "a pending token, but the previous step sampled nothing"
+        previous, tokens = self._last_sampled
+        rows = {c.seq_id: i for i, c in enumerate(previous)}
+        self._feedback[: len(previous)].copy_(tokens)
+        return [rows[c.seq_id] if c.token_ids[0] == PENDING_TOKEN else -1 for c in chunks]
+
+    def _forward_graph(self, plan: StepPlan, graphs: DecodeGraphs) -> torch.Tensor:
+        """Final hidden states of a decode-only step replayed from a CUDA graph (every chunk is one token and
+        samples)."""
         bs = self.block_size
         chunks = plan.chunks
         positions = [c.start_pos for c in chunks]
         tables = [c.block_table for c in chunks]
         slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions)]
-        hidden = graphs.run([c.token_ids[-1] for c in chunks], positions, slots, tables)
-        tokens = self.sampler(self.model.compute_logits(hidden), chunks)
-        return StepResult(sampled={c.seq_id: t for c, t in zip(chunks, tokens)})
+        return graphs.run([c.token_ids[-1] for c in chunks], positions, slots, tables, self._token_sources(chunks))
 
     def prepare(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor,
                                                list[ScheduledChunk]]:
@@ -93,7 +162,7 @@ class ModelRunner:
                 prefill_tables.append(table[: -(-context_len // bs)])
                 prefills.append(PrefillSeq(
                     token_start=start, num_query_tokens=n, context_len=context_len,
-                    block_table=torch.tensor(prefill_tables[-1], dtype=torch.long, device=dev),
+                    block_table=to_device(prefill_tables[-1], torch.long, dev),
                     query_positions=torch.arange(chunk.start_pos, context_len, device=dev),
                 ))
             if chunk.sample:
@@ -103,10 +172,10 @@ class ModelRunner:
         if decode_indices:
             width = max(len(t) for t in decode_tables)
             padded = [list(t) + [0] * (width - len(t)) for t in decode_tables]
-            context_lens = torch.tensor(decode_lens, dtype=torch.long, device=dev)
+            context_lens = to_device(decode_lens, torch.long, dev)
             decode = DecodeBatch(
-                token_indices=torch.tensor(decode_indices, dtype=torch.long, device=dev),
-                block_tables=torch.tensor(padded, dtype=torch.long, device=dev),
+                token_indices=to_device(decode_indices, torch.long, dev),
+                block_tables=to_device(padded, torch.long, dev),
                 context_lens=context_lens,
                 query_positions=context_lens - 1,
                 token_indices_are_all=not prefills,
@@ -115,13 +184,20 @@ class ModelRunner:
         if prefills and self.wants_prefill_batch:
             prefill_batch = self._prefill_batch(prefills, prefill_tables)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            slot_mapping=to_device(slots, torch.long, dev),
             prefills=tuple(prefills), decode=decode, num_tokens=len(input_ids), prefill_batch=prefill_batch,
         )
-        return (torch.tensor(input_ids, dtype=torch.long, device=dev),
-                torch.tensor(positions, dtype=torch.long, device=dev),
+        ids = to_device(input_ids, torch.long, dev)
+        sources = self._token_sources(plan.chunks)
+        if sources is not None:  # pending tokens are one-token chunks: one row each in the flat batch
+            flat = [-1] * len(input_ids)
+            for chunk_start, src in zip(_chunk_starts(plan.chunks), sources):
+                flat[chunk_start] = src
+            ids = fed_tokens(ids, to_device(flat, torch.long, dev), self._feedback)
+        return (ids,
+                to_device(positions, torch.long, dev),
                 meta,
-                torch.tensor(logits_indices, dtype=torch.long, device=dev),
+                to_device(logits_indices, torch.long, dev),
                 sample_chunks)
 
     def _prefill_batch(self, prefills: list[PrefillSeq], tables: list[tuple[int, ...]]) -> PrefillBatch:
@@ -132,10 +208,19 @@ class ModelRunner:
         for table in tables:
             flat.extend(table)
             flat.extend([0] * (width - len(table)))
-        packed = torch.tensor(flat, dtype=torch.int32, device=self.device)
+        packed = to_device(flat, torch.int32, self.device)
         return PrefillBatch(query_starts=packed[:n], query_lens=packed[n: 2 * n], context_lens=packed[2 * n: 3 * n],
                             block_tables=packed[3 * n:].view(n, width),
                             max_query_len=max(p.num_query_tokens for p in prefills))
+
+
+def _chunk_starts(chunks) -> list[int]:
+    """Where each chunk's first token sits in the flat batch."""
+    starts, total = [], 0
+    for c in chunks:
+        starts.append(total)
+        total += c.num_tokens
+    return starts
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -31,13 +31,32 @@ The common case (every row greedy, no penalties, no logprobs) is one ``argmax``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from trident.engine.plan import ScheduledChunk
 from trident.engine.request import SampledToken, SamplingParams
+from trident.engine.transfer import HostCopies, to_device, to_host
 
 _MASK64 = (1 << 64) - 1
+
+
+@dataclass
+class DeviceSamples:
+    """One step's sampled tokens, computed on the device and on their way to the host (see
+    trident/engine/transfer.py): the device tensor can feed the next step before the host has seen it."""
+
+    token_ids: torch.Tensor
+    """[rows] int64 on the device."""
+    host_token_ids: torch.Tensor
+    """The same, copied to host memory (valid once ``copies`` is waited for)."""
+    copies: HostCopies
+    logprob_rows: list[int] = field(default_factory=list)
+    """Rows that asked for logprobs; the three tensors below have one row each (host copies)."""
+    chosen_logprobs: torch.Tensor | None = None
+    top_values: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
 
 
 class Sampler:
@@ -52,12 +71,17 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, chunks: Sequence[ScheduledChunk]) -> list[SampledToken]:
         """Sample a token for each row; ``logits[i]`` ([num_chunks, vocab]) belongs to ``chunks[i]``."""
+        return self.resolve(self.sample(logits, chunks), chunks)
+
+    def sample(self, logits: torch.Tensor, chunks: Sequence[ScheduledChunk]) -> DeviceSamples:
+        """Queue the sampling of every row on the device, and the copies of the results to the host; the
+        host does not wait for the device (unless a penalty needs a sequence's history: see
+        :func:`apply_penalties`)."""
         if logits.dim() != 2 or logits.shape[0] != len(chunks):
             raise ValueError(f"logits of shape {tuple(logits.shape)} do not match {len(chunks)} chunks")
-        if not chunks:
-            return []
-        if _all_plain_greedy(chunks):
-            return self._plain(logits.argmax(dim=-1).tolist())
+        if not chunks or _all_plain_greedy(chunks):
+            tokens = logits.argmax(dim=-1)
+            return DeviceSamples(tokens, to_host(tokens), HostCopies(logits.device))
 
         penalized = apply_penalties(logits.float(), chunks)
         logprobs = None
@@ -66,11 +90,39 @@ class Sampler:
         tokens = penalized.argmax(dim=-1)  # the greedy rows' answer; random rows are overwritten below
         random_rows = [i for i, c in enumerate(chunks) if not c.params.greedy]
         if random_rows:
-            rows = torch.tensor(random_rows, device=logits.device)
+            rows = to_device(random_rows, torch.long, logits.device)
             row_chunks = [chunks[i] for i in random_rows]
             probs = filtered_probs(penalized[rows], [c.params for c in row_chunks])
             tokens[rows] = self._draw(probs, row_chunks)
-        return _package(self._plain(tokens.tolist()), logprobs, chunks)
+        if logprobs is None:
+            return DeviceSamples(tokens, to_host(tokens), HostCopies(logits.device))
+        return self._with_logprobs(tokens, logprobs, chunks)
+
+    def resolve(self, samples: DeviceSamples, chunks: Sequence[ScheduledChunk]) -> list[SampledToken]:
+        """Wait for the host copies of :meth:`sample`'s results; the SampledToken of each row."""
+        samples.copies.wait()
+        plain = self._plain(samples.host_token_ids.tolist())
+        if not samples.logprob_rows:
+            return plain
+        result = list(plain)
+        chosen = samples.chosen_logprobs.tolist()
+        top_values, top_ids = samples.top_values.tolist(), samples.top_ids.tolist()
+        for j, i in enumerate(samples.logprob_rows):
+            k = chunks[i].params.logprobs
+            pairs = sorted(zip(top_ids[j], top_values[j], strict=True), key=lambda p: (-p[1], p[0]))[:k]
+            result[i] = SampledToken(plain[i].token_id, chosen[j], tuple(pairs))
+        return result
+
+    def _with_logprobs(self, tokens: torch.Tensor, logprobs: torch.Tensor,
+                       chunks: Sequence[ScheduledChunk]) -> DeviceSamples:
+        """The chosen token's logprob and the top alternatives of the rows that asked for them."""
+        rows = [i for i, c in enumerate(chunks) if c.params.logprobs is not None]
+        index = to_device(rows, torch.long, logprobs.device)
+        chosen = logprobs[index, tokens[index]]
+        k_max = min(max(chunks[i].params.logprobs for i in rows), logprobs.shape[1])
+        values, ids = logprobs[index].topk(k_max, dim=-1)  # k_max == 0 gives empty rows
+        host = [to_host(t) for t in (tokens, chosen, values, ids)]
+        return DeviceSamples(tokens, host[0], HostCopies(logprobs.device), rows, *host[1:])
 
     def _plain(self, token_ids: list[int]) -> list[SampledToken]:
         """A SampledToken (without logprobs) per id, shared from a cache instead of built per row."""
@@ -92,7 +144,7 @@ class Sampler:
         else:
             if unseeded:
                 block = torch.empty((len(unseeded), probs.shape[1]), dtype=probs.dtype, device=probs.device)
-                noise[torch.tensor(unseeded, device=probs.device)] = block.exponential_(
+                noise[to_device(unseeded, torch.long, probs.device)] = block.exponential_(
                     generator=self.generator)
             for i, c in enumerate(chunks):
                 if c.params.seed is not None:
@@ -153,7 +205,7 @@ def apply_penalties(logits: torch.Tensor, chunks: Sequence[ScheduledChunk]) -> t
     frequency = _column([p.frequency_penalty for p in params], device)
     presence = _column([p.presence_penalty for p in params], device)
 
-    index = torch.tensor(rows, device=device)
+    index = to_device(rows, torch.long, device)
     x = logits[index]
     seen = (prompt_counts + output_counts) > 0
     x = torch.where(seen, torch.where(x > 0, x / repetition, x * repetition), x)
@@ -168,9 +220,9 @@ def filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> to
     vocab, device = logits.shape[1], logits.device
     x = logits / _column([p.temperature for p in params], device)
     if any(0 < p.top_k < vocab or p.top_p < 1.0 for p in params):
-        top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
+        top_k = to_device([p.top_k if 0 < p.top_k < vocab else vocab for p in params], torch.long, device)
         # top_p == 1 must disable the filter exactly (float32 cumulative sums can exceed 1).
-        top_p = torch.tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in params], device=device)
+        top_p = to_device([p.top_p if p.top_p < 1.0 else float("inf") for p in params], torch.float32, device)
         x = _top_k_top_p(x, top_k, top_p)
     if any(p.min_p > 0 for p in params):
         probs = torch.softmax(x, dim=-1)
@@ -196,35 +248,10 @@ def _token_counts(token_lists: Sequence[Sequence[int]], vocab: int, device: torc
     counts = torch.zeros((len(token_lists), vocab + 1), dtype=torch.float32, device=device)
     if width:
         padded = [list(t) + [vocab] * (width - len(t)) for t in token_lists]  # id `vocab` = padding
-        ids = torch.tensor(padded, dtype=torch.long, device=device)
+        ids = to_device(padded, torch.long, device)
         counts.scatter_add_(1, ids, torch.ones(ids.shape, dtype=torch.float32, device=device))
     return counts[:, :vocab]
 
 
 def _column(values: Sequence[float], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
-
-
-def _package(plain: list[SampledToken], logprobs: torch.Tensor | None,
-             chunks: Sequence[ScheduledChunk]) -> list[SampledToken]:
-    """Attach the chosen token's logprob and the top alternatives to the rows that asked for them."""
-    if logprobs is None:
-        return plain
-    tokens = [t.token_id for t in plain]
-    rows = [i for i, c in enumerate(chunks) if c.params.logprobs is not None]
-    index = torch.tensor(rows, device=logprobs.device)
-    chosen = torch.tensor([tokens[i] for i in rows], device=logprobs.device)
-    chosen_logprob = logprobs[index, chosen].tolist()
-    k_max = min(max(chunks[i].params.logprobs for i in rows), logprobs.shape[1])
-    top_values: list[list[float]] = [[] for _ in rows]
-    top_ids: list[list[int]] = [[] for _ in rows]
-    if k_max > 0:
-        values, ids = logprobs[index].topk(k_max, dim=-1)
-        top_values, top_ids = values.tolist(), ids.tolist()
-
-    result = list(plain)
-    for j, i in enumerate(rows):
-        k = chunks[i].params.logprobs
-        pairs = sorted(zip(top_ids[j], top_values[j], strict=True), key=lambda p: (-p[1], p[0]))[:k]
-        result[i] = SampledToken(tokens[i], chosen_logprob[j], tuple(pairs))
-    return result
+    return to_device(values, torch.float32, device)[:, None]

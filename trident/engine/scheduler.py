@@ -13,6 +13,15 @@ reaches the context length, or would no longer fit in the whole cache, finishes 
 
 The scheduler drives :class:`~trident.engine.block_manager.BlockManager` and talks to the model runner
 only through :class:`~trident.engine.plan.StepPlan` and :class:`~trident.engine.plan.StepResult`.
+
+Asynchronous scheduling: :meth:`Scheduler.schedule` may plan step k before :meth:`Scheduler.update` has
+applied step k-1 (the engine overlaps planning with the device's work). Each sequence therefore counts
+``num_scheduled_tokens`` (computed or in flight) beside ``num_computed_tokens`` (applied), and
+``num_pending`` sampled tokens not yet known; a decode chunk of a sequence whose newest token is pending
+carries :data:`~trident.engine.plan.PENDING_TOKEN`. A sequence whose pending token will certainly end it
+(max_tokens or the context length) is not planned again. A sequence preempted while its chunk was in
+flight still receives that chunk's token. Run synchronously (update right after each schedule), the two
+counts agree between steps and nothing is ever pending at schedule time.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from collections import deque
 
 from trident.config import CacheConfig, SchedulerConfig
 from trident.engine.block_manager import BlockManager, cdiv
-from trident.engine.plan import ScheduledChunk, StepPlan, StepResult
+from trident.engine.plan import PENDING_TOKEN, ScheduledChunk, StepPlan, StepResult
 from trident.engine.request import FinishReason, Sequence, SequenceStatus
 from trident.errors import TridentError
 
@@ -151,8 +160,11 @@ class Scheduler:
         # calls the block manager only when the chunk reaches past the blocks the sequence holds.
         while i < len(running) and budget > 0:
             seq = running[i]
-            start = seq.num_computed_tokens
-            num_tokens = len(seq.token_ids)
+            start = seq.num_scheduled_tokens
+            num_tokens = len(seq.token_ids) + seq.num_pending
+            if seq.num_pending and self._pending_token_ends(seq, num_tokens):
+                i += 1
+                continue
             n = num_tokens - start
             if n > budget:
                 n = budget
@@ -178,20 +190,24 @@ class Scheduler:
         now = time.monotonic()
         for chunk in plan.chunks:
             seq = seqs.get(chunk.seq_id)
-            if seq is None or seq.status is not _RUNNING:
+            if seq is None:
                 continue  # finished (aborted) since the plan was made
-            start = seq.num_computed_tokens
-            if chunk.start_pos != start:
-                raise RuntimeError(f"stale chunk for sequence {seq.seq_id}: starts at {chunk.start_pos}, "
-                                   f"but {start} tokens are computed")
-            computed = start + len(chunk.token_ids)
-            seq.num_computed_tokens = computed
-            # Every full computed block already has its hash (this runs after each change of
-            # num_computed_tokens), so only a chunk that fills a block has anything to hash.
-            if hashing and computed // bs > start // bs:
-                bm.mark_computed(seq)
+            if seq.status is _RUNNING:
+                start = seq.num_computed_tokens
+                if chunk.start_pos != start:
+                    raise RuntimeError(f"stale chunk for sequence {seq.seq_id}: starts at {chunk.start_pos}, "
+                                       f"but {start} tokens are computed")
+                computed = start + len(chunk.token_ids)
+                seq.num_computed_tokens = computed
+                # Every full computed block already has its hash (this runs after each change of
+                # num_computed_tokens), so only a chunk that fills a block has anything to hash.
+                if hashing and computed // bs > start // bs:
+                    bm.mark_computed(seq)
+            # else preempted while the step was in flight (asynchronous scheduling): its blocks are gone and
+            # it will be recomputed, but the token it sampled is as good as any.
             if not chunk.sample:
                 continue
+            seq.num_pending -= 1
             token = sampled[seq.seq_id]
             token_id = token.token_id
             tokens = seq.token_ids
@@ -215,6 +231,13 @@ class Scheduler:
 
     # ----------------------------------------------------------------------------- internals
 
+    def _pending_token_ends(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether the sequence's pending token (``num_tokens`` counts it) will end it by length, so that
+        planning one more step for it would be wasted (and could reach past the context)."""
+        max_tokens = seq.params.max_tokens
+        return num_tokens >= self.max_seq_len or (
+            max_tokens is not None and num_tokens - seq.num_prompt_tokens >= max_tokens)
+
     def _make_room(self, seq: Sequence, num_tokens: int, preempted: list[int]) -> bool:
         """Allocate blocks for the first ``num_tokens`` tokens of a running sequence, preempting the
         last-arrived running sequences as needed. False if ``seq`` itself had to be preempted."""
@@ -229,7 +252,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         """Release the sequence's blocks and queue it again to be recomputed (its tokens are kept)."""
         self.block_manager.free(seq)
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_scheduled_tokens = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -242,8 +265,8 @@ class Scheduler:
         bm = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if self._waits_for_sibling(seq):
-                break
+            if seq.num_pending or self._waits_for_sibling(seq):
+                break  # (a token still in flight from before its preemption: admitted once it has arrived)
             cached = bm.find_cached_prefix(seq, seq.num_tokens - 1)  # always compute the last token
             num_cached = len(cached) * bm.block_size
             remaining = seq.num_tokens - num_cached
@@ -278,9 +301,13 @@ class Scheduler:
 
     @staticmethod
     def _chunk(seq: Sequence, start: int, n: int, num_tokens: int) -> ScheduledChunk:
-        """The chunk of ``n`` tokens of ``seq`` from position ``start`` (``num_tokens``: its length)."""
+        """The chunk of ``n`` tokens of ``seq`` from position ``start`` (``num_tokens``: its length, pending
+        tokens included), counted as scheduled."""
         tokens = seq.token_ids
         sample = start + n == num_tokens
+        seq.num_scheduled_tokens = start + n
+        if sample:
+            seq.num_pending += 1
         params = seq.params
         if sample and params.needs_penalties:
             prompt, output = tuple(seq.prompt_token_ids), tuple(tokens[seq.num_prompt_tokens:])
@@ -288,7 +315,7 @@ class Scheduler:
             prompt = output = ()
         return ScheduledChunk(  # positional: the keyword form costs twice as much, once per sequence per step
             seq.seq_id,
-            (tokens[start],) if n == 1 else tuple(tokens[start:start + n]),
+            (tokens[start] if start < len(tokens) else PENDING_TOKEN,) if n == 1 else tuple(tokens[start:start + n]),
             start,
             tuple(seq.block_table),
             sample,
