@@ -82,8 +82,10 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_caches, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits in the model's dtype: the greedy argmax needs nothing wider (the sampler widens to float32
+        where it computes probabilities), and a [batch, vocab] float32 copy per step is not free."""
         weight = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        return linear(hidden, weight).float()
+        return linear(hidden, weight)
 
     def load_weights(self, tensors: Mapping[str, torch.Tensor], *, dtype: torch.dtype,
                      device: torch.device) -> None:
