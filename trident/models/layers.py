@@ -20,12 +20,35 @@ from trident.models import ops
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x W^T (+ b). A single bfloat16 row on the CPU goes through matrix-vector (measured 30% faster there
-    than the GEMM path for the same bytes); everything else through F.linear."""
+    """x W^T (+ b). On CUDA (where Triton imports), 1 to GEMV_MAX_ROWS rows of a 16-bit x against a contiguous
+    weight of its dtype (rows 16-byte aligned, see _takes_gemv) go through the Triton matrix-vector kernel
+    of trident/kernels/gemv.py: decode at small batch is bound by reading the weights, which the kernel
+    streams in one launch, where cuBLAS reached ~3.1 TB/s on Llama-3-8B's smaller projections on an H200 and
+    added a split-K reduce kernel (python -m trident.kernels.bench_gemv compares the two). A single bfloat16
+    row on the CPU goes through matrix-vector (measured 30% faster there than the GEMM path for the same
+    bytes); everything else through F.linear. The choice depends on shapes, strides, dtypes, alignment and
+    the device, never on values, so it holds across CUDA-graph capture and replay."""
+    if _takes_gemv(x, weight, bias):
+        from trident.kernels.gemv import GEMV_MAX_ROWS, gemv
+
+        if 1 <= x.shape[0] <= GEMV_MAX_ROWS:
+            return gemv(x, weight, bias)
     if x.shape[0] == 1 and x.dim() == 2 and x.dtype == torch.bfloat16 and x.device.type == "cpu":
         y = torch.mv(weight, x[0]).unsqueeze(0)
         return y if bias is None else y + bias
     return F.linear(x, weight, bias)
+
+
+def _takes_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the gemv kernel takes this call at full speed (row count apart): Triton on CUDA, x and weight
+    16-bit of one dtype, the weight contiguous, and rows of both starting on 16 bytes: K and x's row stride
+    multiples of 16 elements, both data pointers of 16 bytes, which is what Triton specialises on to vectorise
+    and pipeline the loads (the models' hidden and intermediate sizes are multiples of 16)."""
+    return (ops.uses_kernels(x) and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16)
+            and weight.dtype == x.dtype and weight.is_contiguous() and x.stride(1) == 1
+            and x.shape[1] % 16 == 0 and x.stride(0) % 16 == 0 and x.data_ptr() % 16 == 0
+            and weight.data_ptr() % 16 == 0
+            and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous())))
 
 
 class Linear(nn.Module):
