@@ -85,10 +85,23 @@ def test_async_scheduling_with_cuda_graphs_equals_sync(tiny_llama_dir) -> None:
     from test_async_scheduling import _requests, _run, assert_same
 
     requests = _requests(seed=4, count=24)
-    options = dict(device="cuda", dtype="float32", block_size=4, num_blocks=96, max_num_batched_tokens=40,
+    options = dict(device="cuda", dtype="float32", block_size=4, num_blocks=48, max_num_batched_tokens=40,
                    max_num_seqs=12)
     sync = LLM(str(tiny_llama_dir), async_scheduling=False, **options).engine
     engine = LLM(str(tiny_llama_dir), **options).engine
     assert engine.async_scheduling and engine.runner.graphs is not None  # both on by default on CUDA
     assert_same(_run(engine, requests), _run(sync, requests))
     assert engine.runner.graphs.replays > 0 and engine.stats().num_preemptions > 0
+
+
+@pytest.mark.gpu
+def test_greedy_argmax_on_cuda_picks_the_first_maximum() -> None:
+    import torch
+
+    from trident.engine.sampler import ARGMAX_GROUPS, argmax
+
+    gen = torch.Generator().manual_seed(1)
+    for vocab in (ARGMAX_GROUPS * 2004, ARGMAX_GROUPS * 3 + 1):  # two passes; torch's own (no even split)
+        logits = torch.randint(-4, 5, (16, vocab), generator=gen).to(torch.bfloat16)  # ties everywhere
+        logits[3, 5] = logits[3, vocab - 7] = 9  # the maximum twice, in different slices
+        assert torch.equal(argmax(logits.cuda()).cpu(), logits.argmax(dim=-1))

@@ -16,6 +16,9 @@ from trident.engine.request import SamplingParams
 from trident.engine.sampler import DeviceSamples, Sampler
 from trident.engine.transfer import to_device
 
+MAX_WARM_ROWS = 16
+"""Row counts of the logits the start-up warm-up runs (each of 1 to this)."""
+
 
 @dataclass
 class LaunchedStep:
@@ -78,6 +81,12 @@ class ModelRunner:
         prompt = ScheduledChunk(-1, (0,) * (bs + 1), 0, (0, 1), True, greedy)
         decode = ScheduledChunk(-2, (0,), 1, (2,), True, greedy)
         self.execute(StepPlan(chunks=(prompt, decode)))
+        # The logits of every small row count (decode batches below the graph buckets' padding and prefill
+        # steps sample few rows; kernels may compile per row-count bucket, outside the captured graphs).
+        dtype = next(self.model.parameters()).dtype
+        hidden = torch.zeros((MAX_WARM_ROWS, self.model.config.hidden_size), dtype=dtype, device=self.device)
+        for rows in range(1, MAX_WARM_ROWS + 1):
+            self.model.compute_logits(hidden[:rows]).argmax(dim=-1)
         self._last_sampled = None
         for k, v in self.kv_caches:
             k.zero_()
@@ -201,16 +210,21 @@ class ModelRunner:
                 sample_chunks)
 
     def _prefill_batch(self, prefills: list[PrefillSeq], tables: list[tuple[int, ...]]) -> PrefillBatch:
-        """The prefill chunks as flat int32 tensors, sent to the device in one copy."""
+        """The prefill chunks as flat int32 tensors, sent to the device in one copy. Each part starts on a
+        16-byte boundary: Triton specialises a kernel on whether each pointer is 16-byte aligned, so parts at
+        offsets that depend on the chunk count would compile new variants in the middle of serving."""
         n, width = len(prefills), max(len(t) for t in tables)
-        flat = [p.token_start for p in prefills] + [p.num_query_tokens for p in prefills]
-        flat += [p.context_len for p in prefills]
+        part = -(-n // 4) * 4  # int32s per part, a multiple of 4 (16 bytes)
+        pad = [0] * (part - n)
+        flat = [p.token_start for p in prefills] + pad + [p.num_query_tokens for p in prefills] + pad
+        flat += [p.context_len for p in prefills] + pad
         for table in tables:
             flat.extend(table)
             flat.extend([0] * (width - len(table)))
         packed = to_device(flat, torch.int32, self.device)
-        return PrefillBatch(query_starts=packed[:n], query_lens=packed[n: 2 * n], context_lens=packed[2 * n: 3 * n],
-                            block_tables=packed[3 * n:].view(n, width),
+        return PrefillBatch(query_starts=packed[:n], query_lens=packed[part: part + n],
+                            context_lens=packed[2 * part: 2 * part + n],
+                            block_tables=packed[3 * part:].view(n, width),
                             max_query_len=max(p.num_query_tokens for p in prefills))
 
 

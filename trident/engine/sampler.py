@@ -80,7 +80,7 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != len(chunks):
             raise ValueError(f"logits of shape {tuple(logits.shape)} do not match {len(chunks)} chunks")
         if not chunks or _all_plain_greedy(chunks):
-            tokens = logits.argmax(dim=-1)
+            tokens = argmax(logits)
             return DeviceSamples(tokens, to_host(tokens), HostCopies(logits.device))
 
         penalized = apply_penalties(logits.float(), chunks)
@@ -154,6 +154,31 @@ class Sampler:
         # A zero draw would turn a masked token's 0/0 into NaN, which argmax would pick.
         noise.clamp_(min=torch.finfo(noise.dtype).tiny)
         return (probs / noise).argmax(dim=-1)
+
+
+ARGMAX_GROUPS = 64
+"""Groups the two-pass argmax splits a row into (when they divide the vocabulary)."""
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(dim=-1)`` ([rows, vocab] -> [rows] int64, the first index among equal maxima), in two
+    passes on CUDA: the maximum of each of ARGMAX_GROUPS slices of a row, then of those. torch reduces a
+    single long row in one thread block (27 us for 128,256 logits on an H200, against a few for the two
+    passes, which spread the row over the chip). Elsewhere, or when the groups do not divide the vocabulary,
+    torch's argmax."""
+    rows, vocab = logits.shape
+    if not logits.is_cuda or vocab % ARGMAX_GROUPS or rows > ARGMAX_GROUPS:
+        return logits.argmax(dim=-1)
+    return two_pass_argmax(logits, ARGMAX_GROUPS)
+
+
+def two_pass_argmax(logits: torch.Tensor, groups: int) -> torch.Tensor:
+    """:func:`argmax`'s two passes over ``groups`` equal slices of each row (``groups`` divides the vocabulary)."""
+    rows, vocab = logits.shape
+    size = vocab // groups
+    values, local = logits.view(rows, groups, size).max(dim=-1)  # first maximum within each slice
+    group = values.argmax(dim=-1, keepdim=True)  # the first slice holding the row's maximum
+    return (group * size + local.gather(1, group)).squeeze(1)
 
 
 def _plain_greedy(params: SamplingParams) -> bool:
