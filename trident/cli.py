@@ -1,4 +1,4 @@
-"""`trident` command line: info, generate, chat, bench, serve.
+"""`trident` command line: info, generate, chat, bench, serve, eval.
 
 Errors a user can cause (TridentError) are printed as one line, without a stack trace, exit code 2.
 """
@@ -316,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     from trident.bench.run import add_bench_parser
 
     add_bench_parser(sub, MODEL_HELP, _engine_args)
+
+    from trident.compress.eval_cli import add_eval_parser
+
+    add_eval_parser(sub, _engine_args, _engine_config)
     return parser
 
 

@@ -1,0 +1,47 @@
+"""Fixtures of the compression tests: a tiny random Llama saved as a Hugging Face folder (with its float64
+transformers twin as the reference) and the real default model, in float32."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    from hf_tiny import make_hf_model
+
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      eos_token_id=0, bos_token_id=1)
+    path = tmp_path_factory.mktemp("tiny-llama-ppl")
+    make_hf_model(config, seed=5).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_hf64(tiny_llama_dir):
+    """The same weights in transformers, computing in float64."""
+    return transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float64).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_llama_dir):
+    from trident.engine.engine import LLMEngine
+    from trident.engine.llm import engine_config
+
+    return LLMEngine(engine_config(str(tiny_llama_dir), dtype="float32", num_blocks=64))
+
+
+@pytest.fixture(scope="session")
+def default_engine():
+    from trident.engine.engine import LLMEngine
+    from trident.engine.llm import engine_config
+
+    return LLMEngine(engine_config(None, dtype="float32"))  # the reference numerics; auto may pick bf16
