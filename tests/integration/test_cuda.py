@@ -85,7 +85,7 @@ def test_async_scheduling_with_cuda_graphs_equals_sync(tiny_llama_dir) -> None:
     from test_async_scheduling import _requests, _run, assert_same
 
     requests = _requests(seed=4, count=24)
-    options = dict(device="cuda", dtype="float32", block_size=4, num_blocks=48, max_num_batched_tokens=40,
+    options = dict(device="cuda", dtype="float32", block_size=4, num_blocks=32, max_num_batched_tokens=40,
                    max_num_seqs=12)
     sync = LLM(str(tiny_llama_dir), async_scheduling=False, **options).engine
     engine = LLM(str(tiny_llama_dir), **options).engine

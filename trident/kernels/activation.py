@@ -19,6 +19,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from trident.kernels.pdl import pdl_launch, wait_for_previous_grid
+
 KERNEL_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
 """Hugging Face ``hidden_act`` names the kernel computes."""
 BLOCK = 1024
@@ -50,9 +52,10 @@ def act_and_mul(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     if num_tokens == 0:
         return out
     block = min(BLOCK, triton.next_power_of_2(intermediate))
+    pdl = pdl_launch(gate_up.device)
     _act_and_mul_kernel[(num_tokens, triton.cdiv(intermediate, block))](
         gate_up, out, gate_up.stride(0), out.stride(0), intermediate,
-        ACTIVATION=activation, BLOCK=block, num_warps=4 if block >= 512 else 1,
+        ACTIVATION=activation, BLOCK=block, num_warps=4 if block >= 512 else 1, USE_PDL=pdl, launch_pdl=pdl
     )
     return out
 
@@ -64,7 +67,8 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _act_and_mul_kernel(gate_up_ptr, out_ptr, stride_in, stride_out, intermediate,
-                        ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
+                        ACTIVATION: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    wait_for_previous_grid(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < intermediate

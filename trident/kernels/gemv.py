@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from trident.kernels.pdl import pdl_launch, wait_for_previous_grid
+
 GEMV_MAX_ROWS = 16
 """The most rows of x the kernel takes: the tensor cores' 16-row tile (mma.m16n8k16), so every row count up
 to it costs one pass over the weight and the same matrix instructions."""
@@ -92,11 +94,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         return y
     block_n, block_k, num_warps, num_stages = config or gemv_config(num_rows, n, k, x.dtype)
     has_bias = bias is not None
+    pdl = pdl_launch(x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if has_bias else weight, y, num_rows, n, k, x.stride(0), y.stride(0),
         HAS_BIAS=has_bias, BLOCK_M=triton.next_power_of_2(num_rows), BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # 16-bit operands ignore it
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, USE_PDL=pdl, launch_pdl=pdl
     )
     return y
 
@@ -106,7 +109,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 @triton.jit(do_not_specialize=["num_rows"])
 def _gemv_kernel(x_ptr, weight_ptr, bias_ptr, y_ptr, num_rows, n, k, stride_x, stride_y,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
+    wait_for_previous_grid(USE_PDL)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns = weight rows
     rows = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)

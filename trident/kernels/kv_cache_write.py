@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from trident.kernels.pdl import pdl_launch, wait_for_previous_grid
+
 
 def write_kv_reference(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        slot_mapping: torch.Tensor) -> None:
@@ -33,12 +35,14 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
     assert value.shape == key.shape and k_cache.shape == v_cache.shape
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
     assert key.stride(2) == 1 and value.stride(2) == 1
+    pdl = pdl_launch(key.device)
     _write_kv_kernel[(num_tokens,)](
         key, value, k_cache, v_cache, slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         num_kv_heads, head_dim, k_cache.shape[2],
         HEADS_PAD=triton.next_power_of_2(num_kv_heads), DIM_PAD=triton.next_power_of_2(head_dim),
+        USE_PDL=pdl, launch_pdl=pdl,
     )
 
 
@@ -47,7 +51,8 @@ def _write_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
                      stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_cb, stride_ch, stride_cs,
                      num_kv_heads, head_dim, block_size,
-                     HEADS_PAD: tl.constexpr, DIM_PAD: tl.constexpr):
+                     HEADS_PAD: tl.constexpr, DIM_PAD: tl.constexpr, USE_PDL: tl.constexpr):
+    wait_for_previous_grid(USE_PDL)
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     if slot >= 0:

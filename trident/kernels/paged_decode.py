@@ -25,6 +25,7 @@ from trident.kernels.paged_common import (
     scaled_scores,
     score_factors,
 )
+from trident.kernels.pdl import pdl_launch, wait_for_previous_grid
 
 MIN_SPLIT_TOKENS = 64
 """A split covers at least one key tile of the longest possible context."""
@@ -90,6 +91,7 @@ def paged_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         partial_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=out.device)
     else:
         partial_out = partial_lse = out  # unused
+    pdl = pdl_launch(query.device)
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         query, k_cache, v_cache, block_tables, context_lens, token_indices, out, partial_out, partial_lse,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
@@ -98,11 +100,12 @@ def paged_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM_PAD=dim_pad, BLOCK_N=block_n,
         SPLIT=split, USE_SOFTCAP=logit_softcap is not None, USE_WINDOW=sliding_window is not None,
         DOT_PRECISION=dot_precision(k_cache.dtype), num_warps=num_warps, num_stages=num_stages,
+        USE_PDL=pdl, launch_pdl=pdl,
     )
     if split:
         _reduce_kernel[(batch, num_heads)](
             partial_out, partial_lse, token_indices, out, out.stride(0), out.stride(1), head_dim, num_heads,
-            num_splits, SPLITS_PAD=SPLITS_PAD, DIM_PAD=dim_pad,
+            num_splits, SPLITS_PAD=SPLITS_PAD, DIM_PAD=dim_pad, USE_PDL=pdl, launch_pdl=pdl
         )
 
 
@@ -131,7 +134,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
                    scale_in, scale_out, window, block_size, head_dim, num_heads, num_splits,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                    SPLIT: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
+    wait_for_previous_grid(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -188,8 +192,10 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _reduce_kernel(partial_out_ptr, partial_lse_ptr, token_indices_ptr, out_ptr, stride_ot, stride_oh,
-                   head_dim, num_heads, num_splits, SPLITS_PAD: tl.constexpr, DIM_PAD: tl.constexpr):
+                   head_dim, num_heads, num_splits, SPLITS_PAD: tl.constexpr, DIM_PAD: tl.constexpr,
+                   USE_PDL: tl.constexpr):
     """Combine the splits of one (sequence, head): weights 2^(lse_s - max lse)."""
+    wait_for_previous_grid(USE_PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, SPLITS_PAD)

@@ -23,6 +23,7 @@ from trident.kernels.paged_common import (
     scaled_scores,
     score_factors,
 )
+from trident.kernels.pdl import pdl_launch, wait_for_previous_grid
 
 
 def prefill_tile_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
@@ -64,6 +65,7 @@ def paged_prefill(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     block_q = block_m // group  # query tokens per tile
     scale_in, scale_out = score_factors(scale, logit_softcap)
     grid = (triton.cdiv(max_query_len, block_q), num_seqs, num_kv_heads)
+    pdl = pdl_launch(query.device)
     _prefill_kernel[grid](
         query, k_cache, v_cache, out, query_starts, query_lens, context_lens, block_tables,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
@@ -72,7 +74,7 @@ def paged_prefill(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, DIM_PAD=dim_pad,
         USE_SOFTCAP=logit_softcap is not None, USE_WINDOW=sliding_window is not None,
         DOT_PRECISION=dot_precision(k_cache.dtype),
-        num_warps=num_warps or default_warps, num_stages=num_stages or default_stages,
+        num_warps=num_warps or default_warps, num_stages=num_stages or default_stages, USE_PDL=pdl, launch_pdl=pdl
     )
 
 
@@ -96,7 +98,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_starts_ptr, 
                     stride_cb, stride_ch, stride_cs, scale_in, scale_out, window, block_size, head_dim,
                     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     DIM_PAD: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
+    wait_for_previous_grid(USE_PDL)
     tile = tl.program_id(0)
     seq = tl.program_id(1)
     kv_head = tl.program_id(2)

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from trident.kernels.pdl import pdl_launch, wait_for_previous_grid
+
 MAX_HIDDEN = 65536
 """The widest row one program holds (fp32 in registers: 128 per thread at 16 warps)."""
 
@@ -70,13 +72,14 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         return
     block = triton.next_power_of_2(hidden)
     has_residual = residual is not None
+    pdl = pdl_launch(x.device)
     _rms_norm_kernel[(num_rows,)](
         x, residual if has_residual else x, weight, out, residual_out if has_residual else out,
         x.stride(0), residual.stride(0) if has_residual else 0, out.stride(0),
         residual_out.stride(0) if has_residual else 0,
         hidden, eps,
         HAS_RESIDUAL=has_residual, UNIT_OFFSET=unit_offset, BLOCK=block,
-        num_warps=min(max(block // 256, 1), 16),
+        num_warps=min(max(block // 256, 1), 16), USE_PDL=pdl, launch_pdl=pdl
     )
 
 
@@ -84,7 +87,8 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
                      stride_x, stride_residual, stride_out, stride_residual_out,
                      hidden, eps,
-                     HAS_RESIDUAL: tl.constexpr, UNIT_OFFSET: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, UNIT_OFFSET: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    wait_for_previous_grid(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from trident.kernels.pdl import pdl_launch, wait_for_previous_grid
 from trident.kernels.rms_norm import rms_norm_reference
 
 
@@ -63,6 +64,7 @@ def rotary(query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor, inv_
     half = head_dim // 2
     half_pad = triton.next_power_of_2(half)
     heads_pad = triton.next_power_of_2(max(num_q_heads, num_k_heads))
+    pdl = pdl_launch(query.device)
     _rotary_kernel[(num_tokens,)](
         query, key, positions, inv_freq,
         q_norm_weight if qk_norm else inv_freq, k_norm_weight if qk_norm else inv_freq,
@@ -71,7 +73,7 @@ def rotary(query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor, inv_
         QK_NORM=qk_norm, UNIT_OFFSET=unit_offset,
         QH_PAD=triton.next_power_of_2(num_q_heads), KH_PAD=triton.next_power_of_2(num_k_heads),
         HALF_PAD=half_pad,
-        num_warps=min(max(heads_pad * half_pad // 512, 1), 8),
+        num_warps=min(max(heads_pad * half_pad // 512, 1), 8), USE_PDL=pdl, launch_pdl=pdl
     )
 
 
@@ -110,7 +112,8 @@ def _rotary_kernel(q_ptr, k_ptr, positions_ptr, inv_freq_ptr, q_norm_ptr, k_norm
                    stride_qt, stride_qh, stride_kt, stride_kh,
                    num_q_heads, num_k_heads, half, eps,
                    QK_NORM: tl.constexpr, UNIT_OFFSET: tl.constexpr,
-                   QH_PAD: tl.constexpr, KH_PAD: tl.constexpr, HALF_PAD: tl.constexpr):
+                   QH_PAD: tl.constexpr, KH_PAD: tl.constexpr, HALF_PAD: tl.constexpr, USE_PDL: tl.constexpr):
+    wait_for_previous_grid(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.float32)
     dims = tl.arange(0, HALF_PAD)
