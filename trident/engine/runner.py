@@ -154,8 +154,10 @@ class ModelRunner:
         decode_lens: list[int] = []
         logits_indices: list[int] = []
         sample_chunks: list[ScheduledChunk] = []
+        chunk_starts: list[int] = []
         for chunk in plan.chunks:
             start = len(input_ids)
+            chunk_starts.append(start)
             n = chunk.num_tokens
             input_ids.extend(chunk.token_ids)
             chunk_positions = range(chunk.start_pos, chunk.start_pos + n)
@@ -200,7 +202,7 @@ class ModelRunner:
         sources = self._token_sources(plan.chunks)
         if sources is not None:  # pending tokens are one-token chunks: one row each in the flat batch
             flat = [-1] * len(input_ids)
-            for chunk_start, src in zip(_chunk_starts(plan.chunks), sources):
+            for chunk_start, src in zip(chunk_starts, sources):
                 flat[chunk_start] = src
             ids = fed_tokens(ids, to_device(flat, torch.long, dev), self._feedback)
         return (ids,
@@ -226,15 +228,6 @@ class ModelRunner:
                             context_lens=packed[2 * part: 2 * part + n],
                             block_tables=packed[3 * part:].view(n, width),
                             max_query_len=max(p.num_query_tokens for p in prefills))
-
-
-def _chunk_starts(chunks) -> list[int]:
-    """Where each chunk's first token sits in the flat batch."""
-    starts, total = [], 0
-    for c in chunks:
-        starts.append(total)
-        total += c.num_tokens
-    return starts
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
