@@ -1,4 +1,4 @@
-"""`trident` command line: info, generate, chat, bench, serve, eval.
+"""`trident` command line: info, generate, chat, bench, serve, eval, quantize.
 
 Errors a user can cause (TridentError) are printed as one line, without a stack trace, exit code 2.
 """
@@ -320,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     from trident.compress.eval_cli import add_eval_parser
 
     add_eval_parser(sub, _engine_args, _engine_config)
+
+    from trident.quant.quantize_cli import add_quantize_parser
+
+    add_quantize_parser(sub)
     return parser
 
 

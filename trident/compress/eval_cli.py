@@ -127,6 +127,7 @@ def _evaluate(model: str, model_config, text: str, config: PerplexityConfig, fin
     import torch
 
     from trident.engine.engine import LLMEngine
+    from trident.quant.linear import num_weights
 
     t0 = time.perf_counter()
     engine = LLMEngine(model_config)
@@ -141,7 +142,7 @@ def _evaluate(model: str, model_config, text: str, config: PerplexityConfig, fin
                                f"fingerprint {plan.fingerprint} vs {fingerprint}): perplexities over different "
                                "tokens are not comparable; compare models that share a tokenizer")
         result = perplexity(engine, token_ids, config, progress=True, description=model)
-        row = {"model": model, "params": sum(p.numel() for p in engine.model.parameters()),
+        row = {"model": model, "params": num_weights(engine.model),
                "dtype": str(engine.dtype).removeprefix("torch."), "attention_backend": engine.attention_backend,
                "load_s": load_s, **result.as_dict()}
         if rows:

@@ -100,7 +100,7 @@ class LLMEngine:
         """The attention backend in use (torch or triton), auto resolved."""
         backend = create_backend(self.attention_backend, self.device)
         self.model = build_model(self.model_config, checkpoint.tensors, dtype=self.dtype, device=self.device,
-                                 backend=backend)
+                                 backend=backend, quantization=checkpoint.quantization)
         self.max_model_len = resolve_max_model_len(self.model_config, config, self.device)
         cache = config.cache
         kv_dtype = kv_dtype_of(config, self.dtype)

@@ -10,6 +10,7 @@ from trident.config import ModelConfig
 if TYPE_CHECKING:
     import torch
 
+    from trident.quant.format import QuantizedModules
     from trident.tokenizer import Tokenizer
 
 
@@ -33,6 +34,9 @@ class Checkpoint:
     """Bytes of the weight files on disk."""
     hf_config: dict[str, Any] = field(default_factory=dict)
     """The Hugging Face-style config dict the ModelConfig was built from (read or reconstructed)."""
+    quantization: QuantizedModules | None = None
+    """For a folder written by ``trident quantize``: which modules hold quantized weights, and how (their
+    tensors are ``<module>.qweight`` / ``.scales`` / ``.zeros`` in :attr:`tensors`); None when unquantized."""
 
     def num_parameters(self) -> int:
         """Parameters actually stored (a tied lm_head counts once)."""

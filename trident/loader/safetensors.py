@@ -19,6 +19,7 @@ from trident.config import ModelConfig
 from trident.errors import TridentError
 from trident.loader.checkpoint import Checkpoint
 from trident.loader.jsonfile import read_json
+from trident.quant.format import read_quantization_config
 
 _SINGLE = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
@@ -42,6 +43,7 @@ def load_hf_folder(path: str) -> Checkpoint:
         )
     hf_config = read_json(config_file)
     config = ModelConfig.from_hf_dict(hf_config)
+    quantization = read_quantization_config(hf_config)
     multimodal = "text_config" in hf_config
     tensors: dict[str, torch.Tensor] = {}
     tensor_types: dict[str, str] = {}
@@ -64,6 +66,7 @@ def load_hf_folder(path: str) -> Checkpoint:
         path=path,
         file_bytes=sum(os.path.getsize(f) for f in files),
         hf_config=hf_config,
+        quantization=quantization,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -11,14 +12,24 @@ from trident.config import ModelConfig
 from trident.models.layers import RotaryEmbedding
 from trident.models.registry import model_class
 
+if TYPE_CHECKING:
+    from trident.quant.format import QuantizedModules
+
 
 def build_model(config: ModelConfig, tensors: Mapping[str, torch.Tensor], *, dtype: torch.dtype,
-                device: torch.device, backend: AttentionBackend) -> torch.nn.Module:
+                device: torch.device, backend: AttentionBackend,
+                quantization: QuantizedModules | None = None) -> torch.nn.Module:
     """Create the modules on the meta device (nothing allocated or initialised), then set every
-    parameter from the checkpoint's tensors, without a copy where none is needed."""
+    parameter from the checkpoint's tensors, without a copy where none is needed. ``quantization`` (a
+    checkpoint written by ``trident quantize``): the listed Linear layers become QuantizedLinear layers holding
+    the checkpoint's codes and scales as stored."""
     cls = model_class(config.model_type)
     with torch.device("meta"):
         model = cls(config, backend)
+    if quantization is not None:
+        from trident.quant.format import install_quantized_modules
+
+        tensors = install_quantized_modules(model, quantization, tensors, device)
     model.load_weights(tensors, dtype=dtype, device=device)
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):

@@ -1,0 +1,176 @@
+"""The quantized checkpoint format: a Hugging Face-style folder trident loads like any other.
+
+- ``config.json``: the source's config plus ``quantization_config`` = ``{"quant_method": "trident-rtn", "bits",
+  "group_size", "symmetric", "modules": [module names]}``; module names are trident's (fused ``qkv_proj`` and
+  ``gate_up_proj``, e.g. ``model.layers.0.self_attn.qkv_proj``).
+- ``model.safetensors``: every tensor the quantized modules do not replace, under its Hugging Face name and in
+  its source dtype, plus ``<module>.qweight``, ``<module>.scales`` and (asymmetric) ``<module>.zeros`` for each
+  quantized module (layouts in :mod:`trident.quant.rtn`). A quantized module's bias stays under its HF names.
+- the tokenizer: a Hugging Face source's tokenizer files are copied; a GGUF source's tokenizer is written as
+  tokenizer.json (its fast-tokenizer backend), tokenizer_config.json (special tokens, add_bos/add_eos, chat
+  template) and generation_config.json (every end-of-sequence id).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from trident.errors import TridentError
+from trident.quant.rtn import QuantConfig, QuantizedWeight
+
+QUANT_METHOD = "trident-rtn"
+SUPPORTED_METHODS = (QUANT_METHOD,)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja", "chat_template.json")
+
+
+@dataclass(frozen=True)
+class QuantizedModules:
+    """What a quantized checkpoint's ``quantization_config`` says: how, and which modules."""
+
+    config: QuantConfig
+    modules: tuple[str, ...]
+
+    def as_hf_dict(self) -> dict[str, Any]:
+        return {"quant_method": QUANT_METHOD, "bits": self.config.bits, "group_size": self.config.group_size,
+                "symmetric": self.config.symmetric, "modules": list(self.modules)}
+
+
+def read_quantization_config(hf_config: Mapping[str, Any]) -> QuantizedModules | None:
+    """The checkpoint's quantization, None when unquantized; an unknown or malformed one is a TridentError."""
+    entry = hf_config.get("quantization_config")
+    if entry is None:
+        return None
+    method = entry.get("quant_method") if isinstance(entry, Mapping) else None
+    if method not in SUPPORTED_METHODS:
+        raise TridentError(f"quantization_config.quant_method {method!r} is not supported; trident loads "
+                           f"{', '.join(SUPPORTED_METHODS)} (written by `trident quantize`)")
+    modules = entry.get("modules")
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise TridentError("quantization_config.modules must be a list of module names")
+    try:
+        config = QuantConfig(bits=entry.get("bits"), group_size=entry.get("group_size"),
+                             symmetric=entry.get("symmetric"))
+    except TridentError as e:
+        raise TridentError(f"quantization_config is invalid: {e}") from None
+    return QuantizedModules(config, tuple(modules))
+
+
+def install_quantized_modules(model: nn.Module, quantization: QuantizedModules,
+                              tensors: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Replace the listed Linear layers of ``model`` (built on the meta device) by QuantizedLinear layers holding
+    the checkpoint's codes, scales and zero points; returns the tensors left for ``load_weights``."""
+    from trident.models.layers import Linear
+    from trident.quant.linear import QuantizedLinear, replace_module
+
+    rest = dict(tensors)
+    for name in quantization.modules:
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            layer = None
+        if not isinstance(layer, Linear):
+            raise TridentError(f"quantization_config lists {name}, which is not a linear layer of this model")
+        parts = {}
+        for kind in ("qweight", "scales", "zeros"):
+            t = rest.pop(f"{name}.{kind}", None)
+            parts[kind] = None if t is None else t.to(device)
+        symmetric = quantization.config.symmetric
+        if parts["qweight"] is None or parts["scales"] is None or (parts["zeros"] is None) != symmetric:
+            raise TridentError(f"the checkpoint lacks the quantized tensors of {name} (qweight, scales"
+                               f"{'' if quantization.config.symmetric else ', zeros'})")
+        q = QuantizedWeight(parts["qweight"], parts["scales"], parts["zeros"])
+        _check_shapes(name, q, layer, quantization.config)
+        bias = None if layer.bias is None else torch.empty(layer.out_features, device="meta")
+        replace_module(model, name, QuantizedLinear(layer.in_features, layer.out_features, quantization.config, q,
+                                                    bias))
+    return rest
+
+
+def _check_shapes(name: str, q: QuantizedWeight, layer: nn.Module, config: QuantConfig) -> None:
+    from trident.quant.rtn import group_size_of
+
+    n, k = layer.out_features, layer.in_features
+    groups = k // group_size_of(config, k)
+    want = {"qweight": (n, k // 2 if config.bits == 4 else k), "scales": (n, groups), "zeros": (n, groups)}
+    for kind, t in zip(("qweight", "scales", "zeros"), q):
+        if t is not None and tuple(t.shape) != want[kind]:
+            raise TridentError(f"{name}.{kind} has shape {tuple(t.shape)}, expected {want[kind]}: the checkpoint "
+                               "does not match its config")
+
+
+def hf_module_of(name: str, packed_modules: Mapping[str, tuple[tuple[str, int], ...]]) -> str:
+    """The trident module a Hugging Face tensor name belongs to (``...q_proj.weight`` -> ``...qkv_proj``)."""
+    module = name.rpartition(".")[0]
+    for fused, parts in packed_modules.items():
+        for part, _ in parts:
+            suffix = f".{part}"
+            if module.endswith(suffix):
+                return module[: -len(suffix)] + f".{fused}"
+    return module
+
+
+def save_quantized(model: nn.Module, checkpoint, modules: QuantizedModules, out_dir: str) -> list[str]:
+    """Write the quantized folder (see the module docstring) for ``model`` after :func:`quantize_model`;
+    ``checkpoint`` is the source it was built from. Returns the files written."""
+    from safetensors.torch import save_file
+
+    from trident.quant.linear import QuantizedLinear
+
+    os.makedirs(out_dir, exist_ok=True)
+    quantized = set(modules.modules)
+    packed = getattr(model, "packed_modules", {})
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in checkpoint.tensors.items():
+        if name.endswith(".weight") and hf_module_of(name, packed) in quantized:
+            continue
+        tensors[name] = tensor.contiguous()
+    for name in modules.modules:
+        layer = model.get_submodule(name)
+        if not isinstance(layer, QuantizedLinear):
+            raise TridentError(f"{name} is not quantized; run quantize_model first")
+        for kind, t in zip(("qweight", "scales", "zeros"), layer.quantized):
+            if t is not None:
+                tensors[f"{name}.{kind}"] = t.detach().cpu().contiguous()
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    hf_config = dict(checkpoint.hf_config)
+    hf_config["quantization_config"] = modules.as_hf_dict()
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    written = ["config.json", "model.safetensors"] + _write_tokenizer(checkpoint, out_dir)
+    return written
+
+
+def _write_tokenizer(checkpoint, out_dir: str) -> list[str]:
+    if checkpoint.format == "safetensors":
+        copied = []
+        for file in TOKENIZER_FILES:
+            src = os.path.join(checkpoint.path, file)
+            if os.path.isfile(src):
+                shutil.copyfile(src, os.path.join(out_dir, file))
+                copied.append(file)
+        return copied
+    tok = checkpoint.tokenizer
+    if tok is None:
+        return []
+    tok.backend.save(os.path.join(out_dir, "tokenizer.json"))
+    config: dict[str, Any] = dict(tok.special_tokens)
+    if tok.add_bos is not None:  # None: tokenizer.json's post-processor decides, as it did in the source
+        config["add_bos_token"] = tok.add_bos
+        config["add_eos_token"] = tok.add_eos
+    if tok.chat_template:
+        config["chat_template"] = tok.chat_template
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": list(tok.eos_token_ids),
+                   **({"bos_token_id": tok.bos_token_id} if tok.bos_token_id is not None else {})}, f, indent=2)
+    return ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]

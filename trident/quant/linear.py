@@ -1,0 +1,138 @@
+"""QuantizedLinear, the weight-only quantized twin of :class:`trident.models.layers.Linear`, and
+:func:`quantize_model`, which swaps a built model's Linear layers for it in place.
+
+The forward is the torch reference path: dequantize the whole weight to x's dtype, then the same
+:func:`trident.models.layers.linear` an unquantized layer calls. It saves memory on disk and in the module's
+storage, not time: dequantize-matmul kernels (CPU and Triton) come later and are to be tested against this.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from trident.models.layers import Linear, linear
+from trident.quant.rtn import NEVER_QUANTIZED, QuantConfig, QuantizedWeight, dequantize, quantize
+
+
+class QuantizedLinear(nn.Module):
+    """y = x dequantize(W)^T (+ b), W held as codes, float32 scales and (asymmetric) zero points in buffers
+    ``qweight``, ``scales``, ``zeros`` (see :mod:`trident.quant.rtn` for their layout); the bias stays a float
+    parameter named ``bias`` as in Linear."""
+
+    def __init__(self, in_features: int, out_features: int, config: QuantConfig, q: QuantizedWeight,
+                 bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.config = config
+        self.register_buffer("qweight", q.qweight)
+        self.register_buffer("scales", q.scales)
+        self.register_buffer("zeros", q.zeros)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, layer: Linear, config: QuantConfig) -> QuantizedLinear:
+        return cls(layer.in_features, layer.out_features, config, quantize(layer.weight, config), layer.bias)
+
+    @property
+    def quantized(self) -> QuantizedWeight:
+        return QuantizedWeight(self.qweight, self.scales, self.zeros)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.quantized, self.config, dtype)
+
+    def storage_bytes(self) -> int:
+        """Bytes of the codes, scales and zero points (the bias apart)."""
+        return sum(t.numel() * t.element_size() for t in self.quantized if t is not None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={c.bits}, "
+                f"group_size={c.group_size}, symmetric={c.symmetric}")
+
+
+@dataclass
+class ModuleReport:
+    """One quantized module: its shape and the relative Frobenius error ||W - deq(W)|| / ||W|| (float64)."""
+
+    name: str
+    out_features: int
+    in_features: int
+    relative_error: float
+    bytes_before: int
+    """The weight's bytes as the model held it before quantization."""
+    bytes_after: int
+    """Codes + scales + zero points."""
+
+
+@dataclass
+class QuantReport:
+    config: QuantConfig
+    modules: list[ModuleReport] = field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.modules]
+
+    @property
+    def params_quantized(self) -> int:
+        return sum(m.out_features * m.in_features for m in self.modules)
+
+    def as_dict(self) -> dict:
+        return {"config": asdict(self.config), "params_quantized": self.params_quantized,
+                "weight_bytes_before": sum(m.bytes_before for m in self.modules),
+                "weight_bytes_after": sum(m.bytes_after for m in self.modules),
+                "modules": [asdict(m) for m in self.modules]}
+
+
+def num_weights(model: nn.Module) -> int:
+    """The model's parameter count with each quantized weight counted as its N x K weights (not its codes)."""
+    return sum(p.numel() for p in model.parameters()) + sum(
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
+
+
+def eligible_modules(model: nn.Module, config: QuantConfig) -> list[str]:
+    """Names of the Linear layers ``config`` quantizes, in model order."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, Linear) and is_selected(name, config)]
+
+
+def is_selected(name: str, config: QuantConfig) -> bool:
+    if any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name.rpartition(".")[2], p) for p in NEVER_QUANTIZED):
+        return False
+    return any(fnmatch.fnmatchcase(name, p) for p in config.modules)
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, config: QuantConfig,
+                   progress: Callable[[str], None] | None = None) -> QuantReport:
+    """Replace every eligible Linear of ``model`` by a QuantizedLinear, in place. Fused projections (qkv_proj,
+    gate_up_proj) are quantized as one weight: their rows are independent output channels and groups run along
+    K, so fusion along N changes nothing. ``progress(name)`` is called after each module."""
+    report = QuantReport(config)
+    for name in eligible_modules(model, config):
+        layer = model.get_submodule(name)
+        qlayer = QuantizedLinear.from_linear(layer, config)
+        w64 = layer.weight.to(torch.float64)
+        err = torch.linalg.norm(w64 - qlayer.dequantized_weight(torch.float64)) / torch.linalg.norm(w64).clamp_min(
+            1e-300)
+        report.modules.append(ModuleReport(name, layer.out_features, layer.in_features, float(err),
+                                           layer.weight.numel() * layer.weight.element_size(),
+                                           qlayer.storage_bytes()))
+        replace_module(model, name, qlayer)
+        if progress is not None:
+            progress(name)
+    return report

@@ -1,0 +1,154 @@
+"""Round-to-nearest (RTN) weight-only quantization of a weight [N, K] to int8 or int4 codes with float32 scales.
+
+Groups run along K (the input dimension): ``group_size=None`` is one group per output channel (row), otherwise
+each row is cut into ``K / group_size`` groups of consecutive inputs. K must be a multiple of the group size
+(a :class:`TridentError` names the module otherwise; no padding is done).
+
+Codes:
+- symmetric int8: ``q = round(w / s)`` in -127..127 with ``s = absmax / 127``, stored as int8.
+- symmetric int4: ``q = round(w / s)`` in -7..7 with ``s = absmax / 7``. -8 is never produced: with the scale
+  set by absmax / 7 every ``|w / s| <= 7``, and using -8 would need a scale of absmax / 8 that clips the
+  largest positive weight; a range symmetric about zero keeps ``w -> -w`` exact. Stored as the unsigned nibble
+  ``q + 8`` (1..15).
+- asymmetric: the group's range ``[min(lo, 0), max(hi, 0)]`` (extended to contain 0, so that the zero point is a
+  code and 0.0 is exact) maps to 0..15 (int4) / 0..255 (int8): ``s = (hi - lo) / qmax``, integer zero point
+  ``z = round(-lo / s)``, ``q = clamp(round(w / s) + z, 0, qmax)``, dequantized ``(q - z) * s``. Stored as
+  uint8 codes and uint8 zero points, one per group.
+
+Every element then satisfies ``|w - dequantize(q)| <= s / 2`` (up to float32 rounding of ``w / s``).
+
+int4 packing: two codes per uint8 along K: byte ``j`` of a row holds element ``2j`` in its low nibble (bits
+0-3) and element ``2j + 1`` in its high nibble (bits 4-7); K must be even.
+
+Scales are float32 ([N, K / group_size], or [N, 1] per channel): the scale is the step of the code grid, so
+its own rounding error multiplies every weight of the group; bfloat16 would add up to 2^-9 relative error to
+each weight (a sizeable fraction of int8's step), float16 underflows for tiny groups. They cost 32 bits per
+group (0.25 bits per weight at group 128), counted in the on-disk size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from trident.errors import TridentError
+from trident.quant import BITS, GROUP_SIZES
+
+DEFAULT_MODULES = ("model.layers.*",)
+"""Module-name patterns (fnmatch) quantized by default: every Linear of the decoder layers."""
+NEVER_QUANTIZED = ("lm_head", "*embed*")
+"""Never quantized whatever the patterns say: the LM head and embeddings."""
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How round-to-nearest quantizes the weights of a model's Linear layers."""
+
+    bits: int = 8
+    """4 or 8 bits per weight."""
+    group_size: int | None = None
+    """None: one scale per output channel; 32, 64 or 128: one scale per that many consecutive inputs (K)."""
+    symmetric: bool = True
+    """True: codes centred on zero, no zero point; False: min/max range with an integer zero point per group."""
+    modules: tuple[str, ...] = DEFAULT_MODULES
+    """fnmatch patterns over module names (``model.layers.0.self_attn.qkv_proj``); the LM head and embeddings
+    are never quantized."""
+
+    def __post_init__(self) -> None:
+        if self.bits not in BITS:
+            raise TridentError(f"bits must be one of {BITS}, got {self.bits!r}")
+        if self.group_size is not None and self.group_size not in GROUP_SIZES:
+            raise TridentError(f"group size must be one of {GROUP_SIZES} or None (per channel), got "
+                               f"{self.group_size!r}")
+        if not isinstance(self.symmetric, bool):
+            raise TridentError(f"symmetric must be True or False, got {self.symmetric!r}")
+        if not self.modules or not all(isinstance(m, str) and m for m in self.modules):
+            raise TridentError(f"modules must be a non-empty tuple of name patterns, got {self.modules!r}")
+
+    @property
+    def qmax(self) -> int:
+        """The largest code: 127 / 7 symmetric (codes -qmax..qmax), 255 / 15 asymmetric (codes 0..qmax)."""
+        if self.symmetric:
+            return 2 ** (self.bits - 1) - 1
+        return 2 ** self.bits - 1
+
+
+class QuantizedWeight(NamedTuple):
+    """A weight [N, K] as stored: ``qweight`` int8 [N, K] (symmetric int8), uint8 [N, K] (asymmetric int8) or
+    uint8 [N, K / 2] (int4, packed); ``scales`` float32 [N, groups]; ``zeros`` uint8 [N, groups] or None."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+
+
+def group_size_of(config: QuantConfig, in_features: int) -> int:
+    """The group length along K for a weight of ``in_features`` inputs (K itself per channel)."""
+    group = config.group_size or in_features
+    if in_features % group:
+        fitting = ", ".join(str(g) for g in GROUP_SIZES if in_features % g == 0) or "none: use per channel"
+        raise TridentError(f"K = {in_features} inputs is not a multiple of the group size {group}; choose a group "
+                           f"size that divides it ({fitting}) or leave the module out")
+    if config.bits == 4 and in_features % 2:
+        raise TridentError(f"int4 packs two codes per byte along K, which needs an even K, got {in_features}")
+    return group
+
+
+def quantize(weight: torch.Tensor, config: QuantConfig) -> QuantizedWeight:
+    """Quantize ``weight`` [N, K] (any float dtype; computed in float32) by round-to-nearest."""
+    if weight.dim() != 2:
+        raise TridentError(f"quantize expects a 2-D weight [N, K], got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    group = group_size_of(config, k)
+    w = weight.detach().to(torch.float32).reshape(n, k // group, group)
+    qmax = config.qmax
+    if config.symmetric:
+        scales = w.abs().amax(dim=-1) / qmax
+        scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero group: codes 0
+        codes = torch.round(w / scales[..., None]).clamp_(-qmax, qmax).to(torch.int32)
+        zeros = None
+    else:
+        lo = w.amin(dim=-1).clamp(max=0.0)
+        hi = w.amax(dim=-1).clamp(min=0.0)
+        scales = (hi - lo) / qmax
+        scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+        zeros_i = torch.round(-lo / scales).clamp_(0, qmax).to(torch.int32)
+        codes = (torch.round(w / scales[..., None]).to(torch.int32) + zeros_i[..., None]).clamp_(0, qmax)
+        zeros = zeros_i.to(torch.uint8)
+    codes = codes.reshape(n, k)
+    if config.bits == 4:
+        qweight = pack_int4(codes + 8 if config.symmetric else codes)
+    else:
+        qweight = codes.to(torch.int8 if config.symmetric else torch.uint8)
+    return QuantizedWeight(qweight.contiguous(), scales.contiguous(), zeros)
+
+
+def dequantize(q: QuantizedWeight, config: QuantConfig, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight [N, K] that ``q`` stands for, in ``dtype`` (computed in float32, or float64 for float64)."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    codes = unpack_int4(q.qweight) - 8 if config.bits == 4 and config.symmetric else (
+        unpack_int4(q.qweight) if config.bits == 4 else q.qweight)
+    n, k = codes.shape
+    groups = q.scales.shape[1]
+    w = codes.to(compute).reshape(n, groups, k // groups)
+    if q.zeros is not None:
+        w = w - q.zeros.to(compute)[..., None]
+    return (w * q.scales.to(compute)[..., None]).reshape(n, k).to(dtype)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Codes 0..15 [N, K] (K even) -> uint8 [N, K / 2]: element 2j in the low nibble, 2j + 1 in the high one."""
+    if codes.shape[-1] % 2:
+        raise TridentError(f"int4 packing needs an even K, got {codes.shape[-1]}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 15):
+        raise ValueError("int4 codes must lie in 0..15")
+    c = codes.to(torch.uint8)
+    return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K / 2] -> codes 0..15 as int32 [N, K] (inverse of :func:`pack_int4`)."""
+    p = packed.to(torch.int32)
+    return torch.stack((p & 0xF, p >> 4), dim=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
