@@ -219,3 +219,27 @@ def test_biased_fused_projection_round_trips(tmp_path) -> None:
     ids = [t % 97 for t in TOKENS]
     assert torch.equal(_logits(rebuilt, ids), _logits(model, ids))
     assert _relative_diff(_logits(model, ids), original) < INT8_TOLERANCE
+
+
+@pytest.mark.parametrize("config", [QuantConfig(bits=8), QuantConfig(bits=4, group_size=32, symmetric=False)],
+                         ids=["int8", "int4-g32-asym"])
+def test_memory_estimate_of_a_quantized_folder_equals_the_engine(tiny_llama_dir, tmp_path, config) -> None:
+    """What the server's memory budget relies on (estimate_memory, before loading) counts the quantized layers'
+    codes, scales and zero points, as the engine then holds them."""
+    from trident.engine.engine import LLMEngine
+    from trident.engine.llm import engine_config
+    from trident.engine.sizing import estimate_memory
+
+    checkpoint = load_checkpoint(str(tiny_llama_dir))
+    model = _build(checkpoint)
+    report = quantize_model(model, config)
+    out = str(tmp_path / "quantized")
+    save_quantized(model, checkpoint, QuantizedModules(config, tuple(report.names)), out)
+    engine_cfg = engine_config(out, dtype="float32", memory_budget_bytes=1 << 20)
+    loaded = load_checkpoint(out)
+    estimate = estimate_memory(loaded.config, engine_cfg, loaded.quantization)
+    used = LLMEngine(engine_cfg, loaded).memory_usage()
+    unquantized = estimate_memory(checkpoint.config, engine_cfg)
+    assert estimate.weights_bytes < unquantized.weights_bytes
+    assert abs(used.weights_bytes - estimate.weights_bytes) <= 1024  # the rotary table buffer
+    assert estimate.kv_cache_bytes == used.kv_cache_bytes

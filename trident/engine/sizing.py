@@ -6,12 +6,16 @@ engine then allocates."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from trident.config import EngineConfig, ModelConfig
 from trident.errors import TridentError
 from trident.hardware import cpu_has_native_bf16
+
+if TYPE_CHECKING:
+    from trident.quant.format import QuantizedModules
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_DEFAULT_MAX_MODEL_LEN = 8192
@@ -86,16 +90,25 @@ def num_kv_blocks(model_config: ModelConfig, config: EngineConfig, max_model_len
     return max(1, min(budget_bytes // block_bytes, useful))
 
 
-def weights_bytes(model_config: ModelConfig, dtype: torch.dtype) -> int:
+def weights_bytes(model_config: ModelConfig, dtype: torch.dtype, quantization: QuantizedModules | None = None) -> int:
     """Bytes of the model's parameters in ``dtype``, counted on a meta-device build (nothing allocated;
-    tied embeddings counted once, as the engine shares them)."""
+    tied embeddings counted once, as the engine shares them). With ``quantization`` (a ``trident quantize``
+    checkpoint), the listed layers count their codes, scales and zero points instead of a ``dtype`` weight."""
     from trident.attention.torch_ref import TorchAttention
     from trident.models.registry import model_class
 
     with torch.device("meta"):
         model = model_class(model_config.model_type)(model_config, TorchAttention())
     element = torch.empty((), dtype=dtype).element_size()
-    return sum(p.numel() for p in model.parameters()) * element
+    total = sum(p.numel() for p in model.parameters()) * element
+    if quantization is not None:
+        from trident.quant.rtn import quantized_bytes
+
+        for name in quantization.modules:
+            layer = model.get_submodule(name)
+            total += quantized_bytes(layer.out_features, layer.in_features, quantization.config)
+            total -= layer.weight.numel() * element
+    return total
 
 
 @dataclass(frozen=True)
@@ -113,13 +126,15 @@ class MemoryEstimate:
         return self.weights_bytes + self.kv_cache_bytes
 
 
-def estimate_memory(model_config: ModelConfig, config: EngineConfig) -> MemoryEstimate:
-    """Weights plus KV cache of an engine built from ``config`` for a model of ``model_config``."""
+def estimate_memory(model_config: ModelConfig, config: EngineConfig,
+                    quantization: QuantizedModules | None = None) -> MemoryEstimate:
+    """Weights plus KV cache of an engine built from ``config`` for a model of ``model_config`` (whose
+    checkpoint's ``quantization`` it is, if any)."""
     device = torch.device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     max_model_len = resolve_max_model_len(model_config, config, device)
     kv_dtype = kv_dtype_of(config, dtype)
-    weights = weights_bytes(model_config, dtype)
+    weights = weights_bytes(model_config, dtype, quantization)
     blocks = num_kv_blocks(model_config, config, max_model_len, kv_dtype,
                            kv_budget_bytes(model_config, config, device, pending_bytes=weights))
     return MemoryEstimate(weights_bytes=weights,

@@ -96,6 +96,14 @@ def group_size_of(config: QuantConfig, in_features: int) -> int:
     return group
 
 
+def quantized_bytes(out_features: int, in_features: int, config: QuantConfig) -> int:
+    """Bytes a weight [out_features, in_features] takes as :class:`QuantizedWeight` (codes, float32 scales and
+    uint8 zero points), from its shape alone."""
+    groups = in_features // group_size_of(config, in_features)
+    codes = out_features * (in_features // 2 if config.bits == 4 else in_features)
+    return codes + out_features * groups * (4 + (0 if config.symmetric else 1))
+
+
 def quantize(weight: torch.Tensor, config: QuantConfig) -> QuantizedWeight:
     """Quantize ``weight`` [N, K] (any float dtype; computed in float32) by round-to-nearest."""
     if weight.dim() != 2:

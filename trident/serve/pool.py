@@ -245,7 +245,7 @@ class ModelPool:
             self._attach(entry, AsyncEngine(engine), time.perf_counter() - t0)
 
     def _estimate(self, entry: _Entry, checkpoint: Checkpoint) -> int:
-        estimate = estimate_memory(checkpoint.config, entry.spec.engine)
+        estimate = estimate_memory(checkpoint.config, entry.spec.engine, checkpoint.quantization)
         budget = self.memory_budget_bytes
         if budget is not None and estimate.total_bytes > budget:
             raise ModelTooLargeError(
