@@ -243,3 +243,18 @@ def test_memory_estimate_of_a_quantized_folder_equals_the_engine(tiny_llama_dir,
     assert estimate.weights_bytes < unquantized.weights_bytes
     assert abs(used.weights_bytes - estimate.weights_bytes) <= 1024  # the rotary table buffer
     assert estimate.kv_cache_bytes == used.kv_cache_bytes
+
+
+def test_info_of_a_quantized_folder_counts_the_weights_its_codes_stand_for(tiny_llama_dir, tmp_path) -> None:
+    from trident.loader.info import info_rows, model_info
+
+    checkpoint = load_checkpoint(str(tiny_llama_dir))
+    model = _build(checkpoint)
+    config = QuantConfig(bits=4, group_size=32)
+    report = quantize_model(model, config)
+    out = str(tmp_path / "quantized")
+    save_quantized(model, checkpoint, QuantizedModules(config, tuple(report.names)), out)
+    info = model_info(load_checkpoint(out))
+    assert info.parameters == model_info(checkpoint).parameters
+    assert ("quantization", f"int4 round-to-nearest, groups of 32, symmetric, {len(report.names)} layers") in \
+        info_rows(info)

@@ -39,5 +39,13 @@ class Checkpoint:
     tensors are ``<module>.qweight`` / ``.scales`` / ``.zeros`` in :attr:`tensors`); None when unquantized."""
 
     def num_parameters(self) -> int:
-        """Parameters actually stored (a tied lm_head counts once)."""
-        return sum(t.numel() for t in self.tensors.values())
+        """Parameters actually stored (a tied lm_head counts once); a quantized layer counts the N x K weights
+        its codes stand for, not its codes, scales and zero points."""
+        total = sum(t.numel() for t in self.tensors.values())
+        if self.quantization is not None:
+            per_code = 2 if self.quantization.config.bits == 4 else 1  # int4: two codes per stored byte
+            for name in self.quantization.modules:
+                parts = [self.tensors.get(f"{name}.{kind}") for kind in ("qweight", "scales", "zeros")]
+                total -= sum(t.numel() for t in parts if t is not None)
+                total += parts[0].numel() * per_code
+        return total

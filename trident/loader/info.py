@@ -68,6 +68,8 @@ class ModelInfo:
     """One sequence at the full context; sliding-window layers keep only their window."""
     has_tokenizer: bool
     has_chat_template: bool
+    quantization: str | None = None
+    """How the weights are quantized (a ``trident quantize`` folder), or None."""
 
 
 def model_info(checkpoint: Checkpoint) -> ModelInfo:
@@ -108,7 +110,17 @@ def model_info(checkpoint: Checkpoint) -> ModelInfo:
         kv_bytes_full_context_bfloat16=2 * c.num_kv_heads * c.head_dim * 2 * full_tokens,
         has_tokenizer=tokenizer is not None,
         has_chat_template=bool(tokenizer is not None and tokenizer.chat_template),
+        quantization=_describe(checkpoint.quantization),
     )
+
+
+def _describe(quantization) -> str | None:
+    if quantization is None:
+        return None
+    q = quantization.config
+    groups = f"groups of {q.group_size}" if q.group_size else "per channel"
+    kind = "symmetric" if q.symmetric else "asymmetric"
+    return f"int{q.bits} round-to-nearest, {groups}, {kind}, {len(quantization.modules)} layers"
 
 
 def human_bytes(n: int) -> str:
@@ -129,6 +141,7 @@ def info_rows(info: ModelInfo) -> list[tuple[str, str]]:
         ("model", f"{info.architecture} ({info.model_type}), {info.format}"),
         ("path", info.path),
         ("parameters", f"{info.parameters:,} ({info.parameters / 1e6:.1f} M)"),
+        *([("quantization", info.quantization)] if info.quantization else []),
         ("stored types", stored),
         ("context length", f"{info.context_length:,}{window}"),
         (
