@@ -258,3 +258,26 @@ def test_info_of_a_quantized_folder_counts_the_weights_its_codes_stand_for(tiny_
     assert info.parameters == model_info(checkpoint).parameters
     assert ("quantization", f"int4 round-to-nearest, groups of 32, symmetric, {len(report.names)} layers") in \
         info_rows(info)
+
+
+def test_int8_bfloat16_on_the_cpu_takes_the_int8_kernel_and_matches_the_reference(monkeypatch) -> None:
+    gen = torch.Generator().manual_seed(5)
+    layer = Linear(96, 40, bias=True)
+    layer.weight = torch.nn.Parameter(torch.randn(40, 96, generator=gen), requires_grad=False)
+    layer.bias = torch.nn.Parameter(torch.randn(40, generator=gen).to(torch.bfloat16), requires_grad=False)
+    q = QuantizedLinear.from_linear(layer, QuantConfig(bits=8))  # a bfloat16 model's bias is bfloat16
+    x = torch.randn(3, 5, 96, generator=gen).to(torch.bfloat16)
+    calls = []
+    kernel = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(a) or kernel(*a))
+    y = q(x)
+    assert len(calls) == 1 and y.shape == (3, 5, 40) and y.dtype == torch.bfloat16
+    reference = (x.double() @ q.dequantized_weight(torch.float64).T + q.bias.double())
+    scale = reference.abs().max()
+    assert ((y.double() - reference).abs().max() / scale).item() < 2e-2  # bfloat16 inputs, scales and output
+    q.bias = torch.nn.Parameter(q.bias.float(), requires_grad=False)
+    q(x.float())  # float32 activations: the reference path
+    assert len(calls) == 1
+    q4 = QuantizedLinear.from_linear(layer, QuantConfig(bits=4, group_size=32))
+    q4(x)  # int4: the reference path
+    assert len(calls) == 1
