@@ -281,3 +281,37 @@ def test_int8_bfloat16_on_the_cpu_takes_the_int8_kernel_and_matches_the_referenc
     q4 = QuantizedLinear.from_linear(layer, QuantConfig(bits=4, group_size=32))
     q4(x)  # int4: the reference path
     assert len(calls) == 1
+
+
+def test_codes_mapped_at_an_unaligned_address_are_realigned_for_the_int8_kernel() -> None:
+    """safetensors maps tensors wherever its header puts them; torch's int8 CPU kernel crashed on such codes
+    (a segmentation fault on the default model's int8 folder), so QuantizedLinear keeps an aligned copy."""
+    from trident.quant.linear import CPU_ALIGNMENT
+    from trident.quant.rtn import quantize
+
+    gen = torch.Generator().manual_seed(6)
+    config = QuantConfig(bits=8)
+    q = quantize(torch.randn(64, 96, generator=gen), config)
+    backing = torch.empty(64 * 96 + 8, dtype=torch.int8)
+    unaligned = backing[8:].view(64, 96)
+    unaligned.copy_(q.qweight)
+    assert unaligned.data_ptr() % CPU_ALIGNMENT
+    layer = QuantizedLinear(96, 64, config, q._replace(qweight=unaligned))
+    assert layer.qweight.data_ptr() % CPU_ALIGNMENT == 0 and torch.equal(layer.qweight, q.qweight)
+    x = torch.randn(2, 96, generator=gen).to(torch.bfloat16)
+    reference = x.double() @ layer.dequantized_weight(torch.float64).T
+    assert ((layer(x).double() - reference).abs().max() / reference.abs().max()).item() < 2e-2
+
+
+def test_many_rows_take_the_reference_path(monkeypatch) -> None:
+    from trident.quant.linear import INT8_KERNEL_MAX_ROWS
+
+    layer = Linear(32, 16)
+    layer.weight = torch.nn.Parameter(torch.randn(16, 32), requires_grad=False)
+    q = QuantizedLinear.from_linear(layer, QuantConfig(bits=8))
+    calls = []
+    kernel = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(a) or kernel(*a))
+    q(torch.randn(INT8_KERNEL_MAX_ROWS, 32).to(torch.bfloat16))
+    q(torch.randn(INT8_KERNEL_MAX_ROWS + 1, 32).to(torch.bfloat16))
+    assert len(calls) == 1

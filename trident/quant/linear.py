@@ -19,6 +19,13 @@ from torch import nn
 from trident.models.layers import Linear, linear
 from trident.quant.rtn import NEVER_QUANTIZED, QuantConfig, QuantizedWeight, dequantize, quantize
 
+CPU_ALIGNMENT = 64
+"""Bytes the CPU int8 kernel needs the codes aligned to."""
+INT8_KERNEL_MAX_ROWS = 16
+"""Most rows the CPU int8 kernel takes: its time grows with the rows (no reuse of the weight across them), so
+beyond this dequantizing once and multiplying (bf16 GEMM) is faster. 3072 x 576 on 2 Xeon cores: 102 us
+against 1,980 at one row, 801 against 1,597 at 16, 2,958 against 1,850 at 64."""
+
 
 class QuantizedLinear(nn.Module):
     """y = x dequantize(W)^T (+ b), W held as codes, float32 scales and (asymmetric) zero points in buffers
@@ -31,7 +38,12 @@ class QuantizedLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.config = config
-        self.register_buffer("qweight", q.qweight)
+        qweight = q.qweight
+        if qweight.device.type == "cpu" and qweight.data_ptr() % CPU_ALIGNMENT:
+            # Tensors mapped from a safetensors file start wherever the header puts them; torch's int8 CPU
+            # kernel reads 64-byte aligned rows and crashes on others. One copy (torch allocates aligned).
+            qweight = qweight.clone()
+        self.register_buffer("qweight", qweight)
         self.register_buffer("scales", q.scales)
         self.register_buffer("zeros", q.zeros)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
@@ -63,11 +75,13 @@ class QuantizedLinear(nn.Module):
         return linear(x, self.dequantized_weight(x.dtype), self.bias)
 
     def _int8_cpu_kernel(self, x: torch.Tensor) -> bool:
-        """Whether the forward takes torch's int8 CPU kernel: symmetric per-channel int8 codes and bfloat16
-        activations on the CPU (with float32 activations the kernel measured no faster than the reference)."""
+        """Whether the forward takes torch's int8 CPU kernel: symmetric per-channel int8 codes, bfloat16
+        activations on the CPU (with float32 activations the kernel measured no faster than the reference), and
+        at most INT8_KERNEL_MAX_ROWS rows (decode, not prefill)."""
         c = self.config
         return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and c.bits == 8 and c.symmetric
-                and self.scales.shape[1] == 1 and self.qweight.dtype == torch.int8)
+                and self.scales.shape[1] == 1 and self.qweight.dtype == torch.int8
+                and x.numel() // self.in_features <= INT8_KERNEL_MAX_ROWS)
 
     def extra_repr(self) -> str:
         c = self.config
