@@ -5,25 +5,12 @@ import torch
 import triton
 
 from trident.bench.workloads import nano_workload
+from trident.kernels.bench_attention import graph_ms
 from trident.kernels.paged_decode import choose_num_splits, paged_decode
 
 HEADS, KV_HEADS, DIM, BLOCK = 16, 8, 128, 16
 wl = nano_workload(256, None, None, 151936)
 num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-
-
-def graph_ms(fn) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn(0)
-        fn(1)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(10):
-            fn(i % 2)
-    return triton.testing.do_bench(g.replay, warmup=10, rep=60, return_mode="median") / 10
 
 
 def call(q, caches, tables, lens, idx, out, splits, block_n, warps, stages):
@@ -61,7 +48,8 @@ for step in (1, 300, 600):
             for warps in (2, 4, 8):
                 for stages in (1, 2, 3):
                     try:
-                        ms = graph_ms(call(q, caches, tables, lens, idx, out, splits, block_n, warps, stages))
+                        fn = call(q, caches, tables, lens, idx, out, splits, block_n, warps, stages)
+                        ms = graph_ms(fn, 2, 10, 60)
                     except Exception as e:
                         print("  fail", splits, block_n, warps, stages, type(e).__name__)
                         continue

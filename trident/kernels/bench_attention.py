@@ -46,8 +46,9 @@ def _median_ms(fn, rotations: int) -> float:
     return triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
 
 
-def _graph_ms(fn, rotations: int) -> float:
-    """Per-call time of calls captured in one CUDA graph (cycling through the rotations)."""
+def graph_ms(fn, rotations: int, warmup_ms: int = 25, rep_ms: int = 100) -> float:
+    """Per-call time (ms) of calls captured in one CUDA graph (cycling through the rotations): launch overhead
+    stays out; the median of triton.testing.do_bench over ``rep_ms`` after ``warmup_ms``."""
     calls = max(10, min(rotations, 50))
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -59,13 +60,13 @@ def _graph_ms(fn, rotations: int) -> float:
     with torch.cuda.graph(graph):
         for i in range(calls):
             fn(i % rotations)
-    return triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median") / calls
+    return triton.testing.do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median") / calls
 
 
 def _variant_ms(fn, rotations: int) -> float | str:
     """A tile variant's median, or why it did not run (one that fails to compile must not end the sweep)."""
     try:
-        return _graph_ms(fn, rotations)
+        return graph_ms(fn, rotations)
     except Exception as e:  # any compile or launch failure is a result here
         return f"{type(e).__name__}: {str(e)[:120]}"
 
@@ -88,7 +89,7 @@ def bench_decode(batch: int, context: int) -> dict:
     row = {"batch": batch, "context": context,
            "auto_splits": choose_num_splits(batch, KV_HEADS, width * BLOCK, num_sms)}
     row["eager_ms"] = _median_ms(lambda i: triton_backend.forward(query, *caches[i], meta, **options), copies)
-    row["triton_ms"] = _graph_ms(lambda i: triton_backend.forward(query, *caches[i], meta, **options), copies)
+    row["triton_ms"] = graph_ms(lambda i: triton_backend.forward(query, *caches[i], meta, **options), copies)
     row["torch_ms"] = _variant_ms(lambda i: torch_backend.forward(query, *head_major[i], meta, **options), copies)
     out = torch.empty_like(query)
     for splits in (1, 2, 4, 8, 16, 32):
@@ -129,7 +130,7 @@ def bench_prefill(chunks: list[tuple[int, int]]) -> dict:
     row = {"chunks": chunks}
     triton_backend, torch_backend = TritonPagedAttention(), TorchAttention()
     row["eager_ms"] = _median_ms(lambda i: triton_backend.forward(query, *caches[i], meta, **options), 2)
-    row["triton_ms"] = _graph_ms(lambda i: triton_backend.forward(query, *caches[i], meta, **options), 2)
+    row["triton_ms"] = graph_ms(lambda i: triton_backend.forward(query, *caches[i], meta, **options), 2)
     row["torch_ms"] = _variant_ms(lambda i: torch_backend.forward(query, *head_major[i], meta, **options), 2)
     out = torch.empty_like(query)
     for block_m, block_n, warps, stages in ((128, 64, 8, 2), (64, 64, 4, 2), (128, 128, 8, 2), (128, 64, 8, 3),

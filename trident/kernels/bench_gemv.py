@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from trident.kernels.bench_attention import graph_ms
 from trident.kernels.gemv import gemv, gemv_config
 
 SHAPES = (
@@ -64,19 +65,7 @@ TimeUs = Callable[[Callable[[int], object], int], float]
 
 def graph_us(fn: Callable[[int], object], rotations: int) -> float:
     """Per-call microseconds of calls captured in one CUDA graph, cycling through the rotations."""
-    calls = max(10, min(rotations, 50))
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # compile, and build anything cached, outside the capture
-        for i in range(3):
-            fn(i % rotations)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i % rotations)
-    ms = triton.testing.do_bench(graph.replay, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
-    return ms * 1000 / calls
+    return graph_ms(fn, rotations, WARMUP_MS, REP_MS) * 1000
 
 
 def wall_us(fn: Callable[[int], object], rotations: int) -> float:
