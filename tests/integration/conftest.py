@@ -14,11 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
-    from hf_tiny import make_hf_model
+    from hf_tiny import make_hf_model, tiny_llama_config
 
-    config = transformers.LlamaConfig(vocab_size=211, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                      eos_token_id=0, bos_token_id=1)
+    config = tiny_llama_config(vocab_size=211, max_position_embeddings=512)
     model = make_hf_model(config, seed=3)
     path = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(path)

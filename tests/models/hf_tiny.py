@@ -31,6 +31,13 @@ def tiny_hf_configs() -> dict[str, transformers.PretrainedConfig]:
     }
 
 
+def tiny_llama_config(vocab_size: int, max_position_embeddings: int) -> transformers.LlamaConfig:
+    """The small Llama the engine-level tests save as a folder: 2 layers, hidden 64, 4 heads / 2 kv heads, EOS 0."""
+    return transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2,
+                                    max_position_embeddings=max_position_embeddings, eos_token_id=0, bos_token_id=1)
+
+
 def make_hf_model(config: transformers.PretrainedConfig, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32,

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 
@@ -24,11 +23,9 @@ def _byte_tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
-    from hf_tiny import make_hf_model
+    from hf_tiny import make_hf_model, tiny_llama_config
 
-    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                      eos_token_id=0, bos_token_id=1)
+    config = tiny_llama_config(vocab_size=256, max_position_embeddings=256)
     path = tmp_path_factory.mktemp("tiny-llama-quant")
     make_hf_model(config, seed=11).save_pretrained(path)
     _byte_tokenizer().save(str(path / "tokenizer.json"))
