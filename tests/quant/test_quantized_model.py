@@ -260,12 +260,15 @@ def test_info_of_a_quantized_folder_counts_the_weights_its_codes_stand_for(tiny_
         info_rows(info)
 
 
-def test_int8_bfloat16_on_the_cpu_takes_the_int8_kernel_and_matches_the_reference(monkeypatch) -> None:
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int8_bfloat16_on_the_cpu_takes_the_int8_kernel_and_matches_the_reference(monkeypatch, symmetric) -> None:
     gen = torch.Generator().manual_seed(5)
     layer = Linear(96, 40, bias=True)
-    layer.weight = torch.nn.Parameter(torch.randn(40, 96, generator=gen), requires_grad=False)
+    # shifted weights: an asymmetric range, so the zero points (and the kernel's correction for them) matter
+    layer.weight = torch.nn.Parameter(torch.randn(40, 96, generator=gen) + 0.7, requires_grad=False)
     layer.bias = torch.nn.Parameter(torch.randn(40, generator=gen).to(torch.bfloat16), requires_grad=False)
-    q = QuantizedLinear.from_linear(layer, QuantConfig(bits=8))  # a bfloat16 model's bias is bfloat16
+    # a bfloat16 model's bias is bfloat16
+    q = QuantizedLinear.from_linear(layer, QuantConfig(bits=8, symmetric=symmetric))
     x = torch.randn(3, 5, 96, generator=gen).to(torch.bfloat16)
     calls = []
     kernel = torch._weight_int8pack_mm

@@ -41,6 +41,10 @@ def test_error_within_half_a_step_in_float64(config: QuantConfig) -> None:
         assert float((deq - w.double()).abs()[0, 3]) < 1e-6
     # the stored codes span the documented ranges
     codes = unpack_int4(q.qweight) if config.bits == 4 else q.qweight.to(torch.int32)
+    if config.bits == 8:
+        assert q.qweight.dtype == torch.int8
+        if not config.symmetric:
+            codes = codes + 128  # stored as int8 code - 128
     lo, hi = ((1, 15) if config.bits == 4 else (-127, 127)) if config.symmetric else (0, 2 ** config.bits - 1)
     assert int(codes.min()) >= lo and int(codes.max()) <= hi
     assert int(codes.max()) == hi or int(codes.min()) == lo  # the range is used to its end

@@ -101,10 +101,12 @@ def _check_shapes(name: str, q: QuantizedWeight, layer: nn.Module, config: Quant
     n, k = layer.out_features, layer.in_features
     groups = k // group_size_of(config, k)
     want = {"qweight": (n, k // 2 if config.bits == 4 else k), "scales": (n, groups), "zeros": (n, groups)}
+    dtypes = {"qweight": torch.uint8 if config.bits == 4 else torch.int8, "scales": torch.float32,
+              "zeros": torch.uint8}
     for kind, t in zip(("qweight", "scales", "zeros"), q):
-        if t is not None and tuple(t.shape) != want[kind]:
-            raise TridentError(f"{name}.{kind} has shape {tuple(t.shape)}, expected {want[kind]}: the checkpoint "
-                               "does not match its config")
+        if t is not None and (tuple(t.shape) != want[kind] or t.dtype != dtypes[kind]):
+            raise TridentError(f"{name}.{kind} is {t.dtype} {tuple(t.shape)}, expected {dtypes[kind]} {want[kind]}: "
+                               "the checkpoint does not match its config")
 
 
 def hf_module_of(name: str, packed_modules: Mapping[str, tuple[tuple[str, int], ...]]) -> str:

@@ -2,9 +2,9 @@
 :func:`quantize_model`, which swaps a built model's Linear layers for it in place.
 
 The forward's reference path dequantizes the whole weight to x's dtype, then calls the same
-:func:`trident.models.layers.linear` an unquantized layer calls: it saves memory, not time. Symmetric
-per-channel int8 with bfloat16 activations on the CPU runs torch's weight-only int8 kernel instead
-(``torch._weight_int8pack_mm``), tested against the reference; int4 and GPU kernels come later.
+:func:`trident.models.layers.linear` an unquantized layer calls: it saves memory, not time. Per-channel int8
+(symmetric or asymmetric) with bfloat16 activations and few rows on the CPU runs torch's weight-only int8
+kernel instead (``torch._weight_int8pack_mm``), tested against the reference; int4 and GPU kernels come later.
 """
 
 from __future__ import annotations
@@ -17,7 +17,14 @@ import torch
 from torch import nn
 
 from trident.models.layers import Linear, linear
-from trident.quant.rtn import NEVER_QUANTIZED, QuantConfig, QuantizedWeight, dequantize, quantize
+from trident.quant.rtn import (
+    ASYMMETRIC_INT8_OFFSET,
+    NEVER_QUANTIZED,
+    QuantConfig,
+    QuantizedWeight,
+    dequantize,
+    quantize,
+)
 
 CPU_ALIGNMENT = 64
 """Bytes the CPU int8 kernel needs the codes aligned to."""
@@ -67,19 +74,23 @@ class QuantizedLinear(nn.Module):
         if self._int8_cpu_kernel(x):
             # torch's weight-only int8 matmul for the CPU: reads the int8 codes as they are (half the bytes of
             # bfloat16) and scales each output; the same product as the reference below up to the rounding of
-            # the scales to x's dtype and the kernel's summation order.
-            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.qweight,
-                                          self.scales.view(-1).to(x.dtype))
+            # the scales to x's dtype and the kernel's summation order. Asymmetric codes are stored as q - 128,
+            # so W = s (q - z) = s (stored) + s (128 - z): the kernel's product plus sum(x) s (128 - z) per row.
+            rows = x.reshape(-1, self.in_features)
+            y = torch._weight_int8pack_mm(rows, self.qweight, self.scales.view(-1).to(x.dtype))
+            if self.zeros is not None:
+                offset = self.scales.view(-1) * (ASYMMETRIC_INT8_OFFSET - self.zeros.view(-1).float())
+                y = (y.float() + rows.float().sum(dim=1, keepdim=True) * offset).to(x.dtype)
             y = y.view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
         return linear(x, self.dequantized_weight(x.dtype), self.bias)
 
     def _int8_cpu_kernel(self, x: torch.Tensor) -> bool:
-        """Whether the forward takes torch's int8 CPU kernel: symmetric per-channel int8 codes, bfloat16
-        activations on the CPU (with float32 activations the kernel measured no faster than the reference), and
-        at most INT8_KERNEL_MAX_ROWS rows (decode, not prefill)."""
+        """Whether the forward takes torch's int8 CPU kernel: per-channel int8 codes, bfloat16 activations on
+        the CPU (with float32 activations the kernel measured no faster than the reference), and at most
+        INT8_KERNEL_MAX_ROWS rows (decode, not prefill)."""
         c = self.config
-        return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and c.bits == 8 and c.symmetric
+        return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and c.bits == 8
                 and self.scales.shape[1] == 1 and self.qweight.dtype == torch.int8
                 and x.numel() // self.in_features <= INT8_KERNEL_MAX_ROWS)
 

@@ -12,8 +12,9 @@ Codes:
   ``q + 8`` (1..15).
 - asymmetric: the group's range ``[min(lo, 0), max(hi, 0)]`` (extended to contain 0, so that the zero point is a
   code and 0.0 is exact) maps to 0..15 (int4) / 0..255 (int8): ``s = (hi - lo) / qmax``, integer zero point
-  ``z = round(-lo / s)``, ``q = clamp(round(w / s) + z, 0, qmax)``, dequantized ``(q - z) * s``. Stored as
-  uint8 codes and uint8 zero points, one per group.
+  ``z = round(-lo / s)``, ``q = clamp(round(w / s) + z, 0, qmax)``, dequantized ``(q - z) * s``. int4 codes
+  are stored as unsigned nibbles, int8 codes as int8 ``q - 128`` (-128..127: torch's int8 CPU kernel then takes
+  them as they are, the zero point going into a per-row correction); zero points as uint8, one per group.
 
 Every element then satisfies ``|w - dequantize(q)| <= s / 2`` (up to float32 rounding of ``w / s``).
 
@@ -76,12 +77,16 @@ class QuantConfig:
 
 
 class QuantizedWeight(NamedTuple):
-    """A weight [N, K] as stored: ``qweight`` int8 [N, K] (symmetric int8), uint8 [N, K] (asymmetric int8) or
-    uint8 [N, K / 2] (int4, packed); ``scales`` float32 [N, groups]; ``zeros`` uint8 [N, groups] or None."""
+    """A weight [N, K] as stored: ``qweight`` int8 [N, K] (int8: symmetric codes, or asymmetric codes minus 128)
+    or uint8 [N, K / 2] (int4, packed); ``scales`` float32 [N, groups]; ``zeros`` uint8 [N, groups] or None."""
 
     qweight: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor | None
+
+
+ASYMMETRIC_INT8_OFFSET = 128
+"""Asymmetric int8 codes 0..255 are stored minus this, as int8."""
 
 
 def group_size_of(config: QuantConfig, in_features: int) -> int:
@@ -129,15 +134,17 @@ def quantize(weight: torch.Tensor, config: QuantConfig) -> QuantizedWeight:
     if config.bits == 4:
         qweight = pack_int4(codes + 8 if config.symmetric else codes)
     else:
-        qweight = codes.to(torch.int8 if config.symmetric else torch.uint8)
+        qweight = (codes if config.symmetric else codes - ASYMMETRIC_INT8_OFFSET).to(torch.int8)
     return QuantizedWeight(qweight.contiguous(), scales.contiguous(), zeros)
 
 
 def dequantize(q: QuantizedWeight, config: QuantConfig, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The weight [N, K] that ``q`` stands for, in ``dtype`` (computed in float32, or float64 for float64)."""
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    codes = unpack_int4(q.qweight) - 8 if config.bits == 4 and config.symmetric else (
-        unpack_int4(q.qweight) if config.bits == 4 else q.qweight)
+    if config.bits == 4:
+        codes = unpack_int4(q.qweight) - (8 if config.symmetric else 0)
+    else:
+        codes = q.qweight.to(torch.int32) + (0 if config.symmetric else ASYMMETRIC_INT8_OFFSET)
     n, k = codes.shape
     groups = q.scales.shape[1]
     w = codes.to(compute).reshape(n, groups, k // groups)
