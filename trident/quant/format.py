@@ -96,16 +96,13 @@ def install_quantized_modules(model: nn.Module, quantization: QuantizedModules,
 
 
 def _check_shapes(name: str, q: QuantizedWeight, layer: nn.Module, config: QuantConfig) -> None:
-    from trident.quant.rtn import group_size_of
+    from trident.quant.rtn import stored_layout
 
-    n, k = layer.out_features, layer.in_features
-    groups = k // group_size_of(config, k)
-    want = {"qweight": (n, k // 2 if config.bits == 4 else k), "scales": (n, groups), "zeros": (n, groups)}
-    dtypes = {"qweight": torch.uint8 if config.bits == 4 else torch.int8, "scales": torch.float32,
-              "zeros": torch.uint8}
+    layout = stored_layout(layer.out_features, layer.in_features, config)
     for kind, t in zip(("qweight", "scales", "zeros"), q):
-        if t is not None and (tuple(t.shape) != want[kind] or t.dtype != dtypes[kind]):
-            raise TridentError(f"{name}.{kind} is {t.dtype} {tuple(t.shape)}, expected {dtypes[kind]} {want[kind]}: "
+        if t is not None and (tuple(t.shape), t.dtype) != layout[kind]:
+            shape, dtype = layout[kind]
+            raise TridentError(f"{name}.{kind} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}: "
                                "the checkpoint does not match its config")
 
 

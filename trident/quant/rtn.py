@@ -29,6 +29,7 @@ group (0.25 bits per weight at group 128), counted in the on-disk size.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -101,12 +102,26 @@ def group_size_of(config: QuantConfig, in_features: int) -> int:
     return group
 
 
-def quantized_bytes(out_features: int, in_features: int, config: QuantConfig) -> int:
-    """Bytes a weight [out_features, in_features] takes as :class:`QuantizedWeight` (codes, float32 scales and
-    uint8 zero points), from its shape alone."""
+Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
+"""Tensor name (qweight, scales, zeros) -> (shape, dtype)."""
+
+
+def stored_layout(out_features: int, in_features: int, config: QuantConfig) -> Layout:
+    """(shape, dtype) of each tensor a weight [out_features, in_features] is stored as (:class:`QuantizedWeight`'s
+    fields; ``zeros`` only when asymmetric), from its shape alone."""
     groups = in_features // group_size_of(config, in_features)
-    codes = out_features * (in_features // 2 if config.bits == 4 else in_features)
-    return codes + out_features * groups * (4 + (0 if config.symmetric else 1))
+    layout = {"qweight": ((out_features, in_features // 2), torch.uint8) if config.bits == 4
+              else ((out_features, in_features), torch.int8),
+              "scales": ((out_features, groups), torch.float32)}
+    if not config.symmetric:
+        layout["zeros"] = ((out_features, groups), torch.uint8)
+    return layout
+
+
+def quantized_bytes(out_features: int, in_features: int, config: QuantConfig) -> int:
+    """Bytes a weight [out_features, in_features] takes as :class:`QuantizedWeight`, from its shape alone."""
+    return sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+               for shape, dtype in stored_layout(out_features, in_features, config).values())
 
 
 def quantize(weight: torch.Tensor, config: QuantConfig) -> QuantizedWeight:
