@@ -2,9 +2,9 @@
 :func:`quantize_model`, which swaps a built model's Linear layers for it in place.
 
 The forward's reference path dequantizes the whole weight to x's dtype, then calls the same
-:func:`trident.models.layers.linear` an unquantized layer calls: it saves memory, not time. Per-channel int8
-(symmetric or asymmetric) with bfloat16 activations and few rows on the CPU runs torch's weight-only int8
-kernel instead (``torch._weight_int8pack_mm``), tested against the reference; int4 and GPU kernels come later.
+:func:`trident.models.layers.linear` an unquantized layer calls: it saves memory, not time. With bfloat16
+activations and few rows on the CPU, per-channel int8 and group-wise int4 weights run torch's packed kernels
+instead (:mod:`trident.quant.cpu_kernels`), tested against the reference.
 """
 
 from __future__ import annotations
@@ -17,21 +17,19 @@ import torch
 from torch import nn
 
 from trident.models.layers import Linear, linear
+from trident.quant import cpu_kernels
 from trident.quant.rtn import (
-    ASYMMETRIC_INT8_OFFSET,
     NEVER_QUANTIZED,
     QuantConfig,
     QuantizedWeight,
+    affine_parameters,
     dequantize,
     quantize,
+    unpack_int4,
 )
 
 CPU_ALIGNMENT = 64
 """Bytes the CPU int8 kernel needs the codes aligned to."""
-INT8_KERNEL_MAX_ROWS = 16
-"""Most rows the CPU int8 kernel takes: its time grows with the rows (no reuse of the weight across them), so
-beyond this dequantizing once and multiplying (bf16 GEMM) is faster. 3072 x 576 on 2 Xeon cores: 102 us
-against 1,980 at one row, 801 against 1,597 at 16, 2,958 against 1,850 at 64."""
 
 
 class QuantizedLinear(nn.Module):
@@ -71,28 +69,47 @@ class QuantizedLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in self.quantized if t is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._int8_cpu_kernel(x):
-            # torch's weight-only int8 matmul for the CPU: reads the int8 codes as they are (half the bytes of
-            # bfloat16) and scales each output; the same product as the reference below up to the rounding of
-            # the scales to x's dtype and the kernel's summation order. Asymmetric codes are stored as q - 128,
-            # so W = s (q - z) = s (stored) + s (128 - z): the kernel's product plus sum(x) s (128 - z) per row.
-            rows = x.reshape(-1, self.in_features)
-            y = torch._weight_int8pack_mm(rows, self.qweight, self.scales.view(-1).to(x.dtype))
-            if self.zeros is not None:
-                offset = self.scales.view(-1) * (ASYMMETRIC_INT8_OFFSET - self.zeros.view(-1).float())
-                y = (y.float() + rows.float().sum(dim=1, keepdim=True) * offset).to(x.dtype)
-            y = y.view(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias
+        rows = x.reshape(-1, self.in_features)
+        if cpu_kernels.kernel_dtype_ok(x):
+            y = self._cpu_kernel(rows)
+            if y is not None:
+                y = y.view(*x.shape[:-1], self.out_features)
+                return y if self.bias is None else y + self.bias
         return linear(x, self.dequantized_weight(x.dtype), self.bias)
 
-    def _int8_cpu_kernel(self, x: torch.Tensor) -> bool:
-        """Whether the forward takes torch's int8 CPU kernel: per-channel int8 codes, bfloat16 activations on
-        the CPU (with float32 activations the kernel measured no faster than the reference), and at most
-        INT8_KERNEL_MAX_ROWS rows (decode, not prefill)."""
+    def _cpu_kernel(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """rows @ W^T through torch's packed CPU kernels when one applies (per-channel int8, or int4 in groups the
+        int4 kernel takes, at most ``*_MAX_ROWS`` rows); None otherwise. The products equal the reference's up to
+        the rounding of scales to bf16 and the kernels' summation order (tests/quant)."""
         c = self.config
-        return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and c.bits == 8
-                and self.scales.shape[1] == 1 and self.qweight.dtype == torch.int8
-                and x.numel() // self.in_features <= INT8_KERNEL_MAX_ROWS)
+        if c.bits == 8 and self.scales.shape[1] == 1 and rows.shape[0] <= cpu_kernels.INT8_MAX_ROWS:
+            # Asymmetric codes are stored as q - 128, so W = s * stored + offset per row.
+            scales, offsets = self._affine()
+            return cpu_kernels.int8_matmul(rows, self.qweight, scales.view(-1),
+                                           None if c.symmetric else offsets.view(-1))
+        if c.bits == 4 and rows.shape[0] <= cpu_kernels.INT4_MAX_ROWS:
+            packed = self._int4_packed(rows.dtype)
+            return None if packed is None else packed.matmul(rows)
+        return None
+
+    def _affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`affine_parameters` of the weight, computed once (derived, not saved)."""
+        affine = self.__dict__.get("_affine_cpu")
+        if affine is None:
+            affine = self.__dict__["_affine_cpu"] = affine_parameters(self.quantized, self.config)
+        return affine
+
+    def _int4_packed(self, dtype: torch.dtype) -> cpu_kernels.Int4Packed | None:
+        """The codes re-packed for torch's int4 CPU kernel, built on first use and kept (not saved: derived)."""
+        group = self.in_features // self.scales.shape[1]
+        if not cpu_kernels.Int4Packed.supports(self.out_features, group):
+            return None
+        packed = self.__dict__.get("_int4_cpu")
+        if packed is None or packed.scale_and_zeros.dtype != dtype:
+            scales, offsets = self._affine()
+            packed = cpu_kernels.Int4Packed.pack(unpack_int4(self.qweight), scales, offsets, group, dtype)
+            self.__dict__["_int4_cpu"] = packed
+        return packed
 
     def extra_repr(self) -> str:
         c = self.config

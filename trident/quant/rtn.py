@@ -16,6 +16,10 @@ Codes:
   are stored as unsigned nibbles, int8 codes as int8 ``q - 128`` (-128..127: torch's int8 CPU kernel then takes
   them as they are, the zero point going into a per-row correction); zero points as uint8, one per group.
 
+- float zero points (``float_zero_points=True``, asymmetric only; not produced by :func:`quantize`, they hold
+  GGUF Q4_1 weights as the file stores them): unsigned codes 0..qmax, a float32 offset ``m`` per group in
+  ``zeros``, dequantized ``s * q + m``.
+
 Every element then satisfies ``|w - dequantize(q)| <= s / 2`` (up to float32 rounding of ``w / s``).
 
 int4 packing: two codes per uint8 along K: byte ``j`` of a row holds element ``2j`` in its low nibble (bits
@@ -54,6 +58,9 @@ class QuantConfig:
     """None: one scale per output channel; 32, 64 or 128: one scale per that many consecutive inputs (K)."""
     symmetric: bool = True
     """True: codes centred on zero, no zero point; False: min/max range with an integer zero point per group."""
+    float_zero_points: bool = False
+    """Asymmetric only: zero points are float32 offsets m (w = s q + m, GGUF Q4_1's layout) instead of integer
+    codes z (w = s (q - z)). Weights loaded from such files; round-to-nearest never produces them."""
     modules: tuple[str, ...] = DEFAULT_MODULES
     """fnmatch patterns over module names (``model.layers.0.self_attn.qkv_proj``); the LM head and embeddings
     are never quantized."""
@@ -66,6 +73,9 @@ class QuantConfig:
                                f"{self.group_size!r}")
         if not isinstance(self.symmetric, bool):
             raise TridentError(f"symmetric must be True or False, got {self.symmetric!r}")
+        if not isinstance(self.float_zero_points, bool) or (self.float_zero_points and self.symmetric):
+            raise TridentError(f"float_zero_points must be a bool and needs symmetric=False, got "
+                               f"{self.float_zero_points!r} with symmetric={self.symmetric!r}")
         if not self.modules or not all(isinstance(m, str) and m for m in self.modules):
             raise TridentError(f"modules must be a non-empty tuple of name patterns, got {self.modules!r}")
 
@@ -114,7 +124,7 @@ def stored_layout(out_features: int, in_features: int, config: QuantConfig) -> L
               else ((out_features, in_features), torch.int8),
               "scales": ((out_features, groups), torch.float32)}
     if not config.symmetric:
-        layout["zeros"] = ((out_features, groups), torch.uint8)
+        layout["zeros"] = ((out_features, groups), torch.float32 if config.float_zero_points else torch.uint8)
     return layout
 
 
@@ -128,6 +138,8 @@ def quantize(weight: torch.Tensor, config: QuantConfig) -> QuantizedWeight:
     """Quantize ``weight`` [N, K] (any float dtype; computed in float32) by round-to-nearest."""
     if weight.dim() != 2:
         raise TridentError(f"quantize expects a 2-D weight [N, K], got shape {tuple(weight.shape)}")
+    if config.float_zero_points:
+        raise TridentError("round-to-nearest produces integer zero points; float_zero_points is for loaded weights")
     n, k = weight.shape
     group = group_size_of(config, k)
     w = weight.detach().to(torch.float32).reshape(n, k // group, group)
@@ -163,9 +175,27 @@ def dequantize(q: QuantizedWeight, config: QuantConfig, dtype: torch.dtype = tor
     n, k = codes.shape
     groups = q.scales.shape[1]
     w = codes.to(compute).reshape(n, groups, k // groups)
+    if q.zeros is not None and config.float_zero_points:
+        return (w * q.scales.to(compute)[..., None] + q.zeros.to(compute)[..., None]).reshape(n, k).to(dtype)
     if q.zeros is not None:
         w = w - q.zeros.to(compute)[..., None]
     return (w * q.scales.to(compute)[..., None]).reshape(n, k).to(dtype)
+
+
+def affine_parameters(q: QuantizedWeight, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales, offsets) float32 [N, groups] such that every weight is ``scales * c + offsets`` with ``c`` its
+    code as stored (int8 as is; int4 the unsigned nibble 0..15): the one form every matmul kernel reads."""
+    s = q.scales.to(torch.float32)
+    if config.symmetric:
+        offsets = -8.0 * s if config.bits == 4 else torch.zeros_like(s)
+    elif config.float_zero_points:
+        offsets = q.zeros.to(torch.float32)
+        if config.bits == 8:
+            offsets = offsets + ASYMMETRIC_INT8_OFFSET * s
+    else:
+        z = q.zeros.to(torch.float32)
+        offsets = -z * s if config.bits == 4 else (ASYMMETRIC_INT8_OFFSET - z) * s
+    return s, offsets
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:

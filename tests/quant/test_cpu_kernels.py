@@ -1,0 +1,99 @@
+"""torch's packed CPU kernels behind QuantizedLinear (trident/quant/cpu_kernels.py) against a float64 reference,
+for every stored format: symmetric, asymmetric with integer zero points, and float zero points (GGUF Q4_1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trident.models.layers import Linear
+from trident.quant.cpu_kernels import INT4_MAX_ROWS
+from trident.quant.linear import QuantizedLinear
+from trident.quant.rtn import QuantConfig, QuantizedWeight, affine_parameters, dequantize, pack_int4, quantize
+
+BF16_RELATIVE = 2e-2
+"""bfloat16 activations, scales and outputs: the largest error relative to the largest output."""
+
+
+def float_zero_point_weight(n: int, k: int, group: int, gen: torch.Generator) -> QuantizedWeight:
+    """A GGUF Q4_1-like weight: unsigned codes, a positive scale and a float offset (the group's minimum)."""
+    codes = torch.randint(0, 16, (n, k), generator=gen)
+    scales = torch.rand(n, k // group, generator=gen) * 0.05 + 0.01
+    mins = -torch.rand(n, k // group, generator=gen) * 0.5
+    return QuantizedWeight(pack_int4(codes), scales, mins)
+
+
+@pytest.mark.parametrize("bits,group,symmetric", [(4, 32, True), (4, 64, False), (4, 128, True), (8, None, True),
+                                                  (8, None, False), (8, 32, True), (4, None, False)])
+def test_affine_parameters_give_the_dequantized_weight(bits, group, symmetric) -> None:
+    gen = torch.Generator().manual_seed(bits + (group or 0))
+    w = torch.randn(24, 128, generator=gen) + 0.3
+    config = QuantConfig(bits=bits, group_size=group, symmetric=symmetric)
+    q = quantize(w, config)
+    scales, offsets = affine_parameters(q, config)
+    codes = (q.qweight.to(torch.float64) if bits == 8 else
+             torch.stack((q.qweight & 15, q.qweight >> 4), -1).reshape(24, 128).to(torch.float64))
+    groups = scales.shape[1]
+    affine = (codes.view(24, groups, -1) * scales.double()[..., None] + offsets.double()[..., None]).view(24, 128)
+    # offsets are float32 products (z * s): their rounding is the only difference
+    assert torch.allclose(affine, dequantize(q, config, torch.float64), rtol=1e-6, atol=1e-6)
+
+
+def test_float_zero_points_dequantize_as_scale_times_code_plus_offset() -> None:
+    gen = torch.Generator().manual_seed(3)
+    q = float_zero_point_weight(16, 64, 32, gen)
+    config = QuantConfig(bits=4, group_size=32, symmetric=False, float_zero_points=True)
+    codes = torch.stack((q.qweight & 15, q.qweight >> 4), -1).reshape(16, 64).double()
+    expected = codes.view(16, 2, 32) * q.scales.double()[..., None] + q.zeros.double()[..., None]
+    assert torch.equal(dequantize(q, config, torch.float64), expected.view(16, 64))
+    scales, offsets = affine_parameters(q, config)
+    assert torch.equal(scales, q.scales) and torch.equal(offsets, q.zeros)
+
+
+@pytest.mark.parametrize("group,symmetric,float_zeros", [(32, True, False), (64, False, False), (128, True, False),
+                                                         (32, False, True), (64, False, True)])
+def test_int4_kernel_matches_the_float64_reference(monkeypatch, group, symmetric, float_zeros) -> None:
+    gen = torch.Generator().manual_seed(group + symmetric)
+    n, k = 48, 256
+    config = QuantConfig(bits=4, group_size=group, symmetric=symmetric, float_zero_points=float_zeros)
+    if float_zeros:
+        q = QuantizedLinear(k, n, config, float_zero_point_weight(n, k, group, gen))
+    else:
+        layer = Linear(k, n)
+        layer.weight = torch.nn.Parameter(torch.randn(n, k, generator=gen) + 0.4, requires_grad=False)
+        q = QuantizedLinear.from_linear(layer, config)
+    calls = []
+    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu
+    monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", lambda *a: calls.append(a) or kernel(*a))
+    for rows in (1, 5, INT4_MAX_ROWS):
+        x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+        y = q(x)
+        reference = x.double() @ q.dequantized_weight(torch.float64).T
+        assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
+        assert ((y.double() - reference).abs().max() / reference.abs().max()).item() < BF16_RELATIVE
+    assert len(calls) == 3
+    q(torch.randn(INT4_MAX_ROWS + 1, k).to(torch.bfloat16))  # more rows: dequantize + bf16 GEMM
+    q(torch.randn(2, k))  # float32 activations: the reference
+    assert len(calls) == 3
+
+
+def test_int4_kernel_needs_a_multiple_of_16_outputs(monkeypatch) -> None:
+    gen = torch.Generator().manual_seed(9)
+    layer = Linear(64, 40)
+    layer.weight = torch.nn.Parameter(torch.randn(40, 64, generator=gen), requires_grad=False)
+    q = QuantizedLinear.from_linear(layer, QuantConfig(bits=4, group_size=32))
+    calls = []
+    monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", lambda *a: calls.append(a))
+    x = torch.randn(1, 64, generator=gen).to(torch.bfloat16)
+    reference = x.double() @ q.dequantized_weight(torch.float64).T
+    assert ((q(x).double() - reference).abs().max() / reference.abs().max()).item() < BF16_RELATIVE
+    assert not calls
+
+
+def test_float_zero_points_are_for_loaded_weights_only() -> None:
+    from trident.errors import TridentError
+
+    with pytest.raises(TridentError, match="symmetric=False"):
+        QuantConfig(bits=4, group_size=32, float_zero_points=True)
+    with pytest.raises(TridentError, match="loaded weights"):
+        quantize(torch.randn(4, 32), QuantConfig(bits=4, group_size=32, symmetric=False, float_zero_points=True))
