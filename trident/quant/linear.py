@@ -1,10 +1,13 @@
 """QuantizedLinear, the weight-only quantized twin of :class:`trident.models.layers.Linear`, and
 :func:`quantize_model`, which swaps a built model's Linear layers for it in place.
 
-The forward's reference path dequantizes the whole weight to x's dtype, then calls the same
-:func:`trident.models.layers.linear` an unquantized layer calls: it saves memory, not time. Per-channel int8
-(symmetric or asymmetric) with bfloat16 activations and few rows on the CPU runs torch's weight-only int8
-kernel instead (``torch._weight_int8pack_mm``), tested against the reference; int4 and GPU kernels come later.
+On CUDA (where Triton imports) the forward runs the weight-only kernels of trident/kernels/quant_matmul.py on
+the codes as stored, in the affine form of :mod:`trident.quant.affine` (the stored float32 scales, and float32
+offsets derived once from the format: a non-persistent buffer ``offsets``). Elsewhere its reference path
+dequantizes the whole weight to x's dtype, then calls the same :func:`trident.models.layers.linear` an
+unquantized layer calls: it saves memory, not time. Per-channel int8 (symmetric or asymmetric) with bfloat16
+activations and few rows on the CPU runs torch's weight-only int8 kernel instead (``torch._weight_int8pack_mm``),
+tested against the reference.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from trident.models import ops
 from trident.models.layers import Linear, linear
+from trident.quant.affine import AffineWeight, affine_from_rtn, affine_linear
 from trident.quant.rtn import (
     ASYMMETRIC_INT8_OFFSET,
     NEVER_QUANTIZED,
@@ -53,6 +58,10 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", q.scales)
         self.register_buffer("zeros", q.zeros)
+        # The affine form's offsets (None for symmetric int8), derived once where the kernels will use them;
+        # not saved (the checkpoint holds the format's own tensors), moved with the module.
+        offsets = affine_from_rtn(q, config).offsets if qweight.is_cuda else None
+        self.register_buffer("offsets", offsets, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     @classmethod
@@ -70,7 +79,18 @@ class QuantizedLinear(nn.Module):
         """Bytes of the codes, scales and zero points (the bias apart)."""
         return sum(t.numel() * t.element_size() for t in self.quantized if t is not None)
 
+    def affine_weight(self) -> AffineWeight:
+        """The weight in the kernels' affine form: the stored codes and scales, and the offsets (computed here if
+        the module was built off CUDA and moved there since: once, as the buffer follows the module)."""
+        q = self.quantized
+        needs_offsets = not (self.config.bits == 8 and self.config.symmetric)
+        if needs_offsets and (self.offsets is None or self.offsets.device != self.scales.device):
+            self.offsets = affine_from_rtn(q, self.config).offsets
+        return AffineWeight(q.qweight, q.scales, self.offsets if needs_offsets else None, self.config.bits)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if ops.uses_kernels(x):
+            return affine_linear(x, self.affine_weight(), self.bias)
         if self._int8_cpu_kernel(x):
             # torch's weight-only int8 matmul for the CPU: reads the int8 codes as they are (half the bytes of
             # bfloat16) and scales each output; the same product as the reference below up to the rounding of
