@@ -9,7 +9,8 @@ import torch
 from trident.models.layers import Linear
 from trident.quant.cpu_kernels import INT4_MAX_ROWS
 from trident.quant.linear import QuantizedLinear
-from trident.quant.rtn import QuantConfig, QuantizedWeight, affine_parameters, dequantize, pack_int4, quantize
+from trident.quant.affine import affine_from_rtn
+from trident.quant.rtn import QuantConfig, QuantizedWeight, dequantize, pack_int4, quantize
 
 BF16_RELATIVE = 2e-2
 """bfloat16 activations, scales and outputs: the largest error relative to the largest output."""
@@ -23,22 +24,6 @@ def float_zero_point_weight(n: int, k: int, group: int, gen: torch.Generator) ->
     return QuantizedWeight(pack_int4(codes), scales, mins)
 
 
-@pytest.mark.parametrize("bits,group,symmetric", [(4, 32, True), (4, 64, False), (4, 128, True), (8, None, True),
-                                                  (8, None, False), (8, 32, True), (4, None, False)])
-def test_affine_parameters_give_the_dequantized_weight(bits, group, symmetric) -> None:
-    gen = torch.Generator().manual_seed(bits + (group or 0))
-    w = torch.randn(24, 128, generator=gen) + 0.3
-    config = QuantConfig(bits=bits, group_size=group, symmetric=symmetric)
-    q = quantize(w, config)
-    scales, offsets = affine_parameters(q, config)
-    codes = (q.qweight.to(torch.float64) if bits == 8 else
-             torch.stack((q.qweight & 15, q.qweight >> 4), -1).reshape(24, 128).to(torch.float64))
-    groups = scales.shape[1]
-    affine = (codes.view(24, groups, -1) * scales.double()[..., None] + offsets.double()[..., None]).view(24, 128)
-    # offsets are float32 products (z * s): their rounding is the only difference
-    assert torch.allclose(affine, dequantize(q, config, torch.float64), rtol=1e-6, atol=1e-6)
-
-
 def test_float_zero_points_dequantize_as_scale_times_code_plus_offset() -> None:
     gen = torch.Generator().manual_seed(3)
     q = float_zero_point_weight(16, 64, 32, gen)
@@ -46,8 +31,8 @@ def test_float_zero_points_dequantize_as_scale_times_code_plus_offset() -> None:
     codes = torch.stack((q.qweight & 15, q.qweight >> 4), -1).reshape(16, 64).double()
     expected = codes.view(16, 2, 32) * q.scales.double()[..., None] + q.zeros.double()[..., None]
     assert torch.equal(dequantize(q, config, torch.float64), expected.view(16, 64))
-    scales, offsets = affine_parameters(q, config)
-    assert torch.equal(scales, q.scales) and torch.equal(offsets, q.zeros)
+    w = affine_from_rtn(q, config)
+    assert torch.equal(w.scales, q.scales) and torch.equal(w.offsets, q.zeros)
 
 
 @pytest.mark.parametrize("group,symmetric,float_zeros", [(32, True, False), (64, False, False), (128, True, False),
@@ -93,7 +78,7 @@ def test_int4_kernel_needs_a_multiple_of_16_outputs(monkeypatch) -> None:
 def test_float_zero_points_are_for_loaded_weights_only() -> None:
     from trident.errors import TridentError
 
-    with pytest.raises(TridentError, match="symmetric=False"):
+    with pytest.raises(TridentError, match="symmetric=False and bits=4"):
         QuantConfig(bits=4, group_size=32, float_zero_points=True)
     with pytest.raises(TridentError, match="loaded weights"):
         quantize(torch.randn(4, 32), QuantConfig(bits=4, group_size=32, symmetric=False, float_zero_points=True))

@@ -5,6 +5,8 @@ running server instead (trident/bench/serve.py)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 from datetime import datetime, timezone
 
 from rich.console import Console
@@ -31,6 +33,12 @@ def add_bench_parser(sub, model_help: str, engine_args) -> None:
     p.add_argument("--shape", default=None, metavar="NAME|CONFIG",
                    help="benchmark random weights of a named shape or of a config.json instead of a model file")
     p.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights of --shape (default 0)")
+    p.add_argument("--weights", choices=["float", "int8", "int4"], default="float",
+                   help="float: the weights in --dtype; int8 / int4: round-to-nearest quantize the decoder layers' "
+                   "weights on the device before timing (int8 per channel symmetric, int4 symmetric in groups of "
+                   "128; the LM head stays in --dtype), run by the weight-only kernels on CUDA")
+    p.add_argument("--group-size", type=int, choices=[0, 32, 64, 128], default=None,
+                   help="with --weights int8|int4: the group length along K (0: per channel)")
     p.add_argument("--workload", choices=["default", "nano"], default="default",
                    help="offline workload: default (equal-length prompts) or nano (nano-vllm's 256 random prompts "
                    "of 100-1024 tokens, outputs of 100-1024 tokens; --num-prompts N takes the first N)")
@@ -71,10 +79,17 @@ def run_bench(args: argparse.Namespace) -> int:
     from trident.bench import peer_offline, peers, report, trident_side
     from trident.bench.subject import prepare
 
+    if args.compare == "hf" and args.weights != "float":
+        raise TridentError("--compare hf runs transformers on float weights: leave out --weights to compare, or "
+                           "--compare to benchmark quantized weights")
     console = Console()
     subject = prepare(args)
     engine, workload = subject.engine, subject.workload
     dtype_name = str(engine.dtype).removeprefix("torch.")
+    label = dtype_name  # the rows' and title's: the dtype, and the weights' format when quantized
+    if subject.checkpoint.quantization is not None:
+        c = subject.checkpoint.quantization.config
+        label += f", int{c.bits} {'per channel' if c.group_size is None else f'g{c.group_size}'} weights"
     bound = _roofline(engine, workload, args.kind)
     if args.kind == "latency":
         ours_fn = trident_side.run_latency
@@ -103,11 +118,11 @@ def run_bench(args: argparse.Namespace) -> int:
             except Exception as e:  # a peer's failure is reported in its row; trident's row stands
                 peer_error = f"{type(e).__name__}: {e}"
     bound_tok_s = bound.tok_s if bound else None
-    rows = [report.summarize(f"trident ({dtype_name})", subject.load_s, ours_runs, None, bound_tok_s, args.kind)]
+    rows = [report.summarize(f"trident ({label})", subject.load_s, ours_runs, None, bound_tok_s, args.kind)]
     if args.compare == "hf":
         rows.append(report.summarize(f"hf-transformers ({dtype_name})", hf_load_s, theirs_runs, peer_error,
                                      bound_tok_s, args.kind))
-    report.print_table(args.kind, f"trident bench {args.kind}: {subject.name}, {dtype_name}, {args.device}",
+    report.print_table(args.kind, f"trident bench {args.kind}: {subject.name}, {label}, {args.device}",
                        rows, _captions(args, subject, dtype_name, bound))
     record = _record(args, subject, dtype_name, bound, rows)
     console.print(f"results written to {report.write_json(record, args.json, args.kind)}")
@@ -121,9 +136,14 @@ def _roofline(engine, workload, kind: str):
 
     from trident.bench import roofline
     from trident.engine.sizing import kv_dtype_of
+    from trident.quant.linear import QuantizedLinear
 
     bandwidth = roofline.copy_bandwidth(engine.device)
-    weight_bytes = roofline.decode_weight_bytes(engine.model.named_parameters(),
+    # Quantized layers hold their codes, scales and zero points in buffers: counted as stored.
+    stored = [(f"{name}.{kind}", t) for name, module in engine.model.named_modules()
+              if isinstance(module, QuantizedLinear)
+              for kind, t in zip(("qweight", "scales", "zeros"), module.quantized) if t is not None]
+    weight_bytes = roofline.decode_weight_bytes(itertools.chain(engine.model.named_parameters(), stored),
                                                 engine.model_config.tie_word_embeddings)
     kv_element = torch.empty((), dtype=kv_dtype_of(engine.config, engine.dtype)).element_size()
     prompt_lens, output_lens = workload.prompt_lens, workload.output_lens
@@ -158,7 +178,10 @@ def _record(args: argparse.Namespace, subject, dtype_name: str, bound, rows: lis
         "kind": args.kind, "model": subject.name, "source": "shape" if subject.shape else "file",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": report.machine(args.device, args.threads),
-        "device": args.device, "dtype": dtype_name, "attention_backend": engine.attention_backend,
+        "device": args.device, "dtype": dtype_name, "weights": args.weights,
+        "quantization": (dataclasses.asdict(subject.checkpoint.quantization.config)
+                         if subject.checkpoint.quantization is not None else None),
+        "attention_backend": engine.attention_backend,
         "engine_options": subject.engine_options, "workload": subject.workload.summary(),
         "roofline": bound.as_dict() if bound else None,
         "results": rows,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
+from trident.bench.quantized_weights import bench_quant_config, quantize_checkpoint
 from trident.bench.shapes import Shape, resolve_shape
 from trident.bench.workloads import Workload, latency_workload, nano_workload, offline_workload
 from trident.engine.engine import LLMEngine
@@ -55,6 +56,11 @@ def prepare(args: argparse.Namespace) -> Subject:
     else:
         name = args.model or default_model_path()
         checkpoint = load_checkpoint(name)
+    quant_config = bench_quant_config(getattr(args, "weights", "float"), getattr(args, "group_size", None))
+    if quant_config is not None:
+        checkpoint = quantize_checkpoint(checkpoint, quant_config)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     workload = make_workload(args, checkpoint)
     options = engine_options(args, checkpoint, workload)
     from trident.engine.llm import engine_config

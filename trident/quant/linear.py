@@ -1,10 +1,13 @@
 """QuantizedLinear, the weight-only quantized twin of :class:`trident.models.layers.Linear`, and
 :func:`quantize_model`, which swaps a built model's Linear layers for it in place.
 
-The forward's reference path dequantizes the whole weight to x's dtype, then calls the same
-:func:`trident.models.layers.linear` an unquantized layer calls: it saves memory, not time. With bfloat16
-activations and few rows on the CPU, per-channel int8 and group-wise int4 weights run torch's packed kernels
-instead (:mod:`trident.quant.cpu_kernels`), tested against the reference.
+On CUDA (where Triton imports) the forward runs the weight-only kernels of trident/kernels/quant_matmul.py on
+the codes as stored, in the affine form of :mod:`trident.quant.affine` (the stored float32 scales, and float32
+offsets derived once from the format: a non-persistent buffer ``offsets``). With bfloat16 activations and few rows
+on the CPU, per-channel int8 and group-wise int4 weights run torch's packed kernels
+(:mod:`trident.quant.cpu_kernels`). Elsewhere the reference path dequantizes the whole weight to x's dtype, then
+calls the same :func:`trident.models.layers.linear` an unquantized layer calls: it saves memory, not time. Every
+fast path is tested against the reference.
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from trident.models import ops
 from trident.models.layers import Linear, linear
 from trident.quant import cpu_kernels
+from trident.quant.affine import AffineWeight, affine_from_rtn, affine_linear
 from trident.quant.rtn import (
     NEVER_QUANTIZED,
     QuantConfig,
     QuantizedWeight,
-    affine_parameters,
     dequantize,
     quantize,
     unpack_int4,
@@ -51,6 +55,10 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", q.scales)
         self.register_buffer("zeros", q.zeros)
+        # The affine form's offsets (None for symmetric int8), derived once where the kernels will use them;
+        # not saved (the checkpoint holds the format's own tensors), moved with the module.
+        offsets = affine_from_rtn(q, config).offsets if qweight.is_cuda else None
+        self.register_buffer("offsets", offsets, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     @classmethod
@@ -68,10 +76,20 @@ class QuantizedLinear(nn.Module):
         """Bytes of the codes, scales and zero points (the bias apart)."""
         return sum(t.numel() * t.element_size() for t in self.quantized if t is not None)
 
+    def affine_weight(self) -> AffineWeight:
+        """The weight in the kernels' affine form: the stored codes and scales, and the offsets (computed here if
+        the module was built off CUDA and moved there since: once, as the buffer follows the module)."""
+        q = self.quantized
+        needs_offsets = not (self.config.bits == 8 and self.config.symmetric)
+        if needs_offsets and (self.offsets is None or self.offsets.device != self.scales.device):
+            self.offsets = affine_from_rtn(q, self.config).offsets
+        return AffineWeight(q.qweight, q.scales, self.offsets if needs_offsets else None, self.config.bits)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
+        if ops.uses_kernels(x):
+            return affine_linear(x, self.affine_weight(), self.bias)
         if cpu_kernels.kernel_dtype_ok(x):
-            y = self._cpu_kernel(rows)
+            y = self._cpu_kernel(x.reshape(-1, self.in_features))
             if y is not None:
                 y = y.view(*x.shape[:-1], self.out_features)
                 return y if self.bias is None else y + self.bias
@@ -83,21 +101,13 @@ class QuantizedLinear(nn.Module):
         the rounding of scales to bf16 and the kernels' summation order (tests/quant)."""
         c = self.config
         if c.bits == 8 and self.scales.shape[1] == 1 and rows.shape[0] <= cpu_kernels.INT8_MAX_ROWS:
-            # Asymmetric codes are stored as q - 128, so W = s * stored + offset per row.
-            scales, offsets = self._affine()
-            return cpu_kernels.int8_matmul(rows, self.qweight, scales.view(-1),
-                                           None if c.symmetric else offsets.view(-1))
+            w = self.affine_weight()
+            return cpu_kernels.int8_matmul(rows, w.codes, w.scales.view(-1),
+                                           None if w.offsets is None else w.offsets.view(-1))
         if c.bits == 4 and rows.shape[0] <= cpu_kernels.INT4_MAX_ROWS:
             packed = self._int4_packed(rows.dtype)
             return None if packed is None else packed.matmul(rows)
         return None
-
-    def _affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """:func:`affine_parameters` of the weight, computed once (derived, not saved)."""
-        affine = self.__dict__.get("_affine_cpu")
-        if affine is None:
-            affine = self.__dict__["_affine_cpu"] = affine_parameters(self.quantized, self.config)
-        return affine
 
     def _int4_packed(self, dtype: torch.dtype) -> cpu_kernels.Int4Packed | None:
         """The codes re-packed for torch's int4 CPU kernel, built on first use and kept (not saved: derived)."""
@@ -106,8 +116,9 @@ class QuantizedLinear(nn.Module):
             return None
         packed = self.__dict__.get("_int4_cpu")
         if packed is None or packed.scale_and_zeros.dtype != dtype:
-            scales, offsets = self._affine()
-            packed = cpu_kernels.Int4Packed.pack(unpack_int4(self.qweight), scales, offsets, group, dtype)
+            w = self.affine_weight()
+            packed = cpu_kernels.Int4Packed.pack(unpack_int4(w.codes), w.scales.float(), w.offsets.float(), group,
+                                                 dtype)
             self.__dict__["_int4_cpu"] = packed
         return packed
 

@@ -59,7 +59,7 @@ class QuantConfig:
     symmetric: bool = True
     """True: codes centred on zero, no zero point; False: min/max range with an integer zero point per group."""
     float_zero_points: bool = False
-    """Asymmetric only: zero points are float32 offsets m (w = s q + m, GGUF Q4_1's layout) instead of integer
+    """Asymmetric int4 only: zero points are float32 offsets m (w = s q + m, GGUF Q4_1's layout) instead of integer
     codes z (w = s (q - z)). Weights loaded from such files; round-to-nearest never produces them."""
     modules: tuple[str, ...] = DEFAULT_MODULES
     """fnmatch patterns over module names (``model.layers.0.self_attn.qkv_proj``); the LM head and embeddings
@@ -73,9 +73,10 @@ class QuantConfig:
                                f"{self.group_size!r}")
         if not isinstance(self.symmetric, bool):
             raise TridentError(f"symmetric must be True or False, got {self.symmetric!r}")
-        if not isinstance(self.float_zero_points, bool) or (self.float_zero_points and self.symmetric):
-            raise TridentError(f"float_zero_points must be a bool and needs symmetric=False, got "
-                               f"{self.float_zero_points!r} with symmetric={self.symmetric!r}")
+        if not isinstance(self.float_zero_points, bool) or (self.float_zero_points and (
+                self.symmetric or self.bits != 4)):
+            raise TridentError(f"float_zero_points must be a bool and needs symmetric=False and bits=4, got "
+                               f"{self.float_zero_points!r} with symmetric={self.symmetric!r}, bits={self.bits!r}")
         if not self.modules or not all(isinstance(m, str) and m for m in self.modules):
             raise TridentError(f"modules must be a non-empty tuple of name patterns, got {self.modules!r}")
 
@@ -180,22 +181,6 @@ def dequantize(q: QuantizedWeight, config: QuantConfig, dtype: torch.dtype = tor
     if q.zeros is not None:
         w = w - q.zeros.to(compute)[..., None]
     return (w * q.scales.to(compute)[..., None]).reshape(n, k).to(dtype)
-
-
-def affine_parameters(q: QuantizedWeight, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scales, offsets) float32 [N, groups] such that every weight is ``scales * c + offsets`` with ``c`` its
-    code as stored (int8 as is; int4 the unsigned nibble 0..15): the one form every matmul kernel reads."""
-    s = q.scales.to(torch.float32)
-    if config.symmetric:
-        offsets = -8.0 * s if config.bits == 4 else torch.zeros_like(s)
-    elif config.float_zero_points:
-        offsets = q.zeros.to(torch.float32)
-        if config.bits == 8:
-            offsets = offsets + ASYMMETRIC_INT8_OFFSET * s
-    else:
-        z = q.zeros.to(torch.float32)
-        offsets = -z * s if config.bits == 4 else (ASYMMETRIC_INT8_OFFSET - z) * s
-    return s, offsets
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:

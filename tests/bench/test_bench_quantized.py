@@ -1,0 +1,93 @@
+"""`trident bench --weights int8|int4`: the checkpoint's decoder Linear weights are quantized where they lie
+(fused projections as the model holds them), the engine loads them through its quantized path, and the roofline
+counts their stored bytes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_shapes import TINY_SHAPES
+
+from trident.bench.quantized_weights import bench_quant_config, quantize_checkpoint
+from trident.bench.random_weights import random_checkpoint, weight_specs
+from trident.bench.shapes import Shape
+from trident.cli import main
+from trident.config import ModelConfig
+from trident.errors import TridentError
+from trident.quant.rtn import QuantConfig, QuantizedWeight, dequantize, quantized_bytes
+
+
+def test_quantize_checkpoint_fuses_projections_and_keeps_the_rest() -> None:
+    shape = Shape("t", dict(TINY_SHAPES["qwen2-bias"]), "test")
+    source = random_checkpoint(shape, device="cpu", dtype=torch.float32, seed=1)
+    config = QuantConfig(bits=4, group_size=32)
+    quantized = quantize_checkpoint(source, config)
+    modules = quantized.quantization.modules
+    assert quantized.quantization.config == config and len(modules) == 2 * 4  # qkv, o, gate_up, down per layer
+    assert "model.layers.1.self_attn.qkv_proj" in modules and "model.layers.0.mlp.gate_up_proj" in modules
+    for name in modules:
+        parent, _, leaf = name.rpartition(".")
+        parts = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}.get(leaf)
+        sources = [f"{parent}.{p}.weight" for p in parts] if parts else [f"{name}.weight"]
+        weight = torch.cat([source.tensors[s] for s in sources]).double()
+        assert not any(s in quantized.tensors for s in sources)
+        q = QuantizedWeight(*(quantized.tensors.get(f"{name}.{kind}") for kind in ("qweight", "scales", "zeros")))
+        assert q.zeros is None and q.qweight.dtype == torch.uint8
+        steps = q.scales.double().repeat_interleave(32, dim=1)
+        assert ((dequantize(q, config, torch.float64) - weight).abs() <= steps / 2 * (1 + 1e-6)).all(), name
+    kept = [n for n in source.tensors if not any(n.startswith(m.rpartition(".")[0]) and n.endswith("_proj.weight")
+                                                  for m in modules)]
+    assert any(n.endswith("q_proj.bias") for n in kept) and "lm_head.weight" in kept
+    assert all(quantized.tensors[n] is source.tensors[n] for n in kept)
+    with pytest.raises(TridentError, match="already quantized"):
+        quantize_checkpoint(quantized, config)
+
+
+def test_bench_quant_config() -> None:
+    assert bench_quant_config("float", None) is None
+    assert bench_quant_config("int8", None) == QuantConfig(bits=8, group_size=None)
+    assert bench_quant_config("int4", None) == QuantConfig(bits=4, group_size=128)
+    assert bench_quant_config("int4", 0) == QuantConfig(bits=4, group_size=None)
+    assert bench_quant_config("int8", 64) == QuantConfig(bits=8, group_size=64)
+    with pytest.raises(TridentError, match="--group-size"):
+        bench_quant_config("float", 32)
+
+
+def test_bench_latency_with_int8_weights_counts_their_bytes(tmp_path) -> None:
+    hf_config = dict(TINY_SHAPES["llama3-scaled"])
+    config_path = tmp_path / "tiny" / "config.json"
+    config_path.parent.mkdir()
+    config_path.write_text(json.dumps(hf_config))
+    out = tmp_path / "latency.json"
+    assert main(["bench", "latency", "--shape", str(config_path), "--prompt-len", "16", "--output-len", "4",
+                 "--repeat", "1", "--device", "cpu", "--dtype", "float32", "--weights", "int8", "--group-size", "32",
+                 "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["weights"] == "int8" and record["quantization"]["bits"] == 8
+    assert record["quantization"]["group_size"] == 32
+    (row,) = record["results"]
+    assert "int8 g32 weights" in row["engine"] and row["decode_tok_s"] > 0
+    # Expected bytes per step: float32 tensors except the untied input embedding, and the quantized layers'
+    # codes and scales instead of their weights (the tiny shape is untied).
+    model_config = ModelConfig.from_hf_dict(hf_config)
+    expected = 0
+    for name, (dims, _) in weight_specs(model_config).items():
+        if name.endswith("embed_tokens.weight") or (name.startswith("model.layers.") and name.endswith("_proj.weight")):
+            continue
+        expected += 4 * torch.Size(dims).numel()
+    quant = QuantConfig(bits=8, group_size=32)
+    h, inter, q, kv = 64, 96, 64, 2 * 16
+    per_layer = (quantized_bytes(q + 2 * kv, h, quant) + quantized_bytes(h, q, quant)
+                 + quantized_bytes(2 * inter, h, quant) + quantized_bytes(h, inter, quant))
+    assert record["roofline"]["weight_bytes_per_step"] == expected + 2 * per_layer
+
+
+def test_quantized_weights_refuse_compare_hf(tmp_path, capsys) -> None:
+    config_path = tmp_path / "tiny" / "config.json"
+    config_path.parent.mkdir()
+    config_path.write_text(json.dumps(TINY_SHAPES["llama3-scaled"]))
+    assert main(["bench", "latency", "--shape", str(config_path), "--device", "cpu", "--weights", "int4",
+                 "--compare", "hf"]) != 0
+    assert "--compare hf runs transformers on float weights" in capsys.readouterr().err

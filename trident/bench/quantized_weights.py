@@ -1,0 +1,73 @@
+"""`trident bench latency|offline --weights int8|int4`: round-to-nearest quantize a Checkpoint's decoder Linear
+weights where they lie (on the GPU for random weights generated there), before the engine is built, into the
+same tensors a `trident quantize` folder holds, so that the engine loads them through its quantized path.
+
+int8 is per channel symmetric, int4 symmetric with groups of 128 along K by default (``--group-size``); the
+LM head and embeddings stay in the model dtype (rtn.NEVER_QUANTIZED)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from trident.errors import TridentError
+from trident.loader.checkpoint import Checkpoint
+from trident.quant.format import QuantizedModules
+from trident.quant.linear import eligible_modules
+from trident.quant.rtn import QuantConfig, quantize
+
+WEIGHT_FORMATS = ("float", "int8", "int4")
+"""--weights: the checkpoint's float weights (in --dtype), or quantized to int8 / int4."""
+DEFAULT_GROUP_SIZE = {"int8": None, "int4": 128}
+"""Groups along K by default: int8 per channel, int4 128."""
+
+
+def bench_quant_config(weights: str, group_size: int | None) -> QuantConfig | None:
+    """The QuantConfig of a --weights choice (None for float); ``group_size`` overrides the default (0: per
+    channel)."""
+    if weights not in WEIGHT_FORMATS:
+        raise TridentError(f"--weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
+    if weights == "float":
+        if group_size is not None:
+            raise TridentError("--group-size applies to --weights int8 or int4 only")
+        return None
+    group = DEFAULT_GROUP_SIZE[weights] if group_size is None else (group_size or None)
+    return QuantConfig(bits=int(weights[3:]), group_size=group, symmetric=True)
+
+
+def quantize_checkpoint(checkpoint: Checkpoint, config: QuantConfig) -> Checkpoint:
+    """A Checkpoint whose eligible Linear weights (fused projections concatenated along N, as the model holds
+    them) are replaced by ``<module>.qweight`` / ``.scales`` (/ ``.zeros``) on the weights' device, with its
+    ``quantization`` set; the float weights are released as they are quantized (from this Checkpoint's dict)."""
+    from trident.attention.torch_ref import TorchAttention
+    from trident.models.registry import model_class
+
+    if checkpoint.quantization is not None:
+        raise TridentError(f"{checkpoint.path} is already quantized ({checkpoint.quantization.config}); benchmark it "
+                           "without --weights")
+    with torch.device("meta"):
+        model = model_class(checkpoint.config.model_type)(checkpoint.config, TorchAttention())
+    packed = model.packed_modules
+    names = eligible_modules(model, config)
+    tensors = dict(checkpoint.tensors)
+    types = dict(checkpoint.tensor_types)
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        sources = [f"{parent}.{part}.weight" for part, _ in packed[leaf]] if leaf in packed else [f"{name}.weight"]
+        missing = [s for s in sources if s not in tensors]
+        if missing:
+            raise TridentError(f"{checkpoint.path} lacks {', '.join(missing)}: cannot quantize {name}")
+        parts = [tensors.pop(s) for s in sources]
+        for s in sources:
+            types.pop(s, None)
+        weight = parts[0] if len(parts) == 1 else torch.cat(parts)
+        del parts
+        q = quantize(weight, config)
+        del weight
+        for kind, t in zip(("qweight", "scales", "zeros"), q):
+            if t is not None:
+                tensors[f"{name}.{kind}"] = t
+                types[f"{name}.{kind}"] = str(t.dtype).removeprefix("torch.").upper()
+    return dataclasses.replace(checkpoint, tensors=tensors, tensor_types=types,
+                               quantization=QuantizedModules(config, tuple(names)))

@@ -1,0 +1,219 @@
+"""y = x W^T (+ b) with W as weight-only affine codes (int8, or int4 two per byte; see trident/quant/affine.py):
+one Triton kernel, launched with matrix-vector tiles for 1 to QGEMV_MAX_ROWS rows of x (decode) and with
+matrix-multiply tiles beyond (prefill, batched decode). Its torch reference is
+:func:`trident.quant.affine.affine_matmul_reference` (float32 dequantization, float32 matmul).
+
+The weight is never dequantized in memory: a program streams its rows' codes (1 byte per weight for int8,
+half a byte for int4: the point, decode being bound by reading them) plus one scale (and offset) per group, and
+multiplies the integer codes themselves, converted to x's dtype (every int8 and int4 code is exact in bfloat16
+and float16), against x on the tensor cores with float32 accumulation. The affine form is folded in per group
+afterwards, in float32:
+
+    sum_k (s q_k + b) x_k = s (q . x) + b sum(x)     over the K elements of one group,
+
+so the inner loop stays codes times x and the scales and offsets cost one multiply-add per output and group.
+A K tile of BLOCK_K is cut into SUB_K-wide sub-tiles that each lie inside one group (SUB_K divides the group
+size); per channel (one group) the scale and offset are applied once at the end. int4 bytes are split into
+their low and high nibbles and interleaved back into K order in registers (``tl.join``).
+
+Matrix-vector launches (M <= QGEMV_MAX_ROWS) follow trident/kernels/gemv.py: one program per BLOCK_N weight
+rows walking the whole of K, all rows of x riding along as the dot's left operand (padded to the tensor cores'
+16-row tile), no split over K. Matrix-multiply launches tile M too (BLOCK_M of 32 to 128 rows) and walk the
+programs in groups of GROUP_M row blocks, so that the weight columns one group reads stay in the L2.
+
+Launches depend on shapes only, never on values, and never synchronise with the host: CUDA graphs capture
+them. The row count is not a specialisation key; its tile (BLOCK_M) is.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from trident.kernels.pdl import pdl_launch, wait_for_previous_grid
+from trident.quant.affine import AffineWeight, check_affine
+
+QGEMV_MAX_ROWS = 16
+"""Most rows of x launched with matrix-vector tiles (the tensor cores' 16-row tile)."""
+ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
+TARGET_PROGRAMS = 256
+"""Matrix-vector programs to aim for: about two per multiprocessor of an H200 (132 SMs)."""
+GEMM_TARGET_PROGRAMS = 128
+"""Matrix-multiply programs to aim for before widening a tile: about one per multiprocessor."""
+TILE_ELEMENTS = 8192
+"""Weight elements per matrix-vector K tile (BLOCK_N x BLOCK_K): 16 KB once converted to 16 bits, as gemv.py's
+tiles, i.e. 8 KB of int8 or 4 KB of int4 codes read per stage."""
+MAX_SUBTILES = 8
+"""Most group-wide sub-tiles per K tile (each its own dot: the loop body is unrolled this many times)."""
+MIN_SUB_K = 16
+"""The tensor cores' K: the narrowest sub-tile a dot takes."""
+GROUP_M = 8
+
+
+class TileConfig(NamedTuple):
+    """Tiles and launch parameters of one product."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def sub_k_of(group_size: int, in_features: int, block_k: int) -> int:
+    """The sub-tile width for a K tile of block_k: block_k per channel, else the largest power of two that divides
+    the group size, at most block_k (0 when that is below MIN_SUB_K: the kernel cannot take the group size)."""
+    if group_size == in_features:
+        return block_k
+    sub = min(group_size & -group_size, block_k)
+    return sub if sub >= MIN_SUB_K else 0
+
+
+def supports(w: AffineWeight) -> bool:
+    """Whether the kernel takes this weight's group size (per channel, or a multiple of 16)."""
+    return sub_k_of(w.group_size, w.in_features, 1 << 30) > 0
+
+
+def quant_matmul_config(m: int, n: int, k: int, bits: int, group_size: int) -> TileConfig:
+    """Tiles for y [m, n] = x [m, k] W^T, from shapes only.
+
+    Matrix-vector (m <= QGEMV_MAX_ROWS): block_m the row count rounded up to a power of two; block_n the widest
+    of 64, 32, 16, 8 giving TARGET_PROGRAMS programs; block_k TILE_ELEMENTS / block_n, at most K rounded up to
+    a power of two and MAX_SUBTILES sub-tiles; one warp per 8 columns (1 to 4); 4 stages (the tiles are half
+    or a quarter of gemv.py's bytes, so one more of them in flight).
+    Matrix-multiply: block_m 32 / 64 / 128 for m up to 32 / 64 / beyond; block_n the widest of 128, 64, 32, 16
+    giving GEMM_TARGET_PROGRAMS programs; block_k 64; 8 warps for 128 x 128 tiles, else 4; 3 stages.
+    """
+    def fit_k(block_k: int) -> int:
+        block_k = max(MIN_SUB_K, min(block_k, triton.next_power_of_2(k)))
+        sub = sub_k_of(group_size, k, block_k) or MIN_SUB_K
+        return min(block_k, MAX_SUBTILES * sub)
+
+    if m <= QGEMV_MAX_ROWS:
+        block_n = 8
+        for candidate in (64, 32, 16):
+            if triton.cdiv(n, candidate) >= TARGET_PROGRAMS:
+                block_n = candidate
+                break
+        return TileConfig(triton.next_power_of_2(max(m, 1)), block_n, fit_k(TILE_ELEMENTS // block_n),
+                          max(1, min(block_n // 8, 4)), 4)
+    block_m = 32 if m <= 32 else 64 if m <= 64 else 128
+    block_n = 16
+    for candidate in (128, 64, 32):
+        if triton.cdiv(m, block_m) * triton.cdiv(n, candidate) >= GEMM_TARGET_PROGRAMS:
+            block_n = candidate
+            break
+    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
+    return TileConfig(block_m, block_n, fit_k(64), num_warps, 3)
+
+
+def quant_matmul(x: torch.Tensor, w: AffineWeight, bias: torch.Tensor | None = None, *,
+                 config: TileConfig | None = None) -> torch.Tensor:
+    """x [M, K] (rows contiguous, any row stride; bfloat16 or float16) -> x W^T (+ b) [M, N] in x's dtype.
+
+    ``w``'s codes, scales and offsets contiguous, its group size per channel or a multiple of 16 (:func:`supports`);
+    bias [N] of x's dtype or None. ``config`` overrides :func:`quant_matmul_config` (the benchmark's sweep)."""
+    check_affine(w)
+    assert x.dim() == 2 and x.stride(1) == 1, "rows of x must be contiguous"
+    assert x.dtype in ACTIVATION_DTYPES, f"x must be bfloat16 or float16, got {x.dtype}"
+    num_rows, k = x.shape
+    n = w.out_features
+    assert k == w.in_features, f"x has {k} features, the weight {w.in_features}"
+    assert w.codes.is_contiguous() and w.scales.is_contiguous()
+    assert w.offsets is None or w.offsets.is_contiguous()
+    assert bias is None or (bias.shape == (n,) and bias.is_contiguous() and bias.dtype == x.dtype)
+    assert supports(w), f"group size {w.group_size} is neither K nor a multiple of {MIN_SUB_K}"
+    y = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
+    if num_rows == 0 or n == 0:
+        return y
+    group_size = w.group_size
+    block_m, block_n, block_k, num_warps, num_stages = config or quant_matmul_config(num_rows, n, k, w.bits,
+                                                                                      group_size)
+    sub_k = sub_k_of(group_size, k, block_k)
+    assert sub_k and block_k % sub_k == 0, f"block_k {block_k} does not suit group size {group_size}"
+    pdl = pdl_launch(x.device)
+    grid = (triton.cdiv(num_rows, block_m) * triton.cdiv(n, block_n),)
+    _quant_matmul_kernel[grid](
+        x, w.codes, w.scales, w.offsets if w.offsets is not None else w.scales,
+        bias if bias is not None else x, y, num_rows, n, k, w.scales.shape[1], group_size, x.stride(0), y.stride(0),
+        INT4=w.bits == 4, HAS_OFFSETS=w.offsets is not None, HAS_BIAS=bias is not None,
+        PER_CHANNEL=w.scales.shape[1] == 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SUB_K=sub_k,
+        GROUP_M=GROUP_M, USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
+    )
+    return y
+
+
+@triton.jit
+def _codes_tile(codes_ptr, cols, col_mask, k_start, k, INT4: tl.constexpr, BLOCK_N: tl.constexpr,
+                SUB_K: tl.constexpr):
+    """Codes [BLOCK_N, SUB_K] of weight rows ``cols`` and K elements k_start.. (zero beyond K or N)."""
+    if INT4:
+        half = k // 2
+        offs = k_start // 2 + tl.arange(0, SUB_K // 2)
+        mask = col_mask[:, None] & (offs < half)[None, :]
+        packed = tl.load(codes_ptr + cols.to(tl.int64)[:, None] * half + offs[None, :], mask=mask, other=0)
+        codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, SUB_K))
+    else:
+        offs = k_start + tl.arange(0, SUB_K)
+        mask = col_mask[:, None] & (offs < k)[None, :]
+        codes = tl.load(codes_ptr + cols.to(tl.int64)[:, None] * k + offs[None, :], mask=mask, other=0)
+    return codes
+
+
+# The row count changes with the batch: not specialised on, only its tile BLOCK_M is.
+@triton.jit(do_not_specialize=["num_rows"])
+def _quant_matmul_kernel(x_ptr, codes_ptr, scales_ptr, offsets_ptr, bias_ptr, y_ptr, num_rows, n, k, num_groups,
+                         group_size, stride_x, stride_y, INT4: tl.constexpr, HAS_OFFSETS: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, GROUP_M: tl.constexpr,
+                         USE_PDL: tl.constexpr):
+    wait_for_previous_grid(USE_PDL)
+    # Programs in groups of GROUP_M row blocks, column block by column block within a group (L2 reuse).
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(num_rows, BLOCK_M)
+    num_pid_n = tl.cdiv(n, BLOCK_N)
+    width = GROUP_M * num_pid_n
+    first_m = (pid // width) * GROUP_M
+    group_rows = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_rows
+    pid_n = (pid % width) // group_rows
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < num_rows
+    col_mask = cols < n
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x
+    param_ptrs = cols.to(tl.int64) * num_groups
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)  # per channel with offsets: sum of the row
+    for k_tile in range(0, k, BLOCK_K):
+        for j in tl.static_range(BLOCK_K // SUB_K):
+            k_start = k_tile + j * SUB_K
+            offs_k = k_start + tl.arange(0, SUB_K)
+            x = tl.load(x_rows + offs_k[None, :], mask=row_mask[:, None] & (offs_k < k)[None, :], other=0.0)
+            codes = _codes_tile(codes_ptr, cols, col_mask, k_start, k, INT4, BLOCK_N, SUB_K)
+            codes_t = tl.trans(codes.to(tl.float32).to(x.dtype))  # exact: |code| <= 255
+            if PER_CHANNEL:
+                acc = tl.dot(x, codes_t, acc)
+                if HAS_OFFSETS:
+                    x_sum += tl.sum(x.to(tl.float32), axis=1)
+            else:
+                # The sub-tile lies in one group (SUB_K divides the group size); past K, nothing is loaded.
+                in_k = col_mask & (k_start < k)
+                group = k_start // group_size
+                scale = tl.load(scales_ptr + param_ptrs + group, mask=in_k, other=0.0).to(tl.float32)
+                acc += tl.dot(x, codes_t) * scale[None, :]
+                if HAS_OFFSETS:
+                    offset = tl.load(offsets_ptr + param_ptrs + group, mask=in_k, other=0.0).to(tl.float32)
+                    acc += tl.sum(x.to(tl.float32), axis=1)[:, None] * offset[None, :]
+    if PER_CHANNEL:
+        acc *= tl.load(scales_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_OFFSETS:
+            acc += x_sum[:, None] * tl.load(offsets_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_y + cols[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
