@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from trident.models.layers import Linear
+from trident.quant.affine import affine_from_rtn
 from trident.quant.cpu_kernels import INT4_MAX_ROWS
 from trident.quant.linear import QuantizedLinear
-from trident.quant.affine import affine_from_rtn
 from trident.quant.rtn import QuantConfig, QuantizedWeight, dequantize, pack_int4, quantize
 
 BF16_RELATIVE = 2e-2

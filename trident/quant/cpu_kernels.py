@@ -3,7 +3,7 @@
 Both kernels read the weight's codes as they are stored (int8: one byte, int4: half a byte per weight) and
 multiply them with bfloat16 activations; the torch reference (dequantize, then matmul) in
 :mod:`trident.quant.linear` is what they are tested against. Every format is first put in the affine form
-``w = scales * c + offsets`` (:func:`trident.quant.rtn.affine_parameters`), so symmetric, asymmetric and
+``w = scales * c + offsets`` (:func:`trident.quant.affine.affine_from_rtn`), so symmetric, asymmetric and
 GGUF-native weights share one path.
 
 - int8, one group per row (per-channel): ``torch._weight_int8pack_mm(x, codes, scales)`` computes
