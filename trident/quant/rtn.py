@@ -144,16 +144,19 @@ def quantize(weight: torch.Tensor, config: QuantConfig) -> QuantizedWeight:
     n, k = weight.shape
     group = group_size_of(config, k)
     w = weight.detach().to(torch.float32).reshape(n, k // group, group)
+    # Divisions by a tensor, never by a Python number: CUDA divides by a scalar through its reciprocal, which
+    # moves a scale by an ulp against the CPU's and flips codes that sit on a rounding tie.
     qmax = config.qmax
+    qmax_t = torch.tensor(float(qmax), device=w.device)
     if config.symmetric:
-        scales = w.abs().amax(dim=-1) / qmax
+        scales = w.abs().amax(dim=-1) / qmax_t
         scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero group: codes 0
         codes = torch.round(w / scales[..., None]).clamp_(-qmax, qmax).to(torch.int32)
         zeros = None
     else:
         lo = w.amin(dim=-1).clamp(max=0.0)
         hi = w.amax(dim=-1).clamp(min=0.0)
-        scales = (hi - lo) / qmax
+        scales = (hi - lo) / qmax_t
         scales = torch.where(scales > 0, scales, torch.ones_like(scales))
         zeros_i = torch.round(-lo / scales).clamp_(0, qmax).to(torch.int32)
         codes = (torch.round(w / scales[..., None]).to(torch.int32) + zeros_i[..., None]).clamp_(0, qmax)
