@@ -152,7 +152,7 @@ def choose_bits(units: Sequence[Unit], config: MixedConfig) -> MixedPlan:
     weights = sum(u.num_weights for u in units)
     low = [stored_bits(u.out_features, u.in_features, config.low) for u in units]
     extra = [stored_bits(u.out_features, u.in_features, config.high) - b for u, b in zip(units, low)]
-    left = config.average_bits * weights - sum(low)
+    left = config.average_bits * weights * (1 + 1e-12) - sum(low)  # the budget's float rounding, no more
     order = sorted(range(len(units)), key=lambda i: (-units[i].sensitivity / extra[i], i))
     high: set[str] = set()
     total = sum(low)

@@ -17,16 +17,14 @@ CALIB_WINDOW = 512
 """Tokens per calibration window (fewer when the calibration text is shorter)."""
 
 
-def calibration_tokens(tokenizer, source: str, max_tokens: int) -> tuple[list[int], str]:
-    """The first ``max_tokens`` token ids of the calibration text and its description: a named corpus's
-    ``calib`` slice (never the ``eval`` slice that ``trident eval ppl`` measures), or a whole UTF-8 file."""
-    from trident.compress.texts import CORPORA, encode_first, read_source, slice_text
+def calibration_text(source: str) -> tuple[str, str]:
+    """The calibration text and its description: a named corpus's ``calib`` slice (never the ``eval`` slice that
+    ``trident eval ppl`` measures), or a whole UTF-8 file."""
+    from trident.compress.texts import CORPORA, read_source, slice_text
 
     text = read_source(source)
     which = "calib" if source in CORPORA else "all"
-    sliced = slice_text(text.text, which)
-    ids = encode_first(tokenizer, sliced, max_tokens)
-    return ids, f"{text.description}, slice {which}"
+    return slice_text(text.text, which), f"{text.description}, slice {which}"
 
 
 def run_mixed(args: argparse.Namespace, model_name: str) -> int:
@@ -35,6 +33,7 @@ def run_mixed(args: argparse.Namespace, model_name: str) -> int:
 
     from trident.bench import report as bench_report
     from trident.compress.eval import PerplexityConfig, perplexity
+    from trident.compress.texts import encode_first
     from trident.engine.engine import LLMEngine
     from trident.engine.llm import engine_config
     from trident.loader import load_checkpoint
@@ -61,6 +60,7 @@ def run_mixed(args: argparse.Namespace, model_name: str) -> int:
     out = os.path.expanduser(args.out)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise TridentError(f"--out {out} exists and is not an empty folder; pick a new folder")
+    calib_text, calib_description = calibration_text(args.calib)
     console = Console()
     t0 = time.perf_counter()
     checkpoint = load_checkpoint(None if model_name == "default" else model_name)
@@ -82,7 +82,7 @@ def run_mixed(args: argparse.Namespace, model_name: str) -> int:
             raise TridentError(f"{name}: {e}") from None
         shapes.append((layer.out_features, layer.in_features))
     check_budget(shapes, mixed)
-    ids, calib_description = calibration_tokens(checkpoint.tokenizer, args.calib, args.calib_tokens)
+    ids = encode_first(checkpoint.tokenizer, calib_text, args.calib_tokens)
     if len(ids) < 2:
         raise TridentError(f"the calibration text {args.calib!r} gives {len(ids)} token; it needs at least 2")
     window = min(CALIB_WINDOW, len(ids), engine.max_model_len)
