@@ -106,7 +106,7 @@ def weights_bytes(model_config: ModelConfig, dtype: torch.dtype, quantization: Q
 
         for name in quantization.modules:
             layer = model.get_submodule(name)
-            total += quantized_bytes(layer.out_features, layer.in_features, quantization.config)
+            total += quantized_bytes(layer.out_features, layer.in_features, quantization.config_of(name))
             total -= layer.weight.numel() * element
     return total
 

@@ -43,9 +43,21 @@ class Checkpoint:
         its codes stand for, not its codes, scales and zero points."""
         total = sum(t.numel() for t in self.tensors.values())
         if self.quantization is not None:
-            per_code = 2 if self.quantization.config.bits == 4 else 1  # int4: two codes per stored byte
             for name in self.quantization.modules:
+                per_code = 2 if self.quantization.config_of(name).bits == 4 else 1  # int4: two codes per byte
                 parts = [self.tensors.get(f"{name}.{kind}") for kind in ("qweight", "scales", "zeros")]
                 total -= sum(t.numel() for t in parts if t is not None)
                 total += parts[0].numel() * per_code
         return total
+
+    def quantized_average_bits(self) -> float:
+        """Stored bits of the quantized modules (codes, scales, zero points) per weight they stand for; 0.0 when
+        unquantized."""
+        if self.quantization is None:
+            return 0.0
+        bits = weights = 0
+        for name in self.quantization.modules:
+            parts = [self.tensors.get(f"{name}.{kind}") for kind in ("qweight", "scales", "zeros")]
+            bits += 8 * sum(t.numel() * t.element_size() for t in parts if t is not None)
+            weights += parts[0].numel() * (2 if self.quantization.config_of(name).bits == 4 else 1)
+        return bits / weights

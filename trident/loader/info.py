@@ -110,17 +110,29 @@ def model_info(checkpoint: Checkpoint) -> ModelInfo:
         kv_bytes_full_context_bfloat16=2 * c.num_kv_heads * c.head_dim * 2 * full_tokens,
         has_tokenizer=tokenizer is not None,
         has_chat_template=bool(tokenizer is not None and tokenizer.chat_template),
-        quantization=_describe(checkpoint.quantization),
+        quantization=_describe(checkpoint),
     )
 
 
-def _describe(quantization) -> str | None:
+def _describe(checkpoint: Checkpoint) -> str | None:
+    quantization = checkpoint.quantization
     if quantization is None:
         return None
-    q = quantization.config
+    if not quantization.module_configs:
+        return f"{_describe_config(quantization.config)}, {len(quantization.modules)} layers"
+    counts: dict = {}
+    for name in quantization.modules:
+        config = quantization.config_of(name)
+        counts[config] = counts.get(config, 0) + 1
+    kinds = "; ".join(f"{count} layers {_describe_config(config)}"
+                      for config, count in sorted(counts.items(), key=lambda kv: kv[0].bits))
+    return f"mixed bits: {kinds}; {checkpoint.quantized_average_bits():.3f} bits per weight"
+
+
+def _describe_config(q) -> str:
     groups = f"groups of {q.group_size}" if q.group_size else "per channel"
     kind = "symmetric" if q.symmetric else "asymmetric"
-    return f"int{q.bits} round-to-nearest, {groups}, {kind}, {len(quantization.modules)} layers"
+    return f"int{q.bits} round-to-nearest, {groups}, {kind}"
 
 
 def human_bytes(n: int) -> str:

@@ -2,7 +2,9 @@
 
 - ``config.json``: the source's config plus ``quantization_config`` = ``{"quant_method": "trident-rtn", "bits",
   "group_size", "symmetric", "modules": [module names]}``; module names are trident's (fused ``qkv_proj`` and
-  ``gate_up_proj``, e.g. ``model.layers.0.self_attn.qkv_proj``).
+  ``gate_up_proj``, e.g. ``model.layers.0.self_attn.qkv_proj``). Modules quantized differently from that default
+  (mixed bits) are listed in ``"module_configs": {module name: {"bits", "group_size", "symmetric"}}``, absent
+  when every module follows the default (as in folders written before mixed bits).
 - ``model.safetensors``: every tensor the quantized modules do not replace, under its Hugging Face name and in
   its source dtype, plus ``<module>.qweight``, ``<module>.scales`` and (asymmetric) ``<module>.zeros`` for each
   quantized module (layouts in :mod:`trident.quant.rtn`). A quantized module's bias stays under its HF names.
@@ -17,7 +19,7 @@ import json
 import os
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,11 +39,41 @@ class QuantizedModules:
     """What a quantized checkpoint's ``quantization_config`` says: how, and which modules."""
 
     config: QuantConfig
+    """The default: how every listed module not in :attr:`module_configs` is quantized."""
     modules: tuple[str, ...]
+    module_configs: Mapping[str, QuantConfig] = field(default_factory=dict)
+    """Listed modules quantized otherwise than :attr:`config` (mixed bits), by name."""
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.module_configs if name not in self.modules]
+        if unknown:
+            raise TridentError(f"quantization_config.module_configs names {', '.join(unknown)}, which "
+                               "quantization_config.modules does not list")
+
+    def config_of(self, name: str) -> QuantConfig:
+        """How module ``name`` (one of :attr:`modules`) is quantized."""
+        return self.module_configs.get(name, self.config)
 
     def as_hf_dict(self) -> dict[str, Any]:
-        return {"quant_method": QUANT_METHOD, "bits": self.config.bits, "group_size": self.config.group_size,
-                "symmetric": self.config.symmetric, "modules": list(self.modules)}
+        entry = {"quant_method": QUANT_METHOD, **_config_dict(self.config), "modules": list(self.modules)}
+        if self.module_configs:
+            entry["module_configs"] = {name: _config_dict(self.module_configs[name])
+                                       for name in self.modules if name in self.module_configs}
+        return entry
+
+
+def _config_dict(config: QuantConfig) -> dict[str, Any]:
+    return {"bits": config.bits, "group_size": config.group_size, "symmetric": config.symmetric}
+
+
+def _config_from(entry: Any, where: str) -> QuantConfig:
+    if not isinstance(entry, Mapping):
+        raise TridentError(f"{where} must be an object with bits, group_size and symmetric")
+    try:
+        return QuantConfig(bits=entry.get("bits"), group_size=entry.get("group_size"),
+                           symmetric=entry.get("symmetric"))
+    except TridentError as e:
+        raise TridentError(f"{where} is invalid: {e}") from None
 
 
 def read_quantization_config(hf_config: Mapping[str, Any]) -> QuantizedModules | None:
@@ -56,12 +88,14 @@ def read_quantization_config(hf_config: Mapping[str, Any]) -> QuantizedModules |
     modules = entry.get("modules")
     if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
         raise TridentError("quantization_config.modules must be a list of module names")
-    try:
-        config = QuantConfig(bits=entry.get("bits"), group_size=entry.get("group_size"),
-                             symmetric=entry.get("symmetric"))
-    except TridentError as e:
-        raise TridentError(f"quantization_config is invalid: {e}") from None
-    return QuantizedModules(config, tuple(modules))
+    config = _config_from(entry, "quantization_config")
+    module_configs = entry.get("module_configs", {})
+    if not isinstance(module_configs, Mapping):
+        raise TridentError("quantization_config.module_configs must map module names to "
+                           "{bits, group_size, symmetric}")
+    overrides = {name: _config_from(c, f"quantization_config.module_configs[{name!r}]")
+                 for name, c in module_configs.items()}
+    return QuantizedModules(config, tuple(modules), overrides)
 
 
 def install_quantized_modules(model: nn.Module, quantization: QuantizedModules,
@@ -83,15 +117,14 @@ def install_quantized_modules(model: nn.Module, quantization: QuantizedModules,
         for kind in ("qweight", "scales", "zeros"):
             t = rest.pop(f"{name}.{kind}", None)
             parts[kind] = None if t is None else t.to(device)
-        symmetric = quantization.config.symmetric
-        if parts["qweight"] is None or parts["scales"] is None or (parts["zeros"] is None) != symmetric:
+        config = quantization.config_of(name)
+        if parts["qweight"] is None or parts["scales"] is None or (parts["zeros"] is None) != config.symmetric:
             raise TridentError(f"the checkpoint lacks the quantized tensors of {name} (qweight, scales"
-                               f"{'' if quantization.config.symmetric else ', zeros'})")
+                               f"{'' if config.symmetric else ', zeros'})")
         q = QuantizedWeight(parts["qweight"], parts["scales"], parts["zeros"])
-        _check_shapes(name, q, layer, quantization.config)
+        _check_shapes(name, q, layer, config)
         bias = None if layer.bias is None else torch.empty(layer.out_features, device="meta")
-        replace_module(model, name, QuantizedLinear(layer.in_features, layer.out_features, quantization.config, q,
-                                                    bias))
+        replace_module(model, name, QuantizedLinear(layer.in_features, layer.out_features, config, q, bias))
     return rest
 
 

@@ -13,12 +13,13 @@ fast path is tested against the reference.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
+from trident.errors import TridentError
 from trident.models import ops
 from trident.models.layers import Linear, linear
 from trident.quant import cpu_kernels
@@ -140,6 +141,9 @@ class ModuleReport:
     """The weight's bytes as the model held it before quantization."""
     bytes_after: int
     """Codes + scales + zero points."""
+    bits: int = 8
+    group_size: int | None = None
+    symmetric: bool = True
 
 
 @dataclass
@@ -187,20 +191,30 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, config: QuantConfig,
-                   progress: Callable[[str], None] | None = None) -> QuantReport:
+                   progress: Callable[[str], None] | None = None,
+                   module_configs: Mapping[str, QuantConfig] | None = None) -> QuantReport:
     """Replace every eligible Linear of ``model`` by a QuantizedLinear, in place. Fused projections (qkv_proj,
     gate_up_proj) are quantized as one weight: their rows are independent output channels and groups run along
-    K, so fusion along N changes nothing. ``progress(name)`` is called after each module."""
+    K, so fusion along N changes nothing. ``progress(name)`` is called after each module. ``module_configs``
+    (mixed bits) quantizes the modules it names its own way; ``config`` chooses the modules and quantizes the
+    rest."""
     report = QuantReport(config)
-    for name in eligible_modules(model, config):
+    module_configs = module_configs or {}
+    names = eligible_modules(model, config)
+    unknown = sorted(set(module_configs) - set(names))
+    if unknown:
+        raise TridentError(f"module_configs names {', '.join(unknown)}, which the config does not quantize")
+    for name in names:
         layer = model.get_submodule(name)
-        qlayer = QuantizedLinear.from_linear(layer, config)
+        layer_config = module_configs.get(name, config)
+        qlayer = QuantizedLinear.from_linear(layer, layer_config)
         w64 = layer.weight.to(torch.float64)
         err = torch.linalg.norm(w64 - qlayer.dequantized_weight(torch.float64)) / torch.linalg.norm(w64).clamp_min(
             1e-300)
         report.modules.append(ModuleReport(name, layer.out_features, layer.in_features, float(err),
                                            layer.weight.numel() * layer.weight.element_size(),
-                                           qlayer.storage_bytes()))
+                                           qlayer.storage_bytes(), layer_config.bits, layer_config.group_size,
+                                           layer_config.symmetric))
         replace_module(model, name, qlayer)
         if progress is not None:
             progress(name)

@@ -1,6 +1,7 @@
-"""`trident quantize MODEL --method rtn --bits 8|4 [--group-size G] [--asymmetric] --out DIR [--json FILE]`:
+"""`trident quantize MODEL --method rtn --bits 8|4|mixed [--group-size G] [--asymmetric] --out DIR [--json FILE]`:
 quantize a model's decoder-layer Linear weights, write a folder trident loads (see trident/quant/format.py),
-and report each module's relative error and the bytes before and after, as a table and a JSON record."""
+and report each module's relative error and the bytes before and after, as a table and a JSON record.
+``--bits mixed --avg-bits B --calib TEXT`` chooses int4 or int8 per module (trident/quant/mixed_cli.py)."""
 
 from __future__ import annotations
 
@@ -19,23 +20,43 @@ QUANTIZE_DESCRIPTION = (
     "or the LM head) to int8 or int4, per output channel or in groups along the input dimension, symmetric or "
     "asymmetric. Writes a Hugging Face-style folder (config.json with quantization_config, model.safetensors, the "
     "tokenizer) that every trident command loads, and reports each module's relative Frobenius error "
-    "||W - deq(W)|| / ||W|| and the bytes on disk. Compare quality with: trident eval ppl ORIGINAL OUT --text FILE."
+    "||W - deq(W)|| / ||W|| and the bytes on disk. Compare quality with: trident eval ppl ORIGINAL OUT --text FILE. "
+    "--bits mixed stores each module as int4 (--group-size, default per channel) or int8 (per channel): it "
+    "measures how much the calibration loss rises with each module alone at int4 (--calib, its calib slice), "
+    "then keeps at int8 the modules with the largest rise per extra bit while the average stored bits per weight "
+    "(codes, scales and zero points over the weights) stay within --avg-bits."
 )
+
+
+def _bits(value: str) -> int | str:
+    return value if value == "mixed" else int(value) if value.isdigit() else value
 
 
 def add_quantize_parser(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model's weights to int8/int4 (round-to-nearest) into a folder",
                        description=QUANTIZE_DESCRIPTION,
-                       epilog="See docs/compression.md. Example: trident quantize default --bits 4 --group-size 64 "
-                       "--out smollm2-rtn-int4")
+                       epilog="See docs/compression.md. Examples: trident quantize default --bits 4 --group-size 64 "
+                       "--out smollm2-rtn-int4; trident quantize default --bits mixed --avg-bits 5.0 --group-size 64 "
+                       "--calib shakespeare --out smollm2-mixed")
     p.add_argument("model", metavar="MODEL", help=f"a .gguf file, a Hugging Face folder, or '{DEFAULT_MODEL}' (the "
                    "embedded SmolLM2-135M-Instruct Q4_1 GGUF)")
     p.add_argument("--method", default="rtn", choices=["rtn"], help="rtn: round to nearest (default)")
-    p.add_argument("--bits", type=int, required=True, choices=[8, 4], help="bits per weight")
+    p.add_argument("--bits", type=_bits, required=True, choices=[8, 4, "mixed"],
+                   help="bits per weight: 8, 4, or mixed (int4 or int8 per module under --avg-bits)")
     p.add_argument("--group-size", type=int, default=None, choices=GROUP_SIZES,
-                   help="inputs per scale along K (default: one scale per output channel)")
+                   help="inputs per scale along K (default: one scale per output channel); with --bits mixed, of "
+                   "the int4 modules (int8 ones are per channel)")
     p.add_argument("--asymmetric", action="store_true",
                    help="min/max range with an integer zero point per group (default: symmetric, no zero point)")
+    m = p.add_argument_group("mixed bits (--bits mixed)")
+    m.add_argument("--avg-bits", type=float, default=None, metavar="B",
+                   help="the most stored bits per weight on average over the quantized modules, scales and zero "
+                   "points included (int4 group 64 symmetric is 4.5, int8 per channel about 8.06)")
+    m.add_argument("--calib", default=None, metavar="FILE|shakespeare|kjv",
+                   help="calibration text the sensitivities are measured on: a named corpus's calib slice (never "
+                   "the eval slice trident eval ppl uses) or a whole UTF-8 file")
+    m.add_argument("--calib-tokens", type=int, default=None, metavar="N",
+                   help="calibration tokens (default 1024, two windows of 512)")
     p.add_argument("--out", required=True, metavar="DIR", help="the folder to write (must not exist or be empty)")
     p.add_argument("--json", default=None, metavar="FILE",
                    help="where to write the report (default: bench-results/quantize-TIME.json)")
@@ -55,6 +76,15 @@ def run_quantize(args: argparse.Namespace) -> int:
     from trident.quant.linear import eligible_modules, quantize_model
     from trident.quant.rtn import QuantConfig
 
+    if args.bits == "mixed":
+        from trident.quant.mixed_cli import DEFAULT_CALIB_TOKENS, run_mixed
+
+        args.calib_tokens = args.calib_tokens or DEFAULT_CALIB_TOKENS
+        return run_mixed(args, args.model)
+    given = [flag for flag, value in (("--avg-bits", args.avg_bits), ("--calib", args.calib),
+                                      ("--calib-tokens", args.calib_tokens)) if value is not None]
+    if given:
+        raise TridentError(f"{', '.join(given)} only apply to --bits mixed")
     config = QuantConfig(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric)
     out = os.path.expanduser(args.out)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
