@@ -28,6 +28,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="attention kernels (auto: triton on CUDA when it imports, else the torch reference)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype (auto: bfloat16 on CUDA and on CPUs with AMX/AVX512-BF16, else float32)")
+    g.add_argument("--gguf-weights", default="auto", choices=["auto", "native", "dequantize"],
+                   help="a GGUF file's Q4_0/Q4_1/Q8_0 layer weights: native (kept as int4/int8 codes, run by the "
+                   "quantized kernels), dequantize (converted to --dtype), auto (native with a 16-bit --dtype)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, "
                    "at most 8192 on the CPU)")
@@ -105,7 +108,7 @@ def _engine_config(args: argparse.Namespace, model: str | None):
         attention_backend=args.attention_backend,
         max_model_len=args.max_model_len, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
-        async_scheduling=args.async_scheduling, **extra,
+        async_scheduling=args.async_scheduling, gguf_weights=args.gguf_weights, **extra,
     )
 
 

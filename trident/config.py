@@ -269,6 +269,10 @@ class SchedulerConfig:
             raise TridentError("max_num_seqs and max_num_batched_tokens must be positive")
 
 
+GGUF_WEIGHTS = ("auto", "native", "dequantize")
+"""Values of EngineConfig.gguf_weights."""
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything an engine needs besides the model files."""
@@ -291,6 +295,11 @@ class EngineConfig:
     """Never capture CUDA graphs (they replay decode-only steps on CUDA with a backend that supports them)."""
     cuda_graph_max_batch_size: int | None = None
     """Largest decode batch replayed from a CUDA graph; None: max_num_seqs, at most 512."""
+    gguf_weights: str = "auto"
+    """How a GGUF file's Q4_0 / Q4_1 / Q8_0 projection weights are held: native (as their int4 / int8 codes, run by
+    the quantized kernels, at the file's size in memory), dequantize (converted to the compute dtype like any float
+    model), or auto: native when the compute dtype is 16-bit (the kernels take bfloat16 / float16 activations),
+    else dequantize."""
     async_scheduling: bool | None = None
     """Plan and launch step k+1 while the device still runs step k (its sampled tokens feed step k+1 on the
     device). None: on for CUDA, off on the CPU (where the host and the model share the cores). Steps of
@@ -304,6 +313,8 @@ class EngineConfig:
         check_backend_name(self.attention_backend, self.device.split(":")[0])
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise TridentError(f"unsupported dtype {self.dtype!r}; use auto, float32, bfloat16 or float16")
+        if self.gguf_weights not in GGUF_WEIGHTS:
+            raise TridentError(f"unsupported gguf_weights {self.gguf_weights!r}; use {', '.join(GGUF_WEIGHTS)}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise TridentError(f"max_model_len must be positive, got {self.max_model_len!r}")
         if self.cuda_graph_max_batch_size is not None and self.cuda_graph_max_batch_size <= 0:

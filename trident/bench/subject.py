@@ -55,7 +55,12 @@ def prepare(args: argparse.Namespace) -> Subject:
         name = shape.name
     else:
         name = args.model or default_model_path()
-        checkpoint = load_checkpoint(name)
+        from trident.config import EngineConfig
+        from trident.engine.sizing import gguf_native
+
+        native = gguf_native(EngineConfig(name, device=args.device, dtype=args.dtype,
+                                          gguf_weights=args.gguf_weights), device)
+        checkpoint = load_checkpoint(name, native)
     quant_config = bench_quant_config(getattr(args, "weights", "float"), getattr(args, "group_size", None))
     if quant_config is not None:
         checkpoint = quantize_checkpoint(checkpoint, quant_config)
@@ -90,7 +95,7 @@ def engine_options(args: argparse.Namespace, checkpoint: Checkpoint, workload: W
                    attention_backend=args.attention_backend, max_model_len=args.max_model_len,
                    block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
                    enable_prefix_caching=args.prefix_caching, enforce_eager=args.enforce_eager,
-                   async_scheduling=args.async_scheduling,
+                   async_scheduling=args.async_scheduling, gguf_weights=args.gguf_weights,
                    max_num_seqs=args.max_num_seqs or (len(workload.prompts) if args.kind == "offline" else 64))
     if args.kv_cache_memory is not None:
         from trident.serve.model_spec import parse_size

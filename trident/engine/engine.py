@@ -37,6 +37,7 @@ from trident.engine.sampler import Sampler
 from trident.engine.scheduler import Scheduler
 from trident.engine.sizing import (
     cuda_graph_batch_sizes,
+    gguf_native,
     kv_budget_bytes,
     kv_dtype_of,
     num_kv_blocks,
@@ -91,10 +92,10 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
         if config.device.startswith("cuda") and not torch.cuda.is_available():
             raise TridentError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
-        checkpoint = checkpoint or load_checkpoint(config.model or None)
+        self.device = torch.device(config.device)
+        checkpoint = checkpoint or load_checkpoint(config.model or None, gguf_native(config, self.device))
         self.model_config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
-        self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.attention_backend = resolve_backend_name(config.attention_backend, self.device)
         """The attention backend in use (torch or triton), auto resolved."""

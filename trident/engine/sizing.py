@@ -35,6 +35,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
+def gguf_native(config: EngineConfig, device: torch.device) -> bool:
+    """Whether a GGUF model's Q4_0 / Q4_1 / Q8_0 weights stay quantized (EngineConfig.gguf_weights, auto
+    resolved: native with a 16-bit compute dtype)."""
+    if config.gguf_weights != "auto":
+        return config.gguf_weights == "native"
+    return resolve_dtype(config.dtype, device) in (torch.bfloat16, torch.float16)
+
+
 def resolve_max_model_len(model_config: ModelConfig, config: EngineConfig, device: torch.device) -> int:
     """The context length the engine serves: the one asked for (at most the model's), else the model's
     (capped at ``CPU_DEFAULT_MAX_MODEL_LEN`` on the CPU)."""
@@ -102,12 +110,13 @@ def weights_bytes(model_config: ModelConfig, dtype: torch.dtype, quantization: Q
     element = torch.empty((), dtype=dtype).element_size()
     total = sum(p.numel() for p in model.parameters()) * element
     if quantization is not None:
+        from trident.quant.format import listed_shape
         from trident.quant.rtn import quantized_bytes
 
         for name in quantization.modules:
-            layer = model.get_submodule(name)
-            total += quantized_bytes(layer.out_features, layer.in_features, quantization.config_of(name))
-            total -= layer.weight.numel() * element
+            out_features, in_features = listed_shape(model, name)
+            total += quantized_bytes(out_features, in_features, quantization.config_of(name))
+            total -= out_features * in_features * element
     return total
 
 

@@ -35,8 +35,9 @@ def default_model_path() -> str:
     )
 
 
-def load_checkpoint(path: str | None = None) -> Checkpoint:
-    """Load a model: None = the default model, a ``.gguf`` file, or a Hugging Face folder."""
+def load_checkpoint(path: str | None = None, gguf_native: bool = False) -> Checkpoint:
+    """Load a model: None = the default model, a ``.gguf`` file, or a Hugging Face folder. ``gguf_native``: a GGUF
+    file's Q4_0 / Q4_1 / Q8_0 projection weights stay quantized (see trident/loader/gguf_native.py)."""
     if path is None:
         path = default_model_path()
     path = os.path.expanduser(os.fspath(path))
@@ -54,6 +55,6 @@ def load_checkpoint(path: str | None = None) -> Checkpoint:
     from trident.loader.gguf import load_gguf
 
     try:
-        return load_gguf(path)
+        return load_gguf(path, native=gguf_native)
     except PermissionError as e:
         raise TridentError(f"cannot read {path}: {e.strerror}") from None

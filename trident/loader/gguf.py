@@ -12,6 +12,7 @@ undone here so the weights equal the original Hugging Face ones:
 from __future__ import annotations
 
 import os
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -22,7 +23,10 @@ from trident.errors import TridentError
 from trident.loader.checkpoint import Checkpoint
 from trident.loader.dequant import to_tensor
 from trident.loader.gguf_config import GEMMA_ARCHS, hf_config_from_gguf
+from trident.loader.gguf_native import NATIVE_CONFIGS, native_weight
 from trident.loader.gguf_reader import GGUFFile, GGUFTensorInfo, read_gguf
+from trident.quant.format import QuantizedModules
+from trident.quant.rtn import QuantConfig, QuantizedWeight
 
 _TOP_LEVEL = {
     "token_embd": "model.embed_tokens",
@@ -70,26 +74,45 @@ def rotary_row_order(rows: int, n_head: int) -> np.ndarray:
     return np.arange(rows).reshape(n_head, rows // n_head // 2, 2).transpose(0, 2, 1).reshape(-1)
 
 
-def _load_tensor(f: GGUFFile, info: GGUFTensorInfo, hf_name: str, config: ModelConfig) -> torch.Tensor:
+def _raw_rows(f: GGUFFile, info: GGUFTensorInfo, hf_name: str, config: ModelConfig) -> np.ndarray:
+    """The tensor's stored bytes, rows in Hugging Face order (see the module docstring)."""
     raw = f.raw(info.name)
-    arch = f.architecture
-    if arch == "llama" and (".self_attn.q_proj." in hf_name or ".self_attn.k_proj." in hf_name):
+    if f.architecture == "llama" and (".self_attn.q_proj." in hf_name or ".self_attn.k_proj." in hf_name):
         n_head = config.num_heads if ".q_proj." in hf_name else config.num_kv_heads
         rows = info.shape[0]
         raw = raw.reshape(rows, -1)[rotary_row_order(rows, n_head)]
+    return raw
+
+
+def is_native_linear(hf_name: str, type_name: str) -> bool:
+    """Whether a tensor stays quantized with ``native=True``: a decoder layer's projection weight
+    (``model.layers.N.self_attn.q_proj.weight``, ``...mlp.down_proj.weight``) in a type of NATIVE_CONFIGS."""
+    return (type_name in NATIVE_CONFIGS and hf_name.startswith("model.layers.") and hf_name.endswith("_proj.weight")
+            and (".self_attn." in hf_name or ".mlp." in hf_name))
+
+
+def _load_native(f: GGUFFile, info: GGUFTensorInfo, hf_name: str, config: ModelConfig) -> QuantizedWeight:
+    return native_weight(_raw_rows(f, info, hf_name, config), info.type_name, info.shape)
+
+
+def _load_tensor(f: GGUFFile, info: GGUFTensorInfo, hf_name: str, config: ModelConfig) -> torch.Tensor:
+    raw = _raw_rows(f, info, hf_name, config)
+    arch = f.architecture
     t = to_tensor(raw, info.type_name, info.shape, where=f"{f.path}: tensor {info.name}: ")
     if arch in GEMMA_ARCHS and hf_name.endswith("norm.weight"):
         t = t.to(torch.float32) - 1.0
     return t
 
 
-def load_gguf(path: str) -> Checkpoint:
-    """Read a GGUF model file: config, weights under HF names, and its tokenizer."""
-    return checkpoint_from_gguf(read_gguf(path))
+def load_gguf(path: str, native: bool = False) -> Checkpoint:
+    """Read a GGUF model file: config, weights under HF names, and its tokenizer. ``native``: the decoder
+    layers' Q4_0 / Q4_1 / Q8_0 projection weights stay quantized (trident/loader/gguf_native.py), everything
+    else is dequantized to float32 as without it."""
+    return checkpoint_from_gguf(read_gguf(path), native)
 
 
-def checkpoint_from_gguf(f: GGUFFile) -> Checkpoint:
-    """Build a Checkpoint from a parsed GGUF file."""
+def checkpoint_from_gguf(f: GGUFFile, native: bool = False) -> Checkpoint:
+    """Build a Checkpoint from a parsed GGUF file (``native``: see :func:`load_gguf`)."""
     from trident.tokenizer import Tokenizer
 
     if int(f.metadata.get("split.count", 1)) > 1:
@@ -110,8 +133,20 @@ def checkpoint_from_gguf(f: GGUFFile) -> Checkpoint:
     with ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 1))) as pool:
         has_vocab = "tokenizer.ggml.tokens" in f.metadata
         tokenizer_job = pool.submit(Tokenizer.from_gguf_metadata, f.metadata) if has_vocab else None
-        jobs = {hf: pool.submit(_load_tensor, f, info, hf, config) for hf, info in names.items()}
-        tensors: dict[str, torch.Tensor] = {hf: job.result() for hf, job in jobs.items()}
+        native_names = {hf for hf, info in names.items() if native and is_native_linear(hf, info.type_name)}
+        jobs = {hf: pool.submit(_load_native if hf in native_names else _load_tensor, f, info, hf, config)
+                for hf, info in names.items()}
+        tensors: dict[str, torch.Tensor] = {}
+        module_configs: dict[str, QuantConfig] = {}
+        for hf, job in jobs.items():
+            if hf in native_names:
+                module = hf.removesuffix(".weight")
+                q = job.result()
+                tensors.update({f"{module}.{kind}": t for kind, t in zip(("qweight", "scales", "zeros"), q)
+                                if t is not None})
+                module_configs[module] = NATIVE_CONFIGS[names[hf].type_name]
+            else:
+                tensors[hf] = job.result()
         tokenizer = tokenizer_job.result() if tokenizer_job else None
     tensor_types = {hf: info.type_name for hf, info in names.items()}
     return Checkpoint(
@@ -123,4 +158,15 @@ def checkpoint_from_gguf(f: GGUFFile) -> Checkpoint:
         path=f.path,
         file_bytes=f.file_bytes,
         hf_config=hf_config,
+        quantization=_native_quantization(module_configs),
     )
+
+
+def _native_quantization(module_configs: dict[str, QuantConfig]) -> QuantizedModules | None:
+    """The modules kept quantized, under their Hugging Face names (trident fuses q/k/v and gate/up when it
+    installs them): the most common format as the default, the others per module."""
+    if not module_configs:
+        return None
+    default = Counter(module_configs.values()).most_common(1)[0][0]
+    return QuantizedModules(default, tuple(module_configs),
+                            {m: c for m, c in module_configs.items() if c != default})

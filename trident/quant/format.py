@@ -101,31 +101,84 @@ def read_quantization_config(hf_config: Mapping[str, Any]) -> QuantizedModules |
 def install_quantized_modules(model: nn.Module, quantization: QuantizedModules,
                               tensors: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """Replace the listed Linear layers of ``model`` (built on the meta device) by QuantizedLinear layers holding
-    the checkpoint's codes, scales and zero points; returns the tensors left for ``load_weights``."""
-    from trident.models.layers import Linear
+    the checkpoint's codes, scales and zero points; returns the tensors left for ``load_weights``.
+
+    A listed name is a Linear of the model (``...qkv_proj``) or one part of a fused one (``...q_proj``, as a GGUF
+    file's weights come): the parts of a fused layer are concatenated along N (rows are independent output
+    channels) when all of them are listed in one format; otherwise the listed parts are dequantized to float32
+    and the fused layer stays a float Linear."""
     from trident.quant.linear import QuantizedLinear, replace_module
+    from trident.quant.rtn import dequantize
 
     rest = dict(tensors)
+    weights: dict[str, tuple[QuantizedWeight, QuantConfig]] = {}
     for name in quantization.modules:
-        try:
-            layer = model.get_submodule(name)
-        except AttributeError:
-            layer = None
-        if not isinstance(layer, Linear):
-            raise TridentError(f"quantization_config lists {name}, which is not a linear layer of this model")
-        parts = {}
-        for kind in ("qweight", "scales", "zeros"):
-            t = rest.pop(f"{name}.{kind}", None)
-            parts[kind] = None if t is None else t.to(device)
         config = quantization.config_of(name)
+        parts = {kind: rest.pop(f"{name}.{kind}", None) for kind in ("qweight", "scales", "zeros")}
         if parts["qweight"] is None or parts["scales"] is None or (parts["zeros"] is None) != config.symmetric:
             raise TridentError(f"the checkpoint lacks the quantized tensors of {name} (qweight, scales"
                                f"{'' if config.symmetric else ', zeros'})")
-        q = QuantizedWeight(parts["qweight"], parts["scales"], parts["zeros"])
-        _check_shapes(name, q, layer, config)
+        weights[name] = (QuantizedWeight(parts["qweight"], parts["scales"], parts["zeros"]), config)
+    for target, members in _install_targets(model, list(weights)).items():
+        configs = {weights[m][1] for m in members if m in weights}
+        if any(m not in weights for m in members) or len(configs) != 1:
+            for m in members:  # a fused layer whose parts differ: float, as an unquantized checkpoint's
+                if m in weights:
+                    rest[f"{m}.weight"] = dequantize(*weights[m], torch.float32)
+            continue
+        (config,) = configs
+        stacked = [torch.cat([weights[m][0][i] for m in members]) if weights[members[0]][0][i] is not None
+                   else None for i in range(3)]
+        q = QuantizedWeight(*(None if t is None else t.to(device) for t in stacked))
+        layer = model.get_submodule(target)
+        _check_shapes(target, q, layer, config)
         bias = None if layer.bias is None else torch.empty(layer.out_features, device="meta")
-        replace_module(model, name, QuantizedLinear(layer.in_features, layer.out_features, config, q, bias))
+        replace_module(model, target, QuantizedLinear(layer.in_features, layer.out_features, config, q, bias))
     return rest
+
+
+def _install_targets(model: nn.Module, names: list[str]) -> dict[str, list[str]]:
+    """The model's Linear layer each listed name fills, with the names that make it up in row order (one name
+    for an unfused layer; a fused layer's part names, listed or not)."""
+    from trident.models.layers import Linear
+
+    packed = getattr(model, "packed_modules", {})
+    targets: dict[str, list[str]] = {}
+    for name in names:
+        target, members = name, [name]
+        if not isinstance(_submodule(model, name), Linear):
+            prefix, _, leaf = name.rpartition(".")
+            fused = next((f for f, parts in packed.items() if leaf in (p for p, _ in parts)), None)
+            target = f"{prefix}.{fused}" if fused else name
+            members = [f"{prefix}.{p}" for p, _ in packed[fused]] if fused else [name]
+            if not isinstance(_submodule(model, target), Linear):
+                raise TridentError(f"quantization_config lists {name}, which is not a linear layer of this model")
+        targets[target] = members
+    return targets
+
+
+def listed_shape(model: nn.Module, name: str) -> tuple[int, int]:
+    """(out_features, in_features) of the weight a listed name stands for: a Linear's, or one part's rows of a
+    fused Linear."""
+    from trident.models.layers import Linear
+
+    layer = _submodule(model, name)
+    if isinstance(layer, Linear):
+        return layer.out_features, layer.in_features
+    prefix, _, leaf = name.rpartition(".")
+    for fused, parts in getattr(model, "packed_modules", {}).items():
+        for part, rows in parts:
+            target = _submodule(model, f"{prefix}.{fused}")
+            if part == leaf and isinstance(target, Linear):
+                return rows, target.in_features
+    raise TridentError(f"quantization_config lists {name}, which is not a linear layer of this model")
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def _check_shapes(name: str, q: QuantizedWeight, layer: nn.Module, config: QuantConfig) -> None:

@@ -26,7 +26,7 @@ import torch
 
 from trident.config import EngineConfig
 from trident.engine.engine import LLMEngine
-from trident.engine.sizing import estimate_memory
+from trident.engine.sizing import estimate_memory, gguf_native
 from trident.loader import Checkpoint, load_checkpoint
 from trident.serve.async_engine import AsyncEngine
 from trident.serve.config import ServeConfig
@@ -171,7 +171,8 @@ class ModelPool:
         for entry in self._entries.values():
             if not entry.spec.preload or entry.engine is not None:
                 continue
-            checkpoint = load_checkpoint(entry.spec.engine.model or None)
+            checkpoint = load_checkpoint(entry.spec.engine.model or None, gguf_native(
+                entry.spec.engine, torch.device(entry.spec.engine.device)))
             need = self._estimate(entry, checkpoint)
             if self.memory_budget_bytes is not None and self.loaded_bytes() + need > self.memory_budget_bytes:
                 logger.warning("not preloading %s: it needs %s beside %s loaded, over the budget of %s; it loads "
@@ -236,7 +237,8 @@ class ModelPool:
             if entry.engine is not None:  # loaded by a request that held the lock before us
                 return
             spec = entry.spec
-            checkpoint = await asyncio.to_thread(load_checkpoint, spec.engine.model or None)
+            checkpoint = await asyncio.to_thread(load_checkpoint, spec.engine.model or None,
+                                                 gguf_native(spec.engine, torch.device(spec.engine.device)))
             need = self._estimate(entry, checkpoint)
             self._make_room(entry, need)
             logger.info("loading %s from %s (%s)", spec.name, spec.path, _gib(need))
