@@ -14,8 +14,7 @@ afterwards, in float32:
 so the inner loop stays codes times x and the scales and offsets cost one multiply-add per output and group.
 A K tile of BLOCK_K is cut into SUB_K-wide sub-tiles that each lie inside one group (SUB_K divides the group
 size); per channel (one group) the scale and offset are applied once at the end. int4 bytes are split into
-their low and high nibbles, multiplied against the even and odd elements of x respectively (two dots of half the
-width; sub-tiles of 16 interleave the nibbles back into K order with ``tl.join`` instead).
+their low and high nibbles and interleaved back into K order in registers (``tl.join``).
 
 Matrix-vector launches (M <= QGEMV_MAX_ROWS) follow trident/kernels/gemv.py: one program per BLOCK_N weight
 rows walking the whole of K, all rows of x riding along as the dot's left operand (padded to the tensor cores'
@@ -51,8 +50,6 @@ MAX_SUBTILES = 8
 """Most group-wide sub-tiles per K tile (each its own dot: the loop body is unrolled this many times)."""
 MIN_SUB_K = 16
 """The tensor cores' K: the narrowest sub-tile a dot takes."""
-MIN_DOT_K: tl.constexpr = tl.constexpr(MIN_SUB_K)
-"""MIN_SUB_K inside kernels: int4 sub-tiles of at least twice this take the even/odd split."""
 GROUP_M = 8
 
 
@@ -196,38 +193,22 @@ def _quant_matmul_kernel(x_ptr, codes_ptr, scales_ptr, offsets_ptr, bias_ptr, y_
         for j in tl.static_range(BLOCK_K // SUB_K):
             k_start = k_tile + j * SUB_K
             offs_k = k_start + tl.arange(0, SUB_K)
-            if INT4 and SUB_K >= 2 * MIN_DOT_K:
-                # Low and high nibbles against the even and odd elements of x: two dots over SUB_K / 2, no
-                # interleaving of the codes in registers (a layout shuffle that cost int4 half its speed).
-                offs_h = k_start // 2 + tl.arange(0, SUB_K // 2)
-                in_h = row_mask[:, None] & (offs_h < k // 2)[None, :]
-                x_even = tl.load(x_rows + 2 * offs_h[None, :], mask=in_h, other=0.0)
-                x_odd = tl.load(x_rows + 2 * offs_h[None, :] + 1, mask=in_h, other=0.0)
-                packed = tl.load(codes_ptr + cols.to(tl.int64)[:, None] * (k // 2) + offs_h[None, :],
-                                 mask=col_mask[:, None] & (offs_h < k // 2)[None, :], other=0)
-                low = (packed & 0xF).to(tl.float32).to(x_even.dtype)  # exact: codes 0..15
-                high = (packed >> 4).to(tl.float32).to(x_even.dtype)
-                part = tl.dot(x_even, tl.trans(low))
-                part = tl.dot(x_odd, tl.trans(high), part)
-                x_part_sum = tl.sum(x_even.to(tl.float32), axis=1) + tl.sum(x_odd.to(tl.float32), axis=1)
-            else:
-                x = tl.load(x_rows + offs_k[None, :], mask=row_mask[:, None] & (offs_k < k)[None, :], other=0.0)
-                codes = _codes_tile(codes_ptr, cols, col_mask, k_start, k, INT4, BLOCK_N, SUB_K)
-                part = tl.dot(x, tl.trans(codes.to(tl.float32).to(x.dtype)))  # exact: |code| <= 255
-                x_part_sum = tl.sum(x.to(tl.float32), axis=1)
+            x = tl.load(x_rows + offs_k[None, :], mask=row_mask[:, None] & (offs_k < k)[None, :], other=0.0)
+            codes = _codes_tile(codes_ptr, cols, col_mask, k_start, k, INT4, BLOCK_N, SUB_K)
+            codes_t = tl.trans(codes.to(tl.float32).to(x.dtype))  # exact: |code| <= 255
             if PER_CHANNEL:
-                acc += part
+                acc = tl.dot(x, codes_t, acc)
                 if HAS_OFFSETS:
-                    x_sum += x_part_sum
+                    x_sum += tl.sum(x.to(tl.float32), axis=1)
             else:
                 # The sub-tile lies in one group (SUB_K divides the group size); past K, nothing is loaded.
                 in_k = col_mask & (k_start < k)
                 group = k_start // group_size
                 scale = tl.load(scales_ptr + param_ptrs + group, mask=in_k, other=0.0).to(tl.float32)
-                acc += part * scale[None, :]
+                acc += tl.dot(x, codes_t) * scale[None, :]
                 if HAS_OFFSETS:
                     offset = tl.load(offsets_ptr + param_ptrs + group, mask=in_k, other=0.0).to(tl.float32)
-                    acc += x_part_sum[:, None] * offset[None, :]
+                    acc += tl.sum(x.to(tl.float32), axis=1)[:, None] * offset[None, :]
     if PER_CHANNEL:
         acc *= tl.load(scales_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         if HAS_OFFSETS:
