@@ -12,7 +12,7 @@ import pytest
 import torch
 from kernel_checks import assert_close
 
-from trident.attention.base import AttentionMetadata
+from trident.attention.base import AttentionMetadata, LayerKVCache
 from trident.attention.torch_ref import TorchAttention
 from trident.attention.triton_paged import TritonPagedAttention
 from trident.engine.plan import ScheduledChunk, StepPlan
@@ -65,7 +65,7 @@ def _check_step(case, chunks: list[tuple[int, int]], device: torch.device, seed:
     outputs, caches = [], []
     for backend in (TorchAttention(), TritonPagedAttention()):
         runner = _runner(backend, num_kv_heads, head_dim, block_size, num_blocks, dtype, device)
-        k_cache, v_cache = runner.kv_caches[0]
+        cache = runner.kv_caches[0]
         for chunk, kv in zip(plan.chunks, contexts):  # what earlier steps (or the prefix cache) left
             if chunk.start_pos:
                 slots = [chunk.block_table[p // block_size] * block_size + p % block_size
@@ -73,15 +73,15 @@ def _check_step(case, chunks: list[tuple[int, int]], device: torch.device, seed:
                 meta = AttentionMetadata(slot_mapping=torch.tensor(slots, device=device), prefills=(), decode=None,
                                          num_tokens=len(slots))
                 backend.write_kv(kv[0, : chunk.start_pos].to(device), kv[1, : chunk.start_pos].to(device),
-                                 k_cache, v_cache, meta)
+                                 cache, meta)
         _, _, meta, _, _ = runner.prepare(plan)
         assert (meta.prefill_batch is not None) == (backend.wants_prefill_batch and bool(meta.prefills))
         new_k = torch.cat([kv[0, c.start_pos:] for c, kv in zip(plan.chunks, contexts)]).to(device)
         new_v = torch.cat([kv[1, c.start_pos:] for c, kv in zip(plan.chunks, contexts)]).to(device)
-        backend.write_kv(new_k, new_v, k_cache, v_cache, meta)
-        outputs.append(backend.forward(query, k_cache, v_cache, meta, scale=2 * head_dim ** -0.5,
+        backend.write_kv(new_k, new_v, cache, meta)
+        outputs.append(backend.forward(query, cache, meta, scale=2 * head_dim ** -0.5,
                                        sliding_window=window, logit_softcap=softcap))
-        caches.append((k_cache, v_cache))
+        caches.append((cache.key, cache.value))
     (k_torch, v_torch), (k_triton, v_triton) = caches
     assert torch.equal(k_torch, k_triton.transpose(0, 1)) and torch.equal(v_torch, v_triton.transpose(0, 1))
     assert_close(outputs[1].float(), outputs[0].float(), dtype, f"{case} {chunks}")
@@ -126,14 +126,15 @@ def test_decode_replays_in_a_cuda_graph() -> None:
     meta = AttentionMetadata(slot_mapping=torch.zeros(0, dtype=torch.long, device="cuda"), prefills=(),
                              decode=decode, num_tokens=batch)
     options = dict(scale=0.125, sliding_window=None, logit_softcap=None)
-    backend.forward(query, k_cache, v_cache, meta, **options)  # compile outside the capture
+    cache = LayerKVCache(k_cache, v_cache)
+    backend.forward(query, cache, meta, **options)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = backend.forward(query, k_cache, v_cache, meta, **options)
+        out = backend.forward(query, cache, meta, **options)
     for step in range(2):
         tables.copy_(torch.randint(0, num_blocks, (batch, width), generator=g))
         lens.copy_(torch.tensor([1, 700 + step, 0, 1000]))  # a padding row (0) among them
         graph.replay()
-        assert_close(out.float(), backend.forward(query, k_cache, v_cache, meta, **options).float(), bf16,
+        assert_close(out.float(), backend.forward(query, cache, meta, **options).float(), bf16,
                      f"graph replay {step}")
         assert torch.equal(out[2], torch.zeros_like(out[2]))

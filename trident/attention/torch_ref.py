@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trident.attention.base import AttentionMetadata
+from trident.attention.base import AttentionMetadata, LayerKVCache
 
 
 class TorchAttention:
@@ -26,17 +26,17 @@ class TorchAttention:
     def cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
         return (num_kv_heads, num_blocks, block_size, head_dim)
 
-    def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
                  meta: AttentionMetadata) -> None:
         """key/value [num_tokens, kv_heads, head_dim] into their slots."""
-        for new, cache in ((key, k_cache), (value, v_cache)):
-            flat = cache.view(cache.shape[0], -1, cache.shape[3])
-            flat.index_copy_(1, meta.slot_mapping, new.transpose(0, 1).to(cache.dtype))
+        for new, target in ((key, cache.key), (value, cache.value)):
+            flat = target.view(target.shape[0], -1, target.shape[3])
+            flat.index_copy_(1, meta.slot_mapping, new.transpose(0, 1).to(target.dtype))
 
-    def forward(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, *, scale: float, sliding_window: int | None,
-                logit_softcap: float | None) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, *, scale: float,
+                sliding_window: int | None, logit_softcap: float | None) -> torch.Tensor:
         """query [num_tokens, num_heads, head_dim] -> output of the same shape."""
+        k_cache, v_cache = cache.key, cache.value
         decode = meta.decode
         if decode is not None and decode.token_indices_are_all:
             return self._decode(query, k_cache, v_cache, meta, scale, sliding_window, logit_softcap)

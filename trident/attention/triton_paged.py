@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from trident.attention.base import AttentionMetadata
+from trident.attention.base import AttentionMetadata, LayerKVCache
 from trident.kernels.kv_cache_write import write_kv
 from trident.kernels.paged_decode import choose_num_splits, paged_decode
 from trident.kernels.paged_prefill import paged_prefill
@@ -40,15 +40,15 @@ class TritonPagedAttention:
     def cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
         return (num_blocks, num_kv_heads, block_size, head_dim)
 
-    def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
                  meta: AttentionMetadata) -> None:
         """key/value [num_tokens, kv_heads, head_dim] into their slots."""
-        write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
+        write_kv(key, value, cache.key, cache.value, meta.slot_mapping)
 
-    def forward(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, *, scale: float, sliding_window: int | None,
-                logit_softcap: float | None) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, *, scale: float,
+                sliding_window: int | None, logit_softcap: float | None) -> torch.Tensor:
         """query [num_tokens, num_heads, head_dim] -> output of the same shape."""
+        k_cache, v_cache = cache.key, cache.value
         out = torch.empty_like(query)  # every row is a prefill token or a decode token: all get written
         options = dict(scale=scale, sliding_window=sliding_window, logit_softcap=logit_softcap)
         if meta.prefills:

@@ -297,7 +297,7 @@ class LLMEngine:
         for tensor in (*self.model.parameters(), *self.model.buffers()):
             storage = tensor.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
-        kv = sum(k.nbytes + v.nbytes for k, v in self.runner.kv_caches)
+        kv = sum(cache.nbytes for cache in self.runner.kv_caches)
         return MemoryUsage(weights_bytes=sum(storages.values()), kv_cache_bytes=kv)
 
 

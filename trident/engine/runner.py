@@ -9,7 +9,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trident.attention.base import AttentionBackend, AttentionMetadata, DecodeBatch, PrefillBatch, PrefillSeq
+from trident.attention.base import (
+    AttentionBackend,
+    AttentionMetadata,
+    DecodeBatch,
+    LayerKVCache,
+    PrefillBatch,
+    PrefillSeq,
+)
 from trident.engine.cuda_graphs import DecodeGraphs, fed_tokens, max_blocks_per_seq
 from trident.engine.plan import PENDING_TOKEN, ScheduledChunk, StepPlan, StepResult
 from trident.engine.request import SamplingParams
@@ -55,7 +62,7 @@ class ModelRunner:
         self.wants_prefill_batch = backend.wants_prefill_batch
         shape = backend.cache_shape(num_blocks, block_size, config.num_kv_heads, config.head_dim)
         # Zeroed (not empty): padded decode rows read other blocks, and 0 * NaN garbage would poison them.
-        self.kv_caches = [(_zeros(shape, kv_dtype, device), _zeros(shape, kv_dtype, device))
+        self.kv_caches = [LayerKVCache(_zeros(shape, kv_dtype, device), _zeros(shape, kv_dtype, device))
                           for _ in range(config.num_layers)]
         self._feedback = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
         """The previous step's sampled tokens, where the chunks of this step read their pending tokens."""
@@ -74,7 +81,7 @@ class ModelRunner:
         """Run one mixed step (a prompt chunk crossing a block boundary beside a decode) on scratch blocks, so
         that the eager paths' one-time work (Triton compilation, allocator growth) happens at start-up rather
         than in the first requests; then zero the cache again. Needs three blocks; does nothing with fewer."""
-        if self.kv_caches[0][0].numel() < 3 * self.block_size * self.model.config.num_kv_heads:
+        if self.kv_caches[0].key.numel() < 3 * self.block_size * self.model.config.num_kv_heads:
             return
         bs = self.block_size
         greedy = SamplingParams(temperature=0.0)
@@ -88,9 +95,8 @@ class ModelRunner:
         for rows in range(1, MAX_WARM_ROWS + 1):
             self.model.compute_logits(hidden[:rows]).argmax(dim=-1)
         self._last_sampled = None
-        for k, v in self.kv_caches:
-            k.zero_()
-            v.zero_()
+        for cache in self.kv_caches:
+            cache.zero_()
 
     def execute(self, plan: StepPlan) -> StepResult:
         """Run a step and wait for its result."""
