@@ -19,6 +19,7 @@ from trident.engine.plan import ScheduledChunk, StepPlan
 from trident.engine.request import SamplingParams
 from trident.engine.runner import ModelRunner
 from trident.engine.sampler import Sampler
+from trident.quant.kv import kv_cache_format
 
 pytestmark = pytest.mark.gpu
 bf16, fp32 = torch.bfloat16, torch.float32
@@ -36,8 +37,9 @@ CASES = [
 
 def _runner(backend, num_kv_heads: int, head_dim: int, block_size: int, num_blocks: int, dtype, device):
     model = SimpleNamespace(config=SimpleNamespace(num_kv_heads=num_kv_heads, head_dim=head_dim, num_layers=1))
-    return ModelRunner(model, backend=backend, num_blocks=num_blocks, block_size=block_size, kv_dtype=dtype,
-                       device=device, sampler=Sampler(device=device), max_num_seqs=8)
+    return ModelRunner(model, backend=backend, num_blocks=num_blocks, block_size=block_size,
+                       kv_format=kv_cache_format("auto", dtype), device=device,
+                       sampler=Sampler(device=device), max_num_seqs=8)
 
 
 def _plan(chunks: list[tuple[int, int]], block_size: int, rng: random.Random) -> tuple[StepPlan, int]:

@@ -16,6 +16,7 @@ from trident.engine.plan import StepPlan
 from trident.engine.runner import ModelRunner
 from trident.engine.sampler import Sampler
 from trident.models.build import build_model
+from trident.quant.kv import kv_cache_format
 
 # Graph and eager run the same kernels, but a padded bucket may pick other GEMM algorithms and attention
 # splits (last-bit differences that grow through the layers); a stale or wrong replay is off by order 1.
@@ -32,8 +33,9 @@ def test_decode_graph_replays_match_eager(name: str, dtype_name: str) -> None:
     backend = create_backend("triton", device)
     model = build_model(trident_config(hf_config), make_hf_model(hf_config).state_dict(), dtype=dtype,
                         device=device, backend=backend)
-    runner = ModelRunner(model, backend=backend, num_blocks=40, block_size=BLOCK_SIZE, kv_dtype=dtype,
-                         device=device, sampler=Sampler(device=device), max_num_seqs=4, max_model_len=48,
+    runner = ModelRunner(model, backend=backend, num_blocks=40, block_size=BLOCK_SIZE,
+                         kv_format=kv_cache_format("auto", dtype), device=device,
+                         sampler=Sampler(device=device), max_num_seqs=4, max_model_len=48,
                          cuda_graph_batch_sizes=(1, 2, 4))
     rng = random.Random(len(name))
     free = list(range(40))

@@ -117,15 +117,12 @@ def run_bench(args: argparse.Namespace) -> int:
 def _roofline(engine, workload, kind: str):
     """The decode roofline of this workload on this engine's weights and KV dtype, at a bandwidth measured now
     (None for a latency run of a single token, which has no decode step)."""
-    import torch
-
     from trident.bench import roofline
-    from trident.engine.sizing import kv_dtype_of
 
     bandwidth = roofline.copy_bandwidth(engine.device)
     weight_bytes = roofline.decode_weight_bytes(engine.model.named_parameters(),
                                                 engine.model_config.tie_word_embeddings)
-    kv_element = torch.empty((), dtype=kv_dtype_of(engine.config, engine.dtype)).element_size()
+    kv_element = engine.kv_format.dtype.itemsize  # the codes of a quantized cache (its scales left out)
     prompt_lens, output_lens = workload.prompt_lens, workload.output_lens
     if kind == "latency":
         # The decode rate excludes the first token (prefill's): decode token t reads prompt + 1 + t cached tokens.
