@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Mapping
 
+from trident.config import KV_CACHE_DTYPES
 from trident.errors import TridentError
 
 API_KEY_ENV = "TRIDENT_API_KEY"
@@ -42,6 +43,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false", default=None,
                    help="plan each step only after the previous one's tokens are back (by default on CUDA the next "
                    "step is planned and launched while the GPU runs the current one)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                   help="how the KV cache stores keys and values: auto (the compute dtype), a float dtype, or int8 / "
+                   "fp8: quantized on write with one float32 scale per token and KV head, dequantized inside "
+                   "attention; about half a bfloat16 cache's bytes, so about twice the blocks for the same memory "
+                   "(fp8 on CUDA needs compute capability 8.9+; see docs/compression.md)")
     g.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
                    help="bytes for the KV cache, e.g. 512MiB or 2GiB (default: 1GiB on the CPU; on CUDA what is "
                    "left of 90%% of the GPU's memory after the weights and an activation reserve; never more than "
@@ -108,7 +114,8 @@ def _engine_config(args: argparse.Namespace, model: str | None):
         attention_backend=args.attention_backend,
         max_model_len=args.max_model_len, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
-        async_scheduling=args.async_scheduling, gguf_weights=args.gguf_weights, **extra,
+        async_scheduling=args.async_scheduling, gguf_weights=args.gguf_weights,
+        kv_cache_dtype=args.kv_cache_dtype, **extra,
     )
 
 
@@ -185,7 +192,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         prompt_ids = tok.encode(args.prompt)
         sys.stdout.write(args.prompt)
-    print(f"[loaded in {engine.load_seconds:.2f} s]", file=sys.stderr)
+    print(f"[loaded in {engine.load_seconds:.2f} s; {engine.kv_cache_summary()}]", file=sys.stderr)
     _, stats = _stream(engine, prompt_ids, params)
     print()
     print(_stats_line(stats), file=sys.stderr)
@@ -196,8 +203,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     engine, params, tok = _text_engine(args, "chat")
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages: list[dict] = []
-    print(f"[loaded in {engine.load_seconds:.2f} s] type a message; /reset clears the conversation, "
-          "/exit or Ctrl-D quits", file=sys.stderr)
+    print(f"[loaded in {engine.load_seconds:.2f} s; {engine.kv_cache_summary()}] type a message; /reset clears "
+          "the conversation, /exit or Ctrl-D quits", file=sys.stderr)
     while True:
         try:
             line = input("> ")

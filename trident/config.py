@@ -12,6 +12,8 @@ from typing import Any
 
 from trident.errors import TridentError
 
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8", "fp8")
+"""CacheConfig.kv_cache_dtype choices (``trident.quant.kv`` says how each is stored)."""
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 
@@ -236,15 +238,18 @@ class CacheConfig:
     memory_budget_bytes is None."""
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"
-    """auto = the model's compute dtype."""
+    """How keys and values are stored: auto (the compute dtype), float32, bfloat16, float16, or quantized: int8
+    / fp8 (e4m3) codes with one float32 scale per token and kv head, about half a 16-bit cache's bytes
+    (``trident.quant.kv``)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size <= 0:
             raise TridentError(f"block_size must be a positive integer, got {self.block_size!r}")
         if self.num_blocks is not None and self.num_blocks <= 0:
             raise TridentError(f"num_blocks must be positive, got {self.num_blocks!r}")
-        if self.kv_cache_dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise TridentError(f"unsupported kv_cache_dtype {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise TridentError(f"unsupported kv_cache_dtype {self.kv_cache_dtype!r}; use one of "
+                               f"{', '.join(KV_CACHE_DTYPES)} (int8 / fp8: a quantized cache, half the bytes)")
         if self.memory_budget_bytes is not None and (isinstance(self.memory_budget_bytes, bool) or not isinstance(
                 self.memory_budget_bytes, int) or self.memory_budget_bytes <= 0):
             raise TridentError(f"memory_budget_bytes must be a positive integer or None, got "

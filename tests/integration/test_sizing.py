@@ -15,6 +15,8 @@ from trident.loader import load_checkpoint
     {"dtype": "float32", "memory_budget_bytes": 1 << 20},
     {"dtype": "bfloat16", "memory_budget_bytes": 3 << 20, "block_size": 32},
     {"dtype": "float32", "num_blocks": 7, "kv_cache_dtype": "bfloat16"},
+    {"dtype": "float32", "memory_budget_bytes": 1 << 20, "kv_cache_dtype": "int8"},  # codes + float32 scales
+    {"dtype": "bfloat16", "num_blocks": 9, "kv_cache_dtype": "fp8"},
     {"dtype": "float32", "max_num_seqs": 2, "max_model_len": 64},  # capped by what 2 sequences can use
 ])
 def test_estimate_equals_engine_memory(tiny_llama_dir, kwargs):

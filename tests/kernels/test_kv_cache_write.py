@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trident.attention.base import AttentionMetadata
+from trident.attention.base import AttentionMetadata, LayerKVCache
 from trident.attention.torch_ref import TorchAttention
 from trident.kernels.kv_cache_write import write_kv, write_kv_reference
 
@@ -50,7 +50,7 @@ def _check(device: torch.device, in_dtype: torch.dtype, cache_dtype: torch.dtype
     v_torch = v_ref.permute(1, 0, 2, 3).contiguous()
     keep = slots >= 0
     meta = AttentionMetadata(slot_mapping=slots[keep], prefills=(), decode=None, num_tokens=int(keep.sum()))
-    TorchAttention().write_kv(key[keep], value[keep], k_torch, v_torch, meta)
+    TorchAttention().write_kv(key[keep], value[keep], LayerKVCache(k_torch, v_torch), meta)
     assert torch.equal(k_torch.permute(1, 0, 2, 3), k_cache) and torch.equal(v_torch.permute(1, 0, 2, 3), v_cache)
 
 

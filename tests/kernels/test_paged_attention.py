@@ -156,7 +156,7 @@ def test_num_splits_rule() -> None:
 
 def test_references_match_torch_attention(kernel_device) -> None:
     """The kernels' references agree with the reference backend (different layout, other code)."""
-    from trident.attention.base import AttentionMetadata, DecodeBatch, PrefillSeq
+    from trident.attention.base import AttentionMetadata, DecodeBatch, LayerKVCache, PrefillSeq
     from trident.attention.torch_ref import TorchAttention
 
     shape = Shape(fp32, 8, 2, 32, 4, window=7, softcap=5.0)
@@ -183,6 +183,6 @@ def test_references_match_torch_attention(kernel_device) -> None:
                          query_positions=decode_ctx.context_lens - 1)
     meta = AttentionMetadata(slot_mapping=torch.zeros(0, dtype=torch.long), prefills=prefills, decode=decode,
                              num_tokens=16)
-    torch_out = TorchAttention().forward(query, k_cache.transpose(0, 1).contiguous(),
-                                         v_cache.transpose(0, 1).contiguous(), meta, **options)
+    head_major = LayerKVCache(k_cache.transpose(0, 1).contiguous(), v_cache.transpose(0, 1).contiguous())
+    torch_out = TorchAttention().forward(query, head_major, meta, **options)
     assert_close(ref, torch_out, fp32, "references vs TorchAttention")

@@ -20,6 +20,7 @@ from trident.loader.checkpoint import Checkpoint
 from trident.models.build import build_model
 from trident.models.layers import Linear
 from trident.quant.format import QuantizedModules
+from trident.quant.kv import kv_cache_format
 from trident.quant.linear import QuantizedLinear
 from trident.quant.rtn import QuantizedWeight, dequantize
 
@@ -30,7 +31,8 @@ def _logits(checkpoint: Checkpoint) -> tuple[torch.Tensor, torch.nn.Module]:
     model = build_model(checkpoint.config, checkpoint.tensors, dtype=torch.float32, device=CPU,
                         backend=create_backend("torch", CPU), quantization=checkpoint.quantization)
     runner = ModelRunner(model, backend=create_backend("torch", CPU), num_blocks=4, block_size=16,
-                         kv_dtype=torch.float32, device=CPU, sampler=Sampler(device=CPU), max_num_seqs=1)
+                         kv_format=kv_cache_format("auto", torch.float32), device=CPU,
+                         sampler=Sampler(device=CPU), max_num_seqs=1)
     tokens = tuple((5 * i + 1) % checkpoint.config.vocab_size for i in range(24))
     chunk = ScheduledChunk(seq_id=0, token_ids=tokens, start_pos=0, block_table=(0, 1), sample=True,
                            params=SamplingParams(temperature=0.0))

@@ -37,6 +37,7 @@ def test_info_of_a_quantized_gguf(tmp_path):
     assert info.weights_float32_bytes == 4 * params and info.weights_bfloat16_bytes == 2 * params
     assert info.kv_bytes_per_token_float32 == 2 * n_layers * config.num_key_value_heads * 32 * 4
     assert info.kv_bytes_per_token_bfloat16 == 2 * n_layers * config.num_key_value_heads * 32 * 2
+    assert info.kv_bytes_per_token_8bit == 2 * n_layers * config.num_key_value_heads * (32 + 4)
     assert info.kv_bytes_full_context_bfloat16 == info.kv_bytes_per_token_bfloat16 * 4096
     assert info.file_bytes == os.path.getsize(path)
     assert (

@@ -1,6 +1,7 @@
 """Every architecture's decode forward is CUDA-graph capturable with the Triton attention backend and the
 fused elementwise kernels in the path (RMSNorm + residual, rotary with Qwen3 / Gemma 3 head norms, gated
-activation): replays, a padded bucket among them, give the eager forward's hidden states."""
+activation): replays, a padded bucket among them, give the eager forward's hidden states, with float and
+int8 / fp8 KV caches."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from trident.engine.plan import StepPlan
 from trident.engine.runner import ModelRunner
 from trident.engine.sampler import Sampler
 from trident.models.build import build_model
+from trident.quant.kv import kv_cache_format
 
 # Graph and eager run the same kernels, but a padded bucket may pick other GEMM algorithms and attention
 # splits (last-bit differences that grow through the layers); a stale or wrong replay is off by order 1.
@@ -23,17 +25,19 @@ TOLERANCE = {"float32": (torch.float32, 1e-4), "bfloat16": (torch.bfloat16, 5e-2
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8", "fp8"])
 @pytest.mark.parametrize("dtype_name", list(TOLERANCE))
 @pytest.mark.parametrize("name", list(tiny_hf_configs()))
-def test_decode_graph_replays_match_eager(name: str, dtype_name: str) -> None:
+def test_decode_graph_replays_match_eager(name: str, dtype_name: str, kv_cache_dtype: str) -> None:
     dtype, tolerance = TOLERANCE[dtype_name]
     device = torch.device("cuda")
     hf_config = tiny_hf_configs()[name]
     backend = create_backend("triton", device)
     model = build_model(trident_config(hf_config), make_hf_model(hf_config).state_dict(), dtype=dtype,
                         device=device, backend=backend)
-    runner = ModelRunner(model, backend=backend, num_blocks=40, block_size=BLOCK_SIZE, kv_dtype=dtype,
-                         device=device, sampler=Sampler(device=device), max_num_seqs=4, max_model_len=48,
+    runner = ModelRunner(model, backend=backend, num_blocks=40, block_size=BLOCK_SIZE,
+                         kv_format=kv_cache_format(kv_cache_dtype, dtype), device=device,
+                         sampler=Sampler(device=device), max_num_seqs=4, max_model_len=48,
                          cuda_graph_batch_sizes=(1, 2, 4))
     rng = random.Random(len(name))
     free = list(range(40))
@@ -58,7 +62,7 @@ def test_decode_graph_replays_match_eager(name: str, dtype_name: str) -> None:
             input_ids, positions, meta, _, _ = runner.prepare(plan)
             eager = model(input_ids, positions, runner.kv_caches, meta)  # rewrites the same K/V slots
             rel = ((graphed.float() - eager.float()).abs().max() / eager.float().abs().max()).item()
-            assert rel < tolerance, f"{name} {dtype_name} step {step}: relative max diff {rel:.2e}"
+            assert rel < tolerance, f"{name} {dtype_name} {kv_cache_dtype} step {step}: relative max diff {rel:.2e}"
             logits = model.compute_logits(eager)
             for s, row in zip(batch, logits):
                 s.computed += 1

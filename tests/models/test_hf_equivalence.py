@@ -16,6 +16,7 @@ from trident.engine.request import SamplingParams
 from trident.engine.runner import ModelRunner
 from trident.engine.sampler import Sampler
 from trident.models.build import build_model
+from trident.quant.kv import kv_cache_format
 
 BLOCK_SIZE = 4
 TOLERANCE = 1e-4  # max abs difference relative to the reference logits' largest magnitude
@@ -77,8 +78,9 @@ def _check_against_hf(name: str, dtype_name: str, device: torch.device, backend_
     backend = create_backend(backend_name, device)
     model = build_model(config, hf.state_dict(), dtype=dtype, device=device, backend=backend)
     num_blocks = 40
-    runner = ModelRunner(model, backend=backend, num_blocks=num_blocks, block_size=BLOCK_SIZE, kv_dtype=dtype,
-                         device=device, sampler=Sampler(device=device), max_num_seqs=8)
+    runner = ModelRunner(model, backend=backend, num_blocks=num_blocks, block_size=BLOCK_SIZE,
+                         kv_format=kv_cache_format("auto", dtype), device=device,
+                         sampler=Sampler(device=device), max_num_seqs=8)
     rng = random.Random(sum(name.encode()))
     free = list(range(num_blocks))
     rng.shuffle(free)  # non-contiguous, out-of-order block tables

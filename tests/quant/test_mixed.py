@@ -22,6 +22,7 @@ from trident.errors import TridentError
 from trident.loader import load_checkpoint
 from trident.models.build import build_model
 from trident.quant.format import QuantizedModules, save_quantized
+from trident.quant.kv import kv_cache_format
 from trident.quant.linear import QuantizedLinear, quantize_model
 from trident.quant.mixed import MixedConfig, Unit, choose_bits
 from trident.quant.rtn import QuantConfig
@@ -42,7 +43,8 @@ def _build(checkpoint):
 def _logits(model) -> torch.Tensor:
     """Prefill logits of one 40-token sequence through the paged KV cache."""
     runner = ModelRunner(model, backend=create_backend("torch", CPU), num_blocks=8, block_size=16,
-                         kv_dtype=torch.float32, device=CPU, sampler=Sampler(device=CPU), max_num_seqs=1)
+                         kv_format=kv_cache_format("auto", torch.float32), device=CPU,
+                         sampler=Sampler(device=CPU), max_num_seqs=1)
     chunk = ScheduledChunk(seq_id=0, token_ids=tuple((7 * i + 3) % 256 for i in range(40)), start_pos=0,
                            block_table=(0, 1, 2), sample=True, params=SamplingParams(temperature=0.0))
     input_ids, positions, meta, _, _ = runner.prepare(StepPlan(chunks=(chunk,)))

@@ -1,8 +1,9 @@
 """The attention backend interface and the per-step metadata every layer reads.
 
 The runner builds one :class:`AttentionMetadata` per step from the StepPlan and passes it down
-explicitly; layers never look anything up in globals. The KV cache of a layer is a pair of tensors
-(keys, values) whose layout the backend chooses (``cache_shape``).
+explicitly; layers never look anything up in globals. The KV cache of a layer is one
+:class:`LayerKVCache` (keys, values and, for a quantized cache, their scales) whose layout the backend
+chooses (``cache_shape``).
 """
 
 from __future__ import annotations
@@ -60,6 +61,42 @@ class PrefillBatch:
     max_query_len: int
 
 
+@dataclass(frozen=True)
+class LayerKVCache:
+    """One layer's paged KV cache, in the layout its backend chose (``cache_shape``).
+
+    A float cache holds the keys and values themselves (``key_scale``/``value_scale`` None). A quantized one
+    (int8 or fp8 codes, ``trident.quant.kv``) also holds one float32 scale per (token slot, kv head) for the
+    keys and for the values, shaped like the code tensors without their last (head_dim) axis: slot value =
+    code * scale."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    key_scale: torch.Tensor | None = None
+    value_scale: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.key_scale is None) != (self.value_scale is None):
+            raise ValueError("LayerKVCache: give both key_scale and value_scale, or neither")
+
+    @property
+    def quantized(self) -> bool:
+        return self.key_scale is not None
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor of the cache (codes or values first, then scales if any)."""
+        scales = (self.key_scale, self.value_scale) if self.key_scale is not None else ()
+        return (self.key, self.value, *scales)  # type: ignore[arg-type]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors())
+
+    def zero_(self) -> None:
+        for t in self.tensors():
+            t.zero_()
+
+
 @dataclass
 class AttentionMetadata:
     """Everything attention needs for one step, shared by all layers."""
@@ -86,14 +123,16 @@ class AttentionBackend(Protocol):
 
     @staticmethod
     def cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
-        """Shape of one layer's key (and value) cache tensor."""
+        """Shape of one layer's key (and value) cache tensor; the scale tensors of a quantized cache drop its
+        last (head_dim) axis."""
         ...
 
-    def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 meta: AttentionMetadata) -> None: ...
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
+                 meta: AttentionMetadata) -> None:
+        """key/value [num_tokens, kv_heads, head_dim] into their slots (``meta.slot_mapping``)."""
+        ...
 
-    def forward(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, *, scale: float, sliding_window: int | None,
-                logit_softcap: float | None) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, *, scale: float,
+                sliding_window: int | None, logit_softcap: float | None) -> torch.Tensor:
         """query [num_tokens, num_heads, head_dim] -> output of the same shape."""
         ...

@@ -3,9 +3,11 @@ tested against).
 
 Cache layout (this backend's choice): ``[num_kv_heads, num_blocks, block_size, head_dim]``, head-major,
 so that gathering a sequence's blocks yields keys already laid out ``[kv_heads, tokens, head_dim]`` for
-the matmuls, with no transposing copy. Queries attend with a causal mask, an optional sliding window
-(a query at position i sees keys j with i - window < j <= i) and optional tanh soft-capping of the
-scores. All decoding sequences are padded to the longest and attended in one batched matmul.
+the matmuls, with no transposing copy. A quantized cache (int8 / fp8 codes, ``trident.quant.kv``) keeps its
+scales as ``[num_kv_heads, num_blocks, block_size]``: keys and values are quantized as they are written and
+the gathered blocks dequantized to the queries' dtype before the matmuls. Queries attend with a causal mask,
+an optional sliding window (a query at position i sees keys j with i - window < j <= i) and optional tanh
+soft-capping of the scores. All decoding sequences are padded to the longest and attended in one batched matmul.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trident.attention.base import AttentionMetadata
+from trident.attention.base import AttentionMetadata, LayerKVCache
+from trident.quant.kv import dequantize_kv, format_of_codes, quantize_kv
 
 
 class TorchAttention:
@@ -26,25 +29,32 @@ class TorchAttention:
     def cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
         return (num_kv_heads, num_blocks, block_size, head_dim)
 
-    def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
                  meta: AttentionMetadata) -> None:
-        """key/value [num_tokens, kv_heads, head_dim] into their slots."""
-        for new, cache in ((key, k_cache), (value, v_cache)):
-            flat = cache.view(cache.shape[0], -1, cache.shape[3])
-            flat.index_copy_(1, meta.slot_mapping, new.transpose(0, 1).to(cache.dtype))
+        """key/value [num_tokens, kv_heads, head_dim] into their slots (quantized first for a quantized cache)."""
+        slots = meta.slot_mapping
+        for new, target, scales in ((key, cache.key, cache.key_scale), (value, cache.value, cache.value_scale)):
+            flat = target.view(target.shape[0], -1, target.shape[3])
+            new = new.transpose(0, 1)  # [kv_heads, tokens, D]
+            if scales is None:
+                flat.index_copy_(1, slots, new.to(target.dtype))
+                continue
+            codes, new_scales = quantize_kv(new, format_of_codes(target.dtype))
+            # index_copy_ has no float8 kernel on the CPU: copy the code bytes
+            flat.view(torch.uint8).index_copy_(1, slots, codes.view(torch.uint8))
+            scales.view(scales.shape[0], -1).index_copy_(1, slots, new_scales)
 
-    def forward(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, *, scale: float, sliding_window: int | None,
-                logit_softcap: float | None) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, *, scale: float,
+                sliding_window: int | None, logit_softcap: float | None) -> torch.Tensor:
         """query [num_tokens, num_heads, head_dim] -> output of the same shape."""
         decode = meta.decode
         if decode is not None and decode.token_indices_are_all:
-            return self._decode(query, k_cache, v_cache, meta, scale, sliding_window, logit_softcap)
+            return self._decode(query, cache, meta, scale, sliding_window, logit_softcap)
         out = torch.empty_like(query)
         for seq in meta.prefills:
             rows = slice(seq.token_start, seq.token_start + seq.num_query_tokens)
-            k = _gather(k_cache, seq.block_table)[:, : seq.context_len]  # [kv_heads, S, D]
-            v = _gather(v_cache, seq.block_table)[:, : seq.context_len]
+            k, v = _gather_kv(cache, seq.block_table, query.dtype)
+            k, v = k[:, : seq.context_len], v[:, : seq.context_len]  # [kv_heads, S, D]
             key_positions = torch.arange(seq.context_len, device=query.device)
             mask = _mask(seq.query_positions, key_positions, sliding_window)
             q = query[rows].transpose(0, 1).unsqueeze(0).to(k.dtype)  # [1, H, L, D]
@@ -52,20 +62,18 @@ class TorchAttention:
             out[rows] = o[0].transpose(0, 1).to(out.dtype)
         if decode is not None:
             out[decode.token_indices] = self._decode(
-                query[decode.token_indices], k_cache, v_cache, meta, scale, sliding_window, logit_softcap
+                query[decode.token_indices], cache, meta, scale, sliding_window, logit_softcap
             )
         return out
 
-    def _decode(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float, sliding_window: int | None,
-                logit_softcap: float | None) -> torch.Tensor:
+    def _decode(self, query: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float,
+                sliding_window: int | None, logit_softcap: float | None) -> torch.Tensor:
         """One query per sequence: query [B, H, D] -> [B, H, D]."""
         decode = meta.decode
         assert decode is not None
         batch, num_heads, head_dim = query.shape
-        num_kv_heads = k_cache.shape[0]
-        k = _gather(k_cache, decode.block_tables)  # [kv_heads, B, S, D]
-        v = _gather(v_cache, decode.block_tables)
+        num_kv_heads = cache.key.shape[0]
+        k, v = _gather_kv(cache, decode.block_tables, query.dtype)  # [kv_heads, B, S, D]
         span = k.shape[2]
         key = ("decode", sliding_window, span)
         bias = meta.mask_cache.get(key)
@@ -87,11 +95,23 @@ class TorchAttention:
         return out.transpose(0, 1).reshape(batch, num_heads, head_dim).to(query.dtype)
 
 
+def _gather_kv(cache: LayerKVCache, block_table: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor,
+                                                                                          torch.Tensor]:
+    """Keys and values of the blocks of ``block_table`` ([n] or [B, n]) as [kv_heads, (B,) n * block_size,
+    head_dim]: as stored for a float cache, dequantized to ``dtype`` for a quantized one."""
+    k, v = _gather(cache.key, block_table), _gather(cache.value, block_table)
+    if cache.key_scale is None or cache.value_scale is None:
+        return k, v
+    return (dequantize_kv(k, _gather(cache.key_scale, block_table), dtype),
+            dequantize_kv(v, _gather(cache.value_scale, block_table), dtype))
+
+
 def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-    """The blocks of ``block_table`` ([n] or [B, n]) as [kv_heads, (B,) n * block_size, head_dim]."""
+    """The blocks of ``block_table`` ([n] or [B, n]) of a [kv_heads, num_blocks, block_size, ...] tensor as
+    [kv_heads, (B,) n * block_size, ...]."""
     picked = torch.index_select(cache, 1, block_table.reshape(-1))  # whole contiguous blocks per head
     return picked.view(cache.shape[0], *block_table.shape[:-1], block_table.shape[-1] * cache.shape[2],
-                       cache.shape[3])
+                       *cache.shape[3:])
 
 
 def _mask(query_positions: torch.Tensor, key_positions: torch.Tensor, sliding_window: int | None) -> torch.Tensor:

@@ -5,8 +5,10 @@ reduce when the context is split) attends every decoding sequence.
 Cache layout (this backend's choice): ``[num_blocks, num_kv_heads, block_size, head_dim]``, block-major.
 Each (block, kv head) is one contiguous ``block_size * head_dim`` run, so a kernel's K/V tile is read as
 whole contiguous rows whatever its tile length, and one physical block of a layer is one contiguous slice
-(copying or swapping a block, or a per-block scale for a quantized cache later, touches one range). The
-write kernel stores each (token, kv head) as one contiguous ``head_dim`` row.
+(copying or swapping a block touches one range). The write kernel stores each (token, kv head) as one
+contiguous ``head_dim`` row. A quantized cache (int8 / fp8 codes) keeps its float32 scales as ``[num_blocks,
+num_kv_heads, block_size]``: written (quantized) by the write kernel, read by the attention kernels beside the
+codes and applied in registers (no dequantized copy of the cache is ever made).
 
 The decode path is CUDA-graph friendly: its launches depend on tensor shapes only (the batch, the block
 table width) and on the multiprocessor count read once, never on tensor values, and nothing syncs with
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from trident.attention.base import AttentionMetadata
+from trident.attention.base import AttentionMetadata, LayerKVCache
 from trident.kernels.kv_cache_write import write_kv
 from trident.kernels.paged_decode import choose_num_splits, paged_decode
 from trident.kernels.paged_prefill import paged_prefill
@@ -40,15 +42,15 @@ class TritonPagedAttention:
     def cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
         return (num_blocks, num_kv_heads, block_size, head_dim)
 
-    def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
                  meta: AttentionMetadata) -> None:
         """key/value [num_tokens, kv_heads, head_dim] into their slots."""
-        write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
+        write_kv(key, value, cache.key, cache.value, meta.slot_mapping, cache.key_scale, cache.value_scale)
 
-    def forward(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, *, scale: float, sliding_window: int | None,
-                logit_softcap: float | None) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, *, scale: float,
+                sliding_window: int | None, logit_softcap: float | None) -> torch.Tensor:
         """query [num_tokens, num_heads, head_dim] -> output of the same shape."""
+        k_cache, v_cache = cache.key, cache.value
         out = torch.empty_like(query)  # every row is a prefill token or a decode token: all get written
         options = dict(scale=scale, sliding_window=sliding_window, logit_softcap=logit_softcap)
         if meta.prefills:
@@ -56,14 +58,15 @@ class TritonPagedAttention:
             if batch is None:
                 raise ValueError("TritonPagedAttention needs AttentionMetadata.prefill_batch for prefill chunks")
             paged_prefill(query, k_cache, v_cache, batch.query_starts, batch.query_lens, batch.context_lens,
-                          batch.block_tables, batch.max_query_len, out, **options)
+                          batch.block_tables, batch.max_query_len, out, k_scale=cache.key_scale,
+                          v_scale=cache.value_scale, **options)
         decode = meta.decode
         if decode is not None:
             batch_size, width = decode.block_tables.shape
             num_splits = choose_num_splits(batch_size, k_cache.shape[1], width * k_cache.shape[2],
                                            self.num_sms(query.device))
             paged_decode(query, k_cache, v_cache, decode.block_tables, decode.context_lens, decode.token_indices,
-                         out, num_splits=num_splits, **options)
+                         out, num_splits=num_splits, k_scale=cache.key_scale, v_scale=cache.value_scale, **options)
         return out
 
     def num_sms(self, device: torch.device) -> int:

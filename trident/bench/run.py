@@ -132,10 +132,7 @@ def run_bench(args: argparse.Namespace) -> int:
 def _roofline(engine, workload, kind: str):
     """The decode roofline of this workload on this engine's weights and KV dtype, at a bandwidth measured now
     (None for a latency run of a single token, which has no decode step)."""
-    import torch
-
     from trident.bench import roofline
-    from trident.engine.sizing import kv_dtype_of
     from trident.quant.linear import QuantizedLinear
 
     bandwidth = roofline.copy_bandwidth(engine.device)
@@ -145,7 +142,7 @@ def _roofline(engine, workload, kind: str):
               for kind, t in zip(("qweight", "scales", "zeros"), module.quantized) if t is not None]
     weight_bytes = roofline.decode_weight_bytes(itertools.chain(engine.model.named_parameters(), stored),
                                                 engine.model_config.tie_word_embeddings)
-    kv_element = torch.empty((), dtype=kv_dtype_of(engine.config, engine.dtype)).element_size()
+    kv_element = engine.kv_format.dtype.itemsize  # the codes of a quantized cache (its scales left out)
     prompt_lens, output_lens = workload.prompt_lens, workload.output_lens
     if kind == "latency":
         # The decode rate excludes the first token (prefill's): decode token t reads prompt + 1 + t cached tokens.

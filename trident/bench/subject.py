@@ -90,12 +90,14 @@ def engine_options(args: argparse.Namespace, checkpoint: Checkpoint, workload: W
     """EngineConfig keywords from the engine flags. Offline, --max-num-seqs defaults to every request at once;
     the KV cache (unless --kv-cache-memory) to what all of them need at full length."""
     from trident.engine.sizing import kv_bytes_per_block, resolve_dtype
+    from trident.quant.kv import kv_cache_format
 
     options = dict(device=args.device, dtype=args.dtype, num_threads=args.threads,
                    attention_backend=args.attention_backend, max_model_len=args.max_model_len,
                    block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
                    enable_prefix_caching=args.prefix_caching, enforce_eager=args.enforce_eager,
                    async_scheduling=args.async_scheduling, gguf_weights=args.gguf_weights,
+                   kv_cache_dtype=args.kv_cache_dtype,
                    max_num_seqs=args.max_num_seqs or (len(workload.prompts) if args.kind == "offline" else 64))
     if args.kv_cache_memory is not None:
         from trident.serve.model_spec import parse_size
@@ -105,7 +107,7 @@ def engine_options(args: argparse.Namespace, checkpoint: Checkpoint, workload: W
         dtype = resolve_dtype(args.dtype, torch.device(args.device))
         blocks = sum(-(-(p + o) // args.block_size) for p, o in zip(workload.prompt_lens, workload.output_lens))
         options["memory_budget_bytes"] = (blocks + KV_HEADROOM_BLOCKS) * kv_bytes_per_block(
-            checkpoint.config, args.block_size, dtype)
+            checkpoint.config, args.block_size, kv_cache_format(args.kv_cache_dtype, dtype))
     return options
 
 

@@ -144,7 +144,8 @@ def _evaluate(model: str, model_config, text: str, config: PerplexityConfig, fin
         result = perplexity(engine, token_ids, config, progress=True, description=model)
         row = {"model": model, "params": num_weights(engine.model),
                "dtype": str(engine.dtype).removeprefix("torch."), "attention_backend": engine.attention_backend,
-               "load_s": load_s, **result.as_dict()}
+               "kv_cache_dtype": engine.kv_format.name, "kv_block_bytes": engine.kv_block_bytes, "load_s": load_s,
+               **result.as_dict()}
         if rows:
             row["perplexity_change"] = row["perplexity"] / rows[0]["perplexity"] - 1
         return row, plan.fingerprint
@@ -160,11 +161,13 @@ def _print_table(console, rows: list[dict], captions: list[str]) -> None:
     from rich.table import Table
 
     table = Table(title="trident eval ppl")
-    for name in ("model", "params", "dtype", "tokens", "windows", "perplexity", "vs first", "NLL", "tok/s", "s"):
+    for name in ("model", "params", "dtype", "KV cache", "tokens", "windows", "perplexity", "vs first", "NLL", "tok/s",
+                 "s"):
         table.add_column(name, justify="left" if name == "model" else "right")
     for row in rows:
         change = row.get("perplexity_change")
-        table.add_row(row["model"], f"{row['params'] / 1e6:,.1f}M", row["dtype"], f"{row['num_scored_tokens']:,}",
+        table.add_row(row["model"], f"{row['params'] / 1e6:,.1f}M", row["dtype"], row["kv_cache_dtype"],
+                      f"{row['num_scored_tokens']:,}",
                       f"{row['num_windows']:,}", f"{row['perplexity']:.4f}",
                       "-" if change is None else f"{100 * change:+.2f}%", f"{row['nll']:.5f}",
                       f"{row['tokens_per_second']:,.0f}", f"{row['seconds']:.1f}")

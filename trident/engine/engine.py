@@ -36,10 +36,12 @@ from trident.engine.runner import LaunchedStep, ModelRunner
 from trident.engine.sampler import Sampler
 from trident.engine.scheduler import Scheduler
 from trident.engine.sizing import (
+    check_kv_format,
     cuda_graph_batch_sizes,
     gguf_native,
     kv_budget_bytes,
-    kv_dtype_of,
+    kv_bytes_per_block,
+    kv_format_of,
     num_kv_blocks,
     resolve_dtype,
     resolve_max_model_len,
@@ -104,13 +106,18 @@ class LLMEngine:
                                  backend=backend, quantization=checkpoint.quantization)
         self.max_model_len = resolve_max_model_len(self.model_config, config, self.device)
         cache = config.cache
-        kv_dtype = kv_dtype_of(config, self.dtype)
-        num_blocks = num_kv_blocks(self.model_config, config, self.max_model_len, kv_dtype,
+        kv_format = kv_format_of(config, self.dtype)
+        check_kv_format(kv_format, self.device)
+        num_blocks = num_kv_blocks(self.model_config, config, self.max_model_len, kv_format,
                                    kv_budget_bytes(self.model_config, config, self.device))
         self.num_blocks = num_blocks
+        self.kv_format = kv_format
+        """How the KV cache stores keys and values (config.cache.kv_cache_dtype, auto resolved)."""
+        self.kv_block_bytes = kv_bytes_per_block(self.model_config, cache.block_size, kv_format)
+        """Bytes of one KV block over all layers (with the scales of a quantized cache)."""
         graph_sizes = cuda_graph_batch_sizes(config, self.device, backend.supports_cuda_graphs)
         self.runner = ModelRunner(self.model, backend=backend, num_blocks=num_blocks, block_size=cache.block_size,
-                                  kv_dtype=kv_dtype, device=self.device,
+                                  kv_format=kv_format, device=self.device,
                                   sampler=Sampler(seed=config.seed, device=self.device),
                                   max_num_seqs=config.scheduler.max_num_seqs, max_model_len=self.max_model_len,
                                   cuda_graph_batch_sizes=graph_sizes)
@@ -292,13 +299,19 @@ class LLMEngine:
             prefix_cache_hit_tokens=s.prefix_cache_hit_tokens,
         )
 
+    def kv_cache_summary(self) -> str:
+        """The KV cache in one line (start-up logs): format, blocks, bytes per block and in all."""
+        total = self.num_blocks * self.kv_block_bytes
+        return (f"KV cache {self.kv_format.name}: {self.num_blocks} blocks of {self.config.cache.block_size} "
+                f"tokens, {self.kv_block_bytes / 1024:.1f} KiB per block, {total / 2**20:.1f} MiB")
+
     def memory_usage(self) -> MemoryUsage:
         """Bytes this engine holds: its weights (each storage counted once) and its KV cache."""
         storages = {}
         for tensor in (*self.model.parameters(), *self.model.buffers()):
             storage = tensor.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
-        kv = sum(k.nbytes + v.nbytes for k, v in self.runner.kv_caches)
+        kv = sum(cache.nbytes for cache in self.runner.kv_caches)
         return MemoryUsage(weights_bytes=sum(storages.values()), kv_cache_bytes=kv)
 
 

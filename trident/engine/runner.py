@@ -9,12 +9,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trident.attention.base import AttentionBackend, AttentionMetadata, DecodeBatch, PrefillBatch, PrefillSeq
+from trident.attention.base import (
+    AttentionBackend,
+    AttentionMetadata,
+    DecodeBatch,
+    LayerKVCache,
+    PrefillBatch,
+    PrefillSeq,
+)
 from trident.engine.cuda_graphs import DecodeGraphs, fed_tokens, max_blocks_per_seq
 from trident.engine.plan import PENDING_TOKEN, ScheduledChunk, StepPlan, StepResult
 from trident.engine.request import SamplingParams
 from trident.engine.sampler import DeviceSamples, Sampler
 from trident.engine.transfer import to_device
+from trident.quant.kv import SCALE_DTYPE, KVCacheFormat
 
 MAX_WARM_ROWS = 16
 """Row counts of the logits the start-up warm-up runs (each of 1 to this)."""
@@ -45,7 +53,7 @@ class ModelRunner:
     """
 
     def __init__(self, model: torch.nn.Module, *, backend: AttentionBackend, num_blocks: int, block_size: int,
-                 kv_dtype: torch.dtype, device: torch.device, sampler: Sampler, max_num_seqs: int,
+                 kv_format: KVCacheFormat, device: torch.device, sampler: Sampler, max_num_seqs: int,
                  max_model_len: int | None = None, cuda_graph_batch_sizes: tuple[int, ...] = ()) -> None:
         config = model.config
         self.model = model
@@ -54,9 +62,8 @@ class ModelRunner:
         self.sampler = sampler
         self.wants_prefill_batch = backend.wants_prefill_batch
         shape = backend.cache_shape(num_blocks, block_size, config.num_kv_heads, config.head_dim)
-        # Zeroed (not empty): padded decode rows read other blocks, and 0 * NaN garbage would poison them.
-        self.kv_caches = [(_zeros(shape, kv_dtype, device), _zeros(shape, kv_dtype, device))
-                          for _ in range(config.num_layers)]
+        self.kv_format = kv_format
+        self.kv_caches = [_layer_cache(shape, kv_format, device) for _ in range(config.num_layers)]
         self._feedback = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
         """The previous step's sampled tokens, where the chunks of this step read their pending tokens."""
         self._last_sampled: tuple[tuple[ScheduledChunk, ...] | list[ScheduledChunk], torch.Tensor] | None = None
@@ -74,7 +81,7 @@ class ModelRunner:
         """Run one mixed step (a prompt chunk crossing a block boundary beside a decode) on scratch blocks, so
         that the eager paths' one-time work (Triton compilation, allocator growth) happens at start-up rather
         than in the first requests; then zero the cache again. Needs three blocks; does nothing with fewer."""
-        if self.kv_caches[0][0].numel() < 3 * self.block_size * self.model.config.num_kv_heads:
+        if self.kv_caches[0].key.numel() < 3 * self.block_size * self.model.config.num_kv_heads:
             return
         bs = self.block_size
         greedy = SamplingParams(temperature=0.0)
@@ -88,9 +95,8 @@ class ModelRunner:
         for rows in range(1, MAX_WARM_ROWS + 1):
             self.model.compute_logits(hidden[:rows]).argmax(dim=-1)
         self._last_sampled = None
-        for k, v in self.kv_caches:
-            k.zero_()
-            v.zero_()
+        for cache in self.kv_caches:
+            cache.zero_()
 
     def execute(self, plan: StepPlan) -> StepResult:
         """Run a step and wait for its result."""
@@ -228,6 +234,16 @@ class ModelRunner:
                             context_lens=packed[2 * part: 2 * part + n],
                             block_tables=packed[3 * part:].view(n, width),
                             max_query_len=max(p.num_query_tokens for p in prefills))
+
+
+def _layer_cache(shape: tuple[int, ...], kv_format: KVCacheFormat, device: torch.device) -> LayerKVCache:
+    """One layer's cache, zeroed (not empty: padded decode rows read other blocks, and 0 * NaN garbage would
+    poison them); a quantized one with its scales, shaped like the codes without the head_dim axis."""
+    codes = (_zeros(shape, kv_format.dtype, device), _zeros(shape, kv_format.dtype, device))
+    if not kv_format.quantized:
+        return LayerKVCache(*codes)
+    return LayerKVCache(*codes, key_scale=_zeros(shape[:-1], SCALE_DTYPE, device),
+                        value_scale=_zeros(shape[:-1], SCALE_DTYPE, device))
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 from trident.config import EngineConfig, ModelConfig
 from trident.errors import TridentError
 from trident.hardware import cpu_has_native_bf16
+from trident.quant.kv import KVCacheFormat, kv_cache_format
 
 if TYPE_CHECKING:
     from trident.quant.format import QuantizedModules
@@ -54,15 +55,24 @@ def resolve_max_model_len(model_config: ModelConfig, config: EngineConfig, devic
     return min(limit, CPU_DEFAULT_MAX_MODEL_LEN) if device.type == "cpu" else limit
 
 
-def kv_dtype_of(config: EngineConfig, dtype: torch.dtype) -> torch.dtype:
-    kv = config.cache.kv_cache_dtype
-    return dtype if kv == "auto" else DTYPES[kv]
+def kv_format_of(config: EngineConfig, dtype: torch.dtype) -> KVCacheFormat:
+    """How the KV cache is stored for compute dtype ``dtype`` (config.cache.kv_cache_dtype, auto resolved)."""
+    return kv_cache_format(config.cache.kv_cache_dtype, dtype)
 
 
-def kv_bytes_per_block(model_config: ModelConfig, block_size: int, kv_dtype: torch.dtype) -> int:
-    """Keys and values of ``block_size`` tokens in every layer."""
-    element = torch.empty((), dtype=kv_dtype).element_size()
-    return 2 * model_config.num_layers * block_size * model_config.num_kv_heads * model_config.head_dim * element
+def check_kv_format(kv_format: KVCacheFormat, device: torch.device) -> None:
+    """Raise a TridentError when ``device`` cannot hold a cache of ``kv_format``: fp8 codes on CUDA need
+    compute capability 8.9 or newer (Ada, Hopper) for the kernels' conversions."""
+    if kv_format.name == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise TridentError(f"--kv-cache-dtype fp8 needs a GPU of compute capability 8.9 or newer, this one is "
+                           f"{major}.{minor}; use --kv-cache-dtype int8")
+
+
+def kv_bytes_per_block(model_config: ModelConfig, block_size: int, kv_format: KVCacheFormat) -> int:
+    """Keys and values of ``block_size`` tokens in every layer (with their scales when quantized)."""
+    per_token_head = kv_format.bytes_per_token_head(model_config.head_dim)
+    return 2 * model_config.num_layers * block_size * model_config.num_kv_heads * per_token_head
 
 
 def kv_budget_bytes(model_config: ModelConfig, config: EngineConfig, device: torch.device,
@@ -86,14 +96,14 @@ def kv_budget_bytes(model_config: ModelConfig, config: EngineConfig, device: tor
     return budget
 
 
-def num_kv_blocks(model_config: ModelConfig, config: EngineConfig, max_model_len: int, kv_dtype: torch.dtype,
+def num_kv_blocks(model_config: ModelConfig, config: EngineConfig, max_model_len: int, kv_format: KVCacheFormat,
                   budget_bytes: int) -> int:
     """Blocks to allocate: ``num_blocks`` when given, else as many as ``budget_bytes`` hold, but no more
     than ``max_num_seqs`` full-length sequences need."""
     cache = config.cache
     if cache.num_blocks:
         return cache.num_blocks
-    block_bytes = kv_bytes_per_block(model_config, cache.block_size, kv_dtype)
+    block_bytes = kv_bytes_per_block(model_config, cache.block_size, kv_format)
     useful = config.scheduler.max_num_seqs * -(-max_model_len // cache.block_size)
     return max(1, min(budget_bytes // block_bytes, useful))
 
@@ -129,6 +139,9 @@ class MemoryEstimate:
     num_blocks: int
     max_model_len: int
     dtype: torch.dtype
+    kv_format: KVCacheFormat
+    block_bytes: int
+    """Bytes of one KV block over all layers (keys, values and their scales)."""
 
     @property
     def total_bytes(self) -> int:
@@ -142,13 +155,13 @@ def estimate_memory(model_config: ModelConfig, config: EngineConfig,
     device = torch.device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     max_model_len = resolve_max_model_len(model_config, config, device)
-    kv_dtype = kv_dtype_of(config, dtype)
+    kv_format = kv_format_of(config, dtype)
     weights = weights_bytes(model_config, dtype, quantization)
-    blocks = num_kv_blocks(model_config, config, max_model_len, kv_dtype,
+    blocks = num_kv_blocks(model_config, config, max_model_len, kv_format,
                            kv_budget_bytes(model_config, config, device, pending_bytes=weights))
-    return MemoryEstimate(weights_bytes=weights,
-                          kv_cache_bytes=blocks * kv_bytes_per_block(model_config, config.cache.block_size, kv_dtype),
-                          num_blocks=blocks, max_model_len=max_model_len, dtype=dtype)
+    block_bytes = kv_bytes_per_block(model_config, config.cache.block_size, kv_format)
+    return MemoryEstimate(weights_bytes=weights, kv_cache_bytes=blocks * block_bytes, num_blocks=blocks,
+                          max_model_len=max_model_len, dtype=dtype, kv_format=kv_format, block_bytes=block_bytes)
 
 
 def cuda_graph_batch_sizes(config: EngineConfig, device: torch.device, supported: bool) -> tuple[int, ...]:

@@ -1,7 +1,10 @@
 """Pieces shared by the paged-attention kernels (decode and prefill): score scaling with optional tanh
 soft-capping in Triton, and the plain torch math their references are built from.
 
-Cache layout of these kernels: ``[num_blocks, num_kv_heads, block_size, head_dim]``. Scores are kept in
+Cache layout of these kernels: ``[num_blocks, num_kv_heads, block_size, head_dim]``, and for a quantized cache
+(int8 / fp8 codes) float32 scales ``[num_blocks, num_kv_heads, block_size]``: the kernels convert a tile of
+codes to the queries' dtype (exact: int8 and e4m3 values are bf16/fp16/fp32 values) and apply the key scales
+to the scores and the value scales to the probabilities, in registers. Scores are kept in
 the log2 domain (``exp2`` in the online softmax), so the host folds ``log2(e)`` into the scale factors
 that :func:`score_factors` returns.
 """
@@ -14,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from trident.quant.kv import dequantize_kv
+
 LOG2E = math.log2(math.e)
 
 
@@ -23,6 +28,11 @@ def score_factors(scale: float, logit_softcap: float | None) -> tuple[float, flo
     if logit_softcap is None:
         return scale * LOG2E, 1.0
     return scale / logit_softcap, logit_softcap * LOG2E
+
+
+def compute_dtype(query: torch.Tensor, k_cache: torch.Tensor) -> torch.dtype:
+    """The dtype the kernels' products take: the cache's, or the queries' for a cache of int8 / fp8 codes."""
+    return query.dtype if k_cache.dtype in (torch.int8, torch.float8_e4m3fn) else k_cache.dtype
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -43,10 +53,14 @@ def scaled_scores(raw, scale_in, scale_out, USE_SOFTCAP: tl.constexpr):
 
 # -- torch reference math ---------------------------------------------------------------------------------
 
-def gather_sequence(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """The first ``length`` tokens of one sequence from a block-major cache, as [length, kv_heads, D]."""
+def gather_sequence(cache: torch.Tensor, block_table: torch.Tensor, length: int,
+                    scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The first ``length`` tokens of one sequence from a block-major cache, as [length, kv_heads, D]
+    (dequantized to float32 with ``scale`` when the cache holds codes)."""
     num_pages = -(-length // cache.shape[2])
     pages = cache[block_table[:num_pages].long()]  # [pages, kv_heads, block_size, D]
+    if scale is not None:
+        pages = dequantize_kv(pages, scale[block_table[:num_pages].long()], torch.float32)
     return pages.transpose(1, 2).reshape(-1, cache.shape[1], cache.shape[3])[:length]
 
 

@@ -20,6 +20,7 @@ import triton.language as tl
 
 from trident.kernels.paged_common import (
     attend_reference,
+    compute_dtype,
     dot_precision,
     gather_sequence,
     scaled_scores,
@@ -65,11 +66,13 @@ def decode_tile(head_dim: int, dtype: torch.dtype, num_splits: int = 1) -> int:
 def paged_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, token_indices: torch.Tensor, out: torch.Tensor, *, scale: float,
                  sliding_window: int | None, logit_softcap: float | None, num_splits: int = 1,
-                 block_n: int | None = None, num_warps: int = 4, num_stages: int = 2) -> None:
+                 block_n: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                 k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
     """Attend the rows ``token_indices`` [B] of query [T, H, D] (position context_len - 1) over their
     cached context; write the results into the same rows of out [T, H, D].
 
-    block_tables [B, max_blocks] (padded), context_lens [B]; caches [num_blocks, kv_heads, block_size, D].
+    block_tables [B, max_blocks] (padded), context_lens [B]; caches [num_blocks, kv_heads, block_size, D]; for
+    int8 / fp8 caches their scales k_scale / v_scale [num_blocks, kv_heads, block_size] (float32).
     """
     batch = block_tables.shape[0]
     num_heads, head_dim = query.shape[1], query.shape[2]
@@ -81,7 +84,13 @@ def paged_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     assert block_tables.stride(1) == 1
     group = num_heads // num_kv_heads
     dim_pad = max(16, triton.next_power_of_2(head_dim))
-    block_n = block_n or decode_tile(dim_pad, k_cache.dtype, num_splits)
+    dtype = compute_dtype(query, k_cache)
+    quantized = k_scale is not None
+    if quantized:
+        assert v_scale is not None and k_scale.stride() == v_scale.stride() and k_scale.stride(2) == 1
+    else:
+        k_scale = v_scale = k_cache  # unused
+    block_n = block_n or decode_tile(dim_pad, dtype, num_splits)
     scale_in, scale_out = score_factors(scale, logit_softcap)
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"paged_decode: num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
@@ -93,13 +102,13 @@ def paged_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         partial_out = partial_lse = out  # unused
     pdl = pdl_launch(query.device)
     _decode_kernel[(batch, num_kv_heads, num_splits)](
-        query, k_cache, v_cache, block_tables, context_lens, token_indices, out, partial_out, partial_lse,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        query, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens, token_indices, out, partial_out,
+        partial_lse, query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_scale.stride(0), k_scale.stride(1),
         scale_in, scale_out, sliding_window or 0, block_size, head_dim, num_heads, num_splits,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM_PAD=dim_pad, BLOCK_N=block_n,
         SPLIT=split, USE_SOFTCAP=logit_softcap is not None, USE_WINDOW=sliding_window is not None,
-        DOT_PRECISION=dot_precision(k_cache.dtype), num_warps=num_warps, num_stages=num_stages,
+        QUANTIZED=quantized, DOT_PRECISION=dot_precision(dtype), num_warps=num_warps, num_stages=num_stages,
         USE_PDL=pdl, launch_pdl=pdl,
     )
     if split:
@@ -112,14 +121,15 @@ def paged_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 def paged_decode_reference(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, token_indices: torch.Tensor,
                            out: torch.Tensor, *, scale: float, sliding_window: int | None,
-                           logit_softcap: float | None) -> None:
+                           logit_softcap: float | None, k_scale: torch.Tensor | None = None,
+                           v_scale: torch.Tensor | None = None) -> None:
     """Same contract as :func:`paged_decode`, one sequence at a time in plain fp32 torch."""
     for b, (row, length) in enumerate(zip(token_indices.tolist(), context_lens.tolist())):
         if length == 0:
             out[row] = 0
             continue
-        key = gather_sequence(k_cache, block_tables[b], length)
-        value = gather_sequence(v_cache, block_tables[b], length)
+        key = gather_sequence(k_cache, block_tables[b], length, k_scale)
+        value = gather_sequence(v_cache, block_tables[b], length, v_scale)
         position = torch.tensor([length - 1], device=query.device)
         o = attend_reference(query[row: row + 1], key, value, position, scale, sliding_window, logit_softcap)
         out[row] = o[0].to(out.dtype)
@@ -128,13 +138,13 @@ def paged_decode_reference(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 # Arguments that change from step to step are not specialised on (Triton would otherwise compile a variant
 # for each new value that is 1 or a multiple of 16: seconds of compilation in the middle of serving).
 @triton.jit(do_not_specialize=["stride_bt", "num_splits"])
-def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, token_indices_ptr,
-                   out_ptr, partial_out_ptr, partial_lse_ptr,
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, context_lens_ptr,
+                   token_indices_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_cb, stride_ch, stride_cs,
-                   scale_in, scale_out, window, block_size, head_dim, num_heads, num_splits,
+                   stride_sb, stride_sh, scale_in, scale_out, window, block_size, head_dim, num_heads, num_splits,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                    SPLIT: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
+                   QUANTIZED: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
     wait_for_previous_grid(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -155,27 +165,39 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
     token = tl.load(token_indices_ptr + seq).to(tl.int64)
     q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + dims[None, :],
                 mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
-    q = q.to(k_cache_ptr.dtype.element_ty)
+    if not QUANTIZED:  # products in the cache's dtype; with int8 / fp8 codes in the queries' dtype
+        q = q.to(k_cache_ptr.dtype.element_ty)
 
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     head_offset = kv_head.to(tl.int64) * stride_ch
+    scale_head_offset = kv_head.to(tl.int64) * stride_sh
     for n0 in range(lo, hi, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         valid = n < hi
         page = tl.load(table + n // block_size, mask=valid, other=0).to(tl.int64)
         offsets = (page * stride_cb + head_offset + (n % block_size) * stride_cs)[:, None] + dims[None, :]
         kv_mask = valid[:, None] & dim_mask[None, :]
+        scale_offsets = page * stride_sb + scale_head_offset + n % block_size  # used by quantized caches
         k = tl.load(k_cache_ptr + offsets, mask=kv_mask, other=0.0)
-        s = scaled_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), scale_in, scale_out, USE_SOFTCAP)
+        if QUANTIZED:
+            # codes -> float32 -> the queries' dtype: exact (Triton 3.6's interpreter mis-converts int8 -> bf16)
+            raw = tl.dot(q, tl.trans(k.to(tl.float32).to(q.dtype)), input_precision=DOT_PRECISION)
+            raw = raw * tl.load(k_scale_ptr + scale_offsets, mask=valid, other=0.0)[None, :]
+        else:
+            raw = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s = scaled_scores(raw, scale_in, scale_out, USE_SOFTCAP)
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))  # finite: every tile holds at least one valid key
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + offsets, mask=kv_mask, other=0.0)
+        if QUANTIZED:  # the value scales weight the probabilities of their keys
+            p = p * tl.load(v_scale_ptr + scale_offsets, mask=valid, other=0.0)[None, :]
+            v = v.to(tl.float32).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
 

@@ -64,6 +64,9 @@ class ModelInfo:
     kv_bytes_per_token_float32: int
     kv_bytes_per_token_bfloat16: int
     """K and V of every layer for one token: 2 * layers * kv_heads * head_dim * element bytes."""
+    kv_bytes_per_token_8bit: int
+    """The same in an int8 / fp8 cache (``--kv-cache-dtype``): one byte per element plus a float32 scale per
+    kv head: 2 * layers * kv_heads * (head_dim + 4)."""
     kv_bytes_full_context_bfloat16: int
     """One sequence at the full context; sliding-window layers keep only their window."""
     has_tokenizer: bool
@@ -107,6 +110,7 @@ def model_info(checkpoint: Checkpoint) -> ModelInfo:
         weights_bfloat16_bytes=2 * params,
         kv_bytes_per_token_float32=4 * per_token_elems,
         kv_bytes_per_token_bfloat16=2 * per_token_elems,
+        kv_bytes_per_token_8bit=2 * c.num_layers * c.num_kv_heads * (c.head_dim + 4),
         kv_bytes_full_context_bfloat16=2 * c.num_kv_heads * c.head_dim * 2 * full_tokens,
         has_tokenizer=tokenizer is not None,
         has_chat_template=bool(tokenizer is not None and tokenizer.chat_template),
@@ -168,8 +172,9 @@ def info_rows(info: ModelInfo) -> list[tuple[str, str]]:
             f"{human_bytes(info.weights_float32_bytes)} / {human_bytes(info.weights_bfloat16_bytes)}",
         ),
         (
-            "KV cache per token (float32 / bfloat16)",
-            f"{human_bytes(info.kv_bytes_per_token_float32)} / {human_bytes(info.kv_bytes_per_token_bfloat16)}",
+            "KV cache per token (float32 / bfloat16 / int8 or fp8)",
+            f"{human_bytes(info.kv_bytes_per_token_float32)} / {human_bytes(info.kv_bytes_per_token_bfloat16)} / "
+            f"{human_bytes(info.kv_bytes_per_token_8bit)}",
         ),
         ("KV cache at full context (bfloat16)", human_bytes(info.kv_bytes_full_context_bfloat16)),
         (

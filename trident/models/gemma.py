@@ -18,13 +18,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from trident.attention.base import AttentionBackend, AttentionMetadata
+from trident.attention.base import AttentionBackend, AttentionMetadata, LayerKVCache
 from trident.config import SLIDING_ATTENTION, ModelConfig
 from trident.models.layers import Attention, Embedding, GatedMLP, RMSNorm, RotaryEmbedding, linear
 from trident.models.ops import RotaryInputs
 from trident.models.weights import PackedModules, attention_mlp_packing, load_weights
-
-KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 class GemmaDecoderLayer(nn.Module):
@@ -40,7 +38,7 @@ class GemmaDecoderLayer(nn.Module):
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps, unit_offset=True)
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: RotaryInputs, kv_cache: KVCache,
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: RotaryInputs, kv_cache: LayerKVCache,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (this layer's normed MLP output, the residual stream before it is added)."""
         hidden, residual = self.input_layernorm.with_residual(hidden, residual)
@@ -59,7 +57,7 @@ class GemmaModel(nn.Module):
         self.rotary_local = RotaryEmbedding(config.rope_local, config.head_dim) if config.rope_local else None
         self.embed_scale = config.hidden_size ** 0.5
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[LayerKVCache],
                 meta: AttentionMetadata) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         # The scale is rounded to the activation dtype first, as the reference implementation does.
@@ -85,7 +83,7 @@ class GemmaForCausalLM(nn.Module):
     def packed_modules(self) -> PackedModules:
         return attention_mlp_packing(self.config)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[LayerKVCache],
                 meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta)
 

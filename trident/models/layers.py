@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trident.attention.base import AttentionBackend, AttentionMetadata
+from trident.attention.base import AttentionBackend, AttentionMetadata, LayerKVCache
 from trident.config import ModelConfig, RopeConfig
 from trident.models import ops
 
@@ -181,7 +181,7 @@ class Attention(nn.Module):
         self.layer_index = layer_index
         self.backend = backend
 
-    def forward(self, hidden: torch.Tensor, rope: ops.RotaryInputs, kv_cache: tuple[torch.Tensor, torch.Tensor],
+    def forward(self, hidden: torch.Tensor, rope: ops.RotaryInputs, kv_cache: LayerKVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         head_norms = None
@@ -190,8 +190,7 @@ class Attention(nn.Module):
                                        self.q_norm.unit_offset)
         q, k, v = ops.rotate_qkv(self.qkv_proj(hidden), self.num_heads, self.num_kv_heads, self.head_dim, rope,
                                  head_norms)
-        k_cache, v_cache = kv_cache
-        self.backend.write_kv(k, v, k_cache, v_cache, meta)
-        out = self.backend.forward(q, k_cache, v_cache, meta, scale=self.scale,
+        self.backend.write_kv(k, v, kv_cache, meta)
+        out = self.backend.forward(q, kv_cache, meta, scale=self.scale,
                                    sliding_window=self.sliding_window, logit_softcap=self.logit_softcap)
         return self.o_proj(out.reshape(num_tokens, self.q_size))

@@ -15,13 +15,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from trident.attention.base import AttentionBackend, AttentionMetadata
+from trident.attention.base import AttentionBackend, AttentionMetadata, LayerKVCache
 from trident.config import ModelConfig
 from trident.models.layers import Attention, Embedding, GatedMLP, Linear, RMSNorm, RotaryEmbedding, linear
 from trident.models.ops import RotaryInputs
 from trident.models.weights import PackedModules, attention_mlp_packing, load_weights
-
-KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -32,7 +30,7 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: RotaryInputs, kv_cache: KVCache,
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: RotaryInputs, kv_cache: LayerKVCache,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (this layer's MLP output, the residual stream before it is added)."""
         hidden, residual = self.input_layernorm.with_residual(hidden, residual)
@@ -51,7 +49,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.rope, config.head_dim)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[LayerKVCache],
                 meta: AttentionMetadata) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         rope = self.rotary(positions, hidden.dtype)
@@ -77,7 +75,7 @@ class LlamaForCausalLM(nn.Module):
     def packed_modules(self) -> PackedModules:
         return attention_mlp_packing(self.config)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[LayerKVCache],
                 meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta)
 

@@ -142,8 +142,8 @@ def engine_for(path: str, base: EngineConfig) -> EngineConfig:
 
 
 _SPEC_KEYS = {"name", "path", "aliases", "max_queued_requests", "preload", "dtype", "device", "max_model_len",
-              "kv_cache_memory", "block_size", "max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching",
-              "num_threads", "seed", "attention_backend"}
+              "kv_cache_memory", "kv_cache_dtype", "block_size", "max_num_seqs", "max_num_batched_tokens",
+              "enable_prefix_caching", "num_threads", "seed", "attention_backend"}
 _FILE_KEYS = {"models", "memory_budget", "aliases"}
 
 
@@ -161,7 +161,8 @@ def spec_from_dict(entry: Mapping, base: EngineConfig, where: str) -> ModelSpec:
     _check_keys(entry, _SPEC_KEYS, where)
     if "name" not in entry:
         raise TridentError(f"{where}: every model needs a name")
-    cache = replace(base.cache, **{k: entry[k] for k in ("block_size", "enable_prefix_caching") if k in entry})
+    cache = replace(base.cache, **{k: entry[k] for k in ("block_size", "enable_prefix_caching", "kv_cache_dtype")
+                                     if k in entry})
     if "kv_cache_memory" in entry:
         cache = replace(cache, memory_budget_bytes=parse_size(entry["kv_cache_memory"], f"{where}: kv_cache_memory"))
     scheduler = replace(base.scheduler, **{k: entry[k] for k in ("max_num_seqs", "max_num_batched_tokens")
