@@ -74,6 +74,10 @@ class TorchAttention:
         batch, num_heads, head_dim = query.shape
         num_kv_heads = cache.key.shape[0]
         k, v = _gather_kv(cache, decode.block_tables, query.dtype)  # [kv_heads, B, S, D]
+        if k.device.type == "cpu" and k.dtype in (torch.bfloat16, torch.float16):
+            # torch's CPU batched matmul is many times slower in 16 bits than in float32 at these shapes (one query
+            # row per sequence: bf16 0.30 ms against 0.03 for 3 x 304 keys of 64), so decode attends in float32.
+            k, v = k.float(), v.float()
         span = k.shape[2]
         key = ("decode", sliding_window, span)
         bias = meta.mask_cache.get(key)

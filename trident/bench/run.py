@@ -42,9 +42,10 @@ def add_bench_parser(sub, model_help: str, engine_args) -> None:
     p.add_argument("--workload", choices=["default", "nano"], default="default",
                    help="offline workload: default (equal-length prompts) or nano (nano-vllm's 256 random prompts "
                    "of 100-1024 tokens, outputs of 100-1024 tokens; --num-prompts N takes the first N)")
-    p.add_argument("--compare", choices=["hf"], default=None,
-                   help="also run Hugging Face transformers on the same workload in this process (offline: its "
-                   "continuous batching; latency: static-cache generate)")
+    p.add_argument("--compare", choices=["hf", "llama.cpp"], default=None,
+                   help="also run a peer on the same workload in this process: hf = Hugging Face transformers "
+                   "(offline: its continuous batching; latency: static-cache generate); llama.cpp = llama-cpp-python "
+                   "on the same GGUF file (latency on the CPU; an optional install)")
     p.add_argument("--hf-compile", action="store_true",
                    help="latency: let transformers torch.compile its static-cache decode step (on accelerators)")
     p.add_argument("--prompt-len", type=int, default=None,
@@ -79,6 +80,9 @@ def run_bench(args: argparse.Namespace) -> int:
     from trident.bench import peer_offline, peers, report, trident_side
     from trident.bench.subject import prepare
 
+    if args.compare == "llama.cpp" and (args.kind != "latency" or args.shape or args.device != "cpu"):
+        raise TridentError("--compare llama.cpp runs `trident bench latency` on a GGUF file on the CPU (not --shape, "
+                           "not offline, not CUDA)")
     if args.compare == "hf" and args.weights != "float":
         raise TridentError("--compare hf runs transformers on float weights: leave out --weights to compare, or "
                            "--compare to benchmark quantized weights")
@@ -104,24 +108,39 @@ def run_bench(args: argparse.Namespace) -> int:
             return peer_offline.hf_offline(model, workload)
 
     model = peer_error = hf_load_s = None
+    peer_name = f"hf-transformers ({dtype_name})"
     if args.compare == "hf":
         model, hf_load_s, peer_error = _load_peer(subject)
+    elif args.compare == "llama.cpp":
+        import time
+
+        import torch
+
+        from trident.bench.peer_llamacpp import llamacpp_latency, load_llamacpp
+
+        threads = torch.get_num_threads()
+        t0 = time.perf_counter()
+        model = load_llamacpp(subject.name, threads)
+        hf_load_s = time.perf_counter() - t0
+        peer_name = "llama.cpp (same GGUF file)"
+
+        def theirs_fn(llm):
+            return llamacpp_latency(llm, workload, threads)
     # Interleave the engines' repetitions so that drift of a shared machine hits both alike; report medians.
     ours_runs, theirs_runs = [], []
     for i in range(args.repeat):
         console.log(f"repetition {i + 1}/{args.repeat}: trident {args.kind}")
         ours_runs.append({**ours_fn(engine, workload), "method": f"paged KV ({engine.attention_backend} attention)"})
         if model is not None and peer_error is None:
-            console.log(f"repetition {i + 1}/{args.repeat}: hf-transformers {args.kind}")
+            console.log(f"repetition {i + 1}/{args.repeat}: {peer_name} {args.kind}")
             try:
                 theirs_runs.append(theirs_fn(model))
             except Exception as e:  # a peer's failure is reported in its row; trident's row stands
                 peer_error = f"{type(e).__name__}: {e}"
     bound_tok_s = bound.tok_s if bound else None
     rows = [report.summarize(f"trident ({label})", subject.load_s, ours_runs, None, bound_tok_s, args.kind)]
-    if args.compare == "hf":
-        rows.append(report.summarize(f"hf-transformers ({dtype_name})", hf_load_s, theirs_runs, peer_error,
-                                     bound_tok_s, args.kind))
+    if args.compare is not None:
+        rows.append(report.summarize(peer_name, hf_load_s, theirs_runs, peer_error, bound_tok_s, args.kind))
     report.print_table(args.kind, f"trident bench {args.kind}: {subject.name}, {label}, {args.device}",
                        rows, _captions(args, subject, dtype_name, bound))
     record = _record(args, subject, dtype_name, bound, rows)
