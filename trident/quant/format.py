@@ -1,8 +1,9 @@
 """The quantized checkpoint format: a Hugging Face-style folder trident loads like any other.
 
 - ``config.json``: the source's config plus ``quantization_config`` = ``{"quant_method": "trident-rtn", "bits",
-  "group_size", "symmetric", "modules": [module names]}``; module names are trident's (fused ``qkv_proj`` and
-  ``gate_up_proj``, e.g. ``model.layers.0.self_attn.qkv_proj``).
+  "group_size", "symmetric", "method", "modules": [module names]}``; module names are trident's (fused ``qkv_proj``
+  and ``gate_up_proj``, e.g. ``model.layers.0.self_attn.qkv_proj``). ``method`` (``rtn`` or ``gptq``; ``rtn`` when
+  absent) says how the codes were chosen: metadata only, the layout is the same whatever chose them.
 - ``model.safetensors``: every tensor the quantized modules do not replace, under its Hugging Face name and in
   its source dtype, plus ``<module>.qweight``, ``<module>.scales`` and (asymmetric) ``<module>.zeros`` for each
   quantized module (layouts in :mod:`trident.quant.rtn`). A quantized module's bias stays under its HF names.
@@ -28,6 +29,8 @@ from trident.quant.rtn import QuantConfig, QuantizedWeight
 
 QUANT_METHOD = "trident-rtn"
 SUPPORTED_METHODS = (QUANT_METHOD,)
+CODE_METHODS = ("rtn", "gptq")
+"""How the codes of a ``trident-rtn`` checkpoint may have been chosen (``quantization_config.method``)."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "chat_template.jinja", "chat_template.json")
 
@@ -38,10 +41,12 @@ class QuantizedModules:
 
     config: QuantConfig
     modules: tuple[str, ...]
+    method: str = "rtn"
+    """How the codes were chosen (one of CODE_METHODS): recorded, never needed to load them."""
 
     def as_hf_dict(self) -> dict[str, Any]:
         return {"quant_method": QUANT_METHOD, "bits": self.config.bits, "group_size": self.config.group_size,
-                "symmetric": self.config.symmetric, "modules": list(self.modules)}
+                "symmetric": self.config.symmetric, "method": self.method, "modules": list(self.modules)}
 
 
 def read_quantization_config(hf_config: Mapping[str, Any]) -> QuantizedModules | None:
@@ -61,7 +66,10 @@ def read_quantization_config(hf_config: Mapping[str, Any]) -> QuantizedModules |
                              symmetric=entry.get("symmetric"))
     except TridentError as e:
         raise TridentError(f"quantization_config is invalid: {e}") from None
-    return QuantizedModules(config, tuple(modules))
+    method = entry.get("method", "rtn")
+    if method not in CODE_METHODS:
+        raise TridentError(f"quantization_config.method {method!r} is not one of {', '.join(CODE_METHODS)}")
+    return QuantizedModules(config, tuple(modules), method)
 
 
 def install_quantized_modules(model: nn.Module, quantization: QuantizedModules,

@@ -42,12 +42,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
 from trident.errors import TridentError
+from trident.quant.gptq_config import GPTQConfig
 from trident.quant.rtn import (
     Grid,
     QuantConfig,
@@ -61,26 +61,6 @@ from trident.quant.rtn import (
 
 DAMP_RETRIES = 3
 """Times the damping is multiplied by 10 after a failed Cholesky factorisation before giving up."""
-
-
-@dataclass(frozen=True)
-class GPTQConfig:
-    """How GPTQ compensates the rounding errors (the code grid itself is :class:`QuantConfig`'s)."""
-
-    damp: float = 0.01
-    """Dampening added to H's diagonal, relative to the mean of the diagonal (0 < damp <= 1)."""
-    block_size: int = 128
-    """Columns per lazy block update; a multiple of 128 so that every group fits inside one block."""
-    act_order: bool = False
-    """Quantize the columns by decreasing H_jj (with static groups from the original weight)."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.damp, (int, float)) or isinstance(self.damp, bool) or not 0 < self.damp <= 1:
-            raise TridentError(f"GPTQ damp must be a number in (0, 1] (0.01 is usual), got {self.damp!r}")
-        if not isinstance(self.block_size, int) or self.block_size <= 0 or self.block_size % 128:
-            raise TridentError(f"GPTQ block_size must be a positive multiple of 128, got {self.block_size!r}")
-        if not isinstance(self.act_order, bool):
-            raise TridentError(f"act_order must be True or False, got {self.act_order!r}")
 
 
 class GPTQResult(NamedTuple):

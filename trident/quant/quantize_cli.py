@@ -1,6 +1,7 @@
-"""`trident quantize MODEL --method rtn --bits 8|4 [--group-size G] [--asymmetric] --out DIR [--json FILE]`:
-quantize a model's decoder-layer Linear weights, write a folder trident loads (see trident/quant/format.py),
-and report each module's relative error and the bytes before and after, as a table and a JSON record."""
+"""`trident quantize MODEL --method rtn|gptq --bits 8|4 [--group-size G] [--asymmetric] [--calib TEXT ...] --out DIR
+[--json FILE]`: quantize a model's decoder-layer Linear weights (round to nearest, or GPTQ calibrated on a text),
+write a folder trident loads (see trident/quant/format.py), and report each module's relative error and the bytes
+before and after, as a table and a JSON record."""
 
 from __future__ import annotations
 
@@ -11,26 +12,34 @@ from datetime import datetime, timezone
 
 from trident.errors import TridentError
 from trident.quant import GROUP_SIZES
+from trident.quant.gptq_cli import add_gptq_arguments, gptq_settings_of, quantize_gptq
 
 DEFAULT_MODEL = "default"
 
 QUANTIZE_DESCRIPTION = (
-    "Weight-only round-to-nearest quantization of every Linear layer of the decoder layers (never the embeddings "
-    "or the LM head) to int8 or int4, per output channel or in groups along the input dimension, symmetric or "
-    "asymmetric. Writes a Hugging Face-style folder (config.json with quantization_config, model.safetensors, the "
+    "Weight-only quantization of every Linear layer of the decoder layers (never the embeddings or the LM head) to "
+    "int8 or int4, per output channel or in groups along the input dimension, symmetric or asymmetric: by rounding "
+    "to nearest (--method rtn), or by GPTQ (--method gptq --calib TEXT), which quantizes the decoder layers one "
+    "after the other on calibration text and spreads each weight's rounding error over the weights not yet "
+    "quantized so that every layer's outputs move least (same codes layout, same folder). Writes a Hugging "
+    "Face-style folder (config.json with quantization_config, model.safetensors, the "
     "tokenizer) that every trident command loads, and reports each module's relative Frobenius error "
-    "||W - deq(W)|| / ||W|| and the bytes on disk. Compare quality with: trident eval ppl ORIGINAL OUT --text FILE."
+    "||W - deq(W)|| / ||W|| (with GPTQ also the relative output error on the calibration inputs, its own and "
+    "round-to-nearest's) and the bytes on disk. Compare quality with: trident eval ppl ORIGINAL OUT --text FILE."
 )
 
 
 def add_quantize_parser(sub) -> None:
-    p = sub.add_parser("quantize", help="quantize a model's weights to int8/int4 (round-to-nearest) into a folder",
+    p = sub.add_parser("quantize", help="quantize a model's weights to int8/int4 (round-to-nearest or GPTQ) into a "
+                       "folder",
                        description=QUANTIZE_DESCRIPTION,
-                       epilog="See docs/compression.md. Example: trident quantize default --bits 4 --group-size 64 "
-                       "--out smollm2-rtn-int4")
+                       epilog="See docs/compression.md. Examples: trident quantize default --bits 4 --group-size 64 "
+                       "--out smollm2-rtn-int4; trident quantize default --method gptq --bits 4 --group-size 64 "
+                       "--calib shakespeare --out smollm2-gptq-int4")
     p.add_argument("model", metavar="MODEL", help=f"a .gguf file, a Hugging Face folder, or '{DEFAULT_MODEL}' (the "
                    "embedded SmolLM2-135M-Instruct Q4_1 GGUF)")
-    p.add_argument("--method", default="rtn", choices=["rtn"], help="rtn: round to nearest (default)")
+    p.add_argument("--method", default="rtn", choices=["rtn", "gptq"],
+                   help="rtn: round to nearest (default); gptq: GPTQ error compensation, needs --calib")
     p.add_argument("--bits", type=int, required=True, choices=[8, 4], help="bits per weight")
     p.add_argument("--group-size", type=int, default=None, choices=GROUP_SIZES,
                    help="inputs per scale along K (default: one scale per output channel)")
@@ -39,6 +48,7 @@ def add_quantize_parser(sub) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="the folder to write (must not exist or be empty)")
     p.add_argument("--json", default=None, metavar="FILE",
                    help="where to write the report (default: bench-results/quantize-TIME.json)")
+    add_gptq_arguments(p)
     p.set_defaults(func=run_quantize)
 
 
@@ -56,6 +66,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from trident.quant.rtn import QuantConfig
 
     config = QuantConfig(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric)
+    gptq_settings = gptq_settings_of(args)
     out = os.path.expanduser(args.out)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise TridentError(f"--out {out} exists and is not an empty folder; pick a new folder")
@@ -78,11 +89,15 @@ def run_quantize(args: argparse.Namespace) -> int:
             group_size_of(config, model.get_submodule(name).in_features)
         except TridentError as e:
             raise TridentError(f"{name}: {e}") from None
-    with Progress(TextColumn("quantizing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
-        task = bar.add_task("quantize", total=len(names))
-        quant_report = quantize_model(model, config, progress=lambda _: bar.advance(task))
-    modules = QuantizedModules(config, tuple(quant_report.names))
+    gptq_record = {}
+    if gptq_settings is not None:
+        quant_report, gptq_record = quantize_gptq(model, checkpoint, config, gptq_settings, console)
+    else:
+        with Progress(TextColumn("quantizing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as bar:
+            task = bar.add_task("quantize", total=len(names))
+            quant_report = quantize_model(model, config, progress=lambda _: bar.advance(task))
+    modules = QuantizedModules(config, tuple(quant_report.names), args.method)
     files = save_quantized(model, checkpoint, modules, out)
     seconds = time.perf_counter() - t0
     source_bytes = _source_weight_bytes(checkpoint, model, set(modules.modules))
@@ -96,7 +111,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     _print_table(console, args, quant_report, totals)
     record = {"kind": "quantize", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "model": args.model, "source_format": checkpoint.format, "method": args.method, "out": out,
-              "files": files, "seconds": seconds, **totals, **quant_report.as_dict()}
+              "files": files, "seconds": seconds, **totals, **gptq_record, **quant_report.as_dict()}
     console.print(f"quantized model written to {out}; report written to "
                   f"{bench_report.write_json(record, args.json, 'quantize')}")
     return 0
@@ -126,13 +141,18 @@ def _print_table(console, args, quant_report, totals: dict) -> None:
     from rich.table import Table
 
     c = quant_report.config
-    table = Table(title=f"trident quantize {args.model}: rtn int{c.bits}, "
+    table = Table(title=f"trident quantize {args.model}: {args.method} int{c.bits}, "
                   f"{'per channel' if c.group_size is None else f'group {c.group_size}'}, "
                   f"{'symmetric' if c.symmetric else 'asymmetric'}")
-    for name in ("module", "shape", "rel. error", "bytes after"):
+    gptq = args.method == "gptq"
+    columns = ("module", "shape", "rel. error") + (("output error", "rtn output error") if gptq else ()) + (
+        "bytes after",)
+    for name in columns:
         table.add_column(name, justify="left" if name == "module" else "right")
     for m in quant_report.modules:
-        table.add_row(m.name, f"{m.out_features}x{m.in_features}", f"{m.relative_error:.5f}", f"{m.bytes_after:,}")
+        outputs = (f"{m.output_error:.5f}", f"{m.rtn_output_error:.5f}") if gptq else ()
+        table.add_row(m.name, f"{m.out_features}x{m.in_features}", f"{m.relative_error:.5f}", *outputs,
+                      f"{m.bytes_after:,}")
     table.caption = (
         f"{totals['params_quantized']:,} parameters quantized · mean relative error "
         f"{totals['mean_relative_error']:.5f} (max {totals['max_relative_error']:.5f}) · quantized weights "
