@@ -271,3 +271,15 @@ def test_quantization_config_method_is_metadata_with_rtn_by_default() -> None:
     assert gptq == QuantizedModules(QuantConfig(bits=4, group_size=64), ("m",), "gptq")
     with pytest.raises(TridentError, match="method 'awq' is not one of rtn, gptq"):
         read_quantization_config({"quantization_config": {**entry, "method": "awq"}})
+
+
+def test_module_patterns_select_what_gptq_quantizes(tiny_llama_dir) -> None:
+    from trident.models.layers import Linear
+
+    model = _build(load_checkpoint(str(tiny_llama_dir)))
+    config = QuantConfig(bits=8, modules=("model.layers.1.mlp.*",))
+    tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(3))
+    report = gptq_model(model, config, GPTQConfig(), tokens)
+    assert report.names == ["model.layers.1.mlp.gate_up_proj", "model.layers.1.mlp.down_proj"]
+    assert type(model.get_submodule("model.layers.0.mlp.down_proj")) is Linear
+    assert type(model.get_submodule("model.layers.1.self_attn.qkv_proj")) is Linear

@@ -149,7 +149,8 @@ def gptq_model(model: nn.Module, config: QuantConfig, gptq: GPTQConfig, tokens: 
             lambda _module, args, acc=acc: acc.add(args[0])) for name, acc in accumulators.items()]
         try:
             for b, (hidden, residual) in enumerate(states):
-                layer(hidden, residual, *extras[b][index])
+                if layer_names:  # a layer with nothing to quantize needs no Hessian pass
+                    layer(hidden, residual, *extras[b][index])
                 advance(f"layer {index}: inputs")
         finally:
             for hook in hooks:
