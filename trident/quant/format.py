@@ -1,10 +1,12 @@
 """The quantized checkpoint format: a Hugging Face-style folder trident loads like any other.
 
 - ``config.json``: the source's config plus ``quantization_config`` = ``{"quant_method": "trident-rtn", "bits",
-  "group_size", "symmetric", "modules": [module names]}``; module names are trident's (fused ``qkv_proj`` and
-  ``gate_up_proj``, e.g. ``model.layers.0.self_attn.qkv_proj``). Modules quantized differently from that default
-  (mixed bits) are listed in ``"module_configs": {module name: {"bits", "group_size", "symmetric"}}``, absent
-  when every module follows the default (as in folders written before mixed bits).
+  "group_size", "symmetric", "method", "modules": [module names]}``; module names are trident's (fused ``qkv_proj``
+  and ``gate_up_proj``, e.g. ``model.layers.0.self_attn.qkv_proj``). ``method`` (``rtn`` or ``gptq``; ``rtn`` when
+  absent) says how the codes were chosen: metadata only, the layout is the same whatever chose them. Modules
+  quantized differently from that default (mixed bits) are listed in ``"module_configs": {module name: {"bits",
+  "group_size", "symmetric"}}``, absent when every module follows the default (as in folders written before mixed
+  bits).
 - ``model.safetensors``: every tensor the quantized modules do not replace, under its Hugging Face name and in
   its source dtype, plus ``<module>.qweight``, ``<module>.scales`` and (asymmetric) ``<module>.zeros`` for each
   quantized module (layouts in :mod:`trident.quant.rtn`). A quantized module's bias stays under its HF names.
@@ -30,6 +32,8 @@ from trident.quant.rtn import QuantConfig, QuantizedWeight
 
 QUANT_METHOD = "trident-rtn"
 SUPPORTED_METHODS = (QUANT_METHOD,)
+CODE_METHODS = ("rtn", "gptq")
+"""How the codes of a ``trident-rtn`` checkpoint may have been chosen (``quantization_config.method``)."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "chat_template.jinja", "chat_template.json")
 
@@ -43,6 +47,8 @@ class QuantizedModules:
     modules: tuple[str, ...]
     module_configs: Mapping[str, QuantConfig] = field(default_factory=dict)
     """Listed modules quantized otherwise than :attr:`config` (mixed bits), by name."""
+    method: str = "rtn"
+    """How the codes were chosen (one of CODE_METHODS): recorded, never needed to load them."""
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.module_configs if name not in self.modules]
@@ -55,7 +61,8 @@ class QuantizedModules:
         return self.module_configs.get(name, self.config)
 
     def as_hf_dict(self) -> dict[str, Any]:
-        entry = {"quant_method": QUANT_METHOD, **_config_dict(self.config), "modules": list(self.modules)}
+        entry = {"quant_method": QUANT_METHOD, **_config_dict(self.config), "method": self.method,
+                 "modules": list(self.modules)}
         if self.module_configs:
             entry["module_configs"] = {name: _config_dict(self.module_configs[name])
                                        for name in self.modules if name in self.module_configs}
@@ -95,7 +102,10 @@ def read_quantization_config(hf_config: Mapping[str, Any]) -> QuantizedModules |
                            "{bits, group_size, symmetric}")
     overrides = {name: _config_from(c, f"quantization_config.module_configs[{name!r}]")
                  for name, c in module_configs.items()}
-    return QuantizedModules(config, tuple(modules), overrides)
+    method = entry.get("method", "rtn")
+    if method not in CODE_METHODS:
+        raise TridentError(f"quantization_config.method {method!r} is not one of {', '.join(CODE_METHODS)}")
+    return QuantizedModules(config, tuple(modules), overrides, method)
 
 
 def install_quantized_modules(model: nn.Module, quantization: QuantizedModules,
@@ -111,6 +121,7 @@ def install_quantized_modules(model: nn.Module, quantization: QuantizedModules,
     from trident.quant.rtn import dequantize
 
     rest = dict(tensors)
+    targets = _install_targets(model, list(quantization.modules))  # an unknown name fails before anything else
     weights: dict[str, tuple[QuantizedWeight, QuantConfig]] = {}
     for name in quantization.modules:
         config = quantization.config_of(name)
@@ -119,7 +130,7 @@ def install_quantized_modules(model: nn.Module, quantization: QuantizedModules,
             raise TridentError(f"the checkpoint lacks the quantized tensors of {name} (qweight, scales"
                                f"{'' if config.symmetric else ', zeros'})")
         weights[name] = (QuantizedWeight(parts["qweight"], parts["scales"], parts["zeros"]), config)
-    for target, members in _install_targets(model, list(weights)).items():
+    for target, members in targets.items():
         configs = {weights[m][1] for m in members if m in weights}
         if any(m not in weights for m in members) or len(configs) != 1:
             for m in members:  # a fused layer whose parts differ: float, as an unquantized checkpoint's

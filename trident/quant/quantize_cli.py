@@ -1,7 +1,8 @@
-"""`trident quantize MODEL --method rtn --bits 8|4|mixed [--group-size G] [--asymmetric] --out DIR [--json FILE]`:
-quantize a model's decoder-layer Linear weights, write a folder trident loads (see trident/quant/format.py),
-and report each module's relative error and the bytes before and after, as a table and a JSON record.
-``--bits mixed --avg-bits B --calib TEXT`` chooses int4 or int8 per module (trident/quant/mixed_cli.py)."""
+"""`trident quantize MODEL --method rtn|gptq --bits 8|4|mixed [--group-size G] [--asymmetric] [--calib TEXT ...]
+--out DIR [--json FILE]`: quantize a model's decoder-layer Linear weights (round to nearest, or GPTQ calibrated on a
+text), write a folder trident loads (see trident/quant/format.py), and report each module's relative error and the
+bytes before and after, as a table and a JSON record. ``--bits mixed --avg-bits B --calib TEXT`` chooses int4 or
+int8 per module (trident/quant/mixed_cli.py)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,20 @@ from datetime import datetime, timezone
 
 from trident.errors import TridentError
 from trident.quant import GROUP_SIZES
+from trident.quant.gptq_cli import GPTQ_FLAGS, add_gptq_arguments, gptq_settings_of, quantize_gptq
 
 DEFAULT_MODEL = "default"
 
 QUANTIZE_DESCRIPTION = (
-    "Weight-only round-to-nearest quantization of every Linear layer of the decoder layers (never the embeddings "
-    "or the LM head) to int8 or int4, per output channel or in groups along the input dimension, symmetric or "
-    "asymmetric. Writes a Hugging Face-style folder (config.json with quantization_config, model.safetensors, the "
+    "Weight-only quantization of every Linear layer of the decoder layers (never the embeddings or the LM head) to "
+    "int8 or int4, per output channel or in groups along the input dimension, symmetric or asymmetric: by rounding "
+    "to nearest (--method rtn), or by GPTQ (--method gptq --calib TEXT), which quantizes the decoder layers one "
+    "after the other on calibration text and spreads each weight's rounding error over the weights not yet "
+    "quantized so that every layer's outputs move least (same codes layout, same folder). Writes a Hugging "
+    "Face-style folder (config.json with quantization_config, model.safetensors, the "
     "tokenizer) that every trident command loads, and reports each module's relative Frobenius error "
-    "||W - deq(W)|| / ||W|| and the bytes on disk. Compare quality with: trident eval ppl ORIGINAL OUT --text FILE. "
+    "||W - deq(W)|| / ||W|| (with GPTQ also the relative output error on the calibration inputs, its own and "
+    "round-to-nearest's) and the bytes on disk. Compare quality with: trident eval ppl ORIGINAL OUT --text FILE. "
     "--bits mixed stores each module as int4 (--group-size, default per channel) or int8 (per channel): it "
     "measures how much the calibration loss rises with each module alone at int4 (--calib, its calib slice), "
     "then keeps at int8 the modules with the largest rise per extra bit while the average stored bits per weight "
@@ -33,14 +39,17 @@ def _bits(value: str) -> int | str:
 
 
 def add_quantize_parser(sub) -> None:
-    p = sub.add_parser("quantize", help="quantize a model's weights to int8/int4 (round-to-nearest) into a folder",
+    p = sub.add_parser("quantize", help="quantize a model's weights to int8/int4 (round-to-nearest or GPTQ) into a "
+                       "folder",
                        description=QUANTIZE_DESCRIPTION,
                        epilog="See docs/compression.md. Examples: trident quantize default --bits 4 --group-size 64 "
-                       "--out smollm2-rtn-int4; trident quantize default --bits mixed --avg-bits 5.0 --group-size 64 "
-                       "--calib shakespeare --out smollm2-mixed")
+                       "--out smollm2-rtn-int4; trident quantize default --method gptq --bits 4 --group-size 64 "
+                       "--act-order --calib shakespeare --out smollm2-gptq-int4; trident quantize default --bits mixed "
+                       "--avg-bits 5.0 --group-size 64 --calib shakespeare --out smollm2-mixed")
     p.add_argument("model", metavar="MODEL", help=f"a .gguf file, a Hugging Face folder, or '{DEFAULT_MODEL}' (the "
                    "embedded SmolLM2-135M-Instruct Q4_1 GGUF)")
-    p.add_argument("--method", default="rtn", choices=["rtn"], help="rtn: round to nearest (default)")
+    p.add_argument("--method", default="rtn", choices=["rtn", "gptq"],
+                   help="rtn: round to nearest (default); gptq: GPTQ error compensation, needs --calib")
     p.add_argument("--bits", type=_bits, required=True, choices=[8, 4, "mixed"],
                    help="bits per weight: 8, 4, or mixed (int4 or int8 per module under --avg-bits)")
     p.add_argument("--group-size", type=int, default=None, choices=GROUP_SIZES,
@@ -52,14 +61,12 @@ def add_quantize_parser(sub) -> None:
     m.add_argument("--avg-bits", type=float, default=None, metavar="B",
                    help="the most stored bits per weight on average over the quantized modules, scales and zero "
                    "points included (int4 group 64 symmetric is 4.5, int8 per channel about 8.06)")
-    m.add_argument("--calib", default=None, metavar="FILE|shakespeare|kjv",
-                   help="calibration text the sensitivities are measured on: a named corpus's calib slice (never "
-                   "the eval slice trident eval ppl uses) or a whole UTF-8 file")
     m.add_argument("--calib-tokens", type=int, default=None, metavar="N",
                    help="calibration tokens (default 1024, two windows of 512)")
     p.add_argument("--out", required=True, metavar="DIR", help="the folder to write (must not exist or be empty)")
     p.add_argument("--json", default=None, metavar="FILE",
                    help="where to write the report (default: bench-results/quantize-TIME.json)")
+    add_gptq_arguments(p)
     p.set_defaults(func=run_quantize)
 
 
@@ -79,13 +86,19 @@ def run_quantize(args: argparse.Namespace) -> int:
     if args.bits == "mixed":
         from trident.quant.mixed_cli import DEFAULT_CALIB_TOKENS, run_mixed
 
+        gptq_only = [f"--{name.replace('_', '-')}" for name in GPTQ_FLAGS
+                     if name != "calib" and getattr(args, name) is not None]
+        if args.method != "rtn" or gptq_only:
+            raise TridentError("--bits mixed chooses int4/int8 per module with round-to-nearest codes; GPTQ is not "
+                               f"combined with it yet: drop {', '.join(gptq_only) or '--method gptq'}")
         args.calib_tokens = args.calib_tokens or DEFAULT_CALIB_TOKENS
         return run_mixed(args, args.model)
-    given = [flag for flag, value in (("--avg-bits", args.avg_bits), ("--calib", args.calib),
-                                      ("--calib-tokens", args.calib_tokens)) if value is not None]
+    given = [flag for flag, value in (("--avg-bits", args.avg_bits), ("--calib-tokens", args.calib_tokens))
+             if value is not None]
     if given:
         raise TridentError(f"{', '.join(given)} only apply to --bits mixed")
     config = QuantConfig(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric)
+    gptq_settings = gptq_settings_of(args)
     out = os.path.expanduser(args.out)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise TridentError(f"--out {out} exists and is not an empty folder; pick a new folder")
@@ -108,11 +121,15 @@ def run_quantize(args: argparse.Namespace) -> int:
             group_size_of(config, model.get_submodule(name).in_features)
         except TridentError as e:
             raise TridentError(f"{name}: {e}") from None
-    with Progress(TextColumn("quantizing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
-        task = bar.add_task("quantize", total=len(names))
-        quant_report = quantize_model(model, config, progress=lambda _: bar.advance(task))
-    modules = QuantizedModules(config, tuple(quant_report.names))
+    gptq_record = {}
+    if gptq_settings is not None:
+        quant_report, gptq_record = quantize_gptq(model, checkpoint, config, gptq_settings, console)
+    else:
+        with Progress(TextColumn("quantizing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as bar:
+            task = bar.add_task("quantize", total=len(names))
+            quant_report = quantize_model(model, config, progress=lambda _: bar.advance(task))
+    modules = QuantizedModules(config, tuple(quant_report.names), method=args.method)
     files = save_quantized(model, checkpoint, modules, out)
     seconds = time.perf_counter() - t0
     source_bytes = _source_weight_bytes(checkpoint, model, set(modules.modules))
@@ -126,7 +143,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     _print_table(console, args, quant_report, totals)
     record = {"kind": "quantize", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "model": args.model, "source_format": checkpoint.format, "method": args.method, "out": out,
-              "files": files, "seconds": seconds, **totals, **quant_report.as_dict()}
+              "files": files, "seconds": seconds, **totals, **gptq_record, **quant_report.as_dict()}
     console.print(f"quantized model written to {out}; report written to "
                   f"{bench_report.write_json(record, args.json, 'quantize')}")
     return 0
@@ -156,13 +173,18 @@ def _print_table(console, args, quant_report, totals: dict) -> None:
     from rich.table import Table
 
     c = quant_report.config
-    table = Table(title=f"trident quantize {args.model}: rtn int{c.bits}, "
+    table = Table(title=f"trident quantize {args.model}: {args.method} int{c.bits}, "
                   f"{'per channel' if c.group_size is None else f'group {c.group_size}'}, "
                   f"{'symmetric' if c.symmetric else 'asymmetric'}")
-    for name in ("module", "shape", "rel. error", "bytes after"):
+    gptq = args.method == "gptq"
+    columns = ("module", "shape", "rel. error") + (("output error", "rtn output error") if gptq else ()) + (
+        "bytes after",)
+    for name in columns:
         table.add_column(name, justify="left" if name == "module" else "right")
     for m in quant_report.modules:
-        table.add_row(m.name, f"{m.out_features}x{m.in_features}", f"{m.relative_error:.5f}", f"{m.bytes_after:,}")
+        outputs = (f"{m.output_error:.5f}", f"{m.rtn_output_error:.5f}") if gptq else ()
+        table.add_row(m.name, f"{m.out_features}x{m.in_features}", f"{m.relative_error:.5f}", *outputs,
+                      f"{m.bytes_after:,}")
     table.caption = (
         f"{totals['params_quantized']:,} parameters quantized · mean relative error "
         f"{totals['mean_relative_error']:.5f} (max {totals['max_relative_error']:.5f}) · quantized weights "

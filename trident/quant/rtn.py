@@ -144,29 +144,59 @@ def quantize(weight: torch.Tensor, config: QuantConfig) -> QuantizedWeight:
     n, k = weight.shape
     group = group_size_of(config, k)
     w = weight.detach().to(torch.float32).reshape(n, k // group, group)
+    grid = group_grid(w, config)
+    codes = round_to_grid(w, grid.scales[..., None], None if grid.zeros is None else grid.zeros[..., None], config)
+    return pack_codes(codes.reshape(n, k), grid, config)
+
+
+class Grid(NamedTuple):
+    """The code grid of each group: float32 ``scales`` [..., groups] and integer ``zeros`` (int32, asymmetric)
+    or None (symmetric)."""
+
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+
+
+def group_grid(w: torch.Tensor, config: QuantConfig) -> Grid:
+    """The grid of each group of ``w`` [..., groups, group_size] (float32), from its values (see the module
+    docstring): symmetric ``s = absmax / qmax``; asymmetric ``s = (hi - lo) / qmax``, ``z = round(-lo / s)``."""
+    qmax = config.qmax
     # Divisions by a tensor, never by a Python number: CUDA divides by a scalar through its reciprocal, which
     # moves a scale by an ulp against the CPU's and flips codes that sit on a rounding tie.
-    qmax = config.qmax
     qmax_t = torch.tensor(float(qmax), device=w.device)
     if config.symmetric:
         scales = w.abs().amax(dim=-1) / qmax_t
-        scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero group: codes 0
-        codes = torch.round(w / scales[..., None]).clamp_(-qmax, qmax).to(torch.int32)
-        zeros = None
-    else:
-        lo = w.amin(dim=-1).clamp(max=0.0)
-        hi = w.amax(dim=-1).clamp(min=0.0)
-        scales = (hi - lo) / qmax_t
-        scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-        zeros_i = torch.round(-lo / scales).clamp_(0, qmax).to(torch.int32)
-        codes = (torch.round(w / scales[..., None]).to(torch.int32) + zeros_i[..., None]).clamp_(0, qmax)
-        zeros = zeros_i.to(torch.uint8)
-    codes = codes.reshape(n, k)
+        return Grid(torch.where(scales > 0, scales, torch.ones_like(scales)), None)  # an all-zero group: codes 0
+    lo = w.amin(dim=-1).clamp(max=0.0)
+    hi = w.amax(dim=-1).clamp(min=0.0)
+    scales = (hi - lo) / qmax_t
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    return Grid(scales, torch.round(-lo / scales).clamp_(0, qmax).to(torch.int32))
+
+
+def round_to_grid(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                  config: QuantConfig) -> torch.Tensor:
+    """Codes (int32) of ``w`` (float32) on the grid ``scales`` / ``zeros`` (broadcast against ``w``): symmetric
+    ``clamp(round(w / s), -qmax, qmax)``, asymmetric ``clamp(round(w / s) + z, 0, qmax)``."""
+    qmax = config.qmax
+    if zeros is None:
+        return torch.round(w / scales).clamp_(-qmax, qmax).to(torch.int32)
+    return (torch.round(w / scales).to(torch.int32) + zeros).clamp_(0, qmax)
+
+
+def grid_values(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
+    """The values (float32) that ``codes`` stand for on the grid: ``codes * s`` or ``(codes - z) * s``."""
+    return (codes if zeros is None else codes - zeros).to(torch.float32) * scales
+
+
+def pack_codes(codes: torch.Tensor, grid: Grid, config: QuantConfig) -> QuantizedWeight:
+    """Codes [N, K] (int32, from :func:`round_to_grid`) and the grid [N, groups] as stored."""
     if config.bits == 4:
         qweight = pack_int4(codes + 8 if config.symmetric else codes)
     else:
         qweight = (codes if config.symmetric else codes - ASYMMETRIC_INT8_OFFSET).to(torch.int8)
-    return QuantizedWeight(qweight.contiguous(), scales.contiguous(), zeros)
+    zeros = None if grid.zeros is None else grid.zeros.to(torch.uint8).contiguous()
+    return QuantizedWeight(qweight.contiguous(), grid.scales.contiguous(), zeros)
 
 
 def dequantize(q: QuantizedWeight, config: QuantConfig, dtype: torch.dtype = torch.float32) -> torch.Tensor:
