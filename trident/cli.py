@@ -31,7 +31,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (auto: bfloat16 on CUDA and on CPUs with AMX/AVX512-BF16, else float32)")
     g.add_argument("--gguf-weights", default="auto", choices=["auto", "native", "dequantize"],
                    help="a GGUF file's Q4_0/Q4_1/Q8_0 layer weights: native (kept as int4/int8 codes, run by the "
-                   "quantized kernels), dequantize (converted to --dtype), auto (native with a 16-bit --dtype)")
+                   "quantized kernels), dequantize (converted to --dtype), auto (native on the CPU with a 16-bit "
+                   "--dtype)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, "
                    "at most 8192 on the CPU)")

@@ -303,8 +303,8 @@ class EngineConfig:
     gguf_weights: str = "auto"
     """How a GGUF file's Q4_0 / Q4_1 / Q8_0 projection weights are held: native (as their int4 / int8 codes, run by
     the quantized kernels, at the file's size in memory), dequantize (converted to the compute dtype like any float
-    model), or auto: native when the compute dtype is 16-bit (the kernels take bfloat16 / float16 activations),
-    else dequantize."""
+    model), or auto: native on the CPU when the compute dtype is 16-bit (the kernels take bfloat16 / float16
+    activations), else dequantize (on CUDA the int4 kernel is still slower than bfloat16 weights)."""
     async_scheduling: bool | None = None
     """Plan and launch step k+1 while the device still runs step k (its sampled tokens feed step k+1 on the
     device). None: on for CUDA, off on the CPU (where the host and the model share the cores). Steps of
