@@ -140,21 +140,36 @@ def print_table(rows: list[dict], timing: str) -> None:
               f"{_cell(r['best_TBps'], '.2f', 9)}")
 
 
+def bench_device(parser: argparse.ArgumentParser, dry_run: bool) -> torch.device:
+    """CUDA for a real run; a dry run takes CUDA if there is one, else the CPU under Triton's interpreter."""
+    if dry_run:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            parser.error("a dry run without CUDA needs Triton's interpreter: set TRITON_INTERPRET=1")
+        return device
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device (or --dry-run)")
+    return torch.device("cuda")
+
+
+def write_results(path: str, device: torch.device, dtype: torch.dtype, dry_run: bool, rows: list[dict]) -> None:
+    """A kernel benchmark's rows as JSON, with the machine and versions they were measured on."""
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
+    with open(path, "w") as f:
+        json.dump({"device": machine, "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
+                   "triton": triton.__version__, "dry_run": dry_run, "rows": rows}, f, indent=1)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--rows", type=int, nargs="+", default=None, help=f"row counts of x (default {ROWS})")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes, wall clock: checks the script only")
     args = parser.parse_args(argv)
+    device = bench_device(parser, args.dry_run)
     if args.dry_run:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            parser.error("a dry run without CUDA needs Triton's interpreter: set TRITON_INTERPRET=1")
         shapes, rows, variants, time_us, dtype = DRY_SHAPES, DRY_ROWS, DRY_VARIANTS, wall_us, DRY_DTYPE
     else:
-        if not torch.cuda.is_available():
-            parser.error("needs a CUDA device (or --dry-run)")
-        device = torch.device("cuda")
         shapes, rows, variants, time_us, dtype = SHAPES, ROWS, VARIANTS, graph_us, DTYPE
     rows = tuple(args.rows) if args.rows else rows
     results = []
@@ -162,10 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         results += bench_shape(model, projection, n, k, rows, variants, time_us, device, dtype)
     print_table(results, "wall clock, dry run" if args.dry_run else "CUDA-graph replays")
     if args.json:
-        machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
-        with open(args.json, "w") as f:
-            json.dump({"device": machine, "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
-                       "triton": triton.__version__, "dry_run": args.dry_run, "rows": results}, f, indent=1)
+        write_results(args.json, device, dtype, args.dry_run, results)
 
 
 if __name__ == "__main__":

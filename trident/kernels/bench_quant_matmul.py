@@ -18,13 +18,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import torch
 import torch.nn.functional as F
 import triton
 
-from trident.kernels.bench_gemv import ROTATION_BYTES, TimeUs, _checked_us, graph_us, wall_us
+from trident.kernels.bench_gemv import (
+    ROTATION_BYTES,
+    TimeUs,
+    _checked_us,
+    bench_device,
+    graph_us,
+    wall_us,
+    write_results,
+)
 from trident.kernels.gemv import gemv
 from trident.kernels.quant_matmul import QGEMV_MAX_ROWS, TileConfig, quant_matmul, quant_matmul_config
 from trident.quant.affine import AffineWeight, affine_matmul_reference
@@ -152,15 +159,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-sweep", action="store_true", help="only the default tiles and the bf16 baselines")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes, wall clock: checks the script only")
     args = parser.parse_args(argv)
+    device = bench_device(parser, args.dry_run)
     if args.dry_run:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            parser.error("a dry run without CUDA needs Triton's interpreter: set TRITON_INTERPRET=1")
         shapes, rows, time_us, dtype = DRY_SHAPES, DRY_ROWS, wall_us, DRY_DTYPE
     else:
-        if not torch.cuda.is_available():
-            parser.error("needs a CUDA device (or --dry-run)")
-        device = torch.device("cuda")
         shapes, rows, time_us, dtype = SHAPES, ROWS, graph_us, DTYPE
     rows = tuple(args.rows) if args.rows else rows
     results = []
@@ -169,10 +171,7 @@ def main(argv: list[str] | None = None) -> None:
                                sweep=not args.no_sweep)
     print_table(results, "wall clock, dry run" if args.dry_run else "CUDA-graph replays")
     if args.json:
-        machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
-        with open(args.json, "w") as f:
-            json.dump({"device": machine, "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
-                       "triton": triton.__version__, "dry_run": args.dry_run, "rows": results}, f, indent=1)
+        write_results(args.json, device, dtype, args.dry_run, results)
 
 
 if __name__ == "__main__":

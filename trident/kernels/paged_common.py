@@ -35,6 +35,16 @@ def compute_dtype(query: torch.Tensor, k_cache: torch.Tensor) -> torch.dtype:
     return query.dtype if k_cache.dtype in (torch.int8, torch.float8_e4m3fn) else k_cache.dtype
 
 
+def kv_scale_args(k_cache: torch.Tensor, k_scale: torch.Tensor | None,
+                  v_scale: torch.Tensor | None) -> tuple[bool, torch.Tensor, torch.Tensor]:
+    """(quantized, key scales, value scales) for a kernel launch: a float cache passes its key codes as unused
+    scale pointers."""
+    if k_scale is None:
+        return False, k_cache, k_cache
+    assert v_scale is not None and k_scale.stride() == v_scale.stride() and k_scale.stride(2) == 1
+    return True, k_scale, v_scale
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """Exact fp32 products for fp32 caches (the reference numerics); 16-bit operands ignore the setting."""
     return "ieee" if dtype == torch.float32 else "tf32"

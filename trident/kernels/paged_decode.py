@@ -23,6 +23,7 @@ from trident.kernels.paged_common import (
     compute_dtype,
     dot_precision,
     gather_sequence,
+    kv_scale_args,
     scaled_scores,
     score_factors,
 )
@@ -85,11 +86,7 @@ def paged_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     group = num_heads // num_kv_heads
     dim_pad = max(16, triton.next_power_of_2(head_dim))
     dtype = compute_dtype(query, k_cache)
-    quantized = k_scale is not None
-    if quantized:
-        assert v_scale is not None and k_scale.stride() == v_scale.stride() and k_scale.stride(2) == 1
-    else:
-        k_scale = v_scale = k_cache  # unused
+    quantized, k_scale, v_scale = kv_scale_args(k_cache, k_scale, v_scale)
     block_n = block_n or decode_tile(dim_pad, dtype, num_splits)
     scale_in, scale_out = score_factors(scale, logit_softcap)
     if not 1 <= num_splits <= MAX_SPLITS:

@@ -21,6 +21,7 @@ from trident.kernels.paged_common import (
     compute_dtype,
     dot_precision,
     gather_sequence,
+    kv_scale_args,
     scaled_scores,
     score_factors,
 )
@@ -63,11 +64,7 @@ def paged_prefill(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     group = num_heads // num_kv_heads
     dim_pad = max(16, triton.next_power_of_2(head_dim))
     dtype = compute_dtype(query, k_cache)
-    quantized = k_scale is not None
-    if quantized:
-        assert v_scale is not None and k_scale.stride() == v_scale.stride() and k_scale.stride(2) == 1
-    else:
-        k_scale = v_scale = k_cache  # unused
+    quantized, k_scale, v_scale = kv_scale_args(k_cache, k_scale, v_scale)
     default_m, default_n, default_warps, default_stages = prefill_tile_config(dim_pad, dtype)
     block_m = max(block_m or default_m, triton.next_power_of_2(group))
     block_n = block_n or default_n
