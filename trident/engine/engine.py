@@ -108,8 +108,9 @@ class LLMEngine:
         cache = config.cache
         kv_format = kv_format_of(config, self.dtype)
         check_kv_format(kv_format, self.device)
-        num_blocks = num_kv_blocks(self.model_config, config, self.max_model_len, kv_format,
-                                   kv_budget_bytes(self.model_config, config, self.device))
+        # A given block count needs no budget: the free-memory check is for sizing from the budget.
+        budget = 0 if cache.num_blocks else kv_budget_bytes(self.model_config, config, self.device)
+        num_blocks = num_kv_blocks(self.model_config, config, self.max_model_len, kv_format, budget)
         self.num_blocks = num_blocks
         self.kv_format = kv_format
         """How the KV cache stores keys and values (config.cache.kv_cache_dtype, auto resolved)."""
