@@ -40,7 +40,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences batched at once")
     g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step")
     g.add_argument("--enforce-eager", action="store_true",
-                   help="never replay decode steps from CUDA graphs (captured at start-up on CUDA otherwise)")
+                   help="run every step through the general forward: no CUDA graphs (captured at start-up on CUDA "
+                   "otherwise), no lean CPU decode step")
     g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false", default=None,
                    help="plan each step only after the previous one's tokens are back (by default on CUDA the next "
                    "step is planned and launched while the GPU runs the current one)")

@@ -297,7 +297,9 @@ class EngineConfig:
     attention_backend: str = "auto"
     """auto (triton on CUDA when it imports, else torch), torch (the reference) or triton (CUDA only)."""
     enforce_eager: bool = False
-    """Never capture CUDA graphs (they replay decode-only steps on CUDA with a backend that supports them)."""
+    """Run every step through the general eager forward: never capture CUDA graphs (they replay decode-only steps on
+    CUDA with a backend that supports them), and never take the CPU's lean decode step
+    (trident/engine/cpu_decode.py)."""
     cuda_graph_max_batch_size: int | None = None
     """Largest decode batch replayed from a CUDA graph; None: max_num_seqs, at most 512."""
     gguf_weights: str = "auto"

@@ -1,6 +1,7 @@
 """fp32 logits equal Hugging Face transformers for every architecture, through the paged KV cache:
-chunked prefill, decode steps, several sequences per step, block tables that are not contiguous,
-and sequences longer than the sliding windows. On CUDA, with each attention backend (torch, triton)."""
+chunked prefill, decode steps, several sequences per step, block tables that are not contiguous (and one that is),
+and sequences longer than the sliding windows. On the CPU also through the lean decode step
+(trident/engine/cpu_decode.py); on CUDA, with each attention backend (torch, triton)."""
 
 from __future__ import annotations
 
@@ -40,10 +41,17 @@ class _Seq:
 
 
 def _run_step(runner: ModelRunner, model, plan: StepPlan) -> dict[int, torch.Tensor]:
-    """Logits of every token computed this step, per sequence."""
-    input_ids, positions, meta, _, _ = runner.prepare(plan)
+    """Logits of every token computed this step, per sequence (decode-only steps through the runner's CPU decoder
+    when it has one)."""
+    decoder = runner.cpu_decoder
     with torch.inference_mode():
-        logits = model.compute_logits(model(input_ids, positions, runner.kv_caches, meta))
+        if decoder is not None and all(c.num_tokens == 1 for c in plan.chunks):
+            ids = torch.tensor([c.token_ids[0] for c in plan.chunks])
+            hidden = decoder.forward(ids, [c.start_pos for c in plan.chunks], [c.block_table for c in plan.chunks])
+        else:
+            input_ids, positions, meta, _, _ = runner.prepare(plan)
+            hidden = model(input_ids, positions, runner.kv_caches, meta)
+        logits = model.compute_logits(hidden)
     out, start = {}, 0
     for chunk in plan.chunks:
         out[chunk.seq_id] = logits[start: start + chunk.num_tokens]
@@ -62,6 +70,25 @@ def test_logits_match_hf_through_paged_cache(name: str, dtype_name: str) -> None
     _check_against_hf(name, dtype_name, torch.device("cpu"))
 
 
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("name", [n for n in tiny_hf_configs() if not n.startswith("gemma")])
+def test_cpu_decode_step_matches_hf(name: str, dtype_name: str) -> None:
+    _check_against_hf(name, dtype_name, torch.device("cpu"), cpu_decode=True)
+
+
+def test_cpu_decode_step_declines_gemma() -> None:
+    """Gemma's layers (extra norms, soft-capping) are not the Llama form the lean step runs: the runner keeps the
+    general forward."""
+    hf_config = tiny_hf_configs()["gemma2"]
+    backend = create_backend("torch", torch.device("cpu"))
+    model = build_model(trident_config(hf_config), make_hf_model(hf_config).state_dict(), dtype=torch.float32,
+                        device=torch.device("cpu"), backend=backend)
+    runner = ModelRunner(model, backend=backend, num_blocks=4, block_size=BLOCK_SIZE,
+                         kv_format=kv_cache_format("auto", torch.float32), device=torch.device("cpu"),
+                         sampler=Sampler(device=torch.device("cpu")), max_num_seqs=2, cpu_decode=True)
+    assert runner.cpu_decoder is None
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend_name", ["torch", "triton"])
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
@@ -70,26 +97,29 @@ def test_logits_match_hf_on_cuda(name: str, dtype_name: str, backend_name: str) 
     _check_against_hf(name, dtype_name, torch.device("cuda"), backend_name)
 
 
-def _check_against_hf(name: str, dtype_name: str, device: torch.device, backend_name: str = "torch") -> None:
+def _check_against_hf(name: str, dtype_name: str, device: torch.device, backend_name: str = "torch",
+                      cpu_decode: bool = False) -> None:
     dtype, tolerance = DTYPES[dtype_name]
     hf_config = tiny_hf_configs()[name]
     hf = make_hf_model(hf_config)
     config = trident_config(hf_config)
     backend = create_backend(backend_name, device)
     model = build_model(config, hf.state_dict(), dtype=dtype, device=device, backend=backend)
-    num_blocks = 40
+    num_blocks = 48
     runner = ModelRunner(model, backend=backend, num_blocks=num_blocks, block_size=BLOCK_SIZE,
                          kv_format=kv_cache_format("auto", dtype), device=device,
-                         sampler=Sampler(device=device), max_num_seqs=8)
+                         sampler=Sampler(device=device), max_num_seqs=8, cpu_decode=cpu_decode)
+    assert (runner.cpu_decoder is not None) == cpu_decode
     rng = random.Random(sum(name.encode()))
-    free = list(range(num_blocks))
+    free = list(range(36))
     rng.shuffle(free)  # non-contiguous, out-of-order block tables
-    prompts = [[rng.randrange(hf_config.vocab_size) for _ in range(n)] for n in (13, 9, 3)]
-    seqs = [_Seq(i, p, [free.pop() for _ in range(12)]) for i, p in enumerate(prompts)]
-    a, b, c = seqs
+    prompts = [[rng.randrange(hf_config.vocab_size) for _ in range(n)] for n in (13, 9, 3, 6)]
+    seqs = [_Seq(i, p, [free.pop() for _ in range(12)]) for i, p in enumerate(prompts[:3])]
+    seqs.append(_Seq(3, prompts[3], list(range(36, 48))))  # consecutive blocks
+    a, b, c, d = seqs
     # (sequence, tokens) per step: chunked prefill of a beside a whole prefill of b, then the rest of a
-    # beside b's first decode and c's prefill, then decodes of all three.
-    schedule = [[(a, 5), (b, 9)], [(a, 8), (b, 1), (c, 3)]] + [[(s, 1) for s in seqs]] * 10
+    # beside b's first decode and c's and d's prefills, then decodes of all four.
+    schedule = [[(a, 5), (b, 9)], [(a, 8), (b, 1), (c, 3), (d, 6)]] + [[(s, 1) for s in seqs]] * 10
     computed: dict[int, list[torch.Tensor]] = {s.seq_id: [] for s in seqs}
     for step in schedule:
         plan = StepPlan(chunks=tuple(seq.chunk(n) for seq, n in step))

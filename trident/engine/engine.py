@@ -121,7 +121,7 @@ class LLMEngine:
                                   kv_format=kv_format, device=self.device,
                                   sampler=Sampler(seed=config.seed, device=self.device),
                                   max_num_seqs=config.scheduler.max_num_seqs, max_model_len=self.max_model_len,
-                                  cuda_graph_batch_sizes=graph_sizes)
+                                  cuda_graph_batch_sizes=graph_sizes, cpu_decode=not config.enforce_eager)
         if self.device.type == "cuda":
             self.runner.warm_up()
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None

@@ -17,6 +17,8 @@ from trident.attention.base import (
     PrefillBatch,
     PrefillSeq,
 )
+from trident.engine.cpu_decode import MAX_ROWS as CPU_DECODE_MAX_ROWS
+from trident.engine.cpu_decode import CpuDecoder, unsupported_reason
 from trident.engine.cuda_graphs import DecodeGraphs, fed_tokens, max_blocks_per_seq
 from trident.engine.plan import PENDING_TOKEN, ScheduledChunk, StepPlan, StepResult
 from trident.engine.request import SamplingParams
@@ -54,7 +56,8 @@ class ModelRunner:
 
     def __init__(self, model: torch.nn.Module, *, backend: AttentionBackend, num_blocks: int, block_size: int,
                  kv_format: KVCacheFormat, device: torch.device, sampler: Sampler, max_num_seqs: int,
-                 max_model_len: int | None = None, cuda_graph_batch_sizes: tuple[int, ...] = ()) -> None:
+                 max_model_len: int | None = None, cuda_graph_batch_sizes: tuple[int, ...] = (),
+                 cpu_decode: bool = False) -> None:
         config = model.config
         self.model = model
         self.block_size = block_size
@@ -75,6 +78,10 @@ class ModelRunner:
             self.graphs = DecodeGraphs(lambda ids, pos, meta: self.model(ids, pos, self.kv_caches, meta),
                                        cuda_graph_batch_sizes, max_blocks_per_seq(max_model_len, block_size), device,
                                        self._feedback)
+        self.cpu_decoder: CpuDecoder | None = None
+        """Runs small decode-only steps on the CPU (cpu_decode and a model it supports), else None."""
+        if cpu_decode and unsupported_reason(model, backend, self.kv_caches, device) is None:
+            self.cpu_decoder = CpuDecoder(model, self.kv_caches, block_size)
 
     @torch.inference_mode()
     def warm_up(self) -> None:
@@ -113,6 +120,9 @@ class ModelRunner:
         if graphs is not None and graphs.bucket(len(plan.chunks)) is not None and \
                 all(c.num_tokens == 1 and c.sample for c in plan.chunks):
             hidden, sample_chunks = self._forward_graph(plan, graphs), plan.chunks
+        elif self.cpu_decoder is not None and len(plan.chunks) <= CPU_DECODE_MAX_ROWS and \
+                all(c.num_tokens == 1 and c.sample for c in plan.chunks):
+            hidden, sample_chunks = self._forward_cpu_decode(plan, self.cpu_decoder), plan.chunks
         else:
             input_ids, positions, meta, logits_indices, sample_chunks = self.prepare(plan)
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
@@ -145,6 +155,15 @@ class ModelRunner:
         tables = [c.block_table for c in chunks]
         slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions)]
         return graphs.run([c.token_ids[-1] for c in chunks], positions, slots, tables, self._token_sources(chunks))
+
+    def _forward_cpu_decode(self, plan: StepPlan, decoder: CpuDecoder) -> torch.Tensor:
+        """Final hidden states of a small decode-only step on the CPU (every chunk is one token and samples)."""
+        chunks = plan.chunks
+        ids = to_device([c.token_ids[0] for c in chunks], torch.long, self.device)
+        sources = self._token_sources(chunks)
+        if sources is not None:
+            ids = fed_tokens(ids, to_device(sources, torch.long, self.device), self._feedback)
+        return decoder.forward(ids, [c.start_pos for c in chunks], [c.block_table for c in chunks])
 
     def prepare(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor,
                                                list[ScheduledChunk]]:

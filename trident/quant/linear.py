@@ -110,6 +110,28 @@ class QuantizedLinear(nn.Module):
             return None if packed is None else packed.matmul(rows)
         return None
 
+    def cpu_matmul(self, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The packed-kernel product (bias included) for [rows, in_features] activations of ``dtype`` on the CPU,
+        up to ``cpu_kernels.*_MAX_ROWS`` rows, as one callable with every choice :meth:`forward` makes per call
+        already made (for callers issuing many small steps); None where forward would take the reference path."""
+        if self.qweight.device.type != "cpu" or dtype != torch.bfloat16:
+            return None
+        c, bias = self.config, self.bias
+        if c.bits == 8 and self.scales.shape[1] == 1:
+            w = self.affine_weight()
+            codes, scales = w.codes, w.scales.view(-1).to(dtype)
+            offsets = None if w.offsets is None else w.offsets.view(-1)
+
+            def product(rows: torch.Tensor) -> torch.Tensor:
+                return cpu_kernels.int8_matmul(rows, codes, scales, offsets)
+        elif c.bits == 4 and (packed := self._int4_packed(dtype)) is not None:
+            product = packed.matmul
+        else:
+            return None
+        if bias is None:
+            return product
+        return lambda rows: product(rows) + bias
+
     def _int4_packed(self, dtype: torch.dtype) -> cpu_kernels.Int4Packed | None:
         """The codes re-packed for torch's int4 CPU kernel, built on first use and kept (not saved: derived)."""
         group = self.in_features // self.scales.shape[1]
