@@ -6,7 +6,9 @@ matrix-multiply tiles beyond (prefill, batched decode). Its torch reference is
 The weight is never dequantized in memory: a program streams its rows' codes (1 byte per weight for int8,
 half a byte for int4: the point, decode being bound by reading them) plus one scale (and offset) per group, and
 multiplies the integer codes themselves, converted to x's dtype (every int8 and int4 code is exact in bfloat16
-and float16), against x on the tensor cores with float32 accumulation. The affine form is folded in per group
+and float16), against x on the tensor cores with float32 accumulation. int4 codes are converted by bits rather
+than by conversion instructions: the 16-bit float MAGIC + c, whose MAGIC * sum(x) is subtracted per group (see
+MAGIC). The affine form is folded in per group
 afterwards, in float32:
 
     sum_k (s q_k + b) x_k = s (q . x) + b sum(x)     over the K elements of one group,
@@ -51,6 +53,11 @@ MAX_SUBTILES = 8
 MIN_SUB_K = 16
 """The tensor cores' K: the narrowest sub-tile a dot takes."""
 GROUP_M = 8
+MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
+"""Per activation dtype: the 16-bit pattern of a float whose last mantissa bits an int4 code can fill (bfloat16
+128.0, float16 1024.0: spacing 1 there), and its value. OR-ing a code c (0..15) into the pattern gives the float
+MAGIC + c exactly, with no integer-to-float conversion (which issues at a fraction of the arithmetic rate, and
+at one row is what the int4 kernel spends its time on); the products' MAGIC * sum(x) is taken back off in float32."""
 
 
 class TileConfig(NamedTuple):
@@ -80,6 +87,8 @@ def supports(w: AffineWeight) -> bool:
 def quant_matmul_config(m: int, n: int, k: int, bits: int, group_size: int) -> TileConfig:
     """Tiles for y [m, n] = x [m, k] W^T, from shapes only.
 
+    int4 up to QGEMV_MAX_ROWS rows: 8 x 512 tiles of one warp at one row, 32 x 512 of four warps beyond (measured,
+    see the code).
     Matrix-vector (m <= QGEMV_MAX_ROWS): block_m the row count rounded up to a power of two; block_n the widest
     of 64, 32, 16, 8 giving TARGET_PROGRAMS programs; block_k TILE_ELEMENTS / block_n, at most K rounded up to
     a power of two and MAX_SUBTILES sub-tiles; one warp per 8 columns (1 to 4); 4 stages (the tiles are half
@@ -92,6 +101,13 @@ def quant_matmul_config(m: int, n: int, k: int, bits: int, group_size: int) -> T
         sub = sub_k_of(group_size, k, block_k) or MIN_SUB_K
         return min(block_k, MAX_SUBTILES * sub)
 
+    if bits == 4 and m <= QGEMV_MAX_ROWS:
+        # Measured on an H200 over Llama-3-8B's projections (bench_quant_matmul's sweep): int4 runs fastest with
+        # narrow one-warp programs at one row (17.5 / 12.9 / 53.7 / 39.3 us for qkv / o / gate_up / down, against
+        # 19.9 / 16.1 / 85.0 / 50.9 with the int8 rule below), and 32 x 512 tiles of 4 warps at 16 rows.
+        if m == 1:
+            return TileConfig(1, 8, fit_k(512), 1, 4)
+        return TileConfig(triton.next_power_of_2(m), 32, fit_k(512), 4, 3)
     if m <= QGEMV_MAX_ROWS:
         block_n = 8
         for candidate in (64, 32, 16):
@@ -136,10 +152,12 @@ def quant_matmul(x: torch.Tensor, w: AffineWeight, bias: torch.Tensor | None = N
     assert sub_k and block_k % sub_k == 0, f"block_k {block_k} does not suit group size {group_size}"
     pdl = pdl_launch(x.device)
     grid = (triton.cdiv(num_rows, block_m) * triton.cdiv(n, block_n),)
+    magic_bits, magic = MAGIC[x.dtype]
     _quant_matmul_kernel[grid](
         x, w.codes, w.scales, w.offsets if w.offsets is not None else w.scales,
         bias if bias is not None else x, y, num_rows, n, k, w.scales.shape[1], group_size, x.stride(0), y.stride(0),
-        INT4=w.bits == 4, HAS_OFFSETS=w.offsets is not None, HAS_BIAS=bias is not None,
+        INT4=w.bits == 4, MAGIC_BITS=magic_bits, MAGIC=magic, HAS_OFFSETS=w.offsets is not None,
+        HAS_BIAS=bias is not None,
         PER_CHANNEL=w.scales.shape[1] == 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SUB_K=sub_k,
         GROUP_M=GROUP_M, USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )
@@ -166,7 +184,8 @@ def _codes_tile(codes_ptr, cols, col_mask, k_start, k, INT4: tl.constexpr, BLOCK
 # The row count changes with the batch: not specialised on, only its tile BLOCK_M is.
 @triton.jit(do_not_specialize=["num_rows"])
 def _quant_matmul_kernel(x_ptr, codes_ptr, scales_ptr, offsets_ptr, bias_ptr, y_ptr, num_rows, n, k, num_groups,
-                         group_size, stride_x, stride_y, INT4: tl.constexpr, HAS_OFFSETS: tl.constexpr,
+                         group_size, stride_x, stride_y, INT4: tl.constexpr, MAGIC_BITS: tl.constexpr,
+                         MAGIC: tl.constexpr, HAS_OFFSETS: tl.constexpr,
                          HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, GROUP_M: tl.constexpr,
                          USE_PDL: tl.constexpr):
@@ -195,21 +214,31 @@ def _quant_matmul_kernel(x_ptr, codes_ptr, scales_ptr, offsets_ptr, bias_ptr, y_
             offs_k = k_start + tl.arange(0, SUB_K)
             x = tl.load(x_rows + offs_k[None, :], mask=row_mask[:, None] & (offs_k < k)[None, :], other=0.0)
             codes = _codes_tile(codes_ptr, cols, col_mask, k_start, k, INT4, BLOCK_N, SUB_K)
-            codes_t = tl.trans(codes.to(tl.float32).to(x.dtype))  # exact: |code| <= 255
+            if INT4:  # MAGIC + c, exactly, by bits (see MAGIC)
+                codes_t = tl.trans((codes.to(tl.int16) | MAGIC_BITS).to(x.dtype, bitcast=True))
+            else:
+                codes_t = tl.trans(codes.to(tl.float32).to(x.dtype))  # exact: |code| <= 128
             if PER_CHANNEL:
                 acc = tl.dot(x, codes_t, acc)
-                if HAS_OFFSETS:
+                if HAS_OFFSETS or INT4:
                     x_sum += tl.sum(x.to(tl.float32), axis=1)
             else:
                 # The sub-tile lies in one group (SUB_K divides the group size); past K, nothing is loaded.
                 in_k = col_mask & (k_start < k)
                 group = k_start // group_size
                 scale = tl.load(scales_ptr + param_ptrs + group, mask=in_k, other=0.0).to(tl.float32)
-                acc += tl.dot(x, codes_t) * scale[None, :]
+                products = tl.dot(x, codes_t)
+                if HAS_OFFSETS or INT4:
+                    sub_sum = tl.sum(x.to(tl.float32), axis=1)
+                if INT4:
+                    products -= MAGIC * sub_sum[:, None]
+                acc += products * scale[None, :]
                 if HAS_OFFSETS:
                     offset = tl.load(offsets_ptr + param_ptrs + group, mask=in_k, other=0.0).to(tl.float32)
-                    acc += tl.sum(x.to(tl.float32), axis=1)[:, None] * offset[None, :]
+                    acc += sub_sum[:, None] * offset[None, :]
     if PER_CHANNEL:
+        if INT4:
+            acc -= MAGIC * x_sum[:, None]
         acc *= tl.load(scales_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         if HAS_OFFSETS:
             acc += x_sum[:, None] * tl.load(offsets_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
