@@ -87,9 +87,9 @@ def add_report_arguments(p) -> None:
                    help="compute dtype of the measurements (default auto)")
     g.add_argument("--report-threads", type=int, default=None, metavar="N",
                    help="CPU threads of the measurements (default: all cores)")
-    g.add_argument("--report-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+    g.add_argument("--report-max-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N",
                    help=f"tokens of the text scored (default {DEFAULT_MAX_TOKENS:,})")
-    g.add_argument("--report-window", type=int, default=PerplexityConfig().window,
+    g.add_argument("--report-window", type=int, default=PerplexityConfig().window, metavar="W",
                    help=f"tokens per perplexity window (default {PerplexityConfig().window})")
     g.add_argument("--report-plot", default=None, metavar="FILE",
                    help="also write a PNG: perplexity against decode tok/s")
