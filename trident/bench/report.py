@@ -68,8 +68,13 @@ def print_table(kind: str, title: str, rows: list[dict], captions: list[str]) ->
     Console(width=max(Console().width, 180)).print(table)
 
 
+def default_json_path(kind: str) -> str:
+    """Where a record of ``kind`` goes when no path is given: bench-results/KIND-TIME.json."""
+    return os.path.join("bench-results", f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+
+
 def write_json(record: dict, path: str | None, kind: str) -> str:
-    path = path or os.path.join("bench-results", f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    path = path or default_json_path(kind)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(record, f, indent=2)

@@ -20,6 +20,7 @@ from trident.compress.texts import (
     CALIB_FRACTION,
     CORPORA,
     SLICES,
+    SourceText,
     default_slice,
     encode_first,
     read_source,
@@ -49,36 +50,65 @@ EVAL_EPILOG = (
 
 def add_eval_parser(sub, engine_args, engine_config) -> None:
     """``trident eval``; ``engine_config(args, model)`` builds an EngineConfig from the engine flags."""
-    p = sub.add_parser("eval", help="measure model quality: perplexity on fixed windows of a text (eval ppl)",
-                       description="Measure model quality. Subcommands: ppl (perplexity).")
-    kinds = p.add_subparsers(dest="eval_command", required=True, metavar="{ppl}")
+    from trident.compress.variants_cli import add_report_parser
+
+    p = sub.add_parser("eval", help="measure model quality: perplexity on fixed windows of a text (eval ppl), or "
+                       "variants side by side (eval report)",
+                       description="Measure model quality. Subcommands: ppl (perplexity), report (variants of a "
+                       "model side by side: size, memory, perplexity, speed).")
+    kinds = p.add_subparsers(dest="eval_command", required=True, metavar="{ppl,report}")
     q = kinds.add_parser("ppl", help="perplexity of one or several models on the same windows of a text",
                          description=EVAL_DESCRIPTION, epilog=EVAL_EPILOG)
     q.add_argument("models", nargs="+", metavar="MODEL",
                    help=f"a .gguf file, a Hugging Face folder, or '{DEFAULT_MODEL}' (the embedded "
                    "SmolLM2-135M-Instruct Q4_1 GGUF); several: one row each, on the same tokens")
-    g = q.add_argument_group("text and windows")
+    g = add_text_arguments(q)
+    g.add_argument("--json", default=None, metavar="FILE",
+                   help="where to write results (default: bench-results/ppl-TIME.json)")
+    engine_args(q)
+    q.set_defaults(func=partial(run_eval_ppl, engine_config=engine_config))
+    add_report_parser(kinds)
+
+
+def add_text_arguments(p, max_tokens: int | None = None):
+    """The text and window flags (``trident eval ppl`` and ``eval report``); returns their argument group.
+    ``max_tokens``: the default of --max-tokens (None: the whole text)."""
+    defaults = PerplexityConfig()
+    g = p.add_argument_group("text and windows")
     g.add_argument("--text", required=True, metavar="FILE|" + "|".join(CORPORA),
                    help="a UTF-8 text file, or a named corpus read from its installed package (a file called like "
                    "a corpus: pass ./NAME)")
     g.add_argument("--slice", default=None, choices=SLICES,
                    help=f"which part of the text: calib (its first {CALIB_FRACTION:.0%}%), eval (the rest) or all "
                    "(default: eval for a named corpus, all for a file)")
-    defaults = PerplexityConfig()
     g.add_argument("--window", type=int, default=defaults.window,
                    help=f"tokens per window (default {defaults.window})")
     g.add_argument("--stride", type=int, default=None,
                    help="tokens between window starts; less than --window: overlapping windows, each scoring only "
                    "its last STRIDE tokens (default: --window, no overlap)")
-    g.add_argument("--max-tokens", type=int, default=None,
-                   help="use only the first N tokens of the text (slice) (default: all)")
+    g.add_argument("--max-tokens", type=int, default=max_tokens,
+                   help="use only the first N tokens of the text (slice) (default: "
+                   f"{'all' if max_tokens is None else f'{max_tokens:,}'})")
     g.add_argument("--max-windows", type=int, default=None, help="score at most N windows (default: all)")
     g.add_argument("--batch-windows", type=int, default=defaults.batch_windows,
                    help=f"windows per forward (default {defaults.batch_windows}); speed only, same tokens")
-    g.add_argument("--json", default=None, metavar="FILE",
-                   help="where to write results (default: bench-results/ppl-TIME.json)")
-    engine_args(q)
-    q.set_defaults(func=partial(run_eval_ppl, engine_config=engine_config))
+    return g
+
+
+def perplexity_config_of(args: argparse.Namespace) -> PerplexityConfig:
+    """The PerplexityConfig of the text and window flags."""
+    return PerplexityConfig(window=args.window, stride=args.stride, max_tokens=args.max_tokens,
+                            max_windows=args.max_windows, batch_windows=args.batch_windows)
+
+
+def read_text(source_name: str, which: str | None) -> tuple[SourceText, str, str]:
+    """(source, slice name, sliced text) of --text and --slice; refuses an empty slice."""
+    source = read_source(source_name)
+    which = which or default_slice(source_name)
+    text = slice_text(source.text, which)
+    if not text.strip():
+        raise TridentError(f"the {which} slice of {source.description} is empty")
+    return source, which, text
 
 
 def run_eval_ppl(args: argparse.Namespace, *, engine_config) -> int:
@@ -86,14 +116,9 @@ def run_eval_ppl(args: argparse.Namespace, *, engine_config) -> int:
 
     from trident.bench import report
 
-    config = PerplexityConfig(window=args.window, stride=args.stride, max_tokens=args.max_tokens,
-                              max_windows=args.max_windows, batch_windows=args.batch_windows)
+    config = perplexity_config_of(args)
     configs = [engine_config(args, None if m == DEFAULT_MODEL else m) for m in args.models]  # validate first
-    source = read_source(args.text)
-    which = args.slice or default_slice(args.text)
-    text = slice_text(source.text, which)
-    if not text.strip():
-        raise TridentError(f"the {which} slice of {source.description} is empty")
+    source, which, text = read_text(args.text, args.slice)
     console = Console()
     rows: list[dict] = []
     fingerprint = None

@@ -11,6 +11,7 @@ import os
 import time
 from datetime import datetime, timezone
 
+from trident.compress.variants_cli import add_report_arguments
 from trident.errors import TridentError
 from trident.quant import GROUP_SIZES
 from trident.quant.gptq_cli import GPTQ_FLAGS, add_gptq_arguments, gptq_settings_of, quantize_gptq
@@ -67,10 +68,26 @@ def add_quantize_parser(sub) -> None:
     p.add_argument("--json", default=None, metavar="FILE",
                    help="where to write the report (default: bench-results/quantize-TIME.json)")
     add_gptq_arguments(p)
+    add_report_arguments(p)
     p.set_defaults(func=run_quantize)
 
 
 def run_quantize(args: argparse.Namespace) -> int:
+    """Quantize, then with --report measure the original and the folder side by side (its flags and text are
+    checked first, so a mistake there stops nothing half-way)."""
+    from trident.bench.report import default_json_path
+    from trident.compress.variants_cli import QuantizeReport
+
+    report = QuantizeReport.of(args)
+    if report is not None:
+        args.json = args.json or default_json_path("quantize")  # the report's JSON goes beside it
+    code = _quantize(args)
+    if report is not None:
+        report.run(args.model, os.path.expanduser(args.out), args.json)
+    return code
+
+
+def _quantize(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
