@@ -1,5 +1,5 @@
-"""GGUF Q4_0 / Q4_1 / Q8_0 projection weights kept as codes (trident/loader/gguf_native.py): the codes, scales and
-offsets stand for exactly the values the dequantizing loader gives (itself equal to transformers' GGUF loader,
+"""GGUF Q4_0 / Q4_1 / Q8_0 projection weights and token embeddings kept as codes (trident/loader/gguf_native.py):
+the codes, scales and offsets stand for exactly the values the dequantizing loader gives (itself equal to transformers' GGUF loader,
 test_loader_gguf.py), the fused q/k/v and gate/up layers are quantized when all their parts are, a model runs with
 them, and the default model answers in bfloat16 through the int4 kernel."""
 
@@ -20,6 +20,7 @@ from trident.loader.checkpoint import Checkpoint
 from trident.models.build import build_model
 from trident.models.layers import Linear
 from trident.quant.format import QuantizedModules
+from trident.quant.embedding import QuantizedEmbedding
 from trident.quant.kv import kv_cache_format
 from trident.quant.linear import QuantizedLinear
 from trident.quant.rtn import QuantizedWeight, dequantize
@@ -49,16 +50,18 @@ def test_native_codes_stand_for_the_dequantized_values(kind, weight_type, tmp_pa
     native = load_checkpoint(path, gguf_native=True)
     assert floats.quantization is None and native.quantization is not None
     modules = native.quantization.modules
-    assert len(modules) == 7 * floats.config.num_layers  # q, k, v, o, gate, up, down of every layer
+    # q, k, v, o, gate, up, down of every layer, and the token embeddings (in the file's type too)
+    assert len(modules) == 7 * floats.config.num_layers + 1 and "model.embed_tokens" in modules
     for module in modules:
         q = QuantizedWeight(*(native.tensors.get(f"{module}.{kind}") for kind in ("qweight", "scales", "zeros")))
         values = dequantize(q, native.quantization.config_of(module), torch.float64)
         assert torch.equal(values.float(), floats.tensors[f"{module}.weight"]), module
-    assert "model.embed_tokens.weight" in native.tensors  # not a projection: dequantized as before
+    assert "model.embed_tokens.weight" not in native.tensors
     float_logits, _ = _logits(floats)
     native_logits, model = _logits(native)
     fused = model.get_submodule("model.layers.0.self_attn.qkv_proj")
     assert isinstance(fused, QuantizedLinear) and fused.config == native.quantization.config
+    assert isinstance(model.get_submodule("model.embed_tokens"), QuantizedEmbedding)
     torch.testing.assert_close(native_logits, float_logits, rtol=0, atol=1e-4 * float_logits.abs().max().item())
 
 
@@ -93,6 +96,8 @@ def test_default_model_in_native_q4_1_answers_through_the_int4_kernel(default_gg
     model = llm.engine.model
     layer = model.get_submodule("model.layers.0.mlp.gate_up_proj")
     assert isinstance(layer, QuantizedLinear) and layer.config.float_zero_points and layer.config.group_size == 32
+    embed = model.get_submodule("model.embed_tokens")  # Q8_0 in the file: also the tied LM head
+    assert isinstance(embed, QuantizedEmbedding) and embed.head.config.bits == 8
     checkpoint = load_checkpoint(default_gguf_path, gguf_native=True)
     quantized = weights_bytes(checkpoint.config, torch.bfloat16, checkpoint.quantization)
     assert quantized < 0.55 * weights_bytes(checkpoint.config, torch.bfloat16)
@@ -100,3 +105,4 @@ def test_default_model_in_native_q4_1_answers_through_the_int4_kernel(default_gg
                    SamplingParams(temperature=0.0, max_tokens=12))
     assert out[0].text.startswith("The capital of France is Paris")
     assert calls  # decode steps ran the int4 kernel
+    assert "_int8_cpu" in vars(embed.head)  # the head ran it too, on the Q8_0 codes as two int4 halves

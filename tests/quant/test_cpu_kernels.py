@@ -82,3 +82,32 @@ def test_float_zero_points_are_for_loaded_weights_only() -> None:
         QuantConfig(bits=4, group_size=32, float_zero_points=True)
     with pytest.raises(TridentError, match="loaded weights"):
         quantize(torch.randn(4, 32), QuantConfig(bits=4, group_size=32, symmetric=False, float_zero_points=True))
+
+
+@pytest.mark.parametrize("group,symmetric", [(32, True), (64, False), (128, True)])
+def test_grouped_int8_through_the_int4_kernel_matches_the_float64_reference(monkeypatch, group, symmetric) -> None:
+    """Group-wise int8 (GGUF Q8_0 is symmetric with groups of 32) runs the int4 kernel on [x, x] against its codes
+    split into high and low nibbles; codes over the whole range, -128 included (Q8_0 may store it)."""
+    gen = torch.Generator().manual_seed(group + symmetric)
+    n, k = 48, 256
+    config = QuantConfig(bits=8, group_size=group, symmetric=symmetric)
+    if symmetric:
+        codes = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+        scales = torch.rand(n, k // group, generator=gen) * 0.01 + 0.001
+        q = QuantizedLinear(k, n, config, QuantizedWeight(codes, scales, None))
+    else:  # trident's own asymmetric int8 (codes minus 128, integer zero points)
+        layer = Linear(k, n)
+        layer.weight = torch.nn.Parameter(torch.randn(n, k, generator=gen) + 0.4, requires_grad=False)
+        q = QuantizedLinear.from_linear(layer, config)
+    calls = []
+    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu
+    monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", lambda *a: calls.append(a) or kernel(*a))
+    for rows in (1, 7, INT4_MAX_ROWS):
+        x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+        y = q(x)
+        reference = x.double() @ q.dequantized_weight(torch.float64).T
+        assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
+        assert ((y.double() - reference).abs().max() / reference.abs().max()).item() < BF16_RELATIVE
+        fast = q.cpu_matmul(torch.bfloat16)
+        assert fast is not None and torch.equal(fast(x), y)
+    assert len(calls) == 6

@@ -57,7 +57,7 @@ def unsupported_reason(model: torch.nn.Module, backend: object, kv_caches: Seque
     cache = kv_caches[0]
     if cache.key_scale is not None:
         return "the KV cache is quantized"
-    dtype = model.model.embed_tokens.weight.dtype
+    dtype = model.model.norm.weight.dtype
     if cache.key.dtype != dtype:
         return f"the KV cache holds {cache.key.dtype}, the model computes in {dtype}"
     return None
@@ -110,8 +110,8 @@ class CpuDecoder:
     def __init__(self, model: LlamaForCausalLM, kv_caches: Sequence[LayerKVCache], block_size: int) -> None:
         config = model.config
         inner = model.model
-        self.dtype = inner.embed_tokens.weight.dtype
-        self.embed = inner.embed_tokens.weight
+        self.dtype = inner.norm.weight.dtype
+        self.embed = inner.embed_tokens
         self.final_norm = inner.norm.weight
         self.inv_freq = inner.rotary.inv_freq
         self.eps = config.rms_norm_eps
@@ -159,7 +159,7 @@ class CpuDecoder:
         seqs = [self._sequence(p, t) for p, t in zip(positions, block_tables)]
         rope = ops.rotary_inputs(torch.tensor(positions, dtype=torch.long), self.inv_freq, self.dtype)
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
-        hidden = F.embedding(token_ids, self.embed)
+        hidden = self.embed(token_ids)
         residual = None
         for layer in self.layers:
             if residual is None:

@@ -84,11 +84,15 @@ def _raw_rows(f: GGUFFile, info: GGUFTensorInfo, hf_name: str, config: ModelConf
     return raw
 
 
-def is_native_linear(hf_name: str, type_name: str) -> bool:
-    """Whether a tensor stays quantized with ``native=True``: a decoder layer's projection weight
-    (``model.layers.N.self_attn.q_proj.weight``, ``...mlp.down_proj.weight``) in a type of NATIVE_CONFIGS."""
-    return (type_name in NATIVE_CONFIGS and hf_name.startswith("model.layers.") and hf_name.endswith("_proj.weight")
-            and (".self_attn." in hf_name or ".mlp." in hf_name))
+def is_native(hf_name: str, type_name: str) -> bool:
+    """Whether a tensor stays quantized with ``native=True``: in a type of NATIVE_CONFIGS, a decoder layer's
+    projection weight (``model.layers.N.self_attn.q_proj.weight``, ``...mlp.down_proj.weight``) or the token
+    embeddings (``model.embed_tokens.weight``, a QuantizedEmbedding: also the LM head when tied)."""
+    if type_name not in NATIVE_CONFIGS:
+        return False
+    return hf_name == "model.embed_tokens.weight" or (
+        hf_name.startswith("model.layers.") and hf_name.endswith("_proj.weight")
+        and (".self_attn." in hf_name or ".mlp." in hf_name))
 
 
 def _load_native(f: GGUFFile, info: GGUFTensorInfo, hf_name: str, config: ModelConfig) -> QuantizedWeight:
@@ -106,8 +110,8 @@ def _load_tensor(f: GGUFFile, info: GGUFTensorInfo, hf_name: str, config: ModelC
 
 def load_gguf(path: str, native: bool = False) -> Checkpoint:
     """Read a GGUF model file: config, weights under HF names, and its tokenizer. ``native``: the decoder
-    layers' Q4_0 / Q4_1 / Q8_0 projection weights stay quantized (trident/loader/gguf_native.py), everything
-    else is dequantized to float32 as without it."""
+    layers' Q4_0 / Q4_1 / Q8_0 projection weights and token embeddings stay quantized
+    (trident/loader/gguf_native.py, :func:`is_native`), everything else is dequantized to float32 as without it."""
     return checkpoint_from_gguf(read_gguf(path), native)
 
 
@@ -133,7 +137,7 @@ def checkpoint_from_gguf(f: GGUFFile, native: bool = False) -> Checkpoint:
     with ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 1))) as pool:
         has_vocab = "tokenizer.ggml.tokens" in f.metadata
         tokenizer_job = pool.submit(Tokenizer.from_gguf_metadata, f.metadata) if has_vocab else None
-        native_names = {hf for hf, info in names.items() if native and is_native_linear(hf, info.type_name)}
+        native_names = {hf for hf, info in names.items() if native and is_native(hf, info.type_name)}
         jobs = {hf: pool.submit(_load_native if hf in native_names else _load_tensor, f, info, hf, config)
                 for hf, info in names.items()}
         tensors: dict[str, torch.Tensor] = {}

@@ -29,7 +29,7 @@ def build_model(config: ModelConfig, tensors: Mapping[str, torch.Tensor], *, dty
     if quantization is not None:
         from trident.quant.format import install_quantized_modules
 
-        tensors = install_quantized_modules(model, quantization, tensors, device)
+        tensors = install_quantized_modules(model, quantization, tensors, device, dtype)
     model.load_weights(tensors, dtype=dtype, device=device)
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):

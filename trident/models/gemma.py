@@ -20,7 +20,7 @@ from torch import nn
 
 from trident.attention.base import AttentionBackend, AttentionMetadata, LayerKVCache
 from trident.config import SLIDING_ATTENTION, ModelConfig
-from trident.models.layers import Attention, Embedding, GatedMLP, RMSNorm, RotaryEmbedding, linear
+from trident.models.layers import Attention, Embedding, GatedMLP, RMSNorm, RotaryEmbedding
 from trident.models.ops import RotaryInputs
 from trident.models.weights import PackedModules, attention_mlp_packing, load_weights
 
@@ -88,7 +88,7 @@ class GemmaForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_caches, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = linear(hidden, self.model.embed_tokens.weight).float()
+        logits = self.model.embed_tokens.logits(hidden).float()
         if self.final_logit_softcapping:
             cap = self.final_logit_softcapping
             logits = torch.tanh(logits / cap) * cap

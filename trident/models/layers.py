@@ -75,6 +75,10 @@ class Embedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight)
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., embedding_dim] -> [..., num_embeddings]: the table as a tied output projection."""
+        return linear(hidden, self.weight)
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in float32.

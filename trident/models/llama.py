@@ -17,7 +17,7 @@ from torch import nn
 
 from trident.attention.base import AttentionBackend, AttentionMetadata, LayerKVCache
 from trident.config import ModelConfig
-from trident.models.layers import Attention, Embedding, GatedMLP, Linear, RMSNorm, RotaryEmbedding, linear
+from trident.models.layers import Attention, Embedding, GatedMLP, Linear, RMSNorm, RotaryEmbedding
 from trident.models.ops import RotaryInputs
 from trident.models.weights import PackedModules, attention_mlp_packing, load_weights
 
@@ -82,8 +82,9 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits in the model's dtype: the greedy argmax needs nothing wider (the sampler widens to float32
         where it computes probabilities), and a [batch, vocab] float32 copy per step is not free."""
-        weight = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        return linear(hidden, weight)
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.logits(hidden)
+        return self.lm_head(hidden)
 
     def load_weights(self, tensors: Mapping[str, torch.Tensor], *, dtype: torch.dtype,
                      device: torch.device) -> None:

@@ -109,14 +109,19 @@ def read_quantization_config(hf_config: Mapping[str, Any]) -> QuantizedModules |
 
 
 def install_quantized_modules(model: nn.Module, quantization: QuantizedModules,
-                              tensors: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+                              tensors: Mapping[str, torch.Tensor], device: torch.device,
+                              dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Replace the listed Linear layers of ``model`` (built on the meta device) by QuantizedLinear layers holding
-    the checkpoint's codes, scales and zero points; returns the tensors left for ``load_weights``.
+    the checkpoint's codes, scales and zero points, and a listed token embedding (a GGUF file's table kept as
+    codes) by a QuantizedEmbedding whose rows come out in ``dtype``; returns the tensors left for
+    ``load_weights``.
 
     A listed name is a Linear of the model (``...qkv_proj``) or one part of a fused one (``...q_proj``, as a GGUF
     file's weights come): the parts of a fused layer are concatenated along N (rows are independent output
     channels) when all of them are listed in one format; otherwise the listed parts are dequantized to float32
     and the fused layer stays a float Linear."""
+    from trident.models.layers import Embedding
+    from trident.quant.embedding import QuantizedEmbedding
     from trident.quant.linear import QuantizedLinear, replace_module
     from trident.quant.rtn import dequantize
 
@@ -142,7 +147,12 @@ def install_quantized_modules(model: nn.Module, quantization: QuantizedModules,
                    else None for i in range(3)]
         q = QuantizedWeight(*(None if t is None else t.to(device) for t in stacked))
         layer = model.get_submodule(target)
-        _check_shapes(target, q, layer, config)
+        if isinstance(layer, Embedding):
+            num, dim = layer.weight.shape
+            _check_shapes(target, q, num, dim, config)
+            replace_module(model, target, QuantizedEmbedding(num, dim, config, q, dtype))
+            continue
+        _check_shapes(target, q, layer.out_features, layer.in_features, config)
         bias = None if layer.bias is None else torch.empty(layer.out_features, device="meta")
         replace_module(model, target, QuantizedLinear(layer.in_features, layer.out_features, config, q, bias))
     return rest
@@ -151,13 +161,13 @@ def install_quantized_modules(model: nn.Module, quantization: QuantizedModules,
 def _install_targets(model: nn.Module, names: list[str]) -> dict[str, list[str]]:
     """The model's Linear layer each listed name fills, with the names that make it up in row order (one name
     for an unfused layer; a fused layer's part names, listed or not)."""
-    from trident.models.layers import Linear
+    from trident.models.layers import Embedding, Linear
 
     packed = getattr(model, "packed_modules", {})
     targets: dict[str, list[str]] = {}
     for name in names:
         target, members = name, [name]
-        if not isinstance(_submodule(model, name), Linear):
+        if not isinstance(_submodule(model, name), (Linear, Embedding)):
             prefix, _, leaf = name.rpartition(".")
             fused = next((f for f, parts in packed.items() if leaf in (p for p, _ in parts)), None)
             target = f"{prefix}.{fused}" if fused else name
@@ -171,11 +181,13 @@ def _install_targets(model: nn.Module, names: list[str]) -> dict[str, list[str]]
 def listed_shape(model: nn.Module, name: str) -> tuple[int, int]:
     """(out_features, in_features) of the weight a listed name stands for: a Linear's, or one part's rows of a
     fused Linear."""
-    from trident.models.layers import Linear
+    from trident.models.layers import Embedding, Linear
 
     layer = _submodule(model, name)
     if isinstance(layer, Linear):
         return layer.out_features, layer.in_features
+    if isinstance(layer, Embedding):
+        return tuple(layer.weight.shape)
     prefix, _, leaf = name.rpartition(".")
     for fused, parts in getattr(model, "packed_modules", {}).items():
         for part, rows in parts:
@@ -192,10 +204,10 @@ def _submodule(model: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
-def _check_shapes(name: str, q: QuantizedWeight, layer: nn.Module, config: QuantConfig) -> None:
+def _check_shapes(name: str, q: QuantizedWeight, out_features: int, in_features: int, config: QuantConfig) -> None:
     from trident.quant.rtn import stored_layout
 
-    layout = stored_layout(layer.out_features, layer.in_features, config)
+    layout = stored_layout(out_features, in_features, config)
     for kind, t in zip(("qweight", "scales", "zeros"), q):
         if t is not None and (tuple(t.shape), t.dtype) != layout[kind]:
             shape, dtype = layout[kind]

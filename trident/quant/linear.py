@@ -4,10 +4,10 @@
 On CUDA (where Triton imports) the forward runs the weight-only kernels of trident/kernels/quant_matmul.py on
 the codes as stored, in the affine form of :mod:`trident.quant.affine` (the stored float32 scales, and float32
 offsets derived once from the format: a non-persistent buffer ``offsets``). With bfloat16 activations and few rows
-on the CPU, per-channel int8 and group-wise int4 weights run torch's packed kernels
-(:mod:`trident.quant.cpu_kernels`). Elsewhere the reference path dequantizes the whole weight to x's dtype, then
-calls the same :func:`trident.models.layers.linear` an unquantized layer calls: it saves memory, not time. Every
-fast path is tested against the reference.
+on the CPU, per-channel int8, group-wise int4 and group-wise int8 weights run torch's packed kernels
+(:mod:`trident.quant.cpu_kernels`; the group-wise ones from a re-packed copy built on first use). Elsewhere the
+reference path dequantizes the whole weight to x's dtype, then calls the same :func:`trident.models.layers.linear`
+an unquantized layer calls: it saves memory, not time. Every fast path is tested against the reference.
 """
 
 from __future__ import annotations
@@ -108,6 +108,9 @@ class QuantizedLinear(nn.Module):
         if c.bits == 4 and rows.shape[0] <= cpu_kernels.INT4_MAX_ROWS:
             packed = self._int4_packed(rows.dtype)
             return None if packed is None else packed.matmul(rows)
+        if c.bits == 8 and rows.shape[0] <= cpu_kernels.INT4_MAX_ROWS:
+            packed = self._int8_packed(rows.dtype)
+            return None if packed is None else packed.matmul(torch.cat((rows, rows), dim=1))
         return None
 
     def cpu_matmul(self, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -126,6 +129,9 @@ class QuantizedLinear(nn.Module):
                 return cpu_kernels.int8_matmul(rows, codes, scales, offsets)
         elif c.bits == 4 and (packed := self._int4_packed(dtype)) is not None:
             product = packed.matmul
+        elif c.bits == 8 and (packed := self._int8_packed(dtype)) is not None:
+            def product(rows: torch.Tensor) -> torch.Tensor:
+                return packed.matmul(torch.cat((rows, rows), dim=1))
         else:
             return None
         if bias is None:
@@ -143,6 +149,20 @@ class QuantizedLinear(nn.Module):
             packed = cpu_kernels.Int4Packed.pack(unpack_int4(w.codes), w.scales.float(), w.offsets.float(), group,
                                                  dtype)
             self.__dict__["_int4_cpu"] = packed
+        return packed
+
+    def _int8_packed(self, dtype: torch.dtype) -> cpu_kernels.Int4Packed | None:
+        """Group-wise int8 codes as the int4 kernel's two-halves weight (Int4Packed.pack_int8), built on first use
+        and kept (not saved: derived)."""
+        group = self.in_features // self.scales.shape[1]
+        if not cpu_kernels.Int4Packed.supports(self.out_features, group):
+            return None
+        packed = self.__dict__.get("_int8_cpu")
+        if packed is None or packed.scale_and_zeros.dtype != dtype:
+            w = self.affine_weight()
+            packed = cpu_kernels.Int4Packed.pack_int8(w.codes, w.scales.float(),
+                                                      None if w.offsets is None else w.offsets.float(), group, dtype)
+            self.__dict__["_int8_cpu"] = packed
         return packed
 
     def extra_repr(self) -> str:
