@@ -1,8 +1,9 @@
-"""`trident quantize MODEL --method rtn|gptq --bits 8|4|mixed [--group-size G] [--asymmetric] [--calib TEXT ...]
---out DIR [--json FILE]`: quantize a model's decoder-layer Linear weights (round to nearest, or GPTQ calibrated on a
-text), write a folder trident loads (see trident/quant/format.py), and report each module's relative error and the
-bytes before and after, as a table and a JSON record. ``--bits mixed --avg-bits B --calib TEXT`` chooses int4 or
-int8 per module (trident/quant/mixed_cli.py)."""
+"""`trident quantize MODEL --method rtn|gptq|smoothquant|w8a8 --bits 8|4|mixed [--group-size G] [--asymmetric]
+[--calib TEXT ...] --out DIR [--json FILE]`: quantize a model's decoder-layer Linear weights (round to nearest, or
+GPTQ calibrated on a text), write a folder trident loads (see trident/quant/format.py), and report each module's
+relative error and the bytes before and after, as a table and a JSON record. ``--bits mixed --avg-bits B --calib
+TEXT`` chooses int4 or int8 per module (trident/quant/mixed_cli.py); ``--method smoothquant|w8a8 --bits 8``
+quantizes activations too (W8A8, trident/quant/w8a8_cli.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from datetime import datetime, timezone
 from trident.errors import TridentError
 from trident.quant import GROUP_SIZES
 from trident.quant.gptq_cli import GPTQ_FLAGS, add_gptq_arguments, gptq_settings_of, quantize_gptq
+from trident.quant.w8a8_cli import W8A8_METHODS, run_w8a8
 
 DEFAULT_MODEL = "default"
 
@@ -30,7 +32,13 @@ QUANTIZE_DESCRIPTION = (
     "--bits mixed stores each module as int4 (--group-size, default per channel) or int8 (per channel): it "
     "measures how much the calibration loss rises with each module alone at int4 (--calib, its calib slice), "
     "then keeps at int8 the modules with the largest rise per extra bit while the average stored bits per weight "
-    "(codes, scales and zero points over the weights) stay within --avg-bits."
+    "(codes, scales and zero points over the weights) stay within --avg-bits. "
+    "--method w8a8 --bits 8 quantizes the activations too (W8A8): weights int8 per output channel, and each "
+    "Linear's input quantized to int8 per token at run time, multiplied as int8 x int8 with int32 sums (the GPU's "
+    "int8 tensor cores; torch._int_mm on the CPU). --method smoothquant --bits 8 --calib TEXT first migrates the "
+    "activations' outlier channels into the weights (SmoothQuant: for the Linear layers fed by an RMSNorm, input "
+    "channel j is divided by s_j = max|X_j|^alpha / max|W_:,j|^(1-alpha) in the norm's weight and its weight "
+    "column multiplied by it, alpha = --smooth-alpha, maxima over the calibration text), then quantizes as w8a8."
 )
 
 
@@ -45,11 +53,14 @@ def add_quantize_parser(sub) -> None:
                        epilog="See docs/compression.md. Examples: trident quantize default --bits 4 --group-size 64 "
                        "--out smollm2-rtn-int4; trident quantize default --method gptq --bits 4 --group-size 64 "
                        "--act-order --calib shakespeare --out smollm2-gptq-int4; trident quantize default --bits mixed "
-                       "--avg-bits 5.0 --group-size 64 --calib shakespeare --out smollm2-mixed")
+                       "--avg-bits 5.0 --group-size 64 --calib shakespeare --out smollm2-mixed; trident quantize "
+                       "default --method smoothquant --bits 8 --calib shakespeare --out smollm2-w8a8")
     p.add_argument("model", metavar="MODEL", help=f"a .gguf file, a Hugging Face folder, or '{DEFAULT_MODEL}' (the "
                    "embedded SmolLM2-135M-Instruct Q4_1 GGUF)")
-    p.add_argument("--method", default="rtn", choices=["rtn", "gptq"],
-                   help="rtn: round to nearest (default); gptq: GPTQ error compensation, needs --calib")
+    p.add_argument("--method", default="rtn", choices=["rtn", "gptq", *W8A8_METHODS],
+                   help="rtn: round to nearest (default); gptq: GPTQ error compensation, needs --calib; w8a8: int8 "
+                   "weights and int8 per-token activations (--bits 8); smoothquant: w8a8 after SmoothQuant's scale "
+                   "migration, needs --calib")
     p.add_argument("--bits", type=_bits, required=True, choices=[8, 4, "mixed"],
                    help="bits per weight: 8, 4, or mixed (int4 or int8 per module under --avg-bits)")
     p.add_argument("--group-size", type=int, default=None, choices=GROUP_SIZES,
@@ -67,6 +78,10 @@ def add_quantize_parser(sub) -> None:
     p.add_argument("--json", default=None, metavar="FILE",
                    help="where to write the report (default: bench-results/quantize-TIME.json)")
     add_gptq_arguments(p)
+    s = p.add_argument_group("SmoothQuant (--method smoothquant)")
+    s.add_argument("--smooth-alpha", type=float, default=None, metavar="A",
+                   help="migration strength in [0, 1] (default 0.5): 1 moves the activations' channel ranges all "
+                   "into the weights, 0 the weights' column ranges all into the activations")
     p.set_defaults(func=run_quantize)
 
 
@@ -83,6 +98,10 @@ def run_quantize(args: argparse.Namespace) -> int:
     from trident.quant.linear import eligible_modules, quantize_model
     from trident.quant.rtn import QuantConfig
 
+    if args.method in W8A8_METHODS:
+        return run_w8a8(args)
+    if args.smooth_alpha is not None:
+        raise TridentError("--smooth-alpha applies to --method smoothquant only")
     if args.bits == "mixed":
         from trident.quant.mixed_cli import DEFAULT_CALIB_TOKENS, run_mixed
 
