@@ -172,6 +172,32 @@ def test_round_trip_is_bit_identical(tiny_llama_dir, tmp_path) -> None:
     assert torch.equal(_logits(rebuilt), _logits(model))
 
 
+def test_folder_through_the_engine_sizing_and_info(tiny_llama_dir, tmp_path) -> None:
+    """The engine (generate / serve / eval's path) loads a W8A8 folder: its memory estimate matches what it
+    allocates, `trident info` describes it."""
+    from trident.engine.engine import LLMEngine
+    from trident.engine.llm import engine_config
+    from trident.engine.sizing import estimate_memory
+    from trident.loader.info import info_rows, model_info
+
+    checkpoint = load_checkpoint(str(tiny_llama_dir))
+    model = _build(checkpoint)
+    report = quantize_model_w8a8(model)
+    out = str(tmp_path / "w8a8")
+    save_quantized(model, checkpoint, QuantizedModules(W8A8_WEIGHTS, tuple(report.names), quant_method=W8A8_METHOD),
+                   out)
+    loaded = load_checkpoint(out)
+    engine_cfg = engine_config(out, dtype="float32", memory_budget_bytes=1 << 20)
+    engine = LLMEngine(engine_cfg, loaded)
+    assert isinstance(engine.model.model.layers[1].mlp.gate_up_proj, W8A8Linear)
+    estimate = estimate_memory(loaded.config, engine_cfg, loaded.quantization)
+    assert abs(engine.memory_usage().weights_bytes - estimate.weights_bytes) <= 1024  # the rotary table buffer
+    info = model_info(loaded)
+    assert info.parameters == model_info(checkpoint).parameters
+    assert ("quantization", "W8A8: int8 per-channel weights x int8 per-token activations (no migration), 8 layers"
+            ) in info_rows(info)
+
+
 def test_quantize_cli_smoothquant_and_w8a8(tiny_llama_dir, tmp_path, capsys) -> None:
     """Both methods through `trident quantize`: folders that load as W8A8 and whose logits stay near the float
     model's; the flags they cannot take are refused with the fix."""
