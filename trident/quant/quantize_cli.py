@@ -20,8 +20,9 @@ from trident.quant.w8a8_cli import W8A8_METHODS, run_w8a8
 DEFAULT_MODEL = "default"
 
 QUANTIZE_DESCRIPTION = (
-    "Weight-only quantization of every Linear layer of the decoder layers (never the embeddings or the LM head) to "
-    "int8 or int4, per output channel or in groups along the input dimension, symmetric or asymmetric: by rounding "
+    "Quantization of every Linear layer of the decoder layers (never the embeddings or the LM head): weights only "
+    "(or weights and activations, W8A8: --method w8a8 / smoothquant, below) to int8 or int4, per output channel "
+    "or in groups along the input dimension, symmetric or asymmetric: by rounding "
     "to nearest (--method rtn), or by GPTQ (--method gptq --calib TEXT), which quantizes the decoder layers one "
     "after the other on calibration text and spreads each weight's rounding error over the weights not yet "
     "quantized so that every layer's outputs move least (same codes layout, same folder). Writes a Hugging "
@@ -47,8 +48,8 @@ def _bits(value: str) -> int | str:
 
 
 def add_quantize_parser(sub) -> None:
-    p = sub.add_parser("quantize", help="quantize a model's weights to int8/int4 (round-to-nearest or GPTQ) into a "
-                       "folder",
+    p = sub.add_parser("quantize", help="quantize a model's weights to int8/int4 (round-to-nearest or GPTQ), or "
+                       "weights and activations to int8 (W8A8, SmoothQuant), into a folder",
                        description=QUANTIZE_DESCRIPTION,
                        epilog="See docs/compression.md. Examples: trident quantize default --bits 4 --group-size 64 "
                        "--out smollm2-rtn-int4; trident quantize default --method gptq --bits 4 --group-size 64 "
