@@ -21,6 +21,7 @@ from trident.models.build import build_model
 from trident.models.layers import Linear
 from trident.quant.calibrate import run_calibration
 from trident.quant.format import W8A8_METHOD, W8A8_WEIGHTS, QuantizedModules, save_quantized
+from trident.quant.linear import num_weights
 from trident.quant.rtn import QuantConfig, quantize
 from trident.quant.smoothquant import SmoothConfig, activation_maxima, migrate, norm_inputs
 from trident.quant.w8a8 import (
@@ -193,7 +194,7 @@ def test_folder_through_the_engine_sizing_and_info(tiny_llama_dir, tmp_path) -> 
     estimate = estimate_memory(loaded.config, engine_cfg, loaded.quantization)
     assert abs(engine.memory_usage().weights_bytes - estimate.weights_bytes) <= 1024  # the rotary table buffer
     info = model_info(loaded)
-    assert info.parameters == model_info(checkpoint).parameters
+    assert info.parameters == model_info(checkpoint).parameters == num_weights(engine.model)
     assert ("quantization", "W8A8: int8 per-channel weights x int8 per-token activations (no migration), 8 layers"
             ) in info_rows(info)
 
