@@ -30,8 +30,9 @@ from w8a8_checks import (  # noqa: E402
 pytestmark = pytest.mark.gpu
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-VARIANTS = [W8A8Tiles(16, 32, 128, 4, 4), W8A8Tiles(16, 64, 128, 4, 4), W8A8Tiles(64, 64, 64, 4, 3),
-            W8A8Tiles(64, 128, 64, 4, 3), W8A8Tiles(128, 64, 64, 4, 3), W8A8Tiles(128, 128, 64, 8, 3)]
+VARIANTS = [W8A8Tiles(16, 16, 128, 4, 4), W8A8Tiles(16, 32, 128, 4, 4), W8A8Tiles(16, 64, 128, 4, 4),
+            W8A8Tiles(64, 64, 64, 4, 3), W8A8Tiles(64, 128, 64, 4, 3), W8A8Tiles(128, 64, 64, 4, 3),
+            W8A8Tiles(128, 128, 64, 8, 3)]
 """Every tile shape w8a8_config can choose."""
 
 

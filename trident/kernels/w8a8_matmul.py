@@ -10,9 +10,10 @@ references are in :mod:`trident.quant.w8a8` (:func:`~trident.quant.w8a8.quantize
 2. :func:`w8a8_matmul`: int8 codes of x [M, K] times int8 codes of W [N, K] with ``tl.dot`` into an int32
    accumulator (the int8 tensor cores: exact, |sum| <= K * 127^2 < 2^31 for K < 133,000), then the epilogue in
    float32: ``acc * x_scale[m] * w_scale[n] (+ bias[n])``, stored in the output dtype. Tiles are fixed by M, not
-   autotuned: decode (M <= DECODE_MAX_ROWS) 16 rows x 64 columns (32 when N gives fewer than TARGET_PROGRAMS
-   programs) x 128 of K, 4 warps, 4 stages; larger M 64 / 128 rows x 128 columns (64 when the programs are too
-   few) x 64 of K, 8 warps for 128 x 128 tiles, 3 stages. Programs run in groups of GROUP_M row blocks (the
+   autotuned: decode (M <= DECODE_MAX_ROWS, bound by reading the weight) 16 rows x the widest of 64 / 32 / 16
+   columns giving DECODE_TARGET_PROGRAMS programs x 128 of K, 4 warps, 4 stages; larger M 64 / 128 rows x 128
+   columns (64 when that gives fewer than GEMM_TARGET_PROGRAMS programs) x 64 of K, 8 warps for 128 x 128 tiles,
+   3 stages. Programs run in groups of GROUP_M row blocks (the
    weight columns one group reads stay in the L2), as trident/kernels/quant_matmul.py.
 
 Launches depend on shapes only and never synchronise with the host (CUDA graphs capture them); the row count is
@@ -33,8 +34,11 @@ QMAX = 127
 """Largest code magnitude: symmetric int8 codes -127..127."""
 DECODE_MAX_ROWS = 16
 """Most rows launched with the decode tiles."""
-TARGET_PROGRAMS = 128
-"""Programs to aim for before narrowing a tile: about one per multiprocessor of an H200 (132 SMs)."""
+DECODE_TARGET_PROGRAMS = 256
+"""Decode programs to aim for: about two per multiprocessor of an H200 (132 SMs), as quant_matmul.py's
+matrix-vector launches (each streams its own columns of the weight; no split over K)."""
+GEMM_TARGET_PROGRAMS = 128
+"""Larger-M programs to aim for before narrowing a tile: about one per multiprocessor."""
 GROUP_M = 8
 MAX_ROW_BLOCK = 2048
 """Elements of a row the quantization kernel reads per step."""
@@ -53,10 +57,10 @@ def w8a8_config(m: int, n: int, k: int) -> W8A8Tiles:
     """The tiles of y [m, n] = x [m, k] W^T (see the module docstring), from shapes only; every size a power
     of two, block_k at least 32 (the int8 mma's K)."""
     if m <= DECODE_MAX_ROWS:
-        block_n = 64 if triton.cdiv(n, 64) >= TARGET_PROGRAMS else 32
+        block_n = next((b for b in (64, 32) if triton.cdiv(n, b) >= DECODE_TARGET_PROGRAMS), 16)
         return W8A8Tiles(16, block_n, 128, 4, 4)
     block_m = 64 if m <= 64 else 128
-    block_n = 128 if triton.cdiv(m, block_m) * triton.cdiv(n, 128) >= TARGET_PROGRAMS else 64
+    block_n = 128 if triton.cdiv(m, block_m) * triton.cdiv(n, 128) >= GEMM_TARGET_PROGRAMS else 64
     return W8A8Tiles(block_m, block_n, 64, 8 if block_m * block_n >= 128 * 128 else 4, 3)
 
 
