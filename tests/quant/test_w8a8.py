@@ -23,7 +23,14 @@ from trident.quant.calibrate import run_calibration
 from trident.quant.format import W8A8_METHOD, W8A8_WEIGHTS, QuantizedModules, save_quantized
 from trident.quant.linear import num_weights
 from trident.quant.rtn import QuantConfig, quantize
-from trident.quant.smoothquant import SmoothConfig, activation_maxima, migrate, norm_inputs
+from trident.quant.smoothquant import (
+    SmoothConfig,
+    activation_maxima,
+    changed_source_tensors,
+    migrate,
+    migrated_linears,
+    norm_inputs,
+)
 from trident.quant.w8a8 import (
     W8A8Linear,
     int_mm_product,
@@ -33,6 +40,9 @@ from trident.quant.w8a8 import (
 )
 
 CPU = torch.device("cpu")
+NORMS = {"llama": "post_attention_layernorm", "llama-mlp-bias": "post_attention_layernorm",
+         "gemma2": "pre_feedforward_layernorm"}
+"""The norm that feeds gate_up_proj."""
 
 
 def _x(m: int, k: int, dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
@@ -89,7 +99,9 @@ def test_w8a8_linear_refuses_other_weight_layouts() -> None:
 
 
 def _float64_model(name: str):
-    hf_config = tiny_hf_configs()[name]
+    hf_config = tiny_hf_configs()["llama"] if name == "llama-mlp-bias" else tiny_hf_configs()[name]
+    if name == "llama-mlp-bias":
+        hf_config.mlp_bias = True
     model = build_model(trident_config(hf_config), make_hf_model(hf_config).state_dict(), dtype=torch.float64,
                         device=CPU, backend=create_backend("torch", CPU))
     return model, hf_config.vocab_size
@@ -97,23 +109,34 @@ def _float64_model(name: str):
 
 def _calibrate(model, vocab_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
     tokens = torch.randint(0, vocab_size, (3, 24), generator=torch.Generator().manual_seed(seed))
-    return activation_maxima(model, [linear for _, linear in norm_inputs(model)],
+    return activation_maxima(model, migrated_linears(model, SmoothConfig()),
                              lambda: run_calibration(model, tokens, batch_size=2))
 
 
-@pytest.mark.parametrize(("name", "tolerance"), [("llama", 1e-12), ("gemma2", 1e-5)])
+@pytest.mark.parametrize(("name", "tolerance"), [("llama", 1e-12), ("llama-mlp-bias", 1e-12), ("gemma2", 1e-5)])
 def test_migration_keeps_the_function_in_float64(name: str, tolerance: float) -> None:
-    """Norm weights divided by s and weight columns multiplied by s: the float64 logits are unchanged (to 1e-12 of
-    their range), while the weights really moved (s far from 1). Gemma's norms multiply by (1 + g) in float32
-    whatever the model's dtype (its reference numerics), so there the migrated (1 + g) / s is rounded to float32:
-    1e-5 (measured 3.5e-7), where a wrong formula (g / s) moves the logits by order 1."""
+    """Norm weights (or gate_up_proj's up rows and bias) divided by s and weight columns multiplied by s: the
+    float64 logits are unchanged (to 1e-12 of their range), while the weights really moved (s far from 1).
+    Gemma's norms multiply by (1 + g) in float32 whatever the model's dtype (its reference numerics), so there the
+    migrated (1 + g) / s is rounded to float32: 1e-5 (measured 3.5e-7), where a wrong formula (g / s) moves the
+    logits by order 1."""
     model, vocab = _float64_model(name)
     tokens = [(5 * i + 2) % vocab for i in range(30)]
     before = _logits(model, tokens).double()
     weight_before = model.model.layers[0].self_attn.qkv_proj.weight.clone()
     pairs = migrate(model, _calibrate(model, vocab), SmoothConfig(alpha=0.5))
-    assert [p.linear for p in pairs] == [f"model.layers.{i}.{m}" for i in range(len(model.model.layers))
-                                         for m in ("self_attn.qkv_proj", "mlp.gate_up_proj")]
+    layers = range(len(model.model.layers))
+    assert [p.linear for p in pairs] == [f"model.layers.{i}.{m}" for i in layers
+                                         for m in ("self_attn.qkv_proj", "mlp.gate_up_proj")] + [
+        f"model.layers.{i}.mlp.down_proj" for i in layers]
+    changed = changed_source_tensors(model, pairs)
+    gate_up = model.model.layers[1].mlp.gate_up_proj
+    assert torch.equal(changed["model.layers.1.post_attention_layernorm.weight" if "llama" in name
+                               else "model.layers.1.pre_feedforward_layernorm.weight"].double(),
+                       model.model.layers[1].get_submodule(NORMS[name]).weight.float().double())
+    assert ("model.layers.1.mlp.up_proj.bias" in changed) == (name == "llama-mlp-bias")
+    if name == "llama-mlp-bias":
+        assert torch.equal(changed["model.layers.1.mlp.up_proj.bias"], gate_up.bias[96:].float())
     assert max(float((p.scales.log().abs()).max()) for p in pairs) > 0.5
     assert not torch.allclose(model.model.layers[0].self_attn.qkv_proj.weight, weight_before)
     after = _logits(model, tokens).double()
@@ -137,7 +160,8 @@ def test_migration_evens_an_outlier_channel_and_lowers_the_w8a8_error(tiny_llama
         model.load_state_dict(reference.state_dict())
         if smoothed:
             pairs = migrate(model, _calibrate(model, 256), SmoothConfig())
-            assert all(p.activation_spread_before > 20 > 4 > p.activation_spread_after for p in pairs), pairs
+            assert all(p.activation_spread_before > 20 > 4 > p.activation_spread_after for p in pairs
+                       if p.kind == "norm"), pairs
         quantize_model_w8a8(model)
         errors[smoothed] = _relative_diff(_logits(model), float_logits)
     assert errors[True] < 0.5 * errors[False], errors
@@ -159,8 +183,7 @@ def test_round_trip_is_bit_identical(tiny_llama_dir, tmp_path) -> None:
     assert isinstance(model.model.layers[1].mlp.down_proj, W8A8Linear) and isinstance(model.lm_head, Linear)
     modules = QuantizedModules(W8A8_WEIGHTS, tuple(report.names), method="smoothquant", quant_method=W8A8_METHOD,
                                smooth_alpha=0.6)
-    replaced = {f"{p.norm}.weight": model.get_submodule(p.norm).weight.detach().clone() for p in pairs}
-    save_quantized(model, checkpoint, modules, str(tmp_path / "q"), replaced)
+    save_quantized(model, checkpoint, modules, str(tmp_path / "q"), changed_source_tensors(model, pairs))
     entry = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert entry == {"quant_method": "trident-w8a8", "bits": 8, "group_size": None, "symmetric": True,
                      "method": "smoothquant", "smooth_alpha": 0.6, "modules": report.names}

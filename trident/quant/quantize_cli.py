@@ -39,7 +39,8 @@ QUANTIZE_DESCRIPTION = (
     "int8 tensor cores; torch._int_mm on the CPU). --method smoothquant --bits 8 --calib TEXT first migrates the "
     "activations' outlier channels into the weights (SmoothQuant: for the Linear layers fed by an RMSNorm, input "
     "channel j is divided by s_j = max|X_j|^alpha / max|W_:,j|^(1-alpha) in the norm's weight and its weight "
-    "column multiplied by it, alpha = --smooth-alpha, maxima over the calibration text), then quantizes as w8a8."
+    "column multiplied by it, alpha = --smooth-alpha, maxima over the calibration text; likewise down_proj's inputs "
+    "through the up rows of gate_up_proj), then quantizes as w8a8."
 )
 
 
@@ -83,6 +84,8 @@ def add_quantize_parser(sub) -> None:
     s.add_argument("--smooth-alpha", type=float, default=None, metavar="A",
                    help="migration strength in [0, 1] (default 0.5): 1 moves the activations' channel ranges all "
                    "into the weights, 0 the weights' column ranges all into the activations")
+    s.add_argument("--smooth-mlp-down", action=argparse.BooleanOptionalAction, default=None,
+                   help="also migrate down_proj's inputs through the up rows of gate_up_proj (exact; default on)")
     p.set_defaults(func=run_quantize)
 
 
@@ -101,8 +104,8 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     if args.method in W8A8_METHODS:
         return run_w8a8(args)
-    if args.smooth_alpha is not None:
-        raise TridentError("--smooth-alpha applies to --method smoothquant only")
+    if args.smooth_alpha is not None or args.smooth_mlp_down is not None:
+        raise TridentError("--smooth-alpha and --[no-]smooth-mlp-down apply to --method smoothquant only")
     if args.bits == "mixed":
         from trident.quant.mixed_cli import DEFAULT_CALIB_TOKENS, run_mixed
 

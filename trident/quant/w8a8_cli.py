@@ -38,7 +38,8 @@ def check_w8a8_args(args: argparse.Namespace) -> None:
     else:
         given = [flag for flag, value in (("--calib", args.calib), ("--calib-samples", args.calib_samples),
                                           ("--calib-seq-len", args.calib_seq_len),
-                                          ("--smooth-alpha", args.smooth_alpha)) if value is not None]
+                                          ("--smooth-alpha", args.smooth_alpha),
+                                          ("--[no-]smooth-mlp-down", args.smooth_mlp_down)) if value is not None]
         if given:
             raise TridentError(f"--method w8a8 migrates nothing and needs no calibration: drop {', '.join(given)}, "
                                "or use --method smoothquant")
@@ -96,15 +97,23 @@ def run_w8a8(args: argparse.Namespace) -> int:
 
 
 def _smooth(args: argparse.Namespace, checkpoint, model, console):
-    """Calibrate, migrate in place; -> (alpha, migrated norm weights by HF name, the report's smoothing part)."""
+    """Calibrate, migrate in place; -> (alpha, the source tensors migration changed by HF name, the report's
+    smoothing part)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from trident.quant.calibrate import calibration_tokens, run_calibration
     from trident.quant.gptq_config import CalibrationConfig
-    from trident.quant.smoothquant import SmoothConfig, activation_maxima, migrate, norm_inputs
+    from trident.quant.smoothquant import (
+        SmoothConfig,
+        activation_maxima,
+        changed_source_tensors,
+        migrate,
+        migrated_linears,
+    )
 
-    smooth = SmoothConfig(**({} if args.smooth_alpha is None else {"alpha": args.smooth_alpha}))
-    pairs = norm_inputs(model)  # an unsupported model fails before the calibration's work
+    smooth = SmoothConfig(**{k: v for k, v in (("alpha", args.smooth_alpha), ("mlp_down", args.smooth_mlp_down))
+                             if v is not None})
+    linears = migrated_linears(model, smooth)  # an unsupported model fails before the calibration's work
     calibration = CalibrationConfig(args.calib, samples=args.calib_samples or DEFAULT_CALIB_SAMPLES,
                                     **({} if args.calib_seq_len is None else {"seq_len": args.calib_seq_len}))
     tokens = calibration_tokens(checkpoint.tokenizer, calibration)
@@ -114,16 +123,17 @@ def _smooth(args: argparse.Namespace, checkpoint, model, console):
     with Progress(TextColumn("activation ranges"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         task = bar.add_task("", total=None)
-        maxima = activation_maxima(model, [linear for _, linear in pairs], lambda: run_calibration(
+        maxima = activation_maxima(model, linears, lambda: run_calibration(
             model, tokens.token_ids, batch_size=calibration.batch_size,
             progress=lambda done, total: bar.update(task, completed=done, total=total)))
     smoothed = migrate(model, maxima, smooth)
-    replaced = {f"{p.norm}.weight": model.get_submodule(p.norm).weight.detach().to("cpu", copy=True)
-                for p in smoothed}
+    replaced = changed_source_tensors(model, smoothed)
     record = {"calibration": {**tokens.as_dict(), "batch_size": calibration.batch_size,
                               "seconds": time.perf_counter() - t0},
               "smoothing": {"alpha": smooth.alpha, "min_scale": smooth.min_scale, "max_scale": smooth.max_scale,
-                            "pairs": [{"norm": p.norm, "linear": p.linear, "scale_min": float(p.scales.min()),
+                            "mlp_down": smooth.mlp_down,
+                            "pairs": [{"source": p.source, "kind": p.kind, "linear": p.linear,
+                                       "scale_min": float(p.scales.min()),
                                        "scale_max": float(p.scales.max()),
                                        "activation_spread_before": p.activation_spread_before,
                                        "activation_spread_after": p.activation_spread_after} for p in smoothed]}}
