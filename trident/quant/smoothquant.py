@@ -71,6 +71,8 @@ class SmoothConfig:
     def __post_init__(self) -> None:
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
             raise TridentError(f"--smooth-alpha must be a number in [0, 1] (0.5 is usual), got {self.alpha!r}")
+        if not isinstance(self.mlp_down, bool):
+            raise TridentError(f"mlp_down must be True or False, got {self.mlp_down!r}")
         if not 0 < self.min_scale <= 1 <= self.max_scale:
             raise TridentError(f"smoothing scales must satisfy 0 < min_scale <= 1 <= max_scale, got "
                                f"[{self.min_scale}, {self.max_scale}]")
