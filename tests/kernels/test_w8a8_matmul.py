@@ -15,6 +15,7 @@ import pytest
 import torch
 from elementwise_checks import dtype_id
 
+from trident.kernels.bench_w8a8 import VARIANTS
 from trident.kernels.w8a8_matmul import DECODE_MAX_ROWS, W8A8Tiles, quantize_rows, w8a8_config, w8a8_matmul
 from trident.models import ops
 from trident.models.layers import Linear
@@ -30,10 +31,8 @@ from w8a8_checks import (  # noqa: E402
 pytestmark = pytest.mark.gpu
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-VARIANTS = [W8A8Tiles(16, 16, 128, 4, 4), W8A8Tiles(16, 32, 128, 4, 4), W8A8Tiles(16, 64, 128, 4, 4),
-            W8A8Tiles(64, 64, 64, 4, 3), W8A8Tiles(64, 128, 64, 4, 3), W8A8Tiles(128, 64, 64, 4, 3),
-            W8A8Tiles(128, 128, 64, 8, 3)]
-"""Every tile shape w8a8_config can choose."""
+"""VARIANTS: every tile shape the benchmark sweeps (trident/kernels/bench_w8a8.py), which includes every one
+w8a8_config chooses (test_config_depends_on_shapes_only)."""
 
 
 def _x(m: int, k: int, dtype: torch.dtype, g: torch.Generator, device: torch.device,
