@@ -246,3 +246,13 @@ def test_quantize_cli_smoothquant_and_w8a8(tiny_llama_dir, tmp_path, capsys) -> 
                           (["--bits", "8", "--smooth-alpha", "0.3"], "--method smoothquant only")):
         assert main(["quantize", str(tiny_llama_dir), *args, "--out", str(tmp_path / "x")]) == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_w8a8_decode_graph_replays_match_eager(name: str) -> None:
+    """W8A8 layers (both Triton kernels per projection) inside CUDA-graph replays of decode steps, a padded bucket
+    among them, give the eager forward's hidden states (tests/models/test_cuda_graph_models.py)."""
+    from test_cuda_graph_models import check_decode_graph_replays
+
+    check_decode_graph_replays(name, "bfloat16", "auto", transform=quantize_model_w8a8)
