@@ -7,10 +7,9 @@
   activations quantized per token at run time (W8A8Linear, weights stored as ``trident-rtn``'s int8 per channel
   symmetric). ``method`` says how the codes were chosen (:data:`CODE_METHODS`; ``rtn`` when absent): metadata only,
   the layout is the same whatever chose them; ``trident-w8a8`` with ``smoothquant`` also records ``smooth_alpha``.
-  Modules
-  quantized differently from that default (mixed bits) are listed in ``"module_configs": {module name: {"bits",
-  "group_size", "symmetric"}}``, absent when every module follows the default (as in folders written before mixed
-  bits).
+  Modules quantized differently from that default (mixed bits) are listed in ``"module_configs": {module name:
+  {"bits", "group_size", "symmetric"}}``, absent when every module follows the default (as in folders written
+  before mixed bits).
 - ``model.safetensors``: every tensor the quantized modules do not replace, under its Hugging Face name and in
   its source dtype (tensors a method changed besides the quantized modules, such as SmoothQuant's norm weights,
   in float32), plus ``<module>.qweight``, ``<module>.scales`` and (asymmetric) ``<module>.zeros`` for each
@@ -132,8 +131,8 @@ def read_quantization_config(hf_config: Mapping[str, Any]) -> QuantizedModules |
                            "{bits, group_size, symmetric}")
     overrides = {name: _config_from(c, f"quantization_config.module_configs[{name!r}]")
                  for name, c in module_configs.items()}
-    return QuantizedModules(config, tuple(modules), overrides, entry.get("method", "rtn"), method,
-                            entry.get("smooth_alpha"))
+    return QuantizedModules(config, tuple(modules), overrides, method=entry.get("method", "rtn"), quant_method=method,
+                            smooth_alpha=entry.get("smooth_alpha"))
 
 
 def module_class(quant_method: str) -> type[nn.Module]:
