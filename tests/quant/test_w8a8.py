@@ -174,6 +174,19 @@ def test_unsupported_layers_and_bad_alpha_are_clear_errors() -> None:
         SmoothConfig(alpha=1.5)
 
 
+def test_malformed_w8a8_configs_are_clear_errors() -> None:
+    from trident.quant.format import read_quantization_config
+
+    entry = {"quant_method": "trident-w8a8", "bits": 8, "group_size": None, "symmetric": True, "modules": ["m"]}
+    assert read_quantization_config({"quantization_config": entry}).quant_method == "trident-w8a8"
+    for change, message in (({"bits": 4}, "stores every module as int8 per channel"),
+                            ({"method": "gptq"}, "method 'gptq' is not one of rtn, smoothquant"),
+                            ({"method": "smoothquant"}, "smooth_alpha must be a number exactly when"),
+                            ({"smooth_alpha": 0.5}, "smooth_alpha must be a number exactly when")):
+        with pytest.raises(TridentError, match=message):
+            read_quantization_config({"quantization_config": {**entry, **change}})
+
+
 def test_round_trip_is_bit_identical(tiny_llama_dir, tmp_path) -> None:
     """Migrate, quantize, save (the migrated norms in place of the originals), load: the same logits exactly."""
     checkpoint = load_checkpoint(str(tiny_llama_dir))
