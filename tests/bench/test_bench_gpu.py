@@ -50,10 +50,10 @@ def test_bench_offline_nano_and_latency_on_cuda(tmp_path) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("weights", ["int8", "int4"])
+@pytest.mark.parametrize("weights", ["int8", "int4", "w8a8"])
 def test_bench_latency_with_quantized_weights_on_cuda(tmp_path, weights: str) -> None:
-    """Weights quantized on the GPU, decoded through the weight-only kernels under CUDA graphs; fewer weight
-    bytes per step than the same shape in bfloat16."""
+    """Weights quantized on the GPU, decoded through the weight-only kernels (w8a8: the W8A8 kernels) under CUDA
+    graphs; fewer weight bytes per step than the same shape in bfloat16."""
     config = tmp_path / "tiny" / "config.json"
     config.parent.mkdir()
     config.write_text(json.dumps(TINY_SHAPES["llama3-scaled"]))
@@ -65,7 +65,8 @@ def test_bench_latency_with_quantized_weights_on_cuda(tmp_path, weights: str) ->
                     + (["--group-size", "32"] if name == "int4" else [])) == 0  # the tiny shape's K is 64
         records[name] = json.loads(path.read_text())
     record = records[weights]
-    assert record["weights"] == weights and record["quantization"]["bits"] == int(weights[3:])
+    assert record["weights"] == weights and record["quantization"]["bits"] == (8 if weights == "w8a8" else
+                                                                              int(weights[3:]))
     (row,) = record["results"]
     assert "error" not in row and row["decode_tok_s"] > 0 and row["output_tokens"] == 16
     quantized_bytes = record["roofline"]["weight_bytes_per_step"]

@@ -1,4 +1,4 @@
-"""`trident bench --weights int8|int4`: the checkpoint's decoder Linear weights are quantized where they lie
+"""`trident bench --weights int8|int4|w8a8`: the checkpoint's decoder Linear weights are quantized where they lie
 (fused projections as the model holds them), the engine loads them through its quantized path, and the roofline
 counts their stored bytes."""
 
@@ -51,8 +51,27 @@ def test_bench_quant_config() -> None:
     assert bench_quant_config("int4", None) == QuantConfig(bits=4, group_size=128)
     assert bench_quant_config("int4", 0) == QuantConfig(bits=4, group_size=None)
     assert bench_quant_config("int8", 64) == QuantConfig(bits=8, group_size=64)
-    with pytest.raises(TridentError, match="--group-size"):
-        bench_quant_config("float", 32)
+    assert bench_quant_config("w8a8", None) == QuantConfig(bits=8, group_size=None, symmetric=True)
+    for weights in ("float", "w8a8"):
+        with pytest.raises(TridentError, match="--group-size"):
+            bench_quant_config(weights, 32)
+
+
+def test_bench_latency_with_w8a8_weights(tmp_path) -> None:
+    """--weights w8a8 runs the layers as W8A8Linear (the label and the record say so) and counts int8
+    per-channel bytes."""
+    hf_config = dict(TINY_SHAPES["llama3-scaled"])
+    config_path = tmp_path / "tiny" / "config.json"
+    config_path.parent.mkdir()
+    config_path.write_text(json.dumps(hf_config))
+    out = tmp_path / "latency.json"
+    assert main(["bench", "latency", "--shape", str(config_path), "--prompt-len", "16", "--output-len", "4",
+                 "--repeat", "1", "--device", "cpu", "--dtype", "float32", "--weights", "w8a8",
+                 "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["weights"] == "w8a8" and record["quantization"]["quant_method"] == "trident-w8a8"
+    (row,) = record["results"]
+    assert "int8 per-token activations" in row["engine"] and row["decode_tok_s"] > 0
 
 
 def test_bench_latency_with_int8_weights_counts_their_bytes(tmp_path) -> None:

@@ -1,7 +1,7 @@
 """GGUF Q4_0 / Q4_1 / Q8_0 projection weights and token embeddings kept as codes (trident/loader/gguf_native.py):
-the codes, scales and offsets stand for exactly the values the dequantizing loader gives (itself equal to transformers' GGUF loader,
-test_loader_gguf.py), the fused q/k/v and gate/up layers are quantized when all their parts are, a model runs with
-them, and the default model answers in bfloat16 through the int4 kernel."""
+the codes, scales and offsets stand for exactly the values the dequantizing loader gives (itself equal to
+transformers' GGUF loader, test_loader_gguf.py), the fused q/k/v and gate/up layers are quantized when all their
+parts are, a model runs with them, and the default model answers in bfloat16 through the int4 kernel."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from trident.loader import load_checkpoint
 from trident.loader.checkpoint import Checkpoint
 from trident.models.build import build_model
 from trident.models.layers import Linear
-from trident.quant.format import QuantizedModules
 from trident.quant.embedding import QuantizedEmbedding
+from trident.quant.format import QuantizedModules
 from trident.quant.kv import kv_cache_format
 from trident.quant.linear import QuantizedLinear
 from trident.quant.rtn import QuantizedWeight, dequantize

@@ -6,6 +6,7 @@ int8 / fp8 KV caches."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -29,12 +30,20 @@ TOLERANCE = {"float32": (torch.float32, 1e-4), "bfloat16": (torch.bfloat16, 5e-2
 @pytest.mark.parametrize("dtype_name", list(TOLERANCE))
 @pytest.mark.parametrize("name", list(tiny_hf_configs()))
 def test_decode_graph_replays_match_eager(name: str, dtype_name: str, kv_cache_dtype: str) -> None:
+    check_decode_graph_replays(name, dtype_name, kv_cache_dtype)
+
+
+def check_decode_graph_replays(name: str, dtype_name: str, kv_cache_dtype: str,
+                               transform: Callable[[torch.nn.Module], object] | None = None) -> None:
+    """The test above on one configuration; ``transform(model)`` changes the built model first (quantization)."""
     dtype, tolerance = TOLERANCE[dtype_name]
     device = torch.device("cuda")
     hf_config = tiny_hf_configs()[name]
     backend = create_backend("triton", device)
     model = build_model(trident_config(hf_config), make_hf_model(hf_config).state_dict(), dtype=dtype,
                         device=device, backend=backend)
+    if transform is not None:
+        transform(model)
     runner = ModelRunner(model, backend=backend, num_blocks=40, block_size=BLOCK_SIZE,
                          kv_format=kv_cache_format(kv_cache_dtype, dtype), device=device,
                          sampler=Sampler(device=device), max_num_seqs=4, max_model_len=48,

@@ -1,9 +1,11 @@
-"""`trident bench latency|offline --weights int8|int4`: round-to-nearest quantize a Checkpoint's decoder Linear
-weights where they lie (on the GPU for random weights generated there), before the engine is built, into the
-same tensors a `trident quantize` folder holds, so that the engine loads them through its quantized path.
+"""`trident bench latency|offline --weights int8|int4|w8a8`: round-to-nearest quantize a Checkpoint's decoder
+Linear weights where they lie (on the GPU for random weights generated there), before the engine is built, into
+the same tensors a `trident quantize` folder holds, so that the engine loads them through its quantized path.
 
-int8 is per channel symmetric, int4 symmetric with groups of 128 along K by default (``--group-size``); the
-LM head and embeddings stay in the model dtype (rtn.NEVER_QUANTIZED)."""
+int8 is per channel symmetric, int4 symmetric with groups of 128 along K by default (``--group-size``); w8a8 is
+int8 per channel symmetric weights run as W8A8 (int8 activations quantized per token at run time; no SmoothQuant
+migration: random weights have no outlier channels, and the speed does not depend on the values). The LM head and
+embeddings stay in the model dtype (rtn.NEVER_QUANTIZED)."""
 
 from __future__ import annotations
 
@@ -13,12 +15,12 @@ import torch
 
 from trident.errors import TridentError
 from trident.loader.checkpoint import Checkpoint
-from trident.quant.format import QuantizedModules
+from trident.quant.format import QUANT_METHOD, W8A8_METHOD, W8A8_WEIGHTS, QuantizedModules
 from trident.quant.linear import eligible_modules
 from trident.quant.rtn import QuantConfig, quantize
 
-WEIGHT_FORMATS = ("float", "int8", "int4")
-"""--weights: the checkpoint's float weights (in --dtype), or quantized to int8 / int4."""
+WEIGHT_FORMATS = ("float", "int8", "int4", "w8a8")
+"""--weights: the checkpoint's float weights (in --dtype), quantized to int8 / int4 (weight-only), or W8A8."""
 DEFAULT_GROUP_SIZE = {"int8": None, "int4": 128}
 """Groups along K by default: int8 per channel, int4 128."""
 
@@ -28,18 +30,19 @@ def bench_quant_config(weights: str, group_size: int | None) -> QuantConfig | No
     channel)."""
     if weights not in WEIGHT_FORMATS:
         raise TridentError(f"--weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
-    if weights == "float":
+    if weights in ("float", "w8a8"):
         if group_size is not None:
             raise TridentError("--group-size applies to --weights int8 or int4 only")
-        return None
+        return W8A8_WEIGHTS if weights == "w8a8" else None
     group = DEFAULT_GROUP_SIZE[weights] if group_size is None else (group_size or None)
     return QuantConfig(bits=int(weights[3:]), group_size=group, symmetric=True)
 
 
-def quantize_checkpoint(checkpoint: Checkpoint, config: QuantConfig) -> Checkpoint:
+def quantize_checkpoint(checkpoint: Checkpoint, config: QuantConfig, quant_method: str = QUANT_METHOD) -> Checkpoint:
     """A Checkpoint whose eligible Linear weights (fused projections concatenated along N, as the model holds
     them) are replaced by ``<module>.qweight`` / ``.scales`` (/ ``.zeros``) on the weights' device, with its
-    ``quantization`` set; the float weights are released as they are quantized (from this Checkpoint's dict)."""
+    ``quantization`` set (``quant_method``: trident-rtn weight-only, or trident-w8a8); the float weights are
+    released as they are quantized (from this Checkpoint's dict)."""
     from trident.attention.torch_ref import TorchAttention
     from trident.models.registry import model_class
 
@@ -70,4 +73,9 @@ def quantize_checkpoint(checkpoint: Checkpoint, config: QuantConfig) -> Checkpoi
                 tensors[f"{name}.{kind}"] = t
                 types[f"{name}.{kind}"] = str(t.dtype).removeprefix("torch.").upper()
     return dataclasses.replace(checkpoint, tensors=tensors, tensor_types=types,
-                               quantization=QuantizedModules(config, tuple(names)))
+                               quantization=QuantizedModules(config, tuple(names), quant_method=quant_method))
+
+
+def quant_method_of(weights: str) -> str:
+    """The checkpoint format a --weights choice is run as."""
+    return W8A8_METHOD if weights == "w8a8" else QUANT_METHOD

@@ -33,10 +33,12 @@ def add_bench_parser(sub, model_help: str, engine_args) -> None:
     p.add_argument("--shape", default=None, metavar="NAME|CONFIG",
                    help="benchmark random weights of a named shape or of a config.json instead of a model file")
     p.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights of --shape (default 0)")
-    p.add_argument("--weights", choices=["float", "int8", "int4"], default="float",
+    p.add_argument("--weights", choices=["float", "int8", "int4", "w8a8"], default="float",
                    help="float: the weights in --dtype; int8 / int4: round-to-nearest quantize the decoder layers' "
                    "weights on the device before timing (int8 per channel symmetric, int4 symmetric in groups of "
-                   "128; the LM head stays in --dtype), run by the weight-only kernels on CUDA")
+                   "128; the LM head stays in --dtype), run by the weight-only kernels on CUDA; w8a8: int8 per "
+                   "channel weights times int8 per-token activations (the int8 tensor-core kernels on CUDA, "
+                   "no SmoothQuant migration)")
     p.add_argument("--group-size", type=int, choices=[0, 32, 64, 128], default=None,
                    help="with --weights int8|int4: the group length along K (0: per channel)")
     p.add_argument("--workload", choices=["default", "nano"], default="default",
@@ -94,6 +96,8 @@ def run_bench(args: argparse.Namespace) -> int:
     if subject.checkpoint.quantization is not None:
         c = subject.checkpoint.quantization.config
         label += f", int{c.bits} {'per channel' if c.group_size is None else f'g{c.group_size}'} weights"
+        if subject.checkpoint.quantization.quant_method == "trident-w8a8":
+            label += " x int8 per-token activations"
     bound = _roofline(engine, workload, args.kind)
     if args.kind == "latency":
         ours_fn = trident_side.run_latency
@@ -195,7 +199,8 @@ def _record(args: argparse.Namespace, subject, dtype_name: str, bound, rows: lis
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": report.machine(args.device, args.threads),
         "device": args.device, "dtype": dtype_name, "weights": args.weights,
-        "quantization": (dataclasses.asdict(subject.checkpoint.quantization.config)
+        "quantization": ({**dataclasses.asdict(subject.checkpoint.quantization.config),
+                          "quant_method": subject.checkpoint.quantization.quant_method}
                          if subject.checkpoint.quantization is not None else None),
         "attention_backend": engine.attention_backend,
         "engine_options": subject.engine_options, "workload": subject.workload.summary(),

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
-from trident.bench.quantized_weights import bench_quant_config, quantize_checkpoint
+from trident.bench.quantized_weights import bench_quant_config, quant_method_of, quantize_checkpoint
 from trident.bench.shapes import Shape, resolve_shape
 from trident.bench.workloads import Workload, latency_workload, nano_workload, offline_workload
 from trident.engine.engine import LLMEngine
@@ -61,9 +61,10 @@ def prepare(args: argparse.Namespace) -> Subject:
         native = gguf_native(EngineConfig(name, device=args.device, dtype=args.dtype,
                                           gguf_weights=args.gguf_weights), device)
         checkpoint = load_checkpoint(name, native)
-    quant_config = bench_quant_config(getattr(args, "weights", "float"), getattr(args, "group_size", None))
+    weights = getattr(args, "weights", "float")
+    quant_config = bench_quant_config(weights, getattr(args, "group_size", None))
     if quant_config is not None:
-        checkpoint = quantize_checkpoint(checkpoint, quant_config)
+        checkpoint = quantize_checkpoint(checkpoint, quant_config, quant_method_of(weights))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     workload = make_workload(args, checkpoint)

@@ -122,6 +122,11 @@ def _describe(checkpoint: Checkpoint) -> str | None:
     quantization = checkpoint.quantization
     if quantization is None:
         return None
+    if quantization.quant_method == "trident-w8a8":
+        alpha = quantization.smooth_alpha
+        how = "no migration" if alpha is None else f"SmoothQuant migration, alpha {alpha:g}"
+        return (f"W8A8: int8 per-channel weights x int8 per-token activations ({how}), "
+                f"{len(quantization.modules)} layers")
     if not quantization.module_configs:
         return f"{_describe_config(quantization.config)}, {len(quantization.modules)} layers"
     counts: dict = {}

@@ -116,11 +116,7 @@ def gptq_model(model: nn.Module, config: QuantConfig, gptq: GPTQConfig, tokens: 
                            "narrow the module patterns or use --method rtn")
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
-    if tokens.dim() != 2 or tokens.shape[1] < 2:
-        raise TridentError(f"calibration tokens must be [samples, seq_len >= 2], got {tuple(tokens.shape)}")
-    if tokens.shape[1] > model.config.max_position_embeddings:
-        raise TridentError(f"--calib-seq-len {tokens.shape[1]} is longer than the model's context "
-                           f"({model.config.max_position_embeddings} tokens); lower it")
+    _check_tokens(model, tokens)
 
     batches = [tokens[i: i + batch_size] for i in range(0, tokens.shape[0], batch_size)]
     total = len(batches) * (1 + 2 * len(layers)) + len(names)
@@ -162,6 +158,32 @@ def gptq_model(model: nn.Module, config: QuantConfig, gptq: GPTQConfig, tokens: 
         for _ in states:
             advance(f"layer {index}: outputs")
     return report
+
+
+@torch.no_grad()
+def run_calibration(model: nn.Module, tokens: torch.Tensor, *, batch_size: int = 8,
+                    progress: Callable[[int, int], None] | None = None) -> None:
+    """Run ``model`` (all of it) over the calibration ``tokens`` [samples, seq_len], ``batch_size`` sequences per
+    forward, for the hooks the caller has set (SmoothQuant's activation maxima); outputs are discarded. Each batch
+    is a prefill step laid out by the engine's ModelRunner; one layer's KV cache serves every layer (each layer
+    writes its keys and values before its attention reads them). ``progress(done, total)`` after each batch."""
+    layers = _decoder_layers(model)
+    _check_tokens(model, tokens)
+    param = next(model.parameters())
+    batches = [tokens[i: i + batch_size] for i in range(0, tokens.shape[0], batch_size)]
+    kv_cache, steps = _step_inputs(model, batches, param.device, param.dtype)
+    for done, (input_ids, positions, meta) in enumerate(steps, 1):
+        model(input_ids, positions, [kv_cache] * len(layers), meta)
+        if progress is not None:
+            progress(done, len(steps))
+
+
+def _check_tokens(model: nn.Module, tokens: torch.Tensor) -> None:
+    if tokens.dim() != 2 or tokens.shape[1] < 2:
+        raise TridentError(f"calibration tokens must be [samples, seq_len >= 2], got {tuple(tokens.shape)}")
+    if tokens.shape[1] > model.config.max_position_embeddings:
+        raise TridentError(f"--calib-seq-len {tokens.shape[1]} is longer than the model's context "
+                           f"({model.config.max_position_embeddings} tokens); lower it")
 
 
 def _quantize_module(model: nn.Module, name: str, acc: HessianAccumulator, config: QuantConfig,

@@ -1,14 +1,18 @@
 """The quantized checkpoint format: a Hugging Face-style folder trident loads like any other.
 
-- ``config.json``: the source's config plus ``quantization_config`` = ``{"quant_method": "trident-rtn", "bits",
-  "group_size", "symmetric", "method", "modules": [module names]}``; module names are trident's (fused ``qkv_proj``
-  and ``gate_up_proj``, e.g. ``model.layers.0.self_attn.qkv_proj``). ``method`` (``rtn`` or ``gptq``; ``rtn`` when
-  absent) says how the codes were chosen: metadata only, the layout is the same whatever chose them. Modules
-  quantized differently from that default (mixed bits) are listed in ``"module_configs": {module name: {"bits",
-  "group_size", "symmetric"}}``, absent when every module follows the default (as in folders written before mixed
-  bits).
+- ``config.json``: the source's config plus ``quantization_config`` = ``{"quant_method", "bits", "group_size",
+  "symmetric", "method", "modules": [module names]}``; module names are trident's (fused ``qkv_proj`` and
+  ``gate_up_proj``, e.g. ``model.layers.0.self_attn.qkv_proj``). ``quant_method`` says how the listed modules run
+  (:data:`MODULE_KINDS`): ``trident-rtn`` weight-only (QuantizedLinear), ``trident-w8a8`` int8 weights times int8
+  activations quantized per token at run time (W8A8Linear, weights stored as ``trident-rtn``'s int8 per channel
+  symmetric). ``method`` says how the codes were chosen (:data:`CODE_METHODS`; ``rtn`` when absent): metadata only,
+  the layout is the same whatever chose them; ``trident-w8a8`` with ``smoothquant`` also records ``smooth_alpha``.
+  Modules quantized differently from that default (mixed bits) are listed in ``"module_configs": {module name:
+  {"bits", "group_size", "symmetric"}}``, absent when every module follows the default (as in folders written
+  before mixed bits).
 - ``model.safetensors``: every tensor the quantized modules do not replace, under its Hugging Face name and in
-  its source dtype, plus ``<module>.qweight``, ``<module>.scales`` and (asymmetric) ``<module>.zeros`` for each
+  its source dtype (tensors a method changed besides the quantized modules, such as SmoothQuant's norm weights,
+  in float32), plus ``<module>.qweight``, ``<module>.scales`` and (asymmetric) ``<module>.zeros`` for each
   quantized module (layouts in :mod:`trident.quant.rtn`). A quantized module's bias stays under its HF names.
 - the tokenizer: a Hugging Face source's tokenizer files are copied; a GGUF source's tokenizer is written as
   tokenizer.json (its fast-tokenizer backend), tokenizer_config.json (special tokens, add_bos/add_eos, chat
@@ -31,9 +35,15 @@ from trident.errors import TridentError
 from trident.quant.rtn import QuantConfig, QuantizedWeight
 
 QUANT_METHOD = "trident-rtn"
-SUPPORTED_METHODS = (QUANT_METHOD,)
-CODE_METHODS = ("rtn", "gptq")
-"""How the codes of a ``trident-rtn`` checkpoint may have been chosen (``quantization_config.method``)."""
+W8A8_METHOD = "trident-w8a8"
+SUPPORTED_METHODS = (QUANT_METHOD, W8A8_METHOD)
+MODULE_KINDS = {QUANT_METHOD: "trident.quant.linear:QuantizedLinear", W8A8_METHOD: "trident.quant.w8a8:W8A8Linear"}
+"""The module class each ``quant_method`` installs (imported when used): both take (in_features, out_features,
+config, QuantizedWeight, bias) and expose ``quantized``."""
+CODE_METHODS = {QUANT_METHOD: ("rtn", "gptq"), W8A8_METHOD: ("rtn", "smoothquant")}
+"""How the codes of each ``quant_method``'s checkpoint may have been chosen (``quantization_config.method``)."""
+W8A8_WEIGHTS = QuantConfig(bits=8)
+"""How ``trident-w8a8`` weights are stored: int8 per output channel, symmetric (scales float32 [N, 1])."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "chat_template.jinja", "chat_template.json")
 
@@ -48,20 +58,39 @@ class QuantizedModules:
     module_configs: Mapping[str, QuantConfig] = field(default_factory=dict)
     """Listed modules quantized otherwise than :attr:`config` (mixed bits), by name."""
     method: str = "rtn"
-    """How the codes were chosen (one of CODE_METHODS): recorded, never needed to load them."""
+    """How the codes were chosen (one of CODE_METHODS[quant_method]): recorded, never needed to load them."""
+    quant_method: str = QUANT_METHOD
+    """How the listed modules run (one of SUPPORTED_METHODS, see :data:`MODULE_KINDS`)."""
+    smooth_alpha: float | None = None
+    """``trident-w8a8`` with ``method="smoothquant"``: the migration strength used (metadata); None otherwise."""
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.module_configs if name not in self.modules]
         if unknown:
             raise TridentError(f"quantization_config.module_configs names {', '.join(unknown)}, which "
                                "quantization_config.modules does not list")
+        if self.quant_method not in SUPPORTED_METHODS:
+            raise TridentError(f"quantization_config.quant_method {self.quant_method!r} is not supported; trident "
+                               f"loads {', '.join(SUPPORTED_METHODS)} (written by `trident quantize`)")
+        methods = CODE_METHODS[self.quant_method]
+        if self.method not in methods:
+            raise TridentError(f"quantization_config.method {self.method!r} is not one of {', '.join(methods)} "
+                               f"for {self.quant_method}")
+        if self.quant_method == W8A8_METHOD and (self.config != W8A8_WEIGHTS or self.module_configs):
+            raise TridentError(f"{W8A8_METHOD} stores every module as int8 per channel, symmetric; got "
+                               f"{self.config} with {len(self.module_configs)} per-module configs")
+        if (self.smooth_alpha is not None) != (self.method == "smoothquant") or not (
+                self.smooth_alpha is None or isinstance(self.smooth_alpha, (int, float))):
+            raise TridentError("quantization_config.smooth_alpha must be a number exactly when method is "
+                               f"smoothquant; got {self.smooth_alpha!r} with method {self.method!r}")
 
     def config_of(self, name: str) -> QuantConfig:
         """How module ``name`` (one of :attr:`modules`) is quantized."""
         return self.module_configs.get(name, self.config)
 
     def as_hf_dict(self) -> dict[str, Any]:
-        entry = {"quant_method": QUANT_METHOD, **_config_dict(self.config), "method": self.method,
+        entry = {"quant_method": self.quant_method, **_config_dict(self.config), "method": self.method,
+                 **({} if self.smooth_alpha is None else {"smooth_alpha": self.smooth_alpha}),
                  "modules": list(self.modules)}
         if self.module_configs:
             entry["module_configs"] = {name: _config_dict(self.module_configs[name])
@@ -102,19 +131,25 @@ def read_quantization_config(hf_config: Mapping[str, Any]) -> QuantizedModules |
                            "{bits, group_size, symmetric}")
     overrides = {name: _config_from(c, f"quantization_config.module_configs[{name!r}]")
                  for name, c in module_configs.items()}
-    method = entry.get("method", "rtn")
-    if method not in CODE_METHODS:
-        raise TridentError(f"quantization_config.method {method!r} is not one of {', '.join(CODE_METHODS)}")
-    return QuantizedModules(config, tuple(modules), overrides, method)
+    return QuantizedModules(config, tuple(modules), overrides, method=entry.get("method", "rtn"), quant_method=method,
+                            smooth_alpha=entry.get("smooth_alpha"))
+
+
+def module_class(quant_method: str) -> type[nn.Module]:
+    """The module class that runs a ``quant_method``'s modules (:data:`MODULE_KINDS`)."""
+    import importlib
+
+    module, _, name = MODULE_KINDS[quant_method].partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def install_quantized_modules(model: nn.Module, quantization: QuantizedModules,
                               tensors: Mapping[str, torch.Tensor], device: torch.device,
                               dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Replace the listed Linear layers of ``model`` (built on the meta device) by QuantizedLinear layers holding
-    the checkpoint's codes, scales and zero points, and a listed token embedding (a GGUF file's table kept as
-    codes) by a QuantizedEmbedding whose rows come out in ``dtype``; returns the tensors left for
-    ``load_weights``.
+    """Replace the listed Linear layers of ``model`` (built on the meta device) by quantized layers (the
+    ``quant_method``'s :func:`module_class`) holding the checkpoint's codes, scales and zero points, and a listed
+    token embedding (a GGUF file's table kept as codes) by a QuantizedEmbedding whose rows come out in ``dtype``;
+    returns the tensors left for ``load_weights``.
 
     A listed name is a Linear of the model (``...qkv_proj``) or one part of a fused one (``...q_proj``, as a GGUF
     file's weights come): the parts of a fused layer are concatenated along N (rows are independent output
@@ -122,9 +157,10 @@ def install_quantized_modules(model: nn.Module, quantization: QuantizedModules,
     and the fused layer stays a float Linear."""
     from trident.models.layers import Embedding
     from trident.quant.embedding import QuantizedEmbedding
-    from trident.quant.linear import QuantizedLinear, replace_module
+    from trident.quant.linear import replace_module
     from trident.quant.rtn import dequantize
 
+    cls = module_class(quantization.quant_method)
     rest = dict(tensors)
     targets = _install_targets(model, list(quantization.modules))  # an unknown name fails before anything else
     weights: dict[str, tuple[QuantizedWeight, QuantConfig]] = {}
@@ -154,7 +190,7 @@ def install_quantized_modules(model: nn.Module, quantization: QuantizedModules,
             continue
         _check_shapes(target, q, layer.out_features, layer.in_features, config)
         bias = None if layer.bias is None else torch.empty(layer.out_features, device="meta")
-        replace_module(model, target, QuantizedLinear(layer.in_features, layer.out_features, config, q, bias))
+        replace_module(model, target, cls(layer.in_features, layer.out_features, config, q, bias))
     return rest
 
 
@@ -226,13 +262,18 @@ def hf_module_of(name: str, packed_modules: Mapping[str, tuple[tuple[str, int], 
     return module
 
 
-def save_quantized(model: nn.Module, checkpoint, modules: QuantizedModules, out_dir: str) -> list[str]:
+def save_quantized(model: nn.Module, checkpoint, modules: QuantizedModules, out_dir: str,
+                   replaced: Mapping[str, torch.Tensor] | None = None) -> list[str]:
     """Write the quantized folder (see the module docstring) for ``model`` after :func:`quantize_model`;
-    ``checkpoint`` is the source it was built from. Returns the files written."""
+    ``checkpoint`` is the source it was built from; ``replaced``: tensors (Hugging Face names of the source's)
+    written instead of the source's (SmoothQuant's migrated norm weights). Returns the files written."""
     from safetensors.torch import save_file
 
-    from trident.quant.linear import QuantizedLinear
-
+    cls = module_class(modules.quant_method)
+    replaced = dict(replaced or {})
+    unknown = sorted(set(replaced) - set(checkpoint.tensors))
+    if unknown:
+        raise TridentError(f"save_quantized: {', '.join(unknown)} replace no tensor of the source")
     os.makedirs(out_dir, exist_ok=True)
     quantized = set(modules.modules)
     packed = getattr(model, "packed_modules", {})
@@ -240,11 +281,11 @@ def save_quantized(model: nn.Module, checkpoint, modules: QuantizedModules, out_
     for name, tensor in checkpoint.tensors.items():
         if name.endswith(".weight") and hf_module_of(name, packed) in quantized:
             continue
-        tensors[name] = tensor.contiguous()
+        tensors[name] = replaced.get(name, tensor).contiguous()
     for name in modules.modules:
         layer = model.get_submodule(name)
-        if not isinstance(layer, QuantizedLinear):
-            raise TridentError(f"{name} is not quantized; run quantize_model first")
+        if not isinstance(layer, cls):
+            raise TridentError(f"{name} is not a {cls.__name__} ({modules.quant_method}); quantize it first")
         for kind, t in zip(("qweight", "scales", "zeros"), layer.quantized):
             if t is not None:
                 tensors[f"{name}.{kind}"] = t.detach().cpu().contiguous()

@@ -24,12 +24,14 @@ def add_gptq_arguments(p: argparse.ArgumentParser) -> None:
     from trident.compress.texts import CORPORA
 
     calib, gptq = CalibrationConfig(text=""), GPTQConfig()
-    g = p.add_argument_group("calibration and GPTQ (--method gptq; --calib also for --bits mixed)")
+    g = p.add_argument_group("calibration and GPTQ (--method gptq; --calib also for --bits mixed and --method "
+                             "smoothquant, with --calib-samples / --calib-seq-len)")
     g.add_argument("--calib", default=None, metavar="FILE|" + "|".join(CORPORA),
                    help="calibration text: a named corpus (its calib slice, the first 10%%, which `trident eval ppl` "
-                   "never evaluates on) or a UTF-8 file (taken whole); required with --method gptq and --bits mixed")
+                   "never evaluates on) or a UTF-8 file (taken whole); required with --method gptq, --method "
+                   "smoothquant and --bits mixed")
     g.add_argument("--calib-samples", type=int, default=None, metavar="N",
-                   help=f"calibration sequences (default {calib.samples})")
+                   help=f"calibration sequences (default {calib.samples}; smoothquant 16)")
     g.add_argument("--calib-seq-len", type=int, default=None, metavar="L",
                    help=f"tokens per calibration sequence (default {calib.seq_len})")
     g.add_argument("--damp", type=float, default=None,

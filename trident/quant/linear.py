@@ -209,9 +209,12 @@ class QuantReport:
 
 
 def num_weights(model: nn.Module) -> int:
-    """The model's parameter count with each quantized weight counted as its N x K weights (not its codes)."""
+    """The model's parameter count with each quantized weight (weight-only or W8A8) counted as its N x K weights
+    (not its codes)."""
+    from trident.quant.w8a8 import W8A8Linear
+
     return sum(p.numel() for p in model.parameters()) + sum(
-        m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, (QuantizedLinear, W8A8Linear)))
 
 
 def eligible_modules(model: nn.Module, config: QuantConfig) -> list[str]:

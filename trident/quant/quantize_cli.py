@@ -1,8 +1,9 @@
-"""`trident quantize MODEL --method rtn|gptq --bits 8|4|mixed [--group-size G] [--asymmetric] [--calib TEXT ...]
---out DIR [--json FILE]`: quantize a model's decoder-layer Linear weights (round to nearest, or GPTQ calibrated on a
-text), write a folder trident loads (see trident/quant/format.py), and report each module's relative error and the
-bytes before and after, as a table and a JSON record. ``--bits mixed --avg-bits B --calib TEXT`` chooses int4 or
-int8 per module (trident/quant/mixed_cli.py)."""
+"""`trident quantize MODEL --method rtn|gptq|smoothquant|w8a8 --bits 8|4|mixed [--group-size G] [--asymmetric]
+[--calib TEXT ...] --out DIR [--json FILE]`: quantize a model's decoder-layer Linear weights (round to nearest, or
+GPTQ calibrated on a text), write a folder trident loads (see trident/quant/format.py), and report each module's
+relative error and the bytes before and after, as a table and a JSON record. ``--bits mixed --avg-bits B --calib
+TEXT`` chooses int4 or int8 per module (trident/quant/mixed_cli.py); ``--method smoothquant|w8a8 --bits 8``
+quantizes activations too (W8A8, trident/quant/w8a8_cli.py)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ from trident.compress.variants_cli import add_report_arguments
 from trident.errors import TridentError
 from trident.quant import GROUP_SIZES
 from trident.quant.gptq_cli import GPTQ_FLAGS, add_gptq_arguments, gptq_settings_of, quantize_gptq
+from trident.quant.w8a8_cli import W8A8_METHODS, run_w8a8
 
 DEFAULT_MODEL = "default"
 
 QUANTIZE_DESCRIPTION = (
-    "Weight-only quantization of every Linear layer of the decoder layers (never the embeddings or the LM head) to "
-    "int8 or int4, per output channel or in groups along the input dimension, symmetric or asymmetric: by rounding "
+    "Quantization of every Linear layer of the decoder layers (never the embeddings or the LM head): weights only "
+    "(or weights and activations, W8A8: --method w8a8 / smoothquant, below) to int8 or int4, per output channel "
+    "or in groups along the input dimension, symmetric or asymmetric: by rounding "
     "to nearest (--method rtn), or by GPTQ (--method gptq --calib TEXT), which quantizes the decoder layers one "
     "after the other on calibration text and spreads each weight's rounding error over the weights not yet "
     "quantized so that every layer's outputs move least (same codes layout, same folder). Writes a Hugging "
@@ -31,7 +34,14 @@ QUANTIZE_DESCRIPTION = (
     "--bits mixed stores each module as int4 (--group-size, default per channel) or int8 (per channel): it "
     "measures how much the calibration loss rises with each module alone at int4 (--calib, its calib slice), "
     "then keeps at int8 the modules with the largest rise per extra bit while the average stored bits per weight "
-    "(codes, scales and zero points over the weights) stay within --avg-bits."
+    "(codes, scales and zero points over the weights) stay within --avg-bits. "
+    "--method w8a8 --bits 8 quantizes the activations too (W8A8): weights int8 per output channel, and each "
+    "Linear's input quantized to int8 per token at run time, multiplied as int8 x int8 with int32 sums (the GPU's "
+    "int8 tensor cores; torch._int_mm on the CPU). --method smoothquant --bits 8 --calib TEXT first migrates the "
+    "activations' outlier channels into the weights (SmoothQuant: for the Linear layers fed by an RMSNorm, input "
+    "channel j is divided by s_j = max|X_j|^alpha / max|W_:,j|^(1-alpha) in the norm's weight and its weight "
+    "column multiplied by it, alpha = --smooth-alpha, maxima over the calibration text; likewise down_proj's inputs "
+    "through the up rows of gate_up_proj), then quantizes as w8a8."
 )
 
 
@@ -40,17 +50,20 @@ def _bits(value: str) -> int | str:
 
 
 def add_quantize_parser(sub) -> None:
-    p = sub.add_parser("quantize", help="quantize a model's weights to int8/int4 (round-to-nearest or GPTQ) into a "
-                       "folder",
+    p = sub.add_parser("quantize", help="quantize a model's weights to int8/int4 (round-to-nearest or GPTQ), or "
+                       "weights and activations to int8 (W8A8, SmoothQuant), into a folder",
                        description=QUANTIZE_DESCRIPTION,
                        epilog="See docs/compression.md. Examples: trident quantize default --bits 4 --group-size 64 "
                        "--out smollm2-rtn-int4; trident quantize default --method gptq --bits 4 --group-size 64 "
                        "--act-order --calib shakespeare --out smollm2-gptq-int4; trident quantize default --bits mixed "
-                       "--avg-bits 5.0 --group-size 64 --calib shakespeare --out smollm2-mixed")
+                       "--avg-bits 5.0 --group-size 64 --calib shakespeare --out smollm2-mixed; trident quantize "
+                       "default --method smoothquant --bits 8 --calib shakespeare --out smollm2-w8a8")
     p.add_argument("model", metavar="MODEL", help=f"a .gguf file, a Hugging Face folder, or '{DEFAULT_MODEL}' (the "
                    "embedded SmolLM2-135M-Instruct Q4_1 GGUF)")
-    p.add_argument("--method", default="rtn", choices=["rtn", "gptq"],
-                   help="rtn: round to nearest (default); gptq: GPTQ error compensation, needs --calib")
+    p.add_argument("--method", default="rtn", choices=["rtn", "gptq", *W8A8_METHODS],
+                   help="rtn: round to nearest (default); gptq: GPTQ error compensation, needs --calib; w8a8: int8 "
+                   "weights and int8 per-token activations (--bits 8); smoothquant: w8a8 after SmoothQuant's scale "
+                   "migration, needs --calib")
     p.add_argument("--bits", type=_bits, required=True, choices=[8, 4, "mixed"],
                    help="bits per weight: 8, 4, or mixed (int4 or int8 per module under --avg-bits)")
     p.add_argument("--group-size", type=int, default=None, choices=GROUP_SIZES,
@@ -69,6 +82,12 @@ def add_quantize_parser(sub) -> None:
                    help="where to write the report (default: bench-results/quantize-TIME.json)")
     add_gptq_arguments(p)
     add_report_arguments(p)
+    s = p.add_argument_group("SmoothQuant (--method smoothquant)")
+    s.add_argument("--smooth-alpha", type=float, default=None, metavar="A",
+                   help="migration strength in [0, 1] (default 0.5): 1 moves the activations' channel ranges all "
+                   "into the weights, 0 the weights' column ranges all into the activations")
+    s.add_argument("--smooth-mlp-down", action=argparse.BooleanOptionalAction, default=None,
+                   help="also migrate down_proj's inputs through the up rows of gate_up_proj (exact; default on)")
     p.set_defaults(func=run_quantize)
 
 
@@ -100,6 +119,10 @@ def _quantize(args: argparse.Namespace) -> int:
     from trident.quant.linear import eligible_modules, quantize_model
     from trident.quant.rtn import QuantConfig
 
+    if args.method in W8A8_METHODS:
+        return run_w8a8(args)
+    if args.smooth_alpha is not None or args.smooth_mlp_down is not None:
+        raise TridentError("--smooth-alpha and --[no-]smooth-mlp-down apply to --method smoothquant only")
     if args.bits == "mixed":
         from trident.quant.mixed_cli import DEFAULT_CALIB_TOKENS, run_mixed
 
