@@ -73,6 +73,11 @@ def test_gptq_mixed_meets_the_budget_and_records_its_choice(tiny_llama_dir, gptq
     assert entry["method"] == "gptq"
     assert entry["module_configs"] == {name: {"bits": 8, "group_size": None, "symmetric": True}
                                        for name in shapes if name in high}
+    from trident.loader.info import info_rows, model_info
+
+    assert ("quantization", f"mixed bits: {len(shapes) - len(high)} layers int4 GPTQ, groups of 32, symmetric; "
+            f"{len(high)} layers int8 GPTQ, per channel, symmetric; {bits / weights:.3f} bits per weight") in \
+        info_rows(model_info(load_checkpoint(str(out))))
     # every module's GPTQ codes moved its outputs less than round-to-nearest's on its calibration inputs
     assert all(u["output_error"] < u["rtn_output_error"] for u in record["units"]), record["units"]
 
