@@ -42,13 +42,15 @@ def _relative_error(logits: torch.Tensor, reference: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def gptq_mixed(tiny_llama_dir, tmp_path_factory):
-    """(folder, JSON record) of `trident quantize --method gptq --bits mixed --act-order` on the tiny Llama."""
+    """(folder, JSON record) of `trident quantize --method gptq --bits mixed --act-order --sensitivity gptq` on the
+    tiny Llama."""
     tmp = tmp_path_factory.mktemp("mixed-gptq")
     calib = tmp / "calib.txt"
     calib.write_text(CALIB, "utf-8")
     out, report_file = tmp / "mixed", tmp / "mixed.json"
     code = main(["quantize", str(tiny_llama_dir), "--method", "gptq", "--bits", "mixed", "--avg-bits", str(BUDGET),
-                 "--group-size", "32", "--act-order", "--calib", str(calib), "--calib-tokens", "200", *CALIB_TOKENS,
+                 "--group-size", "32", "--act-order", "--sensitivity", "gptq", "--calib", str(calib),
+                 "--calib-tokens", "200", *CALIB_TOKENS,
                  "--out", str(out), "--json", str(report_file)])
     assert code == 0
     return out, json.loads(report_file.read_text())
@@ -158,3 +160,26 @@ def test_mixed_flags_that_do_not_combine_are_clear_errors(tiny_llama_dir, tmp_pa
     assert "--sensitivity only apply to --bits mixed" in error("--bits", "4", "--sensitivity", "rtn")
     assert "--method gptq needs calibration text" in error("--method", "gptq", "--bits", "mixed", "--avg-bits", "6")
     assert not (tmp_path / "q").exists()
+
+
+def test_gptq_mixed_measures_with_round_to_nearest_codes_by_default(tiny_llama_dir, gptq_mixed, tmp_path) -> None:
+    """Without --sensitivity, the sensitivities are round-to-nearest's (those `--method rtn --bits mixed` measures
+    on the same tokens) and the layout they choose is quantized by GPTQ."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text(CALIB, "utf-8")
+    records = {}
+    for method in ("gptq", "rtn"):
+        report_file = tmp_path / f"{method}.json"
+        assert main(["quantize", str(tiny_llama_dir), "--method", method, "--bits", "mixed", "--avg-bits", str(BUDGET),
+                     "--group-size", "32", "--calib", str(calib), "--calib-tokens", "200",
+                     *(CALIB_TOKENS if method == "gptq" else ()), "--out", str(tmp_path / method),
+                     "--json", str(report_file)]) == 0
+        records[method] = json.loads(report_file.read_text())
+    gptq, rtn = records["gptq"], records["rtn"]
+    assert gptq["sensitivity"] == rtn["sensitivity"] == "rtn" and gptq["method"] == "gptq"
+    assert [(u["name"], u["sensitivity"], u["bits"]) for u in gptq["units"]] == \
+        [(u["name"], u["sensitivity"], u["bits"]) for u in rtn["units"]]
+    # GPTQ's sensitivities differ (other codes), so the default is not the fixture's measurement
+    assert [u["sensitivity"] for u in gptq["units"]] != [u["sensitivity"] for u in gptq_mixed[1]["units"]]
+    assert load_checkpoint(str(tmp_path / "gptq")).quantization.method == "gptq"
+    assert all(u["output_error"] < u["rtn_output_error"] for u in gptq["units"])

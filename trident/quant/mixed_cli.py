@@ -3,10 +3,11 @@
 store each as int4 or int8 under the average-bits budget (see trident/quant/mixed.py), write the folder and report
 the choice.
 
-With ``--method gptq`` the sensitivities are measured with GPTQ's int4 codes (by default; ``--sensitivity rtn``
-measures them with round-to-nearest's), each module's codes computed on the float model's inputs over the GPTQ
-calibration tokens (``--calib-samples`` x ``--calib-seq-len`` of the same text), and the chosen layout is then
-quantized by GPTQ layer after layer (int8 per channel and int4 group modules alike)."""
+With ``--method gptq`` the chosen layout is quantized by GPTQ layer after layer (int8 per channel and int4 group
+modules alike). The sensitivities are measured with round-to-nearest's int4 codes by default, or with GPTQ's
+(``--sensitivity gptq``: each module's codes computed on the float model's inputs over the GPTQ calibration tokens,
+``--calib-samples`` x ``--calib-seq-len`` of the same text). On the default model both met the target, round to
+nearest's slightly better on the evaluation text and cheaper (docs/compression.md, Measured (mixed, GPTQ))."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from trident.errors import TridentError
 
 DEFAULT_CALIB_TOKENS = 1024
 """Calibration tokens the sensitivities are measured on (two windows of CALIB_WINDOW)."""
+DEFAULT_SENSITIVITY = "rtn"
+"""Whose int4 codes the sensitivities are measured with, whatever the method (see the module docstring)."""
 CALIB_WINDOW = 512
 """Tokens per calibration window (fewer when the calibration text is shorter)."""
 
@@ -63,7 +66,7 @@ def run_mixed(args: argparse.Namespace, model_name: str, gptq=None) -> int:
                            "--calib TEXT (a UTF-8 file, or shakespeare / kjv whose calib slice is used)")
     if args.calib_tokens < 2:
         raise TridentError(f"--calib-tokens must be at least 2, got {args.calib_tokens}")
-    sensitivity = args.sensitivity or args.method
+    sensitivity = args.sensitivity or DEFAULT_SENSITIVITY
     if sensitivity == "gptq" and gptq is None:
         raise TridentError("--sensitivity gptq measures with GPTQ's codes, which needs --method gptq; add it or use "
                            "--sensitivity rtn")

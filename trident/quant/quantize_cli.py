@@ -30,8 +30,9 @@ QUANTIZE_DESCRIPTION = (
     "--bits mixed stores each module as int4 (--group-size, default per channel) or int8 (per channel): it "
     "measures how much the calibration loss rises with each module alone at int4 (--calib, its calib slice), "
     "then keeps at int8 the modules with the largest rise per extra bit while the average stored bits per weight "
-    "(codes, scales and zero points over the weights) stay within --avg-bits; with --method gptq the rises are "
-    "measured with GPTQ's int4 codes and the chosen layout is quantized by GPTQ layer after layer."
+    "(codes, scales and zero points over the weights) stay within --avg-bits; with --method gptq the "
+    "chosen layout is quantized by GPTQ layer after layer (--sensitivity gptq: the rises measured with GPTQ's int4 "
+    "codes)."
 )
 
 
@@ -65,8 +66,8 @@ def add_quantize_parser(sub) -> None:
     m.add_argument("--calib-tokens", type=int, default=None, metavar="N",
                    help="calibration tokens the sensitivities are measured on (default 1024, two windows of 512)")
     m.add_argument("--sensitivity", default=None, choices=["rtn", "gptq"],
-                   help="whose int4 codes the sensitivities are measured with (default: --method's; gptq needs "
-                   "--method gptq: each module's GPTQ codes on the float model's inputs)")
+                   help="whose int4 codes the sensitivities are measured with (default rtn, with either --method; gptq "
+                   "needs --method gptq: each module's GPTQ codes on the float model's inputs)")
     p.add_argument("--out", required=True, metavar="DIR", help="the folder to write (must not exist or be empty)")
     p.add_argument("--json", default=None, metavar="FILE",
                    help="where to write the report (default: bench-results/quantize-TIME.json)")
