@@ -128,20 +128,20 @@ def _describe(checkpoint: Checkpoint) -> str | None:
         return (f"W8A8: int8 per-channel weights x int8 per-token activations ({how}), "
                 f"{len(quantization.modules)} layers")
     if not quantization.module_configs:
-        return f"{_describe_config(quantization.config)}, {len(quantization.modules)} layers"
+        return f"{_describe_config(quantization.config, quantization.method)}, {len(quantization.modules)} layers"
     counts: dict = {}
     for name in quantization.modules:
         config = quantization.config_of(name)
         counts[config] = counts.get(config, 0) + 1
-    kinds = "; ".join(f"{count} layers {_describe_config(config)}"
+    kinds = "; ".join(f"{count} layers {_describe_config(config, quantization.method)}"
                       for config, count in sorted(counts.items(), key=lambda kv: kv[0].bits))
     return f"mixed bits: {kinds}; {checkpoint.quantized_average_bits():.3f} bits per weight"
 
 
-def _describe_config(q) -> str:
+def _describe_config(q, method: str = "rtn") -> str:
     groups = f"groups of {q.group_size}" if q.group_size else "per channel"
     kind = "symmetric" if q.symmetric else "asymmetric"
-    return f"int{q.bits} round-to-nearest, {groups}, {kind}"
+    return f"int{q.bits} {'GPTQ' if method == 'gptq' else 'round-to-nearest'}, {groups}, {kind}"
 
 
 def human_bytes(n: int) -> str:

@@ -16,7 +16,10 @@ The model (:func:`gptq_model`), sequentially:
    the inputs run through the quantized layer, and its outputs are the next layer's inputs.
 
 So each layer sees the outputs of the layers already quantized before it, as it will when the model runs, and
-the model runs two layer-passes per layer over the calibration tokens, never once per layer. The attention runs
+the model runs two layer-passes per layer over the calibration tokens, never once per layer. Mixed bits pass
+per-module grids (``module_configs``: int8 per channel for some modules, the int4 groups for the rest); their
+sensitivity measurement asks for each module's codes on the float model's inputs instead (``install``: the model
+stays float, and one layer pass per layer suffices). The attention runs
 through the model's own backend over a small paged KV cache (one layer's worth, reused by every layer), with the
 batches laid out by the engine's ModelRunner as prefill steps.
 """
@@ -24,7 +27,7 @@ batches laid out by the engine's ModelRunner as prefill steps.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -101,13 +104,29 @@ Progress = Callable[[int, int, str], None]
 """``progress(done, total, what)``: called after each unit of work (a batch through a layer, a module)."""
 
 
+Install = Callable[[str, QuantizedLinear], None]
+"""``install(name, quantized)``: where a module quantized by :func:`gptq_model` goes."""
+
+
 @torch.no_grad()
 def gptq_model(model: nn.Module, config: QuantConfig, gptq: GPTQConfig, tokens: torch.Tensor, *,
-               batch_size: int = 8, progress: Progress | None = None) -> QuantReport:
+               batch_size: int = 8, progress: Progress | None = None,
+               module_configs: Mapping[str, QuantConfig] | None = None, install: Install | None = None
+               ) -> QuantReport:
     """Quantize every eligible Linear of ``model``'s decoder layers with GPTQ, calibrated on ``tokens``
-    [samples, seq_len], in place (see the module docstring); runs on the model's device and dtype."""
+    [samples, seq_len], in place (see the module docstring); runs on the model's device and dtype.
+
+    ``module_configs`` (mixed bits) quantizes the modules it names on their own grid, ``config`` the others (and
+    chooses the modules). ``install``: by default each quantized module replaces its float one, so that the layers
+    after it calibrate on quantized outputs; given, it receives each quantized module instead and the model stays
+    float: every module is then quantized on the float model's inputs (one layer pass per layer, not two)."""
     layers = _decoder_layers(model)
     names = eligible_modules(model, config)
+    module_configs = dict(module_configs or {})
+    unknown = sorted(set(module_configs) - set(names))
+    if unknown:
+        raise TridentError(f"module_configs names {', '.join(unknown)}, which the config does not quantize")
+    sequential = install is None
     prefixes = {id(layer): name for name, layer in model.named_modules() if any(layer is x for x in layers)}
     by_layer: list[list[str]] = [[n for n in names if n.startswith(prefixes[id(layer)] + ".")] for layer in layers]
     outside = sorted(set(names) - {n for group in by_layer for n in group})
@@ -119,7 +138,7 @@ def gptq_model(model: nn.Module, config: QuantConfig, gptq: GPTQConfig, tokens: 
     _check_tokens(model, tokens)
 
     batches = [tokens[i: i + batch_size] for i in range(0, tokens.shape[0], batch_size)]
-    total = len(batches) * (1 + 2 * len(layers)) + len(names)
+    total = len(batches) * (1 + (2 if sequential else 1) * len(layers)) + len(names)
     done = 0
 
     def advance(what: str) -> None:
@@ -143,20 +162,24 @@ def gptq_model(model: nn.Module, config: QuantConfig, gptq: GPTQConfig, tokens: 
                         for name in layer_names}
         hooks = [model.get_submodule(name).register_forward_pre_hook(
             lambda _module, args, acc=acc: acc.add(args[0])) for name, acc in accumulators.items()]
+        outputs = []
         try:
             for b, (hidden, residual) in enumerate(states):
-                if layer_names:  # a layer with nothing to quantize needs no Hessian pass
-                    layer(hidden, residual, *extras[b][index])
+                if layer_names or not sequential:  # a layer with nothing to quantize needs no Hessian pass
+                    outputs.append(layer(hidden, residual, *extras[b][index]))
                 advance(f"layer {index}: inputs")
         finally:
             for hook in hooks:
                 hook.remove()
         for name, acc in accumulators.items():
-            report.modules.append(_quantize_module(model, name, acc, config, gptq))
+            report.modules.append(_quantize_module(model, name, acc, module_configs.get(name, config), gptq,
+                                                   install))
             advance(name)
-        states = [layer(hidden, residual, *extras[b][index]) for b, (hidden, residual) in enumerate(states)]
-        for _ in states:
-            advance(f"layer {index}: outputs")
+        if sequential:  # the outputs of the quantized layer
+            outputs = [layer(hidden, residual, *extras[b][index]) for b, (hidden, residual) in enumerate(states)]
+            for _ in states:
+                advance(f"layer {index}: outputs")
+        states = outputs
     return report
 
 
@@ -187,7 +210,7 @@ def _check_tokens(model: nn.Module, tokens: torch.Tensor) -> None:
 
 
 def _quantize_module(model: nn.Module, name: str, acc: HessianAccumulator, config: QuantConfig,
-                     gptq: GPTQConfig) -> GPTQModuleReport:
+                     gptq: GPTQConfig, install: Install | None) -> GPTQModuleReport:
     layer = model.get_submodule(name)
     hessian = acc.hessian()
     try:
@@ -202,10 +225,14 @@ def _quantize_module(model: nn.Module, name: str, acc: HessianAccumulator, confi
         name, layer.out_features, layer.in_features,
         relative_error=float(torch.linalg.norm(w64 - deq) / torch.linalg.norm(w64).clamp_min(1e-300)),
         bytes_before=layer.weight.numel() * layer.weight.element_size(), bytes_after=qlayer.storage_bytes(),
+        bits=config.bits, group_size=config.group_size, symmetric=config.symmetric,
         output_error=relative_output_error(w64, deq, hessian),
         rtn_output_error=relative_output_error(w64, rtn, hessian),
         damp=result.damp, calibration_rows=acc.rows)
-    replace_module(model, name, qlayer)
+    if install is None:
+        replace_module(model, name, qlayer)
+    else:
+        install(name, qlayer)
     return report
 
 

@@ -58,8 +58,11 @@ def gptq_settings_of(args: argparse.Namespace) -> GPTQSettings | None:
     return GPTQSettings(calib, gptq)
 
 
-def quantize_gptq(model, checkpoint, config, settings: GPTQSettings, console) -> tuple[object, dict]:
-    """Calibrate and quantize ``model`` in place; -> (QuantReport, the record's ``calibration`` and ``gptq``)."""
+def quantize_gptq(model, checkpoint, config, settings: GPTQSettings, console, *, module_configs=None, install=None,
+                  label: str = "gptq") -> tuple[object, dict]:
+    """Calibrate and quantize ``model`` in place; -> (QuantReport, the record's ``calibration`` and ``gptq``).
+    ``module_configs`` and ``install`` go to :func:`trident.quant.calibrate.gptq_model`; ``label`` names the
+    progress bar."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from trident.quant.calibrate import calibration_tokens, gptq_model
@@ -69,12 +72,13 @@ def quantize_gptq(model, checkpoint, config, settings: GPTQSettings, console) ->
     console.log(f"calibrating on {tokens.token_ids.shape[0]} x {tokens.token_ids.shape[1]} tokens of "
                 f"{tokens.description} ({tokens.slice} slice, fingerprint {tokens.fingerprint})")
     t0 = time.perf_counter()
-    with Progress(TextColumn("gptq"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.description}"), console=console, transient=True) as bar:
         task = bar.add_task("", total=None)
         report = gptq_model(model, config, settings.gptq, tokens.token_ids, batch_size=calibration.batch_size,
                             progress=lambda done, total, what: bar.update(task, completed=done, total=total,
-                                                                          description=what))
+                                                                          description=what),
+                            module_configs=module_configs, install=install)
     seconds = time.perf_counter() - t0
     retried = [m.name for m in report.modules if m.damp != settings.gptq.damp]
     if retried:

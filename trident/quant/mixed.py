@@ -15,13 +15,15 @@ each one that still fits the budget, which gives a greedy answer to the knapsack
 left at int4 fits the remaining budget. It assumes sensitivities add up (units interact little at these sizes).
 
 The quantizer of a module is a function argument too (:data:`ModuleQuantizer`, round-to-nearest by default), so
-an error-compensating one (GPTQ) measures and quantizes through the same choice.
+an error-compensating one measures through the same choice: with GPTQ (``--method gptq``), each module's int4
+codes are computed once, on the float model's inputs, and handed out by :func:`prequantized`; the final model is
+then quantized by GPTQ layer after layer with the chosen per-module grids.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -39,6 +41,18 @@ ModuleQuantizer = Callable[[str, Linear, QuantConfig], nn.Module]
 def rtn_quantizer(name: str, layer: Linear, config: QuantConfig) -> nn.Module:
     """Round-to-nearest (:func:`trident.quant.rtn.quantize`); the name is not needed."""
     return QuantizedLinear.from_linear(layer, config)
+
+
+def prequantized(modules: Mapping[str, nn.Module], config: QuantConfig) -> ModuleQuantizer:
+    """A quantizer handing out ``modules`` (by name), quantized beforehand on ``config``'s grid: e.g. GPTQ's codes
+    of each module on the float model's inputs (:func:`trident.quant.calibrate.gptq_model` with ``install``)."""
+
+    def quantizer(name: str, layer: Linear, asked: QuantConfig) -> nn.Module:
+        if asked != config or name not in modules:
+            raise TridentError(f"{name} was not quantized beforehand with {asked}")
+        return modules[name]
+
+    return quantizer
 
 
 def stored_bits(out_features: int, in_features: int, config: QuantConfig) -> int:

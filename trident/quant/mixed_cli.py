@@ -1,6 +1,13 @@
-"""`trident quantize MODEL --bits mixed --avg-bits B --calib TEXT [--group-size G] [--asymmetric] --out DIR`:
-measure each decoder-layer Linear module's sensitivity on the calibration text, store each as int4 or int8 under
-the average-bits budget (see trident/quant/mixed.py), write the folder and report the choice."""
+"""`trident quantize MODEL [--method rtn|gptq] --bits mixed --avg-bits B --calib TEXT [--group-size G] [--asymmetric]
+[--sensitivity rtn|gptq] --out DIR`: measure each decoder-layer Linear module's sensitivity on the calibration text,
+store each as int4 or int8 under the average-bits budget (see trident/quant/mixed.py), write the folder and report
+the choice.
+
+With ``--method gptq`` the chosen layout is quantized by GPTQ layer after layer (int8 per channel and int4 group
+modules alike). The sensitivities are measured with round-to-nearest's int4 codes by default, or with GPTQ's
+(``--sensitivity gptq``: each module's codes computed on the float model's inputs over the GPTQ calibration tokens,
+``--calib-samples`` x ``--calib-seq-len`` of the same text). On the default model both met the target, round to
+nearest's slightly better on the evaluation text and cheaper (docs/compression.md, Measured (mixed, GPTQ))."""
 
 from __future__ import annotations
 
@@ -13,6 +20,8 @@ from trident.errors import TridentError
 
 DEFAULT_CALIB_TOKENS = 1024
 """Calibration tokens the sensitivities are measured on (two windows of CALIB_WINDOW)."""
+DEFAULT_SENSITIVITY = "rtn"
+"""Whose int4 codes the sensitivities are measured with, whatever the method (see the module docstring)."""
 CALIB_WINDOW = 512
 """Tokens per calibration window (fewer when the calibration text is shorter)."""
 
@@ -27,7 +36,8 @@ def calibration_text(source: str) -> tuple[str, str]:
     return slice_text(text.text, which), f"{text.description}, slice {which}"
 
 
-def run_mixed(args: argparse.Namespace, model_name: str) -> int:
+def run_mixed(args: argparse.Namespace, model_name: str, gptq=None) -> int:
+    """``gptq``: the GPTQ settings (:class:`trident.quant.gptq_cli.GPTQSettings`) with --method gptq, else None."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -38,6 +48,7 @@ def run_mixed(args: argparse.Namespace, model_name: str) -> int:
     from trident.engine.llm import engine_config
     from trident.loader import load_checkpoint
     from trident.quant.format import QuantizedModules, save_quantized
+    from trident.quant.gptq_cli import quantize_gptq
     from trident.quant.linear import eligible_modules, quantize_model
     from trident.quant.mixed import (
         MixedConfig,
@@ -45,6 +56,8 @@ def run_mixed(args: argparse.Namespace, model_name: str) -> int:
         choose_bits,
         decoder_layer_names,
         measure_sensitivities,
+        prequantized,
+        rtn_quantizer,
     )
     from trident.quant.rtn import QuantConfig, group_size_of
 
@@ -53,6 +66,10 @@ def run_mixed(args: argparse.Namespace, model_name: str) -> int:
                            "--calib TEXT (a UTF-8 file, or shakespeare / kjv whose calib slice is used)")
     if args.calib_tokens < 2:
         raise TridentError(f"--calib-tokens must be at least 2, got {args.calib_tokens}")
+    sensitivity = args.sensitivity or DEFAULT_SENSITIVITY
+    if sensitivity == "gptq" and gptq is None:
+        raise TridentError("--sensitivity gptq measures with GPTQ's codes, which needs --method gptq; add it or use "
+                           "--sensitivity rtn")
     symmetric = not args.asymmetric
     mixed = MixedConfig(average_bits=args.avg_bits, low=QuantConfig(bits=4, group_size=args.group_size,
                                                                      symmetric=symmetric),
@@ -92,22 +109,39 @@ def run_mixed(args: argparse.Namespace, model_name: str) -> int:
         return perplexity(engine, ids, ppl_config).nll
 
     t_measure = time.perf_counter()
-    with Progress(TextColumn("sensitivity (int4 one module at a time)"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True) as bar:
+    quantizer = rtn_quantizer
+    codes_record: dict = {}
+    if sensitivity == "gptq":  # every module's int4 GPTQ codes on the float model's inputs
+        codes: dict = {}
+        _, codes_record = quantize_gptq(model, checkpoint, mixed.low, gptq, console, install=codes.__setitem__,
+                                        label="gptq int4 codes for the sensitivities")
+        quantizer = prequantized(codes, mixed.low)
+    with Progress(TextColumn(f"sensitivity ({sensitivity} int4 one module at a time)"), BarColumn(),
+                  MofNCompleteColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=True) as bar:
         task = bar.add_task("", total=len(names))
-        baseline, units = measure_sensitivities(model, names, mixed.low, calib_loss, layers=decoder_layer_names(model),
+        baseline, units = measure_sensitivities(model, names, mixed.low, calib_loss, quantizer=quantizer,
+                                                layers=decoder_layer_names(model),
                                                 progress=lambda name: bar.update(task, advance=1, description=name))
     measure_seconds = time.perf_counter() - t_measure
     plan = choose_bits(units, mixed)
-    quant_report = quantize_model(model, mixed.low, module_configs=plan.module_configs)
+    gptq_record: dict = {}
+    if gptq is None:
+        quant_report = quantize_model(model, mixed.low, module_configs=plan.module_configs)
+    else:
+        quant_report, gptq_record = quantize_gptq(model, checkpoint, mixed.low, gptq, console,
+                                                  module_configs=plan.module_configs)
+        gptq_record = {"gptq_calibration": gptq_record["calibration"], "gptq": gptq_record["gptq"]}
     mixed_loss = calib_loss()
-    modules = QuantizedModules(mixed.low, tuple(quant_report.names), plan.module_configs)
+    modules = QuantizedModules(mixed.low, tuple(quant_report.names), plan.module_configs, method=args.method)
     files = save_quantized(model, checkpoint, modules, out)
     seconds = time.perf_counter() - t0
-    errors = {m.name: m.relative_error for m in quant_report.modules}
+    reports = {m.name: m for m in quant_report.modules}
     record = {"kind": "quantize", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "model": model_name, "source_format": checkpoint.format, "method": args.method, "bits": "mixed",
-              "out": out, "files": files, "seconds": seconds, "sensitivity_seconds": measure_seconds,
+              "sensitivity": sensitivity, "out": out, "files": files, "seconds": seconds,
+              "sensitivity_seconds": measure_seconds, **gptq_record,
+              **({"sensitivity_codes": codes_record["gptq"]} if codes_record else {}),
               "calibration": {"text": args.calib, "description": calib_description, "tokens": len(ids),
                               "window": window, "loss": "mean NLL of the calibration tokens, nats"},
               "calib_nll_float": baseline, "calib_nll_mixed": mixed_loss,
@@ -118,7 +152,10 @@ def run_mixed(args: argparse.Namespace, model_name: str) -> int:
               "file_bytes_after": os.path.getsize(os.path.join(out, "model.safetensors")),
               **plan.as_dict()}
     for unit in record["units"]:
-        unit["relative_error"] = errors[unit["name"]]
+        report = reports[unit["name"]]
+        unit["relative_error"] = report.relative_error
+        if gptq is not None:
+            unit["output_error"], unit["rtn_output_error"] = report.output_error, report.rtn_output_error
     _print_table(console, model_name, plan, record)
     console.print(f"quantized model written to {out}; report written to "
                   f"{bench_report.write_json(record, args.json, 'quantize')}")
@@ -131,14 +168,19 @@ def _print_table(console, model_name: str, plan, record: dict) -> None:
 
     c = plan.config
     groups = "per channel" if c.low.group_size is None else f"group {c.low.group_size}"
-    table = Table(title=f"trident quantize {model_name}: mixed int4 ({groups}) / int8 (per channel), "
-                  f"{'symmetric' if c.low.symmetric else 'asymmetric'}, budget {c.average_bits:g} bits per weight")
-    for name in ("module", "shape", "sensitivity (nats)", "per int8 Mbit", "bits", "rel. error"):
+    gptq = record["method"] == "gptq"
+    table = Table(title=f"trident quantize {model_name}: {record['method']} mixed int4 ({groups}) / int8 (per "
+                  f"channel), {'symmetric' if c.low.symmetric else 'asymmetric'}, budget {c.average_bits:g} bits per "
+                  f"weight, sensitivities with {record['sensitivity']} codes")
+    columns = ("module", "shape", "sensitivity (nats)", "per int8 Mbit", "bits", "rel. error") + (
+        ("output error", "rtn output error") if gptq else ())
+    for name in columns:
         table.add_column(name, justify="left" if name == "module" else "right")
     for unit in record["units"]:
+        outputs = (f"{unit['output_error']:.5f}", f"{unit['rtn_output_error']:.5f}") if gptq else ()
         table.add_row(unit["name"], f"{unit['out_features']}x{unit['in_features']}", f"{unit['sensitivity']:+.5f}",
                       f"{unit['sensitivity'] / unit['extra_bits'] * 1e6:+.5f}", str(unit["bits"]),
-                      f"{unit['relative_error']:.5f}")
+                      f"{unit['relative_error']:.5f}", *outputs)
     table.caption = (
         f"{record['num_high_units']} of {record['num_units']} modules int8 · average {record['average_bits']:.4f} "
         f"bits per weight (codes, scales, zero points; all int4 {record['min_average_bits']:.4f}, all int8 "

@@ -34,7 +34,9 @@ QUANTIZE_DESCRIPTION = (
     "--bits mixed stores each module as int4 (--group-size, default per channel) or int8 (per channel): it "
     "measures how much the calibration loss rises with each module alone at int4 (--calib, its calib slice), "
     "then keeps at int8 the modules with the largest rise per extra bit while the average stored bits per weight "
-    "(codes, scales and zero points over the weights) stay within --avg-bits. "
+    "(codes, scales and zero points over the weights) stay within --avg-bits; with --method gptq the "
+    "chosen layout is quantized by GPTQ layer after layer (--sensitivity gptq: the rises measured with GPTQ's int4 "
+    "codes). "
     "--method w8a8 --bits 8 quantizes the activations too (W8A8): weights int8 per output channel, and each "
     "Linear's input quantized to int8 per token at run time, multiplied as int8 x int8 with int32 sums (the GPU's "
     "int8 tensor cores; torch._int_mm on the CPU). --method smoothquant --bits 8 --calib TEXT first migrates the "
@@ -76,7 +78,10 @@ def add_quantize_parser(sub) -> None:
                    help="the most stored bits per weight on average over the quantized modules, scales and zero "
                    "points included (int4 group 64 symmetric is 4.5, int8 per channel about 8.06)")
     m.add_argument("--calib-tokens", type=int, default=None, metavar="N",
-                   help="calibration tokens (default 1024, two windows of 512)")
+                   help="calibration tokens the sensitivities are measured on (default 1024, two windows of 512)")
+    m.add_argument("--sensitivity", default=None, choices=["rtn", "gptq"],
+                   help="whose int4 codes the sensitivities are measured with (default rtn, with either --method; gptq "
+                   "needs --method gptq: each module's GPTQ codes on the float model's inputs)")
     p.add_argument("--out", required=True, metavar="DIR", help="the folder to write (must not exist or be empty)")
     p.add_argument("--json", default=None, metavar="FILE",
                    help="where to write the report (default: bench-results/quantize-TIME.json)")
@@ -128,13 +133,13 @@ def _quantize(args: argparse.Namespace) -> int:
 
         gptq_only = [f"--{name.replace('_', '-')}" for name in GPTQ_FLAGS
                      if name != "calib" and getattr(args, name) is not None]
-        if args.method != "rtn" or gptq_only:
-            raise TridentError("--bits mixed chooses int4/int8 per module with round-to-nearest codes; GPTQ is not "
-                               f"combined with it yet: drop {', '.join(gptq_only) or '--method gptq'}")
+        if args.method == "rtn" and gptq_only:
+            raise TridentError(f"{', '.join(gptq_only)} only apply to --method gptq (round to nearest needs no "
+                               "calibration beyond the sensitivities' --calib); add --method gptq or drop them")
         args.calib_tokens = args.calib_tokens or DEFAULT_CALIB_TOKENS
-        return run_mixed(args, args.model)
-    given = [flag for flag, value in (("--avg-bits", args.avg_bits), ("--calib-tokens", args.calib_tokens))
-             if value is not None]
+        return run_mixed(args, args.model, gptq_settings_of(args) if args.method == "gptq" else None)
+    given = [flag for flag, value in (("--avg-bits", args.avg_bits), ("--calib-tokens", args.calib_tokens),
+                                      ("--sensitivity", args.sensitivity)) if value is not None]
     if given:
         raise TridentError(f"{', '.join(given)} only apply to --bits mixed")
     config = QuantConfig(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric)
