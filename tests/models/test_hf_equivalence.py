@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from hf_tiny import make_hf_model, tiny_hf_configs, trident_config
+from hf_tiny import make_hf_model, tiny_hf_configs, tiny_moe_configs, trident_config
 
 from trident.attention.registry import create_backend
 from trident.engine.plan import ScheduledChunk, StepPlan
@@ -62,6 +62,10 @@ def _run_step(runner: ModelRunner, model, plan: StepPlan) -> dict[int, torch.Ten
 # bfloat16 keeps 8 bits of mantissa: on these random models logits agree with the fp32 reference to 1-4.5% of
 # their range (measured); a wrong computation is off by the whole range.
 DTYPES = {"float32": (torch.float32, TOLERANCE), "bfloat16": (torch.bfloat16, 8e-2)}
+# Mixture-of-experts models in bfloat16 also pick a different expert wherever two routing scores are closer than
+# bfloat16's rounding: transformers' own bfloat16 models differ from their fp32 selves by up to 25% of the logits'
+# range on these configs (measured; trident's differ by 8-18%). float32 holds them to TOLERANCE.
+MOE_BFLOAT16_TOLERANCE = 0.3
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
@@ -71,15 +75,17 @@ def test_logits_match_hf_through_paged_cache(name: str, dtype_name: str) -> None
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("name", [n for n in tiny_hf_configs() if not n.startswith("gemma")])
+@pytest.mark.parametrize("name", [n for n in tiny_hf_configs() if not n.startswith("gemma") and
+                                  n not in tiny_moe_configs()])
 def test_cpu_decode_step_matches_hf(name: str, dtype_name: str) -> None:
     _check_against_hf(name, dtype_name, torch.device("cpu"), cpu_decode=True)
 
 
-def test_cpu_decode_step_declines_gemma() -> None:
-    """Gemma's layers (extra norms, soft-capping) are not the Llama form the lean step runs: the runner keeps the
-    general forward."""
-    hf_config = tiny_hf_configs()["gemma2"]
+@pytest.mark.parametrize("name", ["gemma2", *tiny_moe_configs()])
+def test_cpu_decode_step_declines_other_forms(name: str) -> None:
+    """Gemma's layers (extra norms, soft-capping) and MoE blocks are not the Llama form the lean step runs: the
+    runner keeps the general forward."""
+    hf_config = tiny_hf_configs()[name]
     backend = create_backend("torch", torch.device("cpu"))
     model = build_model(trident_config(hf_config), make_hf_model(hf_config).state_dict(), dtype=torch.float32,
                         device=torch.device("cpu"), backend=backend)
@@ -100,6 +106,8 @@ def test_logits_match_hf_on_cuda(name: str, dtype_name: str, backend_name: str) 
 def _check_against_hf(name: str, dtype_name: str, device: torch.device, backend_name: str = "torch",
                       cpu_decode: bool = False) -> None:
     dtype, tolerance = DTYPES[dtype_name]
+    if name in tiny_moe_configs() and dtype == torch.bfloat16:
+        tolerance = MOE_BFLOAT16_TOLERANCE
     hf_config = tiny_hf_configs()[name]
     hf = make_hf_model(hf_config)
     config = trident_config(hf_config)
