@@ -108,3 +108,30 @@ def test_unknown_experts_backend_is_a_user_error() -> None:
     with pytest.raises(TridentError, match="torch"):
         create_experts_backend("cutlass")
     assert isinstance(create_experts_backend("torch"), TorchExperts)
+
+
+def test_float32_router_keeps_its_weights_in_float32() -> None:
+    """DeepSeek's router (MoeConfig.router_float32) stays in float32 in a bfloat16 model, and computes its logits from
+    float32 hidden states, as transformers keeps it."""
+    from trident.moe.router import Router
+
+    gen = torch.Generator().manual_seed(4)
+    config = RouterConfig(num_experts=E, top_k=K, scoring="sigmoid", score_correction_bias=True)
+    holder = torch.nn.Module()
+    with torch.device("meta"):
+        holder.mlp = torch.nn.Module()
+        holder.mlp.gate = Router(H, config, float32=True)
+        holder.mlp.gate_up_proj = torch.nn.Linear(H, 2 * I, bias=False)
+    tensors = {"mlp.gate.weight": torch.randn(E, H, generator=gen), "mlp.gate_up_proj.weight": torch.randn(2 * I, H),
+               "mlp.gate.e_score_correction_bias": torch.randn(E, generator=gen)}
+    load_weights(holder, tensors, {}, dtype=torch.bfloat16, device=torch.device("cpu"),
+                 float32_suffixes=(".gate.weight", ".gate.e_score_correction_bias"))
+    assert holder.mlp.gate.weight.dtype == holder.mlp.gate.e_score_correction_bias.dtype == torch.float32
+    assert holder.mlp.gate_up_proj.weight.dtype == torch.bfloat16
+    assert torch.equal(holder.mlp.gate.weight, tensors["mlp.gate.weight"])
+    hidden = torch.randn(T, H, generator=gen).bfloat16()
+    routing = holder.mlp.gate(hidden)
+    bias = tensors["mlp.gate.e_score_correction_bias"]
+    expected = route(hidden.double() @ tensors["mlp.gate.weight"].double().t(), config, bias.double())
+    assert torch.equal(routing.expert_ids, expected.expert_ids)
+    torch.testing.assert_close(routing.weights, expected.weights.float(), rtol=1e-5, atol=1e-6)

@@ -132,5 +132,6 @@ class MixtralForCausalLM(nn.Module):
                      device: torch.device) -> None:
         if self.config.tie_word_embeddings:
             tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
+        float32 = (".gate.weight", ".gate.e_score_correction_bias") if self.config.moe.router_float32 else ()
         load_weights(self, tensors, self.packed_modules, dtype=dtype, device=device,
-                     expert_modules=self.expert_modules, renames=self.renames)
+                     expert_modules=self.expert_modules, renames=self.renames, float32_suffixes=float32)

@@ -32,8 +32,9 @@ _EXPERT_NAME = re.compile(r"^(.*\.experts)\.(\d+)\.([^.]+)\.weight$")
 
 def load_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor], packed_modules: PackedModules, *,
                  dtype: torch.dtype, device: torch.device, expert_modules: PackedModules | None = None,
-                 renames: Mapping[str, str] | None = None) -> None:
-    """Set every parameter of ``model`` from ``tensors`` (cast to ``dtype``, moved to ``device``)."""
+                 renames: Mapping[str, str] | None = None, float32_suffixes: tuple[str, ...] = ()) -> None:
+    """Set every parameter of ``model`` from ``tensors`` (cast to ``dtype``, moved to ``device``); parameters whose
+    names end with one of ``float32_suffixes`` are kept in float32 whatever ``dtype`` (DeepSeek's router)."""
     params = dict(model.named_parameters())
     parts: dict[str, dict[int, torch.Tensor]] = {}
     unexpected = []
@@ -62,8 +63,9 @@ def load_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor], packed_m
     modules = dict(model.named_modules())
     for name, pieces in parts.items():
         ordered = [pieces[k] for k in sorted(pieces)]
-        value = ordered[0] if len(ordered) == 1 else torch.cat([t.to(dtype) for t in ordered])
-        value = value.to(device=device, dtype=dtype).view(params[name].shape)
+        param_dtype = torch.float32 if name.endswith(float32_suffixes) else dtype
+        value = ordered[0] if len(ordered) == 1 else torch.cat([t.to(param_dtype) for t in ordered])
+        value = value.to(device=device, dtype=param_dtype).view(params[name].shape)
         module_name, _, attr = name.rpartition(".")
         modules[module_name]._parameters[attr] = nn.Parameter(value, requires_grad=False)
 
