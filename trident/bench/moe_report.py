@@ -51,7 +51,7 @@ def write_heatmap(path: str, stats: MoeStats, title: str) -> None:
 
     shares = [list(load.token_share) for load in stats.layers]
     width = min(4 + 0.12 * stats.num_experts, 24)
-    height = min(2 + 0.25 * len(stats.layers), 16)
+    height = min(3 + 0.25 * len(stats.layers), 16)
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)  # render with Agg, whatever matplotlib's global backend is
     ax = fig.subplots()
@@ -59,7 +59,7 @@ def write_heatmap(path: str, stats: MoeStats, title: str) -> None:
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
     ax.set_yticks(range(len(stats.layers)), [str(load.layer) for load in stats.layers])
-    fig.colorbar(image, ax=ax, label=f"share of the layer's assignments (even: {1 / stats.num_experts:.1%})")
+    fig.colorbar(image, ax=ax, label=f"token share (even {1 / stats.num_experts:.1%})")
     ax.set_title(title)
     fig.savefig(path, dpi=100)
 
