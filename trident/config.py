@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trident.errors import TridentError
+from trident.moe.config import MoeConfig, moe_config_from_hf
 
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8", "fp8")
 """CacheConfig.kv_cache_dtype choices (``trident.quant.kv`` says how each is stored)."""
@@ -54,7 +55,7 @@ class ModelConfig:
     """Shape and numerics of a decoder-only transformer (the union of what our families need)."""
 
     model_type: str
-    """Hugging Face model_type: llama, mistral, qwen2, qwen3, gemma2, gemma3_text."""
+    """Hugging Face model_type: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, mixtral, qwen2_moe, qwen3_moe."""
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -83,6 +84,9 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     source_dtype: str = "float32"
     architecture: str = ""
+    moe: MoeConfig | None = None
+    """Routed experts (mixture-of-experts families), else None; ``intermediate_size`` is then the size of the dense
+    MLP of the layers without experts."""
 
     def __post_init__(self) -> None:
         if not self.layer_types:
@@ -125,9 +129,17 @@ class ModelConfig:
         attn = h * q + 2 * h * kv + q * h
         if self.attention_bias:
             attn += q + 2 * kv
-        mlp = 3 * h * i
-        per_layer = attn + mlp + 2 * h  # two norms at least
+        per_layer = attn + 2 * h  # two norms at least
         total = self.num_layers * per_layer + v * h + h
+        moe = self.moe
+        for layer in range(self.num_layers):
+            if moe is None or not moe.is_sparse(layer):
+                total += 3 * h * i
+                continue
+            router = moe.router
+            total += router.num_experts * (h + 3 * h * moe.moe_intermediate_size)  # router rows + experts
+            total += 3 * h * moe.shared_expert_intermediate_size + (h if moe.shared_expert_gate else 0)
+            total += router.num_experts if router.score_correction_bias else 0
         if not self.tie_word_embeddings:
             total += v * h
         return total
@@ -170,7 +182,7 @@ class ModelConfig:
                 rms_norm_eps=float(d.get("rms_norm_eps") or 1e-6),
                 hidden_act=str(d.get("hidden_act") or d.get("hidden_activation") or "silu"),
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                attention_bias=bool(d.get("attention_bias", False)),
+                attention_bias=bool(d.get("attention_bias", d.get("qkv_bias", False))),
                 mlp_bias=bool(d.get("mlp_bias", False)),
                 rope=rope,
                 rope_local=rope_local,
@@ -182,6 +194,7 @@ class ModelConfig:
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_ids=tuple(int(e) for e in eos_ids),
                 source_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
+                moe=moe_config_from_hf(model_type, d, num_layers),
             )
         except KeyError as e:
             raise TridentError(f"model config for {model_type!r} lacks the key {e.args[0]!r}") from None
@@ -214,8 +227,14 @@ def _read_layer_types(d: dict[str, Any], model_type: str, num_layers: int) -> tu
     if model_type == "gemma3_text":
         pattern = int(d.get("sliding_window_pattern", 6))
         return tuple(SLIDING_ATTENTION if (i + 1) % pattern else FULL_ATTENTION for i in range(num_layers))
-    if model_type == "mistral" and d.get("sliding_window"):
+    if model_type in ("mistral", "mixtral") and d.get("sliding_window"):
         return (SLIDING_ATTENTION,) * num_layers
+    if model_type == "qwen3_moe" and d.get("use_sliding_window") and d.get("sliding_window"):
+        return (SLIDING_ATTENTION,) * num_layers
+    if model_type == "qwen2_moe" and d.get("use_sliding_window") and d.get("sliding_window"):
+        max_window_layers = int(d.get("max_window_layers", num_layers))
+        return tuple(SLIDING_ATTENTION if (i + 1) % 2 and i < max_window_layers else FULL_ATTENTION
+                     for i in range(num_layers))
     if model_type in ("qwen2", "qwen3") and d.get("use_sliding_window") and d.get("sliding_window"):
         max_window_layers = int(d.get("max_window_layers", num_layers))
         return tuple(SLIDING_ATTENTION if i >= max_window_layers else FULL_ATTENTION for i in range(num_layers))

@@ -25,7 +25,11 @@ def test_named_shapes_have_the_targets_dimensions() -> None:
     assert (llama.hidden_size, llama.num_layers, llama.num_heads, llama.num_kv_heads, llama.intermediate_size,
             llama.vocab_size, llama.tie_word_embeddings) == (4096, 32, 32, 8, 14336, 128256, False)
     assert (llama.rope.theta, llama.rope.rope_type, llama.rope.factor) == (500000.0, "llama3", 8.0)
-    assert {"qwen3-0.6b", "llama3-8b", "smollm2-135m", "qwen2.5-7b"} <= set(known_shapes())
+    assert {"qwen3-0.6b", "llama3-8b", "smollm2-135m", "qwen2.5-7b", "qwen3-30b-a3b"} <= set(known_shapes())
+    moe = ModelConfig.from_hf_dict(resolve_shape("qwen3-30b-a3b").hf_config)
+    assert (moe.num_layers, moe.hidden_size, moe.num_heads, moe.num_kv_heads, moe.moe.router.num_experts,
+            moe.moe.router.top_k, moe.moe.moe_intermediate_size) == (48, 2048, 32, 4, 128, 8, 768)
+    assert len(moe.moe.sparse_layers) == 48 and 30.4e9 < moe.num_parameters() < 30.6e9  # "30B", 61 GB in bf16
 
 
 def test_unknown_shape_lists_the_known_ones() -> None:

@@ -18,4 +18,10 @@ TINY_SHAPES: dict[str, dict] = {
     "gemma2-offset-norms": {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", **_COMMON,
                             "head_dim": 16, "sliding_window": 6, "query_pre_attn_scalar": 16,
                             "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
+    "mixtral-window": {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", **_COMMON,
+                       "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 8,
+                       "tie_word_embeddings": False},
+    "qwen2-moe-shared": {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", **_COMMON,
+                         "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                         "shared_expert_intermediate_size": 48, "mlp_only_layers": [0], "tie_word_embeddings": False},
 }

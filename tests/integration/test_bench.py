@@ -108,3 +108,25 @@ def test_unknown_shape_is_a_clear_error(capsys) -> None:
 def test_bad_bench_options_are_clear_errors(argv: list[str], message: str, tiny_config, capsys) -> None:
     assert main(["bench", "offline", "--shape", tiny_config, *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_latency_moe_report_on_a_moe_shape(tmp_path, tiny_config, capsys) -> None:
+    """--moe-report on random weights of the tiny Qwen3-MoE shape: per-layer figures in the JSON and the table, and
+    the heat map PNG beside the JSON; a dense model is refused with the reason."""
+    path = tmp_path / "moe.json"
+    assert main(["bench", "latency", "--shape", "qwen3-moe-tiny", "--prompt-len", "12", "--output-len", "4",
+                 "--repeat", "1", "--moe-report", "--threads", "1", "--json", str(path)]) == 0
+    moe = json.loads(path.read_text())["moe"]
+    assert (moe["num_experts"], moe["top_k"]) == (128, 8) and [m["layer"] for m in moe["layers"]] == [0, 1, 2, 3]
+    assert moe["num_tokens"] >= 12 + 3  # the timed request's tokens (and the warm-up's) went through every layer
+    for layer in moe["layers"]:
+        assert sum(layer["token_counts"]) == 8 * moe["num_tokens"]
+        assert layer["imbalance"] == pytest.approx(max(layer["token_counts"]) / (8 * moe["num_tokens"] / 128))
+        assert sum(layer["mean_probs"]) == pytest.approx(1.0, abs=1e-5)
+    png = tmp_path / "moe-moe.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "expert load" in out and "imbalance" in out
+    assert main(["bench", "latency", "--shape", tiny_config, "--moe-report", "--repeat", "1",
+                 "--json", str(tmp_path / "dense.json")]) == 2
+    assert "no experts" in capsys.readouterr().err

@@ -28,6 +28,24 @@ def tiny_hf_configs() -> dict[str, transformers.PretrainedConfig]:
                                                 sliding_window=5, query_pre_attn_scalar=20,
                                                 layer_types=["sliding_attention", "full_attention",
                                                              "sliding_attention", "sliding_attention"]),
+        **tiny_moe_configs(),
+    }
+
+
+MOE_EXPERTS = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
+
+
+def tiny_moe_configs() -> dict[str, transformers.PretrainedConfig]:
+    """The mixture-of-experts families: Mixtral with a sliding window; Qwen2-MoE with a gated shared expert and a
+    dense layer (mlp_only_layers); Qwen3-MoE with renormalised top-3 and MoE on every second layer
+    (decoder_sparse_step)."""
+    return {
+        "mixtral": transformers.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2, sliding_window=7),
+        "qwen2_moe": transformers.Qwen2MoeConfig(**COMMON, **MOE_EXPERTS, shared_expert_intermediate_size=48,
+                                                 mlp_only_layers=[1]),
+        "qwen3_moe": transformers.Qwen3MoeConfig(**{**COMMON, "num_hidden_layers": 4}, head_dim=32,
+                                                 **{**MOE_EXPERTS, "num_experts_per_tok": 3}, norm_topk_prob=True,
+                                                 decoder_sparse_step=2),
     }
 
 

@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from hf_tiny import make_hf_model, tiny_hf_configs, trident_config
+from hf_tiny import make_hf_model, tiny_hf_configs, tiny_moe_configs, trident_config
 
 from trident.attention.registry import create_backend
 from trident.engine.plan import ScheduledChunk, StepPlan
@@ -62,6 +62,13 @@ def _run_step(runner: ModelRunner, model, plan: StepPlan) -> dict[int, torch.Ten
 # bfloat16 keeps 8 bits of mantissa: on these random models logits agree with the fp32 reference to 1-4.5% of
 # their range (measured); a wrong computation is off by the whole range.
 DTYPES = {"float32": (torch.float32, TOLERANCE), "bfloat16": (torch.bfloat16, 8e-2)}
+# Mixture-of-experts models in bfloat16 also pick another expert wherever two routing scores are closer than
+# bfloat16's rounding, and that token's logits move by up to ~40% of their range (transformers' own bfloat16 models
+# differ from their fp32 selves as much). So in bfloat16 the MoE families are held to the dense tolerance on most
+# tokens, not all: measured, 93-95% of the tokens are within it and the median token is at 1-1.5%; a wrong
+# computation moves every token by the whole range. float32 holds every token to TOLERANCE.
+MOE_BFLOAT16_WITHIN = 0.85
+MOE_BFLOAT16_MEDIAN = 0.03
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
@@ -71,15 +78,17 @@ def test_logits_match_hf_through_paged_cache(name: str, dtype_name: str) -> None
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("name", [n for n in tiny_hf_configs() if not n.startswith("gemma")])
+@pytest.mark.parametrize("name", [n for n in tiny_hf_configs() if not n.startswith("gemma") and
+                                  n not in tiny_moe_configs()])
 def test_cpu_decode_step_matches_hf(name: str, dtype_name: str) -> None:
     _check_against_hf(name, dtype_name, torch.device("cpu"), cpu_decode=True)
 
 
-def test_cpu_decode_step_declines_gemma() -> None:
-    """Gemma's layers (extra norms, soft-capping) are not the Llama form the lean step runs: the runner keeps the
-    general forward."""
-    hf_config = tiny_hf_configs()["gemma2"]
+@pytest.mark.parametrize("name", ["gemma2", *tiny_moe_configs()])
+def test_cpu_decode_step_declines_other_forms(name: str) -> None:
+    """Gemma's layers (extra norms, soft-capping) and MoE blocks are not the Llama form the lean step runs: the
+    runner keeps the general forward."""
+    hf_config = tiny_hf_configs()[name]
     backend = create_backend("torch", torch.device("cpu"))
     model = build_model(trident_config(hf_config), make_hf_model(hf_config).state_dict(), dtype=torch.float32,
                         device=torch.device("cpu"), backend=backend)
@@ -100,6 +109,7 @@ def test_logits_match_hf_on_cuda(name: str, dtype_name: str, backend_name: str) 
 def _check_against_hf(name: str, dtype_name: str, device: torch.device, backend_name: str = "torch",
                       cpu_decode: bool = False) -> None:
     dtype, tolerance = DTYPES[dtype_name]
+    routing_may_flip = name in tiny_moe_configs() and dtype != torch.float32
     hf_config = tiny_hf_configs()[name]
     hf = make_hf_model(hf_config)
     config = trident_config(hf_config)
@@ -130,6 +140,7 @@ def _check_against_hf(name: str, dtype_name: str, device: torch.device, backend_
             computed[seq.seq_id].append(logits[seq.seq_id])
             if chunk.sample:
                 seq.tokens.append(int(logits[seq.seq_id][-1].argmax()))
+    token_diffs = []
     for seq in seqs:
         ours = torch.cat(computed[seq.seq_id]).float().cpu()
         assert ours.shape[0] == seq.computed
@@ -137,5 +148,11 @@ def _check_against_hf(name: str, dtype_name: str, device: torch.device, backend_
         with torch.no_grad():
             ref = hf(torch.tensor([seq.tokens[: seq.computed]])).logits[0].float()
         assert ref.std() > 0.05 * ref.abs().max()  # logits not saturated by soft-capping
-        rel = ((ours - ref).abs().max() / ref.abs().max()).item()
-        assert rel < tolerance, f"{name} {dtype_name} seq {seq.seq_id}: relative max diff {rel:.2e}"
+        token_diffs.append((ours - ref).abs().amax(dim=-1) / ref.abs().max())
+        rel = token_diffs[-1].max().item()
+        assert routing_may_flip or rel < tolerance, f"{name} {dtype_name} seq {seq.seq_id}: relative max diff {rel:.2e}"
+    if routing_may_flip:
+        diffs = torch.cat(token_diffs)
+        within = (diffs < tolerance).float().mean().item()
+        assert within >= MOE_BFLOAT16_WITHIN, f"{name} {dtype_name}: {within:.0%} of the tokens within {tolerance}"
+        assert diffs.median().item() < MOE_BFLOAT16_MEDIAN

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import os
 from datetime import datetime, timezone
 
 from rich.console import Console
@@ -58,6 +59,10 @@ def add_bench_parser(sub, model_help: str, engine_args) -> None:
                    help="requests in the offline or serve workload (default 16; nano 256)")
     p.add_argument("--prefix-caching", action="store_true",
                    help="keep the prefix cache on (off by default: repetitions would be served from it)")
+    p.add_argument("--moe-report", action="store_true",
+                   help="for a mixture-of-experts model: also report the expert load of trident's runs (per layer "
+                   "imbalance and entropy balance term) and draw a heat map of each expert's share per layer, "
+                   "written beside the JSON as a PNG")
     p.add_argument("--repeat", type=int, default=3, help="repetitions per engine, interleaved; medians reported")
     p.add_argument("--json", default=None, help="where to write results (default: bench-results/KIND-TIME.json)")
     engine_args(p)
@@ -91,6 +96,11 @@ def run_bench(args: argparse.Namespace) -> int:
     console = Console()
     subject = prepare(args)
     engine, workload = subject.engine, subject.workload
+    if getattr(args, "moe_report", False):
+        if engine.moe_stats() is None:
+            raise TridentError(f"--moe-report needs a mixture-of-experts model; {subject.name} "
+                               f"({engine.model_config.model_type}) has no experts")
+        engine.reset_moe_stats()  # count the benchmark's requests only
     dtype_name = str(engine.dtype).removeprefix("torch.")
     label = dtype_name  # the rows' and title's: the dtype, and the weights' format when quantized
     if subject.checkpoint.quantization is not None:
@@ -148,7 +158,21 @@ def run_bench(args: argparse.Namespace) -> int:
     report.print_table(args.kind, f"trident bench {args.kind}: {subject.name}, {label}, {args.device}",
                        rows, _captions(args, subject, dtype_name, bound))
     record = _record(args, subject, dtype_name, bound, rows)
-    console.print(f"results written to {report.write_json(record, args.json, args.kind)}")
+    moe = engine.moe_stats() if getattr(args, "moe_report", False) else None
+    if moe is not None:
+        from trident.bench.moe_report import moe_caption, moe_record, moe_table
+
+        record["moe"] = moe_record(moe)
+        console.print(moe_table(moe, f"expert load: {subject.name}, trident's {args.repeat} repetition(s)"))
+        console.print(moe_caption(moe))
+    json_path = report.write_json(record, args.json, args.kind)
+    console.print(f"results written to {json_path}")
+    if moe is not None:
+        from trident.bench.moe_report import write_heatmap
+
+        png = os.path.splitext(json_path)[0] + "-moe.png"
+        write_heatmap(png, moe, f"expert load (token share): {subject.name}")
+        console.print(f"expert-load heat map written to {png}")
     return 0
 
 

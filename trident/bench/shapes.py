@@ -54,6 +54,29 @@ SHAPES: dict[str, dict[str, Any]] = {
         "rope_theta": 1000000.0, "sliding_window": 131072, "tie_word_embeddings": False,
         "torch_dtype": "bfloat16", "use_sliding_window": False, "vocab_size": 152064,
     },
+    # Qwen/Qwen3-30B-A3B config.json: the MoE model (TARGETS.md workload 3): 48 layers, 128 experts, top-8.
+    "qwen3-30b-a3b": {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "attention_bias": False,
+        "attention_dropout": 0.0, "bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151645,
+        "head_dim": 128, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+        "intermediate_size": 6144, "max_position_embeddings": 40960, "max_window_layers": 48, "mlp_only_layers": [],
+        "moe_intermediate_size": 768, "norm_topk_prob": True, "num_attention_heads": 32, "num_experts": 128,
+        "num_experts_per_tok": 8, "num_hidden_layers": 48, "num_key_value_heads": 4, "output_router_logits": False,
+        "rms_norm_eps": 1e-6, "rope_scaling": None, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001,
+        "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+        "use_sliding_window": False, "vocab_size": 151936,
+    },
+    # Not a published model: Qwen3-30B-A3B's form (qwen3_moe, 128 experts, top-8, renormalised) at a size a laptop
+    # CPU runs in seconds (hidden 256, 4 layers, experts of 64), for `trident bench ... --moe-report` and tests.
+    "qwen3-moe-tiny": {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "attention_bias": False,
+        "bos_token_id": 1, "eos_token_id": 2, "head_dim": 64, "hidden_act": "silu", "hidden_size": 256,
+        "intermediate_size": 768, "max_position_embeddings": 4096, "mlp_only_layers": [], "decoder_sparse_step": 1,
+        "moe_intermediate_size": 64, "norm_topk_prob": True, "num_attention_heads": 4, "num_experts": 128,
+        "num_experts_per_tok": 8, "num_hidden_layers": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+        "use_sliding_window": False, "vocab_size": 16384,
+    },
 }
 """Shape name -> the Hugging Face config.json of that model (copied verbatim unless a comment says otherwise)."""
 

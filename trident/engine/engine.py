@@ -49,6 +49,7 @@ from trident.engine.sizing import (
 from trident.errors import TridentError
 from trident.loader import Checkpoint, load_checkpoint
 from trident.models.build import build_model
+from trident.moe.stats import MoeStats
 
 
 @dataclass
@@ -116,7 +117,9 @@ class LLMEngine:
         """How the KV cache stores keys and values (config.cache.kv_cache_dtype, auto resolved)."""
         self.kv_block_bytes = kv_bytes_per_block(self.model_config, cache.block_size, kv_format)
         """Bytes of one KV block over all layers (with the scales of a quantized cache)."""
-        graph_sizes = cuda_graph_batch_sizes(config, self.device, backend.supports_cuda_graphs)
+        # MoE models answer for their experts backend too (the torch reference reads expert counts on the host)
+        capturable = backend.supports_cuda_graphs and getattr(self.model, "supports_cuda_graphs", True)
+        graph_sizes = cuda_graph_batch_sizes(config, self.device, capturable)
         self.runner = ModelRunner(self.model, backend=backend, num_blocks=num_blocks, block_size=cache.block_size,
                                   kv_format=kv_format, device=self.device,
                                   sampler=Sampler(seed=config.seed, device=self.device),
@@ -124,6 +127,9 @@ class LLMEngine:
                                   cuda_graph_batch_sizes=graph_sizes, cpu_decode=not config.enforce_eager)
         if self.device.type == "cuda":
             self.runner.warm_up()
+        self._moe_load = getattr(self.model, "load_stats", None)
+        """The expert load statistics of an MoE model (trident/moe/stats.py), else None."""
+        self.reset_moe_stats()  # start-up forwards (warm-up, CUDA-graph capture) are not traffic
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else self.device.type == "cuda")
         """Whether steps overlap (the config's choice, auto resolved)."""
@@ -299,6 +305,17 @@ class LLMEngine:
             num_preemptions=s.num_preemptions, prefix_cache_queried_tokens=s.prefix_cache_queried_tokens,
             prefix_cache_hit_tokens=s.prefix_cache_hit_tokens,
         )
+
+    def moe_stats(self) -> MoeStats | None:
+        """Expert load of an MoE model since start-up or the last :meth:`reset_moe_stats` (per layer token counts,
+        imbalance, entropy balance term; trident/moe/stats.py); None for a dense model. Reading waits for the
+        device (once) and resets nothing."""
+        return self._moe_load.snapshot() if self._moe_load is not None else None
+
+    def reset_moe_stats(self) -> None:
+        """Zero the expert load statistics (no-op for a dense model)."""
+        if self._moe_load is not None:
+            self._moe_load.reset()
 
     def kv_cache_summary(self) -> str:
         """The KV cache in one line (start-up logs): format, blocks, bytes per block and in all."""

@@ -12,6 +12,7 @@ from trident.engine.engine import LLMEngine
 from trident.engine.request import SamplingParams
 from trident.engine.results import RequestOutput
 from trident.errors import TridentError
+from trident.moe.stats import MoeStats
 
 Prompt = str | list[int]
 
@@ -60,6 +61,10 @@ class LLM:
                     finished[out.request_id] = out
                     progress.advance(task)
         return [finished[i] for i in ids]
+
+    def moe_stats(self) -> MoeStats | None:
+        """Expert load statistics of an MoE model (see LLMEngine.moe_stats); None for a dense model."""
+        return self.engine.moe_stats()
 
     def chat(self, conversations: list[dict] | list[list[dict]], params: SamplingParams | None = None,
              **kwargs) -> list[RequestOutput]:

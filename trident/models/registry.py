@@ -66,6 +66,32 @@ FAMILIES: tuple[Family, ...] = (
             "final_logit_softcapping": None, "attn_logit_softcapping": None}),
 )
 
+_QWEN_MOE_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 151936, "hidden_size": 2048, "num_hidden_layers": 24, "hidden_act": "silu",
+    "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "rope_theta": 10000.0,
+    "use_sliding_window": False, "decoder_sparse_step": 1, "norm_topk_prob": False, "mlp_only_layers": [],
+    "bos_token_id": None, "eos_token_id": None,
+}
+MOE_FAMILIES: tuple[Family, ...] = (
+    Family(("mixtral",), ("MixtralForCausalLM",), "trident.models.mixtral", "MixtralForCausalLM",
+           {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_act": "silu",
+            "max_position_embeddings": 4096 * 32, "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2,
+            "tie_word_embeddings": False, "rope_theta": 1e6, "sliding_window": None, "num_experts_per_tok": 2,
+            "num_local_experts": 8}),
+    Family(("qwen2_moe",), ("Qwen2MoeForCausalLM",), "trident.models.qwen_moe", "Qwen2MoeForCausalLM",
+           {**_QWEN_MOE_DEFAULTS, "intermediate_size": 5632, "num_attention_heads": 16, "num_key_value_heads": 16,
+            "sliding_window": 4096, "max_window_layers": 28, "moe_intermediate_size": 1408,
+            "shared_expert_intermediate_size": 5632, "num_experts_per_tok": 4, "num_experts": 60, "qkv_bias": True}),
+    Family(("qwen3_moe",), ("Qwen3MoeForCausalLM",), "trident.models.qwen_moe", "Qwen3MoeForCausalLM",
+           {**_QWEN_MOE_DEFAULTS, "intermediate_size": 6144, "num_attention_heads": 32, "num_key_value_heads": 4,
+            "attention_bias": False, "sliding_window": 4096, "moe_intermediate_size": 768, "num_experts_per_tok": 8,
+            "num_experts": 128}),
+)
+"""Mixture-of-experts families (trident/moe/). DeepSeek-V2/V3 need multi-head latent attention first: their router
+settings are read already (trident/moe/config.py), their model is not registered yet."""
+FAMILIES += MOE_FAMILIES
+
 
 def supported_model_types() -> list[str]:
     return sorted(t for f in FAMILIES for t in f.model_types)

@@ -16,6 +16,12 @@ Where figures come from:
 - Gauges and the preemption counter mirror ``LLMEngine.stats()``; ``engine_stats`` refreshes them
   after each engine step and on each scrape.
 - Loads, unloads, whether a model is loaded and the bytes it holds come from the ModelPool.
+- Mixture-of-experts models also expose their expert load (``LLMEngine.moe_stats()``, read on each scrape only:
+  it waits for the device): ``trident_moe_expert_tokens_total{layer, expert}`` counts the (token, expert)
+  assignments, and per layer ``trident_moe_layer_imbalance_ratio`` (max / mean expert load) and
+  ``trident_moe_layer_entropy_term`` (alpha * sum p log p of the mean routing probabilities), both over the
+  tokens since the engine's statistics were last reset. Their series appear at the model's first scrape as an
+  MoE model: layers x experts counters (6,144 for Qwen3-30B-A3B) and two gauges per layer.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from trident.engine.engine import EngineStats
 from trident.engine.results import RequestOutput
+from trident.moe.stats import MoeStats
 
 METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
 """The content type of ``ServerMetrics.render()``: Prometheus text exposition format 0.0.4."""
@@ -89,6 +96,16 @@ class ServerMetrics:
         self.memory_budget = Gauge("trident_memory_budget_bytes", "Bytes the loaded models may hold together "
                                    "(0: no budget).", registry=r)
         self.memory_budget.set(memory_budget_bytes or 0)
+        self.moe_expert_tokens = Counter("trident_moe_expert_tokens_total", "(Token, expert) assignments of an MoE "
+                                         "model's router, per MoE layer and expert.", ["model", "layer", "expert"],
+                                         registry=r)
+        self.moe_imbalance = Gauge("trident_moe_layer_imbalance_ratio", "Max / mean of the layer's expert loads "
+                                   "since the engine's MoE statistics were reset (1 = even).", ["model", "layer"],
+                                   registry=r)
+        self.moe_entropy = Gauge("trident_moe_layer_entropy_term", "alpha * sum_i p_i log p_i over the layer's mean "
+                                 "routing probabilities (-alpha log E when even).", ["model", "layer"], registry=r)
+        self._moe_counts: dict[str, dict[tuple[int, int], int]] = {}
+        """Each MoE model's expert counts at the last refresh (the counters grow by the difference)."""
         self._models: set[str] = set()
         self._engine_preemptions: dict[str, int] = {}
         """Each model's engine preemption count at the last refresh (the counter grows by the difference)."""
@@ -117,6 +134,12 @@ class ServerMetrics:
             self.requests.remove(model, status)
         for metric in self._per_model_metrics():
             metric.remove(model)
+        moe_series = self._moe_counts.pop(model, {})
+        for layer, expert in moe_series:
+            self.moe_expert_tokens.remove(model, str(layer), str(expert))
+        for layer in {layer for layer, _ in moe_series}:
+            self.moe_imbalance.remove(model, str(layer))
+            self.moe_entropy.remove(model, str(layer))
 
     def _per_model_metrics(self) -> tuple:
         return (self.ttft, self.tpot, self.e2e, self.running, self.waiting, self.kv_cache_usage,
@@ -170,6 +193,22 @@ class ServerMetrics:
             self.preemptions.labels(model=m).inc(stats.num_preemptions - previous)
         self._engine_preemptions[m] = stats.num_preemptions
 
+    def moe_stats(self, model: str, stats: MoeStats) -> None:
+        """Refresh ``model``'s expert-load series from its engine's snapshot. The counters grow by the counts added
+        since the previous refresh; after a reset of the engine's statistics (a count below the previous one) by
+        the whole new count."""
+        previous = self._moe_counts.setdefault(model, {})
+        for load in stats.layers:
+            layer = str(load.layer)
+            for expert, count in enumerate(load.token_counts):
+                before = previous.get((load.layer, expert), 0)
+                counter = self.moe_expert_tokens.labels(model=model, layer=layer, expert=str(expert))
+                if count != before:
+                    counter.inc(count - before if count > before else count)
+                previous[(load.layer, expert)] = count
+            self.moe_imbalance.labels(model=model, layer=layer).set(load.imbalance)
+            self.moe_entropy.labels(model=model, layer=layer).set(load.entropy_term)
+
     def model_loaded(self, model: str, memory_bytes: int, load_seconds: float) -> None:
         self.add_model(model)
         self.model_loads.labels(model=model).inc()
@@ -177,6 +216,8 @@ class ServerMetrics:
         self.model_memory.labels(model=model).set(memory_bytes)
         self.model_load_seconds.labels(model=model).set(load_seconds)
         self._engine_preemptions[model] = 0  # a fresh engine counts from zero
+        if model in self._moe_counts:
+            self._moe_counts[model] = dict.fromkeys(self._moe_counts[model], 0)
 
     def model_unloaded(self, model: str) -> None:
         """Count the unload and zero the model's gauges (its engine is gone)."""

@@ -320,6 +320,9 @@ class ModelPool:
         """Bring every loaded model's gauges up to date (before a scrape)."""
         for name, engine in self.loaded_engines().items():
             self.metrics.engine_stats(name, engine.engine.stats())
+            moe = engine.engine.moe_stats()
+            if moe is not None:
+                self.metrics.moe_stats(name, moe)
 
 
 def _gib(n: int) -> str:

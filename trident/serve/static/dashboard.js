@@ -10,7 +10,8 @@
 //   errors        messages of failed scrapes and of errors while drawing, oldest first (the last 100)
 //   lastUpdated   time of the last successful scrape (ms since the epoch), or null
 //   series(name)  the latest scrape's samples of one metric: [{labels, value}]
-//   charts()      what each chart drew last: [{id, title, series: [{label, points, last}]}]
+//   charts()      what each shown chart drew last: [{id, title, series: [{label, points, last}]}] (the MoE charts
+//                 are shown only while some model reports expert load)
 //                 (points: finite points plotted; last: the latest finite value, or null)
 //   config        {intervalMs, windowS, rateWindowS}
 "use strict";
@@ -35,6 +36,9 @@
     modelMemory: "trident_model_memory_bytes",
     modelLoadSeconds: "trident_model_load_seconds",
     memoryBudget: "trident_memory_budget_bytes",
+    moeExpertTokens: "trident_moe_expert_tokens_total",
+    moeImbalance: "trident_moe_layer_imbalance_ratio",
+    moeEntropy: "trident_moe_layer_entropy_term",
   };
   const UNROUTED = "unrouted"; // how the page names model="": requests refused before a model was chosen
 
@@ -239,6 +243,17 @@
   const byStatus = (l) => l.status;
 
   const nonZero = (s) => s.values.some((v) => v > 0);
+  const byLayer = (l) => `layer ${l.layer}`;
+  // lines with the same label added point by point (a layer's experts into one line per layer)
+  const summed = (series) => {
+    const lines = new Map();
+    for (const s of series) {
+      const line = lines.get(s.label);
+      if (!line) lines.set(s.label, { ...s, values: [...s.values] });
+      else line.values = line.values.map((v, i) => (v === null || s.values[i] === null ? null : v + s.values[i]));
+    }
+    return [...lines.values()];
+  };
   const CHARTS = [
     { id: "requests", title: "Request rate by status", unit: "req/s", format: fmtRate, colors: STATUS_COLORS,
       series: (v) => v.rates(METRICS.requests, byStatus).filter((s) => s.model !== "" || nonZero(s)) },
@@ -260,6 +275,13 @@
       series: (v) => [...v.gauges(METRICS.modelMemory), ...v.gauges(METRICS.memoryBudget, () => "budget").filter(nonZero)] },
     { id: "load-time", title: "Model load time", unit: "latest load", format: fmtSeconds,
       series: (v) => v.gauges(METRICS.modelLoadSeconds) },
+    // mixture-of-experts models only (hidden while no model reports expert load)
+    { id: "moe-tokens", title: "MoE expert assignments", unit: "per layer", format: fmtRate, optional: true,
+      series: (v) => summed(v.rates(METRICS.moeExpertTokens, byLayer)) },
+    { id: "moe-imbalance", title: "MoE expert imbalance", unit: "max / mean load", format: fmtNumber, optional: true,
+      series: (v) => v.gauges(METRICS.moeImbalance, byLayer) },
+    { id: "moe-entropy", title: "MoE entropy balance term", unit: "α Σ p log p", format: fmtNumber, optional: true,
+      series: (v) => v.gauges(METRICS.moeEntropy, byLayer) },
   ];
 
   const el = (tag, props = {}, children = []) => {
@@ -275,8 +297,9 @@
     chart.dashOf = new Map();
     chart.drawn = [];
     const title = el("h2", {}, [chart.title, ...(chart.unit ? [el("small", { textContent: chart.unit })] : [])]);
-    document.getElementById("charts").append(
-      el("section", { className: "card", id: `chart-${chart.id}` }, [title, chart.legend, el("div", { className: "plot" }, [chart.canvas])]));
+    chart.section = el("section", { className: "card", id: `chart-${chart.id}` }, [title, chart.legend, el("div", { className: "plot" }, [chart.canvas])]);
+    chart.shown = !chart.optional; // an optional chart's section is in the page only while it has lines
+    if (chart.shown) document.getElementById("charts").append(chart.section);
   }
 
   const pick = (map, key, count) => {
@@ -368,7 +391,7 @@
       return [...(known.get(name) || new Map())].filter(([key]) => latest.values.has(key))
         .map(([key, s]) => ({ labels: s.labels, value: latest.values.get(key) }));
     },
-    charts: () => CHARTS.map((c) => ({ id: c.id, title: c.title, series: c.drawn.map((s) => ({ ...s })) })),
+    charts: () => CHARTS.filter((c) => c.shown).map((c) => ({ id: c.id, title: c.title, series: c.drawn.map((s) => ({ ...s })) })),
   };
   window.tridentDashboard = state;
 
@@ -394,6 +417,12 @@
         color: (chart.colors && chart.colors[s.colorKey]) || PALETTE[pick(chart.colorOf, s.colorKey, PALETTE.length)],
         dash: s.dashKey === null ? 0 : pick(chart.dashOf, s.dashKey, DASHES.length),
       }));
+      if (chart.optional && chart.shown !== series.length > 0) {
+        chart.shown = series.length > 0;
+        if (chart.shown) document.getElementById("charts").append(chart.section);
+        else chart.section.remove();
+      }
+      if (!chart.shown) continue;
       drawChart(chart, view, series);
       drawLegend(chart, series);
       chart.drawn = series.map((s) => ({

@@ -1,0 +1,137 @@
+"""Mixtral, and the decoder every Llama-form mixture-of-experts family here shares (qwen_moe.py).
+
+The Llama block (pre-norm, grouped-query attention, rotary embeddings, the residual stream carried beside the
+sublayer output as in llama.py) with the MLP of the layers listed in ``ModelConfig.moe.sparse_layers`` replaced
+by a :class:`~trident.moe.block.SparseMoeBlock`; the other layers keep the dense gated MLP.
+
+Mixtral: 8 experts, top-2, softmax renormalised over the two; no shared expert; optional sliding window on every
+layer. Its checkpoints name the block ``block_sparse_moe`` and the experts' matrices w1 (gate), w3 (up), w2 (down);
+transformers 5 names them ``mlp`` and ``experts.gate_up_proj`` / ``experts.down_proj``; both load.
+
+These models are not ``LlamaForCausalLM`` subclasses on purpose: the lean CPU decode step
+(trident/engine/cpu_decode.py) runs Llama-form dense MLPs only, and declines every other class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from trident.attention.base import AttentionBackend, AttentionMetadata, LayerKVCache
+from trident.config import ModelConfig
+from trident.models.layers import Attention, Embedding, GatedMLP, Linear, RMSNorm, RotaryEmbedding
+from trident.models.ops import RotaryInputs
+from trident.models.weights import PackedModules, attention_mlp_packing, load_weights
+from trident.moe.block import SparseMoeBlock
+from trident.moe.experts import ExpertsBackend, TorchExperts, expert_packing
+from trident.moe.stats import MoeLoadStats
+
+
+class MoeDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int, backend: AttentionBackend,
+                 experts_backend: ExpertsBackend, stats: MoeLoadStats, qk_norm: bool) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_index, backend, qk_norm=qk_norm)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        moe = config.moe
+        assert moe is not None
+        if moe.is_sparse(layer_index):
+            self.mlp = SparseMoeBlock(config.hidden_size, config.hidden_act, moe, layer_index, experts_backend, stats)
+        else:
+            self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: RotaryInputs, kv_cache: LayerKVCache,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (this layer's MLP or MoE output, the residual stream before it is added)."""
+        hidden, residual = self.input_layernorm.with_residual(hidden, residual)
+        hidden = self.self_attn(hidden, rope, kv_cache, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class MoeModel(nn.Module):
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, experts_backend: ExpertsBackend,
+                 stats: MoeLoadStats, qk_norm: bool) -> None:
+        super().__init__()
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            MoeDecoderLayer(config, i, backend, experts_backend, stats, qk_norm) for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.rope, config.head_dim)
+        self.stats = stats
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[LayerKVCache],
+                meta: AttentionMetadata) -> torch.Tensor:
+        self.stats.begin_step(meta.slot_mapping)
+        hidden = self.embed_tokens(input_ids)
+        rope = self.rotary(positions, hidden.dtype)
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            hidden, residual = layer(hidden, residual, rope, kv_cache, meta)
+        return self.norm(hidden, residual)[0]
+
+
+class MixtralForCausalLM(nn.Module):
+    """A Llama-form MoE causal LM (see the module docstring); subclasses set the per-family class attributes."""
+
+    qk_norm = False
+    expert_part_names = ("w1", "w3", "w2")
+    """The per-expert checkpoint matrices (gate, up, down)."""
+    renames: Mapping[str, str] = {".block_sparse_moe.": ".mlp."}
+    """Checkpoint name fragment -> the model's."""
+
+    def __init__(self, config: ModelConfig, backend: AttentionBackend,
+                 experts_backend: ExpertsBackend | None = None) -> None:
+        super().__init__()
+        if config.moe is None:
+            raise ValueError(f"{type(self).__name__} needs a config with experts (ModelConfig.moe)")
+        self.config = config
+        router = config.moe.router
+        self.load_stats = MoeLoadStats(config.moe.sparse_layers, router.num_experts, router.top_k,
+                                       sigmoid_scores=router.scoring == "sigmoid")
+        """The expert load statistics (trident/moe/stats.py), kept on the device as the model runs."""
+        self.experts_backend = experts_backend or TorchExperts()
+        self.model = MoeModel(config, backend, self.experts_backend, self.load_stats, self.qk_norm)
+        if not config.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def supports_cuda_graphs(self) -> bool:
+        """Whether the experts backend can be captured (the attention backend answers for itself)."""
+        return self.experts_backend.supports_cuda_graphs
+
+    @property
+    def packed_modules(self) -> PackedModules:
+        moe = self.config.moe
+        shared = {}
+        if moe.shared_expert_intermediate_size:  # before the dense MLP's entry, whose rows differ
+            rows = moe.shared_expert_intermediate_size
+            shared = {"shared_expert.gate_up_proj": (("shared_expert.gate_proj", rows),
+                                                     ("shared_expert.up_proj", rows))}
+        return {**shared, **attention_mlp_packing(self.config)}
+
+    @property
+    def expert_modules(self) -> PackedModules:
+        gate, up, down = self.expert_part_names
+        return expert_packing(gate, up, down, self.config.moe.moe_intermediate_size, self.config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[LayerKVCache],
+                meta: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.logits(hidden)
+        return self.lm_head(hidden)
+
+    def load_weights(self, tensors: Mapping[str, torch.Tensor], *, dtype: torch.dtype,
+                     device: torch.device) -> None:
+        if self.config.tie_word_embeddings:
+            tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
+        float32 = (".gate.weight", ".gate.e_score_correction_bias") if self.config.moe.router_float32 else ()
+        load_weights(self, tensors, self.packed_modules, dtype=dtype, device=device,
+                     expert_modules=self.expert_modules, renames=self.renames, float32_suffixes=float32)

@@ -1,0 +1,109 @@
+"""Routed experts: fused weights, the backend interface that runs them, and the torch reference.
+
+All experts of a layer live in two tensors, as transformers 5 holds them: ``gate_up_proj`` [E, 2I, H] (each
+expert's gate rows, then its up rows) and ``down_proj`` [E, H, I]. Checkpoints that store one matrix per expert
+(``experts.{e}.gate_proj.weight`` / ``w1`` ...) are stacked into them at load time by the packing of
+trident/models/weights.py (:func:`expert_packing`).
+
+A backend computes, for hidden [T, H] and a routing (weights, expert ids [T, k]),
+``out[t] = sum_j weights[t, j] * down_e(act(gate_e(x_t)) * up_e(x_t))`` with e = expert_ids[t, j].
+:class:`TorchExperts` is the reference (CPU, and CUDA without the fused kernel): the (token, expert) pairs sorted
+by expert, then per active expert one gathered matmul through gate|up, the gated activation, one matmul through
+down, the weighting, and an index_add into the output. Only the active experts' weights are read. The fused
+GPU path (Triton) implements the same :class:`ExpertsBackend` and is tested against this one.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from trident.errors import TridentError
+from trident.models import ops
+
+EXPERTS_BACKENDS: dict[str, str] = {
+    "torch": "trident.moe.experts:TorchExperts",
+}
+"""Name -> "module:class" of every experts backend (the Triton one registers here too)."""
+
+
+class ExpertsBackend(Protocol):
+    """Runs a layer's routed experts over the tokens routed to them."""
+
+    supports_cuda_graphs: bool
+    """Whether a forward can be captured in a CUDA graph (no host sync, launches fixed by shapes)."""
+
+    def forward(self, hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
+                gate_up: torch.Tensor, down: torch.Tensor, activation: str) -> torch.Tensor:
+        """hidden [T, H]; weights float32 [T, k]; expert_ids int64 [T, k]; gate_up [E, 2I, H]; down [E, H, I]
+        -> [T, H] in hidden's dtype."""
+        ...
+
+
+class TorchExperts:
+    """The reference backend: tokens sorted by expert, one matmul pair per active expert (see the module
+    docstring). Each expert's output is weighted in float32 and added into the result in the activations'
+    dtype, expert after expert in id order, as transformers does. It reads the per-expert counts on the host,
+    so it cannot be captured in a CUDA graph."""
+
+    supports_cuda_graphs = False
+
+    def forward(self, hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
+                gate_up: torch.Tensor, down: torch.Tensor, activation: str) -> torch.Tensor:
+        num_tokens, top_k = expert_ids.shape
+        flat_ids = expert_ids.reshape(-1)
+        order = torch.argsort(flat_ids, stable=True)  # (token, slot) pairs grouped by expert, in id order
+        counts = torch.bincount(flat_ids, minlength=gate_up.shape[0]).tolist()
+        token_of = order // top_k
+        pair_weights = weights.reshape(-1)[order]
+        out = torch.zeros_like(hidden)
+        start = 0
+        for expert, count in enumerate(counts):
+            if not count:
+                continue
+            end = start + count
+            tokens = token_of[start:end]
+            h = ops.act_and_mul(hidden[tokens] @ gate_up[expert].t(), activation) @ down[expert].t()
+            out.index_add_(0, tokens, (h * pair_weights[start:end, None]).to(out.dtype))
+            start = end
+        return out
+
+
+def create_experts_backend(name: str) -> ExpertsBackend:
+    """A new experts backend by registered name; an unknown name is a TridentError listing the known ones."""
+    if name not in EXPERTS_BACKENDS:
+        raise TridentError(f"unknown experts backend {name!r}; supported: {', '.join(EXPERTS_BACKENDS)}")
+    module_name, class_name = EXPERTS_BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)()
+
+
+class FusedExperts(nn.Module):
+    """The routed experts of one layer as two fused tensors (named as transformers 5 names them), run through
+    ``backend``."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, activation: str,
+                 backend: ExpertsBackend) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size),
+                                         requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size), requires_grad=False)
+        self.activation = ops.check_activation(activation)
+        self.backend = backend
+
+    def forward(self, hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        return self.backend.forward(hidden, weights, expert_ids, self.gate_up_proj, self.down_proj, self.activation)
+
+
+def expert_packing(gate: str, up: str, down: str, intermediate_size: int, hidden_size: int
+                   ) -> dict[str, tuple[tuple[str, int], ...]]:
+    """How per-expert checkpoint matrices fill the fused tensors (for ``load_weights``' ``expert_modules``):
+    ``experts.{e}.<gate>.weight`` and ``<up>`` into ``experts.gate_up_proj`` [e], ``<down>`` into
+    ``experts.down_proj`` [e]. The names are gate_proj / up_proj / down_proj in Qwen and DeepSeek
+    checkpoints, w1 / w3 / w2 in Mixtral's."""
+    return {"gate_up_proj": ((gate, intermediate_size), (up, intermediate_size)),
+            "down_proj": ((down, hidden_size),)}
