@@ -115,7 +115,7 @@ def test_bench_latency_moe_report_on_a_moe_shape(tmp_path, tiny_config, capsys) 
     the heat map PNG beside the JSON; a dense model is refused with the reason."""
     path = tmp_path / "moe.json"
     assert main(["bench", "latency", "--shape", "qwen3-moe-tiny", "--prompt-len", "12", "--output-len", "4",
-                 "--repeat", "1", "--moe-report", "--threads", "1", "--json", str(path)]) == 0
+                 "--repeat", "1", "--moe-report", "--json", str(path)]) == 0
     moe = json.loads(path.read_text())["moe"]
     assert (moe["num_experts"], moe["top_k"]) == (128, 8) and [m["layer"] for m in moe["layers"]] == [0, 1, 2, 3]
     assert moe["num_tokens"] >= 12 + 3  # the timed request's tokens (and the warm-up's) went through every layer

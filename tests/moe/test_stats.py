@@ -83,7 +83,7 @@ def test_engine_moe_stats_match_transformers_routing(name: str, tmp_path) -> Non
     hf_config = tiny_moe_configs()[name]
     hf = make_hf_model(hf_config, seed=4)
     hf.save_pretrained(tmp_path)
-    llm = LLM(str(tmp_path), dtype="float32", num_blocks=64, block_size=4, max_num_batched_tokens=16, num_threads=1)
+    llm = LLM(str(tmp_path), dtype="float32", num_blocks=64, block_size=4, max_num_batched_tokens=16)
     prompts = [[5, 17, 42, 8, 9, 61, 3], [33, 2, 71, 14, 50], [90, 11, 7, 29, 30, 31, 45, 46, 60]]
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
     stats = llm.moe_stats()
