@@ -15,10 +15,11 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
+import torch
 from test_metrics import scrape, value
 
 from trident.config import CacheConfig, EngineConfig, SchedulerConfig
-from trident.engine.sizing import estimate_memory
+from trident.engine.sizing import estimate_memory, gguf_native
 from trident.loader import load_checkpoint
 
 KV = 16 << 20
@@ -31,7 +32,9 @@ GREEDY = {"temperature": 0, "max_tokens": 12}
 
 
 def _estimate(config: EngineConfig) -> int:
-    return estimate_memory(load_checkpoint(None).config, config).total_bytes
+    """The pool's estimate: the checkpoint as the engine will load it (bf16 on the CPU keeps the GGUF's codes)."""
+    checkpoint = load_checkpoint(None, gguf_native(config, torch.device(config.device)))
+    return estimate_memory(checkpoint.config, config, checkpoint.quantization).total_bytes
 
 
 @pytest.fixture(scope="module")
