@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from hf_tiny import make_hf_model, tiny_hf_configs, trident_config
+from hf_tiny import make_hf_model, tiny_hf_configs, tiny_moe_configs, trident_config
 from test_hf_equivalence import BLOCK_SIZE, _Seq
 
 from trident.attention.registry import create_backend
@@ -25,12 +25,37 @@ from trident.quant.kv import kv_cache_format
 TOLERANCE = {"float32": (torch.float32, 1e-4), "bfloat16": (torch.bfloat16, 5e-2)}
 
 
+DENSE = [name for name in tiny_hf_configs() if name not in tiny_moe_configs()]
+"""The architectures that capture CUDA graphs (the MoE ones run their torch experts eagerly: see below)."""
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8", "fp8"])
 @pytest.mark.parametrize("dtype_name", list(TOLERANCE))
-@pytest.mark.parametrize("name", list(tiny_hf_configs()))
+@pytest.mark.parametrize("name", DENSE)
 def test_decode_graph_replays_match_eager(name: str, dtype_name: str, kv_cache_dtype: str) -> None:
     check_decode_graph_replays(name, dtype_name, kv_cache_dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(tiny_moe_configs()))
+def test_moe_models_run_eagerly_on_cuda(name: str) -> None:
+    """The torch experts backend reads each expert's token count on the host, which a graph cannot replay: the
+    model says so and the engine captures no graphs for it."""
+    from trident.engine.engine import LLMEngine
+    from trident.engine.llm import engine_config
+    from trident.loader.checkpoint import Checkpoint
+
+    hf_config = tiny_hf_configs()[name]
+    config = trident_config(hf_config)
+    model = build_model(config, make_hf_model(hf_config).state_dict(), dtype=torch.bfloat16,
+                        device=torch.device("cuda"), backend=create_backend("triton", torch.device("cuda")))
+    assert model.supports_cuda_graphs is False
+    checkpoint = Checkpoint(config=config, tensors=make_hf_model(hf_config).state_dict(), tensor_types={},
+                            tokenizer=None, format="hf", path="", file_bytes=0)
+    engine = LLMEngine(engine_config("", device="cuda", dtype="bfloat16", num_blocks=16, block_size=BLOCK_SIZE,
+                                     max_model_len=48), checkpoint)
+    assert engine.runner.graphs is None
 
 
 def check_decode_graph_replays(name: str, dtype_name: str, kv_cache_dtype: str,
