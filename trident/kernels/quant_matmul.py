@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from trident.kernels.pdl import pdl_launch, wait_for_previous_grid
+from trident.kernels.tiling import grouped_tile
 from trident.quant.affine import AffineWeight, check_affine
 
 QGEMV_MAX_ROWS = 16
@@ -190,15 +191,7 @@ def _quant_matmul_kernel(x_ptr, codes_ptr, scales_ptr, offsets_ptr, bias_ptr, y_
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, GROUP_M: tl.constexpr,
                          USE_PDL: tl.constexpr):
     wait_for_previous_grid(USE_PDL)
-    # Programs in groups of GROUP_M row blocks, column block by column block within a group (L2 reuse).
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(num_rows, BLOCK_M)
-    num_pid_n = tl.cdiv(n, BLOCK_N)
-    width = GROUP_M * num_pid_n
-    first_m = (pid // width) * GROUP_M
-    group_rows = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_rows
-    pid_n = (pid % width) // group_rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), num_rows, n, BLOCK_M, BLOCK_N, GROUP_M)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

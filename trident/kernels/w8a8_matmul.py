@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from trident.kernels.pdl import pdl_launch, wait_for_previous_grid
+from trident.kernels.tiling import grouped_tile
 
 QMAX = 127
 """Largest code magnitude: symmetric int8 codes -127..127."""
@@ -138,14 +139,7 @@ def _w8a8_matmul_kernel(x_ptr, x_scales_ptr, w_ptr, w_scales_ptr, bias_ptr, y_pt
                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr, USE_PDL: tl.constexpr):
     wait_for_previous_grid(USE_PDL)
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(num_rows, BLOCK_M)
-    num_pid_n = tl.cdiv(n, BLOCK_N)
-    width = GROUP_M * num_pid_n
-    first_m = (pid // width) * GROUP_M
-    group_rows = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_rows
-    pid_n = (pid % width) // group_rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), num_rows, n, BLOCK_M, BLOCK_N, GROUP_M)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -23,12 +23,16 @@ from trident.models.weights import PackedModules, attention_mlp_packing, load_we
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_index: int, backend: AttentionBackend, qk_norm: bool) -> None:
+    """``mlp``: the feed-forward sublayer (default the dense gated MLP; the MoE families pass their expert block)."""
+
+    def __init__(self, config: ModelConfig, layer_index: int, backend: AttentionBackend, qk_norm: bool,
+                 mlp: nn.Module | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer_index, backend, qk_norm=qk_norm)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
+        self.mlp = mlp if mlp is not None else GatedMLP(config.hidden_size, config.intermediate_size,
+                                                        config.hidden_act, config.mlp_bias)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: RotaryInputs, kv_cache: LayerKVCache,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,35 +21,23 @@ from torch import nn
 
 from trident.attention.base import AttentionBackend, AttentionMetadata, LayerKVCache
 from trident.config import ModelConfig
-from trident.models.layers import Attention, Embedding, GatedMLP, Linear, RMSNorm, RotaryEmbedding
-from trident.models.ops import RotaryInputs
+from trident.models.layers import Embedding, Linear, RMSNorm, RotaryEmbedding
+from trident.models.llama import LlamaDecoderLayer
 from trident.models.weights import PackedModules, attention_mlp_packing, load_weights
 from trident.moe.block import SparseMoeBlock
 from trident.moe.experts import ExpertsBackend, TorchExperts, expert_packing
 from trident.moe.stats import MoeLoadStats
 
 
-class MoeDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_index: int, backend: AttentionBackend,
-                 experts_backend: ExpertsBackend, stats: MoeLoadStats, qk_norm: bool) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_index, backend, qk_norm=qk_norm)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        moe = config.moe
-        assert moe is not None
-        if moe.is_sparse(layer_index):
-            self.mlp = SparseMoeBlock(config.hidden_size, config.hidden_act, moe, layer_index, experts_backend, stats)
-        else:
-            self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
-
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: RotaryInputs, kv_cache: LayerKVCache,
-                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (this layer's MLP or MoE output, the residual stream before it is added)."""
-        hidden, residual = self.input_layernorm.with_residual(hidden, residual)
-        hidden = self.self_attn(hidden, rope, kv_cache, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+def moe_decoder_layer(config: ModelConfig, layer_index: int, backend: AttentionBackend,
+                      experts_backend: ExpertsBackend, stats: MoeLoadStats, qk_norm: bool) -> LlamaDecoderLayer:
+    """The Llama block, its MLP a SparseMoeBlock on the sparse layers (the dense gated MLP on the others)."""
+    moe = config.moe
+    assert moe is not None
+    mlp = None
+    if moe.is_sparse(layer_index):
+        mlp = SparseMoeBlock(config.hidden_size, config.hidden_act, moe, layer_index, experts_backend, stats)
+    return LlamaDecoderLayer(config, layer_index, backend, qk_norm, mlp)
 
 
 class MoeModel(nn.Module):
@@ -58,7 +46,7 @@ class MoeModel(nn.Module):
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            MoeDecoderLayer(config, i, backend, experts_backend, stats, qk_norm) for i in range(config.num_layers)
+            moe_decoder_layer(config, i, backend, experts_backend, stats, qk_norm) for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.rope, config.head_dim)
