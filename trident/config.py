@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from trident.attention.cache_spec import KVCacheSpec
 from trident.errors import TridentError
+from trident.models.mla_config import MlaConfig, mla_config_from_hf
 from trident.moe.config import MoeConfig, moe_config_from_hf
 
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8", "fp8")
@@ -87,6 +89,9 @@ class ModelConfig:
     moe: MoeConfig | None = None
     """Routed experts (mixture-of-experts families), else None; ``intermediate_size`` is then the size of the dense
     MLP of the layers without experts."""
+    mla: MlaConfig | None = None
+    """Multi-head latent attention (DeepSeek-V2 / V3), else None; ``head_dim`` is then the rope part of a head
+    (qk_rope_head_dim, as transformers sets it) and the cache holds one latent per token (``kv_cache_spec``)."""
 
     def __post_init__(self) -> None:
         if not self.layer_types:
@@ -112,7 +117,16 @@ class ModelConfig:
             raise TridentError("model config: sliding_attention layers need a sliding_window")
 
     @property
+    def kv_cache_spec(self) -> KVCacheSpec:
+        """What each layer caches per token: a key and a value per kv head, or one latent (MLA)."""
+        if self.mla is not None:
+            return KVCacheSpec(num_kv_heads=1, key_dim=self.mla.latent_dim, has_value=False)
+        return KVCacheSpec(num_kv_heads=self.num_kv_heads, key_dim=self.head_dim)
+
+    @property
     def attention_scale(self) -> float:
+        if self.mla is not None:
+            return self.mla.softmax_scale
         base = self.query_pre_attn_scalar if self.query_pre_attn_scalar else self.head_dim
         return float(base) ** -0.5
 
@@ -129,6 +143,8 @@ class ModelConfig:
         attn = h * q + 2 * h * kv + q * h
         if self.attention_bias:
             attn += q + 2 * kv
+        if self.mla is not None:
+            attn = self._mla_parameters()
         per_layer = attn + 2 * h  # two norms at least
         total = self.num_layers * per_layer + v * h + h
         moe = self.moe
@@ -143,6 +159,16 @@ class ModelConfig:
         if not self.tie_word_embeddings:
             total += v * h
         return total
+
+    def _mla_parameters(self) -> int:
+        """Parameters of one multi-head latent attention layer (projections and their norms)."""
+        m, h, heads = self.mla, self.hidden_size, self.num_heads
+        assert m is not None
+        q_out = heads * m.qk_head_dim
+        q = h * q_out if m.q_lora_rank is None else h * m.q_lora_rank + m.q_lora_rank + m.q_lora_rank * q_out
+        kv = h * m.latent_dim + m.kv_lora_rank + m.kv_lora_rank * heads * (m.qk_nope_head_dim + m.v_head_dim)
+        bias = (m.latent_dim + (m.q_lora_rank or 0) + h) if self.attention_bias else 0
+        return q + kv + heads * m.v_head_dim * h + bias
 
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any]) -> ModelConfig:
@@ -162,7 +188,8 @@ class ModelConfig:
             num_heads = int(d["num_attention_heads"])
             hidden = int(d["hidden_size"])
             num_layers = int(d["num_hidden_layers"])
-            head_dim = int(d.get("head_dim") or hidden // num_heads)
+            mla = mla_config_from_hf(model_type, d, d.get("rope_parameters") or d.get("rope_scaling"))
+            head_dim = mla.qk_rope_head_dim if mla else int(d.get("head_dim") or hidden // num_heads)
             rope, rope_local = _read_rope(d)
             eos = d.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
@@ -195,6 +222,7 @@ class ModelConfig:
                 eos_token_ids=tuple(int(e) for e in eos_ids),
                 source_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
                 moe=moe_config_from_hf(model_type, d, num_layers),
+                mla=mla,
             )
         except KeyError as e:
             raise TridentError(f"model config for {model_type!r} lacks the key {e.args[0]!r}") from None

@@ -71,9 +71,22 @@ def check_kv_format(kv_format: KVCacheFormat, device: torch.device) -> None:
 
 
 def kv_bytes_per_block(model_config: ModelConfig, block_size: int, kv_format: KVCacheFormat) -> int:
-    """Keys and values of ``block_size`` tokens in every layer (with their scales when quantized)."""
-    per_token_head = kv_format.bytes_per_token_head(model_config.head_dim)
-    return 2 * model_config.num_layers * block_size * model_config.num_kv_heads * per_token_head
+    """Keys and values of ``block_size`` tokens in every layer (with their scales when quantized), or their latents
+    alone for multi-head latent attention: what the model's ``kv_cache_spec`` declares."""
+    spec = model_config.kv_cache_spec
+    per_token_head = kv_format.bytes_per_token_head(spec.key_dim)
+    return spec.tensors_per_layer * model_config.num_layers * block_size * spec.num_kv_heads * per_token_head
+
+
+def mha_equivalent_kv_bytes_per_token(model_config: ModelConfig, element_size: int) -> int | None:
+    """For a model with multi-head latent attention: the bytes per token a plain multi-head cache of the same
+    attention would take (a key of qk_nope + qk_rope and a value of v_head_dim per head and layer), to report
+    beside the latent cache's; None for other models."""
+    mla = model_config.mla
+    if mla is None:
+        return None
+    per_head = mla.qk_head_dim + mla.v_head_dim
+    return model_config.num_layers * model_config.num_heads * per_head * element_size
 
 
 def kv_budget_bytes(model_config: ModelConfig, config: EngineConfig, device: torch.device,

@@ -14,7 +14,7 @@ These models are not ``LlamaForCausalLM`` subclasses on purpose: the lean CPU de
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -28,13 +28,16 @@ from trident.moe.block import SparseMoeBlock
 from trident.moe.experts import ExpertsBackend, TorchExperts, expert_packing
 from trident.moe.stats import MoeLoadStats
 
+AttentionFactory = Callable[[ModelConfig, int, AttentionBackend], nn.Module]
+"""(config, layer index, backend) -> a layer's attention module, called as attn(hidden, rope, kv_cache, meta)."""
+
 
 class MoeDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int, backend: AttentionBackend,
-                 experts_backend: ExpertsBackend, stats: MoeLoadStats, qk_norm: bool) -> None:
+                 experts_backend: ExpertsBackend, stats: MoeLoadStats, attention: AttentionFactory) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_index, backend, qk_norm=qk_norm)
+        self.self_attn = attention(config, layer_index, backend)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         moe = config.moe
         assert moe is not None
@@ -54,11 +57,11 @@ class MoeDecoderLayer(nn.Module):
 
 class MoeModel(nn.Module):
     def __init__(self, config: ModelConfig, backend: AttentionBackend, experts_backend: ExpertsBackend,
-                 stats: MoeLoadStats, qk_norm: bool) -> None:
+                 stats: MoeLoadStats, attention: AttentionFactory) -> None:
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            MoeDecoderLayer(config, i, backend, experts_backend, stats, qk_norm) for i in range(config.num_layers)
+            MoeDecoderLayer(config, i, backend, experts_backend, stats, attention) for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.rope, config.head_dim)
@@ -95,9 +98,13 @@ class MixtralForCausalLM(nn.Module):
                                        sigmoid_scores=router.scoring == "sigmoid")
         """The expert load statistics (trident/moe/stats.py), kept on the device as the model runs."""
         self.experts_backend = experts_backend or TorchExperts()
-        self.model = MoeModel(config, backend, self.experts_backend, self.load_stats, self.qk_norm)
+        self.model = MoeModel(config, backend, self.experts_backend, self.load_stats, self.attention)
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def attention(self, config: ModelConfig, layer_index: int, backend: AttentionBackend) -> nn.Module:
+        """One layer's attention module (grouped-query attention here; DeepSeek's latent attention overrides)."""
+        return Attention(config, layer_index, backend, qk_norm=self.qk_norm)
 
     @property
     def supports_cuda_graphs(self) -> bool:
