@@ -123,6 +123,15 @@ class ModelConfig:
             return KVCacheSpec(num_kv_heads=1, key_dim=self.mla.latent_dim, has_value=False)
         return KVCacheSpec(num_kv_heads=self.num_kv_heads, key_dim=self.head_dim)
 
+    def mha_equivalent_kv_bytes_per_token(self, element_size: int) -> int | None:
+        """With multi-head latent attention: the bytes per token a plain multi-head cache of the same heads would
+        take (per layer and head a key of qk_nope + qk_rope and a value of v_head_dim elements), to report beside
+        the latent cache's; None for other models."""
+        if self.mla is None:
+            return None
+        per_head = self.mla.qk_head_dim + self.mla.v_head_dim
+        return self.num_layers * self.num_heads * per_head * element_size
+
     @property
     def attention_scale(self) -> float:
         if self.mla is not None:

@@ -78,17 +78,6 @@ def kv_bytes_per_block(model_config: ModelConfig, block_size: int, kv_format: KV
     return spec.tensors_per_layer * model_config.num_layers * block_size * spec.num_kv_heads * per_token_head
 
 
-def mha_equivalent_kv_bytes_per_token(model_config: ModelConfig, element_size: int) -> int | None:
-    """For a model with multi-head latent attention: the bytes per token a plain multi-head cache of the same
-    attention would take (a key of qk_nope + qk_rope and a value of v_head_dim per head and layer), to report
-    beside the latent cache's; None for other models."""
-    mla = model_config.mla
-    if mla is None:
-        return None
-    per_head = mla.qk_head_dim + mla.v_head_dim
-    return model_config.num_layers * model_config.num_heads * per_head * element_size
-
-
 def kv_budget_bytes(model_config: ModelConfig, config: EngineConfig, device: torch.device,
                     pending_bytes: int = 0) -> int:
     """Bytes the KV cache may take: ``memory_budget_bytes`` when given; else 1 GiB on the CPU, and on CUDA

@@ -100,6 +100,7 @@ class DeepseekV2ForCausalLM(MixtralForCausalLM):
 
     expert_part_names = ("gate_proj", "up_proj", "down_proj")
     renames = {".shared_experts.": ".shared_expert."}
+    checkpoint_names = {".shared_expert.": ".shared_experts."}
 
     def attention(self, config: ModelConfig, layer_index: int, backend: AttentionBackend) -> nn.Module:
         return MlaAttention(config, layer_index, backend)

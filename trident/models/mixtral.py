@@ -86,6 +86,9 @@ class MixtralForCausalLM(nn.Module):
     """The per-expert checkpoint matrices (gate, up, down)."""
     renames: Mapping[str, str] = {".block_sparse_moe.": ".mlp."}
     """Checkpoint name fragment -> the model's."""
+    checkpoint_names: Mapping[str, str] = {}
+    """Model name fragment -> transformers 5's, where they differ (DeepSeek's ``shared_experts``), for writing
+    checkpoints of the model's weights (trident/bench/random_weights.py)."""
 
     def __init__(self, config: ModelConfig, backend: AttentionBackend,
                  experts_backend: ExpertsBackend | None = None) -> None:
