@@ -57,7 +57,8 @@ class ModelConfig:
     """Shape and numerics of a decoder-only transformer (the union of what our families need)."""
 
     model_type: str
-    """Hugging Face model_type: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, mixtral, qwen2_moe, qwen3_moe."""
+    """Hugging Face model_type: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, mixtral, qwen2_moe, qwen3_moe,
+    deepseek_v2, deepseek_v3."""
     vocab_size: int
     hidden_size: int
     intermediate_size: int
