@@ -9,7 +9,8 @@ The decoder is mixtral.py's MoE decoder (pre-norm, residual stream beside the su
   ``rope_interleave``), which is the half-split rotation after moving the even dimensions before the odd ones; a
   permutation applied to the queries and keys alike leaves their dot products, hence attention, unchanged. Each
   token caches c and the rotated rope key only (``ModelConfig.kv_cache_spec``: one vector per token and layer);
-  attention up-projects them with ``kv_b_proj`` (trident/attention/mla_torch.py).
+  attention up-projects them with ``kv_b_proj``, or for decode steps folds it into the queries and values (the
+  absorbed form; trident/attention/mla_torch.py).
 - the first ``first_k_dense_replace`` layers keep a dense gated MLP; the others hold a SparseMoeBlock with
   ``n_shared_experts`` shared experts (checkpoint ``shared_experts``, one MLP of n * moe_intermediate_size rows) and
   the router of trident/moe/config.py: V2 softmax, greedy or group-limited (groups ranked by their best expert),
@@ -84,7 +85,9 @@ class MlaAttention(nn.Module):
         q_rope = ops.apply_rotary(self._half_split(q_rope), rope)
         k_rope = ops.apply_rotary(self._half_split(k_rope.unsqueeze(1)), rope)
         write_latent(torch.cat((c, k_rope[:, 0]), dim=-1), kv_cache, meta)
-        out = mla_attention(q_nope, q_rope, kv_cache, meta, self.kv_b_proj, self.shape, self.scale)
+        # decode steps in latent space when kv_b_proj is a plain weight (a quantized one is up-projected instead)
+        absorb = self.kv_b_proj.weight if isinstance(self.kv_b_proj, Linear) else None
+        out = mla_attention(q_nope, q_rope, kv_cache, meta, self.kv_b_proj, self.shape, self.scale, absorb)
         return self.o_proj(out.reshape(num_tokens, heads * mla.v_head_dim))
 
     def _half_split(self, x: torch.Tensor) -> torch.Tensor:
