@@ -12,7 +12,7 @@ from typing import Any
 
 from trident.attention.cache_spec import KVCacheSpec
 from trident.errors import TridentError
-from trident.models.mla_config import MlaConfig, mla_config_from_hf
+from trident.models.mla_config import MlaConfig, mla_config_from_hf, yarn_mscale
 from trident.moe.config import MoeConfig, moe_config_from_hf
 
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8", "fp8")
@@ -23,7 +23,7 @@ SLIDING_ATTENTION = "sliding_attention"
 
 @dataclass(frozen=True)
 class RopeConfig:
-    """Rotary position embedding: base frequency and optional scaling (default, linear, llama3)."""
+    """Rotary position embedding: base frequency and optional scaling (default, linear, llama3, yarn)."""
 
     theta: float = 10000.0
     rope_type: str = "default"
@@ -31,12 +31,31 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    beta_fast: float = 32.0
+    """yarn: rotations per original context above which a frequency is kept (extrapolated)."""
+    beta_slow: float = 1.0
+    """yarn: rotations per original context below which a frequency is divided by factor (interpolated)."""
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    """yarn: with mscale, the rotated parts are scaled by mscale(factor, mscale) / mscale(factor, mscale_all_dim)
+    (``attention_factor``); DeepSeek also scales its softmax by mscale(factor, mscale_all_dim) ** 2."""
+    truncate: bool = True
+    """yarn: round the correction range outwards to whole dimensions."""
 
     def __post_init__(self) -> None:
-        if self.rope_type not in ("default", "linear", "llama3"):
+        if self.rope_type not in ("default", "linear", "llama3", "yarn"):
             raise TridentError(
-                f"unsupported rope scaling type {self.rope_type!r}; supported: default, linear, llama3"
+                f"unsupported rope scaling type {self.rope_type!r}; supported: default, linear, llama3, yarn"
             )
+
+    @property
+    def attention_factor(self) -> float:
+        """What yarn multiplies the rotated query and key parts by (1 for the other types)."""
+        if self.rope_type != "yarn":
+            return 1.0
+        if self.mscale and self.mscale_all_dim:
+            return yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor, self.mscale_all_dim)
+        return yarn_mscale(self.factor, 1.0)
 
     @classmethod
     def from_hf(cls, theta: float, scaling: dict[str, Any] | None) -> RopeConfig:
@@ -49,6 +68,11 @@ class RopeConfig:
             low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
             high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
             original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)),
+            beta_fast=float(scaling.get("beta_fast") or 32.0),
+            beta_slow=float(scaling.get("beta_slow") or 1.0),
+            mscale=_opt_float(scaling.get("mscale")),
+            mscale_all_dim=_opt_float(scaling.get("mscale_all_dim")),
+            truncate=bool(scaling.get("truncate", True)),
         )
 
 
@@ -116,6 +140,8 @@ class ModelConfig:
             raise TridentError(f"model config: unsupported layer types {sorted(bad)}")
         if SLIDING_ATTENTION in self.layer_types and not self.sliding_window:
             raise TridentError("model config: sliding_attention layers need a sliding_window")
+        if self.rope.rope_type == "yarn" and self.mla is None:
+            raise TridentError(f"yarn rope scaling is supported for DeepSeek-V2/V3 only so far, not {self.model_type}")
 
     @property
     def kv_cache_spec(self) -> KVCacheSpec:

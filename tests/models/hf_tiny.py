@@ -55,17 +55,23 @@ DEEPSEEK_EXPERTS = dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermedi
                         n_group=4, topk_group=2)
 
 
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+        "mscale": 0.707, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}
+"""Yarn with DeepSeek's two mscales: the rotated parts and the softmax scale both change."""
+
+
 def tiny_deepseek_configs() -> dict[str, transformers.PretrainedConfig]:
     """Multi-head latent attention with DeepSeek's experts: V2 with queries straight from q_proj, group-limited
     softmax routing, two shared experts; V3 with the low-rank query path, sigmoid routing with the score-correction
-    bias, one shared expert. Both keep a dense first layer (first_k_dense_replace). MLA's heads are all kv heads."""
+    bias, one shared expert, yarn rope scaling. Both keep a dense first layer (first_k_dense_replace). MLA's heads
+    are all kv heads."""
     return {
         "deepseek_v2": transformers.DeepseekV2Config(**{**COMMON, **MLA}, **DEEPSEEK_EXPERTS, q_lora_rank=None,
                                                      topk_method="group_limited_greedy", n_shared_experts=2,
                                                      routed_scaling_factor=1.5),
         "deepseek_v3": transformers.DeepseekV3Config(**{**COMMON, **MLA}, **DEEPSEEK_EXPERTS, q_lora_rank=24,
                                                      n_shared_experts=1, routed_scaling_factor=2.5,
-                                                     norm_topk_prob=True),
+                                                     norm_topk_prob=True, rope_parameters=YARN),
     }
 
 

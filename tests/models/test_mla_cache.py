@@ -78,3 +78,12 @@ def test_deepseek_v2_lite_shape() -> None:
     assert config.mha_equivalent_kv_bytes_per_token(2) == 27 * 16 * (128 + 64 + 128) * 2
     # the decode roofline reads the latents: one token attending to 10 cached tokens in 27 layers
     assert kv_read_bytes(config, [10], [1], 2) == (10 * 27 * 576 * 2, 10)
+
+
+def test_yarn_is_refused_outside_deepseek() -> None:
+    """Yarn's scale of the rotated parts is applied by the latent attention only: other families refuse yarn."""
+    raw = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1,
+           "intermediate_size": 96, "vocab_size": 97,
+           "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}}
+    with pytest.raises(TridentError, match="yarn rope scaling is supported for DeepSeek"):
+        ModelConfig.from_hf_dict(raw)

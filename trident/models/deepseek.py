@@ -69,6 +69,8 @@ class MlaAttention(nn.Module):
         self.shape = MlaShape(num_heads=heads, kv_lora_rank=mla.kv_lora_rank, qk_nope_head_dim=mla.qk_nope_head_dim,
                               qk_rope_head_dim=mla.qk_rope_head_dim, v_head_dim=mla.v_head_dim)
         self.scale = config.attention_scale
+        self.rope_factor = config.rope.attention_factor
+        """Yarn's scale of the rotated parts (1 without yarn)."""
         self.layer_index = layer_index
 
     def forward(self, hidden: torch.Tensor, rope: ops.RotaryInputs, kv_cache: LayerKVCache,
@@ -84,6 +86,8 @@ class MlaAttention(nn.Module):
         c = self.kv_a_layernorm(c.contiguous())
         q_rope = ops.apply_rotary(self._half_split(q_rope), rope)
         k_rope = ops.apply_rotary(self._half_split(k_rope.unsqueeze(1)), rope)
+        if self.rope_factor != 1.0:
+            q_rope, k_rope = q_rope * self.rope_factor, k_rope * self.rope_factor
         write_latent(torch.cat((c, k_rope[:, 0]), dim=-1), kv_cache, meta)
         # decode steps in latent space when kv_b_proj is a plain weight (a quantized one is up-projected instead)
         absorb = self.kv_b_proj.weight if isinstance(self.kv_b_proj, Linear) else None
