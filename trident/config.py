@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from trident.attention.cache_spec import KVCacheSpec
 from trident.errors import TridentError
+from trident.models.mla_config import MlaConfig, mla_config_from_hf, yarn_mscale
 from trident.moe.config import MoeConfig, moe_config_from_hf
 
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8", "fp8")
@@ -21,7 +23,7 @@ SLIDING_ATTENTION = "sliding_attention"
 
 @dataclass(frozen=True)
 class RopeConfig:
-    """Rotary position embedding: base frequency and optional scaling (default, linear, llama3)."""
+    """Rotary position embedding: base frequency and optional scaling (default, linear, llama3, yarn)."""
 
     theta: float = 10000.0
     rope_type: str = "default"
@@ -29,12 +31,31 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    beta_fast: float = 32.0
+    """yarn: rotations per original context above which a frequency is kept (extrapolated)."""
+    beta_slow: float = 1.0
+    """yarn: rotations per original context below which a frequency is divided by factor (interpolated)."""
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    """yarn: with mscale, the rotated parts are scaled by mscale(factor, mscale) / mscale(factor, mscale_all_dim)
+    (``attention_factor``); DeepSeek also scales its softmax by mscale(factor, mscale_all_dim) ** 2."""
+    truncate: bool = True
+    """yarn: round the correction range outwards to whole dimensions."""
 
     def __post_init__(self) -> None:
-        if self.rope_type not in ("default", "linear", "llama3"):
+        if self.rope_type not in ("default", "linear", "llama3", "yarn"):
             raise TridentError(
-                f"unsupported rope scaling type {self.rope_type!r}; supported: default, linear, llama3"
+                f"unsupported rope scaling type {self.rope_type!r}; supported: default, linear, llama3, yarn"
             )
+
+    @property
+    def attention_factor(self) -> float:
+        """What yarn multiplies the rotated query and key parts by (1 for the other types)."""
+        if self.rope_type != "yarn":
+            return 1.0
+        if self.mscale and self.mscale_all_dim:
+            return yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor, self.mscale_all_dim)
+        return yarn_mscale(self.factor, 1.0)
 
     @classmethod
     def from_hf(cls, theta: float, scaling: dict[str, Any] | None) -> RopeConfig:
@@ -47,6 +68,11 @@ class RopeConfig:
             low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
             high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
             original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)),
+            beta_fast=float(scaling.get("beta_fast") or 32.0),
+            beta_slow=float(scaling.get("beta_slow") or 1.0),
+            mscale=_opt_float(scaling.get("mscale")),
+            mscale_all_dim=_opt_float(scaling.get("mscale_all_dim")),
+            truncate=bool(scaling.get("truncate", True)),
         )
 
 
@@ -55,7 +81,8 @@ class ModelConfig:
     """Shape and numerics of a decoder-only transformer (the union of what our families need)."""
 
     model_type: str
-    """Hugging Face model_type: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, mixtral, qwen2_moe, qwen3_moe."""
+    """Hugging Face model_type: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, mixtral, qwen2_moe, qwen3_moe,
+    deepseek_v2, deepseek_v3."""
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -87,6 +114,9 @@ class ModelConfig:
     moe: MoeConfig | None = None
     """Routed experts (mixture-of-experts families), else None; ``intermediate_size`` is then the size of the dense
     MLP of the layers without experts."""
+    mla: MlaConfig | None = None
+    """Multi-head latent attention (DeepSeek-V2 / V3), else None; ``head_dim`` is then the rope part of a head
+    (qk_rope_head_dim, as transformers sets it) and the cache holds one latent per token (``kv_cache_spec``)."""
 
     def __post_init__(self) -> None:
         if not self.layer_types:
@@ -110,9 +140,29 @@ class ModelConfig:
             raise TridentError(f"model config: unsupported layer types {sorted(bad)}")
         if SLIDING_ATTENTION in self.layer_types and not self.sliding_window:
             raise TridentError("model config: sliding_attention layers need a sliding_window")
+        if self.rope.rope_type == "yarn" and self.mla is None:
+            raise TridentError(f"yarn rope scaling is supported for DeepSeek-V2/V3 only so far, not {self.model_type}")
+
+    @property
+    def kv_cache_spec(self) -> KVCacheSpec:
+        """What each layer caches per token: a key and a value per kv head, or one latent (MLA)."""
+        if self.mla is not None:
+            return KVCacheSpec(num_kv_heads=1, key_dim=self.mla.latent_dim, has_value=False)
+        return KVCacheSpec(num_kv_heads=self.num_kv_heads, key_dim=self.head_dim)
+
+    def mha_equivalent_kv_bytes_per_token(self, element_size: int) -> int | None:
+        """With multi-head latent attention: the bytes per token a plain multi-head cache of the same heads would
+        take (per layer and head a key of qk_nope + qk_rope and a value of v_head_dim elements), to report beside
+        the latent cache's; None for other models."""
+        if self.mla is None:
+            return None
+        per_head = self.mla.qk_head_dim + self.mla.v_head_dim
+        return self.num_layers * self.num_heads * per_head * element_size
 
     @property
     def attention_scale(self) -> float:
+        if self.mla is not None:
+            return self.mla.softmax_scale
         base = self.query_pre_attn_scalar if self.query_pre_attn_scalar else self.head_dim
         return float(base) ** -0.5
 
@@ -129,6 +179,8 @@ class ModelConfig:
         attn = h * q + 2 * h * kv + q * h
         if self.attention_bias:
             attn += q + 2 * kv
+        if self.mla is not None:
+            attn = self._mla_parameters()
         per_layer = attn + 2 * h  # two norms at least
         total = self.num_layers * per_layer + v * h + h
         moe = self.moe
@@ -143,6 +195,16 @@ class ModelConfig:
         if not self.tie_word_embeddings:
             total += v * h
         return total
+
+    def _mla_parameters(self) -> int:
+        """Parameters of one multi-head latent attention layer (projections and their norms)."""
+        m, h, heads = self.mla, self.hidden_size, self.num_heads
+        assert m is not None
+        q_out = heads * m.qk_head_dim
+        q = h * q_out if m.q_lora_rank is None else h * m.q_lora_rank + m.q_lora_rank + m.q_lora_rank * q_out
+        kv = h * m.latent_dim + m.kv_lora_rank + m.kv_lora_rank * heads * (m.qk_nope_head_dim + m.v_head_dim)
+        bias = (m.latent_dim + (m.q_lora_rank or 0) + h) if self.attention_bias else 0
+        return q + kv + heads * m.v_head_dim * h + bias
 
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any]) -> ModelConfig:
@@ -162,7 +224,8 @@ class ModelConfig:
             num_heads = int(d["num_attention_heads"])
             hidden = int(d["hidden_size"])
             num_layers = int(d["num_hidden_layers"])
-            head_dim = int(d.get("head_dim") or hidden // num_heads)
+            mla = mla_config_from_hf(model_type, d, d.get("rope_parameters") or d.get("rope_scaling"))
+            head_dim = mla.qk_rope_head_dim if mla else int(d.get("head_dim") or hidden // num_heads)
             rope, rope_local = _read_rope(d)
             eos = d.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
@@ -195,6 +258,7 @@ class ModelConfig:
                 eos_token_ids=tuple(int(e) for e in eos_ids),
                 source_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
                 moe=moe_config_from_hf(model_type, d, num_layers),
+                mla=mla,
             )
         except KeyError as e:
             raise TridentError(f"model config for {model_type!r} lacks the key {e.args[0]!r}") from None

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from trident.attention.base import AttentionMetadata
+from trident.attention.cache_spec import KVCacheSpec
 from trident.attention.torch_ref import TorchAttention
 from trident.config import CacheConfig
 from trident.engine.plan import ScheduledChunk, StepPlan
@@ -132,7 +133,9 @@ def _run_step(name: str, shape, chunks: list[tuple[int, int]], seed: int) -> Non
         plan.append(ScheduledChunk(seq_id=i, token_ids=tuple(range(n)), start_pos=cached, block_table=tables[-1],
                                    sample=True, params=SamplingParams(temperature=0.0)))
     step = StepPlan(chunks=tuple(plan))
-    model = SimpleNamespace(config=SimpleNamespace(num_kv_heads=num_kv_heads, head_dim=head_dim, num_layers=1))
+    model = SimpleNamespace(config=SimpleNamespace(
+        num_kv_heads=num_kv_heads, head_dim=head_dim, num_layers=1,
+        kv_cache_spec=KVCacheSpec(num_kv_heads=num_kv_heads, key_dim=head_dim)))
     backend = TorchAttention()
     runner = ModelRunner(model, backend=backend, num_blocks=sum(needed) + 2, block_size=bs,
                          kv_format=kv_cache_format(name, torch.float32), device=CPU, sampler=Sampler(device=CPU),

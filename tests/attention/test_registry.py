@@ -53,3 +53,12 @@ def test_cli_flag(capsys) -> None:
     assert "the triton attention backend needs a CUDA device" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["generate", "--attention-backend", "flash", "--prompt", "hi"])
+
+
+def test_latent_attention_takes_the_torch_backend(monkeypatch) -> None:
+    """DeepSeek's multi-head latent attention runs on the torch backend only: auto picks it, triton is refused."""
+    monkeypatch.setattr(registry, "triton_available", lambda: True)
+    assert resolve_backend_name("auto", CUDA, mla=True) == "torch"
+    assert resolve_backend_name("torch", CUDA, mla=True) == "torch"
+    with pytest.raises(TridentError, match="multi-head latent attention.*--attention-backend torch"):
+        resolve_backend_name("triton", CUDA, mla=True)

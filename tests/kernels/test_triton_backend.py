@@ -13,6 +13,7 @@ import torch
 from kernel_checks import assert_close, assert_codes_close
 
 from trident.attention.base import AttentionMetadata, LayerKVCache
+from trident.attention.cache_spec import KVCacheSpec
 from trident.attention.torch_ref import TorchAttention
 from trident.attention.triton_paged import TritonPagedAttention
 from trident.engine.plan import ScheduledChunk, StepPlan
@@ -37,7 +38,9 @@ CASES = [
 
 def _runner(backend, num_kv_heads: int, head_dim: int, block_size: int, num_blocks: int, dtype, device,
             kv: str = "auto"):
-    model = SimpleNamespace(config=SimpleNamespace(num_kv_heads=num_kv_heads, head_dim=head_dim, num_layers=1))
+    model = SimpleNamespace(config=SimpleNamespace(
+        num_kv_heads=num_kv_heads, head_dim=head_dim, num_layers=1,
+        kv_cache_spec=KVCacheSpec(num_kv_heads=num_kv_heads, key_dim=head_dim)))
     return ModelRunner(model, backend=backend, num_blocks=num_blocks, block_size=block_size,
                        kv_format=kv_cache_format(kv, dtype), device=device,
                        sampler=Sampler(device=device), max_num_seqs=8)

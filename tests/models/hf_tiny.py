@@ -46,6 +46,32 @@ def tiny_moe_configs() -> dict[str, transformers.PretrainedConfig]:
         "qwen3_moe": transformers.Qwen3MoeConfig(**{**COMMON, "num_hidden_layers": 4}, head_dim=32,
                                                  **{**MOE_EXPERTS, "num_experts_per_tok": 3}, norm_topk_prob=True,
                                                  decoder_sparse_step=2),
+        **tiny_deepseek_configs(),
+    }
+
+
+MLA = dict(kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, num_key_value_heads=4)
+DEEPSEEK_EXPERTS = dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
+                        n_group=4, topk_group=2)
+
+
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+        "mscale": 0.707, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}
+"""Yarn with DeepSeek's two mscales: the rotated parts and the softmax scale both change."""
+
+
+def tiny_deepseek_configs() -> dict[str, transformers.PretrainedConfig]:
+    """Multi-head latent attention with DeepSeek's experts: V2 with queries straight from q_proj, group-limited
+    softmax routing, two shared experts; V3 with the low-rank query path, sigmoid routing with the score-correction
+    bias, one shared expert, yarn rope scaling. Both keep a dense first layer (first_k_dense_replace). MLA's heads
+    are all kv heads."""
+    return {
+        "deepseek_v2": transformers.DeepseekV2Config(**{**COMMON, **MLA}, **DEEPSEEK_EXPERTS, q_lora_rank=None,
+                                                     topk_method="group_limited_greedy", n_shared_experts=2,
+                                                     routed_scaling_factor=1.5),
+        "deepseek_v3": transformers.DeepseekV3Config(**{**COMMON, **MLA}, **DEEPSEEK_EXPERTS, q_lora_rank=24,
+                                                     n_shared_experts=1, routed_scaling_factor=2.5,
+                                                     norm_topk_prob=True, rope_parameters=YARN),
     }
 
 

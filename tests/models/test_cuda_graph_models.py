@@ -41,7 +41,8 @@ def test_decode_graph_replays_match_eager(name: str, dtype_name: str, kv_cache_d
 @pytest.mark.parametrize("name", list(tiny_moe_configs()))
 def test_moe_models_run_eagerly_on_cuda(name: str) -> None:
     """The torch experts backend reads each expert's token count on the host, which a graph cannot replay: the
-    model says so and the engine captures no graphs for it."""
+    model says so and the engine captures no graphs for it. (DeepSeek's latent attention runs on the torch
+    attention backend, which the engine picks for it.)"""
     from trident.engine.engine import LLMEngine
     from trident.engine.llm import engine_config
     from trident.loader.checkpoint import Checkpoint
@@ -49,13 +50,15 @@ def test_moe_models_run_eagerly_on_cuda(name: str) -> None:
     hf_config = tiny_hf_configs()[name]
     config = trident_config(hf_config)
     model = build_model(config, make_hf_model(hf_config).state_dict(), dtype=torch.bfloat16,
-                        device=torch.device("cuda"), backend=create_backend("triton", torch.device("cuda")))
+                        device=torch.device("cuda"),
+                        backend=create_backend("torch" if config.mla else "triton", torch.device("cuda")))
     assert model.supports_cuda_graphs is False
     checkpoint = Checkpoint(config=config, tensors=make_hf_model(hf_config).state_dict(), tensor_types={},
                             tokenizer=None, format="hf", path="", file_bytes=0)
     engine = LLMEngine(engine_config("", device="cuda", dtype="bfloat16", num_blocks=16, block_size=BLOCK_SIZE,
                                      max_model_len=48), checkpoint)
     assert engine.runner.graphs is None
+    assert engine.attention_backend == ("torch" if config.mla else "triton")
 
 
 def check_decode_graph_replays(name: str, dtype_name: str, kv_cache_dtype: str,

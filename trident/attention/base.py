@@ -68,16 +68,19 @@ class LayerKVCache:
     A float cache holds the keys and values themselves (``key_scale``/``value_scale`` None). A quantized one
     (int8 or fp8 codes, ``trident.quant.kv``) also holds one float32 scale per (token slot, kv head) for the
     keys and for the values, shaped like the code tensors without their last (head_dim) axis: slot value =
-    code * scale."""
+    code * scale. A latent cache (multi-head latent attention, ``KVCacheSpec.has_value`` False) holds its latents
+    in ``key`` and no value tensor (``value`` None)."""
 
     key: torch.Tensor
-    value: torch.Tensor
+    value: torch.Tensor | None
     key_scale: torch.Tensor | None = None
     value_scale: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if (self.key_scale is None) != (self.value_scale is None):
             raise ValueError("LayerKVCache: give both key_scale and value_scale, or neither")
+        if self.value is None and self.key_scale is not None:
+            raise ValueError("LayerKVCache: a latent cache (no value tensor) is not quantized")
 
     @property
     def quantized(self) -> bool:
@@ -86,7 +89,8 @@ class LayerKVCache:
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """Every tensor of the cache (codes or values first, then scales if any)."""
         scales = (self.key_scale, self.value_scale) if self.key_scale is not None else ()
-        return (self.key, self.value, *scales)  # type: ignore[arg-type]
+        values = (self.value,) if self.value is not None else ()
+        return (self.key, *values, *scales)  # type: ignore[arg-type]
 
     @property
     def nbytes(self) -> int:
@@ -117,6 +121,9 @@ class AttentionBackend(Protocol):
 
     wants_prefill_batch: bool
     """Whether the runner should also build ``AttentionMetadata.prefill_batch`` each step."""
+    supports_mla: bool
+    """Whether the backend's cache layout serves multi-head latent attention (DeepSeek; trident/attention/
+    mla_torch.py): only the torch reference does for now."""
     supports_cuda_graphs: bool
     """Whether a decode-only step can be captured and replayed as a CUDA graph: its launches depend only on
     tensor shapes, nothing syncs with the host, and a padding row (slot -1, context length 0) is harmless."""

@@ -32,9 +32,16 @@ def check_backend_name(name: str, device_type: str) -> None:
                            "use --device cuda, or --attention-backend torch (or auto)")
 
 
-def resolve_backend_name(name: str, device: torch.device) -> str:
-    """The registered backend ``name`` stands for on ``device``; an unusable choice is a TridentError."""
+def resolve_backend_name(name: str, device: torch.device, mla: bool = False) -> str:
+    """The registered backend ``name`` stands for on ``device``; an unusable choice is a TridentError. ``mla``: the
+    model uses multi-head latent attention (DeepSeek), which only the torch backend runs for now: auto picks it and
+    triton is refused."""
     check_backend_name(name, device.type)
+    if mla:
+        if name == "triton":
+            raise TridentError("the triton attention backend does not run multi-head latent attention (DeepSeek-V2 / "
+                               "V3) yet; use --attention-backend torch (or auto)")
+        return "torch"
     if name == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     if name == "triton":

@@ -23,6 +23,7 @@ class TorchAttention:
     """The reference backend. Grouped-query attention without repeating keys/values."""
 
     wants_prefill_batch = False  # attends chunk by chunk from AttentionMetadata.prefills
+    supports_mla = True  # multi-head latent attention runs in torch over this layout (trident/attention/mla_torch.py)
     supports_cuda_graphs = False  # padding rows (slot -1) would be written to the last slot
 
     @staticmethod

@@ -33,6 +33,7 @@ class TritonPagedAttention:
 
     wants_prefill_batch = True
     supports_cuda_graphs = True
+    supports_mla = False  # DeepSeek's latent attention runs on the torch backend only
 
     def __init__(self, num_sms: int | None = None) -> None:
         self._num_sms = num_sms

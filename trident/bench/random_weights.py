@@ -37,6 +37,13 @@ def weight_specs(config: ModelConfig) -> dict[str, WeightSpec]:
     packed = model.packed_modules
     norms = {name: module for name, module in model.named_modules() if isinstance(module, RMSNorm)}
     specs: dict[str, WeightSpec] = {}
+    checkpoint_names = getattr(model, "checkpoint_names", {})
+
+    def hf_name(name: str) -> str:
+        for ours, theirs in checkpoint_names.items():
+            name = name.replace(ours, theirs)
+        return name
+
     for name, param in model.named_parameters():
         module_name, _, _ = name.rpartition(".")
         fill = None
@@ -44,10 +51,10 @@ def weight_specs(config: ModelConfig) -> dict[str, WeightSpec]:
             fill = 0.0 if norms[module_name].unit_offset else 1.0
         fused = next((f for f in packed if f".{f}." in name), None)
         if fused is None:
-            specs[name] = (tuple(param.shape), fill)
+            specs[hf_name(name)] = (tuple(param.shape), fill)
             continue
         for part, rows in packed[fused]:
-            specs[name.replace(f".{fused}.", f".{part}.")] = ((rows, *param.shape[1:]), fill)
+            specs[hf_name(name.replace(f".{fused}.", f".{part}."))] = ((rows, *param.shape[1:]), fill)
     return specs
 
 

@@ -81,8 +81,10 @@ def decode_weight_bytes(named_parameters: Iterable[tuple[str, torch.Tensor]], ti
 def kv_read_bytes(config: ModelConfig, prompt_lens: Sequence[int], output_lens: Sequence[int],
                   kv_element_bytes: int) -> tuple[int, int]:
     """(bytes, context tokens) read from the KV cache when output token t of request i attends to
-    prompt_lens[i] + t cached tokens (capped at a layer's window) in every layer."""
-    per_token_layer = 2 * config.num_kv_heads * config.head_dim * kv_element_bytes
+    prompt_lens[i] + t cached tokens (capped at a layer's window) in every layer (what the model's
+    ``kv_cache_spec`` caches: keys and values, or one latent per token with multi-head latent attention)."""
+    spec = config.kv_cache_spec
+    per_token_layer = spec.tensors_per_layer * spec.num_kv_heads * spec.key_dim * kv_element_bytes
     windows = [config.layer_window(i) for i in range(config.num_layers)]
     total = context = 0
     for p, o in zip(prompt_lens, output_lens):

@@ -207,11 +207,25 @@ def _captions(args: argparse.Namespace, subject, dtype_name: str, bound) -> list
     source = f"shape {subject.name} (random weights, seed {args.weights_seed})" if subject.shape else subject.name
     captions = [f"{source} · {dtype_name} · {args.device} ({report.device_name(args.device)}) · workload "
                 f"{workload.name}: {len(workload.prompts)} requests, {workload.output_tokens} output tokens"]
+    kv_line = _kv_per_token(subject.engine)
+    if kv_line["mha_equivalent"] is not None:
+        captions.append(f"KV cache per token: {report.size(kv_line['cached'])} (multi-head latent attention: one "
+                        f"latent per layer) against {report.size(kv_line['mha_equivalent'])} for the equivalent "
+                        f"multi-head cache ({kv_line['mha_equivalent'] / kv_line['cached']:.1f}x)")
     if bound:
         captions.append(f"roofline: copy bandwidth {bound.bandwidth_bytes_s / 1e9:,.0f} GB/s, "
                         f"{report.size(bound.weight_bytes)} of weights per step, mean batch {bound.mean_batch:.1f}, "
                         f"mean context {bound.mean_context:.0f} tokens -> {bound.tok_s:,.0f} tok/s")
     return captions
+
+
+def _kv_per_token(engine) -> dict:
+    """KV-cache bytes per token over all layers as the engine allocated them (its block bytes over the block size)
+    and, for multi-head latent attention, what a plain multi-head cache of the same heads would take (None
+    otherwise)."""
+    element = engine.kv_format.dtype.itemsize
+    return {"cached": engine.kv_block_bytes // engine.config.cache.block_size,
+            "mha_equivalent": engine.model_config.mha_equivalent_kv_bytes_per_token(element)}
 
 
 def _record(args: argparse.Namespace, subject, dtype_name: str, bound, rows: list[dict]) -> dict:
@@ -229,6 +243,7 @@ def _record(args: argparse.Namespace, subject, dtype_name: str, bound, rows: lis
         "attention_backend": engine.attention_backend,
         "engine_options": subject.engine_options, "workload": subject.workload.summary(),
         "roofline": bound.as_dict() if bound else None,
+        "kv_bytes_per_token": _kv_per_token(engine),
         "results": rows,
     }
     if subject.shape:

@@ -100,7 +100,8 @@ class LLMEngine:
         self.model_config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.attention_backend = resolve_backend_name(config.attention_backend, self.device)
+        self.attention_backend = resolve_backend_name(config.attention_backend, self.device,
+                                                      mla=self.model_config.mla is not None)
         """The attention backend in use (torch or triton), auto resolved."""
         backend = create_backend(self.attention_backend, self.device)
         self.model = build_model(self.model_config, checkpoint.tensors, dtype=self.dtype, device=self.device,

@@ -24,6 +24,7 @@ from trident.engine.plan import PENDING_TOKEN, ScheduledChunk, StepPlan, StepRes
 from trident.engine.request import SamplingParams
 from trident.engine.sampler import DeviceSamples, Sampler
 from trident.engine.transfer import to_device
+from trident.errors import TridentError
 from trident.quant.kv import SCALE_DTYPE, KVCacheFormat
 
 MAX_WARM_ROWS = 16
@@ -64,9 +65,12 @@ class ModelRunner:
         self.device = device
         self.sampler = sampler
         self.wants_prefill_batch = backend.wants_prefill_batch
-        shape = backend.cache_shape(num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        spec = config.kv_cache_spec
+        self.kv_cache_spec = spec
+        """What each layer caches per token (keys and values, or one latent), as the model's config declares it."""
+        shape = backend.cache_shape(num_blocks, block_size, spec.num_kv_heads, spec.key_dim)
         self.kv_format = kv_format
-        self.kv_caches = [_layer_cache(shape, kv_format, device) for _ in range(config.num_layers)]
+        self.kv_caches = [_layer_cache(shape, kv_format, device, spec.has_value) for _ in range(config.num_layers)]
         self._feedback = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
         """The previous step's sampled tokens, where the chunks of this step read their pending tokens."""
         self._last_sampled: tuple[tuple[ScheduledChunk, ...] | list[ScheduledChunk], torch.Tensor] | None = None
@@ -88,7 +92,7 @@ class ModelRunner:
         """Run one mixed step (a prompt chunk crossing a block boundary beside a decode) on scratch blocks, so
         that the eager paths' one-time work (Triton compilation, allocator growth) happens at start-up rather
         than in the first requests; then zero the cache again. Needs three blocks; does nothing with fewer."""
-        if self.kv_caches[0].key.numel() < 3 * self.block_size * self.model.config.num_kv_heads:
+        if self.kv_caches[0].key.numel() < 3 * self.block_size * self.kv_cache_spec.num_kv_heads:
             return
         bs = self.block_size
         greedy = SamplingParams(temperature=0.0)
@@ -255,9 +259,16 @@ class ModelRunner:
                             max_query_len=max(p.num_query_tokens for p in prefills))
 
 
-def _layer_cache(shape: tuple[int, ...], kv_format: KVCacheFormat, device: torch.device) -> LayerKVCache:
+def _layer_cache(shape: tuple[int, ...], kv_format: KVCacheFormat, device: torch.device,
+                 has_value: bool = True) -> LayerKVCache:
     """One layer's cache, zeroed (not empty: padded decode rows read other blocks, and 0 * NaN garbage would
-    poison them); a quantized one with its scales, shaped like the codes without the head_dim axis."""
+    poison them); a quantized one with its scales, shaped like the codes without the head_dim axis. Without
+    ``has_value``, the latent cache of multi-head latent attention: one tensor, never quantized."""
+    if not has_value:
+        if kv_format.quantized:
+            raise TridentError(f"a --kv-cache-dtype {kv_format.name} cache is not supported for multi-head latent "
+                               "attention (DeepSeek) yet; use --kv-cache-dtype auto")
+        return LayerKVCache(_zeros(shape, kv_format.dtype, device), None)
     codes = (_zeros(shape, kv_format.dtype, device), _zeros(shape, kv_format.dtype, device))
     if not kv_format.quantized:
         return LayerKVCache(*codes)

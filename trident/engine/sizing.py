@@ -71,9 +71,11 @@ def check_kv_format(kv_format: KVCacheFormat, device: torch.device) -> None:
 
 
 def kv_bytes_per_block(model_config: ModelConfig, block_size: int, kv_format: KVCacheFormat) -> int:
-    """Keys and values of ``block_size`` tokens in every layer (with their scales when quantized)."""
-    per_token_head = kv_format.bytes_per_token_head(model_config.head_dim)
-    return 2 * model_config.num_layers * block_size * model_config.num_kv_heads * per_token_head
+    """Keys and values of ``block_size`` tokens in every layer (with their scales when quantized), or their latents
+    alone for multi-head latent attention: what the model's ``kv_cache_spec`` declares."""
+    spec = model_config.kv_cache_spec
+    per_token_head = kv_format.bytes_per_token_head(spec.key_dim)
+    return spec.tensors_per_layer * model_config.num_layers * block_size * spec.num_kv_heads * per_token_head
 
 
 def kv_budget_bytes(model_config: ModelConfig, config: EngineConfig, device: torch.device,

@@ -63,7 +63,8 @@ class ModelInfo:
     weights_bfloat16_bytes: int
     kv_bytes_per_token_float32: int
     kv_bytes_per_token_bfloat16: int
-    """K and V of every layer for one token: 2 * layers * kv_heads * head_dim * element bytes."""
+    """K and V of every layer for one token: 2 * layers * kv_heads * head_dim * element bytes; with multi-head
+    latent attention the latent alone: layers * (kv_lora_rank + qk_rope_head_dim) * element bytes."""
     kv_bytes_per_token_8bit: int
     """The same in an int8 / fp8 cache (``--kv-cache-dtype``): one byte per element plus a float32 scale per
     kv head: 2 * layers * kv_heads * (head_dim + 4)."""
@@ -73,6 +74,9 @@ class ModelInfo:
     has_chat_template: bool
     quantization: str | None = None
     """How the weights are quantized (a ``trident quantize`` folder), or None."""
+    kv_bytes_per_token_mha_bfloat16: int | None = None
+    """With multi-head latent attention: what a plain multi-head cache of the same heads would take per token in
+    bfloat16 (``ModelConfig.mha_equivalent_kv_bytes_per_token``); None otherwise."""
 
 
 def model_info(checkpoint: Checkpoint) -> ModelInfo:
@@ -85,7 +89,8 @@ def model_info(checkpoint: Checkpoint) -> ModelInfo:
         entry[0] += 1
         entry[1] += stored_nbytes(type_name, t.numel())
     params = checkpoint.num_parameters()
-    per_token_elems = 2 * c.num_layers * c.num_kv_heads * c.head_dim
+    spec = c.kv_cache_spec
+    per_token_elems = spec.elements_per_token(c.num_layers)
     ctx = c.max_position_embeddings
     full_tokens = sum(min(ctx, c.sliding_window or ctx) if kind == SLIDING_ATTENTION else ctx for kind in c.layer_types)
     tokenizer = checkpoint.tokenizer
@@ -110,11 +115,12 @@ def model_info(checkpoint: Checkpoint) -> ModelInfo:
         weights_bfloat16_bytes=2 * params,
         kv_bytes_per_token_float32=4 * per_token_elems,
         kv_bytes_per_token_bfloat16=2 * per_token_elems,
-        kv_bytes_per_token_8bit=2 * c.num_layers * c.num_kv_heads * (c.head_dim + 4),
-        kv_bytes_full_context_bfloat16=2 * c.num_kv_heads * c.head_dim * 2 * full_tokens,
+        kv_bytes_per_token_8bit=spec.tensors_per_layer * c.num_layers * spec.num_kv_heads * (spec.key_dim + 4),
+        kv_bytes_full_context_bfloat16=spec.tensors_per_layer * spec.num_kv_heads * spec.key_dim * 2 * full_tokens,
         has_tokenizer=tokenizer is not None,
         has_chat_template=bool(tokenizer is not None and tokenizer.chat_template),
         quantization=_describe(checkpoint),
+        kv_bytes_per_token_mha_bfloat16=c.mha_equivalent_kv_bytes_per_token(2),
     )
 
 
@@ -181,6 +187,10 @@ def info_rows(info: ModelInfo) -> list[tuple[str, str]]:
             f"{human_bytes(info.kv_bytes_per_token_float32)} / {human_bytes(info.kv_bytes_per_token_bfloat16)} / "
             f"{human_bytes(info.kv_bytes_per_token_8bit)}",
         ),
+        *([("KV cache per token of plain multi-head attention (bfloat16)",
+            f"{human_bytes(info.kv_bytes_per_token_mha_bfloat16)} (latent cache: "
+            f"{info.kv_bytes_per_token_mha_bfloat16 / info.kv_bytes_per_token_bfloat16:.1f}x smaller)")]
+          if info.kv_bytes_per_token_mha_bfloat16 else []),
         ("KV cache at full context (bfloat16)", human_bytes(info.kv_bytes_full_context_bfloat16)),
         (
             "tokenizer",

@@ -126,7 +126,27 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         return torch.where(medium, smoothed, scaled)
+    if rope.rope_type == "yarn":
+        return _yarn_inv_freq(rope, inv_freq, head_dim)
     return inv_freq
+
+
+def _yarn_inv_freq(rope: RopeConfig, inv_freq: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Yarn: frequencies turning more than beta_fast times over the original context are kept, those turning fewer
+    than beta_slow times are divided by factor, with a linear ramp over the dimensions between."""
+    def dim_of(rotations: float) -> float:  # the dimension whose frequency turns this many times
+        return head_dim * math.log(rope.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+            2 * math.log(rope.theta))
+
+    low, high = dim_of(rope.beta_fast), dim_of(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device=inv_freq.device) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate (divide it by factor)
+    return inv_freq / rope.factor * (1 - keep) + inv_freq * keep
 
 
 class RotaryEmbedding(nn.Module):

@@ -23,13 +23,16 @@ from trident.models.weights import PackedModules, attention_mlp_packing, load_we
 
 
 class LlamaDecoderLayer(nn.Module):
-    """``mlp``: the feed-forward sublayer (default the dense gated MLP; the MoE families pass their expert block)."""
+    """``mlp``: the feed-forward sublayer (default the dense gated MLP; the MoE families pass their expert block);
+    ``attention``: the attention sublayer, called as attention(hidden, rope, kv_cache, meta) (default grouped-query
+    :class:`Attention`, with per-head q/k norms if ``qk_norm``; DeepSeek passes its latent attention)."""
 
     def __init__(self, config: ModelConfig, layer_index: int, backend: AttentionBackend, qk_norm: bool,
-                 mlp: nn.Module | None = None) -> None:
+                 mlp: nn.Module | None = None, attention: nn.Module | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_index, backend, qk_norm=qk_norm)
+        self.self_attn = attention if attention is not None else Attention(config, layer_index, backend,
+                                                                            qk_norm=qk_norm)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = mlp if mlp is not None else GatedMLP(config.hidden_size, config.intermediate_size,
                                                         config.hidden_act, config.mlp_bias)

@@ -14,39 +14,44 @@ These models are not ``LlamaForCausalLM`` subclasses on purpose: the lean CPU de
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
 from trident.attention.base import AttentionBackend, AttentionMetadata, LayerKVCache
 from trident.config import ModelConfig
-from trident.models.layers import Embedding, Linear, RMSNorm, RotaryEmbedding
+from trident.models.layers import Attention, Embedding, Linear, RMSNorm, RotaryEmbedding
 from trident.models.llama import LlamaDecoderLayer
 from trident.models.weights import PackedModules, attention_mlp_packing, load_weights
 from trident.moe.block import SparseMoeBlock
 from trident.moe.experts import ExpertsBackend, TorchExperts, expert_packing
 from trident.moe.stats import MoeLoadStats
 
+AttentionFactory = Callable[[ModelConfig, int, AttentionBackend], nn.Module]
+"""(config, layer index, backend) -> a layer's attention module, called as attn(hidden, rope, kv_cache, meta)."""
+
 
 def moe_decoder_layer(config: ModelConfig, layer_index: int, backend: AttentionBackend,
-                      experts_backend: ExpertsBackend, stats: MoeLoadStats, qk_norm: bool) -> LlamaDecoderLayer:
-    """The Llama block, its MLP a SparseMoeBlock on the sparse layers (the dense gated MLP on the others)."""
+                      experts_backend: ExpertsBackend, stats: MoeLoadStats,
+                      attention: AttentionFactory) -> LlamaDecoderLayer:
+    """The Llama block with the family's attention, its MLP a SparseMoeBlock on the sparse layers (the dense gated
+    MLP on the others)."""
     moe = config.moe
     assert moe is not None
     mlp = None
     if moe.is_sparse(layer_index):
         mlp = SparseMoeBlock(config.hidden_size, config.hidden_act, moe, layer_index, experts_backend, stats)
-    return LlamaDecoderLayer(config, layer_index, backend, qk_norm, mlp)
+    return LlamaDecoderLayer(config, layer_index, backend, False, mlp, attention(config, layer_index, backend))
 
 
 class MoeModel(nn.Module):
     def __init__(self, config: ModelConfig, backend: AttentionBackend, experts_backend: ExpertsBackend,
-                 stats: MoeLoadStats, qk_norm: bool) -> None:
+                 stats: MoeLoadStats, attention: AttentionFactory) -> None:
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            moe_decoder_layer(config, i, backend, experts_backend, stats, qk_norm) for i in range(config.num_layers)
+            moe_decoder_layer(config, i, backend, experts_backend, stats, attention) for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.rope, config.head_dim)
@@ -71,6 +76,9 @@ class MixtralForCausalLM(nn.Module):
     """The per-expert checkpoint matrices (gate, up, down)."""
     renames: Mapping[str, str] = {".block_sparse_moe.": ".mlp."}
     """Checkpoint name fragment -> the model's."""
+    checkpoint_names: Mapping[str, str] = {}
+    """Model name fragment -> transformers 5's, where they differ (DeepSeek's ``shared_experts``), for writing
+    checkpoints of the model's weights (trident/bench/random_weights.py)."""
 
     def __init__(self, config: ModelConfig, backend: AttentionBackend,
                  experts_backend: ExpertsBackend | None = None) -> None:
@@ -83,9 +91,13 @@ class MixtralForCausalLM(nn.Module):
                                        sigmoid_scores=router.scoring == "sigmoid")
         """The expert load statistics (trident/moe/stats.py), kept on the device as the model runs."""
         self.experts_backend = experts_backend or TorchExperts()
-        self.model = MoeModel(config, backend, self.experts_backend, self.load_stats, self.qk_norm)
+        self.model = MoeModel(config, backend, self.experts_backend, self.load_stats, self.attention)
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def attention(self, config: ModelConfig, layer_index: int, backend: AttentionBackend) -> nn.Module:
+        """One layer's attention module (grouped-query attention here; DeepSeek's latent attention overrides)."""
+        return Attention(config, layer_index, backend, qk_norm=self.qk_norm)
 
     @property
     def supports_cuda_graphs(self) -> bool:

@@ -148,6 +148,18 @@ def rotate_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: i
     return q, k, v
 
 
+def apply_rotary(x: torch.Tensor, rope: RotaryInputs) -> torch.Tensor:
+    """x [tokens, heads, head_dim] rotated in the half-split layout, in torch on every device (a new tensor; for the
+    layers outside rotate_qkv, such as multi-head latent attention's rope parts). Computes the cos / sin that the
+    kernel path of :func:`rotary_inputs` leaves out."""
+    cos, sin = rope.cos, rope.sin
+    if cos is None or sin is None:
+        freqs = rope.positions.float()[:, None] * rope.inv_freq[None, :]
+        half_sin = freqs.sin().to(x.dtype)
+        cos, sin = torch.cat((freqs, freqs), dim=-1).cos().to(x.dtype), torch.cat((-half_sin, half_sin), dim=-1)
+    return _apply_rotary_torch(x, cos, sin)
+
+
 def _apply_rotary_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [tokens, heads, head_dim]; cos, sin [tokens, head_dim] from :func:`rotary_inputs` (sin's first half
     negated). Hugging Face's ``x * cos + rotate_half(x) * sin`` with rotate_half(x) = (-x2, x1): the halves swapped

@@ -88,8 +88,27 @@ MOE_FAMILIES: tuple[Family, ...] = (
             "attention_bias": False, "sliding_window": 4096, "moe_intermediate_size": 768, "num_experts_per_tok": 8,
             "num_experts": 128}),
 )
-"""Mixture-of-experts families (trident/moe/). DeepSeek-V2/V3 need multi-head latent attention first: their router
-settings are read already (trident/moe/config.py), their model is not registered yet."""
+_DEEPSEEK_DEFAULTS: dict[str, Any] = {
+    "hidden_act": "silu", "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "rope_theta": 10000.0,
+    "attention_bias": False, "mlp_bias": False, "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64, "v_head_dim": 128, "n_group": None, "topk_group": None,
+}
+MOE_FAMILIES += (
+    Family(("deepseek_v2",), ("DeepseekV2ForCausalLM",), "trident.models.deepseek", "DeepseekV2ForCausalLM",
+           {**_DEEPSEEK_DEFAULTS, "vocab_size": 102400, "hidden_size": 4096, "intermediate_size": 11008,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "max_position_embeddings": 2048, "bos_token_id": 1,
+            "eos_token_id": 2, "first_k_dense_replace": 0, "n_routed_experts": 64, "n_shared_experts": 2,
+            "routed_scaling_factor": 1.0, "topk_method": "greedy", "norm_topk_prob": False,
+            "num_experts_per_tok": None, "moe_intermediate_size": 1407}),
+    Family(("deepseek_v3",), ("DeepseekV3ForCausalLM",), "trident.models.deepseek", "DeepseekV3ForCausalLM",
+           {**_DEEPSEEK_DEFAULTS, "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
+            "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128,
+            "num_key_value_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256, "routed_scaling_factor": 2.5,
+            "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8, "first_k_dense_replace": 3,
+            "norm_topk_prob": True, "max_position_embeddings": 4096, "bos_token_id": 0, "eos_token_id": 1,
+            "rope_interleave": True}),
+)
+"""Mixture-of-experts families (trident/moe/); DeepSeek-V2/V3 with multi-head latent attention."""
 FAMILIES += MOE_FAMILIES
 
 
