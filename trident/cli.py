@@ -1,4 +1,4 @@
-"""`trident` command line: info, generate, chat, bench, serve, eval, quantize.
+"""`trident` command line: info, generate, chat, bench, serve, eval, quantize, upcycle.
 
 Errors a user can cause (TridentError) are printed as one line, without a stack trace, exit code 2.
 """
@@ -336,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     from trident.quant.quantize_cli import add_quantize_parser
 
     add_quantize_parser(sub)
+
+    from trident.compress.upcycle_cli import add_upcycle_parser
+
+    add_upcycle_parser(sub)
     return parser
 
 

@@ -294,11 +294,13 @@ def save_quantized(model: nn.Module, checkpoint, modules: QuantizedModules, out_
     hf_config["quantization_config"] = modules.as_hf_dict()
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
-    written = ["config.json", "model.safetensors"] + _write_tokenizer(checkpoint, out_dir)
+    written = ["config.json", "model.safetensors"] + write_tokenizer(checkpoint, out_dir)
     return written
 
 
-def _write_tokenizer(checkpoint, out_dir: str) -> list[str]:
+def write_tokenizer(checkpoint, out_dir: str) -> list[str]:
+    """Write ``checkpoint``'s tokenizer into ``out_dir`` as the module docstring says (a folder's files copied, a
+    GGUF file's tokenizer converted); returns the files written. Shared by every command that writes a folder."""
     if checkpoint.format == "safetensors":
         copied = []
         for file in TOKENIZER_FILES:
