@@ -336,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     from trident.quant.quantize_cli import add_quantize_parser
 
     add_quantize_parser(sub)
+
+    from trident.compress.prune_cli import add_prune_parser
+
+    add_prune_parser(sub)
     return parser
 
 

@@ -294,11 +294,12 @@ def save_quantized(model: nn.Module, checkpoint, modules: QuantizedModules, out_
     hf_config["quantization_config"] = modules.as_hf_dict()
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
-    written = ["config.json", "model.safetensors"] + _write_tokenizer(checkpoint, out_dir)
+    written = ["config.json", "model.safetensors"] + write_tokenizer(checkpoint, out_dir)
     return written
 
 
-def _write_tokenizer(checkpoint, out_dir: str) -> list[str]:
+def write_tokenizer(checkpoint, out_dir: str) -> list[str]:
+    """Write ``checkpoint``'s tokenizer into ``out_dir`` (see the module docstring); returns the files written."""
     if checkpoint.format == "safetensors":
         copied = []
         for file in TOKENIZER_FILES:
