@@ -25,7 +25,10 @@ from trident.compress.prune import (
     kept_count,
     kept_groups,
     plan_pruning,
+    taylor_channel_scores,
+    taylor_group_scores,
 )
+from trident.compress.taylor import weight_gradient_products
 from trident.errors import TridentError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
@@ -89,11 +92,13 @@ def _prune(model: Path, out: Path, *args: str) -> dict:
 
 # ----- the pruned folder: trident equals transformers, sizes as asked ------------------------------------------
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_pruned_folder_gives_transformers_logits(family: str, family_dirs, calib_file, tmp_path) -> None:
+@pytest.mark.parametrize("family, method", [("llama", "wanda"), ("qwen2", "wanda"), ("qwen3", "wanda"),
+                                            ("llama", "taylor"), ("qwen3", "l1")])
+def test_pruned_folder_gives_transformers_logits(family: str, method: str, family_dirs, calib_file, tmp_path) -> None:
     out = tmp_path / "pruned"
-    record = _prune(family_dirs[family], out, "--sparsity", "0.25", "--targets", "mlp,heads", "--method", "wanda",
-                    "--calib", str(calib_file), "--calib-samples", "4", "--calib-seq-len", "32")
+    calib = () if method == "l1" else ("--calib", str(calib_file), "--calib-samples", "4", "--calib-seq-len", "32")
+    record = _prune(family_dirs[family], out, "--sparsity", "0.25", "--targets", "mlp,heads", "--method", method,
+                    *calib)
     config = json.loads((out / "config.json").read_text())
     head_dim = 16 if family == "qwen3" else 8
     # 96 * 0.75 = 72 channels (a multiple of 8); 4 * 0.75 = 3 KV groups of 2 query heads, but a Llama's 6 heads
@@ -207,6 +212,56 @@ def test_wanda_scores_equal_a_float64_hand_computation() -> None:
     assert plan.layers[0].groups == sorted(torch.stack(groups).argsort(descending=True)[:2].tolist())
 
 
+def test_taylor_scores_equal_a_float64_hand_computation() -> None:
+    tensors = _tensors(SHAPE, 6)
+    grads = {k: v * 0.1 - 0.05 for k, v in _tensors(SHAPE, 7).items()}
+    products = {k: tensors[k].double() * grads[k].double() for k in tensors}
+    w = {k.split(".", 3)[3].removesuffix(".weight"): v for k, v in products.items()}
+    channels = [abs(sum(w["mlp.gate_proj"][j, i] + w["mlp.up_proj"][j, i] + w["mlp.down_proj"][i, j]
+                        for i in range(12))) for j in range(16)]
+    torch.testing.assert_close(taylor_channel_scores(products, 0), torch.stack(channels), rtol=1e-12, atol=1e-15)
+    groups = []
+    for grp in range(3):
+        q_rows, kv_rows = range(grp * 8, grp * 8 + 8), range(grp * 4, grp * 4 + 4)
+        total = sum(w["self_attn.q_proj"][r, i] + w["self_attn.o_proj"][i, r] for r in q_rows for i in range(12))
+        total += sum(w[f"self_attn.{m}"][r, i] for m in ("k_proj", "v_proj") for r in kv_rows for i in range(12))
+        groups.append(abs(total))
+    torch.testing.assert_close(taylor_group_scores(products, 0, SHAPE), torch.stack(groups), rtol=1e-12,
+                               atol=1e-15)
+
+
+def test_taylor_gradients_equal_finite_differences(family_dirs) -> None:
+    from trident.loader import load_checkpoint
+
+    checkpoint = load_checkpoint(str(family_dirs["qwen2"]))
+    tokens = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(8))
+    products = weight_gradient_products(checkpoint.tensors, checkpoint.hf_config, tokens, batch_size=2,
+                                        dtype=torch.float64)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(family_dirs["qwen2"], dtype=torch.float64).eval()
+
+    def loss() -> float:  # mean NLL of every next token, each sequence on its own
+        with torch.no_grad():
+            logp = hf(tokens).logits[:, :-1].log_softmax(-1)
+        return float(-logp.gather(-1, tokens[:, 1:, None]).mean())
+
+    # transformers' RMSNorm computes in float32 even in a float64 model, so the loss carries float32 rounding: the
+    # steps are large (1e-3) and the elements those of the largest products, where that noise is negligible
+    eps = 1e-3
+    for name in ("model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.k_proj.weight",
+                 "model.layers.1.self_attn.o_proj.weight", "model.layers.0.mlp.gate_proj.weight"):
+        flat = int(products[name].abs().argmax())
+        index = divmod(flat, products[name].shape[1])
+        weight = hf.get_parameter(name)
+        with torch.no_grad():
+            w = float(weight[index])
+            weight[index] = w + eps
+            up = loss()
+            weight[index] = w - eps
+            down = loss()
+            weight[index] = w
+        assert float(products[name][index]) == pytest.approx(w * (up - down) / (2 * eps), rel=1e-2)
+
+
 def test_activation_norms_equal_transformers_projection_inputs(family_dirs) -> None:
     from trident.engine.engine import LLMEngine
     from trident.engine.llm import engine_config
@@ -286,5 +341,5 @@ def test_cli_user_errors(family_dirs, calib_file, tmp_path, capsys) -> None:
     assert "dense Llama-form families (llama, mistral, qwen2, qwen3); this model is 'gemma2'" in _cli_error(
         capsys, str(gemma), "--sparsity", "0.2", "--out", out)
     assert not (tmp_path / "out").exists()
-    with pytest.raises(TridentError, match="unknown pruning method 'taylor'; choose one of l1, wanda"):
-        PruneConfig(sparsity=0.2, method="taylor")
+    with pytest.raises(TridentError, match="unknown pruning method 'obd'; choose one of l1, wanda, taylor"):
+        PruneConfig(sparsity=0.2, method="obd")

@@ -24,7 +24,9 @@ of input feature i of the Linear layer (Wanda's activation-aware score):
   q/k/v rows and o columns;
 - ``wanda``: the same sums of ``|W_ki| * ||X_i||``: for gate/up and q/k/v rows the norms of the hidden input
   (after the norm layer), for down column j the norm of intermediate channel j, for o column c the norm of the
-  attention output feature c.
+  attention output feature c;
+- ``taylor``: first-order Taylor, ``|sum(W * dL/dW)|`` over the unit's weights, L the calibration loss
+  (:mod:`trident.compress.taylor`).
 """
 
 from __future__ import annotations
@@ -42,9 +44,10 @@ TARGETS = ("mlp", "heads")
 METHODS = {
     "l1": "sum of |W| over the channel's or group's weights",
     "wanda": "sum of |W| times the L2 norm of its input feature on the calibration tokens",
+    "taylor": "|sum of W * dL/dW| over the unit's weights, L the calibration loss",
 }
 """Importance scores by name (see the module docstring)."""
-NEEDS_ACTIVATIONS = ("wanda",)
+NEEDS_CALIBRATION = ("wanda", "taylor")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM"}
 """The model types pruned (dense Llama-form decoders) and their Hugging Face class, written into config.json."""
@@ -200,6 +203,20 @@ def group_scores(tensors: Mapping[str, torch.Tensor], layer: int, shape: Shape,
     return q.view(g, r * d).sum(1) + k.view(g, d).sum(1) + v.view(g, d).sum(1) + o.view(g, r * d).sum(1)
 
 
+def taylor_channel_scores(products: Mapping[str, torch.Tensor], layer: int) -> torch.Tensor:
+    """``|sum(W * dL/dW)|`` over each MLP channel of ``layer``; ``products``: W * dL/dW by weight name."""
+    gate, up = (products[_name(layer, f"mlp.{m}")] for m in ("gate_proj", "up_proj"))
+    return (gate.sum(1) + up.sum(1) + products[_name(layer, "mlp.down_proj")].sum(0)).abs()
+
+
+def taylor_group_scores(products: Mapping[str, torch.Tensor], layer: int, shape: Shape) -> torch.Tensor:
+    """``|sum(W * dL/dW)|`` over each KV group's q/k/v rows and o columns of ``layer``."""
+    g, d, r = shape.num_kv_heads, shape.head_dim, shape.heads_per_group
+    q, k, v = (products[_name(layer, f"self_attn.{m}")].sum(1) for m in ("q_proj", "k_proj", "v_proj"))
+    o = products[_name(layer, "self_attn.o_proj")].sum(0)
+    return (q.view(g, r * d).sum(1) + k.view(g, d).sum(1) + v.view(g, d).sum(1) + o.view(g, r * d).sum(1)).abs()
+
+
 def top_indices(scores: torch.Tensor, keep: int) -> list[int]:
     """The ``keep`` highest-scoring indices in ascending order (ties keep the lower index)."""
     order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
@@ -207,11 +224,16 @@ def top_indices(scores: torch.Tensor, keep: int) -> list[int]:
 
 
 def plan_pruning(tensors: Mapping[str, torch.Tensor], shape: Shape, config: PruneConfig,
-                 norms: list[ActivationNorms] | None = None) -> PrunePlan:
-    """Choose what every layer keeps; ``norms`` (one per layer) are required by the activation-aware methods."""
-    if config.method in NEEDS_ACTIVATIONS and (norms is None or len(norms) != shape.num_layers):
-        raise TridentError(f"--method {config.method} needs the activation norms of every layer (--calib TEXT)")
-    use = norms if config.method in NEEDS_ACTIVATIONS else None
+                 norms: list[ActivationNorms] | None = None,
+                 products: Mapping[str, torch.Tensor] | None = None) -> PrunePlan:
+    """Choose what every layer keeps; wanda needs ``norms`` (one per layer), taylor ``products`` (W * dL/dW by
+    weight name, :func:`trident.compress.taylor.weight_gradient_products`)."""
+    if config.method == "wanda" and (norms is None or len(norms) != shape.num_layers):
+        raise TridentError("--method wanda needs the activation norms of every layer (--calib TEXT)")
+    if config.method == "taylor" and products is None:
+        raise TridentError("--method taylor needs the weights' gradients on calibration text (--calib TEXT)")
+    use = norms if config.method == "wanda" else None
+    taylor = config.method == "taylor"
     plan = PrunePlan(config, shape)
     keep_channels = kept_count(shape.intermediate_size, config.sparsity, CHANNEL_MULTIPLE)
     keep_groups = kept_groups(shape, config.sparsity)
@@ -219,10 +241,12 @@ def plan_pruning(tensors: Mapping[str, torch.Tensor], shape: Shape, config: Prun
         layer_norms = None if use is None else use[i]
         layer = LayerPlan(i, list(range(shape.intermediate_size)), list(range(shape.num_kv_heads)))
         if "mlp" in config.targets:
-            layer.channel_scores = channel_scores(tensors, i, layer_norms)
+            layer.channel_scores = (taylor_channel_scores(products, i) if taylor
+                                    else channel_scores(tensors, i, layer_norms))
             layer.channels = top_indices(layer.channel_scores, keep_channels)
         if "heads" in config.targets:
-            layer.group_scores = group_scores(tensors, i, shape, layer_norms)
+            layer.group_scores = (taylor_group_scores(products, i, shape) if taylor
+                                  else group_scores(tensors, i, shape, layer_norms))
             layer.groups = top_indices(layer.group_scores, keep_groups)
         plan.layers.append(layer)
     return plan

@@ -1,7 +1,7 @@
-"""`trident prune MODEL --sparsity S [--targets mlp,heads] [--method l1|wanda] [--calib TEXT] --out DIR [--json FILE]`:
-structured pruning (trident/compress/prune.py) written as a Hugging Face folder (config.json with the new sizes,
-model.safetensors, the tokenizer) that trident and transformers load; prints a per-layer table and writes a JSON
-record (parameters before and after per layer, the kept channel and KV-group indices)."""
+"""`trident prune MODEL --sparsity S [--targets mlp,heads] [--method l1|wanda|taylor] [--calib TEXT] --out DIR
+[--json FILE]`: structured pruning (trident/compress/prune.py) written as a Hugging Face folder (config.json with
+the new sizes, model.safetensors, the tokenizer) that trident and transformers load; prints a per-layer table and
+writes a JSON record (parameters before and after per layer, the kept channel and KV-group indices)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import os
 import time
 from datetime import datetime, timezone
 
-from trident.compress.prune import METHODS, NEEDS_ACTIVATIONS, TARGETS, PruneConfig
+from trident.compress.prune import METHODS, NEEDS_CALIBRATION, TARGETS, PruneConfig
 from trident.errors import TridentError
 
 DEFAULT_CALIB_SAMPLES = 16
@@ -25,9 +25,10 @@ PRUNE_DESCRIPTION = (
     "query heads that read it, so grouped-query attention stays consistent), the same number in every layer: "
     "--sparsity of each, rounded half up (MLP sizes to a multiple of 8 when the original is one; at least one "
     "group kept). The units kept are those of highest importance: --method l1 (sum of |W| over the unit's "
-    "weights) or wanda (sum of |W| times the L2 norm of its input feature over --calib's tokens: a named "
-    "corpus's calib slice or a whole file). Writes a Hugging Face folder with the new sizes and head_dim in "
-    "config.json; compare with: trident eval ppl ORIGINAL OUT --text TEXT."
+    "weights), wanda (sum of |W| times the L2 norm of its input feature over --calib's tokens: a named "
+    "corpus's calib slice or a whole file) or taylor (|sum of W * dL/dW| over the unit's weights, L the mean NLL "
+    "of --calib's tokens, gradients through transformers). Writes a Hugging Face folder with the new sizes and "
+    "head_dim in config.json; compare with: trident eval ppl ORIGINAL OUT --text TEXT."
 )
 
 
@@ -48,7 +49,8 @@ def add_prune_parser(sub) -> None:
                    help=f"what to prune, comma separated: {', '.join(TARGETS)} (default: both)")
     p.add_argument("--method", default="l1", choices=list(METHODS),
                    help="importance: " + "; ".join(f"{k}: {v}" for k, v in METHODS.items()) + " (default l1)")
-    p.add_argument("--calib", default=None, metavar="TEXT", help="calibration text of --method wanda: shakespeare "
+    p.add_argument("--calib", default=None, metavar="TEXT", help="calibration text of --method wanda / taylor: "
+                   "shakespeare "
                    "or kjv (their calib slice) or a UTF-8 file (whole)")
     p.add_argument("--calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES, metavar="N",
                    help=f"calibration sequences (default {DEFAULT_CALIB_SAMPLES})")
@@ -69,12 +71,13 @@ def run_prune(args: argparse.Namespace) -> int:
     from trident.quant.gptq_config import CalibrationConfig
 
     config = PruneConfig(sparsity=args.sparsity, targets=tuple(args.targets), method=args.method)
-    needs_calib = config.method in NEEDS_ACTIVATIONS
+    needs_calib = config.method in NEEDS_CALIBRATION
     if needs_calib and args.calib is None:
         raise TridentError(f"--method {config.method} scores by activations: add --calib TEXT (shakespeare, kjv or "
                            "a UTF-8 file)")
     if not needs_calib and args.calib is not None:
-        raise TridentError(f"--method {config.method} reads the weights only; drop --calib or use --method wanda")
+        raise TridentError(f"--method {config.method} reads the weights only; drop --calib or use --method wanda "
+                           "or taylor")
     calib = CalibrationConfig(args.calib, samples=args.calib_samples, seq_len=args.calib_seq_len) if needs_calib \
         else None
     out = os.path.expanduser(args.out)
@@ -86,10 +89,19 @@ def run_prune(args: argparse.Namespace) -> int:
     if checkpoint.quantization is not None:
         raise TridentError(f"{args.model} is quantized; prune the original model (then quantize the pruned folder)")
     shape = Shape.of(checkpoint.hf_config)
-    norms, calib_record = None, None
+    norms = products = calib_record = None
     if calib is not None:
-        norms, calib_record = _norms(checkpoint, calib, args.model, console)
-    plan = plan_pruning(checkpoint.tensors, shape, config, norms)
+        tokens = _calibration_tokens(checkpoint, calib, args.model)
+        calib_record = tokens.as_dict()
+        if config.method == "wanda":
+            norms = _norms(checkpoint, tokens.token_ids, calib.batch_size, console)
+        else:
+            from trident.compress.taylor import weight_gradient_products
+
+            with console.status("gradients of the calibration loss (transformers)"):
+                products = weight_gradient_products(checkpoint.tensors, checkpoint.hf_config, tokens.token_ids,
+                                                    batch_size=calib.batch_size)
+    plan = plan_pruning(checkpoint.tensors, shape, config, norms, products)
     tensors = pruned_tensors(checkpoint.tensors, plan)
     files = save_pruned(checkpoint, plan, tensors, out)
     layers = [{"layer": layer.index, "params_before": layer_parameters(checkpoint.tensors, layer.index),
@@ -110,19 +122,22 @@ def run_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _norms(checkpoint, calib, model_name: str, console):
-    from trident.compress.prune import activation_norms
-    from trident.engine.engine import LLMEngine
-    from trident.engine.llm import engine_config
+def _calibration_tokens(checkpoint, calib, model_name: str):
     from trident.quant.calibrate import calibration_tokens
 
     if checkpoint.tokenizer is None:
         raise TridentError(f"{model_name} has no tokenizer; --calib needs one to tokenize the text")
-    tokens = calibration_tokens(checkpoint.tokenizer, calib)
+    return calibration_tokens(checkpoint.tokenizer, calib)
+
+
+def _norms(checkpoint, token_ids, batch_size: int, console):
+    from trident.compress.prune import activation_norms
+    from trident.engine.engine import LLMEngine
+    from trident.engine.llm import engine_config
+
     engine = LLMEngine(engine_config(checkpoint.path, dtype="float32", device="cpu"), checkpoint)
     with console.status("activation norms on the calibration tokens"):
-        norms = activation_norms(engine.model, tokens.token_ids, batch_size=calib.batch_size)
-    return norms, tokens.as_dict()
+        return activation_norms(engine.model, token_ids, batch_size=batch_size)
 
 
 def save_pruned(checkpoint, plan, tensors: dict, out_dir: str) -> list[str]:
