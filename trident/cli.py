@@ -340,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     from trident.compress.upcycle_cli import add_upcycle_parser
 
     add_upcycle_parser(sub)
+
+    from trident.compress.prune_cli import add_prune_parser
+
+    add_prune_parser(sub)
     return parser
 
 
