@@ -77,3 +77,26 @@ def test_human_bytes():
     assert human_bytes(512) == "512 B"
     assert human_bytes(1536) == "1.5 KiB"
     assert human_bytes(98362432) == "93.8 MiB"
+
+
+def test_info_of_a_mixture_of_experts_folder(tmp_path):
+    """The experts row states the HF config's routed experts, top-k, scoring, sizes and sparse layers; a dense
+    model has none."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+    from hf_tiny import make_hf_model, tiny_moe_configs
+
+    hf_config = tiny_moe_configs()["qwen2_moe"]
+    make_hf_model(hf_config).save_pretrained(tmp_path)
+    info = model_info(load_checkpoint(str(tmp_path)))
+    sparse = sum(1 for i in range(hf_config.num_hidden_layers) if i not in (hf_config.mlp_only_layers or [])
+                 and (i + 1) % hf_config.decoder_sparse_step == 0)
+    assert info.experts == (
+        f"{hf_config.num_experts} routed, top-{hf_config.num_experts_per_tok} (softmax), expert intermediate "
+        f"{hf_config.moe_intermediate_size}, shared expert {hf_config.shared_expert_intermediate_size}; on "
+        f"{sparse} of {hf_config.num_hidden_layers} layers")
+    assert ("experts", info.experts) in info_rows(info)
+    dense = model_info(load_checkpoint(write_gguf(str(tmp_path / "d.gguf"), tiny_model(tiny_config("llama")), "F32")))
+    assert dense.experts is None and all(label != "experts" for label, _ in info_rows(dense))

@@ -77,6 +77,9 @@ class ModelInfo:
     kv_bytes_per_token_mha_bfloat16: int | None = None
     """With multi-head latent attention: what a plain multi-head cache of the same heads would take per token in
     bfloat16 (``ModelConfig.mha_equivalent_kv_bytes_per_token``); None otherwise."""
+    experts: str | None = None
+    """For a mixture-of-experts model: routed experts, top-k, scoring, expert and shared-expert sizes and the sparse
+    layers; None for a dense model."""
 
 
 def model_info(checkpoint: Checkpoint) -> ModelInfo:
@@ -121,7 +124,18 @@ def model_info(checkpoint: Checkpoint) -> ModelInfo:
         has_chat_template=bool(tokenizer is not None and tokenizer.chat_template),
         quantization=_describe(checkpoint),
         kv_bytes_per_token_mha_bfloat16=c.mha_equivalent_kv_bytes_per_token(2),
+        experts=_describe_experts(c),
     )
+
+
+def _describe_experts(config) -> str | None:
+    moe = config.moe
+    if moe is None:
+        return None
+    r = moe.router
+    shared = f", shared expert {moe.shared_expert_intermediate_size}" if moe.shared_expert_intermediate_size else ""
+    return (f"{r.num_experts} routed, top-{r.top_k} ({r.scoring}), expert intermediate {moe.moe_intermediate_size}"
+            f"{shared}; on {len(moe.sparse_layers)} of {config.num_layers} layers")
 
 
 def _describe(checkpoint: Checkpoint) -> str | None:
@@ -175,6 +189,7 @@ def info_rows(info: ModelInfo) -> list[tuple[str, str]]:
             "layers / hidden / intermediate",
             f"{info.num_layers} / {info.hidden_size} / {info.intermediate_size}",
         ),
+        *([("experts", info.experts)] if info.experts else []),
         ("heads / kv heads / head dim", f"{info.num_heads} / {info.num_kv_heads} / {info.head_dim}"),
         ("vocabulary", f"{info.vocab_size:,}"),
         ("file size", human_bytes(info.file_bytes)),
