@@ -15,6 +15,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from functools import partial
 
+from trident.cli_args import DEFAULT_MODEL, model_path
 from trident.compress.eval import PerplexityConfig, perplexity, plan_windows
 from trident.compress.texts import (
     CALIB_FRACTION,
@@ -28,7 +29,6 @@ from trident.compress.texts import (
 )
 from trident.errors import TridentError
 
-DEFAULT_MODEL = "default"
 """The MODEL that names the embedded SmolLM2 (as in ``trident serve --model NAME=default``)."""
 
 EVAL_DESCRIPTION = (
@@ -117,7 +117,7 @@ def run_eval_ppl(args: argparse.Namespace, *, engine_config) -> int:
     from trident.bench import report
 
     config = perplexity_config_of(args)
-    configs = [engine_config(args, None if m == DEFAULT_MODEL else m) for m in args.models]  # validate first
+    configs = [engine_config(args, model_path(m)) for m in args.models]  # validate first
     source, which, text = read_text(args.text, args.slice)
     console = Console()
     rows: list[dict] = []

@@ -11,6 +11,7 @@ import os
 import time
 from datetime import datetime, timezone
 
+from trident.cli_args import model_path, new_output_folder
 from trident.compress.prune import METHODS, NEEDS_CALIBRATION, TARGETS, PruneConfig
 from trident.errors import TridentError
 
@@ -80,12 +81,10 @@ def run_prune(args: argparse.Namespace) -> int:
                            "or taylor")
     calib = CalibrationConfig(args.calib, samples=args.calib_samples, seq_len=args.calib_seq_len) if needs_calib \
         else None
-    out = os.path.expanduser(args.out)
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise TridentError(f"--out {out} exists and is not an empty folder; pick a new folder")
+    out = new_output_folder(args.out)
     console = Console()
     t0 = time.perf_counter()
-    checkpoint = load_checkpoint(None if args.model == "default" else args.model)
+    checkpoint = load_checkpoint(model_path(args.model))
     if checkpoint.quantization is not None:
         raise TridentError(f"{args.model} is quantized; prune the original model (then quantize the pruned folder)")
     shape = Shape.of(checkpoint.hf_config)

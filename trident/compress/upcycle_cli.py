@@ -10,10 +10,8 @@ import time
 from dataclasses import asdict
 from datetime import datetime, timezone
 
+from trident.cli_args import DEFAULT_MODEL, model_path, new_output_folder
 from trident.compress.upcycle import UpcycleConfig
-from trident.errors import TridentError
-
-DEFAULT_MODEL = "default"
 
 UPCYCLE_DESCRIPTION = (
     "Sparse upcycling: every decoder layer's gated MLP becomes --experts experts, each a copy of it (Mixtral's "
@@ -63,12 +61,10 @@ def run_upcycle(args: argparse.Namespace) -> int:
 
     config = UpcycleConfig(num_experts=args.experts, top_k=args.top_k, reinit_fraction=args.reinit_fraction,
                            noise=args.noise, router_std=args.router_std, seed=args.seed)
-    out = os.path.expanduser(args.out)
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise TridentError(f"--out {out} exists and is not an empty folder; pick a new folder")
+    out = new_output_folder(args.out)
     console = Console()
     t0 = time.perf_counter()
-    checkpoint = load_checkpoint(None if args.model == DEFAULT_MODEL else args.model)
+    checkpoint = load_checkpoint(model_path(args.model))
     check_dense(checkpoint)
     with Progress(TextColumn("upcycling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
+from trident.cli_args import model_path
 from trident.compress.eval import PerplexityConfig, perplexity, plan_windows
 from trident.errors import TridentError
 
@@ -205,7 +206,7 @@ def load_variant(model: str, settings: VariantSettings):
     from trident.engine.sizing import gguf_native
     from trident.loader import load_checkpoint
 
-    config = settings.engine_config(None if model == "default" else model)
+    config = settings.engine_config(model_path(model))
     device = torch.device(settings.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():

@@ -10,7 +10,7 @@ the norm are one kernel. The first layer has no residual yet (None): the embeddi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -47,12 +47,13 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend, qk_norm: bool) -> None:
+    """Embeddings, the decoder ``layers`` (LlamaDecoderLayer: dense here, with expert blocks or latent attention in
+    the MoE families), the final norm."""
+
+    def __init__(self, config: ModelConfig, layers: Iterable[nn.Module]) -> None:
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, backend, qk_norm) for i in range(config.num_layers)
-        )
+        self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.rope, config.head_dim)
 
@@ -74,7 +75,8 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, backend, self.qk_norm)
+        self.model = LlamaModel(config, (LlamaDecoderLayer(config, i, backend, self.qk_norm)
+                                         for i in range(config.num_layers)))
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 

@@ -14,15 +14,15 @@ These models are not ``LlamaForCausalLM`` subclasses on purpose: the lean CPU de
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from trident.attention.base import AttentionBackend, AttentionMetadata, LayerKVCache
 from trident.config import ModelConfig
-from trident.models.layers import Attention, Embedding, Linear, RMSNorm, RotaryEmbedding
-from trident.models.llama import LlamaDecoderLayer
+from trident.models.layers import Attention, Linear
+from trident.models.llama import LlamaDecoderLayer, LlamaModel
 from trident.models.weights import PackedModules, attention_mlp_packing, load_weights
 from trident.moe.block import SparseMoeBlock
 from trident.moe.experts import ExpertsBackend, TorchExperts, expert_packing
@@ -45,27 +45,17 @@ def moe_decoder_layer(config: ModelConfig, layer_index: int, backend: AttentionB
     return LlamaDecoderLayer(config, layer_index, backend, False, mlp, attention(config, layer_index, backend))
 
 
-class MoeModel(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend, experts_backend: ExpertsBackend,
-                 stats: MoeLoadStats, attention: AttentionFactory) -> None:
-        super().__init__()
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            moe_decoder_layer(config, i, backend, experts_backend, stats, attention) for i in range(config.num_layers)
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary = RotaryEmbedding(config.rope, config.head_dim)
+class MoeModel(LlamaModel):
+    """LlamaModel whose forward first tells the load statistics which rows of the step count."""
+
+    def __init__(self, config: ModelConfig, layers: Iterable[nn.Module], stats: MoeLoadStats) -> None:
+        super().__init__(config, layers)
         self.stats = stats
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[LayerKVCache],
                 meta: AttentionMetadata) -> torch.Tensor:
         self.stats.begin_step(meta.slot_mapping)
-        hidden = self.embed_tokens(input_ids)
-        rope = self.rotary(positions, hidden.dtype)
-        residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden, residual = layer(hidden, residual, rope, kv_cache, meta)
-        return self.norm(hidden, residual)[0]
+        return super().forward(input_ids, positions, kv_caches, meta)
 
 
 class MixtralForCausalLM(nn.Module):
@@ -91,7 +81,9 @@ class MixtralForCausalLM(nn.Module):
                                        sigmoid_scores=router.scoring == "sigmoid")
         """The expert load statistics (trident/moe/stats.py), kept on the device as the model runs."""
         self.experts_backend = experts_backend or TorchExperts()
-        self.model = MoeModel(config, backend, self.experts_backend, self.load_stats, self.attention)
+        layers = (moe_decoder_layer(config, i, backend, self.experts_backend, self.load_stats, self.attention)
+                  for i in range(config.num_layers))
+        self.model = MoeModel(config, layers, self.load_stats)
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 

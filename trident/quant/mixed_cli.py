@@ -16,6 +16,7 @@ import os
 import time
 from datetime import datetime, timezone
 
+from trident.cli_args import model_path, new_output_folder
 from trident.errors import TridentError
 
 DEFAULT_CALIB_TOKENS = 1024
@@ -74,13 +75,11 @@ def run_mixed(args: argparse.Namespace, model_name: str, gptq=None) -> int:
     mixed = MixedConfig(average_bits=args.avg_bits, low=QuantConfig(bits=4, group_size=args.group_size,
                                                                      symmetric=symmetric),
                         high=QuantConfig(bits=8, symmetric=symmetric))
-    out = os.path.expanduser(args.out)
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise TridentError(f"--out {out} exists and is not an empty folder; pick a new folder")
+    out = new_output_folder(args.out)
     calib_text, calib_description = calibration_text(args.calib)
     console = Console()
     t0 = time.perf_counter()
-    checkpoint = load_checkpoint(None if model_name == "default" else model_name)
+    checkpoint = load_checkpoint(model_path(model_name))
     if checkpoint.quantization is not None:
         raise TridentError(f"{model_name} is already quantized; quantize the original model")
     if checkpoint.tokenizer is None:

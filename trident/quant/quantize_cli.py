@@ -12,13 +12,12 @@ import os
 import time
 from datetime import datetime, timezone
 
+from trident.cli_args import DEFAULT_MODEL, model_path, new_output_folder
 from trident.compress.variants_cli import add_report_arguments
 from trident.errors import TridentError
 from trident.quant import GROUP_SIZES
 from trident.quant.gptq_cli import GPTQ_FLAGS, add_gptq_arguments, gptq_settings_of, quantize_gptq
 from trident.quant.w8a8_cli import W8A8_METHODS, run_w8a8
-
-DEFAULT_MODEL = "default"
 
 QUANTIZE_DESCRIPTION = (
     "Quantization of every Linear layer of the decoder layers (never the embeddings or the LM head): weights only "
@@ -144,12 +143,10 @@ def _quantize(args: argparse.Namespace) -> int:
         raise TridentError(f"{', '.join(given)} only apply to --bits mixed")
     config = QuantConfig(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric)
     gptq_settings = gptq_settings_of(args)
-    out = os.path.expanduser(args.out)
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise TridentError(f"--out {out} exists and is not an empty folder; pick a new folder")
+    out = new_output_folder(args.out)
     console = Console()
     t0 = time.perf_counter()
-    checkpoint = load_checkpoint(None if args.model == DEFAULT_MODEL else args.model)
+    checkpoint = load_checkpoint(model_path(args.model))
     if checkpoint.quantization is not None:
         raise TridentError(f"{args.model} is already quantized ({checkpoint.quantization.config}); quantize the "
                            "original model")

@@ -11,6 +11,7 @@ import os
 import time
 from datetime import datetime, timezone
 
+from trident.cli_args import model_path, new_output_folder
 from trident.errors import TridentError
 
 W8A8_METHODS = ("smoothquant", "w8a8")
@@ -57,12 +58,10 @@ def run_w8a8(args: argparse.Namespace) -> int:
     from trident.quant.w8a8 import quantize_model_w8a8
 
     check_w8a8_args(args)
-    out = os.path.expanduser(args.out)
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise TridentError(f"--out {out} exists and is not an empty folder; pick a new folder")
+    out = new_output_folder(args.out)
     console = Console()
     t0 = time.perf_counter()
-    checkpoint = load_checkpoint(None if args.model == "default" else args.model)
+    checkpoint = load_checkpoint(model_path(args.model))
     if checkpoint.quantization is not None:
         raise TridentError(f"{args.model} is already quantized; quantize the original model")
     device = torch.device("cpu")
