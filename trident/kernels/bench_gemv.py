@@ -124,8 +124,9 @@ def bench_shape(model: str, projection: str, n: int, k: int, rows: tuple[int, ..
     return results
 
 
-def _cell(value: float | str | None, spec: str, width: int) -> str:
-    return format(value, spec).rjust(width) if isinstance(value, float) else "failed".rjust(width)
+def cell(value: float | str | None, spec: str, width: int, missing: str = "failed") -> str:
+    """A table cell: a timed value formatted by ``spec``, else ``missing`` (a failed or skipped measurement)."""
+    return format(value, spec).rjust(width) if isinstance(value, float) else missing.rjust(width)
 
 
 def print_table(rows: list[dict], timing: str) -> None:
@@ -135,9 +136,9 @@ def print_table(rows: list[dict], timing: str) -> None:
         ratio = (r["cublas_us"] / r["ours_us"] if isinstance(r["cublas_us"], float)
                  and isinstance(r["ours_us"], float) else None)
         print(f"{r['model']:11} {r['projection']:8} {r['n']:>6}x{r['k']:<5} {r['m']:>3} "
-              f"{_cell(r['cublas_us'], '.2f', 10)} {_cell(r['ours_us'], '.2f', 8)} {_cell(r['ours_TBps'], '.2f', 9)} "
-              f"{_cell(ratio, '.2f', 8)}  {r['best_variant'] or '-':20} {_cell(r['best_us'], '.2f', 8)} "
-              f"{_cell(r['best_TBps'], '.2f', 9)}")
+              f"{cell(r['cublas_us'], '.2f', 10)} {cell(r['ours_us'], '.2f', 8)} {cell(r['ours_TBps'], '.2f', 9)} "
+              f"{cell(ratio, '.2f', 8)}  {r['best_variant'] or '-':20} {cell(r['best_us'], '.2f', 8)} "
+              f"{cell(r['best_TBps'], '.2f', 9)}")
 
 
 def bench_device(parser: argparse.ArgumentParser, dry_run: bool) -> torch.device:

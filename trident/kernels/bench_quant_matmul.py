@@ -28,6 +28,7 @@ from trident.kernels.bench_gemv import (
     TimeUs,
     _checked_us,
     bench_device,
+    cell,
     graph_us,
     wall_us,
     write_results,
@@ -128,7 +129,7 @@ def bench_shape(model: str, projection: str, n: int, k: int, rows: tuple[int, ..
 
 
 def _cell(value, spec: str, width: int) -> str:
-    return format(value, spec).rjust(width) if isinstance(value, float) else "-".rjust(width)
+    return cell(value, spec, width, missing="-")
 
 
 def print_table(rows: list[dict], timing: str) -> None:
