@@ -47,17 +47,10 @@ def default_engine():
 
 @pytest.fixture(scope="session")
 def tiny_text_llama_dir(tmp_path_factory) -> Path:
-    """A tiny random Llama folder with a byte-level tokenizer (256 tokens, one per byte), so that commands that
-    tokenize a text (eval report, quantize --report) run on it."""
-    from hf_tiny import make_hf_model, tiny_llama_config
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    """A tiny random Llama folder with a byte-level tokenizer (eval report, quantize --report run on it)."""
+    from hf_tiny import tiny_llama_config
 
     config = tiny_llama_config(vocab_size=256, max_position_embeddings=256)
-    path = tmp_path_factory.mktemp("tiny-llama-text")
-    make_hf_model(config, seed=7).save_pretrained(path)
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokenizer = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.save(str(path / "tokenizer.json"))
-    return path
+    from byte_tokenizer import save_with_byte_tokenizer
+
+    return save_with_byte_tokenizer(config, tmp_path_factory.mktemp("tiny-llama-text"), seed=7)

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers
+from byte_tokenizer import save_with_byte_tokenizer
 
 from trident.cli import main
 from trident.compress.prune import (
@@ -44,22 +45,9 @@ CALIB = "".join(f"Line {i}: the keeper climbed the stair and trimmed the wick {i
                 for i in range(60))
 
 
-def _save_with_byte_tokenizer(config: transformers.PretrainedConfig, path: Path, seed: int) -> Path:
-    from hf_tiny import make_hf_model
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    make_hf_model(config, seed=seed).save_pretrained(path)
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokenizer = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.save(str(path / "tokenizer.json"))
-    return path
-
-
 @pytest.fixture(scope="module")
 def family_dirs(tmp_path_factory) -> dict[str, Path]:
-    return {name: _save_with_byte_tokenizer(make(), tmp_path_factory.mktemp(f"tiny-{name}"), seed=i)
+    return {name: save_with_byte_tokenizer(make(), tmp_path_factory.mktemp(f"tiny-{name}"), seed=i)
             for i, (name, make) in enumerate(FAMILIES.items())}
 
 
