@@ -6,16 +6,17 @@ import random
 
 import pytest
 
-from trident.bench.workloads import latency_workload, nano_workload, offline_workload
+from trident.bench.workloads import latency_workload, moe64_workload, nano_workload, offline_workload
 from trident.errors import TridentError
 
 
-def _nano_vllm_reference() -> tuple[list[list[int]], list[int]]:
-    """nano-vllm's bench.py, as published (module-level random with seed 0)."""
+def _nano_vllm_reference(num_seqs: int = 256, max_input_len: int = 1024, max_output_len: int = 1024
+                         ) -> tuple[list[list[int]], list[int]]:
+    """nano-vllm's bench.py, as published (module-level random with seed 0); the MoE peer script calls the same
+    draws with 64, 512, 256."""
     from random import randint, seed
 
     seed(0)
-    num_seqs, max_input_len, max_output_len = 256, 1024, 1024
     prompt_token_ids = [[randint(0, 10000) for _ in range(randint(100, max_input_len))] for _ in range(num_seqs)]
     output_lens = [randint(100, max_output_len) for _ in range(num_seqs)]
     return prompt_token_ids, output_lens
@@ -31,6 +32,20 @@ def test_nano_is_nano_vllms_workload() -> None:
     assert len(w.prompts) == 256 and w.output_tokens == 133_966
     assert [list(p) for p in w.prompts] == prompts and list(w.output_lens) == output_lens
     assert w.summary()["output_tokens"] == 133_966 and w.summary()["prompts"] == 256
+
+
+def test_moe64_is_the_peer_scripts_draws() -> None:
+    state = random.getstate()
+    try:
+        prompts, output_lens = _nano_vllm_reference(64, 512, 256)
+    finally:
+        random.setstate(state)
+    w = moe64_workload()
+    assert [list(p) for p in w.prompts] == prompts and list(w.output_lens) == output_lens
+    assert w.name == "moe64" and max(w.prompt_lens) <= 512 and max(w.output_lens) <= 256
+    assert w.prompts[:3] != nano_workload(3).prompts  # the ranges change the draws themselves
+    with pytest.raises(TridentError, match="64"):
+        moe64_workload(num_prompts=65)
 
 
 def test_nano_is_deterministic_whatever_the_global_random_state() -> None:

@@ -42,9 +42,10 @@ def add_bench_parser(sub, model_help: str, engine_args) -> None:
                    "no SmoothQuant migration)")
     p.add_argument("--group-size", type=int, choices=[0, 32, 64, 128], default=None,
                    help="with --weights int8|int4: the group length along K (0: per channel)")
-    p.add_argument("--workload", choices=["default", "nano"], default="default",
-                   help="offline workload: default (equal-length prompts) or nano (nano-vllm's 256 random prompts "
-                   "of 100-1024 tokens, outputs of 100-1024 tokens; --num-prompts N takes the first N)")
+    p.add_argument("--workload", choices=["default", "nano", "moe64"], default="default",
+                   help="offline workload: default (equal-length prompts), nano (nano-vllm's 256 random prompts "
+                   "of 100-1024 tokens, outputs of 100-1024 tokens) or moe64 (TARGETS.md's MoE workload: the same "
+                   "draws for 64 prompts of 100-512 tokens, outputs of 100-256); --num-prompts N takes the first N")
     p.add_argument("--compare", choices=["hf", "llama.cpp"], default=None,
                    help="also run a peer on the same workload in this process: hf = Hugging Face transformers "
                    "(offline: its continuous batching; latency: static-cache generate); llama.cpp = llama-cpp-python "
@@ -75,7 +76,7 @@ def add_bench_parser(sub, model_help: str, engine_args) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     if args.num_prompts is None:
-        args.num_prompts = 256 if args.workload == "nano" else 16
+        args.num_prompts = {"nano": 256, "moe64": 64}.get(args.workload, 16)
     for flag in ("num_prompts", "repeat", "prompt_len", "output_len"):
         value = getattr(args, flag)
         if value is not None and value < 1:

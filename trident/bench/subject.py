@@ -13,7 +13,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 
 from trident.bench.quantized_weights import bench_quant_config, quant_method_of, quantize_checkpoint
 from trident.bench.shapes import Shape, resolve_shape
-from trident.bench.workloads import Workload, latency_workload, nano_workload, offline_workload
+from trident.bench.workloads import Workload, latency_workload, moe64_workload, nano_workload, offline_workload
 from trident.engine.engine import LLMEngine
 from trident.errors import TridentError
 from trident.loader.checkpoint import Checkpoint
@@ -78,10 +78,12 @@ def prepare(args: argparse.Namespace) -> Subject:
 
 def make_workload(args: argparse.Namespace, checkpoint: Checkpoint) -> Workload:
     tokenizer, vocab = checkpoint.tokenizer, checkpoint.config.vocab_size
-    if args.workload == "nano":
+    if args.workload in ("nano", "moe64"):
         if args.kind != "offline":
-            raise TridentError("the nano workload is an offline one: use `trident bench offline --workload nano`")
-        return nano_workload(args.num_prompts, args.prompt_len, args.output_len, vocab)
+            raise TridentError(f"the {args.workload} workload is an offline one: use `trident bench offline "
+                               f"--workload {args.workload}`")
+        draw = nano_workload if args.workload == "nano" else moe64_workload
+        return draw(args.num_prompts, args.prompt_len, args.output_len, vocab)
     if args.kind == "latency":
         return latency_workload(tokenizer, args.prompt_len or 241, args.output_len or 128, vocab)
     return offline_workload(tokenizer, args.num_prompts, args.prompt_len or 128, args.output_len or 128, vocab)

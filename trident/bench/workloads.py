@@ -6,6 +6,10 @@
   prompt i of ``randint(100, 1024)`` token ids each ``randint(0, 10000)``; then 256 output lengths
   ``randint(100, 1024)``; EOS ignored; 133,966 output tokens. Fewer prompts (``--num-prompts N``) are the
   first N of that same sequence; caps on prompt or output length truncate each one (for quick runs).
+- ``moe64`` (``--workload moe64``): TARGETS.md's mixture-of-experts offline workload, drawn as the peer script
+  (``../shared/peers/hf_transformers_gpu.py``, part ``moecb``) draws it: the same procedure as nano with 64
+  prompts of ``randint(100, 512)`` token ids and outputs of ``randint(100, 256)`` tokens (not nano's draws
+  truncated: the ranges change the draws).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ OFFLINE_TEXT = (
 ) * 12
 NANO_NUM_PROMPTS = 256
 NANO_MAX_TOKEN_ID = 10000
+MOE64_NUM_PROMPTS, MOE64_MAX_PROMPT_LEN, MOE64_MAX_OUTPUT_LEN = 64, 512, 256
 RANDOM_TOKEN_SEED = 0
 """Seed of the random prompt token ids of the latency and default offline workloads on tokenizer-less models."""
 
@@ -89,18 +94,33 @@ def nano_workload(num_prompts: int = NANO_NUM_PROMPTS, max_prompt_len: int | Non
                   max_output_len: int | None = None, vocab_size: int | None = None) -> Workload:
     """nano-vllm's bench.py workload (module docstring); the first ``num_prompts`` requests, each length capped
     at ``max_prompt_len`` / ``max_output_len`` when given."""
-    if not 1 <= num_prompts <= NANO_NUM_PROMPTS:
-        raise TridentError(f"the nano workload has {NANO_NUM_PROMPTS} prompts; --num-prompts must be in "
-                           f"[1, {NANO_NUM_PROMPTS}], got {num_prompts}")
+    return _nano_draws("nano", NANO_NUM_PROMPTS, 1024, 1024, num_prompts, max_prompt_len, max_output_len,
+                       vocab_size)
+
+
+def moe64_workload(num_prompts: int = MOE64_NUM_PROMPTS, max_prompt_len: int | None = None,
+                   max_output_len: int | None = None, vocab_size: int | None = None) -> Workload:
+    """TARGETS.md's 64-sequence MoE workload (module docstring); first N and caps as for :func:`nano_workload`."""
+    return _nano_draws("moe64", MOE64_NUM_PROMPTS, MOE64_MAX_PROMPT_LEN, MOE64_MAX_OUTPUT_LEN, num_prompts,
+                       max_prompt_len, max_output_len, vocab_size)
+
+
+def _nano_draws(name: str, total: int, prompt_high: int, output_high: int, num_prompts: int,
+                max_prompt_len: int | None, max_output_len: int | None, vocab_size: int | None) -> Workload:
+    """nano-vllm's draws with seed 0: ``total`` prompts of randint(100, prompt_high) ids in [0, 10000], then
+    ``total`` output lengths randint(100, output_high); the first ``num_prompts``, truncated to the caps."""
+    if not 1 <= num_prompts <= total:
+        raise TridentError(f"the {name} workload has {total} prompts; --num-prompts must be in [1, {total}], got "
+                           f"{num_prompts}")
     if vocab_size is not None and vocab_size <= NANO_MAX_TOKEN_ID:
-        raise TridentError(f"the nano workload draws token ids up to {NANO_MAX_TOKEN_ID}, but this model's "
+        raise TridentError(f"the {name} workload draws token ids up to {NANO_MAX_TOKEN_ID}, but this model's "
                            f"vocabulary has {vocab_size} tokens; use --workload default")
     rng = random.Random(0)  # the same draws as random.seed(0) with the module functions, without global state
-    prompts = [[rng.randint(0, NANO_MAX_TOKEN_ID) for _ in range(rng.randint(100, 1024))]
-               for _ in range(NANO_NUM_PROMPTS)]
-    output_lens = [rng.randint(100, 1024) for _ in range(NANO_NUM_PROMPTS)]
-    p_cap, o_cap = max_prompt_len or 1024, max_output_len or 1024
-    return Workload("nano", tuple(tuple(p[:p_cap]) for p in prompts[:num_prompts]),
+    prompts = [[rng.randint(0, NANO_MAX_TOKEN_ID) for _ in range(rng.randint(100, prompt_high))]
+               for _ in range(total)]
+    output_lens = [rng.randint(100, output_high) for _ in range(total)]
+    p_cap, o_cap = max_prompt_len or prompt_high, max_output_len or output_high
+    return Workload(name, tuple(tuple(p[:p_cap]) for p in prompts[:num_prompts]),
                     tuple(min(o, o_cap) for o in output_lens[:num_prompts]))
 
 
