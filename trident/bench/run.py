@@ -240,7 +240,7 @@ def _record(args: argparse.Namespace, subject, dtype_name: str, bound, rows: lis
         "quantization": ({**dataclasses.asdict(subject.checkpoint.quantization.config),
                           "quant_method": subject.checkpoint.quantization.quant_method}
                          if subject.checkpoint.quantization is not None else None),
-        "attention_backend": engine.attention_backend,
+        "attention_backend": engine.attention_backend, "experts_backend": engine.experts_backend,
         "engine_options": subject.engine_options, "workload": subject.workload.summary(),
         "roofline": bound.as_dict() if bound else None,
         "kv_bytes_per_token": _kv_per_token(engine),
