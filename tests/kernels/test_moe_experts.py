@@ -2,7 +2,8 @@
 equals float64 math token by token, and the torch reference backend within the dtypes' rounding, over random
 routings (1 to 200 tokens, top-1 / 2 / 8 of 4 / 8 / 64 experts, hidden and intermediate sizes multiples of 16 on and
 off the tiles, experts that get no token, every token on one expert) and every row-block size; a decode step is
-capturable in a CUDA graph, replays equal the eager call, and nothing in it waits for the device.
+capturable in a CUDA graph, replays equal the eager call, and nothing in it waits for the device. Every tile
+variant the benchmark sweeps computes the same.
 
 Shapes stay small so that Triton's CPU interpreter runs them too (TRITON_INTERPRET=1, see conftest.py): there,
 ``-k float16`` keeps to the dtype the interpreter multiplies natively (bfloat16 runs through conftest's widening)."""
@@ -16,6 +17,7 @@ from elementwise_checks import dtype_id
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from trident.kernels.bench_moe_experts import VARIANTS, tiles_name
 from trident.kernels.moe_align import align_routing
 from trident.kernels.moe_experts import GemmTiles, MoeTiles, fused_experts, moe_tiles
 from trident.moe.align import align_routing_reference
@@ -134,6 +136,13 @@ TILE_VARIANTS = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_fused_experts_every_tile_variant(kernel_device, dtype, tiles) -> None:
     check_experts(kernel_device, 37, 2, 8, 80, 48, "some_idle", dtype, seed=11, tiles=tiles)
+
+
+@pytest.mark.parametrize("tiles", VARIANTS, ids=tiles_name)
+def test_every_benchmark_variant(kernel_device, tiles) -> None:
+    """The tiles the benchmark sweeps (trident/kernels/bench_moe_experts.py), on a small layer: K tiles wider than
+    H = 128 / I = 64 too."""
+    check_experts(kernel_device, 24, 8, 16, 128, 64, "random", torch.float16, seed=13, tiles=tiles)
 
 
 def test_decode_step_of_the_target_layer_shape(kernel_device) -> None:

@@ -136,8 +136,8 @@ def print_table(rows: list[dict], timing: str) -> None:
                    and isinstance(r["fused_us"], float) else None)
         print(f"{r['model']:14} {r['tokens']:>4} {r['touched_bytes'] / 1e6:>10.1f} {r['bound_us']:>8.1f} "
               f"{cell(r['torch_us'], '.1f', 9)} {cell(r['fused_us'], '.1f', 9)} {cell(r['fused_GBps'], '.0f', 10)} "
-              f"{cell(speedup, '.2f', 7)}  {r['best_variant'] or '-':44} {cell(r['best_us'], '.1f', 8)} "
-              f"{cell(r['best_GBps'], '.0f', 9)}")
+              f"{cell(speedup, '.2f', 7)}  {r['best_variant'] or '-':44} {cell(r['best_us'], '.1f', 8, '-')} "
+              f"{cell(r['best_GBps'], '.0f', 9, '-')}")
     for r in rows:
         for what, us in [("torch", r["torch_us"]), ("fused", r["fused_us"]), *r["variants_us"].items()]:
             if isinstance(us, str):
