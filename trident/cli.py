@@ -27,6 +27,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
                    help="attention kernels (auto: triton on CUDA when it imports, else the torch reference)")
+    g.add_argument("--experts-backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="an MoE model's routed experts (auto: the fused triton kernels for a bfloat16/float16 model "
+                   "on CUDA, else the torch reference, which runs decode steps without CUDA graphs)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype (auto: bfloat16 on CUDA and on CPUs with AMX/AVX512-BF16, else float32)")
     g.add_argument("--gguf-weights", default="auto", choices=["auto", "native", "dequantize"],
@@ -113,7 +116,7 @@ def _engine_config(args: argparse.Namespace, model: str | None):
         extra["memory_budget_bytes"] = parse_size(args.kv_cache_memory, "--kv-cache-memory")
     return engine_config(
         model, device=args.device, dtype=args.dtype, num_threads=args.threads,
-        attention_backend=args.attention_backend,
+        attention_backend=args.attention_backend, experts_backend=args.experts_backend,
         max_model_len=args.max_model_len, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling, gguf_weights=args.gguf_weights,

@@ -379,6 +379,10 @@ class EngineConfig:
     """Seed of the generator for sampled requests that give no seed of their own."""
     attention_backend: str = "auto"
     """auto (triton on CUDA when it imports, else torch), torch (the reference) or triton (CUDA only)."""
+    experts_backend: str = "auto"
+    """How an MoE model runs its routed experts: auto (triton for a bfloat16 / float16 model on CUDA when Triton
+    imports, else torch), torch (the reference; reads expert counts on the host, so no CUDA graphs) or triton (the
+    fused kernels; CUDA, 16-bit dtypes). Dense models ignore it."""
     enforce_eager: bool = False
     """Run every step through the general eager forward: never capture CUDA graphs (they replay decode-only steps on
     CUDA with a backend that supports them), and never take the CPU's lean decode step
@@ -397,10 +401,12 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         from trident.attention.registry import check_backend_name
+        from trident.moe.registry import check_experts_backend_name
 
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
             raise TridentError(f"unsupported device {self.device!r}; use cpu, cuda or cuda:N")
         check_backend_name(self.attention_backend, self.device.split(":")[0])
+        check_experts_backend_name(self.experts_backend, self.device.split(":")[0])
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise TridentError(f"unsupported dtype {self.dtype!r}; use auto, float32, bfloat16 or float16")
         if self.gguf_weights not in GGUF_WEIGHTS:

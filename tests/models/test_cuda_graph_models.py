@@ -1,7 +1,8 @@
 """Every architecture's decode forward is CUDA-graph capturable with the Triton attention backend and the
 fused elementwise kernels in the path (RMSNorm + residual, rotary with Qwen3 / Gemma 3 head norms, gated
 activation): replays, a padded bucket among them, give the eager forward's hidden states, with float and
-int8 / fp8 KV caches."""
+int8 / fp8 KV caches. Mixture-of-experts models capture with the fused triton experts (and run eagerly with the
+torch reference), whose forwards give the torch experts' greedy tokens."""
 
 from __future__ import annotations
 
@@ -26,7 +27,10 @@ TOLERANCE = {"float32": (torch.float32, 1e-4), "bfloat16": (torch.bfloat16, 5e-2
 
 
 DENSE = [name for name in tiny_hf_configs() if name not in tiny_moe_configs()]
-"""The architectures that capture CUDA graphs (the MoE ones run their torch experts eagerly: see below)."""
+"""The dense architectures (the MoE ones capture with the triton experts backend: see below)."""
+GROUPED_QUERY_MOE = [name for name in tiny_moe_configs() if not name.startswith("deepseek")]
+"""The MoE architectures on the triton attention backend (DeepSeek's latent attention runs on the torch one, which
+captures no graphs)."""
 
 
 @pytest.mark.gpu
@@ -38,11 +42,20 @@ def test_decode_graph_replays_match_eager(name: str, dtype_name: str, kv_cache_d
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("name", GROUPED_QUERY_MOE)
+def test_moe_decode_graph_replays_match_eager(name: str) -> None:
+    """With the fused triton experts (bfloat16: the kernels are 16-bit only)."""
+    check_decode_graph_replays(name, "bfloat16", "auto", experts_backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("experts_backend", ["torch", "auto"])
 @pytest.mark.parametrize("name", list(tiny_moe_configs()))
-def test_moe_models_run_eagerly_on_cuda(name: str) -> None:
-    """The torch experts backend reads each expert's token count on the host, which a graph cannot replay: the
-    model says so and the engine captures no graphs for it. (DeepSeek's latent attention runs on the torch
-    attention backend, which the engine picks for it.)"""
+def test_moe_models_capture_with_the_triton_experts(name: str, experts_backend: str) -> None:
+    """auto picks the triton experts for a bfloat16 model on CUDA, and the engine captures graphs for it. The torch
+    experts backend reads each expert's token count on the host, which a graph cannot replay: the model says so
+    and the engine runs it eagerly. (DeepSeek's latent attention runs on the torch attention backend, which the
+    engine picks for it, and which captures no graphs either.)"""
     from trident.engine.engine import LLMEngine
     from trident.engine.llm import engine_config
     from trident.loader.checkpoint import Checkpoint
@@ -52,24 +65,67 @@ def test_moe_models_run_eagerly_on_cuda(name: str) -> None:
     model = build_model(config, make_hf_model(hf_config).state_dict(), dtype=torch.bfloat16,
                         device=torch.device("cuda"),
                         backend=create_backend("torch" if config.mla else "triton", torch.device("cuda")))
-    assert model.supports_cuda_graphs is False
+    assert model.supports_cuda_graphs is False  # build_model's default: the torch experts
     checkpoint = Checkpoint(config=config, tensors=make_hf_model(hf_config).state_dict(), tensor_types={},
                             tokenizer=None, format="hf", path="", file_bytes=0)
     engine = LLMEngine(engine_config("", device="cuda", dtype="bfloat16", num_blocks=16, block_size=BLOCK_SIZE,
-                                     max_model_len=48), checkpoint)
-    assert engine.runner.graphs is None
+                                     max_model_len=48, experts_backend=experts_backend), checkpoint)
+    triton_experts = experts_backend == "auto"
+    assert engine.experts_backend == ("triton" if triton_experts else "torch")
+    assert engine.model.supports_cuda_graphs is triton_experts
+    assert (engine.runner.graphs is not None) == (triton_experts and not config.mla)
     assert engine.attention_backend == ("torch" if config.mla else "triton")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+@pytest.mark.parametrize("name", list(tiny_moe_configs()))
+def test_triton_experts_give_the_torch_experts_tokens(name: str, dtype_name: str) -> None:
+    """The same model built with either experts backend: a prefill of three sequences gives close logits (within the
+    dtype's rounding through the layers) and the same greedy token wherever the torch backend's top two logits are
+    apart by more than that."""
+    device = torch.device("cuda")
+    dtype = getattr(torch, dtype_name)
+    hf_config = tiny_hf_configs()[name]
+    config = trident_config(hf_config)
+    state = make_hf_model(hf_config).state_dict()
+    logits = {}
+    for experts_backend in ("torch", "triton"):
+        backend = create_backend("torch" if config.mla else "triton", device)
+        model = build_model(config, state, dtype=dtype, device=device, backend=backend,
+                            experts_backend=experts_backend)
+        assert type(model.experts_backend).__name__ == ("TorchExperts" if experts_backend == "torch"
+                                                        else "TritonExperts")
+        runner = ModelRunner(model, backend=backend, num_blocks=40, block_size=BLOCK_SIZE,
+                             kv_format=kv_cache_format("auto", dtype), device=device, sampler=Sampler(device=device),
+                             max_num_seqs=4, max_model_len=48)
+        rng = random.Random(7)
+        seqs = [_Seq(i, [rng.randrange(hf_config.vocab_size) for _ in range(n)], list(range(4 * i, 4 * i + 4)))
+                for i, n in enumerate((11, 5, 8))]
+        with torch.inference_mode():
+            input_ids, positions, meta, _, _ = runner.prepare(StepPlan(chunks=tuple(s.chunk(len(s.tokens))
+                                                                                 for s in seqs)))
+            logits[experts_backend] = model.compute_logits(model(input_ids, positions, runner.kv_caches, meta)).float()
+    ref, out = logits["torch"], logits["triton"]
+    scale = ref.abs().max()
+    assert ((out - ref).abs().max() / scale).item() < 5e-2
+    top2 = ref.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.1 * scale
+    assert clear.any()
+    assert torch.equal(out.argmax(-1)[clear], ref.argmax(-1)[clear])
+
+
 def check_decode_graph_replays(name: str, dtype_name: str, kv_cache_dtype: str,
-                               transform: Callable[[torch.nn.Module], object] | None = None) -> None:
-    """The test above on one configuration; ``transform(model)`` changes the built model first (quantization)."""
+                               transform: Callable[[torch.nn.Module], object] | None = None,
+                               experts_backend: str = "torch") -> None:
+    """The test above on one configuration; ``transform(model)`` changes the built model first (quantization);
+    ``experts_backend``: an MoE model's (trident/moe/registry.py)."""
     dtype, tolerance = TOLERANCE[dtype_name]
     device = torch.device("cuda")
     hf_config = tiny_hf_configs()[name]
     backend = create_backend("triton", device)
     model = build_model(trident_config(hf_config), make_hf_model(hf_config).state_dict(), dtype=dtype,
-                        device=device, backend=backend)
+                        device=device, backend=backend, experts_backend=experts_backend)
     if transform is not None:
         transform(model)
     runner = ModelRunner(model, backend=backend, num_blocks=40, block_size=BLOCK_SIZE,

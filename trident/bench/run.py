@@ -190,6 +190,7 @@ def _roofline(engine, workload, kind: str):
               for kind, t in zip(("qweight", "scales", "zeros"), module.quantized) if t is not None]
     weight_bytes = roofline.decode_weight_bytes(itertools.chain(engine.model.named_parameters(), stored),
                                                 engine.model_config.tie_word_embeddings)
+    expert_bytes = roofline.routed_expert_bytes(engine.model.named_parameters())  # read as far as routed to
     kv_element = engine.kv_format.dtype.itemsize  # the codes of a quantized cache (its scales left out)
     prompt_lens, output_lens = workload.prompt_lens, workload.output_lens
     if kind == "latency":
@@ -198,7 +199,7 @@ def _roofline(engine, workload, kind: str):
             return None
         prompt_lens, output_lens = (prompt_lens[0] + 1,), (output_lens[0] - 1,)
     return roofline.decode_roofline(engine.model_config, weight_bytes, kv_element, prompt_lens, output_lens,
-                                    bandwidth)
+                                    bandwidth, expert_bytes)
 
 
 def _captions(args: argparse.Namespace, subject, dtype_name: str, bound) -> list[str]:
@@ -215,7 +216,9 @@ def _captions(args: argparse.Namespace, subject, dtype_name: str, bound) -> list
                         f"multi-head cache ({kv_line['mha_equivalent'] / kv_line['cached']:.1f}x)")
     if bound:
         captions.append(f"roofline: copy bandwidth {bound.bandwidth_bytes_s / 1e9:,.0f} GB/s, "
-                        f"{report.size(bound.weight_bytes)} of weights per step, mean batch {bound.mean_batch:.1f}, "
+                        f"{report.size(round(bound.weight_bytes_per_step))} of weights per step"
+                        f"{' (routed experts: expected share under uniform routing)' if bound.expert_bytes else ''}, "
+                        f"mean batch {bound.mean_batch:.1f}, "
                         f"mean context {bound.mean_context:.0f} tokens -> {bound.tok_s:,.0f} tok/s")
     return captions
 
@@ -241,7 +244,7 @@ def _record(args: argparse.Namespace, subject, dtype_name: str, bound, rows: lis
         "quantization": ({**dataclasses.asdict(subject.checkpoint.quantization.config),
                           "quant_method": subject.checkpoint.quantization.quant_method}
                          if subject.checkpoint.quantization is not None else None),
-        "attention_backend": engine.attention_backend,
+        "attention_backend": engine.attention_backend, "experts_backend": engine.experts_backend,
         "engine_options": subject.engine_options, "workload": subject.workload.summary(),
         "roofline": bound.as_dict() if bound else None,
         "kv_bytes_per_token": _kv_per_token(engine),

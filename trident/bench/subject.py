@@ -96,7 +96,8 @@ def engine_options(args: argparse.Namespace, checkpoint: Checkpoint, workload: W
     from trident.quant.kv import kv_cache_format
 
     options = dict(device=args.device, dtype=args.dtype, num_threads=args.threads,
-                   attention_backend=args.attention_backend, max_model_len=args.max_model_len,
+                   attention_backend=args.attention_backend, experts_backend=args.experts_backend,
+                   max_model_len=args.max_model_len,
                    block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
                    enable_prefix_caching=args.prefix_caching, enforce_eager=args.enforce_eager,
                    async_scheduling=args.async_scheduling, gguf_weights=args.gguf_weights,

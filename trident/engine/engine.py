@@ -49,6 +49,7 @@ from trident.engine.sizing import (
 from trident.errors import TridentError
 from trident.loader import Checkpoint, load_checkpoint
 from trident.models.build import build_model
+from trident.moe.registry import resolve_experts_backend
 from trident.moe.stats import MoeStats
 
 
@@ -104,8 +105,11 @@ class LLMEngine:
                                                       mla=self.model_config.mla is not None)
         """The attention backend in use (torch or triton), auto resolved."""
         backend = create_backend(self.attention_backend, self.device)
+        self.experts_backend = resolve_experts_backend(config.experts_backend, self.device, self.dtype)
+        """The experts backend an MoE model runs (torch or triton), auto resolved."""
         self.model = build_model(self.model_config, checkpoint.tensors, dtype=self.dtype, device=self.device,
-                                 backend=backend, quantization=checkpoint.quantization)
+                                 backend=backend, quantization=checkpoint.quantization,
+                                 experts_backend=self.experts_backend)
         self.max_model_len = resolve_max_model_len(self.model_config, config, self.device)
         cache = config.cache
         kv_format = kv_format_of(config, self.dtype)
@@ -118,7 +122,8 @@ class LLMEngine:
         """How the KV cache stores keys and values (config.cache.kv_cache_dtype, auto resolved)."""
         self.kv_block_bytes = kv_bytes_per_block(self.model_config, cache.block_size, kv_format)
         """Bytes of one KV block over all layers (with the scales of a quantized cache)."""
-        # MoE models answer for their experts backend too (the torch reference reads expert counts on the host)
+        # MoE models answer for their experts backend too (the torch reference reads expert counts on the host;
+        # the triton one is capturable)
         capturable = backend.supports_cuda_graphs and getattr(self.model, "supports_cuda_graphs", True)
         graph_sizes = cuda_graph_batch_sizes(config, self.device, capturable)
         self.runner = ModelRunner(self.model, backend=backend, num_blocks=num_blocks, block_size=cache.block_size,

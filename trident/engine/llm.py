@@ -21,7 +21,7 @@ class LLM:
     """Load a model (a GGUF file, a Hugging Face folder, or None for the embedded SmolLM2) and generate.
 
     Keyword arguments are EngineConfig fields (device, dtype, max_model_len, num_threads, seed,
-    attention_backend) plus
+    attention_backend, experts_backend) plus
     the cache and scheduler fields (block_size, num_blocks, memory_budget_bytes, enable_prefix_caching,
     max_num_seqs, max_num_batched_tokens, enable_chunked_prefill).
     """

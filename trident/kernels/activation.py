@@ -74,6 +74,13 @@ def _act_and_mul_kernel(gate_up_ptr, out_ptr, stride_in, stride_out, intermediat
     mask = cols < intermediate
     gate = tl.load(gate_up_ptr + row * stride_in + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(gate_up_ptr + row * stride_in + intermediate + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_out + cols, (activate(gate, ACTIVATION) * up).to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def activate(gate, ACTIVATION: tl.constexpr):
+    """act(gate) of float32 values, for the kernels that fuse the gated activation (this one, the MoE experts')."""
     if ACTIVATION == "silu":
         act = gate / (1.0 + tl.exp(-gate))
     elif ACTIVATION == "gelu_pytorch_tanh":
@@ -81,4 +88,4 @@ def _act_and_mul_kernel(gate_up_ptr, out_ptr, stride_in, stride_out, intermediat
         act = gate / (1.0 + tl.exp(-_GELU_TANH_SCALE * (gate + 0.044715 * gate * gate * gate)))
     else:  # gelu (erf)
         act = 0.5 * gate * (1.0 + tl.erf(gate * _INV_SQRT2))
-    tl.store(out_ptr + row * stride_out + cols, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
+    return act

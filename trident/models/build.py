@@ -18,14 +18,20 @@ if TYPE_CHECKING:
 
 def build_model(config: ModelConfig, tensors: Mapping[str, torch.Tensor], *, dtype: torch.dtype,
                 device: torch.device, backend: AttentionBackend,
-                quantization: QuantizedModules | None = None) -> torch.nn.Module:
+                quantization: QuantizedModules | None = None, experts_backend: str = "torch") -> torch.nn.Module:
     """Create the modules on the meta device (nothing allocated or initialised), then set every
     parameter from the checkpoint's tensors, without a copy where none is needed. ``quantization`` (a
     checkpoint written by ``trident quantize``): the listed Linear layers become QuantizedLinear layers holding
-    the checkpoint's codes and scales as stored."""
+    the checkpoint's codes and scales as stored. ``experts_backend``: the registered name (trident/moe/registry.py)
+    of the backend an MoE model runs its routed experts with (dense models have none)."""
     cls = model_class(config.model_type)
+    extra = {}
+    if config.moe is not None:
+        from trident.moe.registry import create_experts_backend
+
+        extra["experts_backend"] = create_experts_backend(experts_backend)
     with torch.device("meta"):
-        model = cls(config, backend)
+        model = cls(config, backend, **extra)
     if quantization is not None:
         from trident.quant.format import install_quantized_modules
 

@@ -10,24 +10,22 @@ A backend computes, for hidden [T, H] and a routing (weights, expert ids [T, k])
 :class:`TorchExperts` is the reference (CPU, and CUDA without the fused kernel): the (token, expert) pairs sorted
 by expert, then per active expert one gathered matmul through gate|up, the gated activation, one matmul through
 down, the weighting, and an index_add into the output. Only the active experts' weights are read. The fused
-GPU path (Triton) implements the same :class:`ExpertsBackend` and is tested against this one.
+GPU path (Triton, trident/moe/experts_triton.py) implements the same :class:`ExpertsBackend` and is tested against
+this one; trident/moe/registry.py names the backends and picks one for a device and dtype.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Protocol
 
 import torch
 from torch import nn
 
-from trident.errors import TridentError
 from trident.models import ops
+from trident.moe.registry import EXPERTS_BACKENDS, create_experts_backend
 
-EXPERTS_BACKENDS: dict[str, str] = {
-    "torch": "trident.moe.experts:TorchExperts",
-}
-"""Name -> "module:class" of every experts backend (the Triton one registers here too)."""
+__all__ = ["EXPERTS_BACKENDS", "ExpertsBackend", "FusedExperts", "TorchExperts", "create_experts_backend",
+           "expert_packing"]
 
 
 class ExpertsBackend(Protocol):
@@ -70,14 +68,6 @@ class TorchExperts:
             out.index_add_(0, tokens, (h * pair_weights[start:end, None]).to(out.dtype))
             start = end
         return out
-
-
-def create_experts_backend(name: str) -> ExpertsBackend:
-    """A new experts backend by registered name; an unknown name is a TridentError listing the known ones."""
-    if name not in EXPERTS_BACKENDS:
-        raise TridentError(f"unknown experts backend {name!r}; supported: {', '.join(EXPERTS_BACKENDS)}")
-    module_name, class_name = EXPERTS_BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module_name), class_name)()
 
 
 class FusedExperts(nn.Module):

@@ -104,7 +104,9 @@ class MoeLoadStats:
             self._allocate(slot_mapping.device)
         real = slot_mapping >= 0
         self._row_mask = real.float()
-        self._pair_mask = real.long().repeat_interleave(self.top_k)
+        # expand + reshape rather than repeat_interleave: no repeat count goes through a device tensor (older torch
+        # read one back on the host), so the step stays capturable
+        self._pair_mask = real.long()[:, None].expand(-1, self.top_k).reshape(-1)
         self._num_tokens += real.sum()
 
     def record(self, layer: int, routing: Routing) -> None:

@@ -143,7 +143,8 @@ def engine_for(path: str, base: EngineConfig) -> EngineConfig:
 
 _SPEC_KEYS = {"name", "path", "aliases", "max_queued_requests", "preload", "dtype", "device", "max_model_len",
               "kv_cache_memory", "kv_cache_dtype", "block_size", "max_num_seqs", "max_num_batched_tokens",
-              "enable_prefix_caching", "num_threads", "seed", "attention_backend"}
+              "enable_prefix_caching", "num_threads", "seed", "attention_backend",
+              "experts_backend"}
 _FILE_KEYS = {"models", "memory_budget", "aliases"}
 
 
@@ -167,7 +168,8 @@ def spec_from_dict(entry: Mapping, base: EngineConfig, where: str) -> ModelSpec:
         cache = replace(cache, memory_budget_bytes=parse_size(entry["kv_cache_memory"], f"{where}: kv_cache_memory"))
     scheduler = replace(base.scheduler, **{k: entry[k] for k in ("max_num_seqs", "max_num_batched_tokens")
                                            if k in entry})
-    engine_keys = ("dtype", "device", "max_model_len", "num_threads", "seed", "attention_backend")
+    engine_keys = ("dtype", "device", "max_model_len", "num_threads", "seed", "attention_backend",
+                   "experts_backend")
     engine = replace(engine_for(str(entry.get("path", DEFAULT_MODEL_PATH)), base), cache=cache, scheduler=scheduler,
                      **{k: entry[k] for k in engine_keys if k in entry})
     aliases = entry.get("aliases", ())

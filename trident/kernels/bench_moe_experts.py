@@ -1,0 +1,168 @@
+"""Time the fused MoE experts kernels against the torch experts backend on a CUDA device.
+
+``python -m trident.kernels.bench_moe_experts [--json FILE] [--tokens 1 8 64 512] [--no-sweep]``: one MoE layer of
+Qwen3-30B-A3B (128 experts, top-8, hidden 2048, expert intermediate 768, bfloat16), each token count: the torch
+reference backend (TorchExperts: per active expert a gathered matmul pair; it reads the expert counts on the host,
+so it runs eagerly and is timed by triton.testing.do_bench), the fused backend with moe_tiles' tiles (captured in a
+CUDA graph and timed by its replays, as a decode step runs), and, with the sweep, the fused kernels with each tile
+variant of VARIANTS. Calls rotate over ROUTINGS random uniform routings (random router logits, softmax top-k,
+renormalised), so that consecutive calls touch different experts and read them from memory rather than the L2.
+
+GB/s counts the bytes of the experts each call touches (the distinct experts of its routing, gate|up and down,
+averaged over the rotations); the expected bytes under uniform routing (trident/bench/roofline.py's
+E (1 - (1 - k/E)^T) experts) and the time that takes at the H200's 4.3 TB/s are printed beside. Every output is
+checked against the torch backend in float32 on the same routing before it is timed; a variant that fails is
+recorded with the reason, and the sweep goes on.
+
+``--dry-run`` runs the same code on a tiny float16 layer with wall-clock timing, to check the script without a GPU
+(on the CPU under ``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import triton
+
+from trident.bench.roofline import expected_active_experts
+from trident.kernels.bench_gemv import TimeUs, _checked_us, bench_device, cell, graph_us, wall_us, write_results
+from trident.kernels.moe_experts import GemmTiles, MoeTiles, fused_experts, moe_tiles
+from trident.moe.experts import TorchExperts
+
+LAYER = ("qwen3-30b-a3b", 128, 8, 2048, 768)
+"""(model, experts, top-k, hidden, expert intermediate)."""
+TOKENS = (1, 8, 64, 512)
+ROUTINGS = 8
+"""Routings rotated over (128 experts x 9.4 MB: the 8 experts of one batch-1 routing are 75 MB, beyond the L2)."""
+DTYPE = torch.bfloat16
+HBM_BYTES_S = 4.3e12
+"""The H200's measured device copy bandwidth (TARGETS.md), for the bound printed beside each row."""
+VARIANTS = (
+    MoeTiles(16, GemmTiles(16, 256, 4, 4), GemmTiles(32, 128, 4, 4)),
+    MoeTiles(16, GemmTiles(16, 256, 4, 4), GemmTiles(64, 64, 4, 4)),
+    MoeTiles(16, GemmTiles(32, 128, 4, 4), GemmTiles(64, 128, 4, 3)),
+    MoeTiles(16, GemmTiles(16, 512, 4, 3), GemmTiles(32, 256, 4, 3)),
+    MoeTiles(16, GemmTiles(16, 128, 2, 5), GemmTiles(16, 256, 2, 4)),
+    MoeTiles(32, GemmTiles(64, 64, 4, 3), GemmTiles(64, 64, 4, 3)),
+    MoeTiles(64, GemmTiles(64, 64, 4, 3), GemmTiles(128, 64, 4, 3)),
+    MoeTiles(64, GemmTiles(128, 64, 8, 3), GemmTiles(128, 64, 8, 3)),
+    MoeTiles(128, GemmTiles(128, 64, 8, 3), GemmTiles(128, 64, 8, 3)),
+)
+"""Tiles swept at every token count (block_m 16 to 128; moe_tiles' choices among them)."""
+DRY_LAYER = ("dry", 8, 2, 64, 48)
+DRY_TOKENS = (1, 20)
+DRY_VARIANTS = (MoeTiles(16, GemmTiles(16, 64, 4, 2), GemmTiles(32, 32, 4, 2)),
+                MoeTiles(32, GemmTiles(24, 64, 4, 2), GemmTiles(32, 32, 4, 2)))
+"""The dry run's second variant cannot compile (tl.arange needs a power of two): the failure path runs too."""
+DRY_DTYPE = torch.float16
+"""Triton 3.6's CPU interpreter multiplies bfloat16 tl.dot operands as raw bits; float16 it computes right."""
+
+
+def tiles_name(tiles: MoeTiles) -> str:
+    g, d = tiles.gate_up, tiles.down
+    return (f"m{tiles.block_m}_gu{g.block_n}x{g.block_k}w{g.num_warps}s{g.num_stages}"
+            f"_dn{d.block_n}x{d.block_k}w{d.num_warps}s{d.num_stages}")
+
+
+def random_routings(num_tokens: int, num_experts: int, top_k: int, count: int, device: torch.device,
+                    gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` (weights float32 [T, k], expert ids [T, k]) of uniform routing: softmax top-k of random logits,
+    renormalised."""
+    routings = []
+    for _ in range(count):
+        probs = torch.softmax(torch.randn(num_tokens, num_experts, generator=gen), dim=-1)
+        weights, ids = probs.topk(top_k, dim=-1)
+        routings.append(((weights / weights.sum(dim=-1, keepdim=True)).to(device), ids.to(device)))
+    return routings
+
+
+def eager_us(fn, rotations: int) -> float:
+    """Per-call microseconds of eager calls cycling through the rotations (do_bench's median; CUDA only)."""
+    calls = iter(range(1 << 62))
+    return triton.testing.do_bench(lambda: fn(next(calls) % rotations), return_mode="median") * 1000
+
+
+def bench_layer(layer: tuple, tokens: tuple[int, ...], variants: tuple[MoeTiles, ...], time_us: TimeUs,
+                eager_time_us: TimeUs, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """One row per token count."""
+    model, num_experts, top_k, hidden_size, inter = layer
+    gen = torch.Generator().manual_seed(0)
+    gate_up = (torch.randn(num_experts, 2 * inter, hidden_size, generator=gen) * hidden_size**-0.5).to(device, dtype)
+    down = (torch.randn(num_experts, hidden_size, inter, generator=gen) * inter**-0.5).to(device, dtype)
+    expert_bytes = (gate_up[0].numel() + down[0].numel()) * dtype.itemsize
+    gate_up32, down32 = gate_up.float(), down.float()
+    reference = TorchExperts()
+    results = []
+    for num_tokens in tokens:
+        routings = random_routings(num_tokens, num_experts, top_k, ROUTINGS, device, gen)
+        hidden = torch.randn(num_tokens, hidden_size, generator=gen).to(device, dtype)
+        weights0, ids0 = routings[0]
+        expected = reference.forward(hidden.float(), weights0, ids0, gate_up32, down32, "silu")
+        touched = sum(ids.unique().numel() for _, ids in routings) / len(routings) * expert_bytes
+        expected_bytes = expected_active_experts(num_experts, top_k, num_tokens) * expert_bytes
+        row = {"model": model, "experts": num_experts, "top_k": top_k, "hidden": hidden_size, "inter": inter,
+               "tokens": num_tokens, "touched_bytes": touched, "expected_bytes": expected_bytes,
+               "bound_us": expected_bytes / HBM_BYTES_S * 1e6,
+               "ours_config": tiles_name(moe_tiles(num_tokens * top_k, num_experts, hidden_size, inter))}
+
+        def fused(i, tiles=None, hidden=hidden, routings=routings):
+            return fused_experts(hidden, *routings[i], gate_up, down, "silu", tiles=tiles)
+
+        def torch_experts(i, hidden=hidden, routings=routings):
+            return reference.forward(hidden, *routings[i], gate_up, down, "silu")
+
+        row["torch_us"] = _checked_us(eager_time_us, torch_experts, ROUTINGS, expected)
+        row["fused_us"] = _checked_us(time_us, fused, ROUTINGS, expected)
+        row["variants_us"] = {tiles_name(v): _checked_us(time_us, lambda i, v=v: fused(i, v), ROUTINGS, expected)
+                              for v in variants}
+        timed = {v: us for v, us in row["variants_us"].items() if isinstance(us, float)}
+        row["best_variant"] = min(timed, key=timed.get) if timed else None
+        row["best_us"] = timed.get(row["best_variant"])
+        for key in ("torch", "fused", "best"):
+            us = row[f"{key}_us"]
+            row[f"{key}_GBps"] = touched / us / 1e3 if isinstance(us, float) else None
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    return results
+
+
+def print_table(rows: list[dict], timing: str) -> None:
+    print(f"\n{'layer':14} {'T':>4} {'touched MB':>10} {'bound us':>8} {'torch us':>9} {'fused us':>9} "
+          f"{'fused GB/s':>10} {'x torch':>7}  {'best variant':44} {'best us':>8} {'best GB/s':>9}   ({timing})")
+    for r in rows:
+        speedup = (r["torch_us"] / r["fused_us"] if isinstance(r["torch_us"], float)
+                   and isinstance(r["fused_us"], float) else None)
+        print(f"{r['model']:14} {r['tokens']:>4} {r['touched_bytes'] / 1e6:>10.1f} {r['bound_us']:>8.1f} "
+              f"{cell(r['torch_us'], '.1f', 9)} {cell(r['fused_us'], '.1f', 9)} {cell(r['fused_GBps'], '.0f', 10)} "
+              f"{cell(speedup, '.2f', 7)}  {r['best_variant'] or '-':44} {cell(r['best_us'], '.1f', 8, '-')} "
+              f"{cell(r['best_GBps'], '.0f', 9, '-')}")
+    for r in rows:
+        for what, us in [("torch", r["torch_us"]), ("fused", r["fused_us"]), *r["variants_us"].items()]:
+            if isinstance(us, str):
+                print(f"failed: T={r['tokens']} {what}: {us}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--tokens", type=int, nargs="+", default=None, help=f"token counts (default {TOKENS})")
+    parser.add_argument("--no-sweep", action="store_true", help="only moe_tiles' tiles and the torch backend")
+    parser.add_argument("--dry-run", action="store_true", help="tiny shapes, wall clock: checks the script only")
+    args = parser.parse_args(argv)
+    device = bench_device(parser, args.dry_run)
+    if args.dry_run:
+        layer, tokens, variants, time_us, eager, dtype = DRY_LAYER, DRY_TOKENS, DRY_VARIANTS, wall_us, wall_us, \
+            DRY_DTYPE
+    else:
+        layer, tokens, variants, time_us, eager, dtype = LAYER, TOKENS, VARIANTS, graph_us, eager_us, DTYPE
+    tokens = tuple(args.tokens) if args.tokens else tokens
+    results = bench_layer(layer, tokens, () if args.no_sweep else variants, time_us, eager, device, dtype)
+    print_table(results, "wall clock, dry run" if args.dry_run else "fused: CUDA-graph replays; torch: eager")
+    if args.json:
+        write_results(args.json, device, dtype, args.dry_run, results)
+
+
+if __name__ == "__main__":
+    main()

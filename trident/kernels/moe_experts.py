@@ -1,0 +1,255 @@
+"""The routed experts of an MoE layer in four launches: routing alignment, a grouped GEMM through gate|up with the
+gated activation fused, a grouped GEMM through down with the routing weight fused, and the sum over the k
+experts of each token. The torch reference is :class:`trident.moe.experts.TorchExperts` (and the float64 math of
+the tests).
+
+For hidden [T, H], routing weights float32 [T, k], expert ids [T, k], gate_up [E, 2I, H] (each expert's gate rows,
+then its up rows) and down [E, H, I]:
+
+1. :func:`~trident.kernels.moe_align.align_routing` (the layout: trident/moe/align.py) sorts the T k
+   (token, slot) pairs by expert and pads each expert's run to whole blocks of BLOCK_M rows; every row block then
+   has one expert (or none: -1, past the end).
+2. ``_gate_up_kernel``: a program per (row block, BLOCK_N columns of I) gathers the hidden rows of its block's
+   tokens, multiplies them by the expert's gate rows and the matching up rows (two accumulators over the same x
+   tile), and writes act(gate) * up (float32 math, one rounding) to intermediate [rows, I], in the activation
+   dtype, at the sorted row.
+3. ``_down_kernel``: a program per (row block, BLOCK_N columns of H) multiplies the block's intermediate rows by
+   the expert's down rows, scales each row by its pair's routing weight (float32) and writes it, rounded to the
+   activation dtype, to out_pairs [T k, H] at the pair's own row t k + slot.
+4. out = out_pairs viewed [T, k, H] summed over k (torch's reduction, float32 accumulation): deterministic, no
+   atomics (an atomic-add combine would save the pass over out_pairs but make the sum order, and so the last
+   bit, depend on scheduling).
+
+Programs of row blocks with no expert return at once, and the aligned layout's row count is bounded by
+min(T k, E) experts in use (see trident/moe/align.py), so at batch 1 (k experts, one token each) the grid is k row
+blocks by the column blocks: every program streams weight rows of an active expert, and no expert's weights are read
+unless a token was routed to it. Tiles depend on shapes only (:func:`moe_tiles`): decode-sized steps (a few
+pairs per expert) take 16-row blocks with narrow, deep weight tiles chosen so that the programs of the active
+experts fill the GPU; larger steps take 32- to 128-row blocks with matrix-multiply tiles. Programs walk GROUP_M
+row blocks per column block (trident/kernels/tiling.py). No split over K: with H = 2048 (Qwen3-30B-A3B) the
+down projection of 8 active experts already gives 256 programs of 64 columns.
+
+Launches depend on shapes only and never synchronise with the host: a decode step's experts are capturable in
+a CUDA graph. bfloat16 and float16 activations and weights; the row count is not a specialisation key.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from trident.kernels.activation import KERNEL_ACTIVATIONS, activate
+from trident.kernels.moe_align import align_routing
+from trident.kernels.pdl import pdl_launch, wait_for_previous_grid
+from trident.kernels.tiling import grouped_tile
+from trident.moe.align import AlignedRouting
+
+ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
+DECODE_PAIRS_PER_EXPERT = 16
+"""Up to this many (token, slot) pairs per expert on average, a step runs the decode tiles (16-row blocks)."""
+DECODE_TARGET_PROGRAMS = 264
+"""Decode programs to aim for over the active experts: two per multiprocessor of an H200 (132 SMs)."""
+GEMM_TARGET_PROGRAMS = 132
+"""Larger steps: programs to aim for before narrowing a tile, one per multiprocessor."""
+DECODE_TILE_ELEMENTS = 4096
+"""Decode weight tile (BLOCK_N x BLOCK_K) elements: 8 KB of bfloat16 per stage (16 KB through gate|up)."""
+GROUP_M = 8
+
+
+class GemmTiles(NamedTuple):
+    """Tiles and launch parameters of one of the two grouped GEMMs (the row block is shared: MoeTiles.block_m)."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+class MoeTiles(NamedTuple):
+    block_m: int
+    """Rows per block of the aligned layout (both GEMMs run over the same layout)."""
+    gate_up: GemmTiles
+    """The gate|up GEMM: BLOCK_N columns of I (each program computes them for gate and for up), K = H."""
+    down: GemmTiles
+    """The down GEMM: BLOCK_N columns of H, K = I."""
+
+
+def moe_tiles(num_pairs: int, num_experts: int, hidden_size: int, intermediate_size: int) -> MoeTiles:
+    """Tiles for num_pairs = T k routed pairs over num_experts experts, from shapes only.
+
+    block_m: 16 up to DECODE_PAIRS_PER_EXPERT pairs per expert on average, then 32 / 64 / 128 up to 32 / 64 /
+    beyond. The row blocks in use are estimated as min(num_pairs, E) active experts times the blocks of their
+    average share. Decode tiles (block_m 16): block_n the widest of 64, 32 giving DECODE_TARGET_PROGRAMS
+    programs over those blocks, else 16; block_k DECODE_TILE_ELEMENTS / block_n (at most K rounded up to a power
+    of two); 4 warps, 4 stages. Larger tiles: block_n 128 when that gives GEMM_TARGET_PROGRAMS programs, else 64;
+    block_k 64; 8 warps for 128 x 128 tiles, else 4; 3 stages.
+    """
+    per_expert = num_pairs / num_experts
+    block_m = (16 if per_expert <= DECODE_PAIRS_PER_EXPERT else 32 if per_expert <= 32 else 64 if per_expert <= 64
+               else 128)
+    active = max(1, min(num_pairs, num_experts))
+    row_blocks = active * triton.cdiv(triton.cdiv(num_pairs, active), block_m)
+    return MoeTiles(block_m, _gemm_tiles(block_m, row_blocks, intermediate_size, hidden_size),
+                    _gemm_tiles(block_m, row_blocks, hidden_size, intermediate_size))
+
+
+def _gemm_tiles(block_m: int, row_blocks: int, n: int, k: int) -> GemmTiles:
+    if block_m == 16:
+        block_n = next((b for b in (64, 32) if row_blocks * triton.cdiv(n, b) >= DECODE_TARGET_PROGRAMS), 16)
+        block_k = max(16, min(DECODE_TILE_ELEMENTS // block_n, triton.next_power_of_2(k)))
+        return GemmTiles(block_n, block_k, 4, 4)
+    block_n = 128 if row_blocks * triton.cdiv(n, 128) >= GEMM_TARGET_PROGRAMS else 64
+    block_k = max(16, min(64, triton.next_power_of_2(k)))
+    return GemmTiles(block_n, block_k, 8 if block_m * block_n >= 128 * 128 else 4, 3)
+
+
+def fused_experts(hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor,
+                  down: torch.Tensor, activation: str, *, tiles: MoeTiles | None = None) -> torch.Tensor:
+    """out[t] = sum_j weights[t, j] * down_e(act(gate_e x_t) * up_e x_t), e = expert_ids[t, j] -> [T, H] in
+    hidden's dtype.
+
+    hidden [T, H] (rows contiguous, any row stride), weights float32 [T, k], expert_ids int [T, k] (distinct per
+    token, in [0, E)), gate_up [E, 2I, H] and down [E, H, I] contiguous, of hidden's dtype (bfloat16 or
+    float16). ``tiles`` overrides :func:`moe_tiles` (the benchmark's sweep, the tests)."""
+    if activation not in KERNEL_ACTIVATIONS:
+        raise ValueError(f"fused_experts: no kernel for {activation!r}; have {', '.join(KERNEL_ACTIVATIONS)}")
+    assert hidden.dim() == 2 and hidden.stride(1) == 1, "rows of hidden must be contiguous"
+    assert hidden.dtype in ACTIVATION_DTYPES, f"hidden must be bfloat16 or float16, got {hidden.dtype}"
+    assert gate_up.dtype == down.dtype == hidden.dtype, "experts' weights must have the activations' dtype"
+    assert gate_up.is_contiguous() and down.is_contiguous()
+    num_tokens, hidden_size = hidden.shape
+    num_experts, two_i, _ = gate_up.shape
+    intermediate = two_i // 2
+    assert gate_up.shape == (num_experts, 2 * intermediate, hidden_size)
+    assert down.shape == (num_experts, hidden_size, intermediate)
+    top_k = expert_ids.shape[1]
+    assert expert_ids.shape == weights.shape == (num_tokens, top_k)
+    assert weights.dtype == torch.float32
+    if num_tokens == 0:
+        return torch.zeros_like(hidden)
+    num_pairs = num_tokens * top_k
+    tiles = tiles or moe_tiles(num_pairs, num_experts, hidden_size, intermediate)
+    aligned = align_routing(expert_ids.contiguous(), num_experts, tiles.block_m)
+    inter = _gate_up(hidden, gate_up, aligned, top_k, intermediate, activation, tiles)
+    out_pairs = _down(inter, down, aligned, weights.contiguous(), num_pairs, tiles)
+    if top_k == 1:
+        return out_pairs
+    return out_pairs.view(num_tokens, top_k, hidden_size).sum(dim=1)
+
+
+def _gate_up(hidden: torch.Tensor, gate_up: torch.Tensor, aligned: AlignedRouting, top_k: int, intermediate: int,
+             activation: str, tiles: MoeTiles) -> torch.Tensor:
+    """intermediate [rows, I]: act(gate) * up of the sorted rows (padding rows: 0)."""
+    rows = aligned.sorted_pairs.numel()
+    hidden_size = hidden.shape[1]
+    inter = torch.empty((rows, intermediate), dtype=hidden.dtype, device=hidden.device)
+    t = tiles.gate_up
+    pdl = pdl_launch(hidden.device)
+    grid = (rows // tiles.block_m * triton.cdiv(intermediate, t.block_n),)
+    _gate_up_kernel[grid](
+        hidden, gate_up, aligned.sorted_pairs, aligned.block_experts, inter, rows, intermediate, hidden_size,
+        hidden.stride(0), TOP_K=top_k, ACTIVATION=activation, BLOCK_M=tiles.block_m, BLOCK_N=t.block_n,
+        BLOCK_K=t.block_k, EVEN_K=hidden_size % t.block_k == 0, GROUP_M=GROUP_M, USE_PDL=pdl,
+        num_warps=t.num_warps, num_stages=t.num_stages, launch_pdl=pdl,
+    )
+    return inter
+
+
+def _down(inter: torch.Tensor, down: torch.Tensor, aligned: AlignedRouting, weights: torch.Tensor, num_pairs: int,
+          tiles: MoeTiles) -> torch.Tensor:
+    """out_pairs [T k, H]: each pair's expert output times its routing weight, at row t k + slot."""
+    rows, intermediate = inter.shape
+    hidden_size = down.shape[1]
+    out_pairs = torch.empty((num_pairs, hidden_size), dtype=inter.dtype, device=inter.device)
+    t = tiles.down
+    pdl = pdl_launch(inter.device)
+    grid = (rows // tiles.block_m * triton.cdiv(hidden_size, t.block_n),)
+    _down_kernel[grid](
+        inter, down, aligned.sorted_pairs, aligned.block_experts, weights, out_pairs, rows, hidden_size,
+        intermediate, BLOCK_M=tiles.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+        EVEN_K=intermediate % t.block_k == 0, GROUP_M=GROUP_M, USE_PDL=pdl, num_warps=t.num_warps,
+        num_stages=t.num_stages, launch_pdl=pdl,
+    )
+    return out_pairs
+
+
+# The row count changes with the batch: not specialised on, only its tile BLOCK_M is.
+@triton.jit(do_not_specialize=["num_rows"])
+def _gate_up_kernel(hidden_ptr, gate_up_ptr, sorted_pairs_ptr, block_experts_ptr, inter_ptr, num_rows, n, k,
+                    stride_hidden, TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, GROUP_M: tl.constexpr,
+                    USE_PDL: tl.constexpr):
+    wait_for_previous_grid(USE_PDL)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), num_rows, n, BLOCK_M, BLOCK_N, GROUP_M)
+    expert = tl.load(block_experts_ptr + pid_m)
+    if expert < 0:  # past the last expert's rows
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = tl.load(sorted_pairs_ptr + rows)
+    valid = pairs >= 0
+    tokens = tl.where(valid, pairs, 0) // TOP_K
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < n
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = hidden_ptr + tokens.to(tl.int64)[:, None] * stride_hidden + offs_k[None, :]
+    gate_ptrs = gate_up_ptr + expert.to(tl.int64) * 2 * n * k + cols.to(tl.int64)[:, None] * k + offs_k[None, :]
+    up_ptrs = gate_ptrs + n * k  # the up rows follow the expert's n gate rows
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for start in range(0, k, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=valid[:, None], other=0.0)
+            gate = tl.load(gate_ptrs, mask=col_mask[:, None], other=0.0)
+            up = tl.load(up_ptrs, mask=col_mask[:, None], other=0.0)
+        else:
+            in_k = (start + offs_k < k)[None, :]
+            x = tl.load(x_ptrs, mask=valid[:, None] & in_k, other=0.0)
+            gate = tl.load(gate_ptrs, mask=col_mask[:, None] & in_k, other=0.0)
+            up = tl.load(up_ptrs, mask=col_mask[:, None] & in_k, other=0.0)
+        acc_gate = tl.dot(x, tl.trans(gate), acc_gate)
+        acc_up = tl.dot(x, tl.trans(up), acc_up)
+        x_ptrs += BLOCK_K
+        gate_ptrs += BLOCK_K
+        up_ptrs += BLOCK_K
+    out = activate(acc_gate, ACTIVATION) * acc_up
+    out_ptrs = inter_ptr + rows.to(tl.int64)[:, None] * n + cols[None, :]
+    tl.store(out_ptrs, out.to(inter_ptr.dtype.element_ty), mask=col_mask[None, :])
+
+
+@triton.jit(do_not_specialize=["num_rows"])
+def _down_kernel(inter_ptr, down_ptr, sorted_pairs_ptr, block_experts_ptr, weights_ptr, out_ptr, num_rows, n, k,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                 GROUP_M: tl.constexpr, USE_PDL: tl.constexpr):
+    wait_for_previous_grid(USE_PDL)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), num_rows, n, BLOCK_M, BLOCK_N, GROUP_M)
+    expert = tl.load(block_experts_ptr + pid_m)
+    if expert < 0:
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = tl.load(sorted_pairs_ptr + rows)
+    valid = pairs >= 0
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < n
+    offs_k = tl.arange(0, BLOCK_K)
+    # every row of a block in use was written by the gate|up kernel (padding rows as 0)
+    a_ptrs = inter_ptr + rows.to(tl.int64)[:, None] * k + offs_k[None, :]
+    w_ptrs = down_ptr + expert.to(tl.int64) * n * k + cols.to(tl.int64)[:, None] * k + offs_k[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for start in range(0, k, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs, mask=col_mask[:, None], other=0.0)
+        else:
+            in_k = (start + offs_k < k)[None, :]
+            a = tl.load(a_ptrs, mask=in_k, other=0.0)
+            w = tl.load(w_ptrs, mask=col_mask[:, None] & in_k, other=0.0)
+        acc = tl.dot(a, tl.trans(w), acc)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    scale = tl.load(weights_ptr + pairs, mask=valid, other=0.0)
+    out = acc * scale[:, None]
+    out_ptrs = out_ptr + pairs.to(tl.int64)[:, None] * n + cols[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=valid[:, None] & col_mask[None, :])

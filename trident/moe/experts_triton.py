@@ -1,0 +1,25 @@
+"""The fused experts backend: trident/kernels/moe_experts.py's Triton kernels behind the ExpertsBackend interface.
+
+Four launches per layer (routing alignment, gate|up with the activation, down with the routing weights, the sum
+over k), none reading a value back on the host: a decode step with this backend is capturable in a CUDA graph.
+It takes bfloat16 / float16 models on CUDA (trident/moe/registry.py picks it there, and the torch reference
+elsewhere); the kernel tests also run it on the CPU under Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trident.kernels.moe_experts import fused_experts
+
+
+class TritonExperts:
+    """Routed experts through the fused Triton kernels (see the module docstring). The result equals
+    :class:`~trident.moe.experts.TorchExperts`' within the activation dtype's rounding: each token's k weighted
+    expert outputs are rounded to that dtype, then summed in float32 (the reference adds them up in the dtype)."""
+
+    supports_cuda_graphs = True
+
+    def forward(self, hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
+                gate_up: torch.Tensor, down: torch.Tensor, activation: str) -> torch.Tensor:
+        return fused_experts(hidden, weights, expert_ids, gate_up, down, activation)
