@@ -106,6 +106,15 @@ class LLMEngine:
         backend = create_backend(self.attention_backend, self.device)
         self.model = build_model(self.model_config, checkpoint.tensors, dtype=self.dtype, device=self.device,
                                  backend=backend, quantization=checkpoint.quantization)
+        self.sparse_kernels = None
+        """What --sparse-kernel converted (trident/quant/sparse24.py), None when it is off."""
+        if config.sparse_kernel:
+            from trident.compress.sparsity import read_sparsity
+            from trident.quant.sparse24 import install_sparse_kernels
+
+            marked = read_sparsity(checkpoint.hf_config)
+            self.sparse_kernels = install_sparse_kernels(self.model, marked and marked.pattern, self.device,
+                                                         self.dtype)
         self.max_model_len = resolve_max_model_len(self.model_config, config, self.device)
         cache = config.cache
         kv_format = kv_format_of(config, self.dtype)
