@@ -128,7 +128,8 @@ class LLMEngine:
         self.kv_block_bytes = kv_bytes_per_block(self.model_config, cache.block_size, kv_format)
         """Bytes of one KV block over all layers (with the scales of a quantized cache)."""
         # MoE models answer for their experts backend too (the torch reference reads expert counts on the host)
-        capturable = backend.supports_cuda_graphs and getattr(self.model, "supports_cuda_graphs", True)
+        capturable = (backend.supports_cuda_graphs and getattr(self.model, "supports_cuda_graphs", True)
+                      and (self.sparse_kernels is None or self.sparse_kernels.capturable))
         graph_sizes = cuda_graph_batch_sizes(config, self.device, capturable)
         self.runner = ModelRunner(self.model, backend=backend, num_blocks=num_blocks, block_size=cache.block_size,
                                   kv_format=kv_format, device=self.device,

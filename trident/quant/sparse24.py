@@ -24,7 +24,9 @@ What torch offers (``torch.sparse.SparseSemiStructuredTensor``, a prototype API)
 
 Every converted layer is checked once at install: the weight really is 2:4 (:func:`is_two_four`), torch accepts
 it, and a probe product on 3 rows (padding exercised) matches the dense matmul of the same weight; any refusal
-or mismatch leaves that layer dense, with a log line saying why (logger ``trident.sparse``). On the CPU, or in
+or mismatch leaves that layer dense, with a log line saying why (logger ``trident.sparse``). One converted layer
+is then captured in a throwaway CUDA graph: should torch or cuSPARSELt refuse capture, the report says so and the
+engine runs its steps eagerly instead of replaying graphs. On the CPU, or in
 float32, nothing is converted: the masked weights run as ordinary dense matmuls (correct, no speed-up).
 """
 
@@ -132,6 +134,12 @@ class SparseKernelReport:
     """Decoder layers left dense, with the reason."""
     reason: str | None = None
     """Why nothing was converted (wrong device, dtype, pattern), else None."""
+    graph_failure: str | None = None
+    """Why a converted layer could not be captured in a CUDA graph (the engine then runs eagerly), else None."""
+
+    @property
+    def capturable(self) -> bool:
+        return self.graph_failure is None
 
 
 def decoder_linears(model: nn.Module) -> list[str]:
@@ -152,6 +160,22 @@ def _probe(layer: Linear, sparse: SparseLinear24) -> str | None:
     expected = F.linear(x, w, layer.bias).float()
     rel = float((got - expected).norm() / expected.norm().clamp_min(1e-30))
     return None if rel < PROBE_TOLERANCE else f"the sparse product is off by {rel:.2e} (relative) from the dense one"
+
+
+def _capture_failure(sparse: SparseLinear24) -> str | None:
+    """None when a call of ``sparse`` can be captured in a CUDA graph (the engine's decode steps are), else why."""
+    x = torch.zeros(8, sparse.in_features, device=sparse.packed.device, dtype=sparse.packed.dtype)
+    stream = torch.cuda.Stream(sparse.packed.device)
+    stream.wait_stream(torch.cuda.current_stream(sparse.packed.device))
+    try:
+        with torch.cuda.stream(stream):
+            sparse(x)  # anything built on first use, outside the capture
+        torch.cuda.current_stream(sparse.packed.device).wait_stream(stream)
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            sparse(x)
+    except Exception as e:  # a library that refuses capture is a reason to run eagerly, not an error
+        return f"{type(e).__name__}: {str(e)[:160]}"
+    return None
 
 
 @torch.no_grad()
@@ -190,6 +214,11 @@ def install_sparse_kernels(model: nn.Module, pattern: str | None, device: torch.
             continue
         replace_module(model, name, sparse)
         report.converted.append(name)
+    if report.converted:
+        report.graph_failure = _capture_failure(model.get_submodule(report.converted[0]))
+        if report.graph_failure is not None:
+            logger.warning("--sparse-kernel: the sparse matmul cannot be captured in a CUDA graph, so decode steps "
+                           "run eagerly: %s", report.graph_failure)
     for name, why in report.dense.items():
         logger.warning("--sparse-kernel: %s stays dense: %s", name, why)
     logger.info("--sparse-kernel: %d of %d decoder projections run 2:4 sparse (%s)", len(report.converted),
