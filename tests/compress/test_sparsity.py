@@ -163,6 +163,44 @@ def test_masked_folder_gives_transformers_logits(structure: str, method: str, sp
         torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_cli_wanda_masks_follow_transformers_activation_norms(tiny_dir, calib_file, tmp_path) -> None:
+    """The folder's 2:4 wanda masks equal masks scored with float64 norms of transformers' own projection inputs
+    on the same calibration tokens (each projection paired with its own input: a mix-up would differ in about
+    half of the groups; float32 against float64 norms may flip a near-tie or two)."""
+    from trident.loader import load_checkpoint
+    from trident.quant.calibrate import calibration_tokens
+    from trident.quant.gptq_config import CalibrationConfig
+
+    out = tmp_path / "wanda24"
+    _prune(tiny_dir, out, "--structure", "2:4", "--method", "wanda", "--calib", str(calib_file), "--calib-samples",
+           "4", "--calib-seq-len", "32")
+    tokens = calibration_tokens(load_checkpoint(str(tiny_dir)).tokenizer,
+                                CalibrationConfig(str(calib_file), samples=4, seq_len=32)).token_ids
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float64).eval()
+    squares: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def add(_module, args):
+            squares[name] = squares.get(name, 0) + args[0].reshape(-1, args[0].shape[-1]).square().sum(0)
+        return add
+
+    for name, module in hf.named_modules():
+        if any(name.endswith(p) for p in PROJECTIONS):
+            module.register_forward_pre_hook(hook(name))
+    with torch.no_grad():
+        for row in tokens:  # each sequence on its own, from position 0
+            hf(row[None])
+    masked = load_file(out / "model.safetensors")
+    groups = flips = 0
+    for name, total in squares.items():
+        weight = hf.get_parameter(f"{name}.weight")
+        expected = two_four_mask(weight.abs() * total.sqrt()[None, :])
+        got = masked[f"{name}.weight"] != 0
+        groups += expected.numel() // 4
+        flips += int((got != expected).view(-1, 4).any(-1).sum())
+    assert len(squares) == 2 * 7 and flips <= groups // 1000
+
+
 def test_sparse_kernel_reasons_off_cuda() -> None:
     model = torch.nn.Module()
     for pattern, device, dtype, says in [(None, "cuda", torch.bfloat16, "not marked 2:4"),
