@@ -3,7 +3,9 @@
 ``python -m trident.kernels.bench_sparse24 [--json FILE] [--rows 1 16 64 256 2048] [--dtype bfloat16]``:
 Llama-3-8B's linear shapes (o 4096x4096, gate or up 14336x4096, down 4096x14336), each row count M of x:
 
-- ``dense``: F.linear on the masked weight held dense (cuBLAS), what a 2:4 folder runs without --sparse-kernel;
+- ``dense``: F.linear on the masked weight held dense (cuBLAS);
+- ``trident_dense``: trident's own dense ``linear`` on it (the Triton GEMV kernel up to 16 rows, else cuBLAS):
+  what a 2:4 folder runs without --sparse-kernel, so the ratio that decides whether the flag pays off;
 - ``cusparselt``: what SparseLinear24 runs with torch's cuSPARSELt backend (``F.linear(x, W_sparse)``: x padded to
   a multiple of 8 rows, ``torch._cslt_sparse_mm``), the default algorithm;
 - ``cusparselt_search``: the same with the algorithm id ``torch._cslt_sparse_mm_search`` picks for this shape
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from trident.compress.sparsity import two_four_mask
 from trident.kernels.bench_gemv import ROTATION_BYTES, TimeUs, _checked_us, bench_device, cell, graph_us, wall_us
 from trident.kernels.bench_gemv import write_results as write_json
+from trident.models.layers import linear
 from trident.quant.sparse24 import to_semi_structured
 
 SHAPES = (("o", 4096, 4096), ("gate/up", 14336, 4096), ("down", 4096, 14336))
@@ -101,20 +104,23 @@ def bench_shape(projection: str, n: int, k: int, rows: tuple[int, ...], time_us:
         row = {"projection": projection, "n": n, "k": k, "m": m, "weight_copies": copies,
                "dense_bytes": n * k * dtype.itemsize, "sparse_bytes": sparse_bytes}
         row["dense_us"] = _checked_us(time_us, lambda i, x=x: F.linear(x, dense[i]), copies, expected)
+        row["trident_dense_us"] = _checked_us(time_us, lambda i, x=x: linear(x, dense[i]), copies, expected)
         row["cusparselt_us"] = _timed(time_us, cslt, x, expected)
         row["cusparselt_eager_us"] = _timed(eager, cslt, x, expected)
         searched = cslt if isinstance(cslt, str) else _searched(cslt, x)
         row["cusparselt_search_us"] = _timed(time_us, searched, x, expected)
         row["cutlass_us"] = _timed(time_us, cutlass, x, expected)
-        for key in ("dense", *SPARSE):
+        for key in ("dense", "trident_dense", *SPARSE):
             us = row[f"{key}_us"]
-            nbytes = row["dense_bytes"] if key == "dense" else sparse_bytes
+            nbytes = row["dense_bytes"] if key.endswith("dense") else sparse_bytes
             row[f"{key}_TFLOPs"] = 2 * m * n * k / us / 1e6 if isinstance(us, float) else None
             row[f"{key}_GBps"] = nbytes / us / 1e3 if isinstance(us, float) and nbytes else None
         timed = {key: row[f"{key}_us"] for key in SPARSE if isinstance(row[f"{key}_us"], float)}
         row["best_sparse"] = min(timed, key=timed.get) if timed else None
         row["speedup"] = (row["dense_us"] / timed[row["best_sparse"]]
                           if timed and isinstance(row["dense_us"], float) else None)
+        row["speedup_vs_trident"] = (row["trident_dense_us"] / timed[row["best_sparse"]]
+                                     if timed and isinstance(row["trident_dense_us"], float) else None)
         results.append(row)
         print(json.dumps(row), flush=True)
     return results
@@ -125,19 +131,20 @@ def _cell(value, spec: str, width: int) -> str:
 
 
 def print_table(rows: list[dict], timing: str) -> None:
-    print(f"\n{'proj':8} {'N x K':>12} {'M':>5} {'dense us':>9} {'cslt us':>8} {'cslt eager':>10} "
-          f"{'cslt srch':>9} {'cutlass us':>10} {'dense TF/s':>10} {'sparse TF/s':>11} {'x dense':>7}  "
-          f"{'best':18}   ({timing})")
+    print(f"\n{'proj':8} {'N x K':>12} {'M':>5} {'dense us':>9} {'trident us':>10} {'cslt us':>8} "
+          f"{'cslt eager':>10} {'cslt srch':>9} {'cutlass us':>10} {'dense TF/s':>10} {'sparse TF/s':>11} "
+          f"{'x dense':>7} {'x trident':>9}  {'best':18}   ({timing})")
     for r in rows:
         best = r["best_sparse"]
         print(f"{r['projection']:8} {r['n']:>6}x{r['k']:<5} {r['m']:>5} {_cell(r['dense_us'], '.2f', 9)} "
-              f"{_cell(r['cusparselt_us'], '.2f', 8)} {_cell(r['cusparselt_eager_us'], '.2f', 10)} "
+              f"{_cell(r['trident_dense_us'], '.2f', 10)} {_cell(r['cusparselt_us'], '.2f', 8)} "
+              f"{_cell(r['cusparselt_eager_us'], '.2f', 10)} "
               f"{_cell(r['cusparselt_search_us'], '.2f', 9)} {_cell(r['cutlass_us'], '.2f', 10)} "
               f"{_cell(r['dense_TFLOPs'], '.1f', 10)} {_cell(r[f'{best}_TFLOPs'] if best else None, '.1f', 11)} "
-              f"{_cell(r['speedup'], '.2f', 7)}  {best or '-':18}")
+              f"{_cell(r['speedup'], '.2f', 7)} {_cell(r['speedup_vs_trident'], '.2f', 9)}  {best or '-':18}")
     reasons = {}
     for r in rows:
-        for key in ("dense", "cusparselt", "cusparselt_eager", *SPARSE[1:]):
+        for key in ("dense", "trident_dense", "cusparselt", "cusparselt_eager", *SPARSE[1:]):
             if isinstance(r[f"{key}_us"], str):
                 reasons.setdefault((key, r[f"{key}_us"]), []).append(f"{r['projection']} M={r['m']}")
     for (key, why), where in reasons.items():
