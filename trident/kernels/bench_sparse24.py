@@ -6,8 +6,9 @@ Llama-3-8B's linear shapes (o 4096x4096, gate or up 14336x4096, down 4096x14336)
 - ``dense``: F.linear on the masked weight held dense (cuBLAS);
 - ``trident_dense``: trident's own dense ``linear`` on it (the Triton GEMV kernel up to 16 rows, else cuBLAS):
   what a 2:4 folder runs without --sparse-kernel, so the ratio that decides whether the flag pays off;
-- ``cusparselt``: what SparseLinear24 runs with torch's cuSPARSELt backend (``F.linear(x, W_sparse)``: x padded to
-  a multiple of 8 rows, ``torch._cslt_sparse_mm``), the default algorithm;
+- ``cusparselt``: what SparseLinear24 runs with torch's cuSPARSELt backend (``sparse24.sparse_linear``:
+  ``F.linear(x, W_sparse)``, x padded to a multiple of 8 rows, ``torch._cslt_sparse_mm``, and the copy to a
+  contiguous output where torch returns a transposed view), the default algorithm;
 - ``cusparselt_search``: the same with the algorithm id ``torch._cslt_sparse_mm_search`` picks for this shape
   (what a tuned integration could fix per shape);
 - ``cutlass``: torch's CUTLASS backend (sm8x only: on the H200's sm90 torch refuses it, recorded as the reason).
@@ -35,7 +36,7 @@ from trident.compress.sparsity import two_four_mask
 from trident.kernels.bench_gemv import ROTATION_BYTES, TimeUs, _checked_us, bench_device, cell, graph_us, wall_us
 from trident.kernels.bench_gemv import write_results as write_json
 from trident.models.layers import linear
-from trident.quant.sparse24 import to_semi_structured
+from trident.quant.sparse24 import sparse_linear, to_semi_structured
 
 SHAPES = (("o", 4096, 4096), ("gate/up", 14336, 4096), ("down", 4096, 14336))
 """Llama-3-8B's linear shapes (name, N, K) of the weights [N, K]."""
@@ -83,7 +84,7 @@ def _searched(weights: list[torch.Tensor], x: torch.Tensor) -> list[torch.Tensor
 def _timed(time_us: TimeUs, weights, x: torch.Tensor, expected: torch.Tensor) -> float | str:
     if isinstance(weights, str):
         return weights
-    return _checked_us(time_us, lambda i: F.linear(x, weights[i % len(weights)]), len(weights), expected)
+    return _checked_us(time_us, lambda i: sparse_linear(x, weights[i % len(weights)], None), len(weights), expected)
 
 
 def bench_shape(projection: str, n: int, k: int, rows: tuple[int, ...], time_us: TimeUs, device: torch.device,
