@@ -39,6 +39,14 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tiny_qwen2_dir(tmp_path_factory):
+    """q/k/v biases (never masked) and Qwen2's config."""
+    config = transformers.Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return save_with_byte_tokenizer(config, tmp_path_factory.mktemp("tiny-sparse-qwen2"), seed=12)
+
+
+@pytest.fixture(scope="module")
 def calib_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("calib") / "calib.txt"
     path.write_text(CALIB, encoding="utf-8")
@@ -120,24 +128,26 @@ def _trident_logits(path, tokens: list[int], **options) -> tuple[torch.Tensor, o
     return logits, engine
 
 
-@pytest.mark.parametrize("structure, method, sparsity", [("2:4", "wanda", None), ("unstructured", "l1", "0.3")])
-def test_masked_folder_gives_transformers_logits(structure: str, method: str, sparsity: str | None, tiny_dir,
-                                                 calib_file, tmp_path) -> None:
+@pytest.mark.parametrize("family, structure, method, sparsity", [
+    ("llama", "2:4", "wanda", None), ("llama", "unstructured", "l1", "0.3"), ("qwen2", "unstructured", "wanda", "0.6")])
+def test_masked_folder_gives_transformers_logits(family: str, structure: str, method: str, sparsity: str | None,
+                                                 tiny_dir, tiny_qwen2_dir, calib_file, tmp_path) -> None:
+    source_dir = tiny_dir if family == "llama" else tiny_qwen2_dir
     out = tmp_path / "masked"
     args = ["--structure", structure, "--method", method]
     args += [] if sparsity is None else ["--sparsity", sparsity]
     args += ["--calib", str(calib_file), "--calib-samples", "4", "--calib-seq-len", "32"] if method == "wanda" else []
-    record = _prune(tiny_dir, out, *args)
+    record = _prune(source_dir, out, *args)
     config = json.loads((out / "config.json").read_text())
-    assert config["trident_sparsity"] == {"pattern": structure, "sparsity": 0.5 if sparsity is None else 0.3,
-                                          "method": method}
-    assert read_sparsity(config) == SparsityConfig(structure, 0.5 if sparsity is None else 0.3, method)
+    fraction = 0.5 if sparsity is None else float(sparsity)
+    assert config["trident_sparsity"] == {"pattern": structure, "sparsity": fraction, "method": method}
+    assert read_sparsity(config) == SparsityConfig(structure, fraction, method)
 
-    source, masked = load_file(tiny_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    source, masked = load_file(source_dir / "model.safetensors"), load_file(out / "model.safetensors")
     assert source.keys() == masked.keys()
     for name, tensor in source.items():
         assert masked[name].shape == tensor.shape and masked[name].dtype == tensor.dtype
-        if not any(p in name for p in PROJECTIONS):  # embeddings, norms (the head is tied) untouched
+        if not (name.endswith(".weight") and any(p in name for p in PROJECTIONS)):  # embeddings, norms, biases
             assert torch.equal(masked[name], tensor), name
             continue
         zero = masked[name] == 0
@@ -145,11 +155,13 @@ def test_masked_folder_gives_transformers_logits(structure: str, method: str, sp
         if structure == "2:4":
             assert bool((zero.view(tensor.shape[0], -1, 4).sum(-1) >= 2).all()) and is_two_four(masked[name])
         else:
-            assert zero.sum(1).tolist() == [pruned_per_row(tensor.shape[1], 0.3)] * tensor.shape[0]
-    masked_params = sum(t.numel() for n, t in source.items() if any(p in n for p in PROJECTIONS))
-    assert record["masked_params"] == masked_params and len(record["modules"]) == 2 * 7
-    assert record["zeros_after"] == sum(int((t == 0).sum()) for n, t in masked.items()
-                                        if any(p in n for p in PROJECTIONS))
+            assert zero.sum(1).tolist() == [pruned_per_row(tensor.shape[1], fraction)] * tensor.shape[0]
+    weights = [n for n in source if n.endswith(".weight") and any(p in n for p in PROJECTIONS)]
+    assert record["masked_params"] == sum(source[n].numel() for n in weights) and len(record["modules"]) == 2 * 7
+    assert record["zeros_after"] == sum(int((masked[n] == 0).sum()) for n in weights)
+    if family == "qwen2":
+        assert torch.equal(masked["model.layers.1.self_attn.k_proj.bias"],
+                           source["model.layers.1.self_attn.k_proj.bias"])
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     tokens = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(3)).tolist()
