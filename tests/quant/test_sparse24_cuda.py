@@ -30,8 +30,8 @@ ROWS = (1, 3, 16, 64, 200)
 
 def _two_four_linear(n: int, k: int, dtype: torch.dtype, bias: bool, seed: int) -> Linear:
     g = torch.Generator().manual_seed(seed)
-    weight = torch.randn(n, k, generator=g) * 0.05
-    weight = torch.where(two_four_mask(weight.abs().double()), weight, 0.0)
+    weight = (torch.randn(n, k, generator=g) * 0.05).to("cuda")
+    weight = torch.where(two_four_mask(weight.abs()), weight, 0.0)
     layer = Linear(k, n, bias=bias)
     layer.weight = torch.nn.Parameter(weight.to("cuda", dtype), requires_grad=False)
     if bias:
