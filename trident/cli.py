@@ -48,6 +48,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false", default=None,
                    help="plan each step only after the previous one's tokens are back (by default on CUDA the next "
                    "step is planned and launched while the GPU runs the current one)")
+    g.add_argument("--sparse-kernel", action="store_true",
+                   help="for a folder written by trident prune --structure 2:4, on CUDA in bfloat16/float16: run the "
+                   "decoder projections as 2:4 semi-structured sparse matmuls (torch's cuSPARSELt / CUTLASS kernels); "
+                   "layers torch refuses stay dense with a log line (default: dense matmuls on the masked weights)")
     g.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
                    help="how the KV cache stores keys and values: auto (the compute dtype), a float dtype, or int8 / "
                    "fp8: quantized on write with one float32 scale per token and KV head, dequantized inside "
@@ -120,7 +124,7 @@ def _engine_config(args: argparse.Namespace, model: str | None):
         max_model_len=args.max_model_len, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling, gguf_weights=args.gguf_weights,
-        kv_cache_dtype=args.kv_cache_dtype, **extra,
+        kv_cache_dtype=args.kv_cache_dtype, sparse_kernel=args.sparse_kernel, **extra,
     )
 
 

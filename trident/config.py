@@ -398,6 +398,10 @@ class EngineConfig:
     """Plan and launch step k+1 while the device still runs step k (its sampled tokens feed step k+1 on the
     device). None: on for CUDA, off on the CPU (where the host and the model share the cores). Steps of
     requests with repetition/frequency/presence penalties always run synchronously (they need the history)."""
+    sparse_kernel: bool = False
+    """For a folder marked 2:4 (``trident prune --structure 2:4``) on CUDA in bfloat16 / float16: run its decoder
+    projections as semi-structured sparse matmuls (trident/quant/sparse24.py; layers torch refuses stay dense, with a
+    log line). Off: the masked weights run as dense matmuls, as everywhere on the CPU."""
 
     def __post_init__(self) -> None:
         from trident.attention.registry import check_backend_name

@@ -101,7 +101,7 @@ def engine_options(args: argparse.Namespace, checkpoint: Checkpoint, workload: W
                    block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
                    enable_prefix_caching=args.prefix_caching, enforce_eager=args.enforce_eager,
                    async_scheduling=args.async_scheduling, gguf_weights=args.gguf_weights,
-                   kv_cache_dtype=args.kv_cache_dtype,
+                   kv_cache_dtype=args.kv_cache_dtype, sparse_kernel=getattr(args, "sparse_kernel", False),
                    max_num_seqs=args.max_num_seqs or (len(workload.prompts) if args.kind == "offline" else 64))
     if args.kv_cache_memory is not None:
         from trident.serve.model_spec import parse_size

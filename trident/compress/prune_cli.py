@@ -1,7 +1,10 @@
 """`trident prune MODEL --sparsity S [--targets mlp,heads] [--method l1|wanda|taylor] [--calib TEXT] --out DIR
 [--json FILE]`: structured pruning (trident/compress/prune.py) written as a Hugging Face folder (config.json with
 the new sizes, model.safetensors, the tokenizer) that trident and transformers load; prints a per-layer table and
-writes a JSON record (parameters before and after per layer, the kept channel and KV-group indices)."""
+writes a JSON record (parameters before and after per layer, the kept channel and KV-group indices).
+
+``--structure unstructured|2:4`` masks weights instead (trident/compress/sparsity.py, run by
+trident/compress/sparsity_cli.py): same shapes, zeros written in, config.json marked ``trident_sparsity``."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from datetime import datetime, timezone
 
 from trident.cli_args import model_path, new_output_folder
 from trident.compress.prune import METHODS, NEEDS_CALIBRATION, TARGETS, PruneConfig
+from trident.compress.sparsity import PATTERNS
 from trident.errors import TridentError
 
 DEFAULT_CALIB_SAMPLES = 16
@@ -29,8 +33,14 @@ PRUNE_DESCRIPTION = (
     "weights), wanda (sum of |W| times the L2 norm of its input feature over --calib's tokens: a named "
     "corpus's calib slice or a whole file) or taylor (|sum of W * dL/dW| over the unit's weights, L the mean NLL "
     "of --calib's tokens, gradients through transformers). Writes a Hugging Face folder with the new sizes and "
-    "head_dim in config.json; compare with: trident eval ppl ORIGINAL OUT --text TEXT."
+    "head_dim in config.json; compare with: trident eval ppl ORIGINAL OUT --text TEXT. --structure unstructured "
+    "or 2:4 masks instead: in every decoder projection (q, k, v, o, gate, up, down) the lowest-scoring weights "
+    "of each output row (unstructured: --sparsity of the row; 2:4: two of every four consecutive inputs) become "
+    "zeros, by --method l1 (|W|) or wanda (|W| times its input's L2 norm over --calib); shapes stay, config.json "
+    "gets trident_sparsity, and on CUDA --sparse-kernel runs a 2:4 folder's projections as semi-structured sparse "
+    "matmuls."
 )
+STRUCTURES = ("structured", *PATTERNS)
 
 
 def _targets(value: str) -> tuple[str, ...]:
@@ -44,10 +54,15 @@ def add_prune_parser(sub) -> None:
                        "mlp,heads --method wanda --calib shakespeare --out smollm2-p20")
     p.add_argument("model", metavar="MODEL", help="a .gguf file, a Hugging Face folder, or 'default' (the embedded "
                    "model)")
-    p.add_argument("--sparsity", type=float, required=True, help="fraction of MLP channels and KV groups removed "
-                   "per layer, e.g. 0.2")
-    p.add_argument("--targets", type=_targets, default=TARGETS, metavar="LIST",
-                   help=f"what to prune, comma separated: {', '.join(TARGETS)} (default: both)")
+    p.add_argument("--structure", default="structured", choices=STRUCTURES,
+                   help="structured: remove whole MLP channels and KV groups (a smaller model); unstructured: zero "
+                   "the lowest-scoring weights of every row; 2:4: zero two of every four consecutive weights of a "
+                   "row (50%%; NVIDIA sparse tensor cores) (default structured)")
+    p.add_argument("--sparsity", type=float, default=None, help="structured: fraction of MLP channels and KV groups "
+                   "removed per layer, e.g. 0.2; unstructured: fraction of every row's weights zeroed; 2:4: 0.5 or "
+                   "omitted")
+    p.add_argument("--targets", type=_targets, default=None, metavar="LIST",
+                   help=f"structured: what to prune, comma separated: {', '.join(TARGETS)} (default: both)")
     p.add_argument("--method", default="l1", choices=list(METHODS),
                    help="importance: " + "; ".join(f"{k}: {v}" for k, v in METHODS.items()) + " (default l1)")
     p.add_argument("--calib", default=None, metavar="TEXT", help="calibration text of --method wanda / taylor: "
@@ -64,6 +79,13 @@ def add_prune_parser(sub) -> None:
 
 
 def run_prune(args: argparse.Namespace) -> int:
+    if args.structure != "structured":
+        from trident.compress.sparsity_cli import run_mask_prune
+
+        return run_mask_prune(args)
+    if args.sparsity is None:
+        raise TridentError("structured pruning needs --sparsity: the fraction of MLP channels and KV groups removed, "
+                           "e.g. --sparsity 0.2")
     from rich.console import Console
 
     from trident.bench import report as bench_report
@@ -71,7 +93,7 @@ def run_prune(args: argparse.Namespace) -> int:
     from trident.loader import load_checkpoint
     from trident.quant.gptq_config import CalibrationConfig
 
-    config = PruneConfig(sparsity=args.sparsity, targets=tuple(args.targets), method=args.method)
+    config = PruneConfig(sparsity=args.sparsity, targets=tuple(args.targets or TARGETS), method=args.method)
     needs_calib = config.method in NEEDS_CALIBRATION
     if needs_calib and args.calib is None:
         raise TridentError(f"--method {config.method} scores by activations: add --calib TEXT (shakespeare, kjv or "
@@ -90,10 +112,10 @@ def run_prune(args: argparse.Namespace) -> int:
     shape = Shape.of(checkpoint.hf_config)
     norms = products = calib_record = None
     if calib is not None:
-        tokens = _calibration_tokens(checkpoint, calib, args.model)
+        tokens = load_calibration_tokens(checkpoint, calib, args.model)
         calib_record = tokens.as_dict()
         if config.method == "wanda":
-            norms = _norms(checkpoint, tokens.token_ids, calib.batch_size, console)
+            norms = calibration_norms(checkpoint, tokens.token_ids, calib.batch_size, console)
         else:
             from trident.compress.taylor import weight_gradient_products
 
@@ -121,7 +143,8 @@ def run_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibration_tokens(checkpoint, calib, model_name: str):
+def load_calibration_tokens(checkpoint, calib, model_name: str):
+    """--calib's tokens (trident.quant.calibrate.calibration_tokens) with the checkpoint's tokenizer."""
     from trident.quant.calibrate import calibration_tokens
 
     if checkpoint.tokenizer is None:
@@ -129,7 +152,9 @@ def _calibration_tokens(checkpoint, calib, model_name: str):
     return calibration_tokens(checkpoint.tokenizer, calib)
 
 
-def _norms(checkpoint, token_ids, batch_size: int, console):
+def calibration_norms(checkpoint, token_ids, batch_size: int, console):
+    """Every decoder layer's projection-input L2 norms over ``token_ids``, the model run by trident in float32 on
+    the CPU (trident.compress.prune.activation_norms)."""
     from trident.compress.prune import activation_norms
     from trident.engine.engine import LLMEngine
     from trident.engine.llm import engine_config

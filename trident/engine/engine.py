@@ -110,6 +110,15 @@ class LLMEngine:
         self.model = build_model(self.model_config, checkpoint.tensors, dtype=self.dtype, device=self.device,
                                  backend=backend, quantization=checkpoint.quantization,
                                  experts_backend=self.experts_backend)
+        self.sparse_kernels = None
+        """What --sparse-kernel converted (trident/quant/sparse24.py), None when it is off."""
+        if config.sparse_kernel:
+            from trident.compress.sparsity import read_sparsity
+            from trident.quant.sparse24 import install_sparse_kernels
+
+            marked = read_sparsity(checkpoint.hf_config)
+            self.sparse_kernels = install_sparse_kernels(self.model, marked and marked.pattern, self.device,
+                                                         self.dtype)
         self.max_model_len = resolve_max_model_len(self.model_config, config, self.device)
         cache = config.cache
         kv_format = kv_format_of(config, self.dtype)
@@ -123,8 +132,9 @@ class LLMEngine:
         self.kv_block_bytes = kv_bytes_per_block(self.model_config, cache.block_size, kv_format)
         """Bytes of one KV block over all layers (with the scales of a quantized cache)."""
         # MoE models answer for their experts backend too (the torch reference reads expert counts on the host;
-        # the triton one is capturable)
-        capturable = backend.supports_cuda_graphs and getattr(self.model, "supports_cuda_graphs", True)
+        # the triton one is capturable), and 2:4 sparse layers for theirs (a capture probe at installation)
+        capturable = (backend.supports_cuda_graphs and getattr(self.model, "supports_cuda_graphs", True)
+                      and (self.sparse_kernels is None or self.sparse_kernels.capturable))
         graph_sizes = cuda_graph_batch_sizes(config, self.device, capturable)
         self.runner = ModelRunner(self.model, backend=backend, num_blocks=num_blocks, block_size=cache.block_size,
                                   kv_format=kv_format, device=self.device,
