@@ -1,5 +1,6 @@
 """Where a decode step's time goes on CUDA: graph replay (GPU only) vs a whole engine step, for a few shapes and
-batch sizes (random weights). Run on the GPU machine: python scripts/gpu_step_time.py"""
+batch sizes (random weights). Run on the GPU machine: python scripts/gpu_step_time.py [SHAPE:BATCH ...]"""
+import sys
 import time
 
 import torch
@@ -10,12 +11,14 @@ from trident.engine.engine import LLMEngine
 from trident.engine.llm import engine_config
 from trident.engine.request import SamplingParams
 
-for name, batch in (("llama3-8b", 1), ("qwen3-0.6b", 1), ("qwen3-0.6b", 128), ("qwen3-0.6b", 256)):
+CASES = [(a, int(b)) for a, b in (arg.split(":") for arg in sys.argv[1:])] or [
+    ("llama3-8b", 1), ("qwen3-0.6b", 1), ("qwen3-0.6b", 128), ("qwen3-0.6b", 256)]
+for name, batch in CASES:
     shape = resolve_shape(name)
     ck = random_checkpoint(shape, device="cuda", dtype=torch.bfloat16)
     eng = LLMEngine(engine_config("", device="cuda", dtype="bfloat16", max_num_seqs=max(batch, 1),
                                   max_num_batched_tokens=16384, max_model_len=4096,
-                                  memory_budget_bytes=8 << 30), ck)
+                                  memory_budget_bytes=16 << 30), ck)
     p = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
     for i in range(batch):
         eng.add_request([1 + (i * 7 + j) % 1000 for j in range(512)], p)
