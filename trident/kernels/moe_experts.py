@@ -16,7 +16,7 @@ then its up rows) and down [E, H, I]:
 3. ``_down_kernel``: a program per (row block, BLOCK_N columns of H) multiplies the block's intermediate rows by
    the expert's down rows, scales each row by its pair's routing weight (float32) and writes it, rounded to the
    activation dtype, to out_pairs [T k, H] at the pair's own row t k + slot.
-4. out = out_pairs viewed [T, k, H] summed over k (torch's reduction, float32 accumulation): deterministic, no
+4. out = out_pairs viewed [T, k, H] summed over k (``_sum_kernel``: slot order, float32): deterministic, no
    atomics (an atomic-add combine would save the pass over out_pairs but make the sum order, and so the last
    bit, depend on scheduling).
 
@@ -24,8 +24,8 @@ Programs of row blocks with no expert return at once, and the aligned layout's r
 min(T k, E) experts in use (see trident/moe/align.py), so at batch 1 (k experts, one token each) the grid is k row
 blocks by the column blocks: every program streams weight rows of an active expert, and no expert's weights are read
 unless a token was routed to it. Tiles depend on shapes only (:func:`moe_tiles`): decode-sized steps (a few
-pairs per expert) take 16-row blocks with narrow, deep weight tiles chosen so that the programs of the active
-experts fill the GPU; larger steps take 32- to 128-row blocks with matrix-multiply tiles. Programs walk GROUP_M
+pairs per expert) take 16-row blocks with narrow, deep weight tiles (measured: see moe_tiles); larger steps take
+64- or 128-row blocks with matrix-multiply tiles. Programs walk GROUP_M
 row blocks per column block (trident/kernels/tiling.py). No split over K: with H = 2048 (Qwen3-30B-A3B) the
 down projection of 8 active experts already gives 256 programs of 64 columns.
 
@@ -50,12 +50,8 @@ from trident.moe.align import AlignedRouting
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
 DECODE_PAIRS_PER_EXPERT = 16
 """Up to this many (token, slot) pairs per expert on average, a step runs the decode tiles (16-row blocks)."""
-DECODE_TARGET_PROGRAMS = 264
-"""Decode programs to aim for over the active experts: two per multiprocessor of an H200 (132 SMs)."""
-GEMM_TARGET_PROGRAMS = 132
-"""Larger steps: programs to aim for before narrowing a tile, one per multiprocessor."""
-DECODE_TILE_ELEMENTS = 4096
-"""Decode weight tile (BLOCK_N x BLOCK_K) elements: 8 KB of bfloat16 per stage (16 KB through gate|up)."""
+SUM_BLOCK = 1024
+"""Columns of H per program of the sum over k."""
 GROUP_M = 8
 
 
@@ -80,30 +76,27 @@ class MoeTiles(NamedTuple):
 def moe_tiles(num_pairs: int, num_experts: int, hidden_size: int, intermediate_size: int) -> MoeTiles:
     """Tiles for num_pairs = T k routed pairs over num_experts experts, from shapes only.
 
-    block_m: 16 up to DECODE_PAIRS_PER_EXPERT pairs per expert on average, then 32 / 64 / 128 up to 32 / 64 /
-    beyond. The row blocks in use are estimated as min(num_pairs, E) active experts times the blocks of their
-    average share. Decode tiles (block_m 16): block_n the widest of 64, 32 giving DECODE_TARGET_PROGRAMS
-    programs over those blocks, else 16; block_k DECODE_TILE_ELEMENTS / block_n (at most K rounded up to a power
-    of two); 4 warps, 4 stages. Larger tiles: block_n 128 when that gives GEMM_TARGET_PROGRAMS programs, else 64;
-    block_k 64; 8 warps for 128 x 128 tiles, else 4; 3 stages.
+    block_m: 16 up to DECODE_PAIRS_PER_EXPERT pairs per expert on average, 64 up to 64, 128 beyond. Measured on an
+    H200 over the Qwen3-30B-A3B layer (``python -m trident.kernels.bench_moe_experts``, 2026-11-29): 16-row blocks
+    with gate|up tiles of 32 columns x 128 (4 warps, 4 stages) and down tiles of 64 x 128 (4 warps, 3 stages) ran
+    fastest of nine variants at 1, 8 and 64 tokens (33.9 / 129 / 308 us, 2.2-3.9 TB/s of touched experts); at 512
+    tokens (32 pairs per expert) 64-row blocks with 64 x 64 / 128 x 64 tiles (4 warps, 3 stages) did (476 us, against
+    504 with 32-row blocks). 128-row blocks: 128 x 64 tiles of 8 warps.
+    The K tiles are cut to K rounded up to a power of two (small models).
     """
     per_expert = num_pairs / num_experts
-    block_m = (16 if per_expert <= DECODE_PAIRS_PER_EXPERT else 32 if per_expert <= 32 else 64 if per_expert <= 64
-               else 128)
-    active = max(1, min(num_pairs, num_experts))
-    row_blocks = active * triton.cdiv(triton.cdiv(num_pairs, active), block_m)
-    return MoeTiles(block_m, _gemm_tiles(block_m, row_blocks, intermediate_size, hidden_size),
-                    _gemm_tiles(block_m, row_blocks, hidden_size, intermediate_size))
+    if per_expert <= DECODE_PAIRS_PER_EXPERT:
+        return MoeTiles(16, _fit(GemmTiles(32, 128, 4, 4), hidden_size), _fit(GemmTiles(64, 128, 4, 3),
+                                                                             intermediate_size))
+    if per_expert <= 64:
+        return MoeTiles(64, _fit(GemmTiles(64, 64, 4, 3), hidden_size), _fit(GemmTiles(128, 64, 4, 3),
+                                                                           intermediate_size))
+    return MoeTiles(128, _fit(GemmTiles(128, 64, 8, 3), hidden_size), _fit(GemmTiles(128, 64, 8, 3),
+                                                                         intermediate_size))
 
 
-def _gemm_tiles(block_m: int, row_blocks: int, n: int, k: int) -> GemmTiles:
-    if block_m == 16:
-        block_n = next((b for b in (64, 32) if row_blocks * triton.cdiv(n, b) >= DECODE_TARGET_PROGRAMS), 16)
-        block_k = max(16, min(DECODE_TILE_ELEMENTS // block_n, triton.next_power_of_2(k)))
-        return GemmTiles(block_n, block_k, 4, 4)
-    block_n = 128 if row_blocks * triton.cdiv(n, 128) >= GEMM_TARGET_PROGRAMS else 64
-    block_k = max(16, min(64, triton.next_power_of_2(k)))
-    return GemmTiles(block_n, block_k, 8 if block_m * block_n >= 128 * 128 else 4, 3)
+def _fit(tiles: GemmTiles, k: int) -> GemmTiles:
+    return tiles._replace(block_k=max(16, min(tiles.block_k, triton.next_power_of_2(k))))
 
 
 def fused_experts(hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor,
@@ -137,7 +130,18 @@ def fused_experts(hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch
     out_pairs = _down(inter, down, aligned, weights.contiguous(), num_pairs, tiles)
     if top_k == 1:
         return out_pairs
-    return out_pairs.view(num_tokens, top_k, hidden_size).sum(dim=1)
+    return _sum_over_k(out_pairs, num_tokens, top_k, hidden_size)
+
+
+def _sum_over_k(out_pairs: torch.Tensor, num_tokens: int, top_k: int, hidden_size: int) -> torch.Tensor:
+    """out [T, H]: each token's k rows of out_pairs added in slot order in float32 (one launch; torch's sum over a
+    middle axis took 5 us for one token on an H200)."""
+    out = torch.empty((num_tokens, hidden_size), dtype=out_pairs.dtype, device=out_pairs.device)
+    block = min(SUM_BLOCK, triton.next_power_of_2(hidden_size))
+    pdl = pdl_launch(out.device)
+    _sum_kernel[(num_tokens, triton.cdiv(hidden_size, block))](out_pairs, out, hidden_size, TOP_K=top_k, BLOCK=block,
+                                                               USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
+    return out
 
 
 def _gate_up(hidden: torch.Tensor, gate_up: torch.Tensor, aligned: AlignedRouting, top_k: int, intermediate: int,
@@ -253,3 +257,15 @@ def _down_kernel(inter_ptr, down_ptr, sorted_pairs_ptr, block_experts_ptr, weigh
     out = acc * scale[:, None]
     out_ptrs = out_ptr + pairs.to(tl.int64)[:, None] * n + cols[None, :]
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=valid[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _sum_kernel(pairs_ptr, out_ptr, n, TOP_K: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    wait_for_previous_grid(USE_PDL)
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        acc += tl.load(pairs_ptr + (token * TOP_K + j) * n + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + token * n + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)

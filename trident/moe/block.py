@@ -32,9 +32,7 @@ class SparseMoeBlock(nn.Module):
         self.stats = stats
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        routing = self.gate(hidden)
-        if self.stats is not None:
-            self.stats.record(self.layer_index, routing)
+        routing = self.gate(hidden, self.stats, self.layer_index)
         out = self.experts(hidden, routing.weights, routing.expert_ids)
         if self.shared_expert is not None:
             shared = self.shared_expert(hidden)

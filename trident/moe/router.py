@@ -14,18 +14,25 @@
 That is the arithmetic of transformers 5.24's gates for mixtral, qwen2_moe, qwen3_moe, deepseek_v2 and
 deepseek_v3 (trident/moe/config.py says which settings each family uses). The order of the k experts of a
 token is unspecified (the sum over them does not depend on it). :class:`Router` is the module holding the
-gate weights, under the checkpoints' names (``gate.weight``, ``gate.e_score_correction_bias``).
+gate weights, under the checkpoints' names (``gate.weight``, ``gate.e_score_correction_bias``); on CUDA it runs
+the arithmetic after the logits, and the load statistics' accumulation, as one Triton launch
+(trident/kernels/moe_route.py; group-limited routing stays on this torch path).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trident.models import ops
 from trident.moe.config import RENORMALIZE_EPS_SIGMOID, RouterConfig
+
+if TYPE_CHECKING:  # stats.py takes Routing from here
+    from trident.moe.stats import MoeLoadStats
 
 __all__ = ["Router", "RouterConfig", "Routing", "route"]
 
@@ -94,5 +101,18 @@ class Router(nn.Module):
             return F.linear(hidden.float(), self.weight.float())
         return F.linear(hidden, self.weight)
 
-    def forward(self, hidden: torch.Tensor) -> Routing:
-        return route(self.logits(hidden), self.config, self.e_score_correction_bias)
+    def forward(self, hidden: torch.Tensor, stats: MoeLoadStats | None = None, layer: int = -1) -> Routing:
+        """The routing of hidden [tokens, hidden]; with ``stats``, added to layer ``layer``'s load statistics."""
+        logits = self.logits(hidden)
+        if ops.uses_kernels(logits):
+            from trident.kernels import moe_route
+
+            if moe_route.supports(self.config):
+                accumulators = stats.accumulators(layer) if stats is not None else (None, None, None)
+                weights, expert_ids, scores = moe_route.fused_route(logits, self.config, self.e_score_correction_bias,
+                                                                    *accumulators)
+                return Routing(weights=weights, expert_ids=expert_ids, scores=scores)
+        routing = route(logits, self.config, self.e_score_correction_bias)
+        if stats is not None:
+            stats.record(layer, routing)
+        return routing

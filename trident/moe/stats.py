@@ -119,6 +119,13 @@ class MoeLoadStats:
             probs = probs / probs.sum(dim=-1, keepdim=True)
         self._prob_sums[slot].addmv_(probs.t(), self._row_mask)
 
+    def accumulators(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(counts int64 [E], probability sums float32 [E], this step's row mask float32 [tokens]) of one MoE layer,
+        for a kernel that adds a routing itself as :meth:`record` would (trident/kernels/moe_route.py)."""
+        assert self._row_mask is not None, "begin_step comes first"
+        slot = self._slot[layer]
+        return self._counts[slot], self._prob_sums[slot], self._row_mask
+
     def reset(self) -> None:
         """Forget everything counted so far."""
         if self._counts is None:
