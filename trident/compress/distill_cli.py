@@ -104,6 +104,8 @@ def run_distill(args: argparse.Namespace) -> int:
         raise TridentError(f"--eval-every must be >= 1, got {args.eval_every}")
     if args.eval_every is not None and args.eval_text is None:
         raise TridentError("--eval-every needs --eval-text")
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise TridentError(f"--device {config.device}, but torch sees no CUDA device here; use --device cpu")
     if args.resume:
         out = os.path.expanduser(args.out)
         resume_from = latest_checkpoint(out)
