@@ -1,4 +1,4 @@
-"""`trident` command line: info, generate, chat, bench, serve, eval, quantize, upcycle.
+"""`trident` command line: info, generate, chat, bench, serve, eval, quantize, upcycle, prune, distill.
 
 Errors a user can cause (TridentError) are printed as one line, without a stack trace, exit code 2.
 """
@@ -351,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     from trident.compress.prune_cli import add_prune_parser
 
     add_prune_parser(sub)
+
+    from trident.compress.distill_cli import add_distill_parser
+
+    add_distill_parser(sub)
     return parser
 
 

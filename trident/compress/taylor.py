@@ -24,18 +24,9 @@ def weight_gradient_products(tensors: Mapping[str, torch.Tensor], hf_config: Map
                              batch_size: int = 8, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """``W * dL/dW`` (float64) of every projection weight of the decoder layers, by Hugging Face name; L is the
     mean NLL of the next tokens of ``tokens`` [samples, seq_len] (each row a sequence from position 0)."""
-    import transformers
+    from trident.compress.hf_model import transformers_model
 
-    config = dict(hf_config)
-    model_type = config.pop("model_type")
-    config.pop("architectures", None)
-    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(model_type, **config),
-                                                          dtype=dtype, attn_implementation="eager").eval()
-    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise TridentError(f"the weights do not fit transformers' {type(model).__name__}: missing "
-                           f"{missing[:3]}, unexpected {unexpected[:3]}")
+    model = transformers_model(tensors, hf_config, dtype=dtype, attn_implementation="eager").eval()
     wanted = {f"model.layers.{i}.{m}.weight" for i in range(model.config.num_hidden_layers) for m in PROJECTIONS}
     params = dict(model.named_parameters())
     for name, p in params.items():
