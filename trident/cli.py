@@ -1,4 +1,4 @@
-"""`trident` command line: info, generate, chat, bench, serve, eval, quantize, upcycle.
+"""`trident` command line: info, generate, chat, bench, serve, eval, quantize, upcycle, prune, share.
 
 Errors a user can cause (TridentError) are printed as one line, without a stack trace, exit code 2.
 """
@@ -344,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     from trident.compress.prune_cli import add_prune_parser
 
     add_prune_parser(sub)
+
+    from trident.compress.share_cli import add_share_parser
+
+    add_share_parser(sub)
     return parser
 
 
