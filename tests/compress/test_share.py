@@ -301,3 +301,14 @@ def test_bad_configs_and_cli_errors(llama_dir, tmp_path, capsys) -> None:
     assert "between 1 and 3" in error(model, "--groups", "auto", "--num-shared", "4", "--criterion", "cosine",
                                       "--out", out)
     assert "shares no layers" in error(model, "--expand", "--out", out)
+
+    _share(llama_dir, tmp_path / "shared", "--groups", "0-1")
+    assert "cannot each get their own" in error_of(["quantize", str(tmp_path / "shared"), "--bits", "8", "--method",
+                                                   "smoothquant", "--calib", str(llama_dir / "config.json"),
+                                                   "--out", str(tmp_path / "sq")], capsys)
+
+
+def error_of(argv: list[str], capsys) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2
+    return capsys.readouterr().err
