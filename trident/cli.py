@@ -1,4 +1,4 @@
-"""`trident` command line: info, generate, chat, bench, serve, eval, quantize, upcycle, prune, distill.
+"""`trident` command line: info, generate, chat, bench, serve, eval, quantize, upcycle, prune, distill, share.
 
 Errors a user can cause (TridentError) are printed as one line, without a stack trace, exit code 2.
 """
@@ -355,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     from trident.compress.distill_cli import add_distill_parser
 
     add_distill_parser(sub)
+
+    from trident.compress.share_cli import add_share_parser
+
+    add_share_parser(sub)
     return parser
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from trident.attention.cache_spec import KVCacheSpec
 from trident.errors import TridentError
 from trident.models.mla_config import MlaConfig, mla_config_from_hf, yarn_mscale
+from trident.models.shared_layers import SharedLayers
 from trident.moe.config import MoeConfig, moe_config_from_hf
 
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8", "fp8")
@@ -117,6 +118,9 @@ class ModelConfig:
     mla: MlaConfig | None = None
     """Multi-head latent attention (DeepSeek-V2 / V3), else None; ``head_dim`` is then the rope part of a head
     (qk_rope_head_dim, as transformers sets it) and the cache holds one latent per token (``kv_cache_spec``)."""
+    shared_layers: SharedLayers | None = None
+    """Layers that use another layer's weights (a ``trident share`` folder: trident/models/shared_layers.py), else
+    None."""
 
     def __post_init__(self) -> None:
         if not self.layer_types:
@@ -259,6 +263,7 @@ class ModelConfig:
                 source_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
                 moe=moe_config_from_hf(model_type, d, num_layers),
                 mla=mla,
+                shared_layers=SharedLayers.from_hf(raw, model_type, num_layers),
             )
         except KeyError as e:
             raise TridentError(f"model config for {model_type!r} lacks the key {e.args[0]!r}") from None

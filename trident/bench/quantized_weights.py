@@ -51,6 +51,10 @@ def quantize_checkpoint(checkpoint: Checkpoint, config: QuantConfig, quant_metho
                            "without --weights")
     with torch.device("meta"):
         model = model_class(checkpoint.config.model_type)(checkpoint.config, TorchAttention())
+    if checkpoint.config.shared_layers is not None:  # a shared module is quantized once, from its source layer
+        from trident.models.shared_layers import tie_shared_modules
+
+        tie_shared_modules(model, checkpoint.config.shared_layers)
     packed = model.packed_modules
     names = eligible_modules(model, config)
     tensors = dict(checkpoint.tensors)

@@ -112,14 +112,19 @@ def num_kv_blocks(model_config: ModelConfig, config: EngineConfig, max_model_len
 
 
 def weights_bytes(model_config: ModelConfig, dtype: torch.dtype, quantization: QuantizedModules | None = None) -> int:
-    """Bytes of the model's parameters in ``dtype``, counted on a meta-device build (nothing allocated;
-    tied embeddings counted once, as the engine shares them). With ``quantization`` (a ``trident quantize``
-    checkpoint), the listed layers count their codes, scales and zero points instead of a ``dtype`` weight."""
+    """Bytes of the model's parameters in ``dtype``, counted on a meta-device build (nothing allocated; tied
+    embeddings and shared layers' modules counted once, as the engine shares them). With ``quantization`` (a
+    ``trident quantize`` checkpoint), the listed layers count their codes, scales and zero points instead of a
+    ``dtype`` weight."""
     from trident.attention.torch_ref import TorchAttention
     from trident.models.registry import model_class
 
     with torch.device("meta"):
         model = model_class(model_config.model_type)(model_config, TorchAttention())
+    if model_config.shared_layers is not None:
+        from trident.models.shared_layers import tie_shared_modules
+
+        tie_shared_modules(model, model_config.shared_layers)
     element = torch.empty((), dtype=dtype).element_size()
     total = sum(p.numel() for p in model.parameters()) * element
     if quantization is not None:

@@ -23,7 +23,8 @@ def build_model(config: ModelConfig, tensors: Mapping[str, torch.Tensor], *, dty
     parameter from the checkpoint's tensors, without a copy where none is needed. ``quantization`` (a
     checkpoint written by ``trident quantize``): the listed Linear layers become QuantizedLinear layers holding
     the checkpoint's codes and scales as stored. ``experts_backend``: the registered name (trident/moe/registry.py)
-    of the backend an MoE model runs its routed experts with (dense models have none)."""
+    of the backend an MoE model runs its routed experts with (dense models have none). Layers that share weights
+    (``config.shared_layers``) hold the very same modules, hence tensors, as their source layers."""
     cls = model_class(config.model_type)
     extra = {}
     if config.moe is not None:
@@ -36,6 +37,10 @@ def build_model(config: ModelConfig, tensors: Mapping[str, torch.Tensor], *, dty
         from trident.quant.format import install_quantized_modules
 
         tensors = install_quantized_modules(model, quantization, tensors, device, dtype)
+    if config.shared_layers is not None:  # before loading: each shared module is then filled once
+        from trident.models.shared_layers import tie_shared_modules
+
+        tie_shared_modules(model, config.shared_layers)
     model.load_weights(tensors, dtype=dtype, device=device)
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):

@@ -230,8 +230,15 @@ def is_selected(name: str, config: QuantConfig) -> bool:
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where module ``name`` is, and wherever else the model holds that same module object (a layer
+    sharing its source layer's modules, trident/models/shared_layers.py), so a shared module stays shared."""
+    old = model.get_submodule(name)
     parent_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+    for module in model.modules():
+        for child_name, child in module.named_children():
+            if child is old:
+                setattr(module, child_name, new)
 
 
 @torch.no_grad()

@@ -142,6 +142,10 @@ def _layer_kinds(model: nn.Module) -> list[tuple[str, str]]:
             raise TridentError(f"SmoothQuant does not know which norm feeds which projection in {kind}; it supports "
                                f"{', '.join(NORM_INPUTS)} layers: use --method w8a8 (no migration)")
         kinds.append((f"model.layers.{index}.", kind))
+    if getattr(model.config, "shared_layers", None) is not None:
+        raise TridentError("SmoothQuant migrates each layer's norm into its projections; layers sharing their "
+                           "projections (trident share) cannot each get their own: use --method w8a8, or smooth "
+                           "the model before sharing its layers")
     return kinds
 
 
