@@ -244,3 +244,24 @@ def test_cli_user_errors(dirs, tmp_path, capsys) -> None:
     changed = error("--teacher", str(dirs["teacher"]), "--student", str(dirs["student"]), *common, "--lr", "0.01",
                     "--out", str(out), "--resume")
     assert "lr (0.0001 -> 0.01)" in changed
+
+
+def test_a_shared_student_trains_shared_and_stays_shared(dirs, tmp_path) -> None:
+    """`trident share` then `trident distill`: the student's shared layers train one tensor (the gradients of both
+    layers), and the distilled folder holds it once, still declared shared, and loads shared in trident."""
+    from trident import LLM
+
+    shared = tmp_path / "shared"
+    assert main(["share", str(dirs["student"]), "--groups", "0-1", "--out", str(shared)]) == 0
+    out = tmp_path / "out"
+    assert main(["distill", "--teacher", str(dirs["teacher"]), "--student", str(shared), "--text", str(dirs["text"]),
+                 "--out", str(out), *RUN]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["trident_shared_layers"] == json.loads((shared / "config.json").read_text())[
+        "trident_shared_layers"] == {"1": 0}
+    before, after = load_file(shared / "model.safetensors"), load_file(out / "model.safetensors")
+    assert set(after) == set(before)  # the shared layer's projections are absent, its norms present
+    assert "model.layers.1.self_attn.q_proj.weight" not in after and "model.layers.1.input_layernorm.weight" in after
+    assert not torch.equal(after["model.layers.0.mlp.down_proj.weight"], before["model.layers.0.mlp.down_proj.weight"])
+    layers = LLM(str(out), dtype="float32", num_blocks=8).engine.model.model.layers
+    assert layers[1].mlp.down_proj.weight.data_ptr() == layers[0].mlp.down_proj.weight.data_ptr()

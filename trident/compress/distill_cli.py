@@ -93,7 +93,6 @@ def run_distill(args: argparse.Namespace) -> int:
 
     from trident.compress.distill import Distiller
     from trident.compress.distill_state import latest_checkpoint, load_checkpoint
-    from trident.compress.hf_model import transformers_model
 
     config = DistillConfig(
         steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
@@ -122,8 +121,8 @@ def run_distill(args: argparse.Namespace) -> int:
             student_ckpt.tokenizer, args.eval_text, args.eval_tokens, args.eval_window)
     sources = {"teacher": args.teacher, "student": args.student, "text": text_record}
     with console.status("building the teacher and the student (transformers)"):
-        teacher = transformers_model(teacher_ckpt.tensors, teacher_ckpt.hf_config)
-        student = transformers_model(student_ckpt.tensors, student_ckpt.hf_config)
+        teacher = _transformers(teacher_ckpt)
+        student = _transformers(student_ckpt)
         del teacher_ckpt
         distiller = Distiller(teacher, student, token_ids, config)
     record = {"kind": "distill", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -147,6 +146,25 @@ def run_distill(args: argparse.Namespace) -> int:
     files = _finish(distiller, record, out, student_ckpt, eval_windows, stopped, console)
     console.print(f"student written to {out} ({', '.join(files)})")
     return 0
+
+
+def _transformers(checkpoint):
+    """The checkpoint as a transformers model. A folder written by ``trident share`` is expanded (every layer gets
+    its source layer's tensors) and its shared layers tied to their sources' parameters, so that training updates
+    one tensor from every layer that uses it; the student's final folder and checkpoints then hold each shared
+    tensor once, under its source layer's names (named_parameters lists a tied parameter once, first where it is
+    first met: the source, the lower layer), with config.json's sharing keys kept."""
+    from trident.compress.hf_model import transformers_model
+
+    sharing = checkpoint.config.shared_layers
+    if sharing is None:
+        return transformers_model(checkpoint.tensors, checkpoint.hf_config)
+    from trident.compress.share import expand_tensors, tie_shared_layers
+
+    model = transformers_model(expand_tensors(checkpoint.tensors, sharing, checkpoint.config.num_layers),
+                               checkpoint.hf_config)
+    tie_shared_layers(model, sharing)
+    return model
 
 
 def _load(name: str, role: str):
