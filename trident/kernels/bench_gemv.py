@@ -129,6 +129,11 @@ def cell(value: float | str | None, spec: str, width: int, missing: str = "faile
     return format(value, spec).rjust(width) if isinstance(value, float) else missing.rjust(width)
 
 
+def dash_cell(value: float | str | None, spec: str, width: int) -> str:
+    """:func:`cell` with '-' for a missing value (tables whose empty cells are not failures)."""
+    return cell(value, spec, width, missing="-")
+
+
 def print_table(rows: list[dict], timing: str) -> None:
     print(f"\n{'model':11} {'proj':8} {'N x K':>12} {'M':>3} {'cuBLAS us':>10} {'ours us':>8} {'ours TB/s':>9} "
           f"{'x cuBLAS':>8}  {'best variant':20} {'best us':>8} {'best TB/s':>9}   ({timing})")

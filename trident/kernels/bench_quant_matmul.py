@@ -28,11 +28,11 @@ from trident.kernels.bench_gemv import (
     TimeUs,
     _checked_us,
     bench_device,
-    cell,
     graph_us,
     wall_us,
     write_results,
 )
+from trident.kernels.bench_gemv import dash_cell as _cell
 from trident.kernels.gemv import gemv
 from trident.kernels.quant_matmul import QGEMV_MAX_ROWS, TileConfig, quant_matmul, quant_matmul_config
 from trident.quant.affine import AffineWeight, affine_matmul_reference
@@ -126,10 +126,6 @@ def bench_shape(model: str, projection: str, n: int, k: int, rows: tuple[int, ..
             results.append(row)
             print(json.dumps(row), flush=True)
     return results
-
-
-def _cell(value, spec: str, width: int) -> str:
-    return cell(value, spec, width, missing="-")
 
 
 def print_table(rows: list[dict], timing: str) -> None:

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from trident.compress.sparsity import two_four_mask
-from trident.kernels.bench_gemv import ROTATION_BYTES, TimeUs, _checked_us, bench_device, cell, graph_us, wall_us
+from trident.kernels.bench_gemv import ROTATION_BYTES, TimeUs, _checked_us, bench_device, graph_us, wall_us
+from trident.kernels.bench_gemv import dash_cell as _cell
 from trident.kernels.bench_gemv import write_results as write_json
 from trident.models.layers import linear
 from trident.quant.sparse24 import sparse_linear, to_semi_structured
@@ -125,10 +126,6 @@ def bench_shape(projection: str, n: int, k: int, rows: tuple[int, ...], time_us:
         results.append(row)
         print(json.dumps(row), flush=True)
     return results
-
-
-def _cell(value, spec: str, width: int) -> str:
-    return cell(value, spec, width, missing="-")
 
 
 def print_table(rows: list[dict], timing: str) -> None:

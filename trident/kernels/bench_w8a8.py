@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from trident.kernels.bench_gemv import ROTATION_BYTES, TimeUs, _checked_us, bench_device, cell, graph_us, wall_us
+from trident.kernels.bench_gemv import ROTATION_BYTES, TimeUs, _checked_us, bench_device, graph_us, wall_us
+from trident.kernels.bench_gemv import dash_cell as _cell
 from trident.kernels.bench_gemv import write_results as write_json
 from trident.kernels.w8a8_matmul import W8A8Tiles, quantize_rows, w8a8_config, w8a8_matmul
 from trident.quant.w8a8 import w8a8_matmul_reference
@@ -88,10 +89,6 @@ def bench_shape(projection: str, n: int, k: int, rows: tuple[int, ...], time_us:
         results.append(row)
         print(json.dumps(row), flush=True)
     return results
-
-
-def _cell(value, spec: str, width: int) -> str:
-    return cell(value, spec, width, missing="-")
 
 
 def print_table(rows: list[dict], timing: str) -> None:
