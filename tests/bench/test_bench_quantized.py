@@ -4,6 +4,7 @@ counts their stored bytes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -110,3 +111,61 @@ def test_quantized_weights_refuse_compare_hf(tmp_path, capsys) -> None:
     assert main(["bench", "latency", "--shape", str(config_path), "--device", "cpu", "--weights", "int4",
                  "--compare", "hf"]) != 0
     assert "--compare hf runs transformers on float weights" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("per_expert", [False, True], ids=["fused", "per-expert"])
+def test_int8_quantizes_the_routed_experts(per_expert: bool) -> None:
+    """--weights int8 on an MoE checkpoint: each sparse layer's experts become int8 codes and per-row scales within
+    half a step of the float weights, from fused tensors or from per-expert matrices (Mixtral's
+    block_sparse_moe.experts.{e}.w1 / w3 / w2, stacked); dense layers' MLPs stay Linear layers; int4 leaves the
+    experts float."""
+    from trident.moe.quant import EXPERT_TENSORS, dequantize_experts
+
+    shape = Shape("t", dict(TINY_SHAPES["mixtral-window" if per_expert else "qwen2-moe-shared"]), "test")
+    source = random_checkpoint(shape, device="cpu", dtype=torch.float32, seed=2)
+    layers = (0, 1) if per_expert else (1,)  # qwen2-moe-shared's layer 0 is dense (mlp_only_layers)
+    fused = {i: (source.tensors[f"model.layers.{i}.mlp.experts.gate_up_proj"],
+                 source.tensors[f"model.layers.{i}.mlp.experts.down_proj"]) for i in layers}
+    if per_expert:
+        tensors = dict(source.tensors)
+        for i in layers:
+            gate_up, down = (tensors.pop(f"model.layers.{i}.mlp.experts.{t}") for t in ("gate_up_proj", "down_proj"))
+            inter = down.shape[2]
+            for e in range(gate_up.shape[0]):
+                prefix = f"model.layers.{i}.block_sparse_moe.experts.{e}"
+                tensors[f"{prefix}.w1.weight"], tensors[f"{prefix}.w3.weight"] = gate_up[e].split(inter)
+                tensors[f"{prefix}.w2.weight"] = down[e]
+        source = dataclasses.replace(source, tensors=tensors, tensor_types={})
+    quantized = quantize_checkpoint(source, QuantConfig(bits=8))
+    assert quantized.quantization.experts == tuple(f"model.layers.{i}.mlp.experts" for i in layers)
+    assert not any(".experts." in n and not n.endswith(EXPERT_TENSORS) for n in quantized.tensors)
+    for i, weights in fused.items():
+        name = f"model.layers.{i}.mlp.experts"
+        stored = [quantized.tensors[f"{name}.{kind}"] for kind in EXPERT_TENSORS]
+        for (codes, scales), w in zip((stored[:2], stored[2:]), weights):
+            assert codes.dtype == torch.int8 and scales.dtype == torch.float32
+            err = (dequantize_experts(codes, scales, torch.float64) - w.double()).abs()
+            assert (err <= scales.double()[..., None] / 2 * (1 + 1e-6)).all()
+    if not per_expert:
+        assert "model.layers.0.mlp.gate_up_proj" in quantized.quantization.modules
+        assert quantize_checkpoint(source, QuantConfig(bits=4)).quantization.experts == ()
+
+
+def test_bench_latency_with_int8_experts_counts_codes_and_scales(tmp_path) -> None:
+    """An MoE shape with --weights int8 runs with int8 experts; the roofline's expert bytes are their codes and
+    scales (1 byte per weight, 4 per row)."""
+    hf_config = dict(TINY_SHAPES["mixtral-window"])
+    config_path = tmp_path / "tiny" / "config.json"
+    config_path.parent.mkdir()
+    config_path.write_text(json.dumps(hf_config))
+    out = tmp_path / "latency.json"
+    assert main(["bench", "latency", "--shape", str(config_path), "--prompt-len", "16", "--output-len", "4",
+                 "--repeat", "1", "--device", "cpu", "--dtype", "float32", "--weights", "int8",
+                 "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    (row,) = record["results"]
+    assert row["decode_tok_s"] > 0
+    layers, experts, hidden, inter = 2, 4, 64, 96  # mixtral's experts are intermediate_size wide
+    codes = layers * experts * 3 * hidden * inter
+    scales = layers * experts * (2 * inter + hidden) * 4
+    assert record["roofline"]["expert_bytes"] == codes + scales

@@ -3,7 +3,8 @@ equals float64 math token by token, and the torch reference backend within the d
 routings (1 to 200 tokens, top-1 / 2 / 8 of 4 / 8 / 64 experts, hidden and intermediate sizes multiples of 16 on and
 off the tiles, experts that get no token, every token on one expert) and every row-block size; a decode step is
 capturable in a CUDA graph, replays equal the eager call, and nothing in it waits for the device. Every tile
-variant the benchmark sweeps computes the same.
+variant the benchmark sweeps computes the same. int8 experts (trident/moe/quant.py) likewise: the fused kernels on
+the codes and scales equal float64 math on the dequantized weights, and the torch backend on the same codes.
 
 Shapes stay small so that Triton's CPU interpreter runs them too (TRITON_INTERPRET=1, see conftest.py): there,
 ``-k float16`` keeps to the dtype the interpreter multiplies natively (bfloat16 runs through conftest's widening)."""
@@ -23,6 +24,7 @@ from trident.kernels.moe_experts import GemmTiles, MoeTiles, fused_experts, moe_
 from trident.moe.align import align_routing_reference
 from trident.moe.experts import TorchExperts
 from trident.moe.experts_triton import TritonExperts
+from trident.moe.quant import dequantize_experts, quantize_experts
 
 pytestmark = pytest.mark.gpu
 
@@ -89,19 +91,32 @@ def assert_rows_close(out: torch.Tensor, exact: torch.Tensor, tolerance: float, 
 
 def check_experts(device, num_tokens: int, top_k: int, num_experts: int, hidden_size: int, inter: int,
                   how: str, dtype: torch.dtype, seed: int, activation: str = "silu",
-                  tiles: MoeTiles | None = None) -> None:
+                  tiles: MoeTiles | None = None, int8: bool = False) -> None:
+    """The fused kernels against float64 math and TorchExperts; ``int8``: on int8 codes and scales of the experts
+    (the float64 math on the codes dequantized in float64)."""
     gen = torch.Generator().manual_seed(seed)
     weights, ids = random_routing(num_tokens, top_k, num_experts, how, gen)
-    gate_up, down = (w.to(dtype) for w in random_experts(num_experts, hidden_size, inter, gen))
+    gate_up, down = random_experts(num_experts, hidden_size, inter, gen)
+    scales = {}
+    if int8:
+        (gate_up, gate_up_scales), (down, down_scales) = quantize_experts(gate_up), quantize_experts(down)
+        scales = {"gate_up_scales": gate_up_scales.to(device), "down_scales": down_scales.to(device)}
+        exact_weights = (dequantize_experts(gate_up, gate_up_scales, torch.float64),
+                         dequantize_experts(down, down_scales, torch.float64))
+    else:
+        gate_up, down = gate_up.to(dtype), down.to(dtype)
+        exact_weights = (gate_up, down)
     hidden = torch.randn(num_tokens, hidden_size, generator=gen).to(dtype)
+    weight_bytes = 1 if int8 else 2
     what = (f"T={num_tokens} k={top_k} E={num_experts} H={hidden_size} I={inter} {how} {dtype_id(dtype)} "
-            f"{activation} {tiles or moe_tiles(num_tokens * top_k, num_experts, hidden_size, inter)}")
+            f"{activation} {'int8 ' if int8 else ''}"
+            f"{tiles or moe_tiles(num_tokens * top_k, num_experts, hidden_size, inter, weight_bytes)}")
     args = (hidden.to(device), weights.to(device), ids.to(device), gate_up.to(device), down.to(device), activation)
-    out = fused_experts(*args, tiles=tiles)
+    out = fused_experts(*args, tiles=tiles, **scales)
     assert out.dtype == dtype and out.device.type == device.type
-    exact = exact_experts(hidden, weights, ids, gate_up, down, activation)
+    exact = exact_experts(hidden, weights, ids, *exact_weights, activation)
     assert_rows_close(out, exact, ROW_TOLERANCE[dtype], what)
-    reference = TorchExperts().forward(*args)
+    reference = TorchExperts().forward(*args, **scales)
     assert_rows_close(out, reference.cpu().double(), TORCH_ROW_TOLERANCE[dtype], f"{what} (against TorchExperts)")
 
 
@@ -114,6 +129,20 @@ def test_fused_experts_match_float64_and_torch_reference(kernel_device, dtype, n
                                                          hidden_size, inter, how, seed) -> None:
     top_k = min(top_k, num_experts)
     check_experts(kernel_device, num_tokens, top_k, num_experts, hidden_size, inter, how, dtype, seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(num_tokens=st.integers(1, 200), top_k=st.sampled_from([1, 2, 8]), num_experts=st.sampled_from([4, 8, 64]),
+       hidden_size=st.sampled_from([16, 48, 64, 80, 128]), inter=st.sampled_from([16, 32, 48, 96]),
+       how=st.sampled_from(ROUTINGS), seed=st.integers(0, 2**16))
+def test_int8_experts_match_float64_on_dequantized_weights_and_torch_reference(kernel_device, dtype, num_tokens,
+                                                                               top_k, num_experts, hidden_size,
+                                                                               inter, how, seed) -> None:
+    """int8 codes and per-row scales through the fused kernels (moe_tiles' int8 tiles) equal float64 math on the
+    dequantized weights, and TorchExperts on the same codes."""
+    top_k = min(top_k, num_experts)
+    check_experts(kernel_device, num_tokens, top_k, num_experts, hidden_size, inter, how, dtype, seed, int8=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -136,6 +165,32 @@ TILE_VARIANTS = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_fused_experts_every_tile_variant(kernel_device, dtype, tiles) -> None:
     check_experts(kernel_device, 37, 2, 8, 80, 48, "some_idle", dtype, seed=11, tiles=tiles)
+
+
+@pytest.mark.parametrize("tiles", TILE_VARIANTS, ids=lambda t: f"m{t.block_m}_n{t.gate_up.block_n}_{t.down.block_n}")
+def test_int8_experts_every_tile_variant(kernel_device, tiles) -> None:
+    """K tiles on and off H = 80 / I = 48 (masked code loads), columns off the tiles (masked scale loads)."""
+    check_experts(kernel_device, 37, 2, 8, 80, 48, "some_idle", torch.float16, seed=12, tiles=tiles, int8=True)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 40, 300])
+def test_int8_tiles_of_each_regime(kernel_device, num_tokens) -> None:
+    """moe_tiles' int8 choices (decode, 64- and 128-row blocks, K tiles deepened) on a layer whose K fills them."""
+    tiles = moe_tiles(num_tokens * 2, 4, 256, 256, weight_bytes=1)
+    assert tiles.block_m == {1: 16, 40: 64, 300: 128}[num_tokens]
+    check_experts(kernel_device, num_tokens, 2, 4, 256, 256, "random", torch.float16, seed=num_tokens, int8=True)
+
+
+def test_int8_tiles_read_as_many_weight_bytes_per_stage() -> None:
+    """int8 tiles deepen K where bytes bound the GEMMs (decode, 64-row blocks), keep the 128-row ones."""
+    for pairs in (8, 40 * 128, 100 * 128):
+        bf16, int8 = moe_tiles(pairs, 128, 2048, 768), moe_tiles(pairs, 128, 2048, 768, weight_bytes=1)
+        assert int8.block_m == bf16.block_m
+        for b, i in ((bf16.gate_up, int8.gate_up), (bf16.down, int8.down)):
+            assert i.block_n == b.block_n
+            assert i.block_k == (b.block_k if bf16.block_m == 128 else 2 * b.block_k)
+    with pytest.raises(ValueError):
+        moe_tiles(8, 128, 2048, 768, weight_bytes=4)
 
 
 @pytest.mark.parametrize("tiles", VARIANTS, ids=tiles_name)
@@ -177,6 +232,19 @@ def test_backend_class_runs_the_kernels(kernel_device) -> None:
                       "TritonExperts")
 
 
+def test_backend_class_runs_int8_experts(kernel_device) -> None:
+    gen = torch.Generator().manual_seed(8)
+    weights, ids = random_routing(5, 2, 8, "random", gen)
+    (gate_up, gate_up_scales), (down, down_scales) = (quantize_experts(w) for w in random_experts(8, 32, 16, gen))
+    hidden = torch.randn(5, 32, generator=gen).half()
+    on = {"device": kernel_device}
+    out = TritonExperts().forward(hidden.to(**on), weights.to(**on), ids.to(**on), gate_up.to(**on), down.to(**on),
+                                  "silu", gate_up_scales=gate_up_scales.to(**on), down_scales=down_scales.to(**on))
+    exact = exact_experts(hidden, weights, ids, dequantize_experts(gate_up, gate_up_scales, torch.float64),
+                          dequantize_experts(down, down_scales, torch.float64))
+    assert_rows_close(out, exact, ROW_TOLERANCE[torch.float16], "TritonExperts int8")
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(num_tokens=st.integers(1, 300), top_k=st.sampled_from([1, 2, 6, 8]),
        num_experts=st.sampled_from([4, 8, 60, 64, 128, 256]), block_m=st.sampled_from([16, 32, 64, 128]),
@@ -193,15 +261,24 @@ def test_alignment_kernel_equals_reference(kernel_device, num_tokens, top_k, num
         assert torch.equal(getattr(out, name).cpu(), getattr(ref, name).cpu()), name
 
 
+@pytest.mark.parametrize("int8", [False, True], ids=["bf16", "int8"])
 @pytest.mark.parametrize("num_tokens", [1, 3, 64])
-def test_decode_step_is_capturable_and_replays_match_eager(num_tokens: int) -> None:
-    """A graph of the fused experts replays with new hidden states and a new routing copied into its inputs and
-    gives the eager result; the eager call never synchronises with the host (CUDA's sync debug mode would
-    raise)."""
+def test_decode_step_is_capturable_and_replays_match_eager(num_tokens: int, int8: bool) -> None:
+    """A graph of the fused experts (bfloat16 or int8 weights) replays with new hidden states and a new routing
+    copied into its inputs and gives the eager result; the eager call never synchronises with the host (CUDA's sync
+    debug mode would raise)."""
     device = torch.device("cuda")
     gen = torch.Generator().manual_seed(num_tokens)
     num_experts, top_k, hidden_size, inter = 64, 8, 256, 128
-    gate_up, down = (w.to(device, torch.bfloat16) for w in random_experts(num_experts, hidden_size, inter, gen))
+    gate_up, down = random_experts(num_experts, hidden_size, inter, gen)
+    scales = {}
+    if int8:
+        (gate_up, gate_up_scales), (down, down_scales) = quantize_experts(gate_up), quantize_experts(down)
+        scales = {"gate_up_scales": gate_up_scales.to(device), "down_scales": down_scales.to(device)}
+        exact_weights = (dequantize_experts(gate_up, gate_up_scales), dequantize_experts(down, down_scales))
+    gate_up, down = (w.to(device) if int8 else w.to(device, torch.bfloat16) for w in (gate_up, down))
+    if not int8:
+        exact_weights = (gate_up, down)
 
     def inputs():
         weights, ids = random_routing(num_tokens, top_k, num_experts, "random", gen)
@@ -209,7 +286,10 @@ def test_decode_step_is_capturable_and_replays_match_eager(num_tokens: int) -> N
         return hidden.to(device, torch.bfloat16), weights.to(device), ids.to(device)
 
     static = inputs()
-    run = TritonExperts().forward
+
+    def run(*args):
+        return TritonExperts().forward(*args, **scales)
+
     torch.cuda.set_sync_debug_mode("error")
     try:
         run(*static, gate_up, down, "silu")  # compiles the kernels too
@@ -230,4 +310,4 @@ def test_decode_step_is_capturable_and_replays_match_eager(num_tokens: int) -> N
         graph.replay()
         eager = run(*new, gate_up, down, "silu")
         assert torch.equal(graphed, eager)
-        assert_rows_close(eager, exact_experts(*new, gate_up, down), ROW_TOLERANCE[torch.bfloat16], "eager")
+        assert_rows_close(eager, exact_experts(*new, *exact_weights), ROW_TOLERANCE[torch.bfloat16], "eager")

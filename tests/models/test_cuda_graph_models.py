@@ -2,7 +2,8 @@
 fused elementwise kernels in the path (RMSNorm + residual, rotary with Qwen3 / Gemma 3 head norms, gated
 activation): replays, a padded bucket among them, give the eager forward's hidden states, with float and
 int8 / fp8 KV caches. Mixture-of-experts models capture with the fused triton experts (and run eagerly with the
-torch reference), whose forwards give the torch experts' greedy tokens."""
+torch reference), whose forwards give the torch experts' greedy tokens; with int8 experts (trident/moe/quant.py)
+too."""
 
 from __future__ import annotations
 
@@ -49,6 +50,20 @@ def test_moe_decode_graph_replays_match_eager(name: str) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("name", GROUPED_QUERY_MOE)
+def test_moe_decode_graph_with_int8_experts_replays_match_eager(name: str) -> None:
+    """int8 experts (codes and per-row scales) through the fused triton experts capture and replay as the eager
+    forward."""
+    from trident.moe.quant import QuantizedFusedExperts, quantize_model_experts
+
+    def int8_experts(model) -> None:
+        assert quantize_model_experts(model)
+        assert any(isinstance(m, QuantizedFusedExperts) for m in model.modules())
+
+    check_decode_graph_replays(name, "bfloat16", "auto", transform=int8_experts, experts_backend="triton")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("experts_backend", ["torch", "auto"])
 @pytest.mark.parametrize("name", list(tiny_moe_configs()))
 def test_moe_models_capture_with_the_triton_experts(name: str, experts_backend: str) -> None:
@@ -79,15 +94,19 @@ def test_moe_models_capture_with_the_triton_experts(name: str, experts_backend: 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("int8", [False, True], ids=["float-experts", "int8-experts"])
 @pytest.mark.parametrize("dtype_name", ["float16"])
 @pytest.mark.parametrize("name", list(tiny_moe_configs()))
-def test_triton_experts_give_the_torch_experts_tokens(name: str, dtype_name: str) -> None:
+def test_triton_experts_give_the_torch_experts_tokens(name: str, dtype_name: str, int8: bool) -> None:
     """The same model built with either experts backend: a prefill of three sequences gives close logits (within the
     dtype's rounding through the layers) and the same greedy token wherever the torch backend's top two logits are
     apart by more than that. float16 only: in bfloat16 a token whose router scores nearly tie in some layer may pick
     another expert there (the two backends round the layer before differently), and through attention the rest of
     its sequence follows (seen on the H200: 9 of 24 tokens of the tiny Mixtral); the bfloat16 kernels are checked
-    against float64 math on identical routings in tests/kernels/test_moe_experts.py."""
+    against float64 math on identical routings in tests/kernels/test_moe_experts.py. ``int8``: both models' experts
+    quantized to int8 (the same codes: quantized from the same float16 weights on the same device)."""
+    from trident.moe.quant import quantize_model_experts
+
     device = torch.device("cuda")
     dtype = getattr(torch, dtype_name)
     hf_config = tiny_hf_configs()[name]
@@ -98,6 +117,8 @@ def test_triton_experts_give_the_torch_experts_tokens(name: str, dtype_name: str
         backend = create_backend("torch" if config.mla else "triton", device)
         model = build_model(config, state, dtype=dtype, device=device, backend=backend,
                             experts_backend=experts_backend)
+        if int8:
+            assert quantize_model_experts(model)
         assert type(model.experts_backend).__name__ == ("TorchExperts" if experts_backend == "torch"
                                                         else "TritonExperts")
         runner = ModelRunner(model, backend=backend, num_blocks=40, block_size=BLOCK_SIZE,

@@ -5,7 +5,11 @@ the same tensors a `trident quantize` folder holds, so that the engine loads the
 int8 is per channel symmetric, int4 symmetric with groups of 128 along K by default (``--group-size``); w8a8 is
 int8 per channel symmetric weights run as W8A8 (int8 activations quantized per token at run time; no SmoothQuant
 migration: random weights have no outlier channels, and the speed does not depend on the values). The LM head and
-embeddings stay in the model dtype (rtn.NEVER_QUANTIZED)."""
+embeddings stay in the model dtype (rtn.NEVER_QUANTIZED).
+
+With int8 (weight-only), the routed experts of an MoE model are quantized too, to int8 per output channel and expert
+(trident/moe/quant.py, whatever --group-size): a step reads half their bytes. int4 and w8a8 leave them in the model
+dtype."""
 
 from __future__ import annotations
 
@@ -42,7 +46,9 @@ def quantize_checkpoint(checkpoint: Checkpoint, config: QuantConfig, quant_metho
     """A Checkpoint whose eligible Linear weights (fused projections concatenated along N, as the model holds
     them) are replaced by ``<module>.qweight`` / ``.scales`` (/ ``.zeros``) on the weights' device, with its
     ``quantization`` set (``quant_method``: trident-rtn weight-only, or trident-w8a8); the float weights are
-    released as they are quantized (from this Checkpoint's dict)."""
+    released as they are quantized (from this Checkpoint's dict). With int8 weight-only, every MoE layer's routed
+    experts become ``<experts>.gate_up_qweight`` / ``_scales`` and ``.down_qweight`` / ``_scales`` likewise
+    (:func:`quantize_checkpoint_experts`)."""
     from trident.attention.torch_ref import TorchAttention
     from trident.models.registry import model_class
 
@@ -76,8 +82,36 @@ def quantize_checkpoint(checkpoint: Checkpoint, config: QuantConfig, quant_metho
             if t is not None:
                 tensors[f"{name}.{kind}"] = t
                 types[f"{name}.{kind}"] = str(t.dtype).removeprefix("torch.").upper()
+    experts = ()
+    if config.bits == 8 and quant_method == QUANT_METHOD:
+        experts = quantize_checkpoint_experts(model, tensors, types)
     return dataclasses.replace(checkpoint, tensors=tensors, tensor_types=types,
-                               quantization=QuantizedModules(config, tuple(names), quant_method=quant_method))
+                               quantization=QuantizedModules(config, tuple(names), quant_method=quant_method,
+                                                             experts=experts))
+
+
+def quantize_checkpoint_experts(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
+                                types: dict[str, str]) -> tuple[str, ...]:
+    """Quantize the routed experts of every experts module of ``model`` (built on the meta device) in ``tensors``
+    (Hugging Face names), in place: their float matrices (fused, or per expert, stacked) are replaced by the int8
+    codes and scales of trident/moe/quant.py, on the matrices' device, layer by layer. Returns the modules'
+    names."""
+    from trident.moe.experts import FusedExperts
+    from trident.moe.quant import EXPERT_TENSORS, fused_expert_tensors, quantize_experts
+
+    names = tuple(name for name, module in model.named_modules() if isinstance(module, FusedExperts))
+    for name in names:
+        experts = model.get_submodule(name)
+        sources = fused_expert_tensors(tensors, name, experts.num_experts, model.expert_part_names,
+                                       getattr(model, "renames", {}))
+        quantized = (*quantize_experts(sources[0]), *quantize_experts(sources[1]))
+        del sources
+        for kind, t in zip(EXPERT_TENSORS, quantized):
+            tensors[f"{name}.{kind}"] = t
+            types[f"{name}.{kind}"] = str(t.dtype).removeprefix("torch.").upper()
+    for name in [n for n in types if n not in tensors]:  # the popped float matrices' types
+        types.pop(name)
+    return names
 
 
 def quant_method_of(weights: str) -> str:

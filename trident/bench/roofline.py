@@ -98,11 +98,13 @@ def decode_weight_bytes(named_parameters: Iterable[tuple[str, torch.Tensor]], ti
                if tie_word_embeddings or not name.endswith("embed_tokens.weight"))
 
 
-def routed_expert_bytes(named_parameters: Iterable[tuple[str, torch.Tensor]]) -> int:
+def routed_expert_bytes(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
     """Bytes of the routed experts' fused tensors (``experts.gate_up_proj``, ``experts.down_proj``: every expert of
-    every sparse layer) among the parameters."""
-    return sum(t.numel() * t.element_size() for name, t in named_parameters
-               if name.endswith(("experts.gate_up_proj", "experts.down_proj")))
+    every sparse layer) among the (name, tensor) pairs; int8 experts (trident/moe/quant.py) as stored, their codes
+    (``experts.gate_up_qweight`` / ``down_qweight``) and scales (``_scales``) counted."""
+    from trident.moe.quant import expert_weight_bytes
+
+    return expert_weight_bytes(named_tensors)
 
 
 def expected_active_experts(num_experts: int, top_k: int, batch: int) -> float:

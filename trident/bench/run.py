@@ -37,7 +37,9 @@ def add_bench_parser(sub, model_help: str, engine_args) -> None:
     p.add_argument("--weights", choices=["float", "int8", "int4", "w8a8"], default="float",
                    help="float: the weights in --dtype; int8 / int4: round-to-nearest quantize the decoder layers' "
                    "weights on the device before timing (int8 per channel symmetric, int4 symmetric in groups of "
-                   "128; the LM head stays in --dtype), run by the weight-only kernels on CUDA; w8a8: int8 per "
+                   "128; the LM head stays in --dtype), run by the weight-only kernels on CUDA; with int8 an MoE "
+                   "model's routed experts too (int8 per output channel and expert, run by the fused experts "
+                   "kernels; int4 and w8a8 leave them in --dtype); w8a8: int8 per "
                    "channel weights times int8 per-token activations (the int8 tensor-core kernels on CUDA, "
                    "no SmoothQuant migration)")
     p.add_argument("--group-size", type=int, choices=[0, 32, 64, 128], default=None,
@@ -181,6 +183,7 @@ def _roofline(engine, workload, kind: str):
     """The decode roofline of this workload on this engine's weights and KV dtype, at a bandwidth measured now
     (None for a latency run of a single token, which has no decode step)."""
     from trident.bench import roofline
+    from trident.moe.quant import QuantizedFusedExperts
     from trident.quant.linear import QuantizedLinear
 
     bandwidth = roofline.copy_bandwidth(engine.device)
@@ -188,9 +191,12 @@ def _roofline(engine, workload, kind: str):
     stored = [(f"{name}.{kind}", t) for name, module in engine.model.named_modules()
               if isinstance(module, QuantizedLinear)
               for kind, t in zip(("qweight", "scales", "zeros"), module.quantized) if t is not None]
+    stored += [(f"{name}.{kind}", t) for name, module in engine.model.named_modules()
+               if isinstance(module, QuantizedFusedExperts) for kind, t in module.named_buffers()]
     weight_bytes = roofline.decode_weight_bytes(itertools.chain(engine.model.named_parameters(), stored),
                                                 engine.model_config.tie_word_embeddings)
-    expert_bytes = roofline.routed_expert_bytes(engine.model.named_parameters())  # read as far as routed to
+    # read as far as routed to (int8 experts: codes and scales)
+    expert_bytes = roofline.routed_expert_bytes(itertools.chain(engine.model.named_parameters(), stored))
     kv_element = engine.kv_format.dtype.itemsize  # the codes of a quantized cache (its scales left out)
     prompt_lens, output_lens = workload.prompt_lens, workload.output_lens
     if kind == "latency":

@@ -1,6 +1,7 @@
 """Time the fused MoE experts kernels against the torch experts backend on a CUDA device.
 
-``python -m trident.kernels.bench_moe_experts [--json FILE] [--tokens 1 8 64 512] [--no-sweep]``: one MoE layer of
+``python -m trident.kernels.bench_moe_experts [--json FILE] [--tokens 1 8 64 512] [--no-sweep] [--weights int8]``:
+one MoE layer of
 Qwen3-30B-A3B (128 experts, top-8, hidden 2048, expert intermediate 768, bfloat16), each token count: the torch
 reference backend (TorchExperts: per active expert a gathered matmul pair; it reads the expert counts on the host,
 so it runs eagerly and is timed by triton.testing.do_bench), the fused backend with moe_tiles' tiles (captured in a
@@ -13,6 +14,11 @@ averaged over the rotations); the expected bytes under uniform routing (trident/
 E (1 - (1 - k/E)^T) experts) and the time that takes at the H200's 4.3 TB/s are printed beside. Every output is
 checked against the torch backend in float32 on the same routing before it is timed; a variant that fails is
 recorded with the reason, and the sweep goes on.
+
+``--weights int8`` also times the same layer with its experts quantized to int8 per output channel
+(trident/moe/quant.py): the fused kernels on the codes with moe_tiles' int8 tiles and, with the sweep, each of
+INT8_VARIANTS, checked against the torch backend in float32 on the dequantized weights. Their GB/s count the bytes
+an int8 call reads: the touched experts' codes and scales.
 
 ``--dry-run`` runs the same code on a tiny float16 layer with wall-clock timing, to check the script without a GPU
 (on the CPU under ``TRITON_INTERPRET=1``).
@@ -51,11 +57,25 @@ VARIANTS = (
     MoeTiles(128, GemmTiles(128, 64, 8, 3), GemmTiles(128, 64, 8, 3)),
 )
 """Tiles swept at every token count (block_m 16 to 128; moe_tiles' choices among them)."""
+INT8_VARIANTS = (
+    MoeTiles(16, GemmTiles(32, 256, 4, 4), GemmTiles(64, 256, 4, 3)),
+    MoeTiles(16, GemmTiles(32, 128, 4, 4), GemmTiles(64, 128, 4, 3)),
+    MoeTiles(16, GemmTiles(16, 512, 4, 3), GemmTiles(32, 256, 4, 4)),
+    MoeTiles(16, GemmTiles(64, 256, 4, 3), GemmTiles(64, 256, 4, 4)),
+    MoeTiles(16, GemmTiles(32, 256, 8, 4), GemmTiles(128, 128, 4, 3)),
+    MoeTiles(64, GemmTiles(64, 128, 4, 3), GemmTiles(128, 128, 4, 3)),
+    MoeTiles(64, GemmTiles(64, 64, 4, 3), GemmTiles(128, 64, 4, 3)),
+    MoeTiles(128, GemmTiles(128, 64, 8, 3), GemmTiles(128, 64, 8, 3)),
+    MoeTiles(128, GemmTiles(128, 128, 8, 3), GemmTiles(128, 128, 8, 3)),
+)
+"""int8 tiles swept with --weights int8: moe_tiles' int8 choices (K doubled up to 64-row blocks), bfloat16's, and
+wider or deeper ones (half the bytes per tile leave room)."""
 DRY_LAYER = ("dry", 8, 2, 64, 48)
 DRY_TOKENS = (1, 20)
 DRY_VARIANTS = (MoeTiles(16, GemmTiles(16, 64, 4, 2), GemmTiles(32, 32, 4, 2)),
                 MoeTiles(32, GemmTiles(24, 64, 4, 2), GemmTiles(32, 32, 4, 2)))
 """The dry run's second variant cannot compile (tl.arange needs a power of two): the failure path runs too."""
+DRY_INT8_VARIANTS = (MoeTiles(16, GemmTiles(16, 64, 4, 2), GemmTiles(32, 32, 4, 2)),)
 DRY_DTYPE = torch.float16
 """Triton 3.6's CPU interpreter multiplies bfloat16 tl.dot operands as raw bits; float16 it computes right."""
 
@@ -85,8 +105,9 @@ def eager_us(fn, rotations: int) -> float:
 
 
 def bench_layer(layer: tuple, tokens: tuple[int, ...], variants: tuple[MoeTiles, ...], time_us: TimeUs,
-                eager_time_us: TimeUs, device: torch.device, dtype: torch.dtype) -> list[dict]:
-    """One row per token count."""
+                eager_time_us: TimeUs, device: torch.device, dtype: torch.dtype,
+                int8_variants: tuple[MoeTiles, ...] | None = None) -> list[dict]:
+    """One row per token count; ``int8_variants`` (None: no int8 run) times the int8 experts too."""
     model, num_experts, top_k, hidden_size, inter = layer
     gen = torch.Generator().manual_seed(0)
     gate_up = (torch.randn(num_experts, 2 * inter, hidden_size, generator=gen) * hidden_size**-0.5).to(device, dtype)
@@ -94,6 +115,12 @@ def bench_layer(layer: tuple, tokens: tuple[int, ...], variants: tuple[MoeTiles,
     expert_bytes = (gate_up[0].numel() + down[0].numel()) * dtype.itemsize
     gate_up32, down32 = gate_up.float(), down.float()
     reference = TorchExperts()
+    if int8_variants is not None:
+        from trident.moe.quant import dequantize_experts, quantize_experts
+
+        q_gate_up, q_down = quantize_experts(gate_up), quantize_experts(down)
+        int8_expert_bytes = sum(t[0].numel() * t.element_size() for t in (*q_gate_up, *q_down))
+        deq_gate_up, deq_down = dequantize_experts(*q_gate_up), dequantize_experts(*q_down)
     results = []
     for num_tokens in tokens:
         routings = random_routings(num_tokens, num_experts, top_k, ROUTINGS, device, gen)
@@ -123,9 +150,56 @@ def bench_layer(layer: tuple, tokens: tuple[int, ...], variants: tuple[MoeTiles,
         for key in ("torch", "fused", "best"):
             us = row[f"{key}_us"]
             row[f"{key}_GBps"] = touched / us / 1e3 if isinstance(us, float) else None
+        if int8_variants is not None:
+            row.update(_int8_row(hidden, routings, q_gate_up, q_down, reference.forward(
+                hidden.float(), weights0, ids0, deq_gate_up, deq_down, "silu"), int8_variants, time_us,
+                touched / expert_bytes * int8_expert_bytes))
         results.append(row)
         print(json.dumps(row), flush=True)
     return results
+
+
+def _int8_row(hidden: torch.Tensor, routings: list, q_gate_up, q_down, expected: torch.Tensor,
+              variants: tuple[MoeTiles, ...], time_us: TimeUs, touched: float) -> dict:
+    """The int8 columns of a row: moe_tiles' int8 tiles and each variant, GB/s over ``touched`` (codes + scales of
+    the touched experts)."""
+    num_tokens, hidden_size = hidden.shape
+    num_experts, two_i, _ = q_gate_up.codes.shape
+    top_k = routings[0][1].shape[1]
+    scales = {"gate_up_scales": q_gate_up.scales, "down_scales": q_down.scales}
+
+    def fused(i, tiles=None):
+        return fused_experts(hidden, *routings[i], q_gate_up.codes, q_down.codes, "silu", tiles=tiles, **scales)
+
+    row = {"int8_touched_bytes": touched,
+           "int8_config": tiles_name(moe_tiles(num_tokens * top_k, num_experts, hidden_size, two_i // 2, 1)),
+           "int8_us": _checked_us(time_us, fused, ROUTINGS, expected),
+           "int8_variants_us": {tiles_name(v): _checked_us(time_us, lambda i, v=v: fused(i, v), ROUTINGS, expected)
+                                for v in variants}}
+    timed = {v: us for v, us in row["int8_variants_us"].items() if isinstance(us, float)}
+    row["int8_best_variant"] = min(timed, key=timed.get) if timed else None
+    row["int8_best_us"] = timed.get(row["int8_best_variant"])
+    for key in ("int8", "int8_best"):
+        us = row[f"{key}_us"]
+        row[f"{key}_GBps"] = touched / us / 1e3 if isinstance(us, float) else None
+    return row
+
+
+def print_int8_table(rows: list[dict]) -> None:
+    print(f"\n{'int8 experts':14} {'T':>4} {'touched MB':>10} {'bf16 us':>9} {'int8 us':>9} {'int8 GB/s':>10} "
+          f"{'x bf16':>7}  {'int8 config':44} {'best variant':44} {'best us':>8} {'best GB/s':>9}")
+    for r in rows:
+        speedup = (r["fused_us"] / r["int8_us"] if isinstance(r["fused_us"], float)
+                   and isinstance(r["int8_us"], float) else None)
+        print(f"{r['model']:14} {r['tokens']:>4} {r['int8_touched_bytes'] / 1e6:>10.1f} "
+              f"{cell(r['fused_us'], '.1f', 9)} {cell(r['int8_us'], '.1f', 9)} {cell(r['int8_GBps'], '.0f', 10)} "
+              f"{cell(speedup, '.2f', 7)}  "
+              f"{r['int8_config']:44} {r['int8_best_variant'] or '-':44} {cell(r['int8_best_us'], '.1f', 8, '-')} "
+              f"{cell(r['int8_best_GBps'], '.0f', 9, '-')}")
+    for r in rows:
+        for what, us in [("int8", r["int8_us"]), *r["int8_variants_us"].items()]:
+            if isinstance(us, str):
+                print(f"failed: T={r['tokens']} int8 {what}: {us}")
 
 
 def print_table(rows: list[dict], timing: str) -> None:
@@ -150,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=None, help=f"token counts (default {TOKENS})")
     parser.add_argument("--no-sweep", action="store_true", help="only moe_tiles' tiles and the torch backend")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes, wall clock: checks the script only")
+    parser.add_argument("--weights", choices=["bf16", "int8"], default="bf16",
+                        help="int8: also time the experts quantized to int8 per channel (codes + scales), beside bf16")
     args = parser.parse_args(argv)
     device = bench_device(parser, args.dry_run)
     if args.dry_run:
@@ -158,8 +234,14 @@ def main(argv: list[str] | None = None) -> None:
     else:
         layer, tokens, variants, time_us, eager, dtype = LAYER, TOKENS, VARIANTS, graph_us, eager_us, DTYPE
     tokens = tuple(args.tokens) if args.tokens else tokens
-    results = bench_layer(layer, tokens, () if args.no_sweep else variants, time_us, eager, device, dtype)
+    int8_variants = None
+    if args.weights == "int8":
+        int8_variants = () if args.no_sweep else DRY_INT8_VARIANTS if args.dry_run else INT8_VARIANTS
+    results = bench_layer(layer, tokens, () if args.no_sweep else variants, time_us, eager, device, dtype,
+                          int8_variants)
     print_table(results, "wall clock, dry run" if args.dry_run else "fused: CUDA-graph replays; torch: eager")
+    if int8_variants is not None:
+        print_int8_table(results)
     if args.json:
         write_results(args.json, device, dtype, args.dry_run, results)
 

@@ -29,8 +29,17 @@ pairs per expert) take 16-row blocks with narrow, deep weight tiles (measured: s
 row blocks per column block (trident/kernels/tiling.py). No split over K: with H = 2048 (Qwen3-30B-A3B) the
 down projection of 8 active experts already gives 256 programs of 64 columns.
 
+int8 experts (trident/moe/quant.py: codes int8 [E, 2I, H] / [E, H, I], float32 scales [E, 2I] / [E, H], one per
+expert and output row): the same two GEMMs on the codes (the ``INT8`` specialisation). A program streams its int8
+code tiles (half the bytes of a 16-bit tile: the point, a step reading every touched expert once), converts them to
+the activations' dtype (every int8 value is exact in bfloat16 and float16) and multiplies them on the tensor cores
+with float32 accumulation, as trident/kernels/quant_matmul.py does for Linear weights; the per-row scales then
+multiply the float32 accumulators: gate's and up's separately, before the activation, and down's before the routing
+weight. The scales cost one load per output column and program.
+
 Launches depend on shapes only and never synchronise with the host: a decode step's experts are capturable in
-a CUDA graph. bfloat16 and float16 activations and weights; the row count is not a specialisation key.
+a CUDA graph. bfloat16 and float16 activations; weights of the activations' dtype or int8 codes with float32
+scales; the row count is not a specialisation key.
 """
 
 from __future__ import annotations
@@ -73,8 +82,10 @@ class MoeTiles(NamedTuple):
     """The down GEMM: BLOCK_N columns of H, K = I."""
 
 
-def moe_tiles(num_pairs: int, num_experts: int, hidden_size: int, intermediate_size: int) -> MoeTiles:
-    """Tiles for num_pairs = T k routed pairs over num_experts experts, from shapes only.
+def moe_tiles(num_pairs: int, num_experts: int, hidden_size: int, intermediate_size: int,
+              weight_bytes: int = 2) -> MoeTiles:
+    """Tiles for num_pairs = T k routed pairs over num_experts experts whose weights take ``weight_bytes`` bytes
+    per element (2: bfloat16 / float16; 1: int8 codes), from shapes only.
 
     block_m: 16 up to DECODE_PAIRS_PER_EXPERT pairs per expert on average, 64 up to 64, 128 beyond. Measured on an
     H200 over the Qwen3-30B-A3B layer (``python -m trident.kernels.bench_moe_experts``, 2026-11-29): 16-row blocks
@@ -82,15 +93,23 @@ def moe_tiles(num_pairs: int, num_experts: int, hidden_size: int, intermediate_s
     fastest of nine variants at 1, 8 and 64 tokens (33.9 / 129 / 308 us, 2.2-3.9 TB/s of touched experts); at 512
     tokens (32 pairs per expert) 64-row blocks with 64 x 64 / 128 x 64 tiles (4 warps, 3 stages) did (476 us, against
     504 with 32-row blocks). 128-row blocks: 128 x 64 tiles of 8 warps.
+    int8 weights (``weight_bytes`` 1; not yet measured, the benchmark's ``--weights int8`` sweeps INT8_VARIANTS):
+    up to 64 rows per block the same tiles with BLOCK_K doubled, so that a pipeline stage still reads the same
+    bytes of weights (16 KB of gate|up codes per stage at decode, as bfloat16's 32 x 128) over half the K steps;
+    the converted 16-bit tile in registers doubles, which 4 warps hold at these widths. 128-row blocks (compute
+    rather than bytes) keep bfloat16's tiles.
     The K tiles are cut to K rounded up to a power of two (small models).
     """
+    if weight_bytes not in (1, 2):
+        raise ValueError(f"moe_tiles: weights of {weight_bytes} bytes per element; have 1 (int8) and 2")
+    deepen = 2 if weight_bytes == 1 else 1
     per_expert = num_pairs / num_experts
     if per_expert <= DECODE_PAIRS_PER_EXPERT:
-        return MoeTiles(16, _fit(GemmTiles(32, 128, 4, 4), hidden_size), _fit(GemmTiles(64, 128, 4, 3),
-                                                                             intermediate_size))
+        return MoeTiles(16, _fit(GemmTiles(32, 128 * deepen, 4, 4), hidden_size),
+                        _fit(GemmTiles(64, 128 * deepen, 4, 3), intermediate_size))
     if per_expert <= 64:
-        return MoeTiles(64, _fit(GemmTiles(64, 64, 4, 3), hidden_size), _fit(GemmTiles(128, 64, 4, 3),
-                                                                           intermediate_size))
+        return MoeTiles(64, _fit(GemmTiles(64, 64 * deepen, 4, 3), hidden_size),
+                        _fit(GemmTiles(128, 64 * deepen, 4, 3), intermediate_size))
     return MoeTiles(128, _fit(GemmTiles(128, 64, 8, 3), hidden_size), _fit(GemmTiles(128, 64, 8, 3),
                                                                          intermediate_size))
 
@@ -100,34 +119,45 @@ def _fit(tiles: GemmTiles, k: int) -> GemmTiles:
 
 
 def fused_experts(hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor,
-                  down: torch.Tensor, activation: str, *, tiles: MoeTiles | None = None) -> torch.Tensor:
+                  down: torch.Tensor, activation: str, *, gate_up_scales: torch.Tensor | None = None,
+                  down_scales: torch.Tensor | None = None, tiles: MoeTiles | None = None) -> torch.Tensor:
     """out[t] = sum_j weights[t, j] * down_e(act(gate_e x_t) * up_e x_t), e = expert_ids[t, j] -> [T, H] in
     hidden's dtype.
 
     hidden [T, H] (rows contiguous, any row stride), weights float32 [T, k], expert_ids int [T, k] (distinct per
     token, in [0, E)), gate_up [E, 2I, H] and down [E, H, I] contiguous, of hidden's dtype (bfloat16 or
-    float16). ``tiles`` overrides :func:`moe_tiles` (the benchmark's sweep, the tests)."""
+    float16), or int8 codes with ``gate_up_scales`` float32 [E, 2I] and ``down_scales`` float32 [E, H] (both or
+    neither; weight = code * scale of its row, trident/moe/quant.py). ``tiles`` overrides :func:`moe_tiles` (the
+    benchmark's sweep, the tests)."""
     if activation not in KERNEL_ACTIVATIONS:
         raise ValueError(f"fused_experts: no kernel for {activation!r}; have {', '.join(KERNEL_ACTIVATIONS)}")
     assert hidden.dim() == 2 and hidden.stride(1) == 1, "rows of hidden must be contiguous"
     assert hidden.dtype in ACTIVATION_DTYPES, f"hidden must be bfloat16 or float16, got {hidden.dtype}"
-    assert gate_up.dtype == down.dtype == hidden.dtype, "experts' weights must have the activations' dtype"
+    int8 = gate_up_scales is not None
+    assert (down_scales is not None) == int8, "int8 experts need both gate_up_scales and down_scales"
+    weight_dtype = torch.int8 if int8 else hidden.dtype
+    assert gate_up.dtype == down.dtype == weight_dtype, \
+        f"experts' weights must be {weight_dtype} (got {gate_up.dtype}, {down.dtype})"
     assert gate_up.is_contiguous() and down.is_contiguous()
     num_tokens, hidden_size = hidden.shape
     num_experts, two_i, _ = gate_up.shape
     intermediate = two_i // 2
     assert gate_up.shape == (num_experts, 2 * intermediate, hidden_size)
     assert down.shape == (num_experts, hidden_size, intermediate)
+    if int8:
+        assert gate_up_scales.shape == (num_experts, 2 * intermediate) and gate_up_scales.is_contiguous()
+        assert down_scales.shape == (num_experts, hidden_size) and down_scales.is_contiguous()
+        assert gate_up_scales.dtype == down_scales.dtype == torch.float32, "experts' scales must be float32"
     top_k = expert_ids.shape[1]
     assert expert_ids.shape == weights.shape == (num_tokens, top_k)
     assert weights.dtype == torch.float32
     if num_tokens == 0:
         return torch.zeros_like(hidden)
     num_pairs = num_tokens * top_k
-    tiles = tiles or moe_tiles(num_pairs, num_experts, hidden_size, intermediate)
+    tiles = tiles or moe_tiles(num_pairs, num_experts, hidden_size, intermediate, gate_up.element_size())
     aligned = align_routing(expert_ids.contiguous(), num_experts, tiles.block_m)
-    inter = _gate_up(hidden, gate_up, aligned, top_k, intermediate, activation, tiles)
-    out_pairs = _down(inter, down, aligned, weights.contiguous(), num_pairs, tiles)
+    inter = _gate_up(hidden, gate_up, gate_up_scales, aligned, top_k, intermediate, activation, tiles)
+    out_pairs = _down(inter, down, down_scales, aligned, weights.contiguous(), num_pairs, tiles)
     if top_k == 1:
         return out_pairs
     return _sum_over_k(out_pairs, num_tokens, top_k, hidden_size)
@@ -144,9 +174,9 @@ def _sum_over_k(out_pairs: torch.Tensor, num_tokens: int, top_k: int, hidden_siz
     return out
 
 
-def _gate_up(hidden: torch.Tensor, gate_up: torch.Tensor, aligned: AlignedRouting, top_k: int, intermediate: int,
-             activation: str, tiles: MoeTiles) -> torch.Tensor:
-    """intermediate [rows, I]: act(gate) * up of the sorted rows (padding rows: 0)."""
+def _gate_up(hidden: torch.Tensor, gate_up: torch.Tensor, scales: torch.Tensor | None, aligned: AlignedRouting,
+             top_k: int, intermediate: int, activation: str, tiles: MoeTiles) -> torch.Tensor:
+    """intermediate [rows, I]: act(gate) * up of the sorted rows (padding rows: 0). ``scales``: int8 codes'."""
     rows = aligned.sorted_pairs.numel()
     hidden_size = hidden.shape[1]
     inter = torch.empty((rows, intermediate), dtype=hidden.dtype, device=hidden.device)
@@ -154,17 +184,19 @@ def _gate_up(hidden: torch.Tensor, gate_up: torch.Tensor, aligned: AlignedRoutin
     pdl = pdl_launch(hidden.device)
     grid = (rows // tiles.block_m * triton.cdiv(intermediate, t.block_n),)
     _gate_up_kernel[grid](
-        hidden, gate_up, aligned.sorted_pairs, aligned.block_experts, inter, rows, intermediate, hidden_size,
-        hidden.stride(0), TOP_K=top_k, ACTIVATION=activation, BLOCK_M=tiles.block_m, BLOCK_N=t.block_n,
+        hidden, gate_up, gate_up if scales is None else scales, aligned.sorted_pairs, aligned.block_experts, inter,
+        rows, intermediate, hidden_size, hidden.stride(0), TOP_K=top_k, ACTIVATION=activation,
+        INT8=scales is not None, BLOCK_M=tiles.block_m, BLOCK_N=t.block_n,
         BLOCK_K=t.block_k, EVEN_K=hidden_size % t.block_k == 0, GROUP_M=GROUP_M, USE_PDL=pdl,
         num_warps=t.num_warps, num_stages=t.num_stages, launch_pdl=pdl,
     )
     return inter
 
 
-def _down(inter: torch.Tensor, down: torch.Tensor, aligned: AlignedRouting, weights: torch.Tensor, num_pairs: int,
-          tiles: MoeTiles) -> torch.Tensor:
-    """out_pairs [T k, H]: each pair's expert output times its routing weight, at row t k + slot."""
+def _down(inter: torch.Tensor, down: torch.Tensor, scales: torch.Tensor | None, aligned: AlignedRouting,
+          weights: torch.Tensor, num_pairs: int, tiles: MoeTiles) -> torch.Tensor:
+    """out_pairs [T k, H]: each pair's expert output times its routing weight, at row t k + slot. ``scales``: int8
+    codes'."""
     rows, intermediate = inter.shape
     hidden_size = down.shape[1]
     out_pairs = torch.empty((num_pairs, hidden_size), dtype=inter.dtype, device=inter.device)
@@ -172,18 +204,19 @@ def _down(inter: torch.Tensor, down: torch.Tensor, aligned: AlignedRouting, weig
     pdl = pdl_launch(inter.device)
     grid = (rows // tiles.block_m * triton.cdiv(hidden_size, t.block_n),)
     _down_kernel[grid](
-        inter, down, aligned.sorted_pairs, aligned.block_experts, weights, out_pairs, rows, hidden_size,
-        intermediate, BLOCK_M=tiles.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-        EVEN_K=intermediate % t.block_k == 0, GROUP_M=GROUP_M, USE_PDL=pdl, num_warps=t.num_warps,
-        num_stages=t.num_stages, launch_pdl=pdl,
+        inter, down, down if scales is None else scales, aligned.sorted_pairs, aligned.block_experts, weights,
+        out_pairs, rows, hidden_size, intermediate, INT8=scales is not None, BLOCK_M=tiles.block_m,
+        BLOCK_N=t.block_n, BLOCK_K=t.block_k, EVEN_K=intermediate % t.block_k == 0, GROUP_M=GROUP_M, USE_PDL=pdl,
+        num_warps=t.num_warps, num_stages=t.num_stages, launch_pdl=pdl,
     )
     return out_pairs
 
 
 # The row count changes with the batch: not specialised on, only its tile BLOCK_M is.
 @triton.jit(do_not_specialize=["num_rows"])
-def _gate_up_kernel(hidden_ptr, gate_up_ptr, sorted_pairs_ptr, block_experts_ptr, inter_ptr, num_rows, n, k,
-                    stride_hidden, TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr,
+def _gate_up_kernel(hidden_ptr, gate_up_ptr, scales_ptr, sorted_pairs_ptr, block_experts_ptr, inter_ptr, num_rows, n,
+                    k, stride_hidden, TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, INT8: tl.constexpr,
+                    BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, GROUP_M: tl.constexpr,
                     USE_PDL: tl.constexpr):
     wait_for_previous_grid(USE_PDL)
@@ -206,27 +239,34 @@ def _gate_up_kernel(hidden_ptr, gate_up_ptr, sorted_pairs_ptr, block_experts_ptr
     for start in range(0, k, BLOCK_K):
         if EVEN_K:
             x = tl.load(x_ptrs, mask=valid[:, None], other=0.0)
-            gate = tl.load(gate_ptrs, mask=col_mask[:, None], other=0.0)
-            up = tl.load(up_ptrs, mask=col_mask[:, None], other=0.0)
+            gate = tl.load(gate_ptrs, mask=col_mask[:, None], other=0)
+            up = tl.load(up_ptrs, mask=col_mask[:, None], other=0)
         else:
             in_k = (start + offs_k < k)[None, :]
             x = tl.load(x_ptrs, mask=valid[:, None] & in_k, other=0.0)
-            gate = tl.load(gate_ptrs, mask=col_mask[:, None] & in_k, other=0.0)
-            up = tl.load(up_ptrs, mask=col_mask[:, None] & in_k, other=0.0)
+            gate = tl.load(gate_ptrs, mask=col_mask[:, None] & in_k, other=0)
+            up = tl.load(up_ptrs, mask=col_mask[:, None] & in_k, other=0)
+        if INT8:  # codes -> the activations' dtype, exactly
+            gate = gate.to(x.dtype)
+            up = up.to(x.dtype)
         acc_gate = tl.dot(x, tl.trans(gate), acc_gate)
         acc_up = tl.dot(x, tl.trans(up), acc_up)
         x_ptrs += BLOCK_K
         gate_ptrs += BLOCK_K
         up_ptrs += BLOCK_K
+    if INT8:  # each output column's gate and up rows have their own scales
+        scale_ptrs = scales_ptr + expert.to(tl.int64) * 2 * n + cols
+        acc_gate *= tl.load(scale_ptrs, mask=col_mask, other=0.0)[None, :]
+        acc_up *= tl.load(scale_ptrs + n, mask=col_mask, other=0.0)[None, :]
     out = activate(acc_gate, ACTIVATION) * acc_up
     out_ptrs = inter_ptr + rows.to(tl.int64)[:, None] * n + cols[None, :]
     tl.store(out_ptrs, out.to(inter_ptr.dtype.element_ty), mask=col_mask[None, :])
 
 
 @triton.jit(do_not_specialize=["num_rows"])
-def _down_kernel(inter_ptr, down_ptr, sorted_pairs_ptr, block_experts_ptr, weights_ptr, out_ptr, num_rows, n, k,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 GROUP_M: tl.constexpr, USE_PDL: tl.constexpr):
+def _down_kernel(inter_ptr, down_ptr, scales_ptr, sorted_pairs_ptr, block_experts_ptr, weights_ptr, out_ptr,
+                 num_rows, n, k, INT8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, GROUP_M: tl.constexpr, USE_PDL: tl.constexpr):
     wait_for_previous_grid(USE_PDL)
     pid_m, pid_n = grouped_tile(tl.program_id(0), num_rows, n, BLOCK_M, BLOCK_N, GROUP_M)
     expert = tl.load(block_experts_ptr + pid_m)
@@ -245,14 +285,18 @@ def _down_kernel(inter_ptr, down_ptr, sorted_pairs_ptr, block_experts_ptr, weigh
     for start in range(0, k, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs)
-            w = tl.load(w_ptrs, mask=col_mask[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=col_mask[:, None], other=0)
         else:
             in_k = (start + offs_k < k)[None, :]
             a = tl.load(a_ptrs, mask=in_k, other=0.0)
-            w = tl.load(w_ptrs, mask=col_mask[:, None] & in_k, other=0.0)
+            w = tl.load(w_ptrs, mask=col_mask[:, None] & in_k, other=0)
+        if INT8:
+            w = w.to(a.dtype)
         acc = tl.dot(a, tl.trans(w), acc)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    if INT8:  # the down rows' scales, before the routing weight
+        acc *= tl.load(scales_ptr + expert.to(tl.int64) * n + cols, mask=col_mask, other=0.0)[None, :]
     scale = tl.load(weights_ptr + pairs, mask=valid, other=0.0)
     out = acc * scale[:, None]
     out_ptrs = out_ptr + pairs.to(tl.int64)[:, None] * n + cols[None, :]

@@ -12,6 +12,11 @@ by expert, then per active expert one gathered matmul through gate|up, the gated
 down, the weighting, and an index_add into the output. Only the active experts' weights are read. The fused
 GPU path (Triton, trident/moe/experts_triton.py) implements the same :class:`ExpertsBackend` and is tested against
 this one; trident/moe/registry.py names the backends and picks one for a device and dtype.
+
+Experts may also be held as int8 codes with per-row float32 scales (:class:`trident.moe.quant.QuantizedFusedExperts`,
+the format in trident/moe/quant.py): a backend then gets the codes as ``gate_up`` / ``down`` and the scales as
+``gate_up_scales`` / ``down_scales``. The reference dequantizes each active expert to the activations' dtype before
+its matmuls; the fused kernels multiply the codes and scale their float32 accumulators.
 """
 
 from __future__ import annotations
@@ -35,9 +40,11 @@ class ExpertsBackend(Protocol):
     """Whether a forward can be captured in a CUDA graph (no host sync, launches fixed by shapes)."""
 
     def forward(self, hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
-                gate_up: torch.Tensor, down: torch.Tensor, activation: str) -> torch.Tensor:
+                gate_up: torch.Tensor, down: torch.Tensor, activation: str, *,
+                gate_up_scales: torch.Tensor | None = None, down_scales: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [T, H]; weights float32 [T, k]; expert_ids int64 [T, k]; gate_up [E, 2I, H]; down [E, H, I]
-        -> [T, H] in hidden's dtype."""
+        -> [T, H] in hidden's dtype. With ``gate_up_scales`` float32 [E, 2I] and ``down_scales`` [E, H], gate_up
+        and down are int8 codes (weight = code * its row's scale)."""
         ...
 
 
@@ -45,12 +52,16 @@ class TorchExperts:
     """The reference backend: tokens sorted by expert, one matmul pair per active expert (see the module
     docstring). Each expert's output is weighted in float32 and added into the result in the activations'
     dtype, expert after expert in id order, as transformers does. It reads the per-expert counts on the host,
-    so it cannot be captured in a CUDA graph."""
+    so it cannot be captured in a CUDA graph. int8 experts: each active expert is dequantized to the activations'
+    dtype (codes times scales in float32, one rounding), then multiplied as a float one."""
 
     supports_cuda_graphs = False
 
     def forward(self, hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
-                gate_up: torch.Tensor, down: torch.Tensor, activation: str) -> torch.Tensor:
+                gate_up: torch.Tensor, down: torch.Tensor, activation: str, *,
+                gate_up_scales: torch.Tensor | None = None, down_scales: torch.Tensor | None = None) -> torch.Tensor:
+        if (gate_up_scales is None) != (down_scales is None):
+            raise ValueError("int8 experts need both gate_up_scales and down_scales")
         num_tokens, top_k = expert_ids.shape
         flat_ids = expert_ids.reshape(-1)
         order = torch.argsort(flat_ids, stable=True)  # (token, slot) pairs grouped by expert, in id order
@@ -64,7 +75,13 @@ class TorchExperts:
                 continue
             end = start + count
             tokens = token_of[start:end]
-            h = ops.act_and_mul(hidden[tokens] @ gate_up[expert].t(), activation) @ down[expert].t()
+            gate_up_e, down_e = gate_up[expert], down[expert]
+            if gate_up_scales is not None:
+                from trident.moe.quant import dequantize_experts
+
+                gate_up_e = dequantize_experts(gate_up_e, gate_up_scales[expert], hidden.dtype)
+                down_e = dequantize_experts(down_e, down_scales[expert], hidden.dtype)
+            h = ops.act_and_mul(hidden[tokens] @ gate_up_e.t(), activation) @ down_e.t()
             out.index_add_(0, tokens, (h * pair_weights[start:end, None]).to(out.dtype))
             start = end
         return out

@@ -3,7 +3,8 @@
 Four launches per layer (routing alignment, gate|up with the activation, down with the routing weights, the sum
 over k), none reading a value back on the host: a decode step with this backend is capturable in a CUDA graph.
 It takes bfloat16 / float16 models on CUDA (trident/moe/registry.py picks it there, and the torch reference
-elsewhere); the kernel tests also run it on the CPU under Triton's interpreter.
+elsewhere), with experts of the activations' dtype or int8 codes and their per-row scales (trident/moe/quant.py);
+the kernel tests also run it on the CPU under Triton's interpreter.
 """
 
 from __future__ import annotations
@@ -21,5 +22,7 @@ class TritonExperts:
     supports_cuda_graphs = True
 
     def forward(self, hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
-                gate_up: torch.Tensor, down: torch.Tensor, activation: str) -> torch.Tensor:
-        return fused_experts(hidden, weights, expert_ids, gate_up, down, activation)
+                gate_up: torch.Tensor, down: torch.Tensor, activation: str, *,
+                gate_up_scales: torch.Tensor | None = None, down_scales: torch.Tensor | None = None) -> torch.Tensor:
+        return fused_experts(hidden, weights, expert_ids, gate_up, down, activation, gate_up_scales=gate_up_scales,
+                             down_scales=down_scales)

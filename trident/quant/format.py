@@ -9,11 +9,15 @@
   the layout is the same whatever chose them; ``trident-w8a8`` with ``smoothquant`` also records ``smooth_alpha``.
   Modules quantized differently from that default (mixed bits) are listed in ``"module_configs": {module name:
   {"bits", "group_size", "symmetric"}}``, absent when every module follows the default (as in folders written
-  before mixed bits).
+  before mixed bits). ``"experts": [experts module names]`` (e.g. ``model.layers.0.mlp.experts``), absent when
+  none: MoE layers whose routed experts are stored as int8 per output channel, symmetric, whatever the Linear
+  layers' bits (:mod:`trident.moe.quant`; ``trident-rtn`` weight-only only).
 - ``model.safetensors``: every tensor the quantized modules do not replace, under its Hugging Face name and in
   its source dtype (tensors a method changed besides the quantized modules, such as SmoothQuant's norm weights,
   in float32), plus ``<module>.qweight``, ``<module>.scales`` and (asymmetric) ``<module>.zeros`` for each
   quantized module (layouts in :mod:`trident.quant.rtn`). A quantized module's bias stays under its HF names.
+  Each listed experts module holds ``<experts>.gate_up_qweight`` int8 [E, 2I, H], ``.gate_up_scales`` float32
+  [E, 2I], ``.down_qweight`` int8 [E, H, I] and ``.down_scales`` float32 [E, H] instead of its float matrices.
 - the tokenizer: a Hugging Face source's tokenizer files are copied; a GGUF source's tokenizer is written as
   tokenizer.json (its fast-tokenizer backend), tokenizer_config.json (special tokens, add_bos/add_eos, chat
   template) and generation_config.json (every end-of-sequence id).
@@ -63,6 +67,8 @@ class QuantizedModules:
     """How the listed modules run (one of SUPPORTED_METHODS, see :data:`MODULE_KINDS`)."""
     smooth_alpha: float | None = None
     """``trident-w8a8`` with ``method="smoothquant"``: the migration strength used (metadata); None otherwise."""
+    experts: tuple[str, ...] = ()
+    """Experts modules (``model.layers.0.mlp.experts``) held as int8 codes and scales (trident/moe/quant.py)."""
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.module_configs if name not in self.modules]
@@ -83,6 +89,9 @@ class QuantizedModules:
                 self.smooth_alpha is None or isinstance(self.smooth_alpha, (int, float))):
             raise TridentError("quantization_config.smooth_alpha must be a number exactly when method is "
                                f"smoothquant; got {self.smooth_alpha!r} with method {self.method!r}")
+        if self.experts and self.quant_method != QUANT_METHOD:
+            raise TridentError(f"quantization_config.experts (int8 experts) goes with {QUANT_METHOD} only, not "
+                               f"{self.quant_method}")
 
     def config_of(self, name: str) -> QuantConfig:
         """How module ``name`` (one of :attr:`modules`) is quantized."""
@@ -92,6 +101,8 @@ class QuantizedModules:
         entry = {"quant_method": self.quant_method, **_config_dict(self.config), "method": self.method,
                  **({} if self.smooth_alpha is None else {"smooth_alpha": self.smooth_alpha}),
                  "modules": list(self.modules)}
+        if self.experts:
+            entry["experts"] = list(self.experts)
         if self.module_configs:
             entry["module_configs"] = {name: _config_dict(self.module_configs[name])
                                        for name in self.modules if name in self.module_configs}
@@ -131,8 +142,11 @@ def read_quantization_config(hf_config: Mapping[str, Any]) -> QuantizedModules |
                            "{bits, group_size, symmetric}")
     overrides = {name: _config_from(c, f"quantization_config.module_configs[{name!r}]")
                  for name, c in module_configs.items()}
+    experts = entry.get("experts", [])
+    if not isinstance(experts, list) or not all(isinstance(m, str) for m in experts):
+        raise TridentError("quantization_config.experts must be a list of experts module names")
     return QuantizedModules(config, tuple(modules), overrides, method=entry.get("method", "rtn"), quant_method=method,
-                            smooth_alpha=entry.get("smooth_alpha"))
+                            smooth_alpha=entry.get("smooth_alpha"), experts=tuple(experts))
 
 
 def module_class(quant_method: str) -> type[nn.Module]:
@@ -154,7 +168,8 @@ def install_quantized_modules(model: nn.Module, quantization: QuantizedModules,
     A listed name is a Linear of the model (``...qkv_proj``) or one part of a fused one (``...q_proj``, as a GGUF
     file's weights come): the parts of a fused layer are concatenated along N (rows are independent output
     channels) when all of them are listed in one format; otherwise the listed parts are dequantized to float32
-    and the fused layer stays a float Linear."""
+    and the fused layer stays a float Linear. Listed experts modules become QuantizedFusedExperts holding their
+    int8 codes and scales (on ``device``)."""
     from trident.models.layers import Embedding
     from trident.quant.embedding import QuantizedEmbedding
     from trident.quant.linear import replace_module
@@ -162,6 +177,7 @@ def install_quantized_modules(model: nn.Module, quantization: QuantizedModules,
 
     cls = module_class(quantization.quant_method)
     rest = dict(tensors)
+    _install_experts(model, quantization.experts, rest, device)
     targets = _install_targets(model, list(quantization.modules))  # an unknown name fails before anything else
     weights: dict[str, tuple[QuantizedWeight, QuantConfig]] = {}
     for name in quantization.modules:
@@ -192,6 +208,27 @@ def install_quantized_modules(model: nn.Module, quantization: QuantizedModules,
         bias = None if layer.bias is None else torch.empty(layer.out_features, device="meta")
         replace_module(model, target, cls(layer.in_features, layer.out_features, config, q, bias))
     return rest
+
+
+def _install_experts(model: nn.Module, names: tuple[str, ...], rest: dict[str, torch.Tensor],
+                     device: torch.device) -> None:
+    """Replace each listed experts module by a QuantizedFusedExperts of its tensors (popped from ``rest``)."""
+    from trident.moe.experts import FusedExperts
+    from trident.moe.quant import EXPERT_TENSORS, QuantizedExpertWeight, QuantizedFusedExperts
+    from trident.quant.linear import replace_module
+
+    for name in names:
+        experts = _submodule(model, name)
+        if not isinstance(experts, FusedExperts):
+            raise TridentError(f"quantization_config.experts lists {name}, which is not an experts module of this "
+                               "model")
+        missing = [f"{name}.{t}" for t in EXPERT_TENSORS if f"{name}.{t}" not in rest]
+        if missing:
+            raise TridentError(f"the checkpoint lacks {', '.join(missing)} (int8 experts)")
+        parts = [rest.pop(f"{name}.{t}").to(device) for t in EXPERT_TENSORS]
+        replace_module(model, name, QuantizedFusedExperts(
+            experts.num_experts, experts.gate_up_proj.shape[2], experts.intermediate_size, experts.activation,
+            experts.backend, QuantizedExpertWeight(*parts[:2]), QuantizedExpertWeight(*parts[2:])))
 
 
 def _install_targets(model: nn.Module, names: list[str]) -> dict[str, list[str]]:
@@ -277,11 +314,20 @@ def save_quantized(model: nn.Module, checkpoint, modules: QuantizedModules, out_
     os.makedirs(out_dir, exist_ok=True)
     quantized = set(modules.modules)
     packed = getattr(model, "packed_modules", {})
+    experts_sources = _experts_source_names(model, modules.experts, checkpoint.tensors)
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in checkpoint.tensors.items():
-        if name.endswith(".weight") and hf_module_of(name, packed) in quantized:
+        if (name.endswith(".weight") and hf_module_of(name, packed) in quantized) or name in experts_sources:
             continue
         tensors[name] = replaced.get(name, tensor).contiguous()
+    for name in modules.experts:
+        from trident.moe.quant import EXPERT_TENSORS, QuantizedFusedExperts
+
+        experts = model.get_submodule(name)
+        if not isinstance(experts, QuantizedFusedExperts):
+            raise TridentError(f"{name} is not a QuantizedFusedExperts; quantize its experts first")
+        for kind in EXPERT_TENSORS:
+            tensors[f"{name}.{kind}"] = getattr(experts, kind).detach().cpu().contiguous()
     for name in modules.modules:
         layer = model.get_submodule(name)
         if not isinstance(layer, cls):
@@ -296,6 +342,17 @@ def save_quantized(model: nn.Module, checkpoint, modules: QuantizedModules, out_
         json.dump(hf_config, f, indent=2)
     written = ["config.json", "model.safetensors"] + write_tokenizer(checkpoint, out_dir)
     return written
+
+
+def _experts_source_names(model: nn.Module, experts: tuple[str, ...], tensors: Mapping[str, torch.Tensor]) -> set[str]:
+    """The source checkpoint's tensors (Hugging Face names) that the listed experts modules' codes replace."""
+    from trident.moe.quant import experts_sources
+
+    names = set()
+    for module in experts:
+        for found in experts_sources(module, list(tensors), getattr(model, "renames", {})).values():
+            names.update(name for _, _, name in found)
+    return names
 
 
 def write_tokenizer(checkpoint, out_dir: str) -> list[str]:

@@ -42,7 +42,10 @@ QUANTIZE_DESCRIPTION = (
     "activations' outlier channels into the weights (SmoothQuant: for the Linear layers fed by an RMSNorm, input "
     "channel j is divided by s_j = max|X_j|^alpha / max|W_:,j|^(1-alpha) in the norm's weight and its weight "
     "column multiplied by it, alpha = --smooth-alpha, maxima over the calibration text; likewise down_proj's inputs "
-    "through the up rows of gate_up_proj), then quantizes as w8a8."
+    "through the up rows of gate_up_proj), then quantizes as w8a8. "
+    "Mixture-of-experts models: --method rtn --bits 8 also quantizes the routed experts, to int8 per output channel "
+    "and expert (symmetric, whatever --group-size; run by the fused experts kernels on CUDA); other methods and bits "
+    "leave them in the source dtype."
 )
 
 
@@ -171,7 +174,12 @@ def _quantize(args: argparse.Namespace) -> int:
                       console=console, transient=True) as bar:
             task = bar.add_task("quantize", total=len(names))
             quant_report = quantize_model(model, config, progress=lambda _: bar.advance(task))
-    modules = QuantizedModules(config, tuple(quant_report.names), method=args.method)
+    experts: list[str] = []
+    if gptq_settings is None and config.bits == 8:  # int8 routed experts (trident/moe/quant.py)
+        from trident.moe.quant import quantize_model_experts
+
+        experts = quantize_model_experts(model)
+    modules = QuantizedModules(config, tuple(quant_report.names), method=args.method, experts=tuple(experts))
     files = save_quantized(model, checkpoint, modules, out)
     seconds = time.perf_counter() - t0
     source_bytes = _source_weight_bytes(checkpoint, model, set(modules.modules))
@@ -181,7 +189,8 @@ def _quantize(args: argparse.Namespace) -> int:
               "quantized_weight_bytes_after": sum(m.bytes_after for m in quant_report.modules),
               "file_bytes_before": checkpoint.file_bytes, "file_bytes_after": out_bytes,
               "mean_relative_error": sum(m.relative_error for m in quant_report.modules) / len(quant_report.modules),
-              "max_relative_error": max(m.relative_error for m in quant_report.modules)}
+              "max_relative_error": max(m.relative_error for m in quant_report.modules),
+              **_experts_totals(model, experts)}
     _print_table(console, args, quant_report, totals)
     record = {"kind": "quantize", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "model": args.model, "source_format": checkpoint.format, "method": args.method, "out": out,
@@ -205,6 +214,15 @@ def _source_weight_bytes(checkpoint, model, quantized: set[str]) -> int:
             else:
                 total += tensor.numel() * tensor.element_size()
     return total
+
+
+def _experts_totals(model, experts: list[str]) -> dict:
+    """The int8 experts' part of the report (empty for none): the modules, and the bytes of their codes and
+    scales."""
+    if not experts:
+        return {}
+    return {"experts": experts,
+            "experts_bytes_after": sum(model.get_submodule(name).storage_bytes() for name in experts)}
 
 
 _GGML_BITS = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0,
@@ -232,5 +250,7 @@ def _print_table(console, args, quant_report, totals: dict) -> None:
         f"{totals['mean_relative_error']:.5f} (max {totals['max_relative_error']:.5f}) · quantized weights "
         f"{totals['quantized_weight_bytes_before']:,} -> {totals['quantized_weight_bytes_after']:,} bytes "
         "(scales and zero points counted) · weight files "
-        f"{totals['file_bytes_before']:,} -> {totals['file_bytes_after']:,} bytes")
+        f"{totals['file_bytes_before']:,} -> {totals['file_bytes_after']:,} bytes"
+        + (f" · {len(totals['experts'])} experts modules as int8 per channel "
+           f"({totals['experts_bytes_after']:,} bytes of codes and scales)" if "experts" in totals else ""))
     console.print(table)
