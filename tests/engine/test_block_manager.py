@@ -52,6 +52,20 @@ def test_allocate_and_free_count_blocks() -> None:
     assert bm.num_free_blocks == 8
 
 
+def test_a_lone_sequence_gets_consecutive_blocks_whatever_ran_before() -> None:
+    """Unhashed free blocks are reused lowest id first, so after other sequences come and go (freed in any order,
+    tail first) a sequence allocated alone lies in consecutive blocks, its keys one slice of the cache."""
+    bm = BlockManager(num_blocks=12, block_size=4)
+    seqs = [make_seq(i, list(range(9))) for i in range(3)]
+    for seq in seqs:
+        assert bm.allocate(seq, 9)
+    for i in (1, 0, 2):
+        bm.free(seqs[i])
+    lone = make_seq(9, list(range(30)))
+    assert bm.allocate(lone, 30)
+    assert lone.block_table == list(range(8))
+
+
 def test_allocate_is_all_or_nothing() -> None:
     bm = BlockManager(num_blocks=3, block_size=2)
     a, b = make_seq(0, [1, 2, 3]), make_seq(1, [4, 5, 6])

@@ -12,14 +12,17 @@ concern). Full hashed blocks can be shared by several sequences (reference count
 partial block of a sequence is always private. A block whose reference count drops to 0 keeps its
 hash and contents and becomes *evictable*: it still answers prefix look-ups (and is revived without
 recomputation) until its slot is needed for a new allocation, least recently freed first. Blocks
-without a hash are reused before any evictable block.
+without a hash are reused before any evictable block, lowest id first: a sequence allocated alone gets
+consecutive blocks whatever ran before it, so its keys are one slice of the cache (the CPU decode step attends
+over such a slice without gathering: trident/engine/cpu_decode.py).
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 from array import array
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
 
@@ -71,8 +74,8 @@ class BlockManager:
         self.stats = PrefixCacheStats()
         self._ref_counts = [0] * num_blocks
         self._hashes: list[bytes | None] = [None] * num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
-        """Unreferenced blocks without a cached hash, reused first."""
+        self._free: list[int] = list(range(num_blocks))
+        """Unreferenced blocks without a cached hash, reused first: a heap, the lowest id first."""
         self._evictable: OrderedDict[int, None] = OrderedDict()
         """Unreferenced blocks still in the prefix cache, least recently freed first."""
         self._cached: dict[bytes, int] = {}
@@ -191,7 +194,7 @@ class BlockManager:
                 self._evictable[block_id] = None
             else:
                 self._hashes[block_id] = None
-                self._free.append(block_id)
+                heapq.heappush(self._free, block_id)
         seq.block_table.clear()
         self._num_hashed.pop(seq.seq_id, None)
         self._seq_hashes.pop(seq.seq_id, None)
@@ -200,7 +203,7 @@ class BlockManager:
 
     def _take_block(self) -> int:
         if self._free:
-            return self._free.popleft()
+            return heapq.heappop(self._free)
         block_id, _ = self._evictable.popitem(last=False)
         h = self._hashes[block_id]
         if h is not None and self._cached.get(h) == block_id:
