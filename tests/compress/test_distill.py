@@ -265,3 +265,26 @@ def test_a_shared_student_trains_shared_and_stays_shared(dirs, tmp_path) -> None
     assert not torch.equal(after["model.layers.0.mlp.down_proj.weight"], before["model.layers.0.mlp.down_proj.weight"])
     layers = LLM(str(out), dtype="float32", num_blocks=8).engine.model.model.layers
     assert layers[1].mlp.down_proj.weight.data_ptr() == layers[0].mlp.down_proj.weight.data_ptr()
+
+
+def test_a_masked_student_keeps_its_2_4_pattern(dirs, tmp_path) -> None:
+    """`trident prune --structure 2:4` then `trident distill`: the projections train, and every zero of the mask
+    is still zero afterwards (each group of four inputs keeps at most two nonzeros)."""
+    masked = tmp_path / "s24"
+    assert main(["prune", str(dirs["student"]), "--structure", "2:4", "--method", "l1", "--out", str(masked)]) == 0
+    out = tmp_path / "out"
+    assert main(["distill", "--teacher", str(dirs["teacher"]), "--student", str(masked), "--text", str(dirs["text"]),
+                 "--out", str(out), *RUN]) == 0
+    before, after = load_file(masked / "model.safetensors"), load_file(out / "model.safetensors")
+    projections = [n for n in before if n.endswith(("q_proj.weight", "o_proj.weight", "up_proj.weight",
+                                                    "down_proj.weight"))]
+    assert len(projections) == 8
+    for name in projections:
+        zeros = before[name] == 0
+        assert zeros.view(zeros.shape[0], -1, 4).sum(-1).ge(2).all()  # the 2:4 mask going in
+        assert (after[name][zeros] == 0).all(), name  # kept
+        assert not torch.equal(after[name], before[name]), name  # and the rest trained
+    assert json.loads((out / "config.json").read_text())["trident_sparsity"]["pattern"] == "2:4"
+    # the norms are not masked: they train as usual
+    norms = [n for n in before if n.endswith("input_layernorm.weight")]
+    assert not torch.equal(after[norms[0]], before[norms[0]])

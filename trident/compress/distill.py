@@ -193,10 +193,12 @@ class Distiller:
     """A student, a frozen teacher, their optimizer, schedule and batches: :meth:`step` trains one batch.
 
     ``teacher`` and ``student`` are transformers causal-LM models (the student's parameters float32); both are
-    moved to ``config.device``."""
+    moved to ``config.device``. ``masked``: names of the student's parameters whose zeros are a pruning mask
+    (`trident prune --structure`): their zero entries are set back to zero after every optimizer step, so the
+    student keeps its sparsity pattern (2:4 stays 2:4)."""
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, token_ids: torch.Tensor, config: DistillConfig
-                 ) -> None:
+    def __init__(self, teacher: nn.Module, student: nn.Module, token_ids: torch.Tensor, config: DistillConfig,
+                 masked: tuple[str, ...] = ()) -> None:
         self.config = config
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -219,6 +221,12 @@ class Distiller:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, warmup, steps))
         self.step_index = 0
         """Steps done."""
+        params = dict(self.student.named_parameters())
+        unknown = [name for name in masked if name not in params]
+        if unknown:
+            raise TridentError(f"masked parameters the student does not have: {unknown[:3]}")
+        self.masks = tuple((params[name], params[name] != 0) for name in masked)
+        """(parameter, keep) of each masked parameter: where it is nonzero at the start."""
 
     def autocast(self):
         dtype = self.config.autocast_dtype
@@ -242,6 +250,9 @@ class Distiller:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), max_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
+        with torch.no_grad():
+            for param, keep in self.masks:
+                param.mul_(keep)
         self.scheduler.step()
         self.step_index += 1
         values = torch.stack([loss.loss.detach(), loss.kl.detach(), loss.ce.detach(), grad_norm.float()]).tolist()

@@ -124,7 +124,11 @@ def run_distill(args: argparse.Namespace) -> int:
         teacher = _transformers(teacher_ckpt)
         student = _transformers(student_ckpt)
         del teacher_ckpt
-        distiller = Distiller(teacher, student, token_ids, config)
+        masked = _masked_parameters(student_ckpt, student)
+        distiller = Distiller(teacher, student, token_ids, config, masked=masked)
+    if masked:
+        console.print(f"the student is a masked model (trident_sparsity): the zeros of its {len(masked)} decoder "
+                      "projections are kept through training")
     record = {"kind": "distill", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "config": config.as_dict(), "sources": sources, "eval": eval_record, "curve": [], "evals": [],
               "teacher_eval": None, "steps_done": 0, "tokens_seen": 0, "train_seconds": 0.0, "seconds": 0.0,
@@ -146,6 +150,18 @@ def run_distill(args: argparse.Namespace) -> int:
     files = _finish(distiller, record, out, student_ckpt, eval_windows, stopped, console)
     console.print(f"student written to {out} ({', '.join(files)})")
     return 0
+
+
+def _masked_parameters(checkpoint, student) -> tuple[str, ...]:
+    """The student's parameters whose zeros are a mask, for a folder written by ``trident prune --structure
+    unstructured|2:4`` (config.json's trident_sparsity): the decoder projections' weights; () otherwise."""
+    from trident.compress.sparsity import PROJECTIONS, read_sparsity
+
+    if read_sparsity(checkpoint.hf_config) is None:
+        return ()
+    suffixes = tuple(f".{module}.weight" for module in PROJECTIONS)
+    return tuple(name for name, _ in student.named_parameters()
+                 if name.startswith("model.layers.") and name.endswith(suffixes))
 
 
 def _transformers(checkpoint):
