@@ -113,6 +113,11 @@ def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 def test_loaded_shared_layers_hold_the_same_storage_and_count_once(llama_dir, tmp_path) -> None:
     record = _share(llama_dir, tmp_path / "shared", "--groups", "1-3")
+    from trident.loader import load_checkpoint
+    from trident.loader.info import model_info
+
+    described = model_info(load_checkpoint(str(tmp_path / "shared"))).shared_layers  # `trident info`'s row
+    assert described.startswith("2 layers") and "(2 -> 1, 3 -> 1)" in described
     hidden, inter, kv = SIZES["hidden_size"], SIZES["intermediate_size"], SIZES["num_key_value_heads"] * 8
     per_layer = hidden * hidden * 2 + 2 * hidden * kv + 3 * hidden * inter  # q, o, k, v, gate, up, down
     assert record["params_after"] == record["params_before"] - 2 * per_layer  # layers 2 and 3 lose theirs

@@ -186,6 +186,9 @@ def test_cli_wanda_masks_follow_transformers_activation_norms(tiny_dir, calib_fi
     out = tmp_path / "wanda24"
     _prune(tiny_dir, out, "--structure", "2:4", "--method", "wanda", "--calib", str(calib_file), "--calib-samples",
            "4", "--calib-seq-len", "32")
+    from trident.loader.info import model_info
+
+    assert model_info(load_checkpoint(str(out))).sparsity.startswith("2:4 masks (wanda): 50% of the decoder")  # `trident info`
     tokens = calibration_tokens(load_checkpoint(str(tiny_dir)).tokenizer,
                                 CalibrationConfig(str(calib_file), samples=4, seq_len=32)).token_ids
     hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float64).eval()

@@ -80,6 +80,10 @@ class ModelInfo:
     experts: str | None = None
     """For a mixture-of-experts model: routed experts, top-k, scoring, expert and shared-expert sizes and the sparse
     layers; None for a dense model."""
+    shared_layers: str | None = None
+    """For a ``trident share`` folder: which layers use which layer's weights, and which modules; None otherwise."""
+    sparsity: str | None = None
+    """For a ``trident prune --structure`` folder: the mask's pattern, share of zeros and score; None otherwise."""
 
 
 def model_info(checkpoint: Checkpoint) -> ModelInfo:
@@ -125,7 +129,27 @@ def model_info(checkpoint: Checkpoint) -> ModelInfo:
         quantization=_describe(checkpoint),
         kv_bytes_per_token_mha_bfloat16=c.mha_equivalent_kv_bytes_per_token(2),
         experts=_describe_experts(c),
+        shared_layers=_describe_sharing(c),
+        sparsity=_describe_sparsity(checkpoint.hf_config),
     )
+
+
+def _describe_sharing(config) -> str | None:
+    sharing = config.shared_layers
+    if sharing is None:
+        return None
+    pairs = ", ".join(f"{target} -> {source}" for target, source in sharing.sources)
+    return f"{len(sharing.sources)} layers use another layer's weights ({pairs}); shared: {', '.join(sharing.modules)}"
+
+
+def _describe_sparsity(hf_config) -> str | None:
+    from trident.compress.sparsity import read_sparsity
+
+    marked = read_sparsity(hf_config)
+    if marked is None:
+        return None
+    text = f"{marked.pattern} masks ({marked.method}): {marked.sparsity:.0%} of the decoder projections' weights zero"
+    return text + " (--sparse-kernel runs them sparse on CUDA)" if marked.pattern == "2:4" else text
 
 
 def _describe_experts(config) -> str | None:
@@ -190,6 +214,8 @@ def info_rows(info: ModelInfo) -> list[tuple[str, str]]:
             f"{info.num_layers} / {info.hidden_size} / {info.intermediate_size}",
         ),
         *([("experts", info.experts)] if info.experts else []),
+        *([("shared layers", info.shared_layers)] if info.shared_layers else []),
+        *([("sparsity", info.sparsity)] if info.sparsity else []),
         ("heads / kv heads / head dim", f"{info.num_heads} / {info.num_kv_heads} / {info.head_dim}"),
         ("vocabulary", f"{info.vocab_size:,}"),
         ("file size", human_bytes(info.file_bytes)),
