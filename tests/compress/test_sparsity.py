@@ -188,7 +188,8 @@ def test_cli_wanda_masks_follow_transformers_activation_norms(tiny_dir, calib_fi
            "4", "--calib-seq-len", "32")
     from trident.loader.info import model_info
 
-    assert model_info(load_checkpoint(str(out))).sparsity.startswith("2:4 masks (wanda): 50% of the decoder")  # `trident info`
+    described = model_info(load_checkpoint(str(out))).sparsity  # `trident info`'s row
+    assert described.startswith("2:4 masks (wanda): 50% of the decoder")
     tokens = calibration_tokens(load_checkpoint(str(tiny_dir)).tokenizer,
                                 CalibrationConfig(str(calib_file), samples=4, seq_len=32)).token_ids
     hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float64).eval()

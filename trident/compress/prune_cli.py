@@ -90,7 +90,6 @@ def run_prune(args: argparse.Namespace) -> int:
 
     from trident.bench import report as bench_report
     from trident.compress.prune import Shape, layer_parameters, plan_pruning, pruned_tensors
-    from trident.loader import load_checkpoint
     from trident.quant.gptq_config import CalibrationConfig
 
     config = PruneConfig(sparsity=args.sparsity, targets=tuple(args.targets or TARGETS), method=args.method)
@@ -106,9 +105,7 @@ def run_prune(args: argparse.Namespace) -> int:
     out = new_output_folder(args.out)
     console = Console()
     t0 = time.perf_counter()
-    checkpoint = load_checkpoint(model_path(args.model))
-    if checkpoint.quantization is not None:
-        raise TridentError(f"{args.model} is quantized; prune the original model (then quantize the pruned folder)")
+    checkpoint = load_float_checkpoint(args.model)
     shape = Shape.of(checkpoint.hf_config)
     norms = products = calib_record = None
     if calib is not None:
@@ -141,6 +138,16 @@ def run_prune(args: argparse.Namespace) -> int:
     console.print(f"pruned model written to {out}; report written to "
                   f"{bench_report.write_json(record, args.json, 'prune')}")
     return 0
+
+
+def load_float_checkpoint(model_name: str):
+    """The model to prune or mask; a quantized folder is refused (prune the original, then quantize)."""
+    from trident.loader import load_checkpoint
+
+    checkpoint = load_checkpoint(model_path(model_name))
+    if checkpoint.quantization is not None:
+        raise TridentError(f"{model_name} is quantized; prune the original model (then quantize the pruned folder)")
+    return checkpoint
 
 
 def load_calibration_tokens(checkpoint, calib, model_name: str):

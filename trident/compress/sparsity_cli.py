@@ -11,7 +11,7 @@ import os
 import time
 from datetime import datetime, timezone
 
-from trident.cli_args import model_path, new_output_folder
+from trident.cli_args import new_output_folder
 from trident.compress.sparsity import SparsityConfig
 from trident.errors import TridentError
 
@@ -21,9 +21,8 @@ def run_mask_prune(args: argparse.Namespace) -> int:
 
     from trident.bench import report as bench_report
     from trident.compress.prune import Shape
-    from trident.compress.prune_cli import calibration_norms, load_calibration_tokens
+    from trident.compress.prune_cli import calibration_norms, load_calibration_tokens, load_float_checkpoint
     from trident.compress.sparsity import masked_tensors
-    from trident.loader import load_checkpoint
     from trident.quant.gptq_config import CalibrationConfig
 
     if args.targets is not None:
@@ -38,9 +37,7 @@ def run_mask_prune(args: argparse.Namespace) -> int:
     out = new_output_folder(args.out)
     console = Console()
     t0 = time.perf_counter()
-    checkpoint = load_checkpoint(model_path(args.model))
-    if checkpoint.quantization is not None:
-        raise TridentError(f"{args.model} is quantized; prune the original model (then quantize the pruned folder)")
+    checkpoint = load_float_checkpoint(args.model)
     shape = Shape.of(checkpoint.hf_config)
     norms = calib_record = None
     if config.method == "wanda":
