@@ -49,7 +49,8 @@ def _targets(value: str) -> tuple[str, ...]:
 
 def add_prune_parser(sub) -> None:
     p = sub.add_parser("prune", help="remove whole MLP channels and attention KV groups (structured pruning) into a "
-                       "smaller Hugging Face folder", description=PRUNE_DESCRIPTION,
+                       "smaller Hugging Face folder, or zero weights as unstructured / 2:4 masks (--structure)",
+                       description=PRUNE_DESCRIPTION,
                        epilog="See docs/compression.md. Example: trident prune default --sparsity 0.2 --targets "
                        "mlp,heads --method wanda --calib shakespeare --out smollm2-p20")
     p.add_argument("model", metavar="MODEL", help="a .gguf file, a Hugging Face folder, or 'default' (the embedded "
