@@ -16,6 +16,7 @@ import pytest
 import torch
 import transformers
 from byte_tokenizer import save_with_byte_tokenizer
+from engine_logits import load_engine, prefill_logits
 from safetensors.torch import load_file
 
 from trident.cli import main
@@ -171,8 +172,6 @@ def test_resume_after_an_interruption_ends_with_the_weights_of_an_uninterrupted_
 
 
 def test_the_output_folder_gives_transformers_logits_in_trident(straight) -> None:
-    from test_prune import _trident_logits
-
     from trident import LLM
     from trident.compress.eval import PerplexityConfig, perplexity
 
@@ -186,7 +185,7 @@ def test_the_output_folder_gives_transformers_logits_in_trident(straight) -> Non
     tokens = llm.tokenizer.encode(HELD_OUT)[:40]
     with torch.no_grad():
         expected = hf(torch.tensor([tokens])).logits[0]
-    torch.testing.assert_close(_trident_logits(straight, tokens), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(prefill_logits(load_engine(straight), tokens), expected, atol=1e-4, rtol=1e-4)
 
     # the logged held-out perplexity after training is trident's `eval ppl` of the folder on the same windows
     result = perplexity(llm, llm.tokenizer.encode(HELD_OUT), PerplexityConfig(window=32, max_tokens=128))

@@ -14,6 +14,7 @@ import pytest
 import torch
 import transformers
 from byte_tokenizer import save_with_byte_tokenizer
+from engine_logits import load_engine, prefill_logits
 
 from trident.cli import main
 from trident.compress.prune import (
@@ -58,20 +59,6 @@ def calib_file(tmp_path_factory) -> Path:
     return path
 
 
-def _trident_logits(path: Path, tokens: list[int]) -> torch.Tensor:
-    from trident import LLM, SamplingParams
-    from trident.engine.plan import ScheduledChunk, StepPlan
-
-    engine = LLM(str(path), dtype="float32", num_blocks=32, enable_prefix_caching=False).engine
-    bs = engine.config.cache.block_size
-    chunk = ScheduledChunk(seq_id=0, token_ids=tuple(tokens), start_pos=0,
-                           block_table=tuple(range(-(-len(tokens) // bs))), sample=True,
-                           params=SamplingParams(temperature=0.0))
-    ids, positions, meta, _, _ = engine.runner.prepare(StepPlan(chunks=(chunk,)))
-    with torch.inference_mode():
-        return engine.model.compute_logits(engine.model(ids, positions, engine.runner.kv_caches, meta))
-
-
 def _prune(model: Path, out: Path, *args: str) -> dict:
     report = out.parent / f"{out.name}.json"
     assert main(["prune", str(model), "--out", str(out), "--json", str(report), *args]) == 0
@@ -102,7 +89,7 @@ def test_pruned_folder_gives_transformers_logits(family: str, method: str, famil
     tokens = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(3)).tolist()
     with torch.no_grad():
         expected = hf(torch.tensor([tokens])).logits[0]
-    torch.testing.assert_close(_trident_logits(out, tokens), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(prefill_logits(load_engine(out), tokens), expected, atol=1e-4, rtol=1e-4)
 
     original = transformers.AutoModelForCausalLM.from_pretrained(family_dirs[family], dtype=torch.float32)
     layer = record["layers"][1]

@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 from byte_tokenizer import save_with_byte_tokenizer
+from engine_logits import load_engine, prefill_logits
 
 from trident.cli import main
 from trident.compress.share import ShareConfig, parse_groups, tie_shared_layers, unique_tensors
@@ -54,26 +55,6 @@ def _share(model: Path, out: Path, *args: str) -> dict:
     return json.loads(report.read_text())
 
 
-def _engine(path: Path, dtype: str = "float32"):
-    from trident.engine.engine import LLMEngine
-    from trident.engine.llm import engine_config
-
-    return LLMEngine(engine_config(str(path), dtype=dtype, num_blocks=32, enable_prefix_caching=False))
-
-
-def _logits(engine, tokens: list[int]) -> torch.Tensor:
-    from trident.engine.plan import ScheduledChunk, StepPlan
-    from trident.engine.request import SamplingParams
-
-    bs = engine.config.cache.block_size
-    chunk = ScheduledChunk(seq_id=0, token_ids=tuple(tokens), start_pos=0,
-                           block_table=tuple(range(-(-len(tokens) // bs))), sample=True,
-                           params=SamplingParams(temperature=0.0))
-    ids, positions, meta, _, _ = engine.runner.prepare(StepPlan(chunks=(chunk,)))
-    with torch.inference_mode():
-        return engine.model.compute_logits(engine.model(ids, positions, engine.runner.kv_caches, meta))
-
-
 def _hf(path: Path, dtype=torch.float32):
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
@@ -101,7 +82,8 @@ def test_shared_folder_gives_the_expanded_folders_transformers_logits(family, ar
     tokens = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(5)).tolist()
     with torch.no_grad():
         expected = hf(torch.tensor([tokens])).logits[0]
-    torch.testing.assert_close(_logits(_engine(tmp_path / "shared"), tokens), expected, atol=1e-4, rtol=1e-4)
+    got = prefill_logits(load_engine(tmp_path / "shared"), tokens)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
 # ----- shared tensors are one storage in the loaded model ----------------------------------------------------------
@@ -121,7 +103,7 @@ def test_loaded_shared_layers_hold_the_same_storage_and_count_once(llama_dir, tm
     hidden, inter, kv = SIZES["hidden_size"], SIZES["intermediate_size"], SIZES["num_key_value_heads"] * 8
     per_layer = hidden * hidden * 2 + 2 * hidden * kv + 3 * hidden * inter  # q, o, k, v, gate, up, down
     assert record["params_after"] == record["params_before"] - 2 * per_layer  # layers 2 and 3 lose theirs
-    engine = _engine(tmp_path / "shared")
+    engine = load_engine(tmp_path / "shared")
     layers = engine.model.model.layers
     for paths in (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"), ("mlp", "down_proj")):
         source = layers[1].get_submodule(".".join(paths))
@@ -140,7 +122,7 @@ def test_loaded_shared_layers_hold_the_same_storage_and_count_once(llama_dir, tm
     assert resident_weight_bytes(engine.model) == engine.memory_usage().weights_bytes
     assert weights_bytes(engine.model_config, torch.float32) == 4 * unique  # the serve pool's estimate
 
-    bf16 = _engine(tmp_path / "shared", "bfloat16")  # a dtype conversion still converts each tensor once
+    bf16 = load_engine(tmp_path / "shared", "bfloat16")  # a dtype conversion still converts each tensor once
     assert bf16.model.model.layers[3].mlp.down_proj.weight.data_ptr() == \
         bf16.model.model.layers[1].mlp.down_proj.weight.data_ptr()
     assert bf16.model.model.layers[3].mlp.down_proj.weight.dtype == torch.bfloat16
@@ -173,7 +155,7 @@ def test_runtime_quantization_quantizes_a_shared_module_once(llama_dir, tmp_path
     # trident quantize's folder keeps the sharing keys, lists the source layers' modules only and loads shared
     assert main(["quantize", str(tmp_path / "shared"), "--bits", "8", "--out", str(tmp_path / "q8"),
                  "--json", str(tmp_path / "q8.json")]) == 0
-    quantized = _engine(tmp_path / "q8").model.model.layers
+    quantized = load_engine(tmp_path / "q8").model.model.layers
     assert quantized[3].mlp.gate_up_proj is quantized[2].mlp.gate_up_proj
     assert isinstance(quantized[3].mlp.gate_up_proj, QuantizedLinear)
 
@@ -201,7 +183,7 @@ def test_nll_and_cosine_criteria_share_the_identical_pair_first(twin_dir) -> Non
 
     # tokens sampled from the model itself: the model is then the best one for them in expectation, so any change
     # raises their NLL, except sharing the identical pair, which changes nothing
-    engine = _engine(twin_dir)
+    engine = load_engine(twin_dir)
     for seed in range(3):
         engine.add_request([1], SamplingParams(temperature=1.0, max_tokens=127, ignore_eos=True, seed=seed))
     samples = []
@@ -229,7 +211,7 @@ def test_cli_auto_costs_add_up_to_the_written_models_nll_rise(twin_dir, calib_fi
     from trident.compress.eval import PerplexityConfig, perplexity
     from trident.compress.texts import encode_first
 
-    before, after = _engine(twin_dir), _engine(tmp_path / "nll")
+    before, after = load_engine(twin_dir), load_engine(tmp_path / "nll")
     ids = encode_first(before.tokenizer, CALIB, 256)
     config = PerplexityConfig(window=128)
     rise = perplexity(after, ids, config).nll - perplexity(before, ids, config).nll

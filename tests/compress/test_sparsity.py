@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers
 from byte_tokenizer import save_with_byte_tokenizer
+from engine_logits import load_engine, prefill_logits
 from hf_tiny import tiny_llama_config
 from safetensors.torch import load_file
 
@@ -113,21 +114,6 @@ def _prune(model, out, *args: str) -> dict:
     return json.loads(report.read_text())
 
 
-def _trident_logits(path, tokens: list[int], **options) -> tuple[torch.Tensor, object]:
-    from trident import LLM, SamplingParams
-    from trident.engine.plan import ScheduledChunk, StepPlan
-
-    engine = LLM(str(path), dtype="float32", num_blocks=32, enable_prefix_caching=False, **options).engine
-    bs = engine.config.cache.block_size
-    chunk = ScheduledChunk(seq_id=0, token_ids=tuple(tokens), start_pos=0,
-                           block_table=tuple(range(-(-len(tokens) // bs))), sample=True,
-                           params=SamplingParams(temperature=0.0))
-    ids, positions, meta, _, _ = engine.runner.prepare(StepPlan(chunks=(chunk,)))
-    with torch.inference_mode():
-        logits = engine.model.compute_logits(engine.model(ids, positions, engine.runner.kv_caches, meta))
-    return logits, engine
-
-
 @pytest.mark.parametrize("family, structure, method, sparsity", [
     ("llama", "2:4", "wanda", None), ("llama", "unstructured", "l1", "0.3"), ("qwen2", "unstructured", "wanda", "0.6")])
 def test_masked_folder_gives_transformers_logits(family: str, structure: str, method: str, sparsity: str | None,
@@ -167,10 +153,11 @@ def test_masked_folder_gives_transformers_logits(family: str, structure: str, me
     tokens = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(3)).tolist()
     with torch.no_grad():
         expected = hf(torch.tensor([tokens])).logits[0]
-    logits, _ = _trident_logits(out, tokens)
+    logits = prefill_logits(load_engine(out), tokens)
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
     if structure == "2:4":  # --sparse-kernel on the CPU: dense matmuls on the masked weights, the same logits
-        logits, engine = _trident_logits(out, tokens, sparse_kernel=True)
+        engine = load_engine(out, sparse_kernel=True)
+        logits = prefill_logits(engine, tokens)
         assert engine.sparse_kernels.converted == [] and "CPU" in engine.sparse_kernels.reason
         torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
 

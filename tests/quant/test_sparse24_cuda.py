@@ -20,6 +20,7 @@ from trident.quant.sparse24 import SparseLinear24, is_two_four, resolve_backend
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "compress"))
 from byte_tokenizer import save_with_byte_tokenizer  # noqa: E402
+from engine_logits import prefill_logits  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -94,19 +95,6 @@ def test_sparse_linear_replays_from_a_cuda_graph() -> None:
         _check(static_y.clone(), static_x.clone(), layer)
 
 
-def _prefill_logits(engine, tokens: list[int]) -> torch.Tensor:
-    from trident import SamplingParams
-    from trident.engine.plan import ScheduledChunk, StepPlan
-
-    bs = engine.config.cache.block_size
-    chunk = ScheduledChunk(seq_id=0, token_ids=tuple(tokens), start_pos=0,
-                           block_table=tuple(range(-(-len(tokens) // bs))), sample=True,
-                           params=SamplingParams(temperature=0.0))
-    ids, positions, meta, _, _ = engine.runner.prepare(StepPlan(chunks=(chunk,)))
-    with torch.inference_mode():
-        return engine.model.compute_logits(engine.model(ids, positions, engine.runner.kv_caches, meta)).float()
-
-
 def test_tiny_two_four_model_sparse_path_equals_dense(tmp_path) -> None:
     import transformers
 
@@ -134,7 +122,7 @@ def test_tiny_two_four_model_sparse_path_equals_dense(tmp_path) -> None:
     assert sparse.memory_usage().weights_bytes < dense.memory_usage().weights_bytes
 
     tokens = torch.randint(2, 256, (37,), generator=torch.Generator().manual_seed(5)).tolist()
-    got, expected = _prefill_logits(sparse, tokens), _prefill_logits(dense, tokens)
+    got, expected = prefill_logits(sparse, tokens).float(), prefill_logits(dense, tokens).float()
     scale = expected.abs().max().item()
     torch.testing.assert_close(got, expected, rtol=3e-2, atol=3e-2 * scale)
 
@@ -144,7 +132,7 @@ def test_tiny_two_four_model_sparse_path_equals_dense(tmp_path) -> None:
     result = llm.generate([tokens[:12]], SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))[0]
     generated = list(result.outputs[0].token_ids)
     assert len(generated) == 10
-    logits = _prefill_logits(llm.engine, tokens[:12] + generated)
+    logits = prefill_logits(llm.engine, tokens[:12] + generated).float()
     for i, token in enumerate(generated):
         row = logits[11 + i]
         assert row[token] >= row.max() - 0.05 * row.abs().max(), (i, token)
