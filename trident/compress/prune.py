@@ -93,16 +93,15 @@ class Shape:
     model_type: str = "llama"
 
     @classmethod
-    def of(cls, hf_config: Mapping) -> Shape:
-        model_type = hf_config.get("model_type")
-        if model_type not in ARCHITECTURES:
+    def of(cls, config) -> Shape:
+        """From the checkpoint's parsed ModelConfig (trident/config.py); a family other than the dense Llama-form
+        ones is a TridentError."""
+        if config.model_type not in ARCHITECTURES:
             raise TridentError(f"trident prune handles the dense Llama-form families ({', '.join(ARCHITECTURES)}); "
-                               f"this model is {model_type!r}")
-        heads, hidden = hf_config["num_attention_heads"], hf_config["hidden_size"]
-        return cls(num_layers=hf_config["num_hidden_layers"], hidden_size=hidden,
-                   intermediate_size=hf_config["intermediate_size"], num_heads=heads,
-                   num_kv_heads=hf_config.get("num_key_value_heads") or heads,
-                   head_dim=hf_config.get("head_dim") or hidden // heads, model_type=model_type)
+                               f"this model is {config.model_type!r}")
+        return cls(num_layers=config.num_layers, hidden_size=config.hidden_size,
+                   intermediate_size=config.intermediate_size, num_heads=config.num_heads,
+                   num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, model_type=config.model_type)
 
     @property
     def heads_per_group(self) -> int:

@@ -107,7 +107,7 @@ def run_prune(args: argparse.Namespace) -> int:
     console = Console()
     t0 = time.perf_counter()
     checkpoint = load_float_checkpoint(args.model)
-    shape = Shape.of(checkpoint.hf_config)
+    shape = Shape.of(checkpoint.config)
     norms = products = calib_record = None
     if calib is not None:
         tokens = load_calibration_tokens(checkpoint, calib, args.model)

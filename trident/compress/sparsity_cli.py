@@ -38,7 +38,7 @@ def run_mask_prune(args: argparse.Namespace) -> int:
     console = Console()
     t0 = time.perf_counter()
     checkpoint = load_float_checkpoint(args.model)
-    shape = Shape.of(checkpoint.hf_config)
+    shape = Shape.of(checkpoint.config)
     norms = calib_record = None
     if config.method == "wanda":
         calib = CalibrationConfig(args.calib, samples=args.calib_samples, seq_len=args.calib_seq_len)
