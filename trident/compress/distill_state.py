@@ -107,15 +107,10 @@ def write_student_folder(student: nn.Module, hf_config: Mapping, tokenizer_sourc
     transformers class as ``architectures`` and float32 as its dtype), model.safetensors (float32) and the
     tokenizer of the checkpoint ``tokenizer_source`` (:func:`trident.quant.format.write_tokenizer`). Returns the
     files written."""
-    from safetensors.torch import save_file
-
-    from trident.quant.format import write_tokenizer
+    from trident.quant.format import write_hf_folder
 
     config = dict(hf_config)
     config["architectures"] = [type(student).__name__]
     config.pop("dtype", None)
     config["torch_dtype"] = "float32"
-    save_file(student_tensors(student), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    return ["config.json", "model.safetensors"] + write_tokenizer(tokenizer_source, out_dir)
+    return write_hf_folder(out_dir, student_tensors(student), config, tokenizer_source)

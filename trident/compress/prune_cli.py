@@ -9,8 +9,6 @@ trident/compress/sparsity_cli.py): same shapes, zeros written in, config.json ma
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from datetime import datetime, timezone
 
@@ -175,17 +173,10 @@ def calibration_norms(checkpoint, token_ids, batch_size: int, console):
 def save_pruned(checkpoint, plan, tensors: dict, out_dir: str) -> list[str]:
     """Write the pruned folder: config.json (:func:`trident.compress.prune.pruned_hf_config`), model.safetensors
     (every tensor under its Hugging Face name, source dtypes) and the source's tokenizer. Returns the files."""
-    from safetensors.torch import save_file
-
     from trident.compress.prune import pruned_hf_config
-    from trident.quant.format import write_tokenizer
+    from trident.quant.format import write_hf_folder
 
-    os.makedirs(out_dir, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out_dir, "model.safetensors"),
-              metadata={"format": "pt"})
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(pruned_hf_config(checkpoint.hf_config, plan), f, indent=2)
-    return ["config.json", "model.safetensors"] + write_tokenizer(checkpoint, out_dir)
+    return write_hf_folder(out_dir, tensors, pruned_hf_config(checkpoint.hf_config, plan), checkpoint)
 
 
 def _print_table(console, record: dict) -> None:

@@ -8,7 +8,6 @@ perplexity before and after, and writes them as JSON."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from datetime import datetime, timezone
@@ -232,22 +231,15 @@ def write_and_measure(args, checkpoint, config, out: str, engine, console) -> di
 def save_shared(checkpoint, tensors: dict, sharing, out_dir: str) -> list[str]:
     """Write config.json (the source's, with the sharing keys when ``sharing``), model.safetensors (``tensors``,
     source dtypes) and the source's tokenizer; returns the files written."""
-    from safetensors.torch import save_file
-
     from trident.compress.prune import ARCHITECTURES
     from trident.models.shared_layers import LAYERS_KEY, MODULES_KEY
-    from trident.quant.format import write_tokenizer
+    from trident.quant.format import write_hf_folder
 
-    os.makedirs(out_dir, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out_dir, "model.safetensors"),
-              metadata={"format": "pt"})
     config = {k: v for k, v in checkpoint.hf_config.items() if k not in (LAYERS_KEY, MODULES_KEY)}
     config.setdefault("architectures", [ARCHITECTURES[config["model_type"]]])
     if sharing is not None:
         config.update(sharing.as_hf())
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    return ["config.json", "model.safetensors"] + write_tokenizer(checkpoint, out_dir)
+    return write_hf_folder(out_dir, tensors, config, checkpoint)
 
 
 def write_expanded(checkpoint, out_dir: str) -> list[str]:

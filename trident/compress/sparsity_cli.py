@@ -6,8 +6,6 @@ and writes a JSON record (every masked projection's zeros before and after)."""
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from datetime import datetime, timezone
 
@@ -65,17 +63,10 @@ def run_mask_prune(args: argparse.Namespace) -> int:
 def save_masked(checkpoint, config: SparsityConfig, tensors: dict, out_dir: str) -> list[str]:
     """Write the masked folder: config.json (:func:`trident.compress.sparsity.sparse_hf_config`),
     model.safetensors (every tensor under its Hugging Face name, source dtypes) and the source's tokenizer."""
-    from safetensors.torch import save_file
-
     from trident.compress.sparsity import sparse_hf_config
-    from trident.quant.format import write_tokenizer
+    from trident.quant.format import write_hf_folder
 
-    os.makedirs(out_dir, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out_dir, "model.safetensors"),
-              metadata={"format": "pt"})
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(sparse_hf_config(checkpoint.hf_config, config), f, indent=2)
-    return ["config.json", "model.safetensors"] + write_tokenizer(checkpoint, out_dir)
+    return write_hf_folder(out_dir, tensors, sparse_hf_config(checkpoint.hf_config, config), checkpoint)
 
 
 def _print_table(console, record: dict, num_layers: int) -> None:

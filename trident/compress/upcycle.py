@@ -214,16 +214,6 @@ def mixtral_config(dense: Mapping[str, Any], config: UpcycleConfig) -> dict[str,
 def save_upcycled(result: UpcycleResult, checkpoint, out_dir: str) -> list[str]:
     """Write ``result`` as a Hugging Face folder (config.json, model.safetensors, the source's tokenizer); returns
     the files written."""
-    import json
-    import os
+    from trident.quant.format import write_hf_folder
 
-    from safetensors.torch import save_file
-
-    from trident.quant.format import write_tokenizer
-
-    os.makedirs(out_dir, exist_ok=True)
-    tensors = {name: t.contiguous() for name, t in result.tensors.items()}
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(result.hf_config, f, indent=2)
-    return ["config.json", "model.safetensors"] + write_tokenizer(checkpoint, out_dir)
+    return write_hf_folder(out_dir, result.tensors, result.hf_config, checkpoint)

@@ -304,14 +304,11 @@ def save_quantized(model: nn.Module, checkpoint, modules: QuantizedModules, out_
     """Write the quantized folder (see the module docstring) for ``model`` after :func:`quantize_model`;
     ``checkpoint`` is the source it was built from; ``replaced``: tensors (Hugging Face names of the source's)
     written instead of the source's (SmoothQuant's migrated norm weights). Returns the files written."""
-    from safetensors.torch import save_file
-
     cls = module_class(modules.quant_method)
     replaced = dict(replaced or {})
     unknown = sorted(set(replaced) - set(checkpoint.tensors))
     if unknown:
         raise TridentError(f"save_quantized: {', '.join(unknown)} replace no tensor of the source")
-    os.makedirs(out_dir, exist_ok=True)
     quantized = set(modules.modules)
     packed = getattr(model, "packed_modules", {})
     experts_sources = _experts_source_names(model, modules.experts, checkpoint.tensors)
@@ -335,13 +332,8 @@ def save_quantized(model: nn.Module, checkpoint, modules: QuantizedModules, out_
         for kind, t in zip(("qweight", "scales", "zeros"), layer.quantized):
             if t is not None:
                 tensors[f"{name}.{kind}"] = t.detach().cpu().contiguous()
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    hf_config = dict(checkpoint.hf_config)
-    hf_config["quantization_config"] = modules.as_hf_dict()
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
-    written = ["config.json", "model.safetensors"] + write_tokenizer(checkpoint, out_dir)
-    return written
+    return write_hf_folder(out_dir, tensors, {**checkpoint.hf_config, "quantization_config": modules.as_hf_dict()},
+                           checkpoint)
 
 
 def _experts_source_names(model: nn.Module, experts: tuple[str, ...], tensors: Mapping[str, torch.Tensor]) -> set[str]:
@@ -353,6 +345,22 @@ def _experts_source_names(model: nn.Module, experts: tuple[str, ...], tensors: M
         for found in experts_sources(module, list(tensors), getattr(model, "renames", {})).values():
             names.update(name for _, _, name in found)
     return names
+
+
+def write_hf_folder(out_dir: str, tensors: Mapping[str, torch.Tensor], hf_config: Mapping,
+                    tokenizer_source) -> list[str]:
+    """Write a Hugging Face folder: model.safetensors (``tensors`` under their names, as they are, made
+    contiguous), config.json (``hf_config``) and the tokenizer of the checkpoint ``tokenizer_source``
+    (:func:`write_tokenizer`). Returns the files written. What the compression commands write (prune, its masks,
+    share, upcycle, distill's student)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out_dir, "model.safetensors"),
+              metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(dict(hf_config), f, indent=2)
+    return ["config.json", "model.safetensors"] + write_tokenizer(tokenizer_source, out_dir)
 
 
 def write_tokenizer(checkpoint, out_dir: str) -> list[str]:
