@@ -41,7 +41,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    "at most 8192 on the CPU)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences batched at once")
-    g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="token budget of one step (default: 512 on the CPU, 8192 on CUDA)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="run every step through the general forward: no CUDA graphs (captured at start-up on CUDA "
                    "otherwise), no lean CPU decode step")

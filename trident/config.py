@@ -352,13 +352,14 @@ class SchedulerConfig:
 
     max_num_seqs: int = 64
     """Most sequences running at once."""
-    max_num_batched_tokens: int = 512
-    """Token budget of one step (decode tokens plus prefill chunk tokens)."""
+    max_num_batched_tokens: int | None = None
+    """Token budget of one step (decode tokens plus prefill chunk tokens); None: the device's default
+    (:func:`trident.engine.sizing.default_batched_tokens`: 512 on the CPU, 8192 on CUDA)."""
     enable_chunked_prefill: bool = True
     """Split long prompts across steps so running decodes are not stalled."""
 
     def __post_init__(self) -> None:
-        if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
+        if self.max_num_seqs <= 0 or (self.max_num_batched_tokens is not None and self.max_num_batched_tokens <= 0):
             raise TridentError("max_num_seqs and max_num_batched_tokens must be positive")
 
 

@@ -104,13 +104,35 @@ def test_bench_latency_with_int8_weights_counts_their_bytes(tmp_path) -> None:
     assert record["roofline"]["weight_bytes_per_step"] == expected + 2 * per_layer
 
 
-def test_quantized_weights_refuse_compare_hf(tmp_path, capsys) -> None:
+def test_quantized_weights_compare_hf_on_the_float_original(tmp_path, monkeypatch) -> None:
+    """--weights int8 --compare hf: trident runs the codes, transformers the float weights they came from (the
+    same random tensors, not dequantized codes), in one run; the peer's row says so."""
+    from trident.bench import peers
+
+    loaded = []
+    load = peers.load_hf_same_weights
+
+    def spy(checkpoint, dtype, device):
+        loaded.append(checkpoint)
+        return load(checkpoint, dtype, device)
+
+    monkeypatch.setattr(peers, "load_hf_same_weights", spy)
+    hf_config = dict(TINY_SHAPES["llama3-scaled"])
     config_path = tmp_path / "tiny" / "config.json"
     config_path.parent.mkdir()
-    config_path.write_text(json.dumps(TINY_SHAPES["llama3-scaled"]))
-    assert main(["bench", "latency", "--shape", str(config_path), "--device", "cpu", "--weights", "int4",
-                 "--compare", "hf"]) != 0
-    assert "--compare hf runs transformers on float weights" in capsys.readouterr().err
+    config_path.write_text(json.dumps(hf_config))
+    out = tmp_path / "latency.json"
+    assert main(["bench", "latency", "--shape", str(config_path), "--prompt-len", "16", "--output-len", "4",
+                 "--repeat", "1", "--device", "cpu", "--dtype", "float32", "--weights", "int8", "--compare", "hf",
+                 "--json", str(out)]) == 0
+    (checkpoint,) = loaded
+    assert checkpoint.quantization is None
+    expected = random_checkpoint(Shape("tiny", hf_config, "test"), device="cpu", dtype=torch.float32)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(checkpoint.tensors[name], expected.tensors[name])
+    ours, theirs = json.loads(out.read_text())["results"]
+    assert "int8 per channel" in ours["engine"] and "float weights" in theirs["engine"]
+    assert theirs.get("error") is None and theirs["decode_tok_s"] > 0
 
 
 @pytest.mark.parametrize("per_expert", [False, True], ids=["fused", "per-expert"])

@@ -107,10 +107,9 @@ def check_experts(device, num_tokens: int, top_k: int, num_experts: int, hidden_
         gate_up, down = gate_up.to(dtype), down.to(dtype)
         exact_weights = (gate_up, down)
     hidden = torch.randn(num_tokens, hidden_size, generator=gen).to(dtype)
-    weight_bytes = 1 if int8 else 2
     what = (f"T={num_tokens} k={top_k} E={num_experts} H={hidden_size} I={inter} {how} {dtype_id(dtype)} "
             f"{activation} {'int8 ' if int8 else ''}"
-            f"{tiles or moe_tiles(num_tokens * top_k, num_experts, hidden_size, inter, weight_bytes)}")
+            f"{tiles or moe_tiles(num_tokens * top_k, num_experts, hidden_size, inter)}")
     args = (hidden.to(device), weights.to(device), ids.to(device), gate_up.to(device), down.to(device), activation)
     out = fused_experts(*args, tiles=tiles, **scales)
     assert out.dtype == dtype and out.device.type == device.type
@@ -175,22 +174,10 @@ def test_int8_experts_every_tile_variant(kernel_device, tiles) -> None:
 
 @pytest.mark.parametrize("num_tokens", [1, 40, 300])
 def test_int8_tiles_of_each_regime(kernel_device, num_tokens) -> None:
-    """moe_tiles' int8 choices (decode, 64- and 128-row blocks, K tiles deepened) on a layer whose K fills them."""
-    tiles = moe_tiles(num_tokens * 2, 4, 256, 256, weight_bytes=1)
+    """moe_tiles' choices (decode, 64- and 128-row blocks) on int8 codes, on a layer whose K fills the tiles."""
+    tiles = moe_tiles(num_tokens * 2, 4, 256, 256)
     assert tiles.block_m == {1: 16, 40: 64, 300: 128}[num_tokens]
     check_experts(kernel_device, num_tokens, 2, 4, 256, 256, "random", torch.float16, seed=num_tokens, int8=True)
-
-
-def test_int8_tiles_read_as_many_weight_bytes_per_stage() -> None:
-    """int8 tiles deepen K where bytes bound the GEMMs (decode, 64-row blocks), keep the 128-row ones."""
-    for pairs in (8, 40 * 128, 100 * 128):
-        bf16, int8 = moe_tiles(pairs, 128, 2048, 768), moe_tiles(pairs, 128, 2048, 768, weight_bytes=1)
-        assert int8.block_m == bf16.block_m
-        for b, i in ((bf16.gate_up, int8.gate_up), (bf16.down, int8.down)):
-            assert i.block_n == b.block_n
-            assert i.block_k == (b.block_k if bf16.block_m == 128 else 2 * b.block_k)
-    with pytest.raises(ValueError):
-        moe_tiles(8, 128, 2048, 768, weight_bytes=4)
 
 
 @pytest.mark.parametrize("tiles", VARIANTS, ids=tiles_name)

@@ -115,7 +115,7 @@ def test_every_matrix_vector_row_count(kernel_device, m: int) -> None:
            seed=m)
 
 
-@pytest.mark.parametrize("m", [17, 31, 64, 65, 130, 300])
+@pytest.mark.parametrize("m", [17, 31, 40, 64, 65, 128, 130, 300])
 def test_matrix_multiply_row_counts(kernel_device, m: int) -> None:
     _check(kernel_device, m, 45, 256, 4 if m % 2 else 8, 64 if m < 100 else None, offsets=True, bias=m % 2 == 0,
            dtype=torch.float16 if m % 3 else torch.bfloat16, seed=m)

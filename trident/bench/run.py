@@ -41,7 +41,8 @@ def add_bench_parser(sub, model_help: str, engine_args) -> None:
                    "model's routed experts too (int8 per output channel and expert, run by the fused experts "
                    "kernels; int4 and w8a8 leave them in --dtype); w8a8: int8 per "
                    "channel weights times int8 per-token activations (the int8 tensor-core kernels on CUDA, "
-                   "no SmoothQuant migration)")
+                   "no SmoothQuant migration). --compare hf runs transformers on the float weights the codes came "
+                   "from")
     p.add_argument("--group-size", type=int, choices=[0, 32, 64, 128], default=None,
                    help="with --weights int8|int4: the group length along K (0: per channel)")
     p.add_argument("--workload", choices=["default", "nano", "moe64"], default="default",
@@ -93,9 +94,6 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.compare == "llama.cpp" and (args.kind != "latency" or args.shape or args.device != "cpu"):
         raise TridentError("--compare llama.cpp runs `trident bench latency` on a GGUF file on the CPU (not --shape, "
                            "not offline, not CUDA)")
-    if args.compare == "hf" and args.weights != "float":
-        raise TridentError("--compare hf runs transformers on float weights: leave out --weights to compare, or "
-                           "--compare to benchmark quantized weights")
     console = Console()
     subject = prepare(args)
     engine, workload = subject.engine, subject.workload
@@ -125,7 +123,7 @@ def run_bench(args: argparse.Namespace) -> int:
             return peer_offline.hf_offline(model, workload)
 
     model = peer_error = hf_load_s = None
-    peer_name = f"hf-transformers ({dtype_name})"
+    peer_name = f"hf-transformers ({dtype_name}{', float weights' if args.weights != 'float' else ''})"
     if args.compare == "hf":
         model, hf_load_s, peer_error = _load_peer(subject)
     elif args.compare == "llama.cpp":
@@ -272,7 +270,8 @@ def _load_peer(subject):
     t0 = time.perf_counter()
     try:
         if subject.shape:
-            model = peers.load_hf_same_weights(subject.checkpoint, engine.dtype, engine.device)
+            model = peers.load_hf_same_weights(subject.float_checkpoint or subject.checkpoint, engine.dtype,
+                                               engine.device)
         else:
             model = peers.load_hf(subject.name, engine.dtype, engine.device)
     except Exception as e:  # reported in the peer's row

@@ -36,6 +36,8 @@ class Subject:
     """Seconds to load or generate the weights and build the engine."""
     engine_options: dict
     """The engine options the run used (the JSON record keeps them)."""
+    float_checkpoint: Checkpoint | None = None
+    """With --weights quantized and --compare hf: the float weights before quantization, which the peer runs."""
 
 
 def prepare(args: argparse.Namespace) -> Subject:
@@ -63,7 +65,10 @@ def prepare(args: argparse.Namespace) -> Subject:
         checkpoint = load_checkpoint(name, native)
     weights = getattr(args, "weights", "float")
     quant_config = bench_quant_config(weights, getattr(args, "group_size", None))
+    float_checkpoint = None
     if quant_config is not None:
+        if getattr(args, "compare", None) == "hf":  # the peer runs the float original: keep it
+            float_checkpoint = checkpoint
         checkpoint = quantize_checkpoint(checkpoint, quant_config, quant_method_of(weights))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -73,7 +78,7 @@ def prepare(args: argparse.Namespace) -> Subject:
 
     engine = LLMEngine(engine_config(None if shape else name, **options), checkpoint)
     return Subject(name=name, shape=shape, checkpoint=checkpoint, engine=engine, workload=workload,
-                   load_s=time.perf_counter() - t0, engine_options=options)
+                   load_s=time.perf_counter() - t0, engine_options=options, float_checkpoint=float_checkpoint)
 
 
 def make_workload(args: argparse.Namespace, checkpoint: Checkpoint) -> Workload:

@@ -38,6 +38,7 @@ from trident.engine.scheduler import Scheduler
 from trident.engine.sizing import (
     check_kv_format,
     cuda_graph_batch_sizes,
+    default_batched_tokens,
     gguf_native,
     kv_budget_bytes,
     kv_bytes_per_block,
@@ -91,12 +92,13 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None) -> None:
         t0 = time.perf_counter()
-        self.config = config
-        if config.num_threads is not None or config.device == "cpu":
-            torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
         if config.device.startswith("cuda") and not torch.cuda.is_available():
             raise TridentError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
         self.device = torch.device(config.device)
+        config = default_batched_tokens(config, self.device)
+        self.config = config
+        if config.num_threads is not None or config.device == "cpu":
+            torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
         checkpoint = checkpoint or load_checkpoint(config.model or None, gguf_native(config, self.device))
         self.model_config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer

@@ -44,6 +44,9 @@ class Scheduler:
                  eos_token_ids: tuple[int, ...]) -> None:
         if max_model_len <= 1:
             raise TridentError(f"max_model_len must be at least 2, got {max_model_len}")
+        if config.max_num_batched_tokens is None:
+            raise TridentError("the scheduler needs a resolved max_num_batched_tokens "
+                               "(trident.engine.sizing.default_batched_tokens)")
         self.config = config
         self.block_size = cache.block_size
         self.max_model_len = max_model_len

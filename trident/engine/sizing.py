@@ -5,6 +5,7 @@ engine then allocates."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,13 @@ CPU_DEFAULT_MAX_MODEL_LEN = 8192
 """Context cap on the CPU when none is asked for: longer prompts take minutes to prefill there."""
 DEFAULT_CPU_KV_BYTES = 1 << 30
 """KV cache on the CPU when no budget is given (allocated lazily: untouched pages cost nothing)."""
+CPU_BATCHED_TOKENS = 512
+"""Default token budget of a CPU step: prefill chunks short enough that running decodes are not stalled for
+long on a few cores."""
+CUDA_BATCHED_TOKENS = 8192
+"""Default token budget of a CUDA step: prefill in big chunks, since each chunk reads every weight (an MoE
+model's experts included) once; measured on an H200 (session 7), TARGETS.md's 64-sequence Qwen3-30B-A3B workload
+took 4.78 s with 8192 against 5.73 s with 512 (its prefill phase 0.60 s against 1.86 s)."""
 ACTIVATION_RESERVE_BYTES = 2 << 30
 """GPU memory kept free for activations, CUDA graphs and the allocator's slack, beside the logits."""
 
@@ -182,3 +190,13 @@ def cuda_graph_batch_sizes(config: EngineConfig, device: torch.device, supported
     sizes = [1, 2, 4, 8, *range(16, 65, 8), *range(80, 129, 16), *range(160, 513, 32)]
     chosen = [b for b in sizes if b < largest]
     return (*chosen, largest)
+
+
+def default_batched_tokens(config: EngineConfig, device: torch.device) -> EngineConfig:
+    """``config`` with its step token budget resolved: as given, else CUDA_BATCHED_TOKENS on CUDA and
+    CPU_BATCHED_TOKENS elsewhere."""
+    if config.scheduler.max_num_batched_tokens is not None:
+        return config
+    tokens = CUDA_BATCHED_TOKENS if device.type == "cuda" else CPU_BATCHED_TOKENS
+    return dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler,
+                                                                     max_num_batched_tokens=tokens))

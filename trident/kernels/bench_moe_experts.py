@@ -68,8 +68,8 @@ INT8_VARIANTS = (
     MoeTiles(128, GemmTiles(128, 64, 8, 3), GemmTiles(128, 64, 8, 3)),
     MoeTiles(128, GemmTiles(128, 128, 8, 3), GemmTiles(128, 128, 8, 3)),
 )
-"""int8 tiles swept with --weights int8: moe_tiles' int8 choices (K doubled up to 64-row blocks), bfloat16's, and
-wider or deeper ones (half the bytes per tile leave room)."""
+"""int8 tiles swept with --weights int8: bfloat16's (moe_tiles' choices, which int8 takes too), K doubled (half
+the bytes per tile leave room), and wider or deeper ones."""
 DRY_LAYER = ("dry", 8, 2, 64, 48)
 DRY_TOKENS = (1, 20)
 DRY_VARIANTS = (MoeTiles(16, GemmTiles(16, 64, 4, 2), GemmTiles(32, 32, 4, 2)),
@@ -172,7 +172,7 @@ def _int8_row(hidden: torch.Tensor, routings: list, q_gate_up, q_down, expected:
         return fused_experts(hidden, *routings[i], q_gate_up.codes, q_down.codes, "silu", tiles=tiles, **scales)
 
     row = {"int8_touched_bytes": touched,
-           "int8_config": tiles_name(moe_tiles(num_tokens * top_k, num_experts, hidden_size, two_i // 2, 1)),
+           "int8_config": tiles_name(moe_tiles(num_tokens * top_k, num_experts, hidden_size, two_i // 2)),
            "int8_us": _checked_us(time_us, fused, ROUTINGS, expected),
            "int8_variants_us": {tiles_name(v): _checked_us(time_us, lambda i, v=v: fused(i, v), ROUTINGS, expected)
                                 for v in variants}}

@@ -38,8 +38,9 @@ from trident.kernels.quant_matmul import QGEMV_MAX_ROWS, TileConfig, quant_matmu
 from trident.quant.affine import AffineWeight, affine_matmul_reference
 
 SHAPES = (("llama3-8b", "qkv", 6144, 4096), ("llama3-8b", "o", 4096, 4096), ("llama3-8b", "gate_up", 28672, 4096),
-          ("llama3-8b", "down", 4096, 14336))
-"""(model, projection, N, K) of the weights [N, K]."""
+          ("llama3-8b", "down", 4096, 14336), ("qwen3-30b-a3b", "qkv", 5120, 2048), ("qwen3-30b-a3b", "o", 2048, 4096))
+"""(model, projection, N, K) of the weights [N, K]: Llama-3-8B's projections and Qwen3-30B-A3B's attention ones
+(its MLPs are routed experts, trident/kernels/bench_moe_experts.py)."""
 ROWS = (1, 16, 64, 256)
 FORMATS = {"int8": (8, None, False), "int8-g128": (8, 128, False), "int4-g128": (4, 128, True),
            "int4-g32": (4, 32, True)}
@@ -52,7 +53,9 @@ GEMV_VARIANTS = tuple(TileConfig(16, *v) for v in (
 """Matrix-vector tiles swept up to 16 rows (block_m replaced by the row count's power of two)."""
 GEMM_VARIANTS = tuple(TileConfig(*v) for v in (
     (32, 64, 64, 4, 4), (64, 32, 128, 4, 4), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3),
-    (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 256, 64, 8, 3)))
+    (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 256, 64, 8, 3),
+    (32, 32, 256, 4, 4), (32, 64, 256, 4, 3), (64, 32, 256, 4, 4), (64, 64, 256, 4, 3), (64, 64, 128, 4, 4),
+    (64, 128, 128, 8, 3)))
 """Matrix-multiply tiles swept beyond 16 rows."""
 DTYPE = torch.bfloat16
 

@@ -82,10 +82,9 @@ class MoeTiles(NamedTuple):
     """The down GEMM: BLOCK_N columns of H, K = I."""
 
 
-def moe_tiles(num_pairs: int, num_experts: int, hidden_size: int, intermediate_size: int,
-              weight_bytes: int = 2) -> MoeTiles:
-    """Tiles for num_pairs = T k routed pairs over num_experts experts whose weights take ``weight_bytes`` bytes
-    per element (2: bfloat16 / float16; 1: int8 codes), from shapes only.
+def moe_tiles(num_pairs: int, num_experts: int, hidden_size: int, intermediate_size: int) -> MoeTiles:
+    """Tiles for num_pairs = T k routed pairs over num_experts experts, from shapes only; int8 codes take the same
+    tiles as bfloat16 / float16 weights.
 
     block_m: 16 up to DECODE_PAIRS_PER_EXPERT pairs per expert on average, 64 up to 64, 128 beyond. Measured on an
     H200 over the Qwen3-30B-A3B layer (``python -m trident.kernels.bench_moe_experts``, 2026-11-29): 16-row blocks
@@ -93,23 +92,18 @@ def moe_tiles(num_pairs: int, num_experts: int, hidden_size: int, intermediate_s
     fastest of nine variants at 1, 8 and 64 tokens (33.9 / 129 / 308 us, 2.2-3.9 TB/s of touched experts); at 512
     tokens (32 pairs per expert) 64-row blocks with 64 x 64 / 128 x 64 tiles (4 warps, 3 stages) did (476 us, against
     504 with 32-row blocks). 128-row blocks: 128 x 64 tiles of 8 warps.
-    int8 weights (``weight_bytes`` 1; not yet measured, the benchmark's ``--weights int8`` sweeps INT8_VARIANTS):
-    up to 64 rows per block the same tiles with BLOCK_K doubled, so that a pipeline stage still reads the same
-    bytes of weights (16 KB of gate|up codes per stage at decode, as bfloat16's 32 x 128) over half the K steps;
-    the converted 16-bit tile in registers doubles, which 4 warps hold at these widths. 128-row blocks (compute
-    rather than bytes) keep bfloat16's tiles.
+    int8 experts (``--weights int8``, session 7): the same tiles ran fastest of nine int8 variants at 1, 16, 64 and
+    512 tokens (25.7 / 122 / 189 / 444 us); K tiles twice as deep, so that a stage reads bfloat16's bytes, were
+    4-8% slower (27.7 / 127 / 197 / 454 us).
     The K tiles are cut to K rounded up to a power of two (small models).
     """
-    if weight_bytes not in (1, 2):
-        raise ValueError(f"moe_tiles: weights of {weight_bytes} bytes per element; have 1 (int8) and 2")
-    deepen = 2 if weight_bytes == 1 else 1
     per_expert = num_pairs / num_experts
     if per_expert <= DECODE_PAIRS_PER_EXPERT:
-        return MoeTiles(16, _fit(GemmTiles(32, 128 * deepen, 4, 4), hidden_size),
-                        _fit(GemmTiles(64, 128 * deepen, 4, 3), intermediate_size))
+        return MoeTiles(16, _fit(GemmTiles(32, 128, 4, 4), hidden_size), _fit(GemmTiles(64, 128, 4, 3),
+                                                                           intermediate_size))
     if per_expert <= 64:
-        return MoeTiles(64, _fit(GemmTiles(64, 64 * deepen, 4, 3), hidden_size),
-                        _fit(GemmTiles(128, 64 * deepen, 4, 3), intermediate_size))
+        return MoeTiles(64, _fit(GemmTiles(64, 64, 4, 3), hidden_size), _fit(GemmTiles(128, 64, 4, 3),
+                                                                          intermediate_size))
     return MoeTiles(128, _fit(GemmTiles(128, 64, 8, 3), hidden_size), _fit(GemmTiles(128, 64, 8, 3),
                                                                          intermediate_size))
 
@@ -154,7 +148,7 @@ def fused_experts(hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch
     if num_tokens == 0:
         return torch.zeros_like(hidden)
     num_pairs = num_tokens * top_k
-    tiles = tiles or moe_tiles(num_pairs, num_experts, hidden_size, intermediate, gate_up.element_size())
+    tiles = tiles or moe_tiles(num_pairs, num_experts, hidden_size, intermediate)
     aligned = align_routing(expert_ids.contiguous(), num_experts, tiles.block_m)
     inter = _gate_up(hidden, gate_up, gate_up_scales, aligned, top_k, intermediate, activation, tiles)
     out_pairs = _down(inter, down, down_scales, aligned, weights.contiguous(), num_pairs, tiles)
