@@ -68,13 +68,20 @@ def report(variants, tmp_path_factory) -> dict:
 
 
 def _independent_resident_bytes(model: torch.nn.Module) -> tuple[int, int]:
-    """(bytes, re-packed int4 layers): parameters and buffers by distinct storage, plus each QuantizedLinear's
-    re-packed int4 codes and their scales."""
+    """(bytes, re-packed layers): parameters and buffers by distinct storage, plus each QuantizedLinear's codes
+    re-packed for a CPU kernel (torch's int4 one, or trident's native one) and their scales, offsets and bias."""
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                 for t in (*model.parameters(), *model.buffers())}
-    packed = [m.__dict__["_int4_cpu"] for m in model.modules()
-              if isinstance(m, QuantizedLinear) and "_int4_cpu" in m.__dict__]
-    return sum(storages.values()) + sum(p.packed.nbytes + p.scale_and_zeros.nbytes for p in packed), len(packed)
+    total = packed = 0
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear) and "_int4_cpu" in m.__dict__:
+            p = m.__dict__["_int4_cpu"]
+            total, packed = total + p.packed.nbytes + p.scale_and_zeros.nbytes, packed + 1
+        if isinstance(m, QuantizedLinear) and "_native_cpu" in m.__dict__:
+            p = m.__dict__["_native_cpu"]
+            total += sum(t.nbytes for t in (p.codes, p.scales, p.offsets, p.bias) if t is not None)
+            packed += 1
+    return sum(storages.values()) + total, packed
 
 
 def test_rows_match_independent_measurements(report, variants, tiny_text_llama_dir) -> None:

@@ -22,6 +22,7 @@ from torch import nn
 from trident.errors import TridentError
 from trident.models import ops
 from trident.models.layers import Linear, linear
+from trident.native import qmatmul as native_qmatmul
 from trident.quant import cpu_kernels
 from trident.quant.affine import AffineWeight, affine_from_rtn, affine_linear
 from trident.quant.rtn import (
@@ -89,12 +90,38 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if ops.uses_kernels(x):
             return affine_linear(x, self.affine_weight(), self.bias)
-        if cpu_kernels.kernel_dtype_ok(x):
-            y = self._cpu_kernel(x.reshape(-1, self.in_features))
+        if x.device.type == "cpu":
+            rows = x.reshape(-1, self.in_features)
+            native = self._native(rows.dtype, rows.shape[0])
+            if native is not None:
+                return native.matmul(rows).view(*x.shape[:-1], self.out_features)
+            y = self._cpu_kernel(rows) if cpu_kernels.kernel_dtype_ok(x) else None
             if y is not None:
                 y = y.view(*x.shape[:-1], self.out_features)
                 return y if self.bias is None else y + self.bias
         return linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def _native(self, dtype: torch.dtype, rows: int) -> native_qmatmul.NativeQWeight | None:
+        """The weight packed for trident's own integer dot-product CPU kernel (trident/native/qmatmul.c, bias
+        included), built on first use and kept (not saved: derived), when it takes this product: the kernel is
+        built for this CPU, x is float32 or bfloat16 with at most its MAX_ROWS rows, the group size a multiple of
+        32, and not per-channel int8, whose codes torch's int8 kernel reads as stored where the native layout
+        would be a second copy of them (int4 and grouped int8 are re-packed for either kernel). None otherwise
+        (the torch kernels or the reference then run)."""
+        if dtype not in native_qmatmul.X_DTYPES or not 1 <= rows <= native_qmatmul.MAX_ROWS:
+            return None
+        if self.config.bits == 8 and self.scales.shape[1] == 1:
+            return None
+        if not native_qmatmul.available():
+            return None
+        packed = self.__dict__.get("_native_cpu")
+        if packed is None:
+            w = self.affine_weight()
+            if not native_qmatmul.supports(w):
+                return None
+            packed = native_qmatmul.pack(w, self.bias)
+            self.__dict__["_native_cpu"] = packed
+        return packed
 
     def _cpu_kernel(self, rows: torch.Tensor) -> torch.Tensor | None:
         """rows @ W^T through torch's packed CPU kernels when one applies (per-channel int8, or int4 in groups the
@@ -117,7 +144,12 @@ class QuantizedLinear(nn.Module):
         """The packed-kernel product (bias included) for [rows, in_features] activations of ``dtype`` on the CPU,
         up to ``cpu_kernels.*_MAX_ROWS`` rows, as one callable with every choice :meth:`forward` makes per call
         already made (for callers issuing many small steps); None where forward would take the reference path."""
-        if self.qweight.device.type != "cpu" or dtype != torch.bfloat16:
+        if self.qweight.device.type != "cpu":
+            return None
+        native = self._native(dtype, 1)
+        if native is not None:
+            return native.matmul
+        if dtype != torch.bfloat16:
             return None
         c, bias = self.config, self.bias
         if c.bits == 8 and self.scales.shape[1] == 1:

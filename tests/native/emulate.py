@@ -1,0 +1,72 @@
+"""Independent float64 references for trident/native: weights whose scales and offsets are exact in float16 (so
+packing them loses nothing), and the products with the activations quantized as qmatmul.c documents
+(per block of 32, d = max|x| / 127, codes rounded half to even, in float32), summed in float64."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import torch
+
+from trident.quant.affine import AffineWeight, affine_dequantize
+from trident.quant.rtn import pack_int4
+
+BLOCK = 32
+
+
+def marches() -> list[str]:
+    """The -march levels to build and check here: this CPU's, and on x86 CPUs with AVX2 / FMA / F16C the CI
+    machine's level (x86-64-v3: the AVX2 path) and plain x86-64 (the C path)."""
+    levels = ["native"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+        if all(f" {f}" in flags for f in ("avx2", "fma", "f16c")):
+            levels.append("x86-64-v3")
+        levels.append("x86-64")
+    return levels
+
+
+def random_weight(bits: int, n: int, k: int, group: int | None, offsets: bool, gen: torch.Generator) -> AffineWeight:
+    """An affine weight [n, k] (group None: per channel) with float16-exact float32 scales and offsets."""
+    groups = 1 if group is None else k // group
+    if bits == 4:
+        codes = pack_int4(torch.randint(0, 16, (n, k), generator=gen))
+    else:
+        codes = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    scales = (torch.rand(n, groups, generator=gen) * 0.02 + 0.001).half().float()
+    offs = (torch.randn(n, groups, generator=gen) * 0.05).half().float() if offsets else None
+    return AffineWeight(codes, scales, offs, bits)
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (K a multiple of 32) -> (codes [M, K] float64, d [M, K / 32] float64) as qmatmul.c makes them."""
+    xf = x.float().view(x.shape[0], -1, BLOCK)
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    codes = (xf * inv).round().clamp(-127, 127)
+    return codes.reshape(x.shape).double(), (amax / 127.0).squeeze(-1).double()
+
+
+def emulated_matmul(x: torch.Tensor, w: AffineWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel's product in float64: sum over blocks of scale * d * (q . xq), plus offsets times the exact
+    group sums of x, plus the bias."""
+    m, k = x.shape
+    xq, d = quantize_activations(x)
+    scaled = affine_dequantize(w, torch.float64)  # scale * q, plus the offsets taken off just below
+    if w.offsets is not None:
+        scaled = scaled - w.offsets.double().repeat_interleave(w.group_size, dim=1)
+    y = (xq * d.repeat_interleave(BLOCK, dim=1)) @ scaled.T
+    if w.offsets is not None:
+        sums = x.double().view(m, -1, w.group_size).sum(-1)
+        y = y + sums @ w.offsets.double().T
+    if bias is not None:
+        y = y + bias.double()
+    return y
+
+
+def activation_error_bound(x: torch.Tensor, w: AffineWeight) -> torch.Tensor:
+    """[M, N] bound on |kernel - exact product|: each activation moves by at most half its block's step d / 2."""
+    _, d = quantize_activations(x)
+    exact = affine_dequantize(w, torch.float64)
+    return (d.repeat_interleave(BLOCK, dim=1) / 2) @ exact.abs().T

@@ -1,0 +1,80 @@
+"""trident/native/qmatmul.c against float64: on random weights (int4 / int8, groups of 32 / 64 / 128 and per channel,
+with and without offsets and bias, widths off the kernel's 4-row and 64-element tiles) and activations (float32 /
+bfloat16, 1 to 16 rows), for every build this CPU runs (its own, AVX2, plain C): the kernel equals the product with
+the activations quantized as documented (emulate.py) up to float32 rounding, and the exact product within the bound
+the activations' rounding allows."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from emulate import activation_error_bound, emulated_matmul, marches, random_weight
+
+from trident.native import qmatmul as nq
+from trident.quant.affine import affine_dequantize
+
+CASES = [  # bits, n, k, group (None: per channel), offsets, bias, rows, x dtype
+    (4, 37, 96, 32, True, False, 1, torch.float32),
+    (4, 64, 576, 32, True, True, 3, torch.bfloat16),
+    (4, 40, 256, 128, False, False, 16, torch.float32),
+    (4, 9, 32, 32, True, False, 2, torch.bfloat16),
+    (8, 33, 576, None, False, False, 2, torch.float32),
+    (8, 50, 160, 32, True, True, 1, torch.float32),
+    (8, 16, 192, 64, False, False, 5, torch.bfloat16),
+]
+EXPECTED_ISA = {"x86-64-v3": "avx2", "x86-64": "c"}
+
+
+@pytest.fixture(params=marches())
+def lib(request):
+    lib = nq.library(request.param)
+    assert lib is not None, nq.why_unavailable()
+    if request.param in EXPECTED_ISA:  # the build really takes the path it is here to check
+        assert nq.isa(lib) == EXPECTED_ISA[request.param]
+    return lib
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "int{}_n{}_k{}_g{}_off{}_bias{}_rows{}_{}".format(
+    *c[:7], str(c[7]).removeprefix("torch.")))
+def test_matches_float64(lib, case) -> None:
+    bits, n, k, group, offsets, bias, rows, dtype = case
+    gen = torch.Generator().manual_seed(n * k + rows)
+    w = random_weight(bits, n, k, group, offsets, gen)
+    b = torch.randn(n, generator=gen) if bias else None
+    x = (torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 3).to(dtype)
+    x[0, :7] = 0  # a block's head of zeros; and an all-zero block where K allows
+    if k >= 64:
+        x[-1, 32:64] = 0
+    y = nq.pack(w, b).matmul(x, lib)
+    assert y.dtype == dtype and y.shape == (rows, n)
+    emulated = emulated_matmul(x, w, b)
+    exact = x.double() @ affine_dequantize(w, torch.float64).T + (0 if b is None else b.double())
+    out_rounding = (emulated.abs() * 2.0**-8) if dtype == torch.bfloat16 else 0
+    scale = (x.double().abs() @ affine_dequantize(w, torch.float64).abs().T) + 1
+    assert ((y.double() - emulated).abs() <= out_rounding + 1e-5 * scale).all(), \
+        f"{case}: max {(y.double() - emulated).abs().max().item():.3g} off the emulated product"
+    bound = activation_error_bound(x, w)
+    assert ((y.double() - exact).abs() <= bound + out_rounding + 1e-5 * scale).all(), f"{case}: beyond the bound"
+
+
+def test_every_row_count_and_width(lib) -> None:
+    """1..16 rows and N = 1..9 (the 4-row tiles' tails) on one weight each."""
+    gen = torch.Generator().manual_seed(7)
+    for n, rows in itertools.product(range(1, 10), (1, 2, 7, 16)):
+        w = random_weight(4, n, 64, 32, True, gen)
+        x = torch.randn(rows, 64, generator=gen)
+        y = nq.pack(w).matmul(x, lib)
+        assert torch.allclose(y.double(), emulated_matmul(x, w), rtol=1e-5, atol=1e-5), (n, rows)
+
+
+def test_rejects_what_it_cannot_take() -> None:
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        nq.pack(random_weight(4, 8, 48, 16, False, gen))
+    packed = nq.pack(random_weight(4, 8, 64, 32, False, gen))
+    with pytest.raises(ValueError, match="rows"):
+        packed.matmul(torch.zeros(nq.MAX_ROWS + 1, 64))
+    with pytest.raises(ValueError, match="float32/bfloat16"):
+        packed.matmul(torch.zeros(1, 64, dtype=torch.float16))

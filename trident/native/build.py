@@ -1,0 +1,105 @@
+"""Compile trident's C kernels for this CPU on first use and load them with ctypes.
+
+A library (LIBRARIES: its name and C sources in this folder) is compiled with the system C compiler (``$CC``,
+else ``cc``) for the CPU it runs on (``-march=native``: AVX2, AVX-512 VNNI or AVX-VNNI where present; tests also
+build other levels) and with OpenMP. The shared library is cached
+under ``$TRIDENT_CACHE_DIR`` (default ``~/.cache/trident``) in ``native/``, named by a hash of the sources, the
+flags, the compiler's version and the CPU's model and flags, so an edited source, another compiler or another CPU
+builds anew and a stale library is never loaded. Compiling writes to a temporary file renamed into place, so
+concurrent processes (pytest workers) never load a half-written library.
+
+Nothing here is needed for correctness: callers use :func:`load` and keep their torch path when it returns None
+(no compiler, a failed build), with :func:`unavailable_reason` saying why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from trident.errors import TridentError
+
+SOURCE_DIR = Path(__file__).parent
+LIBRARIES = {"tqnative": ("qmatmul.c", "decode_layer.c")}
+"""Library name -> its C sources (trident/native/qmatmul.c: the integer dot-product matmul; decode_layer.c: a
+decoder layer's decode step around it)."""
+FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-Wall", "-Werror")
+NATIVE = "native"
+"""The -march the libraries are built for: this CPU. Tests also build x86-64-v3 (AVX2, the CI machine's level) and
+x86-64 (no vector extensions: the plain C path) to check every path on one machine."""
+CACHE_ENV = "TRIDENT_CACHE_DIR"
+DISABLE_ENV = "TRIDENT_NO_NATIVE"
+"""Set to 1 to keep every caller on its torch path (for comparisons and for debugging)."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "trident") / "native"
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+
+
+def _cpu_signature() -> str:
+    """The CPU's model and feature flags (what -march=native compiles for)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [line for line in text.splitlines() if line.startswith(("model name", "flags", "Features"))]
+    return "\n".join(sorted(set(keep)))
+
+
+@functools.cache
+def _build(name: str, march: str) -> tuple[ctypes.CDLL | None, str | None]:
+    if name not in LIBRARIES:
+        raise TridentError(f"no native library {name!r}; have {', '.join(LIBRARIES)}")
+    sources = [SOURCE_DIR / file for file in LIBRARIES[name]]
+    compiler = _compiler()
+    if compiler is None:
+        return None, "no C compiler (cc or gcc) on PATH"
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        return None, f"{compiler} --version failed: {e}"
+    texts = [source.read_text() for source in sources]
+    flags = (*FLAGS, f"-march={march}")
+    key = hashlib.sha256("\0".join((*texts, " ".join(flags), version, _cpu_signature())).encode())
+    library = cache_dir() / f"{name}-{march}-{key.hexdigest()[:16]}.so"
+    if not library.is_file():
+        library.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=library.parent)
+        os.close(fd)
+        try:
+            done = subprocess.run([compiler, *flags, *map(str, sources), "-o", tmp, "-lm"], capture_output=True,
+                                  text=True)
+            if done.returncode != 0:
+                return None, f"compiling {name} failed: {done.stderr.strip()[-2000:]}"
+            os.replace(tmp, library)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    import torch  # noqa: F401  (its libgomp is loaded first, so the library shares torch's OpenMP runtime)
+
+    try:
+        return ctypes.CDLL(str(library)), None
+    except OSError as e:
+        return None, f"loading {library} failed: {e}"
+
+
+def load(name: str, march: str = NATIVE) -> ctypes.CDLL | None:
+    """The compiled library ``name`` of LIBRARIES for ``-march=march`` (built on first use), or None where it
+    cannot be or ``$TRIDENT_NO_NATIVE`` is 1."""
+    return None if os.environ.get(DISABLE_ENV) == "1" else _build(name, march)[0]
+
+
+def unavailable_reason(name: str, march: str = NATIVE) -> str | None:
+    """Why :func:`load` gives None (None when it gives the library)."""
+    return f"{DISABLE_ENV}=1" if os.environ.get(DISABLE_ENV) == "1" else _build(name, march)[1]

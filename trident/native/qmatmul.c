@@ -1,0 +1,342 @@
+/* y = x W^T on the CPU with W as affine int4 / int8 codes and x quantized to int8 per block of 32: the products
+ * are 8-bit integer dot products (AVX-512 VNNI, AVX-VNNI or AVX2, else plain C), scaled per block in float32.
+ *
+ * The weight, per output row n and input group g (group_size a multiple of 32, or the whole row):
+ *     w[n, k] = scale[n, g] * q[n, k] + offset[n, g]
+ * The activations, per row m and block b of 32: xq = round(x / d) with d = max|x| / 127 (int8), and the exact
+ * float sum of x over each weight group (for the offsets). Then
+ *     y[m, n] = sum_b scale[n, g(b)] * d[m, b] * (q . xq)_b + sum_g offset[n, g] * xsum[m, g].
+ * The only approximation besides float32 sums is xq's rounding (at most d / 2 per element).
+ *
+ * Layout. K is cut into pairs of blocks (64 elements; the last pair padded with zeros). Within a pair, elements are
+ * stored in "lane order": position p holds element (p / 8) * 4 + p % 4 of block (p / 4) % 2, so that each group
+ * of 4 consecutive bytes belongs to one block, alternately the pair's first and second. An integer dot product
+ * instruction sums 4 byte products per 32-bit lane, hence its lanes alternate between the two blocks and one
+ * vector of [s0 d0, s1 d1, s0 d0, ...] scales a whole pair. The activations are quantized into the same order.
+ * - int4 codes (0..15): 32 bytes per pair, byte j holding position j (low nibble) and position j + 32 (high).
+ * - int8 codes (-128..127): 64 bytes per pair, in lane order.
+ * - scales: float16 per block [n, 2 * pairs] (a group's scale repeated over its blocks; padding 0);
+ *   offsets: float16 per group [n, groups] or none. float16 is GGUF's own precision for Q4_0 / Q4_1 / Q8_0.
+ *
+ * Threads: OpenMP over tasks of output rows, in the process's one OpenMP runtime (torch's libgomp, already loaded,
+ * satisfies this library's libgomp.so.1), so torch.set_num_threads governs both. */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && !defined(TQ_NO_ZMM)
+#define TQ_ZMM 1
+#else
+#define TQ_YMM 1
+#endif
+#endif
+
+#define TQ_BLOCK 32
+#define TQ_PAIR 64
+#define TQ_ROWS_PER_TASK 16
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* NaN stays NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u);                                              /* to nearest even */
+    return (uint16_t)(bits >> 16);
+}
+
+static inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+    if (exp == 0) { /* zero or subnormal: man * 2^-24 */
+        float f = (float)man * 5.9604644775390625e-8f;
+        return sign ? -f : f;
+    }
+    bits = sign | (exp == 31 ? 0x7f800000u | (man << 13) : ((exp + 112u) << 23) | (man << 13));
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+/* Lane-order position, within its pair, of element i (0..31) of the pair's block `half` (0 or 1). */
+static inline int lane_position(int half, int i) { return (i / 4) * 8 + half * 4 + i % 4; }
+
+/* Quantize rows of x [rows, k] (float32 or bfloat16) into xq [rows, kp] (lane order, kp = 64 * pairs, padding
+ * zero), d [rows, 2 * pairs] (padding zero) and, when xsum is not NULL, the group sums xsum [rows, groups].
+ * Rounding: to nearest, ties to even. */
+static void quantize_rows(const void *x, int x_bf16, int rows, int k, int kp, int group_size, int8_t *xq, float *d,
+                          float *xsum) {
+    float buf[TQ_BLOCK];
+    int8_t q[TQ_BLOCK];
+    const int blocks = k / TQ_BLOCK, padded = kp / TQ_BLOCK, groups = k / group_size, per_group = group_size / TQ_BLOCK;
+    for (int m = 0; m < rows; m++) {
+        int8_t *xm = xq + (size_t)m * kp;
+        float *dm = d + (size_t)m * padded;
+        for (int b = 0; b < padded; b++) {
+            if (b >= blocks) { /* the odd block of a padded pair */
+                dm[b] = 0.0f;
+                for (int i = 0; i < TQ_BLOCK; i++) xm[(b / 2) * TQ_PAIR + lane_position(b % 2, i)] = 0;
+                continue;
+            }
+            const size_t base = (size_t)m * k + (size_t)b * TQ_BLOCK;
+            if (x_bf16)
+                for (int j = 0; j < TQ_BLOCK; j++) buf[j] = bf16_to_float(((const uint16_t *)x)[base + j]);
+            else
+                memcpy(buf, (const float *)x + base, sizeof buf);
+            float amax = 0.0f, sum = 0.0f;
+            for (int j = 0; j < TQ_BLOCK; j++) {
+                sum += buf[j];
+                amax = fmaxf(amax, fabsf(buf[j]));
+            }
+            const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            dm[b] = amax / 127.0f;
+#if defined(TQ_ZMM) || defined(TQ_YMM)
+            const __m256 iv = _mm256_set1_ps(inv);
+            __m256i q0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(buf), iv));
+            __m256i q1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(buf + 8), iv));
+            __m256i q2 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(buf + 16), iv));
+            __m256i q3 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(buf + 24), iv));
+            /* the packs work per 128-bit half: put the 4-byte groups back in order */
+            __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
+            _mm256_storeu_si256((__m256i *)q, _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+#else
+            for (int j = 0; j < TQ_BLOCK; j++) q[j] = (int8_t)nearbyintf(buf[j] * inv);
+#endif
+            int8_t *pair = xm + (size_t)(b / 2) * TQ_PAIR;
+            for (int c = 0; c < TQ_BLOCK / 4; c++) memcpy(pair + lane_position(b % 2, 4 * c), q + 4 * c, 4);
+            if (xsum) {
+                float *s = &xsum[(size_t)m * groups + b / per_group];
+                if (b % per_group == 0) *s = 0.0f;
+                *s += sum;
+            }
+        }
+    }
+}
+
+/* sum_g offsets[g] * xsum[g] over a row's groups (offsets float16). */
+static inline float offset_term(const uint16_t *offsets, const float *xsum, int groups) {
+    float total = 0.0f;
+    int g = 0;
+#if defined(TQ_ZMM) || defined(TQ_YMM)
+    __m256 acc = _mm256_setzero_ps();
+    for (; g + 8 <= groups; g += 8)
+        acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(offsets + g))),
+                              _mm256_loadu_ps(xsum + g), acc);
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    total = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+#endif
+    for (; g < groups; g++) total += half_to_float(offsets[g]) * xsum[g];
+    return total;
+}
+
+#define TQ_ROWS 4 /* weight rows computed together: independent accumulators, each activation load shared */
+
+#if defined(TQ_ZMM)
+/* out[i] = sum over pairs of the scaled block products of weight row i (of TQ_ROWS) and one activation row. */
+static void rows_dot(int bits, const uint8_t *codes, size_t row_bytes, const uint16_t *scales, int pairs,
+                     const int8_t *xq, const float *d, float out[TQ_ROWS]) {
+    __m512 acc[TQ_ROWS];
+    for (int i = 0; i < TQ_ROWS; i++) acc[i] = _mm512_setzero_ps();
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    for (int p = 0; p < pairs; p++) {
+        const __m512i xv = _mm512_loadu_si512(xq + (size_t)p * TQ_PAIR);
+        double dd;
+        memcpy(&dd, d + 2 * p, 8);
+        const __m512 dv = _mm512_castpd_ps(_mm512_set1_pd(dd)); /* d0 d1 d0 d1 ... */
+        /* int8: (q + 128) . x - 128 sum(x), the unsigned-times-signed product the instruction has */
+        const __m512i bias = bits == 8 ? _mm512_dpbusd_epi32(_mm512_setzero_si512(), flip, xv) : _mm512_setzero_si512();
+        for (int i = 0; i < TQ_ROWS; i++) {
+            const uint8_t *c = codes + i * row_bytes;
+            __m512i dot;
+            if (bits == 4) {
+                __m256i b = _mm256_loadu_si256((const __m256i *)(c + (size_t)p * (TQ_PAIR / 2)));
+                __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, low4)),
+                                               _mm256_and_si256(_mm256_srli_epi16(b, 4), low4), 1);
+                dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xv);
+            } else {
+                __m512i w = _mm512_xor_si512(_mm512_loadu_si512(c + (size_t)p * TQ_PAIR), flip);
+                dot = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xv), bias);
+            }
+            int32_t sp;
+            memcpy(&sp, scales + i * (size_t)(2 * pairs) + 2 * p, 4);
+            const __m512 sv = _mm512_cvtph_ps(_mm256_set1_epi32(sp)); /* s0 s1 s0 s1 ... */
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sv, dv), acc[i]);
+        }
+    }
+    for (int i = 0; i < TQ_ROWS; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
+}
+#elif defined(TQ_YMM)
+/* Sum of products of 32 unsigned bytes u and 32 signed bytes s into 8 int32 lanes of acc. */
+static inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, u, s);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+    /* u is an int4 code (<= 15) or |int8| (<= 128): the pairs of products stay within int16 */
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
+static void rows_dot(int bits, const uint8_t *codes, size_t row_bytes, const uint16_t *scales, int pairs,
+                     const int8_t *xq, const float *d, float out[TQ_ROWS]) {
+    __m256 acc[TQ_ROWS];
+    for (int i = 0; i < TQ_ROWS; i++) acc[i] = _mm256_setzero_ps();
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    for (int p = 0; p < pairs; p++) {
+        const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + (size_t)p * TQ_PAIR));
+        const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + (size_t)p * TQ_PAIR + 32));
+        double dd;
+        memcpy(&dd, d + 2 * p, 8);
+        const __m256 dv = _mm256_castpd_ps(_mm256_set1_pd(dd)); /* d0 d1 d0 d1 ... */
+        for (int i = 0; i < TQ_ROWS; i++) {
+            const uint8_t *c = codes + i * row_bytes;
+            __m256i dot = _mm256_setzero_si256();
+            if (bits == 4) {
+                __m256i b = _mm256_loadu_si256((const __m256i *)(c + (size_t)p * (TQ_PAIR / 2)));
+                dot = dot_u8s8(dot, _mm256_and_si256(b, low4), x0);
+                dot = dot_u8s8(dot, _mm256_and_si256(_mm256_srli_epi16(b, 4), low4), x1);
+            } else {
+                __m256i w0 = _mm256_loadu_si256((const __m256i *)(c + (size_t)p * TQ_PAIR));
+                __m256i w1 = _mm256_loadu_si256((const __m256i *)(c + (size_t)p * TQ_PAIR + 32));
+                dot = dot_u8s8(dot, _mm256_abs_epi8(w0), _mm256_sign_epi8(x0, w0)); /* |w| (x signed as w) */
+                dot = dot_u8s8(dot, _mm256_abs_epi8(w1), _mm256_sign_epi8(x1, w1));
+            }
+            int32_t sp;
+            memcpy(&sp, scales + i * (size_t)(2 * pairs) + 2 * p, 4);
+            const __m256 sv = _mm256_cvtph_ps(_mm_set1_epi32(sp)); /* s0 s1 s0 s1 ... */
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(sv, dv), acc[i]);
+        }
+    }
+    for (int i = 0; i < TQ_ROWS; i++) {
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[i]), _mm256_extractf128_ps(acc[i], 1));
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        out[i] = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+    }
+}
+#else
+static void rows_dot(int bits, const uint8_t *codes, size_t row_bytes, const uint16_t *scales, int pairs,
+                     const int8_t *xq, const float *d, float out[TQ_ROWS]) {
+    for (int i = 0; i < TQ_ROWS; i++) {
+        const uint8_t *c = codes + i * row_bytes;
+        const uint16_t *s = scales + i * (size_t)(2 * pairs);
+        float total = 0.0f;
+        for (int p = 0; p < pairs; p++) {
+            int32_t dot[2] = {0, 0};
+            const int8_t *xp = xq + (size_t)p * TQ_PAIR;
+            for (int pos = 0; pos < TQ_PAIR; pos++) {
+                int32_t code;
+                if (bits == 4) {
+                    uint8_t byte = c[(size_t)p * (TQ_PAIR / 2) + pos % 32];
+                    code = pos < 32 ? (byte & 15) : (byte >> 4);
+                } else {
+                    code = (int8_t)c[(size_t)p * TQ_PAIR + pos];
+                }
+                dot[(pos / 4) % 2] += code * xp[pos];
+            }
+            total += half_to_float(s[2 * p]) * d[2 * p] * (float)dot[0] +
+                     half_to_float(s[2 * p + 1]) * d[2 * p + 1] * (float)dot[1];
+        }
+        out[i] = total;
+    }
+}
+#endif
+
+#define TQ_PREFETCH_ROWS (2 * TQ_ROWS)
+/* Ask for the codes and scales of the TQ_ROWS weight rows from `row` on: the hardware prefetcher of a small VM
+ * does not run far enough ahead of the streams of a matrix read from memory (measured: 2x slower in a decode step
+ * than with the rows warm). */
+static inline void prefetch_rows(int bits, const uint8_t *codes, const uint16_t *scales, size_t row_bytes, int pairs,
+                                 int row) {
+    (void)bits;
+#if defined(TQ_ZMM) || defined(TQ_YMM)
+    const char *c = (const char *)(codes + (size_t)row * row_bytes), *s = (const char *)(scales + (size_t)row * 2 * pairs);
+    for (size_t off = 0; off < TQ_ROWS * row_bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
+    for (size_t off = 0; off < TQ_ROWS * 2 * (size_t)pairs * 2; off += 64) _mm_prefetch(s + off, _MM_HINT_T0);
+#else
+    (void)codes, (void)scales, (void)row_bytes, (void)pairs, (void)row;
+#endif
+}
+
+static inline void store(void *y, int y_bf16, size_t index, float v) {
+    if (y_bf16)
+        ((uint16_t *)y)[index] = float_to_bf16(v);
+    else
+        ((float *)y)[index] = v;
+}
+
+/* Bytes of one weight row's codes for k inputs. */
+long tq_row_bytes(int bits, int k) {
+    long pairs = (k + TQ_PAIR - 1) / TQ_PAIR;
+    return bits == 4 ? pairs * (TQ_PAIR / 2) : pairs * TQ_PAIR;
+}
+
+/* Workspace bytes tq_matmul needs for rows x k activations in groups of group_size. */
+long tq_workspace_bytes(int rows, int k, int group_size) {
+    size_t kp = (size_t)((k + TQ_PAIR - 1) / TQ_PAIR) * TQ_PAIR;
+    return (long)((size_t)rows * kp + sizeof(float) * ((size_t)rows * (kp / TQ_BLOCK) + (size_t)rows * (k / group_size)) + 64);
+}
+
+/* y [rows, n] = x [rows, k] W^T (+ bias [n], float32), W [n, k] as described at the top, n a multiple of TQ_ROWS
+ * (the packer pads). workspace: tq_workspace_bytes(rows, k, group_size) bytes. Returns 0, or -1 for shapes it
+ * does not take. */
+int tq_matmul(const void *x, int x_bf16, int rows, int k, int bits, const uint8_t *codes, const uint16_t *scales,
+              const uint16_t *offsets, int group_size, int n, const float *bias, void *y, int y_bf16, int n_out,
+              void *workspace) {
+    if (k % TQ_BLOCK || group_size % TQ_BLOCK || k % group_size || (bits != 4 && bits != 8) || rows < 1 ||
+        n % TQ_ROWS || n_out > n)
+        return -1;
+    const int pairs = (k + TQ_PAIR - 1) / TQ_PAIR, kp = pairs * TQ_PAIR, groups = k / group_size;
+    float *d = (float *)workspace;
+    float *xsum = d + (size_t)rows * 2 * pairs;
+    int8_t *xq = (int8_t *)(xsum + (size_t)rows * groups);
+    quantize_rows(x, x_bf16, rows, k, kp, group_size, xq, d, offsets ? xsum : NULL);
+    const size_t row_bytes = (size_t)tq_row_bytes(bits, k);
+    const int tasks = (n + TQ_ROWS_PER_TASK - 1) / TQ_ROWS_PER_TASK;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < tasks; t++) {
+        const int end = (t + 1) * TQ_ROWS_PER_TASK < n ? (t + 1) * TQ_ROWS_PER_TASK : n;
+        for (int m = 0; m < rows; m++) {
+            const int8_t *xm = xq + (size_t)m * kp;
+            const float *dm = d + (size_t)m * 2 * pairs, *xs = xsum + (size_t)m * groups;
+            for (int r = t * TQ_ROWS_PER_TASK; r < end; r += TQ_ROWS) {
+                float v[TQ_ROWS];
+                if (r + TQ_PREFETCH_ROWS < n) prefetch_rows(bits, codes, scales, row_bytes, pairs, r + TQ_PREFETCH_ROWS);
+                rows_dot(bits, codes + (size_t)r * row_bytes, row_bytes, scales + (size_t)r * 2 * pairs, pairs, xm,
+                         dm, v);
+                for (int i = 0; i < TQ_ROWS && r + i < n_out; i++) {
+                    if (offsets) v[i] += offset_term(offsets + (size_t)(r + i) * groups, xs, groups);
+                    if (bias) v[i] += bias[r + i];
+                    store(y, y_bf16, (size_t)m * n_out + r + i, v[i]);
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+/* Which integer dot product this build uses: 3 AVX-512 VNNI, 2 AVX-VNNI (256-bit), 1 AVX2, 0 plain C. */
+int tq_isa(void) {
+#if defined(TQ_ZMM)
+    return 3;
+#elif defined(TQ_YMM) && ((defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__))
+    return 2;
+#elif defined(TQ_YMM)
+    return 1;
+#else
+    return 0;
+#endif
+}

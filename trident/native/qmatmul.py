@@ -1,0 +1,148 @@
+"""The CPU's 8-bit integer dot-product matmul (``qmatmul.c``) for weight-only int4 / int8 affine weights.
+
+:func:`pack` puts an :class:`~trident.quant.affine.AffineWeight` in the kernel's layout once (pairs of blocks of
+32 in the "lane order" qmatmul.c describes; scales per block and offsets per group in float16, GGUF's own
+precision, which moves a float32 scale by at most 2^-11 of itself; N padded to a multiple of ROWS);
+:meth:`NativeQWeight.matmul` runs ``y = x W^T (+ bias)`` for a few rows of float32 or bfloat16 activations, which
+the kernel quantizes to int8 per block of 32 (as llama.cpp's Q8 activations) before multiplying the integer
+codes with the CPU's integer dot products. Its torch reference is
+:func:`trident.quant.affine.affine_matmul_reference` (float32 dequantization and matmul): the two differ by the
+activations' rounding only, which tests/quant/test_native_qmatmul.py bounds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass, field
+
+import torch
+
+from trident.native.build import NATIVE, load, unavailable_reason
+from trident.quant.affine import AffineWeight
+from trident.quant.rtn import unpack_int4
+
+BLOCK = 32
+"""Activations are quantized per block of this many elements; group sizes must be multiples of it."""
+MAX_ROWS = 16
+"""Most rows of x a call takes (decode steps): beyond, a float GEMM of the dequantized weight reuses each
+weight over the rows better than this row-by-row kernel."""
+X_DTYPES = (torch.float32, torch.bfloat16)
+LIBRARY = "tqnative"
+
+
+def library(march: str = NATIVE) -> ctypes.CDLL | None:
+    """The native library built for ``-march=march`` with its functions typed, or None (:func:`why_unavailable`)."""
+    lib = load(LIBRARY, march)
+    if lib is not None and not getattr(lib, "_typed", False):
+        p, i = ctypes.c_void_p, ctypes.c_int
+        lib.tq_matmul.argtypes = [p, i, i, i, i, p, p, p, i, i, p, p, i, i, p]
+        lib.tq_matmul.restype = i
+        lib.tq_workspace_bytes.argtypes = [i, i, i]
+        lib.tq_workspace_bytes.restype = ctypes.c_long
+        lib.tq_isa.restype = i
+        lib._typed = True
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernel is built and loaded for this CPU."""
+    return library() is not None
+
+
+def why_unavailable() -> str | None:
+    return unavailable_reason(LIBRARY)
+
+
+def isa(lib: ctypes.CDLL | None = None) -> str:
+    """The integer dot product a build uses (this CPU's by default): 'avx512-vnni', 'avx-vnni' (256-bit), 'avx2'
+    or 'c' (plain C)."""
+    lib = lib or library()
+    if lib is None:
+        raise RuntimeError(f"the native qmatmul kernel is not available: {why_unavailable()}")
+    return {3: "avx512-vnni", 2: "avx-vnni", 1: "avx2", 0: "c"}[lib.tq_isa()]
+
+
+def supports(w: AffineWeight) -> bool:
+    """Whether the kernel takes this weight: K and the group size multiples of BLOCK (per channel included)."""
+    return w.in_features % BLOCK == 0 and w.group_size % BLOCK == 0
+
+
+@dataclass
+class NativeQWeight:
+    """A weight in the kernel's layout (see the module doc) and the workspace its calls reuse."""
+
+    bits: int
+    codes: torch.Tensor
+    scales: torch.Tensor
+    offsets: torch.Tensor | None
+    group_size: int
+    out_features: int
+    in_features: int
+    bias: torch.Tensor | None = None
+    _workspaces: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def matmul(self, x: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+        """x [rows, in_features] (float32 or bfloat16, 1 to MAX_ROWS rows) -> [rows, out_features] in x's dtype,
+        by ``lib`` (this CPU's build by default)."""
+        lib = lib or library()
+        if lib is None:
+            raise RuntimeError(f"the native qmatmul kernel is not available: {why_unavailable()}")
+        if x.dim() != 2 or x.shape[1] != self.in_features or x.dtype not in X_DTYPES or x.device.type != "cpu":
+            raise ValueError(f"x must be [rows, {self.in_features}] float32/bfloat16 on the CPU, got "
+                             f"{x.dtype} {tuple(x.shape)} on {x.device}")
+        rows = x.shape[0]
+        if not 1 <= rows <= MAX_ROWS:
+            raise ValueError(f"the native kernel takes 1 to {MAX_ROWS} rows, got {rows}")
+        x = x.contiguous()
+        y = torch.empty(rows, self.out_features, dtype=x.dtype)
+        workspace = self._workspaces.get(rows)
+        if workspace is None:
+            workspace = torch.empty(lib.tq_workspace_bytes(rows, self.in_features, self.group_size), dtype=torch.uint8)
+            self._workspaces[rows] = workspace
+        bf16 = x.dtype == torch.bfloat16
+        status = lib.tq_matmul(
+            x.data_ptr(), bf16, rows, self.in_features, self.bits, self.codes.data_ptr(), self.scales.data_ptr(),
+            None if self.offsets is None else self.offsets.data_ptr(), self.group_size, self.codes.shape[0],
+            None if self.bias is None else self.bias.data_ptr(), y.data_ptr(), bf16, self.out_features,
+            workspace.data_ptr())
+        if status != 0:
+            raise RuntimeError(f"tq_matmul refused [{rows}, {self.in_features}] x int{self.bits} group "
+                               f"{self.group_size}")
+        return y
+
+
+ROWS = 4
+"""The kernel computes this many weight rows together: the packer pads N to a multiple of it."""
+PAIR = 2 * BLOCK
+
+
+def lane_order() -> torch.Tensor:
+    """The element of a pair of blocks (0..63) that each lane-order position holds (qmatmul.c's layout)."""
+    p = torch.arange(PAIR)
+    return ((p // 4) % 2) * BLOCK + (p // 8) * 4 + p % 4
+
+
+def pack(w: AffineWeight, bias: torch.Tensor | None = None) -> NativeQWeight:
+    """``w`` (on the CPU) in the kernel's layout; :func:`supports` must hold."""
+    if not supports(w):
+        raise ValueError(f"the native kernel needs K and the group size to be multiples of {BLOCK}, got K = "
+                         f"{w.in_features}, group {w.group_size}")
+    n, k = w.out_features, w.in_features
+    pairs = -(-k // PAIR)
+    rows = -(-n // ROWS) * ROWS
+    q = unpack_int4(w.codes).to(torch.uint8) if w.bits == 4 else w.codes.view(torch.uint8)
+    padded = torch.zeros(rows, pairs * PAIR, dtype=torch.uint8)
+    padded[:n, :k] = q
+    lanes = padded.view(rows, pairs, PAIR)[:, :, lane_order()]
+    if w.bits == 4:
+        codes = (lanes[:, :, :PAIR // 2] | (lanes[:, :, PAIR // 2:] << 4)).reshape(rows, pairs * PAIR // 2)
+    else:
+        codes = lanes.reshape(rows, pairs * PAIR)
+    scales = torch.zeros(rows, 2 * pairs, dtype=torch.float16)
+    scales[:n, :k // BLOCK] = w.scales.repeat_interleave(w.group_size // BLOCK, dim=1).half()
+    offsets = None
+    if w.offsets is not None:
+        offsets = torch.zeros(rows, w.scales.shape[1], dtype=torch.float16)
+        offsets[:n] = w.offsets.half()
+    return NativeQWeight(w.bits, codes.contiguous(), scales, offsets, w.group_size, n, k,
+                         None if bias is None else bias.float().contiguous())
