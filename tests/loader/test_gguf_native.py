@@ -86,9 +86,18 @@ def test_a_fused_layer_with_parts_in_different_formats_stays_float(tmp_path) -> 
     torch.testing.assert_close(logits, float_logits, rtol=0, atol=1e-4 * float_logits.abs().max().item())
 
 
-def test_default_model_in_native_q4_1_answers_through_the_int4_kernel(default_gguf_path, monkeypatch) -> None:
+@pytest.mark.parametrize("kernels", ["native", "torch"])
+def test_default_model_in_native_q4_1_answers_through_the_cpu_kernels(default_gguf_path, monkeypatch,
+                                                                       kernels) -> None:
+    """Q4_1 layers and the Q8_0 head as stored answer the reference question, on trident's native kernels (the
+    decode steps as decode_layer.c's layers) or, with TRIDENT_NO_NATIVE=1, torch's int4 kernel."""
     from trident.engine.llm import LLM
+    from trident.native.qmatmul import available, why_unavailable
 
+    if kernels == "torch":
+        monkeypatch.setenv("TRIDENT_NO_NATIVE", "1")
+    else:
+        assert available(), why_unavailable()
     calls = []
     kernel = torch.ops.aten._weight_int4pack_mm_for_cpu
     monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", lambda *a: calls.append(1) or kernel(*a))
@@ -104,5 +113,9 @@ def test_default_model_in_native_q4_1_answers_through_the_int4_kernel(default_gg
     out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                    SamplingParams(temperature=0.0, max_tokens=12))
     assert out[0].text.startswith("The capital of France is Paris")
-    assert calls  # decode steps ran the int4 kernel
-    assert "_int8_cpu" in vars(embed.head)  # the head ran it too, on the Q8_0 codes as two int4 halves
+    if kernels == "torch":
+        assert calls  # decode steps ran the int4 kernel
+        assert "_int8_cpu" in vars(embed.head)  # the head ran it too, on the Q8_0 codes as two int4 halves
+    else:
+        assert not calls and llm.engine.runner.cpu_decoder.native_layers is not None
+        assert "_native_cpu" in vars(embed.head)  # the head ran the native kernel on its Q8_0 codes

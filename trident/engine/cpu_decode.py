@@ -33,6 +33,9 @@ from trident.attention.torch_ref import TorchAttention
 from trident.models import ops
 from trident.models.layers import Linear, linear
 from trident.models.llama import LlamaForCausalLM
+from trident.native import qmatmul as native_qmatmul
+from trident.native.decode_layer import ACTIVATIONS as NATIVE_ACTIVATIONS
+from trident.native.decode_layer import LayerSpec, NativeLayer, NativeStep
 from trident.quant import cpu_kernels
 from trident.quant.linear import QuantizedLinear
 
@@ -103,6 +106,38 @@ def _product(layer: torch.nn.Module, dtype: torch.dtype) -> Product:
     return layer
 
 
+def _native_layers(model: LlamaForCausalLM, kv_caches: Sequence[LayerKVCache],
+                   dtype: torch.dtype) -> list[NativeLayer] | None:
+    """Every layer as a decode_layer.c call when the native library is built and every projection takes the
+    native integer kernel (weight-only int4 / int8 in groups of multiples of 32, as GGUF's Q4_0 / Q4_1 / Q8_0), on
+    a float32 or bfloat16 cache; else None (the torch-call step runs)."""
+    if dtype not in (torch.float32, torch.bfloat16) or not native_qmatmul.available():
+        return None
+    config = model.config
+    layers = []
+    for index, (layer, cache) in enumerate(zip(model.model.layers, kv_caches)):
+        attn, mlp = layer.self_attn, layer.mlp
+        projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        if not all(isinstance(p, QuantizedLinear) for p in projections):
+            return None
+        packed = [p._native(dtype, 1) for p in projections]
+        if any(p is None for p in packed) or mlp.act not in NATIVE_ACTIVATIONS:
+            return None
+        q_norm = k_norm = None
+        head_eps = config.rms_norm_eps
+        if attn.qk_norm:
+            if attn.q_norm.unit_offset:
+                return None
+            q_norm, k_norm, head_eps = attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps
+        kv_heads, _, _, head_dim = cache.key.shape
+        layers.append(NativeLayer(LayerSpec(
+            *packed, layer.input_layernorm.weight, layer.post_attention_layernorm.weight, q_norm, k_norm,
+            config.rms_norm_eps, head_eps, model.model.rotary.inv_freq, config.num_heads, config.num_kv_heads,
+            config.head_dim, config.attention_scale, mlp.act, config.layer_window(index),
+            cache.key.view(kv_heads, -1, head_dim), cache.value.view(kv_heads, -1, head_dim))))
+    return layers
+
+
 class CpuDecoder:
     """Decode-only steps of a Llama-form model on the CPU (see the module doc). Build it only where
     :func:`unsupported_reason` gives None."""
@@ -119,6 +154,9 @@ class CpuDecoder:
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.scale = config.attention_scale
         self.layers = []
+        self.native_layers = _native_layers(model, kv_caches, self.dtype)
+        """The layers as decode_layer.c's calls (every projection on the native integer kernel), else None."""
+        self.native_step = NativeStep(config.hidden_size)
         for index, (layer, cache) in enumerate(zip(inner.layers, kv_caches)):
             attn, mlp = layer.self_attn, layer.mlp
             norms = None
@@ -155,6 +193,11 @@ class CpuDecoder:
                 block_tables: Sequence[Sequence[int]]) -> torch.Tensor:
         """Final hidden states [B, hidden] of one decode step: ``token_ids`` [B] at ``positions`` (the cache holds
         every earlier position of each sequence) with their block tables; writes the new keys and values."""
+        if self.native_layers is not None:
+            residual = self.embed(token_ids).float().contiguous()
+            self.native_step.run(self.native_layers, residual, list(positions), [list(t) for t in block_tables],
+                                 self.block_size)
+            return F.rms_norm(residual, (residual.shape[-1],), self.final_norm.float(), self.eps).to(self.dtype)
         rows = len(positions)
         seqs = [self._sequence(p, t) for p, t in zip(positions, block_tables)]
         rope = ops.rotary_inputs(torch.tensor(positions, dtype=torch.long), self.inv_freq, self.dtype)

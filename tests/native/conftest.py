@@ -1,0 +1,23 @@
+"""Fixtures of the native-kernel tests: a tiny random Llama quantized to int4 in groups of 32."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_int4_llama_dir(tmp_path_factory) -> Path:
+    from hf_tiny import make_hf_model, tiny_llama_config
+
+    from trident.cli import main
+
+    root = tmp_path_factory.mktemp("tiny-llama-native")
+    make_hf_model(tiny_llama_config(vocab_size=256, max_position_embeddings=256), seed=5).save_pretrained(root / "hf")
+    assert main(["quantize", str(root / "hf"), "--method", "rtn", "--bits", "4", "--group-size", "32",
+                 "--out", str(root / "int4")]) == 0
+    return root / "int4"

@@ -1,0 +1,208 @@
+/* One decoder layer of a Llama-form model for a decode step on the CPU, in one call: the norms, the projections
+ * (qmatmul.c's integer dot products), the per-head query / key norms, the rotation, the KV-cache write, attention
+ * over the paged cache, the gated MLP and both residual adds, for a few sequences' one new token each.
+ *
+ * Its torch reference is the general forward (and trident/engine/cpu_decode.py's step), which the tests compare
+ * it with: the same operations in float32 (the torch path rounds to the model's dtype between them) with the
+ * activations quantized to int8 per block of 32 before each projection, as qmatmul.c does.
+ *
+ * The residual stream is the state between layers: layer l reads residual r, computes
+ *     x = norm_in(r); r += o(attention(x)); r += down(act(gate(norm_post(r))) * up(norm_post(r)))
+ * which is the Hugging Face layer with its residual adds (the torch path fuses each add into the next norm).
+ * The cache is TorchAttention's layout, [kv_heads, slots, head_dim] per layer, in float32 or bfloat16; a token at
+ * position t of a sequence lives in slot block_table[t / block_size] * block_size + t % block_size. */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+int tq_matmul(const void *x, int x_bf16, int rows, int k, int bits, const uint8_t *codes, const uint16_t *scales,
+              const uint16_t *offsets, int group_size, int n, const float *bias, void *y, int y_bf16, int n_out,
+              void *workspace);
+long tq_workspace_bytes(int rows, int k, int group_size);
+
+typedef struct {
+    int bits, k, n, n_out, group_size;
+    const uint8_t *codes;
+    const uint16_t *scales, *offsets;
+    const float *bias;
+} tq_weight;
+
+typedef struct {
+    int hidden, heads, kv_heads, head_dim, inter;
+    int activation; /* 0 silu, 1 gelu (tanh approximation), 2 gelu (erf) */
+    int unit_offset, window, cache_bf16;
+    float eps, head_eps, scale;
+    const float *input_norm, *post_norm, *q_norm, *k_norm; /* float32; q_norm / k_norm NULL without head norms */
+    const float *inv_freq;                                  /* [head_dim / 2] */
+    tq_weight qkv, o, gate_up, down;
+    void *key_cache, *value_cache;
+    long slots;
+} tq_layer;
+
+typedef struct {
+    int rows, max_blocks, block_size, max_context;
+    const int32_t *positions;    /* [rows]: the new token's position (its context is position + 1 tokens) */
+    const int32_t *block_tables; /* [rows, max_blocks] */
+    float *residual;             /* [rows, hidden], read and updated */
+    void *workspace;
+} tq_step;
+
+static inline float bf16_value(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t bf16_bits(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+static void rms_norm(const float *x, const float *weight, int n, float eps, int unit_offset, float *out) {
+    float ss = 0.0f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    const float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int i = 0; i < n; i++) out[i] = x[i] * r * (unit_offset ? 1.0f + weight[i] : weight[i]);
+}
+
+static void rotate(float *v, int head_dim, const float *inv_freq, int position) {
+    const int half = head_dim / 2;
+    for (int i = 0; i < half; i++) {
+        const float angle = (float)position * inv_freq[i];
+        const float c = cosf(angle), s = sinf(angle), x1 = v[i], x2 = v[i + half];
+        v[i] = x1 * c - x2 * s;
+        v[i + half] = x2 * c + x1 * s;
+    }
+}
+
+static inline float activation(int kind, float g) {
+    if (kind == 0) return g / (1.0f + expf(-g));
+    if (kind == 1) return 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+    return 0.5f * g * (1.0f + erff(g * 0.7071067811865476f));
+}
+
+static long matmul_workspace(const tq_weight *w, int rows) { return tq_workspace_bytes(rows, w->k, w->group_size); }
+
+static int project(const tq_weight *w, const float *x, int rows, float *y, void *workspace) {
+    return tq_matmul(x, 0, rows, w->k, w->bits, w->codes, w->scales, w->offsets, w->group_size, w->n, w->bias, y, 0,
+                     w->n_out, workspace);
+}
+
+static inline long round64(long bytes) { return (bytes + 63) & ~63L; }
+
+/* Workspace bytes tq_decode_layer needs for `rows` sequences of at most `max_context` tokens. */
+long tq_layer_workspace_bytes(const tq_layer *L, int rows, int max_context) {
+    const long qkv = (long)(L->heads + 2 * L->kv_heads) * L->head_dim;
+    const long wide = L->hidden > L->inter ? L->hidden : L->inter;
+    long floats = round64(rows * wide) + round64(rows * qkv) + round64(rows * (long)L->heads * L->head_dim) +
+                  round64(rows * 2L * L->inter) + round64(rows * (long)L->hidden) +
+                  round64((long)rows * L->heads * max_context);
+    long mm = matmul_workspace(&L->qkv, rows);
+    const tq_weight *others[3] = {&L->o, &L->gate_up, &L->down};
+    for (int i = 0; i < 3; i++) {
+        long b = matmul_workspace(others[i], rows);
+        if (b > mm) mm = b;
+    }
+    return floats * 4 + round64(mm) + 64;
+}
+
+/* The layer for S->rows sequences (see the top). Returns 0, or -1 for arguments it does not take. */
+int tq_decode_layer(const tq_layer *L, const tq_step *S) {
+    const int rows = S->rows, H = L->hidden, D = L->head_dim, heads = L->heads, kvh = L->kv_heads;
+    const int qkv_width = (heads + 2 * kvh) * D, group = heads / kvh;
+    if (rows < 1 || heads % kvh || D % 2) return -1;
+    for (int m = 0; m < rows; m++)
+        if (S->positions[m] < 0 || S->positions[m] >= S->max_context) return -1;
+    const long wide = H > L->inter ? H : L->inter;
+    float *x = (float *)S->workspace;
+    float *qkv = x + round64(rows * wide);
+    float *att = qkv + round64((long)rows * qkv_width);
+    float *gu = att + round64((long)rows * heads * D);
+    float *tmp = gu + round64(rows * 2L * L->inter);
+    float *scores = tmp + round64((long)rows * H);
+    void *mm = scores + round64((long)rows * heads * S->max_context);
+
+    /* attention */
+    for (int m = 0; m < rows; m++) rms_norm(S->residual + (long)m * H, L->input_norm, H, L->eps, L->unit_offset, x + (long)m * H);
+    if (project(&L->qkv, x, rows, qkv, mm)) return -1;
+    for (int m = 0; m < rows; m++) {
+        float *row = qkv + (long)m * qkv_width;
+        const int pos = S->positions[m];
+        for (int h = 0; h < heads + kvh; h++) {
+            float *v = row + (long)h * D;
+            const float *nw = h < heads ? L->q_norm : L->k_norm;
+            if (nw) rms_norm(v, nw, D, L->head_eps, L->unit_offset, v);
+            rotate(v, D, L->inv_freq, pos);
+        }
+        const int32_t *table = S->block_tables + (long)m * S->max_blocks;
+        const long slot = (long)table[pos / S->block_size] * S->block_size + pos % S->block_size;
+        for (int h = 0; h < kvh; h++) {
+            const float *k = row + (long)(heads + h) * D, *v = row + (long)(heads + kvh + h) * D;
+            const long at = ((long)h * L->slots + slot) * D;
+            if (L->cache_bf16) {
+                uint16_t *kc = (uint16_t *)L->key_cache + at, *vc = (uint16_t *)L->value_cache + at;
+                for (int i = 0; i < D; i++) kc[i] = bf16_bits(k[i]), vc[i] = bf16_bits(v[i]);
+            } else {
+                memcpy((float *)L->key_cache + at, k, sizeof(float) * D);
+                memcpy((float *)L->value_cache + at, v, sizeof(float) * D);
+            }
+        }
+    }
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int m = 0; m < rows; m++) {
+        for (int h = 0; h < heads; h++) {
+            const int pos = S->positions[m], context = pos + 1;
+            const int start = L->window > 0 && context > L->window ? context - L->window : 0;
+            const int32_t *table = S->block_tables + (long)m * S->max_blocks;
+            const float *q = qkv + (long)m * qkv_width + (long)h * D;
+            float *s = scores + ((long)m * heads + h) * S->max_context;
+            float *out = att + ((long)m * heads + h) * D;
+            const long head_base = (long)(h / group) * L->slots;
+            float best = -INFINITY;
+            for (int t = start; t < context; t++) {
+                const long at = (head_base + (long)table[t / S->block_size] * S->block_size + t % S->block_size) * D;
+                float dot = 0.0f;
+                if (L->cache_bf16) {
+                    const uint16_t *k = (const uint16_t *)L->key_cache + at;
+                    for (int i = 0; i < D; i++) dot += q[i] * bf16_value(k[i]);
+                } else {
+                    const float *k = (const float *)L->key_cache + at;
+                    for (int i = 0; i < D; i++) dot += q[i] * k[i];
+                }
+                s[t] = dot * L->scale;
+                if (s[t] > best) best = s[t];
+            }
+            float total = 0.0f;
+            for (int t = start; t < context; t++) total += (s[t] = expf(s[t] - best));
+            for (int i = 0; i < D; i++) out[i] = 0.0f;
+            for (int t = start; t < context; t++) {
+                const long at = (head_base + (long)table[t / S->block_size] * S->block_size + t % S->block_size) * D;
+                const float p = s[t] / total;
+                if (L->cache_bf16) {
+                    const uint16_t *v = (const uint16_t *)L->value_cache + at;
+                    for (int i = 0; i < D; i++) out[i] += p * bf16_value(v[i]);
+                } else {
+                    const float *v = (const float *)L->value_cache + at;
+                    for (int i = 0; i < D; i++) out[i] += p * v[i];
+                }
+            }
+        }
+    }
+    if (project(&L->o, att, rows, tmp, mm)) return -1;
+    for (long i = 0; i < (long)rows * H; i++) S->residual[i] += tmp[i];
+
+    /* MLP */
+    for (int m = 0; m < rows; m++) rms_norm(S->residual + (long)m * H, L->post_norm, H, L->eps, L->unit_offset, x + (long)m * H);
+    if (project(&L->gate_up, x, rows, gu, mm)) return -1;
+    const int I = L->inter;
+    for (int m = 0; m < rows; m++)
+        for (int i = 0; i < I; i++) x[(long)m * I + i] = activation(L->activation, gu[(long)m * 2 * I + i]) * gu[(long)m * 2 * I + I + i];
+    if (project(&L->down, x, rows, tmp, mm)) return -1;
+    for (long i = 0; i < (long)rows * H; i++) S->residual[i] += tmp[i];
+    return 0;
+}
