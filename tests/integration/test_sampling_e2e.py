@@ -57,13 +57,17 @@ def test_logprobs_match_a_direct_forward_pass(default_llm) -> None:
         logits = runner_model.compute_logits(runner_model(input_ids, positions, engine.runner.kv_caches, meta))
     ref = torch.log_softmax(logits.double(), dim=-1)
     n_prompt = len(out.prompt_token_ids)
+    # The reference runs the prompt's path (float32 GEMMs); decode steps may run the native CPU kernels, whose
+    # two-stage int8 activations move this model's log-probabilities by up to 2e-3 (measured); a misplaced or
+    # mis-normalised log-probability is off by far more.
+    tolerance = 1e-4 if default_llm.engine.runner.cpu_decoder.native_layers is None else 5e-3
     for i, token in enumerate(lp):
         row = ref[n_prompt - 1 + i]
         assert token.token_id == out.token_ids[i] == int(row.argmax())
-        assert math.isclose(token.logprob, float(row[token.token_id]), abs_tol=1e-4)
+        assert math.isclose(token.logprob, float(row[token.token_id]), abs_tol=tolerance)
         top = [t for t, _ in token.top_logprobs]
         assert top == row.topk(5).indices.tolist()
-        assert all(math.isclose(v, float(row[t]), abs_tol=1e-4) for t, v in token.top_logprobs)
+        assert all(math.isclose(v, float(row[t]), abs_tol=tolerance) for t, v in token.top_logprobs)
 
 
 def test_streamed_deltas_add_up_to_the_final_text(default_llm) -> None:

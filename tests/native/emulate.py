@@ -40,23 +40,29 @@ def random_weight(bits: int, n: int, k: int, group: int | None, offsets: bool, g
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] (K a multiple of 32) -> (codes [M, K] float64, d [M, K / 32] float64) as qmatmul.c makes them."""
+    """x [M, K] (K a multiple of 32) -> (the value the kernel multiplies, [M, K] float64; each block's unit
+    d / 256, [M, K / 32] float64), as qmatmul.c's two int8 stages make them in float32: x1 = round(x / d), then
+    x2 = round((x - d x1) / (d / 256)) clamped to +-127 (the remainder fused: one rounding), value (d / 256)
+    (256 x1 + x2)."""
     xf = x.float().view(x.shape[0], -1, BLOCK)
     amax = xf.abs().amax(dim=-1, keepdim=True)
+    step = amax / 127.0
     inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
-    codes = (xf * inv).round().clamp(-127, 127)
-    return codes.reshape(x.shape).double(), (amax / 127.0).squeeze(-1).double()
-
-
+    x1 = (xf * inv).round()
+    remainder = (xf.double() - x1.double() * step.double()).float()  # exact, then rounded once: a fused multiply-add
+    x2 = (remainder * (inv * 256.0)).round().clamp(-127, 127)
+    unit = (step / 256.0).double()
+    value = unit * (256.0 * x1.double() + x2.double())
+    return value.reshape(x.shape), unit.squeeze(-1)
 def emulated_matmul(x: torch.Tensor, w: AffineWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The kernel's product in float64: sum over blocks of scale * d * (q . xq), plus offsets times the exact
-    group sums of x, plus the bias."""
-    m, k = x.shape
-    xq, d = quantize_activations(x)
+    """The kernel's product in float64: the quantized activations times scale * q per block, plus offsets times
+    the exact group sums of x, plus the bias."""
+    m, _ = x.shape
+    value, _ = quantize_activations(x)
     scaled = affine_dequantize(w, torch.float64)  # scale * q, plus the offsets taken off just below
     if w.offsets is not None:
         scaled = scaled - w.offsets.double().repeat_interleave(w.group_size, dim=1)
-    y = (xq * d.repeat_interleave(BLOCK, dim=1)) @ scaled.T
+    y = value @ scaled.T
     if w.offsets is not None:
         sums = x.double().view(m, -1, w.group_size).sum(-1)
         y = y + sums @ w.offsets.double().T
@@ -66,7 +72,8 @@ def emulated_matmul(x: torch.Tensor, w: AffineWeight, bias: torch.Tensor | None 
 
 
 def activation_error_bound(x: torch.Tensor, w: AffineWeight) -> torch.Tensor:
-    """[M, N] bound on |kernel - exact product|: each activation moves by at most half its block's step d / 2."""
-    _, d = quantize_activations(x)
+    """[M, N] bound on |kernel - exact product|: each activation moves by at most 2 units of d / 256 (half a unit
+    when rounded, up to 2 where the second stage clamps)."""
+    _, unit = quantize_activations(x)
     exact = affine_dequantize(w, torch.float64)
-    return (d.repeat_interleave(BLOCK, dim=1) / 2) @ exact.abs().T
+    return (2 * unit.repeat_interleave(BLOCK, dim=1)) @ exact.abs().T

@@ -46,11 +46,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def gguf_native(config: EngineConfig, device: torch.device) -> bool:
     """Whether a GGUF model's Q4_0 / Q4_1 / Q8_0 weights stay quantized (EngineConfig.gguf_weights, auto
-    resolved: native on the CPU with a 16-bit compute dtype; on CUDA dequantized for now: the default model decoded
-    at 643 tok/s native against 1,270 in bfloat16 on an H200, the int4 kernel being bound by unpacking codes)."""
+    resolved: native on the CPU with a 16-bit compute dtype (torch's packed kernels) or where trident's native
+    integer kernel is built (it takes float32 activations too: CPUs without bfloat16 arithmetic); on CUDA
+    dequantized for now: the default model decoded at 643 tok/s native against 1,270 in bfloat16 on an H200, the
+    int4 kernel being bound by unpacking codes)."""
     if config.gguf_weights != "auto":
         return config.gguf_weights == "native"
-    return device.type == "cpu" and resolve_dtype(config.dtype, device) in (torch.bfloat16, torch.float16)
+    if device.type != "cpu":
+        return False
+    from trident.native import qmatmul
+
+    return resolve_dtype(config.dtype, device) in (torch.bfloat16, torch.float16) or qmatmul.available()
 
 
 def resolve_max_model_len(model_config: ModelConfig, config: EngineConfig, device: torch.device) -> int:

@@ -4,7 +4,7 @@
  *
  * Its torch reference is the general forward (and trident/engine/cpu_decode.py's step), which the tests compare
  * it with: the same operations in float32 (the torch path rounds to the model's dtype between them) with the
- * activations quantized to int8 per block of 32 before each projection, as qmatmul.c does.
+ * activations quantized in two int8 stages per block of 32 before each projection, as qmatmul.c does.
  *
  * The residual stream is the state between layers: layer l reads residual r, computes
  *     x = norm_in(r); r += o(attention(x)); r += down(act(gate(norm_post(r))) * up(norm_post(r)))
@@ -63,9 +63,33 @@ static inline uint16_t bf16_bits(float f) {
     return (uint16_t)(bits >> 16);
 }
 
+#define TQ_LANES 16 /* partial sums per reduction: independent lanes the compiler can keep in one vector */
+
+/* Dot products of float32 q with a float32 or bfloat16 row (n a multiple of TQ_LANES, else a scalar tail). */
+static inline float dot_f32(const float *q, const float *k, int n) {
+    float acc[TQ_LANES] = {0};
+    int i = 0;
+    for (; i + TQ_LANES <= n; i += TQ_LANES)
+        for (int j = 0; j < TQ_LANES; j++) acc[j] += q[i + j] * k[i + j];
+    float total = 0.0f;
+    for (int j = 0; j < TQ_LANES; j++) total += acc[j];
+    for (; i < n; i++) total += q[i] * k[i];
+    return total;
+}
+
+static inline float dot_bf16(const float *q, const uint16_t *k, int n) {
+    float acc[TQ_LANES] = {0};
+    int i = 0;
+    for (; i + TQ_LANES <= n; i += TQ_LANES)
+        for (int j = 0; j < TQ_LANES; j++) acc[j] += q[i + j] * bf16_value(k[i + j]);
+    float total = 0.0f;
+    for (int j = 0; j < TQ_LANES; j++) total += acc[j];
+    for (; i < n; i++) total += q[i] * bf16_value(k[i]);
+    return total;
+}
+
 static void rms_norm(const float *x, const float *weight, int n, float eps, int unit_offset, float *out) {
-    float ss = 0.0f;
-    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    const float ss = dot_f32(x, x, n);
     const float r = 1.0f / sqrtf(ss / (float)n + eps);
     for (int i = 0; i < n; i++) out[i] = x[i] * r * (unit_offset ? 1.0f + weight[i] : weight[i]);
 }
@@ -166,15 +190,8 @@ int tq_decode_layer(const tq_layer *L, const tq_step *S) {
             float best = -INFINITY;
             for (int t = start; t < context; t++) {
                 const long at = (head_base + (long)table[t / S->block_size] * S->block_size + t % S->block_size) * D;
-                float dot = 0.0f;
-                if (L->cache_bf16) {
-                    const uint16_t *k = (const uint16_t *)L->key_cache + at;
-                    for (int i = 0; i < D; i++) dot += q[i] * bf16_value(k[i]);
-                } else {
-                    const float *k = (const float *)L->key_cache + at;
-                    for (int i = 0; i < D; i++) dot += q[i] * k[i];
-                }
-                s[t] = dot * L->scale;
+                s[t] = (L->cache_bf16 ? dot_bf16(q, (const uint16_t *)L->key_cache + at, D)
+                                      : dot_f32(q, (const float *)L->key_cache + at, D)) * L->scale;
                 if (s[t] > best) best = s[t];
             }
             float total = 0.0f;

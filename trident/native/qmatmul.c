@@ -1,12 +1,16 @@
-/* y = x W^T on the CPU with W as affine int4 / int8 codes and x quantized to int8 per block of 32: the products
- * are 8-bit integer dot products (AVX-512 VNNI, AVX-VNNI or AVX2, else plain C), scaled per block in float32.
+/* y = x W^T on the CPU with W as affine int4 / int8 codes and x quantized per block of 32 into two int8 stages: the
+ * products are 8-bit integer dot products (AVX-512 VNNI, AVX-VNNI or AVX2, else plain C), scaled per block in
+ * float32.
  *
  * The weight, per output row n and input group g (group_size a multiple of 32, or the whole row):
  *     w[n, k] = scale[n, g] * q[n, k] + offset[n, g]
- * The activations, per row m and block b of 32: xq = round(x / d) with d = max|x| / 127 (int8), and the exact
- * float sum of x over each weight group (for the offsets). Then
- *     y[m, n] = sum_b scale[n, g(b)] * d[m, b] * (q . xq)_b + sum_g offset[n, g] * xsum[m, g].
- * The only approximation besides float32 sums is xq's rounding (at most d / 2 per element).
+ * The activations, per row m and block b of 32, in two int8 stages: x1 = round(x / d) with d = max|x| / 127, then
+ * the remainder x2 = round((x - d x1) / (d / 256)) (clamped to +-127), so that x = (d / 256) (256 x1 + x2) within
+ * d / 512 (about 1 / 65,000 of the block's largest element, where one stage would leave 1 / 254); and the exact
+ * float sum of x over each weight group (for the offsets). Then, with integer dot products,
+ *     y[m, n] = sum_b scale[n, g(b)] (d[m, b] / 256) (256 (q . x1)_b + (q . x2)_b) + sum_g offset[n, g] xsum[m, g].
+ * (llama.cpp's Q8 activations are the first stage alone: one stage moves a small model's logits enough to flip
+ * greedy near-ties against a float reference; the second costs one more dot product per block.)
  *
  * Layout. K is cut into pairs of blocks (64 elements; the last pair padded with zeros). Within a pair, elements are
  * stored in "lane order": position p holds element (p / 8) * 4 + p % 4 of block (p / 4) % 2, so that each group
@@ -72,21 +76,22 @@ static inline float half_to_float(uint16_t h) {
 /* Lane-order position, within its pair, of element i (0..31) of the pair's block `half` (0 or 1). */
 static inline int lane_position(int half, int i) { return (i / 4) * 8 + half * 4 + i % 4; }
 
-/* Quantize rows of x [rows, k] (float32 or bfloat16) into xq [rows, kp] (lane order, kp = 64 * pairs, padding
- * zero), d [rows, 2 * pairs] (padding zero) and, when xsum is not NULL, the group sums xsum [rows, groups].
- * Rounding: to nearest, ties to even. */
+/* Quantize rows of x [rows, k] (float32 or bfloat16) into the two stages xq [rows, 2, kp] (lane order, kp = 64 *
+ * pairs, padding zero), d [rows, 2 * pairs] holding each block's d / 256 (padding zero) and, when xsum is not NULL,
+ * the group sums xsum [rows, groups]. Rounding: to nearest, ties to even, in float32 (the remainder fused). */
 static void quantize_rows(const void *x, int x_bf16, int rows, int k, int kp, int group_size, int8_t *xq, float *d,
                           float *xsum) {
     float buf[TQ_BLOCK];
-    int8_t q[TQ_BLOCK];
+    int8_t q1[TQ_BLOCK], q2[TQ_BLOCK];
     const int blocks = k / TQ_BLOCK, padded = kp / TQ_BLOCK, groups = k / group_size, per_group = group_size / TQ_BLOCK;
     for (int m = 0; m < rows; m++) {
-        int8_t *xm = xq + (size_t)m * kp;
+        int8_t *xm = xq + (size_t)m * 2 * kp;
         float *dm = d + (size_t)m * padded;
         for (int b = 0; b < padded; b++) {
+            int8_t *pair = xm + (size_t)(b / 2) * TQ_PAIR;
             if (b >= blocks) { /* the odd block of a padded pair */
                 dm[b] = 0.0f;
-                for (int i = 0; i < TQ_BLOCK; i++) xm[(b / 2) * TQ_PAIR + lane_position(b % 2, i)] = 0;
+                for (int i = 0; i < TQ_BLOCK; i++) pair[lane_position(b % 2, i)] = pair[kp + lane_position(b % 2, i)] = 0;
                 continue;
             }
             const size_t base = (size_t)m * k + (size_t)b * TQ_BLOCK;
@@ -99,22 +104,18 @@ static void quantize_rows(const void *x, int x_bf16, int rows, int k, int kp, in
                 sum += buf[j];
                 amax = fmaxf(amax, fabsf(buf[j]));
             }
-            const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-            dm[b] = amax / 127.0f;
-#if defined(TQ_ZMM) || defined(TQ_YMM)
-            const __m256 iv = _mm256_set1_ps(inv);
-            __m256i q0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(buf), iv));
-            __m256i q1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(buf + 8), iv));
-            __m256i q2 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(buf + 16), iv));
-            __m256i q3 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(buf + 24), iv));
-            /* the packs work per 128-bit half: put the 4-byte groups back in order */
-            __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
-            _mm256_storeu_si256((__m256i *)q, _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-#else
-            for (int j = 0; j < TQ_BLOCK; j++) q[j] = (int8_t)nearbyintf(buf[j] * inv);
-#endif
-            int8_t *pair = xm + (size_t)(b / 2) * TQ_PAIR;
-            for (int c = 0; c < TQ_BLOCK / 4; c++) memcpy(pair + lane_position(b % 2, 4 * c), q + 4 * c, 4);
+            const float step = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f, inv2 = inv * 256.0f;
+            dm[b] = step / 256.0f;
+            for (int j = 0; j < TQ_BLOCK; j++) {
+                const float c1 = nearbyintf(buf[j] * inv);
+                const float c2 = nearbyintf(fmaf(-c1, step, buf[j]) * inv2);
+                q1[j] = (int8_t)c1;
+                q2[j] = (int8_t)(c2 > 127.0f ? 127.0f : c2 < -127.0f ? -127.0f : c2);
+            }
+            for (int c = 0; c < TQ_BLOCK / 4; c++) {
+                memcpy(pair + lane_position(b % 2, 4 * c), q1 + 4 * c, 4);
+                memcpy(pair + kp + lane_position(b % 2, 4 * c), q2 + 4 * c, 4);
+            }
             if (xsum) {
                 float *s = &xsum[(size_t)m * groups + b / per_group];
                 if (b % per_group == 0) *s = 0.0f;
@@ -144,32 +145,34 @@ static inline float offset_term(const uint16_t *offsets, const float *xsum, int 
 #define TQ_ROWS 4 /* weight rows computed together: independent accumulators, each activation load shared */
 
 #if defined(TQ_ZMM)
-/* out[i] = sum over pairs of the scaled block products of weight row i (of TQ_ROWS) and one activation row. */
-static void rows_dot(int bits, const uint8_t *codes, size_t row_bytes, const uint16_t *scales, int pairs,
+/* out[i] = sum over pairs of the scaled block products of weight row i (of TQ_ROWS) and one activation row (its
+ * two stages xq and xq + kp). */
+static void rows_dot(int bits, const uint8_t *codes, size_t row_bytes, const uint16_t *scales, int pairs, int kp,
                      const int8_t *xq, const float *d, float out[TQ_ROWS]) {
     __m512 acc[TQ_ROWS];
     for (int i = 0; i < TQ_ROWS; i++) acc[i] = _mm512_setzero_ps();
     const __m256i low4 = _mm256_set1_epi8(0x0f);
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    const __m512i flip = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
     for (int p = 0; p < pairs; p++) {
-        const __m512i xv = _mm512_loadu_si512(xq + (size_t)p * TQ_PAIR);
+        const __m512i x1 = _mm512_loadu_si512(xq + (size_t)p * TQ_PAIR), x2 = _mm512_loadu_si512(xq + kp + (size_t)p * TQ_PAIR);
         double dd;
         memcpy(&dd, d + 2 * p, 8);
         const __m512 dv = _mm512_castpd_ps(_mm512_set1_pd(dd)); /* d0 d1 d0 d1 ... */
         /* int8: (q + 128) . x - 128 sum(x), the unsigned-times-signed product the instruction has */
-        const __m512i bias = bits == 8 ? _mm512_dpbusd_epi32(_mm512_setzero_si512(), flip, xv) : _mm512_setzero_si512();
+        const __m512i bias = bits == 8 ? _mm512_dpbusd_epi32(_mm512_slli_epi32(_mm512_dpbusd_epi32(zero, flip, x1), 8), flip, x2)
+                                       : zero;
         for (int i = 0; i < TQ_ROWS; i++) {
             const uint8_t *c = codes + i * row_bytes;
-            __m512i dot;
+            __m512i w;
             if (bits == 4) {
                 __m256i b = _mm256_loadu_si256((const __m256i *)(c + (size_t)p * (TQ_PAIR / 2)));
-                __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, low4)),
-                                               _mm256_and_si256(_mm256_srli_epi16(b, 4), low4), 1);
-                dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xv);
+                w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, low4)),
+                                       _mm256_and_si256(_mm256_srli_epi16(b, 4), low4), 1);
             } else {
-                __m512i w = _mm512_xor_si512(_mm512_loadu_si512(c + (size_t)p * TQ_PAIR), flip);
-                dot = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xv), bias);
+                w = _mm512_xor_si512(_mm512_loadu_si512(c + (size_t)p * TQ_PAIR), flip);
             }
+            __m512i dot = _mm512_dpbusd_epi32(_mm512_slli_epi32(_mm512_dpbusd_epi32(zero, w, x1), 8), w, x2);
+            dot = _mm512_sub_epi32(dot, bias);
             int32_t sp;
             memcpy(&sp, scales + i * (size_t)(2 * pairs) + 2 * p, 4);
             const __m512 sv = _mm512_cvtph_ps(_mm256_set1_epi32(sp)); /* s0 s1 s0 s1 ... */
@@ -191,29 +194,34 @@ static inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
 #endif
 }
 
-static void rows_dot(int bits, const uint8_t *codes, size_t row_bytes, const uint16_t *scales, int pairs,
+static void rows_dot(int bits, const uint8_t *codes, size_t row_bytes, const uint16_t *scales, int pairs, int kp,
                      const int8_t *xq, const float *d, float out[TQ_ROWS]) {
     __m256 acc[TQ_ROWS];
     for (int i = 0; i < TQ_ROWS; i++) acc[i] = _mm256_setzero_ps();
     const __m256i low4 = _mm256_set1_epi8(0x0f);
     for (int p = 0; p < pairs; p++) {
-        const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + (size_t)p * TQ_PAIR));
-        const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + (size_t)p * TQ_PAIR + 32));
+        const int8_t *xp = xq + (size_t)p * TQ_PAIR;
+        const __m256i a0 = _mm256_loadu_si256((const __m256i *)xp), a1 = _mm256_loadu_si256((const __m256i *)(xp + 32));
+        const __m256i b0 = _mm256_loadu_si256((const __m256i *)(xp + kp)),
+                      b1 = _mm256_loadu_si256((const __m256i *)(xp + kp + 32));
         double dd;
         memcpy(&dd, d + 2 * p, 8);
         const __m256 dv = _mm256_castpd_ps(_mm256_set1_pd(dd)); /* d0 d1 d0 d1 ... */
         for (int i = 0; i < TQ_ROWS; i++) {
             const uint8_t *c = codes + i * row_bytes;
-            __m256i dot = _mm256_setzero_si256();
+            __m256i dot;
             if (bits == 4) {
-                __m256i b = _mm256_loadu_si256((const __m256i *)(c + (size_t)p * (TQ_PAIR / 2)));
-                dot = dot_u8s8(dot, _mm256_and_si256(b, low4), x0);
-                dot = dot_u8s8(dot, _mm256_and_si256(_mm256_srli_epi16(b, 4), low4), x1);
-            } else {
+                __m256i raw = _mm256_loadu_si256((const __m256i *)(c + (size_t)p * (TQ_PAIR / 2)));
+                __m256i lo = _mm256_and_si256(raw, low4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+                dot = dot_u8s8(dot_u8s8(_mm256_setzero_si256(), lo, a0), hi, a1);
+                dot = dot_u8s8(dot_u8s8(_mm256_slli_epi32(dot, 8), lo, b0), hi, b1);
+            } else { /* |w| (x signed as w) */
                 __m256i w0 = _mm256_loadu_si256((const __m256i *)(c + (size_t)p * TQ_PAIR));
                 __m256i w1 = _mm256_loadu_si256((const __m256i *)(c + (size_t)p * TQ_PAIR + 32));
-                dot = dot_u8s8(dot, _mm256_abs_epi8(w0), _mm256_sign_epi8(x0, w0)); /* |w| (x signed as w) */
-                dot = dot_u8s8(dot, _mm256_abs_epi8(w1), _mm256_sign_epi8(x1, w1));
+                __m256i u0 = _mm256_abs_epi8(w0), u1 = _mm256_abs_epi8(w1);
+                dot = dot_u8s8(dot_u8s8(_mm256_setzero_si256(), u0, _mm256_sign_epi8(a0, w0)), u1, _mm256_sign_epi8(a1, w1));
+                dot = dot_u8s8(dot_u8s8(_mm256_slli_epi32(dot, 8), u0, _mm256_sign_epi8(b0, w0)), u1,
+                               _mm256_sign_epi8(b1, w1));
             }
             int32_t sp;
             memcpy(&sp, scales + i * (size_t)(2 * pairs) + 2 * p, 4);
@@ -228,7 +236,7 @@ static void rows_dot(int bits, const uint8_t *codes, size_t row_bytes, const uin
     }
 }
 #else
-static void rows_dot(int bits, const uint8_t *codes, size_t row_bytes, const uint16_t *scales, int pairs,
+static void rows_dot(int bits, const uint8_t *codes, size_t row_bytes, const uint16_t *scales, int pairs, int kp,
                      const int8_t *xq, const float *d, float out[TQ_ROWS]) {
     for (int i = 0; i < TQ_ROWS; i++) {
         const uint8_t *c = codes + i * row_bytes;
@@ -245,7 +253,7 @@ static void rows_dot(int bits, const uint8_t *codes, size_t row_bytes, const uin
                 } else {
                     code = (int8_t)c[(size_t)p * TQ_PAIR + pos];
                 }
-                dot[(pos / 4) % 2] += code * xp[pos];
+                dot[(pos / 4) % 2] += code * (256 * xp[pos] + xp[kp + pos]);
             }
             total += half_to_float(s[2 * p]) * d[2 * p] * (float)dot[0] +
                      half_to_float(s[2 * p + 1]) * d[2 * p + 1] * (float)dot[1];
@@ -287,7 +295,7 @@ long tq_row_bytes(int bits, int k) {
 /* Workspace bytes tq_matmul needs for rows x k activations in groups of group_size. */
 long tq_workspace_bytes(int rows, int k, int group_size) {
     size_t kp = (size_t)((k + TQ_PAIR - 1) / TQ_PAIR) * TQ_PAIR;
-    return (long)((size_t)rows * kp + sizeof(float) * ((size_t)rows * (kp / TQ_BLOCK) + (size_t)rows * (k / group_size)) + 64);
+    return (long)((size_t)rows * 2 * kp + sizeof(float) * ((size_t)rows * (kp / TQ_BLOCK) + (size_t)rows * (k / group_size)) + 64);
 }
 
 /* y [rows, n] = x [rows, k] W^T (+ bias [n], float32), W [n, k] as described at the top, n a multiple of TQ_ROWS
@@ -310,12 +318,12 @@ int tq_matmul(const void *x, int x_bf16, int rows, int k, int bits, const uint8_
     for (int t = 0; t < tasks; t++) {
         const int end = (t + 1) * TQ_ROWS_PER_TASK < n ? (t + 1) * TQ_ROWS_PER_TASK : n;
         for (int m = 0; m < rows; m++) {
-            const int8_t *xm = xq + (size_t)m * kp;
+            const int8_t *xm = xq + (size_t)m * 2 * kp;
             const float *dm = d + (size_t)m * 2 * pairs, *xs = xsum + (size_t)m * groups;
             for (int r = t * TQ_ROWS_PER_TASK; r < end; r += TQ_ROWS) {
                 float v[TQ_ROWS];
                 if (r + TQ_PREFETCH_ROWS < n) prefetch_rows(bits, codes, scales, row_bytes, pairs, r + TQ_PREFETCH_ROWS);
-                rows_dot(bits, codes + (size_t)r * row_bytes, row_bytes, scales + (size_t)r * 2 * pairs, pairs, xm,
+                rows_dot(bits, codes + (size_t)r * row_bytes, row_bytes, scales + (size_t)r * 2 * pairs, pairs, kp, xm,
                          dm, v);
                 for (int i = 0; i < TQ_ROWS && r + i < n_out; i++) {
                     if (offsets) v[i] += offset_term(offsets + (size_t)(r + i) * groups, xs, groups);

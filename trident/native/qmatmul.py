@@ -4,7 +4,8 @@
 32 in the "lane order" qmatmul.c describes; scales per block and offsets per group in float16, GGUF's own
 precision, which moves a float32 scale by at most 2^-11 of itself; N padded to a multiple of ROWS);
 :meth:`NativeQWeight.matmul` runs ``y = x W^T (+ bias)`` for a few rows of float32 or bfloat16 activations, which
-the kernel quantizes to int8 per block of 32 (as llama.cpp's Q8 activations) before multiplying the integer
+the kernel quantizes to two int8 stages per block of 32 (a value and its remainder: about 16 bits) before
+multiplying the integer
 codes with the CPU's integer dot products. Its torch reference is
 :func:`trident.quant.affine.affine_matmul_reference` (float32 dequantization and matmul): the two differ by the
 activations' rounding only, which tests/quant/test_native_qmatmul.py bounds.

@@ -116,7 +116,7 @@ class QuantizedLinear(nn.Module):
             return None
         packed = self.__dict__.get("_native_cpu")
         if packed is None:
-            w = self.affine_weight()
+            w = affine_from_rtn(self.quantized, self.config)  # not affine_weight(): no offsets buffer kept
             if not native_qmatmul.supports(w):
                 return None
             packed = native_qmatmul.pack(w, self.bias)
