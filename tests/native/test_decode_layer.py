@@ -49,8 +49,8 @@ def lib(request):
 @pytest.mark.parametrize("variant", ["qknorm_silu", "plain_gelu_window"])
 def test_layer_matches_float64(lib, cache_dtype, variant) -> None:
     gen = torch.Generator().manual_seed(11)
-    head_norms, activation, window = variant == "qknorm_silu", variant.split("_")[1], (4 if "window" in variant else None)
-    activation = "silu" if activation == "silu" else "gelu_pytorch_tanh"
+    head_norms, window = variant == "qknorm_silu", (4 if "window" in variant else None)
+    activation = "silu" if "silu" in variant else "gelu_pytorch_tanh"
     weights = {"qkv": random_weight(4, (HEADS + 2 * KV_HEADS) * D, H, 32, True, gen),
                "o": random_weight(8, H, HEADS * D, 32, False, gen),
                "gate_up": random_weight(4, 2 * INTER, H, 32, True, gen),

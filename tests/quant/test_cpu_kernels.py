@@ -12,6 +12,7 @@ from trident.quant.cpu_kernels import INT4_MAX_ROWS
 from trident.quant.linear import QuantizedLinear
 from trident.quant.rtn import QuantConfig, QuantizedWeight, dequantize, pack_int4, quantize
 
+
 @pytest.fixture(autouse=True)
 def torch_kernels_only(monkeypatch):
     """These tests are about torch's kernels: trident's native one (tests/native) would take their products."""

@@ -69,7 +69,7 @@ def _build(name: str, march: str) -> tuple[ctypes.CDLL | None, str | None]:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as e:
         return None, f"{compiler} --version failed: {e}"
-    texts = [source.read_text() for source in sources]
+    texts = [path.read_text() for path in (*sources, *sorted(SOURCE_DIR.glob("*.h")))]  # the headers too
     flags = (*FLAGS, f"-march={march}")
     key = hashlib.sha256("\0".join((*texts, " ".join(flags), version, _cpu_signature())).encode())
     library = cache_dir() / f"{name}-{march}-{key.hexdigest()[:16]}.so"

@@ -16,6 +16,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "tq_bf16.h"
+
 int tq_matmul(const void *x, int x_bf16, int rows, int k, int bits, const uint8_t *codes, const uint16_t *scales,
               const uint16_t *offsets, int group_size, int n, const float *bias, void *y, int y_bf16, int n_out,
               void *workspace);
@@ -48,21 +50,6 @@ typedef struct {
     void *workspace;
 } tq_step;
 
-static inline float bf16_value(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline uint16_t bf16_bits(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
-
 #define TQ_LANES 16 /* partial sums per reduction: independent lanes the compiler can keep in one vector */
 
 /* Dot products of float32 q with a float32 or bfloat16 row (n a multiple of TQ_LANES, else a scalar tail). */
@@ -81,10 +68,10 @@ static inline float dot_bf16(const float *q, const uint16_t *k, int n) {
     float acc[TQ_LANES] = {0};
     int i = 0;
     for (; i + TQ_LANES <= n; i += TQ_LANES)
-        for (int j = 0; j < TQ_LANES; j++) acc[j] += q[i + j] * bf16_value(k[i + j]);
+        for (int j = 0; j < TQ_LANES; j++) acc[j] += q[i + j] * bf16_to_float(k[i + j]);
     float total = 0.0f;
     for (int j = 0; j < TQ_LANES; j++) total += acc[j];
-    for (; i < n; i++) total += q[i] * bf16_value(k[i]);
+    for (; i < n; i++) total += q[i] * bf16_to_float(k[i]);
     return total;
 }
 
@@ -170,7 +157,7 @@ int tq_decode_layer(const tq_layer *L, const tq_step *S) {
             const long at = ((long)h * L->slots + slot) * D;
             if (L->cache_bf16) {
                 uint16_t *kc = (uint16_t *)L->key_cache + at, *vc = (uint16_t *)L->value_cache + at;
-                for (int i = 0; i < D; i++) kc[i] = bf16_bits(k[i]), vc[i] = bf16_bits(v[i]);
+                for (int i = 0; i < D; i++) kc[i] = float_to_bf16(k[i]), vc[i] = float_to_bf16(v[i]);
             } else {
                 memcpy((float *)L->key_cache + at, k, sizeof(float) * D);
                 memcpy((float *)L->value_cache + at, v, sizeof(float) * D);
@@ -202,7 +189,7 @@ int tq_decode_layer(const tq_layer *L, const tq_step *S) {
                 const float p = s[t] / total;
                 if (L->cache_bf16) {
                     const uint16_t *v = (const uint16_t *)L->value_cache + at;
-                    for (int i = 0; i < D; i++) out[i] += p * bf16_value(v[i]);
+                    for (int i = 0; i < D; i++) out[i] += p * bf16_to_float(v[i]);
                 } else {
                     const float *v = (const float *)L->value_cache + at;
                     for (int i = 0; i < D; i++) out[i] += p * v[i];

@@ -29,6 +29,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "tq_bf16.h"
+
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && !defined(TQ_NO_ZMM)
@@ -41,21 +43,6 @@
 #define TQ_BLOCK 32
 #define TQ_PAIR 64
 #define TQ_ROWS_PER_TASK 16
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* NaN stays NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);                                              /* to nearest even */
-    return (uint16_t)(bits >> 16);
-}
 
 static inline float half_to_float(uint16_t h) {
 #if defined(__F16C__)
