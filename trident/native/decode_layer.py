@@ -140,7 +140,8 @@ class NativeStep:
         for i, t in enumerate(block_tables):
             tables[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
         pos = torch.tensor(positions, dtype=torch.int32)
-        if residual.dtype != torch.float32 or not residual.is_contiguous() or residual.shape != (rows, self.hidden_size):
+        shape = (rows, self.hidden_size)
+        if residual.dtype != torch.float32 or not residual.is_contiguous() or residual.shape != shape:
             raise ValueError(f"residual must be contiguous float32 [{rows}, {self.hidden_size}], got "
                              f"{residual.dtype} {tuple(residual.shape)}")
         step = _Step(rows, width, block_size, self._capacity[1], pos.data_ptr(), tables.data_ptr(),
