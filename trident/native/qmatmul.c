@@ -43,6 +43,7 @@
 #define TQ_BLOCK 32
 #define TQ_PAIR 64
 #define TQ_ROWS_PER_TASK 16
+#define TQ_MROWS 4 /* activation rows that share one unpacking of the weights (batched decode, AVX-512 path) */
 
 static inline float half_to_float(uint16_t h) {
 #if defined(__F16C__)
@@ -167,6 +168,52 @@ static void rows_dot(int bits, const uint8_t *codes, size_t row_bytes, const uin
         }
     }
     for (int i = 0; i < TQ_ROWS; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
+}
+
+/* rows_dot for TQ_MROWS activation rows at once (row mm at xq + mm * x_stride, its units at d + mm * d_stride):
+ * each weight block is unpacked once for all of them. out[mm][i]. */
+static void rows_dot_m(int bits, const uint8_t *codes, size_t row_bytes, const uint16_t *scales, int pairs, int kp,
+                       const int8_t *xq, size_t x_stride, const float *d, size_t d_stride,
+                       float out[TQ_MROWS][TQ_ROWS]) {
+    __m512 acc[TQ_MROWS][TQ_ROWS];
+    for (int mm = 0; mm < TQ_MROWS; mm++)
+        for (int i = 0; i < TQ_ROWS; i++) acc[mm][i] = _mm512_setzero_ps();
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    const __m512i flip = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
+    for (int p = 0; p < pairs; p++) {
+        __m512i w[TQ_ROWS];
+        __m512 sv[TQ_ROWS];
+        for (int i = 0; i < TQ_ROWS; i++) {
+            const uint8_t *c = codes + i * row_bytes;
+            if (bits == 4) {
+                __m256i b = _mm256_loadu_si256((const __m256i *)(c + (size_t)p * (TQ_PAIR / 2)));
+                w[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, low4)),
+                                          _mm256_and_si256(_mm256_srli_epi16(b, 4), low4), 1);
+            } else {
+                w[i] = _mm512_xor_si512(_mm512_loadu_si512(c + (size_t)p * TQ_PAIR), flip);
+            }
+            int32_t sp;
+            memcpy(&sp, scales + i * (size_t)(2 * pairs) + 2 * p, 4);
+            sv[i] = _mm512_cvtph_ps(_mm256_set1_epi32(sp));
+        }
+        for (int mm = 0; mm < TQ_MROWS; mm++) {
+            const int8_t *xp = xq + mm * x_stride + (size_t)p * TQ_PAIR;
+            const __m512i x1 = _mm512_loadu_si512(xp), x2 = _mm512_loadu_si512(xp + kp);
+            double dd;
+            memcpy(&dd, d + mm * d_stride + 2 * p, 8);
+            const __m512 dv = _mm512_castpd_ps(_mm512_set1_pd(dd));
+            const __m512i bias = bits == 8 ? _mm512_dpbusd_epi32(_mm512_slli_epi32(_mm512_dpbusd_epi32(zero, flip, x1), 8),
+                                                                 flip, x2)
+                                           : zero;
+            for (int i = 0; i < TQ_ROWS; i++) {
+                __m512i dot = _mm512_dpbusd_epi32(_mm512_slli_epi32(_mm512_dpbusd_epi32(zero, w[i], x1), 8), w[i], x2);
+                dot = _mm512_sub_epi32(dot, bias);
+                acc[mm][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sv[i], dv), acc[mm][i]);
+            }
+        }
+    }
+    for (int mm = 0; mm < TQ_MROWS; mm++)
+        for (int i = 0; i < TQ_ROWS; i++) out[mm][i] = _mm512_reduce_add_ps(acc[mm][i]);
 }
 #elif defined(TQ_YMM)
 /* Sum of products of 32 unsigned bytes u and 32 signed bytes s into 8 int32 lanes of acc. */
@@ -304,18 +351,30 @@ int tq_matmul(const void *x, int x_bf16, int rows, int k, int bits, const uint8_
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < tasks; t++) {
         const int end = (t + 1) * TQ_ROWS_PER_TASK < n ? (t + 1) * TQ_ROWS_PER_TASK : n;
-        for (int m = 0; m < rows; m++) {
-            const int8_t *xm = xq + (size_t)m * 2 * kp;
-            const float *dm = d + (size_t)m * 2 * pairs, *xs = xsum + (size_t)m * groups;
-            for (int r = t * TQ_ROWS_PER_TASK; r < end; r += TQ_ROWS) {
-                float v[TQ_ROWS];
-                if (r + TQ_PREFETCH_ROWS < n) prefetch_rows(bits, codes, scales, row_bytes, pairs, r + TQ_PREFETCH_ROWS);
-                rows_dot(bits, codes + (size_t)r * row_bytes, row_bytes, scales + (size_t)r * 2 * pairs, pairs, kp, xm,
-                         dm, v);
-                for (int i = 0; i < TQ_ROWS && r + i < n_out; i++) {
-                    if (offsets) v[i] += offset_term(offsets + (size_t)(r + i) * groups, xs, groups);
-                    if (bias) v[i] += bias[r + i];
-                    store(y, y_bf16, (size_t)m * n_out + r + i, v[i]);
+        for (int r = t * TQ_ROWS_PER_TASK; r < end; r += TQ_ROWS) {
+            if (r + TQ_PREFETCH_ROWS < n) prefetch_rows(bits, codes, scales, row_bytes, pairs, r + TQ_PREFETCH_ROWS);
+            const uint8_t *wr = codes + (size_t)r * row_bytes;
+            const uint16_t *sr = scales + (size_t)r * 2 * pairs;
+            float v[TQ_MROWS][TQ_ROWS];
+            for (int m = 0; m < rows;) {
+                int count = 1;
+#if defined(TQ_ZMM)
+                if (m + TQ_MROWS <= rows) { /* batched decode: the weights unpacked once for TQ_MROWS rows */
+                    rows_dot_m(bits, wr, row_bytes, sr, pairs, kp, xq + (size_t)m * 2 * kp, (size_t)2 * kp,
+                               d + (size_t)m * 2 * pairs, (size_t)2 * pairs, v);
+                    count = TQ_MROWS;
+                } else
+#endif
+                    rows_dot(bits, wr, row_bytes, sr, pairs, kp, xq + (size_t)m * 2 * kp, d + (size_t)m * 2 * pairs,
+                             v[0]);
+                for (int mm = 0; mm < count; mm++, m++) {
+                    const float *xs = xsum + (size_t)m * groups;
+                    for (int i = 0; i < TQ_ROWS && r + i < n_out; i++) {
+                        float value = v[mm][i];
+                        if (offsets) value += offset_term(offsets + (size_t)(r + i) * groups, xs, groups);
+                        if (bias) value += bias[r + i];
+                        store(y, y_bf16, (size_t)m * n_out + r + i, value);
+                    }
                 }
             }
         }
