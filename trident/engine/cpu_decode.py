@@ -120,7 +120,7 @@ def _native_layers(model: LlamaForCausalLM, kv_caches: Sequence[LayerKVCache],
         projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         if not all(isinstance(p, QuantizedLinear) for p in projections):
             return None
-        packed = [p._native(dtype, 1) for p in projections]
+        packed = [p.native_weight(dtype, 1) for p in projections]
         if any(p is None for p in packed) or mlp.act not in NATIVE_ACTIVATIONS:
             return None
         q_norm = k_norm = None

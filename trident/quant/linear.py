@@ -92,7 +92,7 @@ class QuantizedLinear(nn.Module):
             return affine_linear(x, self.affine_weight(), self.bias)
         if x.device.type == "cpu":
             rows = x.reshape(-1, self.in_features)
-            native = self._native(rows.dtype, rows.shape[0])
+            native = self.native_weight(rows.dtype, rows.shape[0])
             if native is not None:
                 return native.matmul(rows).view(*x.shape[:-1], self.out_features)
             y = self._cpu_kernel(rows) if cpu_kernels.kernel_dtype_ok(x) else None
@@ -101,7 +101,7 @@ class QuantizedLinear(nn.Module):
                 return y if self.bias is None else y + self.bias
         return linear(x, self.dequantized_weight(x.dtype), self.bias)
 
-    def _native(self, dtype: torch.dtype, rows: int) -> native_qmatmul.NativeQWeight | None:
+    def native_weight(self, dtype: torch.dtype, rows: int) -> native_qmatmul.NativeQWeight | None:
         """The weight packed for trident's own integer dot-product CPU kernel (trident/native/qmatmul.c, bias
         included), built on first use and kept (not saved: derived), when it takes this product: the kernel is
         built for this CPU, x is float32 or bfloat16 with at most its MAX_ROWS rows, the group size a multiple of
@@ -146,7 +146,7 @@ class QuantizedLinear(nn.Module):
         already made (for callers issuing many small steps); None where forward would take the reference path."""
         if self.qweight.device.type != "cpu":
             return None
-        native = self._native(dtype, 1)
+        native = self.native_weight(dtype, 1)
         if native is not None:
             return native.matmul
         if dtype != torch.bfloat16:
