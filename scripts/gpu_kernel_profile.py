@@ -1,6 +1,9 @@
 """Which kernels a decode step spends its GPU time in (eager steps under torch.profiler; a graph replays the same
-kernels back to back). Random weights. Run on the GPU machine:
-python scripts/gpu_kernel_profile.py [SHAPE:BATCH:CTX ...]"""
+kernels back to back). Random weights, bfloat16 or quantized (an optional fourth field: int8 / int4 / w8a8, as
+`trident bench --weights`). NO_PDL=1 launches without programmatic dependent launch, so that a kernel's time is
+its own and not also the wait for the one before it. Run on the GPU machine:
+python scripts/gpu_kernel_profile.py [SHAPE:BATCH:CTX[:WEIGHTS] ...]"""
+import os
 import sys
 from collections import defaultdict
 
@@ -13,11 +16,20 @@ from trident.engine.engine import LLMEngine
 from trident.engine.llm import engine_config
 from trident.engine.request import SamplingParams
 
-CASES = [(a, int(b), int(c)) for a, b, c in (arg.split(":") for arg in sys.argv[1:])] or [
-    ("qwen3-0.6b", 256, 600), ("qwen3-0.6b", 1, 600), ("llama3-8b", 1, 200)]
-for name, batch, ctx in CASES:
+if os.environ.get("NO_PDL") == "1":
+    import trident.kernels.pdl as pdl
+
+    pdl._capable = lambda index: False
+FIELDS = [a.split(":") for a in sys.argv[1:]]
+CASES = [(f[0], int(f[1]), int(f[2]), f[3] if len(f) > 3 else "float") for f in FIELDS] or [
+    ("qwen3-0.6b", 256, 600, "float"), ("qwen3-0.6b", 1, 600, "float"), ("llama3-8b", 1, 200, "float")]
+for name, batch, ctx, weights in CASES:
     shape = resolve_shape(name)
     ck = random_checkpoint(shape, device="cuda", dtype=torch.bfloat16)
+    if weights != "float":
+        from trident.bench.quantized_weights import bench_quant_config, quant_method_of, quantize_checkpoint
+
+        ck = quantize_checkpoint(ck, bench_quant_config(weights, None), quant_method_of(weights))
     eng = LLMEngine(engine_config("", device="cuda", dtype="bfloat16", max_num_seqs=batch, enforce_eager=True,
                                   max_num_batched_tokens=16384, max_model_len=4096,
                                   memory_budget_bytes=16 << 30), ck)
@@ -40,7 +52,7 @@ for name, batch, ctx in CASES:
             k[1] += 1
     total = sum(v[0] for v in per_kernel.values()) / n
     launches = sum(v[1] for v in per_kernel.values()) / n
-    print(f"\n{name} batch {batch} ctx ~{ctx}: {total / 1000:.3f} ms GPU per step in {launches:.0f} kernels")
+    print(f"\n{name} {weights} batch {batch} ctx ~{ctx}: {total / 1000:.3f} ms GPU per step in {launches:.0f} kernels")
     for k, (us, count) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:24]:
         print(f"  {us / n:9.1f} us  {count / n:5.0f}x  {us / count:7.2f} us each  {k}")
     del eng, ck
