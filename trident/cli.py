@@ -202,7 +202,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         prompt_ids = tok.encode(args.prompt)
         sys.stdout.write(args.prompt)
-    print(f"[loaded in {engine.load_seconds:.2f} s; {engine.kv_cache_summary()}]", file=sys.stderr)
+    print(f"[loaded in {engine.load_seconds:.2f} s; {engine.kv_cache_summary()}; {engine.decode_summary()}]",
+          file=sys.stderr)
     _, stats = _stream(engine, prompt_ids, params)
     print()
     print(_stats_line(stats), file=sys.stderr)
@@ -213,8 +214,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     engine, params, tok = _text_engine(args, "chat")
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages: list[dict] = []
-    print(f"[loaded in {engine.load_seconds:.2f} s; {engine.kv_cache_summary()}] type a message; /reset clears "
-          "the conversation, /exit or Ctrl-D quits", file=sys.stderr)
+    print(f"[loaded in {engine.load_seconds:.2f} s; {engine.kv_cache_summary()}; {engine.decode_summary()}] type a "
+          "message; /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
     while True:
         try:
             line = input("> ")

@@ -20,6 +20,12 @@ def test_generate_streams_answer_and_speed() -> None:
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     assert "tok/s" in r.stderr and "loaded in" in r.stderr
+    # how decode steps run, as the engine built them: the default GGUF on the CPU takes the native C layers where
+    # they build (trident/native), else the lean torch step
+    from trident.native.qmatmul import available, isa
+
+    expected = f"decode: one C call per layer ({isa()})" if available() else "decode: lean torch step"
+    assert expected in r.stderr
 
 
 def test_chat_session_keeps_history() -> None:

@@ -78,3 +78,13 @@ def test_rejects_what_it_cannot_take() -> None:
         packed.matmul(torch.zeros(nq.MAX_ROWS + 1, 64))
     with pytest.raises(ValueError, match="float32/bfloat16"):
         packed.matmul(torch.zeros(1, 64, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_c_packer_equals_the_torch_layout(lib, bits) -> None:
+    """tq_pack (each build) lays the codes out exactly as pack_codes_torch, K off and on the 64-element pairs."""
+    gen = torch.Generator().manual_seed(bits)
+    for n, k in ((5, 32), (8, 64), (13, 96), (4, 576)):
+        w = random_weight(bits, n, k, 32, True, gen)
+        rows = -(-n // nq.ROWS) * nq.ROWS
+        assert torch.equal(nq.pack(w, lib=lib).codes, nq.pack_codes_torch(w, rows)), (n, k)

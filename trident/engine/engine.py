@@ -341,6 +341,20 @@ class LLMEngine:
         return (f"KV cache {self.kv_format.name}: {self.num_blocks} blocks of {self.config.cache.block_size} "
                 f"tokens, {self.kv_block_bytes / 1024:.1f} KiB per block, {total / 2**20:.1f} MiB")
 
+    def decode_summary(self) -> str:
+        """How decode steps run, in a few words (start-up logs)."""
+        runner = self.runner
+        if self.device.type == "cuda":
+            return "decode: CUDA graphs" if runner.graphs is not None else "decode: eager"
+        decoder = runner.cpu_decoder
+        if decoder is None:
+            return "decode: general forward"
+        if decoder.native_layers is not None:
+            from trident.native import qmatmul
+
+            return f"decode: one C call per layer ({qmatmul.isa()})"
+        return "decode: lean torch step"
+
     def memory_usage(self) -> MemoryUsage:
         """Bytes this engine holds: its weights (each storage counted once) and its KV cache."""
         storages = {}

@@ -382,6 +382,39 @@ int tq_matmul(const void *x, int x_bf16, int rows, int k, int bits, const uint8_
     return 0;
 }
 
+/* Put stored codes [n, k] (int4: two per byte along K, element 2j in the low nibble, as trident/quant/rtn.py packs
+ * them; int8: one byte each) into the layout described at the top: out [n_padded, tq_row_bytes(bits, k)], rows
+ * from n on and positions from k on zero. */
+void tq_pack(int bits, const uint8_t *codes, int n, int k, int n_padded, uint8_t *out) {
+    const int pairs = (k + TQ_PAIR - 1) / TQ_PAIR;
+    const size_t in_row = bits == 4 ? (size_t)k / 2 : (size_t)k, out_row = (size_t)tq_row_bytes(bits, k);
+    int element[TQ_PAIR]; /* the element of a pair each lane-order position holds */
+    for (int pos = 0; pos < TQ_PAIR; pos++) element[pos] = ((pos / 4) % 2) * TQ_BLOCK + (pos / 8) * 4 + pos % 4;
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < n_padded; r++) {
+        uint8_t *o = out + (size_t)r * out_row;
+        if (r >= n) {
+            memset(o, 0, out_row);
+            continue;
+        }
+        const uint8_t *in = codes + (size_t)r * in_row;
+        for (int p = 0; p < pairs; p++) {
+            const int base = p * TQ_PAIR;
+            for (int pos = 0; pos < (bits == 4 ? TQ_PAIR / 2 : TQ_PAIR); pos++) {
+                if (bits == 4) { /* byte pos: positions pos (low nibble) and pos + 32 (high) */
+                    const int lo = base + element[pos], hi = base + element[pos + TQ_PAIR / 2];
+                    const uint8_t a = lo < k ? (in[lo / 2] >> (4 * (lo & 1))) & 15 : 0;
+                    const uint8_t b = hi < k ? (in[hi / 2] >> (4 * (hi & 1))) & 15 : 0;
+                    o[(size_t)p * (TQ_PAIR / 2) + pos] = (uint8_t)(a | (b << 4));
+                } else {
+                    const int e = base + element[pos];
+                    o[(size_t)p * TQ_PAIR + pos] = e < k ? in[e] : 0;
+                }
+            }
+        }
+    }
+}
+
 /* Which integer dot product this build uses: 3 AVX-512 VNNI, 2 AVX-VNNI (256-bit), 1 AVX2, 0 plain C. */
 int tq_isa(void) {
 #if defined(TQ_ZMM)

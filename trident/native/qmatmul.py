@@ -41,6 +41,8 @@ def library(march: str = NATIVE) -> ctypes.CDLL | None:
         lib.tq_workspace_bytes.argtypes = [i, i, i]
         lib.tq_workspace_bytes.restype = ctypes.c_long
         lib.tq_isa.restype = i
+        lib.tq_pack.argtypes = [i, p, i, i, i, p]
+        lib.tq_pack.restype = None
         lib._typed = True
     return lib
 
@@ -123,27 +125,40 @@ def lane_order() -> torch.Tensor:
     return ((p // 4) % 2) * BLOCK + (p // 8) * 4 + p % 4
 
 
-def pack(w: AffineWeight, bias: torch.Tensor | None = None) -> NativeQWeight:
-    """``w`` (on the CPU) in the kernel's layout; :func:`supports` must hold."""
+def pack(w: AffineWeight, bias: torch.Tensor | None = None, lib: ctypes.CDLL | None = None) -> NativeQWeight:
+    """``w`` (on the CPU) in the kernel's layout; :func:`supports` must hold. The codes are laid out by the
+    library's tq_pack (``lib``, this CPU's build by default), or by :func:`pack_codes_torch` without one."""
     if not supports(w):
         raise ValueError(f"the native kernel needs K and the group size to be multiples of {BLOCK}, got K = "
                          f"{w.in_features}, group {w.group_size}")
     n, k = w.out_features, w.in_features
     pairs = -(-k // PAIR)
     rows = -(-n // ROWS) * ROWS
-    q = unpack_int4(w.codes).to(torch.uint8) if w.bits == 4 else w.codes.view(torch.uint8)
-    padded = torch.zeros(rows, pairs * PAIR, dtype=torch.uint8)
-    padded[:n, :k] = q
-    lanes = padded.view(rows, pairs, PAIR)[:, :, lane_order()]
-    if w.bits == 4:
-        codes = (lanes[:, :, :PAIR // 2] | (lanes[:, :, PAIR // 2:] << 4)).reshape(rows, pairs * PAIR // 2)
+    lib = lib or library()
+    if lib is None:
+        codes = pack_codes_torch(w, rows)
     else:
-        codes = lanes.reshape(rows, pairs * PAIR)
+        codes = torch.empty(rows, pairs * PAIR // (2 if w.bits == 4 else 1), dtype=torch.uint8)
+        stored = w.codes.contiguous()
+        lib.tq_pack(w.bits, stored.data_ptr(), n, k, rows, codes.data_ptr())
     scales = torch.zeros(rows, 2 * pairs, dtype=torch.float16)
     scales[:n, :k // BLOCK] = w.scales.repeat_interleave(w.group_size // BLOCK, dim=1).half()
     offsets = None
     if w.offsets is not None:
         offsets = torch.zeros(rows, w.scales.shape[1], dtype=torch.float16)
         offsets[:n] = w.offsets.half()
-    return NativeQWeight(w.bits, codes.contiguous(), scales, offsets, w.group_size, n, k,
+    return NativeQWeight(w.bits, codes, scales, offsets, w.group_size, n, k,
                          None if bias is None else bias.float().contiguous())
+
+
+def pack_codes_torch(w: AffineWeight, rows: int) -> torch.Tensor:
+    """The codes of ``w`` in the kernel's layout, N padded to ``rows``, in torch (the reference for tq_pack)."""
+    n, k = w.out_features, w.in_features
+    pairs = -(-k // PAIR)
+    q = unpack_int4(w.codes).to(torch.uint8) if w.bits == 4 else w.codes.view(torch.uint8)
+    padded = torch.zeros(rows, pairs * PAIR, dtype=torch.uint8)
+    padded[:n, :k] = q
+    lanes = padded.view(rows, pairs, PAIR)[:, :, lane_order()]
+    if w.bits == 4:
+        return (lanes[:, :, :PAIR // 2] | (lanes[:, :, PAIR // 2:] << 4)).reshape(rows, pairs * PAIR // 2).contiguous()
+    return lanes.reshape(rows, pairs * PAIR).contiguous()

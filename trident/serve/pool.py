@@ -289,8 +289,8 @@ class ModelPool:
         entry.max_model_len = engine.max_model_len
         entry.last_used = time.monotonic()
         self.metrics.model_loaded(name, entry.memory_bytes, load_seconds)
-        logger.info("loaded %s in %.2f s (%s; %s)", name, load_seconds, _gib(entry.memory_bytes),
-                    engine.engine.kv_cache_summary())
+        logger.info("loaded %s in %.2f s (%s; %s; %s)", name, load_seconds, _gib(entry.memory_bytes),
+                    engine.engine.kv_cache_summary(), engine.engine.decode_summary())
 
     def _detach(self, entry: _Entry) -> None:
         device = entry.engine.engine.device if entry.engine is not None else None
