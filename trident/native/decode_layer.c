@@ -20,7 +20,7 @@
 
 int tq_matmul(const void *x, int x_bf16, int rows, int k, int bits, const uint8_t *codes, const uint16_t *scales,
               const uint16_t *offsets, int group_size, int n, const float *bias, void *y, int y_bf16, int n_out,
-              void *workspace);
+              void *workspace, int threads);
 long tq_workspace_bytes(int rows, int k, int group_size);
 
 typedef struct {
@@ -43,7 +43,7 @@ typedef struct {
 } tq_layer;
 
 typedef struct {
-    int rows, max_blocks, block_size, max_context;
+    int rows, max_blocks, block_size, max_context, threads; /* threads: OpenMP threads (as tq_matmul's) */
     const int32_t *positions;    /* [rows]: the new token's position (its context is position + 1 tokens) */
     const int32_t *block_tables; /* [rows, max_blocks] */
     float *residual;             /* [rows, hidden], read and updated */
@@ -99,9 +99,9 @@ static inline float activation(int kind, float g) {
 
 static long matmul_workspace(const tq_weight *w, int rows) { return tq_workspace_bytes(rows, w->k, w->group_size); }
 
-static int project(const tq_weight *w, const float *x, int rows, float *y, void *workspace) {
+static int project(const tq_weight *w, const float *x, int rows, float *y, void *workspace, int threads) {
     return tq_matmul(x, 0, rows, w->k, w->bits, w->codes, w->scales, w->offsets, w->group_size, w->n, w->bias, y, 0,
-                     w->n_out, workspace);
+                     w->n_out, workspace, threads);
 }
 
 static inline long round64(long bytes) { return (bytes + 63) & ~63L; }
@@ -140,7 +140,7 @@ int tq_decode_layer(const tq_layer *L, const tq_step *S) {
 
     /* attention */
     for (int m = 0; m < rows; m++) rms_norm(S->residual + (long)m * H, L->input_norm, H, L->eps, L->unit_offset, x + (long)m * H);
-    if (project(&L->qkv, x, rows, qkv, mm)) return -1;
+    if (project(&L->qkv, x, rows, qkv, mm, S->threads)) return -1;
     for (int m = 0; m < rows; m++) {
         float *row = qkv + (long)m * qkv_width;
         const int pos = S->positions[m];
@@ -164,7 +164,7 @@ int tq_decode_layer(const tq_layer *L, const tq_step *S) {
             }
         }
     }
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) num_threads(S->threads > 0 ? S->threads : 1)
     for (int m = 0; m < rows; m++) {
         for (int h = 0; h < heads; h++) {
             const int pos = S->positions[m], context = pos + 1;
@@ -197,16 +197,16 @@ int tq_decode_layer(const tq_layer *L, const tq_step *S) {
             }
         }
     }
-    if (project(&L->o, att, rows, tmp, mm)) return -1;
+    if (project(&L->o, att, rows, tmp, mm, S->threads)) return -1;
     for (long i = 0; i < (long)rows * H; i++) S->residual[i] += tmp[i];
 
     /* MLP */
     for (int m = 0; m < rows; m++) rms_norm(S->residual + (long)m * H, L->post_norm, H, L->eps, L->unit_offset, x + (long)m * H);
-    if (project(&L->gate_up, x, rows, gu, mm)) return -1;
+    if (project(&L->gate_up, x, rows, gu, mm, S->threads)) return -1;
     const int I = L->inter;
     for (int m = 0; m < rows; m++)
         for (int i = 0; i < I; i++) x[(long)m * I + i] = activation(L->activation, gu[(long)m * 2 * I + i]) * gu[(long)m * 2 * I + I + i];
-    if (project(&L->down, x, rows, tmp, mm)) return -1;
+    if (project(&L->down, x, rows, tmp, mm, S->threads)) return -1;
     for (long i = 0; i < (long)rows * H; i++) S->residual[i] += tmp[i];
     return 0;
 }

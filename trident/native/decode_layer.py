@@ -37,7 +37,7 @@ class _Layer(ctypes.Structure):
 
 
 class _Step(ctypes.Structure):
-    _fields_ = [("rows", _I), ("max_blocks", _I), ("block_size", _I), ("max_context", _I),
+    _fields_ = [("rows", _I), ("max_blocks", _I), ("block_size", _I), ("max_context", _I), ("threads", _I),
                 ("positions", _P), ("block_tables", _P), ("residual", _P), ("workspace", _P)]
 
 
@@ -144,8 +144,8 @@ class NativeStep:
         if residual.dtype != torch.float32 or not residual.is_contiguous() or residual.shape != shape:
             raise ValueError(f"residual must be contiguous float32 [{rows}, {self.hidden_size}], got "
                              f"{residual.dtype} {tuple(residual.shape)}")
-        step = _Step(rows, width, block_size, self._capacity[1], pos.data_ptr(), tables.data_ptr(),
-                     residual.data_ptr(), self._workspace.data_ptr())
+        step = _Step(rows, width, block_size, self._capacity[1], torch.get_num_threads(), pos.data_ptr(),
+                     tables.data_ptr(), residual.data_ptr(), self._workspace.data_ptr())
         for index, layer in enumerate(layers):
             if lib.tq_decode_layer(ctypes.byref(layer.struct), ctypes.byref(step)) != 0:
                 raise RuntimeError(f"tq_decode_layer refused layer {index} (rows {rows}, positions {positions})")

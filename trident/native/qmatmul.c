@@ -23,7 +23,7 @@
  *   offsets: float16 per group [n, groups] or none. float16 is GGUF's own precision for Q4_0 / Q4_1 / Q8_0.
  *
  * Threads: OpenMP over tasks of output rows, in the process's one OpenMP runtime (torch's libgomp, already loaded,
- * satisfies this library's libgomp.so.1), so torch.set_num_threads governs both. */
+ * satisfies this library's libgomp.so.1), as many as the caller passes (torch.get_num_threads()). */
 
 #include <math.h>
 #include <stdint.h>
@@ -38,6 +38,13 @@
 #else
 #define TQ_YMM 1
 #endif
+#endif
+
+#ifdef _OPENMP
+#include <omp.h>
+static inline int omp_default_threads(void) { return omp_get_max_threads(); }
+#else
+static inline int omp_default_threads(void) { return 1; }
 #endif
 
 #define TQ_BLOCK 32
@@ -333,11 +340,12 @@ long tq_workspace_bytes(int rows, int k, int group_size) {
 }
 
 /* y [rows, n] = x [rows, k] W^T (+ bias [n], float32), W [n, k] as described at the top, n a multiple of TQ_ROWS
- * (the packer pads). workspace: tq_workspace_bytes(rows, k, group_size) bytes. Returns 0, or -1 for shapes it
- * does not take. */
+ * (the packer pads). workspace: tq_workspace_bytes(rows, k, group_size) bytes. threads: OpenMP threads (the caller's
+ * torch.get_num_threads(): a thread other than the one that set it, such as a server's engine loop, would otherwise
+ * use OpenMP's default). Returns 0, or -1 for shapes it does not take. */
 int tq_matmul(const void *x, int x_bf16, int rows, int k, int bits, const uint8_t *codes, const uint16_t *scales,
               const uint16_t *offsets, int group_size, int n, const float *bias, void *y, int y_bf16, int n_out,
-              void *workspace) {
+              void *workspace, int threads) {
     if (k % TQ_BLOCK || group_size % TQ_BLOCK || k % group_size || (bits != 4 && bits != 8) || rows < 1 ||
         n % TQ_ROWS || n_out > n)
         return -1;
@@ -348,7 +356,7 @@ int tq_matmul(const void *x, int x_bf16, int rows, int k, int bits, const uint8_
     quantize_rows(x, x_bf16, rows, k, kp, group_size, xq, d, offsets ? xsum : NULL);
     const size_t row_bytes = (size_t)tq_row_bytes(bits, k);
     const int tasks = (n + TQ_ROWS_PER_TASK - 1) / TQ_ROWS_PER_TASK;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : omp_default_threads())
     for (int t = 0; t < tasks; t++) {
         const int end = (t + 1) * TQ_ROWS_PER_TASK < n ? (t + 1) * TQ_ROWS_PER_TASK : n;
         for (int r = t * TQ_ROWS_PER_TASK; r < end; r += TQ_ROWS) {
@@ -385,12 +393,12 @@ int tq_matmul(const void *x, int x_bf16, int rows, int k, int bits, const uint8_
 /* Put stored codes [n, k] (int4: two per byte along K, element 2j in the low nibble, as trident/quant/rtn.py packs
  * them; int8: one byte each) into the layout described at the top: out [n_padded, tq_row_bytes(bits, k)], rows
  * from n on and positions from k on zero. */
-void tq_pack(int bits, const uint8_t *codes, int n, int k, int n_padded, uint8_t *out) {
+void tq_pack(int bits, const uint8_t *codes, int n, int k, int n_padded, uint8_t *out, int threads) {
     const int pairs = (k + TQ_PAIR - 1) / TQ_PAIR;
     const size_t in_row = bits == 4 ? (size_t)k / 2 : (size_t)k, out_row = (size_t)tq_row_bytes(bits, k);
     int element[TQ_PAIR]; /* the element of a pair each lane-order position holds */
     for (int pos = 0; pos < TQ_PAIR; pos++) element[pos] = ((pos / 4) % 2) * TQ_BLOCK + (pos / 8) * 4 + pos % 4;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : omp_default_threads())
     for (int r = 0; r < n_padded; r++) {
         uint8_t *o = out + (size_t)r * out_row;
         if (r >= n) {

@@ -36,12 +36,12 @@ def library(march: str = NATIVE) -> ctypes.CDLL | None:
     lib = load(LIBRARY, march)
     if lib is not None and not getattr(lib, "_typed", False):
         p, i = ctypes.c_void_p, ctypes.c_int
-        lib.tq_matmul.argtypes = [p, i, i, i, i, p, p, p, i, i, p, p, i, i, p]
+        lib.tq_matmul.argtypes = [p, i, i, i, i, p, p, p, i, i, p, p, i, i, p, i]
         lib.tq_matmul.restype = i
         lib.tq_workspace_bytes.argtypes = [i, i, i]
         lib.tq_workspace_bytes.restype = ctypes.c_long
         lib.tq_isa.restype = i
-        lib.tq_pack.argtypes = [i, p, i, i, i, p]
+        lib.tq_pack.argtypes = [i, p, i, i, i, p, i]
         lib.tq_pack.restype = None
         lib._typed = True
     return lib
@@ -107,7 +107,7 @@ class NativeQWeight:
             x.data_ptr(), bf16, rows, self.in_features, self.bits, self.codes.data_ptr(), self.scales.data_ptr(),
             None if self.offsets is None else self.offsets.data_ptr(), self.group_size, self.codes.shape[0],
             None if self.bias is None else self.bias.data_ptr(), y.data_ptr(), bf16, self.out_features,
-            workspace.data_ptr())
+            workspace.data_ptr(), torch.get_num_threads())
         if status != 0:
             raise RuntimeError(f"tq_matmul refused [{rows}, {self.in_features}] x int{self.bits} group "
                                f"{self.group_size}")
@@ -140,7 +140,7 @@ def pack(w: AffineWeight, bias: torch.Tensor | None = None, lib: ctypes.CDLL | N
     else:
         codes = torch.empty(rows, pairs * PAIR // (2 if w.bits == 4 else 1), dtype=torch.uint8)
         stored = w.codes.contiguous()
-        lib.tq_pack(w.bits, stored.data_ptr(), n, k, rows, codes.data_ptr())
+        lib.tq_pack(w.bits, stored.data_ptr(), n, k, rows, codes.data_ptr(), torch.get_num_threads())
     scales = torch.zeros(rows, 2 * pairs, dtype=torch.float16)
     scales[:n, :k // BLOCK] = w.scales.repeat_interleave(w.group_size // BLOCK, dim=1).half()
     offsets = None
