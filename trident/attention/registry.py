@@ -9,6 +9,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from trident.errors import TridentError
+from trident.hardware import triton_available
 
 if TYPE_CHECKING:  # importing no torch here keeps config validation torch-free
     import torch
@@ -55,11 +56,3 @@ def create_backend(name: str, device: torch.device) -> AttentionBackend:
     """A new backend instance for ``name`` (auto, torch or triton) on ``device``."""
     module_name, class_name = ATTENTION_BACKENDS[resolve_backend_name(name, device)].split(":")
     return getattr(importlib.import_module(module_name), class_name)()
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -13,6 +13,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from trident.errors import TridentError
+from trident.hardware import triton_available
 
 if TYPE_CHECKING:
     import torch
@@ -62,11 +63,3 @@ def create_experts_backend(name: str) -> ExpertsBackend:
         raise TridentError(f"unknown experts backend {name!r}; supported: {', '.join(EXPERTS_BACKENDS)}")
     module_name, class_name = EXPERTS_BACKENDS[name].split(":")
     return getattr(importlib.import_module(module_name), class_name)()
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
