@@ -195,8 +195,7 @@ class CpuDecoder:
         every earlier position of each sequence) with their block tables; writes the new keys and values."""
         if self.native_layers is not None:
             residual = self.embed(token_ids).float().contiguous()
-            self.native_step.run(self.native_layers, residual, list(positions), [list(t) for t in block_tables],
-                                 self.block_size)
+            self.native_step.run(self.native_layers, residual, positions, block_tables, self.block_size)
             return F.rms_norm(residual, (residual.shape[-1],), self.final_norm.float(), self.eps).to(self.dtype)
         rows = len(positions)
         seqs = [self._sequence(p, t) for p, t in zip(positions, block_tables)]

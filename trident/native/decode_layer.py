@@ -10,6 +10,7 @@ The weights and caches stay owned by the model and the engine: the structs only 
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -123,8 +124,8 @@ class NativeStep:
     _workspace: torch.Tensor | None = field(default=None, repr=False)
     _capacity: tuple[int, int] = (0, 0)
 
-    def run(self, layers: list[NativeLayer], residual: torch.Tensor, positions: list[int],
-            block_tables: list[list[int]], block_size: int, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    def run(self, layers: list[NativeLayer], residual: torch.Tensor, positions: Sequence[int],
+            block_tables: Sequence[Sequence[int]], block_size: int, lib: ctypes.CDLL | None = None) -> torch.Tensor:
         """residual [rows, hidden] float32 (the embeddings) -> the residual stream after every layer (in place);
         writes each layer's new keys and values into its cache. ``lib``: this CPU's build by default."""
         lib = _typed_library(lib)
@@ -136,9 +137,7 @@ class NativeStep:
             size = lib.tq_layer_workspace_bytes(ctypes.byref(layers[0].struct), *need)
             self._workspace, self._capacity = torch.empty(size, dtype=torch.uint8), need
         width = max(len(t) for t in block_tables)
-        tables = torch.zeros(rows, width, dtype=torch.int32)
-        for i, t in enumerate(block_tables):
-            tables[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+        tables = torch.tensor([[*t, *(0,) * (width - len(t))] for t in block_tables], dtype=torch.int32)
         pos = torch.tensor(positions, dtype=torch.int32)
         shape = (rows, self.hidden_size)
         if residual.dtype != torch.float32 or not residual.is_contiguous() or residual.shape != shape:

@@ -141,9 +141,11 @@ class QuantizedLinear(nn.Module):
         return None
 
     def cpu_matmul(self, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """The packed-kernel product (bias included) for [rows, in_features] activations of ``dtype`` on the CPU,
-        up to ``cpu_kernels.*_MAX_ROWS`` rows, as one callable with every choice :meth:`forward` makes per call
-        already made (for callers issuing many small steps); None where forward would take the reference path."""
+        """The CPU kernel's product (bias included) for [rows, in_features] activations of ``dtype``: the native
+        one (:meth:`native_weight`, up to its MAX_ROWS rows) where it takes the weight, else torch's packed kernels
+        (bfloat16, up to ``cpu_kernels.*_MAX_ROWS`` rows), as one callable with every choice :meth:`forward` makes
+        per call already made (for callers issuing many small steps); None where forward would take the reference
+        path."""
         if self.qweight.device.type != "cpu":
             return None
         native = self.native_weight(dtype, 1)
