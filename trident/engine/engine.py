@@ -345,7 +345,16 @@ class LLMEngine:
         """How decode steps run, in a few words (start-up logs)."""
         runner = self.runner
         if self.device.type == "cuda":
-            return "decode: CUDA graphs" if runner.graphs is not None else "decode: eager"
+            summary = "decode: CUDA graphs" if runner.graphs is not None else "decode: eager"
+            from trident.quant.linear import QuantizedLinear
+
+            if any(isinstance(module, QuantizedLinear) for module in self.model.modules()):
+                from trident.native import gemv_cuda
+
+                why = gemv_cuda.why_unavailable()
+                summary += (", batch-1 quantized products: CUDA dp4a kernel" if why is None
+                            else f", batch-1 quantized products: Triton ({why.splitlines()[0][:80]})")
+            return summary
         decoder = runner.cpu_decoder
         if decoder is None:
             return "decode: general forward"

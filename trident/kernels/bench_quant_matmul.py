@@ -4,7 +4,8 @@
 the projections of Llama-3-8B (qkv 6144x4096, o 4096x4096, gate_up 28672x4096, down 4096x14336), each row count
 and format: cuBLAS (F.linear) and, up to 16 rows, trident's bf16 gemv on the same shape in bfloat16; the kernel
 with quant_matmul_config's tiles; and a sweep of tile variants (GEMV_VARIANTS up to 16 rows, GEMM_VARIANTS
-beyond). Calls are captured in a CUDA graph and timed by its replays (bench_gemv.graph_us), rotating over
+beyond); at one row also the CUDA integer kernel (trident/native/gemv_cuda.cu) where nvcc built it, which is what
+the models run then. Calls are captured in a CUDA graph and timed by its replays (bench_gemv.graph_us), rotating over
 weight copies of ROTATION_BYTES together so that each call reads its weight from memory. GB/s counts the
 weight bytes each call reads once (bf16: 2 bytes per weight; quantized: codes, scales and offsets); TFLOP/s
 2 M N K. Every output is checked against the reference (float32 dequantization and matmul) before it is timed;
@@ -35,6 +36,7 @@ from trident.kernels.bench_gemv import (
 from trident.kernels.bench_gemv import dash_cell as _cell
 from trident.kernels.gemv import gemv
 from trident.kernels.quant_matmul import QGEMV_MAX_ROWS, TileConfig, quant_matmul, quant_matmul_config
+from trident.native import gemv_cuda
 from trident.quant.affine import AffineWeight, affine_matmul_reference
 
 SHAPES = (("llama3-8b", "qkv", 6144, 4096), ("llama3-8b", "o", 4096, 4096), ("llama3-8b", "gate_up", 28672, 4096),
@@ -111,6 +113,9 @@ def bench_shape(model: str, projection: str, n: int, k: int, rows: tuple[int, ..
                    "ours_config": variant_name(config), **baselines}
             row["ours_us"] = _checked_us(time_us, lambda i, x=x, ws=weights: quant_matmul(x, ws[i]), len(weights),
                                          expected)
+            if gemv_cuda.takes(x, w0, None):  # one row: what affine_linear runs where nvcc built the CUDA kernel
+                row["cuda_us"] = _checked_us(time_us, lambda i, x=x, ws=weights: gemv_cuda.gemv(x, ws[i]),
+                                             len(weights), expected)
             variants = (GEMV_VARIANTS if m <= QGEMV_MAX_ROWS else GEMM_VARIANTS) if sweep else ()
             if m <= QGEMV_MAX_ROWS:
                 variants = tuple(v._replace(block_m=triton.next_power_of_2(m)) for v in variants)
@@ -122,7 +127,7 @@ def bench_shape(model: str, projection: str, n: int, k: int, rows: tuple[int, ..
             row["best_variant"] = min(timed, key=timed.get) if timed else None
             row["best_us"] = timed[row["best_variant"]] if timed else None
             for key, nbytes in (("cublas", dense_bytes), ("gemv", dense_bytes), ("ours", w0.nbytes()),
-                                ("best", w0.nbytes())):
+                                ("best", w0.nbytes()), ("cuda", w0.nbytes())):
                 us = row.get(f"{key}_us")
                 row[f"{key}_GBps"] = nbytes / us / 1e3 if isinstance(us, float) else None
             row["ours_TFLOPs"] = 2 * m * n * k / row["ours_us"] / 1e6 if isinstance(row["ours_us"], float) else None
@@ -134,14 +139,15 @@ def bench_shape(model: str, projection: str, n: int, k: int, rows: tuple[int, ..
 def print_table(rows: list[dict], timing: str) -> None:
     print(f"\n{'proj':8} {'N x K':>12} {'M':>4} {'format':10} {'cuBLAS us':>9} {'gemv us':>8} {'ours us':>8} "
           f"{'ours GB/s':>9} {'TFLOP/s':>7} {'x best bf16':>11}  {'best variant':22} {'best us':>8} {'GB/s':>6}"
-          f"   ({timing})")
+          f" {'CUDA us':>8} {'GB/s':>6}   ({timing})")
     for r in rows:
         bf16 = [us for us in (r.get("cublas_us"), r.get("gemv_us")) if isinstance(us, float)]
         speedup = min(bf16) / r["ours_us"] if bf16 and isinstance(r["ours_us"], float) else None
         print(f"{r['projection']:8} {r['n']:>6}x{r['k']:<5} {r['m']:>4} {r['format']:10} "
               f"{_cell(r['cublas_us'], '.2f', 9)} {_cell(r.get('gemv_us'), '.2f', 8)} {_cell(r['ours_us'], '.2f', 8)} "
               f"{_cell(r['ours_GBps'], '.0f', 9)} {_cell(r['ours_TFLOPs'], '.1f', 7)} {_cell(speedup, '.2f', 11)}  "
-              f"{r['best_variant'] or '-':22} {_cell(r['best_us'], '.2f', 8)} {_cell(r['best_GBps'], '.0f', 6)}")
+              f"{r['best_variant'] or '-':22} {_cell(r['best_us'], '.2f', 8)} {_cell(r['best_GBps'], '.0f', 6)} "
+              f"{_cell(r.get('cuda_us'), '.2f', 8)} {_cell(r.get('cuda_GBps'), '.0f', 6)}")
     failed = [(r["projection"], r["m"], r["format"], v, us) for r in rows for v, us in r["variants_us"].items()
               if not isinstance(us, float)]
     failed += [(r["projection"], r["m"], r["format"], "ours", r["ours_us"]) for r in rows

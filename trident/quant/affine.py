@@ -128,16 +128,18 @@ def takes_kernel(x: torch.Tensor, w: AffineWeight, bias: torch.Tensor | None) ->
 
 
 def affine_linear(x: torch.Tensor, w: AffineWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] -> x W^T (+ b) [..., N]: the Triton kernels where :func:`takes_kernel`, else the reference."""
+    """x [..., K] -> x W^T (+ b) [..., N]: the Triton kernels where :func:`takes_kernel` (one row: the CUDA integer
+    kernel of trident/native/gemv_cuda.cu instead, where nvcc built it), else the reference."""
     if x.shape[-1] != w.in_features:
         raise TridentError(f"input has {x.shape[-1]} features, the quantized weight takes {w.in_features}")
     rows = x.reshape(-1, x.shape[-1])
     if takes_kernel(x, w, bias):
         from trident.kernels.quant_matmul import quant_matmul
+        from trident.native import gemv_cuda
 
         if rows.stride(1) != 1:
             rows = rows.contiguous()
-        y = quant_matmul(rows, w, bias)
+        y = gemv_cuda.gemv(rows, w, bias) if gemv_cuda.takes(rows, w, bias) else quant_matmul(rows, w, bias)
     else:
         y = affine_matmul_reference(rows, w, bias)
     return y.view(*x.shape[:-1], w.out_features)

@@ -1,0 +1,187 @@
+"""The CUDA batch-1 integer matmul (trident/native/gemv_cuda.cu) against float64 math.
+
+The kernel quantizes x to two int8 stages per block of 32 and multiplies the codes exactly (dp4a, int32), so it
+must equal float64 x_hat W^T + b, x_hat the two-stage rounding of x (emulated by
+quantize_activations_reference), within the output's rounding; and it stays within the activation rounding's
+bound of the exact x W^T + b. Formats: int8 and int4, per channel and groups of 32 / 64 / 128, with and without
+offsets and bias, bfloat16 and float16, odd N, K up to 32768 (more than 48 KB of shared memory). The CPU tests
+check the emulation against its float64 bound and the fallbacks when the kernel cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trident.native import cuda_build, gemv_cuda
+from trident.quant.affine import AffineWeight, affine_linear
+from trident.quant.rtn import unpack_int4
+
+RTOL = {torch.bfloat16: 2**-7, torch.float16: 2**-10}
+"""Twice the output's rounding (half an ulp) of |y|, plus the same of the products' root-sum-square for outputs that
+cancel to near zero: float32 accumulation of the per-block sums stays ~100x below it."""
+TWO_STAGE = 1 / (2 * 127 * 127)
+"""|x - x_hat| per element, as a fraction of its block's largest |x|: stage one leaves at most s1 / 2 = max / 254,
+stage two rounds that remainder to s2 / 2 <= (max / 254) / 254 (plus float32 rounding, a few 2^-24 of max)."""
+
+
+def random_affine(n: int, k: int, bits: int, group_size: int | None, offsets: bool, generator: torch.Generator,
+                  device: str) -> AffineWeight:
+    groups = 1 if group_size is None else k // group_size
+    if bits == 8:
+        codes = torch.randint(-128, 128, (n, k), generator=generator, dtype=torch.int8)
+    else:
+        codes = torch.randint(0, 256, (n, k // 2), generator=generator, dtype=torch.uint8)
+    scales = 10 ** (torch.rand(n, groups, generator=generator) * 2 - 3)
+    offs = torch.randn(n, groups, generator=generator) * 0.02 if offsets else None
+    return AffineWeight(codes.to(device), scales.to(device), None if offs is None else offs.to(device), bits)
+
+
+def exact_weight(w: AffineWeight) -> torch.Tensor:
+    """float64 [N, K]: scales * q + offsets, computed here independently of the code under test."""
+    codes = (unpack_int4(w.codes.cpu()) if w.bits == 4 else w.codes.cpu()).double()
+    n, k = codes.shape
+    per_element = torch.repeat_interleave(torch.arange(w.scales.shape[1]), k // w.scales.shape[1])
+    full = codes * w.scales.cpu().double()[:, per_element]
+    if w.offsets is not None:
+        full = full + w.offsets.cpu().double()[:, per_element]
+    return full
+
+
+def test_two_stage_emulation_within_its_bound() -> None:
+    """x_hat - x per element within TWO_STAGE of its block's largest |x| (float64 check), for blocks of very
+    different magnitudes, an all-zero block and a block with one large element."""
+    g = torch.Generator().manual_seed(0)
+    magnitudes = 10 ** (torch.rand(4, 8, 1, generator=g) * 6 - 3)
+    x = torch.randn(4, 256, generator=g) * magnitudes.repeat_interleave(32, 1).view(4, 256)
+    x[1, 32:64] = 0
+    x[2, 64] = 1e4
+    x_hat = gemv_cuda.quantize_activations_reference(x).double()
+    block_max = x.double().abs().view(4, 8, 32).amax(-1, keepdim=True).expand(4, 8, 32).reshape(4, 256)
+    error = (x_hat - x.double()).abs()
+    assert (error <= block_max * (TWO_STAGE + 2**-20)).all(), (error / block_max.clamp_min(1e-30)).max()
+    assert torch.equal(x_hat[1, 32:64], torch.zeros(32, dtype=torch.float64))
+    # not a no-op: one stage alone would be ~127x coarser than the bound allows
+    assert (error / block_max.clamp_min(1e-30)).max() > TWO_STAGE / 1000
+
+
+def test_unavailable_without_cuda_or_when_disabled(monkeypatch) -> None:
+    w = random_affine(8, 64, 8, None, False, torch.Generator().manual_seed(1), "cpu")
+    assert not gemv_cuda.takes(torch.randn(1, 64, dtype=torch.bfloat16), w, None), "a CPU tensor took the CUDA kernel"
+    monkeypatch.setenv("TRIDENT_NO_NATIVE", "1")
+    assert cuda_build.load_cuda(gemv_cuda.LIBRARY) is None
+    assert cuda_build.cuda_unavailable_reason(gemv_cuda.LIBRARY) == "TRIDENT_NO_NATIVE=1"
+    monkeypatch.delenv("TRIDENT_NO_NATIVE")
+    monkeypatch.setattr(cuda_build, "_nvcc", lambda: None)
+    cuda_build._build.cache_clear()
+    try:
+        library, why = cuda_build._build(gemv_cuda.LIBRARY, "90a")
+        assert library is None and why.startswith("no nvcc")
+    finally:
+        cuda_build._build.cache_clear()
+    with pytest.raises(Exception, match="no CUDA library"):
+        cuda_build._build("nonexistent", "90a")
+
+
+def _check(n: int, k: int, bits: int, group_size: int | None, offsets: bool, bias: bool, dtype: torch.dtype,
+           seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    w = random_affine(n, k, bits, group_size, offsets, g, "cuda")
+    x = (torch.randn(1, k, generator=g) * 10 ** (torch.rand(1, k // 32, 1, generator=g) * 3 - 2)
+         .repeat_interleave(32, 1).view(1, k)).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    what = f"N={n} K={k} int{bits} group={group_size} offsets={offsets} bias={bias} {dtype}"
+    assert gemv_cuda.takes(x.cuda(), w, None if b is None else b.cuda()), what
+    y = gemv_cuda.gemv(x.cuda(), w, None if b is None else b.cuda()).cpu().double()
+    wd = exact_weight(w)
+    bd = b.double() if bias else torch.zeros(n, dtype=torch.float64)
+    x_hat = gemv_cuda.quantize_activations_reference(x).double()
+    emulated = x_hat @ wd.T + bd
+    rss = ((x_hat * x_hat) @ (wd * wd).T + bd**2).sqrt()
+    excess = ((y - emulated).abs() / (RTOL[dtype] * (emulated.abs() + rss) + 2**-24)).max().item()
+    assert excess <= 1, f"{what}: off the emulated float64 product by {excess:.2f}x the allowance"
+    # and the exact product, within the activations' two-stage rounding (bounded by TWO_STAGE per block)
+    exact = x.double() @ wd.T + bd
+    block_max = x.double().abs().view(1, -1, 32).amax(-1, keepdim=True).expand(1, k // 32, 32).reshape(1, k)
+    rounding = (block_max * (TWO_STAGE + 2**-20)) @ wd.abs().T
+    excess = ((y - exact).abs() / (RTOL[dtype] * (exact.abs() + rss) + rounding + 2**-24)).max().item()
+    assert excess <= 1, f"{what}: off the exact product by {excess:.2f}x the allowance"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("offsets", [False, True], ids=["no_offsets", "offsets"])
+@pytest.mark.parametrize("group_size", [32, 64, 128, None], ids=lambda g: f"group{g}" if g else "per_channel")
+@pytest.mark.parametrize("bits", [8, 4], ids=["int8", "int4"])
+def test_formats(bits: int, group_size: int | None, offsets: bool, dtype: torch.dtype) -> None:
+    seed = bits * 1000 + (group_size or 1) * 10 + offsets
+    for n, k, bias in ((37, 384, True), (1, 128, False), (515, 2048, True)):
+        _check(n, k, bits, group_size, offsets, bias, dtype, seed + n)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k,bits", [(4096, 14336, 4), (3000, 14336, 8), (257, 32768, 4), (6, 32768, 8),
+                                      (20000, 1024, 4)])
+def test_large_shapes(n: int, k: int, bits: int) -> None:
+    """Llama-3-8B's down projection, K beyond 48 KB of shared memory, and more row groups than the grid has warps
+    (each warp walks several)."""
+    _check(n, k, bits, 128, bits == 4, n % 2 == 1, torch.bfloat16, n + k)
+
+
+@pytest.mark.gpu
+def test_builds_on_the_gpu_machine() -> None:
+    assert gemv_cuda.why_unavailable() is None
+    assert gemv_cuda.library() is not None
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_and_affine_linear_dispatch(monkeypatch) -> None:
+    """affine_linear sends one row to the kernel (and more rows to Triton); a captured call replays on new x."""
+    g = torch.Generator().manual_seed(7)
+    w = random_affine(300, 512, 4, 64, True, g, "cuda")
+    calls = []
+    real = gemv_cuda.gemv
+    monkeypatch.setattr(gemv_cuda, "gemv", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    x = torch.randn(1, 512, generator=g).to(torch.bfloat16).cuda()
+    y = affine_linear(x, w)
+    affine_linear(torch.randn(3, 512, generator=g).to(torch.bfloat16).cuda(), w)
+    assert calls == [torch.Size([1, 512])]
+    static_x = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        static_y = gemv_cuda.gemv(static_x, w)
+    static_x.copy_(torch.randn(1, 512, generator=g).to(torch.bfloat16).cuda())
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_y, gemv_cuda.gemv(static_x, w))
+    assert not torch.equal(static_y, y)
+
+
+@pytest.mark.gpu
+def test_engine_decode_agrees_with_the_triton_kernel(tiny_int4_llama_dir, monkeypatch) -> None:
+    """A CUDA engine's batch-1 decode steps (CUDA graphs) on an int4 model run this kernel and agree with the same
+    engine on Triton's kernel: the same greedy tokens, log-probabilities within the activations' rounding."""
+    from trident.engine.llm import LLM
+    from trident.engine.request import SamplingParams
+
+    prompt = [(11 * i + 5) % 256 for i in range(37)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=3, ignore_eos=True)
+    calls = []
+    real = gemv_cuda.gemv
+    monkeypatch.setattr(gemv_cuda, "gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    llm = LLM(str(tiny_int4_llama_dir), device="cuda", dtype="bfloat16", block_size=16, max_model_len=128)
+    assert "CUDA dp4a kernel" in llm.engine.decode_summary()
+    ours = list(llm.generate(prompt, params)[0].outputs[0].logprobs)
+    assert calls, "the CUDA kernel never ran"
+    monkeypatch.setenv("TRIDENT_NO_NATIVE", "1")
+    triton = LLM(str(tiny_int4_llama_dir), device="cuda", dtype="bfloat16", block_size=16, max_model_len=128)
+    assert "Triton (TRIDENT_NO_NATIVE=1)" in triton.engine.decode_summary()
+    theirs = list(triton.generate(prompt, params)[0].outputs[0].logprobs)
+    assert len(ours) == len(theirs) == 12
+    for step, (a, b) in enumerate(zip(ours, theirs)):
+        # bfloat16 logits of a tiny random model: a few 1e-2 nats apart at most; a wrong row or group changes tokens
+        assert abs(a.logprob - b.logprob) < 0.1, f"step {step}: {a.logprob} vs {b.logprob}"
+        if a.token_id != b.token_id:
+            margin = min(x.top_logprobs[0][1] - x.top_logprobs[1][1] for x in (a, b))
+            assert margin < 0.1, f"step {step}: greedy token {a.token_id} vs {b.token_id}, margin {margin}"
+            break

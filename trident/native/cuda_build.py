@@ -1,0 +1,96 @@
+"""Compile trident's CUDA kernels (``*.cu`` in this folder) with ``nvcc`` for the GPU in use, on first use, and
+load them with ctypes: the CUDA counterpart of build.py (same cache folder, same ``TRIDENT_NO_NATIVE`` switch).
+
+A library is a shared object with C entry points that take raw device pointers and the caller's CUDA stream
+(torch's current stream), so its launches join torch's stream order and CUDA-graph capture. It is compiled for the
+device's own architecture (``-gencode arch=compute_XY,code=sm_XY``: Hopper's instructions on an H100/H200) and
+cached under a hash of the source, the flags, nvcc's version and the architecture. No nvcc (``$CUDA_HOME/bin``,
+``PATH`` or ``/usr/local/cuda/bin``), no CUDA device, or a failed build: :func:`load_cuda` gives None and callers
+keep their Triton kernels, with :func:`cuda_unavailable_reason` saying why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from trident.errors import TridentError
+from trident.native.build import DISABLE_ENV, SOURCE_DIR, cache_dir
+
+CUDA_LIBRARIES = {"tqgemv": ("gemv_cuda.cu",)}
+"""Library name -> its CUDA sources (gemv_cuda.cu: the batch-1 integer weight-only matmul)."""
+NVCC_FLAGS = ("-O3", "-shared", "-Xcompiler", "-fPIC", "-std=c++17", "--expt-relaxed-constexpr")
+
+
+def _nvcc() -> str | None:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidates = [Path(home) / "bin" / "nvcc"] if home else []
+    found = shutil.which("nvcc")
+    candidates += [Path(found)] if found else []
+    candidates.append(Path("/usr/local/cuda/bin/nvcc"))
+    return next((str(c) for c in candidates if c.is_file()), None)
+
+
+@functools.cache
+def _build(name: str, arch: str) -> tuple[ctypes.CDLL | None, str | None]:
+    if name not in CUDA_LIBRARIES:
+        raise TridentError(f"no CUDA library {name!r}; have {', '.join(CUDA_LIBRARIES)}")
+    nvcc = _nvcc()
+    if nvcc is None:
+        return None, "no nvcc ($CUDA_HOME/bin, PATH or /usr/local/cuda/bin)"
+    try:
+        version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        return None, f"{nvcc} --version failed: {e}"
+    sources = [SOURCE_DIR / file for file in CUDA_LIBRARIES[name]]
+    flags = (*NVCC_FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}")
+    key = hashlib.sha256("\0".join((*(s.read_text() for s in sources), " ".join(flags), version)).encode())
+    library = cache_dir() / f"{name}-sm{arch}-{key.hexdigest()[:16]}.so"
+    if not library.is_file():
+        library.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=library.parent)
+        os.close(fd)
+        try:
+            done = subprocess.run([nvcc, *flags, *map(str, sources), "-o", tmp], capture_output=True, text=True)
+            if done.returncode != 0:
+                return None, f"compiling {name} failed: {done.stderr.strip()[-2000:]}"
+            os.replace(tmp, library)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    try:
+        return ctypes.CDLL(str(library)), None
+    except OSError as e:
+        return None, f"loading {library} failed: {e}"
+
+
+def _arch() -> str | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    return f"{major}{minor}{'a' if major == 9 else ''}"
+
+
+def load_cuda(name: str) -> ctypes.CDLL | None:
+    """The compiled CUDA library ``name`` of CUDA_LIBRARIES for this GPU (built on first use), or None where it
+    cannot be or ``$TRIDENT_NO_NATIVE`` is 1."""
+    if os.environ.get(DISABLE_ENV) == "1":
+        return None
+    arch = _arch()
+    return None if arch is None else _build(name, arch)[0]
+
+
+def cuda_unavailable_reason(name: str) -> str | None:
+    """Why :func:`load_cuda` gives None (None when it gives the library)."""
+    if os.environ.get(DISABLE_ENV) == "1":
+        return f"{DISABLE_ENV}=1"
+    arch = _arch()
+    return "no CUDA device" if arch is None else _build(name, arch)[1]

@@ -1,0 +1,346 @@
+// y = x W^T (+ b) for ONE row of 16-bit activations x and a weight-only int4 / int8 affine weight W [N, K]
+// (trident/quant/affine.py: int8 codes [N, K], or int4 codes two per byte [N, K/2] with the even element in the
+// low nibble; float32 scales [N, K/G] and optional float32 offsets [N, K/G]), with the GPU's 8-bit integer dot
+// products (dp4a) instead of converting codes to floats.
+//
+// Batch-1 decode is bound by reading W. Triton's tensor-core kernels spend their time moving the converted codes
+// through shared memory into the tensor cores' operand layout (int4 at 0.7-1.2 TB/s, int8 at 1.8-3.2 on an H200);
+// here every lane reads its own 16 bytes of codes straight into registers and multiplies them as they are:
+//
+//  * The activations are quantized once per block (CTA), into shared memory, the way the CPU kernel
+//    (qmatmul.c) does: per block of 32 elements, two int8 stages, a value and its remainder,
+//        x ~ s1 q1 + s2 q2,   s1 = max|x| / 127,   s2 = max|x - s1 q1| / 127,
+//    about 16 bits of x (an error of at most ~1/65,000 of the block's largest element). Stored in the order the
+//    codes unpack to: for int4, each 8 elements' 4 even ones, then their 4 odd ones (a 32-bit word of codes masked
+//    with 0x0F0F0F0F gives the even elements' codes, shifted by 4 the odd ones').
+//  * A lane takes 16 bytes of codes of a row (32 int4 or 16 int8 elements: one activation block, or half of
+//    one), multiplies them with both stages by dp4a (exact, int32), and adds
+//        scale[row, group] * (s1 * I1 + s2 * I2)
+//    to its float32 sum. The offsets (asymmetric codes, symmetric int4's -8 s) add offset[row, group] times the
+//    sum of x over the group, once per row at the end.
+//  * A warp owns ROWS rows at a time and walks them in pipeline steps of UNROLL 16-byte chunks per lane and row:
+//    the codes (and scales) of the next step are loaded while this one is multiplied, so each lane keeps
+//    ROWS x UNROLL 16-byte loads in flight. Warps take row groups grid-stride over a grid of what the GPU keeps
+//    resident, so x is quantized once per resident block.
+//  * Programmatic dependent launch (Hopper): the codes of a warp's first step are requested before the kernel
+//    waits for the one before it (griddepcontrol.wait; the weight does not depend on that kernel), then x is
+//    read and quantized, and the next kernel may launch at once.
+//  Measured on an H200 (Llama-3-8B projections, CUDA-graph replays): int4 group 128 at 1.4-2.6 TB/s of codes
+//  against Triton's 0.7-1.2; int8 at 2.2-3.5 TB/s against 1.8-3.2 (docs/benchmarks.md).
+//
+// Requirements (checked by the caller, trident/native/gemv_cuda.py): K a multiple of 32, the group size a
+// multiple of 32 (or K, per channel), x and the codes 16-byte aligned, everything contiguous.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#define WARPS 8
+#define THREADS (WARPS * 32)
+#define ABLOCK 32
+#define ROWS 2    // rows a warp multiplies at a time (each activation word read from shared memory serves both)
+#define UNROLL 4  // 16-byte chunks per lane and row in one pipeline step
+
+template <typename T> __device__ __forceinline__ float to_float(T v);
+template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half(v); }
+
+__device__ __forceinline__ int quantize_code(float v, float inv) {
+    float q = rintf(__fmul_rn(v, inv));
+    return (int)fminf(fmaxf(q, -127.f), 127.f);
+}
+
+__device__ __forceinline__ uint32_t pack4(int a, int b, int c, int d) {
+    return (uint32_t)(a & 0xFF) | ((uint32_t)(b & 0xFF) << 8) | ((uint32_t)(c & 0xFF) << 16) |
+           ((uint32_t)(d & 0xFF) << 24);
+}
+
+// Quantize x [K] into shared memory: q1, q2 [K] bytes (int4 order: even elements of each 8, then odd), s1, s2
+// and the plain sums of each block of 32.
+template <int BITS, typename T>
+__device__ void quantize_x(const T* __restrict__ x, int k, uint32_t* q1, uint32_t* q2, float* s1, float* s2,
+                           float* bsum) {
+    const int chunks = k / 8;  // 8 elements per thread and turn; 4 threads (an aligned quad) share a block of 32
+    for (int base = 0; base < chunks; base += THREADS) {
+        const int c = base + threadIdx.x;
+        const bool active = c < chunks;
+        float v[8];
+        if (active) {
+            uint4 raw = *reinterpret_cast<const uint4*>(x + 8 * (size_t)c);
+            const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+            for (int i = 0; i < 8; i++) v[i] = to_float(e[i]);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; i++) v[i] = 0.f;
+        }
+        float m = 0.f, sum = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            m = fmaxf(m, fabsf(v[i]));
+            sum += v[i];
+        }
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        const float scale1 = m / 127.f;
+        const float inv1 = m > 0.f ? 127.f / m : 0.f;
+        int a[8];
+        float r[8];
+        float m2 = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            a[i] = quantize_code(v[i], inv1);
+            r[i] = __fsub_rn(v[i], __fmul_rn(scale1, (float)a[i]));
+            m2 = fmaxf(m2, fabsf(r[i]));
+        }
+        m2 = fmaxf(m2, __shfl_xor_sync(0xffffffffu, m2, 1));
+        m2 = fmaxf(m2, __shfl_xor_sync(0xffffffffu, m2, 2));
+        const float scale2 = m2 / 127.f;
+        const float inv2 = m2 > 0.f ? 127.f / m2 : 0.f;
+        int b[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++) b[i] = quantize_code(r[i], inv2);
+        if (active) {
+            if (BITS == 4) {
+                q1[2 * c] = pack4(a[0], a[2], a[4], a[6]);
+                q1[2 * c + 1] = pack4(a[1], a[3], a[5], a[7]);
+                q2[2 * c] = pack4(b[0], b[2], b[4], b[6]);
+                q2[2 * c + 1] = pack4(b[1], b[3], b[5], b[7]);
+            } else {
+                q1[2 * c] = pack4(a[0], a[1], a[2], a[3]);
+                q1[2 * c + 1] = pack4(a[4], a[5], a[6], a[7]);
+                q2[2 * c] = pack4(b[0], b[1], b[2], b[3]);
+                q2[2 * c + 1] = pack4(b[4], b[5], b[6], b[7]);
+            }
+            if ((c & 3) == 0) {
+                s1[c / 4] = scale1;
+                s2[c / 4] = scale2;
+                bsum[c / 4] = sum;
+            }
+        }
+    }
+}
+
+// One pipeline step of a warp: its row group rg's 16-byte chunks base + 32 u + lane (u < U), codes and scales.
+template <int BITS, int R, int U>
+struct Step {
+    uint4 w[R][U];
+    float scale[R][U];
+};
+
+template <int BITS, int R, int U>
+__device__ __forceinline__ void load_step(Step<BITS, R, U>& s, const uint8_t* __restrict__ codes,
+                                          const float* __restrict__ scales, int rg, int base, int lane, int n,
+                                          int row_bytes, int chunks, int num_groups, int group_size) {
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int ch = base + u * 32 + lane;
+        const int blk = BITS == 4 ? ch : ch / 2;
+        const int group = (blk * ABLOCK) / group_size;
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const int row = min(rg * R + r, n - 1);  // a missing row repeats the last (never stored)
+            if (ch < chunks) {
+                s.w[r][u] = __ldcs(reinterpret_cast<const uint4*>(codes + (size_t)row * row_bytes) + ch);
+                s.scale[r][u] = __ldg(scales + (size_t)row * num_groups + group);
+            } else {
+                s.w[r][u] = make_uint4(0, 0, 0, 0);
+                s.scale[r][u] = 0.f;
+            }
+        }
+    }
+}
+
+template <int BITS, int R, int U>
+__device__ __forceinline__ void compute_step(const Step<BITS, R, U>& s, float (&acc)[R], const uint32_t* q1,
+                                             const uint32_t* q2, const float* s1, const float* s2, int base,
+                                             int lane, int chunks) {
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int ch = base + u * 32 + lane;
+        if (ch >= chunks) break;
+        const int blk = BITS == 4 ? ch : ch / 2;
+        const int word0 = BITS == 4 ? 8 * ch : 4 * ch;  // q words: 8 per block of 32
+        const float a1 = s1[blk], a2 = s2[blk];
+        if (BITS == 4) {
+            const uint4 e1a = *reinterpret_cast<const uint4*>(q1 + word0);
+            const uint4 e1b = *reinterpret_cast<const uint4*>(q1 + word0 + 4);
+            const uint4 e2a = *reinterpret_cast<const uint4*>(q2 + word0);
+            const uint4 e2b = *reinterpret_cast<const uint4*>(q2 + word0 + 4);
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                const uint32_t c[4] = {s.w[r][u].x, s.w[r][u].y, s.w[r][u].z, s.w[r][u].w};
+                const uint32_t e1[8] = {e1a.x, e1a.y, e1a.z, e1a.w, e1b.x, e1b.y, e1b.z, e1b.w};
+                const uint32_t e2[8] = {e2a.x, e2a.y, e2a.z, e2a.w, e2b.x, e2b.y, e2b.z, e2b.w};
+                int i1 = 0, i2 = 0;
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const int lo = (int)(c[j] & 0x0F0F0F0Fu), hi = (int)((c[j] >> 4) & 0x0F0F0F0Fu);
+                    i1 = __dp4a(lo, (int)e1[2 * j], i1);
+                    i1 = __dp4a(hi, (int)e1[2 * j + 1], i1);
+                    i2 = __dp4a(lo, (int)e2[2 * j], i2);
+                    i2 = __dp4a(hi, (int)e2[2 * j + 1], i2);
+                }
+                acc[r] = fmaf(s.scale[r][u], fmaf(a1, (float)i1, a2 * (float)i2), acc[r]);
+            }
+        } else {
+            const uint4 e1 = *reinterpret_cast<const uint4*>(q1 + word0);
+            const uint4 e2 = *reinterpret_cast<const uint4*>(q2 + word0);
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                int i1 = 0, i2 = 0;
+                i1 = __dp4a((int)s.w[r][u].x, (int)e1.x, i1);
+                i1 = __dp4a((int)s.w[r][u].y, (int)e1.y, i1);
+                i1 = __dp4a((int)s.w[r][u].z, (int)e1.z, i1);
+                i1 = __dp4a((int)s.w[r][u].w, (int)e1.w, i1);
+                i2 = __dp4a((int)s.w[r][u].x, (int)e2.x, i2);
+                i2 = __dp4a((int)s.w[r][u].y, (int)e2.y, i2);
+                i2 = __dp4a((int)s.w[r][u].z, (int)e2.z, i2);
+                i2 = __dp4a((int)s.w[r][u].w, (int)e2.w, i2);
+                acc[r] = fmaf(s.scale[r][u], fmaf(a1, (float)i1, a2 * (float)i2), acc[r]);
+            }
+        }
+    }
+}
+
+// A warp's work is a list of steps: its row groups (of R rows) rg = first, first + stride, ..., each cut into
+// steps of 32 U chunks. The codes of step t + 1 are loaded while step t is multiplied; those of the first step
+// are requested before the kernel waits for the one before it and quantizes x (the weight does not depend on it).
+template <int BITS, bool OFFSETS, typename T, int R, int U>
+__global__ void __launch_bounds__(THREADS, 2) gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ codes,
+                                                          const float* __restrict__ scales,
+                                                          const float* __restrict__ offsets,
+                                                          const T* __restrict__ bias, T* __restrict__ y, int n, int k,
+                                                          int group_size) {
+    extern __shared__ __align__(16) uint8_t smem[];
+    uint32_t* q1 = reinterpret_cast<uint32_t*>(smem);
+    uint32_t* q2 = reinterpret_cast<uint32_t*>(smem + k);
+    float* s1 = reinterpret_cast<float*>(smem + 2 * k);
+    float* s2 = s1 + k / ABLOCK;
+    float* bsum = s2 + k / ABLOCK;
+
+    const int lane = threadIdx.x & 31;
+    const int row_bytes = BITS == 4 ? k / 2 : k;
+    const int chunks = row_bytes / 16;  // 16-byte chunks per row
+    const int num_groups = k / group_size;
+    const int row_groups = (n + R - 1) / R;
+    const int stride = gridDim.x * WARPS;
+    const int first = blockIdx.x * WARPS + (threadIdx.x >> 5);
+    const int steps_per_group = (chunks + 32 * U - 1) / (32 * U);
+    const int my_groups = first < row_groups ? (row_groups - first + stride - 1) / stride : 0;
+    const int steps = my_groups * steps_per_group;
+
+    Step<BITS, R, U> cur;
+    if (steps > 0) load_step(cur, codes, scales, first, 0, lane, n, row_bytes, chunks, num_groups, group_size);
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+    quantize_x<BITS>(x, k, q1, q2, s1, s2, bsum);
+    __syncthreads();
+
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) acc[r] = 0.f;
+    for (int t = 0; t < steps; t++) {
+        const int rg = first + (t / steps_per_group) * stride;
+        const int base = (t % steps_per_group) * 32 * U;
+        Step<BITS, R, U> next;
+        if (t + 1 < steps) {
+            load_step(next, codes, scales, first + ((t + 1) / steps_per_group) * stride,
+                      ((t + 1) % steps_per_group) * 32 * U, lane, n, row_bytes, chunks, num_groups, group_size);
+        }
+        compute_step(cur, acc, q1, q2, s1, s2, base, lane, chunks);
+        if (t % steps_per_group == steps_per_group - 1) {  // the row group is done
+            int rows[R];
+#pragma unroll
+            for (int r = 0; r < R; r++) rows[r] = min(rg * R + r, n - 1);
+            if (OFFSETS) {  // + offset[row, g] * sum of x over group g
+                for (int blk = lane; blk < k / ABLOCK; blk += 32) {
+                    const int group = (blk * ABLOCK) / group_size;
+#pragma unroll
+                    for (int r = 0; r < R; r++) {
+                        acc[r] = fmaf(__ldg(offsets + (size_t)rows[r] * num_groups + group), bsum[blk], acc[r]);
+                    }
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                float v = acc[r];
+#pragma unroll
+                for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+                const int row = rg * R + r;
+                if (lane == 0 && row < n) {
+                    if (bias != nullptr) v += to_float(bias[row]);
+                    y[row] = from_float<T>(v);
+                }
+                acc[r] = 0.f;
+            }
+        }
+        if (t + 1 < steps) cur = next;
+    }
+}
+
+template <int BITS, bool OFFSETS, typename T, int R, int U>
+static int launch(const void* x, const void* codes, const float* scales, const float* offsets, const void* bias,
+                  void* y, int n, int k, int group_size, int grid, int pdl, cudaStream_t stream) {
+    auto kernel = gemv_kernel<BITS, OFFSETS, T, R, U>;
+    const size_t smem = 2 * (size_t)k + 3 * sizeof(float) * (size_t)(k / ABLOCK);
+    if (smem > 48 * 1024) {
+        cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        if (e != cudaSuccess) return (int)e;
+    }
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(grid);
+    config.blockDim = dim3(THREADS);
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute[0].val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attribute;
+    config.numAttrs = pdl ? 1 : 0;
+    cudaError_t e = cudaLaunchKernelEx(&config, kernel, reinterpret_cast<const T*>(x),
+                                       reinterpret_cast<const uint8_t*>(codes), scales, offsets,
+                                       reinterpret_cast<const T*>(bias), reinterpret_cast<T*>(y), n, k, group_size);
+    return (int)e;
+}
+
+#define ARGS x, codes, scales, offsets, bias, y, n, k, group_size, grid, pdl, stream
+template <typename T>
+static int dispatch(int bits, int has_offsets, const void* x, const void* codes, const float* scales,
+                    const float* offsets, const void* bias, void* y, int n, int k, int group_size, int grid, int pdl,
+                    cudaStream_t stream) {
+    if (bits == 4) {
+        return has_offsets ? launch<4, true, T, ROWS, UNROLL>(ARGS) : launch<4, false, T, ROWS, UNROLL>(ARGS);
+    }
+    return has_offsets ? launch<8, true, T, ROWS, UNROLL>(ARGS) : launch<8, false, T, ROWS, UNROLL>(ARGS);
+}
+
+extern "C" {
+
+// The row groups (of ROWS rows) one warp takes per turn, and the threads of a block: the caller sizes the grid.
+int tq_gemv_rows_per_warp(void) { return ROWS; }
+int tq_gemv_threads(void) { return THREADS; }
+
+// y [n] = x [k] W^T (+ bias): dtype 0 bfloat16, 1 float16 (x, bias, y); bits 4 or 8; offsets may be null (then
+// has_offsets 0), bias may be null. Returns the CUDA error code of the launch (0: launched).
+int tq_gemv(int dtype, int bits, const void* x, const void* codes, const float* scales, const float* offsets,
+            const void* bias, void* y, int n, int k, int group_size, int grid, int pdl, void* stream) {
+    cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+    const int has_offsets = offsets != nullptr;
+    if (dtype == 0) {
+        return dispatch<__nv_bfloat16>(bits, has_offsets, x, codes, scales, offsets, bias, y, n, k, group_size, grid,
+                                       pdl, s);
+    }
+    return dispatch<__half>(bits, has_offsets, x, codes, scales, offsets, bias, y, n, k, group_size, grid, pdl, s);
+}
+
+}  // extern "C"
