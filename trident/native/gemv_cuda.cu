@@ -59,71 +59,87 @@ __device__ __forceinline__ uint32_t pack4(int a, int b, int c, int d) {
            ((uint32_t)(d & 0xFF) << 24);
 }
 
-// Quantize x [K] into shared memory: q1, q2 [K] bytes (int4 order: even elements of each 8, then odd), s1, s2
-// and the plain sums of each block of 32.
+// Quantize 8 elements of x (chunk c of K / 8; 4 threads, an aligned quad, share a block of 32) into shared memory:
+// q1, q2 [K] bytes (int4 order: even elements of each 8, then odd), s1, s2 and the plain sum of each block.
+template <int BITS, typename T>
+__device__ __forceinline__ void quantize_chunk(uint4 raw, int c, bool active, uint32_t* q1, uint32_t* q2, float* s1,
+                                               float* s2, float* bsum) {
+    float v[8];
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 8; i++) v[i] = active ? to_float(e[i]) : 0.f;
+    float m = 0.f, sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        m = fmaxf(m, fabsf(v[i]));
+        sum += v[i];
+    }
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const float scale1 = m / 127.f;
+    const float inv1 = m > 0.f ? 127.f / m : 0.f;
+    int a[8];
+    float r[8];
+    float m2 = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        a[i] = quantize_code(v[i], inv1);
+        r[i] = __fsub_rn(v[i], __fmul_rn(scale1, (float)a[i]));
+        m2 = fmaxf(m2, fabsf(r[i]));
+    }
+    m2 = fmaxf(m2, __shfl_xor_sync(0xffffffffu, m2, 1));
+    m2 = fmaxf(m2, __shfl_xor_sync(0xffffffffu, m2, 2));
+    const float scale2 = m2 / 127.f;
+    const float inv2 = m2 > 0.f ? 127.f / m2 : 0.f;
+    int b[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++) b[i] = quantize_code(r[i], inv2);
+    if (active) {
+        if (BITS == 4) {
+            q1[2 * c] = pack4(a[0], a[2], a[4], a[6]);
+            q1[2 * c + 1] = pack4(a[1], a[3], a[5], a[7]);
+            q2[2 * c] = pack4(b[0], b[2], b[4], b[6]);
+            q2[2 * c + 1] = pack4(b[1], b[3], b[5], b[7]);
+        } else {
+            q1[2 * c] = pack4(a[0], a[1], a[2], a[3]);
+            q1[2 * c + 1] = pack4(a[4], a[5], a[6], a[7]);
+            q2[2 * c] = pack4(b[0], b[1], b[2], b[3]);
+            q2[2 * c + 1] = pack4(b[4], b[5], b[6], b[7]);
+        }
+        if ((c & 3) == 0) {
+            s1[c / 4] = scale1;
+            s2[c / 4] = scale2;
+            bsum[c / 4] = sum;
+        }
+    }
+}
+
+// Quantize x [K] into shared memory, 8 elements per thread and turn. The first X_TURNS turns' loads are all issued
+// before any of them is used (K up to X_TURNS x 2048 in one round trip); longer x goes on turn by turn.
+#define X_TURNS 8
 template <int BITS, typename T>
 __device__ void quantize_x(const T* __restrict__ x, int k, uint32_t* q1, uint32_t* q2, float* s1, float* s2,
                            float* bsum) {
-    const int chunks = k / 8;  // 8 elements per thread and turn; 4 threads (an aligned quad) share a block of 32
-    for (int base = 0; base < chunks; base += THREADS) {
+    const int chunks = k / 8;
+    uint4 raw[X_TURNS];
+#pragma unroll
+    for (int i = 0; i < X_TURNS; i++) {
+        const int c = i * THREADS + threadIdx.x;
+        raw[i] = c < chunks ? *reinterpret_cast<const uint4*>(x + 8 * (size_t)c) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int i = 0; i < X_TURNS; i++) {
+        if (i * THREADS < chunks) {  // uniform over the block: every lane of a warp takes the shuffles
+            const int c = i * THREADS + threadIdx.x;
+            quantize_chunk<BITS, T>(raw[i], c, c < chunks, q1, q2, s1, s2, bsum);
+        }
+    }
+    for (int base = X_TURNS * THREADS; base < chunks; base += THREADS) {
         const int c = base + threadIdx.x;
-        const bool active = c < chunks;
-        float v[8];
-        if (active) {
-            uint4 raw = *reinterpret_cast<const uint4*>(x + 8 * (size_t)c);
-            const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-            for (int i = 0; i < 8; i++) v[i] = to_float(e[i]);
-        } else {
-#pragma unroll
-            for (int i = 0; i < 8; i++) v[i] = 0.f;
-        }
-        float m = 0.f, sum = 0.f;
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-            m = fmaxf(m, fabsf(v[i]));
-            sum += v[i];
-        }
-        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        const float scale1 = m / 127.f;
-        const float inv1 = m > 0.f ? 127.f / m : 0.f;
-        int a[8];
-        float r[8];
-        float m2 = 0.f;
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-            a[i] = quantize_code(v[i], inv1);
-            r[i] = __fsub_rn(v[i], __fmul_rn(scale1, (float)a[i]));
-            m2 = fmaxf(m2, fabsf(r[i]));
-        }
-        m2 = fmaxf(m2, __shfl_xor_sync(0xffffffffu, m2, 1));
-        m2 = fmaxf(m2, __shfl_xor_sync(0xffffffffu, m2, 2));
-        const float scale2 = m2 / 127.f;
-        const float inv2 = m2 > 0.f ? 127.f / m2 : 0.f;
-        int b[8];
-#pragma unroll
-        for (int i = 0; i < 8; i++) b[i] = quantize_code(r[i], inv2);
-        if (active) {
-            if (BITS == 4) {
-                q1[2 * c] = pack4(a[0], a[2], a[4], a[6]);
-                q1[2 * c + 1] = pack4(a[1], a[3], a[5], a[7]);
-                q2[2 * c] = pack4(b[0], b[2], b[4], b[6]);
-                q2[2 * c + 1] = pack4(b[1], b[3], b[5], b[7]);
-            } else {
-                q1[2 * c] = pack4(a[0], a[1], a[2], a[3]);
-                q1[2 * c + 1] = pack4(a[4], a[5], a[6], a[7]);
-                q2[2 * c] = pack4(b[0], b[1], b[2], b[3]);
-                q2[2 * c + 1] = pack4(b[4], b[5], b[6], b[7]);
-            }
-            if ((c & 3) == 0) {
-                s1[c / 4] = scale1;
-                s2[c / 4] = scale2;
-                bsum[c / 4] = sum;
-            }
-        }
+        const uint4 r = c < chunks ? *reinterpret_cast<const uint4*>(x + 8 * (size_t)c) : make_uint4(0, 0, 0, 0);
+        quantize_chunk<BITS, T>(r, c, c < chunks, q1, q2, s1, s2, bsum);
     }
 }
 
