@@ -11,7 +11,9 @@ full-range __nv_cosf / __nv_sinf, not to the fast approximations that are accura
 per-head norm is the same arithmetic as :func:`trident.kernels.rms_norm.rms_norm_reference` (rounded to
 the input dtype before the rotation, as the unfused model stores it).
 
-One program handles one token: all its query heads, then all its key heads. Queries and keys may be
+One program handles one token's query heads or its key heads, HEADS_PER_PROGRAM at a time: a decode step at batch 1
+is a handful of programs side by side (one program doing all 32 + 8 heads of a Llama-3-8B token took 3.6 us on an
+H200, its key loads waiting behind its query stores: the two views may alias). Queries and keys may be
 strided views of the fused qkv projection (any token and head stride, each head contiguous). The launch
 depends on shapes only: CUDA graphs can capture it.
 """
@@ -24,6 +26,9 @@ import triton.language as tl
 
 from trident.kernels.pdl import pdl_launch, wait_for_previous_grid
 from trident.kernels.rms_norm import rms_norm_reference
+
+HEADS_PER_PROGRAM = 8
+"""Heads (all of one token, all queries or all keys) one program rotates."""
 
 
 def rotary_reference(query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
@@ -63,17 +68,16 @@ def rotary(query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor, inv_
         return
     half = head_dim // 2
     half_pad = triton.next_power_of_2(half)
-    heads_pad = triton.next_power_of_2(max(num_q_heads, num_k_heads))
+    heads_per_program = min(HEADS_PER_PROGRAM, triton.next_power_of_2(max(num_q_heads, num_k_heads)))
+    q_programs = triton.cdiv(num_q_heads, heads_per_program)
     pdl = pdl_launch(query.device)
-    _rotary_kernel[(num_tokens,)](
+    _rotary_kernel[(num_tokens, q_programs + triton.cdiv(num_k_heads, heads_per_program))](
         query, key, positions, inv_freq,
         q_norm_weight if qk_norm else inv_freq, k_norm_weight if qk_norm else inv_freq,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1),
-        num_q_heads, num_k_heads, half, eps,
-        QK_NORM=qk_norm, UNIT_OFFSET=unit_offset,
-        QH_PAD=triton.next_power_of_2(num_q_heads), KH_PAD=triton.next_power_of_2(num_k_heads),
-        HALF_PAD=half_pad,
-        num_warps=min(max(heads_pad * half_pad // 512, 1), 8), USE_PDL=pdl, launch_pdl=pdl
+        num_q_heads, num_k_heads, q_programs, half, eps,
+        QK_NORM=qk_norm, UNIT_OFFSET=unit_offset, H_PAD=heads_per_program, HALF_PAD=half_pad,
+        num_warps=min(max(heads_per_program * half_pad // 512, 1), 8), USE_PDL=pdl, launch_pdl=pdl
     )
 
 
@@ -110,18 +114,23 @@ def _rotate_heads(base_ptr, norm_weight_ptr, stride_head, num_heads, half, eps, 
 @triton.jit
 def _rotary_kernel(q_ptr, k_ptr, positions_ptr, inv_freq_ptr, q_norm_ptr, k_norm_ptr,
                    stride_qt, stride_qh, stride_kt, stride_kh,
-                   num_q_heads, num_k_heads, half, eps,
+                   num_q_heads, num_k_heads, q_programs, half, eps,
                    QK_NORM: tl.constexpr, UNIT_OFFSET: tl.constexpr,
-                   QH_PAD: tl.constexpr, KH_PAD: tl.constexpr, HALF_PAD: tl.constexpr, USE_PDL: tl.constexpr):
+                   H_PAD: tl.constexpr, HALF_PAD: tl.constexpr, USE_PDL: tl.constexpr):
     wait_for_previous_grid(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
     position = tl.load(positions_ptr + token).to(tl.float32)
     dims = tl.arange(0, HALF_PAD)
     inv_freq = tl.load(inv_freq_ptr + dims, mask=dims < half, other=0.0)
     angle = position * inv_freq
     cos = tl.cos(angle)
     sin = tl.sin(angle)
-    _rotate_heads(q_ptr + token * stride_qt, q_norm_ptr, stride_qh, num_q_heads, half, eps, cos, sin, dims,
-                  QK_NORM, UNIT_OFFSET, QH_PAD)
-    _rotate_heads(k_ptr + token * stride_kt, k_norm_ptr, stride_kh, num_k_heads, half, eps, cos, sin, dims,
-                  QK_NORM, UNIT_OFFSET, KH_PAD)
+    if block < q_programs:
+        first = block * H_PAD
+        _rotate_heads(q_ptr + token * stride_qt + first * stride_qh, q_norm_ptr, stride_qh, num_q_heads - first,
+                      half, eps, cos, sin, dims, QK_NORM, UNIT_OFFSET, H_PAD)
+    else:
+        first = (block - q_programs) * H_PAD
+        _rotate_heads(k_ptr + token * stride_kt + first * stride_kh, k_norm_ptr, stride_kh, num_k_heads - first,
+                      half, eps, cos, sin, dims, QK_NORM, UNIT_OFFSET, H_PAD)
