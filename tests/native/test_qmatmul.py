@@ -88,3 +88,45 @@ def test_c_packer_equals_the_torch_layout(lib, bits) -> None:
         w = random_weight(bits, n, k, 32, True, gen)
         rows = -(-n // nq.ROWS) * nq.ROWS
         assert torch.equal(nq.pack(w, lib=lib).codes, nq.pack_codes_torch(w, rows)), (n, k)
+
+
+DEQUANTIZE_FORMATS = [  # bits, group (None: per channel), symmetric, float zero points
+    (4, 32, True, False), (4, 64, False, False), (4, 32, False, True), (4, None, True, False),
+    (8, None, True, False), (8, 32, False, False), (8, 128, True, False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("fmt", DEQUANTIZE_FORMATS, ids=lambda f: "int{}_g{}_{}{}".format(
+    f[0], f[1], "sym" if f[2] else "asym", "_floatzp" if f[3] else ""))
+def test_dequantize_equals_torch_bit_for_bit(lib, monkeypatch, fmt, dtype) -> None:
+    """tq_dequantize gives exactly what rtn.dequantize's torch arithmetic gives (prefill runs on its output), for
+    every stored format, with scales and zero points spanning magnitudes (and a scale that rounds to bf16 ties)."""
+    from trident.quant.rtn import QuantConfig, QuantizedWeight, dequantize
+
+    bits, group, symmetric, float_zp = fmt
+    n, k = 19, 256
+    gen = torch.Generator().manual_seed(bits * 100 + (group or 1) + symmetric)
+    groups = 1 if group is None else k // group
+    if bits == 4:
+        qweight = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8)
+    else:
+        qweight = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    scales = 10 ** (torch.rand(n, groups, generator=gen) * 4 - 3)
+    scales[0, 0] = 1.0 + 2**-8  # products land on bfloat16 ties
+    zeros = None
+    if not symmetric:
+        zeros = (torch.randn(n, groups, generator=gen) * 0.3 if float_zp
+                 else torch.randint(0, 2**bits, (n, groups), generator=gen).to(torch.uint8))
+    config = QuantConfig(bits=bits, group_size=group, symmetric=symmetric, float_zero_points=float_zp)
+    q = QuantizedWeight(qweight, scales, zeros)
+    monkeypatch.setenv("TRIDENT_NO_NATIVE", "1")
+    expected = dequantize(q, config, dtype)  # torch's arithmetic
+    monkeypatch.delenv("TRIDENT_NO_NATIVE")
+    got = nq.dequantize_stored(q, config, dtype, lib)
+    assert got is not None and got.dtype == dtype and got.shape == (n, k)
+    assert torch.equal(got, expected), f"{fmt}: max diff {(got.float() - expected.float()).abs().max().item():.3g}"
+    calls = []
+    real = nq.dequantize_stored
+    monkeypatch.setattr(nq, "dequantize_stored", lambda *a: calls.append(1) or real(*a))
+    assert torch.equal(dequantize(q, config, dtype), expected) and calls == [1]  # rtn.dequantize takes it by default

@@ -423,6 +423,110 @@ void tq_pack(int bits, const uint8_t *codes, int n, int k, int n_padded, uint8_t
     }
 }
 
+#if defined(__clang__)
+#define TQ_NO_CONTRACT
+#elif defined(__GNUC__)
+#define TQ_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+#else
+#define TQ_NO_CONTRACT
+#endif
+/* The 32 values from element start of a row: c * s (mode 0), (c - z) * s (1) or c * s + z (2), into w. */
+TQ_NO_CONTRACT
+static inline void dequantize_block(int bits, const uint8_t *c, int code_bias, float sc, float z, int mode, int start,
+                                    float w[TQ_BLOCK]) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+    int raw[TQ_BLOCK];
+    if (bits == 4) {
+        const uint8_t *b = c + start / 2;
+        for (int j = 0; j < TQ_BLOCK / 2; j++) {
+            raw[2 * j] = (b[j] & 15) + code_bias;
+            raw[2 * j + 1] = (b[j] >> 4) + code_bias;
+        }
+    } else {
+        const int8_t *b = (const int8_t *)c + start;
+        for (int j = 0; j < TQ_BLOCK; j++) raw[j] = b[j] + code_bias;
+    }
+    if (mode == 1) {
+        for (int j = 0; j < TQ_BLOCK; j++) {
+            const float shifted = (float)raw[j] - z;
+            w[j] = shifted * sc;
+        }
+    } else if (mode == 2) {
+        for (int j = 0; j < TQ_BLOCK; j++) {
+            const float scaled = (float)raw[j] * sc;
+            w[j] = scaled + z;
+        }
+    } else {
+        for (int j = 0; j < TQ_BLOCK; j++) w[j] = (float)raw[j] * sc;
+    }
+}
+
+/* W [n, k] (k and the group size multiples of 32) from the codes as stored (trident/quant/rtn.py: int8 [n, k], or
+ * int4 two per byte [n, k / 2] with element 2j in the low nibble), computed exactly as rtn.dequantize computes it,
+ * in float32: c = code + code_bias (the format's offset: -8 for symmetric int4, +128 for asymmetric int8, else 0),
+ * then per group g of row r
+ *     mode 0: c * s,   mode 1: (c - z) * s,   mode 2: c * s + z   (s = scales[r, g], z = zeros[r, g]; two roundings,
+ * never fused, as torch does it), stored as float32 or rounded to bfloat16 (to nearest even). For products of more
+ * rows than tq_matmul takes (prefill), where torch's element-wise chain of the same arithmetic took 4x longer. */
+TQ_NO_CONTRACT
+void tq_dequantize(int bits, const uint8_t *codes, int code_bias, const float *scales, const float *zeros, int mode,
+                   int n, int k, int groups, void *out, int out_bf16, int threads) {
+    const int group_size = k / groups;
+    const size_t row_bytes = bits == 4 ? (size_t)k / 2 : (size_t)k;
+#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : omp_default_threads())
+    for (int r = 0; r < n; r++) {
+        const uint8_t *c = codes + (size_t)r * row_bytes;
+        int start = 0;
+#if defined(TQ_ZMM) && defined(__AVX512BF16__)
+        /* the same arithmetic on 16 lanes (the conversions and products are exact or rounded as in the scalar code;
+         * vcvtneps2bf16 rounds to nearest even) */
+        for (; start < k; start += TQ_BLOCK) {
+            const size_t g = (size_t)r * groups + start / group_size;
+            const __m512 sc = _mm512_set1_ps(scales[g]), z = _mm512_set1_ps(zeros ? zeros[g] : 0.0f);
+            const __m512i bias = _mm512_set1_epi32(code_bias);
+            __m512i raw[2];
+            if (bits == 4) {
+                const __m128i b = _mm_loadu_si128((const __m128i *)(c + start / 2)), low4 = _mm_set1_epi8(0x0f);
+                const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+                raw[0] = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
+                raw[1] = _mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi));
+            } else {
+                raw[0] = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + start)));
+                raw[1] = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + start + 16)));
+            }
+            for (int h = 0; h < 2; h++) {
+                const __m512 v = _mm512_cvtepi32_ps(_mm512_add_epi32(raw[h], bias));
+                const __m512 w = mode == 1 ? _mm512_mul_ps(_mm512_sub_ps(v, z), sc)
+                                 : mode == 2 ? _mm512_add_ps(_mm512_mul_ps(v, sc), z) : _mm512_mul_ps(v, sc);
+                if (out_bf16)
+                    _mm256_storeu_si256((__m256i *)((uint16_t *)out + (size_t)r * k + start + 16 * h),
+                                        (__m256i)_mm512_cvtneps_pbh(w));
+                else
+                    _mm512_storeu_ps((float *)out + (size_t)r * k + start + 16 * h, w);
+            }
+        }
+#endif
+        for (; start < k; start += TQ_BLOCK) {
+            const size_t g = (size_t)r * groups + start / group_size;
+            float w[TQ_BLOCK];
+            dequantize_block(bits, c, code_bias, scales[g], zeros ? zeros[g] : 0.0f, mode, start, w);
+            if (out_bf16) { /* float_to_bf16, written branch-free so that it vectorizes */
+                uint16_t *o = (uint16_t *)out + (size_t)r * k + start;
+                uint32_t u[TQ_BLOCK];
+                memcpy(u, w, sizeof w);
+                for (int j = 0; j < TQ_BLOCK; j++) {
+                    const uint32_t rounded = (u[j] + 0x7fffu + ((u[j] >> 16) & 1u)) >> 16;
+                    o[j] = (uint16_t)((u[j] & 0x7fffffffu) > 0x7f800000u ? ((u[j] >> 16) | 0x40u) : rounded);
+                }
+            } else {
+                memcpy((float *)out + (size_t)r * k + start, w, sizeof w);
+            }
+        }
+    }
+}
+
 /* Which integer dot product this build uses: 3 AVX-512 VNNI, 2 AVX-VNNI (256-bit), 1 AVX2, 0 plain C. */
 int tq_isa(void) {
 #if defined(TQ_ZMM)

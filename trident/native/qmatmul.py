@@ -20,7 +20,7 @@ import torch
 
 from trident.native.build import NATIVE, load, unavailable_reason
 from trident.quant.affine import AffineWeight
-from trident.quant.rtn import unpack_int4
+from trident.quant.rtn import ASYMMETRIC_INT8_OFFSET, QuantConfig, QuantizedWeight, unpack_int4
 
 BLOCK = 32
 """Activations are quantized per block of this many elements; group sizes must be multiples of it."""
@@ -43,6 +43,8 @@ def library(march: str = NATIVE) -> ctypes.CDLL | None:
         lib.tq_isa.restype = i
         lib.tq_pack.argtypes = [i, p, i, i, i, p, i]
         lib.tq_pack.restype = None
+        lib.tq_dequantize.argtypes = [i, p, i, p, p, i, i, i, i, p, i, i]
+        lib.tq_dequantize.restype = None
         lib._typed = True
     return lib
 
@@ -162,3 +164,32 @@ def pack_codes_torch(w: AffineWeight, rows: int) -> torch.Tensor:
     if w.bits == 4:
         return (lanes[:, :, :PAIR // 2] | (lanes[:, :, PAIR // 2:] << 4)).reshape(rows, pairs * PAIR // 2).contiguous()
     return lanes.reshape(rows, pairs * PAIR).contiguous()
+
+
+def dequantize_stored(q: QuantizedWeight, config: QuantConfig, dtype: torch.dtype,
+                      lib: ctypes.CDLL | None = None) -> torch.Tensor | None:
+    """The weight [N, K] that the stored ``q`` stands for, in float32 or bfloat16, by the library's tq_dequantize:
+    bit for bit what :func:`trident.quant.rtn.dequantize` computes, in one pass (prefill products of more rows than
+    the kernel takes dequantize every weight once per chunk). None without the library (``lib``: this CPU's build by
+    default), for other dtypes, or K or groups not multiples of BLOCK."""
+    lib = lib or library()
+    if lib is None or dtype not in X_DTYPES or q.qweight.device.type != "cpu":
+        return None
+    codes = q.qweight.contiguous()
+    n = codes.shape[0]
+    k = codes.shape[1] * (2 if config.bits == 4 else 1)
+    groups = q.scales.shape[1]
+    if groups == 0 or k % groups or (k // groups) % BLOCK:
+        return None
+    if config.bits == 4:
+        code_bias = -8 if config.symmetric else 0
+    else:
+        code_bias = 0 if config.symmetric else ASYMMETRIC_INT8_OFFSET
+    scales = q.scales.to(torch.float32).contiguous()
+    zeros = None if q.zeros is None else q.zeros.to(torch.float32).contiguous()
+    mode = 0 if zeros is None else 2 if config.float_zero_points else 1
+    out = torch.empty(n, k, dtype=dtype)
+    lib.tq_dequantize(config.bits, codes.data_ptr(), code_bias, scales.data_ptr(),
+                      None if zeros is None else zeros.data_ptr(), mode, n, k, groups, out.data_ptr(),
+                      dtype == torch.bfloat16, torch.get_num_threads())
+    return out

@@ -200,7 +200,15 @@ def pack_codes(codes: torch.Tensor, grid: Grid, config: QuantConfig) -> Quantize
 
 
 def dequantize(q: QuantizedWeight, config: QuantConfig, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The weight [N, K] that ``q`` stands for, in ``dtype`` (computed in float32, or float64 for float64)."""
+    """The weight [N, K] that ``q`` stands for, in ``dtype`` (computed in float32, or float64 for float64). On the
+    CPU, float32 and bfloat16 come from the native library's one-pass copy of this arithmetic where it is built
+    (trident/native/qmatmul.py: dequantize_stored, bit for bit the same)."""
+    if dtype in (torch.float32, torch.bfloat16) and q.qweight.device.type == "cpu":
+        from trident.native.qmatmul import dequantize_stored
+
+        w = dequantize_stored(q, config, dtype)
+        if w is not None:
+            return w
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     if config.bits == 4:
         codes = unpack_int4(q.qweight) - (8 if config.symmetric else 0)
