@@ -69,6 +69,34 @@ def test_every_row_count_and_width(lib) -> None:
         assert torch.allclose(y.double(), emulated_matmul(x, w), rtol=1e-5, atol=1e-5), (n, rows)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tile_path_agrees_with_the_vector_path(bits) -> None:
+    """Where the CPU has AMX tiles (and the kernel grants them), 6-16 activation rows take the tile path:
+    it equals the emulated product like the vector path does, and the vector path (tiles switched off) within
+    float32 rounding; N off the 16-row tiles, with offsets and bias. Elsewhere no tile path is claimed."""
+    lib = nq.library()
+    if not lib.tq_amx_init(1):  # no tiles in this build or from this kernel: none claimed
+        assert lib.tq_amx_min_rows() == 0 and "amx" not in nq.isa(lib)
+        return
+    gen = torch.Generator().manual_seed(bits)
+    w = random_weight(bits, 37, 192, 32 if bits == 4 else 64, True, gen)
+    b = torch.randn(37, generator=gen)
+    packed = nq.pack(w, b)
+    for rows, dtype in ((6, torch.float32), (11, torch.bfloat16), (16, torch.float32)):
+        x = (torch.randn(rows, 192, generator=gen) * 2).to(dtype)
+        assert lib.tq_amx_init(1) == 1 and "amx" in nq.isa(lib)
+        tiles = packed.matmul(x, lib)
+        lib.tq_amx_init(0)
+        try:
+            vector = packed.matmul(x, lib)
+        finally:
+            lib.tq_amx_init(1)
+        emulated = emulated_matmul(x, w, b)
+        tol = 2.0**-8 if dtype == torch.bfloat16 else 1e-5
+        assert torch.allclose(tiles.double(), emulated, rtol=tol, atol=1e-4), (bits, rows)
+        assert torch.allclose(tiles.float(), vector.float(), rtol=tol, atol=1e-4), (bits, rows)
+
+
 def test_rejects_what_it_cannot_take() -> None:
     gen = torch.Generator().manual_seed(0)
     with pytest.raises(ValueError, match="multiples of 32"):

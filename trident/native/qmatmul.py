@@ -14,6 +14,7 @@ activations' rounding only, which tests/quant/test_native_qmatmul.py bounds.
 from __future__ import annotations
 
 import ctypes
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +30,8 @@ MAX_ROWS = 16
 weight over the rows better than this row-by-row kernel."""
 X_DTYPES = (torch.float32, torch.bfloat16)
 LIBRARY = "tqnative"
+NO_AMX_ENV = "TRIDENT_NO_AMX"
+"""Set to 1 to keep 6-16-row products on the vector path where the CPU has AMX tiles (comparisons, debugging)."""
 
 
 def library(march: str = NATIVE) -> ctypes.CDLL | None:
@@ -45,6 +48,11 @@ def library(march: str = NATIVE) -> ctypes.CDLL | None:
         lib.tq_pack.restype = None
         lib.tq_dequantize.argtypes = [i, p, i, p, p, i, i, i, i, p, i, i]
         lib.tq_dequantize.restype = None
+        lib.tq_amx_init.argtypes = [i]
+        lib.tq_amx_init.restype = i
+        lib.tq_amx_min_rows.restype = i
+        # AMX tiles (Sapphire Rapids and later) for 6-16 activation rows, unless TRIDENT_NO_AMX=1 (comparisons)
+        lib.tq_amx_init(0 if os.environ.get(NO_AMX_ENV) == "1" else 1)
         lib._typed = True
     return lib
 
@@ -60,11 +68,13 @@ def why_unavailable() -> str | None:
 
 def isa(lib: ctypes.CDLL | None = None) -> str:
     """The integer dot product a build uses (this CPU's by default): 'avx512-vnni', 'avx-vnni' (256-bit), 'avx2'
-    or 'c' (plain C)."""
+    or 'c' (plain C), with " + amx-int8 from N rows" where the tile path is on."""
     lib = lib or library()
     if lib is None:
         raise RuntimeError(f"the native qmatmul kernel is not available: {why_unavailable()}")
-    return {3: "avx512-vnni", 2: "avx-vnni", 1: "avx2", 0: "c"}[lib.tq_isa()]
+    name = {3: "avx512-vnni", 2: "avx-vnni", 1: "avx2", 0: "c"}[lib.tq_isa()]
+    amx_rows = lib.tq_amx_min_rows()
+    return name + (f" + amx-int8 from {amx_rows} rows" if amx_rows else "")
 
 
 def supports(w: AffineWeight) -> bool:
