@@ -51,8 +51,10 @@ typedef struct {
 } tq_step;
 
 #define TQ_LANES 16 /* partial sums per reduction: independent lanes the compiler can keep in one vector */
+#define TQ_MAX_GROUP 64      /* query heads per kv head the layer takes */
+#define TQ_MAX_HEAD_DIM 1024 /* head_dim the layer takes */
 
-/* Dot products of float32 q with a float32 or bfloat16 row (n a multiple of TQ_LANES, else a scalar tail). */
+/* Dot product of float32 q with a float32 row (n a multiple of TQ_LANES, else a scalar tail). */
 static inline float dot_f32(const float *q, const float *k, int n) {
     float acc[TQ_LANES] = {0};
     int i = 0;
@@ -61,17 +63,6 @@ static inline float dot_f32(const float *q, const float *k, int n) {
     float total = 0.0f;
     for (int j = 0; j < TQ_LANES; j++) total += acc[j];
     for (; i < n; i++) total += q[i] * k[i];
-    return total;
-}
-
-static inline float dot_bf16(const float *q, const uint16_t *k, int n) {
-    float acc[TQ_LANES] = {0};
-    int i = 0;
-    for (; i + TQ_LANES <= n; i += TQ_LANES)
-        for (int j = 0; j < TQ_LANES; j++) acc[j] += q[i + j] * bf16_to_float(k[i + j]);
-    float total = 0.0f;
-    for (int j = 0; j < TQ_LANES; j++) total += acc[j];
-    for (; i < n; i++) total += q[i] * bf16_to_float(k[i]);
     return total;
 }
 
@@ -126,7 +117,7 @@ long tq_layer_workspace_bytes(const tq_layer *L, int rows, int max_context) {
 int tq_decode_layer(const tq_layer *L, const tq_step *S) {
     const int rows = S->rows, H = L->hidden, D = L->head_dim, heads = L->heads, kvh = L->kv_heads;
     const int qkv_width = (heads + 2 * kvh) * D, group = heads / kvh;
-    if (rows < 1 || heads % kvh || D % 2) return -1;
+    if (rows < 1 || heads % kvh || D % 2 || group > TQ_MAX_GROUP || D > TQ_MAX_HEAD_DIM) return -1;
     for (int m = 0; m < rows; m++)
         if (S->positions[m] < 0 || S->positions[m] >= S->max_context) return -1;
     const long wide = H > L->inter ? H : L->inter;
@@ -164,35 +155,59 @@ int tq_decode_layer(const tq_layer *L, const tq_step *S) {
             }
         }
     }
+    /* attention: one task per sequence and kv head; each cached key and value row is read (and widened to float32)
+     * once for the group of query heads that share it, walking the sequence's blocks */
 #pragma omp parallel for collapse(2) schedule(static) num_threads(S->threads > 0 ? S->threads : 1)
     for (int m = 0; m < rows; m++) {
-        for (int h = 0; h < heads; h++) {
+        for (int g = 0; g < kvh; g++) {
             const int pos = S->positions[m], context = pos + 1;
             const int start = L->window > 0 && context > L->window ? context - L->window : 0;
             const int32_t *table = S->block_tables + (long)m * S->max_blocks;
-            const float *q = qkv + (long)m * qkv_width + (long)h * D;
-            float *s = scores + ((long)m * heads + h) * S->max_context;
-            float *out = att + ((long)m * heads + h) * D;
-            const long head_base = (long)(h / group) * L->slots;
-            float best = -INFINITY;
-            for (int t = start; t < context; t++) {
-                const long at = (head_base + (long)table[t / S->block_size] * S->block_size + t % S->block_size) * D;
-                s[t] = (L->cache_bf16 ? dot_bf16(q, (const uint16_t *)L->key_cache + at, D)
-                                      : dot_f32(q, (const float *)L->key_cache + at, D)) * L->scale;
-                if (s[t] > best) best = s[t];
+            const long head_base = (long)g * L->slots;
+            float best[TQ_MAX_GROUP], total[TQ_MAX_GROUP], row[TQ_MAX_HEAD_DIM];
+            for (int j = 0; j < group; j++) best[j] = -INFINITY, total[j] = 0.0f;
+            for (int t = start; t < context;) {
+                const int in_block = t % S->block_size;
+                const int run = S->block_size - in_block < context - t ? S->block_size - in_block : context - t;
+                const long at = (head_base + (long)table[t / S->block_size] * S->block_size + in_block) * D;
+                for (int u = 0; u < run; u++, t++) {
+                    const float *k = (const float *)L->key_cache + at + (long)u * D;
+                    if (L->cache_bf16) {
+                        const uint16_t *kb = (const uint16_t *)L->key_cache + at + (long)u * D;
+                        for (int i = 0; i < D; i++) row[i] = bf16_to_float(kb[i]);
+                        k = row;
+                    }
+                    for (int j = 0; j < group; j++) {
+                        const int h = g * group + j;
+                        float *s = scores + ((long)m * heads + h) * S->max_context;
+                        s[t] = dot_f32(qkv + (long)m * qkv_width + (long)h * D, k, D) * L->scale;
+                        if (s[t] > best[j]) best[j] = s[t];
+                    }
+                }
             }
-            float total = 0.0f;
-            for (int t = start; t < context; t++) total += (s[t] = expf(s[t] - best));
-            for (int i = 0; i < D; i++) out[i] = 0.0f;
-            for (int t = start; t < context; t++) {
-                const long at = (head_base + (long)table[t / S->block_size] * S->block_size + t % S->block_size) * D;
-                const float p = s[t] / total;
-                if (L->cache_bf16) {
-                    const uint16_t *v = (const uint16_t *)L->value_cache + at;
-                    for (int i = 0; i < D; i++) out[i] += p * bf16_to_float(v[i]);
-                } else {
-                    const float *v = (const float *)L->value_cache + at;
-                    for (int i = 0; i < D; i++) out[i] += p * v[i];
+            for (int j = 0; j < group; j++) {
+                float *s = scores + ((long)m * heads + g * group + j) * S->max_context;
+                for (int t = start; t < context; t++) total[j] += (s[t] = expf(s[t] - best[j]));
+                float *out = att + ((long)m * heads + g * group + j) * D;
+                for (int i = 0; i < D; i++) out[i] = 0.0f;
+            }
+            for (int t = start; t < context;) {
+                const int in_block = t % S->block_size;
+                const int run = S->block_size - in_block < context - t ? S->block_size - in_block : context - t;
+                const long at = (head_base + (long)table[t / S->block_size] * S->block_size + in_block) * D;
+                for (int u = 0; u < run; u++, t++) {
+                    const float *v = (const float *)L->value_cache + at + (long)u * D;
+                    if (L->cache_bf16) {
+                        const uint16_t *vb = (const uint16_t *)L->value_cache + at + (long)u * D;
+                        for (int i = 0; i < D; i++) row[i] = bf16_to_float(vb[i]);
+                        v = row;
+                    }
+                    for (int j = 0; j < group; j++) {
+                        const int h = g * group + j;
+                        const float p = scores[((long)m * heads + h) * S->max_context + t] / total[j];
+                        float *out = att + ((long)m * heads + h) * D;
+                        for (int i = 0; i < D; i++) out[i] += p * v[i];
+                    }
                 }
             }
         }
