@@ -66,6 +66,32 @@ static inline float dot_f32(const float *q, const float *k, int n) {
     return total;
 }
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define TQ_VEC_MAX_HEAD_DIM 256 /* head_dim (a multiple of 16) up to which scores take the vector path */
+
+/* out[u] = q . k_u for n <= 16 float32 rows k_u = k + u * D (D a multiple of 16): each row summed in 16 lanes, then
+ * the 16 rows' lanes added in one transposing tree, 16 scores at a time, instead of one serial reduction each. */
+static inline __m512 dot16_rows(const float *q, const float *k, int n, int D) {
+    __m512 a[16];
+    for (int u = 0; u < 16; u++) a[u] = _mm512_setzero_ps();
+    for (int c = 0; c < D; c += 16) {
+        const __m512 qc = _mm512_loadu_ps(q + c);
+        for (int u = 0; u < n; u++) a[u] = _mm512_fmadd_ps(qc, _mm512_loadu_ps(k + (long)u * D + c), a[u]);
+    }
+    __m512 b[8], c[4];
+    for (int i = 0; i < 8; i++) /* per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] of rows 2i, 2i + 1 */
+        b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; i++) { /* per 128-bit lane: the lane's 4-element sums of rows 4i .. 4i + 3 */
+        const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+        c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    const __m512 e0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xdd));
+    const __m512 e1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x88), _mm512_shuffle_f32x4(c[2], c[3], 0xdd));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(e0, e1, 0x88), _mm512_shuffle_f32x4(e0, e1, 0xdd)); /* lane u: row u */
+}
+#endif
+
 static void rms_norm(const float *x, const float *weight, int n, float eps, int unit_offset, float *out) {
     const float ss = dot_f32(x, x, n);
     const float r = 1.0f / sqrtf(ss / (float)n + eps);
@@ -165,11 +191,40 @@ int tq_decode_layer(const tq_layer *L, const tq_step *S) {
             const int32_t *table = S->block_tables + (long)m * S->max_blocks;
             const long head_base = (long)g * L->slots;
             float best[TQ_MAX_GROUP], total[TQ_MAX_GROUP], row[TQ_MAX_HEAD_DIM];
+#if defined(__AVX512F__)
+            float keys[16 * TQ_VEC_MAX_HEAD_DIM];
+#endif
             for (int j = 0; j < group; j++) best[j] = -INFINITY, total[j] = 0.0f;
             for (int t = start; t < context;) {
                 const int in_block = t % S->block_size;
                 const int run = S->block_size - in_block < context - t ? S->block_size - in_block : context - t;
                 const long at = (head_base + (long)table[t / S->block_size] * S->block_size + in_block) * D;
+#if defined(__AVX512F__)
+                if (D % 16 == 0 && D <= TQ_VEC_MAX_HEAD_DIM) { /* 16 keys at a time */
+                    for (int u0 = 0; u0 < run; u0 += 16) {
+                        const int n = run - u0 < 16 ? run - u0 : 16;
+                        const float *k = (const float *)L->key_cache + at + (long)u0 * D;
+                        if (L->cache_bf16) {
+                            const uint16_t *kb = (const uint16_t *)L->key_cache + at + (long)u0 * D;
+                            for (long i = 0; i < (long)n * D; i++) keys[i] = bf16_to_float(kb[i]);
+                            k = keys;
+                        }
+                        for (int j = 0; j < group; j++) {
+                            const int h = g * group + j;
+                            float *s = scores + ((long)m * heads + h) * S->max_context + t + u0;
+                            float lanes[16];
+                            _mm512_storeu_ps(lanes, _mm512_mul_ps(dot16_rows(qkv + (long)m * qkv_width + (long)h * D, k, n, D),
+                                                                  _mm512_set1_ps(L->scale)));
+                            for (int u = 0; u < n; u++) {
+                                s[u] = lanes[u];
+                                if (s[u] > best[j]) best[j] = s[u];
+                            }
+                        }
+                    }
+                    t += run;
+                    continue;
+                }
+#endif
                 for (int u = 0; u < run; u++, t++) {
                     const float *k = (const float *)L->key_cache + at + (long)u * D;
                     if (L->cache_bf16) {
