@@ -22,6 +22,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from trident.errors import TridentError
@@ -72,22 +73,29 @@ def _build(name: str, march: str) -> tuple[ctypes.CDLL | None, str | None]:
     texts = [path.read_text() for path in (*sources, *sorted(SOURCE_DIR.glob("*.h")))]  # the headers too
     flags = (*FLAGS, f"-march={march}")
     key = hashlib.sha256("\0".join((*texts, " ".join(flags), version, _cpu_signature())).encode())
-    library = cache_dir() / f"{name}-{march}-{key.hexdigest()[:16]}.so"
+    import torch  # noqa: F401  (its libgomp is loaded first, so the library shares torch's OpenMP runtime)
+
+    return compile_cached(name, cache_dir() / f"{name}-{march}-{key.hexdigest()[:16]}.so",
+                          lambda out: [compiler, *flags, *map(str, sources), "-o", out, "-lm"])
+
+
+def compile_cached(name: str, library: Path,
+                   command: Callable[[str], list[str]]) -> tuple[ctypes.CDLL | None, str | None]:
+    """Load the shared library at ``library`` (a cache path named by a hash of everything that makes it), compiling
+    it first by ``command(output path)`` when it is not there: into a temporary file renamed into place, so that
+    concurrent processes (pytest workers) never load a half-written one. (None, why) when that fails."""
     if not library.is_file():
         library.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=library.parent)
         os.close(fd)
         try:
-            done = subprocess.run([compiler, *flags, *map(str, sources), "-o", tmp, "-lm"], capture_output=True,
-                                  text=True)
+            done = subprocess.run(command(tmp), capture_output=True, text=True)
             if done.returncode != 0:
                 return None, f"compiling {name} failed: {done.stderr.strip()[-2000:]}"
             os.replace(tmp, library)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    import torch  # noqa: F401  (its libgomp is loaded first, so the library shares torch's OpenMP runtime)
-
     try:
         return ctypes.CDLL(str(library)), None
     except OSError as e:

@@ -17,11 +17,10 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 from trident.errors import TridentError
-from trident.native.build import DISABLE_ENV, SOURCE_DIR, cache_dir
+from trident.native.build import DISABLE_ENV, SOURCE_DIR, cache_dir, compile_cached
 
 CUDA_LIBRARIES = {"tqgemv": ("gemv_cuda.cu",)}
 """Library name -> its CUDA sources (gemv_cuda.cu: the batch-1 integer weight-only matmul)."""
@@ -52,22 +51,7 @@ def _build(name: str, arch: str) -> tuple[ctypes.CDLL | None, str | None]:
     flags = (*NVCC_FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}")
     key = hashlib.sha256("\0".join((*(s.read_text() for s in sources), " ".join(flags), version)).encode())
     library = cache_dir() / f"{name}-sm{arch}-{key.hexdigest()[:16]}.so"
-    if not library.is_file():
-        library.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=library.parent)
-        os.close(fd)
-        try:
-            done = subprocess.run([nvcc, *flags, *map(str, sources), "-o", tmp], capture_output=True, text=True)
-            if done.returncode != 0:
-                return None, f"compiling {name} failed: {done.stderr.strip()[-2000:]}"
-            os.replace(tmp, library)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    try:
-        return ctypes.CDLL(str(library)), None
-    except OSError as e:
-        return None, f"loading {library} failed: {e}"
+    return compile_cached(name, library, lambda out: [nvcc, *flags, *map(str, sources), "-o", out])
 
 
 def _arch() -> str | None:
