@@ -1,4 +1,4 @@
-"""trident/native/decode_layer.c against a float64 torch layer: one Llama-form decoder layer's decode step for two
+"""trident/native/decode_layer.c against a float64 torch layer: one Llama-form decoder layer's decode step for three
 sequences at once (their blocks not consecutive, one of them past a sliding window in one case), with int4 / int8
 projections (emulate.py's quantized-activation products), per-head query / key norms or none, both activations,
 float32 and bfloat16 caches, for every build this CPU runs. Checks the residual stream after the layer and the keys
@@ -17,8 +17,8 @@ from trident.native import qmatmul as nq
 from trident.native.decode_layer import LayerSpec, NativeLayer, NativeStep
 
 H, HEADS, KV_HEADS, D, INTER = 64, 4, 2, 16, 96
-BLOCK_SIZE, NUM_BLOCKS = 4, 8
-ROWS = [(5, [3, 1]), (9, [0, 5, 2])]
+BLOCK_SIZE, NUM_BLOCKS = 4, 16
+ROWS = [(5, [3, 1]), (9, [0, 5, 2]), (27, [8, 15, 9, 14, 10, 13, 11])]
 """(position of the new token, block table) per sequence."""
 ACT = {"silu": F.silu, "gelu_pytorch_tanh": lambda g: F.gelu(g, approximate="tanh")}
 
