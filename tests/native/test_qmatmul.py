@@ -97,6 +97,34 @@ def test_tile_path_agrees_with_the_vector_path(bits) -> None:
         assert torch.allclose(tiles.float(), vector.float(), rtol=tol, atol=1e-4), (bits, rows)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_activation_stages_equal_the_emulation_exactly(lib, dtype) -> None:
+    """The two int8 stages the kernel quantizes x into (tq_quantize_activations: every build, the AVX-512 one on 16
+    lanes) give exactly emulate.py's value per element: the same codes and units, for 1 to 16 rows, a padded pair
+    (K = 96), an all-zero block, a block with one huge element and values on rounding ties."""
+    from emulate import quantize_activations
+
+    gen = torch.Generator().manual_seed(5)
+    for rows, k in ((1, 96), (5, 576), (16, 160)):
+        x = (torch.randn(rows, k, generator=gen) * 10 ** (torch.rand(rows, 1, generator=gen) * 4 - 2)).to(dtype)
+        x[0, 32:64] = 0
+        x[-1, 0] = 3e4
+        x[-1, 1:32] = torch.arange(1, 32, dtype=torch.float32).to(dtype) * (3e4 / 127 / 2)  # multiples of half a step
+        kp = -(-k // 64) * 64
+        xq = torch.empty(rows, 2, kp, dtype=torch.int8)
+        d = torch.empty(rows, kp // 32, dtype=torch.float32)
+        assert lib.tq_quantize_activations(x.contiguous().data_ptr(), dtype == torch.bfloat16, rows, k, xq.data_ptr(),
+                                           d.data_ptr(), 2) == kp
+        order = nq.lane_order()  # lane-order position -> element of the pair
+        codes = torch.empty(rows, 2, kp, dtype=torch.int8)
+        codes.view(rows, 2, kp // 64, 64)[..., order] = xq.view(rows, 2, kp // 64, 64)
+        value = d.double().repeat_interleave(32, dim=1) * (256.0 * codes[:, 0].double() + codes[:, 1].double())
+        expected, unit = quantize_activations(x)
+        assert torch.equal(d[:, : k // 32].double(), unit), "units differ"
+        assert torch.equal(value[:, :k], expected), f"rows {rows}, K {k}: {(value[:, :k] - expected).abs().max()}"
+        assert (codes[:, :, k:] == 0).all() and (d[:, k // 32:] == 0).all()  # padding
+
+
 def test_rejects_what_it_cannot_take() -> None:
     gen = torch.Generator().manual_seed(0)
     with pytest.raises(ValueError, match="multiples of 32"):

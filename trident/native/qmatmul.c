@@ -75,12 +75,81 @@ static inline int lane_position(int half, int i) { return (i / 4) * 8 + half * 4
 /* Quantize rows of x [rows, k] (float32 or bfloat16) into the two stages xq [rows, 2, kp] (lane order, kp = 64 *
  * pairs, padding zero), d [rows, 2 * pairs] holding each block's d / 256 (padding zero) and, when xsum is not NULL,
  * the group sums xsum [rows, groups]. Rounding: to nearest, ties to even, in float32 (the remainder fused). */
+#if defined(TQ_ZMM)
+/* One block of 32 activations (float32, in v0 / v1) in two stages, as quantize_rows' scalar code computes them (the
+ * same products, roundings and fused remainder; only the plain sum is added in a tree): q1 / q2 the 32 codes in
+ * element order, *dd = d / 256, *sum. */
+static inline void quantize_block16x2(__m512 v0, __m512 v1, __m256i *q1, __m256i *q2, float *dd, float *sum) {
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    *sum = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+    const float step = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f, inv2 = inv * 256.0f;
+    *dd = step / 256.0f;
+    const __m512 vs = _mm512_set1_ps(step), vi = _mm512_set1_ps(inv), vi2 = _mm512_set1_ps(inv2);
+    const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+    const int nearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    const __m512 c1a = _mm512_roundscale_ps(_mm512_mul_ps(v0, vi), nearest);
+    const __m512 c1b = _mm512_roundscale_ps(_mm512_mul_ps(v1, vi), nearest);
+    __m512 c2a = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_fnmadd_ps(c1a, vs, v0), vi2), nearest);
+    __m512 c2b = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_fnmadd_ps(c1b, vs, v1), vi2), nearest);
+    c2a = _mm512_min_ps(_mm512_max_ps(c2a, lo), hi);
+    c2b = _mm512_min_ps(_mm512_max_ps(c2b, lo), hi);
+    *q1 = _mm256_set_m128i(_mm512_cvtepi32_epi8(_mm512_cvtps_epi32(c1b)), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(c1a)));
+    *q2 = _mm256_set_m128i(_mm512_cvtepi32_epi8(_mm512_cvtps_epi32(c2b)), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(c2a)));
+}
+
+static inline void load_block(const void *x, int x_bf16, size_t base, __m512 *v0, __m512 *v1) {
+    if (x_bf16) {
+        const uint16_t *h = (const uint16_t *)x + base;
+        *v0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)h)), 16));
+        *v1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(h + 16))), 16));
+    } else {
+        *v0 = _mm512_loadu_ps((const float *)x + base);
+        *v1 = _mm512_loadu_ps((const float *)x + base + 16);
+    }
+}
+#endif
+
 static void quantize_rows(const void *x, int x_bf16, int rows, int k, int kp, int group_size, int8_t *xq, float *d,
-                          float *xsum) {
-    float buf[TQ_BLOCK];
-    int8_t q1[TQ_BLOCK], q2[TQ_BLOCK];
+                          float *xsum, int threads) {
     const int blocks = k / TQ_BLOCK, padded = kp / TQ_BLOCK, groups = k / group_size, per_group = group_size / TQ_BLOCK;
+#pragma omp parallel for schedule(static) if (rows >= 4) num_threads(threads > 0 ? threads : omp_default_threads())
     for (int m = 0; m < rows; m++) {
+        float buf[TQ_BLOCK];
+        int8_t q1[TQ_BLOCK], q2[TQ_BLOCK];
+#if defined(TQ_ZMM)
+        { /* whole pairs on 16 lanes: the pair's two blocks interleaved dword by dword (lane order) */
+            int8_t *xm = xq + (size_t)m * 2 * kp;
+            float *dm = d + (size_t)m * padded;
+            const __m512i interleave = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+            for (int p = 0; p < padded / 2; p++) {
+                __m256i a1[2], a2[2];
+                for (int h = 0; h < 2; h++) {
+                    const int b = 2 * p + h;
+                    if (b >= blocks) { /* the odd block of a padded pair */
+                        a1[h] = a2[h] = _mm256_setzero_si256();
+                        dm[b] = 0.0f;
+                        continue;
+                    }
+                    __m512 v0, v1;
+                    float sum;
+                    load_block(x, x_bf16, (size_t)m * k + (size_t)b * TQ_BLOCK, &v0, &v1);
+                    quantize_block16x2(v0, v1, &a1[h], &a2[h], &dm[b], &sum);
+                    if (xsum) {
+                        float *g = &xsum[(size_t)m * groups + b / per_group];
+                        if (b % per_group == 0) *g = 0.0f;
+                        *g += sum;
+                    }
+                }
+                _mm512_storeu_si512(xm + (size_t)p * TQ_PAIR,
+                                    _mm512_permutex2var_epi32(_mm512_castsi256_si512(a1[0]), interleave,
+                                                              _mm512_castsi256_si512(a1[1])));
+                _mm512_storeu_si512(xm + kp + (size_t)p * TQ_PAIR,
+                                    _mm512_permutex2var_epi32(_mm512_castsi256_si512(a2[0]), interleave,
+                                                              _mm512_castsi256_si512(a2[1])));
+            }
+            continue;
+        }
+#endif
         int8_t *xm = xq + (size_t)m * 2 * kp;
         float *dm = d + (size_t)m * padded;
         for (int b = 0; b < padded; b++) {
@@ -444,6 +513,15 @@ static inline void store(void *y, int y_bf16, size_t index, float v) {
         ((float *)y)[index] = v;
 }
 
+/* The activations' two stages as tq_matmul makes them (for tests): xq [rows, 2, kp] in lane order, d [rows, kp / 32]
+ * (each block's d / 256), kp = 64 * ceil(k / 64). Returns kp, or -1 for a k it does not take. */
+int tq_quantize_activations(const void *x, int x_bf16, int rows, int k, int8_t *xq, float *d, int threads) {
+    if (k % TQ_BLOCK || rows < 1) return -1;
+    const int kp = (k + TQ_PAIR - 1) / TQ_PAIR * TQ_PAIR;
+    quantize_rows(x, x_bf16, rows, k, kp, k, xq, d, NULL, threads);
+    return kp;
+}
+
 /* Bytes of one weight row's codes for k inputs. */
 long tq_row_bytes(int bits, int k) {
     long pairs = (k + TQ_PAIR - 1) / TQ_PAIR;
@@ -476,7 +554,7 @@ int tq_matmul(const void *x, int x_bf16, int rows, int k, int bits, const uint8_
     float *d = (float *)workspace;
     float *xsum = d + (size_t)rows * 2 * pairs;
     int8_t *xq = (int8_t *)(xsum + (size_t)rows * groups);
-    quantize_rows(x, x_bf16, rows, k, kp, group_size, xq, d, offsets ? xsum : NULL);
+    quantize_rows(x, x_bf16, rows, k, kp, group_size, xq, d, offsets ? xsum : NULL, threads);
     const size_t row_bytes = (size_t)tq_row_bytes(bits, k);
     const int tasks = (n + TQ_ROWS_PER_TASK - 1) / TQ_ROWS_PER_TASK;
 #if defined(TQ_AMX)
