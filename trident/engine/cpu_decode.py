@@ -58,9 +58,13 @@ def unsupported_reason(model: torch.nn.Module, backend: object, kv_caches: Seque
     if model.config.attn_logit_softcapping is not None:
         return "attention logits are soft-capped"
     cache = kv_caches[0]
-    if cache.key_scale is not None:
-        return "the KV cache is quantized"
     dtype = model.model.norm.weight.dtype
+    if cache.key_scale is not None:  # only the C layers read and write a quantized cache, and only int8
+        if cache.key.dtype != torch.int8:
+            return f"the KV cache holds {cache.key.dtype} codes (the C layers take int8)"
+        if _native_layers(model, kv_caches, dtype) is None:
+            return "the KV cache is quantized and the layers do not run as C calls"
+        return None
     if cache.key.dtype != dtype:
         return f"the KV cache holds {cache.key.dtype}, the model computes in {dtype}"
     return None
@@ -110,7 +114,7 @@ def _native_layers(model: LlamaForCausalLM, kv_caches: Sequence[LayerKVCache],
                    dtype: torch.dtype) -> list[NativeLayer] | None:
     """Every layer as a decode_layer.c call when the native library is built and every projection takes the
     native integer kernel (weight-only int4 / int8 in groups of multiples of 32, as GGUF's Q4_0 / Q4_1 / Q8_0), on
-    a float32 or bfloat16 cache; else None (the torch-call step runs)."""
+    a float32, bfloat16 or int8 cache; else None (the torch-call step runs, on float caches only)."""
     if dtype not in (torch.float32, torch.bfloat16) or not native_qmatmul.available():
         return None
     config = model.config
@@ -134,7 +138,9 @@ def _native_layers(model: LlamaForCausalLM, kv_caches: Sequence[LayerKVCache],
             *packed, layer.input_layernorm.weight, layer.post_attention_layernorm.weight, q_norm, k_norm,
             config.rms_norm_eps, head_eps, model.model.rotary.inv_freq, config.num_heads, config.num_kv_heads,
             config.head_dim, config.attention_scale, mlp.act, config.layer_window(index),
-            cache.key.view(kv_heads, -1, head_dim), cache.value.view(kv_heads, -1, head_dim))))
+            cache.key.view(kv_heads, -1, head_dim), cache.value.view(kv_heads, -1, head_dim),
+            None if cache.key_scale is None else cache.key_scale.view(kv_heads, -1),
+            None if cache.value_scale is None else cache.value_scale.view(kv_heads, -1))))
     return layers
 
 

@@ -9,8 +9,9 @@
  * The residual stream is the state between layers: layer l reads residual r, computes
  *     x = norm_in(r); r += o(attention(x)); r += down(act(gate(norm_post(r))) * up(norm_post(r)))
  * which is the Hugging Face layer with its residual adds (the torch path fuses each add into the next norm).
- * The cache is TorchAttention's layout, [kv_heads, slots, head_dim] per layer, in float32 or bfloat16; a token at
- * position t of a sequence lives in slot block_table[t / block_size] * block_size + t % block_size. */
+ * The cache is TorchAttention's layout, [kv_heads, slots, head_dim] per layer, in float32, bfloat16 or int8 codes
+ * with a float32 scale per (kv head, slot) (trident/quant/kv.py: --kv-cache-dtype int8); a token at position t of a
+ * sequence lives in slot block_table[t / block_size] * block_size + t % block_size. */
 
 #include <math.h>
 #include <stdint.h>
@@ -33,12 +34,13 @@ typedef struct {
 typedef struct {
     int hidden, heads, kv_heads, head_dim, inter;
     int activation; /* 0 silu, 1 gelu (tanh approximation), 2 gelu (erf) */
-    int unit_offset, window, cache_bf16;
+    int unit_offset, window, cache_format; /* cache_format: 0 float32, 1 bfloat16, 2 int8 codes with scales */
     float eps, head_eps, scale;
     const float *input_norm, *post_norm, *q_norm, *k_norm; /* float32; q_norm / k_norm NULL without head norms */
     const float *inv_freq;                                  /* [head_dim / 2] */
     tq_weight qkv, o, gate_up, down;
     void *key_cache, *value_cache;
+    float *key_scale, *value_scale; /* int8 caches: one scale per (kv head, slot), trident/quant/kv.py's format */
     long slots;
 } tq_layer;
 
@@ -150,6 +152,45 @@ static void rms_norm(const float *x, const float *weight, int n, float eps, int 
     for (int i = 0; i < n; i++) out[i] = x[i] * r * (unit_offset ? 1.0f + weight[i] : weight[i]);
 }
 
+/* Cached rows [n, D] of one kv head from element `at` (a multiple of D; slot at / D) as float32 into out: bf16 widened,
+ * int8 codes times their row's scale (trident/quant/kv.py's dequantize_kv), float32 copied. */
+static inline void widen_rows(const tq_layer *L, const void *cache, const float *scales, long at, int n, int D,
+                              float *out) {
+    if (L->cache_format == 1) {
+        const uint16_t *src = (const uint16_t *)cache + at;
+        for (long i = 0; i < (long)n * D; i++) out[i] = bf16_to_float(src[i]);
+    } else if (L->cache_format == 2) {
+        const int8_t *src = (const int8_t *)cache + at;
+        for (int u = 0; u < n; u++) {
+            const float sc = scales[at / D + u];
+            for (int i = 0; i < D; i++) out[(long)u * D + i] = (float)src[(long)u * D + i] * sc;
+        }
+    } else {
+        memcpy(out, (const float *)cache + at, sizeof(float) * (size_t)n * D);
+    }
+}
+
+/* One kv head's new key or value row into its cache slot (element `at`), in the cache's format: int8 as
+ * trident/quant/kv.py's quantize_kv (s = absmax / 127, q = clamp(floor(x / s + 0.5), +-127); a zero row: s = 0). */
+static inline void store_row(const tq_layer *L, void *cache, float *scales, long at, const float *x, int D) {
+    if (L->cache_format == 1) {
+        uint16_t *dst = (uint16_t *)cache + at;
+        for (int i = 0; i < D; i++) dst[i] = float_to_bf16(x[i]);
+    } else if (L->cache_format == 2) {
+        float amax = 0.0f;
+        for (int i = 0; i < D; i++) amax = fmaxf(amax, fabsf(x[i]));
+        const float sc = amax / 127.0f, div = sc > 0.0f ? sc : 1.0f;
+        int8_t *dst = (int8_t *)cache + at;
+        for (int i = 0; i < D; i++) {
+            const float q = floorf(x[i] / div + 0.5f);
+            dst[i] = (int8_t)(q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q);
+        }
+        scales[at / D] = sc;
+    } else {
+        memcpy((float *)cache + at, x, sizeof(float) * (size_t)D);
+    }
+}
+
 /* cos and sin of position * inv_freq[i] (i < head_dim / 2): one table per token, shared by all its heads. */
 static void rotation(int head_dim, const float *inv_freq, int position, float *cs) {
     const int half = head_dim / 2;
@@ -203,7 +244,9 @@ long tq_layer_workspace_bytes(const tq_layer *L, int rows, int max_context) {
 int tq_decode_layer(const tq_layer *L, const tq_step *S) {
     const int rows = S->rows, H = L->hidden, D = L->head_dim, heads = L->heads, kvh = L->kv_heads;
     const int qkv_width = (heads + 2 * kvh) * D, group = heads / kvh;
-    if (rows < 1 || heads % kvh || D % 2 || group > TQ_MAX_GROUP || D > TQ_MAX_HEAD_DIM) return -1;
+    if (rows < 1 || heads % kvh || D % 2 || group > TQ_MAX_GROUP || D > TQ_MAX_HEAD_DIM || L->cache_format < 0 ||
+        L->cache_format > 2 || (L->cache_format == 2 && (!L->key_scale || !L->value_scale)))
+        return -1;
     for (int m = 0; m < rows; m++)
         if (S->positions[m] < 0 || S->positions[m] >= S->max_context) return -1;
     const long wide = H > L->inter ? H : L->inter;
@@ -234,13 +277,8 @@ int tq_decode_layer(const tq_layer *L, const tq_step *S) {
         for (int h = 0; h < kvh; h++) {
             const float *k = row + (long)(heads + h) * D, *v = row + (long)(heads + kvh + h) * D;
             const long at = ((long)h * L->slots + slot) * D;
-            if (L->cache_bf16) {
-                uint16_t *kc = (uint16_t *)L->key_cache + at, *vc = (uint16_t *)L->value_cache + at;
-                for (int i = 0; i < D; i++) kc[i] = float_to_bf16(k[i]), vc[i] = float_to_bf16(v[i]);
-            } else {
-                memcpy((float *)L->key_cache + at, k, sizeof(float) * D);
-                memcpy((float *)L->value_cache + at, v, sizeof(float) * D);
-            }
+            store_row(L, L->key_cache, L->key_scale, at, k, D);
+            store_row(L, L->value_cache, L->value_scale, at, v, D);
         }
     }
     /* attention: one task per sequence and kv head; each cached key and value row is read (and widened to float32)
@@ -266,9 +304,8 @@ int tq_decode_layer(const tq_layer *L, const tq_step *S) {
                     for (int u0 = 0; u0 < run; u0 += 16) {
                         const int n = run - u0 < 16 ? run - u0 : 16;
                         const float *k = (const float *)L->key_cache + at + (long)u0 * D;
-                        if (L->cache_bf16) {
-                            const uint16_t *kb = (const uint16_t *)L->key_cache + at + (long)u0 * D;
-                            for (long i = 0; i < (long)n * D; i++) keys[i] = bf16_to_float(kb[i]);
+                        if (L->cache_format != 0) {
+                            widen_rows(L, L->key_cache, L->key_scale, at + (long)u0 * D, n, D, keys);
                             k = keys;
                         }
                         for (int j = 0; j < group; j++) {
@@ -289,9 +326,8 @@ int tq_decode_layer(const tq_layer *L, const tq_step *S) {
 #endif
                 for (int u = 0; u < run; u++, t++) {
                     const float *k = (const float *)L->key_cache + at + (long)u * D;
-                    if (L->cache_bf16) {
-                        const uint16_t *kb = (const uint16_t *)L->key_cache + at + (long)u * D;
-                        for (int i = 0; i < D; i++) row[i] = bf16_to_float(kb[i]);
+                    if (L->cache_format != 0) {
+                        widen_rows(L, L->key_cache, L->key_scale, at + (long)u * D, 1, D, row);
                         k = row;
                     }
                     for (int j = 0; j < group; j++) {
@@ -314,9 +350,8 @@ int tq_decode_layer(const tq_layer *L, const tq_step *S) {
                 const long at = (head_base + (long)table[t / S->block_size] * S->block_size + in_block) * D;
                 for (int u = 0; u < run; u++, t++) {
                     const float *v = (const float *)L->value_cache + at + (long)u * D;
-                    if (L->cache_bf16) {
-                        const uint16_t *vb = (const uint16_t *)L->value_cache + at + (long)u * D;
-                        for (int i = 0; i < D; i++) row[i] = bf16_to_float(vb[i]);
+                    if (L->cache_format != 0) {
+                        widen_rows(L, L->value_cache, L->value_scale, at + (long)u * D, 1, D, row);
                         v = row;
                     }
                     for (int j = 0; j < group; j++) {

@@ -21,6 +21,9 @@ ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu": 2}
 """Activation names decode_layer.c computes (Hugging Face's ``hidden_act``) -> its code."""
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+CACHE_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+"""KV-cache element dtypes decode_layer.c reads and writes -> its cache_format code (int8: trident/quant/kv.py's
+codes with a float32 scale per (kv head, slot))."""
 
 
 class _Weight(ctypes.Structure):
@@ -30,11 +33,12 @@ class _Weight(ctypes.Structure):
 
 class _Layer(ctypes.Structure):
     _fields_ = [("hidden", _I), ("heads", _I), ("kv_heads", _I), ("head_dim", _I), ("inter", _I),
-                ("activation", _I), ("unit_offset", _I), ("window", _I), ("cache_bf16", _I),
+                ("activation", _I), ("unit_offset", _I), ("window", _I), ("cache_format", _I),
                 ("eps", _F), ("head_eps", _F), ("scale", _F),
                 ("input_norm", _P), ("post_norm", _P), ("q_norm", _P), ("k_norm", _P), ("inv_freq", _P),
                 ("qkv", _Weight), ("o", _Weight), ("gate_up", _Weight), ("down", _Weight),
-                ("key_cache", _P), ("value_cache", _P), ("slots", ctypes.c_long)]
+                ("key_cache", _P), ("value_cache", _P), ("key_scale", _P), ("value_scale", _P),
+                ("slots", ctypes.c_long)]
 
 
 class _Step(ctypes.Structure):
@@ -87,8 +91,11 @@ class LayerSpec:
     activation: str
     window: int | None
     key_cache: torch.Tensor
-    """[kv_heads, slots, head_dim], float32 or bfloat16 (a view of the engine's cache)."""
+    """[kv_heads, slots, head_dim], float32, bfloat16 or int8 codes (a view of the engine's cache)."""
     value_cache: torch.Tensor
+    key_scale: torch.Tensor | None = None
+    """int8 caches: float32 [kv_heads, slots], one scale per (kv head, slot) (trident/quant/kv.py)."""
+    value_scale: torch.Tensor | None = None
 
 
 class NativeLayer:
@@ -98,8 +105,13 @@ class NativeLayer:
         hidden = spec.input_norm.numel()
         if spec.activation not in ACTIVATIONS:
             raise ValueError(f"decode_layer.c computes {', '.join(ACTIVATIONS)}, not {spec.activation!r}")
-        if spec.key_cache.dtype not in (torch.float32, torch.bfloat16) or not spec.key_cache.is_contiguous():
-            raise ValueError(f"the cache must be contiguous float32 or bfloat16, got {spec.key_cache.dtype}")
+        if spec.key_cache.dtype not in CACHE_FORMATS or not spec.key_cache.is_contiguous():
+            raise ValueError(f"the cache must be contiguous float32, bfloat16 or int8, got {spec.key_cache.dtype}")
+        quantized = spec.key_cache.dtype == torch.int8
+        if quantized != (spec.key_scale is not None and spec.value_scale is not None) or (quantized and not all(
+                t.dtype == torch.float32 and t.is_contiguous() and t.shape == spec.key_cache.shape[:2]
+                for t in (spec.key_scale, spec.value_scale))):
+            raise ValueError("an int8 cache needs float32 [kv_heads, slots] key and value scales (and only it)")
         if spec.qkv.out_features != (spec.heads + 2 * spec.kv_heads) * spec.head_dim or spec.qkv.in_features != hidden:
             raise ValueError("the qkv projection does not match the heads")
         inter = spec.down.in_features
@@ -107,13 +119,15 @@ class NativeLayer:
             raise ValueError("the projections do not chain")
         self.keep = [_f32(spec.input_norm), _f32(spec.post_norm), _f32(spec.q_norm), _f32(spec.k_norm),
                      _f32(spec.inv_freq), spec.qkv, spec.o, spec.gate_up, spec.down, spec.key_cache,
-                     spec.value_cache]
+                     spec.value_cache, spec.key_scale, spec.value_scale]
         norms = [None if t is None else t.data_ptr() for t in self.keep[:5]]
         self.struct = _Layer(
             hidden, spec.heads, spec.kv_heads, spec.head_dim, inter, ACTIVATIONS[spec.activation], 0,
-            spec.window or 0, int(spec.key_cache.dtype == torch.bfloat16), spec.eps, spec.head_eps, spec.scale,
+            spec.window or 0, CACHE_FORMATS[spec.key_cache.dtype], spec.eps, spec.head_eps, spec.scale,
             *norms, _weight(spec.qkv), _weight(spec.o), _weight(spec.gate_up), _weight(spec.down),
-            spec.key_cache.data_ptr(), spec.value_cache.data_ptr(), spec.key_cache.shape[1])
+            spec.key_cache.data_ptr(), spec.value_cache.data_ptr(),
+            spec.key_scale.data_ptr() if quantized else None, spec.value_scale.data_ptr() if quantized else None,
+            spec.key_cache.shape[1])
 
 
 @dataclass
