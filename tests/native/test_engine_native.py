@@ -5,6 +5,7 @@ the activations' quantization and bfloat16 rounding move them."""
 from __future__ import annotations
 
 import pytest
+from agreement import assert_greedy_agree
 
 from trident.engine.llm import LLM
 from trident.engine.request import SamplingParams
@@ -27,16 +28,8 @@ def test_native_decode_agrees_with_the_torch_step(tiny_int4_llama_dir, monkeypat
     assert torch_step.engine.runner.cpu_decoder.native_layers is None
     # nats: measured up to 0.042 on this tiny random model (the two-stage int8 activations, and in bfloat16 the torch
     # step's rounding after every operation); a wrong position, rotation or block changes the tokens themselves
-    tolerance = 0.1
-    compared = 0
-    for step, (a, b) in enumerate(zip(ours, theirs)):
-        assert abs(a.logprob - b.logprob) < tolerance, f"step {step}: {a.logprob} vs {b.logprob}"
-        compared += 1
-        if a.token_id != b.token_id:  # only where the runner-up was within the tolerance (a near tie)
-            margin = min(x.top_logprobs[0][1] - x.top_logprobs[1][1] for x in (a, b))
-            assert margin < tolerance, f"step {step}: greedy token {a.token_id} vs {b.token_id}, margin {margin}"
-            break  # the continuations differ from here on
-    assert compared >= 4 and len(ours) == len(theirs) == 12
+    assert len(ours) == 12
+    assert_greedy_agree(ours, theirs, tolerance=0.1, min_compared=4)
 
 
 def test_int8_kv_cache_runs_in_the_c_layers(tiny_int4_llama_dir) -> None:
@@ -51,11 +44,6 @@ def test_int8_kv_cache_runs_in_the_c_layers(tiny_int4_llama_dir) -> None:
                   enforce_eager=True)
     assert general.engine.runner.cpu_decoder is None
     theirs = list(general.generate(PROMPT, params)[0].outputs[0].logprobs)
-    assert len(ours) == len(theirs) == 12
-    for step, (a, b) in enumerate(zip(ours, theirs)):
-        # the activations' two-stage rounding and a code rounded the other way at a tie: a few 1e-2 nats at most
-        assert abs(a.logprob - b.logprob) < 0.1, f"step {step}: {a.logprob} vs {b.logprob}"
-        if a.token_id != b.token_id:
-            margin = min(x.top_logprobs[0][1] - x.top_logprobs[1][1] for x in (a, b))
-            assert margin < 0.1, f"step {step}: greedy token {a.token_id} vs {b.token_id}, margin {margin}"
-            break
+    # the activations' two-stage rounding and a code rounded the other way at a tie: a few 1e-2 nats at most
+    assert len(ours) == 12
+    assert_greedy_agree(ours, theirs, tolerance=0.1)
