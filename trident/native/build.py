@@ -66,10 +66,9 @@ def _build(name: str, march: str) -> tuple[ctypes.CDLL | None, str | None]:
     compiler = _compiler()
     if compiler is None:
         return None, "no C compiler (cc or gcc) on PATH"
-    try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError) as e:
-        return None, f"{compiler} --version failed: {e}"
+    version, why = tool_version(compiler)
+    if version is None:
+        return None, why
     texts = [path.read_text() for path in (*sources, *sorted(SOURCE_DIR.glob("*.h")))]  # the headers too
     flags = (*FLAGS, f"-march={march}")
     key = hashlib.sha256("\0".join((*texts, " ".join(flags), version, _cpu_signature())).encode())
@@ -77,6 +76,14 @@ def _build(name: str, march: str) -> tuple[ctypes.CDLL | None, str | None]:
 
     return compile_cached(name, cache_dir() / f"{name}-{march}-{key.hexdigest()[:16]}.so",
                           lambda out: [compiler, *flags, *map(str, sources), "-o", out, "-lm"])
+
+
+def tool_version(tool: str) -> tuple[str | None, str | None]:
+    """(``tool --version``'s output, None), or (None, why it failed): part of a build's cache key."""
+    try:
+        return subprocess.run([tool, "--version"], capture_output=True, text=True, check=True).stdout, None
+    except (OSError, subprocess.CalledProcessError) as e:
+        return None, f"{tool} --version failed: {e}"
 
 
 def compile_cached(name: str, library: Path,

@@ -16,11 +16,10 @@ import functools
 import hashlib
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 from trident.errors import TridentError
-from trident.native.build import DISABLE_ENV, SOURCE_DIR, cache_dir, compile_cached
+from trident.native.build import DISABLE_ENV, SOURCE_DIR, cache_dir, compile_cached, tool_version
 
 CUDA_LIBRARIES = {"tqgemv": ("gemv_cuda.cu",)}
 """Library name -> its CUDA sources (gemv_cuda.cu: the batch-1 integer weight-only matmul)."""
@@ -43,10 +42,9 @@ def _build(name: str, arch: str) -> tuple[ctypes.CDLL | None, str | None]:
     nvcc = _nvcc()
     if nvcc is None:
         return None, "no nvcc ($CUDA_HOME/bin, PATH or /usr/local/cuda/bin)"
-    try:
-        version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError) as e:
-        return None, f"{nvcc} --version failed: {e}"
+    version, why = tool_version(nvcc)
+    if version is None:
+        return None, why
     sources = [SOURCE_DIR / file for file in CUDA_LIBRARIES[name]]
     flags = (*NVCC_FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}")
     key = hashlib.sha256("\0".join((*(s.read_text() for s in sources), " ".join(flags), version)).encode())
@@ -54,7 +52,9 @@ def _build(name: str, arch: str) -> tuple[ctypes.CDLL | None, str | None]:
     return compile_cached(name, library, lambda out: [nvcc, *flags, *map(str, sources), "-o", out])
 
 
+@functools.cache
 def _arch() -> str | None:
+    """The current GPU's architecture as nvcc names it (looked up once: callers ask on every eager product)."""
     import torch
 
     if not torch.cuda.is_available():
