@@ -170,6 +170,23 @@ static inline void widen_rows(const tq_layer *L, const void *cache, const float 
     }
 }
 
+/* n cached rows from element `at` as float32: the cache itself when it holds float32, else widened into buf. */
+static inline const float *cached_rows(const tq_layer *L, const void *cache, const float *scales, long at, int n,
+                                       int D, float *buf) {
+    if (L->cache_format == 0) return (const float *)cache + at;
+    widen_rows(L, cache, scales, at, n, D, buf);
+    return buf;
+}
+
+/* The tokens t .. t + run - 1 (run > 0) that share t's block (and come before `context`), and the cache element of
+ * the first of them for kv head base `head_base` (in slots). */
+static inline int block_run(const tq_step *S, const int32_t *table, long head_base, int t, int context, int D,
+                            long *at) {
+    const int in_block = t % S->block_size;
+    *at = (head_base + (long)table[t / S->block_size] * S->block_size + in_block) * D;
+    return S->block_size - in_block < context - t ? S->block_size - in_block : context - t;
+}
+
 /* One kv head's new key or value row into its cache slot (element `at`), in the cache's format: int8 as
  * trident/quant/kv.py's quantize_kv (s = absmax / 127, q = clamp(floor(x / s + 0.5), +-127); a zero row: s = 0). */
 static inline void store_row(const tq_layer *L, void *cache, float *scales, long at, const float *x, int D) {
@@ -296,18 +313,13 @@ int tq_decode_layer(const tq_layer *L, const tq_step *S) {
 #endif
             for (int j = 0; j < group; j++) best[j] = -INFINITY, total[j] = 0.0f;
             for (int t = start; t < context;) {
-                const int in_block = t % S->block_size;
-                const int run = S->block_size - in_block < context - t ? S->block_size - in_block : context - t;
-                const long at = (head_base + (long)table[t / S->block_size] * S->block_size + in_block) * D;
+                long at;
+                const int run = block_run(S, table, head_base, t, context, D, &at);
 #if defined(__AVX512F__)
                 if (D % 16 == 0 && D <= TQ_VEC_MAX_HEAD_DIM) { /* 16 keys at a time */
                     for (int u0 = 0; u0 < run; u0 += 16) {
                         const int n = run - u0 < 16 ? run - u0 : 16;
-                        const float *k = (const float *)L->key_cache + at + (long)u0 * D;
-                        if (L->cache_format != 0) {
-                            widen_rows(L, L->key_cache, L->key_scale, at + (long)u0 * D, n, D, keys);
-                            k = keys;
-                        }
+                        const float *k = cached_rows(L, L->key_cache, L->key_scale, at + (long)u0 * D, n, D, keys);
                         for (int j = 0; j < group; j++) {
                             const int h = g * group + j;
                             float *s = scores + ((long)m * heads + h) * S->max_context + t + u0;
@@ -325,11 +337,7 @@ int tq_decode_layer(const tq_layer *L, const tq_step *S) {
                 }
 #endif
                 for (int u = 0; u < run; u++, t++) {
-                    const float *k = (const float *)L->key_cache + at + (long)u * D;
-                    if (L->cache_format != 0) {
-                        widen_rows(L, L->key_cache, L->key_scale, at + (long)u * D, 1, D, row);
-                        k = row;
-                    }
+                    const float *k = cached_rows(L, L->key_cache, L->key_scale, at + (long)u * D, 1, D, row);
                     for (int j = 0; j < group; j++) {
                         const int h = g * group + j;
                         float *s = scores + ((long)m * heads + h) * S->max_context;
@@ -345,15 +353,10 @@ int tq_decode_layer(const tq_layer *L, const tq_step *S) {
                 for (int i = 0; i < D; i++) out[i] = 0.0f;
             }
             for (int t = start; t < context;) {
-                const int in_block = t % S->block_size;
-                const int run = S->block_size - in_block < context - t ? S->block_size - in_block : context - t;
-                const long at = (head_base + (long)table[t / S->block_size] * S->block_size + in_block) * D;
+                long at;
+                const int run = block_run(S, table, head_base, t, context, D, &at);
                 for (int u = 0; u < run; u++, t++) {
-                    const float *v = (const float *)L->value_cache + at + (long)u * D;
-                    if (L->cache_format != 0) {
-                        widen_rows(L, L->value_cache, L->value_scale, at + (long)u * D, 1, D, row);
-                        v = row;
-                    }
+                    const float *v = cached_rows(L, L->value_cache, L->value_scale, at + (long)u * D, 1, D, row);
                     for (int j = 0; j < group; j++) {
                         const int h = g * group + j;
                         const float p = scores[((long)m * heads + h) * S->max_context + t] / total[j];
