@@ -21,8 +21,9 @@ from pathlib import Path
 from trident.errors import TridentError
 from trident.native.build import DISABLE_ENV, SOURCE_DIR, cache_dir, compile_cached, tool_version
 
-CUDA_LIBRARIES = {"tqgemv": ("gemv_cuda.cu",)}
-"""Library name -> its CUDA sources (gemv_cuda.cu: the batch-1 integer weight-only matmul)."""
+CUDA_LIBRARIES = {"tqgemv": ("gemv_cuda.cu",), "tqmoe": ("moe_gemv_cuda.cu",)}
+"""Library name -> its CUDA sources (gemv_cuda.cu: the batch-1 integer weight-only matmul; moe_gemv_cuda.cu: an MoE
+layer's int8 experts for one token). Every ``*.cuh`` header of the folder is part of each library's cache key."""
 NVCC_FLAGS = ("-O3", "-shared", "-Xcompiler", "-fPIC", "-std=c++17", "--expt-relaxed-constexpr")
 
 
@@ -47,7 +48,8 @@ def _build(name: str, arch: str) -> tuple[ctypes.CDLL | None, str | None]:
         return None, why
     sources = [SOURCE_DIR / file for file in CUDA_LIBRARIES[name]]
     flags = (*NVCC_FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}")
-    key = hashlib.sha256("\0".join((*(s.read_text() for s in sources), " ".join(flags), version)).encode())
+    texts = [path.read_text() for path in (*sources, *sorted(SOURCE_DIR.glob("*.cuh")))]  # the headers too
+    key = hashlib.sha256("\0".join((*texts, " ".join(flags), version)).encode())
     library = cache_dir() / f"{name}-sm{arch}-{key.hexdigest()[:16]}.so"
     return compile_cached(name, library, lambda out: [nvcc, *flags, *map(str, sources), "-o", out])
 

@@ -31,124 +31,7 @@
 // Requirements (checked by the caller, trident/native/gemv_cuda.py): K a multiple of 32, the group size a
 // multiple of 32 (or K, per channel), x and the codes 16-byte aligned, everything contiguous.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-#include <stdint.h>
-
-#define WARPS 8
-#define THREADS (WARPS * 32)
-#define ABLOCK 32
-#define ROWS 2    // rows a warp multiplies at a time (each activation word read from shared memory serves both)
-#define UNROLL 4  // 16-byte chunks per lane and row in one pipeline step
-
-template <typename T> __device__ __forceinline__ float to_float(T v);
-template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half(v); }
-
-__device__ __forceinline__ int quantize_code(float v, float inv) {
-    float q = rintf(__fmul_rn(v, inv));
-    return (int)fminf(fmaxf(q, -127.f), 127.f);
-}
-
-__device__ __forceinline__ uint32_t pack4(int a, int b, int c, int d) {
-    return (uint32_t)(a & 0xFF) | ((uint32_t)(b & 0xFF) << 8) | ((uint32_t)(c & 0xFF) << 16) |
-           ((uint32_t)(d & 0xFF) << 24);
-}
-
-// Quantize 8 elements of x (chunk c of K / 8; 4 threads, an aligned quad, share a block of 32) into shared memory:
-// q1, q2 [K] bytes (int4 order: even elements of each 8, then odd), s1, s2 and the plain sum of each block.
-template <int BITS, typename T>
-__device__ __forceinline__ void quantize_chunk(uint4 raw, int c, bool active, uint32_t* q1, uint32_t* q2, float* s1,
-                                               float* s2, float* bsum) {
-    float v[8];
-    const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int i = 0; i < 8; i++) v[i] = active ? to_float(e[i]) : 0.f;
-    float m = 0.f, sum = 0.f;
-#pragma unroll
-    for (int i = 0; i < 8; i++) {
-        m = fmaxf(m, fabsf(v[i]));
-        sum += v[i];
-    }
-    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const float scale1 = m / 127.f;
-    const float inv1 = m > 0.f ? 127.f / m : 0.f;
-    int a[8];
-    float r[8];
-    float m2 = 0.f;
-#pragma unroll
-    for (int i = 0; i < 8; i++) {
-        a[i] = quantize_code(v[i], inv1);
-        r[i] = __fsub_rn(v[i], __fmul_rn(scale1, (float)a[i]));
-        m2 = fmaxf(m2, fabsf(r[i]));
-    }
-    m2 = fmaxf(m2, __shfl_xor_sync(0xffffffffu, m2, 1));
-    m2 = fmaxf(m2, __shfl_xor_sync(0xffffffffu, m2, 2));
-    const float scale2 = m2 / 127.f;
-    const float inv2 = m2 > 0.f ? 127.f / m2 : 0.f;
-    int b[8];
-#pragma unroll
-    for (int i = 0; i < 8; i++) b[i] = quantize_code(r[i], inv2);
-    if (active) {
-        if (BITS == 4) {
-            q1[2 * c] = pack4(a[0], a[2], a[4], a[6]);
-            q1[2 * c + 1] = pack4(a[1], a[3], a[5], a[7]);
-            q2[2 * c] = pack4(b[0], b[2], b[4], b[6]);
-            q2[2 * c + 1] = pack4(b[1], b[3], b[5], b[7]);
-        } else {
-            q1[2 * c] = pack4(a[0], a[1], a[2], a[3]);
-            q1[2 * c + 1] = pack4(a[4], a[5], a[6], a[7]);
-            q2[2 * c] = pack4(b[0], b[1], b[2], b[3]);
-            q2[2 * c + 1] = pack4(b[4], b[5], b[6], b[7]);
-        }
-        if ((c & 3) == 0) {
-            s1[c / 4] = scale1;
-            s2[c / 4] = scale2;
-            bsum[c / 4] = sum;
-        }
-    }
-}
-
-// Quantize x [K] into shared memory, 8 elements per thread and turn. The first X_TURNS turns' loads are all issued
-// before any of them is used (K up to X_TURNS x 2048 in one round trip); longer x goes on turn by turn.
-#define X_TURNS 8
-template <int BITS, typename T>
-__device__ void quantize_x(const T* __restrict__ x, int k, uint32_t* q1, uint32_t* q2, float* s1, float* s2,
-                           float* bsum) {
-    const int chunks = k / 8;
-    uint4 raw[X_TURNS];
-#pragma unroll
-    for (int i = 0; i < X_TURNS; i++) {
-        const int c = i * THREADS + threadIdx.x;
-        raw[i] = c < chunks ? *reinterpret_cast<const uint4*>(x + 8 * (size_t)c) : make_uint4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int i = 0; i < X_TURNS; i++) {
-        if (i * THREADS < chunks) {  // uniform over the block: every lane of a warp takes the shuffles
-            const int c = i * THREADS + threadIdx.x;
-            quantize_chunk<BITS, T>(raw[i], c, c < chunks, q1, q2, s1, s2, bsum);
-        }
-    }
-    for (int base = X_TURNS * THREADS; base < chunks; base += THREADS) {
-        const int c = base + threadIdx.x;
-        const uint4 r = c < chunks ? *reinterpret_cast<const uint4*>(x + 8 * (size_t)c) : make_uint4(0, 0, 0, 0);
-        quantize_chunk<BITS, T>(r, c, c < chunks, q1, q2, s1, s2, bsum);
-    }
-}
-
-// One pipeline step of a warp: its row group rg's 16-byte chunks base + 32 u + lane (u < U), codes and scales.
-template <int BITS, int R, int U>
-struct Step {
-    uint4 w[R][U];
-    float scale[R][U];
-};
+#include "dp4a_common.cuh"
 
 template <int BITS, int R, int U>
 __device__ __forceinline__ void load_step(Step<BITS, R, U>& s, const uint8_t* __restrict__ codes,
@@ -168,58 +51,6 @@ __device__ __forceinline__ void load_step(Step<BITS, R, U>& s, const uint8_t* __
             } else {
                 s.w[r][u] = make_uint4(0, 0, 0, 0);
                 s.scale[r][u] = 0.f;
-            }
-        }
-    }
-}
-
-template <int BITS, int R, int U>
-__device__ __forceinline__ void compute_step(const Step<BITS, R, U>& s, float (&acc)[R], const uint32_t* q1,
-                                             const uint32_t* q2, const float* s1, const float* s2, int base,
-                                             int lane, int chunks) {
-#pragma unroll
-    for (int u = 0; u < U; u++) {
-        const int ch = base + u * 32 + lane;
-        if (ch >= chunks) break;
-        const int blk = BITS == 4 ? ch : ch / 2;
-        const int word0 = BITS == 4 ? 8 * ch : 4 * ch;  // q words: 8 per block of 32
-        const float a1 = s1[blk], a2 = s2[blk];
-        if (BITS == 4) {
-            const uint4 e1a = *reinterpret_cast<const uint4*>(q1 + word0);
-            const uint4 e1b = *reinterpret_cast<const uint4*>(q1 + word0 + 4);
-            const uint4 e2a = *reinterpret_cast<const uint4*>(q2 + word0);
-            const uint4 e2b = *reinterpret_cast<const uint4*>(q2 + word0 + 4);
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                const uint32_t c[4] = {s.w[r][u].x, s.w[r][u].y, s.w[r][u].z, s.w[r][u].w};
-                const uint32_t e1[8] = {e1a.x, e1a.y, e1a.z, e1a.w, e1b.x, e1b.y, e1b.z, e1b.w};
-                const uint32_t e2[8] = {e2a.x, e2a.y, e2a.z, e2a.w, e2b.x, e2b.y, e2b.z, e2b.w};
-                int i1 = 0, i2 = 0;
-#pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    const int lo = (int)(c[j] & 0x0F0F0F0Fu), hi = (int)((c[j] >> 4) & 0x0F0F0F0Fu);
-                    i1 = __dp4a(lo, (int)e1[2 * j], i1);
-                    i1 = __dp4a(hi, (int)e1[2 * j + 1], i1);
-                    i2 = __dp4a(lo, (int)e2[2 * j], i2);
-                    i2 = __dp4a(hi, (int)e2[2 * j + 1], i2);
-                }
-                acc[r] = fmaf(s.scale[r][u], fmaf(a1, (float)i1, a2 * (float)i2), acc[r]);
-            }
-        } else {
-            const uint4 e1 = *reinterpret_cast<const uint4*>(q1 + word0);
-            const uint4 e2 = *reinterpret_cast<const uint4*>(q2 + word0);
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                int i1 = 0, i2 = 0;
-                i1 = __dp4a((int)s.w[r][u].x, (int)e1.x, i1);
-                i1 = __dp4a((int)s.w[r][u].y, (int)e1.y, i1);
-                i1 = __dp4a((int)s.w[r][u].z, (int)e1.z, i1);
-                i1 = __dp4a((int)s.w[r][u].w, (int)e1.w, i1);
-                i2 = __dp4a((int)s.w[r][u].x, (int)e2.x, i2);
-                i2 = __dp4a((int)s.w[r][u].y, (int)e2.y, i2);
-                i2 = __dp4a((int)s.w[r][u].z, (int)e2.z, i2);
-                i2 = __dp4a((int)s.w[r][u].w, (int)e2.w, i2);
-                acc[r] = fmaf(s.scale[r][u], fmaf(a1, (float)i1, a2 * (float)i2), acc[r]);
             }
         }
     }
@@ -255,10 +86,7 @@ __global__ void __launch_bounds__(THREADS, 2) gemv_kernel(const T* __restrict__ 
     Step<BITS, R, U> cur;
     if (steps > 0) load_step(cur, codes, scales, first, 0, lane, n, row_bytes, chunks, num_groups, group_size);
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
+    wait_for_previous_grid();
     quantize_x<BITS>(x, k, q1, q2, s1, s2, bsum);
     __syncthreads();
 
@@ -307,26 +135,9 @@ __global__ void __launch_bounds__(THREADS, 2) gemv_kernel(const T* __restrict__ 
 template <int BITS, bool OFFSETS, typename T, int R, int U>
 static int launch(const void* x, const void* codes, const float* scales, const float* offsets, const void* bias,
                   void* y, int n, int k, int group_size, int grid, int pdl, cudaStream_t stream) {
-    auto kernel = gemv_kernel<BITS, OFFSETS, T, R, U>;
-    const size_t smem = 2 * (size_t)k + 3 * sizeof(float) * (size_t)(k / ABLOCK);
-    if (smem > 48 * 1024) {
-        cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-        if (e != cudaSuccess) return (int)e;
-    }
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(grid);
-    config.blockDim = dim3(THREADS);
-    config.dynamicSmemBytes = smem;
-    config.stream = stream;
-    cudaLaunchAttribute attribute[1];
-    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attribute[0].val.programmaticStreamSerializationAllowed = 1;
-    config.attrs = attribute;
-    config.numAttrs = pdl ? 1 : 0;
-    cudaError_t e = cudaLaunchKernelEx(&config, kernel, reinterpret_cast<const T*>(x),
-                                       reinterpret_cast<const uint8_t*>(codes), scales, offsets,
-                                       reinterpret_cast<const T*>(bias), reinterpret_cast<T*>(y), n, k, group_size);
-    return (int)e;
+    return launch_kernel(gemv_kernel<BITS, OFFSETS, T, R, U>, grid, activation_smem_bytes(k), pdl, stream,
+                         reinterpret_cast<const T*>(x), reinterpret_cast<const uint8_t*>(codes), scales, offsets,
+                         reinterpret_cast<const T*>(bias), reinterpret_cast<T*>(y), n, k, group_size);
 }
 
 #define ARGS x, codes, scales, offsets, bias, y, n, k, group_size, grid, pdl, stream
