@@ -18,7 +18,8 @@ recorded with the reason, and the sweep goes on.
 ``--weights int8`` also times the same layer with its experts quantized to int8 per output channel
 (trident/moe/quant.py): the fused kernels on the codes with moe_tiles' int8 tiles and, with the sweep, each of
 INT8_VARIANTS, checked against the torch backend in float32 on the dequantized weights. Their GB/s count the bytes
-an int8 call reads: the touched experts' codes and scales.
+an int8 call reads: the touched experts' codes and scales. At one token the CUDA kernels of
+trident/native/moe_gemv_cuda.cu (what a batch-1 decode step runs, where nvcc built them) are timed too.
 
 ``--dry-run`` runs the same code on a tiny float16 layer with wall-clock timing, to check the script without a GPU
 (on the CPU under ``TRITON_INTERPRET=1``).
@@ -179,7 +180,14 @@ def _int8_row(hidden: torch.Tensor, routings: list, q_gate_up, q_down, expected:
     timed = {v: us for v, us in row["int8_variants_us"].items() if isinstance(us, float)}
     row["int8_best_variant"] = min(timed, key=timed.get) if timed else None
     row["int8_best_us"] = timed.get(row["int8_best_variant"])
-    for key in ("int8", "int8_best"):
+    row["int8_cuda_us"] = None
+    from trident.native import moe_gemv_cuda
+
+    weights0, ids0 = routings[0]
+    if moe_gemv_cuda.takes(hidden, ids0, q_gate_up.codes, q_down.codes, *scales.values(), "silu"):
+        row["int8_cuda_us"] = _checked_us(time_us, lambda i: moe_gemv_cuda.experts(
+            hidden, *routings[i], q_gate_up.codes, q_down.codes, "silu", *scales.values()), ROUTINGS, expected)
+    for key in ("int8", "int8_best", "int8_cuda"):
         us = row[f"{key}_us"]
         row[f"{key}_GBps"] = touched / us / 1e3 if isinstance(us, float) else None
     return row
@@ -187,7 +195,8 @@ def _int8_row(hidden: torch.Tensor, routings: list, q_gate_up, q_down, expected:
 
 def print_int8_table(rows: list[dict]) -> None:
     print(f"\n{'int8 experts':14} {'T':>4} {'touched MB':>10} {'bf16 us':>9} {'int8 us':>9} {'int8 GB/s':>10} "
-          f"{'x bf16':>7}  {'int8 config':44} {'best variant':44} {'best us':>8} {'best GB/s':>9}")
+          f"{'x bf16':>7}  {'int8 config':44} {'best variant':44} {'best us':>8} {'best GB/s':>9} {'CUDA us':>8} "
+          f"{'CUDA GB/s':>9}")
     for r in rows:
         speedup = (r["fused_us"] / r["int8_us"] if isinstance(r["fused_us"], float)
                    and isinstance(r["int8_us"], float) else None)
@@ -195,9 +204,10 @@ def print_int8_table(rows: list[dict]) -> None:
               f"{cell(r['fused_us'], '.1f', 9)} {cell(r['int8_us'], '.1f', 9)} {cell(r['int8_GBps'], '.0f', 10)} "
               f"{cell(speedup, '.2f', 7)}  "
               f"{r['int8_config']:44} {r['int8_best_variant'] or '-':44} {cell(r['int8_best_us'], '.1f', 8, '-')} "
-              f"{cell(r['int8_best_GBps'], '.0f', 9, '-')}")
+              f"{cell(r['int8_best_GBps'], '.0f', 9, '-')} {cell(r['int8_cuda_us'], '.1f', 8, '-')} "
+              f"{cell(r['int8_cuda_GBps'], '.0f', 9, '-')}")
     for r in rows:
-        for what, us in [("int8", r["int8_us"]), *r["int8_variants_us"].items()]:
+        for what, us in [("int8", r["int8_us"]), ("CUDA", r["int8_cuda_us"]), *r["int8_variants_us"].items()]:
             if isinstance(us, str):
                 print(f"failed: T={r['tokens']} int8 {what}: {us}")
 

@@ -5,6 +5,9 @@ over k), none reading a value back on the host: a decode step with this backend 
 It takes bfloat16 / float16 models on CUDA (trident/moe/registry.py picks it there, and the torch reference
 elsewhere), with experts of the activations' dtype or int8 codes and their per-row scales (trident/moe/quant.py);
 the kernel tests also run it on the CPU under Triton's interpreter.
+
+One token with int8 experts (batch-1 decode) goes to the CUDA kernels of trident/native/moe_gemv_cuda.cu instead,
+where nvcc built them (two launches: gate|up with the activation, then down with the weights and the sum over k).
 """
 
 from __future__ import annotations
@@ -24,5 +27,10 @@ class TritonExperts:
     def forward(self, hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
                 gate_up: torch.Tensor, down: torch.Tensor, activation: str, *,
                 gate_up_scales: torch.Tensor | None = None, down_scales: torch.Tensor | None = None) -> torch.Tensor:
+        from trident.native import moe_gemv_cuda
+
+        if moe_gemv_cuda.takes(hidden, expert_ids, gate_up, down, gate_up_scales, down_scales, activation):
+            return moe_gemv_cuda.experts(hidden, weights, expert_ids, gate_up, down, activation, gate_up_scales,
+                                         down_scales)
         return fused_experts(hidden, weights, expert_ids, gate_up, down, activation, gate_up_scales=gate_up_scales,
                              down_scales=down_scales)

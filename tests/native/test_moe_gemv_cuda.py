@@ -1,0 +1,184 @@
+"""The CUDA batch-1 int8 experts (trident/native/moe_gemv_cuda.cu) against float64 math.
+
+Each of the two kernels quantizes its activation row to two int8 stages per block of 32 and multiplies the codes
+exactly (dp4a), so each must equal the float64 math on those two-stage activations (emulated by
+moe_gemv_cuda.gate_up_reference / down_reference) within its output's rounding; the two together stay within
+bfloat16's rounding of the torch reference backend. Random routings over several expert counts, k, shapes,
+activations and dtypes; CUDA-graph replay with new routings; the experts backend's dispatch; a tiny MoE engine's
+greedy decode against the Triton experts. The CPU tests check the emulation against exact float64 math and the
+fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from agreement import assert_greedy_agree
+
+from trident.moe.experts import TorchExperts
+from trident.moe.quant import dequantize_experts, quantize_experts
+from trident.native import cuda_build, moe_gemv_cuda
+
+RTOL = {torch.bfloat16: 2**-7, torch.float16: 2**-10}
+"""Twice the output's rounding (half an ulp) of |y|, plus the same of the products' root-sum-square (outputs that
+cancel to near zero): float32 accumulation of the per-block sums stays ~100x below it."""
+
+
+def random_layer(num_experts: int, hidden: int, inter: int, top_k: int, seed: int, dtype: torch.dtype,
+                 device: str = "cpu") -> dict:
+    """One token, a random routing (k distinct experts, softmax-like weights) and int8 experts from N(0, 0.05)
+    weights; the hidden state's blocks of 32 span three orders of magnitude."""
+    g = torch.Generator().manual_seed(seed)
+    gate_up = quantize_experts(torch.randn(num_experts, 2 * inter, hidden, generator=g) * 0.05)
+    down = quantize_experts(torch.randn(num_experts, hidden, inter, generator=g) * 0.05)
+    hidden_state = (torch.randn(1, hidden, generator=g) * 10 ** (torch.rand(1, hidden // 32, 1, generator=g) * 3 - 1)
+                    .repeat_interleave(32, 1).view(1, hidden)).to(dtype)
+    ids = torch.randperm(num_experts, generator=g)[:top_k].view(1, top_k)
+    weights = torch.softmax(torch.randn(1, top_k, generator=g), dim=-1)
+    layer = dict(hidden=hidden_state, weights=weights, expert_ids=ids, gate_up=gate_up.codes, down=down.codes,
+                 gate_up_scales=gate_up.scales, down_scales=down.scales)
+    return {name: t.to(device) for name, t in layer.items()}
+
+
+def test_emulation_is_the_exact_math_within_the_activation_rounding() -> None:
+    """experts_reference (the kernels' two-stage activations and their rounding of act) against exact float64
+    math on the same weights: within bfloat16's rounding of act, and not equal to it (it does round)."""
+    layer = random_layer(16, 256, 96, 4, 0, torch.bfloat16)
+    emulated = moe_gemv_cuda.experts_reference(activation="silu", **layer)
+    x = layer["hidden"].double()[0]
+    ids = layer["expert_ids"][0]
+    gate_up = dequantize_experts(layer["gate_up"][ids], layer["gate_up_scales"][ids], torch.float64)
+    down = dequantize_experts(layer["down"][ids], layer["down_scales"][ids], torch.float64)
+    gate, up = (gate_up @ x).chunk(2, dim=-1)
+    act = torch.nn.functional.silu(gate) * up
+    exact = (layer["weights"][0].double()[:, None] * torch.einsum("khi,ki->kh", down, act)).sum(0)
+    scale = exact.abs().max()
+    assert 0 < (emulated - exact).abs().max() < 2**-7 * scale
+
+
+def test_unavailable_on_the_cpu_for_float_experts_or_when_disabled(monkeypatch) -> None:
+    layer = random_layer(4, 64, 32, 2, 1, torch.bfloat16)
+    args = (layer["hidden"], layer["expert_ids"], layer["gate_up"], layer["down"], layer["gate_up_scales"],
+            layer["down_scales"], "silu")
+    assert not moe_gemv_cuda.takes(*args), "a CPU tensor took the CUDA kernel"
+    assert not moe_gemv_cuda.takes(*args[:4], None, None, "silu"), "float experts took the int8 kernel"
+    monkeypatch.setenv("TRIDENT_NO_NATIVE", "1")
+    assert cuda_build.load_cuda(moe_gemv_cuda.LIBRARY) is None
+    assert moe_gemv_cuda.why_unavailable() == "TRIDENT_NO_NATIVE=1"
+
+
+def _excess(y: torch.Tensor, reference: torch.Tensor, rss: torch.Tensor, dtype: torch.dtype) -> float:
+    return ((y.double() - reference).abs() / (RTOL[dtype] * (reference.abs() + rss) + 2**-24)).max().item()
+
+
+def _check(num_experts: int, hidden: int, inter: int, top_k: int, activation: str, dtype: torch.dtype,
+           seed: int) -> None:
+    layer = random_layer(num_experts, hidden, inter, top_k, seed, dtype, "cuda")
+    what = f"E={num_experts} H={hidden} I={inter} k={top_k} {activation} {dtype}"
+    assert moe_gemv_cuda.takes(layer["hidden"], layer["expert_ids"], layer["gate_up"], layer["down"],
+                               layer["gate_up_scales"], layer["down_scales"], activation), what
+    act = moe_gemv_cuda.gate_up_activation(layer["hidden"], layer["expert_ids"], layer["gate_up"],
+                                           layer["gate_up_scales"], activation)
+    expected = moe_gemv_cuda.gate_up_reference(layer["hidden"], layer["expert_ids"], layer["gate_up"],
+                                               layer["gate_up_scales"], activation)
+    excess = _excess(act.cpu(), expected, expected.abs().max() * 2**-12, dtype)
+    assert excess <= 1, f"{what}: gate|up off the float64 math by {excess:.2f}x the allowance"
+    y = moe_gemv_cuda.down_weighted_sum(act, layer["weights"], layer["expert_ids"], layer["down"],
+                                        layer["down_scales"])
+    expected = moe_gemv_cuda.down_reference(act, layer["weights"], layer["expert_ids"], layer["down"],
+                                            layer["down_scales"])
+    ids = layer["expert_ids"][0].cpu()
+    down = dequantize_experts(layer["down"][ids].cpu(), layer["down_scales"][ids].cpu(), torch.float64)
+    a = act.cpu().double()
+    rss = torch.einsum("khi,ki->h", down * down, a * a).sqrt()
+    excess = _excess(y[0].cpu(), expected, rss, dtype)
+    assert excess <= 1, f"{what}: down off the float64 math by {excess:.2f}x the allowance"
+    # the two launches are what experts() runs
+    assert torch.equal(moe_gemv_cuda.experts(activation=activation, **layer), y)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("activation", ["silu", "gelu_pytorch_tanh", "gelu"])
+def test_kernels_equal_float64_math_over_random_routings(activation: str, dtype: torch.dtype) -> None:
+    """Qwen3-30B-A3B's layer shape (128 experts, H 2048, I 768, k 8), Mixtral-like (8 experts, k 2) and small odd
+    shapes, each over several random routings."""
+    for seed in range(3):
+        for num_experts, hidden, inter, top_k in ((128, 2048, 768, 8), (8, 512, 1792, 2), (5, 96, 32, 1),
+                                                  (64, 160, 224, 6), (40, 64, 32, 32)):
+            _check(num_experts, hidden, inter, top_k, activation, dtype, seed * 100 + num_experts + top_k)
+
+
+@pytest.mark.gpu
+def test_builds_on_the_gpu_machine() -> None:
+    assert moe_gemv_cuda.why_unavailable() is None
+
+
+@pytest.mark.gpu
+def test_backend_dispatch_and_cuda_graph_replay_with_new_routings(monkeypatch) -> None:
+    """TritonExperts sends one int8 token to these kernels (more tokens, or float experts, to Triton), its result
+    within bfloat16's rounding of the torch reference; a captured step replays on a new token and a new routing."""
+    from trident.moe.experts_triton import TritonExperts
+
+    layer = random_layer(32, 256, 128, 4, 9, torch.bfloat16, "cuda")
+    calls = []
+    real = moe_gemv_cuda.experts
+    monkeypatch.setattr(moe_gemv_cuda, "experts", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    backend, reference = TritonExperts(), TorchExperts()
+    args = (layer["hidden"], layer["weights"], layer["expert_ids"], layer["gate_up"], layer["down"], "silu")
+    scales = dict(gate_up_scales=layer["gate_up_scales"], down_scales=layer["down_scales"])
+    y = backend.forward(*args, **scales)
+    assert calls == [1]
+    expected = reference.forward(*args, **scales).float()
+    assert (y.float() - expected).abs().max() < 2**-6 * expected.abs().max()
+    two = torch.cat([layer["hidden"], layer["hidden"]])
+    backend.forward(two, layer["weights"].repeat(2, 1), layer["expert_ids"].repeat(2, 1), *args[3:], **scales)
+    assert calls == [1], "two tokens went to the one-token kernel"
+
+    static = {name: layer[name].clone() for name in ("hidden", "weights", "expert_ids")}
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        static_y = moe_gemv_cuda.experts(static["hidden"], static["weights"], static["expert_ids"], *args[3:],
+                                         **scales)
+    other = random_layer(32, 256, 128, 4, 10, torch.bfloat16, "cuda")
+    for name in static:
+        static[name].copy_(other[name])
+    graph.replay()
+    torch.cuda.synchronize()
+    fresh = moe_gemv_cuda.experts(static["hidden"], static["weights"], static["expert_ids"], *args[3:], **scales)
+    assert torch.equal(static_y, fresh)
+    assert not torch.equal(static_y, y)
+
+
+@pytest.fixture(scope="module")
+def tiny_int8_moe_dir(tmp_path_factory):
+    from hf_tiny import make_hf_model, tiny_hf_configs
+
+    from trident.cli import main
+
+    root = tmp_path_factory.mktemp("tiny-qwen3-moe-native")
+    make_hf_model(tiny_hf_configs()["qwen3_moe"], seed=6).save_pretrained(root / "hf")
+    assert main(["quantize", str(root / "hf"), "--bits", "8", "--out", str(root / "int8")]) == 0
+    return root / "int8"
+
+
+@pytest.mark.gpu
+def test_engine_decode_agrees_with_the_triton_experts(tiny_int8_moe_dir, monkeypatch) -> None:
+    """A CUDA engine's batch-1 decode steps (CUDA graphs) on an int8 MoE model run these kernels and agree with the
+    same engine on the Triton experts: the same greedy tokens, log-probabilities within the activations' rounding."""
+    from trident.engine.llm import LLM
+    from trident.engine.request import SamplingParams
+
+    prompt = [(13 * i + 2) % 97 for i in range(29)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=3, ignore_eos=True)
+    calls = []
+    real = moe_gemv_cuda.experts
+    monkeypatch.setattr(moe_gemv_cuda, "experts", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    llm = LLM(str(tiny_int8_moe_dir), device="cuda", dtype="bfloat16", block_size=16, max_model_len=128)
+    ours = list(llm.generate(prompt, params)[0].outputs[0].logprobs)
+    assert calls, "the CUDA experts never ran"
+    monkeypatch.setenv("TRIDENT_NO_NATIVE", "1")
+    triton = LLM(str(tiny_int8_moe_dir), device="cuda", dtype="bfloat16", block_size=16, max_model_len=128)
+    theirs = list(triton.generate(prompt, params)[0].outputs[0].logprobs)
+    assert len(ours) == 12
+    assert_greedy_agree(ours, theirs, tolerance=0.1)

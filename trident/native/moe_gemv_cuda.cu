@@ -1,0 +1,250 @@
+// The routed experts of an MoE layer for ONE token, with int8 experts (trident/moe/quant.py: codes int8
+// gate_up [E, 2I, H] and down [E, H, I], float32 scales [E, 2I] and [E, H], one per expert and output row), in two
+// launches and with the GPU's 8-bit integer dot products (dp4a), as gemv_cuda.cu multiplies one row of a Linear:
+//
+//   act[j, i] = act(gate_e . x) * (up_e . x)                 e = expert_ids[j], j < k, i < I   (moe_gate_up_kernel)
+//   y[h]      = sum_j weights[j] * (down_e[h] . act[j])                                    (moe_down_kernel)
+//
+// At one token the Triton kernels (trident/kernels/moe_experts.py) run four launches (routing alignment, gate|up,
+// down, the sum over k) with 16-row tensor-core tiles of which one row is used; here:
+//
+//  * moe_gate_up_kernel quantizes x once per block into two int8 stages per block of 32 (dp4a_common.cuh) and gives
+//    each warp (gate row i, up row I + i) of a chosen expert: the pair's two rows are one pipeline step of both
+//    rows' 16-byte chunks, and the warp's lane 0 writes act(gate) * up (float32, one rounding to T).
+//  * moe_down_kernel reads act [k, I] as one activation row of k I elements (quantized the same way) and each output
+//    row h as the k experts' down rows h laid end to end: chunk c of the row belongs to expert j = c / (I / 16),
+//    whose row scale times the routing weight multiplies that chunk's integer sums. The sum over k is the row's own
+//    sum: no partial outputs, no atomics, one rounding to T.
+//
+// Neither reads anything back on the host: the expert ids and weights come from the router's kernel on the GPU
+// (read after the PDL wait), so a decode step stays capturable in a CUDA graph. Requirements (checked by the caller,
+// trident/native/moe_gemv_cuda.py): H and I multiples of 32, k <= MAX_TOP_K, everything contiguous and 16-byte
+// aligned, expert ids int64 in [0, E).
+
+#include "dp4a_common.cuh"
+
+#define MAX_TOP_K 32
+#define ACT_SILU 0
+#define ACT_GELU_TANH 1
+#define ACT_GELU 2
+
+__device__ __forceinline__ float activate(float g, int activation) {
+    if (activation == ACT_SILU) return g / (1.f + expf(-g));
+    if (activation == ACT_GELU_TANH) {
+        const float inner = 0.7978845608028654f * (g + 0.044715f * g * g * g);
+        return 0.5f * g * (1.f + tanhf(inner));
+    }
+    return 0.5f * g * (1.f + erff(g * 0.7071067811865476f));
+}
+
+// The two rows of pair p (gate row i and up row I + i of expert ids[p / I]): their 16-byte chunks base + 32 u + lane.
+template <int U>
+__device__ __forceinline__ void load_pair(Step<8, 2, U>& s, const uint8_t* __restrict__ codes,
+                                          const float* __restrict__ scales, const int64_t* __restrict__ ids, int p,
+                                          int inter, int hidden, int base, int lane) {
+    const int chunks = hidden / 16;
+    const size_t e = (size_t)__ldg(ids + p / inter);
+    const int i = p % inter;
+    const size_t rows[2] = {e * 2 * inter + i, e * 2 * inter + inter + i};
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int ch = base + u * 32 + lane;
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            if (ch < chunks) {
+                s.w[r][u] = __ldcs(reinterpret_cast<const uint4*>(codes + rows[r] * hidden) + ch);
+                s.scale[r][u] = __ldg(scales + rows[r]);
+            } else {
+                s.w[r][u] = make_uint4(0, 0, 0, 0);
+                s.scale[r][u] = 0.f;
+            }
+        }
+    }
+}
+
+// act [k, I] (T) = act(gate) * up for every chosen expert; warps take pairs (j, i) grid-stride.
+template <typename T, int U>
+__global__ void __launch_bounds__(THREADS, 2) moe_gate_up_kernel(const T* __restrict__ x,
+                                                                 const int64_t* __restrict__ ids,
+                                                                 const uint8_t* __restrict__ codes,
+                                                                 const float* __restrict__ scales,
+                                                                 T* __restrict__ act, int top_k, int inter,
+                                                                 int hidden, int activation) {
+    extern __shared__ __align__(16) uint8_t smem[];
+    uint32_t* q1 = reinterpret_cast<uint32_t*>(smem);
+    uint32_t* q2 = reinterpret_cast<uint32_t*>(smem + hidden);
+    float* s1 = reinterpret_cast<float*>(smem + 2 * hidden);
+    float* s2 = s1 + hidden / ABLOCK;
+    float* bsum = s2 + hidden / ABLOCK;
+
+    const int lane = threadIdx.x & 31;
+    const int chunks = hidden / 16;
+    const int pairs = top_k * inter;
+    const int stride = gridDim.x * WARPS;
+    const int first = blockIdx.x * WARPS + (threadIdx.x >> 5);
+    const int steps_per_pair = (chunks + 32 * U - 1) / (32 * U);
+    const int my_pairs = first < pairs ? (pairs - first + stride - 1) / stride : 0;
+    const int steps = my_pairs * steps_per_pair;
+
+    wait_for_previous_grid();  // the expert ids and x come from the kernels before
+    Step<8, 2, U> cur;
+    if (steps > 0) load_pair(cur, codes, scales, ids, first, inter, hidden, 0, lane);
+    quantize_x<8>(x, hidden, q1, q2, s1, s2, bsum);
+    __syncthreads();
+
+    float acc[2] = {0.f, 0.f};
+    for (int t = 0; t < steps; t++) {
+        const int p = first + (t / steps_per_pair) * stride;
+        const int base = (t % steps_per_pair) * 32 * U;
+        Step<8, 2, U> next;
+        if (t + 1 < steps) {
+            load_pair(next, codes, scales, ids, first + ((t + 1) / steps_per_pair) * stride, inter, hidden,
+                      ((t + 1) % steps_per_pair) * 32 * U, lane);
+        }
+        compute_step(cur, acc, q1, q2, s1, s2, base, lane, chunks);
+        if (t % steps_per_pair == steps_per_pair - 1) {  // the pair is done
+            warp_sum(acc);
+            if (lane == 0) act[p] = from_float<T>(activate(acc[0], activation) * acc[1]);
+            acc[0] = acc[1] = 0.f;
+        }
+        if (t + 1 < steps) cur = next;
+    }
+}
+
+// Rows h = rg R + r of down, each the k chosen experts' rows h end to end (chunk c: expert c / (I / 16)), scaled
+// per chunk by that expert's row scale times its routing weight.
+template <int R, int U>
+__device__ __forceinline__ void load_down(Step<8, R, U>& s, const uint8_t* __restrict__ codes,
+                                          const float* __restrict__ scales, const int* ids, const float* weights,
+                                          int rg, int hidden, int inter, int chunks, int base, int lane) {
+    const int per_expert = inter / 16;
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int ch = base + u * 32 + lane;
+        const int j = ch / per_expert;
+        const int within = ch - j * per_expert;
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const int h = min(rg * R + r, hidden - 1);  // a missing row repeats the last (never stored)
+            if (ch < chunks) {
+                const size_t row = (size_t)ids[j] * hidden + h;
+                s.w[r][u] = __ldcs(reinterpret_cast<const uint4*>(codes + row * inter) + within);
+                s.scale[r][u] = __ldg(scales + row) * weights[j];
+            } else {
+                s.w[r][u] = make_uint4(0, 0, 0, 0);
+                s.scale[r][u] = 0.f;
+            }
+        }
+    }
+}
+
+// y [H] (T) = sum_j weights[j] down_e(act[j]); warps take row groups of R rows grid-stride.
+template <typename T, int R, int U>
+__global__ void __launch_bounds__(THREADS, 2) moe_down_kernel(const T* __restrict__ act,
+                                                              const int64_t* __restrict__ expert_ids,
+                                                              const float* __restrict__ routing_weights,
+                                                              const uint8_t* __restrict__ codes,
+                                                              const float* __restrict__ scales, T* __restrict__ y,
+                                                              int top_k, int inter, int hidden) {
+    extern __shared__ __align__(16) uint8_t smem[];
+    const int k = top_k * inter;  // the activation row's length
+    uint32_t* q1 = reinterpret_cast<uint32_t*>(smem);
+    uint32_t* q2 = reinterpret_cast<uint32_t*>(smem + k);
+    float* s1 = reinterpret_cast<float*>(smem + 2 * k);
+    float* s2 = s1 + k / ABLOCK;
+    float* bsum = s2 + k / ABLOCK;
+    __shared__ int ids[MAX_TOP_K];
+    __shared__ float weights[MAX_TOP_K];
+
+    const int lane = threadIdx.x & 31;
+    const int chunks = k / 16;
+    const int row_groups = (hidden + R - 1) / R;
+    const int stride = gridDim.x * WARPS;
+    const int first = blockIdx.x * WARPS + (threadIdx.x >> 5);
+    const int steps_per_group = (chunks + 32 * U - 1) / (32 * U);
+    const int my_groups = first < row_groups ? (row_groups - first + stride - 1) / stride : 0;
+    const int steps = my_groups * steps_per_group;
+
+    wait_for_previous_grid();  // act comes from moe_gate_up_kernel, the ids and weights from the router
+    if (threadIdx.x < top_k) {
+        ids[threadIdx.x] = (int)expert_ids[threadIdx.x];
+        weights[threadIdx.x] = routing_weights[threadIdx.x];
+    }
+    __syncthreads();
+    Step<8, R, U> cur;
+    if (steps > 0) load_down(cur, codes, scales, ids, weights, first, hidden, inter, chunks, 0, lane);
+    quantize_x<8>(act, k, q1, q2, s1, s2, bsum);
+    __syncthreads();
+
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) acc[r] = 0.f;
+    for (int t = 0; t < steps; t++) {
+        const int rg = first + (t / steps_per_group) * stride;
+        const int base = (t % steps_per_group) * 32 * U;
+        Step<8, R, U> next;
+        if (t + 1 < steps) {
+            load_down(next, codes, scales, ids, weights, first + ((t + 1) / steps_per_group) * stride, hidden, inter,
+                      chunks, ((t + 1) % steps_per_group) * 32 * U, lane);
+        }
+        compute_step(cur, acc, q1, q2, s1, s2, base, lane, chunks);
+        if (t % steps_per_group == steps_per_group - 1) {  // the row group is done
+            warp_sum(acc);
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                const int h = rg * R + r;
+                if (lane == 0 && h < hidden) y[h] = from_float<T>(acc[r]);
+                acc[r] = 0.f;
+            }
+        }
+        if (t + 1 < steps) cur = next;
+    }
+}
+
+template <typename T>
+static int gate_up(const void* x, const int64_t* ids, const void* codes, const float* scales, void* act, int top_k,
+                   int inter, int hidden, int activation, int grid, int pdl, cudaStream_t stream) {
+    return launch_kernel(moe_gate_up_kernel<T, UNROLL>, grid, activation_smem_bytes(hidden), pdl, stream,
+                         reinterpret_cast<const T*>(x), ids, reinterpret_cast<const uint8_t*>(codes), scales,
+                         reinterpret_cast<T*>(act), top_k, inter, hidden, activation);
+}
+
+template <typename T>
+static int down(const void* act, const int64_t* ids, const float* weights, const void* codes, const float* scales,
+                void* y, int top_k, int inter, int hidden, int grid, int pdl, cudaStream_t stream) {
+    return launch_kernel(moe_down_kernel<T, ROWS, UNROLL>, grid, activation_smem_bytes(top_k * inter), pdl, stream,
+                         reinterpret_cast<const T*>(act), ids, weights, reinterpret_cast<const uint8_t*>(codes),
+                         scales, reinterpret_cast<T*>(y), top_k, inter, hidden);
+}
+
+extern "C" {
+
+int tq_moe_max_top_k(void) { return MAX_TOP_K; }
+int tq_moe_down_rows_per_warp(void) { return ROWS; }
+int tq_moe_threads(void) { return THREADS; }
+
+// act [k, I] = act(gate_e x) * up_e x for the k experts of expert_ids (int64 [k]): dtype 0 bfloat16, 1 float16
+// (x, act); activation 0 silu, 1 gelu (tanh approximation), 2 gelu (erf). Returns the launch's CUDA error code.
+int tq_moe_gate_up(int dtype, const void* x, const int64_t* expert_ids, const void* codes, const float* scales,
+                   void* act, int top_k, int inter, int hidden, int activation, int grid, int pdl, void* stream) {
+    cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+    if (top_k < 1 || top_k > MAX_TOP_K) return (int)cudaErrorInvalidValue;
+    if (dtype == 0) {
+        return gate_up<__nv_bfloat16>(x, expert_ids, codes, scales, act, top_k, inter, hidden, activation, grid, pdl,
+                                      s);
+    }
+    return gate_up<__half>(x, expert_ids, codes, scales, act, top_k, inter, hidden, activation, grid, pdl, s);
+}
+
+// y [H] = sum_j weights[j] down_e(act[j]) (weights float32 [k]). Returns the launch's CUDA error code.
+int tq_moe_down(int dtype, const void* act, const int64_t* expert_ids, const float* weights, const void* codes,
+                const float* scales, void* y, int top_k, int inter, int hidden, int grid, int pdl, void* stream) {
+    cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+    if (top_k < 1 || top_k > MAX_TOP_K) return (int)cudaErrorInvalidValue;
+    if (dtype == 0) {
+        return down<__nv_bfloat16>(act, expert_ids, weights, codes, scales, y, top_k, inter, hidden, grid, pdl, s);
+    }
+    return down<__half>(act, expert_ids, weights, codes, scales, y, top_k, inter, hidden, grid, pdl, s);
+}
+
+}  // extern "C"
