@@ -16,7 +16,8 @@ deepseek_v3 (trident/moe/config.py says which settings each family uses). The or
 token is unspecified (the sum over them does not depend on it). :class:`Router` is the module holding the
 gate weights, under the checkpoints' names (``gate.weight``, ``gate.e_score_correction_bias``); on CUDA it runs
 the arithmetic after the logits, and the load statistics' accumulation, as one Triton launch
-(trident/kernels/moe_route.py; group-limited routing stays on this torch path).
+(trident/kernels/moe_route.py; group-limited routing stays on this torch path); one token on CUDA takes the logits
+too in the same launch (trident/native/moe_route_cuda.cu), where nvcc built it.
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(config.num_experts, hidden_size), requires_grad=False)
         self.e_score_correction_bias = (nn.Parameter(torch.empty(config.num_experts), requires_grad=False)
                                         if config.score_correction_bias else None)
+        self._ticket: torch.Tensor | None = None
+        """The CUDA one-token kernel's counter (trident/native/moe_route_cuda.py), made on its first call."""
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.float32:
@@ -103,6 +106,10 @@ class Router(nn.Module):
 
     def forward(self, hidden: torch.Tensor, stats: MoeLoadStats | None = None, layer: int = -1) -> Routing:
         """The routing of hidden [tokens, hidden]; with ``stats``, added to layer ``layer``'s load statistics."""
+        if hidden.is_cuda and hidden.shape[0] == 1:
+            routing = self._one_token_cuda(hidden, stats, layer)
+            if routing is not None:
+                return routing
         logits = self.logits(hidden)
         if ops.uses_kernels(logits):
             from trident.kernels import moe_route
@@ -116,3 +123,18 @@ class Router(nn.Module):
         if stats is not None:
             stats.record(layer, routing)
         return routing
+
+    def _one_token_cuda(self, hidden: torch.Tensor, stats: MoeLoadStats | None, layer: int) -> Routing | None:
+        """One token's routing by the CUDA kernel (logits and routing in one launch), or None where it does not
+        apply (trident/native/moe_route_cuda.py's ``takes``)."""
+        from trident.native import moe_route_cuda
+
+        if not moe_route_cuda.takes(hidden, self.weight, self.config, self.e_score_correction_bias):
+            return None
+        if self._ticket is None or self._ticket.device != hidden.device:
+            self._ticket = moe_route_cuda.new_ticket(hidden.device)
+        accumulators = stats.accumulators(layer) if stats is not None else (None, None, None)
+        weights, expert_ids, scores, _ = moe_route_cuda.route(hidden, self.weight, self.config,
+                                                              self.e_score_correction_bias, not self.float32,
+                                                              self._ticket, *accumulators)
+        return Routing(weights=weights, expert_ids=expert_ids, scores=scores)

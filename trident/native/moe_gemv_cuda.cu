@@ -24,6 +24,12 @@
 #include "dp4a_common.cuh"
 
 #define MAX_TOP_K 32
+#ifndef DOWN_ROWS
+#define DOWN_ROWS ROWS  // output rows a warp of moe_down_kernel multiplies at a time
+#endif
+#ifndef DOWN_UNROLL
+#define DOWN_UNROLL UNROLL  // its 16-byte chunks per lane and row in one pipeline step
+#endif
 #define ACT_SILU 0
 #define ACT_GELU_TANH 1
 #define ACT_GELU 2
@@ -111,12 +117,20 @@ __global__ void __launch_bounds__(THREADS, 2) moe_gate_up_kernel(const T* __rest
     }
 }
 
-// Rows h = rg R + r of down, each the k chosen experts' rows h end to end (chunk c: expert c / (I / 16)), scaled
-// per chunk by that expert's row scale times its routing weight.
+// A pipeline step of moe_down_kernel: the codes of rows h = rg R + r (each the k chosen experts' rows h end to end:
+// chunk c belongs to expert c / (I / 16)), and the R k products (row scale of expert j's row h) x (routing weight j),
+// one per lane and slot r k + j (slots beyond 32 in the second register). The chunk scales are gathered from those by
+// warp shuffles when the step is multiplied: one 4-byte load per lane and step instead of one per chunk.
 template <int R, int U>
-__device__ __forceinline__ void load_down(Step<8, R, U>& s, const uint8_t* __restrict__ codes,
+struct DownStep {
+    Step<8, R, U> s;
+    float slot_scale[(MAX_TOP_K * R + 31) / 32];
+};
+
+template <int R, int U>
+__device__ __forceinline__ void load_down(DownStep<R, U>& d, const uint8_t* __restrict__ codes,
                                           const float* __restrict__ scales, const int* ids, const float* weights,
-                                          int rg, int hidden, int inter, int chunks, int base, int lane) {
+                                          int top_k, int rg, int hidden, int inter, int chunks, int base, int lane) {
     const int per_expert = inter / 16;
 #pragma unroll
     for (int u = 0; u < U; u++) {
@@ -126,14 +140,37 @@ __device__ __forceinline__ void load_down(Step<8, R, U>& s, const uint8_t* __res
 #pragma unroll
         for (int r = 0; r < R; r++) {
             const int h = min(rg * R + r, hidden - 1);  // a missing row repeats the last (never stored)
-            if (ch < chunks) {
-                const size_t row = (size_t)ids[j] * hidden + h;
-                s.w[r][u] = __ldcs(reinterpret_cast<const uint4*>(codes + row * inter) + within);
-                s.scale[r][u] = __ldg(scales + row) * weights[j];
-            } else {
-                s.w[r][u] = make_uint4(0, 0, 0, 0);
-                s.scale[r][u] = 0.f;
+            d.s.w[r][u] = ch < chunks
+                ? __ldcs(reinterpret_cast<const uint4*>(codes + ((size_t)ids[j] * hidden + h) * inter) + within)
+                : make_uint4(0, 0, 0, 0);
+        }
+    }
+#pragma unroll
+    for (int q = 0; q < (MAX_TOP_K * R + 31) / 32; q++) {
+        const int slot = q * 32 + lane;
+        const int r = slot / top_k, j = slot - r * top_k;
+        const int h = min(rg * R + r, hidden - 1);
+        d.slot_scale[q] = r < R ? __ldg(scales + (size_t)ids[j] * hidden + h) * weights[j] : 0.f;
+    }
+}
+
+// The chunk scales of a loaded step (all lanes take part: warp shuffles).
+template <int R, int U>
+__device__ __forceinline__ void gather_scales(DownStep<R, U>& d, int top_k, int inter, int base, int lane) {
+    const int per_expert = inter / 16;
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int j = min((base + u * 32 + lane) / per_expert, top_k - 1);  // past the row: any slot (unused)
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const int slot = r * top_k + j;
+            float v = 0.f;
+#pragma unroll
+            for (int q = 0; q < (MAX_TOP_K * R + 31) / 32; q++) {
+                const float from = __shfl_sync(0xffffffffu, d.slot_scale[q], slot & 31);
+                if (slot / 32 == q) v = from;
             }
+            d.s.scale[r][u] = v;
         }
     }
 }
@@ -171,8 +208,8 @@ __global__ void __launch_bounds__(THREADS, 2) moe_down_kernel(const T* __restric
         weights[threadIdx.x] = routing_weights[threadIdx.x];
     }
     __syncthreads();
-    Step<8, R, U> cur;
-    if (steps > 0) load_down(cur, codes, scales, ids, weights, first, hidden, inter, chunks, 0, lane);
+    DownStep<R, U> cur;
+    if (steps > 0) load_down(cur, codes, scales, ids, weights, top_k, first, hidden, inter, chunks, 0, lane);
     quantize_x<8>(act, k, q1, q2, s1, s2, bsum);
     __syncthreads();
 
@@ -182,12 +219,13 @@ __global__ void __launch_bounds__(THREADS, 2) moe_down_kernel(const T* __restric
     for (int t = 0; t < steps; t++) {
         const int rg = first + (t / steps_per_group) * stride;
         const int base = (t % steps_per_group) * 32 * U;
-        Step<8, R, U> next;
+        DownStep<R, U> next;
         if (t + 1 < steps) {
-            load_down(next, codes, scales, ids, weights, first + ((t + 1) / steps_per_group) * stride, hidden, inter,
-                      chunks, ((t + 1) % steps_per_group) * 32 * U, lane);
+            load_down(next, codes, scales, ids, weights, top_k, first + ((t + 1) / steps_per_group) * stride, hidden,
+                      inter, chunks, ((t + 1) % steps_per_group) * 32 * U, lane);
         }
-        compute_step(cur, acc, q1, q2, s1, s2, base, lane, chunks);
+        gather_scales(cur, top_k, inter, base, lane);
+        compute_step(cur.s, acc, q1, q2, s1, s2, base, lane, chunks);
         if (t % steps_per_group == steps_per_group - 1) {  // the row group is done
             warp_sum(acc);
 #pragma unroll
@@ -212,7 +250,8 @@ static int gate_up(const void* x, const int64_t* ids, const void* codes, const f
 template <typename T>
 static int down(const void* act, const int64_t* ids, const float* weights, const void* codes, const float* scales,
                 void* y, int top_k, int inter, int hidden, int grid, int pdl, cudaStream_t stream) {
-    return launch_kernel(moe_down_kernel<T, ROWS, UNROLL>, grid, activation_smem_bytes(top_k * inter), pdl, stream,
+    return launch_kernel(moe_down_kernel<T, DOWN_ROWS, DOWN_UNROLL>, grid, activation_smem_bytes(top_k * inter), pdl,
+                         stream,
                          reinterpret_cast<const T*>(act), ids, weights, reinterpret_cast<const uint8_t*>(codes),
                          scales, reinterpret_cast<T*>(y), top_k, inter, hidden);
 }
@@ -220,7 +259,7 @@ static int down(const void* act, const int64_t* ids, const float* weights, const
 extern "C" {
 
 int tq_moe_max_top_k(void) { return MAX_TOP_K; }
-int tq_moe_down_rows_per_warp(void) { return ROWS; }
+int tq_moe_down_rows_per_warp(void) { return DOWN_ROWS; }
 int tq_moe_threads(void) { return THREADS; }
 
 // act [k, I] = act(gate_e x) * up_e x for the k experts of expert_ids (int64 [k]): dtype 0 bfloat16, 1 float16
