@@ -175,10 +175,12 @@ def test_engine_decode_agrees_with_the_triton_experts(tiny_int8_moe_dir, monkeyp
     real = moe_gemv_cuda.experts
     monkeypatch.setattr(moe_gemv_cuda, "experts", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     llm = LLM(str(tiny_int8_moe_dir), device="cuda", dtype="bfloat16", block_size=16, max_model_len=128)
+    assert "one-token MoE router and int8 experts: CUDA kernels" in llm.engine.decode_summary()
     ours = list(llm.generate(prompt, params)[0].outputs[0].logprobs)
     assert calls, "the CUDA experts never ran"
     monkeypatch.setenv("TRIDENT_NO_NATIVE", "1")
     triton = LLM(str(tiny_int8_moe_dir), device="cuda", dtype="bfloat16", block_size=16, max_model_len=128)
+    assert "one-token MoE router and experts: Triton (TRIDENT_NO_NATIVE=1)" in triton.engine.decode_summary()
     theirs = list(triton.generate(prompt, params)[0].outputs[0].logprobs)
     assert len(ours) == 12
     assert_greedy_agree(ours, theirs, tolerance=0.1)

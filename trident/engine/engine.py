@@ -354,6 +354,14 @@ class LLMEngine:
                 why = gemv_cuda.why_unavailable()
                 summary += (", batch-1 quantized products: CUDA dp4a kernel" if why is None
                             else f", batch-1 quantized products: Triton ({why.splitlines()[0][:80]})")
+            from trident.moe.router import Router
+
+            if any(isinstance(module, Router) for module in self.model.modules()):
+                from trident.native import moe_gemv_cuda
+
+                why = moe_gemv_cuda.why_unavailable()
+                summary += (", one-token MoE router and int8 experts: CUDA kernels" if why is None
+                            else f", one-token MoE router and experts: Triton ({why.splitlines()[0][:80]})")
             return summary
         decoder = runner.cpu_decoder
         if decoder is None:
