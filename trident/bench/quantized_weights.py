@@ -5,7 +5,8 @@ the same tensors a `trident quantize` folder holds, so that the engine loads the
 int8 is per channel symmetric, int4 symmetric with groups of 128 along K by default (``--group-size``); w8a8 is
 int8 per channel symmetric weights run as W8A8 (int8 activations quantized per token at run time; no SmoothQuant
 migration: random weights have no outlier channels, and the speed does not depend on the values). The LM head and
-embeddings stay in the model dtype (rtn.NEVER_QUANTIZED).
+embeddings stay in the model dtype (rtn.NEVER_QUANTIZED), unless ``lm_head``: then the head is int8 per output
+channel (trident/quant/head.py; a tied head is the embedding table).
 
 With int8 (weight-only), the routed experts of an MoE model are quantized too, to int8 per output channel and expert
 (trident/moe/quant.py, whatever --group-size): a step reads half their bytes. int4 and w8a8 leave them in the model
@@ -42,13 +43,15 @@ def bench_quant_config(weights: str, group_size: int | None) -> QuantConfig | No
     return QuantConfig(bits=int(weights[3:]), group_size=group, symmetric=True)
 
 
-def quantize_checkpoint(checkpoint: Checkpoint, config: QuantConfig, quant_method: str = QUANT_METHOD) -> Checkpoint:
+def quantize_checkpoint(checkpoint: Checkpoint, config: QuantConfig, quant_method: str = QUANT_METHOD, *,
+                        lm_head: bool = False) -> Checkpoint:
     """A Checkpoint whose eligible Linear weights (fused projections concatenated along N, as the model holds
     them) are replaced by ``<module>.qweight`` / ``.scales`` (/ ``.zeros``) on the weights' device, with its
     ``quantization`` set (``quant_method``: trident-rtn weight-only, or trident-w8a8); the float weights are
     released as they are quantized (from this Checkpoint's dict). With int8 weight-only, every MoE layer's routed
     experts become ``<experts>.gate_up_qweight`` / ``_scales`` and ``.down_qweight`` / ``_scales`` likewise
-    (:func:`quantize_checkpoint_experts`)."""
+    (:func:`quantize_checkpoint_experts`). ``lm_head``: the head (or the embedding table a tied head is) becomes
+    int8 per channel too (trident/quant/head.py), listed with its own config."""
     from trident.attention.torch_ref import TorchAttention
     from trident.models.registry import model_class
 
@@ -85,9 +88,25 @@ def quantize_checkpoint(checkpoint: Checkpoint, config: QuantConfig, quant_metho
     experts = ()
     if config.bits == 8 and quant_method == QUANT_METHOD:
         experts = quantize_checkpoint_experts(model, tensors, types)
+    module_configs = {}
+    if lm_head:
+        from trident.quant.head import head_config, head_module
+
+        if quant_method != QUANT_METHOD:
+            raise TridentError("an int8 LM head goes with weight-only int8 / int4 weights")
+        head = head_module(model)
+        if f"{head}.weight" not in tensors:
+            raise TridentError(f"{checkpoint.path} lacks {head}.weight: cannot quantize the LM head")
+        q = quantize(tensors.pop(f"{head}.weight"), head_config())
+        types.pop(f"{head}.weight", None)
+        for kind, t in zip(("qweight", "scales"), q):
+            tensors[f"{head}.{kind}"] = t
+            types[f"{head}.{kind}"] = str(t.dtype).removeprefix("torch.").upper()
+        names = [*names, head]
+        module_configs[head] = head_config()
     return dataclasses.replace(checkpoint, tensors=tensors, tensor_types=types,
-                               quantization=QuantizedModules(config, tuple(names), quant_method=quant_method,
-                                                             experts=experts))
+                               quantization=QuantizedModules(config, tuple(names), module_configs,
+                                                             quant_method=quant_method, experts=experts))
 
 
 def quantize_checkpoint_experts(model: torch.nn.Module, tensors: dict[str, torch.Tensor],

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from trident.bench.shapes import known_shapes
 from trident.errors import TridentError
+from trident.quant.head import HEAD_CHOICES
 
 BENCH_EPILOG = (
     "Random weights: --shape NAME (one of: " + ", ".join(known_shapes()) + ") or --shape path/to/config.json "
@@ -37,7 +38,8 @@ def add_bench_parser(sub, model_help: str, engine_args) -> None:
     p.add_argument("--weights", choices=["float", "int8", "int4", "w8a8"], default="float",
                    help="float: the weights in --dtype; int8 / int4: round-to-nearest quantize the decoder layers' "
                    "weights on the device before timing (int8 per channel symmetric, int4 symmetric in groups of "
-                   "128; the LM head stays in --dtype), run by the weight-only kernels on CUDA; with int8 an MoE "
+                   "128; the LM head stays in --dtype unless --lm-head int8), run by the weight-only kernels on "
+                   "CUDA; with int8 an MoE "
                    "model's routed experts too (int8 per output channel and expert, run by the fused experts "
                    "kernels; int4 and w8a8 leave them in --dtype); w8a8: int8 per "
                    "channel weights times int8 per-token activations (the int8 tensor-core kernels on CUDA, "
@@ -45,6 +47,10 @@ def add_bench_parser(sub, model_help: str, engine_args) -> None:
                    "from")
     p.add_argument("--group-size", type=int, choices=[0, 32, 64, 128], default=None,
                    help="with --weights int8|int4: the group length along K (0: per channel)")
+    p.add_argument("--lm-head", default="float", choices=HEAD_CHOICES,
+                   help="with --weights int8|int4: int8 also quantizes the LM head (int8 per output channel; a tied "
+                   "head: the embedding table), as `trident quantize --lm-head int8` does; float keeps it in "
+                   "--dtype (default)")
     p.add_argument("--workload", choices=["default", "nano", "moe64"], default="default",
                    help="offline workload: default (equal-length prompts), nano (nano-vllm's 256 random prompts "
                    "of 100-1024 tokens, outputs of 100-1024 tokens) or moe64 (TARGETS.md's MoE workload: the same "

@@ -65,11 +65,14 @@ def prepare(args: argparse.Namespace) -> Subject:
         checkpoint = load_checkpoint(name, native)
     weights = getattr(args, "weights", "float")
     quant_config = bench_quant_config(weights, getattr(args, "group_size", None))
+    if getattr(args, "lm_head", "float") != "float" and weights not in ("int8", "int4"):
+        raise TridentError("--lm-head int8 applies to --weights int8 or int4")
     float_checkpoint = None
     if quant_config is not None:
         if getattr(args, "compare", None) == "hf":  # the peer runs the float original: keep it
             float_checkpoint = checkpoint
-        checkpoint = quantize_checkpoint(checkpoint, quant_config, quant_method_of(weights))
+        checkpoint = quantize_checkpoint(checkpoint, quant_config, quant_method_of(weights),
+                                         lm_head=getattr(args, "lm_head", "float") == "int8")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     workload = make_workload(args, checkpoint)

@@ -325,8 +325,12 @@ def save_quantized(model: nn.Module, checkpoint, modules: QuantizedModules, out_
             raise TridentError(f"{name} is not a QuantizedFusedExperts; quantize its experts first")
         for kind in EXPERT_TENSORS:
             tensors[f"{name}.{kind}"] = getattr(experts, kind).detach().cpu().contiguous()
+    from trident.quant.embedding import QuantizedEmbedding
+
     for name in modules.modules:
         layer = model.get_submodule(name)
+        if isinstance(layer, QuantizedEmbedding):  # a token table kept as codes (an int8 tied LM head): its head's
+            layer = layer.head
         if not isinstance(layer, cls):
             raise TridentError(f"{name} is not a {cls.__name__} ({modules.quant_method}); quantize it first")
         for kind, t in zip(("qweight", "scales", "zeros"), layer.quantized):

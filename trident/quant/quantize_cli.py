@@ -17,6 +17,7 @@ from trident.compress.variants_cli import add_report_arguments
 from trident.errors import TridentError
 from trident.quant import GROUP_SIZES
 from trident.quant.gptq_cli import GPTQ_FLAGS, add_gptq_arguments, gptq_settings_of, quantize_gptq
+from trident.quant.head import HEAD_CHOICES
 from trident.quant.w8a8_cli import W8A8_METHODS, run_w8a8
 
 QUANTIZE_DESCRIPTION = (
@@ -84,6 +85,10 @@ def add_quantize_parser(sub) -> None:
     m.add_argument("--sensitivity", default=None, choices=["rtn", "gptq"],
                    help="whose int4 codes the sensitivities are measured with (default rtn, with either --method; gptq "
                    "needs --method gptq: each module's GPTQ codes on the float model's inputs)")
+    p.add_argument("--lm-head", default="float", choices=HEAD_CHOICES,
+                   help="int8: also quantize the LM head, int8 per output channel whatever --bits (a tied head: the "
+                   "token embedding table, which lookups then read as int8 too); float keeps it in the source dtype "
+                   "(default). --method rtn or gptq with --bits 4 or 8")
     p.add_argument("--out", required=True, metavar="DIR", help="the folder to write (must not exist or be empty)")
     p.add_argument("--json", default=None, metavar="FILE",
                    help="where to write the report (default: bench-results/quantize-TIME.json)")
@@ -126,6 +131,8 @@ def _quantize(args: argparse.Namespace) -> int:
     from trident.quant.linear import eligible_modules, quantize_model
     from trident.quant.rtn import QuantConfig
 
+    if args.lm_head != "float" and (args.method in W8A8_METHODS or args.bits == "mixed"):
+        raise TridentError("--lm-head int8 applies to --method rtn or gptq with --bits 4 or 8")
     if args.method in W8A8_METHODS:
         return run_w8a8(args)
     if args.smooth_alpha is not None or args.smooth_mlp_down is not None:
@@ -179,7 +186,13 @@ def _quantize(args: argparse.Namespace) -> int:
         from trident.moe.quant import quantize_model_experts
 
         experts = quantize_model_experts(model)
-    modules = QuantizedModules(config, tuple(quant_report.names), method=args.method, experts=tuple(experts))
+    head = None
+    if args.lm_head == "int8":
+        from trident.quant.head import head_config, quantize_head
+
+        head = quantize_head(model)
+    modules = QuantizedModules(config, (*quant_report.names, *([head] if head else [])),
+                               {head: head_config()} if head else {}, method=args.method, experts=tuple(experts))
     files = save_quantized(model, checkpoint, modules, out)
     seconds = time.perf_counter() - t0
     source_bytes = _source_weight_bytes(checkpoint, model, set(modules.modules))
@@ -190,7 +203,7 @@ def _quantize(args: argparse.Namespace) -> int:
               "file_bytes_before": checkpoint.file_bytes, "file_bytes_after": out_bytes,
               "mean_relative_error": sum(m.relative_error for m in quant_report.modules) / len(quant_report.modules),
               "max_relative_error": max(m.relative_error for m in quant_report.modules),
-              **_experts_totals(model, experts)}
+              **_experts_totals(model, experts), **_head_totals(model, head)}
     _print_table(console, args, quant_report, totals)
     record = {"kind": "quantize", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "model": args.model, "source_format": checkpoint.format, "method": args.method, "out": out,
@@ -225,6 +238,18 @@ def _experts_totals(model, experts: list[str]) -> dict:
             "experts_bytes_after": sum(model.get_submodule(name).storage_bytes() for name in experts)}
 
 
+def _head_totals(model, head: str | None) -> dict:
+    """The int8 LM head's part of the report (empty when it stays float): its module and bytes of codes and
+    scales."""
+    if head is None:
+        return {}
+    from trident.quant.embedding import QuantizedEmbedding
+
+    module = model.get_submodule(head)
+    return {"lm_head": head,
+            "lm_head_bytes_after": (module.head if isinstance(module, QuantizedEmbedding) else module).storage_bytes()}
+
+
 _GGML_BITS = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0,
               "Q2_K": 2.625, "Q3_K": 3.4375, "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625, "Q8_K": 9.125}
 
@@ -252,5 +277,7 @@ def _print_table(console, args, quant_report, totals: dict) -> None:
         "(scales and zero points counted) · weight files "
         f"{totals['file_bytes_before']:,} -> {totals['file_bytes_after']:,} bytes"
         + (f" · {len(totals['experts'])} experts modules as int8 per channel "
-           f"({totals['experts_bytes_after']:,} bytes of codes and scales)" if "experts" in totals else ""))
+           f"({totals['experts_bytes_after']:,} bytes of codes and scales)" if "experts" in totals else "")
+        + (f" · LM head {totals['lm_head']} as int8 per channel ({totals['lm_head_bytes_after']:,} bytes)"
+           if "lm_head" in totals else ""))
     console.print(table)
