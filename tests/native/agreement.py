@@ -18,3 +18,30 @@ def assert_greedy_agree(ours: list, theirs: list, tolerance: float, min_compared
             assert margin < tolerance, f"step {step}: greedy token {a.token_id} vs {b.token_id}, margin {margin}"
             break
     assert compared >= min_compared, f"only {compared} steps compared"
+
+
+def assert_cuda_kernels_agree_with_triton(model_dir, prompt: list[int], module, function: str, native_summary: str,
+                                          triton_summary: str, monkeypatch, max_tokens: int = 12) -> None:
+    """A CUDA engine on ``model_dir`` (batch-1 decode steps, CUDA graphs) runs ``module.function`` (a CUDA kernel's
+    wrapper: its calls are counted) and says ``native_summary`` at start-up; the same engine with
+    TRIDENT_NO_NATIVE=1 says ``triton_summary``; both greedy decodes of ``prompt`` agree (assert_greedy_agree
+    within 0.1 nats: bfloat16 logits of a tiny random model differ by a few 1e-2 at most, a wrong row changes
+    tokens)."""
+    from trident.engine.llm import LLM
+    from trident.engine.request import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=3, ignore_eos=True)
+    calls = []
+    real = getattr(module, function)
+    monkeypatch.setattr(module, function, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    options = dict(device="cuda", dtype="bfloat16", block_size=16, max_model_len=128)
+    llm = LLM(str(model_dir), **options)
+    assert native_summary in llm.engine.decode_summary()
+    ours = list(llm.generate(prompt, params)[0].outputs[0].logprobs)
+    assert calls, f"{module.__name__}.{function} never ran"
+    monkeypatch.setenv("TRIDENT_NO_NATIVE", "1")
+    triton = LLM(str(model_dir), **options)
+    assert triton_summary in triton.engine.decode_summary()
+    theirs = list(triton.generate(prompt, params)[0].outputs[0].logprobs)
+    assert len(ours) == max_tokens
+    assert_greedy_agree(ours, theirs, tolerance=0.1)

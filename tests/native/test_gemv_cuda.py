@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from agreement import assert_greedy_agree
+from agreement import assert_cuda_kernels_agree_with_triton
 from emulate import random_weight
 
 from trident.native import cuda_build, gemv_cuda
@@ -144,22 +144,7 @@ def test_cuda_graph_replay_and_affine_linear_dispatch(monkeypatch) -> None:
 def test_engine_decode_agrees_with_the_triton_kernel(tiny_int4_llama_dir, monkeypatch) -> None:
     """A CUDA engine's batch-1 decode steps (CUDA graphs) on an int4 model run this kernel and agree with the same
     engine on Triton's kernel: the same greedy tokens, log-probabilities within the activations' rounding."""
-    from trident.engine.llm import LLM
-    from trident.engine.request import SamplingParams
-
-    prompt = [(11 * i + 5) % 256 for i in range(37)]
-    params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=3, ignore_eos=True)
-    calls = []
-    real = gemv_cuda.gemv
-    monkeypatch.setattr(gemv_cuda, "gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    llm = LLM(str(tiny_int4_llama_dir), device="cuda", dtype="bfloat16", block_size=16, max_model_len=128)
-    assert "CUDA dp4a kernel" in llm.engine.decode_summary()
-    ours = list(llm.generate(prompt, params)[0].outputs[0].logprobs)
-    assert calls, "the CUDA kernel never ran"
-    monkeypatch.setenv("TRIDENT_NO_NATIVE", "1")
-    triton = LLM(str(tiny_int4_llama_dir), device="cuda", dtype="bfloat16", block_size=16, max_model_len=128)
-    assert "Triton (TRIDENT_NO_NATIVE=1)" in triton.engine.decode_summary()
-    theirs = list(triton.generate(prompt, params)[0].outputs[0].logprobs)
-    # bfloat16 logits of a tiny random model: a few 1e-2 nats apart at most; a wrong row or group changes tokens
-    assert len(ours) == 12
-    assert_greedy_agree(ours, theirs, tolerance=0.1)
+    assert_cuda_kernels_agree_with_triton(
+        tiny_int4_llama_dir, [(11 * i + 5) % 256 for i in range(37)], gemv_cuda, "gemv",
+        "batch-1 quantized products: CUDA dp4a kernel", "batch-1 quantized products: Triton (TRIDENT_NO_NATIVE=1)",
+        monkeypatch)

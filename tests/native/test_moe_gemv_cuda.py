@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from agreement import assert_greedy_agree
+from agreement import assert_cuda_kernels_agree_with_triton
 
 from trident.moe.experts import TorchExperts
 from trident.moe.quant import dequantize_experts, quantize_experts
@@ -166,21 +166,7 @@ def tiny_int8_moe_dir(tmp_path_factory):
 def test_engine_decode_agrees_with_the_triton_experts(tiny_int8_moe_dir, monkeypatch) -> None:
     """A CUDA engine's batch-1 decode steps (CUDA graphs) on an int8 MoE model run these kernels and agree with the
     same engine on the Triton experts: the same greedy tokens, log-probabilities within the activations' rounding."""
-    from trident.engine.llm import LLM
-    from trident.engine.request import SamplingParams
-
-    prompt = [(13 * i + 2) % 97 for i in range(29)]
-    params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=3, ignore_eos=True)
-    calls = []
-    real = moe_gemv_cuda.experts
-    monkeypatch.setattr(moe_gemv_cuda, "experts", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    llm = LLM(str(tiny_int8_moe_dir), device="cuda", dtype="bfloat16", block_size=16, max_model_len=128)
-    assert "one-token MoE router and int8 experts: CUDA kernels" in llm.engine.decode_summary()
-    ours = list(llm.generate(prompt, params)[0].outputs[0].logprobs)
-    assert calls, "the CUDA experts never ran"
-    monkeypatch.setenv("TRIDENT_NO_NATIVE", "1")
-    triton = LLM(str(tiny_int8_moe_dir), device="cuda", dtype="bfloat16", block_size=16, max_model_len=128)
-    assert "one-token MoE router and experts: Triton (TRIDENT_NO_NATIVE=1)" in triton.engine.decode_summary()
-    theirs = list(triton.generate(prompt, params)[0].outputs[0].logprobs)
-    assert len(ours) == 12
-    assert_greedy_agree(ours, theirs, tolerance=0.1)
+    assert_cuda_kernels_agree_with_triton(
+        tiny_int8_moe_dir, [(13 * i + 2) % 97 for i in range(29)], moe_gemv_cuda, "experts",
+        "one-token MoE router and int8 experts: CUDA kernels",
+        "one-token MoE router and experts: Triton (TRIDENT_NO_NATIVE=1)", monkeypatch)

@@ -32,6 +32,23 @@ __device__ __forceinline__ uint32_t pack4(int a, int b, int c, int d) {
            ((uint32_t)(d & 0xFF) << 24);
 }
 
+// Where a block keeps its quantized activation row of k elements in shared memory: q1, q2 (k bytes each: the two
+// stages' codes, in the order the weight codes unpack to), then per block of 32 the stages' scales s1, s2 and the
+// plain sum bsum (activation_smem_bytes(k) in all).
+struct XStages {
+    uint32_t* q1;
+    uint32_t* q2;
+    float* s1;
+    float* s2;
+    float* bsum;
+};
+
+__device__ __forceinline__ XStages x_stages(uint8_t* smem, int k) {
+    float* s1 = reinterpret_cast<float*>(smem + 2 * k);
+    return {reinterpret_cast<uint32_t*>(smem), reinterpret_cast<uint32_t*>(smem + k), s1, s1 + k / ABLOCK,
+            s1 + 2 * (k / ABLOCK)};
+}
+
 // Quantize 8 elements of x (chunk c of K / 8; 4 threads, an aligned quad, share a block of 32) into shared memory:
 // q1, q2 [K] bytes (int4 order: even elements of each 8, then odd), s1, s2 and the plain sum of each block.
 template <int BITS, typename T>
@@ -93,8 +110,7 @@ __device__ __forceinline__ void quantize_chunk(uint4 raw, int c, bool active, ui
 // before any of them is used (K up to X_TURNS x 2048 in one round trip); longer x goes on turn by turn.
 #define X_TURNS 8
 template <int BITS, typename T>
-__device__ void quantize_x(const T* __restrict__ x, int k, uint32_t* q1, uint32_t* q2, float* s1, float* s2,
-                           float* bsum) {
+__device__ void quantize_x(const T* __restrict__ x, int k, const XStages& xs) {
     const int chunks = k / 8;
     uint4 raw[X_TURNS];
 #pragma unroll
@@ -106,13 +122,13 @@ __device__ void quantize_x(const T* __restrict__ x, int k, uint32_t* q1, uint32_
     for (int i = 0; i < X_TURNS; i++) {
         if (i * THREADS < chunks) {  // uniform over the block: every lane of a warp takes the shuffles
             const int c = i * THREADS + threadIdx.x;
-            quantize_chunk<BITS, T>(raw[i], c, c < chunks, q1, q2, s1, s2, bsum);
+            quantize_chunk<BITS, T>(raw[i], c, c < chunks, xs.q1, xs.q2, xs.s1, xs.s2, xs.bsum);
         }
     }
     for (int base = X_TURNS * THREADS; base < chunks; base += THREADS) {
         const int c = base + threadIdx.x;
         const uint4 r = c < chunks ? *reinterpret_cast<const uint4*>(x + 8 * (size_t)c) : make_uint4(0, 0, 0, 0);
-        quantize_chunk<BITS, T>(r, c, c < chunks, q1, q2, s1, s2, bsum);
+        quantize_chunk<BITS, T>(r, c, c < chunks, xs.q1, xs.q2, xs.s1, xs.s2, xs.bsum);
     }
 }
 
@@ -124,8 +140,7 @@ struct Step {
 };
 
 template <int BITS, int R, int U>
-__device__ __forceinline__ void compute_step(const Step<BITS, R, U>& s, float (&acc)[R], const uint32_t* q1,
-                                             const uint32_t* q2, const float* s1, const float* s2, int base,
+__device__ __forceinline__ void compute_step(const Step<BITS, R, U>& s, float (&acc)[R], const XStages& xs, int base,
                                              int lane, int chunks) {
 #pragma unroll
     for (int u = 0; u < U; u++) {
@@ -133,12 +148,12 @@ __device__ __forceinline__ void compute_step(const Step<BITS, R, U>& s, float (&
         if (ch >= chunks) break;
         const int blk = BITS == 4 ? ch : ch / 2;
         const int word0 = BITS == 4 ? 8 * ch : 4 * ch;  // q words: 8 per block of 32
-        const float a1 = s1[blk], a2 = s2[blk];
+        const float a1 = xs.s1[blk], a2 = xs.s2[blk];
         if (BITS == 4) {
-            const uint4 e1a = *reinterpret_cast<const uint4*>(q1 + word0);
-            const uint4 e1b = *reinterpret_cast<const uint4*>(q1 + word0 + 4);
-            const uint4 e2a = *reinterpret_cast<const uint4*>(q2 + word0);
-            const uint4 e2b = *reinterpret_cast<const uint4*>(q2 + word0 + 4);
+            const uint4 e1a = *reinterpret_cast<const uint4*>(xs.q1 + word0);
+            const uint4 e1b = *reinterpret_cast<const uint4*>(xs.q1 + word0 + 4);
+            const uint4 e2a = *reinterpret_cast<const uint4*>(xs.q2 + word0);
+            const uint4 e2b = *reinterpret_cast<const uint4*>(xs.q2 + word0 + 4);
 #pragma unroll
             for (int r = 0; r < R; r++) {
                 const uint32_t c[4] = {s.w[r][u].x, s.w[r][u].y, s.w[r][u].z, s.w[r][u].w};
@@ -156,8 +171,8 @@ __device__ __forceinline__ void compute_step(const Step<BITS, R, U>& s, float (&
                 acc[r] = fmaf(s.scale[r][u], fmaf(a1, (float)i1, a2 * (float)i2), acc[r]);
             }
         } else {
-            const uint4 e1 = *reinterpret_cast<const uint4*>(q1 + word0);
-            const uint4 e2 = *reinterpret_cast<const uint4*>(q2 + word0);
+            const uint4 e1 = *reinterpret_cast<const uint4*>(xs.q1 + word0);
+            const uint4 e2 = *reinterpret_cast<const uint4*>(xs.q2 + word0);
 #pragma unroll
             for (int r = 0; r < R; r++) {
                 int i1 = 0, i2 = 0;
@@ -189,18 +204,19 @@ __host__ __device__ __forceinline__ size_t activation_smem_bytes(int k) {
     return 2 * (size_t)k + 3 * sizeof(float) * (size_t)(k / ABLOCK);
 }
 
-// Launch `kernel` on `stream` with THREADS threads per block, `smem` bytes of dynamic shared memory (raising the
+// Launch `kernel` on `stream` with `threads` threads per block, `smem` bytes of dynamic shared memory (raising the
 // kernel's limit beyond 48 KB when needed) and, when `pdl`, the programmatic-stream-serialization attribute.
 // Returns the CUDA error code (0: launched).
 template <typename Kernel, typename... Args>
-static int launch_kernel(Kernel kernel, int grid, size_t smem, int pdl, cudaStream_t stream, Args... args) {
+static int launch_kernel(Kernel kernel, int grid, int threads, size_t smem, int pdl, cudaStream_t stream,
+                         Args... args) {
     if (smem > 48 * 1024) {
         cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         if (e != cudaSuccess) return (int)e;
     }
     cudaLaunchConfig_t config = {};
     config.gridDim = dim3(grid);
-    config.blockDim = dim3(THREADS);
+    config.blockDim = dim3(threads);
     config.dynamicSmemBytes = smem;
     config.stream = stream;
     cudaLaunchAttribute attribute[1];

@@ -66,11 +66,7 @@ __global__ void __launch_bounds__(THREADS, 2) gemv_kernel(const T* __restrict__ 
                                                           const T* __restrict__ bias, T* __restrict__ y, int n, int k,
                                                           int group_size) {
     extern __shared__ __align__(16) uint8_t smem[];
-    uint32_t* q1 = reinterpret_cast<uint32_t*>(smem);
-    uint32_t* q2 = reinterpret_cast<uint32_t*>(smem + k);
-    float* s1 = reinterpret_cast<float*>(smem + 2 * k);
-    float* s2 = s1 + k / ABLOCK;
-    float* bsum = s2 + k / ABLOCK;
+    const XStages xs = x_stages(smem, k);
 
     const int lane = threadIdx.x & 31;
     const int row_bytes = BITS == 4 ? k / 2 : k;
@@ -87,7 +83,7 @@ __global__ void __launch_bounds__(THREADS, 2) gemv_kernel(const T* __restrict__ 
     if (steps > 0) load_step(cur, codes, scales, first, 0, lane, n, row_bytes, chunks, num_groups, group_size);
 
     wait_for_previous_grid();
-    quantize_x<BITS>(x, k, q1, q2, s1, s2, bsum);
+    quantize_x<BITS>(x, k, xs);
     __syncthreads();
 
     float acc[R];
@@ -101,7 +97,7 @@ __global__ void __launch_bounds__(THREADS, 2) gemv_kernel(const T* __restrict__ 
             load_step(next, codes, scales, first + ((t + 1) / steps_per_group) * stride,
                       ((t + 1) % steps_per_group) * 32 * U, lane, n, row_bytes, chunks, num_groups, group_size);
         }
-        compute_step(cur, acc, q1, q2, s1, s2, base, lane, chunks);
+        compute_step(cur, acc, xs, base, lane, chunks);
         if (t % steps_per_group == steps_per_group - 1) {  // the row group is done
             int rows[R];
 #pragma unroll
@@ -111,7 +107,7 @@ __global__ void __launch_bounds__(THREADS, 2) gemv_kernel(const T* __restrict__ 
                     const int group = (blk * ABLOCK) / group_size;
 #pragma unroll
                     for (int r = 0; r < R; r++) {
-                        acc[r] = fmaf(__ldg(offsets + (size_t)rows[r] * num_groups + group), bsum[blk], acc[r]);
+                        acc[r] = fmaf(__ldg(offsets + (size_t)rows[r] * num_groups + group), xs.bsum[blk], acc[r]);
                     }
                 }
             }
@@ -135,7 +131,7 @@ __global__ void __launch_bounds__(THREADS, 2) gemv_kernel(const T* __restrict__ 
 template <int BITS, bool OFFSETS, typename T, int R, int U>
 static int launch(const void* x, const void* codes, const float* scales, const float* offsets, const void* bias,
                   void* y, int n, int k, int group_size, int grid, int pdl, cudaStream_t stream) {
-    return launch_kernel(gemv_kernel<BITS, OFFSETS, T, R, U>, grid, activation_smem_bytes(k), pdl, stream,
+    return launch_kernel(gemv_kernel<BITS, OFFSETS, T, R, U>, grid, THREADS, activation_smem_bytes(k), pdl, stream,
                          reinterpret_cast<const T*>(x), reinterpret_cast<const uint8_t*>(codes), scales, offsets,
                          reinterpret_cast<const T*>(bias), reinterpret_cast<T*>(y), n, k, group_size);
 }

@@ -43,7 +43,8 @@ def why_unavailable() -> str | None:
 
 
 @functools.cache
-def _sm_count(index: int) -> int:
+def sm_count(index: int) -> int:
+    """Multiprocessors of CUDA device ``index`` (the CUDA kernels size their grids by it)."""
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
@@ -71,7 +72,7 @@ def gemv(x: torch.Tensor, w: AffineWeight, bias: torch.Tensor | None = None, *,
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     warps = lib.tq_gemv_threads() // 32
     row_groups = -(-n // lib.tq_gemv_rows_per_warp())
-    grid = max(1, min(-(-row_groups // warps), blocks_per_sm * _sm_count(index)))
+    grid = max(1, min(-(-row_groups // warps), blocks_per_sm * sm_count(index)))
     from trident.kernels.pdl import pdl_launch
 
     err = lib.tq_gemv(DTYPES[x.dtype], w.bits, x.data_ptr(), w.codes.data_ptr(), w.scales.data_ptr(),

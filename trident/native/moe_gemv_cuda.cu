@@ -77,11 +77,7 @@ __global__ void __launch_bounds__(THREADS, 2) moe_gate_up_kernel(const T* __rest
                                                                  T* __restrict__ act, int top_k, int inter,
                                                                  int hidden, int activation) {
     extern __shared__ __align__(16) uint8_t smem[];
-    uint32_t* q1 = reinterpret_cast<uint32_t*>(smem);
-    uint32_t* q2 = reinterpret_cast<uint32_t*>(smem + hidden);
-    float* s1 = reinterpret_cast<float*>(smem + 2 * hidden);
-    float* s2 = s1 + hidden / ABLOCK;
-    float* bsum = s2 + hidden / ABLOCK;
+    const XStages xs = x_stages(smem, hidden);
 
     const int lane = threadIdx.x & 31;
     const int chunks = hidden / 16;
@@ -95,7 +91,7 @@ __global__ void __launch_bounds__(THREADS, 2) moe_gate_up_kernel(const T* __rest
     wait_for_previous_grid();  // the expert ids and x come from the kernels before
     Step<8, 2, U> cur;
     if (steps > 0) load_pair(cur, codes, scales, ids, first, inter, hidden, 0, lane);
-    quantize_x<8>(x, hidden, q1, q2, s1, s2, bsum);
+    quantize_x<8>(x, hidden, xs);
     __syncthreads();
 
     float acc[2] = {0.f, 0.f};
@@ -107,7 +103,7 @@ __global__ void __launch_bounds__(THREADS, 2) moe_gate_up_kernel(const T* __rest
             load_pair(next, codes, scales, ids, first + ((t + 1) / steps_per_pair) * stride, inter, hidden,
                       ((t + 1) % steps_per_pair) * 32 * U, lane);
         }
-        compute_step(cur, acc, q1, q2, s1, s2, base, lane, chunks);
+        compute_step(cur, acc, xs, base, lane, chunks);
         if (t % steps_per_pair == steps_per_pair - 1) {  // the pair is done
             warp_sum(acc);
             if (lane == 0) act[p] = from_float<T>(activate(acc[0], activation) * acc[1]);
@@ -185,11 +181,7 @@ __global__ void __launch_bounds__(THREADS, 2) moe_down_kernel(const T* __restric
                                                               int top_k, int inter, int hidden) {
     extern __shared__ __align__(16) uint8_t smem[];
     const int k = top_k * inter;  // the activation row's length
-    uint32_t* q1 = reinterpret_cast<uint32_t*>(smem);
-    uint32_t* q2 = reinterpret_cast<uint32_t*>(smem + k);
-    float* s1 = reinterpret_cast<float*>(smem + 2 * k);
-    float* s2 = s1 + k / ABLOCK;
-    float* bsum = s2 + k / ABLOCK;
+    const XStages xs = x_stages(smem, k);
     __shared__ int ids[MAX_TOP_K];
     __shared__ float weights[MAX_TOP_K];
 
@@ -210,7 +202,7 @@ __global__ void __launch_bounds__(THREADS, 2) moe_down_kernel(const T* __restric
     __syncthreads();
     DownStep<R, U> cur;
     if (steps > 0) load_down(cur, codes, scales, ids, weights, top_k, first, hidden, inter, chunks, 0, lane);
-    quantize_x<8>(act, k, q1, q2, s1, s2, bsum);
+    quantize_x<8>(act, k, xs);
     __syncthreads();
 
     float acc[R];
@@ -225,7 +217,7 @@ __global__ void __launch_bounds__(THREADS, 2) moe_down_kernel(const T* __restric
                       inter, chunks, ((t + 1) % steps_per_group) * 32 * U, lane);
         }
         gather_scales(cur, top_k, inter, base, lane);
-        compute_step(cur.s, acc, q1, q2, s1, s2, base, lane, chunks);
+        compute_step(cur.s, acc, xs, base, lane, chunks);
         if (t % steps_per_group == steps_per_group - 1) {  // the row group is done
             warp_sum(acc);
 #pragma unroll
@@ -242,7 +234,7 @@ __global__ void __launch_bounds__(THREADS, 2) moe_down_kernel(const T* __restric
 template <typename T>
 static int gate_up(const void* x, const int64_t* ids, const void* codes, const float* scales, void* act, int top_k,
                    int inter, int hidden, int activation, int grid, int pdl, cudaStream_t stream) {
-    return launch_kernel(moe_gate_up_kernel<T, UNROLL>, grid, activation_smem_bytes(hidden), pdl, stream,
+    return launch_kernel(moe_gate_up_kernel<T, UNROLL>, grid, THREADS, activation_smem_bytes(hidden), pdl, stream,
                          reinterpret_cast<const T*>(x), ids, reinterpret_cast<const uint8_t*>(codes), scales,
                          reinterpret_cast<T*>(act), top_k, inter, hidden, activation);
 }
@@ -250,8 +242,8 @@ static int gate_up(const void* x, const int64_t* ids, const void* codes, const f
 template <typename T>
 static int down(const void* act, const int64_t* ids, const float* weights, const void* codes, const float* scales,
                 void* y, int top_k, int inter, int hidden, int grid, int pdl, cudaStream_t stream) {
-    return launch_kernel(moe_down_kernel<T, DOWN_ROWS, DOWN_UNROLL>, grid, activation_smem_bytes(top_k * inter), pdl,
-                         stream,
+    return launch_kernel(moe_down_kernel<T, DOWN_ROWS, DOWN_UNROLL>, grid, THREADS,
+                         activation_smem_bytes(top_k * inter), pdl, stream,
                          reinterpret_cast<const T*>(act), ids, weights, reinterpret_cast<const uint8_t*>(codes),
                          scales, reinterpret_cast<T*>(y), top_k, inter, hidden);
 }

@@ -12,12 +12,11 @@ bounds.
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import torch
 
 from trident.native.cuda_build import cuda_unavailable_reason, load_cuda
-from trident.native.gemv_cuda import BLOCK, DTYPES, quantize_activations_reference
+from trident.native.gemv_cuda import BLOCK, DTYPES, quantize_activations_reference, sm_count
 
 LIBRARY = "tqmoe"
 ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu": 2}
@@ -45,11 +44,6 @@ def why_unavailable() -> str | None:
     return cuda_unavailable_reason(LIBRARY)
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _aligned(*tensors: torch.Tensor) -> bool:
     return all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
 
@@ -75,7 +69,7 @@ def takes(hidden: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor,
 
 def _grid(work: int, warps: int, device: torch.device) -> int:
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return max(1, min(-(-work // warps), BLOCKS_PER_SM * _sm_count(index)))
+    return max(1, min(-(-work // warps), BLOCKS_PER_SM * sm_count(index)))
 
 
 def gate_up_activation(hidden: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor,

@@ -118,7 +118,8 @@ __device__ void route_one_token(const RouteArgs& a, int lane) {
         float best = -INFINITY, best_score = 0.f;
         int best_id = 1 << 30;
 #pragma unroll
-        for (int i = 0; i < ROUTE_MAX_LANE_E; i++) {  // this lane's best (its ids ascend with i: strict > keeps ties low)
+        // this lane's best (its ids ascend with i: the strict > keeps ties at the lower id)
+        for (int i = 0; i < ROUTE_MAX_LANE_E; i++) {
             if (choice[i] > best) {
                 best = choice[i];
                 best_id = lane + 32 * i;
@@ -199,19 +200,11 @@ __global__ void __launch_bounds__(ROUTE_WARPS * 32) moe_route_kernel(const T* __
 template <typename T>
 static int route(const void* x, const void* w, const RouteArgs& a, int round_logits, int pdl, cudaStream_t stream) {
     const int grid = (a.num_experts + ROUTE_WARPS - 1) / ROUTE_WARPS;
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(grid);
-    config.blockDim = dim3(ROUTE_WARPS * 32);
-    config.stream = stream;
-    cudaLaunchAttribute attribute[1];
-    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attribute[0].val.programmaticStreamSerializationAllowed = 1;
-    config.attrs = attribute;
-    config.numAttrs = pdl ? 1 : 0;
     const T* xt = reinterpret_cast<const T*>(x);
     const T* wt = reinterpret_cast<const T*>(w);
-    if (round_logits) return (int)cudaLaunchKernelEx(&config, moe_route_kernel<T, true>, xt, wt, a);
-    return (int)cudaLaunchKernelEx(&config, moe_route_kernel<T, false>, xt, wt, a);
+    const int threads = ROUTE_WARPS * 32;
+    if (round_logits) return launch_kernel(moe_route_kernel<T, true>, grid, threads, 0, pdl, stream, xt, wt, a);
+    return launch_kernel(moe_route_kernel<T, false>, grid, threads, 0, pdl, stream, xt, wt, a);
 }
 
 extern "C" {
