@@ -97,7 +97,8 @@ class Router(nn.Module):
         self.e_score_correction_bias = (nn.Parameter(torch.empty(config.num_experts), requires_grad=False)
                                         if config.score_correction_bias else None)
         self._ticket: torch.Tensor | None = None
-        """The CUDA one-token kernel's counter (trident/native/moe_route_cuda.py), made on its first call."""
+        """The CUDA one-token kernel's counter (trident/native/moe_route_cuda.py), made (zeroed) on its first call
+        outside a CUDA-graph capture (the engine's warm-up step before each capture is one)."""
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.float32:
@@ -132,6 +133,8 @@ class Router(nn.Module):
         if not moe_route_cuda.takes(hidden, self.weight, self.config, self.e_score_correction_bias):
             return None
         if self._ticket is None or self._ticket.device != hidden.device:
+            if torch.cuda.is_current_stream_capturing():  # a capture would not run the zeroing: not here
+                return None
             self._ticket = moe_route_cuda.new_ticket(hidden.device)
         accumulators = stats.accumulators(layer) if stats is not None else (None, None, None)
         weights, expert_ids, scores, _ = moe_route_cuda.route(hidden, self.weight, self.config,
