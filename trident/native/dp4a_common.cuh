@@ -236,3 +236,23 @@ __device__ __forceinline__ void warp_sum(float (&acc)[R]) {
         for (int off = 16; off > 0; off >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
     }
 }
+
+// A warp's walk over its work items (row groups, or pairs of rows) first, first + stride, ..., each cut into
+// steps_per_item pipeline steps of 32 U chunks per lane: the next step is loaded (load(step, item, base)) while this
+// one is multiplied (multiply(step, base)), and finish(item) follows an item's last step. `cur` holds the first step,
+// loaded by the caller (before or after its PDL wait, as its inputs allow).
+template <int U, typename S, typename Load, typename Multiply, typename Finish>
+__device__ __forceinline__ void walk_steps(S& cur, int steps, int first, int stride, int steps_per_item, Load load,
+                                           Multiply multiply, Finish finish) {
+    for (int t = 0; t < steps; t++) {
+        const int item = first + (t / steps_per_item) * stride;
+        const int base = (t % steps_per_item) * 32 * U;
+        S next;
+        if (t + 1 < steps) {
+            load(next, first + ((t + 1) / steps_per_item) * stride, ((t + 1) % steps_per_item) * 32 * U);
+        }
+        multiply(cur, base);
+        if (t % steps_per_item == steps_per_item - 1) finish(item);
+        if (t + 1 < steps) cur = next;
+    }
+}

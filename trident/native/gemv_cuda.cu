@@ -89,43 +89,37 @@ __global__ void __launch_bounds__(THREADS, 2) gemv_kernel(const T* __restrict__ 
     float acc[R];
 #pragma unroll
     for (int r = 0; r < R; r++) acc[r] = 0.f;
-    for (int t = 0; t < steps; t++) {
-        const int rg = first + (t / steps_per_group) * stride;
-        const int base = (t % steps_per_group) * 32 * U;
-        Step<BITS, R, U> next;
-        if (t + 1 < steps) {
-            load_step(next, codes, scales, first + ((t + 1) / steps_per_group) * stride,
-                      ((t + 1) % steps_per_group) * 32 * U, lane, n, row_bytes, chunks, num_groups, group_size);
-        }
-        compute_step(cur, acc, xs, base, lane, chunks);
-        if (t % steps_per_group == steps_per_group - 1) {  // the row group is done
-            int rows[R];
+    auto load = [&](Step<BITS, R, U>& s, int rg, int base) {
+        load_step(s, codes, scales, rg, base, lane, n, row_bytes, chunks, num_groups, group_size);
+    };
+    auto multiply = [&](const Step<BITS, R, U>& s, int base) { compute_step(s, acc, xs, base, lane, chunks); };
+    auto finish = [&](int rg) {  // the row group is done
+        int rows[R];
 #pragma unroll
-            for (int r = 0; r < R; r++) rows[r] = min(rg * R + r, n - 1);
-            if (OFFSETS) {  // + offset[row, g] * sum of x over group g
-                for (int blk = lane; blk < k / ABLOCK; blk += 32) {
-                    const int group = (blk * ABLOCK) / group_size;
+        for (int r = 0; r < R; r++) rows[r] = min(rg * R + r, n - 1);
+        if (OFFSETS) {  // + offset[row, g] * sum of x over group g
+            for (int blk = lane; blk < k / ABLOCK; blk += 32) {
+                const int group = (blk * ABLOCK) / group_size;
 #pragma unroll
-                    for (int r = 0; r < R; r++) {
-                        acc[r] = fmaf(__ldg(offsets + (size_t)rows[r] * num_groups + group), xs.bsum[blk], acc[r]);
-                    }
+                for (int r = 0; r < R; r++) {
+                    acc[r] = fmaf(__ldg(offsets + (size_t)rows[r] * num_groups + group), xs.bsum[blk], acc[r]);
                 }
             }
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                float v = acc[r];
-#pragma unroll
-                for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-                const int row = rg * R + r;
-                if (lane == 0 && row < n) {
-                    if (bias != nullptr) v += to_float(bias[row]);
-                    y[row] = from_float<T>(v);
-                }
-                acc[r] = 0.f;
-            }
         }
-        if (t + 1 < steps) cur = next;
-    }
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            float v = acc[r];
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+            const int row = rg * R + r;
+            if (lane == 0 && row < n) {
+                if (bias != nullptr) v += to_float(bias[row]);
+                y[row] = from_float<T>(v);
+            }
+            acc[r] = 0.f;
+        }
+    };
+    walk_steps<U>(cur, steps, first, stride, steps_per_group, load, multiply, finish);
 }
 
 template <int BITS, bool OFFSETS, typename T, int R, int U>

@@ -95,22 +95,15 @@ __global__ void __launch_bounds__(THREADS, 2) moe_gate_up_kernel(const T* __rest
     __syncthreads();
 
     float acc[2] = {0.f, 0.f};
-    for (int t = 0; t < steps; t++) {
-        const int p = first + (t / steps_per_pair) * stride;
-        const int base = (t % steps_per_pair) * 32 * U;
-        Step<8, 2, U> next;
-        if (t + 1 < steps) {
-            load_pair(next, codes, scales, ids, first + ((t + 1) / steps_per_pair) * stride, inter, hidden,
-                      ((t + 1) % steps_per_pair) * 32 * U, lane);
-        }
-        compute_step(cur, acc, xs, base, lane, chunks);
-        if (t % steps_per_pair == steps_per_pair - 1) {  // the pair is done
+    walk_steps<U>(
+        cur, steps, first, stride, steps_per_pair,
+        [&](Step<8, 2, U>& s, int p, int base) { load_pair(s, codes, scales, ids, p, inter, hidden, base, lane); },
+        [&](const Step<8, 2, U>& s, int base) { compute_step(s, acc, xs, base, lane, chunks); },
+        [&](int p) {  // the pair is done
             warp_sum(acc);
             if (lane == 0) act[p] = from_float<T>(activate(acc[0], activation) * acc[1]);
             acc[0] = acc[1] = 0.f;
-        }
-        if (t + 1 < steps) cur = next;
-    }
+        });
 }
 
 // A pipeline step of moe_down_kernel: the codes of rows h = rg R + r (each the k chosen experts' rows h end to end:
@@ -208,17 +201,16 @@ __global__ void __launch_bounds__(THREADS, 2) moe_down_kernel(const T* __restric
     float acc[R];
 #pragma unroll
     for (int r = 0; r < R; r++) acc[r] = 0.f;
-    for (int t = 0; t < steps; t++) {
-        const int rg = first + (t / steps_per_group) * stride;
-        const int base = (t % steps_per_group) * 32 * U;
-        DownStep<R, U> next;
-        if (t + 1 < steps) {
-            load_down(next, codes, scales, ids, weights, top_k, first + ((t + 1) / steps_per_group) * stride, hidden,
-                      inter, chunks, ((t + 1) % steps_per_group) * 32 * U, lane);
-        }
-        gather_scales(cur, top_k, inter, base, lane);
-        compute_step(cur.s, acc, xs, base, lane, chunks);
-        if (t % steps_per_group == steps_per_group - 1) {  // the row group is done
+    walk_steps<U>(
+        cur, steps, first, stride, steps_per_group,
+        [&](DownStep<R, U>& d, int rg, int base) {
+            load_down(d, codes, scales, ids, weights, top_k, rg, hidden, inter, chunks, base, lane);
+        },
+        [&](DownStep<R, U>& d, int base) {
+            gather_scales(d, top_k, inter, base, lane);
+            compute_step(d.s, acc, xs, base, lane, chunks);
+        },
+        [&](int rg) {  // the row group is done
             warp_sum(acc);
 #pragma unroll
             for (int r = 0; r < R; r++) {
@@ -226,9 +218,7 @@ __global__ void __launch_bounds__(THREADS, 2) moe_down_kernel(const T* __restric
                 if (lane == 0 && h < hidden) y[h] = from_float<T>(acc[r]);
                 acc[r] = 0.f;
             }
-        }
-        if (t + 1 < steps) cur = next;
-    }
+        });
 }
 
 template <typename T>
