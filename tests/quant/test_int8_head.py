@@ -104,5 +104,8 @@ def test_bench_int8_head_counts_its_bytes(tmp_path, capsys) -> None:
     saved = rows["float"]["roofline"]["weight_bytes_per_step"] - rows["int8"]["roofline"]["weight_bytes_per_step"]
     assert saved == 4 * vocab * hidden - (vocab * hidden + 4 * vocab)  # float32 head -> int8 codes + a scale per row
     assert rows["int8"]["results"][0]["decode_tok_s"] > 0
+    assert rows["int8"]["lm_head"] == "int8" and rows["float"]["lm_head"] == "float"
+    assert rows["int8"]["results"][0]["engine"].endswith("int4 g32 weights, int8 LM head)")
+    assert "LM head" not in rows["float"]["results"][0]["engine"]
     assert main(["bench", "latency", "--shape", str(path), "--device", "cpu", "--lm-head", "int8"]) == 2
     assert "--lm-head int8 applies to --weights int8 or int4" in capsys.readouterr().err

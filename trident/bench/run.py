@@ -115,6 +115,8 @@ def run_bench(args: argparse.Namespace) -> int:
         label += f", int{c.bits} {'per channel' if c.group_size is None else f'g{c.group_size}'} weights"
         if subject.checkpoint.quantization.quant_method == "trident-w8a8":
             label += " x int8 per-token activations"
+        if _quantized_head(subject.checkpoint.quantization) is not None:
+            label += ", int8 LM head"
     bound = _roofline(engine, workload, args.kind)
     if args.kind == "latency":
         ours_fn = trident_side.run_latency
@@ -251,6 +253,8 @@ def _record(args: argparse.Namespace, subject, dtype_name: str, bound, rows: lis
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": report.machine(args.device, args.threads),
         "device": args.device, "dtype": dtype_name, "weights": args.weights,
+        "lm_head": ("float" if subject.checkpoint.quantization is None
+                    or _quantized_head(subject.checkpoint.quantization) is None else "int8"),
         "quantization": ({**dataclasses.asdict(subject.checkpoint.quantization.config),
                           "quant_method": subject.checkpoint.quantization.quant_method}
                          if subject.checkpoint.quantization is not None else None),
@@ -283,3 +287,8 @@ def _load_peer(subject):
     except Exception as e:  # reported in the peer's row
         return None, None, f"{type(e).__name__}: {e}"
     return model, time.perf_counter() - t0, None
+
+
+def _quantized_head(quantization) -> str | None:
+    """The LM head module a quantized checkpoint lists (``lm_head``, or the tied embedding table), or None."""
+    return next((name for name in quantization.modules if name == "lm_head" or name.endswith("embed_tokens")), None)
