@@ -69,13 +69,20 @@ def _build(name: str, march: str) -> tuple[ctypes.CDLL | None, str | None]:
     version, why = tool_version(compiler)
     if version is None:
         return None, why
-    texts = [path.read_text() for path in (*sources, *sorted(SOURCE_DIR.glob("*.h")))]  # the headers too
     flags = (*FLAGS, f"-march={march}")
-    key = hashlib.sha256("\0".join((*texts, " ".join(flags), version, _cpu_signature())).encode())
+    library = cached_library_path(f"{name}-{march}", sources, "*.h", flags, version, _cpu_signature())
     import torch  # noqa: F401  (its libgomp is loaded first, so the library shares torch's OpenMP runtime)
 
-    return compile_cached(name, cache_dir() / f"{name}-{march}-{key.hexdigest()[:16]}.so",
-                          lambda out: [compiler, *flags, *map(str, sources), "-o", out, "-lm"])
+    return compile_cached(name, library, lambda out: [compiler, *flags, *map(str, sources), "-o", out, "-lm"])
+
+
+def cached_library_path(stem: str, sources: list[Path], headers: str, flags: tuple[str, ...],
+                        *facts: str) -> Path:
+    """Where a library built from ``sources`` (and every header of the folder matching ``headers``) with
+    ``flags`` is cached: named by a hash of their texts, the flags and ``facts`` (the compiler's version, ...)."""
+    texts = [path.read_text() for path in (*sources, *sorted(SOURCE_DIR.glob(headers)))]
+    key = hashlib.sha256("\0".join((*texts, " ".join(flags), *facts)).encode())
+    return cache_dir() / f"{stem}-{key.hexdigest()[:16]}.so"
 
 
 def tool_version(tool: str) -> tuple[str | None, str | None]:

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
 import shutil
 from pathlib import Path
 
 from trident.errors import TridentError
-from trident.native.build import DISABLE_ENV, SOURCE_DIR, cache_dir, compile_cached, tool_version
+from trident.native.build import DISABLE_ENV, SOURCE_DIR, cached_library_path, compile_cached, tool_version
 
 CUDA_LIBRARIES = {"tqgemv": ("gemv_cuda.cu",), "tqmoe": ("moe_gemv_cuda.cu", "moe_route_cuda.cu")}
 """Library name -> its CUDA sources (gemv_cuda.cu: the batch-1 integer weight-only matmul; moe_gemv_cuda.cu and
@@ -49,9 +48,7 @@ def _build(name: str, arch: str) -> tuple[ctypes.CDLL | None, str | None]:
         return None, why
     sources = [SOURCE_DIR / file for file in CUDA_LIBRARIES[name]]
     flags = (*NVCC_FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}")
-    texts = [path.read_text() for path in (*sources, *sorted(SOURCE_DIR.glob("*.cuh")))]  # the headers too
-    key = hashlib.sha256("\0".join((*texts, " ".join(flags), version)).encode())
-    library = cache_dir() / f"{name}-sm{arch}-{key.hexdigest()[:16]}.so"
+    library = cached_library_path(f"{name}-sm{arch}", sources, "*.cuh", flags, version)
     return compile_cached(name, library, lambda out: [nvcc, *flags, *map(str, sources), "-o", out])
 
 

@@ -48,6 +48,13 @@ def sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def grid_size(items: int, warps_per_block: int, device: torch.device, blocks_per_sm: int) -> int:
+    """Blocks for ``items`` warp work items (row groups, pairs): enough for one item per warp, at most what stays
+    resident (``blocks_per_sm`` per multiprocessor; warps then take items grid-stride)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return max(1, min(-(-items // warps_per_block), blocks_per_sm * sm_count(index)))
+
+
 def takes(x: torch.Tensor, w: AffineWeight, bias: torch.Tensor | None) -> bool:
     """Whether :func:`gemv` runs this product: one row of bfloat16 / float16 x on CUDA, contiguous and 16-byte
     aligned, K and the group size multiples of BLOCK, float32 scales (and offsets), a bias of x's dtype or none,
@@ -69,10 +76,7 @@ def gemv(x: torch.Tensor, w: AffineWeight, bias: torch.Tensor | None = None, *,
     lib = library()
     n, k = w.out_features, w.in_features
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    warps = lib.tq_gemv_threads() // 32
-    row_groups = -(-n // lib.tq_gemv_rows_per_warp())
-    grid = max(1, min(-(-row_groups // warps), blocks_per_sm * sm_count(index)))
+    grid = grid_size(-(-n // lib.tq_gemv_rows_per_warp()), lib.tq_gemv_threads() // 32, x.device, blocks_per_sm)
     from trident.kernels.pdl import pdl_launch
 
     err = lib.tq_gemv(DTYPES[x.dtype], w.bits, x.data_ptr(), w.codes.data_ptr(), w.scales.data_ptr(),

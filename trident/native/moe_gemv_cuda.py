@@ -16,7 +16,7 @@ import ctypes
 import torch
 
 from trident.native.cuda_build import cuda_unavailable_reason, load_cuda
-from trident.native.gemv_cuda import BLOCK, DTYPES, quantize_activations_reference, sm_count
+from trident.native.gemv_cuda import BLOCK, DTYPES, grid_size, quantize_activations_reference
 
 LIBRARY = "tqmoe"
 ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu": 2}
@@ -67,11 +67,6 @@ def takes(hidden: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor,
     return library() is not None
 
 
-def _grid(work: int, warps: int, device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return max(1, min(-(-work // warps), BLOCKS_PER_SM * sm_count(index)))
-
-
 def gate_up_activation(hidden: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor,
                        gate_up_scales: torch.Tensor, activation: str) -> torch.Tensor:
     """act [k, I] = act(gate_e x) * up_e x for the k experts of ``expert_ids`` [1, k], in hidden's dtype (the first
@@ -82,7 +77,7 @@ def gate_up_activation(hidden: torch.Tensor, expert_ids: torch.Tensor, gate_up: 
     top_k = expert_ids.shape[1]
     intermediate, hidden_size = gate_up.shape[1] // 2, gate_up.shape[2]
     act = torch.empty((top_k, intermediate), dtype=hidden.dtype, device=hidden.device)
-    grid = _grid(top_k * intermediate, lib.tq_moe_threads() // 32, hidden.device)
+    grid = grid_size(top_k * intermediate, lib.tq_moe_threads() // 32, hidden.device, BLOCKS_PER_SM)
     err = lib.tq_moe_gate_up(DTYPES[hidden.dtype], hidden.data_ptr(), expert_ids.data_ptr(), gate_up.data_ptr(),
                              gate_up_scales.data_ptr(), act.data_ptr(), top_k, intermediate, hidden_size,
                              ACTIVATIONS[activation], grid, int(pdl_launch(hidden.device)),
@@ -102,7 +97,7 @@ def down_weighted_sum(act: torch.Tensor, weights: torch.Tensor, expert_ids: torc
     hidden_size = down.shape[1]
     y = torch.empty((1, hidden_size), dtype=act.dtype, device=act.device)
     row_groups = -(-hidden_size // lib.tq_moe_down_rows_per_warp())
-    grid = _grid(row_groups, lib.tq_moe_threads() // 32, act.device)
+    grid = grid_size(row_groups, lib.tq_moe_threads() // 32, act.device, BLOCKS_PER_SM)
     weights = weights.contiguous()
     err = lib.tq_moe_down(DTYPES[act.dtype], act.data_ptr(), expert_ids.data_ptr(), weights.data_ptr(),
                           down.data_ptr(), down_scales.data_ptr(), y.data_ptr(), top_k, intermediate, hidden_size,
