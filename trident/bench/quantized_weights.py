@@ -66,6 +66,14 @@ def quantize_checkpoint(checkpoint: Checkpoint, config: QuantConfig, quant_metho
         tie_shared_modules(model, checkpoint.config.shared_layers)
     packed = model.packed_modules
     names = eligible_modules(model, config)
+    module_configs = {}
+    if lm_head:
+        from trident.quant.head import head_config, head_module
+
+        if quant_method != QUANT_METHOD:
+            raise TridentError("an int8 LM head goes with weight-only int8 / int4 weights")
+        module_configs[head_module(model)] = head_config()
+        names = [*names, *module_configs]
     tensors = dict(checkpoint.tensors)
     types = dict(checkpoint.tensor_types)
     for name in names:
@@ -79,7 +87,7 @@ def quantize_checkpoint(checkpoint: Checkpoint, config: QuantConfig, quant_metho
             types.pop(s, None)
         weight = parts[0] if len(parts) == 1 else torch.cat(parts)
         del parts
-        q = quantize(weight, config)
+        q = quantize(weight, module_configs.get(name, config))
         del weight
         for kind, t in zip(("qweight", "scales", "zeros"), q):
             if t is not None:
@@ -88,22 +96,6 @@ def quantize_checkpoint(checkpoint: Checkpoint, config: QuantConfig, quant_metho
     experts = ()
     if config.bits == 8 and quant_method == QUANT_METHOD:
         experts = quantize_checkpoint_experts(model, tensors, types)
-    module_configs = {}
-    if lm_head:
-        from trident.quant.head import head_config, head_module
-
-        if quant_method != QUANT_METHOD:
-            raise TridentError("an int8 LM head goes with weight-only int8 / int4 weights")
-        head = head_module(model)
-        if f"{head}.weight" not in tensors:
-            raise TridentError(f"{checkpoint.path} lacks {head}.weight: cannot quantize the LM head")
-        q = quantize(tensors.pop(f"{head}.weight"), head_config())
-        types.pop(f"{head}.weight", None)
-        for kind, t in zip(("qweight", "scales"), q):
-            tensors[f"{head}.{kind}"] = t
-            types[f"{head}.{kind}"] = str(t.dtype).removeprefix("torch.").upper()
-        names = [*names, head]
-        module_configs[head] = head_config()
     return dataclasses.replace(checkpoint, tensors=tensors, tensor_types=types,
                                quantization=QuantizedModules(config, tuple(names), module_configs,
                                                              quant_method=quant_method, experts=experts))

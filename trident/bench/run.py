@@ -14,7 +14,7 @@ from rich.console import Console
 
 from trident.bench.shapes import known_shapes
 from trident.errors import TridentError
-from trident.quant.head import HEAD_CHOICES
+from trident.quant.head import HEAD_CHOICES, listed_head
 
 BENCH_EPILOG = (
     "Random weights: --shape NAME (one of: " + ", ".join(known_shapes()) + ") or --shape path/to/config.json "
@@ -115,7 +115,7 @@ def run_bench(args: argparse.Namespace) -> int:
         label += f", int{c.bits} {'per channel' if c.group_size is None else f'g{c.group_size}'} weights"
         if subject.checkpoint.quantization.quant_method == "trident-w8a8":
             label += " x int8 per-token activations"
-        if _quantized_head(subject.checkpoint.quantization) is not None:
+        if listed_head(subject.checkpoint.quantization.modules) is not None:
             label += ", int8 LM head"
     bound = _roofline(engine, workload, args.kind)
     if args.kind == "latency":
@@ -254,7 +254,7 @@ def _record(args: argparse.Namespace, subject, dtype_name: str, bound, rows: lis
         "machine": report.machine(args.device, args.threads),
         "device": args.device, "dtype": dtype_name, "weights": args.weights,
         "lm_head": ("float" if subject.checkpoint.quantization is None
-                    or _quantized_head(subject.checkpoint.quantization) is None else "int8"),
+                    or listed_head(subject.checkpoint.quantization.modules) is None else "int8"),
         "quantization": ({**dataclasses.asdict(subject.checkpoint.quantization.config),
                           "quant_method": subject.checkpoint.quantization.quant_method}
                          if subject.checkpoint.quantization is not None else None),
@@ -287,8 +287,3 @@ def _load_peer(subject):
     except Exception as e:  # reported in the peer's row
         return None, None, f"{type(e).__name__}: {e}"
     return model, time.perf_counter() - t0, None
-
-
-def _quantized_head(quantization) -> str | None:
-    """The LM head module a quantized checkpoint lists (``lm_head``, or the tied embedding table), or None."""
-    return next((name for name in quantization.modules if name == "lm_head" or name.endswith("embed_tokens")), None)

@@ -346,22 +346,20 @@ class LLMEngine:
         runner = self.runner
         if self.device.type == "cuda":
             summary = "decode: CUDA graphs" if runner.graphs is not None else "decode: eager"
+            from trident.moe.router import Router
+            from trident.native import gemv_cuda, moe_gemv_cuda
             from trident.quant.linear import QuantizedLinear
 
-            if any(isinstance(module, QuantizedLinear) for module in self.model.modules()):
-                from trident.native import gemv_cuda
-
-                why = gemv_cuda.why_unavailable()
-                summary += (", batch-1 quantized products: CUDA dp4a kernel" if why is None
-                            else f", batch-1 quantized products: Triton ({why.splitlines()[0][:80]})")
-            from trident.moe.router import Router
-
-            if any(isinstance(module, Router) for module in self.model.modules()):
-                from trident.native import moe_gemv_cuda
-
-                why = moe_gemv_cuda.why_unavailable()
-                summary += (", one-token MoE router and int8 experts: CUDA kernels" if why is None
-                            else f", one-token MoE router and experts: Triton ({why.splitlines()[0][:80]})")
+            kinds = {type(module) for module in self.model.modules()}
+            # (modules that use the CUDA kernels, their library, what runs with it, what runs without it)
+            for module_type, library, native, fallback in (
+                    (QuantizedLinear, gemv_cuda, "batch-1 quantized products: CUDA dp4a kernel",
+                     "batch-1 quantized products: Triton"),
+                    (Router, moe_gemv_cuda, "one-token MoE router and int8 experts: CUDA kernels",
+                     "one-token MoE router and experts: Triton")):
+                if any(issubclass(kind, module_type) for kind in kinds):
+                    why = library.why_unavailable()
+                    summary += f", {native}" if why is None else f", {fallback} ({why.splitlines()[0][:80]})"
             return summary
         decoder = runner.cpu_decoder
         if decoder is None:

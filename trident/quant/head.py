@@ -38,6 +38,12 @@ def head_config() -> QuantConfig:
     return QuantConfig(bits=8)
 
 
+def listed_head(modules: tuple[str, ...]) -> str | None:
+    """The head among a quantized checkpoint's listed modules (``lm_head``, or a tied head's ``embed_tokens``
+    table, as :func:`head_module` names them), or None: the head stayed float."""
+    return next((name for name in modules if name == "lm_head" or name.endswith("embed_tokens")), None)
+
+
 def head_module(model: nn.Module) -> str:
     """The name of the module that computes ``model``'s logits: ``lm_head``, or the embedding table it is tied to."""
     from trident.models.layers import Embedding, Linear
