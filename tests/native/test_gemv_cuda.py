@@ -148,3 +148,56 @@ def test_engine_decode_agrees_with_the_triton_kernel(tiny_int4_llama_dir, monkey
         tiny_int4_llama_dir, [(11 * i + 5) % 256 for i in range(37)], gemv_cuda, "gemv",
         "batch-1 quantized products: CUDA dp4a kernel", "batch-1 quantized products: Triton (TRIDENT_NO_NATIVE=1)",
         monkeypatch)
+
+
+ULP = {torch.bfloat16: 2**-8, torch.float16: 2**-11}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "first_layer"])
+@pytest.mark.parametrize("bits,group_size,offsets", [(8, None, False), (4, 128, True), (4, 32, False)])
+def test_normed_product_equals_the_norm_then_the_product(bits: int, group_size: int | None, offsets: bool,
+                                                         residual: bool, dtype: torch.dtype) -> None:
+    """gemv_normed = fused_add_rms_norm_reference (Llama's form) then the product: the new residual stream bit for
+    bit, the product within the kernel's activation rounding of float64 math on the reference's normalised row,
+    plus one ulp of that row per element (the kernel sums the squares in another order, so its scale may differ in
+    the last float32 bits and round a few elements the other way). K up to the block's limit."""
+    from trident.kernels.rms_norm import fused_add_rms_norm_reference, rms_norm_reference
+
+    for n, k in ((515, 2048), (37, 4096), (300, 8192)):
+        g = torch.Generator().manual_seed(n + k + bits)
+        w = cuda_weight(random_weight(bits, n, k, group_size, offsets, g))
+        x = (torch.randn(1, k, generator=g) * 3).to(dtype)
+        r = (torch.randn(1, k, generator=g) * 10).to(dtype) if residual else None
+        norm_weight = (1 + torch.randn(k, generator=g) * 0.2).to(dtype)
+        b = torch.randn(n, generator=g).to(dtype)
+        args = (x.cuda(), None if r is None else r.cuda(), norm_weight.cuda())
+        assert gemv_cuda.takes_normed(*args, w, b.cuda())
+        y, stream = gemv_cuda.gemv_normed(*args, 1e-5, w, b.cuda())
+        if residual:
+            h, expected_stream = fused_add_rms_norm_reference(x, r, norm_weight, 1e-5, False)
+        else:
+            h, expected_stream = rms_norm_reference(x, norm_weight, 1e-5, False), x
+        assert torch.equal(stream.cpu(), expected_stream)
+        wd = affine_dequantize(w, torch.float64).cpu()
+        x_hat = gemv_cuda.quantize_activations_reference(h).double()
+        emulated = x_hat @ wd.T + b.double()
+        rss = ((x_hat * x_hat) @ (wd * wd).T + b.double() ** 2).sqrt()
+        allowance = RTOL[dtype] * (emulated.abs() + rss) + 2 * ULP[dtype] * (h.double().abs() @ wd.abs().T) + 2**-24
+        excess = ((y.cpu().double() - emulated).abs() / allowance).max().item()
+        assert excess <= 1, f"N={n} K={k} int{bits} residual={residual} {dtype}: {excess:.2f}x the allowance"
+    too_long = torch.zeros(1, gemv_cuda.library().tq_gemv_norm_max_k() + 32, dtype=dtype, device="cuda")
+    wide = cuda_weight(random_weight(8, 4, too_long.shape[1], None, False, torch.Generator().manual_seed(0)))
+    assert gemv_cuda.takes(too_long, wide, None)
+    assert not gemv_cuda.takes_normed(too_long, None, too_long[0], wide, None)
+
+
+@pytest.mark.gpu
+def test_engine_decode_with_fused_norms_agrees_with_the_triton_kernel(tiny_int4_llama_dir, monkeypatch) -> None:
+    """The same engines as above, counting the products that took their layer's norm along (every dense layer's
+    input and post-attention norms at batch 1)."""
+    assert_cuda_kernels_agree_with_triton(
+        tiny_int4_llama_dir, [(7 * i + 3) % 256 for i in range(21)], gemv_cuda, "gemv_normed",
+        "batch-1 quantized products: CUDA dp4a kernel", "batch-1 quantized products: Triton (TRIDENT_NO_NATIVE=1)",
+        monkeypatch)

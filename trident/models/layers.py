@@ -167,6 +167,20 @@ class RotaryEmbedding(nn.Module):
         return ops.rotary_inputs(positions, self.inv_freq, dtype)
 
 
+def normed_projection(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None,
+                      norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layer(h), the residual stream) for h, stream = norm.with_residual(x, residual): one launch where the layer
+    fuses the norm into its product (a quantized layer's ``fused_norm_forward`` at batch 1 on CUDA), else the norm,
+    then the layer."""
+    fused = getattr(layer, "fused_norm_forward", None)
+    if fused is not None:
+        out = fused(x, residual, norm)
+        if out is not None:
+            return out
+    h, residual = norm.with_residual(x, residual)
+    return layer(h), residual
+
+
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)) with gate and up fused into one projection."""
 
@@ -179,6 +193,12 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(ops.act_and_mul(self.gate_up_proj(x), self.act))
+
+    def forward_normed(self, x: torch.Tensor, residual: torch.Tensor | None,
+                       norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(forward(h), the residual stream) for h, stream = norm.with_residual(x, residual) (normed_projection)."""
+        gate_up, residual = normed_projection(self.gate_up_proj, x, residual, norm)
+        return self.down_proj(ops.act_and_mul(gate_up, self.act)), residual
 
 
 class Attention(nn.Module):
@@ -207,13 +227,22 @@ class Attention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, rope: ops.RotaryInputs, kv_cache: LayerKVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
+        return self._attend(self.qkv_proj(hidden), rope, kv_cache, meta)
+
+    def forward_normed(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, rope: ops.RotaryInputs,
+                       kv_cache: LayerKVCache, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """(forward(h), the residual stream) for h, stream = norm.with_residual(x, residual) (normed_projection)."""
+        qkv, residual = normed_projection(self.qkv_proj, x, residual, norm)
+        return self._attend(qkv, rope, kv_cache, meta), residual
+
+    def _attend(self, qkv: torch.Tensor, rope: ops.RotaryInputs, kv_cache: LayerKVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        num_tokens = qkv.shape[0]
         head_norms = None
         if self.qk_norm:
             head_norms = ops.HeadNorms(self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
                                        self.q_norm.unit_offset)
-        q, k, v = ops.rotate_qkv(self.qkv_proj(hidden), self.num_heads, self.num_kv_heads, self.head_dim, rope,
-                                 head_norms)
+        q, k, v = ops.rotate_qkv(qkv, self.num_heads, self.num_kv_heads, self.head_dim, rope, head_norms)
         self.backend.write_kv(k, v, kv_cache, meta)
         out = self.backend.forward(q, kv_cache, meta, scale=self.scale,
                                    sliding_window=self.sliding_window, logit_softcap=self.logit_softcap)

@@ -39,9 +39,17 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: RotaryInputs, kv_cache: LayerKVCache,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (this layer's MLP output, the residual stream before it is added)."""
-        hidden, residual = self.input_layernorm.with_residual(hidden, residual)
-        hidden = self.self_attn(hidden, rope, kv_cache, meta)
+        """-> (this layer's MLP output, the residual stream before it is added). The dense attention and MLP take
+        their norm with them (Attention / GatedMLP.forward_normed: one launch with the first product where a
+        quantized layer's batch-1 CUDA kernel fuses it)."""
+        if isinstance(self.self_attn, Attention):
+            hidden, residual = self.self_attn.forward_normed(hidden, residual, self.input_layernorm, rope, kv_cache,
+                                                             meta)
+        else:
+            hidden, residual = self.input_layernorm.with_residual(hidden, residual)
+            hidden = self.self_attn(hidden, rope, kv_cache, meta)
+        if isinstance(self.mlp, GatedMLP):
+            return self.mlp.forward_normed(hidden, residual, self.post_attention_layernorm)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 

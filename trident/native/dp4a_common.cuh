@@ -132,6 +132,71 @@ __device__ void quantize_x(const T* __restrict__ x, int k, const XStages& xs) {
     }
 }
 
+// quantize_x for the row h = RMSNorm(x + residual) * w of a decoder layer's norm (Llama's form: the sum rounded to T,
+// normalised in float32, rounded to T, times w, rounded to T: trident/kernels/rms_norm.py's arithmetic), so that the
+// norm needs no launch of its own. residual null: h = RMSNorm(x) * w. residual_out non-null (one block of the
+// grid): the rounded sum is written there (the new residual stream). k <= NORM_TURNS x 8 x THREADS.
+#define NORM_TURNS 4
+template <int BITS, typename T>
+__device__ void quantize_x_normed(const T* __restrict__ x, const T* __restrict__ residual, const T* __restrict__ w,
+                                  float eps, int k, const XStages& xs, T* __restrict__ residual_out) {
+    __shared__ float warp_sums[WARPS];
+    const int chunks = k / 8;
+    uint4 sum[NORM_TURNS];
+    float squares = 0.f;
+#pragma unroll
+    for (int i = 0; i < NORM_TURNS; i++) {  // every load first, then the arithmetic
+        const int c = i * THREADS + threadIdx.x;
+        sum[i] = c < chunks ? *reinterpret_cast<const uint4*>(x + 8 * (size_t)c) : make_uint4(0, 0, 0, 0);
+    }
+    if (residual != nullptr) {
+#pragma unroll
+        for (int i = 0; i < NORM_TURNS; i++) {
+            const int c = i * THREADS + threadIdx.x;
+            if (c < chunks) {
+                const uint4 r = *reinterpret_cast<const uint4*>(residual + 8 * (size_t)c);
+                const T* re = reinterpret_cast<const T*>(&r);
+                T* se = reinterpret_cast<T*>(&sum[i]);
+#pragma unroll
+                for (int j = 0; j < 8; j++) se[j] = from_float<T>(to_float(se[j]) + to_float(re[j]));
+                if (residual_out != nullptr) *reinterpret_cast<uint4*>(residual_out + 8 * (size_t)c) = sum[i];
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < NORM_TURNS; i++) {
+        const T* se = reinterpret_cast<const T*>(&sum[i]);
+#pragma unroll
+        for (int j = 0; j < 8; j++) squares = fmaf(to_float(se[j]), to_float(se[j]), squares);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) squares += __shfl_xor_sync(0xffffffffu, squares, off);
+    if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = squares;
+    __syncthreads();
+    float total = 0.f;
+#pragma unroll
+    for (int i = 0; i < WARPS; i++) total += warp_sums[i];
+    const float rstd = rsqrtf(total / (float)k + eps);
+#pragma unroll
+    for (int i = 0; i < NORM_TURNS; i++) {
+        if (i * THREADS < chunks) {  // uniform over the block: every lane of a warp takes the shuffles
+            const int c = i * THREADS + threadIdx.x;
+            uint4 h = make_uint4(0, 0, 0, 0);
+            if (c < chunks) {
+                const uint4 wv = *reinterpret_cast<const uint4*>(w + 8 * (size_t)c);
+                const T* se = reinterpret_cast<const T*>(&sum[i]);
+                const T* we = reinterpret_cast<const T*>(&wv);
+                T* he = reinterpret_cast<T*>(&h);
+#pragma unroll
+                for (int j = 0; j < 8; j++) {
+                    he[j] = from_float<T>(to_float(we[j]) * to_float(from_float<T>(to_float(se[j]) * rstd)));
+                }
+            }
+            quantize_chunk<BITS, T>(h, c, c < chunks, xs.q1, xs.q2, xs.s1, xs.s2, xs.bsum);
+        }
+    }
+}
+
 // One pipeline step of a warp: its row group rg's 16-byte chunks base + 32 u + lane (u < U), codes and scales.
 template <int BITS, int R, int U>
 struct Step {

@@ -59,12 +59,21 @@ __device__ __forceinline__ void load_step(Step<BITS, R, U>& s, const uint8_t* __
 // A warp's work is a list of steps: its row groups (of R rows) rg = first, first + stride, ..., each cut into
 // steps of 32 U chunks. The codes of step t + 1 are loaded while step t is multiplied; those of the first step
 // are requested before the kernel waits for the one before it and quantizes x (the weight does not depend on it).
-template <int BITS, bool OFFSETS, typename T, int R, int U>
+// The norm (NORM): x is a decoder layer's sublayer output, quantized as RMSNorm(x + residual) * norm_weight
+// (quantize_x_normed), block 0 writing the new residual stream.
+struct NormArgs {
+    const void* residual;     // [k] or null (the first layer: the stream is x)
+    const void* weight;       // [k]
+    void* residual_out;       // [k], written with x + residual (unused when residual is null)
+    float eps;
+};
+
+template <int BITS, bool OFFSETS, bool NORM, typename T, int R, int U>
 __global__ void __launch_bounds__(THREADS, 2) gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ codes,
                                                           const float* __restrict__ scales,
                                                           const float* __restrict__ offsets,
                                                           const T* __restrict__ bias, T* __restrict__ y, int n, int k,
-                                                          int group_size) {
+                                                          int group_size, NormArgs norm) {
     extern __shared__ __align__(16) uint8_t smem[];
     const XStages xs = x_stages(smem, k);
 
@@ -83,7 +92,12 @@ __global__ void __launch_bounds__(THREADS, 2) gemv_kernel(const T* __restrict__ 
     if (steps > 0) load_step(cur, codes, scales, first, 0, lane, n, row_bytes, chunks, num_groups, group_size);
 
     wait_for_previous_grid();
-    quantize_x<BITS>(x, k, xs);
+    if (NORM) {
+        quantize_x_normed<BITS>(x, reinterpret_cast<const T*>(norm.residual), reinterpret_cast<const T*>(norm.weight),
+                                norm.eps, k, xs, blockIdx.x == 0 ? reinterpret_cast<T*>(norm.residual_out) : nullptr);
+    } else {
+        quantize_x<BITS>(x, k, xs);
+    }
     __syncthreads();
 
     float acc[R];
@@ -122,23 +136,38 @@ __global__ void __launch_bounds__(THREADS, 2) gemv_kernel(const T* __restrict__ 
     walk_steps<U>(cur, steps, first, stride, steps_per_group, load, multiply, finish);
 }
 
-template <int BITS, bool OFFSETS, typename T, int R, int U>
+template <int BITS, bool OFFSETS, bool NORM, typename T, int R, int U>
 static int launch(const void* x, const void* codes, const float* scales, const float* offsets, const void* bias,
-                  void* y, int n, int k, int group_size, int grid, int pdl, cudaStream_t stream) {
-    return launch_kernel(gemv_kernel<BITS, OFFSETS, T, R, U>, grid, THREADS, activation_smem_bytes(k), pdl, stream,
-                         reinterpret_cast<const T*>(x), reinterpret_cast<const uint8_t*>(codes), scales, offsets,
-                         reinterpret_cast<const T*>(bias), reinterpret_cast<T*>(y), n, k, group_size);
+                  void* y, int n, int k, int group_size, int grid, int pdl, cudaStream_t stream, NormArgs norm) {
+    return launch_kernel(gemv_kernel<BITS, OFFSETS, NORM, T, R, U>, grid, THREADS, activation_smem_bytes(k), pdl,
+                         stream, reinterpret_cast<const T*>(x), reinterpret_cast<const uint8_t*>(codes), scales,
+                         offsets, reinterpret_cast<const T*>(bias), reinterpret_cast<T*>(y), n, k, group_size, norm);
 }
 
-#define ARGS x, codes, scales, offsets, bias, y, n, k, group_size, grid, pdl, stream
-template <typename T>
+#define ARGS x, codes, scales, offsets, bias, y, n, k, group_size, grid, pdl, stream, norm
+template <typename T, bool NORM>
 static int dispatch(int bits, int has_offsets, const void* x, const void* codes, const float* scales,
                     const float* offsets, const void* bias, void* y, int n, int k, int group_size, int grid, int pdl,
-                    cudaStream_t stream) {
+                    cudaStream_t stream, NormArgs norm) {
     if (bits == 4) {
-        return has_offsets ? launch<4, true, T, ROWS, UNROLL>(ARGS) : launch<4, false, T, ROWS, UNROLL>(ARGS);
+        return has_offsets ? launch<4, true, NORM, T, ROWS, UNROLL>(ARGS)
+                           : launch<4, false, NORM, T, ROWS, UNROLL>(ARGS);
     }
-    return has_offsets ? launch<8, true, T, ROWS, UNROLL>(ARGS) : launch<8, false, T, ROWS, UNROLL>(ARGS);
+    return has_offsets ? launch<8, true, NORM, T, ROWS, UNROLL>(ARGS) : launch<8, false, NORM, T, ROWS, UNROLL>(ARGS);
+}
+
+template <bool NORM>
+static int dispatch_dtype(int dtype, int bits, const void* x, const void* codes, const float* scales,
+                          const float* offsets, const void* bias, void* y, int n, int k, int group_size, int grid,
+                          int pdl, void* stream, NormArgs norm) {
+    cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+    const int has_offsets = offsets != nullptr;
+    if (dtype == 0) {
+        return dispatch<__nv_bfloat16, NORM>(bits, has_offsets, x, codes, scales, offsets, bias, y, n, k, group_size,
+                                             grid, pdl, s, norm);
+    }
+    return dispatch<__half, NORM>(bits, has_offsets, x, codes, scales, offsets, bias, y, n, k, group_size, grid, pdl,
+                                  s, norm);
 }
 
 extern "C" {
@@ -146,18 +175,24 @@ extern "C" {
 // The row groups (of ROWS rows) one warp takes per turn, and the threads of a block: the caller sizes the grid.
 int tq_gemv_rows_per_warp(void) { return ROWS; }
 int tq_gemv_threads(void) { return THREADS; }
+int tq_gemv_norm_max_k(void) { return NORM_TURNS * 8 * THREADS; }
 
 // y [n] = x [k] W^T (+ bias): dtype 0 bfloat16, 1 float16 (x, bias, y); bits 4 or 8; offsets may be null (then
 // has_offsets 0), bias may be null. Returns the CUDA error code of the launch (0: launched).
 int tq_gemv(int dtype, int bits, const void* x, const void* codes, const float* scales, const float* offsets,
             const void* bias, void* y, int n, int k, int group_size, int grid, int pdl, void* stream) {
-    cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-    const int has_offsets = offsets != nullptr;
-    if (dtype == 0) {
-        return dispatch<__nv_bfloat16>(bits, has_offsets, x, codes, scales, offsets, bias, y, n, k, group_size, grid,
-                                       pdl, s);
-    }
-    return dispatch<__half>(bits, has_offsets, x, codes, scales, offsets, bias, y, n, k, group_size, grid, pdl, s);
+    return dispatch_dtype<false>(dtype, bits, x, codes, scales, offsets, bias, y, n, k, group_size, grid, pdl, stream,
+                                 NormArgs{nullptr, nullptr, nullptr, 0.f});
+}
+
+// tq_gemv of h = RMSNorm(x + residual) * norm_weight instead of x (Llama's norm; residual may be null), writing
+// x + residual to residual_out. k <= tq_gemv_norm_max_k().
+int tq_gemv_normed(int dtype, int bits, const void* x, const void* residual, const void* norm_weight, float eps,
+                   void* residual_out, const void* codes, const float* scales, const float* offsets, const void* bias,
+                   void* y, int n, int k, int group_size, int grid, int pdl, void* stream) {
+    if (k > tq_gemv_norm_max_k()) return (int)cudaErrorInvalidValue;
+    return dispatch_dtype<true>(dtype, bits, x, codes, scales, offsets, bias, y, n, k, group_size, grid, pdl, stream,
+                                NormArgs{residual, norm_weight, residual_out, eps});
 }
 
 }  // extern "C"

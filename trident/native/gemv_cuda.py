@@ -32,8 +32,11 @@ def library() -> ctypes.CDLL | None:
         p, i = ctypes.c_void_p, ctypes.c_int
         lib.tq_gemv.argtypes = [i, i, p, p, p, p, p, p, i, i, i, i, i, p]
         lib.tq_gemv.restype = i
+        lib.tq_gemv_normed.argtypes = [i, i, p, p, p, ctypes.c_float, p, p, p, p, p, p, i, i, i, i, i, p]
+        lib.tq_gemv_normed.restype = i
         lib.tq_gemv_rows_per_warp.restype = i
         lib.tq_gemv_threads.restype = i
+        lib.tq_gemv_norm_max_k.restype = i
         lib._typed = True
     return lib
 
@@ -86,6 +89,41 @@ def gemv(x: torch.Tensor, w: AffineWeight, bias: torch.Tensor | None = None, *,
     if err != 0:
         raise RuntimeError(f"tq_gemv launch failed with CUDA error {err}")
     return y
+
+
+def takes_normed(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, w: AffineWeight,
+                 bias: torch.Tensor | None) -> bool:
+    """Whether :func:`gemv_normed` runs this product: :func:`takes`, and the norm's residual (or none) and weight
+    of x's dtype and shape [1, K] / [K], contiguous and 16-byte aligned, K within what a block normalises."""
+    if not takes(x, w, bias):
+        return False
+    k = w.in_features
+    return (k <= library().tq_gemv_norm_max_k() and norm_weight.dtype == x.dtype and norm_weight.numel() == k
+            and norm_weight.is_contiguous() and norm_weight.data_ptr() % 16 == 0
+            and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape
+                                      and residual.is_contiguous() and residual.data_ptr() % 16 == 0)))
+
+
+def gemv_normed(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                w: AffineWeight, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + residual) W^T (+ b), x + residual): a decoder layer's fused add + RMSNorm (Llama's form,
+    trident/kernels/rms_norm.py) and the product after it in one launch; residual None: the norm of x, and x is the
+    stream. The caller checked :func:`takes_normed`."""
+    lib = library()
+    n, k = w.out_features, w.in_features
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    new_residual = x if residual is None else torch.empty_like(x)
+    grid = grid_size(-(-n // lib.tq_gemv_rows_per_warp()), lib.tq_gemv_threads() // 32, x.device, BLOCKS_PER_SM)
+    from trident.kernels.pdl import pdl_launch
+
+    err = lib.tq_gemv_normed(DTYPES[x.dtype], w.bits, x.data_ptr(), None if residual is None else residual.data_ptr(),
+                             norm_weight.data_ptr(), eps, new_residual.data_ptr(), w.codes.data_ptr(),
+                             w.scales.data_ptr(), w.offsets.data_ptr() if w.offsets is not None else None,
+                             bias.data_ptr() if bias is not None else None, y.data_ptr(), n, k, w.group_size, grid,
+                             int(pdl_launch(x.device)), torch.cuda.current_stream(x.device).cuda_stream)
+    if err != 0:
+        raise RuntimeError(f"tq_gemv_normed launch failed with CUDA error {err}")
+    return y, new_residual
 
 
 def quantize_activations_reference(x: torch.Tensor) -> torch.Tensor:
