@@ -194,9 +194,55 @@ def test_normed_product_equals_the_norm_then_the_product(bits: int, group_size: 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("activation", ["silu", "gelu_pytorch_tanh", "gelu"])
+@pytest.mark.parametrize("bits,group_size,offsets", [(8, None, False), (4, 128, True), (4, 64, False)])
+def test_gated_product_equals_the_norm_the_product_and_the_activation(bits: int, group_size: int | None,
+                                                                      offsets: bool, activation: str,
+                                                                      dtype: torch.dtype) -> None:
+    """gemv_normed with an activation over a fused gate|up weight [2I, K] = act(gate) * up of float64 math on the
+    norm reference's row (its two-stage rounding): within the output's rounding of |y| plus what the gate's and
+    the up's own allowances (as in the test above) can move act(gate) * up (|act'| <= 1.13 for these three)."""
+    from trident.kernels.rms_norm import fused_add_rms_norm_reference
+
+    act64 = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
+             "gelu_pytorch_tanh": lambda v: torch.nn.functional.gelu(v, approximate="tanh")}[activation]
+    for inter, k in ((259, 2048), (1024, 4096)):
+        g = torch.Generator().manual_seed(inter + k + bits)
+        w = cuda_weight(random_weight(bits, 2 * inter, k, group_size, offsets, g))
+        x = (torch.randn(1, k, generator=g) * 3).to(dtype)
+        r = (torch.randn(1, k, generator=g) * 10).to(dtype)
+        norm_weight = (1 + torch.randn(k, generator=g) * 0.2).to(dtype)
+        b = torch.randn(2 * inter, generator=g).to(dtype)
+        args = (x.cuda(), r.cuda(), norm_weight.cuda())
+        assert gemv_cuda.takes_normed(*args, w, b.cuda(), activation)
+        y, stream = gemv_cuda.gemv_normed(*args, 1e-5, w, b.cuda(), activation)
+        h, expected_stream = fused_add_rms_norm_reference(x, r, norm_weight, 1e-5, False)
+        assert y.shape == (1, inter) and torch.equal(stream.cpu(), expected_stream)
+        wd = affine_dequantize(w, torch.float64).cpu()
+        x_hat = gemv_cuda.quantize_activations_reference(h).double()
+        sums = x_hat @ wd.T + b.double()
+        rss = ((x_hat * x_hat) @ (wd * wd).T + b.double() ** 2).sqrt()
+        own = RTOL[dtype] * (sums.abs() + rss) + 2 * ULP[dtype] * (h.double().abs() @ wd.abs().T) + 2**-24
+        gate, up = sums.chunk(2, dim=-1)
+        gate_allowance, up_allowance = own.chunk(2, dim=-1)
+        emulated = act64(gate) * up
+        allowance = (RTOL[dtype] * emulated.abs() + 1.13 * gate_allowance * (up.abs() + up_allowance)
+                     + act64(gate).abs() * up_allowance + 2**-24)
+        excess = ((y.cpu().double() - emulated).abs() / allowance).max().item()
+        assert excess <= 1, f"I={inter} K={k} int{bits} {activation} {dtype}: {excess:.2f}x the allowance"
+    even, odd = (cuda_weight(random_weight(8, rows, 64, None, False, torch.Generator().manual_seed(1)))
+                 for rows in (6, 7))
+    row, weight = args[0][:, :64], args[2][:64]
+    assert gemv_cuda.takes_normed(row, None, weight, even, None, "silu")
+    assert not gemv_cuda.takes_normed(row, None, weight, odd, None, "silu")
+    assert not gemv_cuda.takes_normed(row, None, weight, even, None, "relu")
+
+
+@pytest.mark.gpu
 def test_engine_decode_with_fused_norms_agrees_with_the_triton_kernel(tiny_int4_llama_dir, monkeypatch) -> None:
     """The same engines as above, counting the products that took their layer's norm along (every dense layer's
-    input and post-attention norms at batch 1)."""
+    input and post-attention norms at batch 1; the MLP's gate|up takes its activation too)."""
     assert_cuda_kernels_agree_with_triton(
         tiny_int4_llama_dir, [(7 * i + 3) % 256 for i in range(21)], gemv_cuda, "gemv_normed",
         "batch-1 quantized products: CUDA dp4a kernel", "batch-1 quantized products: Triton (TRIDENT_NO_NATIVE=1)",

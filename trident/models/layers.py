@@ -167,18 +167,20 @@ class RotaryEmbedding(nn.Module):
         return ops.rotary_inputs(positions, self.inv_freq, dtype)
 
 
-def normed_projection(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None,
-                      norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """(layer(h), the residual stream) for h, stream = norm.with_residual(x, residual): one launch where the layer
-    fuses the norm into its product (a quantized layer's ``fused_norm_forward`` at batch 1 on CUDA), else the norm,
-    then the layer."""
+def normed_projection(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                      activation: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, the residual stream) for h, stream = norm.with_residual(x, residual) and y = layer(h), or with an
+    activation (layer a fused gate|up projection) y = act_and_mul(layer(h)): one launch where the layer fuses the
+    norm (and the activation) into its product (a quantized layer's ``fused_norm_forward`` at batch 1 on CUDA),
+    else the norm, the layer, the activation."""
     fused = getattr(layer, "fused_norm_forward", None)
     if fused is not None:
-        out = fused(x, residual, norm)
+        out = fused(x, residual, norm, activation)
         if out is not None:
             return out
     h, residual = norm.with_residual(x, residual)
-    return layer(h), residual
+    y = layer(h)
+    return (y if activation is None else ops.act_and_mul(y, activation)), residual
 
 
 class GatedMLP(nn.Module):
@@ -197,8 +199,8 @@ class GatedMLP(nn.Module):
     def forward_normed(self, x: torch.Tensor, residual: torch.Tensor | None,
                        norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """(forward(h), the residual stream) for h, stream = norm.with_residual(x, residual) (normed_projection)."""
-        gate_up, residual = normed_projection(self.gate_up_proj, x, residual, norm)
-        return self.down_proj(ops.act_and_mul(gate_up, self.act)), residual
+        act, residual = normed_projection(self.gate_up_proj, x, residual, norm, self.act)
+        return self.down_proj(act), residual
 
 
 class Attention(nn.Module):

@@ -22,6 +22,21 @@ template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half(v); }
 
+// The gated MLP's activations (act(gate) * up), by the numbers the wrappers pass: silu, gelu with the tanh
+// approximation, gelu (erf).
+#define ACT_SILU 0
+#define ACT_GELU_TANH 1
+#define ACT_GELU 2
+
+__device__ __forceinline__ float activate(float g, int activation) {
+    if (activation == ACT_SILU) return g / (1.f + expf(-g));
+    if (activation == ACT_GELU_TANH) {
+        const float inner = 0.7978845608028654f * (g + 0.044715f * g * g * g);
+        return 0.5f * g * (1.f + tanhf(inner));
+    }
+    return 0.5f * g * (1.f + erff(g * 0.7071067811865476f));
+}
+
 __device__ __forceinline__ int quantize_code(float v, float inv) {
     float q = rintf(__fmul_rn(v, inv));
     return (int)fminf(fmaxf(q, -127.f), 127.f);

@@ -25,6 +25,9 @@
 //  * Programmatic dependent launch (Hopper): the codes of a warp's first step are requested before the kernel
 //    waits for the one before it (griddepcontrol.wait; the weight does not depend on that kernel), then x is
 //    read and quantized, and the next kernel may launch at once.
+//  * A decoder layer's norm and gated activation can come along (tq_gemv_normed): x is quantized as
+//    RMSNorm(x + residual) * w, and a fused gate|up weight's warps take (gate row i, up row n + i) pairs and write
+//    act(gate) * up, so the layer's norms and its MLP activation need no launches of their own.
 //  Measured on an H200 (Llama-3-8B projections, CUDA-graph replays): int4 group 128 at 1.4-2.6 TB/s of codes
 //  against Triton's 0.7-1.2; int8 at 2.2-3.5 TB/s against 1.8-3.2 (docs/benchmarks.md).
 //
@@ -33,7 +36,14 @@
 
 #include "dp4a_common.cuh"
 
-template <int BITS, int R, int U>
+// Row r of row group rg: rg R + r (a missing row repeats the last, never stored), or with GATED (R = 2) the pair
+// gate row rg, up row n + rg of a fused gate|up weight of 2n rows.
+template <bool GATED, int R>
+__device__ __forceinline__ int row_of(int rg, int r, int n) {
+    return GATED ? rg + r * n : min(rg * R + r, n - 1);
+}
+
+template <int BITS, bool GATED, int R, int U>
 __device__ __forceinline__ void load_step(Step<BITS, R, U>& s, const uint8_t* __restrict__ codes,
                                           const float* __restrict__ scales, int rg, int base, int lane, int n,
                                           int row_bytes, int chunks, int num_groups, int group_size) {
@@ -44,7 +54,7 @@ __device__ __forceinline__ void load_step(Step<BITS, R, U>& s, const uint8_t* __
         const int group = (blk * ABLOCK) / group_size;
 #pragma unroll
         for (int r = 0; r < R; r++) {
-            const int row = min(rg * R + r, n - 1);  // a missing row repeats the last (never stored)
+            const int row = row_of<GATED, R>(rg, r, n);
             if (ch < chunks) {
                 s.w[r][u] = __ldcs(reinterpret_cast<const uint4*>(codes + (size_t)row * row_bytes) + ch);
                 s.scale[r][u] = __ldg(scales + (size_t)row * num_groups + group);
@@ -60,15 +70,17 @@ __device__ __forceinline__ void load_step(Step<BITS, R, U>& s, const uint8_t* __
 // steps of 32 U chunks. The codes of step t + 1 are loaded while step t is multiplied; those of the first step
 // are requested before the kernel waits for the one before it and quantizes x (the weight does not depend on it).
 // The norm (NORM): x is a decoder layer's sublayer output, quantized as RMSNorm(x + residual) * norm_weight
-// (quantize_x_normed), block 0 writing the new residual stream.
+// (quantize_x_normed), block 0 writing the new residual stream. GATED (R = 2, with NORM): W is a fused gate|up
+// weight of 2n rows and y [n] = act(gate . h) * (up . h), each warp taking the pair (gate row i, up row n + i).
 struct NormArgs {
     const void* residual;     // [k] or null (the first layer: the stream is x)
     const void* weight;       // [k]
     void* residual_out;       // [k], written with x + residual (unused when residual is null)
     float eps;
+    int activation;           // GATED: ACT_SILU, ACT_GELU_TANH or ACT_GELU
 };
 
-template <int BITS, bool OFFSETS, bool NORM, typename T, int R, int U>
+template <int BITS, bool OFFSETS, bool NORM, bool GATED, typename T, int R, int U>
 __global__ void __launch_bounds__(THREADS, 2) gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ codes,
                                                           const float* __restrict__ scales,
                                                           const float* __restrict__ offsets,
@@ -81,7 +93,8 @@ __global__ void __launch_bounds__(THREADS, 2) gemv_kernel(const T* __restrict__ 
     const int row_bytes = BITS == 4 ? k / 2 : k;
     const int chunks = row_bytes / 16;  // 16-byte chunks per row
     const int num_groups = k / group_size;
-    const int row_groups = (n + R - 1) / R;
+    static_assert(!GATED || (NORM && R == 2), "a gated product is a pair of rows after the norm");
+    const int row_groups = GATED ? n : (n + R - 1) / R;
     const int stride = gridDim.x * WARPS;
     const int first = blockIdx.x * WARPS + (threadIdx.x >> 5);
     const int steps_per_group = (chunks + 32 * U - 1) / (32 * U);
@@ -89,7 +102,7 @@ __global__ void __launch_bounds__(THREADS, 2) gemv_kernel(const T* __restrict__ 
     const int steps = my_groups * steps_per_group;
 
     Step<BITS, R, U> cur;
-    if (steps > 0) load_step(cur, codes, scales, first, 0, lane, n, row_bytes, chunks, num_groups, group_size);
+    if (steps > 0) load_step<BITS, GATED>(cur, codes, scales, first, 0, lane, n, row_bytes, chunks, num_groups, group_size);
 
     wait_for_previous_grid();
     if (NORM) {
@@ -104,13 +117,13 @@ __global__ void __launch_bounds__(THREADS, 2) gemv_kernel(const T* __restrict__ 
 #pragma unroll
     for (int r = 0; r < R; r++) acc[r] = 0.f;
     auto load = [&](Step<BITS, R, U>& s, int rg, int base) {
-        load_step(s, codes, scales, rg, base, lane, n, row_bytes, chunks, num_groups, group_size);
+        load_step<BITS, GATED>(s, codes, scales, rg, base, lane, n, row_bytes, chunks, num_groups, group_size);
     };
     auto multiply = [&](const Step<BITS, R, U>& s, int base) { compute_step(s, acc, xs, base, lane, chunks); };
     auto finish = [&](int rg) {  // the row group is done
         int rows[R];
 #pragma unroll
-        for (int r = 0; r < R; r++) rows[r] = min(rg * R + r, n - 1);
+        for (int r = 0; r < R; r++) rows[r] = row_of<GATED, R>(rg, r, n);
         if (OFFSETS) {  // + offset[row, g] * sum of x over group g
             for (int blk = lane; blk < k / ABLOCK; blk += 32) {
                 const int group = (blk * ABLOCK) / group_size;
@@ -120,53 +133,62 @@ __global__ void __launch_bounds__(THREADS, 2) gemv_kernel(const T* __restrict__ 
                 }
             }
         }
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            float v = acc[r];
-#pragma unroll
-            for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-            const int row = rg * R + r;
-            if (lane == 0 && row < n) {
-                if (bias != nullptr) v += to_float(bias[row]);
-                y[row] = from_float<T>(v);
+        warp_sum(acc);
+        if (GATED) {
+            if (lane == 0) {
+                float gate = acc[0], up = acc[1];
+                if (bias != nullptr) {
+                    gate += to_float(bias[rows[0]]);
+                    up += to_float(bias[rows[1]]);
+                }
+                y[rg] = from_float<T>(activate(gate, norm.activation) * up);
             }
-            acc[r] = 0.f;
+        } else {
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                const int row = rg * R + r;
+                if (lane == 0 && row < n) {
+                    y[row] = from_float<T>(bias != nullptr ? acc[r] + to_float(bias[row]) : acc[r]);
+                }
+            }
         }
+#pragma unroll
+        for (int r = 0; r < R; r++) acc[r] = 0.f;
     };
     walk_steps<U>(cur, steps, first, stride, steps_per_group, load, multiply, finish);
 }
 
-template <int BITS, bool OFFSETS, bool NORM, typename T, int R, int U>
+template <int BITS, bool OFFSETS, bool NORM, bool GATED, typename T, int R, int U>
 static int launch(const void* x, const void* codes, const float* scales, const float* offsets, const void* bias,
                   void* y, int n, int k, int group_size, int grid, int pdl, cudaStream_t stream, NormArgs norm) {
-    return launch_kernel(gemv_kernel<BITS, OFFSETS, NORM, T, R, U>, grid, THREADS, activation_smem_bytes(k), pdl,
+    return launch_kernel(gemv_kernel<BITS, OFFSETS, NORM, GATED, T, R, U>, grid, THREADS, activation_smem_bytes(k), pdl,
                          stream, reinterpret_cast<const T*>(x), reinterpret_cast<const uint8_t*>(codes), scales,
                          offsets, reinterpret_cast<const T*>(bias), reinterpret_cast<T*>(y), n, k, group_size, norm);
 }
 
 #define ARGS x, codes, scales, offsets, bias, y, n, k, group_size, grid, pdl, stream, norm
-template <typename T, bool NORM>
+template <typename T, bool NORM, bool GATED>
 static int dispatch(int bits, int has_offsets, const void* x, const void* codes, const float* scales,
                     const float* offsets, const void* bias, void* y, int n, int k, int group_size, int grid, int pdl,
                     cudaStream_t stream, NormArgs norm) {
     if (bits == 4) {
-        return has_offsets ? launch<4, true, NORM, T, ROWS, UNROLL>(ARGS)
-                           : launch<4, false, NORM, T, ROWS, UNROLL>(ARGS);
+        return has_offsets ? launch<4, true, NORM, GATED, T, ROWS, UNROLL>(ARGS)
+                           : launch<4, false, NORM, GATED, T, ROWS, UNROLL>(ARGS);
     }
-    return has_offsets ? launch<8, true, NORM, T, ROWS, UNROLL>(ARGS) : launch<8, false, NORM, T, ROWS, UNROLL>(ARGS);
+    return has_offsets ? launch<8, true, NORM, GATED, T, ROWS, UNROLL>(ARGS) : launch<8, false, NORM, GATED, T, ROWS, UNROLL>(ARGS);
 }
 
-template <bool NORM>
+template <bool NORM, bool GATED>
 static int dispatch_dtype(int dtype, int bits, const void* x, const void* codes, const float* scales,
                           const float* offsets, const void* bias, void* y, int n, int k, int group_size, int grid,
                           int pdl, void* stream, NormArgs norm) {
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
     const int has_offsets = offsets != nullptr;
     if (dtype == 0) {
-        return dispatch<__nv_bfloat16, NORM>(bits, has_offsets, x, codes, scales, offsets, bias, y, n, k, group_size,
+        return dispatch<__nv_bfloat16, NORM, GATED>(bits, has_offsets, x, codes, scales, offsets, bias, y, n, k, group_size,
                                              grid, pdl, s, norm);
     }
-    return dispatch<__half, NORM>(bits, has_offsets, x, codes, scales, offsets, bias, y, n, k, group_size, grid, pdl,
+    return dispatch<__half, NORM, GATED>(bits, has_offsets, x, codes, scales, offsets, bias, y, n, k, group_size, grid, pdl,
                                   s, norm);
 }
 
@@ -181,18 +203,24 @@ int tq_gemv_norm_max_k(void) { return NORM_TURNS * 8 * THREADS; }
 // has_offsets 0), bias may be null. Returns the CUDA error code of the launch (0: launched).
 int tq_gemv(int dtype, int bits, const void* x, const void* codes, const float* scales, const float* offsets,
             const void* bias, void* y, int n, int k, int group_size, int grid, int pdl, void* stream) {
-    return dispatch_dtype<false>(dtype, bits, x, codes, scales, offsets, bias, y, n, k, group_size, grid, pdl, stream,
-                                 NormArgs{nullptr, nullptr, nullptr, 0.f});
+    return dispatch_dtype<false, false>(dtype, bits, x, codes, scales, offsets, bias, y, n, k, group_size, grid, pdl,
+                                        stream, NormArgs{nullptr, nullptr, nullptr, 0.f, 0});
 }
 
 // tq_gemv of h = RMSNorm(x + residual) * norm_weight instead of x (Llama's norm; residual may be null), writing
-// x + residual to residual_out. k <= tq_gemv_norm_max_k().
+// x + residual to residual_out. k <= tq_gemv_norm_max_k(). activation >= 0 (ACT_*): W has 2n rows, gate then up,
+// and y [n] = act(gate . h) * (up . h) (+ their biases); activation -1: W has n rows.
 int tq_gemv_normed(int dtype, int bits, const void* x, const void* residual, const void* norm_weight, float eps,
                    void* residual_out, const void* codes, const float* scales, const float* offsets, const void* bias,
-                   void* y, int n, int k, int group_size, int grid, int pdl, void* stream) {
-    if (k > tq_gemv_norm_max_k()) return (int)cudaErrorInvalidValue;
-    return dispatch_dtype<true>(dtype, bits, x, codes, scales, offsets, bias, y, n, k, group_size, grid, pdl, stream,
-                                NormArgs{residual, norm_weight, residual_out, eps});
+                   void* y, int n, int k, int group_size, int activation, int grid, int pdl, void* stream) {
+    if (k > tq_gemv_norm_max_k() || activation > ACT_GELU) return (int)cudaErrorInvalidValue;
+    const NormArgs norm{residual, norm_weight, residual_out, eps, activation};
+    if (activation >= 0) {
+        return dispatch_dtype<true, true>(dtype, bits, x, codes, scales, offsets, bias, y, n, k, group_size, grid,
+                                          pdl, stream, norm);
+    }
+    return dispatch_dtype<true, false>(dtype, bits, x, codes, scales, offsets, bias, y, n, k, group_size, grid, pdl,
+                                       stream, norm);
 }
 
 }  // extern "C"

@@ -24,6 +24,8 @@ BLOCKS_PER_SM = 2
 """Blocks of the grid per multiprocessor: what stays resident at the kernel's register use (each block
 quantizes x once; 2, 3 and 4 measured within 2% of each other on Llama-3-8B's projections)."""
 DTYPES = {torch.bfloat16: 0, torch.float16: 1}
+ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu": 2}
+"""The gated MLP activations the CUDA kernels compute (dp4a_common.cuh's ACT_*), by Hugging Face ``hidden_act``."""
 
 
 def library() -> ctypes.CDLL | None:
@@ -32,7 +34,7 @@ def library() -> ctypes.CDLL | None:
         p, i = ctypes.c_void_p, ctypes.c_int
         lib.tq_gemv.argtypes = [i, i, p, p, p, p, p, p, i, i, i, i, i, p]
         lib.tq_gemv.restype = i
-        lib.tq_gemv_normed.argtypes = [i, i, p, p, p, ctypes.c_float, p, p, p, p, p, p, i, i, i, i, i, p]
+        lib.tq_gemv_normed.argtypes = [i, i, p, p, p, ctypes.c_float, p, p, p, p, p, p, i, i, i, i, i, i, p]
         lib.tq_gemv_normed.restype = i
         lib.tq_gemv_rows_per_warp.restype = i
         lib.tq_gemv_threads.restype = i
@@ -92,10 +94,12 @@ def gemv(x: torch.Tensor, w: AffineWeight, bias: torch.Tensor | None = None, *,
 
 
 def takes_normed(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, w: AffineWeight,
-                 bias: torch.Tensor | None) -> bool:
+                 bias: torch.Tensor | None, activation: str | None = None) -> bool:
     """Whether :func:`gemv_normed` runs this product: :func:`takes`, and the norm's residual (or none) and weight
-    of x's dtype and shape [1, K] / [K], contiguous and 16-byte aligned, K within what a block normalises."""
-    if not takes(x, w, bias):
+    of x's dtype and shape [1, K] / [K], contiguous and 16-byte aligned, K within what a block normalises; with an
+    activation, one of ACTIVATIONS and an even number of rows (gate, then up)."""
+    if not takes(x, w, bias) or (activation is not None and (activation not in ACTIVATIONS
+                                                             or w.out_features % 2 != 0)):
         return False
     k = w.in_features
     return (k <= library().tq_gemv_norm_max_k() and norm_weight.dtype == x.dtype and norm_weight.numel() == k
@@ -105,22 +109,29 @@ def takes_normed(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: to
 
 
 def gemv_normed(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                w: AffineWeight, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(RMSNorm(x + residual) W^T (+ b), x + residual): a decoder layer's fused add + RMSNorm (Llama's form,
-    trident/kernels/rms_norm.py) and the product after it in one launch; residual None: the norm of x, and x is the
-    stream. The caller checked :func:`takes_normed`."""
+                w: AffineWeight, bias: torch.Tensor | None = None,
+                activation: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, x + residual) for y = h W^T (+ b), h = RMSNorm(x + residual) * norm_weight: a decoder layer's fused
+    add + RMSNorm (Llama's form, trident/kernels/rms_norm.py) and the product after it in one launch; residual
+    None: the norm of x, and x is the stream. With an activation, W is a fused gate|up projection and y [1, N / 2]
+    is act(gate) * up, from the two float32 sums, rounded once (trident/kernels/activation.py's contract without
+    the rounding of gate and up). The caller checked :func:`takes_normed`."""
     lib = library()
     n, k = w.out_features, w.in_features
+    if activation is not None:
+        n //= 2
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     new_residual = x if residual is None else torch.empty_like(x)
-    grid = grid_size(-(-n // lib.tq_gemv_rows_per_warp()), lib.tq_gemv_threads() // 32, x.device, BLOCKS_PER_SM)
+    items = n if activation is not None else -(-n // lib.tq_gemv_rows_per_warp())
+    grid = grid_size(items, lib.tq_gemv_threads() // 32, x.device, BLOCKS_PER_SM)
     from trident.kernels.pdl import pdl_launch
 
     err = lib.tq_gemv_normed(DTYPES[x.dtype], w.bits, x.data_ptr(), None if residual is None else residual.data_ptr(),
                              norm_weight.data_ptr(), eps, new_residual.data_ptr(), w.codes.data_ptr(),
                              w.scales.data_ptr(), w.offsets.data_ptr() if w.offsets is not None else None,
-                             bias.data_ptr() if bias is not None else None, y.data_ptr(), n, k, w.group_size, grid,
-                             int(pdl_launch(x.device)), torch.cuda.current_stream(x.device).cuda_stream)
+                             bias.data_ptr() if bias is not None else None, y.data_ptr(), n, k, w.group_size,
+                             -1 if activation is None else ACTIVATIONS[activation], grid, int(pdl_launch(x.device)),
+                             torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"tq_gemv_normed launch failed with CUDA error {err}")
     return y, new_residual

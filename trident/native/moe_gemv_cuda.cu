@@ -30,19 +30,6 @@
 #ifndef DOWN_UNROLL
 #define DOWN_UNROLL UNROLL  // its 16-byte chunks per lane and row in one pipeline step
 #endif
-#define ACT_SILU 0
-#define ACT_GELU_TANH 1
-#define ACT_GELU 2
-
-__device__ __forceinline__ float activate(float g, int activation) {
-    if (activation == ACT_SILU) return g / (1.f + expf(-g));
-    if (activation == ACT_GELU_TANH) {
-        const float inner = 0.7978845608028654f * (g + 0.044715f * g * g * g);
-        return 0.5f * g * (1.f + tanhf(inner));
-    }
-    return 0.5f * g * (1.f + erff(g * 0.7071067811865476f));
-}
-
 // The two rows of pair p (gate row i and up row I + i of expert ids[p / I]): their 16-byte chunks base + 32 u + lane.
 template <int U>
 __device__ __forceinline__ void load_pair(Step<8, 2, U>& s, const uint8_t* __restrict__ codes,

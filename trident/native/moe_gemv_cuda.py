@@ -16,11 +16,9 @@ import ctypes
 import torch
 
 from trident.native.cuda_build import cuda_unavailable_reason, load_cuda
-from trident.native.gemv_cuda import BLOCK, DTYPES, grid_size, quantize_activations_reference
+from trident.native.gemv_cuda import ACTIVATIONS, BLOCK, DTYPES, grid_size, quantize_activations_reference
 
 LIBRARY = "tqmoe"
-ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu": 2}
-"""Hugging Face ``hidden_act`` names the kernel computes -> its code."""
 BLOCKS_PER_SM = 2
 """Grid blocks per multiprocessor (what stays resident at the kernels' register use)."""
 MAX_TOP_K = 32

@@ -101,19 +101,20 @@ class QuantizedLinear(nn.Module):
                 return y if self.bias is None else y + self.bias
         return linear(x, self.dequantized_weight(x.dtype), self.bias)
 
-    def fused_norm_forward(self, x: torch.Tensor, residual: torch.Tensor | None,
-                           norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(self(h), the residual stream) for h, stream = norm.with_residual(x, residual), in one CUDA launch where
-        the batch-1 integer kernel takes the norm too (trident/native/gemv_cuda.py's gemv_normed: one row, Llama's
-        form of RMSNorm); None otherwise (the caller runs the norm, then this layer)."""
+    def fused_norm_forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module,
+                           activation: str | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(y, the residual stream) for h, stream = norm.with_residual(x, residual) and y = self(h), or with an
+        activation (this layer a fused gate|up projection) y = act(gate) * up, in one CUDA launch where the batch-1
+        integer kernel takes the norm too (trident/native/gemv_cuda.py's gemv_normed: one row, Llama's form of
+        RMSNorm); None otherwise (the caller runs the norm, this layer, then the activation)."""
         if not (x.is_cuda and x.dim() == 2 and x.shape[0] == 1) or norm.unit_offset:
             return None
         from trident.native import gemv_cuda
 
         w = self.affine_weight()
-        if not gemv_cuda.takes_normed(x, residual, norm.weight, w, self.bias):
+        if not gemv_cuda.takes_normed(x, residual, norm.weight, w, self.bias, activation):
             return None
-        return gemv_cuda.gemv_normed(x, residual, norm.weight, norm.eps, w, self.bias)
+        return gemv_cuda.gemv_normed(x, residual, norm.weight, norm.eps, w, self.bias, activation)
 
     def native_weight(self, dtype: torch.dtype, rows: int) -> native_qmatmul.NativeQWeight | None:
         """The weight packed for trident's own integer dot-product CPU kernel (trident/native/qmatmul.c, bias
