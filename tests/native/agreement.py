@@ -26,7 +26,9 @@ def assert_cuda_kernels_agree_with_triton(model_dir, prompt: list[int], module, 
     wrapper: its calls are counted) and says ``native_summary`` at start-up; the same engine with
     TRIDENT_NO_NATIVE=1 says ``triton_summary``; both greedy decodes of ``prompt`` agree (assert_greedy_agree
     within 0.1 nats: bfloat16 logits of a tiny random model differ by a few 1e-2 at most, a wrong row changes
-    tokens)."""
+    tokens). The Triton engine's one-row quantized products see their input rounded as the CUDA kernel rounds it
+    (gemv_cuda.quantize_activations_reference: int4 codes multiply one int8 stage, ~1/254 of a block's largest
+    element, which alone moves these logits by ~0.1), so that only the kernels' arithmetic is compared."""
     from trident.engine.llm import LLM
     from trident.engine.request import SamplingParams
 
@@ -40,6 +42,18 @@ def assert_cuda_kernels_agree_with_triton(model_dir, prompt: list[int], module, 
     ours = list(llm.generate(prompt, params)[0].outputs[0].logprobs)
     assert calls, f"{module.__name__}.{function} never ran"
     monkeypatch.setenv("TRIDENT_NO_NATIVE", "1")
+    from trident.native.gemv_cuda import ACTIVATION_STAGES, BLOCK, quantize_activations_reference
+    from trident.quant.linear import QuantizedLinear
+
+    plain_forward = QuantizedLinear.forward
+
+    def rounded_forward(self, x):
+        w = self.affine_weight()
+        if x.dim() == 2 and x.shape[0] == 1 and w.in_features % BLOCK == 0 and w.group_size % BLOCK == 0:
+            x = quantize_activations_reference(x, ACTIVATION_STAGES[w.bits]).to(x.dtype)
+        return plain_forward(self, x)
+
+    monkeypatch.setattr(QuantizedLinear, "forward", rounded_forward)
     triton = LLM(str(model_dir), **options)
     assert triton_summary in triton.engine.decode_summary()
     theirs = list(triton.generate(prompt, params)[0].outputs[0].logprobs)

@@ -1,7 +1,7 @@
 """The CUDA batch-1 integer matmul (trident/native/gemv_cuda.cu) against float64 math.
 
-The kernel quantizes x to two int8 stages per block of 32 and multiplies the codes exactly (dp4a, int32), so it
-must equal float64 x_hat W^T + b, x_hat the two-stage rounding of x (emulated by
+The kernel quantizes x per block of 32 to two int8 stages (int8 codes) or one (int4 codes) and multiplies the codes
+exactly (dp4a, int32), so it must equal float64 x_hat W^T + b, x_hat that rounding of x (emulated by
 quantize_activations_reference), within the output's rounding; and it stays within the activation rounding's
 bound of the exact x W^T + b. Formats: int8 and int4, per channel and groups of 32 / 64 / 128, with and without
 offsets and bias, bfloat16 and float16, odd N, K up to 32768 (more than 48 KB of shared memory). The CPU tests
@@ -20,9 +20,25 @@ from trident.quant.affine import AffineWeight, affine_dequantize, affine_linear
 RTOL = {torch.bfloat16: 2**-7, torch.float16: 2**-10}
 """Twice the output's rounding (half an ulp) of |y|, plus the same of the products' root-sum-square for outputs that
 cancel to near zero: float32 accumulation of the per-block sums stays ~100x below it."""
-TWO_STAGE = 1 / (2 * 127 * 127)
-"""|x - x_hat| per element, as a fraction of its block's largest |x|: stage one leaves at most s1 / 2 = max / 254,
-stage two rounds that remainder to s2 / 2 <= (max / 254) / 254 (plus float32 rounding, a few 2^-24 of max)."""
+ROUNDING = {2: 1 / (2 * 127 * 127), 1: 1 / 254}
+"""|x - x_hat| per element, as a fraction of its block's largest |x|, by stages: stage one leaves at most
+s1 / 2 = max / 254, stage two rounds that remainder to s2 / 2 <= (max / 254) / 254 (plus float32 rounding, a few
+2^-24 of max)."""
+
+
+def codes_part(w: AffineWeight) -> torch.Tensor:
+    """float64 W without its offsets (codes times scales), on the CPU."""
+    return affine_dequantize(AffineWeight(w.codes, w.scales, None, w.bits), torch.float64).cpu()
+
+
+def kernel_product(x: torch.Tensor, w: AffineWeight, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float64 x W^T + b as the kernel computes it, the root-sum-square of its terms) for x [1, K] and a float64
+    bias [N]: the codes' part of W times x's rounding (quantize_activations_reference, ACTIVATION_STAGES), the
+    offsets' part times x itself (the kernel adds offset x the sum of x over the group)."""
+    wd, codes = affine_dequantize(w, torch.float64).cpu(), codes_part(w)
+    x_hat = gemv_cuda.quantize_activations_reference(x, gemv_cuda.ACTIVATION_STAGES[w.bits]).double()
+    product = x_hat @ codes.T + x.double() @ (wd - codes).T + b
+    return product, ((x_hat * x_hat) @ (wd * wd).T + b**2).sqrt()
 
 
 def cuda_weight(w: AffineWeight) -> AffineWeight:
@@ -30,21 +46,26 @@ def cuda_weight(w: AffineWeight) -> AffineWeight:
     return AffineWeight(w.codes.cuda(), w.scales.cuda(), None if w.offsets is None else w.offsets.cuda(), w.bits)
 
 
-def test_two_stage_emulation_within_its_bound() -> None:
-    """x_hat - x per element within TWO_STAGE of its block's largest |x| (float64 check), for blocks of very
-    different magnitudes, an all-zero block and a block with one large element."""
+@pytest.mark.parametrize("stages", [2, 1])
+def test_activation_emulation_within_its_bound(stages: int) -> None:
+    """x_hat - x per element within ROUNDING[stages] of its block's largest |x| (float64 check), for blocks of very
+    different magnitudes, an all-zero block and a block with one large element; one stage is the first of two."""
     g = torch.Generator().manual_seed(0)
     magnitudes = 10 ** (torch.rand(4, 8, 1, generator=g) * 6 - 3)
     x = torch.randn(4, 256, generator=g) * magnitudes.repeat_interleave(32, 1).view(4, 256)
     x[1, 32:64] = 0
     x[2, 64] = 1e4
-    x_hat = gemv_cuda.quantize_activations_reference(x).double()
+    x_hat = gemv_cuda.quantize_activations_reference(x, stages).double()
     block_max = x.double().abs().view(4, 8, 32).amax(-1, keepdim=True).expand(4, 8, 32).reshape(4, 256)
     error = (x_hat - x.double()).abs()
-    assert (error <= block_max * (TWO_STAGE + 2**-20)).all(), (error / block_max.clamp_min(1e-30)).max()
+    relative = error / block_max.clamp_min(1e-30)
+    assert (error <= block_max * (ROUNDING[stages] + 2**-20)).all(), relative.max()
     assert torch.equal(x_hat[1, 32:64], torch.zeros(32, dtype=torch.float64))
-    # not a no-op: one stage alone would be ~127x coarser than the bound allows
-    assert (error / block_max.clamp_min(1e-30)).max() > TWO_STAGE / 1000
+    # not a no-op, and the stages differ: one stage's rounding is ~127x coarser than two's bound
+    assert relative.max() > ROUNDING[stages] / (1000 if stages == 2 else 3)
+    if stages == 1:
+        first = x_hat.view(4, 8, 32) / block_max.view(4, 8, 32).clamp_min(1e-30) * 127
+        assert torch.allclose(first, first.round(), atol=1e-4), "one stage is not the integer codes times max / 127"
 
 
 def test_unavailable_without_cuda_or_when_disabled(monkeypatch) -> None:
@@ -77,15 +98,13 @@ def _check(n: int, k: int, bits: int, group_size: int | None, offsets: bool, bia
     y = gemv_cuda.gemv(x.cuda(), w, None if b is None else b.cuda()).cpu().double()
     wd = affine_dequantize(w, torch.float64).cpu()
     bd = b.double() if bias else torch.zeros(n, dtype=torch.float64)
-    x_hat = gemv_cuda.quantize_activations_reference(x).double()
-    emulated = x_hat @ wd.T + bd
-    rss = ((x_hat * x_hat) @ (wd * wd).T + bd**2).sqrt()
+    emulated, rss = kernel_product(x, w, bd)
     excess = ((y - emulated).abs() / (RTOL[dtype] * (emulated.abs() + rss) + 2**-24)).max().item()
     assert excess <= 1, f"{what}: off the emulated float64 product by {excess:.2f}x the allowance"
-    # and the exact product, within the activations' two-stage rounding (bounded by TWO_STAGE per block)
+    # and the exact product, within the activations' rounding (bounded by ROUNDING per block)
     exact = x.double() @ wd.T + bd
     block_max = x.double().abs().view(1, -1, 32).amax(-1, keepdim=True).expand(1, k // 32, 32).reshape(1, k)
-    rounding = (block_max * (TWO_STAGE + 2**-20)) @ wd.abs().T
+    rounding = (block_max * (ROUNDING[gemv_cuda.ACTIVATION_STAGES[bits]] + 2**-20)) @ codes_part(w).abs().T
     excess = ((y - exact).abs() / (RTOL[dtype] * (exact.abs() + rss) + rounding + 2**-24)).max().item()
     assert excess <= 1, f"{what}: off the exact product by {excess:.2f}x the allowance"
 
@@ -181,9 +200,7 @@ def test_normed_product_equals_the_norm_then_the_product(bits: int, group_size: 
             h, expected_stream = rms_norm_reference(x, norm_weight, 1e-5, False), x
         assert torch.equal(stream.cpu(), expected_stream)
         wd = affine_dequantize(w, torch.float64).cpu()
-        x_hat = gemv_cuda.quantize_activations_reference(h).double()
-        emulated = x_hat @ wd.T + b.double()
-        rss = ((x_hat * x_hat) @ (wd * wd).T + b.double() ** 2).sqrt()
+        emulated, rss = kernel_product(h, w, b.double())
         allowance = RTOL[dtype] * (emulated.abs() + rss) + 2 * ULP[dtype] * (h.double().abs() @ wd.abs().T) + 2**-24
         excess = ((y.cpu().double() - emulated).abs() / allowance).max().item()
         assert excess <= 1, f"N={n} K={k} int{bits} residual={residual} {dtype}: {excess:.2f}x the allowance"
@@ -220,9 +237,7 @@ def test_gated_product_equals_the_norm_the_product_and_the_activation(bits: int,
         h, expected_stream = fused_add_rms_norm_reference(x, r, norm_weight, 1e-5, False)
         assert y.shape == (1, inter) and torch.equal(stream.cpu(), expected_stream)
         wd = affine_dequantize(w, torch.float64).cpu()
-        x_hat = gemv_cuda.quantize_activations_reference(h).double()
-        sums = x_hat @ wd.T + b.double()
-        rss = ((x_hat * x_hat) @ (wd * wd).T + b.double() ** 2).sqrt()
+        sums, rss = kernel_product(h, w, b.double())
         own = RTOL[dtype] * (sums.abs() + rss) + 2 * ULP[dtype] * (h.double().abs() @ wd.abs().T) + 2**-24
         gate, up = sums.chunk(2, dim=-1)
         gate_allowance, up_allowance = own.chunk(2, dim=-1)

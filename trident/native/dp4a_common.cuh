@@ -1,6 +1,6 @@
 // Shared by trident's CUDA integer kernels (gemv_cuda.cu, moe_gemv_cuda.cu): one row of 16-bit activations
-// quantized into shared memory as two int8 stages per block of 32, and a warp's pipeline step of 16-byte code chunks
-// multiplied against them with dp4a. gemv_cuda.cu's header comment describes the scheme.
+// quantized into shared memory as two int8 stages per block of 32 (one for int4 codes), and a warp's pipeline step
+// of 16-byte code chunks multiplied against them with dp4a. gemv_cuda.cu's header comment describes the scheme.
 
 #pragma once
 
@@ -12,8 +12,21 @@
 #define WARPS 8
 #define THREADS (WARPS * 32)
 #define ABLOCK 32
+#ifndef ROWS
 #define ROWS 2    // rows a warp multiplies at a time (each activation word read from shared memory serves both)
+#endif
+#ifndef UNROLL
 #define UNROLL 4  // 16-byte chunks per lane and row in one pipeline step
+#endif
+#ifndef INT4_STAGES
+#define INT4_STAGES 1  // activation stages multiplied with int4 codes (1: s1 q1 alone)
+#endif
+
+// The activation stages a product with BITS-bit codes multiplies: two for int8 codes (the activations' rounding
+// stays ~100x below the weights'), one for int4 (llama.cpp's q8_1 activations: the second stage doubled the dp4a
+// work for a rounding ~30x below the codes'; on an H200 Llama-3-8B int4 decodes 406 -> 448 tok/s, and the
+// default model's int4-g64 perplexity moves +0.45% in a float32 CPU emulation, docs/benchmarks.md).
+template <int BITS> __host__ __device__ constexpr int stages_of() { return BITS == 4 ? INT4_STAGES : 2; }
 
 template <typename T> __device__ __forceinline__ float to_float(T v);
 template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -93,6 +106,22 @@ __device__ __forceinline__ void quantize_chunk(uint4 raw, int c, bool active, ui
         a[i] = quantize_code(v[i], inv1);
         r[i] = __fsub_rn(v[i], __fmul_rn(scale1, (float)a[i]));
         m2 = fmaxf(m2, fabsf(r[i]));
+    }
+    if (stages_of<BITS>() == 1) {
+        if (active) {
+            if (BITS == 4) {
+                q1[2 * c] = pack4(a[0], a[2], a[4], a[6]);
+                q1[2 * c + 1] = pack4(a[1], a[3], a[5], a[7]);
+            } else {
+                q1[2 * c] = pack4(a[0], a[1], a[2], a[3]);
+                q1[2 * c + 1] = pack4(a[4], a[5], a[6], a[7]);
+            }
+            if ((c & 3) == 0) {
+                s1[c / 4] = scale1;
+                bsum[c / 4] = sum;
+            }
+        }
+        return;
     }
     m2 = fmaxf(m2, __shfl_xor_sync(0xffffffffu, m2, 1));
     m2 = fmaxf(m2, __shfl_xor_sync(0xffffffffu, m2, 2));
@@ -228,7 +257,25 @@ __device__ __forceinline__ void compute_step(const Step<BITS, R, U>& s, float (&
         if (ch >= chunks) break;
         const int blk = BITS == 4 ? ch : ch / 2;
         const int word0 = BITS == 4 ? 8 * ch : 4 * ch;  // q words: 8 per block of 32
-        const float a1 = xs.s1[blk], a2 = xs.s2[blk];
+        const float a1 = xs.s1[blk];
+        if (BITS == 4 && stages_of<BITS>() == 1) {
+            const uint4 e1a = *reinterpret_cast<const uint4*>(xs.q1 + word0);
+            const uint4 e1b = *reinterpret_cast<const uint4*>(xs.q1 + word0 + 4);
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                const uint32_t c[4] = {s.w[r][u].x, s.w[r][u].y, s.w[r][u].z, s.w[r][u].w};
+                const uint32_t e1[8] = {e1a.x, e1a.y, e1a.z, e1a.w, e1b.x, e1b.y, e1b.z, e1b.w};
+                int i1 = 0;
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    i1 = __dp4a((int)(c[j] & 0x0F0F0F0Fu), (int)e1[2 * j], i1);
+                    i1 = __dp4a((int)((c[j] >> 4) & 0x0F0F0F0Fu), (int)e1[2 * j + 1], i1);
+                }
+                acc[r] = fmaf(s.scale[r][u] * a1, (float)i1, acc[r]);
+            }
+            continue;
+        }
+        const float a2 = xs.s2[blk];
         if (BITS == 4) {
             const uint4 e1a = *reinterpret_cast<const uint4*>(xs.q1 + word0);
             const uint4 e1b = *reinterpret_cast<const uint4*>(xs.q1 + word0 + 4);

@@ -10,12 +10,13 @@
 //  * The activations are quantized once per block (CTA), into shared memory, the way the CPU kernel
 //    (qmatmul.c) does: per block of 32 elements, two int8 stages, a value and its remainder,
 //        x ~ s1 q1 + s2 q2,   s1 = max|x| / 127,   s2 = max|x - s1 q1| / 127,
-//    about 16 bits of x (an error of at most ~1/65,000 of the block's largest element). Stored in the order the
+//    about 16 bits of x (an error of at most ~1/65,000 of the block's largest element); with int4 codes the first
+//    stage alone (at most 1/254 of it: dp4a_common.cuh's stages_of says why). Stored in the order the
 //    codes unpack to: for int4, each 8 elements' 4 even ones, then their 4 odd ones (a 32-bit word of codes masked
 //    with 0x0F0F0F0F gives the even elements' codes, shifted by 4 the odd ones').
 //  * A lane takes 16 bytes of codes of a row (32 int4 or 16 int8 elements: one activation block, or half of
-//    one), multiplies them with both stages by dp4a (exact, int32), and adds
-//        scale[row, group] * (s1 * I1 + s2 * I2)
+//    one), multiplies them with the stages by dp4a (exact, int32), and adds
+//        scale[row, group] * (s1 * I1 + s2 * I2)       (int4: scale[row, group] * s1 * I1)
 //    to its float32 sum. The offsets (asymmetric codes, symmetric int4's -8 s) add offset[row, group] times the
 //    sum of x over the group, once per row at the end.
 //  * A warp owns ROWS rows at a time and walks them in pipeline steps of UNROLL 16-byte chunks per lane and row:
@@ -102,7 +103,9 @@ __global__ void __launch_bounds__(THREADS, 2) gemv_kernel(const T* __restrict__ 
     const int steps = my_groups * steps_per_group;
 
     Step<BITS, R, U> cur;
-    if (steps > 0) load_step<BITS, GATED>(cur, codes, scales, first, 0, lane, n, row_bytes, chunks, num_groups, group_size);
+    if (steps > 0) {
+        load_step<BITS, GATED>(cur, codes, scales, first, 0, lane, n, row_bytes, chunks, num_groups, group_size);
+    }
 
     wait_for_previous_grid();
     if (NORM) {
@@ -171,11 +174,13 @@ template <typename T, bool NORM, bool GATED>
 static int dispatch(int bits, int has_offsets, const void* x, const void* codes, const float* scales,
                     const float* offsets, const void* bias, void* y, int n, int k, int group_size, int grid, int pdl,
                     cudaStream_t stream, NormArgs norm) {
+    constexpr int R = GATED ? 2 : ROWS;  // a gated warp multiplies its (gate, up) pair
     if (bits == 4) {
-        return has_offsets ? launch<4, true, NORM, GATED, T, ROWS, UNROLL>(ARGS)
-                           : launch<4, false, NORM, GATED, T, ROWS, UNROLL>(ARGS);
+        return has_offsets ? launch<4, true, NORM, GATED, T, R, UNROLL>(ARGS)
+                           : launch<4, false, NORM, GATED, T, R, UNROLL>(ARGS);
     }
-    return has_offsets ? launch<8, true, NORM, GATED, T, ROWS, UNROLL>(ARGS) : launch<8, false, NORM, GATED, T, ROWS, UNROLL>(ARGS);
+    return has_offsets ? launch<8, true, NORM, GATED, T, R, UNROLL>(ARGS)
+                       : launch<8, false, NORM, GATED, T, R, UNROLL>(ARGS);
 }
 
 template <bool NORM, bool GATED>
@@ -185,11 +190,11 @@ static int dispatch_dtype(int dtype, int bits, const void* x, const void* codes,
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
     const int has_offsets = offsets != nullptr;
     if (dtype == 0) {
-        return dispatch<__nv_bfloat16, NORM, GATED>(bits, has_offsets, x, codes, scales, offsets, bias, y, n, k, group_size,
-                                             grid, pdl, s, norm);
+        return dispatch<__nv_bfloat16, NORM, GATED>(bits, has_offsets, x, codes, scales, offsets, bias, y, n, k,
+                                                    group_size, grid, pdl, s, norm);
     }
-    return dispatch<__half, NORM, GATED>(bits, has_offsets, x, codes, scales, offsets, bias, y, n, k, group_size, grid, pdl,
-                                  s, norm);
+    return dispatch<__half, NORM, GATED>(bits, has_offsets, x, codes, scales, offsets, bias, y, n, k, group_size, grid,
+                                         pdl, s, norm);
 }
 
 extern "C" {
@@ -198,6 +203,8 @@ extern "C" {
 int tq_gemv_rows_per_warp(void) { return ROWS; }
 int tq_gemv_threads(void) { return THREADS; }
 int tq_gemv_norm_max_k(void) { return NORM_TURNS * 8 * THREADS; }
+// The activation stages multiplied with bits-bit codes (dp4a_common.cuh's stages_of).
+int tq_gemv_stages(int bits) { return bits == 4 ? stages_of<4>() : stages_of<8>(); }
 
 // y [n] = x [k] W^T (+ bias): dtype 0 bfloat16, 1 float16 (x, bias, y); bits 4 or 8; offsets may be null (then
 // has_offsets 0), bias may be null. Returns the CUDA error code of the launch (0: launched).

@@ -1,5 +1,6 @@
 """The CUDA batch-1 weight-only matmul (``gemv_cuda.cu``): y = x W^T (+ b) for one row of 16-bit activations and
-int4 / int8 affine codes, multiplied as integers (dp4a) after quantizing x to two int8 stages per block of 32.
+int4 / int8 affine codes, multiplied as integers (dp4a) after quantizing x per block of 32 to two int8 stages
+(int8 codes) or one (int4 codes: ACTIVATION_STAGES).
 
 Built with ``nvcc`` for the GPU it runs on, on first use (trident/native/cuda_build.py); :func:`takes` says
 whether a call can run it, else callers keep the Triton kernel (trident/kernels/quant_matmul.py). Its torch
@@ -24,6 +25,9 @@ BLOCKS_PER_SM = 2
 """Blocks of the grid per multiprocessor: what stays resident at the kernel's register use (each block
 quantizes x once; 2, 3 and 4 measured within 2% of each other on Llama-3-8B's projections)."""
 DTYPES = {torch.bfloat16: 0, torch.float16: 1}
+ACTIVATION_STAGES = {8: 2, 4: 1}
+"""The int8 stages of x multiplied with int8 / int4 codes (dp4a_common.cuh's stages_of; checked against the built
+library when it loads)."""
 ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu": 2}
 """The gated MLP activations the CUDA kernels compute (dp4a_common.cuh's ACT_*), by Hugging Face ``hidden_act``."""
 
@@ -39,6 +43,12 @@ def library() -> ctypes.CDLL | None:
         lib.tq_gemv_rows_per_warp.restype = i
         lib.tq_gemv_threads.restype = i
         lib.tq_gemv_norm_max_k.restype = i
+        lib.tq_gemv_stages.argtypes = [i]
+        lib.tq_gemv_stages.restype = i
+        built = {bits: lib.tq_gemv_stages(bits) for bits in ACTIVATION_STAGES}
+        if built != ACTIVATION_STAGES:
+            raise RuntimeError(f"{LIBRARY}: the library multiplies {built} activation stages per code width, "
+                               f"the Python side expects {ACTIVATION_STAGES}")
         lib._typed = True
     return lib
 
@@ -137,9 +147,10 @@ def gemv_normed(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: tor
     return y, new_residual
 
 
-def quantize_activations_reference(x: torch.Tensor) -> torch.Tensor:
-    """x [..., K] (K a multiple of BLOCK) as the kernel sees it: per block of 32, s1 q1 + s2 q2 in float32 with
-    the kernel's roundings (s = max / 127, q = rint(x * (127 / max)) clamped to +-127, remainder x - s1 q1)."""
+def quantize_activations_reference(x: torch.Tensor, stages: int = 2) -> torch.Tensor:
+    """x [..., K] (K a multiple of BLOCK) as the kernel sees it: per block of 32, s1 q1 + s2 q2 (``stages`` 2) or
+    s1 q1 alone (1) in float32 with the kernel's roundings (s = max / 127, q = rint(x * (127 / max)) clamped to
+    +-127, remainder x - s1 q1)."""
     v = x.float().reshape(*x.shape[:-1], -1, BLOCK)
 
     def stage(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,6 +160,8 @@ def quantize_activations_reference(x: torch.Tensor) -> torch.Tensor:
         return m / 127.0, q
 
     s1, q1 = stage(v)
+    if stages == 1:
+        return (s1 * q1).reshape(x.shape)
     r = v - s1 * q1
     s2, q2 = stage(r)
     return (s1 * q1 + s2 * q2).reshape(x.shape)
