@@ -3,6 +3,8 @@ reference (both run the same model, so only rounding may differ)."""
 
 from __future__ import annotations
 
+import torch
+
 
 def assert_greedy_agree(ours: list, theirs: list, tolerance: float, min_compared: int = 1) -> None:
     """Per step (Logprob entries with top_logprobs): log-probabilities within ``tolerance`` nats; where the greedy
@@ -26,11 +28,12 @@ def assert_cuda_kernels_agree_with_triton(model_dir, prompt: list[int], module, 
     wrapper: its calls are counted) and says ``native_summary`` at start-up; the same engine with
     TRIDENT_NO_NATIVE=1 says ``triton_summary``; both greedy decodes of ``prompt`` agree (assert_greedy_agree
     within 0.1 nats: bfloat16 logits of a tiny random model differ by a few 1e-2 at most, a wrong row changes
-    tokens). The Triton engine's one-row quantized products see their input rounded as the CUDA kernel rounds it
-    (gemv_cuda.quantize_activations_reference: int4 codes multiply one int8 stage, ~1/254 of a block's largest
-    element, which alone moves these logits by ~0.1), so that only the kernels' arithmetic is compared."""
+    tokens). The reference engine's one-row quantized products are the kernel's arithmetic in float32 torch
+    (kernel_rounded_forward), so that the CUDA side's kernels and fusions are what is compared, not the kernel's
+    rounding of the activations (one int8 stage for int4 codes moves these logits by ~0.15 alone)."""
     from trident.engine.llm import LLM
     from trident.engine.request import SamplingParams
+    from trident.quant.linear import QuantizedLinear
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=3, ignore_eos=True)
     calls = []
@@ -42,20 +45,32 @@ def assert_cuda_kernels_agree_with_triton(model_dir, prompt: list[int], module, 
     ours = list(llm.generate(prompt, params)[0].outputs[0].logprobs)
     assert calls, f"{module.__name__}.{function} never ran"
     monkeypatch.setenv("TRIDENT_NO_NATIVE", "1")
-    from trident.native.gemv_cuda import ACTIVATION_STAGES, BLOCK, quantize_activations_reference
-    from trident.quant.linear import QuantizedLinear
-
-    plain_forward = QuantizedLinear.forward
-
-    def rounded_forward(self, x):
-        w = self.affine_weight()
-        if x.dim() == 2 and x.shape[0] == 1 and w.in_features % BLOCK == 0 and w.group_size % BLOCK == 0:
-            x = quantize_activations_reference(x, ACTIVATION_STAGES[w.bits]).to(x.dtype)
-        return plain_forward(self, x)
-
-    monkeypatch.setattr(QuantizedLinear, "forward", rounded_forward)
+    monkeypatch.setattr(QuantizedLinear, "forward", kernel_rounded_forward(QuantizedLinear.forward))
     triton = LLM(str(model_dir), **options)
     assert triton_summary in triton.engine.decode_summary()
     theirs = list(triton.generate(prompt, params)[0].outputs[0].logprobs)
     assert len(ours) == max_tokens
     assert_greedy_agree(ours, theirs, tolerance=0.1)
+
+
+def kernel_rounded_forward(plain_forward):
+    """QuantizedLinear.forward whose one-row products (those trident/native/gemv_cuda.cu takes: K and the group
+    size multiples of 32) are the kernel's arithmetic in float32 torch: the codes' part of W times x rounded as the
+    kernel rounds it (quantize_activations_reference, ACTIVATION_STAGES), plus the offsets' part times x itself,
+    rounded once to x's dtype; other products go to ``plain_forward``."""
+    from trident.native.gemv_cuda import ACTIVATION_STAGES, BLOCK, quantize_activations_reference
+    from trident.quant.affine import AffineWeight, affine_dequantize
+
+    def forward(self, x):
+        w = self.affine_weight()
+        if not (x.dim() == 2 and x.shape[0] == 1 and w.in_features % BLOCK == 0 and w.group_size % BLOCK == 0):
+            return plain_forward(self, x)
+        codes = affine_dequantize(AffineWeight(w.codes, w.scales, None, w.bits), torch.float32)
+        y = quantize_activations_reference(x, ACTIVATION_STAGES[w.bits]) @ codes.T
+        if w.offsets is not None:
+            y = y + x.float() @ (affine_dequantize(w, torch.float32) - codes).T
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)
+
+    return forward
