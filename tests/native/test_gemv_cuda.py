@@ -185,7 +185,7 @@ def test_normed_product_equals_the_norm_then_the_product(bits: int, group_size: 
     the last float32 bits and round a few elements the other way). K up to the block's limit."""
     from trident.kernels.rms_norm import fused_add_rms_norm_reference, rms_norm_reference
 
-    for n, k in ((515, 2048), (37, 4096), (300, 8192)):
+    for n, k in ((515, 2048), (37, 4096), (300, 8192), (64, 16384)):
         g = torch.Generator().manual_seed(n + k + bits)
         w = cuda_weight(random_weight(bits, n, k, group_size, offsets, g))
         x = (torch.randn(1, k, generator=g) * 3).to(dtype)

@@ -9,7 +9,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#define WARPS 8
+#define WARPS 8  // warps per block of the MoE kernels (gemv_cuda.cu's blocks have GEMV_WARPS)
 #define THREADS (WARPS * 32)
 #define ABLOCK 32
 #ifndef ROWS
@@ -150,26 +150,27 @@ __device__ __forceinline__ void quantize_chunk(uint4 raw, int c, bool active, ui
     }
 }
 
-// Quantize x [K] into shared memory, 8 elements per thread and turn. The first X_TURNS turns' loads are all issued
-// before any of them is used (K up to X_TURNS x 2048 in one round trip); longer x goes on turn by turn.
+// Quantize x [K] into shared memory, 8 elements per thread and turn, by a block of NT threads. The first X_TURNS
+// turns' loads are all issued before any of them is used (K up to X_TURNS x 8 NT in one round trip); longer x goes
+// on turn by turn.
 #define X_TURNS 8
-template <int BITS, typename T>
+template <int BITS, typename T, int NT = THREADS>
 __device__ void quantize_x(const T* __restrict__ x, int k, const XStages& xs) {
     const int chunks = k / 8;
     uint4 raw[X_TURNS];
 #pragma unroll
     for (int i = 0; i < X_TURNS; i++) {
-        const int c = i * THREADS + threadIdx.x;
+        const int c = i * NT + threadIdx.x;
         raw[i] = c < chunks ? *reinterpret_cast<const uint4*>(x + 8 * (size_t)c) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int i = 0; i < X_TURNS; i++) {
-        if (i * THREADS < chunks) {  // uniform over the block: every lane of a warp takes the shuffles
-            const int c = i * THREADS + threadIdx.x;
+        if (i * NT < chunks) {  // uniform over the block: every lane of a warp takes the shuffles
+            const int c = i * NT + threadIdx.x;
             quantize_chunk<BITS, T>(raw[i], c, c < chunks, xs.q1, xs.q2, xs.s1, xs.s2, xs.bsum);
         }
     }
-    for (int base = X_TURNS * THREADS; base < chunks; base += THREADS) {
+    for (int base = X_TURNS * NT; base < chunks; base += NT) {
         const int c = base + threadIdx.x;
         const uint4 r = c < chunks ? *reinterpret_cast<const uint4*>(x + 8 * (size_t)c) : make_uint4(0, 0, 0, 0);
         quantize_chunk<BITS, T>(r, c, c < chunks, xs.q1, xs.q2, xs.s1, xs.s2, xs.bsum);
@@ -179,24 +180,24 @@ __device__ void quantize_x(const T* __restrict__ x, int k, const XStages& xs) {
 // quantize_x for the row h = RMSNorm(x + residual) * w of a decoder layer's norm (Llama's form: the sum rounded to T,
 // normalised in float32, rounded to T, times w, rounded to T: trident/kernels/rms_norm.py's arithmetic), so that the
 // norm needs no launch of its own. residual null: h = RMSNorm(x) * w. residual_out non-null (one block of the
-// grid): the rounded sum is written there (the new residual stream). k <= NORM_TURNS x 8 x THREADS.
+// grid): the rounded sum is written there (the new residual stream). A block of NT threads; k <= NORM_TURNS x 8 x NT.
 #define NORM_TURNS 4
-template <int BITS, typename T>
+template <int BITS, typename T, int NT = THREADS>
 __device__ void quantize_x_normed(const T* __restrict__ x, const T* __restrict__ residual, const T* __restrict__ w,
                                   float eps, int k, const XStages& xs, T* __restrict__ residual_out) {
-    __shared__ float warp_sums[WARPS];
+    __shared__ float warp_sums[NT / 32];
     const int chunks = k / 8;
     uint4 sum[NORM_TURNS];
     float squares = 0.f;
 #pragma unroll
     for (int i = 0; i < NORM_TURNS; i++) {  // every load first, then the arithmetic
-        const int c = i * THREADS + threadIdx.x;
+        const int c = i * NT + threadIdx.x;
         sum[i] = c < chunks ? *reinterpret_cast<const uint4*>(x + 8 * (size_t)c) : make_uint4(0, 0, 0, 0);
     }
     if (residual != nullptr) {
 #pragma unroll
         for (int i = 0; i < NORM_TURNS; i++) {
-            const int c = i * THREADS + threadIdx.x;
+            const int c = i * NT + threadIdx.x;
             if (c < chunks) {
                 const uint4 r = *reinterpret_cast<const uint4*>(residual + 8 * (size_t)c);
                 const T* re = reinterpret_cast<const T*>(&r);
@@ -219,12 +220,12 @@ __device__ void quantize_x_normed(const T* __restrict__ x, const T* __restrict__
     __syncthreads();
     float total = 0.f;
 #pragma unroll
-    for (int i = 0; i < WARPS; i++) total += warp_sums[i];
+    for (int i = 0; i < NT / 32; i++) total += warp_sums[i];
     const float rstd = rsqrtf(total / (float)k + eps);
 #pragma unroll
     for (int i = 0; i < NORM_TURNS; i++) {
-        if (i * THREADS < chunks) {  // uniform over the block: every lane of a warp takes the shuffles
-            const int c = i * THREADS + threadIdx.x;
+        if (i * NT < chunks) {  // uniform over the block: every lane of a warp takes the shuffles
+            const int c = i * NT + threadIdx.x;
             uint4 h = make_uint4(0, 0, 0, 0);
             if (c < chunks) {
                 const uint4 wv = *reinterpret_cast<const uint4*>(w + 8 * (size_t)c);

@@ -37,6 +37,11 @@
 
 #include "dp4a_common.cuh"
 
+#ifndef GEMV_WARPS
+#define GEMV_WARPS 16  // warps per block, one block per multiprocessor: x is quantized once per multiprocessor
+#endif
+#define GEMV_THREADS (GEMV_WARPS * 32)
+
 // Row r of row group rg: rg R + r (a missing row repeats the last, never stored), or with GATED (R = 2) the pair
 // gate row rg, up row n + rg of a fused gate|up weight of 2n rows.
 template <bool GATED, int R>
@@ -82,11 +87,10 @@ struct NormArgs {
 };
 
 template <int BITS, bool OFFSETS, bool NORM, bool GATED, typename T, int R, int U>
-__global__ void __launch_bounds__(THREADS, 2) gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ codes,
-                                                          const float* __restrict__ scales,
-                                                          const float* __restrict__ offsets,
-                                                          const T* __restrict__ bias, T* __restrict__ y, int n, int k,
-                                                          int group_size, NormArgs norm) {
+__global__ void __launch_bounds__(GEMV_THREADS, 16 / GEMV_WARPS)
+    gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ codes, const float* __restrict__ scales,
+                const float* __restrict__ offsets, const T* __restrict__ bias, T* __restrict__ y, int n, int k,
+                int group_size, NormArgs norm) {
     extern __shared__ __align__(16) uint8_t smem[];
     const XStages xs = x_stages(smem, k);
 
@@ -96,8 +100,8 @@ __global__ void __launch_bounds__(THREADS, 2) gemv_kernel(const T* __restrict__ 
     const int num_groups = k / group_size;
     static_assert(!GATED || (NORM && R == 2), "a gated product is a pair of rows after the norm");
     const int row_groups = GATED ? n : (n + R - 1) / R;
-    const int stride = gridDim.x * WARPS;
-    const int first = blockIdx.x * WARPS + (threadIdx.x >> 5);
+    const int stride = gridDim.x * GEMV_WARPS;
+    const int first = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
     const int steps_per_group = (chunks + 32 * U - 1) / (32 * U);
     const int my_groups = first < row_groups ? (row_groups - first + stride - 1) / stride : 0;
     const int steps = my_groups * steps_per_group;
@@ -109,10 +113,11 @@ __global__ void __launch_bounds__(THREADS, 2) gemv_kernel(const T* __restrict__ 
 
     wait_for_previous_grid();
     if (NORM) {
-        quantize_x_normed<BITS>(x, reinterpret_cast<const T*>(norm.residual), reinterpret_cast<const T*>(norm.weight),
-                                norm.eps, k, xs, blockIdx.x == 0 ? reinterpret_cast<T*>(norm.residual_out) : nullptr);
+        quantize_x_normed<BITS, T, GEMV_THREADS>(
+            x, reinterpret_cast<const T*>(norm.residual), reinterpret_cast<const T*>(norm.weight), norm.eps, k, xs,
+            blockIdx.x == 0 ? reinterpret_cast<T*>(norm.residual_out) : nullptr);
     } else {
-        quantize_x<BITS>(x, k, xs);
+        quantize_x<BITS, T, GEMV_THREADS>(x, k, xs);
     }
     __syncthreads();
 
@@ -164,9 +169,10 @@ __global__ void __launch_bounds__(THREADS, 2) gemv_kernel(const T* __restrict__ 
 template <int BITS, bool OFFSETS, bool NORM, bool GATED, typename T, int R, int U>
 static int launch(const void* x, const void* codes, const float* scales, const float* offsets, const void* bias,
                   void* y, int n, int k, int group_size, int grid, int pdl, cudaStream_t stream, NormArgs norm) {
-    return launch_kernel(gemv_kernel<BITS, OFFSETS, NORM, GATED, T, R, U>, grid, THREADS, activation_smem_bytes(k), pdl,
-                         stream, reinterpret_cast<const T*>(x), reinterpret_cast<const uint8_t*>(codes), scales,
-                         offsets, reinterpret_cast<const T*>(bias), reinterpret_cast<T*>(y), n, k, group_size, norm);
+    return launch_kernel(gemv_kernel<BITS, OFFSETS, NORM, GATED, T, R, U>, grid, GEMV_THREADS,
+                         activation_smem_bytes(k), pdl, stream, reinterpret_cast<const T*>(x),
+                         reinterpret_cast<const uint8_t*>(codes), scales, offsets, reinterpret_cast<const T*>(bias),
+                         reinterpret_cast<T*>(y), n, k, group_size, norm);
 }
 
 #define ARGS x, codes, scales, offsets, bias, y, n, k, group_size, grid, pdl, stream, norm
@@ -201,8 +207,8 @@ extern "C" {
 
 // The row groups (of ROWS rows) one warp takes per turn, and the threads of a block: the caller sizes the grid.
 int tq_gemv_rows_per_warp(void) { return ROWS; }
-int tq_gemv_threads(void) { return THREADS; }
-int tq_gemv_norm_max_k(void) { return NORM_TURNS * 8 * THREADS; }
+int tq_gemv_threads(void) { return GEMV_THREADS; }
+int tq_gemv_norm_max_k(void) { return NORM_TURNS * 8 * GEMV_THREADS; }
 // The activation stages multiplied with bits-bit codes (dp4a_common.cuh's stages_of).
 int tq_gemv_stages(int bits) { return bits == 4 ? stages_of<4>() : stages_of<8>(); }
 

@@ -21,9 +21,10 @@ from trident.quant.affine import AffineWeight
 LIBRARY = "tqgemv"
 BLOCK = 32
 """Activations are quantized per block of this many elements (K and group sizes must be multiples of it)."""
-BLOCKS_PER_SM = 2
-"""Blocks of the grid per multiprocessor: what stays resident at the kernel's register use (each block
-quantizes x once; 2, 3 and 4 measured within 2% of each other on Llama-3-8B's projections)."""
+BLOCKS_PER_SM = 1
+"""Blocks of the grid per multiprocessor: one of 16 warps (gemv_cuda.cu's GEMV_WARPS), so that each multiprocessor
+quantizes x once; on an H200 8B int8 layers' products took 68.7 us against 72.2 with two blocks of 8 warps (2, 3
+and 4 blocks of 8 measured within 2% of each other)."""
 DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 ACTIVATION_STAGES = {8: 2, 4: 1}
 """The int8 stages of x multiplied with int8 / int4 codes (dp4a_common.cuh's stages_of; checked against the built
