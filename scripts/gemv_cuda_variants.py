@@ -1,0 +1,88 @@
+"""Time compile-time variants of the batch-1 CUDA product (trident/native/gemv_cuda.cu) on Llama-3-8B's four
+projections, int4 group 128 and int8 per channel, CUDA-graph replays rotating weights beyond the L2 (as
+`python -m trident.kernels.bench_quant_matmul --rows 1` does). Each variant is a name, nvcc -D flags and a grid
+(blocks per multiprocessor); the defaults compare the built defaults with two blocks of 8 warps and two activation
+stages for int4. Prints every time and the per-layer sums (qkv + o + gate_up + down). Run on the GPU machine:
+
+    python scripts/gemv_cuda_variants.py [NAME=FLAG,FLAG:BLOCKS_PER_SM ...]
+    e.g. python scripts/gemv_cuda_variants.py default=:1 w8=-DGEMV_WARPS=8:2 int4_two=-DINT4_STAGES=2:1
+"""
+import ctypes
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from trident.kernels.bench_gemv import ROTATION_BYTES, graph_us
+from trident.kernels.bench_quant_matmul import random_weight
+from trident.native.cuda_build import NVCC_FLAGS, _nvcc
+
+SOURCE = "trident/native/gemv_cuda.cu"
+SHAPES = (("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336))
+FORMATS = (("int4-g128", 4, 128, True), ("int8", 8, None, False))
+DEFAULT = ("default=:1", "w8=-DGEMV_WARPS=8:2", "int4_two_stages=-DINT4_STAGES=2:1")
+
+
+def parse(spec: str) -> tuple[str, list[str], int]:
+    name, rest = spec.split("=", 1)
+    flags, blocks = rest.rsplit(":", 1)
+    return name, [f for f in flags.split(",") if f], int(blocks)
+
+
+def build(variant: tuple[str, list[str], int]) -> ctypes.CDLL:
+    name, flags, _ = variant
+    arch = "".join(map(str, torch.cuda.get_device_capability()))
+    arch += "a" if arch == "90" else ""
+    out = f"/tmp/tq_gemv_variant_{name}.so"
+    done = subprocess.run([_nvcc(), *NVCC_FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}", *flags, SOURCE,
+                           "-o", out], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{name}: nvcc failed\n{done.stderr[-2000:]}")
+    lib = ctypes.CDLL(out)
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.tq_gemv.argtypes = [i, i, p, p, p, p, p, p, i, i, i, i, i, p]
+    lib.tq_gemv_rows_per_warp.restype = lib.tq_gemv_threads.restype = i
+    return lib
+
+
+def time_calls(lib: ctypes.CDLL, grid: int, bits: int, x: torch.Tensor, weights: list, outputs: list) -> float:
+    """Microseconds per call of ``lib``'s tq_gemv on x and each weight in turn (CUDA-graph replays)."""
+    def call(i: int) -> torch.Tensor:
+        w = weights[i]
+        lib.tq_gemv(0, bits, x.data_ptr(), w.codes.data_ptr(), w.scales.data_ptr(),
+                    None if w.offsets is None else w.offsets.data_ptr(), None, outputs[i].data_ptr(),
+                    w.out_features, w.in_features, w.group_size, grid, 1, torch.cuda.current_stream().cuda_stream)
+        return outputs[i]
+
+    return graph_us(call, len(weights))
+
+
+def main() -> None:
+    variants = [parse(s) for s in (sys.argv[1:] or DEFAULT)]
+    with ThreadPoolExecutor(len(variants)) as pool:
+        libs = list(pool.map(build, variants))
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    device = torch.device("cuda")
+    totals: dict[tuple[str, str], float] = {}
+    for fname, bits, group, offsets in FORMATS:
+        for proj, n, k in SHAPES:
+            first = random_weight(n, k, bits, group, offsets, device)
+            copies = max(1, -(-ROTATION_BYTES // first.nbytes()))
+            weights = [first] + [random_weight(n, k, bits, group, offsets, device) for _ in range(copies - 1)]
+            x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+            outputs = [torch.empty(1, n, device=device, dtype=torch.bfloat16) for _ in weights]
+            for (name, _, blocks), lib in zip(variants, libs):
+                row_groups = -(-n // lib.tq_gemv_rows_per_warp())
+                grid = min(-(-row_groups // (lib.tq_gemv_threads() // 32)), blocks * sms)
+
+                us = time_calls(lib, grid, bits, x, weights, outputs)
+                totals[(fname, name)] = totals.get((fname, name), 0.0) + us
+                print(f"{fname:9} {proj:8} {name:16} {us:7.2f} us {first.nbytes() / us / 1e3:6.0f} GB/s", flush=True)
+    print("\nper layer (qkv + o + gate_up + down):")
+    for (fname, name), us in sorted(totals.items(), key=lambda item: (item[0][0], item[1])):
+        print(f"{fname:9} {name:16} {us:7.2f} us")
+
+
+if __name__ == "__main__":
+    main()
