@@ -98,7 +98,8 @@ __device__ __forceinline__ void quantize_chunk(uint4 raw, int c, bool active, ui
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     const float scale1 = m / 127.f;
     const float inv1 = m > 0.f ? 127.f / m : 0.f;
-    int a[8];
+    constexpr bool two = stages_of<BITS>() == 2;
+    int a[8], b[8];
     float r[8];
     float m2 = 0.f;
 #pragma unroll
@@ -107,44 +108,28 @@ __device__ __forceinline__ void quantize_chunk(uint4 raw, int c, bool active, ui
         r[i] = __fsub_rn(v[i], __fmul_rn(scale1, (float)a[i]));
         m2 = fmaxf(m2, fabsf(r[i]));
     }
-    if (stages_of<BITS>() == 1) {
-        if (active) {
-            if (BITS == 4) {
-                q1[2 * c] = pack4(a[0], a[2], a[4], a[6]);
-                q1[2 * c + 1] = pack4(a[1], a[3], a[5], a[7]);
-            } else {
-                q1[2 * c] = pack4(a[0], a[1], a[2], a[3]);
-                q1[2 * c + 1] = pack4(a[4], a[5], a[6], a[7]);
-            }
-            if ((c & 3) == 0) {
-                s1[c / 4] = scale1;
-                bsum[c / 4] = sum;
-            }
-        }
-        return;
-    }
-    m2 = fmaxf(m2, __shfl_xor_sync(0xffffffffu, m2, 1));
-    m2 = fmaxf(m2, __shfl_xor_sync(0xffffffffu, m2, 2));
-    const float scale2 = m2 / 127.f;
-    const float inv2 = m2 > 0.f ? 127.f / m2 : 0.f;
-    int b[8];
+    float scale2 = 0.f;
+    if (two) {  // the remainder's stage
+        m2 = fmaxf(m2, __shfl_xor_sync(0xffffffffu, m2, 1));
+        m2 = fmaxf(m2, __shfl_xor_sync(0xffffffffu, m2, 2));
+        scale2 = m2 / 127.f;
+        const float inv2 = m2 > 0.f ? 127.f / m2 : 0.f;
 #pragma unroll
-    for (int i = 0; i < 8; i++) b[i] = quantize_code(r[i], inv2);
+        for (int i = 0; i < 8; i++) b[i] = quantize_code(r[i], inv2);
+    }
     if (active) {
-        if (BITS == 4) {
-            q1[2 * c] = pack4(a[0], a[2], a[4], a[6]);
-            q1[2 * c + 1] = pack4(a[1], a[3], a[5], a[7]);
-            q2[2 * c] = pack4(b[0], b[2], b[4], b[6]);
-            q2[2 * c + 1] = pack4(b[1], b[3], b[5], b[7]);
-        } else {
-            q1[2 * c] = pack4(a[0], a[1], a[2], a[3]);
-            q1[2 * c + 1] = pack4(a[4], a[5], a[6], a[7]);
-            q2[2 * c] = pack4(b[0], b[1], b[2], b[3]);
-            q2[2 * c + 1] = pack4(b[4], b[5], b[6], b[7]);
+        // the order the codes unpack to: int4 each 8 elements' even ones, then their odd ones; int8 as they come
+        constexpr int o[8] = {0, BITS == 4 ? 2 : 1, BITS == 4 ? 4 : 2, BITS == 4 ? 6 : 3,
+                              BITS == 4 ? 1 : 4, BITS == 4 ? 3 : 5, BITS == 4 ? 5 : 6, 7};
+        q1[2 * c] = pack4(a[o[0]], a[o[1]], a[o[2]], a[o[3]]);
+        q1[2 * c + 1] = pack4(a[o[4]], a[o[5]], a[o[6]], a[o[7]]);
+        if (two) {
+            q2[2 * c] = pack4(b[o[0]], b[o[1]], b[o[2]], b[o[3]]);
+            q2[2 * c + 1] = pack4(b[o[4]], b[o[5]], b[o[6]], b[o[7]]);
         }
         if ((c & 3) == 0) {
             s1[c / 4] = scale1;
-            s2[c / 4] = scale2;
+            if (two) s2[c / 4] = scale2;
             bsum[c / 4] = sum;
         }
     }
@@ -259,29 +244,16 @@ __device__ __forceinline__ void compute_step(const Step<BITS, R, U>& s, float (&
         const int blk = BITS == 4 ? ch : ch / 2;
         const int word0 = BITS == 4 ? 8 * ch : 4 * ch;  // q words: 8 per block of 32
         const float a1 = xs.s1[blk];
-        if (BITS == 4 && stages_of<BITS>() == 1) {
-            const uint4 e1a = *reinterpret_cast<const uint4*>(xs.q1 + word0);
-            const uint4 e1b = *reinterpret_cast<const uint4*>(xs.q1 + word0 + 4);
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                const uint32_t c[4] = {s.w[r][u].x, s.w[r][u].y, s.w[r][u].z, s.w[r][u].w};
-                const uint32_t e1[8] = {e1a.x, e1a.y, e1a.z, e1a.w, e1b.x, e1b.y, e1b.z, e1b.w};
-                int i1 = 0;
-#pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    i1 = __dp4a((int)(c[j] & 0x0F0F0F0Fu), (int)e1[2 * j], i1);
-                    i1 = __dp4a((int)((c[j] >> 4) & 0x0F0F0F0Fu), (int)e1[2 * j + 1], i1);
-                }
-                acc[r] = fmaf(s.scale[r][u] * a1, (float)i1, acc[r]);
-            }
-            continue;
-        }
-        const float a2 = xs.s2[blk];
         if (BITS == 4) {
+            constexpr bool two = stages_of<BITS>() == 2;
+            const float a2 = two ? xs.s2[blk] : 0.f;
             const uint4 e1a = *reinterpret_cast<const uint4*>(xs.q1 + word0);
             const uint4 e1b = *reinterpret_cast<const uint4*>(xs.q1 + word0 + 4);
-            const uint4 e2a = *reinterpret_cast<const uint4*>(xs.q2 + word0);
-            const uint4 e2b = *reinterpret_cast<const uint4*>(xs.q2 + word0 + 4);
+            uint4 e2a = make_uint4(0, 0, 0, 0), e2b = make_uint4(0, 0, 0, 0);
+            if (two) {
+                e2a = *reinterpret_cast<const uint4*>(xs.q2 + word0);
+                e2b = *reinterpret_cast<const uint4*>(xs.q2 + word0 + 4);
+            }
 #pragma unroll
             for (int r = 0; r < R; r++) {
                 const uint32_t c[4] = {s.w[r][u].x, s.w[r][u].y, s.w[r][u].z, s.w[r][u].w};
@@ -293,12 +265,16 @@ __device__ __forceinline__ void compute_step(const Step<BITS, R, U>& s, float (&
                     const int lo = (int)(c[j] & 0x0F0F0F0Fu), hi = (int)((c[j] >> 4) & 0x0F0F0F0Fu);
                     i1 = __dp4a(lo, (int)e1[2 * j], i1);
                     i1 = __dp4a(hi, (int)e1[2 * j + 1], i1);
-                    i2 = __dp4a(lo, (int)e2[2 * j], i2);
-                    i2 = __dp4a(hi, (int)e2[2 * j + 1], i2);
+                    if (two) {
+                        i2 = __dp4a(lo, (int)e2[2 * j], i2);
+                        i2 = __dp4a(hi, (int)e2[2 * j + 1], i2);
+                    }
                 }
-                acc[r] = fmaf(s.scale[r][u], fmaf(a1, (float)i1, a2 * (float)i2), acc[r]);
+                acc[r] = two ? fmaf(s.scale[r][u], fmaf(a1, (float)i1, a2 * (float)i2), acc[r])
+                             : fmaf(s.scale[r][u] * a1, (float)i1, acc[r]);
             }
         } else {
+            const float a2 = xs.s2[blk];
             const uint4 e1 = *reinterpret_cast<const uint4*>(xs.q1 + word0);
             const uint4 e2 = *reinterpret_cast<const uint4*>(xs.q2 + word0);
 #pragma unroll
