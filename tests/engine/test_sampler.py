@@ -380,13 +380,14 @@ def test_unseeded_rows_are_deterministic_for_a_sampler_seed():
 
 
 def test_two_pass_argmax_equals_torch_argmax_with_ties() -> None:
-    """The two-pass greedy argmax (used on CUDA; tests/integration/test_cuda.py runs it there) picks what
-    torch.argmax picks: the first index among equal maxima, also when the maximum repeats across and within
-    slices."""
+    """The two-pass greedy argmax (used on CUDA; tests/integration/test_cuda.py runs it there) and the CPU's
+    (torch.max's indices) pick what torch.argmax picks: the first index among equal maxima, also when the maximum
+    repeats across and within slices, in float32 and bfloat16."""
     from trident.engine.sampler import ARGMAX_GROUPS, argmax, two_pass_argmax
 
     gen = torch.Generator().manual_seed(0)
     for vocab, groups in ((ARGMAX_GROUPS * 37, ARGMAX_GROUPS), (12, 4), (211, 211), (64, 1)):
         logits = torch.randint(-3, 4, (32, vocab), generator=gen).float()  # many ties
         assert torch.equal(two_pass_argmax(logits, groups), logits.argmax(dim=-1))
-        assert torch.equal(argmax(logits), logits.argmax(dim=-1))  # the CPU path is torch's own
+        assert torch.equal(argmax(logits), logits.argmax(dim=-1))  # the CPU path
+        assert torch.equal(argmax(logits.bfloat16()), logits.argmax(dim=-1))

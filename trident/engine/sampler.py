@@ -164,10 +164,13 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     """``logits.argmax(dim=-1)`` ([rows, vocab] -> [rows] int64, the first index among equal maxima), in two
     passes on CUDA: the maximum of each of ARGMAX_GROUPS slices of a row, then of those. torch reduces a
     single long row in one thread block (27 us for 128,256 logits on an H200, against a few for the two
-    passes, which spread the row over the chip). Elsewhere, or when the groups do not divide the vocabulary,
-    torch's argmax."""
+    passes, which spread the row over the chip). On the CPU, torch.max's indices (the first maximum too): 2.7x
+    faster than torch.argmax on bfloat16 logits (49,152 of them: 0.10 against 0.27 ms for one row, 0.77 against
+    2.2 ms for 16 rows, 2 cores). Elsewhere, or when the groups do not divide the vocabulary, torch's argmax."""
     rows, vocab = logits.shape
-    if not logits.is_cuda or vocab % ARGMAX_GROUPS or rows > ARGMAX_GROUPS:
+    if not logits.is_cuda:
+        return logits.max(dim=-1).indices
+    if vocab % ARGMAX_GROUPS or rows > ARGMAX_GROUPS:
         return logits.argmax(dim=-1)
     return two_pass_argmax(logits, ARGMAX_GROUPS)
 
