@@ -68,20 +68,22 @@ def report(variants, tmp_path_factory) -> dict:
 
 
 def _independent_resident_bytes(model: torch.nn.Module) -> tuple[int, int]:
-    """(bytes, re-packed layers): parameters and buffers by distinct storage, plus each QuantizedLinear's codes
-    re-packed for a CPU kernel (torch's int4 one, or trident's native one) and their scales, offsets and bias."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for t in (*model.parameters(), *model.buffers())}
-    total = packed = 0
+    """(bytes, layers with a CPU kernel's weight): parameters, buffers and each QuantizedLinear's weight for a CPU
+    kernel (torch's int4 one, or trident's native one: re-packed codes, or per-channel int8's stored codes
+    themselves) with their scales, offsets and bias, by distinct storage."""
+    tensors = [*model.parameters(), *model.buffers()]
+    packed = 0
     for m in model.modules():
         if isinstance(m, QuantizedLinear) and "_int4_cpu" in m.__dict__:
             p = m.__dict__["_int4_cpu"]
-            total, packed = total + p.packed.nbytes + p.scale_and_zeros.nbytes, packed + 1
+            tensors += [p.packed, p.scale_and_zeros]
+            packed += 1
         if isinstance(m, QuantizedLinear) and "_native_cpu" in m.__dict__:
             p = m.__dict__["_native_cpu"]
-            total += sum(t.nbytes for t in (p.codes, p.scales, p.offsets, p.bias) if t is not None)
+            tensors += [t for t in (p.codes, p.scales, p.offsets, p.bias) if t is not None]
             packed += 1
-    return sum(storages.values()) + total, packed
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values()), packed
 
 
 def test_rows_match_independent_measurements(report, variants, tiny_text_llama_dir) -> None:
@@ -105,7 +107,8 @@ def test_rows_match_independent_measurements(report, variants, tiny_text_llama_d
         run_latency(engine, latency_workload(engine.tokenizer, 16, 4))  # builds what the layers derive on use
         expected, num_packed = _independent_resident_bytes(engine.model)
         assert row["resident_bytes"] == expected
-        assert num_packed == (8 if model == variants[2] else 0)  # int4: 4 modules (qkv, o, gate_up, down) x 2 layers
+        # int8 (the stored codes, no copy) and int4: 4 modules (qkv, o, gate_up, down) x 2 layers
+        assert num_packed == (0 if model == variants[0] else 8)
         assert row["cuda_peak_bytes"] is None and len(row["latency_runs"]) == 1
         for key in ("prefill_tok_s", "decode_tok_s", "ppl_seconds", "load_s"):
             assert math.isfinite(row[key]) and row[key] > 0
@@ -114,7 +117,7 @@ def test_rows_match_independent_measurements(report, variants, tiny_text_llama_d
     assert (report["num_windows"], report["num_scored_tokens"]) == (4, 252)
     original, int8, int4 = report["rows"]
     assert int4["disk_bytes"] < int8["disk_bytes"] < original["disk_bytes"]
-    # int4 on the CPU keeps the re-packed codes beside the stored ones: more resident bytes than int8 here
+    # int4 on the CPU keeps the re-packed codes beside the stored ones; int8 multiplies its stored codes
     assert int8["resident_bytes"] < original["resident_bytes"] and int4["resident_bytes"] < original["resident_bytes"]
     assert original["weights"] == "float" and int8["weights"] == "int8 per channel sym x8"
     assert int4["weights"] == "int4 g32 sym x8"

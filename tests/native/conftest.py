@@ -1,4 +1,5 @@
-"""Fixtures of the native-kernel tests: a tiny random Llama quantized to int4 in groups of 32."""
+"""Fixtures of the native-kernel tests: a tiny random Llama quantized to int4 in groups of 32, and to per-channel
+int8."""
 
 from __future__ import annotations
 
@@ -21,3 +22,17 @@ def tiny_int4_llama_dir(tmp_path_factory) -> Path:
     assert main(["quantize", str(root / "hf"), "--method", "rtn", "--bits", "4", "--group-size", "32",
                  "--out", str(root / "int4")]) == 0
     return root / "int4"
+
+
+@pytest.fixture(scope="session", params=["symmetric", "asymmetric"])
+def tiny_int8_llama_dir(request, tmp_path_factory) -> Path:
+    """The same tiny Llama quantized to per-channel int8 (`trident quantize --bits 8 [--asymmetric]`)."""
+    from hf_tiny import make_hf_model, tiny_llama_config
+
+    from trident.cli import main
+
+    root = tmp_path_factory.mktemp(f"tiny-llama-int8-{request.param}")
+    make_hf_model(tiny_llama_config(vocab_size=256, max_position_embeddings=256), seed=5).save_pretrained(root / "hf")
+    extra = ["--asymmetric"] if request.param == "asymmetric" else []
+    assert main(["quantize", str(root / "hf"), "--bits", "8", *extra, "--out", str(root / "int8")]) == 0
+    return root / "int8"

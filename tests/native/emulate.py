@@ -39,13 +39,16 @@ def random_weight(bits: int, n: int, k: int, group: int | None, offsets: bool, g
     return AffineWeight(codes, scales, offs, bits)
 
 
-def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activations(x: torch.Tensor, natural: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (K a multiple of 32) -> (the value the kernel multiplies, [M, K] float64; each block's unit
     d / 256, [M, K / 32] float64), as qmatmul.c's two int8 stages make them in float32: x1 = round(x / d), then
     x2 = round((x - d x1) / (d / 256)) clamped to +-127 (the remainder fused: one rounding), value (d / 256)
-    (256 x1 + x2)."""
+    (256 x1 + x2). d = max|x| / 127 over the block, or with ``natural`` over its pair of blocks (K a multiple of
+    64: the natural order of int8 codes)."""
     xf = x.float().view(x.shape[0], -1, BLOCK)
     amax = xf.abs().amax(dim=-1, keepdim=True)
+    if natural:
+        amax = amax.view(x.shape[0], -1, 2, 1).amax(dim=2, keepdim=True).expand(-1, -1, 2, 1).reshape(amax.shape)
     step = amax / 127.0
     inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
     x1 = (xf * inv).round()
@@ -54,11 +57,12 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     unit = (step / 256.0).double()
     value = unit * (256.0 * x1.double() + x2.double())
     return value.reshape(x.shape), unit.squeeze(-1)
-def emulated_matmul(x: torch.Tensor, w: AffineWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The kernel's product in float64: the quantized activations times scale * q per block, plus offsets times
-    the exact group sums of x, plus the bias."""
+def emulated_matmul(x: torch.Tensor, w: AffineWeight, bias: torch.Tensor | None = None,
+                    natural: bool = False) -> torch.Tensor:
+    """The kernel's product in float64: the quantized activations (``natural``: one unit per pair of blocks) times
+    scale * q per block, plus offsets times the exact group sums of x, plus the bias."""
     m, _ = x.shape
-    value, _ = quantize_activations(x)
+    value, _ = quantize_activations(x, natural)
     scaled = affine_dequantize(w, torch.float64)  # scale * q, plus the offsets taken off just below
     if w.offsets is not None:
         scaled = scaled - w.offsets.double().repeat_interleave(w.group_size, dim=1)
@@ -71,9 +75,9 @@ def emulated_matmul(x: torch.Tensor, w: AffineWeight, bias: torch.Tensor | None 
     return y
 
 
-def activation_error_bound(x: torch.Tensor, w: AffineWeight) -> torch.Tensor:
+def activation_error_bound(x: torch.Tensor, w: AffineWeight, natural: bool = False) -> torch.Tensor:
     """[M, N] bound on |kernel - exact product|: each activation moves by at most 2 units of d / 256 (half a unit
     when rounded, up to 2 where the second stage clamps)."""
-    _, unit = quantize_activations(x)
+    _, unit = quantize_activations(x, natural)
     exact = affine_dequantize(w, torch.float64)
     return (2 * unit.repeat_interleave(BLOCK, dim=1)) @ exact.abs().T

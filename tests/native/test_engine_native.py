@@ -47,3 +47,26 @@ def test_int8_kv_cache_runs_in_the_c_layers(tiny_int4_llama_dir) -> None:
     # the activations' two-stage rounding and a code rounded the other way at a tie: a few 1e-2 nats at most
     assert len(ours) == 12
     assert_greedy_agree(ours, theirs, tolerance=0.1)
+
+
+def test_per_channel_int8_runs_in_the_c_layers_on_its_stored_codes(tiny_int8_llama_dir, monkeypatch) -> None:
+    """Per-channel int8 (`trident quantize --bits 8`) decodes through the C layers too, multiplying the stored codes
+    in place (qmatmul.c's natural order: every layer's native weight shares its module's codes, no copy), and agrees
+    with the torch-call step on torch's int8 kernel."""
+    import torch
+
+    from trident.quant.linear import QuantizedLinear
+
+    native, ours = _run(tiny_int8_llama_dir, "bfloat16")
+    assert native.engine.runner.cpu_decoder.native_layers is not None
+    layers = [m for m in native.engine.model.modules() if isinstance(m, QuantizedLinear)]
+    assert layers and all("_native_cpu" in m.__dict__ for m in layers)
+    for m in layers:
+        packed = m.__dict__["_native_cpu"]
+        assert packed.natural and packed.codes.untyped_storage().data_ptr() == m.qweight.untyped_storage().data_ptr()
+        assert packed.codes.dtype == torch.int8
+    monkeypatch.setenv("TRIDENT_NO_NATIVE", "1")
+    torch_step, theirs = _run(tiny_int8_llama_dir, "bfloat16")
+    assert torch_step.engine.runner.cpu_decoder.native_layers is None
+    assert len(ours) == 12
+    assert_greedy_agree(ours, theirs, tolerance=0.1, min_compared=4)

@@ -113,8 +113,8 @@ def test_activation_stages_equal_the_emulation_exactly(lib, dtype) -> None:
         kp = -(-k // 64) * 64
         xq = torch.empty(rows, 2, kp, dtype=torch.int8)
         d = torch.empty(rows, kp // 32, dtype=torch.float32)
-        assert lib.tq_quantize_activations(x.contiguous().data_ptr(), dtype == torch.bfloat16, rows, k, xq.data_ptr(),
-                                           d.data_ptr(), 2) == kp
+        assert lib.tq_quantize_activations(x.contiguous().data_ptr(), dtype == torch.bfloat16, rows, k, 0,
+                                           xq.data_ptr(), d.data_ptr(), 2) == kp
         order = nq.lane_order()  # lane-order position -> element of the pair
         codes = torch.empty(rows, 2, kp, dtype=torch.int8)
         codes.view(rows, 2, kp // 64, 64)[..., order] = xq.view(rows, 2, kp // 64, 64)
@@ -123,6 +123,75 @@ def test_activation_stages_equal_the_emulation_exactly(lib, dtype) -> None:
         assert torch.equal(d[:, : k // 32].double(), unit), "units differ"
         assert torch.equal(value[:, :k], expected), f"rows {rows}, K {k}: {(value[:, :k] - expected).abs().max()}"
         assert (codes[:, :, k:] == 0).all() and (d[:, k // 32:] == 0).all()  # padding
+
+
+NATURAL_CASES = [  # n, k, offsets, bias, rows, x dtype: per-channel int8 codes as stored
+    (36, 576, False, False, 1, torch.float32),
+    (12, 128, True, True, 3, torch.bfloat16),
+    (64, 1536, False, True, 5, torch.bfloat16),
+    (40, 192, True, False, 11, torch.float32),  # the tile path where the CPU has one
+    (8, 64, False, False, 16, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", NATURAL_CASES, ids=lambda c: "n{}_k{}_off{}_bias{}_rows{}_{}".format(
+    *c[:5], str(c[5]).removeprefix("torch.")))
+def test_natural_int8_matches_float64(lib, case) -> None:
+    """Per-channel int8 codes multiplied as stored (natural order: no copy) equal the product with the activations
+    quantized one unit per pair of blocks (emulate.py) up to float32 rounding, and the exact product within that
+    rounding's bound; the packed weight's codes are the stored tensor itself."""
+    n, k, offsets, bias, rows, dtype = case
+    gen = torch.Generator().manual_seed(n + k + rows)
+    w = random_weight(8, n, k, None, offsets, gen)
+    b = torch.randn(n, generator=gen) if bias else None
+    x = (torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 3).to(dtype)
+    x[0, :32] = 0  # one block of a pair all zero: its codes use the pair's unit
+    x[-1, 40] = 50.0  # one large element sets its pair's unit
+    assert nq.takes_natural(w)
+    packed = nq.pack(w, b, lib, natural=True)
+    assert packed.natural and packed.codes.data_ptr() == w.codes.data_ptr()
+    y = packed.matmul(x, lib)
+    emulated = emulated_matmul(x, w, b, natural=True)
+    exact = x.double() @ affine_dequantize(w, torch.float64).T + (0 if b is None else b.double())
+    out_rounding = (emulated.abs() * 2.0**-8) if dtype == torch.bfloat16 else 0
+    scale = (x.double().abs() @ affine_dequantize(w, torch.float64).abs().T) + 1
+    assert ((y.double() - emulated).abs() <= out_rounding + 1e-5 * scale).all(), \
+        f"{case}: max {(y.double() - emulated).abs().max().item():.3g} off the emulated product"
+    bound = activation_error_bound(x, w, natural=True)
+    assert ((y.double() - exact).abs() <= bound + out_rounding + 1e-5 * scale).all(), f"{case}: beyond the bound"
+    # the lane-order copy gives the per-block rounding: a different (also bounded) product, so the check above
+    # would catch a kernel that ignored the flag
+    lane = nq.pack(w, b, lib).matmul(x, lib)
+    assert not torch.equal(lane, y)
+
+
+def test_natural_activations_equal_the_emulation_exactly(lib) -> None:
+    """tq_quantize_activations in natural order: the codes in element order, one unit per pair, exactly
+    emulate.py's values (an all-zero block beside a large one, 1 to 16 rows)."""
+    from emulate import quantize_activations
+
+    gen = torch.Generator().manual_seed(9)
+    for rows, k in ((1, 128), (6, 576), (16, 64)):
+        x = torch.randn(rows, k, generator=gen) * 10 ** (torch.rand(rows, 1, generator=gen) * 4 - 2)
+        x[0, :32] = 0
+        x[-1, 33] = 3e4
+        xq = torch.empty(rows, 2, k, dtype=torch.int8)
+        d = torch.empty(rows, k // 32, dtype=torch.float32)
+        assert lib.tq_quantize_activations(x.data_ptr(), 0, rows, k, 1, xq.data_ptr(), d.data_ptr(), 2) == k
+        value = d.double().repeat_interleave(32, dim=1) * (256.0 * xq[:, 0].double() + xq[:, 1].double())
+        expected, unit = quantize_activations(x, natural=True)
+        assert torch.equal(d.double(), unit) and torch.equal(d[:, 0::2], d[:, 1::2])
+        assert torch.equal(value, expected), f"rows {rows}, K {k}: {(value - expected).abs().max()}"
+    assert lib.tq_quantize_activations(x.data_ptr(), 0, 1, 96, 1, xq.data_ptr(), d.data_ptr(), 2) == -1
+
+
+def test_natural_order_refuses_what_it_cannot_take() -> None:
+    gen = torch.Generator().manual_seed(3)
+    for w in (random_weight(8, 8, 96, None, False, gen), random_weight(8, 6, 64, None, False, gen),
+              random_weight(4, 8, 64, None, False, gen), random_weight(8, 8, 128, 32, False, gen)):
+        assert not nq.takes_natural(w)
+        with pytest.raises(ValueError, match="natural order"):
+            nq.pack(w, natural=True)
 
 
 def test_rejects_what_it_cannot_take() -> None:

@@ -19,13 +19,13 @@
 
 #include "tq_bf16.h"
 
-int tq_matmul(const void *x, int x_bf16, int rows, int k, int bits, const uint8_t *codes, const uint16_t *scales,
-              const uint16_t *offsets, int group_size, int n, const float *bias, void *y, int y_bf16, int n_out,
-              void *workspace, int threads);
+int tq_matmul(const void *x, int x_bf16, int rows, int k, int bits, int natural, const uint8_t *codes,
+              const uint16_t *scales, const uint16_t *offsets, int group_size, int n, const float *bias, void *y,
+              int y_bf16, int n_out, void *workspace, int threads);
 long tq_workspace_bytes(int rows, int k, int group_size);
 
 typedef struct {
-    int bits, k, n, n_out, group_size;
+    int bits, natural, k, n, n_out, group_size; /* natural: int8 codes as stored (qmatmul.c's natural order) */
     const uint8_t *codes;
     const uint16_t *scales, *offsets;
     const float *bias;
@@ -235,7 +235,7 @@ static inline float activation(int kind, float g) {
 static long matmul_workspace(const tq_weight *w, int rows) { return tq_workspace_bytes(rows, w->k, w->group_size); }
 
 static int project(const tq_weight *w, const float *x, int rows, float *y, void *workspace, int threads) {
-    return tq_matmul(x, 0, rows, w->k, w->bits, w->codes, w->scales, w->offsets, w->group_size, w->n, w->bias, y, 0,
+    return tq_matmul(x, 0, rows, w->k, w->bits, w->natural, w->codes, w->scales, w->offsets, w->group_size, w->n, w->bias, y, 0,
                      w->n_out, workspace, threads);
 }
 

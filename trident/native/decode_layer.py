@@ -27,7 +27,7 @@ codes with a float32 scale per (kv head, slot))."""
 
 
 class _Weight(ctypes.Structure):
-    _fields_ = [("bits", _I), ("k", _I), ("n", _I), ("n_out", _I), ("group_size", _I), ("codes", _P),
+    _fields_ = [("bits", _I), ("natural", _I), ("k", _I), ("n", _I), ("n_out", _I), ("group_size", _I), ("codes", _P),
                 ("scales", _P), ("offsets", _P), ("bias", _P)]
 
 
@@ -60,7 +60,7 @@ def _typed_library(lib: ctypes.CDLL | None = None) -> ctypes.CDLL:
 
 
 def _weight(w: NativeQWeight) -> _Weight:
-    return _Weight(w.bits, w.in_features, w.codes.shape[0], w.out_features, w.group_size, w.codes.data_ptr(),
+    return _Weight(w.bits, w.natural, w.in_features, w.codes.shape[0], w.out_features, w.group_size, w.codes.data_ptr(),
                    w.scales.data_ptr(), None if w.offsets is None else w.offsets.data_ptr(),
                    None if w.bias is None else w.bias.data_ptr())
 

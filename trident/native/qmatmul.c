@@ -21,6 +21,12 @@
  * - int8 codes (-128..127): 64 bytes per pair, in lane order.
  * - scales: float16 per block [n, 2 * pairs] (a group's scale repeated over its blocks; padding 0);
  *   offsets: float16 per group [n, groups] or none. float16 is GGUF's own precision for Q4_0 / Q4_1 / Q8_0.
+ * Natural order (`natural`, int8 codes only): the codes as stored, row-major [n, k] (k a multiple of 64, n of
+ * TQ_ROWS: the same geometry as the packed layout), with no copy. The activations are then quantized in element
+ * order with one d per pair (its 64 elements' largest), so that a pair's two blocks share d as they share the
+ * weight scale (group sizes multiples of 64): every lane is scaled alike, whichever block its bytes belong to, and
+ * the products above are the same sums in another order. The pair's d rounds the smaller block a little more
+ * coarsely (two stages: still within 1 / 65,000 of the pair's largest element).
  *
  * Threads: OpenMP over tasks of output rows, in the process's one OpenMP runtime (torch's libgomp, already loaded,
  * satisfies this library's libgomp.so.1), as many as the caller passes (torch.get_num_threads()). */
@@ -74,13 +80,18 @@ static inline int lane_position(int half, int i) { return (i / 4) * 8 + half * 4
 
 /* Quantize rows of x [rows, k] (float32 or bfloat16) into the two stages xq [rows, 2, kp] (lane order, kp = 64 *
  * pairs, padding zero), d [rows, 2 * pairs] holding each block's d / 256 (padding zero) and, when xsum is not NULL,
- * the group sums xsum [rows, groups]. Rounding: to nearest, ties to even, in float32 (the remainder fused). */
+ * the group sums xsum [rows, groups]. Rounding: to nearest, ties to even, in float32 (the remainder fused). natural:
+ * element order and one d per pair (the header's natural order; k a multiple of 64). */
 #if defined(TQ_ZMM)
-/* One block of 32 activations (float32, in v0 / v1) in two stages, as quantize_rows' scalar code computes them (the
- * same products, roundings and fused remainder; only the plain sum is added in a tree): q1 / q2 the 32 codes in
- * element order, *dd = d / 256, *sum. */
-static inline void quantize_block16x2(__m512 v0, __m512 v1, __m256i *q1, __m256i *q2, float *dd, float *sum) {
-    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+static inline float block_amax(__m512 v0, __m512 v1) {
+    return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+}
+
+/* One block of 32 activations (float32, in v0 / v1) in two stages with d = amax / 127 (the block's largest |x|, or
+ * its pair's in natural order), as quantize_rows' scalar code computes them (the same products, roundings and fused
+ * remainder; only the plain sum is added in a tree): q1 / q2 the 32 codes in element order, *dd = d / 256, *sum. */
+static inline void quantize_block16x2(__m512 v0, __m512 v1, float amax, __m256i *q1, __m256i *q2, float *dd,
+                                      float *sum) {
     *sum = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
     const float step = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f, inv2 = inv * 256.0f;
     *dd = step / 256.0f;
@@ -109,8 +120,8 @@ static inline void load_block(const void *x, int x_bf16, size_t base, __m512 *v0
 }
 #endif
 
-static void quantize_rows(const void *x, int x_bf16, int rows, int k, int kp, int group_size, int8_t *xq, float *d,
-                          float *xsum, int threads) {
+static void quantize_rows(const void *x, int x_bf16, int rows, int k, int kp, int group_size, int natural,
+                          int8_t *xq, float *d, float *xsum, int threads) {
     const int blocks = k / TQ_BLOCK, padded = kp / TQ_BLOCK, groups = k / group_size, per_group = group_size / TQ_BLOCK;
 #pragma omp parallel for schedule(static) if (rows >= 4) num_threads(threads > 0 ? threads : omp_default_threads())
     for (int m = 0; m < rows; m++) {
@@ -123,6 +134,13 @@ static void quantize_rows(const void *x, int x_bf16, int rows, int k, int kp, in
             const __m512i interleave = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
             for (int p = 0; p < padded / 2; p++) {
                 __m256i a1[2], a2[2];
+                __m512 v[2][2] = {{_mm512_setzero_ps(), _mm512_setzero_ps()}, {_mm512_setzero_ps(), _mm512_setzero_ps()}};
+                float amax[2] = {0.0f, 0.0f};
+                for (int h = 0; h < 2 && 2 * p + h < blocks; h++) {
+                    load_block(x, x_bf16, (size_t)m * k + (size_t)(2 * p + h) * TQ_BLOCK, &v[h][0], &v[h][1]);
+                    amax[h] = block_amax(v[h][0], v[h][1]);
+                }
+                if (natural) amax[0] = amax[1] = fmaxf(amax[0], amax[1]);
                 for (int h = 0; h < 2; h++) {
                     const int b = 2 * p + h;
                     if (b >= blocks) { /* the odd block of a padded pair */
@@ -130,21 +148,21 @@ static void quantize_rows(const void *x, int x_bf16, int rows, int k, int kp, in
                         dm[b] = 0.0f;
                         continue;
                     }
-                    __m512 v0, v1;
                     float sum;
-                    load_block(x, x_bf16, (size_t)m * k + (size_t)b * TQ_BLOCK, &v0, &v1);
-                    quantize_block16x2(v0, v1, &a1[h], &a2[h], &dm[b], &sum);
+                    quantize_block16x2(v[h][0], v[h][1], amax[h], &a1[h], &a2[h], &dm[b], &sum);
                     if (xsum) {
                         float *g = &xsum[(size_t)m * groups + b / per_group];
                         if (b % per_group == 0) *g = 0.0f;
                         *g += sum;
                     }
                 }
+                const __m512i order = natural ? _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+                                              : interleave;
                 _mm512_storeu_si512(xm + (size_t)p * TQ_PAIR,
-                                    _mm512_permutex2var_epi32(_mm512_castsi256_si512(a1[0]), interleave,
+                                    _mm512_permutex2var_epi32(_mm512_castsi256_si512(a1[0]), order,
                                                               _mm512_castsi256_si512(a1[1])));
                 _mm512_storeu_si512(xm + kp + (size_t)p * TQ_PAIR,
-                                    _mm512_permutex2var_epi32(_mm512_castsi256_si512(a2[0]), interleave,
+                                    _mm512_permutex2var_epi32(_mm512_castsi256_si512(a2[0]), order,
                                                               _mm512_castsi256_si512(a2[1])));
             }
             continue;
@@ -152,6 +170,7 @@ static void quantize_rows(const void *x, int x_bf16, int rows, int k, int kp, in
 #endif
         int8_t *xm = xq + (size_t)m * 2 * kp;
         float *dm = d + (size_t)m * padded;
+        float pair_amax = 0.0f;
         for (int b = 0; b < padded; b++) {
             int8_t *pair = xm + (size_t)(b / 2) * TQ_PAIR;
             if (b >= blocks) { /* the odd block of a padded pair */
@@ -169,6 +188,14 @@ static void quantize_rows(const void *x, int x_bf16, int rows, int k, int kp, in
                 sum += buf[j];
                 amax = fmaxf(amax, fabsf(buf[j]));
             }
+            if (natural && b % 2 == 0) { /* the pair's largest |x| (k is a multiple of 64: both blocks exist) */
+                pair_amax = amax;
+                for (int j = 0; j < TQ_BLOCK; j++) {
+                    const size_t e = base + TQ_BLOCK + j;
+                    pair_amax = fmaxf(pair_amax, fabsf(x_bf16 ? bf16_to_float(((const uint16_t *)x)[e]) : ((const float *)x)[e]));
+                }
+            }
+            if (natural) amax = pair_amax;
             const float step = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f, inv2 = inv * 256.0f;
             dm[b] = step / 256.0f;
             for (int j = 0; j < TQ_BLOCK; j++) {
@@ -178,8 +205,9 @@ static void quantize_rows(const void *x, int x_bf16, int rows, int k, int kp, in
                 q2[j] = (int8_t)(c2 > 127.0f ? 127.0f : c2 < -127.0f ? -127.0f : c2);
             }
             for (int c = 0; c < TQ_BLOCK / 4; c++) {
-                memcpy(pair + lane_position(b % 2, 4 * c), q1 + 4 * c, 4);
-                memcpy(pair + kp + lane_position(b % 2, 4 * c), q2 + 4 * c, 4);
+                const int at = natural ? (b % 2) * TQ_BLOCK + 4 * c : lane_position(b % 2, 4 * c);
+                memcpy(pair + at, q1 + 4 * c, 4);
+                memcpy(pair + kp + at, q2 + 4 * c, 4);
             }
             if (xsum) {
                 float *s = &xsum[(size_t)m * groups + b / per_group];
@@ -513,12 +541,14 @@ static inline void store(void *y, int y_bf16, size_t index, float v) {
         ((float *)y)[index] = v;
 }
 
-/* The activations' two stages as tq_matmul makes them (for tests): xq [rows, 2, kp] in lane order, d [rows, kp / 32]
- * (each block's d / 256), kp = 64 * ceil(k / 64). Returns kp, or -1 for a k it does not take. */
-int tq_quantize_activations(const void *x, int x_bf16, int rows, int k, int8_t *xq, float *d, int threads) {
-    if (k % TQ_BLOCK || rows < 1) return -1;
+/* The activations' two stages as tq_matmul makes them (for tests): xq [rows, 2, kp] in lane order (natural: element
+ * order, one d per pair), d [rows, kp / 32] (each block's d / 256), kp = 64 * ceil(k / 64). Returns kp, or -1 for a
+ * k it does not take. */
+int tq_quantize_activations(const void *x, int x_bf16, int rows, int k, int natural, int8_t *xq, float *d,
+                            int threads) {
+    if (k % TQ_BLOCK || rows < 1 || (natural && k % TQ_PAIR)) return -1;
     const int kp = (k + TQ_PAIR - 1) / TQ_PAIR * TQ_PAIR;
-    quantize_rows(x, x_bf16, rows, k, kp, k, xq, d, NULL, threads);
+    quantize_rows(x, x_bf16, rows, k, kp, k, natural, xq, d, NULL, threads);
     return kp;
 }
 
@@ -540,21 +570,21 @@ long tq_workspace_bytes(int rows, int k, int group_size) {
     return (long)bytes;
 }
 
-/* y [rows, n] = x [rows, k] W^T (+ bias [n], float32), W [n, k] as described at the top, n a multiple of TQ_ROWS
- * (the packer pads). workspace: tq_workspace_bytes(rows, k, group_size) bytes. threads: OpenMP threads (the caller's
+/* y [rows, n] = x [rows, k] W^T (+ bias [n], float32), W [n, k] as described at the top (natural: int8 codes as
+ * stored, k a multiple of 64, group_size of 64), n a multiple of TQ_ROWS (the packer pads). workspace: tq_workspace_bytes(rows, k, group_size) bytes. threads: OpenMP threads (the caller's
  * torch.get_num_threads(): a thread other than the one that set it, such as a server's engine loop, would otherwise
  * use OpenMP's default). Returns 0, or -1 for shapes it does not take. */
-int tq_matmul(const void *x, int x_bf16, int rows, int k, int bits, const uint8_t *codes, const uint16_t *scales,
-              const uint16_t *offsets, int group_size, int n, const float *bias, void *y, int y_bf16, int n_out,
-              void *workspace, int threads) {
+int tq_matmul(const void *x, int x_bf16, int rows, int k, int bits, int natural, const uint8_t *codes,
+              const uint16_t *scales, const uint16_t *offsets, int group_size, int n, const float *bias, void *y,
+              int y_bf16, int n_out, void *workspace, int threads) {
     if (k % TQ_BLOCK || group_size % TQ_BLOCK || k % group_size || (bits != 4 && bits != 8) || rows < 1 ||
-        n % TQ_ROWS || n_out > n)
+        n % TQ_ROWS || n_out > n || (natural && (bits != 8 || k % TQ_PAIR || group_size % TQ_PAIR)))
         return -1;
     const int pairs = (k + TQ_PAIR - 1) / TQ_PAIR, kp = pairs * TQ_PAIR, groups = k / group_size;
     float *d = (float *)workspace;
     float *xsum = d + (size_t)rows * 2 * pairs;
     int8_t *xq = (int8_t *)(xsum + (size_t)rows * groups);
-    quantize_rows(x, x_bf16, rows, k, kp, group_size, xq, d, offsets ? xsum : NULL, threads);
+    quantize_rows(x, x_bf16, rows, k, kp, group_size, natural, xq, d, offsets ? xsum : NULL, threads);
     const size_t row_bytes = (size_t)tq_row_bytes(bits, k);
     const int tasks = (n + TQ_ROWS_PER_TASK - 1) / TQ_ROWS_PER_TASK;
 #if defined(TQ_AMX)

@@ -39,7 +39,7 @@ def library(march: str = NATIVE) -> ctypes.CDLL | None:
     lib = load(LIBRARY, march)
     if lib is not None and not getattr(lib, "_typed", False):
         p, i = ctypes.c_void_p, ctypes.c_int
-        lib.tq_matmul.argtypes = [p, i, i, i, i, p, p, p, i, i, p, p, i, i, p, i]
+        lib.tq_matmul.argtypes = [p, i, i, i, i, i, p, p, p, i, i, p, p, i, i, p, i]
         lib.tq_matmul.restype = i
         lib.tq_workspace_bytes.argtypes = [i, i, i]
         lib.tq_workspace_bytes.restype = ctypes.c_long
@@ -48,7 +48,7 @@ def library(march: str = NATIVE) -> ctypes.CDLL | None:
         lib.tq_pack.restype = None
         lib.tq_dequantize.argtypes = [i, p, i, p, p, i, i, i, i, p, i, i]
         lib.tq_dequantize.restype = None
-        lib.tq_quantize_activations.argtypes = [p, i, i, i, p, p, i]
+        lib.tq_quantize_activations.argtypes = [p, i, i, i, i, p, p, i]
         lib.tq_quantize_activations.restype = i
         lib.tq_amx_init.argtypes = [i]
         lib.tq_amx_init.restype = i
@@ -86,7 +86,8 @@ def supports(w: AffineWeight) -> bool:
 
 @dataclass
 class NativeQWeight:
-    """A weight in the kernel's layout (see the module doc) and the workspace its calls reuse."""
+    """A weight in the kernel's layout (see the module doc) and the workspace its calls reuse. ``natural``: int8
+    codes as stored (row-major, the caller's tensor itself: no copy; :func:`takes_natural`)."""
 
     bits: int
     codes: torch.Tensor
@@ -96,6 +97,7 @@ class NativeQWeight:
     out_features: int
     in_features: int
     bias: torch.Tensor | None = None
+    natural: bool = False
     _workspaces: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def matmul(self, x: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
@@ -118,7 +120,8 @@ class NativeQWeight:
             self._workspaces[rows] = workspace
         bf16 = x.dtype == torch.bfloat16
         status = lib.tq_matmul(
-            x.data_ptr(), bf16, rows, self.in_features, self.bits, self.codes.data_ptr(), self.scales.data_ptr(),
+            x.data_ptr(), bf16, rows, self.in_features, self.bits, self.natural, self.codes.data_ptr(),
+            self.scales.data_ptr(),
             None if self.offsets is None else self.offsets.data_ptr(), self.group_size, self.codes.shape[0],
             None if self.bias is None else self.bias.data_ptr(), y.data_ptr(), bf16, self.out_features,
             workspace.data_ptr(), torch.get_num_threads())
@@ -139,17 +142,32 @@ def lane_order() -> torch.Tensor:
     return ((p // 4) % 2) * BLOCK + (p // 8) * 4 + p % 4
 
 
-def pack(w: AffineWeight, bias: torch.Tensor | None = None, lib: ctypes.CDLL | None = None) -> NativeQWeight:
+def takes_natural(w: AffineWeight) -> bool:
+    """Whether the kernel multiplies ``w``'s codes as stored (qmatmul.c's natural order): int8, K and the group size
+    multiples of a pair of blocks (64), N of ROWS, the codes contiguous."""
+    return (w.bits == 8 and w.in_features % PAIR == 0 and w.group_size % PAIR == 0 and w.out_features % ROWS == 0
+            and w.codes.is_contiguous())
+
+
+def pack(w: AffineWeight, bias: torch.Tensor | None = None, lib: ctypes.CDLL | None = None, *,
+         natural: bool = False) -> NativeQWeight:
     """``w`` (on the CPU) in the kernel's layout; :func:`supports` must hold. The codes are laid out by the
-    library's tq_pack (``lib``, this CPU's build by default), or by :func:`pack_codes_torch` without one."""
+    library's tq_pack (``lib``, this CPU's build by default), or by :func:`pack_codes_torch` without one. With
+    ``natural`` (:func:`takes_natural` must hold) the codes are ``w.codes`` itself, not a copy; the activations are
+    then quantized with one unit per pair of blocks (qmatmul.c)."""
     if not supports(w):
         raise ValueError(f"the native kernel needs K and the group size to be multiples of {BLOCK}, got K = "
                          f"{w.in_features}, group {w.group_size}")
+    if natural and not takes_natural(w):
+        raise ValueError(f"natural order needs contiguous int8 codes, K and the group size multiples of {PAIR} and N "
+                         f"of {ROWS}; got int{w.bits} [{w.out_features}, {w.in_features}] group {w.group_size}")
     n, k = w.out_features, w.in_features
     pairs = -(-k // PAIR)
     rows = -(-n // ROWS) * ROWS
     lib = lib or library()
-    if lib is None:
+    if natural:
+        codes = w.codes
+    elif lib is None:
         codes = pack_codes_torch(w, rows)
     else:
         codes = torch.empty(rows, pairs * PAIR // (2 if w.bits == 4 else 1), dtype=torch.uint8)
@@ -162,7 +180,7 @@ def pack(w: AffineWeight, bias: torch.Tensor | None = None, lib: ctypes.CDLL | N
         offsets = torch.zeros(rows, w.scales.shape[1], dtype=torch.float16)
         offsets[:n] = w.offsets.half()
     return NativeQWeight(w.bits, codes, scales, offsets, w.group_size, n, k,
-                         None if bias is None else bias.float().contiguous())
+                         None if bias is None else bias.float().contiguous(), natural)
 
 
 def pack_codes_torch(w: AffineWeight, rows: int) -> torch.Tensor:
