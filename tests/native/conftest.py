@@ -24,15 +24,15 @@ def tiny_int4_llama_dir(tmp_path_factory) -> Path:
     return root / "int4"
 
 
-@pytest.fixture(scope="session", params=["symmetric", "asymmetric"])
+@pytest.fixture(scope="session", params=["symmetric", "asymmetric", "group64"])
 def tiny_int8_llama_dir(request, tmp_path_factory) -> Path:
-    """The same tiny Llama quantized to per-channel int8 (`trident quantize --bits 8 [--asymmetric]`)."""
+    """The same tiny Llama quantized to int8 (`trident quantize --bits 8 [--asymmetric | --group-size 64]`)."""
     from hf_tiny import make_hf_model, tiny_llama_config
 
     from trident.cli import main
 
     root = tmp_path_factory.mktemp(f"tiny-llama-int8-{request.param}")
     make_hf_model(tiny_llama_config(vocab_size=256, max_position_embeddings=256), seed=5).save_pretrained(root / "hf")
-    extra = ["--asymmetric"] if request.param == "asymmetric" else []
+    extra = {"symmetric": [], "asymmetric": ["--asymmetric"], "group64": ["--group-size", "64"]}[request.param]
     assert main(["quantize", str(root / "hf"), "--bits", "8", *extra, "--out", str(root / "int8")]) == 0
     return root / "int8"

@@ -49,10 +49,11 @@ def test_int8_kv_cache_runs_in_the_c_layers(tiny_int4_llama_dir) -> None:
     assert_greedy_agree(ours, theirs, tolerance=0.1)
 
 
-def test_per_channel_int8_runs_in_the_c_layers_on_its_stored_codes(tiny_int8_llama_dir, monkeypatch) -> None:
-    """Per-channel int8 (`trident quantize --bits 8`) decodes through the C layers too, multiplying the stored codes
-    in place (qmatmul.c's natural order: every layer's native weight shares its module's codes, no copy), and agrees
-    with the torch-call step on torch's int8 kernel."""
+def test_int8_runs_in_the_c_layers_on_its_stored_codes(tiny_int8_llama_dir, monkeypatch) -> None:
+    """int8 (`trident quantize --bits 8`: per channel, symmetric or not, or in groups of 64) decodes through the C
+    layers, multiplying the stored codes in place (qmatmul.c's natural order: every layer's native weight shares its
+    module's codes, no copy), and agrees with the torch-call step (torch's int8 kernel, or for groups the
+    dequantizing reference)."""
     import torch
 
     from trident.quant.linear import QuantizedLinear

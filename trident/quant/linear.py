@@ -4,8 +4,8 @@
 On CUDA (where Triton imports) the forward runs the weight-only kernels of trident/kernels/quant_matmul.py on
 the codes as stored, in the affine form of :mod:`trident.quant.affine` (the stored float32 scales, and float32
 offsets derived once from the format: a non-persistent buffer ``offsets``). With few rows on the CPU, trident's
-native integer kernel (:meth:`QuantizedLinear.native_weight`: int4 and group-wise int8 re-packed on first use,
-per-channel int8 on its stored codes), else with bfloat16 activations torch's packed kernels
+native integer kernel (:meth:`QuantizedLinear.native_weight`: int4 and int8 in groups of 32 re-packed on first
+use, other int8 on its stored codes), else with bfloat16 activations torch's packed kernels
 (:mod:`trident.quant.cpu_kernels`; the group-wise ones from a re-packed copy built on first use). Elsewhere the
 reference path dequantizes the whole weight to x's dtype, then calls the same :func:`trident.models.layers.linear`
 an unquantized layer calls: it saves memory, not time. Every fast path is tested against the reference.
@@ -121,9 +121,10 @@ class QuantizedLinear(nn.Module):
         """The weight packed for trident's own integer dot-product CPU kernel (trident/native/qmatmul.c, bias
         included), built on first use and kept (not saved: derived), when it takes this product: the kernel is
         built for this CPU, x is float32 or bfloat16 with at most its MAX_ROWS rows, the group size a multiple of
-        32. Per-channel int8 goes there only where the kernel reads the codes as stored (``takes_natural``: no
-        second copy; elsewhere torch's int8 kernel reads them as stored); int4 and grouped int8 are re-packed (for
-        either kernel). None otherwise (the torch kernels or the reference then run)."""
+        32. int8 codes are read as stored where the kernel takes them so (``takes_natural``: K and the group size
+        multiples of 64, N of 4; no second copy); per-channel int8 goes there only then (elsewhere torch's int8
+        kernel reads its codes as stored); int4 and other grouped int8 are re-packed (for either kernel). None
+        otherwise (the torch kernels or the reference then run)."""
         if dtype not in native_qmatmul.X_DTYPES or not 1 <= rows <= native_qmatmul.MAX_ROWS:
             return None
         if not native_qmatmul.available():
@@ -131,10 +132,11 @@ class QuantizedLinear(nn.Module):
         packed = self.__dict__.get("_native_cpu")
         if packed is None:
             w = affine_from_rtn(self.quantized, self.config)  # not affine_weight(): no offsets buffer kept
+            natural = native_qmatmul.takes_natural(w)
             per_channel_int8 = self.config.bits == 8 and self.scales.shape[1] == 1
-            if not native_qmatmul.supports(w) or (per_channel_int8 and not native_qmatmul.takes_natural(w)):
+            if not native_qmatmul.supports(w) or (per_channel_int8 and not natural):
                 return None
-            packed = native_qmatmul.pack(w, self.bias, natural=per_channel_int8)
+            packed = native_qmatmul.pack(w, self.bias, natural=natural)
             self.__dict__["_native_cpu"] = packed
         return packed
 
