@@ -125,7 +125,7 @@ static void quantize_rows(const void *x, int x_bf16, int rows, int k, int kp, in
     const int blocks = k / TQ_BLOCK, padded = kp / TQ_BLOCK, groups = k / group_size, per_group = group_size / TQ_BLOCK;
 #pragma omp parallel for schedule(static) if (rows >= 4) num_threads(threads > 0 ? threads : omp_default_threads())
     for (int m = 0; m < rows; m++) {
-        float buf[TQ_BLOCK];
+        float buf[2][TQ_BLOCK];
         int8_t q1[TQ_BLOCK], q2[TQ_BLOCK];
 #if defined(TQ_ZMM)
         { /* whole pairs on 16 lanes: the pair's two blocks interleaved dword by dword (lane order) */
@@ -134,7 +134,8 @@ static void quantize_rows(const void *x, int x_bf16, int rows, int k, int kp, in
             const __m512i interleave = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
             for (int p = 0; p < padded / 2; p++) {
                 __m256i a1[2], a2[2];
-                __m512 v[2][2] = {{_mm512_setzero_ps(), _mm512_setzero_ps()}, {_mm512_setzero_ps(), _mm512_setzero_ps()}};
+                const __m512 zero = _mm512_setzero_ps();
+                __m512 v[2][2] = {{zero, zero}, {zero, zero}};
                 float amax[2] = {0.0f, 0.0f};
                 for (int h = 0; h < 2 && 2 * p + h < blocks; h++) {
                     load_block(x, x_bf16, (size_t)m * k + (size_t)(2 * p + h) * TQ_BLOCK, &v[h][0], &v[h][1]);
@@ -170,49 +171,47 @@ static void quantize_rows(const void *x, int x_bf16, int rows, int k, int kp, in
 #endif
         int8_t *xm = xq + (size_t)m * 2 * kp;
         float *dm = d + (size_t)m * padded;
-        float pair_amax = 0.0f;
-        for (int b = 0; b < padded; b++) {
-            int8_t *pair = xm + (size_t)(b / 2) * TQ_PAIR;
-            if (b >= blocks) { /* the odd block of a padded pair */
-                dm[b] = 0.0f;
-                for (int i = 0; i < TQ_BLOCK; i++) pair[lane_position(b % 2, i)] = pair[kp + lane_position(b % 2, i)] = 0;
-                continue;
-            }
-            const size_t base = (size_t)m * k + (size_t)b * TQ_BLOCK;
-            if (x_bf16)
-                for (int j = 0; j < TQ_BLOCK; j++) buf[j] = bf16_to_float(((const uint16_t *)x)[base + j]);
-            else
-                memcpy(buf, (const float *)x + base, sizeof buf);
-            float amax = 0.0f, sum = 0.0f;
-            for (int j = 0; j < TQ_BLOCK; j++) {
-                sum += buf[j];
-                amax = fmaxf(amax, fabsf(buf[j]));
-            }
-            if (natural && b % 2 == 0) { /* the pair's largest |x| (k is a multiple of 64: both blocks exist) */
-                pair_amax = amax;
+        for (int p = 0; p < padded / 2; p++) { /* as the vector path: a pair's blocks read, then quantized */
+            int8_t *pair = xm + (size_t)p * TQ_PAIR;
+            float amax[2] = {0.0f, 0.0f}, sum[2] = {0.0f, 0.0f};
+            for (int h = 0; h < 2 && 2 * p + h < blocks; h++) {
+                const size_t base = (size_t)m * k + (size_t)(2 * p + h) * TQ_BLOCK;
+                if (x_bf16)
+                    for (int j = 0; j < TQ_BLOCK; j++) buf[h][j] = bf16_to_float(((const uint16_t *)x)[base + j]);
+                else
+                    memcpy(buf[h], (const float *)x + base, sizeof buf[h]);
                 for (int j = 0; j < TQ_BLOCK; j++) {
-                    const size_t e = base + TQ_BLOCK + j;
-                    pair_amax = fmaxf(pair_amax, fabsf(x_bf16 ? bf16_to_float(((const uint16_t *)x)[e]) : ((const float *)x)[e]));
+                    sum[h] += buf[h][j];
+                    amax[h] = fmaxf(amax[h], fabsf(buf[h][j]));
                 }
             }
-            if (natural) amax = pair_amax;
-            const float step = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f, inv2 = inv * 256.0f;
-            dm[b] = step / 256.0f;
-            for (int j = 0; j < TQ_BLOCK; j++) {
-                const float c1 = nearbyintf(buf[j] * inv);
-                const float c2 = nearbyintf(fmaf(-c1, step, buf[j]) * inv2);
-                q1[j] = (int8_t)c1;
-                q2[j] = (int8_t)(c2 > 127.0f ? 127.0f : c2 < -127.0f ? -127.0f : c2);
-            }
-            for (int c = 0; c < TQ_BLOCK / 4; c++) {
-                const int at = natural ? (b % 2) * TQ_BLOCK + 4 * c : lane_position(b % 2, 4 * c);
-                memcpy(pair + at, q1 + 4 * c, 4);
-                memcpy(pair + kp + at, q2 + 4 * c, 4);
-            }
-            if (xsum) {
-                float *s = &xsum[(size_t)m * groups + b / per_group];
-                if (b % per_group == 0) *s = 0.0f;
-                *s += sum;
+            if (natural) amax[0] = amax[1] = fmaxf(amax[0], amax[1]);
+            for (int h = 0; h < 2; h++) {
+                const int b = 2 * p + h;
+                if (b >= blocks) { /* the odd block of a padded pair */
+                    dm[b] = 0.0f;
+                    for (int i = 0; i < TQ_BLOCK; i++) pair[lane_position(h, i)] = pair[kp + lane_position(h, i)] = 0;
+                    continue;
+                }
+                const float step = amax[h] / 127.0f, inv = amax[h] > 0.0f ? 127.0f / amax[h] : 0.0f,
+                            inv2 = inv * 256.0f;
+                dm[b] = step / 256.0f;
+                for (int j = 0; j < TQ_BLOCK; j++) {
+                    const float c1 = nearbyintf(buf[h][j] * inv);
+                    const float c2 = nearbyintf(fmaf(-c1, step, buf[h][j]) * inv2);
+                    q1[j] = (int8_t)c1;
+                    q2[j] = (int8_t)(c2 > 127.0f ? 127.0f : c2 < -127.0f ? -127.0f : c2);
+                }
+                for (int c = 0; c < TQ_BLOCK / 4; c++) {
+                    const int at = natural ? h * TQ_BLOCK + 4 * c : lane_position(h, 4 * c);
+                    memcpy(pair + at, q1 + 4 * c, 4);
+                    memcpy(pair + kp + at, q2 + 4 * c, 4);
+                }
+                if (xsum) {
+                    float *g = &xsum[(size_t)m * groups + b / per_group];
+                    if (b % per_group == 0) *g = 0.0f;
+                    *g += sum[h];
+                }
             }
         }
     }
@@ -571,9 +570,10 @@ long tq_workspace_bytes(int rows, int k, int group_size) {
 }
 
 /* y [rows, n] = x [rows, k] W^T (+ bias [n], float32), W [n, k] as described at the top (natural: int8 codes as
- * stored, k a multiple of 64, group_size of 64), n a multiple of TQ_ROWS (the packer pads). workspace: tq_workspace_bytes(rows, k, group_size) bytes. threads: OpenMP threads (the caller's
- * torch.get_num_threads(): a thread other than the one that set it, such as a server's engine loop, would otherwise
- * use OpenMP's default). Returns 0, or -1 for shapes it does not take. */
+ * stored, k a multiple of 64, group_size of 64), n a multiple of TQ_ROWS (the packer pads). workspace:
+ * tq_workspace_bytes(rows, k, group_size) bytes. threads: OpenMP threads (the caller's torch.get_num_threads(): a
+ * thread other than the one that set it, such as a server's engine loop, would otherwise use OpenMP's default).
+ * Returns 0, or -1 for shapes it does not take. */
 int tq_matmul(const void *x, int x_bf16, int rows, int k, int bits, int natural, const uint8_t *codes,
               const uint16_t *scales, const uint16_t *offsets, int group_size, int n, const float *bias, void *y,
               int y_bf16, int n_out, void *workspace, int threads) {
