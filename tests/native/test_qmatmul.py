@@ -255,3 +255,27 @@ def test_dequantize_equals_torch_bit_for_bit(lib, monkeypatch, fmt, dtype) -> No
     real = nq.dequantize_stored
     monkeypatch.setattr(nq, "dequantize_stored", lambda *a: calls.append(1) or real(*a))
     assert torch.equal(dequantize(q, config, dtype), expected) and calls == [1]  # rtn.dequantize takes it by default
+
+
+def test_per_channel_int8_of_other_shapes_keeps_torchs_kernel_and_is_decided_once(monkeypatch) -> None:
+    """A per-channel int8 layer the natural order does not take (N not a multiple of 4) gets no native weight (its
+    codes would need a copy): the layer runs torch's int8 kernel, equal to the reference, and the decision is made
+    once, not at every forward."""
+    from trident.models.layers import Linear
+    from trident.quant import linear as linear_module
+    from trident.quant.linear import QuantizedLinear
+    from trident.quant.rtn import QuantConfig
+
+    layer = Linear(128, 6)
+    layer.weight.copy_(torch.randn(6, 128, generator=torch.Generator().manual_seed(2)) * 0.05)
+    q = QuantizedLinear.from_linear(layer, QuantConfig(bits=8))
+    calls = []
+    real = linear_module.affine_from_rtn
+    monkeypatch.setattr(linear_module, "affine_from_rtn", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(2, 128).bfloat16()
+    for _ in range(3):
+        assert q.native_weight(x.dtype, 2) is None
+        y = q(x)
+    assert len(calls) == 1
+    reference = (x.float() @ q.dequantized_weight(torch.float32).T)
+    torch.testing.assert_close(y.float(), reference, rtol=2e-2, atol=2e-2)

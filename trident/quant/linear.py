@@ -130,11 +130,12 @@ class QuantizedLinear(nn.Module):
         if not native_qmatmul.available():
             return None
         packed = self.__dict__.get("_native_cpu")
-        if packed is None:
+        if packed is None and not self.__dict__.get("_native_cpu_refused"):
             w = affine_from_rtn(self.quantized, self.config)  # not affine_weight(): no offsets buffer kept
             natural = native_qmatmul.takes_natural(w)
             per_channel_int8 = self.config.bits == 8 and self.scales.shape[1] == 1
             if not native_qmatmul.supports(w) or (per_channel_int8 and not natural):
+                self.__dict__["_native_cpu_refused"] = True  # decided by the weight: not asked again per forward
                 return None
             packed = native_qmatmul.pack(w, self.bias, natural=natural)
             self.__dict__["_native_cpu"] = packed
