@@ -86,13 +86,17 @@ def takes(x: torch.Tensor, w: AffineWeight, bias: torch.Tensor | None) -> bool:
     return library() is not None
 
 
-def gemv(x: torch.Tensor, w: AffineWeight, bias: torch.Tensor | None = None, *,
-         blocks_per_sm: int = BLOCKS_PER_SM) -> torch.Tensor:
+def _grid(lib: ctypes.CDLL, items: int, device: torch.device) -> int:
+    """The kernel's grid for ``items`` warp work items (row groups, or gate / up row pairs)."""
+    return grid_size(items, lib.tq_gemv_threads() // 32, device, BLOCKS_PER_SM)
+
+
+def gemv(x: torch.Tensor, w: AffineWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [1, K] -> x W^T (+ b) [1, N] in x's dtype (see the module docstring); the caller checked :func:`takes`."""
     lib = library()
     n, k = w.out_features, w.in_features
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    grid = grid_size(-(-n // lib.tq_gemv_rows_per_warp()), lib.tq_gemv_threads() // 32, x.device, blocks_per_sm)
+    grid = _grid(lib, -(-n // lib.tq_gemv_rows_per_warp()), x.device)
     from trident.kernels.pdl import pdl_launch
 
     err = lib.tq_gemv(DTYPES[x.dtype], w.bits, x.data_ptr(), w.codes.data_ptr(), w.scales.data_ptr(),
@@ -133,8 +137,7 @@ def gemv_normed(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: tor
         n //= 2
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     new_residual = x if residual is None else torch.empty_like(x)
-    items = n if activation is not None else -(-n // lib.tq_gemv_rows_per_warp())
-    grid = grid_size(items, lib.tq_gemv_threads() // 32, x.device, BLOCKS_PER_SM)
+    grid = _grid(lib, n if activation is not None else -(-n // lib.tq_gemv_rows_per_warp()), x.device)
     from trident.kernels.pdl import pdl_launch
 
     err = lib.tq_gemv_normed(DTYPES[x.dtype], w.bits, x.data_ptr(), None if residual is None else residual.data_ptr(),
