@@ -20,6 +20,8 @@ from trident.quant.affine import AffineWeight, affine_dequantize, affine_linear
 RTOL = {torch.bfloat16: 2**-7, torch.float16: 2**-10}
 """Twice the output's rounding (half an ulp) of |y|, plus the same of the products' root-sum-square for outputs that
 cancel to near zero: float32 accumulation of the per-block sums stays ~100x below it."""
+ULP = {torch.bfloat16: 2**-8, torch.float16: 2**-11}
+"""One ulp of a 16-bit value, relative (the normed tests' allowance for the norm's last bit)."""
 ROUNDING = {2: 1 / (2 * 127 * 127), 1: 1 / 254}
 """|x - x_hat| per element, as a fraction of its block's largest |x|, by stages: stage one leaves at most
 s1 / 2 = max / 254, stage two rounds that remainder to s2 / 2 <= (max / 254) / 254 (plus float32 rounding, a few
@@ -39,6 +41,27 @@ def kernel_product(x: torch.Tensor, w: AffineWeight, b: torch.Tensor) -> tuple[t
     x_hat = gemv_cuda.quantize_activations_reference(x, gemv_cuda.ACTIVATION_STAGES[w.bits]).double()
     product = x_hat @ codes.T + x.double() @ (wd - codes).T + b
     return product, ((x_hat * x_hat) @ (wd * wd).T + b**2).sqrt()
+
+
+def normed_inputs(n: int, k: int, bits: int, group_size: int | None, offsets: bool, residual: bool,
+                  dtype: torch.dtype) -> tuple:
+    """(weight on the GPU, x, residual or None, norm weight, bias): a decoder layer's norm and product on the CPU."""
+    g = torch.Generator().manual_seed(n + k + bits)
+    w = cuda_weight(random_weight(bits, n, k, group_size, offsets, g))
+    x = (torch.randn(1, k, generator=g) * 3).to(dtype)
+    r = (torch.randn(1, k, generator=g) * 10).to(dtype) if residual else None
+    norm_weight = (1 + torch.randn(k, generator=g) * 0.2).to(dtype)
+    return w, x, r, norm_weight, torch.randn(n, generator=g).to(dtype)
+
+
+def normed_allowance(h: torch.Tensor, w: AffineWeight, b: torch.Tensor, dtype: torch.dtype
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kernel_product of the norm reference's row h, what the kernel may differ from it by): the output's rounding
+    as in _check, plus one ulp of h per element (the kernel sums the squares in another order, so its scale may
+    differ in the last float32 bits and round a few elements the other way)."""
+    product, rss = kernel_product(h, w, b.double())
+    wd = affine_dequantize(w, torch.float64).cpu()
+    return product, RTOL[dtype] * (product.abs() + rss) + 2 * ULP[dtype] * (h.double().abs() @ wd.abs().T) + 2**-24
 
 
 def cuda_weight(w: AffineWeight) -> AffineWeight:
@@ -170,8 +193,6 @@ def test_engine_decode_agrees_with_the_triton_kernel(tiny_int4_llama_dir, monkey
         monkeypatch)
 
 
-ULP = {torch.bfloat16: 2**-8, torch.float16: 2**-11}
-
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -182,16 +203,11 @@ def test_normed_product_equals_the_norm_then_the_product(bits: int, group_size: 
     """gemv_normed = fused_add_rms_norm_reference (Llama's form) then the product: the new residual stream bit for
     bit, the product within the kernel's activation rounding of float64 math on the reference's normalised row,
     plus one ulp of that row per element (the kernel sums the squares in another order, so its scale may differ in
-    the last float32 bits and round a few elements the other way). K up to the block's limit."""
+    the last float32 bits and round a few elements the other way: normed_allowance). K up to the block's limit."""
     from trident.kernels.rms_norm import fused_add_rms_norm_reference, rms_norm_reference
 
     for n, k in ((515, 2048), (37, 4096), (300, 8192), (64, 16384)):
-        g = torch.Generator().manual_seed(n + k + bits)
-        w = cuda_weight(random_weight(bits, n, k, group_size, offsets, g))
-        x = (torch.randn(1, k, generator=g) * 3).to(dtype)
-        r = (torch.randn(1, k, generator=g) * 10).to(dtype) if residual else None
-        norm_weight = (1 + torch.randn(k, generator=g) * 0.2).to(dtype)
-        b = torch.randn(n, generator=g).to(dtype)
+        w, x, r, norm_weight, b = normed_inputs(n, k, bits, group_size, offsets, residual, dtype)
         args = (x.cuda(), None if r is None else r.cuda(), norm_weight.cuda())
         assert gemv_cuda.takes_normed(*args, w, b.cuda())
         y, stream = gemv_cuda.gemv_normed(*args, 1e-5, w, b.cuda())
@@ -200,9 +216,7 @@ def test_normed_product_equals_the_norm_then_the_product(bits: int, group_size: 
         else:
             h, expected_stream = rms_norm_reference(x, norm_weight, 1e-5, False), x
         assert torch.equal(stream.cpu(), expected_stream)
-        wd = affine_dequantize(w, torch.float64).cpu()
-        emulated, rss = kernel_product(h, w, b.double())
-        allowance = RTOL[dtype] * (emulated.abs() + rss) + 2 * ULP[dtype] * (h.double().abs() @ wd.abs().T) + 2**-24
+        emulated, allowance = normed_allowance(h, w, b, dtype)
         excess = ((y.cpu().double() - emulated).abs() / allowance).max().item()
         assert excess <= 1, f"N={n} K={k} int{bits} residual={residual} {dtype}: {excess:.2f}x the allowance"
     too_long = torch.zeros(1, gemv_cuda.library().tq_gemv_norm_max_k() + 32, dtype=dtype, device="cuda")
@@ -223,23 +237,15 @@ def test_gated_product_equals_the_norm_the_product_and_the_activation(bits: int,
     the up's own allowances (as in the test above) can move act(gate) * up (|act'| <= 1.13 for these three)."""
     from trident.kernels.rms_norm import fused_add_rms_norm_reference
 
-    act64 = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
-             "gelu_pytorch_tanh": lambda v: torch.nn.functional.gelu(v, approximate="tanh")}[activation]
+    act64 = gemv_cuda.REFERENCE_ACTIVATIONS[activation]
     for inter, k in ((259, 2048), (1024, 4096)):
-        g = torch.Generator().manual_seed(inter + k + bits)
-        w = cuda_weight(random_weight(bits, 2 * inter, k, group_size, offsets, g))
-        x = (torch.randn(1, k, generator=g) * 3).to(dtype)
-        r = (torch.randn(1, k, generator=g) * 10).to(dtype)
-        norm_weight = (1 + torch.randn(k, generator=g) * 0.2).to(dtype)
-        b = torch.randn(2 * inter, generator=g).to(dtype)
+        w, x, r, norm_weight, b = normed_inputs(2 * inter, k, bits, group_size, offsets, True, dtype)
         args = (x.cuda(), r.cuda(), norm_weight.cuda())
         assert gemv_cuda.takes_normed(*args, w, b.cuda(), activation)
         y, stream = gemv_cuda.gemv_normed(*args, 1e-5, w, b.cuda(), activation)
         h, expected_stream = fused_add_rms_norm_reference(x, r, norm_weight, 1e-5, False)
         assert y.shape == (1, inter) and torch.equal(stream.cpu(), expected_stream)
-        wd = affine_dequantize(w, torch.float64).cpu()
-        sums, rss = kernel_product(h, w, b.double())
-        own = RTOL[dtype] * (sums.abs() + rss) + 2 * ULP[dtype] * (h.double().abs() @ wd.abs().T) + 2**-24
+        sums, own = normed_allowance(h, w, b, dtype)
         gate, up = sums.chunk(2, dim=-1)
         gate_allowance, up_allowance = own.chunk(2, dim=-1)
         emulated = act64(gate) * up

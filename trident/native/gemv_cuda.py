@@ -31,6 +31,12 @@ ACTIVATION_STAGES = {8: 2, 4: 1}
 library when it loads)."""
 ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu": 2}
 """The gated MLP activations the CUDA kernels compute (dp4a_common.cuh's ACT_*), by Hugging Face ``hidden_act``."""
+REFERENCE_ACTIVATIONS = {
+    "silu": torch.nn.functional.silu,
+    "gelu_pytorch_tanh": lambda v: torch.nn.functional.gelu(v, approximate="tanh"),
+    "gelu": torch.nn.functional.gelu,
+}
+"""The same activations in torch (any dtype: the kernels' references compute them in float64)."""
 
 
 def library() -> ctypes.CDLL | None:

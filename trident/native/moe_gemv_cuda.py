@@ -16,7 +16,14 @@ import ctypes
 import torch
 
 from trident.native.cuda_build import cuda_unavailable_reason, load_cuda
-from trident.native.gemv_cuda import ACTIVATIONS, BLOCK, DTYPES, grid_size, quantize_activations_reference
+from trident.native.gemv_cuda import (
+    ACTIVATIONS,
+    BLOCK,
+    DTYPES,
+    REFERENCE_ACTIVATIONS,
+    grid_size,
+    quantize_activations_reference,
+)
 
 LIBRARY = "tqmoe"
 BLOCKS_PER_SM = 2
@@ -114,13 +121,6 @@ def experts(hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tenso
     return down_weighted_sum(act, weights, expert_ids, down, down_scales)
 
 
-_FLOAT64_ACTIVATIONS = {
-    "silu": torch.nn.functional.silu,
-    "gelu_pytorch_tanh": lambda v: torch.nn.functional.gelu(v, approximate="tanh"),
-    "gelu": torch.nn.functional.gelu,
-}
-
-
 def gate_up_reference(hidden: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor,
                       gate_up_scales: torch.Tensor, activation: str) -> torch.Tensor:
     """float64 act [k, I] as the first kernel computes it before its one rounding: the two-stage x times each chosen
@@ -130,7 +130,7 @@ def gate_up_reference(hidden: torch.Tensor, expert_ids: torch.Tensor, gate_up: t
     w = gate_up[ids].cpu().double() * gate_up_scales[ids].cpu().double()[..., None]  # [k, 2I, H]
     gu = w @ x_hat
     gate, up = gu.chunk(2, dim=-1)
-    return _FLOAT64_ACTIVATIONS[activation](gate) * up
+    return REFERENCE_ACTIVATIONS[activation](gate) * up
 
 
 def down_reference(act: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, down: torch.Tensor,
