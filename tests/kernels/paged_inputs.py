@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from kernel_checks import random_block_tables
 
+from trident.quant.kv import kv_cache_format, quantize_kv
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -57,3 +59,15 @@ def strided_queries(shape: Shape, num_rows: int, device: torch.device, g: torch.
     """[num_rows, num_heads, D] as a view of a wider (fused-projection-like) tensor."""
     wide = torch.randn(num_rows, shape.num_heads + 2 * shape.num_kv_heads, shape.head_dim, generator=g)
     return wide.to(shape.dtype).to(device)[:, : shape.num_heads]
+
+
+def quantized_context(ctx: PagedContext, name: str) -> tuple[PagedContext, torch.Tensor, torch.Tensor]:
+    """The context's cache as ``name`` (int8 / fp8) codes and scales; slots outside every context get NaN scales."""
+    fmt = kv_cache_format(name, torch.float32)
+    out = []
+    for cache in (ctx.k_cache, ctx.v_cache):
+        unused = cache.isnan().any(dim=-1)
+        codes, scale = quantize_kv(torch.nan_to_num(cache.float()), fmt)
+        out.append((codes, scale.masked_fill(unused, float("nan"))))
+    (k, ks), (v, vs) = out
+    return PagedContext(k, v, ctx.block_tables, ctx.context_lens), ks, vs

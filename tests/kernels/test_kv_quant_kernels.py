@@ -8,14 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_checks import assert_close, assert_codes_close
-from paged_inputs import PagedContext, Shape, paged_context, strided_queries
+from paged_inputs import Shape, paged_context, quantized_context, strided_queries
 
 from trident.attention.base import AttentionMetadata, LayerKVCache
 from trident.attention.torch_ref import TorchAttention
 from trident.kernels.kv_cache_write import write_kv, write_kv_reference
 from trident.kernels.paged_decode import paged_decode, paged_decode_reference
 from trident.kernels.paged_prefill import paged_prefill, paged_prefill_reference
-from trident.quant.kv import dequantize_kv, kv_cache_format, quantize_kv
+from trident.quant.kv import dequantize_kv
 
 pytestmark = pytest.mark.gpu
 bf16, fp32 = torch.bfloat16, torch.float32
@@ -63,18 +63,6 @@ def test_quantized_write_matches_reference(kernel_device, name, in_dtype, block_
                            want.view(torch.uint8 if want.dtype != fp32 else fp32))
 
 
-def _quantized(ctx: PagedContext, name: str) -> tuple[PagedContext, torch.Tensor, torch.Tensor]:
-    """The context's cache as codes and scales; slots outside every context get NaN scales."""
-    fmt = kv_cache_format(name, fp32)
-    out = []
-    for cache in (ctx.k_cache, ctx.v_cache):
-        unused = cache.isnan().any(dim=-1)
-        codes, scale = quantize_kv(torch.nan_to_num(cache.float()), fmt)
-        out.append((codes, scale.masked_fill(unused, float("nan"))))
-    (k, ks), (v, vs) = out
-    return PagedContext(k, v, ctx.block_tables, ctx.context_lens), ks, vs
-
-
 CASES = [
     ("int8", Shape(bf16, 16, 4, 64, 16), 1),
     ("fp8", Shape(bf16, 8, 2, 64, 16, window=20, softcap=5.0), 3),
@@ -88,8 +76,8 @@ def test_quantized_decode_matches_reference(kernel_device, index: int) -> None:
     name, shape, splits = CASES[index]
     g = torch.Generator().manual_seed(200 + index)
     bs = shape.block_size
-    ctx, k_scale, v_scale = _quantized(paged_context(shape, [1, bs - 1, bs + 1, 2 * bs + 3, 70], kernel_device, g),
-                                       name)
+    lengths = [1, bs - 1, bs + 1, 2 * bs + 3, 70]
+    ctx, k_scale, v_scale = quantized_context(paged_context(shape, lengths, kernel_device, g), name)
     batch = ctx.block_tables.shape[0]
     query = strided_queries(shape, batch + 2, kernel_device, g)
     rows = torch.randperm(batch + 2, generator=g)[:batch].to(kernel_device)
@@ -109,7 +97,7 @@ def test_quantized_prefill_matches_reference(kernel_device, index: int) -> None:
     g = torch.Generator().manual_seed(300 + index)
     bs = shape.block_size
     chunks = [(0, bs + 1), (bs - 1, bs + 2), (37, 20), (2 * bs, 1)]  # prefix hits, chunks crossing blocks
-    ctx, k_scale, v_scale = _quantized(paged_context(shape, [p + n for p, n in chunks], kernel_device, g), name)
+    ctx, k_scale, v_scale = quantized_context(paged_context(shape, [p + n for p, n in chunks], kernel_device, g), name)
     starts, row = [], 0
     for _, n in chunks:
         starts.append(row)

@@ -1,6 +1,8 @@
 """Paged attention on the GPU through Triton kernels (trident/kernels/): one launch writes the step's new
 keys/values into the cache, one attends every prefill chunk (prefix-cached context included), one (plus a
-reduce when the context is split) attends every decoding sequence.
+reduce when the context is split) attends every decoding sequence; over an 8-bit (int8 / fp8) cache the decode runs
+the CUDA kernel of trident/native/paged_decode_cuda.cu where it is built (codes converted in registers straight into
+the tensor cores' operands, where Triton's path takes them through shared memory).
 
 Cache layout (this backend's choice): ``[num_blocks, num_kv_heads, block_size, head_dim]``, block-major.
 Each (block, kv head) is one contiguous ``block_size * head_dim`` run, so a kernel's K/V tile is read as
@@ -23,6 +25,8 @@ from trident.attention.base import AttentionMetadata, LayerKVCache
 from trident.kernels.kv_cache_write import write_kv
 from trident.kernels.paged_decode import choose_num_splits, paged_decode
 from trident.kernels.paged_prefill import paged_prefill
+from trident.native.paged_decode_cuda import paged_decode_cuda
+from trident.native.paged_decode_cuda import takes as paged_decode_cuda_takes
 
 DEFAULT_NUM_SMS = 132
 """Multiprocessors assumed off CUDA (Triton's interpreter in tests): an H100/H200's count."""
@@ -66,8 +70,10 @@ class TritonPagedAttention:
             batch_size, width = decode.block_tables.shape
             num_splits = choose_num_splits(batch_size, k_cache.shape[1], width * k_cache.shape[2],
                                            self.num_sms(query.device))
-            paged_decode(query, k_cache, v_cache, decode.block_tables, decode.context_lens, decode.token_indices,
-                         out, num_splits=num_splits, k_scale=cache.key_scale, v_scale=cache.value_scale, **options)
+            args = (query, k_cache, v_cache, decode.block_tables, decode.context_lens, decode.token_indices)
+            kernel = paged_decode_cuda if paged_decode_cuda_takes(*args[:3], cache.key_scale, cache.value_scale,
+                                                                   *args[3:]) else paged_decode
+            kernel(*args, out, num_splits=num_splits, k_scale=cache.key_scale, v_scale=cache.value_scale, **options)
         return out
 
     def num_sms(self, device: torch.device) -> int:

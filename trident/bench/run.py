@@ -153,7 +153,8 @@ def run_bench(args: argparse.Namespace) -> int:
     ours_runs, theirs_runs = [], []
     for i in range(args.repeat):
         console.log(f"repetition {i + 1}/{args.repeat}: trident {args.kind}")
-        ours_runs.append({**ours_fn(engine, workload), "method": f"paged KV ({engine.attention_backend} attention)"})
+        method = f"paged {engine.kv_format.name} KV ({engine.attention_backend} attention)"
+        ours_runs.append({**ours_fn(engine, workload), "method": method})
         if model is not None and peer_error is None:
             console.log(f"repetition {i + 1}/{args.repeat}: {peer_name} {args.kind}")
             try:

@@ -93,8 +93,7 @@ def paged_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(f"paged_decode: num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     split = num_splits > 1
     if split:
-        partial_out = torch.empty((batch, num_heads, num_splits, dim_pad), dtype=torch.float32, device=out.device)
-        partial_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=out.device)
+        partial_out, partial_lse = split_buffers(batch, num_heads, num_splits, head_dim, out.device)
     else:
         partial_out = partial_lse = out  # unused
     pdl = pdl_launch(query.device)
@@ -109,10 +108,28 @@ def paged_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         DOT_PRECISION=dot_precision(dtype), num_warps=num_warps, num_stages=num_stages, USE_PDL=pdl, launch_pdl=pdl,
     )
     if split:
-        _reduce_kernel[(batch, num_heads)](
-            partial_out, partial_lse, token_indices, out, out.stride(0), out.stride(1), head_dim, num_heads,
-            num_splits, SPLITS_PAD=SPLITS_PAD, DIM_PAD=dim_pad, USE_PDL=pdl, launch_pdl=pdl
-        )
+        reduce_splits(partial_out, partial_lse, token_indices, out)
+
+
+def split_buffers(batch: int, num_heads: int, num_splits: int, head_dim: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partial outputs [batch, num_heads, num_splits, DIM_PAD] float32, their log2-domain log-sum-exps [batch,
+    num_heads, num_splits]) for a split decode: what :func:`reduce_splits` combines."""
+    dim_pad = max(16, triton.next_power_of_2(head_dim))
+    return (torch.empty((batch, num_heads, num_splits, dim_pad), dtype=torch.float32, device=device),
+            torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=device))
+
+
+def reduce_splits(partial_out: torch.Tensor, partial_lse: torch.Tensor, token_indices: torch.Tensor,
+                  out: torch.Tensor) -> None:
+    """Combine a split decode's partial outputs (:func:`split_buffers`, an empty split's log-sum-exp -inf) into the
+    rows ``token_indices`` of out [T, H, D]: weights 2^(lse_s - max lse)."""
+    batch, num_heads, num_splits, dim_pad = partial_out.shape
+    pdl = pdl_launch(out.device)
+    _reduce_kernel[(batch, num_heads)](
+        partial_out, partial_lse, token_indices, out, out.stride(0), out.stride(1), out.shape[2], num_heads,
+        num_splits, SPLITS_PAD=SPLITS_PAD, DIM_PAD=dim_pad, USE_PDL=pdl, launch_pdl=pdl
+    )
 
 
 def paged_decode_reference(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
