@@ -16,14 +16,17 @@ from trident.bench.workloads import nano_workload
 from trident.engine.engine import LLMEngine
 from trident.engine.llm import engine_config
 from trident.engine.sizing import kv_bytes_per_block
+from trident.quant.kv import kv_cache_format
 
 shape = resolve_shape("qwen3-0.6b")
 ck = random_checkpoint(shape, device="cuda", dtype=torch.bfloat16)
 wl = nano_workload(256, None, None, ck.config.vocab_size)
 blocks = sum(-(-(p + o) // 16) for p, o in zip(wl.prompt_lens, wl.output_lens)) + 4
+kv = sys.argv[sys.argv.index("--kv") + 1] if "--kv" in sys.argv else "auto"
 eng = LLMEngine(engine_config("", device="cuda", dtype="bfloat16", max_num_seqs=256, max_num_batched_tokens=16384,
-                              memory_budget_bytes=blocks * kv_bytes_per_block(ck.config, 16, torch.bfloat16),
-                              async_scheduling="--sync" not in sys.argv), ck)
+                              memory_budget_bytes=blocks * kv_bytes_per_block(ck.config, 16,
+                                                                             kv_cache_format(kv, torch.bfloat16)),
+                              async_scheduling="--sync" not in sys.argv, kv_cache_dtype=kv), ck)
 warm_up(eng, 256)
 torch.cuda.synchronize()
 
