@@ -28,14 +28,20 @@ DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 CODES = {torch.int8: 0, torch.float8_e4m3fn: 1}
 
 
-def library() -> ctypes.CDLL | None:
-    lib = load_cuda(LIBRARY)
-    if lib is not None and not getattr(lib, "_typed", False):
+def typed(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """``lib`` (this library, or a variant of it built by scripts/decode8_variants.py) with its entry points'
+    argument types set."""
+    if not getattr(lib, "_typed", False):
         p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
         lib.tq_decode8.argtypes = [i, i, i, i, p, p, p, p, p, p, p, p, p, p, p, p, f, f, i, i, i, i, i, i, i, p]
         lib.tq_decode8.restype = i
         lib._typed = True
     return lib
+
+
+def library() -> ctypes.CDLL | None:
+    lib = load_cuda(LIBRARY)
+    return None if lib is None else typed(lib)
 
 
 def why_unavailable() -> str | None:
