@@ -16,7 +16,7 @@ import torch
 
 from trident.kernels.bench_gemv import ROTATION_BYTES, graph_us
 from trident.kernels.bench_quant_matmul import random_weight
-from trident.native.cuda_build import NVCC_FLAGS, _nvcc
+from trident.native.cuda_build import NVCC_FLAGS, _arch, _nvcc
 
 SOURCE = "trident/native/gemv_cuda.cu"
 SHAPES = (("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336))
@@ -32,8 +32,7 @@ def parse(spec: str) -> tuple[str, list[str], int]:
 
 def build(variant: tuple[str, list[str], int]) -> ctypes.CDLL:
     name, flags, _ = variant
-    arch = "".join(map(str, torch.cuda.get_device_capability()))
-    arch += "a" if arch == "90" else ""
+    arch = _arch()
     out = f"/tmp/tq_gemv_variant_{name}.so"
     done = subprocess.run([_nvcc(), *NVCC_FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}", *flags, SOURCE,
                            "-o", out], capture_output=True, text=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable, Sequence
 
 import torch
 import triton
@@ -57,7 +58,11 @@ def random_caches(name: str, shape: tuple[int, ...], copies: int) -> list[tuple]
     return caches
 
 
-def bench_mix(batch: int, shortest: int, longest: int, block: int) -> list[dict]:
+def bench_mix(batch: int, shortest: int, longest: int, block: int,
+              cuda_kernels: Sequence[tuple[str, Callable]] = (("cuda", paged_decode_cuda.paged_decode_cuda),),
+              formats: Sequence[str] = ("bfloat16", "int8", "fp8")) -> list[dict]:
+    """One row per cache format and kernel: Triton's decode, then (8-bit caches) each of ``cuda_kernels`` (label,
+    a function with paged_decode_cuda's signature), checked against Triton's output and timed."""
     lengths = torch.randint(shortest, longest, (batch,))
     tables, num_blocks = random_tables(lengths, block)
     lens = lengths.cuda()
@@ -72,7 +77,7 @@ def bench_mix(batch: int, shortest: int, longest: int, block: int) -> list[dict]
     options = dict(scale=DIM ** -0.5, sliding_window=None, logit_softcap=None, num_splits=splits)
     base = {"sequences": batch, "mean_context": tokens / batch, "splits": splits}
     results = []
-    for name in ("bfloat16", "int8", "fp8"):
+    for name in formats:
         caches = random_caches(name, shape, copies)
         element = 2 if name == "bfloat16" else 1
         nbytes = tokens * KV_HEADS * 2 * (DIM * element + (0 if name == "bfloat16" else 4))
@@ -83,7 +88,7 @@ def bench_mix(batch: int, shortest: int, longest: int, block: int) -> list[dict]
 
         kernels = [("triton", paged_decode)]
         if name != "bfloat16" and paged_decode_cuda.takes(query, *caches[0], tables, lens, rows):
-            kernels.append(("cuda", paged_decode_cuda.paged_decode_cuda))
+            kernels += cuda_kernels
         reference = None
         for label, kernel in kernels:
             call(kernel, 0)
@@ -99,6 +104,18 @@ def bench_mix(batch: int, shortest: int, longest: int, block: int) -> list[dict]
     return results
 
 
+def print_table(results: list[dict]) -> None:
+    """The rows, each kernel's speed against the Triton kernel on the same cache."""
+    header = ("seqs", "mean ctx", "splits", "cache", "kernel", "us", "TB/s", "vs triton", "rel diff")
+    print(" ".join(f"{h:>9}" for h in header))
+    triton_us = {}
+    for r in results:
+        key = (r["sequences"], r["cache"])
+        triton_us.setdefault(key, r["us"])
+        print(f"{r['sequences']:>9} {r['mean_context']:>9.0f} {r['splits']:>9} {r['cache']:>9} {r['kernel']:>9} "
+              f"{r['us']:>9.1f} {r['TBps']:>9.2f} {triton_us[key] / r['us']:>8.2f}x {r['relative_difference']:>9.1e}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None, help="also write the rows here")
@@ -110,14 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for mix in MIXES:
         results += bench_mix(*mix, args.block_size)
-    header = ("seqs", "mean ctx", "splits", "cache", "kernel", "us", "TB/s", "vs triton", "rel diff")
-    print(" ".join(f"{h:>9}" for h in header))
-    triton_us = {}
-    for r in results:
-        key = (r["sequences"], r["cache"])
-        triton_us.setdefault(key, r["us"])
-        print(f"{r['sequences']:>9} {r['mean_context']:>9.0f} {r['splits']:>9} {r['cache']:>9} {r['kernel']:>9} "
-              f"{r['us']:>9.1f} {r['TBps']:>9.2f} {triton_us[key] / r['us']:>8.2f}x {r['relative_difference']:>9.1e}")
+    print_table(results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": results}, f, indent=1)

@@ -85,9 +85,10 @@ def takes(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_s
 def paged_decode_cuda(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       context_lens: torch.Tensor, token_indices: torch.Tensor, out: torch.Tensor, *, scale: float,
                       sliding_window: int | None, logit_softcap: float | None, num_splits: int,
-                      k_scale: torch.Tensor, v_scale: torch.Tensor) -> None:
+                      k_scale: torch.Tensor, v_scale: torch.Tensor, lib: ctypes.CDLL | None = None) -> None:
     """Attend the rows ``token_indices`` [B] of query [T, H, D] over their cached 8-bit context, writing the same
-    rows of out [T, H, D] (query's dtype and strides over D); the caller checked :func:`takes`."""
+    rows of out [T, H, D] (query's dtype and strides over D); the caller checked :func:`takes`. ``lib``: a
+    variant build (scripts/decode8_variants.py; :func:`typed`) instead of the built one."""
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"paged_decode_cuda: num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     assert out.dtype == query.dtype and out.stride(2) == 1
@@ -105,7 +106,9 @@ def paged_decode_cuda(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                                     block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                                     k_scale.stride(0), k_scale.stride(1))
     ptr = torch.Tensor.data_ptr
-    err = library().tq_decode8(
+    if lib is None:
+        lib = library()
+    err = lib.tq_decode8(
         DTYPES[query.dtype], CODES[k_cache.dtype], head_dim, batch, ptr(query), ptr(k_cache), ptr(v_cache),
         ptr(k_scale), ptr(v_scale), ptr(block_tables), ptr(context_lens), ptr(token_indices), ptr(out),
         None if partial_out is None else ptr(partial_out), None if partial_lse is None else ptr(partial_lse),
