@@ -25,8 +25,7 @@ from trident.attention.base import AttentionMetadata, LayerKVCache
 from trident.kernels.kv_cache_write import write_kv
 from trident.kernels.paged_decode import choose_num_splits, paged_decode
 from trident.kernels.paged_prefill import paged_prefill
-from trident.native.paged_decode_cuda import paged_decode_cuda
-from trident.native.paged_decode_cuda import takes as paged_decode_cuda_takes
+from trident.native import paged_decode_cuda
 
 DEFAULT_NUM_SMS = 132
 """Multiprocessors assumed off CUDA (Triton's interpreter in tests): an H100/H200's count."""
@@ -70,10 +69,12 @@ class TritonPagedAttention:
             batch_size, width = decode.block_tables.shape
             num_splits = choose_num_splits(batch_size, k_cache.shape[1], width * k_cache.shape[2],
                                            self.num_sms(query.device))
-            args = (query, k_cache, v_cache, decode.block_tables, decode.context_lens, decode.token_indices)
-            kernel = paged_decode_cuda if paged_decode_cuda_takes(*args[:3], cache.key_scale, cache.value_scale,
-                                                                   *args[3:]) else paged_decode
-            kernel(*args, out, num_splits=num_splits, k_scale=cache.key_scale, v_scale=cache.value_scale, **options)
+            rows = (decode.block_tables, decode.context_lens, decode.token_indices)
+            scales = (cache.key_scale, cache.value_scale)
+            kernel = (paged_decode_cuda.paged_decode_cuda if paged_decode_cuda.takes(query, k_cache, v_cache, *scales,
+                                                                                   *rows) else paged_decode)
+            kernel(query, k_cache, v_cache, *rows, out, num_splits=num_splits, k_scale=scales[0], v_scale=scales[1],
+                   **options)
         return out
 
     def num_sms(self, device: torch.device) -> int:

@@ -529,8 +529,6 @@ static int dispatch_rows(int rows, int fp8, int dtype, const DecodeArgs& a, int 
 
 extern "C" {
 
-int tq_decode8_threads() { return DECODE_THREADS; }
-
 // dtype: 0 bfloat16, 1 float16 (queries and output); fp8: 0 int8 codes, 1 e4m3 codes. Returns a CUDA error code
 // (0: launched; -1: a head dim or query-head group this library does not take).
 int tq_decode8(int dtype, int fp8, int head_dim, int batch, const void* q, const void* k_cache, const void* v_cache,
