@@ -360,6 +360,12 @@ class LLMEngine:
                 if any(issubclass(kind, module_type) for kind in kinds):
                     why = library.why_unavailable()
                     summary += f", {native}" if why is None else f", {fallback} ({why.splitlines()[0][:80]})"
+            if self.kv_format.quantized and self.attention_backend == "triton":
+                from trident.native import paged_decode_cuda
+
+                why = paged_decode_cuda.why_unavailable()
+                summary += (f", {self.kv_format.name} KV decode: CUDA kernel (head dims 64, 128)" if why is None
+                            else f", {self.kv_format.name} KV decode: Triton ({why.splitlines()[0][:80]})")
             return summary
         decoder = runner.cpu_decoder
         if decoder is None:
