@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import assert_close
+from kernel_checks import TOLERANCE, assert_close
 from paged_inputs import Shape, paged_context, quantized_context, strided_queries
 
 from trident.kernels.paged_decode import paged_decode_reference
@@ -75,7 +75,7 @@ def test_cuda_decode_matches_reference(cuda_kernel, index: int) -> None:
     for b in range(rows.numel()):
         r = rows[b]
         scale = ref[r].norm().clamp_min(1e-6)
-        assert ((out[r].float() - ref[r]).norm() / scale).item() < 2 * {bf16: 2e-2, f16: 4e-3}[shape.dtype], \
+        assert ((out[r].float() - ref[r]).norm() / scale).item() < 2 * TOLERANCE[shape.dtype], \
             f"{what}: row {b} (context {ctx.context_lens[b].item()})"
     untouched = torch.ones(query.shape[0], dtype=torch.bool, device=device)
     untouched[rows] = False
