@@ -6,7 +6,7 @@ faked in a test.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from trident.engine.request import SampledToken, SamplingParams
@@ -64,6 +64,20 @@ class StepPlan:
     @property
     def is_empty(self) -> bool:
         return not self.chunks
+
+    def longest_decodes_first(self) -> StepPlan:
+        """This plan with its one-token (decode) chunks in order of decreasing context, each prefill chunk kept
+        in its place. Attention kernels hand out their blocks in row order, so the longest contexts start first
+        and the last wave holds the short ones instead of one long straggler. The order of the chunks means
+        nothing else: sampled tokens go back by sequence id."""
+        slots = [i for i, c in enumerate(self.chunks) if c.num_tokens == 1]
+        ordered = sorted((self.chunks[i] for i in slots), key=lambda c: c.start_pos, reverse=True)
+        if len(slots) < 2 or all(self.chunks[i] is c for i, c in zip(slots, ordered)):
+            return self
+        chunks = list(self.chunks)
+        for i, chunk in zip(slots, ordered):
+            chunks[i] = chunk
+        return replace(self, chunks=tuple(chunks))
 
 
 @dataclass(frozen=True)

@@ -120,6 +120,7 @@ class ModelRunner:
         if plan.is_empty:
             self._last_sampled = None
             return LaunchedStep((), None, self.sampler)
+        plan = plan.longest_decodes_first()
         graphs = self.graphs
         if graphs is not None and graphs.bucket(len(plan.chunks)) is not None and \
                 all(c.num_tokens == 1 and c.sample for c in plan.chunks):
