@@ -42,6 +42,8 @@
 #include <cuda_fp8.h>
 #include <math_constants.h>
 
+#include <type_traits>
+
 #include "dp4a_common.cuh"
 
 #ifndef DECODE_WARPS
@@ -104,7 +106,11 @@ __device__ __forceinline__ uint32_t codes_half2(uint32_t pair) {
         const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)__byte_perm(pair, 0, 0x20), __NV_E4M3);
         return *reinterpret_cast<const uint32_t*>(&h);
     } else {
-        return (pair & 0x00FF00FFu) ^ 0x64806480u;  // each half: 0x64 over c + 128, the float16 1024 + (c + 128)
+        // each half: 0x64 over c + 128, the float16 1024 + (c + 128): (pair & 0x00FF00FF) ^ 0x64806480 as one
+        // three-input logic instruction (written as two, the compiler emits two)
+        uint32_t h;
+        asm("lop3.b32 %0, %1, 0x00FF00FF, 0x64806480, 0x6A;" : "=r"(h) : "r"(pair));
+        return h;
     }
 }
 
@@ -141,7 +147,15 @@ __device__ __forceinline__ float score_of(float raw, float scale_in, float scale
 }
 
 // exp2(a - b) where either may be -inf (an empty state): 0 unless a is finite.
-__device__ __forceinline__ float rescale(float a, float b) { return a == -CUDART_INF_F ? 0.f : exp2f(a - b); }
+// 2^x by the hardware's approximation (about 2 ulp; results below 2^-126, subnormal, flushed to 0: a probability
+// that small is nothing beside the row's maximum, whose probability is 1), without exp2f's subnormal handling.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ float rescale(float a, float b) { return a == -CUDART_INF_F ? 0.f : fast_exp2(a - b); }
 
 // Sum / max over the lane quad (the 4 lanes that hold one row of a product).
 __device__ __forceinline__ float quad_sum(float v) {
@@ -266,35 +280,72 @@ __global__ void __launch_bounds__(DECODE_THREADS, ROWS16 ? 2 : DECODE_MIN_BLOCKS
     const int first = (lo & ~(TILE - 1)) + warp * TILE;
     const int num_tiles = first < hi ? (hi - first + STRIDE - 1) / STRIDE : 0;
     int64_t lane_page = 0;
+    // A lane's share of a tile's copies: chunks lane + 32 i of the tile's 16 rows of CPR chunks, i.e. rows
+    // lane / CPR + RPI i at chunk lane % CPR. Its offsets within a page (row 0 at the tile's first slot) and within
+    // a stage are the same for every tile.
+    constexpr int RPI = 32 / CPR;  // rows per copy instruction of the warp
+    const int lane_row = lane / CPR, lane_part = lane % CPR;
+    const int lane_offset = lane_row * (int)a.stride_cs + 16 * lane_part;
+    auto stage_at = [&](int i) {  // where chunk lane + 32 i lands in a stage (swizzled by its row)
+        const int row = lane_row + RPI * i;
+        return row * D + 16 * (lane_part ^ (row % CPR));
+    };
     auto issue = [&](int k) {  // the copies of tile k into its stage (none past the last tile), one commit group
         uint8_t* stage = ring + (k % DECODE_STAGES) * STAGE_BYTES;
         const int tile = first + k * STRIDE;
         if (k < num_tiles) {
-            int64_t page = 0;
             if (page_per_tile) {
+                // One page holds the tile: its slots are rows of one contiguous run, one address computation a
+                // tile (page numbers and the page stride fit in 32 bits); predicates only on a partial tile.
                 if (k % 32 == 0) {
                     const int mine = tile + lane * STRIDE;
                     lane_page = mine < hi ? table[mine >> a.block_shift] : 0;
                 }
-                page = __shfl_sync(0xffffffffu, lane_page, k % 32);
-            }
+                const int page = (int)__shfl_sync(0xffffffffu, lane_page, k % 32);
+                const int64_t base = (int64_t)page * (int)a.stride_cb + head_offset +
+                                     (tile & block_mask) * (int)a.stride_cs + lane_offset;
+                const uint8_t* keys = a.k_cache + base;
+                const uint8_t* values = a.v_cache + base;
+                const int row_step = RPI * (int)a.stride_cs;
+                const float* scales = (lane < TILE ? a.k_scale : a.v_scale) + (int64_t)page * (int)a.stride_sb +
+                                      scale_head_offset + (tile & block_mask) + lane % TILE;
+                auto copies = [&](auto whole_tile) {
+                    constexpr bool WHOLE = decltype(whole_tile)::value;
 #pragma unroll
-            for (int i = 0; i < TILE * CPR / 32; i++) {
-                const int c = lane + 32 * i, row = c / CPR, part = c % CPR;
-                const int t = tile + row;
+                    for (int i = 0; i < TILE * CPR / 32; i++) {
+                        const int t = tile + lane_row + RPI * i;
+                        const bool valid = WHOLE || (t >= lo && t < hi);
+                        copy_async<16>(stage + stage_at(i), valid ? keys + i * row_step : a.k_cache, valid);
+                        copy_async<16>(stage + TILE * D + stage_at(i), valid ? values + i * row_step : a.v_cache,
+                                       valid);
+                    }
+                    const int t = tile + lane % TILE;
+                    const bool valid = WHOLE || (t >= lo && t < hi);
+                    copy_async<4>(stage + 2 * TILE * D + 4 * lane, valid ? scales : a.k_scale, valid);
+                };
+                if (tile >= lo && tile + TILE <= hi) {  // every slot of the tile attended
+                    copies(std::true_type{});
+                } else {
+                    copies(std::false_type{});
+                }
+            } else {  // pages shorter than a tile: each row through the block table
+#pragma unroll
+                for (int i = 0; i < TILE * CPR / 32; i++) {
+                    const int t = tile + lane_row + RPI * i;
+                    const bool valid = t >= lo && t < hi;
+                    const int64_t pg = valid ? table[t >> a.block_shift] : 0;
+                    const int64_t offset = pg * a.stride_cb + head_offset + (t & block_mask) * a.stride_cs +
+                                           16 * lane_part;
+                    copy_async<16>(stage + stage_at(i), a.k_cache + (valid ? offset : 0), valid);
+                    copy_async<16>(stage + TILE * D + stage_at(i), a.v_cache + (valid ? offset : 0), valid);
+                }
+                const int row = lane % TILE, t = tile + row;
                 const bool valid = t >= lo && t < hi;
-                const int64_t pg = page_per_tile ? page : (valid ? table[t >> a.block_shift] : 0);
-                const int64_t offset = pg * a.stride_cb + head_offset + (t & block_mask) * a.stride_cs + 16 * part;
-                const int at = row * D + 16 * (part ^ (row % CPR));
-                copy_async<16>(stage + at, a.k_cache + (valid ? offset : 0), valid);
-                copy_async<16>(stage + TILE * D + at, a.v_cache + (valid ? offset : 0), valid);
+                const int64_t pg = valid ? table[t >> a.block_shift] : 0;
+                const float* scales = lane < TILE ? a.k_scale : a.v_scale;
+                copy_async<4>(stage + 2 * TILE * D + 4 * lane,
+                              scales + (valid ? pg * a.stride_sb + scale_head_offset + (t & block_mask) : 0), valid);
             }
-            const int row = lane % TILE, t = tile + row;
-            const bool valid = t >= lo && t < hi;
-            const int64_t pg = page_per_tile ? page : (valid ? table[t >> a.block_shift] : 0);
-            const float* scales = lane < TILE ? a.k_scale : a.v_scale;
-            copy_async<4>(stage + 2 * TILE * D + 4 * lane,
-                          scales + (valid ? pg * a.stride_sb + scale_head_offset + (t & block_mask) : 0), valid);
         }
         copy_commit();
     };
@@ -369,13 +420,25 @@ __global__ void __launch_bounds__(DECODE_THREADS, ROWS16 ? 2 : DECODE_MIN_BLOCKS
 #pragma unroll
         for (int r = 0; r < HALVES; r++) {
             float mx = m[r];
+            float v[4];
 #pragma unroll
             for (int i = 0; i < 4; i++) {  // column i: n-tile i / 2, its column 2 t4 + i % 2
                 float raw = sc[i >> 1][2 * r + (i & 1)];
                 if (!FP8) raw -= INT8_MAGIC * q_sum[r];
-                const float v = valid[i] ? score_of(raw * ks[i], a.scale_in, a.scale_out, a.softcap) : -CUDART_INF_F;
-                sc[i >> 1][2 * r + (i & 1)] = v;
-                mx = fmaxf(mx, v);
+                v[i] = raw * ks[i];
+            }
+            if (a.softcap) {  // uniform: one branch a tile, not one a score
+#pragma unroll
+                for (int i = 0; i < 4; i++) v[i] = score_of(v[i], a.scale_in, a.scale_out, 1);
+            } else {
+#pragma unroll
+                for (int i = 0; i < 4; i++) v[i] *= a.scale_in;
+            }
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                v[i] = valid[i] ? v[i] : -CUDART_INF_F;
+                sc[i >> 1][2 * r + (i & 1)] = v[i];
+                mx = fmaxf(mx, v[i]);
             }
             top[r] = quad_max(mx);
             grew |= top[r] > m[r];
@@ -415,7 +478,7 @@ __global__ void __launch_bounds__(DECODE_THREADS, ROWS16 ? 2 : DECODE_MIN_BLOCKS
 #pragma unroll
                 for (int c = 0; c < 2; c++) {
                     const int i = 2 * n + c;
-                    const float e = valid[i] ? exp2f(sc[n][2 * r + c] - m[r]) : 0.f;
+                    const float e = valid[i] ? fast_exp2(sc[n][2 * r + c] - m[r]) : 0.f;
                     l[r] += e;
                     pv[c] = e * vs[i];
                 }

@@ -54,7 +54,7 @@ def takes(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_s
     """Whether :func:`paged_decode_cuda` runs this decode: bfloat16 / float16 queries on CUDA with unit stride over
     a head dim of 64 or 128 and 16-byte aligned rows, at most MAX_ROWS query heads per kv head or a multiple of it;
     int8 or fp8 caches of one layout [num_blocks, kv_heads, block_size, D] with a power-of-two block size, unit
-    stride over D and 16-byte aligned rows; float32 scales of one layout with unit stride over the slots; int64
+    stride over D and 16-byte aligned rows, fewer than 2^31 blocks and block strides below 2^31; float32 scales of one layout with unit stride over the slots; int64
     block tables (unit stride over blocks), context lengths and query rows; and the library built. Shapes, dtypes,
     strides and addresses only: the choice holds across CUDA-graph capture."""
     if k_scale is None or v_scale is None or not query.is_cuda or query.dtype not in DTYPES:
@@ -75,6 +75,9 @@ def takes(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_s
         return False
     if not (k_scale.dtype == v_scale.dtype == torch.float32 and k_scale.stride() == v_scale.stride()
             and k_scale.stride(2) == 1):
+        return False
+    # the kernel computes a page's offset as a 32 x 32 -> 64-bit product: page numbers and strides below 2^31
+    if max(k_cache.shape[0], k_cache.stride(0), k_scale.stride(0)) >= 2**31:
         return False
     if not all(t.dtype == torch.int64 for t in (block_tables, context_lens, token_indices)) or \
             block_tables.stride(1) != 1 or not context_lens.is_contiguous() or not token_indices.is_contiguous():
