@@ -157,6 +157,14 @@ __device__ __forceinline__ float fast_exp2(float x) {
 
 __device__ __forceinline__ float rescale(float a, float b) { return a == -CUDART_INF_F ? 0.f : fast_exp2(a - b); }
 
+// The transpose of an 8 x 8 matrix of 16-bit values held as mma fragments (lane L: row L / 4, columns 2 (L % 4) and
+// 2 (L % 4) + 1 as one 32-bit register), in the same layout.
+__device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
+    uint32_t y;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+    return y;
+}
+
 // Sum / max over the lane quad (the 4 lanes that hold one row of a product).
 __device__ __forceinline__ float quad_sum(float v) {
     v += __shfl_xor_sync(0xffffffffu, v, 1);
@@ -223,8 +231,9 @@ __global__ void __launch_bounds__(DECODE_THREADS, ROWS16 ? 2 : DECODE_MIN_BLOCKS
     const int hi = min(lo + per_split, context);
     const int64_t token = a.token_indices[seq];
 
-    // Queries as the A operand, in the order of the lane's key bytes: k-step s takes dims KB t4 + 4 s + {0, 1}
-    // (register 0 / 1: rows g / g + 8) and KB t4 + 4 s + {2, 3} (registers 2 / 3). Rows past the group are zeros.
+    // Queries in the order of the lane's key bytes: k-step s takes dims KB t4 + 4 s + {0, 1} (register 0 / 1: heads
+    // g / g + 8) and KB t4 + 4 s + {2, 3} (registers 2 / 3): the A operand of S = Q K^T with 16 heads, registers 0
+    // and 2 the B operand of S^T = K Q^T with at most 8. Rows past the group are zeros.
     uint32_t qa[KS][4];
     float q_sum[HALVES];  // over the float16 queries of rows g (and g + 8), for the int8 codes' magic
 #pragma unroll
@@ -246,20 +255,24 @@ __global__ void __launch_bounds__(DECODE_THREADS, ROWS16 ? 2 : DECODE_MIN_BLOCKS
         }
         q_sum[r] = quad_sum(sum);
     }
-    if constexpr (!ROWS16) {
-#pragma unroll
-        for (int s = 0; s < KS; s++) qa[s][1] = qa[s][3] = 0u;
-    }
 
-    // Per row g (+ 8) of the scores: running maximum, sum of probabilities, sum of their float16 operands.
-    float m[HALVES], l[HALVES], p_sum[HALVES];
+    // Per lane, for two heads (rows g and g + 8 of S = Q K^T with 16 heads; heads 2 t4 and 2 t4 + 1 of S^T = K Q^T
+    // with at most 8): running maximum, sum of probabilities, sum of their float16 operands.
+    float m[2], l[2], p_sum[2];
+    // at most 8 heads: the queries' sums of heads 2 t4 + {0, 1} (those of head g are q_sum[0])
+    float q_head[2];
+#pragma unroll
+    for (int c = 0; c < 2; c++) q_head[c] = __shfl_sync(0xffffffffu, q_sum[0], 4 * (2 * t4 + c));
     // The output, transposed (O^T = V^T P^T): acc[r][j] is the m16n8 tile of dims VB g + j (registers 0, 1) and
     // VB g + VB / 2 + j (2, 3) by heads 8 r + 2 t4 + {0, 1}.
     float acc[HALVES][NT][4];
 #pragma unroll
+    for (int c = 0; c < 2; c++) {
+        m[c] = -CUDART_INF_F;
+        l[c] = p_sum[c] = 0.f;
+    }
+#pragma unroll
     for (int r = 0; r < HALVES; r++) {
-        m[r] = -CUDART_INF_F;
-        l[r] = p_sum[r] = 0.f;
 #pragma unroll
         for (int j = 0; j < NT; j++) acc[r][j][0] = acc[r][j][1] = acc[r][j][2] = acc[r][j][3] = 0.f;
     }
@@ -403,29 +416,34 @@ __global__ void __launch_bounds__(DECODE_THREADS, ROWS16 ? 2 : DECODE_MIN_BLOCKS
             }
         }
 
-        float sc[2][4];  // scores of n-tiles 0 and 1: [0], [1] row g; [2], [3] row g + 8
-#pragma unroll
-        for (int n = 0; n < 2; n++) {
-            sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
+        uint32_t pb[HALVES][2];  // the probabilities times value scales: the B operand of the output product
+        if constexpr (!ROWS16) {
+            // At most 8 heads: S^T = K Q^T, the keys the A operand (rows: the tile's tokens g and g + 8, no rows
+            // wasted), the queries the B operand (columns: heads). st[0], st[1]: token g, heads 2 t4, 2 t4 + 1;
+            // st[2], st[3]: token g + 8.
+            float st[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
             for (int s = 0; s < KS; s++) {
-                uint32_t b0, b1;
-                word_half2<FP8>(kc[n].w[s], b0, b1);
-                mma16816(sc[n], qa[s], b0, b1);
+                uint32_t ka[4];
+                word_half2<FP8>(kc[0].w[s], ka[0], ka[2]);
+                word_half2<FP8>(kc[1].w[s], ka[1], ka[3]);
+                mma16816(st, ka, qa[s][0], qa[s][2]);
             }
-        }
-        // online softmax per row: the scores (log2 domain), the new maximum, the probabilities
-        bool grew = false;
-        float top[HALVES];
+            float ks2[2], vs2[2];
+            bool valid2[2];
 #pragma unroll
-        for (int r = 0; r < HALVES; r++) {
-            float mx = m[r];
+            for (int h = 0; h < 2; h++) {
+                const int row = g + 8 * h;
+                valid2[h] = tile + row >= lo && tile + row < hi;
+                ks2[h] = key_scales[row];
+                vs2[h] = key_scales[TILE + row];
+            }
             float v[4];
 #pragma unroll
-            for (int i = 0; i < 4; i++) {  // column i: n-tile i / 2, its column 2 t4 + i % 2
-                float raw = sc[i >> 1][2 * r + (i & 1)];
-                if (!FP8) raw -= INT8_MAGIC * q_sum[r];
-                v[i] = raw * ks[i];
+            for (int i = 0; i < 4; i++) {
+                float raw = st[i];
+                if (!FP8) raw -= INT8_MAGIC * q_head[i & 1];
+                v[i] = raw * ks2[i >> 1];
             }
             if (a.softcap) {  // uniform: one branch a tile, not one a score
 #pragma unroll
@@ -435,57 +453,133 @@ __global__ void __launch_bounds__(DECODE_THREADS, ROWS16 ? 2 : DECODE_MIN_BLOCKS
                 for (int i = 0; i < 4; i++) v[i] *= a.scale_in;
             }
 #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                v[i] = valid[i] ? v[i] : -CUDART_INF_F;
-                sc[i >> 1][2 * r + (i & 1)] = v[i];
-                mx = fmaxf(mx, v[i]);
-            }
-            top[r] = quad_max(mx);
-            grew |= top[r] > m[r];
-        }
-        if (__any_sync(0xffffffffu, grew)) {  // rescale what was summed under the old maximum
-            float alpha[HALVES];
+            for (int i = 0; i < 4; i++) v[i] = valid2[i >> 1] ? v[i] : -CUDART_INF_F;
+            // a head's maximum over the tile's tokens: its column lives in the 8 lanes of one t4
+            float top[2];
+            bool grew = false;
 #pragma unroll
-            for (int r = 0; r < HALVES; r++) {
-                alpha[r] = rescale(m[r], top[r]);
-                l[r] *= alpha[r];
-                p_sum[r] *= alpha[r];
-                m[r] = top[r];
+            for (int c = 0; c < 2; c++) {
+                float mx = fmaxf(m[c], fmaxf(v[c], v[2 + c]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+                top[c] = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+                grew |= top[c] > m[c];
             }
-            // the output's heads are 8 r + 2 t4 + {0, 1}: their factors live in the quads of rows 2 t4, 2 t4 + 1
-#pragma unroll
-            for (int r = 0; r < HALVES; r++) {
+            if (__any_sync(0xffffffffu, grew)) {  // rescale what was summed under the old maximum
 #pragma unroll
                 for (int c = 0; c < 2; c++) {
-                    const float f = __shfl_sync(0xffffffffu, alpha[r], 4 * (2 * t4 + c));
+                    const float alpha = rescale(m[c], top[c]);
+                    l[c] *= alpha;
+                    p_sum[c] *= alpha;
+                    m[c] = top[c];
 #pragma unroll
-                    for (int j = 0; j < NT; j++) {
-                        acc[r][j][c] *= f;
-                        acc[r][j][2 + c] *= f;
+                    for (int j = 0; j < NT; j++) {  // the output's columns are this lane's heads
+                        acc[0][j][c] *= alpha;
+                        acc[0][j][2 + c] *= alpha;
                     }
                 }
             }
-        }
-        // Probabilities times value scales, rounded to float16, as the B operand of the output product: head tile
-        // r's register 0 holds head g + 8 r at tokens 2 t4 + {0, 1} (n-tile 0 of the scores), register 1 at tokens
-        // 8 + 2 t4 + {0, 1} (n-tile 1).
-        uint32_t pb[HALVES][2];
+            float pv[4];
 #pragma unroll
-        for (int r = 0; r < HALVES; r++) {
+            for (int i = 0; i < 4; i++) {
+                const float e = valid2[i >> 1] ? fast_exp2(v[i] - m[i & 1]) : 0.f;
+                l[i & 1] += e;
+                pv[i] = e * vs2[i >> 1];
+            }
+            // [token g | g + 8][heads 2 t4, 2 t4 + 1] as float16 pairs: the fragments of two 8 x 8 matrices
+            // (tokens x heads), transposed by movmatrix into the B operand's (tokens 2 t4, 2 t4 + 1 (+ 8), head g)
+            const uint32_t p0 = pack_half2(pv[0], pv[1]), p1 = pack_half2(pv[2], pv[3]);
+            if (!FP8) {
+                const float2 h0 = unpack_half2(p0), h1 = unpack_half2(p1);
+                p_sum[0] += h0.x + h1.x;
+                p_sum[1] += h0.y + h1.y;
+            }
+            pb[0][0] = transpose8x8(p0);
+            pb[0][1] = transpose8x8(p1);
+        } else {
+            float sc[2][4];  // scores of n-tiles 0 and 1: [0], [1] row g; [2], [3] row g + 8
 #pragma unroll
             for (int n = 0; n < 2; n++) {
-                float pv[2];
+                sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
 #pragma unroll
-                for (int c = 0; c < 2; c++) {
-                    const int i = 2 * n + c;
-                    const float e = valid[i] ? fast_exp2(sc[n][2 * r + c] - m[r]) : 0.f;
-                    l[r] += e;
-                    pv[c] = e * vs[i];
+                for (int s = 0; s < KS; s++) {
+                    uint32_t b0, b1;
+                    word_half2<FP8>(kc[n].w[s], b0, b1);
+                    mma16816(sc[n], qa[s], b0, b1);
                 }
-                pb[r][n] = pack_half2(pv[0], pv[1]);
-                if (!FP8) {
-                    const float2 h = unpack_half2(pb[r][n]);
-                    p_sum[r] += h.x + h.y;
+            }
+            // online softmax per row: the scores (log2 domain), the new maximum, the probabilities
+            bool grew = false;
+            float top[HALVES];
+#pragma unroll
+            for (int r = 0; r < HALVES; r++) {
+                float mx = m[r];
+                float v[4];
+#pragma unroll
+                for (int i = 0; i < 4; i++) {  // column i: n-tile i / 2, its column 2 t4 + i % 2
+                    float raw = sc[i >> 1][2 * r + (i & 1)];
+                    if (!FP8) raw -= INT8_MAGIC * q_sum[r];
+                    v[i] = raw * ks[i];
+                }
+                if (a.softcap) {  // uniform: one branch a tile, not one a score
+#pragma unroll
+                    for (int i = 0; i < 4; i++) v[i] = score_of(v[i], a.scale_in, a.scale_out, 1);
+                } else {
+#pragma unroll
+                    for (int i = 0; i < 4; i++) v[i] *= a.scale_in;
+                }
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    v[i] = valid[i] ? v[i] : -CUDART_INF_F;
+                    sc[i >> 1][2 * r + (i & 1)] = v[i];
+                    mx = fmaxf(mx, v[i]);
+                }
+                top[r] = quad_max(mx);
+                grew |= top[r] > m[r];
+            }
+            if (__any_sync(0xffffffffu, grew)) {  // rescale what was summed under the old maximum
+                float alpha[HALVES];
+#pragma unroll
+                for (int r = 0; r < HALVES; r++) {
+                    alpha[r] = rescale(m[r], top[r]);
+                    l[r] *= alpha[r];
+                    p_sum[r] *= alpha[r];
+                    m[r] = top[r];
+                }
+                // the output's heads are 8 r + 2 t4 + {0, 1}: their factors live in the quads of rows 2 t4, 2 t4 + 1
+#pragma unroll
+                for (int r = 0; r < HALVES; r++) {
+#pragma unroll
+                    for (int c = 0; c < 2; c++) {
+                        const float f = __shfl_sync(0xffffffffu, alpha[r], 4 * (2 * t4 + c));
+#pragma unroll
+                        for (int j = 0; j < NT; j++) {
+                            acc[r][j][c] *= f;
+                            acc[r][j][2 + c] *= f;
+                        }
+                    }
+                }
+            }
+            // Probabilities times value scales, rounded to float16, as the B operand of the output product: head tile
+            // r's register 0 holds head g + 8 r at tokens 2 t4 + {0, 1} (n-tile 0 of the scores), register 1 at tokens
+            // 8 + 2 t4 + {0, 1} (n-tile 1).
+#pragma unroll
+            for (int r = 0; r < HALVES; r++) {
+#pragma unroll
+                for (int n = 0; n < 2; n++) {
+                    float pv[2];
+#pragma unroll
+                    for (int c = 0; c < 2; c++) {
+                        const int i = 2 * n + c;
+                        const float e = valid[i] ? fast_exp2(sc[n][2 * r + c] - m[r]) : 0.f;
+                        l[r] += e;
+                        pv[c] = e * vs[i];
+                    }
+                    pb[r][n] = pack_half2(pv[0], pv[1]);
+                    if (!FP8) {
+                        const float2 h = unpack_half2(pb[r][n]);
+                        p_sum[r] += h.x + h.y;
+                    }
                 }
             }
         }
@@ -512,15 +606,33 @@ __global__ void __launch_bounds__(DECODE_THREADS, ROWS16 ? 2 : DECODE_MIN_BLOCKS
     copy_wait<0>();
     __syncthreads();
     float (*sm_acc)[MAX_ROWS][D] = reinterpret_cast<float (*)[MAX_ROWS][D]>(smem);
+    if constexpr (!ROWS16) {  // heads 2 t4 + c: sums over the 8 lanes of one t4 (the maximum is theirs already)
+#pragma unroll
+        for (int c = 0; c < 2; c++) {
+#pragma unroll
+            for (int off = 4; off < 32; off <<= 1) {
+                l[c] += __shfl_xor_sync(0xffffffffu, l[c], off);
+                p_sum[c] += __shfl_xor_sync(0xffffffffu, p_sum[c], off);
+            }
+            const int head = 2 * t4 + c;
+            if (g == 0 && head < rows) {
+                sm_m[warp][head] = m[c];
+                sm_l[warp][head] = l[c];
+                sm_p[warp][head] = p_sum[c];
+            }
+        }
+    }
 #pragma unroll
     for (int r = 0; r < HALVES; r++) {
         const int row = g + 8 * r;
-        l[r] = quad_sum(l[r]);
-        p_sum[r] = quad_sum(p_sum[r]);
-        if (t4 == 0 && row < rows) {
-            sm_m[warp][row] = m[r];
-            sm_l[warp][row] = l[r];
-            sm_p[warp][row] = p_sum[r];
+        if constexpr (ROWS16) {  // row g + 8 r: sums over its quad
+            l[r] = quad_sum(l[r]);
+            p_sum[r] = quad_sum(p_sum[r]);
+            if (t4 == 0 && row < rows) {
+                sm_m[warp][row] = m[r];
+                sm_l[warp][row] = l[r];
+                sm_p[warp][row] = p_sum[r];
+            }
         }
 #pragma unroll
         for (int c = 0; c < 2; c++) {
