@@ -6,32 +6,40 @@
 // the codes it multiplies into registers and converts them there straight into the tensor cores' operand layout
 // (mma.sync m16n8k16, float16 operands, float32 sums):
 //
-//  * A block (CTA) takes one (sequence, kv head, split) and the kv head's query heads (up to 16: the rows of the
-//    products; a larger group is cut into blocks of 16). Its warps take the context in tiles of 16 tokens.
+//  * A block (CTA) takes one (sequence, kv head, split) and the kv head's query heads (up to 16; a larger group is
+//    cut into blocks of 16). Its warps take the context in tiles of 16 tokens. Blocks go out sequence by sequence
+//    in row order, and the engine orders its decode rows longest context first (StepPlan.longest_decodes_first),
+//    so the last wave of blocks holds the short contexts.
 //  * Each warp streams its tiles through a ring of DECODE_STAGES shared-memory stages with asynchronous copies
 //    (cp.async: the next tiles' keys, values and scales are in flight while this one is multiplied, without
 //    holding registers); the page of each of its next 32 tiles is read once into a lane of its own, so no copy
 //    waits on the block table. Rows are stored with their 16-byte chunks XOR-swizzled by the row, so the lanes'
-//    reads below meet distinct banks.
-//  * Scores S = Q K^T: the queries are the A operand (rows = heads), a tile's keys the B operand. A dot product does
-//    not care in which order it meets the dims, so each lane reads D / 4 contiguous bytes of one key and k-step s
-//    of the product takes the lane's word s; the queries are laid out in the same order, once.
-//  * Output O^T = V^T P^T: the probabilities, as they come out of the score product (row = head g, columns = the
-//    tile's tokens 2 t4, 2 t4 + 1, ...), are already the B operand's layout (column = head, rows = tokens); the
-//    values are the A operand, which wants two consecutive tokens at one dim in a register: each lane reads D / 8
-//    contiguous bytes (dims) of the four tokens it multiplies and pairs their bytes by byte permutes. A group of up
-//    to 8 heads fills the 8 columns (no product rows are wasted on absent heads, as S = Q K^T's are).
+//    reads below meet distinct banks. A tile that one page holds whole (the usual case) costs one address
+//    computation and unpredicated copies; predicates are for a context's first and last tiles.
+//  * The kernel is bound by instruction issue rather than by memory (Nsight Compute: ~0.5 instructions issued per
+//    scheduler and cycle at 75% of the DRAM bandwidth), so the per-tile instruction count is what sets its speed.
+//  * Scores: a dot product does not care in which order it meets the dims, so each lane reads D / 4 contiguous
+//    bytes of a key (tokens g and g + 8 of the tile) and k-step s of the product takes the lane's word s; the
+//    queries are laid out in the same order, once. With at most 8 heads per kv head the product is S^T = K Q^T:
+//    the keys are the A operand (rows = the tile's 16 tokens, none wasted), the queries the B operand (columns =
+//    heads); with 16 heads it is S = Q K^T (queries as A, rows = heads; keys as B).
+//  * Output O^T = V^T P^T: the probabilities are the B operand (rows = tokens, columns = heads). Out of S = Q K^T
+//    they are already in its layout; out of S^T they are two 8 x 8 fragments (tokens g, g + 8 by heads 2 t4,
+//    2 t4 + 1) that movmatrix transposes into it. The values are the A operand, which wants two consecutive tokens
+//    at one dim in a register: each lane reads D / 8 contiguous bytes (dims) of the four tokens it multiplies and
+//    pairs their bytes by byte permutes. A group of up to 8 heads fills the 8 columns.
 //  * Codes become float16 without an integer-to-float conversion: an int8 code c, biased to c + 128, under the
-//    float16 exponent of 1024 by a byte permute is the float16 1152 + c (exact); the 1152 * sum(q) this adds to the
-//    scores and the 1152 * sum(p) it adds to the output are taken back off in float32 (the Triton kernel's
-//    F16_CODES_NOTE). fp8 pairs go through the hardware's e4m3x2 -> f16x2 conversion (exact). Queries and
-//    probabilities times value scales are rounded to float16, as in the Triton kernel.
-//  * An online softmax in the log2 domain per head (the row maximum shared by the lane quad that holds the row);
-//    the output is rescaled only when a warp sees a new maximum. The key scale multiplies the score, the value
-//    scale the probability. At the end the warps combine through shared memory; a split writes its partial output
-//    and log-sum-exp (the Triton reduce kernel combines the splits, as for the Triton decode).
-//  Measured on an H200 (one Qwen3-0.6B layer, 188 sequences of mean context 858): int8 113 us, 3.0 TB/s of codes
-//  and scales, against Triton's 183 us (docs/benchmarks.md).
+//    float16 exponent of 1024 by a byte permute (keys) or one three-input logic instruction (values) is the
+//    float16 1152 + c (exact); the 1152 * sum(q) this adds to the scores and the 1152 * sum(p) it adds to the
+//    output are taken back off in float32 (the Triton kernel's F16_CODES_NOTE). fp8 pairs go through the
+//    hardware's e4m3x2 -> f16x2 conversion (exact). Queries and probabilities times value scales are rounded to
+//    float16, as in the Triton kernel.
+//  * An online softmax in the log2 domain per head (exp2 by the hardware's approximation, subnormal results
+//    flushed to zero); the output is rescaled only when a warp sees a new maximum. The key scale multiplies the
+//    score, the value scale the probability. At the end the warps combine through shared memory; a split writes
+//    its partial output and log-sum-exp (the Triton reduce kernel combines the splits, as for the Triton decode).
+//  Measured on an H200 (one Qwen3-0.6B layer, 188 sequences of mean context 858): int8 92 us, 3.7 TB/s of codes
+//  and scales, against Triton's 182 us (docs/benchmarks.md).
 //
 // Requirements (checked by trident/native/paged_decode_cuda.py): D 64 or 128; at most 16 query heads per kv head or
 // a multiple of 16; a power-of-two block size; 16-bit queries and outputs with unit stride over D and 16-byte
