@@ -146,12 +146,20 @@ __device__ __forceinline__ float2 load_pair(const T* p) {
     }
 }
 
-__device__ __forceinline__ float score_of(float raw, float scale_in, float scale_out, int softcap) {
+// Raw scores (times the key scales) into the log2 domain (score_factors in trident/kernels/paged_common.py):
+// scale_out tanh(raw scale_in) when soft-capped, else raw scale_in. The branch is uniform over the warp: one a
+// tile, not one a score.
+__device__ __forceinline__ void finish_scores(float (&v)[4], float scale_in, float scale_out, int softcap) {
     if (softcap) {
-        const float x = raw * scale_in;  // tanh(x) = 1 - 2 / (exp(2x) + 1), exact limits at both ends
-        return (1.f - 2.f / (__expf(2.f * x) + 1.f)) * scale_out;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const float x = v[i] * scale_in;  // tanh(x) = 1 - 2 / (exp(2x) + 1), exact limits at both ends
+            v[i] = (1.f - 2.f / (__expf(2.f * x) + 1.f)) * scale_out;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < 4; i++) v[i] *= scale_in;
     }
-    return raw * scale_in;
 }
 
 // exp2(a - b) where either may be -inf (an empty state): 0 unless a is finite.
@@ -453,13 +461,7 @@ __global__ void __launch_bounds__(DECODE_THREADS, ROWS16 ? 2 : DECODE_MIN_BLOCKS
                 if (!FP8) raw -= INT8_MAGIC * q_head[i & 1];
                 v[i] = raw * ks2[i >> 1];
             }
-            if (a.softcap) {  // uniform: one branch a tile, not one a score
-#pragma unroll
-                for (int i = 0; i < 4; i++) v[i] = score_of(v[i], a.scale_in, a.scale_out, 1);
-            } else {
-#pragma unroll
-                for (int i = 0; i < 4; i++) v[i] *= a.scale_in;
-            }
+            finish_scores(v, a.scale_in, a.scale_out, a.softcap);
 #pragma unroll
             for (int i = 0; i < 4; i++) v[i] = valid2[i >> 1] ? v[i] : -CUDART_INF_F;
             // a head's maximum over the tile's tokens: its column lives in the 8 lanes of one t4
@@ -529,13 +531,7 @@ __global__ void __launch_bounds__(DECODE_THREADS, ROWS16 ? 2 : DECODE_MIN_BLOCKS
                     if (!FP8) raw -= INT8_MAGIC * q_sum[r];
                     v[i] = raw * ks[i];
                 }
-                if (a.softcap) {  // uniform: one branch a tile, not one a score
-#pragma unroll
-                    for (int i = 0; i < 4; i++) v[i] = score_of(v[i], a.scale_in, a.scale_out, 1);
-                } else {
-#pragma unroll
-                    for (int i = 0; i < 4; i++) v[i] *= a.scale_in;
-                }
+                finish_scores(v, a.scale_in, a.scale_out, a.softcap);
 #pragma unroll
                 for (int i = 0; i < 4; i++) {
                     v[i] = valid[i] ? v[i] : -CUDART_INF_F;
