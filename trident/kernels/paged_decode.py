@@ -19,7 +19,9 @@ import triton
 import triton.language as tl
 
 from trident.kernels.paged_common import (
+    INT8_MAGIC,
     attend_reference,
+    codes_f16,
     compute_dtype,
     dot_precision,
     gather_sequence,
@@ -149,26 +151,6 @@ def paged_decode_reference(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         out[row] = o[0].to(out.dtype)
 
 
-INT8_MAGIC: tl.constexpr = tl.constexpr(1152.0)
-"""F16_CODES_NOTE. With an int8 or fp8 cache and 16-bit queries the products run in float16 on the tensor cores,
-the queries converted once per program (exact for bfloat16 values in float16's range, |q| < 65504). fp8 e4m3
-codes become float16 by the hardware's paired conversion (exact: e4m3 is a subset of float16). An int8 code c
-becomes the float16 1152 + c by bits, one 16-bit add of 0x6480 (1024 + 128 + c, where float16's spacing is 1),
-instead of an integer-to-float conversion, which issues at a fraction of the arithmetic rate: at batch 256 with
-~900-token contexts that conversion made the int8 kernel 1.5x slower than the bfloat16 one (242 against 160 us
-per layer on an H200) while reading half the bytes. The 1152 * sum(q) (keys) and 1152 * sum(p) (values) the
-offset adds to the float32 accumulations are taken back off; their rounding is 2^-24 of 1280 * sum |q|, far below
-the codes' own quantization step."""
-
-
-@triton.jit
-def _codes_f16(codes, INT8: tl.constexpr):
-    """int8 codes as the float16 INT8_MAGIC + c (exact, by bits), or fp8 e4m3 codes as float16 (exact)."""
-    if INT8:
-        return (codes.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True)
-    return codes.to(tl.float16)
-
-
 # Arguments that change from step to step are not specialised on (Triton would otherwise compile a variant
 # for each new value that is 1 or a multiple of 16: seconds of compilation in the middle of serving).
 @triton.jit(do_not_specialize=["stride_bt", "num_splits"])
@@ -221,7 +203,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
         scale_offsets = page * stride_sb + scale_head_offset + n % block_size  # used by quantized caches
         k = tl.load(k_cache_ptr + offsets, mask=kv_mask, other=0.0)
         if F16_CODES:
-            raw = tl.dot(q, tl.trans(_codes_f16(k, INT8_CODES)), input_precision=DOT_PRECISION)
+            raw = tl.dot(q, tl.trans(codes_f16(k, INT8_CODES)), input_precision=DOT_PRECISION)
             if INT8_CODES:
                 raw -= INT8_MAGIC * q_sum[:, None]
             raw = raw * tl.load(k_scale_ptr + scale_offsets, mask=valid, other=0.0)[None, :]
@@ -242,7 +224,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
             p = p * tl.load(v_scale_ptr + scale_offsets, mask=valid, other=0.0)[None, :]
         if F16_CODES:
             pv = p.to(tl.float16)
-            update = tl.dot(pv, _codes_f16(v, INT8_CODES), input_precision=DOT_PRECISION)
+            update = tl.dot(pv, codes_f16(v, INT8_CODES), input_precision=DOT_PRECISION)
             if INT8_CODES:
                 update -= INT8_MAGIC * tl.sum(pv.to(tl.float32), 1)[:, None]
         elif QUANTIZED:

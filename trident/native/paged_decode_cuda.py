@@ -54,9 +54,10 @@ def takes(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_s
     """Whether :func:`paged_decode_cuda` runs this decode: bfloat16 / float16 queries on CUDA with unit stride over
     a head dim of 64 or 128 and 16-byte aligned rows, at most MAX_ROWS query heads per kv head or a multiple of it;
     int8 or fp8 caches of one layout [num_blocks, kv_heads, block_size, D] with a power-of-two block size, unit
-    stride over D and 16-byte aligned rows, fewer than 2^31 blocks and block strides below 2^31; float32 scales of one layout with unit stride over the slots; int64
-    block tables (unit stride over blocks), context lengths and query rows; and the library built. Shapes, dtypes,
-    strides and addresses only: the choice holds across CUDA-graph capture."""
+    stride over D and 16-byte aligned rows, fewer than 2^31 blocks and block strides below 2^31; float32 scales of
+    one layout with unit stride over the slots; int64 block tables (unit stride over blocks), context lengths and
+    query rows; and the library built. Shapes, dtypes, strides and addresses only: the choice holds across
+    CUDA-graph capture."""
     if k_scale is None or v_scale is None or not query.is_cuda or query.dtype not in DTYPES:
         return False
     head_dim, block_size = query.shape[-1], k_cache.shape[2]
