@@ -64,8 +64,21 @@ def print_table(kind: str, title: str, rows: list[dict], captions: list[str]) ->
     main = MAIN_METRIC[kind]
     if len(rows) == 2 and rows[0].get(main) and rows[1].get(main):
         captions = [*captions, f"trident / peer {main}: {rows[0][main] / rows[1][main]:.2f}x"]
-    table.caption = "\n".join(captions)
+    table.caption = "\n".join([*captions, *spread_captions(rows, kind)])
     Console(width=max(Console().width, 180)).print(table)
+
+
+def spread_captions(rows: list[dict], kind: str) -> list[str]:
+    """For each engine with more than one repetition, the range of its main figure beside the median the table
+    shows: a target near the median is only met if the spread says so."""
+    main = MAIN_METRIC[kind]
+    lines = []
+    for row in rows:
+        values = sorted(r[main] for r in row.get("runs", ()) if r.get(main) is not None)
+        if len(values) > 1:
+            lines.append(f"{row['engine']} {main} over {len(values)} repetitions: min {fmt(values[0])}, "
+                         f"median {fmt(statistics.median(values))}, max {fmt(values[-1])}")
+    return lines
 
 
 def default_json_path(kind: str) -> str:
