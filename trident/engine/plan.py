@@ -70,14 +70,18 @@ class StepPlan:
         in its place. Attention kernels hand out their blocks in row order, so the longest contexts start first
         and the last wave holds the short ones instead of one long straggler. The order of the chunks means
         nothing else: sampled tokens go back by sequence id."""
-        slots = [i for i, c in enumerate(self.chunks) if c.num_tokens == 1]
-        ordered = sorted((self.chunks[i] for i in slots), key=lambda c: c.start_pos, reverse=True)
-        if len(slots) < 2 or all(self.chunks[i] is c for i, c in zip(slots, ordered)):
+        chunks = self.chunks
+        starts = [c.start_pos if len(c.token_ids) == 1 else -1 for c in chunks]  # -1: a prefill chunk
+        decodes = [i for i, start in enumerate(starts) if start >= 0]
+        if len(decodes) < 2:
             return self
-        chunks = list(self.chunks)
-        for i, chunk in zip(slots, ordered):
-            chunks[i] = chunk
-        return replace(self, chunks=tuple(chunks))
+        ordered = sorted(decodes, key=starts.__getitem__, reverse=True)  # stable: ties keep their order
+        if ordered == decodes:
+            return self
+        new = list(chunks)
+        for slot, i in zip(decodes, ordered):
+            new[slot] = chunks[i]
+        return replace(self, chunks=tuple(new))
 
 
 @dataclass(frozen=True)
