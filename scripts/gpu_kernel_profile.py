@@ -1,9 +1,15 @@
-"""Which kernels a decode step spends its GPU time in (eager steps under torch.profiler; a graph replays the same
-kernels back to back). Random weights, bfloat16 or quantized (an optional fourth field: int8 / int4 / w8a8, as
-`trident bench --weights`), and a KV cache in the compute dtype or another (an optional fifth field: int8 / fp8 /
-bfloat16 ..., as `--kv-cache-dtype`). NO_PDL=1 launches without programmatic dependent launch, so that a kernel's
-time is its own and not also the wait for the one before it. Run on the GPU machine:
-python scripts/gpu_kernel_profile.py [SHAPE:BATCH:CTX[:WEIGHTS[:KV]] ...]"""
+"""Which kernels an engine step spends its GPU time in (eager steps under torch.profiler; a graph replays the same
+kernels back to back), by kernel.
+
+- ``SHAPE:BATCH:CTX[:WEIGHTS[:KV]]``: decode steps of BATCH sequences at ~CTX tokens. Random weights, bfloat16 or
+  quantized (WEIGHTS: int8 / int4 / w8a8, as `trident bench --weights`), and a KV cache in the compute dtype or
+  another (KV: int8 / fp8 / bfloat16 ..., as `--kv-cache-dtype`).
+- ``prefill[:KV]``: one prefill step of Qwen3-0.6B over the nano workload's first prompts up to 16,384 tokens
+  (after a warm-up step on later prompts, which compiles the kernels); KV int8 by default.
+
+NO_PDL=1 launches without programmatic dependent launch, so that a kernel's time is its own and not also the wait
+for the one before it. Run on the GPU machine:
+python scripts/gpu_kernel_profile.py [SHAPE:BATCH:CTX[:WEIGHTS[:KV]] | prefill[:KV] ...]"""
 import os
 import sys
 from collections import defaultdict
@@ -13,21 +19,32 @@ from torch.profiler import ProfilerActivity, profile
 
 from trident.bench.random_weights import random_checkpoint
 from trident.bench.shapes import resolve_shape
+from trident.bench.workloads import nano_workload
 from trident.engine.engine import LLMEngine
 from trident.engine.llm import engine_config
 from trident.engine.request import SamplingParams
 
-if os.environ.get("NO_PDL") == "1":
-    import trident.kernels.pdl as pdl
+PREFILL_TOKENS = 16384
+DEFAULT_CASES = ("qwen3-0.6b:256:600", "qwen3-0.6b:1:600", "llama3-8b:1:200")
 
-    pdl._capable = lambda index: False
-FIELDS = [a.split(":") for a in sys.argv[1:]]
-CASES = [(f[0], int(f[1]), int(f[2]), f[3] if len(f) > 3 else "float", f[4] if len(f) > 4 else "auto")
-         for f in FIELDS] or [("qwen3-0.6b", 256, 600, "float", "auto"), ("qwen3-0.6b", 1, 600, "float", "auto"),
-                              ("llama3-8b", 1, 200, "float", "auto")]
-for name, batch, ctx, weights, kv in CASES:
-    shape = resolve_shape(name)
-    ck = random_checkpoint(shape, device="cuda", dtype=torch.bfloat16)
+
+def print_kernels(title: str, prof: profile, steps: int) -> None:
+    """The profiled CUDA kernels by GPU time per step, the 24 longest."""
+    per_kernel = defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            k = per_kernel[e.name[:90]]
+            k[0] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+            k[1] += 1
+    total = sum(v[0] for v in per_kernel.values()) / steps
+    launches = sum(v[1] for v in per_kernel.values()) / steps
+    print(f"\n{title}: {total / 1000:.3f} ms GPU per step in {launches:.0f} kernels")
+    for k, (us, count) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:24]:
+        print(f"  {us / steps:9.1f} us  {count / steps:5.0f}x  {us / count:7.2f} us each  {k}")
+
+
+def decode_case(name: str, batch: int, ctx: int, weights: str, kv: str) -> None:
+    ck = random_checkpoint(resolve_shape(name), device="cuda", dtype=torch.bfloat16)
     if weights != "float":
         from trident.bench.quantized_weights import bench_quant_config, quant_method_of, quantize_checkpoint
 
@@ -46,17 +63,52 @@ for name, batch, ctx, weights, kv in CASES:
         for _ in range(n):
             eng.step()
         torch.cuda.synchronize()
-    per_kernel = defaultdict(lambda: [0.0, 0])
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            k = per_kernel[e.name[:90]]
-            k[0] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
-            k[1] += 1
-    total = sum(v[0] for v in per_kernel.values()) / n
-    launches = sum(v[1] for v in per_kernel.values()) / n
-    print(f"\n{name} {weights} KV {kv} batch {batch} ctx ~{ctx}: {total / 1000:.3f} ms GPU per step in "
-          f"{launches:.0f} kernels")
-    for k, (us, count) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:24]:
-        print(f"  {us / n:9.1f} us  {count / n:5.0f}x  {us / count:7.2f} us each  {k}")
-    del eng, ck
-    torch.cuda.empty_cache()
+    print_kernels(f"{name} {weights} KV {kv} batch {batch} ctx ~{ctx}", prof, n)
+
+
+def prefill_case(kv: str) -> None:
+    ck = random_checkpoint(resolve_shape("qwen3-0.6b"), device="cuda", dtype=torch.bfloat16)
+    prompts = [list(p) for p in nano_workload(256, None, None, ck.config.vocab_size).prompts]
+    eng = LLMEngine(engine_config("", device="cuda", dtype="bfloat16", max_num_seqs=256, enforce_eager=True,
+                                  max_num_batched_tokens=PREFILL_TOKENS, max_model_len=4096,
+                                  memory_budget_bytes=24 << 30, kv_cache_dtype=kv), ck)
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+
+    def one_step_of_prompts(start: int) -> tuple[int, int]:  # queue prompts from ``start`` filling one step
+        count = total = 0
+        for prompt in prompts[start:]:
+            if total + len(prompt) > PREFILL_TOKENS:
+                break
+            eng.add_request(prompt, params)
+            count, total = count + 1, total + len(prompt)
+        return count, total
+
+    one_step_of_prompts(100)  # the warm-up: other prompts, the same kernels
+    while eng.has_unfinished():
+        eng.step()
+    count, total = one_step_of_prompts(0)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        eng.step()
+        torch.cuda.synchronize()
+    while eng.has_unfinished():
+        eng.step()
+    print_kernels(f"qwen3-0.6b prefill, KV {kv}: {count} prompts, {total} tokens", prof, 1)
+
+
+def main() -> None:
+    if os.environ.get("NO_PDL") == "1":
+        import trident.kernels.pdl as pdl
+
+        pdl._capable = lambda index: False
+    for case in sys.argv[1:] or DEFAULT_CASES:
+        f = case.split(":")
+        if f[0] == "prefill":
+            prefill_case(f[1] if len(f) > 1 else "int8")
+        else:
+            decode_case(f[0], int(f[1]), int(f[2]), f[3] if len(f) > 3 else "float", f[4] if len(f) > 4 else "auto")
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
