@@ -405,18 +405,12 @@ __global__ void __launch_bounds__(DECODE_THREADS, ROWS16 ? 2 : DECODE_MIN_BLOCKS
                 kc[n].w[4 * i + 3] = v.w;
             }
         }
-        // values and scales: rows 2 t4 + {0, 1} and 8 + 2 t4 + {0, 1} (the score columns), value bytes (dims) VB g
-        // ... VB g + VB - 1
+        // values: rows 2 t4 + {0, 1} and 8 + 2 t4 + {0, 1} (the output product's k index), bytes (dims) VB g ...
+        // VB g + VB - 1
         Chunk<VB> vc[4];
-        float ks[4], vs[4];
-        bool valid[4];
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             const int row = 8 * (i >> 1) + 2 * t4 + (i & 1);
-            const int t = tile + row;
-            valid[i] = t >= lo && t < hi;
-            ks[i] = key_scales[row];
-            vs[i] = key_scales[TILE + row];
             const int byte = VB * g;
             const uint8_t* src = values + row * D + 16 * ((byte / 16) ^ (row % CPR)) + byte % 16;
             if constexpr (VB == 16) {
@@ -507,6 +501,16 @@ __global__ void __launch_bounds__(DECODE_THREADS, ROWS16 ? 2 : DECODE_MIN_BLOCKS
             pb[0][0] = transpose8x8(p0);
             pb[0][1] = transpose8x8(p1);
         } else {
+            // the score columns' tokens 2 t4 + {0, 1} and 8 + 2 t4 + {0, 1}: key / value scales and validity
+            float ks[4], vs[4];
+            bool valid[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int row = 8 * (i >> 1) + 2 * t4 + (i & 1);
+                valid[i] = tile + row >= lo && tile + row < hi;
+                ks[i] = key_scales[row];
+                vs[i] = key_scales[TILE + row];
+            }
             float sc[2][4];  // scores of n-tiles 0 and 1: [0], [1] row g; [2], [3] row g + 8
 #pragma unroll
             for (int n = 0; n < 2; n++) {
