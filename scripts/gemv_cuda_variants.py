@@ -16,11 +16,15 @@ import torch
 
 from trident.kernels.bench_gemv import ROTATION_BYTES, graph_us
 from trident.kernels.bench_quant_matmul import random_weight
+from trident.native import gemv_cuda
 from trident.native.cuda_build import NVCC_FLAGS, _arch, _nvcc
+from trident.quant.affine import AffineWeight
 
 SOURCE = "trident/native/gemv_cuda.cu"
 SHAPES = (("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336))
-FORMATS = (("int4-g128", 4, 128, True), ("int8", 8, None, False))
+FORMATS = (("int4-g128", 4, 128, True), ("int4-g128-offsets", 4, 128, True), ("int8", 8, None, False))
+"""(name, bits, group size, offsets): symmetric int4 (its zero point: offsets -8 scales), the same weights with their
+offsets read per group (as asymmetric int4 is), int8 per channel."""
 DEFAULT = ("default=:1", "w8=-DGEMV_WARPS=8:2", "int4_two_stages=-DINT4_STAGES=2:1")
 
 
@@ -40,7 +44,7 @@ def build(variant: tuple[str, list[str], int]) -> ctypes.CDLL:
         raise SystemExit(f"{name}: nvcc failed\n{done.stderr[-2000:]}")
     lib = ctypes.CDLL(out)
     p, i = ctypes.c_void_p, ctypes.c_int
-    lib.tq_gemv.argtypes = [i, i, p, p, p, p, p, p, i, i, i, i, i, p]
+    lib.tq_gemv.argtypes = [i, i, p, p, p, p, i, p, p, i, i, i, i, i, p]
     lib.tq_gemv_rows_per_warp.restype = lib.tq_gemv_threads.restype = i
     return lib
 
@@ -49,12 +53,19 @@ def time_calls(lib: ctypes.CDLL, grid: int, bits: int, x: torch.Tensor, weights:
     """Microseconds per call of ``lib``'s tq_gemv on x and each weight in turn (CUDA-graph replays)."""
     def call(i: int) -> torch.Tensor:
         w = weights[i]
-        lib.tq_gemv(0, bits, x.data_ptr(), w.codes.data_ptr(), w.scales.data_ptr(),
-                    None if w.offsets is None else w.offsets.data_ptr(), None, outputs[i].data_ptr(),
-                    w.out_features, w.in_features, w.group_size, grid, 1, torch.cuda.current_stream().cuda_stream)
+        lib.tq_gemv(0, bits, x.data_ptr(), w.codes.data_ptr(), w.scales.data_ptr(), *gemv_cuda._offsets(w), None,
+                    outputs[i].data_ptr(), w.out_features, w.in_features, w.group_size, grid, 1,
+                    torch.cuda.current_stream().cuda_stream)
         return outputs[i]
 
     return graph_us(call, len(weights))
+
+
+def format_weight(fname: str, n: int, k: int, bits: int, group: int | None, offsets: bool,
+                  device: torch.device) -> AffineWeight:
+    """A random weight of FORMATS' ``fname``: the "-offsets" formats without their zero point."""
+    w = random_weight(n, k, bits, group, offsets, device)
+    return w._replace(zero_point=0) if fname.endswith("-offsets") else w
 
 
 def main() -> None:
@@ -66,9 +77,9 @@ def main() -> None:
     totals: dict[tuple[str, str], float] = {}
     for fname, bits, group, offsets in FORMATS:
         for proj, n, k in SHAPES:
-            first = random_weight(n, k, bits, group, offsets, device)
+            first = format_weight(fname, n, k, bits, group, offsets, device)
             copies = max(1, -(-ROTATION_BYTES // first.nbytes()))
-            weights = [first] + [random_weight(n, k, bits, group, offsets, device) for _ in range(copies - 1)]
+            weights = [first] + [format_weight(fname, n, k, bits, group, offsets, device) for _ in range(copies - 1)]
             x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
             outputs = [torch.empty(1, n, device=device, dtype=torch.bfloat16) for _ in weights]
             for (name, _, blocks), lib in zip(variants, libs):

@@ -56,8 +56,8 @@ def assert_cuda_kernels_agree_with_triton(model_dir, prompt: list[int], module, 
 def kernel_rounded_forward(plain_forward):
     """QuantizedLinear.forward whose one-row products (those trident/native/gemv_cuda.cu takes: K and the group
     size multiples of 32) are the kernel's arithmetic in float32 torch: the codes' part of W times x rounded as the
-    kernel rounds it (quantize_activations_reference, ACTIVATION_STAGES), plus the offsets' part times x itself,
-    rounded once to x's dtype; other products go to ``plain_forward``."""
+    kernel rounds it (quantize_activations_reference, ACTIVATION_STAGES), plus the offsets' part times x itself (x's
+    rounding, with a zero point), rounded once to x's dtype; other products go to ``plain_forward``."""
     from trident.native.gemv_cuda import ACTIVATION_STAGES, BLOCK, quantize_activations_reference
     from trident.quant.affine import AffineWeight, affine_dequantize
 
@@ -66,9 +66,10 @@ def kernel_rounded_forward(plain_forward):
         if not (x.dim() == 2 and x.shape[0] == 1 and w.in_features % BLOCK == 0 and w.group_size % BLOCK == 0):
             return plain_forward(self, x)
         codes = affine_dequantize(AffineWeight(w.codes, w.scales, None, w.bits), torch.float32)
-        y = quantize_activations_reference(x, ACTIVATION_STAGES[w.bits]) @ codes.T
-        if w.offsets is not None:
-            y = y + x.float() @ (affine_dequantize(w, torch.float32) - codes).T
+        x_hat = quantize_activations_reference(x, ACTIVATION_STAGES[w.bits])
+        y = x_hat @ codes.T
+        if w.offsets is not None:  # a zero point's share comes from x's codes, other offsets' from x itself
+            y = y + (x_hat if w.zero_point else x.float()) @ (affine_dequantize(w, torch.float32) - codes).T
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype)

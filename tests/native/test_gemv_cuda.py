@@ -36,18 +36,32 @@ def codes_part(w: AffineWeight) -> torch.Tensor:
 def kernel_product(x: torch.Tensor, w: AffineWeight, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(float64 x W^T + b as the kernel computes it, the root-sum-square of its terms) for x [1, K] and a float64
     bias [N]: the codes' part of W times x's rounding (quantize_activations_reference, ACTIVATION_STAGES), the
-    offsets' part times x itself (the kernel adds offset x the sum of x over the group)."""
+    offsets' part times x itself (the kernel adds offset x the sum of x over the block), or with a zero point
+    times x's rounding too (the kernel takes zero point x the sum of x's codes off each block's integer sum)."""
     wd, codes = affine_dequantize(w, torch.float64).cpu(), codes_part(w)
     x_hat = gemv_cuda.quantize_activations_reference(x, gemv_cuda.ACTIVATION_STAGES[w.bits]).double()
-    product = x_hat @ codes.T + x.double() @ (wd - codes).T + b
+    product = x_hat @ codes.T + (x_hat if w.zero_point else x.double()) @ (wd - codes).T + b
     return product, ((x_hat * x_hat) @ (wd * wd).T + b**2).sqrt()
 
 
-def normed_inputs(n: int, k: int, bits: int, group_size: int | None, offsets: bool, residual: bool,
+OFFSETS = ("none", "per_group", "zero_point")
+"""How a test weight's offsets look: none, random per group (asymmetric codes), or -8 x the scales with the zero
+point 8 (symmetric int4 as stored)."""
+
+
+def make_weight(bits: int, n: int, k: int, group_size: int | None, offsets: str, g: torch.Generator) -> AffineWeight:
+    """emulate.random_weight's weight on the GPU, with OFFSETS ``offsets``."""
+    w = random_weight(bits, n, k, group_size, offsets == "per_group", g)
+    if offsets == "zero_point":
+        w = w._replace(offsets=-8.0 * w.scales, zero_point=8)
+    return cuda_weight(w)
+
+
+def normed_inputs(n: int, k: int, bits: int, group_size: int | None, offsets: str, residual: bool,
                   dtype: torch.dtype) -> tuple:
     """(weight on the GPU, x, residual or None, norm weight, bias): a decoder layer's norm and product on the CPU."""
     g = torch.Generator().manual_seed(n + k + bits)
-    w = cuda_weight(random_weight(bits, n, k, group_size, offsets, g))
+    w = make_weight(bits, n, k, group_size, offsets, g)
     x = (torch.randn(1, k, generator=g) * 3).to(dtype)
     r = (torch.randn(1, k, generator=g) * 10).to(dtype) if residual else None
     norm_weight = (1 + torch.randn(k, generator=g) * 0.2).to(dtype)
@@ -66,7 +80,8 @@ def normed_allowance(h: torch.Tensor, w: AffineWeight, b: torch.Tensor, dtype: t
 
 def cuda_weight(w: AffineWeight) -> AffineWeight:
     """emulate.random_weight's weight (built on the CPU) on the GPU."""
-    return AffineWeight(w.codes.cuda(), w.scales.cuda(), None if w.offsets is None else w.offsets.cuda(), w.bits)
+    return AffineWeight(w.codes.cuda(), w.scales.cuda(), None if w.offsets is None else w.offsets.cuda(), w.bits,
+                        w.zero_point)
 
 
 @pytest.mark.parametrize("stages", [2, 1])
@@ -109,10 +124,10 @@ def test_unavailable_without_cuda_or_when_disabled(monkeypatch) -> None:
         cuda_build._build("nonexistent", "90a")
 
 
-def _check(n: int, k: int, bits: int, group_size: int | None, offsets: bool, bias: bool, dtype: torch.dtype,
+def _check(n: int, k: int, bits: int, group_size: int | None, offsets: str, bias: bool, dtype: torch.dtype,
            seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
-    w = cuda_weight(random_weight(bits, n, k, group_size, offsets, g))
+    w = make_weight(bits, n, k, group_size, offsets, g)
     x = (torch.randn(1, k, generator=g) * 10 ** (torch.rand(1, k // 32, 1, generator=g) * 3 - 2)
          .repeat_interleave(32, 1).view(1, k)).to(dtype)
     b = torch.randn(n, generator=g).to(dtype) if bias else None
@@ -134,11 +149,11 @@ def _check(n: int, k: int, bits: int, group_size: int | None, offsets: bool, bia
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("offsets", [False, True], ids=["no_offsets", "offsets"])
 @pytest.mark.parametrize("group_size", [32, 64, 128, None], ids=lambda g: f"group{g}" if g else "per_channel")
-@pytest.mark.parametrize("bits", [8, 4], ids=["int8", "int4"])
-def test_formats(bits: int, group_size: int | None, offsets: bool, dtype: torch.dtype) -> None:
-    seed = bits * 1000 + (group_size or 1) * 10 + offsets
+@pytest.mark.parametrize("bits,offsets", [(8, "none"), (8, "per_group"), (4, "none"), (4, "per_group"),
+                                          (4, "zero_point")])
+def test_formats(bits: int, group_size: int | None, offsets: str, dtype: torch.dtype) -> None:
+    seed = bits * 1000 + (group_size or 1) * 10 + OFFSETS.index(offsets)
     for n, k, bias in ((37, 384, True), (1, 128, False), (515, 2048, True)):
         _check(n, k, bits, group_size, offsets, bias, dtype, seed + n)
 
@@ -149,7 +164,8 @@ def test_formats(bits: int, group_size: int | None, offsets: bool, dtype: torch.
 def test_large_shapes(n: int, k: int, bits: int) -> None:
     """Llama-3-8B's down projection, K beyond 48 KB of shared memory, and more row groups than the grid has warps
     (each warp walks several)."""
-    _check(n, k, bits, 128, bits == 4, n % 2 == 1, torch.bfloat16, n + k)
+    _check(n, k, bits, 128, ("zero_point" if n % 2 else "per_group") if bits == 4 else "none", n % 2 == 1,
+           torch.bfloat16, n + k)
 
 
 @pytest.mark.gpu
@@ -197,8 +213,8 @@ def test_engine_decode_agrees_with_the_triton_kernel(tiny_int4_llama_dir, monkey
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "first_layer"])
-@pytest.mark.parametrize("bits,group_size,offsets", [(8, None, False), (4, 128, True), (4, 32, False)])
-def test_normed_product_equals_the_norm_then_the_product(bits: int, group_size: int | None, offsets: bool,
+@pytest.mark.parametrize("bits,group_size,offsets", [(8, None, "none"), (4, 128, "zero_point"), (4, 32, "per_group")])
+def test_normed_product_equals_the_norm_then_the_product(bits: int, group_size: int | None, offsets: str,
                                                          residual: bool, dtype: torch.dtype) -> None:
     """gemv_normed = fused_add_rms_norm_reference (Llama's form) then the product: the new residual stream bit for
     bit, the product within the kernel's activation rounding of float64 math on the reference's normalised row,
@@ -228,9 +244,10 @@ def test_normed_product_equals_the_norm_then_the_product(bits: int, group_size: 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("activation", ["silu", "gelu_pytorch_tanh", "gelu"])
-@pytest.mark.parametrize("bits,group_size,offsets", [(8, None, False), (4, 128, True), (4, 64, False)])
+@pytest.mark.parametrize("bits,group_size,offsets", [(8, None, "none"), (4, 128, "zero_point"),
+                                                     (4, 64, "per_group")])
 def test_gated_product_equals_the_norm_the_product_and_the_activation(bits: int, group_size: int | None,
-                                                                      offsets: bool, activation: str,
+                                                                      offsets: str, activation: str,
                                                                       dtype: torch.dtype) -> None:
     """gemv_normed with an activation over a fused gate|up weight [2I, K] = act(gate) * up of float64 math on the
     norm reference's row (its two-stage rounding): within the output's rounding of |y| plus what the gate's and

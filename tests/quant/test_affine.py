@@ -40,6 +40,10 @@ def test_affine_form_equals_dequantize(config: QuantConfig) -> None:
     assert w.codes is q.qweight and w.scales is q.scales and w.bits == config.bits
     assert w.group_size == (config.group_size or 256) and w.in_features == 256 and w.out_features == 37
     assert (w.offsets is None) == (config.bits == 8 and config.symmetric)
+    # a zero point exactly where every offset is -8 x its scale (what the CUDA batch-1 kernel relies on)
+    assert w.zero_point == (8 if config.bits == 4 and config.symmetric else 0)
+    if w.zero_point:
+        assert torch.equal(w.offsets, -8.0 * w.scales)
     expected = dequantize(q, config, torch.float64)
     got = _affine_float64(w)
     allowed = 2**-24 * (w.offsets.double().abs().max().item() if w.offsets is not None else 0.0)
@@ -68,7 +72,9 @@ def test_check_affine_rejects_inconsistent_tensors() -> None:
     check_affine(AffineWeight(codes, scales, None, 4))
     for bad in (AffineWeight(codes, scales, None, 8), AffineWeight(codes.to(torch.int8), scales, None, 4),
                 AffineWeight(codes, scales.double(), None, 4), AffineWeight(codes, torch.ones(4, 3), None, 4),
-                AffineWeight(codes, scales, torch.ones(4, 1), 4)):
+                AffineWeight(codes, scales, torch.ones(4, 1), 4), AffineWeight(codes, scales, None, 4, 8),
+                AffineWeight(codes.view(torch.int8), scales, -8 * scales, 8, 8),
+                AffineWeight(codes, scales, -16 * scales, 4, 16)):
         with pytest.raises(ValueError):
             check_affine(bad)
 

@@ -73,14 +73,15 @@ def variant_name(config: TileConfig) -> str:
 
 def random_weight(n: int, k: int, bits: int, group_size: int | None, offsets: bool,
                   device: torch.device) -> AffineWeight:
-    """Random codes over their range, scales ~ 1e-3 .. 2e-3 and offsets -8 scales (symmetric int4's form)."""
+    """Random codes over their range, scales ~ 1e-3 .. 2e-3 and offsets -8 scales (symmetric int4's form, with its
+    zero point)."""
     groups = 1 if group_size is None else k // group_size
     if bits == 8:
         codes = torch.randint(-127, 128, (n, k), device=device, dtype=torch.int8)
     else:
         codes = torch.randint(0, 256, (n, k // 2), device=device, dtype=torch.uint8)
     scales = torch.rand(n, groups, device=device) * 1e-3 + 1e-3
-    return AffineWeight(codes, scales, -8.0 * scales if offsets else None, bits)
+    return AffineWeight(codes, scales, -8.0 * scales if offsets else None, bits, 8 if offsets else 0)
 
 
 def bench_shape(model: str, projection: str, n: int, k: int, rows: tuple[int, ...], formats: tuple[str, ...],

@@ -61,27 +61,48 @@ __device__ __forceinline__ uint32_t pack4(int a, int b, int c, int d) {
 }
 
 // Where a block keeps its quantized activation row of k elements in shared memory: q1, q2 (k bytes each: the two
-// stages' codes, in the order the weight codes unpack to), then per block of 32 the stages' scales s1, s2 and the
-// plain sum bsum (activation_smem_bytes(k) in all).
+// stages' codes, in the order the weight codes unpack to), then per block of 32 the stages' scales s1, s2, the
+// plain sum bsum, and for int4 codes the sums of each stage's codes, qsum1 and qsum2 (integers: what a zero point
+// takes off a block's dp4a sum; activation_smem_bytes(k) in all).
 struct XStages {
     uint32_t* q1;
     uint32_t* q2;
     float* s1;
     float* s2;
     float* bsum;
+    int* qsum1;
+    int* qsum2;
 };
 
 __device__ __forceinline__ XStages x_stages(uint8_t* smem, int k) {
     float* s1 = reinterpret_cast<float*>(smem + 2 * k);
+    int* qsum1 = reinterpret_cast<int*>(s1 + 3 * (k / ABLOCK));
     return {reinterpret_cast<uint32_t*>(smem), reinterpret_cast<uint32_t*>(smem + k), s1, s1 + k / ABLOCK,
-            s1 + 2 * (k / ABLOCK)};
+            s1 + 2 * (k / ABLOCK), qsum1, qsum1 + k / ABLOCK};
 }
 
+// How a weight's affine offsets (w = scale q + offset per group, trident/quant/affine.py) enter a product:
+//  OFFSETS_NONE        none (symmetric int8, or int4 codes without an offset);
+//  OFFSETS_ZERO_POINT  every offset is -zero_point x scale (symmetric int4 stored as q + 8; GGUF Q4_0): the dp4a
+//                      sum of a block starts at -zero_point x the sum of the activation codes (qsum1), so the
+//                      offsets are neither read nor multiplied;
+//  OFFSETS_PER_GROUP   offset[row, group] read with the scales, one per chunk, times the block's plain sum of x.
+#define OFFSETS_NONE 0
+#define OFFSETS_ZERO_POINT 1
+#define OFFSETS_PER_GROUP 2
+
 // Quantize 8 elements of x (chunk c of K / 8; 4 threads, an aligned quad, share a block of 32) into shared memory:
-// q1, q2 [K] bytes (int4 order: even elements of each 8, then odd), s1, s2 and the plain sum of each block.
+// q1, q2 [K] bytes (int4 order: even elements of each 8, then odd), s1, s2 and the plain sum of each block (and
+// for int4 the codes' sums).
 template <int BITS, typename T>
-__device__ __forceinline__ void quantize_chunk(uint4 raw, int c, bool active, uint32_t* q1, uint32_t* q2, float* s1,
-                                               float* s2, float* bsum) {
+__device__ __forceinline__ void quantize_chunk(uint4 raw, int c, bool active, const XStages& xs) {
+    uint32_t* q1 = xs.q1;
+    uint32_t* q2 = xs.q2;
+    float* s1 = xs.s1;
+    float* s2 = xs.s2;
+    float* bsum = xs.bsum;
+    int* qsum1 = xs.qsum1;
+    int* qsum2 = xs.qsum2;
     float v[8];
     const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
@@ -133,6 +154,24 @@ __device__ __forceinline__ void quantize_chunk(uint4 raw, int c, bool active, ui
             bsum[c / 4] = sum;
         }
     }
+    if (BITS == 4) {  // the codes' block sums, for a zero point (every lane takes the shuffles)
+        int sum1 = 0, sum2 = 0;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            sum1 += a[i];
+            if (two) sum2 += b[i];
+        }
+        sum1 += __shfl_xor_sync(0xffffffffu, sum1, 1);
+        sum1 += __shfl_xor_sync(0xffffffffu, sum1, 2);
+        if (two) {
+            sum2 += __shfl_xor_sync(0xffffffffu, sum2, 1);
+            sum2 += __shfl_xor_sync(0xffffffffu, sum2, 2);
+        }
+        if (active && (c & 3) == 0) {
+            qsum1[c / 4] = sum1;
+            if (two) qsum2[c / 4] = sum2;
+        }
+    }
 }
 
 // Quantize x [K] into shared memory, 8 elements per thread and turn, by a block of NT threads. The first X_TURNS
@@ -152,13 +191,13 @@ __device__ void quantize_x(const T* __restrict__ x, int k, const XStages& xs) {
     for (int i = 0; i < X_TURNS; i++) {
         if (i * NT < chunks) {  // uniform over the block: every lane of a warp takes the shuffles
             const int c = i * NT + threadIdx.x;
-            quantize_chunk<BITS, T>(raw[i], c, c < chunks, xs.q1, xs.q2, xs.s1, xs.s2, xs.bsum);
+            quantize_chunk<BITS, T>(raw[i], c, c < chunks, xs);
         }
     }
     for (int base = X_TURNS * NT; base < chunks; base += NT) {
         const int c = base + threadIdx.x;
         const uint4 r = c < chunks ? *reinterpret_cast<const uint4*>(x + 8 * (size_t)c) : make_uint4(0, 0, 0, 0);
-        quantize_chunk<BITS, T>(r, c, c < chunks, xs.q1, xs.q2, xs.s1, xs.s2, xs.bsum);
+        quantize_chunk<BITS, T>(r, c, c < chunks, xs);
     }
 }
 
@@ -222,21 +261,27 @@ __device__ void quantize_x_normed(const T* __restrict__ x, const T* __restrict__
                     he[j] = from_float<T>(to_float(we[j]) * to_float(from_float<T>(to_float(se[j]) * rstd)));
                 }
             }
-            quantize_chunk<BITS, T>(h, c, c < chunks, xs.q1, xs.q2, xs.s1, xs.s2, xs.bsum);
+            quantize_chunk<BITS, T>(h, c, c < chunks, xs);
         }
     }
 }
 
-// One pipeline step of a warp: its row group rg's 16-byte chunks base + 32 u + lane (u < U), codes and scales.
+// One pipeline step of a warp: its row group rg's 16-byte chunks base + 32 u + lane (u < U), codes and scales
+// (and with OFFSETS_PER_GROUP the offsets: left unused, the compiler keeps no registers for them).
 template <int BITS, int R, int U>
 struct Step {
     uint4 w[R][U];
     float scale[R][U];
+    float offset[R][U];
 };
 
-template <int BITS, int R, int U>
+// Multiply a step into the warp's R sums. OFF: OFFSETS_* (zero_point with OFFSETS_ZERO_POINT, int4 codes only);
+// with OFFSETS_PER_GROUP and int8 codes the odd chunk of each block of 32 carries a zero offset (the block's sum
+// is added once).
+template <int BITS, int R, int U, int OFF = OFFSETS_NONE>
 __device__ __forceinline__ void compute_step(const Step<BITS, R, U>& s, float (&acc)[R], const XStages& xs, int base,
-                                             int lane, int chunks) {
+                                             int lane, int chunks, int zero_point = 0) {
+    static_assert(OFF != OFFSETS_ZERO_POINT || BITS == 4, "a zero point goes with int4 codes");
 #pragma unroll
     for (int u = 0; u < U; u++) {
         const int ch = base + u * 32 + lane;
@@ -244,9 +289,12 @@ __device__ __forceinline__ void compute_step(const Step<BITS, R, U>& s, float (&
         const int blk = BITS == 4 ? ch : ch / 2;
         const int word0 = BITS == 4 ? 8 * ch : 4 * ch;  // q words: 8 per block of 32
         const float a1 = xs.s1[blk];
+        const float xsum = OFF == OFFSETS_PER_GROUP ? xs.bsum[blk] : 0.f;
         if (BITS == 4) {
             constexpr bool two = stages_of<BITS>() == 2;
             const float a2 = two ? xs.s2[blk] : 0.f;
+            const int start1 = OFF == OFFSETS_ZERO_POINT ? -zero_point * xs.qsum1[blk] : 0;
+            const int start2 = OFF == OFFSETS_ZERO_POINT && two ? -zero_point * xs.qsum2[blk] : 0;
             const uint4 e1a = *reinterpret_cast<const uint4*>(xs.q1 + word0);
             const uint4 e1b = *reinterpret_cast<const uint4*>(xs.q1 + word0 + 4);
             uint4 e2a = make_uint4(0, 0, 0, 0), e2b = make_uint4(0, 0, 0, 0);
@@ -259,7 +307,7 @@ __device__ __forceinline__ void compute_step(const Step<BITS, R, U>& s, float (&
                 const uint32_t c[4] = {s.w[r][u].x, s.w[r][u].y, s.w[r][u].z, s.w[r][u].w};
                 const uint32_t e1[8] = {e1a.x, e1a.y, e1a.z, e1a.w, e1b.x, e1b.y, e1b.z, e1b.w};
                 const uint32_t e2[8] = {e2a.x, e2a.y, e2a.z, e2a.w, e2b.x, e2b.y, e2b.z, e2b.w};
-                int i1 = 0, i2 = 0;
+                int i1 = start1, i2 = start2;
 #pragma unroll
                 for (int j = 0; j < 4; j++) {
                     const int lo = (int)(c[j] & 0x0F0F0F0Fu), hi = (int)((c[j] >> 4) & 0x0F0F0F0Fu);
@@ -272,6 +320,7 @@ __device__ __forceinline__ void compute_step(const Step<BITS, R, U>& s, float (&
                 }
                 acc[r] = two ? fmaf(s.scale[r][u], fmaf(a1, (float)i1, a2 * (float)i2), acc[r])
                              : fmaf(s.scale[r][u] * a1, (float)i1, acc[r]);
+                if (OFF == OFFSETS_PER_GROUP) acc[r] = fmaf(s.offset[r][u], xsum, acc[r]);
             }
         } else {
             const float a2 = xs.s2[blk];
@@ -289,6 +338,7 @@ __device__ __forceinline__ void compute_step(const Step<BITS, R, U>& s, float (&
                 i2 = __dp4a((int)s.w[r][u].z, (int)e2.z, i2);
                 i2 = __dp4a((int)s.w[r][u].w, (int)e2.w, i2);
                 acc[r] = fmaf(s.scale[r][u], fmaf(a1, (float)i1, a2 * (float)i2), acc[r]);
+                if (OFF == OFFSETS_PER_GROUP) acc[r] = fmaf(s.offset[r][u], xsum, acc[r]);
             }
         }
     }
@@ -303,9 +353,10 @@ __device__ __forceinline__ void wait_for_previous_grid() {
 #endif
 }
 
-// Shared memory for k quantized activations: q1, q2 (k bytes each), then s1, s2 and the block sums (k / 32 floats).
+// Shared memory for k quantized activations: q1, q2 (k bytes each), then s1, s2 and the block sums (k / 32 floats
+// each), then the codes' sums qsum1, qsum2 (k / 32 ints each).
 __host__ __device__ __forceinline__ size_t activation_smem_bytes(int k) {
-    return 2 * (size_t)k + 3 * sizeof(float) * (size_t)(k / ABLOCK);
+    return 2 * (size_t)k + 5 * sizeof(float) * (size_t)(k / ABLOCK);
 }
 
 // Launch `kernel` on `stream` with `threads` threads per block, `smem` bytes of dynamic shared memory (raising the

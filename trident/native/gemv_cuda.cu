@@ -17,10 +17,13 @@
 //  * A lane takes 16 bytes of codes of a row (32 int4 or 16 int8 elements: one activation block, or half of
 //    one), multiplies them with the stages by dp4a (exact, int32), and adds
 //        scale[row, group] * (s1 * I1 + s2 * I2)       (int4: scale[row, group] * s1 * I1)
-//    to its float32 sum. The offsets (asymmetric codes, symmetric int4's -8 s) add offset[row, group] times the
-//    sum of x over the group, once per row at the end.
+//    to its float32 sum. Offsets: symmetric int4 (stored q + 8, offsets -8 s; GGUF Q4_0) passes its zero point
+//    instead, and I1 starts at -8 x the block's sum of activation codes (no offsets read); other offsets
+//    (asymmetric codes) are read with the scales and add offset[row, group] times the block's sum of x, chunk by
+//    chunk (dp4a_common.cuh's OFFSETS_*). Reading them once per row at its end instead, out of the pipeline, put a
+//    memory round trip in every int4 row: Llama-3-8B's int4 layer 52.6 -> 41.1 us (docs/benchmarks.md).
 //  * A warp owns ROWS rows at a time and walks them in pipeline steps of UNROLL 16-byte chunks per lane and row:
-//    the codes (and scales) of the next step are loaded while this one is multiplied, so each lane keeps
+//    the codes (scales, offsets) of the next step are loaded while this one is multiplied, so each lane keeps
 //    ROWS x UNROLL 16-byte loads in flight. Warps take row groups grid-stride over a grid of what the GPU keeps
 //    resident, so x is quantized once per resident block.
 //  * Programmatic dependent launch (Hopper): the codes of a warp's first step are requested before the kernel
@@ -29,8 +32,8 @@
 //  * A decoder layer's norm and gated activation can come along (tq_gemv_normed): x is quantized as
 //    RMSNorm(x + residual) * w, and a fused gate|up weight's warps take (gate row i, up row n + i) pairs and write
 //    act(gate) * up, so the layer's norms and its MLP activation need no launches of their own.
-//  Measured on an H200 (Llama-3-8B projections, CUDA-graph replays): int4 group 128 at 1.4-2.6 TB/s of codes
-//  against Triton's 0.7-1.2; int8 at 2.2-3.5 TB/s against 1.8-3.2 (docs/benchmarks.md).
+//  Measured on an H200 (Llama-3-8B projections, CUDA-graph replays): int4 group 128 at 1.9-3.8 TB/s of codes and
+//  scales against Triton's 0.7-1.2; int8 at 2.4-3.7 TB/s against 1.8-3.2 (docs/benchmarks.md).
 //
 // Requirements (checked by the caller, trident/native/gemv_cuda.py): K a multiple of 32, the group size a
 // multiple of 32 (or K, per channel), x and the codes 16-byte aligned, everything contiguous.
@@ -49,10 +52,11 @@ __device__ __forceinline__ int row_of(int rg, int r, int n) {
     return GATED ? rg + r * n : min(rg * R + r, n - 1);
 }
 
-template <int BITS, bool GATED, int R, int U>
+template <int BITS, int OFF, bool GATED, int R, int U>
 __device__ __forceinline__ void load_step(Step<BITS, R, U>& s, const uint8_t* __restrict__ codes,
-                                          const float* __restrict__ scales, int rg, int base, int lane, int n,
-                                          int row_bytes, int chunks, int num_groups, int group_size) {
+                                          const float* __restrict__ scales, const float* __restrict__ offsets, int rg,
+                                          int base, int lane, int n, int row_bytes, int chunks, int num_groups,
+                                          int group_size) {
 #pragma unroll
     for (int u = 0; u < U; u++) {
         const int ch = base + u * 32 + lane;
@@ -64,9 +68,13 @@ __device__ __forceinline__ void load_step(Step<BITS, R, U>& s, const uint8_t* __
             if (ch < chunks) {
                 s.w[r][u] = __ldcs(reinterpret_cast<const uint4*>(codes + (size_t)row * row_bytes) + ch);
                 s.scale[r][u] = __ldg(scales + (size_t)row * num_groups + group);
+                if (OFF == OFFSETS_PER_GROUP) {  // int8: the block's first chunk adds its offset
+                    s.offset[r][u] = BITS == 8 && (ch & 1) ? 0.f : __ldg(offsets + (size_t)row * num_groups + group);
+                }
             } else {
                 s.w[r][u] = make_uint4(0, 0, 0, 0);
                 s.scale[r][u] = 0.f;
+                if (OFF == OFFSETS_PER_GROUP) s.offset[r][u] = 0.f;
             }
         }
     }
@@ -86,11 +94,11 @@ struct NormArgs {
     int activation;           // GATED: ACT_SILU, ACT_GELU_TANH or ACT_GELU
 };
 
-template <int BITS, bool OFFSETS, bool NORM, bool GATED, typename T, int R, int U>
+template <int BITS, int OFF, bool NORM, bool GATED, typename T, int R, int U>
 __global__ void __launch_bounds__(GEMV_THREADS, 16 / GEMV_WARPS)
     gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ codes, const float* __restrict__ scales,
-                const float* __restrict__ offsets, const T* __restrict__ bias, T* __restrict__ y, int n, int k,
-                int group_size, NormArgs norm) {
+                const float* __restrict__ offsets, int zero_point, const T* __restrict__ bias, T* __restrict__ y,
+                int n, int k, int group_size, NormArgs norm) {
     extern __shared__ __align__(16) uint8_t smem[];
     const XStages xs = x_stages(smem, k);
 
@@ -108,7 +116,8 @@ __global__ void __launch_bounds__(GEMV_THREADS, 16 / GEMV_WARPS)
 
     Step<BITS, R, U> cur;
     if (steps > 0) {
-        load_step<BITS, GATED>(cur, codes, scales, first, 0, lane, n, row_bytes, chunks, num_groups, group_size);
+        load_step<BITS, OFF, GATED>(cur, codes, scales, offsets, first, 0, lane, n, row_bytes, chunks, num_groups,
+                                    group_size);
     }
 
     wait_for_previous_grid();
@@ -125,22 +134,16 @@ __global__ void __launch_bounds__(GEMV_THREADS, 16 / GEMV_WARPS)
 #pragma unroll
     for (int r = 0; r < R; r++) acc[r] = 0.f;
     auto load = [&](Step<BITS, R, U>& s, int rg, int base) {
-        load_step<BITS, GATED>(s, codes, scales, rg, base, lane, n, row_bytes, chunks, num_groups, group_size);
+        load_step<BITS, OFF, GATED>(s, codes, scales, offsets, rg, base, lane, n, row_bytes, chunks, num_groups,
+                                    group_size);
     };
-    auto multiply = [&](const Step<BITS, R, U>& s, int base) { compute_step(s, acc, xs, base, lane, chunks); };
+    auto multiply = [&](const Step<BITS, R, U>& s, int base) {
+        compute_step<BITS, R, U, OFF>(s, acc, xs, base, lane, chunks, zero_point);
+    };
     auto finish = [&](int rg) {  // the row group is done
         int rows[R];
 #pragma unroll
         for (int r = 0; r < R; r++) rows[r] = row_of<GATED, R>(rg, r, n);
-        if (OFFSETS) {  // + offset[row, g] * sum of x over group g
-            for (int blk = lane; blk < k / ABLOCK; blk += 32) {
-                const int group = (blk * ABLOCK) / group_size;
-#pragma unroll
-                for (int r = 0; r < R; r++) {
-                    acc[r] = fmaf(__ldg(offsets + (size_t)rows[r] * num_groups + group), xs.bsum[blk], acc[r]);
-                }
-            }
-        }
         warp_sum(acc);
         if (GATED) {
             if (lane == 0) {
@@ -166,40 +169,44 @@ __global__ void __launch_bounds__(GEMV_THREADS, 16 / GEMV_WARPS)
     walk_steps<U>(cur, steps, first, stride, steps_per_group, load, multiply, finish);
 }
 
-template <int BITS, bool OFFSETS, bool NORM, bool GATED, typename T, int R, int U>
-static int launch(const void* x, const void* codes, const float* scales, const float* offsets, const void* bias,
-                  void* y, int n, int k, int group_size, int grid, int pdl, cudaStream_t stream, NormArgs norm) {
-    return launch_kernel(gemv_kernel<BITS, OFFSETS, NORM, GATED, T, R, U>, grid, GEMV_THREADS,
+template <int BITS, int OFF, bool NORM, bool GATED, typename T, int R, int U>
+static int launch(const void* x, const void* codes, const float* scales, const float* offsets, int zero_point,
+                  const void* bias, void* y, int n, int k, int group_size, int grid, int pdl, cudaStream_t stream,
+                  NormArgs norm) {
+    return launch_kernel(gemv_kernel<BITS, OFF, NORM, GATED, T, R, U>, grid, GEMV_THREADS,
                          activation_smem_bytes(k), pdl, stream, reinterpret_cast<const T*>(x),
-                         reinterpret_cast<const uint8_t*>(codes), scales, offsets, reinterpret_cast<const T*>(bias),
-                         reinterpret_cast<T*>(y), n, k, group_size, norm);
+                         reinterpret_cast<const uint8_t*>(codes), scales, offsets, zero_point,
+                         reinterpret_cast<const T*>(bias), reinterpret_cast<T*>(y), n, k, group_size, norm);
 }
 
-#define ARGS x, codes, scales, offsets, bias, y, n, k, group_size, grid, pdl, stream, norm
+#define ARGS x, codes, scales, offsets, zero_point, bias, y, n, k, group_size, grid, pdl, stream, norm
 template <typename T, bool NORM, bool GATED>
-static int dispatch(int bits, int has_offsets, const void* x, const void* codes, const float* scales,
-                    const float* offsets, const void* bias, void* y, int n, int k, int group_size, int grid, int pdl,
+static int dispatch(int bits, const void* x, const void* codes, const float* scales, const float* offsets,
+                    int zero_point, const void* bias, void* y, int n, int k, int group_size, int grid, int pdl,
                     cudaStream_t stream, NormArgs norm) {
     constexpr int R = GATED ? 2 : ROWS;  // a gated warp multiplies its (gate, up) pair
     if (bits == 4) {
-        return has_offsets ? launch<4, true, NORM, GATED, T, R, UNROLL>(ARGS)
-                           : launch<4, false, NORM, GATED, T, R, UNROLL>(ARGS);
+        if (zero_point != 0) return launch<4, OFFSETS_ZERO_POINT, NORM, GATED, T, R, UNROLL>(ARGS);
+        return offsets != nullptr ? launch<4, OFFSETS_PER_GROUP, NORM, GATED, T, R, UNROLL>(ARGS)
+                                  : launch<4, OFFSETS_NONE, NORM, GATED, T, R, UNROLL>(ARGS);
     }
-    return has_offsets ? launch<8, true, NORM, GATED, T, R, UNROLL>(ARGS)
-                       : launch<8, false, NORM, GATED, T, R, UNROLL>(ARGS);
+    return offsets != nullptr ? launch<8, OFFSETS_PER_GROUP, NORM, GATED, T, R, UNROLL>(ARGS)
+                              : launch<8, OFFSETS_NONE, NORM, GATED, T, R, UNROLL>(ARGS);
 }
 
 template <bool NORM, bool GATED>
 static int dispatch_dtype(int dtype, int bits, const void* x, const void* codes, const float* scales,
-                          const float* offsets, const void* bias, void* y, int n, int k, int group_size, int grid,
-                          int pdl, void* stream, NormArgs norm) {
+                          const float* offsets, int zero_point, const void* bias, void* y, int n, int k,
+                          int group_size, int grid, int pdl, void* stream, NormArgs norm) {
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-    const int has_offsets = offsets != nullptr;
+    if ((zero_point != 0 && (bits != 4 || offsets != nullptr)) || zero_point < 0 || zero_point > 15) {
+        return (int)cudaErrorInvalidValue;  // a zero point replaces the offsets, for int4 codes
+    }
     if (dtype == 0) {
-        return dispatch<__nv_bfloat16, NORM, GATED>(bits, has_offsets, x, codes, scales, offsets, bias, y, n, k,
+        return dispatch<__nv_bfloat16, NORM, GATED>(bits, x, codes, scales, offsets, zero_point, bias, y, n, k,
                                                     group_size, grid, pdl, s, norm);
     }
-    return dispatch<__half, NORM, GATED>(bits, has_offsets, x, codes, scales, offsets, bias, y, n, k, group_size, grid,
+    return dispatch<__half, NORM, GATED>(bits, x, codes, scales, offsets, zero_point, bias, y, n, k, group_size, grid,
                                          pdl, s, norm);
 }
 
@@ -212,28 +219,30 @@ int tq_gemv_norm_max_k(void) { return NORM_TURNS * 8 * GEMV_THREADS; }
 // The activation stages multiplied with bits-bit codes (dp4a_common.cuh's stages_of).
 int tq_gemv_stages(int bits) { return bits == 4 ? stages_of<4>() : stages_of<8>(); }
 
-// y [n] = x [k] W^T (+ bias): dtype 0 bfloat16, 1 float16 (x, bias, y); bits 4 or 8; offsets may be null (then
-// has_offsets 0), bias may be null. Returns the CUDA error code of the launch (0: launched).
+// y [n] = x [k] W^T (+ bias): dtype 0 bfloat16, 1 float16 (x, bias, y); bits 4 or 8; offsets may be null, bias
+// may be null. zero_point (int4 codes, offsets null): every offset is -zero_point x its scale (0: none). Returns the
+// CUDA error code of the launch (0: launched).
 int tq_gemv(int dtype, int bits, const void* x, const void* codes, const float* scales, const float* offsets,
-            const void* bias, void* y, int n, int k, int group_size, int grid, int pdl, void* stream) {
-    return dispatch_dtype<false, false>(dtype, bits, x, codes, scales, offsets, bias, y, n, k, group_size, grid, pdl,
-                                        stream, NormArgs{nullptr, nullptr, nullptr, 0.f, 0});
+            int zero_point, const void* bias, void* y, int n, int k, int group_size, int grid, int pdl, void* stream) {
+    return dispatch_dtype<false, false>(dtype, bits, x, codes, scales, offsets, zero_point, bias, y, n, k, group_size,
+                                        grid, pdl, stream, NormArgs{nullptr, nullptr, nullptr, 0.f, 0});
 }
 
 // tq_gemv of h = RMSNorm(x + residual) * norm_weight instead of x (Llama's norm; residual may be null), writing
 // x + residual to residual_out. k <= tq_gemv_norm_max_k(). activation >= 0 (ACT_*): W has 2n rows, gate then up,
 // and y [n] = act(gate . h) * (up . h) (+ their biases); activation -1: W has n rows.
 int tq_gemv_normed(int dtype, int bits, const void* x, const void* residual, const void* norm_weight, float eps,
-                   void* residual_out, const void* codes, const float* scales, const float* offsets, const void* bias,
-                   void* y, int n, int k, int group_size, int activation, int grid, int pdl, void* stream) {
+                   void* residual_out, const void* codes, const float* scales, const float* offsets, int zero_point,
+                   const void* bias, void* y, int n, int k, int group_size, int activation, int grid, int pdl,
+                   void* stream) {
     if (k > tq_gemv_norm_max_k() || activation > ACT_GELU) return (int)cudaErrorInvalidValue;
     const NormArgs norm{residual, norm_weight, residual_out, eps, activation};
     if (activation >= 0) {
-        return dispatch_dtype<true, true>(dtype, bits, x, codes, scales, offsets, bias, y, n, k, group_size, grid,
-                                          pdl, stream, norm);
+        return dispatch_dtype<true, true>(dtype, bits, x, codes, scales, offsets, zero_point, bias, y, n, k,
+                                          group_size, grid, pdl, stream, norm);
     }
-    return dispatch_dtype<true, false>(dtype, bits, x, codes, scales, offsets, bias, y, n, k, group_size, grid, pdl,
-                                       stream, norm);
+    return dispatch_dtype<true, false>(dtype, bits, x, codes, scales, offsets, zero_point, bias, y, n, k, group_size,
+                                       grid, pdl, stream, norm);
 }
 
 }  // extern "C"

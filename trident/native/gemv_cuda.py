@@ -43,9 +43,9 @@ def library() -> ctypes.CDLL | None:
     lib = load_cuda(LIBRARY)
     if lib is not None and not getattr(lib, "_typed", False):
         p, i = ctypes.c_void_p, ctypes.c_int
-        lib.tq_gemv.argtypes = [i, i, p, p, p, p, p, p, i, i, i, i, i, p]
+        lib.tq_gemv.argtypes = [i, i, p, p, p, p, i, p, p, i, i, i, i, i, p]
         lib.tq_gemv.restype = i
-        lib.tq_gemv_normed.argtypes = [i, i, p, p, p, ctypes.c_float, p, p, p, p, p, p, i, i, i, i, i, i, p]
+        lib.tq_gemv_normed.argtypes = [i, i, p, p, p, ctypes.c_float, p, p, p, p, i, p, p, i, i, i, i, i, i, p]
         lib.tq_gemv_normed.restype = i
         lib.tq_gemv_rows_per_warp.restype = i
         lib.tq_gemv_threads.restype = i
@@ -97,6 +97,13 @@ def _grid(lib: ctypes.CDLL, items: int, device: torch.device) -> int:
     return grid_size(items, lib.tq_gemv_threads() // 32, device, BLOCKS_PER_SM)
 
 
+def _offsets(w: AffineWeight) -> tuple[int | None, int]:
+    """The kernel's (offsets pointer, zero point): a zero point replaces the offsets (never read then)."""
+    if w.zero_point:
+        return None, w.zero_point
+    return (w.offsets.data_ptr() if w.offsets is not None else None), 0
+
+
 def gemv(x: torch.Tensor, w: AffineWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [1, K] -> x W^T (+ b) [1, N] in x's dtype (see the module docstring); the caller checked :func:`takes`."""
     lib = library()
@@ -106,9 +113,8 @@ def gemv(x: torch.Tensor, w: AffineWeight, bias: torch.Tensor | None = None) -> 
     from trident.kernels.pdl import pdl_launch
 
     err = lib.tq_gemv(DTYPES[x.dtype], w.bits, x.data_ptr(), w.codes.data_ptr(), w.scales.data_ptr(),
-                      w.offsets.data_ptr() if w.offsets is not None else None,
-                      bias.data_ptr() if bias is not None else None, y.data_ptr(), n, k, w.group_size, grid,
-                      int(pdl_launch(x.device)), torch.cuda.current_stream(x.device).cuda_stream)
+                      *_offsets(w), bias.data_ptr() if bias is not None else None, y.data_ptr(), n, k,
+                      w.group_size, grid, int(pdl_launch(x.device)), torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"tq_gemv launch failed with CUDA error {err}")
     return y
@@ -148,10 +154,9 @@ def gemv_normed(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: tor
 
     err = lib.tq_gemv_normed(DTYPES[x.dtype], w.bits, x.data_ptr(), None if residual is None else residual.data_ptr(),
                              norm_weight.data_ptr(), eps, new_residual.data_ptr(), w.codes.data_ptr(),
-                             w.scales.data_ptr(), w.offsets.data_ptr() if w.offsets is not None else None,
-                             bias.data_ptr() if bias is not None else None, y.data_ptr(), n, k, w.group_size,
-                             -1 if activation is None else ACTIVATIONS[activation], grid, int(pdl_launch(x.device)),
-                             torch.cuda.current_stream(x.device).cuda_stream)
+                             w.scales.data_ptr(), *_offsets(w), bias.data_ptr() if bias is not None else None,
+                             y.data_ptr(), n, k, w.group_size, -1 if activation is None else ACTIVATIONS[activation],
+                             grid, int(pdl_launch(x.device)), torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"tq_gemv_normed launch failed with CUDA error {err}")
     return y, new_residual

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 
 from trident.errors import TridentError
-from trident.quant.rtn import ASYMMETRIC_INT8_OFFSET, QuantConfig, QuantizedWeight, unpack_int4
+from trident.quant.rtn import ASYMMETRIC_INT8_OFFSET, INT4_ZERO_POINT, QuantConfig, QuantizedWeight, unpack_int4
 
 AFFINE_SCALE_DTYPES = (torch.float32, torch.float16)
 """Dtypes scales and offsets may have."""
@@ -37,6 +37,10 @@ class AffineWeight(NamedTuple):
     offsets: torch.Tensor | None
     bits: int
     """8: int8 codes [N, K]; 4: packed uint8 [N, K / 2]."""
+    zero_point: int = 0
+    """When not 0, every offset is exactly -zero_point x its scale (symmetric int4 stored as q + 8, GGUF Q4_0):
+    kernels that can may take the offsets from the codes' sums instead of reading them (the CUDA batch-1 kernel).
+    ``offsets`` holds them all the same."""
 
     @property
     def out_features(self) -> int:
@@ -69,6 +73,8 @@ def check_affine(w: AffineWeight) -> None:
     if w.offsets is not None and (w.offsets.shape != w.scales.shape or w.offsets.dtype != w.scales.dtype):
         raise ValueError(f"offsets must match scales {w.scales.dtype} {tuple(w.scales.shape)}, got "
                          f"{w.offsets.dtype} {tuple(w.offsets.shape)}")
+    if w.zero_point and (w.bits != 4 or w.offsets is None or not 0 < w.zero_point < 16):
+        raise ValueError(f"a zero point ({w.zero_point}) goes with int4 codes and their offsets")
 
 
 def affine_from_rtn(q: QuantizedWeight, config: QuantConfig) -> AffineWeight:
@@ -82,12 +88,18 @@ def affine_from_rtn(q: QuantizedWeight, config: QuantConfig) -> AffineWeight:
         if not config.symmetric:  # stored q - 128: s (q - z) = s stored + s (128 - z)
             offsets = scales * (ASYMMETRIC_INT8_OFFSET - q.zeros.to(torch.float32))
     elif config.symmetric:  # stored q + 8
-        offsets = -8.0 * scales
+        offsets = -float(INT4_ZERO_POINT) * scales
     elif config.float_zero_points:  # GGUF Q4_1: w = s q + m, m stored as is
         offsets = q.zeros.to(torch.float32)
     else:
         offsets = -q.zeros.to(torch.float32) * scales
-    return AffineWeight(q.qweight, scales, None if offsets is None else offsets.contiguous(), config.bits)
+    return AffineWeight(q.qweight, scales, None if offsets is None else offsets.contiguous(), config.bits,
+                        affine_zero_point(config))
+
+
+def affine_zero_point(config: QuantConfig) -> int:
+    """AffineWeight.zero_point of a format's weights: 8 for symmetric int4 (stored q + 8), else 0."""
+    return INT4_ZERO_POINT if config.bits == 4 and config.symmetric else 0
 
 
 def affine_dequantize(w: AffineWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -25,7 +25,7 @@ from trident.models import ops
 from trident.models.layers import Linear, linear
 from trident.native import qmatmul as native_qmatmul
 from trident.quant import cpu_kernels
-from trident.quant.affine import AffineWeight, affine_from_rtn, affine_linear
+from trident.quant.affine import AffineWeight, affine_from_rtn, affine_linear, affine_zero_point
 from trident.quant.rtn import (
     NEVER_QUANTIZED,
     QuantConfig,
@@ -86,7 +86,8 @@ class QuantizedLinear(nn.Module):
         needs_offsets = not (self.config.bits == 8 and self.config.symmetric)
         if needs_offsets and (self.offsets is None or self.offsets.device != self.scales.device):
             self.offsets = affine_from_rtn(q, self.config).offsets
-        return AffineWeight(q.qweight, q.scales, self.offsets if needs_offsets else None, self.config.bits)
+        return AffineWeight(q.qweight, q.scales, self.offsets if needs_offsets else None, self.config.bits,
+                            affine_zero_point(self.config))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if ops.uses_kernels(x):

@@ -99,6 +99,8 @@ class QuantizedWeight(NamedTuple):
 
 ASYMMETRIC_INT8_OFFSET = 128
 """Asymmetric int8 codes 0..255 are stored minus this, as int8."""
+INT4_ZERO_POINT = 8
+"""Symmetric int4 codes -8..7 are stored plus this (0..15): their affine offset is -8 x scale."""
 
 
 def group_size_of(config: QuantConfig, in_features: int) -> int:
@@ -192,7 +194,7 @@ def grid_values(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor |
 def pack_codes(codes: torch.Tensor, grid: Grid, config: QuantConfig) -> QuantizedWeight:
     """Codes [N, K] (int32, from :func:`round_to_grid`) and the grid [N, groups] as stored."""
     if config.bits == 4:
-        qweight = pack_int4(codes + 8 if config.symmetric else codes)
+        qweight = pack_int4(codes + INT4_ZERO_POINT if config.symmetric else codes)
     else:
         qweight = (codes if config.symmetric else codes - ASYMMETRIC_INT8_OFFSET).to(torch.int8)
     zeros = None if grid.zeros is None else grid.zeros.to(torch.uint8).contiguous()
@@ -211,7 +213,7 @@ def dequantize(q: QuantizedWeight, config: QuantConfig, dtype: torch.dtype = tor
             return w
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     if config.bits == 4:
-        codes = unpack_int4(q.qweight) - (8 if config.symmetric else 0)
+        codes = unpack_int4(q.qweight) - (INT4_ZERO_POINT if config.symmetric else 0)
     else:
         codes = q.qweight.to(torch.int32) + (0 if config.symmetric else ASYMMETRIC_INT8_OFFSET)
     n, k = codes.shape
