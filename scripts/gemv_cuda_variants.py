@@ -14,11 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from trident.kernels.bench_gemv import ROTATION_BYTES, graph_us
-from trident.kernels.bench_quant_matmul import random_weight
+from trident.kernels.bench_gemv import graph_us
+from trident.kernels.bench_quant_matmul import rotated_weights
 from trident.native import gemv_cuda
 from trident.native.cuda_build import NVCC_FLAGS, _arch, _nvcc
-from trident.quant.affine import AffineWeight
 
 SOURCE = "trident/native/gemv_cuda.cu"
 SHAPES = (("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336))
@@ -61,13 +60,6 @@ def time_calls(lib: ctypes.CDLL, grid: int, bits: int, x: torch.Tensor, weights:
     return graph_us(call, len(weights))
 
 
-def format_weight(fname: str, n: int, k: int, bits: int, group: int | None, offsets: bool,
-                  device: torch.device) -> AffineWeight:
-    """A random weight of FORMATS' ``fname``: the "-offsets" formats without their zero point."""
-    w = random_weight(n, k, bits, group, offsets, device)
-    return w._replace(zero_point=0) if fname.endswith("-offsets") else w
-
-
 def main() -> None:
     variants = [parse(s) for s in (sys.argv[1:] or DEFAULT)]
     with ThreadPoolExecutor(len(variants)) as pool:
@@ -77,9 +69,10 @@ def main() -> None:
     totals: dict[tuple[str, str], float] = {}
     for fname, bits, group, offsets in FORMATS:
         for proj, n, k in SHAPES:
-            first = format_weight(fname, n, k, bits, group, offsets, device)
-            copies = max(1, -(-ROTATION_BYTES // first.nbytes()))
-            weights = [first] + [format_weight(fname, n, k, bits, group, offsets, device) for _ in range(copies - 1)]
+            weights = rotated_weights(n, k, bits, group, offsets, device)
+            if fname.endswith("-offsets"):  # the same weights with their offsets read, not their zero point
+                weights = [w._replace(zero_point=0) for w in weights]
+            first = weights[0]
             x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
             outputs = [torch.empty(1, n, device=device, dtype=torch.bfloat16) for _ in weights]
             for (name, _, blocks), lib in zip(variants, libs):

@@ -12,8 +12,8 @@ import argparse
 
 import torch
 
-from trident.kernels.bench_gemv import ROTATION_BYTES, graph_us
-from trident.kernels.bench_quant_matmul import random_weight
+from trident.kernels.bench_gemv import graph_us
+from trident.kernels.bench_quant_matmul import random_weight, rotated_weights
 from trident.native import gemv_cuda
 
 FORMATS = {"int4": (4, 128, True), "int8": (8, None, False)}
@@ -26,12 +26,9 @@ CASES = {"int8_qkv": ("int8", 6144, 4096), "int8_gate_up": ("int8", 28672, 4096)
 
 def time_product(fmt: str, n: int, k: int, device: torch.device) -> tuple[float, int]:
     """(microseconds per call, bytes of one weight) of an N x K product of format ``fmt``."""
-    bits, group, offsets = FORMATS[fmt]
     x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
-    first = random_weight(n, k, bits, group, offsets, device)
-    copies = max(1, -(-ROTATION_BYTES // first.nbytes()))
-    weights = [first] + [random_weight(n, k, bits, group, offsets, device) for _ in range(copies - 1)]
-    return graph_us(lambda i: gemv_cuda.gemv(x, weights[i]), len(weights)), first.nbytes()
+    weights = rotated_weights(n, k, *FORMATS[fmt], device)
+    return graph_us(lambda i: gemv_cuda.gemv(x, weights[i]), len(weights)), weights[0].nbytes()
 
 
 def sweep(device: torch.device) -> None:

@@ -84,6 +84,15 @@ def random_weight(n: int, k: int, bits: int, group_size: int | None, offsets: bo
     return AffineWeight(codes, scales, -8.0 * scales if offsets else None, bits, 8 if offsets else 0)
 
 
+def rotated_weights(n: int, k: int, bits: int, group_size: int | None, offsets: bool,
+                    device: torch.device) -> list[AffineWeight]:
+    """Random weights (:func:`random_weight`) enough to fill ROTATION_BYTES on CUDA (calls cycling through them read
+    each from memory, not from the L2), two elsewhere."""
+    first = random_weight(n, k, bits, group_size, offsets, device)
+    copies = max(1, triton.cdiv(ROTATION_BYTES, first.nbytes())) if device.type == "cuda" else 2
+    return [first] + [random_weight(n, k, bits, group_size, offsets, device) for _ in range(copies - 1)]
+
+
 def bench_shape(model: str, projection: str, n: int, k: int, rows: tuple[int, ...], formats: tuple[str, ...],
                 time_us: TimeUs, device: torch.device, dtype: torch.dtype, sweep: bool) -> list[dict]:
     """One row per row count and format: the bf16 baselines, the kernel's own tiles and every variant."""
@@ -92,10 +101,7 @@ def bench_shape(model: str, projection: str, n: int, k: int, rows: tuple[int, ..
     dense = [torch.randn(n, k, device=device, dtype=dtype) * 0.02 for _ in range(dense_copies)]
     quantized = {}
     for name in formats:
-        bits, group, offsets = FORMATS[name]
-        one = random_weight(n, k, bits, group, offsets, device)
-        copies = max(1, triton.cdiv(ROTATION_BYTES, one.nbytes())) if device.type == "cuda" else 2
-        quantized[name] = [one] + [random_weight(n, k, bits, group, offsets, device) for _ in range(copies - 1)]
+        quantized[name] = rotated_weights(n, k, *FORMATS[name], device)
     results = []
     for m in rows:
         x = torch.randn(m, k, device=device, dtype=dtype)
