@@ -30,6 +30,11 @@ def score_factors(scale: float, logit_softcap: float | None) -> tuple[float, flo
     return scale / logit_softcap, logit_softcap * LOG2E
 
 
+def padded_head_dim(head_dim: int) -> int:
+    """The head dim the attention kernels' tiles use (DIM_PAD): a power of two, at least 16."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
 def compute_dtype(query: torch.Tensor, k_cache: torch.Tensor) -> torch.dtype:
     """The dtype the kernels' products take: the cache's, or the queries' for a cache of int8 / fp8 codes."""
     return query.dtype if k_cache.dtype in (torch.int8, torch.float8_e4m3fn) else k_cache.dtype

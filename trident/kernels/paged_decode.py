@@ -26,6 +26,7 @@ from trident.kernels.paged_common import (
     dot_precision,
     gather_sequence,
     kv_scale_args,
+    padded_head_dim,
     scaled_scores,
     score_factors,
 )
@@ -86,7 +87,7 @@ def paged_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     assert query.stride(2) == 1 and out.stride(2) == 1 and k_cache.stride(3) == 1
     assert block_tables.stride(1) == 1
     group = num_heads // num_kv_heads
-    dim_pad = max(16, triton.next_power_of_2(head_dim))
+    dim_pad = padded_head_dim(head_dim)
     dtype = compute_dtype(query, k_cache)
     quantized, k_scale, v_scale = kv_scale_args(k_cache, k_scale, v_scale)
     block_n = block_n or decode_tile(dim_pad, dtype, num_splits)
@@ -117,7 +118,7 @@ def split_buffers(batch: int, num_heads: int, num_splits: int, head_dim: int,
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(partial outputs [batch, num_heads, num_splits, DIM_PAD] float32, their log2-domain log-sum-exps [batch,
     num_heads, num_splits]) for a split decode: what :func:`reduce_splits` combines."""
-    dim_pad = max(16, triton.next_power_of_2(head_dim))
+    dim_pad = padded_head_dim(head_dim)
     return (torch.empty((batch, num_heads, num_splits, dim_pad), dtype=torch.float32, device=device),
             torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=device))
 

@@ -22,6 +22,7 @@ from trident.kernels.paged_common import (
     dot_precision,
     gather_sequence,
     kv_scale_args,
+    padded_head_dim,
     scaled_scores,
     score_factors,
 )
@@ -62,7 +63,7 @@ def paged_prefill(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     assert query.stride(2) == 1 and out.stride(2) == 1 and k_cache.stride(3) == 1
     assert block_tables.stride(1) == 1
     group = num_heads // num_kv_heads
-    dim_pad = max(16, triton.next_power_of_2(head_dim))
+    dim_pad = padded_head_dim(head_dim)
     dtype = compute_dtype(query, k_cache)
     quantized, k_scale, v_scale = kv_scale_args(k_cache, k_scale, v_scale)
     default_m, default_n, default_warps, default_stages = prefill_tile_config(dim_pad, dtype)
