@@ -96,13 +96,6 @@ __device__ __forceinline__ XStages x_stages(uint8_t* smem, int k) {
 // for int4 the codes' sums).
 template <int BITS, typename T>
 __device__ __forceinline__ void quantize_chunk(uint4 raw, int c, bool active, const XStages& xs) {
-    uint32_t* q1 = xs.q1;
-    uint32_t* q2 = xs.q2;
-    float* s1 = xs.s1;
-    float* s2 = xs.s2;
-    float* bsum = xs.bsum;
-    int* qsum1 = xs.qsum1;
-    int* qsum2 = xs.qsum2;
     float v[8];
     const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
@@ -142,16 +135,16 @@ __device__ __forceinline__ void quantize_chunk(uint4 raw, int c, bool active, co
         // the order the codes unpack to: int4 each 8 elements' even ones, then their odd ones; int8 as they come
         constexpr int o[8] = {0, BITS == 4 ? 2 : 1, BITS == 4 ? 4 : 2, BITS == 4 ? 6 : 3,
                               BITS == 4 ? 1 : 4, BITS == 4 ? 3 : 5, BITS == 4 ? 5 : 6, 7};
-        q1[2 * c] = pack4(a[o[0]], a[o[1]], a[o[2]], a[o[3]]);
-        q1[2 * c + 1] = pack4(a[o[4]], a[o[5]], a[o[6]], a[o[7]]);
+        xs.q1[2 * c] = pack4(a[o[0]], a[o[1]], a[o[2]], a[o[3]]);
+        xs.q1[2 * c + 1] = pack4(a[o[4]], a[o[5]], a[o[6]], a[o[7]]);
         if (two) {
-            q2[2 * c] = pack4(b[o[0]], b[o[1]], b[o[2]], b[o[3]]);
-            q2[2 * c + 1] = pack4(b[o[4]], b[o[5]], b[o[6]], b[o[7]]);
+            xs.q2[2 * c] = pack4(b[o[0]], b[o[1]], b[o[2]], b[o[3]]);
+            xs.q2[2 * c + 1] = pack4(b[o[4]], b[o[5]], b[o[6]], b[o[7]]);
         }
         if ((c & 3) == 0) {
-            s1[c / 4] = scale1;
-            if (two) s2[c / 4] = scale2;
-            bsum[c / 4] = sum;
+            xs.s1[c / 4] = scale1;
+            if (two) xs.s2[c / 4] = scale2;
+            xs.bsum[c / 4] = sum;
         }
     }
     if (BITS == 4) {  // the codes' block sums, for a zero point (every lane takes the shuffles)
@@ -168,8 +161,8 @@ __device__ __forceinline__ void quantize_chunk(uint4 raw, int c, bool active, co
             sum2 += __shfl_xor_sync(0xffffffffu, sum2, 2);
         }
         if (active && (c & 3) == 0) {
-            qsum1[c / 4] = sum1;
-            if (two) qsum2[c / 4] = sum2;
+            xs.qsum1[c / 4] = sum1;
+            if (two) xs.qsum2[c / 4] = sum2;
         }
     }
 }
