@@ -150,7 +150,12 @@ def test_dashboard_renders_and_follows_requests(live_server, client, model_name,
             assert set(chart(page, latency)) == {"p50", "p90"}
             assert 0 < chart(page, latency)["p50"]["last"] <= chart(page, latency)["p90"]["last"]
         assert set(chart(page, "kv-cache")) == {model_name}
+        # a line of two points is a few pixels long at the right edge: wait until each line is long enough to see
+        deadline = time.monotonic() + 10
         coloured = page.evaluate(COLOURED_PIXELS)
+        while min(coloured) < 20 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            coloured = page.evaluate(COLOURED_PIXELS)
         assert all(n >= 20 for n in coloured), dict(zip(CHART_IDS, coloured))
 
         assert page.script_errors() == [] and page.log_errors() == []
