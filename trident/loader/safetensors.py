@@ -19,7 +19,7 @@ from trident.config import ModelConfig
 from trident.errors import TridentError
 from trident.loader.checkpoint import Checkpoint
 from trident.loader.jsonfile import read_json
-from trident.quant.format import read_quantization_config
+from trident.quant.format import QuantizedModules, read_quantization_config
 
 _SINGLE = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
@@ -35,13 +35,7 @@ def load_hf_folder(path: str) -> Checkpoint:
     """Read a Hugging Face model folder; the tokenizer is None when the folder has no tokenizer.json."""
     from trident.tokenizer import Tokenizer
 
-    config_file = os.path.join(path, "config.json")
-    if not os.path.isfile(config_file):
-        raise TridentError(
-            f"{path} has no config.json; a model folder needs config.json and model.safetensors "
-            "(as written by save_pretrained), or pass a .gguf file"
-        )
-    hf_config = read_json(config_file)
+    hf_config = _read_config_json(path)
     config = ModelConfig.from_hf_dict(hf_config)
     quantization = read_quantization_config(hf_config)
     multimodal = "text_config" in hf_config
@@ -68,6 +62,22 @@ def load_hf_folder(path: str) -> Checkpoint:
         hf_config=hf_config,
         quantization=quantization,
     )
+
+
+def read_hf_config(path: str) -> tuple[ModelConfig, QuantizedModules | None]:
+    """A model folder's ModelConfig and quantization, from its config.json alone."""
+    hf_config = _read_config_json(path)
+    return ModelConfig.from_hf_dict(hf_config), read_quantization_config(hf_config)
+
+
+def _read_config_json(path: str) -> dict[str, Any]:
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise TridentError(
+            f"{path} has no config.json; a model folder needs config.json and model.safetensors "
+            "(as written by save_pretrained), or pass a .gguf file"
+        )
+    return read_json(config_file)
 
 
 def text_model_name(name: str) -> str | None:
