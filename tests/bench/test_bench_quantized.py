@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny_shapes import TINY_SHAPES
 
-from trident.bench.quantized_weights import bench_quant_config, quantize_checkpoint
+from trident.bench.quantized_weights import bench_quant_config, quantization_plan, quantize_checkpoint
 from trident.bench.random_weights import random_checkpoint, weight_specs
 from trident.bench.shapes import Shape
 from trident.cli import main
@@ -191,3 +191,36 @@ def test_bench_latency_with_int8_experts_counts_codes_and_scales(tmp_path) -> No
     codes = layers * experts * 3 * hidden * inter
     scales = layers * experts * (2 * inter + hidden) * 4
     assert record["roofline"]["expert_bytes"] == codes + scales
+
+
+@pytest.mark.parametrize(("name", "weights", "group", "dtype"), [
+    ("qwen2-moe-shared", "int8", None, torch.float32),
+    ("qwen2-moe-shared", "int4", 0, torch.bfloat16),  # per channel: K = 48 (the shared expert) takes no CPU kernel
+    ("llama3-scaled", "int4", 32, torch.bfloat16),
+    ("llama3-scaled", "int8", 32, torch.float32),
+])
+def test_estimate_from_the_plan_equals_the_engine(name: str, weights: str, group: int | None,
+                                                  dtype: torch.dtype) -> None:
+    """What the memory estimate sees before loading (the config and quantization_plan: no tensor) is what an engine
+    of the quantized checkpoint holds once every product has run: int8 experts as codes and scales, the CPU kernels'
+    layouts of the quantized layers."""
+    from trident.engine.engine import LLMEngine
+    from trident.engine.llm import engine_config
+    from trident.engine.request import SamplingParams
+    from trident.engine.sizing import estimate_memory
+    from trident.models.build import meta_model
+
+    shape = Shape("t", dict(TINY_SHAPES[name]), "test")
+    quantized = quantize_checkpoint(random_checkpoint(shape, device="cpu", dtype=torch.float32, seed=3),
+                                    bench_quant_config(weights, group))
+    plan = quantization_plan(meta_model(quantized.config), quantized.quantization.config)
+    assert plan == quantized.quantization and bool(plan.experts) == (weights == "int8" and "moe" in name)
+    config = engine_config(None, dtype=str(dtype).removeprefix("torch."), num_blocks=4, max_model_len=64)
+    engine = LLMEngine(config, quantized)
+    engine.add_request([5, 6, 7], SamplingParams(max_tokens=3))
+    while engine.has_unfinished():
+        engine.step()
+    estimate = estimate_memory(quantized.config, config, plan)
+    used = engine.memory_usage()
+    assert estimate.kv_cache_bytes == used.kv_cache_bytes
+    assert 0 <= used.weights_bytes - estimate.weights_bytes <= 1024, (used, estimate)  # + the rotary table

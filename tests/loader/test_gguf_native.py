@@ -108,8 +108,10 @@ def test_default_model_in_native_q4_1_answers_through_the_cpu_kernels(default_gg
     embed = model.get_submodule("model.embed_tokens")  # Q8_0 in the file: also the tied LM head
     assert isinstance(embed, QuantizedEmbedding) and embed.head.config.bits == 8
     checkpoint = load_checkpoint(default_gguf_path, gguf_native=True)
-    quantized = weights_bytes(checkpoint.config, torch.bfloat16, checkpoint.quantization)
-    assert quantized < 0.55 * weights_bytes(checkpoint.config, torch.bfloat16)
+    stored = sum(t.numel() * t.element_size() for t in checkpoint.tensors.values())
+    assert stored < 0.55 * weights_bytes(checkpoint.config, torch.bfloat16)
+    # on the CPU the layers also keep the codes in the layout of the kernel that runs them
+    assert stored < weights_bytes(checkpoint.config, torch.bfloat16, checkpoint.quantization) < 2 * stored
     out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                    SamplingParams(temperature=0.0, max_tokens=12))
     assert out[0].text.startswith("The capital of France is Paris")

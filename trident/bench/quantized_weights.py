@@ -20,6 +20,7 @@ import torch
 
 from trident.errors import TridentError
 from trident.loader.checkpoint import Checkpoint
+from trident.models.build import meta_model
 from trident.quant.format import QUANT_METHOD, W8A8_METHOD, W8A8_WEIGHTS, QuantizedModules
 from trident.quant.linear import eligible_modules
 from trident.quant.rtn import QuantConfig, quantize
@@ -52,28 +53,13 @@ def quantize_checkpoint(checkpoint: Checkpoint, config: QuantConfig, quant_metho
     experts become ``<experts>.gate_up_qweight`` / ``_scales`` and ``.down_qweight`` / ``_scales`` likewise
     (:func:`quantize_checkpoint_experts`). ``lm_head``: the head (or the embedding table a tied head is) becomes
     int8 per channel too (trident/quant/head.py), listed with its own config."""
-    from trident.attention.torch_ref import TorchAttention
-    from trident.models.registry import model_class
-
     if checkpoint.quantization is not None:
         raise TridentError(f"{checkpoint.path} is already quantized ({checkpoint.quantization.config}); benchmark it "
                            "without --weights")
-    with torch.device("meta"):
-        model = model_class(checkpoint.config.model_type)(checkpoint.config, TorchAttention())
-    if checkpoint.config.shared_layers is not None:  # a shared module is quantized once, from its source layer
-        from trident.models.shared_layers import tie_shared_modules
-
-        tie_shared_modules(model, checkpoint.config.shared_layers)
+    model = meta_model(checkpoint.config)
     packed = model.packed_modules
-    names = eligible_modules(model, config)
-    module_configs = {}
-    if lm_head:
-        from trident.quant.head import head_config, head_module
-
-        if quant_method != QUANT_METHOD:
-            raise TridentError("an int8 LM head goes with weight-only int8 / int4 weights")
-        module_configs[head_module(model)] = head_config()
-        names = [*names, *module_configs]
+    plan = quantization_plan(model, config, quant_method, lm_head=lm_head)
+    names, module_configs = plan.modules, plan.module_configs
     tensors = dict(checkpoint.tensors)
     types = dict(checkpoint.tensor_types)
     for name in names:
@@ -93,24 +79,38 @@ def quantize_checkpoint(checkpoint: Checkpoint, config: QuantConfig, quant_metho
             if t is not None:
                 tensors[f"{name}.{kind}"] = t
                 types[f"{name}.{kind}"] = str(t.dtype).removeprefix("torch.").upper()
+    quantize_checkpoint_experts(model, plan.experts, tensors, types)
+    return dataclasses.replace(checkpoint, tensors=tensors, tensor_types=types, quantization=plan)
+
+
+def quantization_plan(model: torch.nn.Module, config: QuantConfig, quant_method: str = QUANT_METHOD, *,
+                      lm_head: bool = False) -> QuantizedModules:
+    """What :func:`quantize_checkpoint` makes of ``model`` (built on the meta device): the eligible Linear layers,
+    the LM head with its own int8 config when ``lm_head``, and with int8 weight-only every experts module."""
+    from trident.moe.experts import FusedExperts
+
+    names = eligible_modules(model, config)
+    module_configs = {}
+    if lm_head:
+        from trident.quant.head import head_config, head_module
+
+        if quant_method != QUANT_METHOD:
+            raise TridentError("an int8 LM head goes with weight-only int8 / int4 weights")
+        module_configs[head_module(model)] = head_config()
+        names = [*names, *module_configs]
     experts = ()
     if config.bits == 8 and quant_method == QUANT_METHOD:
-        experts = quantize_checkpoint_experts(model, tensors, types)
-    return dataclasses.replace(checkpoint, tensors=tensors, tensor_types=types,
-                               quantization=QuantizedModules(config, tuple(names), module_configs,
-                                                             quant_method=quant_method, experts=experts))
+        experts = tuple(name for name, module in model.named_modules() if isinstance(module, FusedExperts))
+    return QuantizedModules(config, tuple(names), module_configs, quant_method=quant_method, experts=experts)
 
 
-def quantize_checkpoint_experts(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
-                                types: dict[str, str]) -> tuple[str, ...]:
-    """Quantize the routed experts of every experts module of ``model`` (built on the meta device) in ``tensors``
-    (Hugging Face names), in place: their float matrices (fused, or per expert, stacked) are replaced by the int8
-    codes and scales of trident/moe/quant.py, on the matrices' device, layer by layer. Returns the modules'
-    names."""
-    from trident.moe.experts import FusedExperts
+def quantize_checkpoint_experts(model: torch.nn.Module, names: tuple[str, ...], tensors: dict[str, torch.Tensor],
+                                types: dict[str, str]) -> None:
+    """Quantize the routed experts of the experts modules ``names`` of ``model`` (built on the meta device) in
+    ``tensors`` (Hugging Face names), in place: their float matrices (fused, or per expert, stacked) are replaced by
+    the int8 codes and scales of trident/moe/quant.py, on the matrices' device, layer by layer."""
     from trident.moe.quant import EXPERT_TENSORS, fused_expert_tensors, quantize_experts
 
-    names = tuple(name for name, module in model.named_modules() if isinstance(module, FusedExperts))
     for name in names:
         experts = model.get_submodule(name)
         sources = fused_expert_tensors(tensors, name, experts.num_experts, model.expert_part_names,
@@ -122,7 +122,6 @@ def quantize_checkpoint_experts(model: torch.nn.Module, tensors: dict[str, torch
             types[f"{name}.{kind}"] = str(t.dtype).removeprefix("torch.").upper()
     for name in [n for n in types if n not in tensors]:  # the popped float matrices' types
         types.pop(name)
-    return names
 
 
 def quant_method_of(weights: str) -> str:

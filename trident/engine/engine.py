@@ -377,9 +377,13 @@ class LLMEngine:
         return "decode: lean torch step"
 
     def memory_usage(self) -> MemoryUsage:
-        """Bytes this engine holds: its weights (each storage counted once) and its KV cache."""
+        """Bytes this engine holds: its weights (each storage counted once: parameters, buffers and the kernel
+        layouts quantized layers built from them) and its KV cache."""
+        from trident.quant.linear import QuantizedLinear
+
+        derived = [t for m in self.model.modules() if isinstance(m, QuantizedLinear) for t in m.derived_tensors()]
         storages = {}
-        for tensor in (*self.model.parameters(), *self.model.buffers()):
+        for tensor in (*self.model.parameters(), *self.model.buffers(), *derived):
             storage = tensor.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
         kv = sum(cache.nbytes for cache in self.runner.kv_caches)

@@ -125,30 +125,36 @@ def num_kv_blocks(model_config: ModelConfig, config: EngineConfig, max_model_len
     return max(1, min(budget_bytes // block_bytes, useful))
 
 
-def weights_bytes(model_config: ModelConfig, dtype: torch.dtype, quantization: QuantizedModules | None = None) -> int:
+def weights_bytes(model_config: ModelConfig, dtype: torch.dtype, quantization: QuantizedModules | None = None,
+                  device: torch.device | None = None) -> int:
     """Bytes of the model's parameters in ``dtype``, counted on a meta-device build (nothing allocated; tied
     embeddings and shared layers' modules counted once, as the engine shares them). With ``quantization`` (a
     ``trident quantize`` checkpoint), the listed layers count their codes, scales and zero points instead of a
-    ``dtype`` weight."""
-    from trident.attention.torch_ref import TorchAttention
-    from trident.models.registry import model_class
+    ``dtype`` weight, and the int8 experts modules (``quantization.experts``) their codes and float32 scales. On
+    the CPU (``device`` None or a CPU), weight-only layers also count the kernel layouts they build from their codes
+    and keep (``QuantizedLinear.derived_bytes``: for the native kernel or torch's packed ones)."""
+    from trident.models.build import meta_model
 
-    with torch.device("meta"):
-        model = model_class(model_config.model_type)(model_config, TorchAttention())
-    if model_config.shared_layers is not None:
-        from trident.models.shared_layers import tie_shared_modules
-
-        tie_shared_modules(model, model_config.shared_layers)
+    model = meta_model(model_config)
     element = torch.empty((), dtype=dtype).element_size()
     total = sum(p.numel() for p in model.parameters()) * element
     if quantization is not None:
-        from trident.quant.format import listed_shape
+        from trident.quant.format import QUANT_METHOD, listed_has_bias, listed_shape
+        from trident.quant.linear import cpu_derived_bytes
         from trident.quant.rtn import quantized_bytes
 
+        derived = (device is None or device.type == "cpu") and quantization.quant_method == QUANT_METHOD
         for name in quantization.modules:
             out_features, in_features = listed_shape(model, name)
-            total += quantized_bytes(out_features, in_features, quantization.config_of(name))
+            config = quantization.config_of(name)
+            total += quantized_bytes(out_features, in_features, config)
             total -= out_features * in_features * element
+            if derived:
+                total += cpu_derived_bytes(out_features, in_features, config, dtype, listed_has_bias(model, name))
+        for name in quantization.experts:
+            for matrix in (model.get_submodule(name).gate_up_proj, model.get_submodule(name).down_proj):
+                experts, rows, _ = matrix.shape
+                total += matrix.numel() * (1 - element) + experts * rows * 4  # int8 codes, a scale per row
     return total
 
 
@@ -178,7 +184,7 @@ def estimate_memory(model_config: ModelConfig, config: EngineConfig,
     dtype = resolve_dtype(config.dtype, device)
     max_model_len = resolve_max_model_len(model_config, config, device)
     kv_format = kv_format_of(config, dtype)
-    weights = weights_bytes(model_config, dtype, quantization)
+    weights = weights_bytes(model_config, dtype, quantization, device)
     blocks = num_kv_blocks(model_config, config, max_model_len, kv_format,
                            kv_budget_bytes(model_config, config, device, pending_bytes=weights))
     block_bytes = kv_bytes_per_block(model_config, config.cache.block_size, kv_format)

@@ -46,3 +46,17 @@ def build_model(config: ModelConfig, tensors: Mapping[str, torch.Tensor], *, dty
         if isinstance(module, RotaryEmbedding):
             module.reset_inv_freq(device)
     return model.eval()
+
+
+def meta_model(config: ModelConfig) -> torch.nn.Module:
+    """The model of ``config`` on the meta device with the torch attention reference (nothing allocated), its shared
+    layers tied as the engine ties them: what counting parameters or choosing layers to quantize needs."""
+    from trident.attention.torch_ref import TorchAttention
+
+    with torch.device("meta"):
+        model = model_class(config.model_type)(config, TorchAttention())
+    if config.shared_layers is not None:
+        from trident.models.shared_layers import tie_shared_modules
+
+        tie_shared_modules(model, config.shared_layers)
+    return model

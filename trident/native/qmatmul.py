@@ -183,6 +183,17 @@ def pack(w: AffineWeight, bias: torch.Tensor | None = None, lib: ctypes.CDLL | N
                          None if bias is None else bias.float().contiguous(), natural)
 
 
+def packed_bytes(w: AffineWeight, natural: bool = False, bias: bool = False) -> int:
+    """Bytes :func:`pack` allocates for ``w`` (its codes, scales and offsets read for their shapes only): the codes
+    unless ``natural``, float16 scales and offsets with N padded to ROWS, and a float32 copy of a ``bias``."""
+    n, k = w.out_features, w.in_features
+    pairs = -(-k // PAIR)
+    rows = -(-n // ROWS) * ROWS
+    codes = 0 if natural else rows * pairs * PAIR // (2 if w.bits == 4 else 1)
+    offsets = 0 if w.offsets is None else rows * w.scales.shape[1] * 2
+    return codes + rows * 2 * pairs * 2 + offsets + (n * 4 if bias else 0)
+
+
 def pack_codes_torch(w: AffineWeight, rows: int) -> torch.Tensor:
     """The codes of ``w`` in the kernel's layout, N padded to ``rows``, in torch (the reference for tq_pack)."""
     n, k = w.out_features, w.in_features

@@ -74,6 +74,13 @@ class Int4Packed:
     def supports(out_features: int, group_size: int) -> bool:
         return group_size in INT4_GROUP_SIZES and out_features % INT4_N_MULTIPLE == 0
 
+    @staticmethod
+    def packed_bytes(out_features: int, in_features: int, group_size: int, dtype: torch.dtype) -> int:
+        """Bytes :meth:`pack` allocates for an [out_features, in_features] weight: two codes a byte, and a scale and
+        zero per group and row in ``dtype``."""
+        element = torch.empty((), dtype=dtype).element_size()
+        return out_features * in_features // 2 + in_features // group_size * out_features * 2 * element
+
     @classmethod
     def pack(cls, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int,
              dtype: torch.dtype) -> Int4Packed:

@@ -254,19 +254,29 @@ def _install_targets(model: nn.Module, names: list[str]) -> dict[str, list[str]]
 def listed_shape(model: nn.Module, name: str) -> tuple[int, int]:
     """(out_features, in_features) of the weight a listed name stands for: a Linear's, or one part's rows of a
     fused Linear."""
+    return _listed(model, name)[:2]
+
+
+def listed_has_bias(model: nn.Module, name: str) -> bool:
+    """Whether the layer a listed name stands for (the fused Linear of a part) has a bias."""
+    return _listed(model, name)[2]
+
+
+def _listed(model: nn.Module, name: str) -> tuple[int, int, bool]:
     from trident.models.layers import Embedding, Linear
 
     layer = _submodule(model, name)
     if isinstance(layer, Linear):
-        return layer.out_features, layer.in_features
+        return layer.out_features, layer.in_features, layer.bias is not None
     if isinstance(layer, Embedding):
-        return tuple(layer.weight.shape)
+        rows, columns = layer.weight.shape
+        return rows, columns, False
     prefix, _, leaf = name.rpartition(".")
     for fused, parts in getattr(model, "packed_modules", {}).items():
         for part, rows in parts:
             target = _submodule(model, f"{prefix}.{fused}")
             if part == leaf and isinstance(target, Linear):
-                return rows, target.in_features
+                return rows, target.in_features, target.bias is not None
     raise TridentError(f"quantization_config lists {name}, which is not a linear layer of this model")
 
 

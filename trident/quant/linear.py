@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
@@ -32,9 +32,12 @@ from trident.quant.rtn import (
     QuantizedWeight,
     dequantize,
     quantize,
+    stored_layout,
     unpack_int4,
 )
 
+_DERIVED = ("_native_cpu", "_int4_cpu", "_int8_cpu")
+"""Where a QuantizedLinear keeps the kernel layouts it builds on first use (in its ``__dict__``: not saved)."""
 CPU_ALIGNMENT = 64
 """Bytes the CPU int8 kernel needs the codes aligned to."""
 
@@ -118,6 +121,35 @@ class QuantizedLinear(nn.Module):
             return None
         return gemv_cuda.gemv_normed(x, residual, norm.weight, norm.eps, w, self.bias, activation)
 
+    def derived_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of the kernel layouts this layer builds on the CPU for activations of ``dtype`` and keeps (what
+        :meth:`derived_tensors` holds once it has run a product of one row), decided as :meth:`cpu_matmul` decides,
+        without building them: works on a meta-device layer."""
+        c = self.config
+        w = affine_from_rtn(self.quantized, c)
+        if dtype in native_qmatmul.X_DTYPES and native_qmatmul.available() and native_qmatmul.supports(w):
+            natural = native_qmatmul.takes_natural(w)
+            if not (c.bits == 8 and self.scales.shape[1] == 1 and not natural):
+                extra_bias = self.bias is not None and self.bias.dtype != torch.float32
+                return native_qmatmul.packed_bytes(w, natural, extra_bias)
+        group = self.in_features // self.scales.shape[1]
+        if dtype != torch.bfloat16 or not cpu_kernels.Int4Packed.supports(self.out_features, group):
+            return 0
+        if c.bits == 4:
+            return cpu_kernels.Int4Packed.packed_bytes(self.out_features, self.in_features, group, dtype)
+        if self.scales.shape[1] > 1:  # grouped int8 as the int4 kernel's [N, 2K] weight
+            return cpu_kernels.Int4Packed.packed_bytes(self.out_features, 2 * self.in_features, group, dtype)
+        return 0
+
+    def derived_tensors(self) -> list[torch.Tensor]:
+        """The tensors of the kernel layouts this layer built from its stored weight on first use and keeps
+        (:meth:`native_weight`, the packed forms of torch's CPU kernels): memory it holds beside its buffers (a
+        layout that reads the codes as stored shares their storage). Not the per-call workspaces a layout keeps
+        (activations, a few KiB per row count)."""
+        layouts = [self.__dict__.get(key) for key in _DERIVED]
+        return [value for packed in layouts if packed is not None
+                for value in (getattr(packed, f.name) for f in fields(packed)) if isinstance(value, torch.Tensor)]
+
     def native_weight(self, dtype: torch.dtype, rows: int) -> native_qmatmul.NativeQWeight | None:
         """The weight packed for trident's own integer dot-product CPU kernel (trident/native/qmatmul.c, bias
         included), built on first use and kept (not saved: derived), when it takes this product: the kernel is
@@ -198,7 +230,7 @@ class QuantizedLinear(nn.Module):
             return None
         packed = self.__dict__.get("_int4_cpu")
         if packed is None or packed.scale_and_zeros.dtype != dtype:
-            w = self.affine_weight()
+            w = affine_from_rtn(self.quantized, self.config)  # not affine_weight(): no offsets buffer kept
             packed = cpu_kernels.Int4Packed.pack(unpack_int4(w.codes), w.scales.float(), w.offsets.float(), group,
                                                  dtype)
             self.__dict__["_int4_cpu"] = packed
@@ -212,7 +244,7 @@ class QuantizedLinear(nn.Module):
             return None
         packed = self.__dict__.get("_int8_cpu")
         if packed is None or packed.scale_and_zeros.dtype != dtype:
-            w = self.affine_weight()
+            w = affine_from_rtn(self.quantized, self.config)  # not affine_weight(): no offsets buffer kept
             packed = cpu_kernels.Int4Packed.pack_int8(w.codes, w.scales.float(),
                                                       None if w.offsets is None else w.offsets.float(), group, dtype)
             self.__dict__["_int8_cpu"] = packed
@@ -268,6 +300,19 @@ def num_weights(model: nn.Module) -> int:
 
     return sum(p.numel() for p in model.parameters()) + sum(
         m.in_features * m.out_features for m in model.modules() if isinstance(m, (QuantizedLinear, W8A8Linear)))
+
+
+def cpu_derived_bytes(out_features: int, in_features: int, config: QuantConfig, dtype: torch.dtype,
+                      bias: bool = False) -> int:
+    """:meth:`QuantizedLinear.derived_bytes` of a layer of this shape, config and ``bias`` (in ``dtype``), built on
+    the meta device."""
+    with torch.device("meta"):
+        stored = {kind: torch.empty(shape, dtype=dtype_)
+                  for kind, (shape, dtype_) in stored_layout(out_features, in_features, config).items()}
+        q = QuantizedWeight(stored["qweight"], stored["scales"], stored.get("zeros"))
+        layer = QuantizedLinear(in_features, out_features, config, q,
+                                torch.empty(out_features, dtype=dtype) if bias else None)
+        return layer.derived_bytes(dtype)
 
 
 def eligible_modules(model: nn.Module, config: QuantConfig) -> list[str]:
