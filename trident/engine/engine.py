@@ -28,6 +28,7 @@ import torch
 
 from trident.attention.registry import create_backend, resolve_backend_name
 from trident.config import EngineConfig
+from trident.engine.heap import release_free_heap
 from trident.engine.output import OutputProcessor
 from trident.engine.plan import StepPlan
 from trident.engine.request import FinishReason, SamplingParams, Sequence, SequenceStatus
@@ -163,6 +164,9 @@ class LLMEngine:
         self._seq_to_request: dict[int, _Request] = {}
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
+        if self.device.type == "cpu":
+            del checkpoint  # this engine's tensors stay; what loading copied or converted goes back to the system
+            release_free_heap()
         self.load_seconds = time.perf_counter() - t0
 
     # -- requests ---------------------------------------------------------------------------------
