@@ -1,4 +1,4 @@
-"""`trident` command line: info, generate, chat, bench, serve, eval, quantize, upcycle, prune, distill, share.
+"""`trident` command line: info, generate, chat, bench, serve, eval, quantize, upcycle, prune, distill, share, advise.
 
 Errors a user can cause (TridentError) are printed as one line, without a stack trace, exit code 2.
 """
@@ -361,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     from trident.compress.share_cli import add_share_parser
 
     add_share_parser(sub)
+
+    from trident.advise.fit_cli import add_advise_parser
+
+    add_advise_parser(sub, MODEL_HELP, _engine_args, _engine_config)
     return parser
 
 

@@ -23,8 +23,10 @@ from trident.engine.sizing import estimate_memory, gguf_native
 from trident.loader import load_checkpoint
 
 KV = 16 << 20
-ALPHA = EngineConfig(model="", dtype="float32", cache=CacheConfig(memory_budget_bytes=KV))
-BETA = EngineConfig(model="", dtype="bfloat16", cache=CacheConfig(memory_budget_bytes=KV))
+CONTEXT = 256
+"""A context 16 MiB of KV cache holds a sequence of (364 tokens in float32; a server refuses a cache shorter)."""
+ALPHA = EngineConfig(model="", dtype="float32", max_model_len=CONTEXT, cache=CacheConfig(memory_budget_bytes=KV))
+BETA = EngineConfig(model="", dtype="bfloat16", max_model_len=CONTEXT, cache=CacheConfig(memory_budget_bytes=KV))
 ADMIN_KEY = "admin-secret"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 PROMPT = "The three primary colors are"
@@ -62,8 +64,8 @@ def references() -> dict[str, str]:
     from trident import LLM, SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=GREEDY["max_tokens"])
-    return {"alpha": LLM(dtype="float32", memory_budget_bytes=KV).generate(PROMPT, params)[0].outputs[0].text,
-            "beta": LLM(dtype="bfloat16", memory_budget_bytes=KV).generate(PROMPT, params)[0].outputs[0].text}
+    return {name: LLM(dtype=dtype, memory_budget_bytes=KV, max_model_len=CONTEXT).generate(PROMPT, params)[0]
+            .outputs[0].text for name, dtype in (("alpha", "float32"), ("beta", "bfloat16"))}
 
 
 def _client(live) -> openai.OpenAI:
@@ -90,7 +92,7 @@ def test_models_and_aliases_listed(budget_server):
     cards = httpx.get(f"{budget_server.base_url}/v1/models").json()["data"]
     assert [(c["id"], c["root"], c["loaded"]) for c in cards] == [
         ("alpha", "alpha", True), ("beta", "beta", False), ("beta-fast", "beta", False)]
-    assert all(c["max_model_len"] == 8192 for c in cards)  # beta's known from its estimate before loading
+    assert all(c["max_model_len"] == CONTEXT for c in cards)  # beta's known from its estimate before loading
 
 
 def test_request_for_unloaded_model_evicts_the_lru_one(budget_server, references, budget):
@@ -121,7 +123,7 @@ def test_request_for_unloaded_model_evicts_the_lru_one(budget_server, references
 def test_busy_model_is_never_unloaded(budget_server):
     url = budget_server.base_url
     _client(budget_server).completions.create(model="beta", prompt=PROMPT, max_tokens=1)  # beta in, alpha out
-    body = {"model": "beta", "prompt": PROMPT, "max_tokens": 400, "stream": True, "ignore_eos": True}
+    body = {"model": "beta", "prompt": PROMPT, "max_tokens": CONTEXT - 16, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as stream:
         lines = stream.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))  # beta is generating
@@ -156,7 +158,8 @@ def test_admin_api(budget_server, references):
     loaded = post("load", {"model": "beta-fast"})
     assert loaded.status_code == 200 and loaded.json()["loaded"] is True and loaded.json()["name"] == "beta"
     # register a new model at run time: the embedded one again, bf16, a 16 MiB KV cache
-    gamma = post("load", {"model": "gamma", "path": "default", "dtype": "bfloat16", "kv_cache_memory": KV})
+    gamma = post("load", {"model": "gamma", "path": "default", "dtype": "bfloat16", "kv_cache_memory": KV,
+                          "max_model_len": CONTEXT})
     assert gamma.status_code == 200 and gamma.json()["loaded"] is True
     answer = _client(budget_server).completions.create(model="gamma", prompt=PROMPT, **GREEDY)
     assert answer.choices[0].text == references["beta"]  # same weights and settings as beta
@@ -178,7 +181,7 @@ def pair_server(start_server) -> Iterator:
     """Both models loaded at once (no budget); alpha may run one sequence and queue one more."""
     from trident.serve import ModelPool, ModelSpec, PoolConfig, build_app
 
-    tight = EngineConfig(model="", dtype="float32", cache=CacheConfig(memory_budget_bytes=KV),
+    tight = EngineConfig(model="", dtype="float32", max_model_len=CONTEXT, cache=CacheConfig(memory_budget_bytes=KV),
                          scheduler=SchedulerConfig(max_num_seqs=1))
     pool = ModelPool(PoolConfig(models=(ModelSpec("alpha", tight, max_queued_requests=1), ModelSpec("beta", BETA))))
     assert pool.preload() == ["alpha", "beta"]

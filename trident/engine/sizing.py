@@ -104,13 +104,19 @@ def kv_budget_bytes(model_config: ModelConfig, config: EngineConfig, device: tor
     if device.type != "cuda":
         return DEFAULT_CPU_KV_BYTES
     free, total = torch.cuda.mem_get_info(device)
-    reserve = ACTIVATION_RESERVE_BYTES + config.scheduler.max_num_seqs * model_config.vocab_size * 8
+    reserve = activation_reserve_bytes(model_config, config.scheduler.max_num_seqs)
     budget = int(total * cache.gpu_memory_utilization) - (total - free) - pending_bytes - reserve
     if budget <= 0:
         raise TridentError(f"no GPU memory is left for the KV cache: {free / 2**30:.1f} of {total / 2**30:.1f} "
                            f"GiB free, weights to load {pending_bytes / 2**30:.1f} GiB, reserve "
                            f"{reserve / 2**30:.1f} GiB; raise gpu_memory_utilization or use a smaller model")
     return budget
+
+
+def activation_reserve_bytes(model_config: ModelConfig, max_num_seqs: int) -> int:
+    """GPU memory the engine leaves free beside its weights and KV cache: ACTIVATION_RESERVE_BYTES and 8 bytes of
+    logits per vocabulary entry and sequence."""
+    return ACTIVATION_RESERVE_BYTES + max_num_seqs * model_config.vocab_size * 8
 
 
 def num_kv_blocks(model_config: ModelConfig, config: EngineConfig, max_model_len: int, kv_format: KVCacheFormat,

@@ -4,7 +4,9 @@ Each model has its own LLMEngine behind its own AsyncEngine (its own batch and K
 names a model or an alias; ``use(name)`` resolves it, loads the model if needed and yields the
 :class:`ServeContext` the routes work with. Loading first reads the checkpoint's header and estimates the
 engine's bytes (weights plus KV cache, ``trident.engine.sizing``); if the loaded models and the new one
-would exceed the budget, the least recently used idle models are unloaded first. A model is idle when
+would exceed the budget, the least recently used idle models are unloaded first. A model the device cannot hold
+as configured (``trident.advise.memory.serving_problem``: a KV cache shorter than one sequence of its context,
+or more memory than is free) is refused before its weights are read. A model is idle when
 no request is inside ``use`` for it and its engine holds no request; busy models are never unloaded, so
 when only busy ones could make room the request is answered 503 with Retry-After.
 
@@ -24,10 +26,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from trident.advise.memory import serving_problem
 from trident.config import EngineConfig
 from trident.engine.engine import LLMEngine
-from trident.engine.sizing import estimate_memory, gguf_native
+from trident.engine.heap import release_free_heap
+from trident.engine.sizing import MemoryEstimate, estimate_memory, gguf_native
 from trident.loader import Checkpoint, load_checkpoint
+from trident.loader.describe import ModelDescription, describe_model
 from trident.serve.async_engine import AsyncEngine
 from trident.serve.config import ServeConfig
 from trident.serve.context import ServeContext
@@ -171,16 +176,17 @@ class ModelPool:
         for entry in self._entries.values():
             if not entry.spec.preload or entry.engine is not None:
                 continue
-            checkpoint = load_checkpoint(entry.spec.engine.model or None, gguf_native(
-                entry.spec.engine, torch.device(entry.spec.engine.device)))
-            need = self._estimate(entry, checkpoint)
+            model = describe_model(entry.spec.engine.model or None, _gguf_native(entry.spec.engine))
+            estimate = self._estimate(entry, model)
+            need = estimate.total_bytes
             if self.memory_budget_bytes is not None and self.loaded_bytes() + need > self.memory_budget_bytes:
                 logger.warning("not preloading %s: it needs %s beside %s loaded, over the budget of %s; it loads "
                                "on its first request", entry.spec.name, _gib(need), _gib(self.loaded_bytes()),
                                _gib(self.memory_budget_bytes))
                 continue
+            self._check_device(entry, model, estimate)
             t0 = time.perf_counter()
-            engine = self._loader(entry.spec.engine, checkpoint)
+            engine = self._load_engine(entry.spec.engine)
             self._attach(entry, AsyncEngine(engine), time.perf_counter() - t0)
             loaded.append(entry.spec.name)
         return loaded
@@ -237,17 +243,25 @@ class ModelPool:
             if entry.engine is not None:  # loaded by a request that held the lock before us
                 return
             spec = entry.spec
-            checkpoint = await asyncio.to_thread(load_checkpoint, spec.engine.model or None,
-                                                 gguf_native(spec.engine, torch.device(spec.engine.device)))
-            need = self._estimate(entry, checkpoint)
-            self._make_room(entry, need)
-            logger.info("loading %s from %s (%s)", spec.name, spec.path, _gib(need))
+            model = await asyncio.to_thread(describe_model, spec.engine.model or None, _gguf_native(spec.engine))
+            estimate = self._estimate(entry, model)
+            self._make_room(entry, estimate.total_bytes)
+            self._check_device(entry, model, estimate)
+            logger.info("loading %s from %s (%s)", spec.name, spec.path, _gib(estimate.total_bytes))
             t0 = time.perf_counter()
-            engine = await asyncio.to_thread(self._loader, spec.engine, checkpoint)
+            engine = await asyncio.to_thread(self._load_engine, spec.engine)
             self._attach(entry, AsyncEngine(engine), time.perf_counter() - t0)
 
-    def _estimate(self, entry: _Entry, checkpoint: Checkpoint) -> int:
-        estimate = estimate_memory(checkpoint.config, entry.spec.engine, checkpoint.quantization)
+    def _load_engine(self, config: EngineConfig) -> LLMEngine:
+        engine = self._loader(config, load_checkpoint(config.model or None, _gguf_native(config)))
+        if engine.device.type == "cpu":  # what loading copied, now that the checkpoint is gone too
+            release_free_heap()
+        return engine
+
+    def _estimate(self, entry: _Entry, model: ModelDescription) -> MemoryEstimate:
+        """The model's weights and KV cache as its engine will allocate them, refused with ModelTooLargeError
+        when more than the whole memory budget."""
+        estimate = estimate_memory(model.config, entry.spec.engine, model.quantization)
         budget = self.memory_budget_bytes
         if budget is not None and estimate.total_bytes > budget:
             raise ModelTooLargeError(
@@ -256,7 +270,14 @@ class ModelPool:
                 f"{_gib(budget)}; raise --memory-budget or give it a smaller KV cache (kv_cache_memory)")
         entry.estimate_bytes = estimate.total_bytes
         entry.max_model_len = estimate.max_model_len
-        return estimate.total_bytes
+        return estimate
+
+    def _check_device(self, entry: _Entry, model: ModelDescription, estimate: MemoryEstimate) -> None:
+        """ModelTooLargeError when the device cannot hold the model as configured (advise.memory.serving_problem):
+        checked before its weights are read."""
+        problem = serving_problem(model.config, entry.spec.engine, estimate, model.quantization)
+        if problem is not None:
+            raise ModelTooLargeError(f"the model {entry.spec.name!r} cannot be served as configured: {problem}")
 
     def _make_room(self, entry: _Entry, need: int) -> None:
         """Unload least recently used idle models until ``need`` more bytes fit the budget."""
@@ -327,3 +348,7 @@ class ModelPool:
 
 def _gib(n: int) -> str:
     return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 28 else f"{n / (1 << 20):.1f} MiB"
+
+
+def _gguf_native(config: EngineConfig) -> bool:
+    return gguf_native(config, torch.device(config.device))
