@@ -25,6 +25,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from trident.cache import cache_dir as trident_cache_dir
 from trident.errors import TridentError
 
 SOURCE_DIR = Path(__file__).parent
@@ -35,13 +36,12 @@ FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-Wall", "-Werror")
 NATIVE = "native"
 """The -march the libraries are built for: this CPU. Tests also build x86-64-v3 (AVX2, the CI machine's level) and
 x86-64 (no vector extensions: the plain C path) to check every path on one machine."""
-CACHE_ENV = "TRIDENT_CACHE_DIR"
 DISABLE_ENV = "TRIDENT_NO_NATIVE"
 """Set to 1 to keep every caller on its torch path (for comparisons and for debugging)."""
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "trident") / "native"
+    return trident_cache_dir("native")
 
 
 def _compiler() -> str | None:
