@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_share_parser(sub)
 
-    from trident.advise.fit_cli import add_advise_parser
+    from trident.advise.cli import add_advise_parser
 
     add_advise_parser(sub, MODEL_HELP, _engine_args, _engine_config)
     return parser

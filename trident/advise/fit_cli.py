@@ -1,13 +1,12 @@
-"""`trident advise --fit`: does a model serve a context to a number of sequences on this device? The estimate of
-trident/advise/memory.py as tables, from the model's config alone (nothing is loaded), with the `trident serve`
-command that holds it. Exit status 0 when it fits, 1 when it does not."""
+"""`trident advise --fit` (parser: trident/advise/cli.py): does a model serve a context to a number of sequences
+on this device? The estimate of trident/advise/memory.py as tables, from the model's config alone (nothing is
+loaded), with the `trident serve` command that holds it. Exit status 0 when it fits, 1 when it does not."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,37 +37,12 @@ class FitSubject:
     """How its weights are held, in words."""
 
 
-def add_advise_parser(sub: argparse._SubParsersAction, model_help: str,
-                      engine_args: Callable[[argparse.ArgumentParser], None],
-                      engine_config: Callable[[argparse.Namespace, str | None], EngineConfig]) -> None:
-    p = sub.add_parser(
-        "advise", help="will a model fit: the memory a context and a concurrency need on this device (--fit)",
-        description="Estimate, before loading anything, the memory an engine needs for --max-num-seqs sequences of "
-        "--max-model-len tokens (weights as held, KV cache, activations, runtime) against what this device has "
-        "free, the most sequences that fit at several contexts, and the `trident serve` command for it. Exit "
-        "status 0 when it fits, 1 when it does not. (--fit is the one mode so far: the measured selection "
-        "matrix over variants is not built yet.)")
-    p.add_argument("model", nargs="?", default=None, help=model_help)
-    p.add_argument("--fit", action="store_true", required=True, help="estimate whether it fits (required)")
-    p.add_argument("--shape", default=None, help="instead of MODEL: a named architecture (as `trident bench "
-                   "--shape`: qwen3-0.6b, llama3-8b, qwen3-30b-a3b, ...) or a config.json path; no weights needed")
-    p.add_argument("--weights", default=None, choices=["float", "int8", "int4", "w8a8"],
-                   help="estimate the model's float weights as `trident quantize` would store them (int8 per "
-                   "channel, int4 in groups of --group-size; default: as the model is stored)")
-    p.add_argument("--group-size", type=int, default=None, help="int4/int8 group size with --weights (0: per "
-                   "channel; default: 128 for int4, per channel for int8)")
-    p.add_argument("--contexts", default=None, metavar="N,N,...",
-                   help=f"contexts of the 'most sequences' table (default: {','.join(map(str, DEFAULT_CONTEXTS))} "
-                   "up to the model's, and --max-model-len)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the estimate as JSON")
-    engine_args(p)
-    p.set_defaults(func=lambda args: cmd_advise(args, engine_config))
-
-
-def cmd_advise(args: argparse.Namespace, engine_config: Callable[[argparse.Namespace, str | None], EngineConfig]
-               ) -> int:
-    config = engine_config(args, args.model)
-    subject = fit_subject(args.model, args.shape, args.weights, args.group_size, config)
+def run_fit(args: argparse.Namespace, config: EngineConfig) -> int:
+    """`trident advise --fit`: print the estimate for ``config``'s context and concurrency; the exit status."""
+    if len(args.models) > 1:
+        raise TridentError("--fit takes one MODEL")
+    subject = fit_subject(args.models[0] if args.models else None, args.shape, args.weights, args.group_size,
+                          config)
     estimate = estimate_fit(subject.config, config, subject.quantization)
     contexts = _contexts(args.contexts, estimate)
     console = Console()
