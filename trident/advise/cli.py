@@ -14,10 +14,10 @@ from trident.config import EngineConfig
 DESCRIPTION = """Which model, weights and KV cache meet a target on this machine.
 
 Without --fit: build variants of each MODEL (weights as stored, in float, or quantized to int8 / int4 in memory;
-KV caches of --kv-cache-dtypes), measure each here with the bench harness (perplexity on a text, batch-1 TTFT and
-TPOT, throughput and TPOT with --batch sequences at once; results cached in $TRIDENT_CACHE_DIR/advise), estimate
-its memory at the SLO's context, and print the matrix with what meets the SLO (--scenario, or explicit limits), the
-recommendation and the commands that serve it.
+KV caches of --kv-cache-dtypes), measure each here with the bench harness (perplexity on a text, batch-1 TTFT,
+throughput and TPOT at each --batch cap; results cached in $TRIDENT_CACHE_DIR/advise), estimate its memory at the
+SLO's context, and print the matrix (a row per variant and batch cap) with what meets the SLO (--scenario, or
+explicit limits), the recommendation and the commands that serve it.
 
 With --fit: estimate, before loading anything, the memory one engine needs for --max-num-seqs sequences of
 --max-model-len tokens (weights as held, KV cache, activations, runtime) against what this device has free. Exit
@@ -51,8 +51,8 @@ def add_advise_parser(sub: argparse._SubParsersAction, model_help: str,
                    "int8/int4 apply to models stored in float or GGUF)")
     m.add_argument("--kv-cache-dtypes", default="auto", metavar="D,D,...",
                    help=f"KV caches to try with each, of {', '.join(KV_CACHE_DTYPES)} (default: auto)")
-    m.add_argument("--batch", type=int, default=8, help="sequences at once in the throughput run: the "
-                   "--max-num-seqs advised (default: 8)")
+    m.add_argument("--batch", default="1,8", metavar="B,B,...", help="batch caps: sequences at once in each "
+                   "throughput run, a matrix row each, the --max-num-seqs advised (default: 1,8)")
     m.add_argument("--text", default="shakespeare", help="perplexity text: shakespeare, kjv or a UTF-8 file")
     m.add_argument("--perplexity-tokens", type=int, default=2048, help="tokens of the text scored (default 2,048)")
     m.add_argument("--prompt-len", type=int, default=128, help="prompt tokens of the latency and batch runs")

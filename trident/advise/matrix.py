@@ -1,22 +1,25 @@
-"""The selection matrix of `trident advise`: each measured variant against an SLO, with its memory estimate at the
-SLO's context for the batch, whether it meets every limit (and which it misses), and the recommendation: the
-variant that meets them all and is best by the SLO's objective."""
+"""The selection matrix of `trident advise`: each measured variant at each batch cap against an SLO, with its
+memory estimate at the SLO's context for that batch, whether it meets every limit (and which it misses), and the
+recommendation: the row that meets them all and is best by the SLO's objective."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 
-from trident.advise.measure import MatrixSettings, Variant, VariantMeasurement
+from trident.advise.measure import BatchRun, MatrixSettings, Variant, VariantMeasurement
 from trident.advise.memory import FitEstimate
 from trident.advise.slo import Slo
 
 
 @dataclass(frozen=True)
 class MatrixRow:
+    """A variant at one batch cap."""
+
     measurement: VariantMeasurement
+    run: BatchRun
     fit: FitEstimate
-    """The memory estimate for ``settings.batch`` sequences of the SLO's context (or the engine's default)."""
+    """The memory estimate for ``run.batch`` sequences of the SLO's context (or the engine's default)."""
     perplexity_change: float
     """Against the first row's perplexity (the reference variant)."""
     misses: tuple[str, ...]
@@ -31,19 +34,20 @@ class MatrixRow:
         return self.measurement.variant
 
 
-def evaluate(measurements: list[VariantMeasurement], fits: list[FitEstimate], slo: Slo) -> list[MatrixRow]:
-    """Each measurement (the first is the reference for perplexity) with its fit estimate, against ``slo``."""
-    reference = measurements[0].perplexity
+def evaluate(cells: list[tuple[VariantMeasurement, BatchRun, FitEstimate]], slo: Slo) -> list[MatrixRow]:
+    """Each (measurement, one of its batch runs, the fit estimate at that batch) against ``slo``; the first
+    measurement's perplexity is the reference."""
+    reference = cells[0][0].perplexity
     rows = []
-    for m, fit in zip(measurements, fits):
+    for m, run, fit in cells:
         change = m.perplexity / reference - 1
         misses = []
         if slo.ttft_ms is not None and m.ttft_ms > slo.ttft_ms:
             misses.append(f"TTFT {m.ttft_ms:.0f} > {slo.ttft_ms:g} ms")
-        if slo.tpot_ms is not None and m.batch_tpot_ms > slo.tpot_ms:
-            misses.append(f"TPOT {m.batch_tpot_ms:.0f} > {slo.tpot_ms:g} ms")
-        if slo.min_throughput is not None and m.batch_throughput < slo.min_throughput:
-            misses.append(f"{m.batch_throughput:.0f} < {slo.min_throughput:g} tok/s")
+        if slo.tpot_ms is not None and run.tpot_ms > slo.tpot_ms:
+            misses.append(f"TPOT {run.tpot_ms:.0f} > {slo.tpot_ms:g} ms")
+        if slo.min_throughput is not None and run.throughput < slo.min_throughput:
+            misses.append(f"{run.throughput:.0f} < {slo.min_throughput:g} tok/s")
         if slo.min_context is not None and m.model_context < slo.min_context:
             misses.append(f"context {m.model_context:,} < {slo.min_context:,}")
         if slo.max_perplexity_change is not None and change > slo.max_perplexity_change:
@@ -52,15 +56,15 @@ def evaluate(measurements: list[VariantMeasurement], fits: list[FitEstimate], sl
             misses.append(f"needs {fit.total_bytes / 2**30:.2f} GiB > {fit.device.free_bytes / 2**30:.2f} free")
         if slo.max_memory_bytes is not None and fit.total_bytes > slo.max_memory_bytes:
             misses.append(f"memory {fit.total_bytes / 2**30:.2f} > {slo.max_memory_bytes / 2**30:.2f} GiB")
-        rows.append(MatrixRow(m, fit, change, tuple(misses)))
+        rows.append(MatrixRow(m, run, fit, change, tuple(misses)))
     return rows
 
 
 OBJECTIVE_KEYS = {
-    "quality": lambda r: (r.perplexity_change, r.measurement.batch_tpot_ms),
-    "latency": lambda r: (r.measurement.batch_tpot_ms, r.measurement.ttft_ms),
-    "throughput": lambda r: (-r.measurement.batch_throughput, r.perplexity_change),
-    "memory": lambda r: (r.fit.total_bytes, r.perplexity_change),
+    "quality": lambda r: (r.perplexity_change, -r.run.throughput),
+    "latency": lambda r: (r.run.tpot_ms, r.measurement.ttft_ms),
+    "throughput": lambda r: (-r.run.throughput, r.perplexity_change),
+    "memory": lambda r: (r.fit.total_bytes, r.perplexity_change, -r.run.throughput),
 }
 """How each objective orders the rows that meet an SLO (the first is recommended)."""
 
@@ -74,9 +78,8 @@ def recommend(rows: list[MatrixRow], slo: Slo) -> MatrixRow | None:
 def pareto_front(rows: list[MatrixRow]) -> list[MatrixRow]:
     """The rows no other row beats on both throughput (higher) and perplexity change (lower)."""
     return [r for r in rows if not any(
-        o.measurement.batch_throughput >= r.measurement.batch_throughput and o.perplexity_change <= r.perplexity_change
-        and (o.measurement.batch_throughput, o.perplexity_change) != (r.measurement.batch_throughput,
-                                                                      r.perplexity_change) for o in rows)]
+        o.run.throughput >= r.run.throughput and o.perplexity_change <= r.perplexity_change
+        and (o.run.throughput, o.perplexity_change) != (r.run.throughput, r.perplexity_change) for o in rows)]
 
 
 def serve_commands(row: MatrixRow, settings: MatrixSettings) -> list[str]:
@@ -90,7 +93,7 @@ def serve_commands(row: MatrixRow, settings: MatrixSettings) -> list[str]:
         group = f" --group-size {row.measurement.group_size}" if row.measurement.group_size else ""
         commands.append(f"trident quantize {model} --bits {v.weights[3:]}{group} --out {out}")
         model = out
-    serve = [f"trident serve {model}", f"--max-model-len {fit.context}", f"--max-num-seqs {settings.batch}"]
+    serve = [f"trident serve {model}", f"--max-model-len {fit.context}", f"--max-num-seqs {row.run.batch}"]
     if settings.device != "cpu":
         serve.append(f"--device {settings.device}")
     if settings.dtype != "auto":

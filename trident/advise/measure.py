@@ -2,15 +2,15 @@
 int4 (round-to-nearest, in memory, as `trident quantize` would write them), with a KV cache dtype; on this machine,
 with the bench harness, in short runs whose results are cached.
 
-For each variant, on one engine with a batch of ``batch`` sequences:
+For each variant, on one engine that batches up to the largest of ``batches`` sequences:
 
 1. perplexity on the first ``perplexity_tokens`` of a text's eval slice, in windows of ``window`` tokens
    (trident/compress/eval.py);
 2. batch 1 (trident/bench/trident_side.run_latency): time to the first token of a ``prompt_len``-token prompt, then
    time per output token over ``output_len`` tokens;
-3. the batch full (:func:`run_batch`): ``batch`` prompts of ``prompt_len`` tokens arriving at once, ``output_len``
-   tokens each: output tokens a second over all of them, and the medians over the requests of the time to the
-   first token and of the time per output token after it;
+3. for each batch cap B of ``batches`` (:func:`run_batch`): B prompts of ``prompt_len`` tokens arriving at once,
+   ``output_len`` tokens each: output tokens a second over all of them, and the medians over the requests of the
+   time to the first token and of the time per output token after it;
 4. the weights as the engine holds them (LLMEngine.memory_usage, after the runs).
 
 Results are cached in ``$TRIDENT_CACHE_DIR/advise/`` under a hash of the variant, the settings, the model file's
@@ -51,15 +51,17 @@ class MatrixSettings:
     window: int = 256
     prompt_len: int = 128
     output_len: int = 32
-    batch: int = 8
-    """Sequences at once in the throughput run: the --max-num-seqs the advice is for."""
+    batches: tuple[int, ...] = (1, 8)
+    """Batch caps: sequences at once in each throughput run, the --max-num-seqs an advice row is for."""
     block_size: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("perplexity_tokens", "window", "prompt_len", "output_len", "batch", "block_size"):
+        for name in ("perplexity_tokens", "window", "prompt_len", "output_len", "block_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise TridentError(f"advise settings: {name} must be a positive integer, got {value!r}")
+        if not self.batches or any(not isinstance(b, int) or b < 1 for b in self.batches):
+            raise TridentError(f"advise settings: batch caps must be positive integers, got {self.batches!r}")
         if self.output_len < 2:
             raise TridentError("advise settings: output_len must be at least 2 (time per output token needs two)")
 
@@ -85,6 +87,19 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class BatchRun:
+    """``batch`` requests arriving at once, the engine batching them all."""
+
+    batch: int
+    throughput: float
+    """Output tokens a second over all of them."""
+    ttft_ms: float
+    """Median time to the first token (the later requests wait for the others' prefill)."""
+    tpot_ms: float
+    """Median time per output token after the first, per request (as `trident bench serve`)."""
+
+
+@dataclass(frozen=True)
 class VariantMeasurement:
     """One variant's figures on this machine."""
 
@@ -98,13 +113,8 @@ class VariantMeasurement:
     ttft_ms: float
     tpot_ms: float
     """Batch 1: decode time per output token."""
-    batch_throughput: float
-    """Output tokens a second, ``batch`` sequences at once."""
-    batch_ttft_ms: float
-    """The batch run's median time to first token (all requests arrive at once: the last waits for the others'
-    prefill)."""
-    batch_tpot_ms: float
-    """The batch run's median time per output token after the first, per request (as `trident bench serve`)."""
+    batch_runs: tuple[BatchRun, ...]
+    """One per batch cap, in the order of ``MatrixSettings.batches``."""
     model_context: int
     group_size: int | None
     """The int4 / int8 variant's group size (None: per channel, or not quantized here)."""
@@ -116,7 +126,8 @@ class VariantMeasurement:
 
     @classmethod
     def from_dict(cls, record: dict) -> VariantMeasurement:
-        return cls(**{**record, "variant": Variant(**record["variant"])})
+        return cls(**{**record, "variant": Variant(**record["variant"]),
+                      "batch_runs": tuple(BatchRun(**run) for run in record["batch_runs"])})
 
 
 def measure_variant(variant: Variant, settings: MatrixSettings, *, use_cache: bool = True,
@@ -181,15 +192,17 @@ def _measure(variant: Variant, settings: MatrixSettings, log) -> VariantMeasurem
         vocab = engine.model_config.vocab_size
         single = median([run_latency(engine, latency_workload(engine.tokenizer, settings.prompt_len,
                                                               settings.output_len, vocab)) for _ in range(2)])
-        log(f"{variant.label}: batch of {settings.batch}")
-        full = run_batch(engine, offline_workload(engine.tokenizer, settings.batch, settings.prompt_len,
-                                                  settings.output_len, vocab))
+        runs = []
+        for batch in settings.batches:
+            log(f"{variant.label}: batch of {batch}")
+            runs.append(run_batch(engine, offline_workload(engine.tokenizer, batch, settings.prompt_len,
+                                                           settings.output_len, vocab)))
         return VariantMeasurement(
             variant=variant, weights_description=weights_description(engine.model),
             dtype=str(engine.dtype).removeprefix("torch."), kv_format=engine.kv_format.name,
             perplexity=ppl.perplexity, weights_bytes=engine.memory_usage().weights_bytes,
             ttft_ms=single["ttft_ms"], tpot_ms=1000 / single["decode_tok_s"],
-            batch_throughput=full["output_tok_s"], batch_ttft_ms=full["ttft_ms"], batch_tpot_ms=full["tpot_ms"],
+            batch_runs=tuple(runs),
             model_context=engine.model_config.max_position_embeddings, group_size=group_size,
             seconds=time.perf_counter() - t0)
     finally:
@@ -206,10 +219,10 @@ def _engine_config(variant: Variant, settings: MatrixSettings):
 
     s = settings
     tokens = max(s.prompt_len + s.output_len, s.window) + 64  # the warm-up requests are shorter
-    blocks = max(s.batch, 4) * -(-tokens // s.block_size) + 4
+    blocks = max(*s.batches, 4) * -(-tokens // s.block_size) + 4
     return engine_config(model_path(variant.model), device=s.device, dtype=s.dtype, num_threads=s.threads,
                          kv_cache_dtype=variant.kv_cache_dtype, block_size=s.block_size, num_blocks=blocks,
-                         max_num_seqs=s.batch, enable_prefix_caching=False,
+                         max_num_seqs=max(s.batches), enable_prefix_caching=False,
                          gguf_weights="dequantize" if variant.weights != "stored" else "auto")
 
 
@@ -263,7 +276,7 @@ def variant_quantization(variant: Variant, described, group_size: int | None):
                              QuantConfig(bits=int(variant.weights[3:]), group_size=group_size))
 
 
-def run_batch(engine, workload) -> dict:
+def run_batch(engine, workload) -> BatchRun:
     """Every prompt of ``workload`` at once, continuously batched (after a warm-up): output tokens a second, and the
     medians over the requests of the time to first token and of the time per output token after it."""
     from statistics import median
@@ -288,6 +301,6 @@ def run_batch(engine, workload) -> dict:
             if out.finished:
                 done[out.request_id] = now
     elapsed = time.perf_counter() - t0
-    return {"output_tok_s": sum(tokens.values()) / elapsed, "elapsed_s": elapsed,
-            "ttft_ms": 1000 * median(first[r] - t0 for r in tokens),
-            "tpot_ms": 1000 * median((done[r] - first[r]) / max(1, tokens[r] - 1) for r in tokens)}
+    return BatchRun(batch=len(workload.prompts), throughput=sum(tokens.values()) / elapsed,
+                    ttft_ms=1000 * median(first[r] - t0 for r in tokens),
+                    tpot_ms=1000 * median((done[r] - first[r]) / max(1, tokens[r] - 1) for r in tokens))
