@@ -56,6 +56,13 @@ def test_slo_scenarios_and_limits() -> None:
         Slo(objective="speed")
 
 
+def test_flags_of_the_other_mode_are_refused(capsys) -> None:
+    assert main(["advise", "--shape", "llama3-8b"]) == 2
+    assert "--shape go only with --fit" in capsys.readouterr().err
+    assert main(["advise", "--fit", "--scenario", "edge", "--plot", "x.png"]) == 2
+    assert "--scenario, --plot do not go with --fit" in capsys.readouterr().err
+
+
 def test_verdicts_and_recommendation() -> None:
     ms = [measurement("stored", 10.0, 100, 20, 50), measurement("int8", 10.2, 80, 15, 70),
           measurement("int4", 13.0, 60, 10, 90, context=2048)]

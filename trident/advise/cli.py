@@ -10,6 +10,7 @@ from collections.abc import Callable
 from trident.advise.measure import KV_CACHE_DTYPES, WEIGHTS
 from trident.advise.slo import SCENARIOS
 from trident.config import EngineConfig
+from trident.errors import TridentError
 
 DESCRIPTION = """Which model, weights and KV cache meet a target on this machine.
 
@@ -76,8 +77,17 @@ def add_advise_parser(sub: argparse._SubParsersAction, model_help: str,
     p.set_defaults(func=lambda args: cmd_advise(args, engine_config))
 
 
+FIT_ONLY = ("shape", "weights", "group_size", "contexts")
+MATRIX_ONLY = ("scenario", "ttft_ms", "tpot_ms", "min_throughput", "min_context", "max_memory", "max_perplexity_change",
+               "objective", "plot")
+
+
 def cmd_advise(args: argparse.Namespace, engine_config: Callable[[argparse.Namespace, str | None], EngineConfig]
                ) -> int:
+    misplaced = [name for name in (MATRIX_ONLY if args.fit else FIT_ONLY) if getattr(args, name) is not None]
+    if misplaced:
+        flags = ", ".join("--" + name.replace("_", "-") for name in misplaced)
+        raise TridentError(f"{flags} {'do not go' if args.fit else 'go only'} with --fit")
     if args.fit:
         from trident.advise.fit_cli import run_fit
 
