@@ -84,6 +84,12 @@ def _limit_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser requests (CORS) from this origin, e.g. https://app.example.com "
                    "(repeatable; default: CORS off)")
+    g.add_argument("--adaptive", action="store_true",
+                   help="hold --slo-tpot-ms: each model's running batch shrinks while the 90th percentile of its "
+                   "recent requests' time per output token is above it and grows back below 70%% of it (decisions "
+                   "logged and counted on /metrics; docs/serving.md)")
+    g.add_argument("--slo-tpot-ms", type=float, default=None, metavar="MS",
+                   help="the time per output token --adaptive holds, milliseconds")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -258,9 +264,18 @@ def serve_config(args: argparse.Namespace, environ: Mapping[str, str] = os.envir
 
     api_key = args.api_key if args.api_key is not None else environ.get(API_KEY_ENV) or None
     admin_key = args.admin_key if args.admin_key is not None else environ.get(ADMIN_KEY_ENV) or None
+    adaptive = None
+    if args.adaptive:
+        from trident.serve.adaptive import AdaptiveConfig
+
+        if args.slo_tpot_ms is None:
+            raise TridentError("--adaptive needs --slo-tpot-ms, the time per output token to hold")
+        adaptive = AdaptiveConfig(tpot_ms=args.slo_tpot_ms)
+    elif args.slo_tpot_ms is not None:
+        raise TridentError("--slo-tpot-ms goes with --adaptive")
     return ServeConfig(api_key=api_key, max_queued_requests=args.max_queued_requests,
                        request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
-                       allowed_origins=tuple(args.allowed_origin), admin_key=admin_key)
+                       allowed_origins=tuple(args.allowed_origin), admin_key=admin_key, adaptive=adaptive)
 
 
 def serve_pool_config(args: argparse.Namespace):

@@ -761,3 +761,23 @@ def test_scheduled_chunks_are_immutable_records() -> None:
         chunk.start_pos = 1  # type: ignore[misc]
     assert chunk._replace(start_pos=1).start_pos == 1 and chunk.start_pos == 0
     assert chunk.token_ids == (1, 2, 3) and chunk.num_tokens == 3 and chunk.sample
+
+
+def test_running_limit_holds_admission_and_never_preempts() -> None:
+    s = make_scheduler(max_num_seqs=8)
+    runner = FakeRunner(s)
+    first = [add(s, f"old{i}", [1, 2, 3], SamplingParams(max_tokens=20, ignore_eos=True))[0] for i in range(6)]
+    step(s, runner)
+    assert len(s.running) == 6
+    assert s.set_running_limit(0) == 1 and s.set_running_limit(99) == 8 and s.set_running_limit(2) == 2
+    later = [add(s, f"new{i}", [1, 2, 3], SamplingParams(max_tokens=4, ignore_eos=True))[0] for i in range(3)]
+    step(s, runner)
+    assert len(s.running) == 6 and len(s.waiting) == 3  # the six keep running; nobody new joins above the limit
+    most_new = 0
+    while s.has_unfinished:
+        step(s, runner)
+        old = sum(seq in s.running for seq in first)
+        new = sum(seq in s.running for seq in later)
+        assert new == 0 or old + new <= 2
+        most_new = max(most_new, new)
+    assert s.num_preemptions == 0 and most_new == 2

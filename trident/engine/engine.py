@@ -380,6 +380,15 @@ class LLMEngine:
             return f"decode: one C call per layer ({qmatmul.isa()})"
         return "decode: lean torch step"
 
+    @property
+    def running_limit(self) -> int:
+        """Most sequences the scheduler lets run at once now (``max_num_seqs`` unless lowered)."""
+        return self.scheduler.running_limit
+
+    def set_running_limit(self, limit: int) -> int:
+        """Admit new sequences only while fewer than ``limit`` run (1..max_num_seqs); the limit set."""
+        return self.scheduler.set_running_limit(limit)
+
     def memory_usage(self) -> MemoryUsage:
         """Bytes this engine holds: its weights (each storage counted once: parameters, buffers and the kernel
         layouts quantized layers built from them) and its KV cache."""

@@ -147,6 +147,16 @@ class RequestOutput:
         return self.outputs[0].text
 
     @property
+    def tpot_s(self) -> float | None:
+        """Time per output token after the first, over the longest sample; None before the end or with fewer than
+        two tokens."""
+        m = self.metrics
+        longest = max((len(c.token_ids) for c in self.outputs), default=0)
+        if longest < 2 or m.finish_time is None or m.first_token_time is None:
+            return None
+        return (m.finish_time - m.first_token_time) / (longest - 1)
+
+    @property
     def token_ids(self) -> Snapshot[int]:
         return self.outputs[0].token_ids
 

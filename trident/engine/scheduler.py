@@ -1,15 +1,14 @@
 """Continuous batching: which sequences run in each engine step, and how much of each. Imports no torch.
 
-Every step has a token budget (``max_num_batched_tokens``) and room for at most ``max_num_seqs``
-running sequences. Running sequences come first, in arrival order: a decoding sequence gets its one
-new token, a sequence still in prefill gets as much of the rest of its prompt as the budget allows
-(chunked prefill). When the KV blocks a running sequence needs are not free, the running sequence
-that arrived last is preempted by recompute (its blocks are released and it goes back to the waiting
-queue), until the blocks fit or the sequence has preempted itself. Then, if nothing was preempted,
-waiting sequences are admitted strictly first come, first served: each starts after the longest chain
-of its full blocks found in the prefix cache. The samples of a request with n > 1 wait until the first
-one has computed the prompt's shareable blocks, so they find them in the cache. A sequence that
-reaches the context length, or would no longer fit in the whole cache, finishes with LENGTH.
+Every step has a token budget (``max_num_batched_tokens``) and room for at most ``max_num_seqs`` running sequences
+(or a lower ``running_limit``, set at run time). Running sequences come first, in arrival order: a decoding sequence
+gets its one new token, a sequence still in prefill gets as much of the rest of its prompt as the budget allows
+(chunked prefill). When the KV blocks a running sequence needs are not free, the running sequence that arrived last
+is preempted by recompute (its blocks are released and it goes back to the waiting queue), until the blocks fit or
+the sequence has preempted itself. Then, if nothing was preempted, waiting sequences are admitted strictly first
+come, first served: each starts after the longest chain of its full blocks found in the prefix cache. The samples of
+a request with n > 1 wait until the first one has computed the prompt's shareable blocks, so they find them in the
+cache. A sequence that reaches the context length, or would no longer fit in the whole cache, finishes with LENGTH.
 
 The scheduler drives :class:`~trident.engine.block_manager.BlockManager` and talks to the model runner
 only through :class:`~trident.engine.plan.StepPlan` and :class:`~trident.engine.plan.StepResult`.
@@ -56,6 +55,9 @@ class Scheduler:
         """Most tokens a sequence may reach: the context length, or what the whole cache can hold (the
         last sampled token needs no KV slot). Reaching it finishes the sequence with LENGTH."""
         self.num_preemptions = 0
+        self.running_limit = config.max_num_seqs
+        """Most running sequences admission fills up to (``set_running_limit``): ``max_num_seqs`` unless lowered,
+        e.g. by the server's adaptive mode to hold a time-per-token objective."""
         self.waiting: deque[Sequence] = deque()
         """In arrival order (read only for callers)."""
         self.running: list[Sequence] = []
@@ -252,6 +254,12 @@ class Scheduler:
                 return False
         return True
 
+    def set_running_limit(self, limit: int) -> int:
+        """Admit waiting sequences only while fewer than ``limit`` run (clamped to 1..max_num_seqs; sequences
+        already running above it keep running). Returns the limit set."""
+        self.running_limit = max(1, min(int(limit), self.config.max_num_seqs))
+        return self.running_limit
+
     def _preempt(self, seq: Sequence) -> None:
         """Release the sequence's blocks and queue it again to be recomputed (its tokens are kept)."""
         self.block_manager.free(seq)
@@ -266,7 +274,7 @@ class Scheduler:
     def _admit(self, chunks: list[ScheduledChunk], budget: int) -> None:
         """Admit waiting sequences in arrival order until one does not fit (nothing passes it)."""
         bm = self.block_manager
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) < self.running_limit:
             seq = self.waiting[0]
             if seq.num_pending or self._waits_for_sibling(seq):
                 break  # (a token still in flight from before its preemption: admitted once it has arrived)

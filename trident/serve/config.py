@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from trident.errors import TridentError
+from trident.serve.adaptive import AdaptiveConfig
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 """1 MiB: far more than any prompt that fits an 8k-token context, small enough to refuse floods."""
@@ -37,6 +38,9 @@ class ServeConfig:
     admin_key: str | None = None
     """When set, /admin/* (load, unload and register models) needs ``Authorization: Bearer <admin_key>``.
     None: the admin API is disabled (403)."""
+    adaptive: AdaptiveConfig | None = None
+    """``trident serve --adaptive``: each loaded model's running limit moves to hold this time-per-output-token
+    objective (trident/serve/adaptive.py). None: the limit stays max_num_seqs."""
 
     def __post_init__(self) -> None:
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()

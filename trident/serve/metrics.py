@@ -104,6 +104,13 @@ class ServerMetrics:
                                    registry=r)
         self.moe_entropy = Gauge("trident_moe_layer_entropy_term", "alpha * sum_i p_i log p_i over the layer's mean "
                                  "routing probabilities (-alpha log E when even).", ["model", "layer"], registry=r)
+        self.adaptive_decisions = Counter("trident_adaptive_decisions_total", "Decisions of `trident serve "
+                                          "--adaptive`: shrink or grow the running limit.", ["model", "action"],
+                                          registry=r)
+        self.adaptive_running_limit = Gauge("trident_adaptive_running_limit", "Most sequences `trident serve "
+                                            "--adaptive` lets run at once now.", labels, registry=r)
+        self._adaptive_actions: dict[str, set[str]] = {}
+        """The adaptive decisions each model has made (its series, to remove with the model)."""
         self._moe_counts: dict[str, dict[tuple[int, int], int]] = {}
         """Each MoE model's expert counts at the last refresh (the counters grow by the difference)."""
         self._models: set[str] = set()
@@ -134,6 +141,11 @@ class ServerMetrics:
             self.requests.remove(model, status)
         for metric in self._per_model_metrics():
             metric.remove(model)
+        actions = self._adaptive_actions.pop(model, set())
+        for action in actions:
+            self.adaptive_decisions.remove(model, action)
+        if actions:
+            self.adaptive_running_limit.remove(model)
         moe_series = self._moe_counts.pop(model, {})
         for layer, expert in moe_series:
             self.moe_expert_tokens.remove(model, str(layer), str(expert))
@@ -171,9 +183,8 @@ class ServerMetrics:
             self.ttft.labels(model=m).observe(metrics.ttft_s)
         if metrics.e2e_s is not None:
             self.e2e.labels(model=m).observe(metrics.e2e_s)
-        longest = max((len(c.token_ids) for c in last.outputs), default=0)
-        if longest > 1 and metrics.finish_time is not None and metrics.first_token_time is not None:
-            self.tpot.labels(model=m).observe((metrics.finish_time - metrics.first_token_time) / (longest - 1))
+        if last.tpot_s is not None:
+            self.tpot.labels(model=m).observe(last.tpot_s)
 
     def request_refused(self, model: str = "") -> None:
         """Count a request answered with an error before it reached an engine (``model``: the model it was
@@ -208,6 +219,12 @@ class ServerMetrics:
                 previous[(load.layer, expert)] = count
             self.moe_imbalance.labels(model=model, layer=layer).set(load.imbalance)
             self.moe_entropy.labels(model=model, layer=layer).set(load.entropy_term)
+
+    def adaptive_decision(self, model: str, action: str, limit: int) -> None:
+        """Count a decision of ``model``'s adaptive controller and show the running limit it set."""
+        self._adaptive_actions.setdefault(model, set()).add(action)
+        self.adaptive_decisions.labels(model=model, action=action).inc()
+        self.adaptive_running_limit.labels(model=model).set(limit)
 
     def model_loaded(self, model: str, memory_bytes: int, load_seconds: float) -> None:
         self.add_model(model)

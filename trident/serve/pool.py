@@ -33,6 +33,7 @@ from trident.engine.heap import release_free_heap
 from trident.engine.sizing import MemoryEstimate, estimate_memory, gguf_native
 from trident.loader import Checkpoint, load_checkpoint
 from trident.loader.describe import ModelDescription, describe_model
+from trident.serve.adaptive import AdaptiveController
 from trident.serve.async_engine import AsyncEngine
 from trident.serve.config import ServeConfig
 from trident.serve.context import ServeContext
@@ -302,6 +303,12 @@ class ModelPool:
     def _attach(self, entry: _Entry, engine: AsyncEngine, load_seconds: float) -> None:
         name = entry.spec.name
         engine.add_observer(self.metrics.observer(name))
+        adaptive = self.serve_config.adaptive
+        if adaptive is not None:
+            controller = AdaptiveController(engine.engine, adaptive, name, on_decision=lambda action, limit, _:
+                                            self.metrics.adaptive_decision(name, action, limit))
+            engine.add_observer(controller)
+            self.metrics.adaptive_running_limit.labels(model=name).set(engine.engine.running_limit)
         max_queued = entry.spec.max_queued_requests or self.serve_config.max_queued_requests
         entry.engine = engine
         entry.context = ServeContext(engine=engine, served_model_name=name, max_queued_requests=max_queued,

@@ -11,7 +11,7 @@
 //   lastUpdated   time of the last successful scrape (ms since the epoch), or null
 //   series(name)  the latest scrape's samples of one metric: [{labels, value}]
 //   charts()      what each shown chart drew last: [{id, title, series: [{label, points, last}]}] (the MoE charts
-//                 are shown only while some model reports expert load)
+//                 are shown only while some model reports expert load, the adaptive one under serve --adaptive)
 //                 (points: finite points plotted; last: the latest finite value, or null)
 //   config        {intervalMs, windowS, rateWindowS}
 "use strict";
@@ -39,6 +39,8 @@
     moeExpertTokens: "trident_moe_expert_tokens_total",
     moeImbalance: "trident_moe_layer_imbalance_ratio",
     moeEntropy: "trident_moe_layer_entropy_term",
+    adaptiveLimit: "trident_adaptive_running_limit",
+    adaptiveDecisions: "trident_adaptive_decisions_total",
   };
   const UNROUTED = "unrouted"; // how the page names model="": requests refused before a model was chosen
 
@@ -282,6 +284,11 @@
       series: (v) => v.gauges(METRICS.moeImbalance, byLayer) },
     { id: "moe-entropy", title: "MoE entropy balance term", unit: "α Σ p log p", format: fmtNumber, optional: true,
       series: (v) => v.gauges(METRICS.moeEntropy, byLayer) },
+    // trident serve --adaptive only (hidden otherwise)
+    { id: "adaptive", title: "Adaptive running limit", unit: "sequences; decisions", format: fmtNumber, integer: true,
+      optional: true,
+      series: (v) => [...v.gauges(METRICS.adaptiveLimit, () => "limit"),
+                      ...v.totals(METRICS.adaptiveDecisions, (l) => l.action)] },
   ];
 
   const el = (tag, props = {}, children = []) => {

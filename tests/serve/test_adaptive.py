@@ -1,0 +1,144 @@
+"""`trident serve --adaptive`: the controller's decisions on a scripted clock and finished requests, and a live
+server that lowers a model's running limit to chase an objective no batch meets, counted on /metrics."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import httpx
+import openai
+import pytest
+from test_metrics import scrape, value
+
+from trident.cli import build_parser, serve_config
+from trident.errors import TridentError
+from trident.serve.adaptive import AdaptiveConfig, AdaptiveController, percentile
+
+
+@dataclass
+class FakeScheduler:
+    max_num_seqs: int = 16
+
+
+@dataclass
+class FakeConfig:
+    scheduler: FakeScheduler = field(default_factory=FakeScheduler)
+
+
+class FakeEngine:
+    """What the controller reads and sets: the running limit (clamped as the scheduler clamps it)."""
+
+    def __init__(self) -> None:
+        self.config = FakeConfig()
+        self.running_limit = 16
+
+    def set_running_limit(self, limit: int) -> int:
+        self.running_limit = max(1, min(limit, self.config.scheduler.max_num_seqs))
+        return self.running_limit
+
+
+@dataclass
+class Finished:
+    tpot_s: float
+    finished: bool = True
+
+
+@dataclass
+class Stats:
+    num_waiting: int
+
+
+def test_percentile_by_nearest_rank() -> None:
+    assert percentile([5.0], 0.9) == 5.0
+    assert percentile([float(i) for i in range(1, 11)], 0.9) == 9.0
+    assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0
+
+
+def test_controller_shrinks_then_grows_back() -> None:
+    now = [0.0]
+    engine = FakeEngine()
+    decisions = []
+    controller = AdaptiveController(engine, AdaptiveConfig(tpot_ms=50, window_s=10, interval_s=2, min_requests=3),
+                                    "m", on_decision=lambda *d: decisions.append(d), clock=lambda: now[0])
+    for _ in range(2):
+        controller.request_done("length", Finished(0.080))
+    controller.engine_stats(Stats(num_waiting=5))
+    assert engine.running_limit == 16  # two requests are not enough to decide
+    controller.request_done("length", Finished(0.080))
+    controller.request_done("abort", Finished(0.500))  # aborted: not counted
+    controller.engine_stats(Stats(num_waiting=5))
+    assert engine.running_limit == 12 and decisions == [("shrink", 12, 80.0)]
+    for _ in range(3):
+        controller.request_done("stop", Finished(0.060))
+    now[0] = 1.0
+    controller.engine_stats(Stats(num_waiting=5))
+    assert engine.running_limit == 12  # within the interval
+    now[0] = 2.5
+    controller.engine_stats(Stats(num_waiting=5))
+    assert engine.running_limit == 9  # floor(12 * 0.75)
+    now[0] = 20.0  # everything finished before is out of the window now
+    for _ in range(3):
+        controller.request_done("stop", Finished(0.020))
+    controller.engine_stats(Stats(num_waiting=0))
+    assert engine.running_limit == 9  # fast, but nobody waits: no reason to grow
+    controller.engine_stats(Stats(num_waiting=2))
+    assert engine.running_limit == 10 and [d[0] for d in controller.decisions] == ["shrink", "shrink", "grow"]
+    now[0] = 30.0
+    for _ in range(3):
+        controller.request_done("stop", Finished(0.040))  # 80% of the objective: neither shrink nor grow
+    controller.engine_stats(Stats(num_waiting=2))
+    assert engine.running_limit == 10 and len(decisions) == 3
+
+
+def test_limit_never_below_one() -> None:
+    engine = FakeEngine()
+    engine.running_limit = 1
+    controller = AdaptiveController(engine, AdaptiveConfig(tpot_ms=1, interval_s=0, min_requests=1))
+    controller.request_done("stop", Finished(1.0))
+    controller.engine_stats(Stats(num_waiting=3))
+    assert engine.running_limit == 1 and controller.decisions == []
+
+
+def test_flags() -> None:
+    parser = build_parser()
+    config = serve_config(parser.parse_args(["serve", "--adaptive", "--slo-tpot-ms", "80"]), environ={})
+    assert config.adaptive == AdaptiveConfig(tpot_ms=80)
+    assert serve_config(parser.parse_args(["serve"]), environ={}).adaptive is None
+    with pytest.raises(TridentError, match="needs --slo-tpot-ms"):
+        serve_config(parser.parse_args(["serve", "--adaptive"]), environ={})
+    with pytest.raises(TridentError, match="goes with --adaptive"):
+        serve_config(parser.parse_args(["serve", "--slo-tpot-ms", "80"]), environ={})
+    with pytest.raises(TridentError, match="positive --slo-tpot-ms"):
+        AdaptiveConfig(tpot_ms=0)
+
+
+def test_live_server_lowers_the_limit_and_counts_it(start_server) -> None:
+    from trident.engine.llm import engine_config
+    from trident.serve import ModelPool, ModelSpec, PoolConfig, ServeConfig, build_app
+
+    adaptive = AdaptiveConfig(tpot_ms=0.001, interval_s=0, min_requests=2)  # no batch is that fast: it must shrink
+    spec = ModelSpec("m", engine_config(None, dtype="float32", max_model_len=256, max_num_seqs=8))
+    pool = ModelPool(PoolConfig(models=(spec,)), ServeConfig(adaptive=adaptive))
+    assert pool.preload() == ["m"]
+    with start_server(build_app(pool), None) as server:
+        samples, _ = scrape(server.base_url)
+        assert value(samples, "trident_adaptive_running_limit", "m") == 8
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+        answers = []
+
+        def ask(i: int) -> None:
+            answers.append(client.completions.create(model="m", prompt=f"Count to {i}:", max_tokens=6,
+                                                     temperature=0))
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(answers) == 8 and all(a.usage.completion_tokens == 6 for a in answers)
+        samples, _ = scrape(server.base_url)
+        limit = value(samples, "trident_adaptive_running_limit", "m")
+        shrinks = value(samples, "trident_adaptive_decisions_total", "m", action="shrink")
+        assert shrinks >= 1 and limit < 8
+        assert httpx.get(f"{server.base_url}/health").json() == {"status": "ok"}

@@ -1,0 +1,117 @@
+"""`trident serve --adaptive`: hold a time-per-output-token objective by admitting fewer requests at once.
+
+On a saturated device each decode step serves every running sequence, so a sequence's time per output token (TPOT)
+grows with how many run together. The controller, one per loaded model (an AsyncEngine observer), keeps the TPOTs
+of the requests that finished in the last ``window_s`` seconds and, at most every ``interval_s`` seconds once
+``min_requests`` have finished since its last decision:
+
+- shrinks the engine's running limit (``LLMEngine.set_running_limit``) by ``shrink`` (multiplicative, at least one
+  sequence less) when their 90th percentile is above the objective;
+- grows it by one sequence (additive, up to max_num_seqs) when the percentile is below ``grow_below`` of the
+  objective and requests are waiting.
+
+Requests beyond the limit wait in the queue (their time to first token grows instead); running ones are never
+preempted by a decision. Every decision is logged and counted on /metrics (``trident_adaptive_decisions_total``,
+``trident_adaptive_running_limit``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from trident.errors import TridentError
+
+if TYPE_CHECKING:
+    from trident.engine.engine import EngineStats, LLMEngine
+    from trident.engine.results import RequestOutput
+
+logger = logging.getLogger("trident.serve")
+
+
+@dataclass(frozen=True)
+class AdaptiveConfig:
+    """The objective and how fast the controller moves."""
+
+    tpot_ms: float
+    """The 90th percentile of time per output token to hold, milliseconds."""
+    window_s: float = 10.0
+    """Finished requests this recent inform a decision."""
+    interval_s: float = 2.0
+    """At most one decision this often."""
+    min_requests: int = 4
+    """Requests finished since the last decision needed for the next."""
+    shrink: float = 0.75
+    """The running limit is multiplied by this (rounded down, at least one less) when the objective is missed."""
+    grow_below: float = 0.7
+    """The limit grows by one while the percentile is below this fraction of the objective and requests wait."""
+
+    def __post_init__(self) -> None:
+        if not self.tpot_ms > 0 or not self.window_s > 0 or not self.interval_s >= 0 or self.min_requests < 1:
+            raise TridentError("--adaptive needs a positive --slo-tpot-ms (and a positive window, interval and "
+                               "request count)")
+        if not 0 < self.shrink < 1 or not 0 < self.grow_below < 1:
+            raise TridentError("the adaptive controller's shrink and grow_below factors must lie in (0, 1)")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of ``values`` by the nearest rank."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+class AdaptiveController:
+    """An EngineObserver that moves ``engine``'s running limit to hold ``config.tpot_ms``; ``on_decision(action,
+    limit, p90_ms)`` hears of each decision (the server's metrics)."""
+
+    def __init__(self, engine: LLMEngine, config: AdaptiveConfig, model: str = "",
+                 on_decision: Callable[[str, int, float], None] = lambda *_: None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.engine = engine
+        self.config = config
+        self.model = model
+        self.on_decision = on_decision
+        self.clock = clock
+        self._finished: deque[tuple[float, float]] = deque()
+        """(time finished, TPOT seconds) of recent requests, oldest first."""
+        self._since_decision = 0
+        self._last_decision = -math.inf
+        self.decisions: list[tuple[str, int, float]] = []
+        """(action, limit set, p90 TPOT ms) of every decision, oldest first."""
+
+    def request_done(self, status: str, last: RequestOutput | None) -> None:
+        if last is None or not last.finished or status in ("abort", "error") or last.tpot_s is None:
+            return
+        self._finished.append((self.clock(), last.tpot_s))
+        self._since_decision += 1
+
+    def engine_stats(self, stats: EngineStats) -> None:
+        now = self.clock()
+        c = self.config
+        while self._finished and self._finished[0][0] < now - c.window_s:
+            self._finished.popleft()
+        if now - self._last_decision < c.interval_s or self._since_decision < c.min_requests or not self._finished:
+            return
+        p90_ms = 1000 * percentile([tpot for _, tpot in self._finished], 0.9)
+        limit = self.engine.running_limit
+        if p90_ms > c.tpot_ms and limit > 1:
+            self._decide("shrink", min(limit - 1, math.floor(limit * c.shrink)), p90_ms, now)
+        elif (p90_ms < c.grow_below * c.tpot_ms and stats.num_waiting > 0
+              and limit < self.engine.config.scheduler.max_num_seqs):
+            self._decide("grow", limit + 1, p90_ms, now)
+
+    def _decide(self, action: str, limit: int, p90_ms: float, now: float) -> None:
+        limit = self.engine.set_running_limit(limit)
+        self._last_decision = now
+        self._since_decision = 0
+        self._finished.clear()  # the next decision reads requests that ran under the new limit
+        self.decisions.append((action, limit, p90_ms))
+        logger.info("adaptive %s: p90 TPOT %.1f ms against %.1f ms: %s the running limit to %d",
+                    self.model or "model", p90_ms, self.config.tpot_ms, "lowering" if action == "shrink" else
+                    "raising", limit)
+        self.on_decision(action, limit, p90_ms)
