@@ -90,6 +90,10 @@ def _limit_args(p: argparse.ArgumentParser) -> None:
                    "logged and counted on /metrics; docs/serving.md)")
     g.add_argument("--slo-tpot-ms", type=float, default=None, metavar="MS",
                    help="the time per output token --adaptive holds, milliseconds")
+    g.add_argument("--adaptive-fallback", action="append", default=[], metavar="MODEL=FALLBACK",
+                   help="with --adaptive: while MODEL is overloaded (its batch limited and requests waiting), send "
+                   "its new requests to the served model FALLBACK (a lower-precision variant, say) if loaded; they "
+                   "come back once MODEL has room (repeatable)")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -284,7 +288,7 @@ def serve_pool_config(args: argparse.Namespace):
 
     return pool_config(_engine_config(args, None), paths=args.models, named=args.named_models,
                        aliases=args.alias, config_file=args.config, memory_budget=args.memory_budget,
-                       served_model_name=args.served_model_name)
+                       served_model_name=args.served_model_name, fallbacks=args.adaptive_fallback)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

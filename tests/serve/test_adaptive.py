@@ -142,3 +142,55 @@ def test_live_server_lowers_the_limit_and_counts_it(start_server) -> None:
         shrinks = value(samples, "trident_adaptive_decisions_total", "m", action="shrink")
         assert shrinks >= 1 and limit < 8
         assert httpx.get(f"{server.base_url}/health").json() == {"status": "ok"}
+
+
+def test_overloaded_model_sends_new_requests_to_its_fallback(start_server) -> None:
+    import time
+
+    from trident.engine.llm import engine_config
+    from trident.serve import ModelPool, ModelSpec, PoolConfig, ServeConfig, build_app
+
+    adaptive = AdaptiveConfig(tpot_ms=0.001, interval_s=0, min_requests=1)  # every finished request shrinks m
+    engine = engine_config(None, dtype="float32", max_model_len=256, max_num_seqs=8)
+    with pytest.raises(TridentError, match="go with --adaptive"):
+        ModelPool(PoolConfig(models=(ModelSpec("m", engine), ModelSpec("m-fast", engine)), fallbacks={"m": "m-fast"}))
+    with pytest.raises(TridentError, match="two different served models"):
+        PoolConfig(models=(ModelSpec("m", engine),), fallbacks={"m": "other"})
+    pool = ModelPool(PoolConfig(models=(ModelSpec("m", engine), ModelSpec("m-fast", engine)),
+                                fallbacks={"m": "m-fast"}), ServeConfig(adaptive=adaptive))
+    assert pool.preload() == ["m", "m-fast"]
+    with start_server(build_app(pool), None) as server:
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+        served: list[str] = []
+
+        def ask(tokens: int) -> str:
+            model = client.completions.create(model="m", prompt="Once upon a time", max_tokens=tokens,
+                                              temperature=0).model
+            served.append(model)
+            return model
+
+        for _ in range(4):  # each one's TPOT shrinks m's limit: 8, 6, 4, 3, 2
+            ask(4)
+        samples, _ = scrape(server.base_url)
+        assert value(samples, "trident_adaptive_running_limit", "m") == 2
+        first_wave = [threading.Thread(target=ask, args=(24,)) for _ in range(4)]  # more than the limit lets run
+        for t in first_wave:
+            t.start()
+        deadline = time.monotonic() + 60
+        while True:  # m's limit is down and requests wait behind it
+            samples, _ = scrape(server.base_url)
+            if (value(samples, "trident_adaptive_running_limit", "m") < 8
+                    and value(samples, "trident_num_requests_waiting", "m") > 0):
+                break
+            assert time.monotonic() < deadline, "m never became overloaded"
+            time.sleep(0.05)
+        assert ask(4) == "m-fast"  # a new request now goes to the fallback
+        for t in first_wave:
+            t.join()
+        # the four alone went to m, and the wave's first two at least (wave requests that came once m was
+        # overloaded went to the fallback too)
+        assert served[:4] == ["m"] * 4 and served.count("m") >= 6 and len(served) == 9
+        assert ask(4) == "m"  # m has room again: back to it
+        samples, _ = scrape(server.base_url)
+        assert value(samples, "trident_adaptive_decisions_total", "m", action="route") >= 1
+        assert value(samples, "trident_adaptive_decisions_total", "m", action="return") >= 1

@@ -11,8 +11,10 @@ of the requests that finished in the last ``window_s`` seconds and, at most ever
   objective and requests are waiting.
 
 Requests beyond the limit wait in the queue (their time to first token grows instead); running ones are never
-preempted by a decision. Every decision is logged and counted on /metrics (``trident_adaptive_decisions_total``,
-``trident_adaptive_running_limit``).
+preempted by a decision. Where the server names a fallback for a model (``--adaptive-fallback NAME=OTHER``, say its
+int4 variant), the pool sends new requests for it to the fallback while it is ``overloaded`` (limit lowered and
+requests waiting) and back once it ``has_room`` (ModelPool.use). Every decision is logged and counted on /metrics
+(``trident_adaptive_decisions_total``: shrink, grow, route, return; ``trident_adaptive_running_limit``).
 """
 
 from __future__ import annotations
@@ -89,6 +91,18 @@ class AdaptiveController:
             return
         self._finished.append((self.clock(), last.tpot_s))
         self._since_decision += 1
+
+    @property
+    def overloaded(self) -> bool:
+        """Whether the limit is lowered and requests wait behind it now (new ones are better sent elsewhere)."""
+        return (self.engine.running_limit < self.engine.config.scheduler.max_num_seqs
+                and self.engine.stats().num_waiting > 0)
+
+    @property
+    def has_room(self) -> bool:
+        """Whether fewer sequences run now than the limit lets and none waits (requests may come back)."""
+        stats = self.engine.stats()
+        return stats.num_running < self.engine.running_limit and stats.num_waiting == 0
 
     def engine_stats(self, stats: EngineStats) -> None:
         now = self.clock()

@@ -89,6 +89,9 @@ class PoolConfig:
     unloaded to make room for another. None: no limit (every model stays loaded once loaded)."""
     aliases: Mapping[str, str] = field(default_factory=dict)
     """alias -> model name, besides each ModelSpec's own aliases."""
+    fallbacks: Mapping[str, str] = field(default_factory=dict)
+    """model -> the model its new requests go to while ``--adaptive`` finds it overloaded (a lower-precision
+    variant, say); both served model names."""
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -104,6 +107,11 @@ class PoolConfig:
         for spec in self.models:
             for alias in spec.aliases:
                 aliases[alias] = spec.name
+        for model, fallback in self.fallbacks.items():
+            unknown = [n for n in (model, fallback) if n not in names]
+            if unknown or model == fallback:
+                raise TridentError(f"the fallback {model}={fallback} must name two different served models "
+                                   f"({', '.join(names)})")
         for alias, target in aliases.items():
             check_name(alias, "alias")
             if alias in names:

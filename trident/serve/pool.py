@@ -31,6 +31,7 @@ from trident.config import EngineConfig
 from trident.engine.engine import LLMEngine
 from trident.engine.heap import release_free_heap
 from trident.engine.sizing import MemoryEstimate, estimate_memory, gguf_native
+from trident.errors import TridentError
 from trident.loader import Checkpoint, load_checkpoint
 from trident.loader.describe import ModelDescription, describe_model
 from trident.serve.adaptive import AdaptiveController
@@ -109,6 +110,12 @@ class ModelPool:
         self._loader = loader
         self._entries = {spec.name: _Entry(spec) for spec in config.models}
         self._aliases = dict(config.aliases)
+        self._controllers: dict[str, AdaptiveController] = {}
+        """The adaptive controller of each loaded model (with ``serve_config.adaptive``)."""
+        self._routing: dict[str, bool] = {}
+        """Whether a model's new requests go to its fallback now (PoolConfig.fallbacks)."""
+        if config.fallbacks and self.serve_config.adaptive is None:
+            raise TridentError("fallback models (--adaptive-fallback) go with --adaptive")
         self._lock = asyncio.Lock()
         self.created = int(time.time())
         for name in self._entries:
@@ -158,7 +165,7 @@ class ModelPool:
     async def use(self, name: str) -> AsyncIterator[ServeContext]:
         """The context of the model ``name`` routes to, loaded; while inside, the model is not unloaded.
         A request handed to the engine inside keeps the model busy until it finishes."""
-        entry = self._entries[self.resolve(name)]
+        entry = self._entries[self._route(self.resolve(name))]
         entry.pending += 1
         try:
             if entry.engine is None:
@@ -168,6 +175,28 @@ class ModelPool:
             yield entry.context
         finally:
             entry.pending -= 1
+
+    def _route(self, name: str) -> str:
+        """``name``, or its fallback (PoolConfig.fallbacks) while its adaptive controller finds it overloaded and
+        the fallback is loaded and not overloaded itself; a change of course is logged and counted."""
+        fallback = self.config.fallbacks.get(name)
+        controller = self._controllers.get(name)
+        if fallback is None or controller is None:
+            return name
+        spare = self._controllers.get(fallback)
+        usable = self._entries[fallback].engine is not None and not (spare is not None and spare.overloaded)
+        routing = self._routing.get(name, False)
+        if not routing and controller.overloaded and usable:
+            routing = True
+        elif routing and (controller.has_room or not usable):
+            routing = False
+        if routing != self._routing.get(name, False):
+            self._routing[name] = routing
+            action = "route" if routing else "return"
+            logger.info("adaptive %s: %s new requests %s %s", name, "sending" if routing else "bringing back",
+                        "to" if routing else "from", fallback)
+            self.metrics.adaptive_decision(name, action, controller.engine.running_limit)
+        return fallback if routing else name
 
     # -- loading ----------------------------------------------------------------------------------
     def preload(self) -> list[str]:
@@ -308,6 +337,7 @@ class ModelPool:
             controller = AdaptiveController(engine.engine, adaptive, name, on_decision=lambda action, limit, _:
                                             self.metrics.adaptive_decision(name, action, limit))
             engine.add_observer(controller)
+            self._controllers[name] = controller
             self.metrics.adaptive_running_limit.labels(model=name).set(engine.engine.running_limit)
         max_queued = entry.spec.max_queued_requests or self.serve_config.max_queued_requests
         entry.engine = engine
@@ -325,6 +355,8 @@ class ModelPool:
         entry.engine = None
         entry.context = None
         entry.memory_bytes = 0
+        self._controllers.pop(entry.spec.name, None)
+        self._routing.pop(entry.spec.name, None)
         self.metrics.model_unloaded(entry.spec.name)
         gc.collect()  # the engine's tensors go now, not at some later collection
         if device is not None and device.type == "cuda":

@@ -34,7 +34,7 @@ def default_model_name(model: str | None) -> str:
 
 def pool_config(base: EngineConfig, *, paths: list[str] = (), named: list[str] = (), aliases: list[str] = (),
                 config_file: str | None = None, memory_budget: str | None = None,
-                served_model_name: str | None = None) -> PoolConfig:
+                served_model_name: str | None = None, fallbacks: list[str] = ()) -> PoolConfig:
     """The models ``trident serve`` serves: those of the config file, then positional paths (named after their
     file), then ``--model NAME=PATH``; the embedded model when none is given. ``base`` holds the command line's
     engine settings, which file entries may override. ``--memory-budget`` wins over the file's."""
@@ -58,7 +58,13 @@ def pool_config(base: EngineConfig, *, paths: list[str] = (), named: list[str] =
         alias_map[alias] = target
     if memory_budget is not None:
         budget = parse_size(memory_budget, "--memory-budget")
-    return PoolConfig(models=tuple(specs), memory_budget_bytes=budget, aliases=alias_map)
+    fallback_map = {}
+    for text in fallbacks:
+        model, sep, fallback = text.partition("=")
+        if not sep or not model or not fallback:
+            raise TridentError(f"--adaptive-fallback takes MODEL=FALLBACK (e.g. chat=chat-int4), got {text!r}")
+        fallback_map[model] = fallback
+    return PoolConfig(models=tuple(specs), memory_budget_bytes=budget, aliases=alias_map, fallbacks=fallback_map)
 
 
 def serve(pool: ModelPool, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
