@@ -13,12 +13,13 @@ from test_metrics import scrape, value
 
 from trident.cli import build_parser, serve_config
 from trident.errors import TridentError
-from trident.serve.adaptive import AdaptiveConfig, AdaptiveController, percentile
+from trident.serve.adaptive import MIN_TOKEN_BUDGET, AdaptiveConfig, AdaptiveController, percentile
 
 
 @dataclass
 class FakeScheduler:
     max_num_seqs: int = 16
+    max_num_batched_tokens: int = 512
 
 
 @dataclass
@@ -27,15 +28,21 @@ class FakeConfig:
 
 
 class FakeEngine:
-    """What the controller reads and sets: the running limit (clamped as the scheduler clamps it)."""
+    """What the controller reads and sets: the running limit and token budget (clamped as the scheduler clamps
+    them)."""
 
     def __init__(self) -> None:
         self.config = FakeConfig()
         self.running_limit = 16
+        self.token_budget = 512
 
     def set_running_limit(self, limit: int) -> int:
         self.running_limit = max(1, min(limit, self.config.scheduler.max_num_seqs))
         return self.running_limit
+
+    def set_token_budget(self, tokens: int) -> int:
+        self.token_budget = max(1, min(tokens, self.config.scheduler.max_num_batched_tokens))
+        return self.token_budget
 
 
 @dataclass
@@ -68,7 +75,8 @@ def test_controller_shrinks_then_grows_back() -> None:
     controller.request_done("length", Finished(0.080))
     controller.request_done("abort", Finished(0.500))  # aborted: not counted
     controller.engine_stats(Stats(num_waiting=5))
-    assert engine.running_limit == 12 and decisions == [("shrink", 12, 80.0)]
+    assert (engine.running_limit, engine.token_budget) == (12, 256) and decisions == [("shrink", 12, 256)]
+    assert controller.decisions == [("shrink", 12, 256, 80.0)]
     for _ in range(3):
         controller.request_done("stop", Finished(0.060))
     now[0] = 1.0
@@ -76,14 +84,15 @@ def test_controller_shrinks_then_grows_back() -> None:
     assert engine.running_limit == 12  # within the interval
     now[0] = 2.5
     controller.engine_stats(Stats(num_waiting=5))
-    assert engine.running_limit == 9  # floor(12 * 0.75)
+    assert (engine.running_limit, engine.token_budget) == (9, 128)  # floor(12 * 0.75), half
     now[0] = 20.0  # everything finished before is out of the window now
     for _ in range(3):
         controller.request_done("stop", Finished(0.020))
     controller.engine_stats(Stats(num_waiting=0))
     assert engine.running_limit == 9  # fast, but nobody waits: no reason to grow
     controller.engine_stats(Stats(num_waiting=2))
-    assert engine.running_limit == 10 and [d[0] for d in controller.decisions] == ["shrink", "shrink", "grow"]
+    assert (engine.running_limit, engine.token_budget) == (10, 256)
+    assert [d[0] for d in controller.decisions] == ["shrink", "shrink", "grow"]
     now[0] = 30.0
     for _ in range(3):
         controller.request_done("stop", Finished(0.040))  # 80% of the objective: neither shrink nor grow
@@ -91,13 +100,15 @@ def test_controller_shrinks_then_grows_back() -> None:
     assert engine.running_limit == 10 and len(decisions) == 3
 
 
-def test_limit_never_below_one() -> None:
+def test_limits_have_floors() -> None:
     engine = FakeEngine()
-    engine.running_limit = 1
     controller = AdaptiveController(engine, AdaptiveConfig(tpot_ms=1, interval_s=0, min_requests=1))
-    controller.request_done("stop", Finished(1.0))
-    controller.engine_stats(Stats(num_waiting=3))
-    assert engine.running_limit == 1 and controller.decisions == []
+    for _ in range(20):
+        controller.request_done("stop", Finished(1.0))
+        controller.engine_stats(Stats(num_waiting=3))
+    assert (engine.running_limit, engine.token_budget) == (1, MIN_TOKEN_BUDGET)
+    assert [limit for _, limit, _, _ in controller.decisions] == [12, 9, 6, 4, 3, 2, 1]  # then nothing to lower
+    assert all(budget >= MIN_TOKEN_BUDGET for _, _, budget, _ in controller.decisions)
 
 
 def test_flags() -> None:
@@ -173,7 +184,7 @@ def test_overloaded_model_sends_new_requests_to_its_fallback(start_server) -> No
             ask(4)
         samples, _ = scrape(server.base_url)
         assert value(samples, "trident_adaptive_running_limit", "m") == 2
-        first_wave = [threading.Thread(target=ask, args=(24,)) for _ in range(4)]  # more than the limit lets run
+        first_wave = [threading.Thread(target=ask, args=(48,)) for _ in range(6)]  # more than the limit lets run
         for t in first_wave:
             t.start()
         deadline = time.monotonic() + 60
@@ -189,7 +200,7 @@ def test_overloaded_model_sends_new_requests_to_its_fallback(start_server) -> No
             t.join()
         # the four alone went to m, and the wave's first two at least (wave requests that came once m was
         # overloaded went to the fallback too)
-        assert served[:4] == ["m"] * 4 and served.count("m") >= 6 and len(served) == 9
+        assert served[:4] == ["m"] * 4 and served.count("m") >= 6 and len(served) == 11
         assert ask(4) == "m"  # m has room again: back to it
         samples, _ = scrape(server.base_url)
         assert value(samples, "trident_adaptive_decisions_total", "m", action="route") >= 1

@@ -389,6 +389,15 @@ class LLMEngine:
         """Admit new sequences only while fewer than ``limit`` run (1..max_num_seqs); the limit set."""
         return self.scheduler.set_running_limit(limit)
 
+    @property
+    def token_budget(self) -> int:
+        """Most tokens a step computes now (``max_num_batched_tokens`` unless lowered)."""
+        return self.scheduler.token_budget
+
+    def set_token_budget(self, tokens: int) -> int:
+        """Compute at most ``tokens`` a step (1..max_num_batched_tokens); the budget set."""
+        return self.scheduler.set_token_budget(tokens)
+
     def memory_usage(self) -> MemoryUsage:
         """Bytes this engine holds: its weights (each storage counted once: parameters, buffers and the kernel
         layouts quantized layers built from them) and its KV cache."""

@@ -1,14 +1,15 @@
 """Continuous batching: which sequences run in each engine step, and how much of each. Imports no torch.
 
 Every step has a token budget (``max_num_batched_tokens``) and room for at most ``max_num_seqs`` running sequences
-(or a lower ``running_limit``, set at run time). Running sequences come first, in arrival order: a decoding sequence
-gets its one new token, a sequence still in prefill gets as much of the rest of its prompt as the budget allows
-(chunked prefill). When the KV blocks a running sequence needs are not free, the running sequence that arrived last
-is preempted by recompute (its blocks are released and it goes back to the waiting queue), until the blocks fit or
-the sequence has preempted itself. Then, if nothing was preempted, waiting sequences are admitted strictly first
-come, first served: each starts after the longest chain of its full blocks found in the prefix cache. The samples of
-a request with n > 1 wait until the first one has computed the prompt's shareable blocks, so they find them in the
-cache. A sequence that reaches the context length, or would no longer fit in the whole cache, finishes with LENGTH.
+(or a lower ``running_limit`` and ``token_budget``, set at run time). Running sequences come first, in arrival
+order: a decoding sequence gets its one new token, a sequence still in prefill gets as much of the rest of its
+prompt as the budget allows (chunked prefill). When the KV blocks a running sequence needs are not free, the running
+sequence that arrived last is preempted by recompute (its blocks are released and it goes back to the waiting
+queue), until the blocks fit or the sequence has preempted itself. Then, if nothing was preempted, waiting sequences
+are admitted strictly first come, first served: each starts after the longest chain of its full blocks found in the
+prefix cache. The samples of a request with n > 1 wait until the first one has computed the prompt's shareable
+blocks, so they find them in the cache. A sequence that reaches the context length, or would no longer fit in the
+whole cache, finishes with LENGTH.
 
 The scheduler drives :class:`~trident.engine.block_manager.BlockManager` and talks to the model runner
 only through :class:`~trident.engine.plan.StepPlan` and :class:`~trident.engine.plan.StepResult`.
@@ -58,6 +59,9 @@ class Scheduler:
         self.running_limit = config.max_num_seqs
         """Most running sequences admission fills up to (``set_running_limit``): ``max_num_seqs`` unless lowered,
         e.g. by the server's adaptive mode to hold a time-per-token objective."""
+        self.token_budget = config.max_num_batched_tokens
+        """Tokens a step may compute (``set_token_budget``): ``max_num_batched_tokens`` unless lowered (smaller
+        prefill chunks beside the decoding sequences: shorter steps)."""
         self.waiting: deque[Sequence] = deque()
         """In arrival order (read only for callers)."""
         self.running: list[Sequence] = []
@@ -155,7 +159,7 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         """Pick this step's chunks: running sequences first, then waiting ones, within the budget."""
-        budget = self.config.max_num_batched_tokens
+        budget = self.token_budget
         chunks: list[ScheduledChunk] = []
         preempted: list[int] = []
         running = self.running
@@ -259,6 +263,11 @@ class Scheduler:
         already running above it keep running). Returns the limit set."""
         self.running_limit = max(1, min(int(limit), self.config.max_num_seqs))
         return self.running_limit
+
+    def set_token_budget(self, tokens: int) -> int:
+        """Compute at most ``tokens`` a step (clamped to 1..max_num_batched_tokens); returns the budget set."""
+        self.token_budget = max(1, min(int(tokens), self.config.max_num_batched_tokens))
+        return self.token_budget
 
     def _preempt(self, seq: Sequence) -> None:
         """Release the sequence's blocks and queue it again to be recomputed (its tokens are kept)."""

@@ -1,20 +1,24 @@
-"""`trident serve --adaptive`: hold a time-per-output-token objective by admitting fewer requests at once.
+"""`trident serve --adaptive`: hold a time-per-output-token objective with shorter steps: fewer sequences at once
+and smaller prefill chunks beside them.
 
-On a saturated device each decode step serves every running sequence, so a sequence's time per output token (TPOT)
-grows with how many run together. The controller, one per loaded model (an AsyncEngine observer), keeps the TPOTs
-of the requests that finished in the last ``window_s`` seconds and, at most every ``interval_s`` seconds once
-``min_requests`` have finished since its last decision:
+On a saturated device a sequence's time per output token (TPOT) is the length of the steps it decodes in: each
+step serves every running sequence and the chunk of prompt being prefilled beside them (on two CPU cores a
+512-token chunk makes a step of over a second). The controller, one per loaded model (an AsyncEngine observer),
+keeps the TPOTs of the requests that finished in the last ``window_s`` seconds and, at most every ``interval_s``
+seconds once ``min_requests`` have finished since its last decision:
 
-- shrinks the engine's running limit (``LLMEngine.set_running_limit``) by ``shrink`` (multiplicative, at least one
-  sequence less) when their 90th percentile is above the objective;
-- grows it by one sequence (additive, up to max_num_seqs) when the percentile is below ``grow_below`` of the
-  objective and requests are waiting.
+- shrinks when their 90th percentile is above the objective: the engine's running limit
+  (``LLMEngine.set_running_limit``) by ``shrink`` (at least one sequence less), and its step token budget
+  (``set_token_budget``) by half, not below ``MIN_TOKEN_BUDGET`` nor the running limit;
+- grows when the percentile is below ``grow_below`` of the objective and requests are waiting: the limit by one
+  sequence, the budget twofold (up to max_num_seqs and max_num_batched_tokens).
 
 Requests beyond the limit wait in the queue (their time to first token grows instead); running ones are never
 preempted by a decision. Where the server names a fallback for a model (``--adaptive-fallback NAME=OTHER``, say its
 int4 variant), the pool sends new requests for it to the fallback while it is ``overloaded`` (limit lowered and
 requests waiting) and back once it ``has_room`` (ModelPool.use). Every decision is logged and counted on /metrics
-(``trident_adaptive_decisions_total``: shrink, grow, route, return; ``trident_adaptive_running_limit``).
+(``trident_adaptive_decisions_total``: shrink, grow, route, return; ``trident_adaptive_running_limit``,
+``trident_adaptive_token_budget``).
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ if TYPE_CHECKING:
     from trident.engine.results import RequestOutput
 
 logger = logging.getLogger("trident.serve")
+
+MIN_TOKEN_BUDGET = 64
+"""The step token budget is not lowered below this (prefill would crawl)."""
 
 
 @dataclass(frozen=True)
@@ -68,11 +75,11 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class AdaptiveController:
-    """An EngineObserver that moves ``engine``'s running limit to hold ``config.tpot_ms``; ``on_decision(action,
-    limit, p90_ms)`` hears of each decision (the server's metrics)."""
+    """An EngineObserver that moves ``engine``'s running limit and step token budget to hold ``config.tpot_ms``;
+    ``on_decision(action, limit, budget)`` hears of each decision (the server's metrics)."""
 
     def __init__(self, engine: LLMEngine, config: AdaptiveConfig, model: str = "",
-                 on_decision: Callable[[str, int, float], None] = lambda *_: None,
+                 on_decision: Callable[[str, int, int], None] = lambda *_: None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.engine = engine
         self.config = config
@@ -83,8 +90,8 @@ class AdaptiveController:
         """(time finished, TPOT seconds) of recent requests, oldest first."""
         self._since_decision = 0
         self._last_decision = -math.inf
-        self.decisions: list[tuple[str, int, float]] = []
-        """(action, limit set, p90 TPOT ms) of every decision, oldest first."""
+        self.decisions: list[tuple[str, int, int, float]] = []
+        """(action, running limit set, token budget set, p90 TPOT ms) of every decision, oldest first."""
 
     def request_done(self, status: str, last: RequestOutput | None) -> None:
         if last is None or not last.finished or status in ("abort", "error") or last.tpot_s is None:
@@ -112,20 +119,25 @@ class AdaptiveController:
         if now - self._last_decision < c.interval_s or self._since_decision < c.min_requests or not self._finished:
             return
         p90_ms = 1000 * percentile([tpot for _, tpot in self._finished], 0.9)
-        limit = self.engine.running_limit
-        if p90_ms > c.tpot_ms and limit > 1:
-            self._decide("shrink", min(limit - 1, math.floor(limit * c.shrink)), p90_ms, now)
+        engine, scheduler = self.engine, self.engine.config.scheduler
+        limit, budget = engine.running_limit, engine.token_budget
+        if p90_ms > c.tpot_ms:
+            new_limit = max(1, min(limit - 1, math.floor(limit * c.shrink)))
+            new_budget = min(budget, max(MIN_TOKEN_BUDGET, new_limit, budget // 2))
+            if new_limit < limit or new_budget < budget:
+                self._decide("shrink", new_limit, new_budget, p90_ms, now)
         elif (p90_ms < c.grow_below * c.tpot_ms and stats.num_waiting > 0
-              and limit < self.engine.config.scheduler.max_num_seqs):
-            self._decide("grow", limit + 1, p90_ms, now)
+              and (limit < scheduler.max_num_seqs or budget < scheduler.max_num_batched_tokens)):
+            self._decide("grow", limit + 1, budget * 2, p90_ms, now)
 
-    def _decide(self, action: str, limit: int, p90_ms: float, now: float) -> None:
+    def _decide(self, action: str, limit: int, budget: int, p90_ms: float, now: float) -> None:
         limit = self.engine.set_running_limit(limit)
+        budget = self.engine.set_token_budget(budget)
         self._last_decision = now
         self._since_decision = 0
-        self._finished.clear()  # the next decision reads requests that ran under the new limit
-        self.decisions.append((action, limit, p90_ms))
-        logger.info("adaptive %s: p90 TPOT %.1f ms against %.1f ms: %s the running limit to %d",
-                    self.model or "model", p90_ms, self.config.tpot_ms, "lowering" if action == "shrink" else
-                    "raising", limit)
-        self.on_decision(action, limit, p90_ms)
+        self._finished.clear()  # the next decision reads requests that ran under the new limits
+        self.decisions.append((action, limit, budget, p90_ms))
+        logger.info("adaptive %s: p90 TPOT %.1f ms against %.1f ms: %s the running limit to %d, the step token "
+                    "budget to %d", self.model or "model", p90_ms, self.config.tpot_ms,
+                    "lowering" if action == "shrink" else "raising", limit, budget)
+        self.on_decision(action, limit, budget)

@@ -109,6 +109,8 @@ class ServerMetrics:
                                           "the fallback model or return.", ["model", "action"], registry=r)
         self.adaptive_running_limit = Gauge("trident_adaptive_running_limit", "Most sequences `trident serve "
                                             "--adaptive` lets run at once now.", labels, registry=r)
+        self.adaptive_token_budget = Gauge("trident_adaptive_token_budget", "Most tokens a step computes under "
+                                           "`trident serve --adaptive` now.", labels, registry=r)
         self._adaptive_actions: dict[str, set[str]] = {}
         """The adaptive decisions each model has made (its series, to remove with the model)."""
         self._moe_counts: dict[str, dict[tuple[int, int], int]] = {}
@@ -141,11 +143,12 @@ class ServerMetrics:
             self.requests.remove(model, status)
         for metric in self._per_model_metrics():
             metric.remove(model)
-        actions = self._adaptive_actions.pop(model, set())
-        for action in actions:
+        actions = self._adaptive_actions.pop(model, None)
+        for action in actions or ():
             self.adaptive_decisions.remove(model, action)
-        if actions:
+        if actions is not None:
             self.adaptive_running_limit.remove(model)
+            self.adaptive_token_budget.remove(model)
         moe_series = self._moe_counts.pop(model, {})
         for layer, expert in moe_series:
             self.moe_expert_tokens.remove(model, str(layer), str(expert))
@@ -220,11 +223,17 @@ class ServerMetrics:
             self.moe_imbalance.labels(model=model, layer=layer).set(load.imbalance)
             self.moe_entropy.labels(model=model, layer=layer).set(load.entropy_term)
 
-    def adaptive_decision(self, model: str, action: str, limit: int) -> None:
-        """Count a decision of ``model``'s adaptive controller and show the running limit it set."""
+    def adaptive_decision(self, model: str, action: str, limit: int, budget: int) -> None:
+        """Count a decision of ``model``'s adaptive controller and show the running limit and token budget."""
         self._adaptive_actions.setdefault(model, set()).add(action)
         self.adaptive_decisions.labels(model=model, action=action).inc()
+        self.adaptive_limits(model, limit, budget)
+
+    def adaptive_limits(self, model: str, limit: int, budget: int) -> None:
+        """Show ``model``'s running limit and step token budget under --adaptive."""
+        self._adaptive_actions.setdefault(model, set())
         self.adaptive_running_limit.labels(model=model).set(limit)
+        self.adaptive_token_budget.labels(model=model).set(budget)
 
     def model_loaded(self, model: str, memory_bytes: int, load_seconds: float) -> None:
         self.add_model(model)

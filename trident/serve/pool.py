@@ -195,7 +195,8 @@ class ModelPool:
             action = "route" if routing else "return"
             logger.info("adaptive %s: %s new requests %s %s", name, "sending" if routing else "bringing back",
                         "to" if routing else "from", fallback)
-            self.metrics.adaptive_decision(name, action, controller.engine.running_limit)
+            self.metrics.adaptive_decision(name, action, controller.engine.running_limit,
+                                           controller.engine.token_budget)
         return fallback if routing else name
 
     # -- loading ----------------------------------------------------------------------------------
@@ -334,11 +335,11 @@ class ModelPool:
         engine.add_observer(self.metrics.observer(name))
         adaptive = self.serve_config.adaptive
         if adaptive is not None:
-            controller = AdaptiveController(engine.engine, adaptive, name, on_decision=lambda action, limit, _:
-                                            self.metrics.adaptive_decision(name, action, limit))
+            controller = AdaptiveController(engine.engine, adaptive, name, on_decision=lambda action, limit, budget:
+                                            self.metrics.adaptive_decision(name, action, limit, budget))
             engine.add_observer(controller)
             self._controllers[name] = controller
-            self.metrics.adaptive_running_limit.labels(model=name).set(engine.engine.running_limit)
+            self.metrics.adaptive_limits(name, engine.engine.running_limit, engine.engine.token_budget)
         max_queued = entry.spec.max_queued_requests or self.serve_config.max_queued_requests
         entry.engine = engine
         entry.context = ServeContext(engine=engine, served_model_name=name, max_queued_requests=max_queued,
