@@ -13,7 +13,7 @@ from test_metrics import scrape, value
 
 from trident.cli import build_parser, serve_config
 from trident.errors import TridentError
-from trident.serve.adaptive import MIN_TOKEN_BUDGET, AdaptiveConfig, AdaptiveController, percentile
+from trident.serve.adaptive import MIN_STEPS, MIN_TOKEN_BUDGET, AdaptiveConfig, AdaptiveController, percentile
 
 
 @dataclass
@@ -54,6 +54,7 @@ class Finished:
 @dataclass
 class Stats:
     num_waiting: int
+    num_running: int = 0
 
 
 def test_percentile_by_nearest_rank() -> None:
@@ -98,6 +99,31 @@ def test_controller_shrinks_then_grows_back() -> None:
         controller.request_done("stop", Finished(0.040))  # 80% of the objective: neither shrink nor grow
     controller.engine_stats(Stats(num_waiting=2))
     assert engine.running_limit == 10 and len(decisions) == 3
+
+
+def test_long_steps_shrink_before_requests_finish() -> None:
+    now = [0.0]
+    engine = FakeEngine()
+    controller = AdaptiveController(engine, AdaptiveConfig(tpot_ms=50, interval_s=2, min_requests=4),
+                                    clock=lambda: now[0])
+    for _ in range(MIN_STEPS):  # busy steps of 30 ms: under the objective
+        now[0] += 0.030
+        controller.engine_stats(Stats(num_waiting=4, num_running=16))
+    now[0] += 2.0  # one idle gap: the loop was idle, not a step (stats with nothing running end the run of steps)
+    controller.engine_stats(Stats(num_waiting=0, num_running=0))
+    assert engine.running_limit == 16 and controller.decisions == []  # the mean 30 ms step: below 50 ms
+    for _ in range(MIN_STEPS):  # then steps of 90 ms: no request has finished yet, the steps alone call for it
+        now[0] += 0.090
+        controller.engine_stats(Stats(num_waiting=4, num_running=16))
+    assert (engine.running_limit, engine.token_budget) == (12, 256)
+    action, _, _, signal = controller.decisions[0]
+    assert action == "shrink" and 50 < signal < 90  # the mean of the steps since the last decision (30 and 90 ms)
+    for _ in range(4):  # finished requests alone do not grow it back while the steps are long
+        controller.request_done("stop", Finished(0.010))
+    for _ in range(MIN_STEPS):
+        now[0] += 0.3
+        controller.engine_stats(Stats(num_waiting=4, num_running=12))
+    assert [d[0] for d in controller.decisions] == ["shrink", "shrink"]
 
 
 def test_limits_have_floors() -> None:

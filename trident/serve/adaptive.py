@@ -4,13 +4,17 @@ and smaller prefill chunks beside them.
 On a saturated device a sequence's time per output token (TPOT) is the length of the steps it decodes in: each
 step serves every running sequence and the chunk of prompt being prefilled beside them (on two CPU cores a
 512-token chunk makes a step of over a second). The controller, one per loaded model (an AsyncEngine observer),
-keeps the TPOTs of the requests that finished in the last ``window_s`` seconds and, at most every ``interval_s``
-seconds once ``min_requests`` have finished since its last decision:
+keeps the TPOTs of the requests that finished in the last ``window_s`` seconds and the lengths of the steps run since
+its last decision. At most every ``interval_s`` seconds, its signal is the larger of the 90th percentile of those
+TPOTs (once ``min_requests`` have finished since its last decision) and the mean step length (once ``MIN_STEPS``
+steps have run: each running sequence gets a token a step, so this is the TPOT they see now, known long before they
+finish). It
 
-- shrinks when their 90th percentile is above the objective: the engine's running limit
+- shrinks when the signal is above the objective: the engine's running limit
   (``LLMEngine.set_running_limit``) by ``shrink`` (at least one sequence less), and its step token budget
   (``set_token_budget``) by half, not below ``MIN_TOKEN_BUDGET`` nor the running limit;
-- grows when the percentile is below ``grow_below`` of the objective and requests are waiting: the limit by one
+- grows when the signal (with finished requests in it) is below ``grow_below`` of the objective and requests are
+  waiting: the limit by one
   sequence, the budget twofold (up to max_num_seqs and max_num_batched_tokens).
 
 Requests beyond the limit wait in the queue (their time to first token grows instead); running ones are never
@@ -41,6 +45,8 @@ logger = logging.getLogger("trident.serve")
 
 MIN_TOKEN_BUDGET = 64
 """The step token budget is not lowered below this (prefill would crawl)."""
+MIN_STEPS = 8
+"""Busy steps since the last decision needed before their mean length can call for a shrink."""
 
 
 @dataclass(frozen=True)
@@ -90,8 +96,12 @@ class AdaptiveController:
         """(time finished, TPOT seconds) of recent requests, oldest first."""
         self._since_decision = 0
         self._last_decision = -math.inf
+        self._steps: list[float] = []
+        """Lengths (seconds) of the busy steps since the last decision: what each running sequence waits per
+        token now."""
+        self._last_stats: float | None = None
         self.decisions: list[tuple[str, int, int, float]] = []
-        """(action, running limit set, token budget set, p90 TPOT ms) of every decision, oldest first."""
+        """(action, running limit set, token budget set, the signal in ms) of every decision, oldest first."""
 
     def request_done(self, status: str, last: RequestOutput | None) -> None:
         if last is None or not last.finished or status in ("abort", "error") or last.tpot_s is None:
@@ -113,31 +123,40 @@ class AdaptiveController:
 
     def engine_stats(self, stats: EngineStats) -> None:
         now = self.clock()
+        if self._last_stats is not None and stats.num_running > 0:
+            self._steps.append(now - self._last_stats)
+        self._last_stats = now if stats.num_running > 0 else None
         c = self.config
         while self._finished and self._finished[0][0] < now - c.window_s:
             self._finished.popleft()
-        if now - self._last_decision < c.interval_s or self._since_decision < c.min_requests or not self._finished:
+        if now - self._last_decision < c.interval_s:
             return
-        p90_ms = 1000 * percentile([tpot for _, tpot in self._finished], 0.9)
+        finished = self._since_decision >= c.min_requests and self._finished
+        p90_ms = 1000 * percentile([tpot for _, tpot in self._finished], 0.9) if finished else None
+        step_ms = 1000 * sum(self._steps) / len(self._steps) if len(self._steps) >= MIN_STEPS else None
+        if p90_ms is None and step_ms is None:
+            return
+        signal_ms = max(v for v in (p90_ms, step_ms) if v is not None)
         engine, scheduler = self.engine, self.engine.config.scheduler
         limit, budget = engine.running_limit, engine.token_budget
-        if p90_ms > c.tpot_ms:
+        if signal_ms > c.tpot_ms:
             new_limit = max(1, min(limit - 1, math.floor(limit * c.shrink)))
             new_budget = min(budget, max(MIN_TOKEN_BUDGET, new_limit, budget // 2))
             if new_limit < limit or new_budget < budget:
-                self._decide("shrink", new_limit, new_budget, p90_ms, now)
-        elif (p90_ms < c.grow_below * c.tpot_ms and stats.num_waiting > 0
+                self._decide("shrink", new_limit, new_budget, signal_ms, now)
+        elif (p90_ms is not None and signal_ms < c.grow_below * c.tpot_ms and stats.num_waiting > 0
               and (limit < scheduler.max_num_seqs or budget < scheduler.max_num_batched_tokens)):
-            self._decide("grow", limit + 1, budget * 2, p90_ms, now)
+            self._decide("grow", limit + 1, budget * 2, signal_ms, now)
 
     def _decide(self, action: str, limit: int, budget: int, p90_ms: float, now: float) -> None:
         limit = self.engine.set_running_limit(limit)
         budget = self.engine.set_token_budget(budget)
         self._last_decision = now
         self._since_decision = 0
-        self._finished.clear()  # the next decision reads requests that ran under the new limits
+        self._finished.clear()  # the next decision reads requests and steps that ran under the new limits
+        self._steps.clear()
         self.decisions.append((action, limit, budget, p90_ms))
-        logger.info("adaptive %s: p90 TPOT %.1f ms against %.1f ms: %s the running limit to %d, the step token "
+        logger.info("adaptive %s: TPOT %.1f ms against %.1f ms: %s the running limit to %d, the step token "
                     "budget to %d", self.model or "model", p90_ms, self.config.tpot_ms,
                     "lowering" if action == "shrink" else "raising", limit, budget)
         self.on_decision(action, limit, budget)
