@@ -30,6 +30,7 @@ from trident.config import EngineConfig, ModelConfig
 from trident.engine.sizing import (
     MemoryEstimate,
     activation_reserve_bytes,
+    cuda_usable_bytes,
     default_batched_tokens,
     kv_bytes_per_block,
     kv_format_of,
@@ -68,13 +69,18 @@ def device_memory(device: torch.device, gpu_memory_utilization: float = 0.9) -> 
         if not torch.cuda.is_available():
             raise TridentError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
         index = device.index if device.index is not None else torch.cuda.current_device()
-        free, total = torch.cuda.mem_get_info(index)
-        usable = int(total * gpu_memory_utilization) - (total - free)
+        _, total, usable = cuda_usable_bytes(torch.device("cuda", index), gpu_memory_utilization)
         return DeviceMemory(f"cuda:{index}", torch.cuda.get_device_name(index), total, max(0, usable))
     if device.type != "cpu":
         raise TridentError(f"memory estimates cover cpu and cuda devices, not {device.type}")
     total, available = _system_memory()
     return DeviceMemory("cpu", "system RAM", total, available)
+
+
+def runtime_bytes(device: torch.device) -> int:
+    """The runtime part of an estimate: CPU_RUNTIME_BYTES on the CPU; none on CUDA (the context is outside the free
+    memory the device reports)."""
+    return CPU_RUNTIME_BYTES if device.type == "cpu" else 0
 
 
 def _system_memory() -> tuple[int, int]:
@@ -191,36 +197,39 @@ def estimate_fit(model_config: ModelConfig, config: EngineConfig, quantization: 
         weights_bytes=weights_bytes(model_config, dtype, quantization, torch_device),
         kv_block_bytes=kv_bytes_per_block(model_config, config.cache.block_size, kv_format),
         block_size=config.cache.block_size, activations=activations(model_config, config, context),
-        runtime_bytes=CPU_RUNTIME_BYTES if torch_device.type == "cpu" else 0,
+        runtime_bytes=runtime_bytes(torch_device),
         dtype=str(dtype).removeprefix("torch."), kv_cache_dtype=kv_format.name,
         device=device or device_memory(torch_device, config.cache.gpu_memory_utilization))
 
 
 def serving_problem(model_config: ModelConfig, config: EngineConfig, engine: MemoryEstimate,
-                    quantization: QuantizedModules | None = None, device: DeviceMemory | None = None) -> str | None:
+                    device: DeviceMemory | None = None) -> str | None:
     """Why an engine of ``config`` with the memory estimate ``engine`` (``sizing.estimate_memory``: its weights and
     KV cache as it will allocate them) cannot serve on its device, or None: its KV cache holds less than one sequence
     of its context length, or weights, KV cache, activations and runtime need more than the device has free (the
-    same parts as :func:`estimate_fit`). The message says what would fit."""
+    parts of :func:`estimate_fit`, with the KV cache the engine sizes). The message says what would fit."""
     from trident.loader.info import human_bytes
 
-    fit = estimate_fit(model_config, config, quantization, device)
+    torch_device = torch.device(config.device)
     tokens = engine.num_blocks * config.cache.block_size
+    per_sequence = -(-engine.max_model_len // config.cache.block_size) * engine.block_bytes
     if tokens < engine.max_model_len:
         return (f"the KV cache holds {tokens:,} tokens ({human_bytes(engine.kv_cache_bytes)}), less than one sequence "
                 f"of the context length {engine.max_model_len:,}; lower --max-model-len to at most {tokens:,} or give "
-                f"the cache {human_bytes(fit.kv_bytes_per_sequence(engine.max_model_len))} (--kv-cache-memory)")
-    needed = engine.weights_bytes + engine.kv_cache_bytes + fit.activation_bytes + fit.runtime_bytes
-    if needed <= fit.device.free_bytes:
+                f"the cache {human_bytes(per_sequence)} (--kv-cache-memory)")
+    device = device or device_memory(torch_device, config.cache.gpu_memory_utilization)
+    overhead = (activations(model_config, config, engine.max_model_len).bytes(config.scheduler.max_num_seqs)
+                + runtime_bytes(torch_device))
+    needed = engine.weights_bytes + engine.kv_cache_bytes + overhead
+    if needed <= device.free_bytes:
         return None
-    per_sequence = fit.kv_bytes_per_sequence(engine.max_model_len)
-    room = fit.device.free_bytes - engine.weights_bytes - fit.activation_bytes - fit.runtime_bytes
+    room = device.free_bytes - engine.weights_bytes - overhead
     sequences = room // per_sequence
     hint = (f"a KV cache of at most {human_bytes(room)} (--kv-cache-memory) holds {sequences:,} "
             f"sequence{'s' if sequences > 1 else ''} of {engine.max_model_len:,} tokens" if sequences else
             "the weights leave no room for one sequence: quantize them (trident quantize), lower --max-model-len, "
             "or use a larger device")
-    return (f"it needs {human_bytes(needed)} on {fit.device.name} ({human_bytes(engine.weights_bytes)} weights, "
-            f"{human_bytes(engine.kv_cache_bytes)} KV cache, {human_bytes(fit.activation_bytes + fit.runtime_bytes)} "
-            f"activations and runtime) but {human_bytes(fit.device.free_bytes)} is free; {hint} "
+    return (f"it needs {human_bytes(needed)} on {device.name} ({human_bytes(engine.weights_bytes)} weights, "
+            f"{human_bytes(engine.kv_cache_bytes)} KV cache, {human_bytes(overhead)} activations and runtime) but "
+            f"{human_bytes(device.free_bytes)} is free; {hint} "
             "(trident advise --fit shows the parts)")

@@ -103,14 +103,21 @@ def kv_budget_bytes(model_config: ModelConfig, config: EngineConfig, device: tor
         return cache.memory_budget_bytes
     if device.type != "cuda":
         return DEFAULT_CPU_KV_BYTES
-    free, total = torch.cuda.mem_get_info(device)
+    free, total, usable = cuda_usable_bytes(device, cache.gpu_memory_utilization)
     reserve = activation_reserve_bytes(model_config, config.scheduler.max_num_seqs)
-    budget = int(total * cache.gpu_memory_utilization) - (total - free) - pending_bytes - reserve
+    budget = usable - pending_bytes - reserve
     if budget <= 0:
         raise TridentError(f"no GPU memory is left for the KV cache: {free / 2**30:.1f} of {total / 2**30:.1f} "
                            f"GiB free, weights to load {pending_bytes / 2**30:.1f} GiB, reserve "
                            f"{reserve / 2**30:.1f} GiB; raise gpu_memory_utilization or use a smaller model")
     return budget
+
+
+def cuda_usable_bytes(device: torch.device, gpu_memory_utilization: float) -> tuple[int, int, int]:
+    """(free, total, usable) bytes of a CUDA device: usable is ``gpu_memory_utilization`` of the total less what is
+    in use now (other processes, this one's context and tensors); negative when more is in use."""
+    free, total = torch.cuda.mem_get_info(device)
+    return free, total, int(total * gpu_memory_utilization) - (total - free)
 
 
 def activation_reserve_bytes(model_config: ModelConfig, max_num_seqs: int) -> int:

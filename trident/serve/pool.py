@@ -306,7 +306,7 @@ class ModelPool:
     def _check_device(self, entry: _Entry, model: ModelDescription, estimate: MemoryEstimate) -> None:
         """ModelTooLargeError when the device cannot hold the model as configured (advise.memory.serving_problem):
         checked before its weights are read."""
-        problem = serving_problem(model.config, entry.spec.engine, estimate, model.quantization)
+        problem = serving_problem(model.config, entry.spec.engine, estimate)
         if problem is not None:
             raise ModelTooLargeError(f"the model {entry.spec.name!r} cannot be served as configured: {problem}")
 
