@@ -13,7 +13,7 @@ from test_metrics import scrape, value
 
 from trident.cli import build_parser, serve_config
 from trident.errors import TridentError
-from trident.serve.adaptive import MIN_STEPS, MIN_TOKEN_BUDGET, AdaptiveConfig, AdaptiveController, percentile
+from trident.serve.adaptive import MIN_STEPS, MIN_TOKEN_BUDGET, AdaptiveConfig, AdaptiveController
 
 
 @dataclass
@@ -55,12 +55,6 @@ class Finished:
 class Stats:
     num_waiting: int
     num_running: int = 0
-
-
-def test_percentile_by_nearest_rank() -> None:
-    assert percentile([5.0], 0.9) == 5.0
-    assert percentile([float(i) for i in range(1, 11)], 0.9) == 9.0
-    assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0
 
 
 def test_controller_shrinks_then_grows_back() -> None:

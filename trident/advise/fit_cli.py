@@ -21,7 +21,6 @@ from trident.quant.format import QuantizedModules
 
 DEFAULT_CONTEXTS = (2048, 8192, 32768, 131072)
 """Contexts of the "most sequences" table (those up to the model's, and the one asked for)."""
-FIT_EXIT_CODE = {True: 0, False: 1}
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,7 @@ def run_fit(args: argparse.Namespace, config: EngineConfig) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(fit_record(subject, estimate, contexts), f, indent=2)
-    return FIT_EXIT_CODE[estimate.fits]
+    return 0 if estimate.fits else 1
 
 
 def fit_subject(model: str | None, shape: str | None, weights: str | None, group_size: int | None,

@@ -5,6 +5,7 @@ Pareto plot of quality against throughput."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 from rich.console import Console
@@ -41,7 +42,8 @@ def run_matrix(args: argparse.Namespace) -> int:
         console.print(f"[{i + 1}/{len(variants)}] {variant.label}: "
                       + ("cached" if cached else f"measured in {measurement.seconds:.0f} s"))
         measurements.append(measurement)
-    rows = evaluate([(m, run, variant_fit(m, run.batch, settings, slo)) for m in measurements
+    fits = [variant_fit(m, settings, slo) for m in measurements]  # the concurrency is each row's batch cap
+    rows = evaluate([(m, run, dataclasses.replace(fit, concurrency=run.batch)) for m, fit in zip(measurements, fits)
                      for run in m.batch_runs], slo)
     best = recommend(rows, slo)
     console.print(matrix_table(rows, best, settings))
@@ -89,9 +91,9 @@ def candidate_variants(models: list[str], weights: list[str], kv_dtypes: list[st
     return variants
 
 
-def variant_fit(m: VariantMeasurement, batch: int, settings: MatrixSettings, slo: Slo) -> FitEstimate:
-    """The memory estimate of the variant for ``batch`` sequences at the SLO's context (at most the model's; the
-    engine's default context without one)."""
+def variant_fit(m: VariantMeasurement, settings: MatrixSettings, slo: Slo) -> FitEstimate:
+    """The memory estimate of the variant at the SLO's context (at most the model's; the engine's default context
+    without one), for the largest batch cap."""
     import torch
 
     from trident.advise.measure import variant_quantization
@@ -103,7 +105,7 @@ def variant_fit(m: VariantMeasurement, batch: int, settings: MatrixSettings, slo
     v = m.variant
     context = None if slo.min_context is None else min(slo.min_context, m.model_context)
     config = engine_config(model_path(v.model), device=settings.device, dtype=settings.dtype,
-                           kv_cache_dtype=v.kv_cache_dtype, max_model_len=context, max_num_seqs=batch,
+                           kv_cache_dtype=v.kv_cache_dtype, max_model_len=context, max_num_seqs=max(settings.batches),
                            max_num_batched_tokens=None, gguf_weights="auto" if v.weights == "stored" else "dequantize")
     described = describe_model(model_path(v.model), gguf_native(config, torch.device(settings.device)))
     return estimate_fit(described.config, config, variant_quantization(v, described, m.group_size))

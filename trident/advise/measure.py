@@ -281,15 +281,13 @@ def run_batch(engine, workload) -> BatchRun:
     medians over the requests of the time to first token and of the time per output token after it."""
     from statistics import median
 
-    from trident.bench.trident_side import warm_up
-    from trident.engine.request import SamplingParams
+    from trident.bench.trident_side import fixed_length_params, warm_up
 
     warm_up(engine, len(workload.prompts), prompt_len=len(workload.prompts[0]))
     t0 = time.perf_counter()
     first, done, tokens = {}, {}, {}
     for prompt, output_len in zip(workload.prompts, workload.output_lens):
-        request = engine.add_request(list(prompt), SamplingParams(temperature=0.0, max_tokens=output_len,
-                                                                  min_tokens=output_len, ignore_eos=True))
+        request = engine.add_request(list(prompt), fixed_length_params(output_len))
         tokens[request] = 0
     while engine.has_unfinished():
         outputs = engine.step()

@@ -11,7 +11,8 @@ from trident.engine.engine import LLMEngine
 from trident.engine.request import SamplingParams
 
 
-def _params(output_len: int) -> SamplingParams:
+def fixed_length_params(output_len: int) -> SamplingParams:
+    """Greedy, exactly ``output_len`` tokens (EOS ignored): what every bench request asks for."""
     return SamplingParams(temperature=0.0, max_tokens=output_len, min_tokens=output_len, ignore_eos=True)
 
 
@@ -28,7 +29,7 @@ def warm_up(engine: LLMEngine, num_requests: int = 1, prompt_len: int = WARM_UP_
     the machine had run it before (docs/benchmarks.md, session 13)."""
     vocab = min(engine.model_config.vocab_size, 1000)
     for i in range(min(num_requests, engine.config.scheduler.max_num_seqs)):
-        engine.add_request([(1 + i + j) % vocab for j in range(prompt_len)], _params(4))
+        engine.add_request([(1 + i + j) % vocab for j in range(prompt_len)], fixed_length_params(4))
     while engine.has_unfinished():
         engine.step()
 
@@ -38,7 +39,7 @@ def run_latency(engine: LLMEngine, workload: Workload) -> dict:
     prompt = list(workload.prompts[0])
     warm_up(engine, prompt_len=len(prompt))
     t0 = time.perf_counter()
-    engine.add_request(prompt, _params(workload.output_lens[0]))
+    engine.add_request(prompt, fixed_length_params(workload.output_lens[0]))
     t_first = None
     tokens = 0
     while engine.has_unfinished():
@@ -61,7 +62,7 @@ def run_offline(engine: LLMEngine, workload: Workload) -> dict:
     warm_up(engine, len(workload.prompts))
     t0 = time.perf_counter()
     for prompt, output_len in zip(workload.prompts, workload.output_lens):
-        engine.add_request(list(prompt), _params(output_len))
+        engine.add_request(list(prompt), fixed_length_params(output_len))
     tokens = steps = 0
     with Progress(transient=True) as progress:
         task = progress.add_task("trident offline", total=workload.output_tokens)

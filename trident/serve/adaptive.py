@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from trident.bench.serve_stats import percentile
 from trident.errors import TridentError
 
 if TYPE_CHECKING:
@@ -72,12 +73,6 @@ class AdaptiveConfig:
                                "request count)")
         if not 0 < self.shrink < 1 or not 0 < self.grow_below < 1:
             raise TridentError("the adaptive controller's shrink and grow_below factors must lie in (0, 1)")
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The ``q`` quantile (0..1) of ``values`` by the nearest rank."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
 class AdaptiveController:
@@ -132,7 +127,7 @@ class AdaptiveController:
         if now - self._last_decision < c.interval_s:
             return
         finished = self._since_decision >= c.min_requests and self._finished
-        p90_ms = 1000 * percentile([tpot for _, tpot in self._finished], 0.9) if finished else None
+        p90_ms = 1000 * percentile([tpot for _, tpot in self._finished], 90) if finished else None
         step_ms = 1000 * sum(self._steps) / len(self._steps) if len(self._steps) >= MIN_STEPS else None
         if p90_ms is None and step_ms is None:
             return
