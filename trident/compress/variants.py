@@ -11,16 +11,15 @@ so repetitions of the latency run are not served from it). On that engine:
 2. the bench harness's batch-1 latency run (:func:`trident.bench.trident_side.run_latency`) on the latency
    workload of ``trident bench latency`` (``prompt_len`` tokens of its text, ``output_len`` generated, EOS
    ignored), ``repeat`` times, medians reported;
-3. the resident weight memory (:func:`resident_weight_bytes`), after the runs, so that copies the layers derive
-   on first use are counted; on CUDA also ``torch.cuda.max_memory_allocated`` over the load and both runs.
+3. the resident weight memory (``LLMEngine.memory_usage``), after the runs, so that the kernel layouts the layers
+   build on first use are counted; on CUDA also ``torch.cuda.max_memory_allocated`` over the load and both runs.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from trident.cli_args import model_path
@@ -103,10 +102,9 @@ class VariantRow:
     """Bytes of the weight files (the .gguf file, or the folder's .safetensors files; config and tokenizer not
     counted)."""
     resident_bytes: int
-    """Bytes of every tensor the loaded model holds, each storage once (tied embeddings once): parameters,
-    buffers (quantized codes, scales, zero points, rotary tables) and copies the layers derive on first use,
-    such as a CPU int4 layer's re-packed codes (QuantizedLinear._int4_cpu); measured after the runs. The KV
-    cache is not counted."""
+    """``LLMEngine.memory_usage().weights_bytes`` after the runs: every storage the model holds once (tied embeddings
+    once), parameters, buffers (quantized codes, scales, zero points, rotary tables) and the kernel layouts the
+    layers build on first use (QuantizedLinear.derived_tensors). The KV cache is not counted."""
     cuda_peak_bytes: int | None
     """On CUDA, torch.cuda.max_memory_allocated over loading, the perplexity batches and the latency runs (weights,
     KV cache, activations); None on the CPU."""
@@ -252,36 +250,11 @@ def measure_engine(engine, checkpoint, name: str, text: str, settings: VariantSe
     row = VariantRow(
         name=name, format=checkpoint.format, weights=weights_description(engine.model),
         dtype=str(engine.dtype).removeprefix("torch."), params=num_weights(engine.model),
-        disk_bytes=checkpoint.file_bytes, resident_bytes=resident_weight_bytes(engine.model),
+        disk_bytes=checkpoint.file_bytes, resident_bytes=engine.memory_usage().weights_bytes,
         cuda_peak_bytes=cuda_peak, perplexity=ppl.perplexity, nll=ppl.nll, ppl_seconds=ppl.seconds,
         prefill_tok_s=speed["prefill_tok_s"], decode_tok_s=speed["decode_tok_s"], ttft_ms=speed["ttft_ms"],
         load_s=load_s, latency_runs=tuple(runs))
     return row, plan
-
-
-def resident_weight_bytes(model) -> int:
-    """Bytes of every tensor ``model`` holds (see :attr:`VariantRow.resident_bytes`): its parameters and buffers,
-    and tensors its modules keep as plain attributes or inside dataclasses so kept (derived copies), each storage
-    counted once at the largest extent seen."""
-    extents: dict[int, int] = {}
-    for tensor in _held_tensors(model):
-        if tensor.numel() and tensor.device.type != "meta":
-            key = tensor.data_ptr()
-            extents[key] = max(extents.get(key, 0), tensor.numel() * tensor.element_size())
-    return sum(extents.values())
-
-
-def _held_tensors(model) -> Iterator:
-    import torch
-
-    for module in model.modules():
-        yield from module.parameters(recurse=False)
-        yield from module.buffers(recurse=False)
-        for value in vars(module).values():  # attributes outside torch's registries (nn.Module keeps those apart)
-            if isinstance(value, torch.Tensor):
-                yield value
-            elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-                yield from (v for v in vars(value).values() if isinstance(v, torch.Tensor))
 
 
 def weights_description(model) -> str:
