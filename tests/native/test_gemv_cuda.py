@@ -159,6 +159,20 @@ def test_formats(bits: int, group_size: int | None, offsets: str, dtype: torch.d
 
 
 @pytest.mark.gpu
+def test_groups_of_three_blocks_are_left_to_the_triton_product() -> None:
+    """The kernel finds a chunk's scale column by a shift: a group of 3 blocks (96 columns) is not its product, and
+    affine_linear still gives the float64 product of those weights."""
+    g = torch.Generator().manual_seed(96)
+    w = make_weight(4, 40, 384, 96, "per_group", g)
+    x = torch.randn(1, 384, generator=g).to(torch.bfloat16)
+    assert not gemv_cuda.takes(x.cuda(), w, None)
+    assert gemv_cuda.takes(x.cuda(), make_weight(4, 40, 384, 128, "per_group", g), None)
+    exact = x.double() @ affine_dequantize(w, torch.float64).cpu().T
+    y = affine_linear(x.cuda(), w).cpu().double()
+    assert torch.allclose(y, exact, rtol=2e-2, atol=2e-2 * exact.abs().max().item())
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("n,k,bits", [(4096, 14336, 4), (3000, 14336, 8), (257, 32768, 4), (6, 32768, 8),
                                       (20000, 1024, 4)])
 def test_large_shapes(n: int, k: int, bits: int) -> None:

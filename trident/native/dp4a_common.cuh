@@ -275,10 +275,12 @@ template <int BITS, int R, int U, int OFF = OFFSETS_NONE>
 __device__ __forceinline__ void compute_step(const Step<BITS, R, U>& s, float (&acc)[R], const XStages& xs, int base,
                                              int lane, int chunks, int zero_point = 0) {
     static_assert(OFF != OFFSETS_ZERO_POINT || BITS == 4, "a zero point goes with int4 codes");
+    // Branch-free, so that the shared-memory reads of every chunk can be issued ahead of the products: a chunk past
+    // the row reads chunk 0's activations (finite) and multiplies them by the zero codes and scales load_step gave it.
+    const bool whole = base + 32 * U <= chunks;
 #pragma unroll
     for (int u = 0; u < U; u++) {
-        const int ch = base + u * 32 + lane;
-        if (ch >= chunks) break;
+        const int ch = whole || base + u * 32 + lane < chunks ? base + u * 32 + lane : 0;
         const int blk = BITS == 4 ? ch : ch / 2;
         const int word0 = BITS == 4 ? 8 * ch : 4 * ch;  // q words: 8 per block of 32
         const float a1 = xs.s1[blk];
@@ -392,15 +394,16 @@ __device__ __forceinline__ void warp_sum(float (&acc)[R]) {
 template <int U, typename S, typename Load, typename Multiply, typename Finish>
 __device__ __forceinline__ void walk_steps(S& cur, int steps, int first, int stride, int steps_per_item, Load load,
                                            Multiply multiply, Finish finish) {
+    int item = first, part = 0;  // step t's item and its index within the item, counted (no divisions)
     for (int t = 0; t < steps; t++) {
-        const int item = first + (t / steps_per_item) * stride;
-        const int base = (t % steps_per_item) * 32 * U;
+        const bool last = part == steps_per_item - 1;
+        const int next_item = last ? item + stride : item, next_part = last ? 0 : part + 1;
         S next;
-        if (t + 1 < steps) {
-            load(next, first + ((t + 1) / steps_per_item) * stride, ((t + 1) % steps_per_item) * 32 * U);
-        }
-        multiply(cur, base);
-        if (t % steps_per_item == steps_per_item - 1) finish(item);
+        if (t + 1 < steps) load(next, next_item, next_part * 32 * U);
+        multiply(cur, part * 32 * U);
+        if (last) finish(item);
         if (t + 1 < steps) cur = next;
+        item = next_item;
+        part = next_part;
     }
 }

@@ -56,25 +56,30 @@ template <int BITS, int OFF, bool GATED, int R, int U>
 __device__ __forceinline__ void load_step(Step<BITS, R, U>& s, const uint8_t* __restrict__ codes,
                                           const float* __restrict__ scales, const float* __restrict__ offsets, int rg,
                                           int base, int lane, int n, int row_bytes, int chunks, int num_groups,
-                                          int group_size) {
+                                          int group_shift) {
+    const uint4* row_codes[R];
+    const float* row_scales[R];
+    const float* row_offsets[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {  // the rows' addresses once a step, not once a chunk
+        const size_t row = (size_t)row_of<GATED, R>(rg, r, n);
+        row_codes[r] = reinterpret_cast<const uint4*>(codes + row * row_bytes) + base + lane;
+        row_scales[r] = scales + row * num_groups;
+        row_offsets[r] = OFF == OFFSETS_PER_GROUP ? offsets + row * num_groups : nullptr;
+    }
+    // a whole step inside the rows (every step of a row whose chunks are a multiple of 32 U): no predicates
+    const bool whole = base + 32 * U <= chunks;
 #pragma unroll
     for (int u = 0; u < U; u++) {
         const int ch = base + u * 32 + lane;
-        const int blk = BITS == 4 ? ch : ch / 2;
-        const int group = (blk * ABLOCK) / group_size;
+        const int group = (BITS == 4 ? ch : ch / 2) >> group_shift;
+        const bool in = whole || ch < chunks;
 #pragma unroll
         for (int r = 0; r < R; r++) {
-            const int row = row_of<GATED, R>(rg, r, n);
-            if (ch < chunks) {
-                s.w[r][u] = __ldcs(reinterpret_cast<const uint4*>(codes + (size_t)row * row_bytes) + ch);
-                s.scale[r][u] = __ldg(scales + (size_t)row * num_groups + group);
-                if (OFF == OFFSETS_PER_GROUP) {  // int8: the block's first chunk adds its offset
-                    s.offset[r][u] = BITS == 8 && (ch & 1) ? 0.f : __ldg(offsets + (size_t)row * num_groups + group);
-                }
-            } else {
-                s.w[r][u] = make_uint4(0, 0, 0, 0);
-                s.scale[r][u] = 0.f;
-                if (OFF == OFFSETS_PER_GROUP) s.offset[r][u] = 0.f;
+            s.w[r][u] = in ? __ldcs(row_codes[r] + 32 * u) : make_uint4(0, 0, 0, 0);
+            s.scale[r][u] = in ? __ldg(row_scales[r] + group) : 0.f;
+            if (OFF == OFFSETS_PER_GROUP) {  // int8: the block's first chunk adds its offset
+                s.offset[r][u] = in && !(BITS == 8 && (ch & 1)) ? __ldg(row_offsets[r] + group) : 0.f;
             }
         }
     }
@@ -98,14 +103,13 @@ template <int BITS, int OFF, bool NORM, bool GATED, typename T, int R, int U>
 __global__ void __launch_bounds__(GEMV_THREADS, 16 / GEMV_WARPS)
     gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ codes, const float* __restrict__ scales,
                 const float* __restrict__ offsets, int zero_point, const T* __restrict__ bias, T* __restrict__ y,
-                int n, int k, int group_size, NormArgs norm) {
+                int n, int k, int num_groups, int group_shift, NormArgs norm) {
     extern __shared__ __align__(16) uint8_t smem[];
     const XStages xs = x_stages(smem, k);
 
     const int lane = threadIdx.x & 31;
     const int row_bytes = BITS == 4 ? k / 2 : k;
     const int chunks = row_bytes / 16;  // 16-byte chunks per row
-    const int num_groups = k / group_size;
     static_assert(!GATED || (NORM && R == 2), "a gated product is a pair of rows after the norm");
     const int row_groups = GATED ? n : (n + R - 1) / R;
     const int stride = gridDim.x * GEMV_WARPS;
@@ -117,7 +121,7 @@ __global__ void __launch_bounds__(GEMV_THREADS, 16 / GEMV_WARPS)
     Step<BITS, R, U> cur;
     if (steps > 0) {
         load_step<BITS, OFF, GATED>(cur, codes, scales, offsets, first, 0, lane, n, row_bytes, chunks, num_groups,
-                                    group_size);
+                                    group_shift);
     }
 
     wait_for_previous_grid();
@@ -135,7 +139,7 @@ __global__ void __launch_bounds__(GEMV_THREADS, 16 / GEMV_WARPS)
     for (int r = 0; r < R; r++) acc[r] = 0.f;
     auto load = [&](Step<BITS, R, U>& s, int rg, int base) {
         load_step<BITS, OFF, GATED>(s, codes, scales, offsets, rg, base, lane, n, row_bytes, chunks, num_groups,
-                                    group_size);
+                                    group_shift);
     };
     auto multiply = [&](const Step<BITS, R, U>& s, int base) {
         compute_step<BITS, R, U, OFF>(s, acc, xs, base, lane, chunks, zero_point);
@@ -173,10 +177,17 @@ template <int BITS, int OFF, bool NORM, bool GATED, typename T, int R, int U>
 static int launch(const void* x, const void* codes, const float* scales, const float* offsets, int zero_point,
                   const void* bias, void* y, int n, int k, int group_size, int grid, int pdl, cudaStream_t stream,
                   NormArgs norm) {
+    // a chunk's scale column: its block of 32 shifted right by log2(blocks per group); per channel, by 31 (always 0)
+    const int blocks_per_group = group_size / ABLOCK;
+    if (group_size % ABLOCK || (group_size != k && (blocks_per_group & (blocks_per_group - 1)))) {
+        return (int)cudaErrorInvalidValue;  // groups of a power-of-two number of blocks, or one per row
+    }
+    const int group_shift = group_size == k ? 31 : __builtin_ctz(blocks_per_group);
     return launch_kernel(gemv_kernel<BITS, OFF, NORM, GATED, T, R, U>, grid, GEMV_THREADS,
                          activation_smem_bytes(k), pdl, stream, reinterpret_cast<const T*>(x),
                          reinterpret_cast<const uint8_t*>(codes), scales, offsets, zero_point,
-                         reinterpret_cast<const T*>(bias), reinterpret_cast<T*>(y), n, k, group_size, norm);
+                         reinterpret_cast<const T*>(bias), reinterpret_cast<T*>(y), n, k, k / group_size, group_shift,
+                         norm);
 }
 
 #define ARGS x, codes, scales, offsets, zero_point, bias, y, n, k, group_size, grid, pdl, stream, norm

@@ -79,11 +79,14 @@ def grid_size(items: int, warps_per_block: int, device: torch.device, blocks_per
 
 def takes(x: torch.Tensor, w: AffineWeight, bias: torch.Tensor | None) -> bool:
     """Whether :func:`gemv` runs this product: one row of bfloat16 / float16 x on CUDA, contiguous and 16-byte
-    aligned, K and the group size multiples of BLOCK, float32 scales (and offsets), a bias of x's dtype or none,
+    aligned, K and the group size multiples of BLOCK (groups of a power-of-two number of blocks, or one group per
+    row: the kernel finds a chunk's scale by a shift), float32 scales (and offsets), a bias of x's dtype or none,
     and the library built. Shapes, dtypes and addresses only: the choice holds across CUDA-graph capture."""
     k = w.in_features
+    blocks_per_group = w.group_size // BLOCK
     if not (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype in DTYPES and x.is_contiguous()
             and x.data_ptr() % 16 == 0 and k % BLOCK == 0 and w.group_size % BLOCK == 0
+            and (w.scales.shape[1] == 1 or blocks_per_group & (blocks_per_group - 1) == 0)
             and w.codes.is_contiguous() and w.codes.data_ptr() % 16 == 0
             and w.scales.dtype == torch.float32 and w.scales.is_contiguous()
             and (w.offsets is None or (w.offsets.dtype == torch.float32 and w.offsets.is_contiguous()))
