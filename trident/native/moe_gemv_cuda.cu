@@ -39,18 +39,21 @@ __device__ __forceinline__ void load_pair(Step<8, 2, U>& s, const uint8_t* __res
     const size_t e = (size_t)__ldg(ids + p / inter);
     const int i = p % inter;
     const size_t rows[2] = {e * 2 * inter + i, e * 2 * inter + inter + i};
+    const bool whole = base + 32 * U <= chunks;  // every chunk inside the rows: loads without predicates
+    float row_scale[2];
+    const uint4* row_codes[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {  // per channel: one scale a row, its address once a step
+        row_scale[r] = __ldg(scales + rows[r]);
+        row_codes[r] = reinterpret_cast<const uint4*>(codes + rows[r] * hidden) + base + lane;
+    }
 #pragma unroll
     for (int u = 0; u < U; u++) {
-        const int ch = base + u * 32 + lane;
+        const bool in = whole || base + u * 32 + lane < chunks;
 #pragma unroll
         for (int r = 0; r < 2; r++) {
-            if (ch < chunks) {
-                s.w[r][u] = __ldcs(reinterpret_cast<const uint4*>(codes + rows[r] * hidden) + ch);
-                s.scale[r][u] = __ldg(scales + rows[r]);
-            } else {
-                s.w[r][u] = make_uint4(0, 0, 0, 0);
-                s.scale[r][u] = 0.f;
-            }
+            s.w[r][u] = in ? __ldcs(row_codes[r] + 32 * u) : make_uint4(0, 0, 0, 0);
+            s.scale[r][u] = in ? row_scale[r] : 0.f;
         }
     }
 }
