@@ -75,11 +75,16 @@ def main() -> None:
             first = weights[0]
             x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
             outputs = [torch.empty(1, n, device=device, dtype=torch.bfloat16) for _ in weights]
+            reference = None
             for (name, _, blocks), lib in zip(variants, libs):
                 row_groups = -(-n // lib.tq_gemv_rows_per_warp())
                 grid = min(-(-row_groups // (lib.tq_gemv_threads() // 32)), blocks * sms)
 
                 us = time_calls(lib, grid, bits, x, weights, outputs)
+                if reference is None:  # every variant must give the first variant's products
+                    reference = outputs[0].float().clone()
+                elif (outputs[0].float() - reference).abs().max() > 1e-2 * reference.abs().max():
+                    raise SystemExit(f"{name} differs from {variants[0][0]} on {fname} {proj}")
                 totals[(fname, name)] = totals.get((fname, name), 0.0) + us
                 print(f"{fname:9} {proj:8} {name:16} {us:7.2f} us {first.nbytes() / us / 1e3:6.0f} GB/s", flush=True)
     print("\nper layer (qkv + o + gate_up + down):")
