@@ -154,8 +154,22 @@ def _check(n: int, k: int, bits: int, group_size: int | None, offsets: str, bias
                                           (4, "zero_point")])
 def test_formats(bits: int, group_size: int | None, offsets: str, dtype: torch.dtype) -> None:
     seed = bits * 1000 + (group_size or 1) * 10 + OFFSETS.index(offsets)
-    for n, k, bias in ((37, 384, True), (1, 128, False), (515, 2048, True)):
+    # the last shape is one the kernel takes a row per warp (rows_per_warp: 1 on an H200), the others in pairs
+    for n, k, bias in ((37, 384, True), (1, 128, False), (515, 2048, True), (301, 8192, True)):
         _check(n, k, bits, group_size, offsets, bias, dtype, seed + n)
+
+
+@pytest.mark.gpu
+def test_one_row_per_warp_where_pairs_leave_the_busiest_warp_more_steps() -> None:
+    """tq_gemv_rows_for over an H200's 132 x 16 resident warps: pipeline steps of the busiest warp, row pairs in
+    steps of 4 chunks per lane against single rows in steps of 8 (int8 K = 4096: 256 chunks a row)."""
+    lib, warps = gemv_cuda.library(), 132 * 16
+    assert lib.tq_gemv_rows_for(8, 6144, 4096, warps) == 1  # pairs: 2 rounds x 2 steps; rows: 3 x 1
+    assert lib.tq_gemv_rows_for(8, 2048, 4096, warps) == 1  # 1 x 2 against 1 x 1
+    assert lib.tq_gemv_rows_for(8, 4096, 4096, warps) == 2  # 1 x 2 against 2 x 1: a tie keeps pairs
+    assert lib.tq_gemv_rows_for(8, 5120, 2048, warps) == 2  # 2 x 1 against 3 x 1
+    assert lib.tq_gemv_rows_for(4, 6144, 4096, warps) == 2  # int4 K = 4096 is one step a row either way
+    assert lib.tq_gemv_rows_for(4, 301, 8192, warps) == 1 and lib.tq_gemv_rows_for(8, 301, 8192, warps) == 1
 
 
 @pytest.mark.gpu

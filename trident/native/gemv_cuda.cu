@@ -24,7 +24,8 @@
 //    memory round trip in every int4 row: Llama-3-8B's int4 layer 52.6 -> 41.1 us (docs/benchmarks.md).
 //  * A warp owns ROWS rows at a time and walks them in pipeline steps of UNROLL 16-byte chunks per lane and row:
 //    the codes (scales, offsets) of the next step are loaded while this one is multiplied, so each lane keeps
-//    ROWS x UNROLL 16-byte loads in flight. Warps take row groups grid-stride over a grid of what the GPU keeps
+//    ROWS x UNROLL 16-byte loads in flight. Where rows in pairs would leave a last partial round of pairs (which
+//    costs a whole round), one row in steps of ROWS x UNROLL chunks can take fewer steps (tq_gemv_rows_for). Warps take row groups grid-stride over a grid of what the GPU keeps
 //    resident, so x is quantized once per resident block.
 //  * Programmatic dependent launch (Hopper): the codes of a warp's first step are requested before the kernel
 //    waits for the one before it (griddepcontrol.wait; the weight does not depend on that kernel), then x is
@@ -44,6 +45,9 @@
 #define GEMV_WARPS 16  // warps per block, one block per multiprocessor: x is quantized once per multiprocessor
 #endif
 #define GEMV_THREADS (GEMV_WARPS * 32)
+#ifndef GEMV_ONE_ROW
+#define GEMV_ONE_ROW 1  // 0: rows always in groups of ROWS (tq_gemv_rows_for), for A/B runs of the choice
+#endif
 
 // Row r of row group rg: rg R + r (a missing row repeats the last, never stored), or with GATED (R = 2) the pair
 // gate row rg, up row n + rg of a fused gate|up weight of 2n rows.
@@ -191,22 +195,36 @@ static int launch(const void* x, const void* codes, const float* scales, const f
 }
 
 #define ARGS x, codes, scales, offsets, zero_point, bias, y, n, k, group_size, grid, pdl, stream, norm
+template <typename T, bool NORM, bool GATED, int R, int U>
+static int dispatch_format(int bits, const void* x, const void* codes, const float* scales, const float* offsets,
+                           int zero_point, const void* bias, void* y, int n, int k, int group_size, int grid, int pdl,
+                           cudaStream_t stream, NormArgs norm) {
+    if (bits == 4) {
+        if (zero_point != 0) return launch<4, OFFSETS_ZERO_POINT, NORM, GATED, T, R, U>(ARGS);
+        return offsets != nullptr ? launch<4, OFFSETS_PER_GROUP, NORM, GATED, T, R, U>(ARGS)
+                                  : launch<4, OFFSETS_NONE, NORM, GATED, T, R, U>(ARGS);
+    }
+    return offsets != nullptr ? launch<8, OFFSETS_PER_GROUP, NORM, GATED, T, R, U>(ARGS)
+                              : launch<8, OFFSETS_NONE, NORM, GATED, T, R, U>(ARGS);
+}
+
+// rows: what tq_gemv_rows_for chose (a gated warp always multiplies its (gate, up) pair): ROWS rows in steps of
+// UNROLL chunks, or one row in steps of 2 UNROLL (the same bytes in flight per warp).
 template <typename T, bool NORM, bool GATED>
-static int dispatch(int bits, const void* x, const void* codes, const float* scales, const float* offsets,
+static int dispatch(int bits, int rows, const void* x, const void* codes, const float* scales, const float* offsets,
                     int zero_point, const void* bias, void* y, int n, int k, int group_size, int grid, int pdl,
                     cudaStream_t stream, NormArgs norm) {
-    constexpr int R = GATED ? 2 : ROWS;  // a gated warp multiplies its (gate, up) pair
-    if (bits == 4) {
-        if (zero_point != 0) return launch<4, OFFSETS_ZERO_POINT, NORM, GATED, T, R, UNROLL>(ARGS);
-        return offsets != nullptr ? launch<4, OFFSETS_PER_GROUP, NORM, GATED, T, R, UNROLL>(ARGS)
-                                  : launch<4, OFFSETS_NONE, NORM, GATED, T, R, UNROLL>(ARGS);
+    if constexpr (GATED) {
+        return dispatch_format<T, NORM, GATED, 2, UNROLL>(bits, ARGS);
+    } else {
+        if (rows == 1) return dispatch_format<T, NORM, GATED, 1, 2 * UNROLL>(bits, ARGS);
+        if (rows == ROWS) return dispatch_format<T, NORM, GATED, ROWS, UNROLL>(bits, ARGS);
+        return (int)cudaErrorInvalidValue;
     }
-    return offsets != nullptr ? launch<8, OFFSETS_PER_GROUP, NORM, GATED, T, R, UNROLL>(ARGS)
-                              : launch<8, OFFSETS_NONE, NORM, GATED, T, R, UNROLL>(ARGS);
 }
 
 template <bool NORM, bool GATED>
-static int dispatch_dtype(int dtype, int bits, const void* x, const void* codes, const float* scales,
+static int dispatch_dtype(int dtype, int bits, int rows, const void* x, const void* codes, const float* scales,
                           const float* offsets, int zero_point, const void* bias, void* y, int n, int k,
                           int group_size, int grid, int pdl, void* stream, NormArgs norm) {
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
@@ -214,46 +232,65 @@ static int dispatch_dtype(int dtype, int bits, const void* x, const void* codes,
         return (int)cudaErrorInvalidValue;  // a zero point replaces the offsets, for int4 codes
     }
     if (dtype == 0) {
-        return dispatch<__nv_bfloat16, NORM, GATED>(bits, x, codes, scales, offsets, zero_point, bias, y, n, k,
+        return dispatch<__nv_bfloat16, NORM, GATED>(bits, rows, x, codes, scales, offsets, zero_point, bias, y, n, k,
                                                     group_size, grid, pdl, s, norm);
     }
-    return dispatch<__half, NORM, GATED>(bits, x, codes, scales, offsets, zero_point, bias, y, n, k, group_size, grid,
-                                         pdl, s, norm);
+    return dispatch<__half, NORM, GATED>(bits, rows, x, codes, scales, offsets, zero_point, bias, y, n, k, group_size,
+                                         grid, pdl, s, norm);
+}
+
+// Pipeline steps of the busiest warp when `warps` resident warps take row groups of r rows in steps of u chunks per
+// lane: a last partial round of row groups costs as much as a whole one (docs/benchmarks.md, session 13).
+static int busiest_warp_steps(int n, int chunks, int warps, int r, int u) {
+    const int row_groups = (n + r - 1) / r;
+    return (row_groups + warps - 1) / warps * ((chunks + 32 * u - 1) / (32 * u));
 }
 
 extern "C" {
 
-// The row groups (of ROWS rows) one warp takes per turn, and the threads of a block: the caller sizes the grid.
-int tq_gemv_rows_per_warp(void) { return ROWS; }
+// The rows a warp multiplies at a time in an n x k product with bits-bit codes over `warps` resident warps: ROWS
+// (each activation word read from shared memory serves them all), or 1 with steps of twice the chunks (the same
+// bytes in flight) where the busiest warp then walks fewer steps. On an H200 (docs/benchmarks.md, session 15): int8
+// 6144 x 4096 9.28 -> 8.78 us, 2048 x 4096 5.73 -> 4.76; where the steps tie, ROWS (one row was not faster).
+// Non-gated products only; the caller sizes the grid for ceil(n / rows) row groups and passes rows to tq_gemv.
+int tq_gemv_rows_for(int bits, int n, int k, int warps) {
+    if (!GEMV_ONE_ROW || (bits != 4 && bits != 8)) return ROWS;
+    const int chunks = (bits == 4 ? k / 2 : k) / 16;
+    return busiest_warp_steps(n, chunks, warps, 1, 2 * UNROLL) < busiest_warp_steps(n, chunks, warps, ROWS, UNROLL)
+               ? 1 : ROWS;
+}
+// The threads of a block: the caller sizes the grid.
 int tq_gemv_threads(void) { return GEMV_THREADS; }
 int tq_gemv_norm_max_k(void) { return NORM_TURNS * 8 * GEMV_THREADS; }
 // The activation stages multiplied with bits-bit codes (dp4a_common.cuh's stages_of).
 int tq_gemv_stages(int bits) { return bits == 4 ? stages_of<4>() : stages_of<8>(); }
 
-// y [n] = x [k] W^T (+ bias): dtype 0 bfloat16, 1 float16 (x, bias, y); bits 4 or 8; offsets may be null, bias
-// may be null. zero_point (int4 codes, offsets null): every offset is -zero_point x its scale (0: none). Returns the
-// CUDA error code of the launch (0: launched).
-int tq_gemv(int dtype, int bits, const void* x, const void* codes, const float* scales, const float* offsets,
-            int zero_point, const void* bias, void* y, int n, int k, int group_size, int grid, int pdl, void* stream) {
-    return dispatch_dtype<false, false>(dtype, bits, x, codes, scales, offsets, zero_point, bias, y, n, k, group_size,
-                                        grid, pdl, stream, NormArgs{nullptr, nullptr, nullptr, 0.f, 0});
+// y [n] = x [k] W^T (+ bias): dtype 0 bfloat16, 1 float16 (x, bias, y); bits 4 or 8; rows per warp from
+// tq_gemv_rows_for (1 or ROWS); offsets may be null, bias may be null. zero_point (int4 codes, offsets null): every
+// offset is -zero_point x its scale (0: none). Returns the CUDA error code of the launch (0: launched).
+int tq_gemv(int dtype, int bits, int rows, const void* x, const void* codes, const float* scales,
+            const float* offsets, int zero_point, const void* bias, void* y, int n, int k, int group_size, int grid,
+            int pdl, void* stream) {
+    return dispatch_dtype<false, false>(dtype, bits, rows, x, codes, scales, offsets, zero_point, bias, y, n, k,
+                                        group_size, grid, pdl, stream, NormArgs{nullptr, nullptr, nullptr, 0.f, 0});
 }
 
 // tq_gemv of h = RMSNorm(x + residual) * norm_weight instead of x (Llama's norm; residual may be null), writing
 // x + residual to residual_out. k <= tq_gemv_norm_max_k(). activation >= 0 (ACT_*): W has 2n rows, gate then up,
-// and y [n] = act(gate . h) * (up . h) (+ their biases); activation -1: W has n rows.
-int tq_gemv_normed(int dtype, int bits, const void* x, const void* residual, const void* norm_weight, float eps,
-                   void* residual_out, const void* codes, const float* scales, const float* offsets, int zero_point,
-                   const void* bias, void* y, int n, int k, int group_size, int activation, int grid, int pdl,
-                   void* stream) {
+// and y [n] = act(gate . h) * (up . h) (+ their biases), a pair of rows per warp (rows is ignored); activation -1:
+// W has n rows, rows per warp from tq_gemv_rows_for.
+int tq_gemv_normed(int dtype, int bits, int rows, const void* x, const void* residual, const void* norm_weight,
+                   float eps, void* residual_out, const void* codes, const float* scales, const float* offsets,
+                   int zero_point, const void* bias, void* y, int n, int k, int group_size, int activation, int grid,
+                   int pdl, void* stream) {
     if (k > tq_gemv_norm_max_k() || activation > ACT_GELU) return (int)cudaErrorInvalidValue;
     const NormArgs norm{residual, norm_weight, residual_out, eps, activation};
     if (activation >= 0) {
-        return dispatch_dtype<true, true>(dtype, bits, x, codes, scales, offsets, zero_point, bias, y, n, k,
+        return dispatch_dtype<true, true>(dtype, bits, 2, x, codes, scales, offsets, zero_point, bias, y, n, k,
                                           group_size, grid, pdl, stream, norm);
     }
-    return dispatch_dtype<true, false>(dtype, bits, x, codes, scales, offsets, zero_point, bias, y, n, k, group_size,
-                                       grid, pdl, stream, norm);
+    return dispatch_dtype<true, false>(dtype, bits, rows, x, codes, scales, offsets, zero_point, bias, y, n, k,
+                                       group_size, grid, pdl, stream, norm);
 }
 
 }  // extern "C"

@@ -43,11 +43,12 @@ def library() -> ctypes.CDLL | None:
     lib = load_cuda(LIBRARY)
     if lib is not None and not getattr(lib, "_typed", False):
         p, i = ctypes.c_void_p, ctypes.c_int
-        lib.tq_gemv.argtypes = [i, i, p, p, p, p, i, p, p, i, i, i, i, i, p]
+        lib.tq_gemv.argtypes = [i, i, i, p, p, p, p, i, p, p, i, i, i, i, i, p]
         lib.tq_gemv.restype = i
-        lib.tq_gemv_normed.argtypes = [i, i, p, p, p, ctypes.c_float, p, p, p, p, i, p, p, i, i, i, i, i, i, p]
+        lib.tq_gemv_normed.argtypes = [i, i, i, p, p, p, ctypes.c_float, p, p, p, p, i, p, p, i, i, i, i, i, i, p]
         lib.tq_gemv_normed.restype = i
-        lib.tq_gemv_rows_per_warp.restype = i
+        lib.tq_gemv_rows_for.argtypes = [i, i, i, i]
+        lib.tq_gemv_rows_for.restype = i
         lib.tq_gemv_threads.restype = i
         lib.tq_gemv_norm_max_k.restype = i
         lib.tq_gemv_stages.argtypes = [i]
@@ -100,6 +101,14 @@ def _grid(lib: ctypes.CDLL, items: int, device: torch.device) -> int:
     return grid_size(items, lib.tq_gemv_threads() // 32, device, BLOCKS_PER_SM)
 
 
+def rows_per_warp(lib: ctypes.CDLL, bits: int, n: int, k: int, device: torch.device) -> int:
+    """The rows a warp multiplies at a time in a (non-gated) n x k product on ``device``: 2, or 1 where the
+    busiest of the resident warps then walks fewer pipeline steps (gemv_cuda.cu's tq_gemv_rows_for)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    warps = BLOCKS_PER_SM * sm_count(index) * (lib.tq_gemv_threads() // 32)
+    return lib.tq_gemv_rows_for(bits, n, k, warps)
+
+
 def _offsets(w: AffineWeight) -> tuple[int | None, int]:
     """The kernel's (offsets pointer, zero point): a zero point replaces the offsets (never read then)."""
     if w.zero_point:
@@ -112,10 +121,11 @@ def gemv(x: torch.Tensor, w: AffineWeight, bias: torch.Tensor | None = None) -> 
     lib = library()
     n, k = w.out_features, w.in_features
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    grid = _grid(lib, -(-n // lib.tq_gemv_rows_per_warp()), x.device)
+    rows = rows_per_warp(lib, w.bits, n, k, x.device)
+    grid = _grid(lib, -(-n // rows), x.device)
     from trident.kernels.pdl import pdl_launch
 
-    err = lib.tq_gemv(DTYPES[x.dtype], w.bits, x.data_ptr(), w.codes.data_ptr(), w.scales.data_ptr(),
+    err = lib.tq_gemv(DTYPES[x.dtype], w.bits, rows, x.data_ptr(), w.codes.data_ptr(), w.scales.data_ptr(),
                       *_offsets(w), bias.data_ptr() if bias is not None else None, y.data_ptr(), n, k,
                       w.group_size, grid, int(pdl_launch(x.device)), torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
@@ -152,11 +162,13 @@ def gemv_normed(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: tor
         n //= 2
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     new_residual = x if residual is None else torch.empty_like(x)
-    grid = _grid(lib, n if activation is not None else -(-n // lib.tq_gemv_rows_per_warp()), x.device)
+    rows = 2 if activation is not None else rows_per_warp(lib, w.bits, n, k, x.device)  # gated: (gate, up) pairs
+    grid = _grid(lib, n if activation is not None else -(-n // rows), x.device)
     from trident.kernels.pdl import pdl_launch
 
-    err = lib.tq_gemv_normed(DTYPES[x.dtype], w.bits, x.data_ptr(), None if residual is None else residual.data_ptr(),
-                             norm_weight.data_ptr(), eps, new_residual.data_ptr(), w.codes.data_ptr(),
+    err = lib.tq_gemv_normed(DTYPES[x.dtype], w.bits, rows, x.data_ptr(),
+                             None if residual is None else residual.data_ptr(), norm_weight.data_ptr(), eps,
+                             new_residual.data_ptr(), w.codes.data_ptr(),
                              w.scales.data_ptr(), *_offsets(w), bias.data_ptr() if bias is not None else None,
                              y.data_ptr(), n, k, w.group_size, -1 if activation is None else ACTIVATIONS[activation],
                              grid, int(pdl_launch(x.device)), torch.cuda.current_stream(x.device).cuda_stream)
