@@ -61,3 +61,35 @@ def test_estimate_of_the_default_model(default_llm):
     if qmatmul.available():  # every layer in the native kernel's layout: codes, fp16 scales and offsets again
         assert 0.5 * stored < derived < 1.2 * stored
     assert 0 <= used.weights_bytes - estimate.weights_bytes <= 1024  # + the rotary table buffer
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric,groups", [(4, 32, True, 8), (4, 64, False, 4), (8, None, False, 1),
+                                                              (8, None, True, 0)])
+def test_cuda_offsets_bytes_are_what_a_layer_derives(bits, group_size, symmetric, groups):
+    """On CUDA a weight-only layer keeps float32 affine offsets [N, groups] beside its stored tensors (the Triton
+    kernels read them); symmetric int8 has none. The estimate's count equals the tensor a real layer derives."""
+    import torch
+
+    from trident.quant.affine import affine_from_rtn
+    from trident.quant.linear import cuda_offsets_bytes
+    from trident.quant.rtn import QuantConfig, quantize
+
+    config = QuantConfig(bits=bits, group_size=group_size, symmetric=symmetric)
+    offsets = affine_from_rtn(quantize(torch.randn(48, 256), config), config).offsets
+    assert cuda_offsets_bytes(48, 256, config) == 48 * groups * 4 == (0 if offsets is None else offsets.nbytes)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("flags", [["--bits", "4", "--group-size", "32"], ["--bits", "8", "--asymmetric"],
+                                   ["--bits", "8"]], ids=["int4", "int8_asymmetric", "int8"])
+def test_estimate_equals_engine_memory_on_cuda(tiny_llama_dir, tmp_path, flags):
+    """A quantized folder on CUDA: weights (with the offsets the layers keep there) and KV cache as estimated."""
+    from trident.cli import main
+
+    assert main(["quantize", str(tiny_llama_dir), "--method", "rtn", *flags, "--out", str(tmp_path / "q")]) == 0
+    config = engine_config(str(tmp_path / "q"), device="cuda", memory_budget_bytes=1 << 20)
+    checkpoint = load_checkpoint(str(tmp_path / "q"))
+    estimate = estimate_memory(checkpoint.config, config, checkpoint.quantization)
+    used = LLMEngine(config, checkpoint).memory_usage()
+    assert estimate.kv_cache_bytes == used.kv_cache_bytes
+    assert 0 <= used.weights_bytes - estimate.weights_bytes <= 1024  # + the rotary table buffer

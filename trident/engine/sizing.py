@@ -145,7 +145,8 @@ def weights_bytes(model_config: ModelConfig, dtype: torch.dtype, quantization: Q
     ``trident quantize`` checkpoint), the listed layers count their codes, scales and zero points instead of a
     ``dtype`` weight, and the int8 experts modules (``quantization.experts``) their codes and float32 scales. On
     the CPU (``device`` None or a CPU), weight-only layers also count the kernel layouts they build from their codes
-    and keep (``QuantizedLinear.derived_bytes``: for the native kernel or torch's packed ones)."""
+    and keep (``QuantizedLinear.derived_bytes``: for the native kernel or torch's packed ones); on CUDA the affine
+    offsets they keep for the Triton kernels (``cuda_offsets_bytes``)."""
     from trident.models.build import meta_model
 
     model = meta_model(model_config)
@@ -153,17 +154,20 @@ def weights_bytes(model_config: ModelConfig, dtype: torch.dtype, quantization: Q
     total = sum(p.numel() for p in model.parameters()) * element
     if quantization is not None:
         from trident.quant.format import QUANT_METHOD, listed_has_bias, listed_shape
-        from trident.quant.linear import cpu_derived_bytes
+        from trident.quant.linear import cpu_derived_bytes, cuda_offsets_bytes
         from trident.quant.rtn import quantized_bytes
 
-        derived = (device is None or device.type == "cpu") and quantization.quant_method == QUANT_METHOD
+        weight_only = quantization.quant_method == QUANT_METHOD
+        on_cpu = device is None or device.type == "cpu"
         for name in quantization.modules:
             out_features, in_features = listed_shape(model, name)
             config = quantization.config_of(name)
             total += quantized_bytes(out_features, in_features, config)
             total -= out_features * in_features * element
-            if derived:
+            if weight_only and on_cpu:
                 total += cpu_derived_bytes(out_features, in_features, config, dtype, listed_has_bias(model, name))
+            elif weight_only and device.type == "cuda":
+                total += cuda_offsets_bytes(out_features, in_features, config)
         for name in quantization.experts:
             for matrix in (model.get_submodule(name).gate_up_proj, model.get_submodule(name).down_proj):
                 experts, rows, _ = matrix.shape

@@ -302,17 +302,29 @@ def num_weights(model: nn.Module) -> int:
         m.in_features * m.out_features for m in model.modules() if isinstance(m, (QuantizedLinear, W8A8Linear)))
 
 
+def _meta_quantized(out_features: int, in_features: int, config: QuantConfig) -> QuantizedWeight:
+    """A stored weight of this shape and config on the meta device (nothing allocated)."""
+    stored = {kind: torch.empty(shape, dtype=dtype_, device="meta")
+              for kind, (shape, dtype_) in stored_layout(out_features, in_features, config).items()}
+    return QuantizedWeight(stored["qweight"], stored["scales"], stored.get("zeros"))
+
+
 def cpu_derived_bytes(out_features: int, in_features: int, config: QuantConfig, dtype: torch.dtype,
                       bias: bool = False) -> int:
     """:meth:`QuantizedLinear.derived_bytes` of a layer of this shape, config and ``bias`` (in ``dtype``), built on
     the meta device."""
+    q = _meta_quantized(out_features, in_features, config)
     with torch.device("meta"):
-        stored = {kind: torch.empty(shape, dtype=dtype_)
-                  for kind, (shape, dtype_) in stored_layout(out_features, in_features, config).items()}
-        q = QuantizedWeight(stored["qweight"], stored["scales"], stored.get("zeros"))
         layer = QuantizedLinear(in_features, out_features, config, q,
                                 torch.empty(out_features, dtype=dtype) if bias else None)
         return layer.derived_bytes(dtype)
+
+
+def cuda_offsets_bytes(out_features: int, in_features: int, config: QuantConfig) -> int:
+    """Bytes of the affine offsets a layer of this shape and config keeps on CUDA beside its stored tensors
+    (the ``offsets`` buffer the Triton kernels read; none for symmetric int8)."""
+    offsets = affine_from_rtn(_meta_quantized(out_features, in_features, config), config).offsets
+    return 0 if offsets is None else offsets.numel() * offsets.element_size()
 
 
 def eligible_modules(model: nn.Module, config: QuantConfig) -> list[str]:
