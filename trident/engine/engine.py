@@ -127,7 +127,7 @@ class LLMEngine:
         kv_format = kv_format_of(config, self.dtype)
         check_kv_format(kv_format, self.device)
         if self.device.type == "cuda":  # what building the model freed (copies, conversions) back to the device,
-            torch.cuda.empty_cache()    # before the budget reads its free memory (8B bf16 shape: 8.8 GiB cached)
+            torch.cuda.empty_cache()    # before the budget reads its free memory
         # A given block count needs no budget: the free-memory check is for sizing from the budget.
         budget = 0 if cache.num_blocks else kv_budget_bytes(self.model_config, config, self.device)
         num_blocks = num_kv_blocks(self.model_config, config, self.max_model_len, kv_format, budget)
