@@ -792,3 +792,35 @@ def test_token_budget_bounds_each_step() -> None:
     plans = run_to_end(s, runner)
     assert all(sum(c.num_tokens for c in p.chunks) <= 20 for p in plans)
     assert sum(c.num_tokens for p in plans for c in p.chunks) == 3 * (40 + 2)  # prompts chunked, then decodes
+
+
+def test_admission_floor_admits_in_waves() -> None:
+    """With a floor of 0, requests that arrive while sequences run wait until none runs, then join together: no
+    step has a decoding sequence beside another sequence's prompt. Tokens as the cache-free oracle gives them."""
+    s = make_scheduler(max_num_seqs=8, budget=64)
+    runner = FakeRunner(s)
+    assert s.set_admission_floor(-3) == 0 and s.set_admission_floor(99) == 7 and s.set_admission_floor(None) is None
+    assert s.set_admission_floor(0) == 0
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    first = [add(s, f"a{i}", [10 * i + j for j in range(1, 7)], params)[0] for i in range(2)]
+    plans = [step(s, runner)]  # an idle batch: both join
+    assert {c.seq_id for c in plans[0].chunks} == {seq.seq_id for seq in first}
+    later = [add(s, f"b{i}", [50 + 10 * i + j for j in range(1, 9)], params)[0] for i in range(3)]
+    while s.has_unfinished:
+        plans.append(step(s, runner))
+        if any(seq in s.running for seq in first):
+            assert all(seq.status is SequenceStatus.WAITING for seq in later)
+    joined = [i for i, p in enumerate(plans) if {c.seq_id for c in p.chunks} & {seq.seq_id for seq in later}]
+    assert {c.seq_id for c in plans[joined[0]].chunks} == {seq.seq_id for seq in later}  # together, alone
+    for plan in plans:  # a step either prefills prompts (from their start) or decodes, never both
+        starts = [c.start_pos == 0 for c in plan.chunks]
+        assert all(starts) or not any(starts)
+    for seq in first + later:
+        assert seq.output_token_ids == oracle_tokens(seq.prompt_token_ids, 0, 5)
+    s.set_admission_floor(None)
+    again = add(s, "c", [7, 8, 9], params)[0]
+    add(s, "d", [4, 5, 6], params)
+    step(s, runner)
+    late = add(s, "e", [1, 2, 3], params)[0]
+    step(s, runner)
+    assert again.status is SequenceStatus.RUNNING and late.status is SequenceStatus.RUNNING  # joins at once again

@@ -400,6 +400,15 @@ class LLMEngine:
         """Compute at most ``tokens`` a step (1..max_num_batched_tokens); the budget set."""
         return self.scheduler.set_token_budget(tokens)
 
+    @property
+    def admission_floor(self) -> int | None:
+        """None: new sequences join in any step; else only in steps that start with at most this many running."""
+        return self.scheduler.admission_floor
+
+    def set_admission_floor(self, floor: int | None) -> int | None:
+        """Admit new sequences in waves (see Scheduler.admission_floor), or in any step (None); the floor set."""
+        return self.scheduler.set_admission_floor(floor)
+
     def memory_usage(self) -> MemoryUsage:
         """Bytes this engine holds: its weights (each storage counted once: parameters, buffers and the kernel
         layouts quantized layers built from them) and its KV cache."""

@@ -5,7 +5,9 @@ Every step has a token budget (``max_num_batched_tokens``) and room for at most 
 order: a decoding sequence gets its one new token, a sequence still in prefill gets as much of the rest of its
 prompt as the budget allows (chunked prefill). When the KV blocks a running sequence needs are not free, the running
 sequence that arrived last is preempted by recompute (its blocks are released and it goes back to the waiting
-queue), until the blocks fit or the sequence has preempted itself. Then, if nothing was preempted, waiting sequences
+queue), until the blocks fit or the sequence has preempted itself. Then, if nothing was preempted (and, with an
+``admission_floor``, only in a step that starts with at most that many sequences running: admission in waves, so
+that the sequences of a wave decode without other prompts' chunks beside them), waiting sequences
 are admitted strictly first come, first served: each starts after the longest chain of its full blocks found in the
 prefix cache. The samples of a request with n > 1 wait until the first one has computed the prompt's shareable
 blocks, so they find them in the cache. A sequence that reaches the context length, or would no longer fit in the
@@ -62,6 +64,10 @@ class Scheduler:
         self.token_budget = config.max_num_batched_tokens
         """Tokens a step may compute (``set_token_budget``): ``max_num_batched_tokens`` unless lowered (smaller
         prefill chunks beside the decoding sequences: shorter steps)."""
+        self.admission_floor: int | None = None
+        """None: every step admits waiting sequences. A number (``set_admission_floor``): only a step that starts
+        with at most this many sequences running does, so prompts join in waves and the steps between waves are
+        decode steps only (a running sequence's time per token then has no prefill in it)."""
         self.waiting: deque[Sequence] = deque()
         """In arrival order (read only for callers)."""
         self.running: list[Sequence] = []
@@ -163,6 +169,7 @@ class Scheduler:
         chunks: list[ScheduledChunk] = []
         preempted: list[int] = []
         running = self.running
+        admits = self.admission_floor is None or len(running) <= self.admission_floor
         capacity = self.block_size
         i = 0
         # The hot loop of a decode step: every running sequence, so it reads plain attributes only and
@@ -182,7 +189,7 @@ class Scheduler:
             chunks.append(self._chunk(seq, start, n, num_tokens))
             budget -= n
             i += 1
-        if not preempted:
+        if not preempted and admits:
             self._admit(chunks, budget)
         return StepPlan(chunks=tuple(chunks), preempted_seq_ids=tuple(preempted))
 
@@ -269,6 +276,12 @@ class Scheduler:
         self.token_budget = max(1, min(int(tokens), self.config.max_num_batched_tokens))
         return self.token_budget
 
+    def set_admission_floor(self, floor: int | None) -> int | None:
+        """Admit waiting sequences only in steps that start with at most ``floor`` running (clamped to
+        0..max_num_seqs - 1), or in every step (None). Returns the floor set."""
+        self.admission_floor = None if floor is None else max(0, min(int(floor), self.config.max_num_seqs - 1))
+        return self.admission_floor
+
     def _preempt(self, seq: Sequence) -> None:
         """Release the sequence's blocks and queue it again to be recomputed (its tokens are kept)."""
         self.block_manager.free(seq)
@@ -290,6 +303,8 @@ class Scheduler:
             cached = bm.find_cached_prefix(seq, seq.num_tokens - 1)  # always compute the last token
             num_cached = len(cached) * bm.block_size
             remaining = seq.num_tokens - num_cached
+            if self.admission_floor is not None and chunks and remaining > budget:
+                break  # a wave takes whole prompts (a part would leave the rest beside the wave's decoding)
             if self.config.enable_chunked_prefill:
                 n = min(remaining, budget)
             elif remaining <= budget or not chunks:
