@@ -85,15 +85,16 @@ def _limit_args(p: argparse.ArgumentParser) -> None:
                    help="allow browser requests (CORS) from this origin, e.g. https://app.example.com "
                    "(repeatable; default: CORS off)")
     g.add_argument("--adaptive", action="store_true",
-                   help="hold --slo-tpot-ms: each model's running batch shrinks while the 90th percentile of its "
-                   "recent requests' time per output token is above it and grows back below 70%% of it (decisions "
-                   "logged and counted on /metrics; docs/serving.md)")
+                   help="hold --slo-tpot-ms: while a model's time per output token (the 90th percentile of its "
+                   "recent requests, or its steps now) is above it, it admits requests in waves (only when at most "
+                   "one sequence runs: no prefill beside decoding sequences), then lowers its running limit; back "
+                   "once below 70%% of it (decisions logged and counted on /metrics; docs/serving.md)")
     g.add_argument("--slo-tpot-ms", type=float, default=None, metavar="MS",
                    help="the time per output token --adaptive holds, milliseconds")
     g.add_argument("--adaptive-fallback", action="append", default=[], metavar="MODEL=FALLBACK",
-                   help="with --adaptive: while MODEL is overloaded (its batch limited and requests waiting), send "
-                   "its new requests to the served model FALLBACK (a lower-precision variant, say) if loaded; they "
-                   "come back once MODEL has room (repeatable)")
+                   help="with --adaptive: while MODEL is overloaded (admitting in waves or limited, requests "
+                   "waiting), send its new requests to the served model FALLBACK (a lower-precision variant, say) "
+                   "if loaded; they come back once MODEL has room (repeatable)")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:

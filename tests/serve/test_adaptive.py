@@ -1,5 +1,6 @@
 """`trident serve --adaptive`: the controller's decisions on a scripted clock and finished requests, and a live
-server that lowers a model's running limit to chase an objective no batch meets, counted on /metrics."""
+server that admits in waves and lowers a model's running limit to chase an objective no batch meets, counted on
+/metrics."""
 
 from __future__ import annotations
 
@@ -13,13 +14,12 @@ from test_metrics import scrape, value
 
 from trident.cli import build_parser, serve_config
 from trident.errors import TridentError
-from trident.serve.adaptive import MIN_STEPS, MIN_TOKEN_BUDGET, AdaptiveConfig, AdaptiveController
+from trident.serve.adaptive import MIN_STEPS, WAVE_FLOOR, AdaptiveConfig, AdaptiveController
 
 
 @dataclass
 class FakeScheduler:
     max_num_seqs: int = 16
-    max_num_batched_tokens: int = 512
 
 
 @dataclass
@@ -28,21 +28,21 @@ class FakeConfig:
 
 
 class FakeEngine:
-    """What the controller reads and sets: the running limit and token budget (clamped as the scheduler clamps
-    them)."""
+    """What the controller reads and sets: the running limit and the admission floor (clamped as the scheduler
+    clamps them)."""
 
     def __init__(self) -> None:
         self.config = FakeConfig()
         self.running_limit = 16
-        self.token_budget = 512
+        self.admission_floor: int | None = None
 
     def set_running_limit(self, limit: int) -> int:
         self.running_limit = max(1, min(limit, self.config.scheduler.max_num_seqs))
         return self.running_limit
 
-    def set_token_budget(self, tokens: int) -> int:
-        self.token_budget = max(1, min(tokens, self.config.scheduler.max_num_batched_tokens))
-        return self.token_budget
+    def set_admission_floor(self, floor: int | None) -> int | None:
+        self.admission_floor = floor
+        return floor
 
 
 @dataclass
@@ -57,7 +57,7 @@ class Stats:
     num_running: int = 0
 
 
-def test_controller_shrinks_then_grows_back() -> None:
+def test_controller_admits_in_waves_then_shrinks_then_grows_back() -> None:
     now = [0.0]
     engine = FakeEngine()
     decisions = []
@@ -66,36 +66,49 @@ def test_controller_shrinks_then_grows_back() -> None:
     for _ in range(2):
         controller.request_done("length", Finished(0.080))
     controller.engine_stats(Stats(num_waiting=5))
-    assert engine.running_limit == 16  # two requests are not enough to decide
+    assert engine.admission_floor is None  # two requests are not enough to decide
     controller.request_done("length", Finished(0.080))
     controller.request_done("abort", Finished(0.500))  # aborted: not counted
     controller.engine_stats(Stats(num_waiting=5))
-    assert (engine.running_limit, engine.token_budget) == (12, 256) and decisions == [("shrink", 12, 256)]
-    assert controller.decisions == [("shrink", 12, 256, 80.0)]
+    assert (engine.running_limit, engine.admission_floor) == (16, WAVE_FLOOR) and decisions == [("waves", 16, True)]
+    assert controller.decisions == [("waves", 16, True, 80.0)]
     for _ in range(3):
         controller.request_done("stop", Finished(0.060))
     now[0] = 1.0
     controller.engine_stats(Stats(num_waiting=5))
-    assert engine.running_limit == 12  # within the interval
+    assert engine.running_limit == 16  # within the interval
     now[0] = 2.5
     controller.engine_stats(Stats(num_waiting=5))
-    assert (engine.running_limit, engine.token_budget) == (9, 128)  # floor(12 * 0.75), half
+    assert (engine.running_limit, engine.admission_floor) == (12, WAVE_FLOOR)  # in waves already: floor(16 * 0.75)
+    for _ in range(3):
+        controller.request_done("stop", Finished(0.060))
+    now[0] = 5.0
+    controller.engine_stats(Stats(num_waiting=5))
+    assert engine.running_limit == 9
     now[0] = 20.0  # everything finished before is out of the window now
     for _ in range(3):
         controller.request_done("stop", Finished(0.020))
     controller.engine_stats(Stats(num_waiting=0))
     assert engine.running_limit == 9  # fast, but nobody waits: no reason to grow
     controller.engine_stats(Stats(num_waiting=2))
-    assert (engine.running_limit, engine.token_budget) == (10, 256)
-    assert [d[0] for d in controller.decisions] == ["shrink", "shrink", "grow"]
+    assert (engine.running_limit, engine.admission_floor) == (10, WAVE_FLOOR)
+    assert [d[0] for d in controller.decisions] == ["waves", "shrink", "shrink", "grow"]
     now[0] = 30.0
     for _ in range(3):
         controller.request_done("stop", Finished(0.040))  # 80% of the objective: neither shrink nor grow
     controller.engine_stats(Stats(num_waiting=2))
-    assert engine.running_limit == 10 and len(decisions) == 3
+    assert engine.running_limit == 10 and len(decisions) == 4
+    for i in range(8):  # fast again (the first with the 40 ms ones in its window): the limit climbs back to
+        # max_num_seqs, then admission is steady again
+        now[0] = 40.0 + 3 * i
+        for _ in range(3):
+            controller.request_done("stop", Finished(0.010))
+        controller.engine_stats(Stats(num_waiting=2))
+    assert (engine.running_limit, engine.admission_floor) == (16, None)
+    assert [d[0] for d in controller.decisions][-2:] == ["grow", "steady"] and decisions[-1] == ("steady", 16, False)
 
 
-def test_long_steps_shrink_before_requests_finish() -> None:
+def test_long_steps_call_for_waves_before_requests_finish() -> None:
     now = [0.0]
     engine = FakeEngine()
     controller = AdaptiveController(engine, AdaptiveConfig(tpot_ms=50, interval_s=2, min_requests=4),
@@ -105,30 +118,35 @@ def test_long_steps_shrink_before_requests_finish() -> None:
         controller.engine_stats(Stats(num_waiting=4, num_running=16))
     now[0] += 2.0  # one idle gap: the loop was idle, not a step (stats with nothing running end the run of steps)
     controller.engine_stats(Stats(num_waiting=0, num_running=0))
-    assert engine.running_limit == 16 and controller.decisions == []  # the mean 30 ms step: below 50 ms
+    assert engine.admission_floor is None and controller.decisions == []  # the mean 30 ms step: below 50 ms
     for _ in range(MIN_STEPS):  # then steps of 90 ms: no request has finished yet, the steps alone call for it
         now[0] += 0.090
         controller.engine_stats(Stats(num_waiting=4, num_running=16))
-    assert (engine.running_limit, engine.token_budget) == (12, 256)
+    assert (engine.running_limit, engine.admission_floor) == (16, WAVE_FLOOR)
     action, _, _, signal = controller.decisions[0]
-    assert action == "shrink" and 50 < signal < 90  # the mean of the steps since the last decision (30 and 90 ms)
-    for _ in range(4):  # finished requests alone do not grow it back while the steps are long
-        controller.request_done("stop", Finished(0.010))
-    for _ in range(MIN_STEPS):
+    assert action == "waves" and 50 < signal < 90  # the mean of the steps since the last decision (30 and 90 ms)
+    # In waves the median step is the signal: decode steps of 30 ms with two 2-second wave prefills among them
+    # (a mean of 300 ms) hold
+    for length in [0.030] * 8 + [2.0, 2.0]:
+        now[0] += length
+        controller.engine_stats(Stats(num_waiting=4, num_running=12))
+    assert [d[0] for d in controller.decisions] == ["waves"]
+    for _ in range(MIN_STEPS):  # while decode steps of 90 ms lower the limit
         now[0] += 0.3
         controller.engine_stats(Stats(num_waiting=4, num_running=12))
-    assert [d[0] for d in controller.decisions] == ["shrink", "shrink"]
+    assert [d[0] for d in controller.decisions] == ["waves", "shrink"]
 
 
-def test_limits_have_floors() -> None:
+def test_the_limit_has_a_floor() -> None:
     engine = FakeEngine()
     controller = AdaptiveController(engine, AdaptiveConfig(tpot_ms=1, interval_s=0, min_requests=1))
     for _ in range(20):
         controller.request_done("stop", Finished(1.0))
         controller.engine_stats(Stats(num_waiting=3))
-    assert (engine.running_limit, engine.token_budget) == (1, MIN_TOKEN_BUDGET)
-    assert [limit for _, limit, _, _ in controller.decisions] == [12, 9, 6, 4, 3, 2, 1]  # then nothing to lower
-    assert all(budget >= MIN_TOKEN_BUDGET for _, _, budget, _ in controller.decisions)
+    assert (engine.running_limit, engine.admission_floor) == (1, WAVE_FLOOR)
+    assert [(action, limit) for action, limit, _, _ in controller.decisions] == [
+        ("waves", 16), ("shrink", 12), ("shrink", 9), ("shrink", 6), ("shrink", 4), ("shrink", 3), ("shrink", 2),
+        ("shrink", 1)]  # then nothing to lower
 
 
 def test_flags() -> None:
@@ -162,16 +180,18 @@ def test_live_server_lowers_the_limit_and_counts_it(start_server) -> None:
             answers.append(client.completions.create(model="m", prompt=f"Count to {i}:", max_tokens=6,
                                                      temperature=0))
 
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert len(answers) == 8 and all(a.usage.completion_tokens == 6 for a in answers)
+        for _ in range(2):  # the first round's TPOTs call for waves, the second's for a lower limit
+            threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        assert len(answers) == 16 and all(a.usage.completion_tokens == 6 for a in answers)
         samples, _ = scrape(server.base_url)
         limit = value(samples, "trident_adaptive_running_limit", "m")
         shrinks = value(samples, "trident_adaptive_decisions_total", "m", action="shrink")
-        assert shrinks >= 1 and limit < 8
+        assert value(samples, "trident_adaptive_decisions_total", "m", action="waves") == 1
+        assert value(samples, "trident_adaptive_waves", "m") == 1 and shrinks >= 1 and limit < 8
         assert httpx.get(f"{server.base_url}/health").json() == {"status": "ok"}
 
 
@@ -200,7 +220,7 @@ def test_overloaded_model_sends_new_requests_to_its_fallback(start_server) -> No
             served.append(model)
             return model
 
-        for _ in range(4):  # each one's TPOT shrinks m's limit: 8, 6, 4, 3, 2
+        for _ in range(5):  # each one's TPOT moves m: waves, then its limit 8, 6, 4, 3, 2
             ask(4)
         samples, _ = scrape(server.base_url)
         assert value(samples, "trident_adaptive_running_limit", "m") == 2
@@ -218,9 +238,9 @@ def test_overloaded_model_sends_new_requests_to_its_fallback(start_server) -> No
         assert ask(4) == "m-fast"  # a new request now goes to the fallback
         for t in first_wave:
             t.join()
-        # the four alone went to m, and the wave's first two at least (wave requests that came once m was
+        # the five alone went to m, and the wave's first two at least (wave requests that came once m was
         # overloaded went to the fallback too)
-        assert served[:4] == ["m"] * 4 and served.count("m") >= 6 and len(served) == 11
+        assert served[:5] == ["m"] * 5 and served.count("m") >= 7 and len(served) == 12
         assert ask(4) == "m"  # m has room again: back to it
         samples, _ = scrape(server.base_url)
         assert value(samples, "trident_adaptive_decisions_total", "m", action="route") >= 1

@@ -1,28 +1,34 @@
-"""`trident serve --adaptive`: hold a time-per-output-token objective with shorter steps: fewer sequences at once
-and smaller prefill chunks beside them.
+"""`trident serve --adaptive`: hold a time-per-output-token objective by admitting requests in waves and running
+fewer sequences at once.
 
 On a saturated device a sequence's time per output token (TPOT) is the length of the steps it decodes in: each
 step serves every running sequence and the chunk of prompt being prefilled beside them (on two CPU cores a
-512-token chunk makes a step of over a second). The controller, one per loaded model (an AsyncEngine observer),
-keeps the TPOTs of the requests that finished in the last ``window_s`` seconds and the lengths of the steps run since
-its last decision. At most every ``interval_s`` seconds, its signal is the larger of the 90th percentile of those
-TPOTs (once ``min_requests`` have finished since its last decision) and the mean step length (once ``MIN_STEPS``
-steps have run: each running sequence gets a token a step, so this is the TPOT they see now, known long before they
-finish). It
+512-token chunk makes a step of over a second: every request admitted while a sequence decodes stalls it that long).
+The controller, one per loaded model (an AsyncEngine observer), keeps the TPOTs of the requests that finished in the
+last ``window_s`` seconds and the lengths of the steps run since its last decision. At most every ``interval_s``
+seconds, its signal is the larger of the 90th percentile of those TPOTs (once ``min_requests`` have finished since
+its last decision) and the steps' length (once ``MIN_STEPS`` steps have run: each running sequence gets a token a
+step, so this is the TPOT they see now, known long before they finish; their mean, or in waves their median:
+there the few long steps are a wave's prefill, before its sequences' first tokens). When the signal is above the
+objective it
 
-- shrinks when the signal is above the objective: the engine's running limit
-  (``LLMEngine.set_running_limit``) by ``shrink`` (at least one sequence less), and its step token budget
-  (``set_token_budget``) by half, not below ``MIN_TOKEN_BUDGET`` nor the running limit;
-- grows when the signal (with finished requests in it) is below ``grow_below`` of the objective and requests are
-  waiting: the limit by one
-  sequence, the budget twofold (up to max_num_seqs and max_num_batched_tokens).
+- first admits in waves (``LLMEngine.set_admission_floor(WAVE_FLOOR)``): waiting requests join only in a step that
+  starts with at most one sequence running (whole prompts only), so the steps in between are decode steps alone and
+  prompts' prefill moves into the time to first token of the wave that brings them (a wave stalls at most the one
+  sequence left of the last: with none left, a long request would hold the queue back until it ends);
+- then, in waves, lowers the running limit (``set_running_limit``) by ``shrink`` (at least one sequence less):
+  shorter decode steps, smaller waves.
 
-Requests beyond the limit wait in the queue (their time to first token grows instead); running ones are never
-preempted by a decision. Where the server names a fallback for a model (``--adaptive-fallback NAME=OTHER``, say its
-int4 variant), the pool sends new requests for it to the fallback while it is ``overloaded`` (limit lowered and
-requests waiting) and back once it ``has_room`` (ModelPool.use). Every decision is logged and counted on /metrics
-(``trident_adaptive_decisions_total``: shrink, grow, route, return; ``trident_adaptive_running_limit``,
-``trident_adaptive_token_budget``).
+When the signal (with finished requests in it) is below ``grow_below`` of the objective and requests are waiting,
+it raises the limit by one sequence, and once the limit is back at max_num_seqs it admits in every step again
+(``steady``).
+
+Requests the limit or a wave holds back wait in the queue (their time to first token grows instead); running ones
+are never preempted by a decision. Where the server names a fallback for a model (``--adaptive-fallback NAME=OTHER``,
+say its int4 variant), the pool sends new requests for it to the fallback while it is ``overloaded`` (waves or a
+lowered limit, and requests waiting) and back once it ``has_room`` (ModelPool.use). Every decision is logged and
+counted on /metrics (``trident_adaptive_decisions_total``: waves, shrink, grow, steady, route, return;
+``trident_adaptive_running_limit``, ``trident_adaptive_waves``).
 """
 
 from __future__ import annotations
@@ -44,8 +50,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("trident.serve")
 
-MIN_TOKEN_BUDGET = 64
-"""The step token budget is not lowered below this (prefill would crawl)."""
+WAVE_FLOOR = 1
+"""In waves, new requests join a step that starts with at most this many sequences running: a long request left
+alone does not hold the queue back, and one wave's prefill stalls at most this many decoding sequences."""
 MIN_STEPS = 8
 """Busy steps since the last decision needed before their mean length can call for a shrink."""
 
@@ -76,11 +83,11 @@ class AdaptiveConfig:
 
 
 class AdaptiveController:
-    """An EngineObserver that moves ``engine``'s running limit and step token budget to hold ``config.tpot_ms``;
-    ``on_decision(action, limit, budget)`` hears of each decision (the server's metrics)."""
+    """An EngineObserver that admits ``engine``'s requests in waves and moves its running limit to hold
+    ``config.tpot_ms``; ``on_decision(action, limit, waves)`` hears of each decision (the server's metrics)."""
 
     def __init__(self, engine: LLMEngine, config: AdaptiveConfig, model: str = "",
-                 on_decision: Callable[[str, int, int], None] = lambda *_: None,
+                 on_decision: Callable[[str, int, bool], None] = lambda *_: None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.engine = engine
         self.config = config
@@ -95,8 +102,9 @@ class AdaptiveController:
         """Lengths (seconds) of the busy steps since the last decision: what each running sequence waits per
         token now."""
         self._last_stats: float | None = None
-        self.decisions: list[tuple[str, int, int, float]] = []
-        """(action, running limit set, token budget set, the signal in ms) of every decision, oldest first."""
+        self.decisions: list[tuple[str, int, bool, float]] = []
+        """(action, running limit set, whether admitting in waves, the signal in ms) of every decision, oldest
+        first."""
 
     def request_done(self, status: str, last: RequestOutput | None) -> None:
         if last is None or not last.finished or status in ("abort", "error") or last.tpot_s is None:
@@ -106,9 +114,11 @@ class AdaptiveController:
 
     @property
     def overloaded(self) -> bool:
-        """Whether the limit is lowered and requests wait behind it now (new ones are better sent elsewhere)."""
-        return (self.engine.running_limit < self.engine.config.scheduler.max_num_seqs
-                and self.engine.stats().num_waiting > 0)
+        """Whether the engine admits in waves or under a lowered limit and requests wait now (new ones are better
+        sent elsewhere)."""
+        engine = self.engine
+        held = engine.admission_floor is not None or engine.running_limit < engine.config.scheduler.max_num_seqs
+        return held and engine.stats().num_waiting > 0
 
     @property
     def has_room(self) -> bool:
@@ -128,30 +138,38 @@ class AdaptiveController:
             return
         finished = self._since_decision >= c.min_requests and self._finished
         p90_ms = 1000 * percentile([tpot for _, tpot in self._finished], 90) if finished else None
-        step_ms = 1000 * sum(self._steps) / len(self._steps) if len(self._steps) >= MIN_STEPS else None
+        engine, scheduler = self.engine, self.engine.config.scheduler
+        limit, waves = engine.running_limit, engine.admission_floor is not None
+        step_ms = None
+        if len(self._steps) >= MIN_STEPS:
+            step_ms = 1000 * (percentile(self._steps, 50) if waves else sum(self._steps) / len(self._steps))
         if p90_ms is None and step_ms is None:
             return
         signal_ms = max(v for v in (p90_ms, step_ms) if v is not None)
-        engine, scheduler = self.engine, self.engine.config.scheduler
-        limit, budget = engine.running_limit, engine.token_budget
         if signal_ms > c.tpot_ms:
-            new_limit = max(1, min(limit - 1, math.floor(limit * c.shrink)))
-            new_budget = min(budget, max(MIN_TOKEN_BUDGET, new_limit, budget // 2))
-            if new_limit < limit or new_budget < budget:
-                self._decide("shrink", new_limit, new_budget, signal_ms, now)
-        elif (p90_ms is not None and signal_ms < c.grow_below * c.tpot_ms and stats.num_waiting > 0
-              and (limit < scheduler.max_num_seqs or budget < scheduler.max_num_batched_tokens)):
-            self._decide("grow", limit + 1, budget * 2, signal_ms, now)
+            if not waves:
+                self._decide("waves", limit, True, signal_ms, now)
+            elif limit > 1:
+                self._decide("shrink", max(1, min(limit - 1, math.floor(limit * c.shrink))), True, signal_ms, now)
+        elif p90_ms is not None and signal_ms < c.grow_below * c.tpot_ms and stats.num_waiting > 0:
+            if limit < scheduler.max_num_seqs:
+                self._decide("grow", limit + 1, waves, signal_ms, now)
+            elif waves:
+                self._decide("steady", limit, False, signal_ms, now)
 
-    def _decide(self, action: str, limit: int, budget: int, p90_ms: float, now: float) -> None:
+    def _decide(self, action: str, limit: int, waves: bool, signal_ms: float, now: float) -> None:
         limit = self.engine.set_running_limit(limit)
-        budget = self.engine.set_token_budget(budget)
+        self.engine.set_admission_floor(WAVE_FLOOR if waves else None)
         self._last_decision = now
         self._since_decision = 0
         self._finished.clear()  # the next decision reads requests and steps that ran under the new limits
         self._steps.clear()
-        self.decisions.append((action, limit, budget, p90_ms))
-        logger.info("adaptive %s: TPOT %.1f ms against %.1f ms: %s the running limit to %d, the step token "
-                    "budget to %d", self.model or "model", p90_ms, self.config.tpot_ms,
-                    "lowering" if action == "shrink" else "raising", limit, budget)
-        self.on_decision(action, limit, budget)
+        self.decisions.append((action, limit, waves, signal_ms))
+        logger.info("adaptive %s: TPOT %.1f ms against %.1f ms: %s, running limit %d", self.model or "model",
+                    signal_ms, self.config.tpot_ms, ACTIONS[action], limit)
+        self.on_decision(action, limit, waves)
+
+
+ACTIONS = {"waves": "admitting requests in waves", "shrink": "lowering the running limit",
+           "grow": "raising the running limit", "steady": "admitting requests in every step again"}
+"""What each decision does, for the log."""

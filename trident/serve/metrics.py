@@ -105,12 +105,13 @@ class ServerMetrics:
         self.moe_entropy = Gauge("trident_moe_layer_entropy_term", "alpha * sum_i p_i log p_i over the layer's mean "
                                  "routing probabilities (-alpha log E when even).", ["model", "layer"], registry=r)
         self.adaptive_decisions = Counter("trident_adaptive_decisions_total", "Decisions of `trident serve "
-                                          "--adaptive`: shrink or grow the running limit, route new requests to "
-                                          "the fallback model or return.", ["model", "action"], registry=r)
+                                          "--adaptive`: admit in waves, shrink or grow the running limit, admit "
+                                          "in every step again (steady), route new requests to the fallback model "
+                                          "or return.", ["model", "action"], registry=r)
         self.adaptive_running_limit = Gauge("trident_adaptive_running_limit", "Most sequences `trident serve "
                                             "--adaptive` lets run at once now.", labels, registry=r)
-        self.adaptive_token_budget = Gauge("trident_adaptive_token_budget", "Most tokens a step computes under "
-                                           "`trident serve --adaptive` now.", labels, registry=r)
+        self.adaptive_waves = Gauge("trident_adaptive_waves", "1 while `trident serve --adaptive` admits requests "
+                                    "in waves (only while at most one sequence runs), else 0.", labels, registry=r)
         self._adaptive_actions: dict[str, set[str]] = {}
         """The adaptive decisions each model has made (its series, to remove with the model)."""
         self._moe_counts: dict[str, dict[tuple[int, int], int]] = {}
@@ -148,7 +149,7 @@ class ServerMetrics:
             self.adaptive_decisions.remove(model, action)
         if actions is not None:
             self.adaptive_running_limit.remove(model)
-            self.adaptive_token_budget.remove(model)
+            self.adaptive_waves.remove(model)
         moe_series = self._moe_counts.pop(model, {})
         for layer, expert in moe_series:
             self.moe_expert_tokens.remove(model, str(layer), str(expert))
@@ -223,17 +224,17 @@ class ServerMetrics:
             self.moe_imbalance.labels(model=model, layer=layer).set(load.imbalance)
             self.moe_entropy.labels(model=model, layer=layer).set(load.entropy_term)
 
-    def adaptive_decision(self, model: str, action: str, limit: int, budget: int) -> None:
-        """Count a decision of ``model``'s adaptive controller and show the running limit and token budget."""
+    def adaptive_decision(self, model: str, action: str, limit: int, waves: bool) -> None:
+        """Count a decision of ``model``'s adaptive controller and show its running limit and admission."""
         self._adaptive_actions.setdefault(model, set()).add(action)
         self.adaptive_decisions.labels(model=model, action=action).inc()
-        self.adaptive_limits(model, limit, budget)
+        self.adaptive_limits(model, limit, waves)
 
-    def adaptive_limits(self, model: str, limit: int, budget: int) -> None:
-        """Show ``model``'s running limit and step token budget under --adaptive."""
+    def adaptive_limits(self, model: str, limit: int, waves: bool) -> None:
+        """Show ``model``'s running limit and whether it admits in waves under --adaptive."""
         self._adaptive_actions.setdefault(model, set())
         self.adaptive_running_limit.labels(model=model).set(limit)
-        self.adaptive_token_budget.labels(model=model).set(budget)
+        self.adaptive_waves.labels(model=model).set(int(waves))
 
     def model_loaded(self, model: str, memory_bytes: int, load_seconds: float) -> None:
         self.add_model(model)

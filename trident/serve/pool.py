@@ -196,7 +196,7 @@ class ModelPool:
             logger.info("adaptive %s: %s new requests %s %s", name, "sending" if routing else "bringing back",
                         "to" if routing else "from", fallback)
             self.metrics.adaptive_decision(name, action, controller.engine.running_limit,
-                                           controller.engine.token_budget)
+                                           controller.engine.admission_floor is not None)
         return fallback if routing else name
 
     # -- loading ----------------------------------------------------------------------------------
@@ -335,11 +335,11 @@ class ModelPool:
         engine.add_observer(self.metrics.observer(name))
         adaptive = self.serve_config.adaptive
         if adaptive is not None:
-            controller = AdaptiveController(engine.engine, adaptive, name, on_decision=lambda action, limit, budget:
-                                            self.metrics.adaptive_decision(name, action, limit, budget))
+            controller = AdaptiveController(engine.engine, adaptive, name, on_decision=lambda action, limit, waves:
+                                            self.metrics.adaptive_decision(name, action, limit, waves))
             engine.add_observer(controller)
             self._controllers[name] = controller
-            self.metrics.adaptive_limits(name, engine.engine.running_limit, engine.engine.token_budget)
+            self.metrics.adaptive_limits(name, engine.engine.running_limit, engine.engine.admission_floor is not None)
         max_queued = entry.spec.max_queued_requests or self.serve_config.max_queued_requests
         entry.engine = engine
         entry.context = ServeContext(engine=engine, served_model_name=name, max_queued_requests=max_queued,

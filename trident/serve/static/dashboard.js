@@ -40,7 +40,7 @@
     moeImbalance: "trident_moe_layer_imbalance_ratio",
     moeEntropy: "trident_moe_layer_entropy_term",
     adaptiveLimit: "trident_adaptive_running_limit",
-    adaptiveBudget: "trident_adaptive_token_budget",
+    adaptiveWaves: "trident_adaptive_waves",
     adaptiveDecisions: "trident_adaptive_decisions_total",
   };
   const UNROUTED = "unrouted"; // how the page names model="": requests refused before a model was chosen
@@ -290,8 +290,8 @@
       optional: true,
       series: (v) => [...v.gauges(METRICS.adaptiveLimit, () => "limit"),
                       ...v.totals(METRICS.adaptiveDecisions, (l) => l.action)] },
-    { id: "adaptive-budget", title: "Adaptive step token budget", unit: "tokens", format: fmtNumber, integer: true,
-      optional: true, series: (v) => v.gauges(METRICS.adaptiveBudget) },
+    { id: "adaptive-waves", title: "Adaptive admission in waves", unit: "1 = in waves", format: fmtNumber,
+      integer: true, optional: true, series: (v) => v.gauges(METRICS.adaptiveWaves) },
   ];
 
   const el = (tag, props = {}, children = []) => {
