@@ -783,17 +783,6 @@ def test_running_limit_holds_admission_and_never_preempts() -> None:
     assert s.num_preemptions == 0 and most_new == 2
 
 
-def test_token_budget_bounds_each_step() -> None:
-    s = make_scheduler(max_num_seqs=8, budget=64)
-    runner = FakeRunner(s)
-    assert s.set_token_budget(0) == 1 and s.set_token_budget(1000) == 64 and s.set_token_budget(20) == 20
-    for i in range(3):
-        add(s, f"r{i}", [100 * i + j for j in range(1, 41)], SamplingParams(max_tokens=3, ignore_eos=True))
-    plans = run_to_end(s, runner)
-    assert all(sum(c.num_tokens for c in p.chunks) <= 20 for p in plans)
-    assert sum(c.num_tokens for p in plans for c in p.chunks) == 3 * (40 + 2)  # prompts chunked, then decodes
-
-
 def test_admission_floor_admits_in_waves() -> None:
     """With a floor of 0, requests that arrive while sequences run wait until none runs, then join together: no
     step has a decoding sequence beside another sequence's prompt. Tokens as the cache-free oracle gives them."""

@@ -392,15 +392,6 @@ class LLMEngine:
         return self.scheduler.set_running_limit(limit)
 
     @property
-    def token_budget(self) -> int:
-        """Most tokens a step computes now (``max_num_batched_tokens`` unless lowered)."""
-        return self.scheduler.token_budget
-
-    def set_token_budget(self, tokens: int) -> int:
-        """Compute at most ``tokens`` a step (1..max_num_batched_tokens); the budget set."""
-        return self.scheduler.set_token_budget(tokens)
-
-    @property
     def admission_floor(self) -> int | None:
         """None: new sequences join in any step; else only in steps that start with at most this many running."""
         return self.scheduler.admission_floor

@@ -1,7 +1,7 @@
 """Continuous batching: which sequences run in each engine step, and how much of each. Imports no torch.
 
 Every step has a token budget (``max_num_batched_tokens``) and room for at most ``max_num_seqs`` running sequences
-(or a lower ``running_limit`` and ``token_budget``, set at run time). Running sequences come first, in arrival
+(or a lower ``running_limit``, set at run time). Running sequences come first, in arrival
 order: a decoding sequence gets its one new token, a sequence still in prefill gets as much of the rest of its
 prompt as the budget allows (chunked prefill). When the KV blocks a running sequence needs are not free, the running
 sequence that arrived last is preempted by recompute (its blocks are released and it goes back to the waiting
@@ -61,9 +61,6 @@ class Scheduler:
         self.running_limit = config.max_num_seqs
         """Most running sequences admission fills up to (``set_running_limit``): ``max_num_seqs`` unless lowered,
         e.g. by the server's adaptive mode to hold a time-per-token objective."""
-        self.token_budget = config.max_num_batched_tokens
-        """Tokens a step may compute (``set_token_budget``): ``max_num_batched_tokens`` unless lowered (smaller
-        prefill chunks beside the decoding sequences: shorter steps)."""
         self.admission_floor: int | None = None
         """None: every step admits waiting sequences. A number (``set_admission_floor``): only a step that starts
         with at most this many sequences running does, so prompts join in waves and the steps between waves are
@@ -165,7 +162,7 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         """Pick this step's chunks: running sequences first, then waiting ones, within the budget."""
-        budget = self.token_budget
+        budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[int] = []
         running = self.running
@@ -270,11 +267,6 @@ class Scheduler:
         already running above it keep running). Returns the limit set."""
         self.running_limit = max(1, min(int(limit), self.config.max_num_seqs))
         return self.running_limit
-
-    def set_token_budget(self, tokens: int) -> int:
-        """Compute at most ``tokens`` a step (clamped to 1..max_num_batched_tokens); returns the budget set."""
-        self.token_budget = max(1, min(int(tokens), self.config.max_num_batched_tokens))
-        return self.token_budget
 
     def set_admission_floor(self, floor: int | None) -> int | None:
         """Admit waiting sequences only in steps that start with at most ``floor`` running (clamped to
