@@ -1,7 +1,7 @@
 """How the batch-1 CUDA product's time (trident/native/gemv_cuda.cu) grows with its rows: N swept at fixed K, int4
 group 128 (symmetric: its zero point) and int8 per channel, CUDA-graph replays rotating weights beyond the L2 (as
 `python -m trident.kernels.bench_quant_matmul --rows 1` does). "rounds" is row groups (pairs, or single rows where
-the kernel takes those: gemv_cuda.rows_per_warp) per warp of the grid's resident warps: on an H200 the time steps
+the kernel takes those: gemv_cuda.launch_shape) per warp of the grid's resident warps: on an H200 the time steps
 with whole rounds, not with bytes (docs/benchmarks.md, session 13).
 
     python scripts/gemv_rounds.py                 # the sweep
@@ -40,7 +40,7 @@ def sweep(device: torch.device) -> None:
         for k in (4096, 14336):
             for n in ROWS:
                 us, nbytes = time_product(fmt, n, k, device)
-                rows = gemv_cuda.rows_per_warp(lib, FORMATS[fmt][0], n, k, device)
+                rows = gemv_cuda.launch_shape(FORMATS[fmt][0], n, k, gemv_cuda.device_index(device))[0]
                 print(f"{fmt} K={k:5} N={n:5} rows/warp={rows} rounds={n / rows / warps:5.2f} {us:7.2f} us "
                       f"{nbytes / us / 1e3:6.0f} GB/s", flush=True)
 

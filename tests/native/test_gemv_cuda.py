@@ -154,7 +154,7 @@ def _check(n: int, k: int, bits: int, group_size: int | None, offsets: str, bias
                                           (4, "zero_point")])
 def test_formats(bits: int, group_size: int | None, offsets: str, dtype: torch.dtype) -> None:
     seed = bits * 1000 + (group_size or 1) * 10 + OFFSETS.index(offsets)
-    # the last shape is one the kernel takes a row per warp (rows_per_warp: 1 on an H200), the others in pairs
+    # the last shape is one the kernel takes a row per warp (launch_shape: 1 on an H200), the others in pairs
     for n, k, bias in ((37, 384, True), (1, 128, False), (515, 2048, True), (301, 8192, True)):
         _check(n, k, bits, group_size, offsets, bias, dtype, seed + n)
 

@@ -71,11 +71,14 @@ def sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def grid_size(items: int, warps_per_block: int, device: torch.device, blocks_per_sm: int) -> int:
     """Blocks for ``items`` warp work items (row groups, pairs): enough for one item per warp, at most what stays
     resident (``blocks_per_sm`` per multiprocessor; warps then take items grid-stride)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return max(1, min(-(-items // warps_per_block), blocks_per_sm * sm_count(index)))
+    return max(1, min(-(-items // warps_per_block), blocks_per_sm * sm_count(device_index(device))))
 
 
 def takes(x: torch.Tensor, w: AffineWeight, bias: torch.Tensor | None) -> bool:
@@ -96,17 +99,18 @@ def takes(x: torch.Tensor, w: AffineWeight, bias: torch.Tensor | None) -> bool:
     return library() is not None
 
 
-def _grid(lib: ctypes.CDLL, items: int, device: torch.device) -> int:
-    """The kernel's grid for ``items`` warp work items (row groups, or gate / up row pairs)."""
-    return grid_size(items, lib.tq_gemv_threads() // 32, device, BLOCKS_PER_SM)
-
-
-def rows_per_warp(lib: ctypes.CDLL, bits: int, n: int, k: int, device: torch.device) -> int:
-    """The rows a warp multiplies at a time in a (non-gated) n x k product on ``device``: 2, or 1 where the
-    busiest of the resident warps then walks fewer pipeline steps (gemv_cuda.cu's tq_gemv_rows_for)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    warps = BLOCKS_PER_SM * sm_count(index) * (lib.tq_gemv_threads() // 32)
-    return lib.tq_gemv_rows_for(bits, n, k, warps)
+@functools.cache
+def launch_shape(bits: int, n: int, k: int, index: int, gated: bool = False) -> tuple[int, int]:
+    """(rows a warp multiplies at a time, grid blocks) of an n x k product on CUDA device ``index`` (gated: n
+    (gate, up) row pairs, two rows a warp). Rows: 2, or 1 where the busiest of the resident warps then walks fewer
+    pipeline steps (gemv_cuda.cu's tq_gemv_rows_for); the grid: one row group per warp, at most what stays
+    resident. Cached: a model's shapes come back every step."""
+    lib = library()
+    warps_per_block = lib.tq_gemv_threads() // 32
+    resident_blocks = BLOCKS_PER_SM * sm_count(index)
+    rows = 2 if gated else lib.tq_gemv_rows_for(bits, n, k, resident_blocks * warps_per_block)
+    row_groups = n if gated else -(-n // rows)
+    return rows, max(1, min(-(-row_groups // warps_per_block), resident_blocks))
 
 
 def _offsets(w: AffineWeight) -> tuple[int | None, int]:
@@ -121,8 +125,7 @@ def gemv(x: torch.Tensor, w: AffineWeight, bias: torch.Tensor | None = None) -> 
     lib = library()
     n, k = w.out_features, w.in_features
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    rows = rows_per_warp(lib, w.bits, n, k, x.device)
-    grid = _grid(lib, -(-n // rows), x.device)
+    rows, grid = launch_shape(w.bits, n, k, device_index(x.device))
     from trident.kernels.pdl import pdl_launch
 
     err = lib.tq_gemv(DTYPES[x.dtype], w.bits, rows, x.data_ptr(), w.codes.data_ptr(), w.scales.data_ptr(),
@@ -162,8 +165,7 @@ def gemv_normed(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: tor
         n //= 2
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     new_residual = x if residual is None else torch.empty_like(x)
-    rows = 2 if activation is not None else rows_per_warp(lib, w.bits, n, k, x.device)  # gated: (gate, up) pairs
-    grid = _grid(lib, n if activation is not None else -(-n // rows), x.device)
+    rows, grid = launch_shape(w.bits, n, k, device_index(x.device), activation is not None)
     from trident.kernels.pdl import pdl_launch
 
     err = lib.tq_gemv_normed(DTYPES[x.dtype], w.bits, rows, x.data_ptr(),

@@ -113,11 +113,16 @@ class AdaptiveController:
         self._since_decision += 1
 
     @property
+    def waves(self) -> bool:
+        """Whether the engine admits in waves now."""
+        return self.engine.admission_floor is not None
+
+    @property
     def overloaded(self) -> bool:
         """Whether the engine admits in waves or under a lowered limit and requests wait now (new ones are better
         sent elsewhere)."""
         engine = self.engine
-        held = engine.admission_floor is not None or engine.running_limit < engine.config.scheduler.max_num_seqs
+        held = self.waves or engine.running_limit < engine.config.scheduler.max_num_seqs
         return held and engine.stats().num_waiting > 0
 
     @property
@@ -139,7 +144,7 @@ class AdaptiveController:
         finished = self._since_decision >= c.min_requests and self._finished
         p90_ms = 1000 * percentile([tpot for _, tpot in self._finished], 90) if finished else None
         engine, scheduler = self.engine, self.engine.config.scheduler
-        limit, waves = engine.running_limit, engine.admission_floor is not None
+        limit, waves = engine.running_limit, self.waves
         step_ms = None
         if len(self._steps) >= MIN_STEPS:
             step_ms = 1000 * (percentile(self._steps, 50) if waves else sum(self._steps) / len(self._steps))

@@ -195,8 +195,7 @@ class ModelPool:
             action = "route" if routing else "return"
             logger.info("adaptive %s: %s new requests %s %s", name, "sending" if routing else "bringing back",
                         "to" if routing else "from", fallback)
-            self.metrics.adaptive_decision(name, action, controller.engine.running_limit,
-                                           controller.engine.admission_floor is not None)
+            self.metrics.adaptive_decision(name, action, controller.engine.running_limit, controller.waves)
         return fallback if routing else name
 
     # -- loading ----------------------------------------------------------------------------------
@@ -339,7 +338,7 @@ class ModelPool:
                                             self.metrics.adaptive_decision(name, action, limit, waves))
             engine.add_observer(controller)
             self._controllers[name] = controller
-            self.metrics.adaptive_limits(name, engine.engine.running_limit, engine.engine.admission_floor is not None)
+            self.metrics.adaptive_limits(name, engine.engine.running_limit, controller.waves)
         max_queued = entry.spec.max_queued_requests or self.serve_config.max_queued_requests
         entry.engine = engine
         entry.context = ServeContext(engine=engine, served_model_name=name, max_queued_requests=max_queued,
