@@ -3,7 +3,9 @@ Qwen3 / Gemma 3) equals its torch reference element by element and float64 math 
 head dims 64 / 128 / 256 (and 24, 80 for non-power-of-two halves), grouped-query head counts, three
 dtypes, queries and keys as strided views of one fused qkv projection (as the model passes them),
 positions up to 400,000 with plain and llama3-scaled frequencies; and it agrees with the models' CPU path
-(trident.models.ops on CPU tensors). Values are untouched."""
+(trident.models.ops on CPU tensors). Values are untouched. Given a KV store, the same launch writes the rotated keys
+and the values into the paged cache (bfloat16, int8, fp8) exactly as the write kernel does after a plain rotation, and
+as the torch reference writes them."""
 
 from __future__ import annotations
 
@@ -17,8 +19,10 @@ from elementwise_checks import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kernel_checks import assert_codes_close
 
 from trident.config import RopeConfig
+from trident.kernels.kv_cache_write import KVStore, write_kv, write_kv_reference
 from trident.kernels.rotary import rotary, rotary_reference
 from trident.models import ops
 from trident.models.layers import rope_inv_freq
@@ -143,3 +147,61 @@ def test_position_zero_is_identity(kernel_device) -> None:
            rope_inv_freq(ROPES["default"], 64).to(kernel_device))
     torch.testing.assert_close(q, q0, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(k, k0, rtol=1e-6, atol=1e-6)
+
+
+CACHE_DTYPES = {"bf16": torch.bfloat16, "int8": torch.int8, "fp8": torch.float8_e4m3fn}
+
+
+@pytest.mark.parametrize("cache", list(CACHE_DTYPES))
+@pytest.mark.parametrize("heads,qk_norm", [((32, 8, 128), False), ((16, 8, 128), True), ((16, 16, 64), False),
+                                           ((4, 2, 24), True), ((6, 3, 80), False)],
+                         ids=lambda x: "-".join(map(str, x)) if isinstance(x, tuple) else f"norm{x}")
+def test_rotary_writes_the_cache(kernel_device, heads: tuple[int, int, int], qk_norm: bool, cache: str) -> None:
+    """rotary(..., value, store) == rotary(...) then write_kv(...), bit for bit (queries, keys in place, codes,
+    scales), padding slots skipped; and the cache holds what the torch reference writes for those keys and values."""
+    num_heads, num_kv_heads, head_dim = heads
+    num_tokens, block_size, num_blocks = 11, 4, 8
+    case = _Case(kernel_device, num_tokens, num_heads, num_kv_heads, head_dim, torch.bfloat16, "qwen3", qk_norm,
+                 False, 4096, head_dim + num_heads)
+    g = torch.Generator().manual_seed(num_heads)
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:num_tokens]
+    slots[[2, 7]] = -1
+    slots = slots.to(kernel_device)
+    shape = (num_blocks, num_kv_heads, block_size, head_dim)
+    codes = CACHE_DTYPES[cache]
+    quantized = codes != torch.bfloat16
+
+    def empty_store() -> KVStore:
+        caches = [torch.zeros(shape, device=kernel_device).to(codes) for _ in range(2)]
+        scales = [torch.full(shape[:-1], -1.0, device=kernel_device) for _ in range(2)] if quantized else [None] * 2
+        return KVStore(*caches, slots, *scales)
+
+    def tensors(store: KVStore) -> list[torch.Tensor]:
+        return [t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t for t in
+                (store.k_cache, store.v_cache, store.k_scale, store.v_scale) if t is not None]
+
+    before = case.qkv.clone()
+    fused, store = case.qkv, empty_store()
+    q, k, v = case.views(fused)
+    rotary(q, k, case.positions, case.inv_freq, *case.norm_args(), value=v, store=store)
+    plain, unfused = before.clone(), empty_store()
+    q2, k2, v2 = case.views(plain)
+    rotary(q2, k2, case.positions, case.inv_freq, *case.norm_args())
+    write_kv(k2, v2, unfused.k_cache, unfused.v_cache, slots, unfused.k_scale, unfused.v_scale)
+    assert torch.equal(fused, plain), "queries / keys in place differ from the plain rotation"
+    for got, want in zip(tensors(store), tensors(unfused)):
+        assert torch.equal(got, want), "the cache differs from rotary + write_kv"
+    if quantized:
+        assert int((store.k_scale >= 0).sum()) == int((slots >= 0).sum()) * num_kv_heads  # nothing else touched
+    # the torch write of the keys as rotated (their rotation is checked against float64 above) and the values
+    _, _, v0 = case.views(before)
+    reference = empty_store()
+    write_kv_reference(k, v0, reference.k_cache, reference.v_cache, slots, reference.k_scale, reference.v_scale)
+    for got, want in zip((store.k_cache, store.v_cache, store.k_scale, store.v_scale),
+                         (reference.k_cache, reference.v_cache, reference.k_scale, reference.v_scale)):
+        if got is None:
+            continue
+        if quantized:
+            assert_codes_close(got, want)
+        else:
+            torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-2)

@@ -9,9 +9,12 @@ chooses (``cache_shape``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:  # the kernels import Triton
+    from trident.kernels.kv_cache_write import KVStore
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,12 @@ class AttentionBackend(Protocol):
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
                  meta: AttentionMetadata) -> None:
         """key/value [num_tokens, kv_heads, head_dim] into their slots (``meta.slot_mapping``)."""
+        ...
+
+    def kv_store(self, cache: LayerKVCache, meta: AttentionMetadata) -> KVStore | None:
+        """Where the rotary kernel may write the step's keys and values itself, in the launch that rotates them
+        (trident.models.ops.rotate_qkv), instead of a write_kv launch after it; None where the cache's layout is
+        not the kernels' (the caller then calls write_kv)."""
         ...
 
     def forward(self, query: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, *, scale: float,

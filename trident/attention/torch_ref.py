@@ -45,6 +45,11 @@ class TorchAttention:
             flat.view(torch.uint8).index_copy_(1, slots, codes.view(torch.uint8))
             scales.view(scales.shape[0], -1).index_copy_(1, slots, new_scales)
 
+    @staticmethod
+    def kv_store(cache: LayerKVCache, meta: AttentionMetadata) -> None:
+        """None: this layout is not the kernels' (write_kv writes)."""
+        return None
+
     def forward(self, query: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, *, scale: float,
                 sliding_window: int | None, logit_softcap: float | None) -> torch.Tensor:
         """query [num_tokens, num_heads, head_dim] -> output of the same shape."""

@@ -1,5 +1,5 @@
-"""Paged attention on the GPU through Triton kernels (trident/kernels/): one launch writes the step's new
-keys/values into the cache, one attends every prefill chunk (prefix-cached context included), one (plus a
+"""Paged attention on the GPU through Triton kernels (trident/kernels/): the step's new keys/values go into the
+cache in the launch that rotates them (``kv_store``; or one write_kv launch), one attends every prefill chunk (prefix-cached context included), one (plus a
 reduce when the context is split) attends every decoding sequence; over an 8-bit (int8 / fp8) cache the decode runs
 the CUDA kernel of trident/native/paged_decode_cuda.cu where it is built (codes converted in registers straight into
 the tensor cores' operands, where Triton's path takes them through shared memory).
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from trident.attention.base import AttentionMetadata, LayerKVCache
-from trident.kernels.kv_cache_write import write_kv
+from trident.kernels.kv_cache_write import KVStore, write_kv
 from trident.kernels.paged_decode import choose_num_splits, paged_decode
 from trident.kernels.paged_prefill import paged_prefill
 from trident.native import paged_decode_cuda
@@ -50,6 +50,11 @@ class TritonPagedAttention:
                  meta: AttentionMetadata) -> None:
         """key/value [num_tokens, kv_heads, head_dim] into their slots."""
         write_kv(key, value, cache.key, cache.value, meta.slot_mapping, cache.key_scale, cache.value_scale)
+
+    @staticmethod
+    def kv_store(cache: LayerKVCache, meta: AttentionMetadata) -> KVStore:
+        """This cache and the step's slots: the rotary kernel writes the keys and values (no write_kv launch)."""
+        return KVStore(cache.key, cache.value, meta.slot_mapping, cache.key_scale, cache.value_scale)
 
     def forward(self, query: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, *, scale: float,
                 sliding_window: int | None, logit_softcap: float | None) -> torch.Tensor:

@@ -10,12 +10,42 @@ batches will have) and is skipped. One program writes one token: all its key and
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from trident.kernels.pdl import pdl_launch, wait_for_previous_grid
 from trident.quant.kv import format_of_codes, quantize_kv
+
+
+@dataclass(frozen=True)
+class KVStore:
+    """Where a kernel that makes a step's keys and values stores them: the caches (this module's layout), the slot of
+    each token (negative: skipped) and, for an 8-bit cache, the scales. The rotary kernel takes one to write the
+    keys it rotates (and the values beside them) in the same launch (:func:`trident.kernels.rotary.rotary`)."""
+
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
+
+    def check(self) -> None:
+        """Assert the layout the kernels index: one stride set for both caches, unit stride over D, scales of one
+        layout with unit stride over the slots."""
+        assert self.k_cache.shape == self.v_cache.shape and self.k_cache.stride() == self.v_cache.stride()
+        assert self.k_cache.stride(3) == 1 and self.k_cache.dtype == self.v_cache.dtype
+        assert (self.k_scale is None) == (self.v_scale is None), "give both scale tensors or neither"
+        if self.k_scale is not None:
+            assert self.k_scale.stride() == self.v_scale.stride() and self.k_scale.stride(2) == 1
+
+    def scale_args(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(k_scale, v_scale, QMAX) for a launch: the caches themselves and 0 where there are no scales (unused)."""
+        if self.k_scale is None:
+            return self.k_cache, self.k_cache, 0.0
+        return self.k_scale, self.v_scale, format_of_codes(self.k_cache.dtype).qmax
 
 
 def write_kv_reference(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -43,16 +73,11 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return
-    assert value.shape == key.shape and k_cache.shape == v_cache.shape
-    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
-    assert key.stride(2) == 1 and value.stride(2) == 1
+    store = KVStore(k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    store.check()
+    assert value.shape == key.shape and key.stride(2) == 1 and value.stride(2) == 1
     quantized = k_scale is not None
-    if quantized:
-        assert v_scale is not None and k_scale.stride() == v_scale.stride() and k_scale.stride(2) == 1
-        qmax = format_of_codes(k_cache.dtype).qmax
-    else:
-        k_scale = v_scale = k_cache  # unused
-        qmax = 0.0
+    k_scale, v_scale, qmax = store.scale_args()
     pdl = pdl_launch(key.device)
     _write_kv_kernel[(num_tokens,)](
         key, value, k_cache, v_cache, k_scale, v_scale, slot_mapping,
@@ -70,10 +95,17 @@ def _quantize_rows(x, QMAX: tl.constexpr, INT_CODES: tl.constexpr):
     +-QMAX (saturating), then rounded to the code grid: integers, half up (INT_CODES), or e4m3 values."""
     x = x.to(tl.float32)
     scale = tl.max(tl.abs(x), 1) / QMAX
+    return codes_over_scales(x, scale, QMAX, INT_CODES), scale
+
+
+@triton.jit
+def codes_over_scales(x, scale, QMAX: tl.constexpr, INT_CODES: tl.constexpr):
+    """Rows [heads, n] of float32 x over their scales [heads] (as :func:`_quantize_rows` takes them) -> codes as
+    float32 values."""
     y = tl.minimum(tl.maximum(x / tl.where(scale > 0, scale, 1.0)[:, None], -QMAX), QMAX)
     if INT_CODES:
-        return tl.floor(y + 0.5), scale
-    return _round_to_e4m3(y), scale
+        return tl.floor(y + 0.5)
+    return _round_to_e4m3(y)
 
 
 @triton.jit

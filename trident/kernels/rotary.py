@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from trident.kernels.kv_cache_write import KVStore, codes_over_scales
 from trident.kernels.pdl import pdl_launch, wait_for_previous_grid
 from trident.kernels.rms_norm import rms_norm_reference
 
@@ -50,9 +51,13 @@ def rotary_reference(query: torch.Tensor, key: torch.Tensor, positions: torch.Te
 
 def rotary(query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
            q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
-           eps: float = 0.0, unit_offset: bool = False) -> None:
+           eps: float = 0.0, unit_offset: bool = False, value: torch.Tensor | None = None,
+           store: KVStore | None = None) -> None:
     """The Triton kernel: :func:`rotary_reference`'s result written over query and key in place. Both
-    norm weights are given (Qwen3, Gemma 3) or neither."""
+    norm weights are given (Qwen3, Gemma 3) or neither. With ``store`` (and ``value`` [T, Hk, D]) the same launch
+    also writes the rotated keys and the values into the paged cache, as
+    :func:`trident.kernels.kv_cache_write.write_kv` would after it (quantized for an 8-bit cache: the same codes and
+    scales, bit for bit): one launch a layer fewer."""
     num_tokens, num_q_heads, head_dim = query.shape
     num_k_heads = key.shape[1]
     assert key.shape == (num_tokens, num_k_heads, head_dim) and key.dtype == query.dtype
@@ -64,6 +69,11 @@ def rotary(query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor, inv_
     if qk_norm:
         for w in (q_norm_weight, k_norm_weight):
             assert w.shape == (head_dim,) and w.is_contiguous() and w.dtype == query.dtype
+    assert (value is None) == (store is None), "give the values with the store, or neither"
+    if store is not None:
+        store.check()
+        assert value.shape == key.shape and value.stride(2) == 1 and store.slot_mapping.shape == (num_tokens,)
+        assert store.k_cache.shape[1] == num_k_heads and store.k_cache.shape[3] == head_dim
     if num_tokens == 0:
         return
     half = head_dim // 2
@@ -71,12 +81,23 @@ def rotary(query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor, inv_
     heads_per_program = min(HEADS_PER_PROGRAM, triton.next_power_of_2(max(num_q_heads, num_k_heads)))
     q_programs = triton.cdiv(num_q_heads, heads_per_program)
     pdl = pdl_launch(query.device)
+    if store is None:  # unused pointers and strides
+        v_ptr, k_cache, v_cache, slots, k_scale, v_scale, qmax = key, key, key, positions, key, key, 0.0
+        v_strides, cache_strides, scale_strides, block_size = key.stride()[:2], (0, 0, 0), (0, 0), 1
+    else:
+        v_ptr, k_cache, v_cache, slots = value, store.k_cache, store.v_cache, store.slot_mapping
+        k_scale, v_scale, qmax = store.scale_args()
+        v_strides, cache_strides, scale_strides = value.stride()[:2], k_cache.stride()[:3], k_scale.stride()[:2]
+        block_size = k_cache.shape[2]
     _rotary_kernel[(num_tokens, q_programs + triton.cdiv(num_k_heads, heads_per_program))](
         query, key, positions, inv_freq,
         q_norm_weight if qk_norm else inv_freq, k_norm_weight if qk_norm else inv_freq,
-        query.stride(0), query.stride(1), key.stride(0), key.stride(1),
-        num_q_heads, num_k_heads, q_programs, half, eps,
+        v_ptr, k_cache, v_cache, k_scale, v_scale, slots,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), *v_strides, *cache_strides, *scale_strides,
+        num_q_heads, num_k_heads, q_programs, half, eps, block_size,
         QK_NORM=qk_norm, UNIT_OFFSET=unit_offset, H_PAD=heads_per_program, HALF_PAD=half_pad,
+        STORE=store is not None, QUANTIZED=store is not None and store.k_scale is not None,
+        INT_CODES=store is not None and store.k_cache.dtype == torch.int8, QMAX=qmax,
         num_warps=min(max(heads_per_program * half_pad // 512, 1), 8), USE_PDL=pdl, launch_pdl=pdl
     )
 
@@ -107,16 +128,38 @@ def _rotate_heads(base_ptr, norm_weight_ptr, stride_head, num_heads, half, eps, 
             x2 = ((x2 * scale).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
     c = cos[None, :]
     s = sin[None, :]
-    tl.store(first, (x1 * c - x2 * s).to(dtype), mask=mask)
-    tl.store(first + half, (x2 * c + x1 * s).to(dtype), mask=mask)
+    r1 = (x1 * c - x2 * s).to(dtype)
+    r2 = (x2 * c + x1 * s).to(dtype)
+    tl.store(first, r1, mask=mask)
+    tl.store(first + half, r2, mask=mask)
+    return r1, r2
+
+
+@triton.jit
+def _store_heads(cache_ptr, scale_ptr, x1, x2, mask, head_mask, cache_offsets, scale_offsets, half,
+                 QUANTIZED: tl.constexpr, INT_CODES: tl.constexpr, QMAX: tl.constexpr):
+    """Heads given as their halves x1, x2 [H_PAD, HALF_PAD] into their cache rows (kv_cache_write's layout), as
+    codes over one absmax scale per head when QUANTIZED (kv_cache_write._quantize_rows on the whole head)."""
+    if QUANTIZED:
+        x1 = x1.to(tl.float32)
+        x2 = x2.to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x1), 1), tl.max(tl.abs(x2), 1)) / QMAX
+        x1 = codes_over_scales(x1, scale, QMAX, INT_CODES)
+        x2 = codes_over_scales(x2, scale, QMAX, INT_CODES)
+        tl.store(scale_ptr + scale_offsets, scale, mask=head_mask)
+    tl.store(cache_ptr + cache_offsets, x1.to(cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(cache_ptr + cache_offsets + half, x2.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rotary_kernel(q_ptr, k_ptr, positions_ptr, inv_freq_ptr, q_norm_ptr, k_norm_ptr,
-                   stride_qt, stride_qh, stride_kt, stride_kh,
-                   num_q_heads, num_k_heads, q_programs, half, eps,
+                   v_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, slot_ptr,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                   stride_cb, stride_ch, stride_cs, stride_sb, stride_sh,
+                   num_q_heads, num_k_heads, q_programs, half, eps, block_size,
                    QK_NORM: tl.constexpr, UNIT_OFFSET: tl.constexpr,
-                   H_PAD: tl.constexpr, HALF_PAD: tl.constexpr, USE_PDL: tl.constexpr):
+                   H_PAD: tl.constexpr, HALF_PAD: tl.constexpr, STORE: tl.constexpr, QUANTIZED: tl.constexpr,
+                   INT_CODES: tl.constexpr, QMAX: tl.constexpr, USE_PDL: tl.constexpr):
     wait_for_previous_grid(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
@@ -132,5 +175,23 @@ def _rotary_kernel(q_ptr, k_ptr, positions_ptr, inv_freq_ptr, q_norm_ptr, k_norm
                       half, eps, cos, sin, dims, QK_NORM, UNIT_OFFSET, H_PAD)
     else:
         first = (block - q_programs) * H_PAD
-        _rotate_heads(k_ptr + token * stride_kt + first * stride_kh, k_norm_ptr, stride_kh, num_k_heads - first,
-                      half, eps, cos, sin, dims, QK_NORM, UNIT_OFFSET, H_PAD)
+        k1, k2 = _rotate_heads(k_ptr + token * stride_kt + first * stride_kh, k_norm_ptr, stride_kh,
+                               num_k_heads - first, half, eps, cos, sin, dims, QK_NORM, UNIT_OFFSET, H_PAD)
+        if STORE:
+            slot = tl.load(slot_ptr + token)
+            if slot >= 0:
+                heads = tl.arange(0, H_PAD)
+                head_mask = heads < num_k_heads - first
+                mask = head_mask[:, None] & (dims[None, :] < half)
+                page = slot // block_size
+                offset = slot % block_size
+                rows = page * stride_cb + offset * stride_cs + (first + heads) * stride_ch
+                cache_offsets = rows[:, None] + dims[None, :]
+                scale_offsets = page * stride_sb + (first + heads) * stride_sh + offset
+                _store_heads(k_cache_ptr, k_scale_ptr, k1, k2, mask, head_mask, cache_offsets, scale_offsets, half,
+                             QUANTIZED, INT_CODES, QMAX)
+                value = v_ptr + token * stride_vt + (first + heads)[:, None] * stride_vh + dims[None, :]
+                v1 = tl.load(value, mask=mask, other=0.0)
+                v2 = tl.load(value + half, mask=mask, other=0.0)
+                _store_heads(v_cache_ptr, v_scale_ptr, v1, v2, mask, head_mask, cache_offsets, scale_offsets, half,
+                             QUANTIZED, INT_CODES, QMAX)

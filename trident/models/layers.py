@@ -244,8 +244,10 @@ class Attention(nn.Module):
         if self.qk_norm:
             head_norms = ops.HeadNorms(self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
                                        self.q_norm.unit_offset)
-        q, k, v = ops.rotate_qkv(qkv, self.num_heads, self.num_kv_heads, self.head_dim, rope, head_norms)
-        self.backend.write_kv(k, v, kv_cache, meta)
+        store = self.backend.kv_store(kv_cache, meta) if ops.uses_kernels(qkv) else None
+        q, k, v = ops.rotate_qkv(qkv, self.num_heads, self.num_kv_heads, self.head_dim, rope, head_norms, store)
+        if store is None:
+            self.backend.write_kv(k, v, kv_cache, meta)
         out = self.backend.forward(q, kv_cache, meta, scale=self.scale,
                                    sliding_window=self.sliding_window, logit_softcap=self.logit_softcap)
         return self.o_proj(out.reshape(num_tokens, self.q_size))

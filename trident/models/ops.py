@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from trident.errors import TridentError
+
+if TYPE_CHECKING:  # the kernels import Triton: only on the kernel path
+    from trident.kernels.kv_cache_write import KVStore
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -118,10 +122,14 @@ class HeadNorms:
 
 
 def rotate_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, rope: RotaryInputs,
-               head_norms: HeadNorms | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               head_norms: HeadNorms | None, store: KVStore | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split the fused projection qkv [tokens, (heads + 2 kv_heads) * head_dim] into q [tokens, heads, D],
     k and v [tokens, kv_heads, D], with q and k normalised (if ``head_norms``) and rotated. The kernel path
-    rotates inside qkv and returns views of it."""
+    rotates inside qkv and returns views of it; given ``store`` (kernel path only: the backend's
+    ``kv_store``), the same launch also writes k and v into the paged cache."""
+    if store is not None and not uses_kernels(qkv):
+        raise ValueError("rotate_qkv writes into a KVStore on the kernel path only (a CUDA tensor, Triton)")
     num_tokens = qkv.shape[0]
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
     if head_norms is None and not uses_kernels(qkv):  # rotate queries and keys in one pass
@@ -136,11 +144,9 @@ def rotate_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: i
     if uses_kernels(qkv):
         from trident.kernels.rotary import rotary
 
-        if head_norms is None:
-            rotary(q, k, rope.positions, rope.inv_freq)
-        else:
-            rotary(q, k, rope.positions, rope.inv_freq, head_norms.q_weight, head_norms.k_weight,
-                   head_norms.eps, head_norms.unit_offset)
+        norms = () if head_norms is None else (head_norms.q_weight, head_norms.k_weight, head_norms.eps,
+                                               head_norms.unit_offset)
+        rotary(q, k, rope.positions, rope.inv_freq, *norms, value=None if store is None else v, store=store)
         return q, k, v
     n = head_norms
     q = _apply_rotary_torch(_rms_norm_torch(q, n.q_weight, n.eps, n.unit_offset), rope.cos, rope.sin)
