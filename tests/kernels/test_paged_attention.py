@@ -1,8 +1,8 @@
 """The Triton paged-attention kernels (decode and prefill) equal their fp32 torch references on random
 inputs of many shapes: GQA ratios 1 to 8, head dims 24 to 256, block sizes 4 to 32, contexts that end
 on, before and after block boundaries, prefill chunks that start mid-context (prefix hits), sliding
-windows, soft-capping, split contexts, fp32 / bf16 / fp16. The references are checked against the
-reference backend (TorchAttention) too."""
+windows, soft-capping, split contexts (combined by the reduce kernel or by their last program), fp32 / bf16 /
+fp16. The references are checked against the reference backend (TorchAttention) too."""
 
 from __future__ import annotations
 
@@ -40,21 +40,29 @@ def _long(device: torch.device) -> int:
 
 
 def _run_decode(shape: Shape, ctx: PagedContext, splits: int, device: torch.device, g: torch.Generator) -> None:
+    """A split decode runs twice: splits combined by the reduce kernel, then by their last program (tickets, which
+    must be left at zero)."""
     batch = ctx.block_tables.shape[0]
     num_rows = batch + 3
     query = strided_queries(shape, num_rows, device, g)
     token_indices = torch.randperm(num_rows, generator=g)[:batch].to(device)  # scattered rows of a mixed batch
-    out = torch.full(query.shape, float("nan"), dtype=shape.dtype, device=device)
-    ref = out.clone()
+    ref = torch.full(query.shape, float("nan"), dtype=shape.dtype, device=device)
     options = dict(scale=shape.scale, sliding_window=shape.window, logit_softcap=shape.softcap)
-    paged_decode(query, ctx.k_cache, ctx.v_cache, ctx.block_tables, ctx.context_lens, token_indices, out,
-                 num_splits=splits, **options)
     paged_decode_reference(query, ctx.k_cache, ctx.v_cache, ctx.block_tables, ctx.context_lens, token_indices,
                            ref, **options)
-    assert_close(out[token_indices].float(), ref[token_indices].float(), shape.dtype, f"decode {shape} x{splits}")
-    others = torch.ones(num_rows, dtype=torch.bool, device=device)
-    others[token_indices] = False
-    assert out[others].isnan().all(), "decode wrote rows outside token_indices"
+    ways = [None] if splits == 1 else [None, torch.zeros(batch * shape.num_kv_heads + 3, dtype=torch.int32,
+                                                         device=device)]
+    for tickets in ways:
+        what = f"decode {shape} x{splits}{'' if tickets is None else ' combined by tickets'}"
+        out = torch.full(query.shape, float("nan"), dtype=shape.dtype, device=device)
+        paged_decode(query, ctx.k_cache, ctx.v_cache, ctx.block_tables, ctx.context_lens, token_indices, out,
+                     num_splits=splits, tickets=tickets, **options)
+        assert_close(out[token_indices].float(), ref[token_indices].float(), shape.dtype, what)
+        others = torch.ones(num_rows, dtype=torch.bool, device=device)
+        others[token_indices] = False
+        assert out[others].isnan().all(), f"{what}: wrote rows outside token_indices"
+        if tickets is not None:
+            assert not tickets.any(), f"{what}: tickets left non-zero"
 
 
 def _run_prefill(shape: Shape, chunks: list[tuple[int, int]], device: torch.device, g: torch.Generator) -> None:
@@ -137,11 +145,12 @@ def test_decode_padding_rows_give_zeros(kernel_device) -> None:
     ctx = paged_context(shape, [40, 1, 70], kernel_device, g, fill=0.0)
     ctx.context_lens[1] = 0
     query = strided_queries(shape, 3, kernel_device, g)
-    for splits in (1, 4):
+    tickets = torch.zeros(6, dtype=torch.int32, device=kernel_device)
+    for splits, combine in ((1, None), (4, None), (4, tickets)):
         out = torch.full(query.shape, float("nan"), dtype=shape.dtype, device=kernel_device)
         paged_decode(query, ctx.k_cache, ctx.v_cache, ctx.block_tables, ctx.context_lens,
                      torch.arange(3, device=kernel_device), out, scale=shape.scale, sliding_window=None,
-                     logit_softcap=None, num_splits=splits)
+                     logit_softcap=None, num_splits=splits, tickets=combine)
         assert torch.equal(out[1], torch.zeros_like(out[1]))
         assert not out.isnan().any()
 

@@ -1,8 +1,9 @@
 """Paged attention on the GPU through Triton kernels (trident/kernels/): the step's new keys/values go into the
-cache in the launch that rotates them (``kv_store``; or one write_kv launch), one attends every prefill chunk (prefix-cached context included), one (plus a
-reduce when the context is split) attends every decoding sequence; over an 8-bit (int8 / fp8) cache the decode runs
-the CUDA kernel of trident/native/paged_decode_cuda.cu where it is built (codes converted in registers straight into
-the tensor cores' operands, where Triton's path takes them through shared memory).
+cache in the launch that rotates them (``kv_store``; or one write_kv launch), one launch attends every prefill chunk
+(prefix-cached context included), one every decoding sequence (a split context combined by its last program); over
+an 8-bit (int8 / fp8) cache the decode runs the CUDA kernel of trident/native/paged_decode_cuda.cu where it is built
+(codes converted in registers straight into the tensor cores' operands, where Triton's path takes them through
+shared memory; its splits go through the reduce kernel).
 
 Cache layout (this backend's choice): ``[num_blocks, num_kv_heads, block_size, head_dim]``, block-major.
 Each (block, kv head) is one contiguous ``block_size * head_dim`` run, so a kernel's K/V tile is read as
@@ -23,7 +24,7 @@ import torch
 
 from trident.attention.base import AttentionMetadata, LayerKVCache
 from trident.kernels.kv_cache_write import KVStore, write_kv
-from trident.kernels.paged_decode import choose_num_splits, paged_decode
+from trident.kernels.paged_decode import choose_num_splits, paged_decode, split_tickets
 from trident.kernels.paged_prefill import paged_prefill
 from trident.native import paged_decode_cuda
 
@@ -41,6 +42,7 @@ class TritonPagedAttention:
     def __init__(self, num_sms: int | None = None) -> None:
         self._num_sms = num_sms
         """Multiprocessors of the device, read on first use unless given (decides decode splitting)."""
+        self._tickets: torch.Tensor | None = None
 
     @staticmethod
     def cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
@@ -76,11 +78,20 @@ class TritonPagedAttention:
                                            self.num_sms(query.device))
             rows = (decode.block_tables, decode.context_lens, decode.token_indices)
             scales = (cache.key_scale, cache.value_scale)
-            kernel = (paged_decode_cuda.paged_decode_cuda if paged_decode_cuda.takes(query, k_cache, v_cache, *scales,
-                                                                                   *rows) else paged_decode)
-            kernel(query, k_cache, v_cache, *rows, out, num_splits=num_splits, k_scale=scales[0], v_scale=scales[1],
-                   **options)
+            if paged_decode_cuda.takes(query, k_cache, v_cache, *scales, *rows):
+                paged_decode_cuda.paged_decode_cuda(query, k_cache, v_cache, *rows, out, num_splits=num_splits,
+                                                    k_scale=scales[0], v_scale=scales[1], **options)
+            else:
+                paged_decode(query, k_cache, v_cache, *rows, out, num_splits=num_splits, k_scale=scales[0],
+                             v_scale=scales[1], tickets=self.tickets(query.device), **options)
         return out
+
+    def tickets(self, device: torch.device) -> torch.Tensor:
+        """The split decodes' counters on ``device`` (paged_decode's ``tickets``), made on first use: the warm-up
+        before a CUDA-graph capture makes them, and every decode leaves them zero for the next."""
+        if self._tickets is None or self._tickets.device != device:
+            self._tickets = split_tickets(self.num_sms(device), device)
+        return self._tickets
 
     def num_sms(self, device: torch.device) -> int:
         if self._num_sms is None:

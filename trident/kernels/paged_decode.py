@@ -7,6 +7,10 @@ the block table in tiles of ``block_n`` tokens (independent of the cache's block
 softmax in the log2 domain. Long contexts with few sequences are split over ``num_splits`` programs
 (flash-decoding): each writes its partial output and log-sum-exp, and a reduce kernel combines them.
 
+Given ``tickets`` (zeroed int32 counters, one per (sequence, kv head)), the split programs combine themselves: each
+counts itself done on its counter after storing its partial result, and the last one of a (sequence, kv head) reads
+the others' and writes the output (and sets the counter back to zero): no reduce launch.
+
 Graph-capturable: the launch depends only on tensor shapes (batch, block-table width) and host
 constants, never on tensor values; each program reads its own context length and finds its slice of the
 context in the kernel. A sequence with context length 0 (a padding row) gets zeros.
@@ -37,6 +41,9 @@ MIN_SPLIT_TOKENS = 64
 MAX_SPLITS = 32
 SPLITS_PAD = triton.next_power_of_2(MAX_SPLITS)
 """The reduce kernel's split axis: one padded width for every split count (one compiled variant)."""
+COMBINE_ELEMENTS = 4096
+"""Partial-output elements the combining program loads at once (heads x splits x DIM_PAD; 32 registers a thread at
+four warps)."""
 PROGRAMS_PER_SM = 3
 """Splitting stops once there are this many programs per multiprocessor (a few resident at once hide the
 latency of the page-table and K/V loads)."""
@@ -71,12 +78,15 @@ def paged_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                  context_lens: torch.Tensor, token_indices: torch.Tensor, out: torch.Tensor, *, scale: float,
                  sliding_window: int | None, logit_softcap: float | None, num_splits: int = 1,
                  block_n: int | None = None, num_warps: int = 4, num_stages: int = 2,
-                 k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
+                 k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                 tickets: torch.Tensor | None = None) -> None:
     """Attend the rows ``token_indices`` [B] of query [T, H, D] (position context_len - 1) over their
     cached context; write the results into the same rows of out [T, H, D].
 
     block_tables [B, max_blocks] (padded), context_lens [B]; caches [num_blocks, kv_heads, block_size, D]; for
-    int8 / fp8 caches their scales k_scale / v_scale [num_blocks, kv_heads, block_size] (float32).
+    int8 / fp8 caches their scales k_scale / v_scale [num_blocks, kv_heads, block_size] (float32). ``tickets``:
+    int32 counters, all zero, at least B * kv_heads (:func:`split_tickets`), left at zero: a split decode combines
+    its splits in its last program instead of a reduce launch.
     """
     batch = block_tables.shape[0]
     num_heads, head_dim = query.shape[1], query.shape[2]
@@ -99,19 +109,33 @@ def paged_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         partial_out, partial_lse = split_buffers(batch, num_heads, num_splits, head_dim, out.device)
     else:
         partial_out = partial_lse = out  # unused
+    combine = split and tickets is not None
+    if combine:
+        assert tickets.dtype == torch.int32 and tickets.is_contiguous() and tickets.numel() >= batch * num_kv_heads
+    group_p2 = triton.next_power_of_2(group)
     pdl = pdl_launch(query.device)
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         query, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens, token_indices, out, partial_out,
-        partial_lse, query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_scale.stride(0), k_scale.stride(1),
-        scale_in, scale_out, sliding_window or 0, block_size, head_dim, num_heads, num_splits,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM_PAD=dim_pad, BLOCK_N=block_n,
+        partial_lse, tickets if combine else context_lens, query.stride(0), query.stride(1), out.stride(0),
+        out.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_scale.stride(0), k_scale.stride(1), scale_in, scale_out, sliding_window or 0, block_size, head_dim,
+        num_heads, num_kv_heads, num_splits,
+        GROUP=group, GROUP_PAD=max(16, group_p2), DIM_PAD=dim_pad, BLOCK_N=block_n,
         SPLIT=split, USE_SOFTCAP=logit_softcap is not None, USE_WINDOW=sliding_window is not None,
         QUANTIZED=quantized, F16_CODES=quantized and dtype != torch.float32, INT8_CODES=k_cache.dtype == torch.int8,
-        DOT_PRECISION=dot_precision(dtype), num_warps=num_warps, num_stages=num_stages, USE_PDL=pdl, launch_pdl=pdl,
+        DOT_PRECISION=dot_precision(dtype), COMBINE=combine, GROUP_P2=group_p2, SPLITS_PAD=SPLITS_PAD,
+        SPLIT_CHUNK=max(1, min(SPLITS_PAD, COMBINE_ELEMENTS // (group_p2 * dim_pad))),
+        num_warps=num_warps, num_stages=num_stages, USE_PDL=pdl, launch_pdl=pdl,
     )
-    if split:
+    if split and not combine:
         reduce_splits(partial_out, partial_lse, token_indices, out)
+
+
+def split_tickets(num_sms: int, device: torch.device) -> torch.Tensor:
+    """Zeroed counters for every split decode on a device of ``num_sms`` multiprocessors (``tickets``): one per
+    (sequence, kv head), and :func:`choose_num_splits` splits only while there are fewer than PROGRAMS_PER_SM x
+    num_sms of them. Each decode leaves them at zero: one set serves every layer and step."""
+    return torch.zeros(PROGRAMS_PER_SM * num_sms, dtype=torch.int32, device=device)
 
 
 def split_buffers(batch: int, num_heads: int, num_splits: int, head_dim: int,
@@ -156,13 +180,15 @@ def paged_decode_reference(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 # for each new value that is 1 or a multiple of 16: seconds of compilation in the middle of serving).
 @triton.jit(do_not_specialize=["stride_bt", "num_splits"])
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, context_lens_ptr,
-                   token_indices_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
+                   token_indices_ptr, out_ptr, partial_out_ptr, partial_lse_ptr, tickets_ptr,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_cb, stride_ch, stride_cs,
-                   stride_sb, stride_sh, scale_in, scale_out, window, block_size, head_dim, num_heads, num_splits,
+                   stride_sb, stride_sh, scale_in, scale_out, window, block_size, head_dim, num_heads, num_kv_heads,
+                   num_splits,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                    SPLIT: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
                    QUANTIZED: tl.constexpr, F16_CODES: tl.constexpr, INT8_CODES: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, COMBINE: tl.constexpr, GROUP_P2: tl.constexpr,
+                   SPLITS_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
     wait_for_previous_grid(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -241,9 +267,51 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
         partial = (seq * num_heads + heads).to(tl.int64) * num_splits + split
         tl.store(partial_out_ptr + partial[:, None] * DIM_PAD + dims[None, :], acc, mask=row_mask[:, None])
         tl.store(partial_lse_ptr + partial, m + tl.log2(l), mask=row_mask)  # -inf when empty
+        if COMBINE:
+            tl.debug_barrier()  # every thread's partial stores before the release below
+            ticket = tickets_ptr + seq * num_kv_heads + kv_head
+            if tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+                tl.store(ticket, 0)
+                used = tl.cdiv(context_len - start, tl.maximum(per_split, 1))  # splits with keys: the rest are empty
+                _combine_splits(partial_out_ptr, partial_lse_ptr, out_ptr, token, seq, kv_head, num_heads,
+                                num_splits, used, stride_ot, stride_oh, head_dim, GROUP, GROUP_P2, DIM_PAD,
+                                SPLITS_PAD, SPLIT_CHUNK)
     else:
         tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + dims[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
+
+
+@triton.jit
+def _combine_splits(partial_out_ptr, partial_lse_ptr, out_ptr, token, seq, kv_head, num_heads, num_splits, used,
+                    stride_ot, stride_oh, head_dim, GROUP: tl.constexpr, GROUP_P2: tl.constexpr,
+                    DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
+    """The reduce kernel's arithmetic for the GROUP heads of one (sequence, kv head), over its first ``used`` splits
+    (the others are empty), by the program that finished last: the partials come from other programs, so they are
+    read from L2 (.cg), never from this multiprocessor's L1."""
+    rows = tl.arange(0, GROUP_P2)
+    dims = tl.arange(0, DIM_PAD)
+    row_ok = rows < GROUP
+    heads = kv_head * GROUP + rows
+    base = (seq * num_heads + heads).to(tl.int64) * num_splits
+    splits = tl.arange(0, SPLITS_PAD)
+    lse = tl.load(partial_lse_ptr + base[:, None] + splits[None, :], mask=row_ok[:, None] & (splits < used)[None, :],
+                  other=float("-inf"), cache_modifier=".cg")
+    top = tl.max(lse, 1)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.sum(tl.exp2(lse - top[:, None]), 1)
+    o = tl.zeros([GROUP_P2, DIM_PAD], tl.float32)
+    for s0 in range(0, used, SPLIT_CHUNK):
+        chunk = s0 + tl.arange(0, SPLIT_CHUNK)
+        ok = row_ok[:, None] & (chunk < used)[None, :]
+        part = base[:, None] + chunk[None, :]
+        weight = tl.exp2(tl.load(partial_lse_ptr + part, mask=ok, other=float("-inf"), cache_modifier=".cg")
+                         - top[:, None])
+        values = tl.load(partial_out_ptr + (part * DIM_PAD)[:, :, None] + dims[None, None, :], mask=ok[:, :, None],
+                         other=0.0, cache_modifier=".cg")
+        o += tl.sum(values * weight[:, :, None], 1)
+    o = o / tl.where(total > 0, total, 1.0)[:, None]
+    tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + dims[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (dims < head_dim)[None, :])
 
 
 @triton.jit(do_not_specialize=["num_splits"])
