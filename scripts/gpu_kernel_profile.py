@@ -1,15 +1,16 @@
 """Which kernels an engine step spends its GPU time in (eager steps under torch.profiler; a graph replays the same
 kernels back to back), by kernel.
 
-- ``SHAPE:BATCH:CTX[:WEIGHTS[:KV]]``: decode steps of BATCH sequences at ~CTX tokens. Random weights, bfloat16 or
-  quantized (WEIGHTS: int8 / int4 / w8a8, as `trident bench --weights`), and a KV cache in the compute dtype or
-  another (KV: int8 / fp8 / bfloat16 ..., as `--kv-cache-dtype`).
+- ``SHAPE:BATCH:CTX[:WEIGHTS[:KV[:LM_HEAD]]]``: decode steps of BATCH sequences at ~CTX tokens. Random weights,
+  bfloat16 or quantized (WEIGHTS: int8 / int4 / w8a8, as `trident bench --weights`), a KV cache in the compute dtype
+  or another (KV: auto / int8 / fp8 / bfloat16 ..., as `--kv-cache-dtype`), and the LM head in the model dtype or
+  int8 (LM_HEAD: float / int8, as `--lm-head`).
 - ``prefill[:KV]``: one prefill step of Qwen3-0.6B over the nano workload's first prompts up to 16,384 tokens
   (after a warm-up step on later prompts, which compiles the kernels); KV int8 by default.
 
 NO_PDL=1 launches without programmatic dependent launch, so that a kernel's time is its own and not also the wait
 for the one before it. Run on the GPU machine:
-python scripts/gpu_kernel_profile.py [SHAPE:BATCH:CTX[:WEIGHTS[:KV]] | prefill[:KV] ...]"""
+python scripts/gpu_kernel_profile.py [SHAPE:BATCH:CTX[:WEIGHTS[:KV[:LM_HEAD]]] | prefill[:KV] ...]"""
 import os
 import sys
 from collections import defaultdict
@@ -43,12 +44,13 @@ def print_kernels(title: str, prof: profile, steps: int) -> None:
         print(f"  {us / steps:9.1f} us  {count / steps:5.0f}x  {us / count:7.2f} us each  {k}")
 
 
-def decode_case(name: str, batch: int, ctx: int, weights: str, kv: str) -> None:
+def decode_case(name: str, batch: int, ctx: int, weights: str, kv: str, lm_head: str) -> None:
     ck = random_checkpoint(resolve_shape(name), device="cuda", dtype=torch.bfloat16)
     if weights != "float":
         from trident.bench.quantized_weights import bench_quant_config, quant_method_of, quantize_checkpoint
 
-        ck = quantize_checkpoint(ck, bench_quant_config(weights, None), quant_method_of(weights))
+        ck = quantize_checkpoint(ck, bench_quant_config(weights, None), quant_method_of(weights),
+                                 lm_head=lm_head == "int8")
     eng = LLMEngine(engine_config("", device="cuda", dtype="bfloat16", max_num_seqs=batch, enforce_eager=True,
                                   max_num_batched_tokens=16384, max_model_len=4096,
                                   memory_budget_bytes=16 << 30, kv_cache_dtype=kv), ck)
@@ -63,7 +65,7 @@ def decode_case(name: str, batch: int, ctx: int, weights: str, kv: str) -> None:
         for _ in range(n):
             eng.step()
         torch.cuda.synchronize()
-    print_kernels(f"{name} {weights} KV {kv} batch {batch} ctx ~{ctx}", prof, n)
+    print_kernels(f"{name} {weights} KV {kv} LM head {lm_head} batch {batch} ctx ~{ctx}", prof, n)
 
 
 def prefill_case(kv: str) -> None:
@@ -106,7 +108,7 @@ def main() -> None:
         if f[0] == "prefill":
             prefill_case(f[1] if len(f) > 1 else "int8")
         else:
-            decode_case(f[0], int(f[1]), int(f[2]), f[3] if len(f) > 3 else "float", f[4] if len(f) > 4 else "auto")
+            decode_case(f[0], int(f[1]), int(f[2]), *(f[3:] + ["float", "auto", "float"][len(f) - 3:]))
         torch.cuda.empty_cache()
 
 

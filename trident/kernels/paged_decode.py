@@ -11,6 +11,11 @@ Given ``tickets`` (zeroed int32 counters, one per (sequence, kv head)), the spli
 counts itself done on its counter after storing its partial result, and the last one of a (sequence, kv head) reads
 the others' and writes the output (and sets the counter back to zero): no reduce launch.
 
+Launched with programmatic dependent launch (trident/kernels/pdl.py), a program reads its context length, its first
+key tile's pages and, over a 16-bit cache, that tile's keys and values but the newest token's before it waits for the
+kernel before (which writes the queries and the newest key and value): at batch 1 a split is about one tile, so
+little is left to read after the wait.
+
 Graph-capturable: the launch depends only on tensor shapes (batch, block-table width) and host
 constants, never on tensor values; each program reads its own context length and finds its slice of the
 context in the kernel. A sequence with context length 0 (a padding row) gets zeros.
@@ -189,10 +194,11 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
                    QUANTIZED: tl.constexpr, F16_CODES: tl.constexpr, INT8_CODES: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, COMBINE: tl.constexpr, GROUP_P2: tl.constexpr,
                    SPLITS_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
-    wait_for_previous_grid(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    # Before the wait: the step's inputs (written before its first kernel) and the first key tile's pages, and with
+    # a 16-bit cache its keys and values but the newest token's (the kernel before writes that one).
     context_len = tl.load(context_lens_ptr + seq).to(tl.int32)
     start = 0
     if USE_WINDOW:
@@ -207,8 +213,22 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
     dim_mask = dims < head_dim
     heads = kv_head * GROUP + rows
     token = tl.load(token_indices_ptr + seq).to(tl.int64)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    head_offset = kv_head.to(tl.int64) * stride_ch
+    scale_head_offset = kv_head.to(tl.int64) * stride_sh
+    n = lo + tl.arange(0, BLOCK_N)
+    valid = n < hi
+    page = tl.load(table + n // block_size, mask=valid, other=0).to(tl.int64)
+    offsets = (page * stride_cb + head_offset + (n % block_size) * stride_cs)[:, None] + dims[None, :]
+    newest = n == context_len - 1
+    if not QUANTIZED:
+        older = (valid & (n < context_len - 1))[:, None] & dim_mask[None, :]
+        k = tl.load(k_cache_ptr + offsets, mask=older, other=0.0)
+        v = tl.load(v_cache_ptr + offsets, mask=older, other=0.0)
+    wait_for_previous_grid(USE_PDL)
     q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + dims[None, :],
                 mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+    q_sum = 0.0
     if not QUANTIZED:  # products in the cache's dtype; with int8 / fp8 codes see F16_CODES_NOTE
         q = q.to(k_cache_ptr.dtype.element_ty)
     if F16_CODES:
@@ -218,48 +238,29 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
-    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    head_offset = kv_head.to(tl.int64) * stride_ch
-    scale_head_offset = kv_head.to(tl.int64) * stride_sh
-    for n0 in range(lo, hi, BLOCK_N):
+    if lo < hi:  # the first tile: with a 16-bit cache only the newest token's row is still to read
+        kv_mask = valid[:, None] & dim_mask[None, :]
+        if QUANTIZED:
+            k = tl.load(k_cache_ptr + offsets, mask=kv_mask, other=0.0)
+            v = tl.load(v_cache_ptr + offsets, mask=kv_mask, other=0.0)
+        else:
+            fresh = newest[:, None] & dim_mask[None, :]
+            k = tl.where(fresh, tl.load(k_cache_ptr + offsets, mask=fresh, other=0.0), k)
+            v = tl.where(fresh, tl.load(v_cache_ptr + offsets, mask=fresh, other=0.0), v)
+        m, l, acc = _attend_tile(q, q_sum, k, v, valid, page * stride_sb + scale_head_offset + n % block_size, m, l,
+                                 acc, k_scale_ptr, v_scale_ptr, scale_in, scale_out, USE_SOFTCAP, QUANTIZED,
+                                 F16_CODES, INT8_CODES, DOT_PRECISION)
+    for n0 in range(lo + BLOCK_N, hi, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         valid = n < hi
         page = tl.load(table + n // block_size, mask=valid, other=0).to(tl.int64)
         offsets = (page * stride_cb + head_offset + (n % block_size) * stride_cs)[:, None] + dims[None, :]
         kv_mask = valid[:, None] & dim_mask[None, :]
-        scale_offsets = page * stride_sb + scale_head_offset + n % block_size  # used by quantized caches
         k = tl.load(k_cache_ptr + offsets, mask=kv_mask, other=0.0)
-        if F16_CODES:
-            raw = tl.dot(q, tl.trans(codes_f16(k, INT8_CODES)), input_precision=DOT_PRECISION)
-            if INT8_CODES:
-                raw -= INT8_MAGIC * q_sum[:, None]
-            raw = raw * tl.load(k_scale_ptr + scale_offsets, mask=valid, other=0.0)[None, :]
-        elif QUANTIZED:
-            # float32 queries: codes -> float32, exact (Triton 3.6's interpreter mis-converts int8 -> bf16)
-            raw = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=DOT_PRECISION)
-            raw = raw * tl.load(k_scale_ptr + scale_offsets, mask=valid, other=0.0)[None, :]
-        else:
-            raw = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        s = scaled_scores(raw, scale_in, scale_out, USE_SOFTCAP)
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))  # finite: every tile holds at least one valid key
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + offsets, mask=kv_mask, other=0.0)
-        if QUANTIZED:  # the value scales weight the probabilities of their keys
-            p = p * tl.load(v_scale_ptr + scale_offsets, mask=valid, other=0.0)[None, :]
-        if F16_CODES:
-            pv = p.to(tl.float16)
-            update = tl.dot(pv, codes_f16(v, INT8_CODES), input_precision=DOT_PRECISION)
-            if INT8_CODES:
-                update -= INT8_MAGIC * tl.sum(pv.to(tl.float32), 1)[:, None]
-        elif QUANTIZED:
-            update = tl.dot(p, v.to(tl.float32), input_precision=DOT_PRECISION)
-        else:
-            update = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        acc = acc * alpha[:, None] + update
-        m = m_new
+        m, l, acc = _attend_tile(q, q_sum, k, v, valid, page * stride_sb + scale_head_offset + n % block_size, m, l,
+                                 acc, k_scale_ptr, v_scale_ptr, scale_in, scale_out, USE_SOFTCAP, QUANTIZED,
+                                 F16_CODES, INT8_CODES, DOT_PRECISION)
 
     inv_l = tl.where(l > 0, 1.0 / l, 0.0)  # an empty split (or a padding row) yields zeros, not NaN
     acc = acc * inv_l[:, None]
@@ -279,6 +280,43 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
     else:
         tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + dims[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
+
+
+@triton.jit
+def _attend_tile(q, q_sum, k, v, valid, scale_offsets, m, l, acc, k_scale_ptr, v_scale_ptr, scale_in, scale_out,
+                 USE_SOFTCAP: tl.constexpr, QUANTIZED: tl.constexpr, F16_CODES: tl.constexpr,
+                 INT8_CODES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key tile (k, v [BLOCK_N, DIM_PAD], zero past ``valid``; int8 / fp8 codes with their scales at
+    ``scale_offsets``) into the online softmax (m, l, acc) of the query rows q."""
+    if F16_CODES:
+        raw = tl.dot(q, tl.trans(codes_f16(k, INT8_CODES)), input_precision=DOT_PRECISION)
+        if INT8_CODES:
+            raw -= INT8_MAGIC * q_sum[:, None]
+        raw = raw * tl.load(k_scale_ptr + scale_offsets, mask=valid, other=0.0)[None, :]
+    elif QUANTIZED:
+        # float32 queries: codes -> float32, exact (Triton 3.6's interpreter mis-converts int8 -> bf16)
+        raw = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=DOT_PRECISION)
+        raw = raw * tl.load(k_scale_ptr + scale_offsets, mask=valid, other=0.0)[None, :]
+    else:
+        raw = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    s = scaled_scores(raw, scale_in, scale_out, USE_SOFTCAP)
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))  # finite: every tile holds at least one valid key
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    if QUANTIZED:  # the value scales weight the probabilities of their keys
+        p = p * tl.load(v_scale_ptr + scale_offsets, mask=valid, other=0.0)[None, :]
+    if F16_CODES:
+        pv = p.to(tl.float16)
+        update = tl.dot(pv, codes_f16(v, INT8_CODES), input_precision=DOT_PRECISION)
+        if INT8_CODES:
+            update -= INT8_MAGIC * tl.sum(pv.to(tl.float32), 1)[:, None]
+    elif QUANTIZED:
+        update = tl.dot(p, v.to(tl.float32), input_precision=DOT_PRECISION)
+    else:
+        update = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l, acc * alpha[:, None] + update
 
 
 @triton.jit

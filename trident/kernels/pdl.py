@@ -6,10 +6,13 @@ write, attention, activation); each boundary costs the next grid's launch and ra
 with the chip idle in between. Launched with the programmatic-stream-serialization attribute, a kernel may be
 scheduled as soon as every program of the kernel before it has signalled ``griddepcontrol.launch_dependents``;
 its programs then block in ``griddepcontrol.wait`` until that kernel has completed and its writes are visible.
-Every kernel of ours calls :func:`wait_for_previous_grid` first, before touching memory (it neither reads
-what the previous kernel writes nor overwrites what that kernel still reads before the wait), then signals
-its own dependents: the saving is the launch latency, never a reordering of memory accesses. A kernel from
-elsewhere (cuBLAS, torch) never signals, so the next one simply waits for its completion as without PDL.
+Every kernel of ours calls :func:`wait_for_previous_grid` before it reads anything the kernel before it writes and
+before it writes anything (so it never overwrites what that kernel still reads), then signals its own dependents.
+Since every kernel signals only after its own wait, a kernel that starts has every kernel but the one just before
+it completed: what those wrote, and the weights, may be read before the wait (the batch-1 products request their
+first weights, the MoE down product its expert ids and first weights, the decode attention its context's older keys
+and values). A kernel from elsewhere (cuBLAS, torch) never signals, so the next one simply waits for its completion
+as without PDL.
 CUDA graphs capture the dependencies as programmatic edges.
 """
 

@@ -204,12 +204,13 @@ __device__ void quantize_x_normed(const T* __restrict__ x, const T* __restrict__
                                   float eps, int k, const XStages& xs, T* __restrict__ residual_out) {
     __shared__ float warp_sums[NT / 32];
     const int chunks = k / 8;
-    uint4 sum[NORM_TURNS];
+    uint4 sum[NORM_TURNS], weight[NORM_TURNS];
     float squares = 0.f;
 #pragma unroll
-    for (int i = 0; i < NORM_TURNS; i++) {  // every load first, then the arithmetic
+    for (int i = 0; i < NORM_TURNS; i++) {  // every load first (the norm weight's too), then the arithmetic
         const int c = i * NT + threadIdx.x;
         sum[i] = c < chunks ? *reinterpret_cast<const uint4*>(x + 8 * (size_t)c) : make_uint4(0, 0, 0, 0);
+        weight[i] = c < chunks ? __ldg(reinterpret_cast<const uint4*>(w + 8 * (size_t)c)) : make_uint4(0, 0, 0, 0);
     }
     if (residual != nullptr) {
 #pragma unroll
@@ -245,9 +246,8 @@ __device__ void quantize_x_normed(const T* __restrict__ x, const T* __restrict__
             const int c = i * NT + threadIdx.x;
             uint4 h = make_uint4(0, 0, 0, 0);
             if (c < chunks) {
-                const uint4 wv = *reinterpret_cast<const uint4*>(w + 8 * (size_t)c);
                 const T* se = reinterpret_cast<const T*>(&sum[i]);
-                const T* we = reinterpret_cast<const T*>(&wv);
+                const T* we = reinterpret_cast<const T*>(&weight[i]);
                 T* he = reinterpret_cast<T*>(&h);
 #pragma unroll
                 for (int j = 0; j < 8; j++) {

@@ -177,14 +177,17 @@ __global__ void __launch_bounds__(THREADS, 2) moe_down_kernel(const T* __restric
     const int my_groups = first < row_groups ? (row_groups - first + stride - 1) / stride : 0;
     const int steps = my_groups * steps_per_group;
 
-    wait_for_previous_grid();  // act comes from moe_gate_up_kernel, the ids and weights from the router
+    // The router that wrote the ids and weights finished before moe_gate_up_kernel passed its wait, which it did
+    // before letting this grid launch: they and the first step's codes are read before this grid's wait (from L2,
+    // .cg: this multiprocessor's L1 may hold another layer's), overlapping moe_gate_up_kernel's tail.
     if (threadIdx.x < top_k) {
-        ids[threadIdx.x] = (int)expert_ids[threadIdx.x];
-        weights[threadIdx.x] = routing_weights[threadIdx.x];
+        ids[threadIdx.x] = (int)__ldcg(reinterpret_cast<const long long*>(expert_ids) + threadIdx.x);
+        weights[threadIdx.x] = __ldcg(routing_weights + threadIdx.x);
     }
     __syncthreads();
     DownStep<R, U> cur;
     if (steps > 0) load_down(cur, codes, scales, ids, weights, top_k, first, hidden, inter, chunks, 0, lane);
+    wait_for_previous_grid();  // act comes from moe_gate_up_kernel
     quantize_x<8>(act, k, xs);
     __syncthreads();
 
