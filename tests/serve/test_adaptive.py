@@ -98,14 +98,97 @@ def test_controller_admits_in_waves_then_shrinks_then_grows_back() -> None:
         controller.request_done("stop", Finished(0.040))  # 80% of the objective: neither shrink nor grow
     controller.engine_stats(Stats(num_waiting=2))
     assert engine.running_limit == 10 and len(decisions) == 4
-    for i in range(8):  # fast again (the first with the 40 ms ones in its window): the limit climbs back to
-        # max_num_seqs, then admission is steady again
+    for i in range(12):  # fast again (the first with the 40 ms ones in its window): the limit climbs back to
+        # max_num_seqs, and admission stays in waves (their low TPOT says nothing of steady admission's stalls)
         now[0] = 40.0 + 3 * i
         for _ in range(3):
             controller.request_done("stop", Finished(0.010))
-        controller.engine_stats(Stats(num_waiting=2))
+        controller.engine_stats(Stats(num_waiting=2, num_running=4))
+    assert (engine.running_limit, engine.admission_floor) == (16, WAVE_FLOOR)
+    assert [d[0] for d in controller.decisions] == ["waves", "shrink", "shrink"] + ["grow"] * 7
+    assert decisions[-1] == ("grow", 16, True)
+
+
+def waves_at(limit: int, now: list[float], **config: float) -> tuple[FakeEngine, AdaptiveController,
+                                                                   list[tuple[str, int, bool]]]:
+    """A controller (objective 50 ms, ``config`` besides) that admits in waves under ``limit`` at ``now[0]``:
+    slow requests called for waves, then for shrinks, a decision every 100 s (longer than any interval here); and
+    the list its ``on_decision`` fills."""
+    engine, decisions, settings = FakeEngine(), [], AdaptiveConfig(**{"tpot_ms": 50, **config})
+    controller = AdaptiveController(engine, settings, on_decision=lambda *d: decisions.append(d),
+                                    clock=lambda: now[0])
+    while engine.admission_floor is None or engine.running_limit > limit:
+        now[0] += 100
+        for _ in range(settings.min_requests):
+            controller.request_done("stop", Finished(0.080))
+        controller.engine_stats(Stats(num_waiting=4, num_running=engine.running_limit))
+    assert (engine.running_limit, engine.admission_floor) == (limit, WAVE_FLOOR)
+    return engine, controller, decisions
+
+
+def test_low_tpot_in_waves_at_the_limit_keeps_waves() -> None:
+    now = [0.0]
+    engine, controller, _ = waves_at(16, now, interval_s=0, min_requests=3)
+    for _ in range(20):  # fast requests and steps of 5 ms, many waiting: the old rule went back to steady here
+        for _ in range(3):
+            controller.request_done("stop", Finished(0.005))
+        for _ in range(MIN_STEPS):
+            now[0] += 0.005
+            controller.engine_stats(Stats(num_waiting=8, num_running=16))
+    assert controller.decisions == [("waves", 16, True, 80.0)]
+    assert (engine.running_limit, engine.admission_floor) == (16, WAVE_FLOOR)
+
+
+@pytest.mark.parametrize("then_running", [0, 3], ids=["idle-call", "work-call"])
+def test_an_idle_gap_goes_back_to_steady(then_running: int) -> None:
+    now = [0.0]
+    # neither the interval nor the requests or steps since the last decision hold it back: the gap is the evidence
+    engine, controller, decisions = waves_at(12, now, interval_s=60, min_requests=10, idle_s=5)
+    t = now[0]
+    now[0] = t + 1.0
+    controller.engine_stats(Stats(num_waiting=0, num_running=0))  # the loop goes idle
+    assert (engine.running_limit, engine.admission_floor) == (12, WAVE_FLOOR)
+    now[0] = t + 6.0  # 5 s later: a request comes (or an aborted one is cleaned up, and the loop is idle again)
+    controller.engine_stats(Stats(num_waiting=1 if then_running else 0, num_running=then_running))
     assert (engine.running_limit, engine.admission_floor) == (16, None)
-    assert [d[0] for d in controller.decisions][-2:] == ["grow", "steady"] and decisions[-1] == ("steady", 16, False)
+    assert [d[0] for d in controller.decisions] == ["waves", "shrink", "steady"]
+    assert controller.decisions[-1] == ("steady", 16, False, 0.0) and decisions[-1] == ("steady", 16, False)
+    now[0] = t + 7.0
+    controller.engine_stats(Stats(num_waiting=0, num_running=0))
+    now[0] = t + 20.0  # already steady at max_num_seqs: another idle gap decides nothing
+    controller.engine_stats(Stats(num_waiting=0, num_running=2))
+    assert len(controller.decisions) == 3
+
+
+def test_a_short_idle_gap_keeps_waves() -> None:
+    now = [0.0]
+    engine, controller, _ = waves_at(12, now, idle_s=5)
+    t = now[0]
+    for start in (t + 1.0, t + 10.0):  # the second gap starts anew: the first one's start is forgotten
+        now[0] = start
+        controller.engine_stats(Stats(num_waiting=0, num_running=0))
+        now[0] = start + 4.9
+        controller.engine_stats(Stats(num_waiting=2, num_running=2))
+    assert [d[0] for d in controller.decisions] == ["waves", "shrink"]
+    assert (engine.running_limit, engine.admission_floor) == (12, WAVE_FLOOR)
+
+
+def test_a_gap_with_work_is_not_idle() -> None:
+    now = [0.0]
+    engine, controller, _ = waves_at(16, now, idle_s=5, interval_s=60)
+    t = now[0]
+    now[0] = t + 1.0
+    controller.engine_stats(Stats(num_waiting=0, num_running=0))
+    now[0] = t + 2.0  # work again: the idle gap ends at 1 s
+    controller.engine_stats(Stats(num_waiting=0, num_running=1))
+    now[0] = t + 30.0  # a long step with a sequence running
+    controller.engine_stats(Stats(num_waiting=0, num_running=1))
+    now[0] = t + 60.0  # nothing running but requests held back: not idle either
+    controller.engine_stats(Stats(num_waiting=3, num_running=0))
+    now[0] = t + 90.0
+    controller.engine_stats(Stats(num_waiting=3, num_running=1))
+    assert [d[0] for d in controller.decisions] == ["waves"]
+    assert (engine.running_limit, engine.admission_floor) == (16, WAVE_FLOOR)
 
 
 def test_long_steps_call_for_waves_before_requests_finish() -> None:
@@ -160,6 +243,8 @@ def test_flags() -> None:
         serve_config(parser.parse_args(["serve", "--slo-tpot-ms", "80"]), environ={})
     with pytest.raises(TridentError, match="positive --slo-tpot-ms"):
         AdaptiveConfig(tpot_ms=0)
+    with pytest.raises(TridentError, match="idle time"):
+        AdaptiveConfig(tpot_ms=80, idle_s=0)
 
 
 def test_live_server_lowers_the_limit_and_counts_it(start_server) -> None:

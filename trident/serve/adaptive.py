@@ -20,8 +20,12 @@ objective it
   shorter decode steps, smaller waves.
 
 When the signal (with finished requests in it) is below ``grow_below`` of the objective and requests are waiting,
-it raises the limit by one sequence, and once the limit is back at max_num_seqs it admits in every step again
-(``steady``).
+it raises the limit by one sequence, up to max_num_seqs. Under load it never leaves waves by that signal: in waves
+the TPOT measured says nothing of the stalls admitting in every step would bring back (waves are what keep it low),
+so going back on it would only swing waves, steady, waves again. It admits in every step again at max_num_seqs
+(``steady``) once load has dropped: the engine has been idle (nothing running, nothing waiting) for ``idle_s``
+seconds. The engine reports only after steps (and once as it goes idle), so the gap is seen at the first report
+after it (or at a later idle one), whatever the interval and however few requests or steps there were since.
 
 Requests the limit or a wave holds back wait in the queue (their time to first token grows instead); running ones
 are never preempted by a decision. Where the server names a fallback for a model (``--adaptive-fallback NAME=OTHER``,
@@ -59,7 +63,8 @@ MIN_STEPS = 8
 
 @dataclass(frozen=True)
 class AdaptiveConfig:
-    """The objective and how fast the controller moves."""
+    """The objective, how fast the controller moves, and how long an idle engine takes to admit in every step
+    again."""
 
     tpot_ms: float
     """The 90th percentile of time per output token to hold, milliseconds."""
@@ -72,12 +77,17 @@ class AdaptiveConfig:
     shrink: float = 0.75
     """The running limit is multiplied by this (rounded down, at least one less) when the objective is missed."""
     grow_below: float = 0.7
-    """The limit grows by one while the percentile is below this fraction of the objective and requests wait."""
+    """The limit grows by one while the percentile is below this fraction of the objective and requests wait (up
+    to max_num_seqs; waves stay on: a low TPOT in waves does not end them)."""
+    idle_s: float = 10.0
+    """Once the engine has been idle this long (nothing running, nothing waiting), load has dropped: the limit goes
+    back to max_num_seqs and requests join in every step again."""
 
     def __post_init__(self) -> None:
-        if not self.tpot_ms > 0 or not self.window_s > 0 or not self.interval_s >= 0 or self.min_requests < 1:
-            raise TridentError("--adaptive needs a positive --slo-tpot-ms (and a positive window, interval and "
-                               "request count)")
+        if (not self.tpot_ms > 0 or not self.window_s > 0 or not self.interval_s >= 0 or self.min_requests < 1
+                or not self.idle_s > 0):
+            raise TridentError("--adaptive needs a positive --slo-tpot-ms (and a positive window, interval, idle "
+                               "time and request count)")
         if not 0 < self.shrink < 1 or not 0 < self.grow_below < 1:
             raise TridentError("the adaptive controller's shrink and grow_below factors must lie in (0, 1)")
 
@@ -102,9 +112,12 @@ class AdaptiveController:
         """Lengths (seconds) of the busy steps since the last decision: what each running sequence waits per
         token now."""
         self._last_stats: float | None = None
+        self._idle_since: float | None = None
+        """When the engine's idle gap began (its first report of nothing running and nothing waiting); None while
+        it has work."""
         self.decisions: list[tuple[str, int, bool, float]] = []
-        """(action, running limit set, whether admitting in waves, the signal in ms) of every decision, oldest
-        first."""
+        """(action, running limit set, whether admitting in waves, the signal in ms: 0 for ``steady``, decided on
+        an idle gap) of every decision, oldest first."""
 
     def request_done(self, status: str, last: RequestOutput | None) -> None:
         if last is None or not last.finished or status in ("abort", "error") or last.tpot_s is None:
@@ -135,7 +148,9 @@ class AdaptiveController:
         now = self.clock()
         if self._last_stats is not None and stats.num_running > 0:
             self._steps.append(now - self._last_stats)
-        self._last_stats = now if stats.num_running > 0 else None
+        self._last_stats = now if stats.num_running > 0 else None  # an idle gap is no step
+        if self._steady_after_idle(stats, now):
+            return
         c = self.config
         while self._finished and self._finished[0][0] < now - c.window_s:
             self._finished.popleft()
@@ -156,13 +171,28 @@ class AdaptiveController:
                 self._decide("waves", limit, True, signal_ms, now)
             elif limit > 1:
                 self._decide("shrink", max(1, min(limit - 1, math.floor(limit * c.shrink))), True, signal_ms, now)
-        elif p90_ms is not None and signal_ms < c.grow_below * c.tpot_ms and stats.num_waiting > 0:
-            if limit < scheduler.max_num_seqs:
-                self._decide("grow", limit + 1, waves, signal_ms, now)
-            elif waves:
-                self._decide("steady", limit, False, signal_ms, now)
+        elif (p90_ms is not None and signal_ms < c.grow_below * c.tpot_ms and stats.num_waiting > 0
+              and limit < scheduler.max_num_seqs):
+            self._decide("grow", limit + 1, waves, signal_ms, now)  # waves stay: only an idle gap ends them
 
-    def _decide(self, action: str, limit: int, waves: bool, signal_ms: float, now: float) -> None:
+    def _steady_after_idle(self, stats: EngineStats, now: float) -> bool:
+        """Note when the engine goes idle (nothing running, nothing waiting) and when it has work again; once it has
+        been idle ``idle_s``, go back to max_num_seqs without waves (``steady``) if not there. Whether it did."""
+        idle = stats.num_running == 0 and stats.num_waiting == 0
+        since = self._idle_since
+        if idle and since is None:
+            self._idle_since = now
+        elif not idle:
+            self._idle_since = None
+        max_num_seqs = self.engine.config.scheduler.max_num_seqs
+        steady = not self.waves and self.engine.running_limit >= max_num_seqs
+        if since is None or now - since < self.config.idle_s or steady:
+            return False
+        self._decide("steady", max_num_seqs, False, 0.0, now, idle_s=now - since)
+        return True
+
+    def _decide(self, action: str, limit: int, waves: bool, signal_ms: float, now: float,
+                idle_s: float | None = None) -> None:
         limit = self.engine.set_running_limit(limit)
         self.engine.set_admission_floor(WAVE_FLOOR if waves else None)
         self._last_decision = now
@@ -170,8 +200,9 @@ class AdaptiveController:
         self._finished.clear()  # the next decision reads requests and steps that ran under the new limits
         self._steps.clear()
         self.decisions.append((action, limit, waves, signal_ms))
-        logger.info("adaptive %s: TPOT %.1f ms against %.1f ms: %s, running limit %d", self.model or "model",
-                    signal_ms, self.config.tpot_ms, ACTIONS[action], limit)
+        seen = (f"idle for {idle_s:.1f} s" if idle_s is not None
+                else f"TPOT {signal_ms:.1f} ms against {self.config.tpot_ms:.1f} ms")
+        logger.info("adaptive %s: %s: %s, running limit %d", self.model or "model", seen, ACTIONS[action], limit)
         self.on_decision(action, limit, waves)
 
 
