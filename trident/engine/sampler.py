@@ -38,6 +38,7 @@ import torch
 from trident.engine.plan import ScheduledChunk
 from trident.engine.request import SampledToken, SamplingParams
 from trident.engine.transfer import HostCopies, to_device, to_host
+from trident.models.ops import uses_kernels
 
 _MASK64 = (1 << 64) - 1
 
@@ -162,14 +163,19 @@ ARGMAX_GROUPS = 64
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """``logits.argmax(dim=-1)`` ([rows, vocab] -> [rows] int64, the first index among equal maxima), in two
-    passes on CUDA: the maximum of each of ARGMAX_GROUPS slices of a row, then of those. torch reduces a
-    single long row in one thread block (27 us for 128,256 logits on an H200, against a few for the two
-    passes, which spread the row over the chip). On the CPU, torch.max's indices (the first maximum too): 2.7x
+    passes on CUDA: the maximum of each slice of a row, then of those (trident/kernels/argmax.py's two launches
+    where Triton imports, else torch over ARGMAX_GROUPS slices). torch reduces a single long row in one thread
+    block (27 us for 128,256 logits on an H200, against a few for the two passes, which spread the row over the
+    chip). On the CPU, torch.max's indices (the first maximum too): 2.7x
     faster than torch.argmax on bfloat16 logits (49,152 of them: 0.10 against 0.27 ms for one row, 0.77 against
     2.2 ms for 16 rows, 2 cores). Elsewhere, or when the groups do not divide the vocabulary, torch's argmax."""
     rows, vocab = logits.shape
     if not logits.is_cuda:
         return logits.max(dim=-1).indices
+    if uses_kernels(logits) and logits.stride(1) == 1:
+        from trident.kernels.argmax import argmax as kernel_argmax
+
+        return kernel_argmax(logits)
     if vocab % ARGMAX_GROUPS or rows > ARGMAX_GROUPS:
         return logits.argmax(dim=-1)
     return two_pass_argmax(logits, ARGMAX_GROUPS)
