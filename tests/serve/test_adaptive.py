@@ -14,7 +14,7 @@ from test_metrics import scrape, value
 
 from trident.cli import build_parser, serve_config
 from trident.errors import TridentError
-from trident.serve.adaptive import MIN_STEPS, WAVE_FLOOR, AdaptiveConfig, AdaptiveController
+from trident.serve.adaptive import MIN_STEPS, STRICT_FLOOR, WAVE_FLOOR, AdaptiveConfig, AdaptiveController
 
 
 @dataclass
@@ -57,7 +57,7 @@ class Stats:
     num_running: int = 0
 
 
-def test_controller_admits_in_waves_then_shrinks_then_grows_back() -> None:
+def test_controller_admits_in_waves_then_strict_waves_then_shrinks_then_grows_back() -> None:
     now = [0.0]
     engine = FakeEngine()
     decisions = []
@@ -79,41 +79,42 @@ def test_controller_admits_in_waves_then_shrinks_then_grows_back() -> None:
     assert engine.running_limit == 16  # within the interval
     now[0] = 2.5
     controller.engine_stats(Stats(num_waiting=5))
-    assert (engine.running_limit, engine.admission_floor) == (12, WAVE_FLOOR)  # in waves already: floor(16 * 0.75)
+    assert (engine.running_limit, engine.admission_floor) == (16, STRICT_FLOOR)  # in waves already: strict waves
     for _ in range(3):
         controller.request_done("stop", Finished(0.060))
     now[0] = 5.0
     controller.engine_stats(Stats(num_waiting=5))
-    assert engine.running_limit == 9
+    assert (engine.running_limit, engine.admission_floor) == (12, STRICT_FLOOR)  # then floor(16 * 0.75)
     now[0] = 20.0  # everything finished before is out of the window now
     for _ in range(3):
         controller.request_done("stop", Finished(0.020))
     controller.engine_stats(Stats(num_waiting=0))
-    assert engine.running_limit == 9  # fast, but nobody waits: no reason to grow
+    assert engine.running_limit == 12  # fast, but nobody waits: no reason to grow
     controller.engine_stats(Stats(num_waiting=2))
-    assert (engine.running_limit, engine.admission_floor) == (10, WAVE_FLOOR)
-    assert [d[0] for d in controller.decisions] == ["waves", "shrink", "shrink", "grow"]
+    assert (engine.running_limit, engine.admission_floor) == (13, STRICT_FLOOR)
+    assert [d[0] for d in controller.decisions] == ["waves", "strict", "shrink", "grow"]
+    assert decisions[1] == ("strict", 16, True)
     now[0] = 30.0
     for _ in range(3):
         controller.request_done("stop", Finished(0.040))  # 80% of the objective: neither shrink nor grow
     controller.engine_stats(Stats(num_waiting=2))
-    assert engine.running_limit == 10 and len(decisions) == 4
-    for i in range(12):  # fast again (the first with the 40 ms ones in its window): the limit climbs back to
+    assert engine.running_limit == 13 and len(decisions) == 4
+    for i in range(7):  # fast again (the first with the 40 ms ones in its window): the limit climbs back to
         # max_num_seqs, and admission stays in waves (their low TPOT says nothing of steady admission's stalls)
         now[0] = 40.0 + 3 * i
         for _ in range(3):
             controller.request_done("stop", Finished(0.010))
         controller.engine_stats(Stats(num_waiting=2, num_running=4))
-    assert (engine.running_limit, engine.admission_floor) == (16, WAVE_FLOOR)
-    assert [d[0] for d in controller.decisions] == ["waves", "shrink", "shrink"] + ["grow"] * 7
+    assert (engine.running_limit, engine.admission_floor) == (16, STRICT_FLOOR)
+    assert [d[0] for d in controller.decisions] == ["waves", "strict", "shrink"] + ["grow"] * 4
     assert decisions[-1] == ("grow", 16, True)
 
 
 def waves_at(limit: int, now: list[float], **config: float) -> tuple[FakeEngine, AdaptiveController,
                                                                    list[tuple[str, int, bool]]]:
-    """A controller (objective 50 ms, ``config`` besides) that admits in waves under ``limit`` at ``now[0]``:
-    slow requests called for waves, then for shrinks, a decision every 100 s (longer than any interval here); and
-    the list its ``on_decision`` fills."""
+    """A controller (objective 50 ms, ``config`` besides) that admits in waves under ``limit`` at ``now[0]``
+    (strict waves below max_num_seqs): slow requests called for waves, then strict waves and shrinks, a decision
+    every 100 s (longer than any interval here); and the list its ``on_decision`` fills."""
     engine, decisions, settings = FakeEngine(), [], AdaptiveConfig(**{"tpot_ms": 50, **config})
     controller = AdaptiveController(engine, settings, on_decision=lambda *d: decisions.append(d),
                                     clock=lambda: now[0])
@@ -122,7 +123,7 @@ def waves_at(limit: int, now: list[float], **config: float) -> tuple[FakeEngine,
         for _ in range(settings.min_requests):
             controller.request_done("stop", Finished(0.080))
         controller.engine_stats(Stats(num_waiting=4, num_running=engine.running_limit))
-    assert (engine.running_limit, engine.admission_floor) == (limit, WAVE_FLOOR)
+    assert (engine.running_limit, engine.admission_floor) == (limit, WAVE_FLOOR if limit == 16 else STRICT_FLOOR)
     return engine, controller, decisions
 
 
@@ -147,17 +148,17 @@ def test_an_idle_gap_goes_back_to_steady(then_running: int) -> None:
     t = now[0]
     now[0] = t + 1.0
     controller.engine_stats(Stats(num_waiting=0, num_running=0))  # the loop goes idle
-    assert (engine.running_limit, engine.admission_floor) == (12, WAVE_FLOOR)
+    assert (engine.running_limit, engine.admission_floor) == (12, STRICT_FLOOR)
     now[0] = t + 6.0  # 5 s later: a request comes (or an aborted one is cleaned up, and the loop is idle again)
     controller.engine_stats(Stats(num_waiting=1 if then_running else 0, num_running=then_running))
     assert (engine.running_limit, engine.admission_floor) == (16, None)
-    assert [d[0] for d in controller.decisions] == ["waves", "shrink", "steady"]
+    assert [d[0] for d in controller.decisions] == ["waves", "strict", "shrink", "steady"]
     assert controller.decisions[-1] == ("steady", 16, False, 0.0) and decisions[-1] == ("steady", 16, False)
     now[0] = t + 7.0
     controller.engine_stats(Stats(num_waiting=0, num_running=0))
     now[0] = t + 20.0  # already steady at max_num_seqs: another idle gap decides nothing
     controller.engine_stats(Stats(num_waiting=0, num_running=2))
-    assert len(controller.decisions) == 3
+    assert len(controller.decisions) == 4
 
 
 def test_a_short_idle_gap_keeps_waves() -> None:
@@ -169,8 +170,8 @@ def test_a_short_idle_gap_keeps_waves() -> None:
         controller.engine_stats(Stats(num_waiting=0, num_running=0))
         now[0] = start + 4.9
         controller.engine_stats(Stats(num_waiting=2, num_running=2))
-    assert [d[0] for d in controller.decisions] == ["waves", "shrink"]
-    assert (engine.running_limit, engine.admission_floor) == (12, WAVE_FLOOR)
+    assert [d[0] for d in controller.decisions] == ["waves", "strict", "shrink"]
+    assert (engine.running_limit, engine.admission_floor) == (12, STRICT_FLOOR)
 
 
 def test_a_gap_with_work_is_not_idle() -> None:
@@ -214,10 +215,10 @@ def test_long_steps_call_for_waves_before_requests_finish() -> None:
         now[0] += length
         controller.engine_stats(Stats(num_waiting=4, num_running=12))
     assert [d[0] for d in controller.decisions] == ["waves"]
-    for _ in range(MIN_STEPS):  # while decode steps of 90 ms lower the limit
+    for _ in range(MIN_STEPS):  # while decode steps of 90 ms call for strict waves
         now[0] += 0.3
         controller.engine_stats(Stats(num_waiting=4, num_running=12))
-    assert [d[0] for d in controller.decisions] == ["waves", "shrink"]
+    assert [d[0] for d in controller.decisions] == ["waves", "strict"]
 
 
 def test_the_limit_has_a_floor() -> None:
@@ -226,10 +227,10 @@ def test_the_limit_has_a_floor() -> None:
     for _ in range(20):
         controller.request_done("stop", Finished(1.0))
         controller.engine_stats(Stats(num_waiting=3))
-    assert (engine.running_limit, engine.admission_floor) == (1, WAVE_FLOOR)
+    assert (engine.running_limit, engine.admission_floor) == (1, STRICT_FLOOR)
     assert [(action, limit) for action, limit, _, _ in controller.decisions] == [
-        ("waves", 16), ("shrink", 12), ("shrink", 9), ("shrink", 6), ("shrink", 4), ("shrink", 3), ("shrink", 2),
-        ("shrink", 1)]  # then nothing to lower
+        ("waves", 16), ("strict", 16), ("shrink", 12), ("shrink", 9), ("shrink", 6), ("shrink", 4), ("shrink", 3),
+        ("shrink", 2), ("shrink", 1)]  # then nothing to lower
 
 
 def test_flags() -> None:
@@ -265,17 +266,19 @@ def test_live_server_lowers_the_limit_and_counts_it(start_server) -> None:
             answers.append(client.completions.create(model="m", prompt=f"Count to {i}:", max_tokens=6,
                                                      temperature=0))
 
-        for _ in range(2):  # the first round's TPOTs call for waves, the second's for a lower limit
+        for _ in range(3):  # the first round's TPOTs call for waves, the second's for strict waves, the third's for
+            # a lower limit
             threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
-        assert len(answers) == 16 and all(a.usage.completion_tokens == 6 for a in answers)
+        assert len(answers) == 24 and all(a.usage.completion_tokens == 6 for a in answers)
         samples, _ = scrape(server.base_url)
         limit = value(samples, "trident_adaptive_running_limit", "m")
         shrinks = value(samples, "trident_adaptive_decisions_total", "m", action="shrink")
         assert value(samples, "trident_adaptive_decisions_total", "m", action="waves") == 1
+        assert value(samples, "trident_adaptive_decisions_total", "m", action="strict") == 1
         assert value(samples, "trident_adaptive_waves", "m") == 1 and shrinks >= 1 and limit < 8
         assert httpx.get(f"{server.base_url}/health").json() == {"status": "ok"}
 
@@ -305,7 +308,7 @@ def test_overloaded_model_sends_new_requests_to_its_fallback(start_server) -> No
             served.append(model)
             return model
 
-        for _ in range(5):  # each one's TPOT moves m: waves, then its limit 8, 6, 4, 3, 2
+        for _ in range(6):  # each one's TPOT moves m: waves, strict waves, then its limit 6, 4, 3, 2
             ask(4)
         samples, _ = scrape(server.base_url)
         assert value(samples, "trident_adaptive_running_limit", "m") == 2
@@ -323,9 +326,9 @@ def test_overloaded_model_sends_new_requests_to_its_fallback(start_server) -> No
         assert ask(4) == "m-fast"  # a new request now goes to the fallback
         for t in first_wave:
             t.join()
-        # the five alone went to m, and the wave's first two at least (wave requests that came once m was
+        # the six alone went to m, and the wave's first two at least (wave requests that came once m was
         # overloaded went to the fallback too)
-        assert served[:5] == ["m"] * 5 and served.count("m") >= 7 and len(served) == 12
+        assert served[:6] == ["m"] * 6 and served.count("m") >= 8 and len(served) == 13
         assert ask(4) == "m"  # m has room again: back to it
         samples, _ = scrape(server.base_url)
         assert value(samples, "trident_adaptive_decisions_total", "m", action="route") >= 1

@@ -16,8 +16,11 @@ objective it
   starts with at most one sequence running (whole prompts only), so the steps in between are decode steps alone and
   prompts' prefill moves into the time to first token of the wave that brings them (a wave stalls at most the one
   sequence left of the last: with none left, a long request would hold the queue back until it ends);
-- then, in waves, lowers the running limit (``set_running_limit``) by ``shrink`` (at least one sequence less):
-  shorter decode steps, smaller waves.
+- then admits in strict waves (``STRICT_FLOOR``: only in a step with nothing running), where a wave's prefill
+  stalled the sequence left of the last (on two CPU cores a wave of a few prompts is a step of a second: a request
+  of 20 tokens caught by it gets 50 ms more per token);
+- then lowers the running limit (``set_running_limit``) by ``shrink`` (at least one sequence less): shorter decode
+  steps, smaller waves.
 
 When the signal (with finished requests in it) is below ``grow_below`` of the objective and requests are waiting,
 it raises the limit by one sequence, up to max_num_seqs. Under load it never leaves waves by that signal: in waves
@@ -31,7 +34,7 @@ Requests the limit or a wave holds back wait in the queue (their time to first t
 are never preempted by a decision. Where the server names a fallback for a model (``--adaptive-fallback NAME=OTHER``,
 say its int4 variant), the pool sends new requests for it to the fallback while it is ``overloaded`` (waves or a
 lowered limit, and requests waiting) and back once it ``has_room`` (ModelPool.use). Every decision is logged and
-counted on /metrics (``trident_adaptive_decisions_total``: waves, shrink, grow, steady, route, return;
+counted on /metrics (``trident_adaptive_decisions_total``: waves, strict, shrink, grow, steady, route, return;
 ``trident_adaptive_running_limit``, ``trident_adaptive_waves``).
 """
 
@@ -57,6 +60,9 @@ logger = logging.getLogger("trident.serve")
 WAVE_FLOOR = 1
 """In waves, new requests join a step that starts with at most this many sequences running: a long request left
 alone does not hold the queue back, and one wave's prefill stalls at most this many decoding sequences."""
+STRICT_FLOOR = 0
+"""In strict waves (when waves alone miss the objective) new requests join only a step with nothing running: no
+decoding sequence ever waits for a prompt's prefill (a long request holds the queue back instead)."""
 MIN_STEPS = 8
 """Busy steps since the last decision needed before their mean length can call for a shrink."""
 
@@ -166,14 +172,17 @@ class AdaptiveController:
         if p90_ms is None and step_ms is None:
             return
         signal_ms = max(v for v in (p90_ms, step_ms) if v is not None)
+        floor = engine.admission_floor
         if signal_ms > c.tpot_ms:
-            if not waves:
-                self._decide("waves", limit, True, signal_ms, now)
+            if floor is None:
+                self._decide("waves", limit, WAVE_FLOOR, signal_ms, now)
+            elif floor > STRICT_FLOOR:
+                self._decide("strict", limit, STRICT_FLOOR, signal_ms, now)
             elif limit > 1:
-                self._decide("shrink", max(1, min(limit - 1, math.floor(limit * c.shrink))), True, signal_ms, now)
+                self._decide("shrink", max(1, min(limit - 1, math.floor(limit * c.shrink))), floor, signal_ms, now)
         elif (p90_ms is not None and signal_ms < c.grow_below * c.tpot_ms and stats.num_waiting > 0
               and limit < scheduler.max_num_seqs):
-            self._decide("grow", limit + 1, waves, signal_ms, now)  # waves stay: only an idle gap ends them
+            self._decide("grow", limit + 1, floor, signal_ms, now)  # waves stay: only an idle gap ends them
 
     def _steady_after_idle(self, stats: EngineStats, now: float) -> bool:
         """Note when the engine goes idle (nothing running, nothing waiting) and when it has work again; once it has
@@ -188,13 +197,14 @@ class AdaptiveController:
         steady = not self.waves and self.engine.running_limit >= max_num_seqs
         if since is None or now - since < self.config.idle_s or steady:
             return False
-        self._decide("steady", max_num_seqs, False, 0.0, now, idle_s=now - since)
+        self._decide("steady", max_num_seqs, None, 0.0, now, idle_s=now - since)
         return True
 
-    def _decide(self, action: str, limit: int, waves: bool, signal_ms: float, now: float,
+    def _decide(self, action: str, limit: int, floor: int | None, signal_ms: float, now: float,
                 idle_s: float | None = None) -> None:
         limit = self.engine.set_running_limit(limit)
-        self.engine.set_admission_floor(WAVE_FLOOR if waves else None)
+        self.engine.set_admission_floor(floor)
+        waves = floor is not None
         self._last_decision = now
         self._since_decision = 0
         self._finished.clear()  # the next decision reads requests and steps that ran under the new limits
@@ -206,6 +216,7 @@ class AdaptiveController:
         self.on_decision(action, limit, waves)
 
 
-ACTIONS = {"waves": "admitting requests in waves", "shrink": "lowering the running limit",
+ACTIONS = {"waves": "admitting requests in waves", "strict": "admitting requests only when none runs",
+           "shrink": "lowering the running limit",
            "grow": "raising the running limit", "steady": "admitting requests in every step again"}
 """What each decision does, for the log."""

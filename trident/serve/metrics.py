@@ -105,9 +105,9 @@ class ServerMetrics:
         self.moe_entropy = Gauge("trident_moe_layer_entropy_term", "alpha * sum_i p_i log p_i over the layer's mean "
                                  "routing probabilities (-alpha log E when even).", ["model", "layer"], registry=r)
         self.adaptive_decisions = Counter("trident_adaptive_decisions_total", "Decisions of `trident serve "
-                                          "--adaptive`: admit in waves, shrink or grow the running limit, admit "
-                                          "in every step again (steady), route new requests to the fallback model "
-                                          "or return.", ["model", "action"], registry=r)
+                                          "--adaptive`: admit in waves, in strict waves, shrink or grow the "
+                                          "running limit, admit in every step again (steady), route new requests "
+                                          "to the fallback model or return.", ["model", "action"], registry=r)
         self.adaptive_running_limit = Gauge("trident_adaptive_running_limit", "Most sequences `trident serve "
                                             "--adaptive` lets run at once now.", labels, registry=r)
         self.adaptive_waves = Gauge("trident_adaptive_waves", "1 while `trident serve --adaptive` admits requests "
