@@ -87,10 +87,14 @@ def _limit_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adaptive", action="store_true",
                    help="hold --slo-tpot-ms: while a model's time per output token (the 90th percentile of its "
                    "recent requests, or its steps now) is above it, it admits requests in waves (only when at most "
-                   "one sequence runs: no prefill beside decoding sequences), then lowers its running limit; back "
-                   "once below 70%% of it (decisions logged and counted on /metrics; docs/serving.md)")
+                   "one sequence runs), then in strict waves (only when none runs), then lowers its running limit "
+                   "(raised again below 70%% of it); every step admits again after 10 s idle (decisions logged and "
+                   "counted on /metrics; docs/serving.md)")
     g.add_argument("--slo-tpot-ms", type=float, default=None, metavar="MS",
                    help="the time per output token --adaptive holds, milliseconds")
+    g.add_argument("--slo-ttft-ms", type=float, default=None, metavar="MS",
+                   help="with --adaptive: a time-to-first-token objective, milliseconds: while a model's recent "
+                   "90th percentile is above it and requests wait, new ones go to its --adaptive-fallback")
     g.add_argument("--adaptive-fallback", action="append", default=[], metavar="MODEL=FALLBACK",
                    help="with --adaptive: while MODEL is overloaded (admitting in waves or limited, requests "
                    "waiting), send its new requests to the served model FALLBACK (a lower-precision variant, say) "
@@ -275,9 +279,9 @@ def serve_config(args: argparse.Namespace, environ: Mapping[str, str] = os.envir
 
         if args.slo_tpot_ms is None:
             raise TridentError("--adaptive needs --slo-tpot-ms, the time per output token to hold")
-        adaptive = AdaptiveConfig(tpot_ms=args.slo_tpot_ms)
-    elif args.slo_tpot_ms is not None:
-        raise TridentError("--slo-tpot-ms goes with --adaptive")
+        adaptive = AdaptiveConfig(tpot_ms=args.slo_tpot_ms, ttft_ms=args.slo_ttft_ms)
+    elif args.slo_tpot_ms is not None or args.slo_ttft_ms is not None:
+        raise TridentError("--slo-tpot-ms and --slo-ttft-ms go with --adaptive")
     return ServeConfig(api_key=api_key, max_queued_requests=args.max_queued_requests,
                        request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
                        allowed_origins=tuple(args.allowed_origin), admin_key=admin_key, adaptive=adaptive)

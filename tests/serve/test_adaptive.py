@@ -46,9 +46,15 @@ class FakeEngine:
 
 
 @dataclass
+class Metrics:
+    ttft_s: float | None = None
+
+
+@dataclass
 class Finished:
-    tpot_s: float
+    tpot_s: float | None
     finished: bool = True
+    metrics: Metrics = field(default_factory=Metrics)
 
 
 @dataclass
@@ -233,6 +239,44 @@ def test_the_limit_has_a_floor() -> None:
         ("shrink", 2), ("shrink", 1)]  # then nothing to lower
 
 
+class WaitingEngine(FakeEngine):
+    """A FakeEngine whose stats report ``waiting`` requests (what ``overloaded`` reads)."""
+
+    def __init__(self, waiting: int) -> None:
+        super().__init__()
+        self.waiting = waiting
+
+    def stats(self) -> Stats:
+        return Stats(num_waiting=self.waiting, num_running=2)
+
+
+def test_a_missed_ttft_objective_overloads_the_model() -> None:
+    """With --slo-ttft-ms, the recent requests' p90 TTFT above it, and requests waiting, the model is overloaded (the
+    pool sends new requests to its fallback) without any admission decision; not without waiting requests, not
+    once the slow ones leave the window, not with fewer than min_requests, not without the objective."""
+    now = [0.0]
+    engine = WaitingEngine(waiting=3)
+    config = AdaptiveConfig(tpot_ms=50, ttft_ms=1000, window_s=10, min_requests=3)
+    controller = AdaptiveController(engine, config, clock=lambda: now[0])
+    for ttft in (0.4, 2.5):
+        controller.request_done("stop", Finished(0.02, metrics=Metrics(ttft)))
+    assert not controller.overloaded  # two requests: too few to judge
+    controller.request_done("length", Finished(None, metrics=Metrics(3.0)))  # one token: a TTFT, no TPOT
+    assert controller.ttft_over and controller.overloaded and controller.decisions == []
+    assert engine.admission_floor is None and engine.running_limit == 16  # no admission lever moved
+    engine.waiting = 0
+    assert not controller.overloaded  # nothing waits: nothing to send elsewhere
+    engine.waiting = 3
+    now[0] = 11.0  # out of the window
+    assert not controller.ttft_over and not controller.overloaded
+    for _ in range(3):
+        controller.request_done("stop", Finished(0.02, metrics=Metrics(0.3)))
+    assert not controller.overloaded  # fast first tokens
+    plain = AdaptiveController(WaitingEngine(waiting=3), AdaptiveConfig(tpot_ms=50, min_requests=1))
+    plain.request_done("stop", Finished(0.02, metrics=Metrics(60.0)))
+    assert not plain.ttft_over and not plain.overloaded  # no TTFT objective
+
+
 def test_flags() -> None:
     parser = build_parser()
     config = serve_config(parser.parse_args(["serve", "--adaptive", "--slo-tpot-ms", "80"]), environ={})
@@ -240,8 +284,15 @@ def test_flags() -> None:
     assert serve_config(parser.parse_args(["serve"]), environ={}).adaptive is None
     with pytest.raises(TridentError, match="needs --slo-tpot-ms"):
         serve_config(parser.parse_args(["serve", "--adaptive"]), environ={})
-    with pytest.raises(TridentError, match="goes with --adaptive"):
+    with pytest.raises(TridentError, match="go with --adaptive"):
         serve_config(parser.parse_args(["serve", "--slo-tpot-ms", "80"]), environ={})
+    with pytest.raises(TridentError, match="go with --adaptive"):
+        serve_config(parser.parse_args(["serve", "--slo-ttft-ms", "900"]), environ={})
+    config = serve_config(parser.parse_args(["serve", "--adaptive", "--slo-tpot-ms", "80", "--slo-ttft-ms", "900"]),
+                          environ={})
+    assert config.adaptive == AdaptiveConfig(tpot_ms=80, ttft_ms=900)
+    with pytest.raises(TridentError, match="slo-ttft-ms"):
+        AdaptiveConfig(tpot_ms=80, ttft_ms=0)
     with pytest.raises(TridentError, match="positive --slo-tpot-ms"):
         AdaptiveConfig(tpot_ms=0)
     with pytest.raises(TridentError, match="idle time"):

@@ -32,8 +32,9 @@ after it (or at a later idle one), whatever the interval and however few request
 
 Requests the limit or a wave holds back wait in the queue (their time to first token grows instead); running ones
 are never preempted by a decision. Where the server names a fallback for a model (``--adaptive-fallback NAME=OTHER``,
-say its int4 variant), the pool sends new requests for it to the fallback while it is ``overloaded`` (waves or a
-lowered limit, and requests waiting) and back once it ``has_room`` (ModelPool.use). Every decision is logged and
+say its int4 variant), the pool sends new requests for it to the fallback while it is ``overloaded`` (waves, a
+lowered limit, or with a time-to-first-token objective (``--slo-ttft-ms``) its recent requests' 90th percentile TTFT
+above it; and requests waiting) and back once it ``has_room`` (ModelPool.use). Every decision is logged and
 counted on /metrics (``trident_adaptive_decisions_total``: waves, strict, shrink, grow, steady, route, return;
 ``trident_adaptive_running_limit``, ``trident_adaptive_waves``).
 """
@@ -88,12 +89,16 @@ class AdaptiveConfig:
     idle_s: float = 10.0
     """Once the engine has been idle this long (nothing running, nothing waiting), load has dropped: the limit goes
     back to max_num_seqs and requests join in every step again."""
+    ttft_ms: float | None = None
+    """The 90th percentile of time to first token to hold (``--slo-ttft-ms``), or None. While the recent requests'
+    is above it and requests wait, the model counts as overloaded: new ones go to its fallback. It moves no admission
+    lever: admitting fewer requests would only queue them longer."""
 
     def __post_init__(self) -> None:
         if (not self.tpot_ms > 0 or not self.window_s > 0 or not self.interval_s >= 0 or self.min_requests < 1
-                or not self.idle_s > 0):
-            raise TridentError("--adaptive needs a positive --slo-tpot-ms (and a positive window, interval, idle "
-                               "time and request count)")
+                or not self.idle_s > 0 or (self.ttft_ms is not None and not self.ttft_ms > 0)):
+            raise TridentError("--adaptive needs a positive --slo-tpot-ms (and a positive --slo-ttft-ms if any, "
+                               "window, interval, idle time and request count)")
         if not 0 < self.shrink < 1 or not 0 < self.grow_below < 1:
             raise TridentError("the adaptive controller's shrink and grow_below factors must lie in (0, 1)")
 
@@ -112,6 +117,8 @@ class AdaptiveController:
         self.clock = clock
         self._finished: deque[tuple[float, float]] = deque()
         """(time finished, TPOT seconds) of recent requests, oldest first."""
+        self._ttfts: deque[tuple[float, float]] = deque()
+        """(time finished, TTFT seconds) of the requests finished in the last window_s (decisions keep them)."""
         self._since_decision = 0
         self._last_decision = -math.inf
         self._steps: list[float] = []
@@ -126,10 +133,14 @@ class AdaptiveController:
         an idle gap) of every decision, oldest first."""
 
     def request_done(self, status: str, last: RequestOutput | None) -> None:
-        if last is None or not last.finished or status in ("abort", "error") or last.tpot_s is None:
+        if last is None or not last.finished or status in ("abort", "error"):
             return
-        self._finished.append((self.clock(), last.tpot_s))
-        self._since_decision += 1
+        now = self.clock()
+        if last.metrics.ttft_s is not None:
+            self._ttfts.append((now, last.metrics.ttft_s))
+        if last.tpot_s is not None:
+            self._finished.append((now, last.tpot_s))
+            self._since_decision += 1
 
     @property
     def waves(self) -> bool:
@@ -138,11 +149,25 @@ class AdaptiveController:
 
     @property
     def overloaded(self) -> bool:
-        """Whether the engine admits in waves or under a lowered limit and requests wait now (new ones are better
-        sent elsewhere)."""
+        """Whether the engine admits in waves or under a lowered limit, or misses the TTFT objective, and requests
+        wait now (new ones are better sent elsewhere)."""
         engine = self.engine
         held = self.waves or engine.running_limit < engine.config.scheduler.max_num_seqs
-        return held and engine.stats().num_waiting > 0
+        return (held or self.ttft_over) and engine.stats().num_waiting > 0
+
+    @property
+    def ttft_over(self) -> bool:
+        """Whether the 90th percentile TTFT of the requests finished in the last window_s (min_requests of them at
+        least) is above ``config.ttft_ms``; False without a TTFT objective."""
+        c = self.config
+        if c.ttft_ms is None:
+            return False
+        now = self.clock()
+        while self._ttfts and self._ttfts[0][0] < now - c.window_s:
+            self._ttfts.popleft()
+        if len(self._ttfts) < c.min_requests:
+            return False
+        return 1000 * percentile([ttft for _, ttft in self._ttfts], 90) > c.ttft_ms
 
     @property
     def has_room(self) -> bool:
