@@ -162,9 +162,7 @@ class AdaptiveController:
         c = self.config
         if c.ttft_ms is None:
             return False
-        now = self.clock()
-        while self._ttfts and self._ttfts[0][0] < now - c.window_s:
-            self._ttfts.popleft()
+        self._forget_older(self._ttfts, self.clock())
         if len(self._ttfts) < c.min_requests:
             return False
         return 1000 * percentile([ttft for _, ttft in self._ttfts], 90) > c.ttft_ms
@@ -183,8 +181,7 @@ class AdaptiveController:
         if self._steady_after_idle(stats, now):
             return
         c = self.config
-        while self._finished and self._finished[0][0] < now - c.window_s:
-            self._finished.popleft()
+        self._forget_older(self._finished, now)
         if now - self._last_decision < c.interval_s:
             return
         finished = self._since_decision >= c.min_requests and self._finished
@@ -208,6 +205,11 @@ class AdaptiveController:
         elif (p90_ms is not None and signal_ms < c.grow_below * c.tpot_ms and stats.num_waiting > 0
               and limit < scheduler.max_num_seqs):
             self._decide("grow", limit + 1, floor, signal_ms, now)  # waves stay: only an idle gap ends them
+
+    def _forget_older(self, finished: deque[tuple[float, float]], now: float) -> None:
+        """Drop the entries (time finished, value) of ``finished`` older than window_s."""
+        while finished and finished[0][0] < now - self.config.window_s:
+            finished.popleft()
 
     def _steady_after_idle(self, stats: EngineStats, now: float) -> bool:
         """Note when the engine goes idle (nothing running, nothing waiting) and when it has work again; once it has
