@@ -139,8 +139,8 @@ def test_quantized_weights_compare_hf_on_the_float_original(tmp_path, monkeypatc
 def test_int8_quantizes_the_routed_experts(per_expert: bool) -> None:
     """--weights int8 on an MoE checkpoint: each sparse layer's experts become int8 codes and per-row scales within
     half a step of the float weights, from fused tensors or from per-expert matrices (Mixtral's
-    block_sparse_moe.experts.{e}.w1 / w3 / w2, stacked); dense layers' MLPs stay Linear layers; int4 leaves the
-    experts float."""
+    block_sparse_moe.experts.{e}.w1 / w3 / w2, stacked); dense layers' MLPs stay Linear layers; int4 makes them
+    int4 codes in groups along K."""
     from trident.moe.quant import EXPERT_TENSORS, dequantize_experts
 
     shape = Shape("t", dict(TINY_SHAPES["mixtral-window" if per_expert else "qwen2-moe-shared"]), "test")
@@ -170,7 +170,12 @@ def test_int8_quantizes_the_routed_experts(per_expert: bool) -> None:
             assert (err <= scales.double()[..., None] / 2 * (1 + 1e-6)).all()
     if not per_expert:
         assert "model.layers.0.mlp.gate_up_proj" in quantized.quantization.modules
-        assert quantize_checkpoint(source, QuantConfig(bits=4)).quantization.experts == ()
+        int4 = quantize_checkpoint(source, QuantConfig(bits=4))  # per channel: the shared expert's K = 48
+        assert int4.quantization.experts == ("model.layers.1.mlp.experts",)
+        codes, scales = (int4.tensors[f"model.layers.1.mlp.experts.{kind}"] for kind in EXPERT_TENSORS[:2])
+        assert codes.dtype == torch.uint8 and scales.shape == (*codes.shape[:2], 1)
+        err = (dequantize_experts(codes, scales, torch.float64) - fused[1][0].double()).abs()
+        assert (err <= scales.double() / 2 * (1 + 1e-6)).all()
 
 
 def test_bench_latency_with_int8_experts_counts_codes_and_scales(tmp_path) -> None:
@@ -214,7 +219,7 @@ def test_estimate_from_the_plan_equals_the_engine(name: str, weights: str, group
     quantized = quantize_checkpoint(random_checkpoint(shape, device="cpu", dtype=torch.float32, seed=3),
                                     bench_quant_config(weights, group))
     plan = quantization_plan(meta_model(quantized.config), quantized.quantization.config)
-    assert plan == quantized.quantization and bool(plan.experts) == (weights == "int8" and "moe" in name)
+    assert plan == quantized.quantization and bool(plan.experts) == ("moe" in name)
     config = engine_config(None, dtype=str(dtype).removeprefix("torch."), num_blocks=4, max_model_len=64)
     engine = LLMEngine(config, quantized)
     engine.add_request([5, 6, 7], SamplingParams(max_tokens=3))

@@ -3,8 +3,9 @@ equals float64 math token by token, and the torch reference backend within the d
 routings (1 to 200 tokens, top-1 / 2 / 8 of 4 / 8 / 64 experts, hidden and intermediate sizes multiples of 16 on and
 off the tiles, experts that get no token, every token on one expert) and every row-block size; a decode step is
 capturable in a CUDA graph, replays equal the eager call, and nothing in it waits for the device. Every tile
-variant the benchmark sweeps computes the same. int8 experts (trident/moe/quant.py) likewise: the fused kernels on
-the codes and scales equal float64 math on the dequantized weights, and the torch backend on the same codes.
+variant the benchmark sweeps computes the same. int8 and int4 experts (trident/moe/quant.py) likewise: the fused
+kernels on the codes and scales equal float64 math on the dequantized weights, and the torch backend on the same
+codes.
 
 Shapes stay small so that Triton's CPU interpreter runs them too (TRITON_INTERPRET=1, see conftest.py): there,
 ``-k float16`` keeps to the dtype the interpreter multiplies natively (bfloat16 runs through conftest's widening)."""
@@ -91,15 +92,16 @@ def assert_rows_close(out: torch.Tensor, exact: torch.Tensor, tolerance: float, 
 
 def check_experts(device, num_tokens: int, top_k: int, num_experts: int, hidden_size: int, inter: int,
                   how: str, dtype: torch.dtype, seed: int, activation: str = "silu",
-                  tiles: MoeTiles | None = None, int8: bool = False) -> None:
-    """The fused kernels against float64 math and TorchExperts; ``int8``: on int8 codes and scales of the experts
-    (the float64 math on the codes dequantized in float64)."""
+                  tiles: MoeTiles | None = None, bits: int = 16, group_size: int | None = None) -> None:
+    """The fused kernels against float64 math and TorchExperts; ``bits`` 8 / 4: on int8 / int4 codes and scales of the
+    experts (int4 in groups of ``group_size``; the float64 math on the codes dequantized in float64)."""
     gen = torch.Generator().manual_seed(seed)
     weights, ids = random_routing(num_tokens, top_k, num_experts, how, gen)
     gate_up, down = random_experts(num_experts, hidden_size, inter, gen)
     scales = {}
-    if int8:
-        (gate_up, gate_up_scales), (down, down_scales) = quantize_experts(gate_up), quantize_experts(down)
+    if bits != 16:
+        (gate_up, gate_up_scales), (down, down_scales) = (quantize_experts(w, bits, group_size)
+                                                          for w in (gate_up, down))
         scales = {"gate_up_scales": gate_up_scales.to(device), "down_scales": down_scales.to(device)}
         exact_weights = (dequantize_experts(gate_up, gate_up_scales, torch.float64),
                          dequantize_experts(down, down_scales, torch.float64))
@@ -108,7 +110,7 @@ def check_experts(device, num_tokens: int, top_k: int, num_experts: int, hidden_
         exact_weights = (gate_up, down)
     hidden = torch.randn(num_tokens, hidden_size, generator=gen).to(dtype)
     what = (f"T={num_tokens} k={top_k} E={num_experts} H={hidden_size} I={inter} {how} {dtype_id(dtype)} "
-            f"{activation} {'int8 ' if int8 else ''}"
+            f"{activation} {'' if bits == 16 else f'int{bits} g{group_size} '}"
             f"{tiles or moe_tiles(num_tokens * top_k, num_experts, hidden_size, inter)}")
     args = (hidden.to(device), weights.to(device), ids.to(device), gate_up.to(device), down.to(device), activation)
     out = fused_experts(*args, tiles=tiles, **scales)
@@ -135,13 +137,18 @@ def test_fused_experts_match_float64_and_torch_reference(kernel_device, dtype, n
 @given(num_tokens=st.integers(1, 200), top_k=st.sampled_from([1, 2, 8]), num_experts=st.sampled_from([4, 8, 64]),
        hidden_size=st.sampled_from([16, 48, 64, 80, 128]), inter=st.sampled_from([16, 32, 48, 96]),
        how=st.sampled_from(ROUTINGS), seed=st.integers(0, 2**16))
-def test_int8_experts_match_float64_on_dequantized_weights_and_torch_reference(kernel_device, dtype, num_tokens,
-                                                                               top_k, num_experts, hidden_size,
-                                                                               inter, how, seed) -> None:
-    """int8 codes and per-row scales through the fused kernels (moe_tiles' int8 tiles) equal float64 math on the
-    dequantized weights, and TorchExperts on the same codes."""
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_experts_match_float64_on_dequantized_weights_and_torch_reference(kernel_device, bits, dtype,
+                                                                                    num_tokens, top_k, num_experts,
+                                                                                    hidden_size, inter, how,
+                                                                                    seed) -> None:
+    """int8 codes and per-row scales, or int4 codes and per-group scales (groups of 32 where they divide both K, else
+    per channel), through the fused kernels (moe_tiles' tiles) equal float64 math on the dequantized weights, and
+    TorchExperts on the same codes."""
     top_k = min(top_k, num_experts)
-    check_experts(kernel_device, num_tokens, top_k, num_experts, hidden_size, inter, how, dtype, seed, int8=True)
+    group = 32 if bits == 4 and hidden_size % 32 == inter % 32 == 0 else None
+    check_experts(kernel_device, num_tokens, top_k, num_experts, hidden_size, inter, how, dtype, seed, bits=bits,
+                  group_size=group)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -167,17 +174,28 @@ def test_fused_experts_every_tile_variant(kernel_device, dtype, tiles) -> None:
 
 
 @pytest.mark.parametrize("tiles", TILE_VARIANTS, ids=lambda t: f"m{t.block_m}_n{t.gate_up.block_n}_{t.down.block_n}")
-def test_int8_experts_every_tile_variant(kernel_device, tiles) -> None:
-    """K tiles on and off H = 80 / I = 48 (masked code loads), columns off the tiles (masked scale loads)."""
-    check_experts(kernel_device, 37, 2, 8, 80, 48, "some_idle", torch.float16, seed=12, tiles=tiles, int8=True)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_experts_every_tile_variant(kernel_device, tiles, bits) -> None:
+    """K tiles on and off H = 80 / I = 48 (masked code loads), columns off the tiles (masked scale loads); int4 per
+    channel here."""
+    check_experts(kernel_device, 37, 2, 8, 80, 48, "some_idle", torch.float16, seed=12, tiles=tiles, bits=bits)
 
 
+@pytest.mark.parametrize("tiles", TILE_VARIANTS, ids=lambda t: f"m{t.block_m}_n{t.gate_up.block_n}_{t.down.block_n}")
+def test_int4_groups_cut_the_k_tiles(kernel_device, tiles) -> None:
+    """int4 in groups of 32: every K tile wider than a group is cut to it (each tile takes one scale per row)."""
+    check_experts(kernel_device, 37, 2, 8, 128, 64, "some_idle", torch.bfloat16, seed=14, tiles=tiles, bits=4,
+                  group_size=32)
+
+
+@pytest.mark.parametrize("bits, group_size", [(8, None), (4, 128)])
 @pytest.mark.parametrize("num_tokens", [1, 40, 300])
-def test_int8_tiles_of_each_regime(kernel_device, num_tokens) -> None:
-    """moe_tiles' choices (decode, 64- and 128-row blocks) on int8 codes, on a layer whose K fills the tiles."""
+def test_quantized_tiles_of_each_regime(kernel_device, num_tokens, bits, group_size) -> None:
+    """moe_tiles' choices (decode, 64- and 128-row blocks) on int8 / int4 codes, on a layer whose K fills the tiles."""
     tiles = moe_tiles(num_tokens * 2, 4, 256, 256)
     assert tiles.block_m == {1: 16, 40: 64, 300: 128}[num_tokens]
-    check_experts(kernel_device, num_tokens, 2, 4, 256, 256, "random", torch.float16, seed=num_tokens, int8=True)
+    check_experts(kernel_device, num_tokens, 2, 4, 256, 256, "random", torch.float16, seed=num_tokens, bits=bits,
+                  group_size=group_size)
 
 
 @pytest.mark.parametrize("tiles", VARIANTS, ids=tiles_name)
@@ -219,17 +237,18 @@ def test_backend_class_runs_the_kernels(kernel_device) -> None:
                       "TritonExperts")
 
 
-def test_backend_class_runs_int8_experts(kernel_device) -> None:
+@pytest.mark.parametrize("bits", [8, 4])
+def test_backend_class_runs_quantized_experts(kernel_device, bits) -> None:
     gen = torch.Generator().manual_seed(8)
     weights, ids = random_routing(5, 2, 8, "random", gen)
-    (gate_up, gate_up_scales), (down, down_scales) = (quantize_experts(w) for w in random_experts(8, 32, 16, gen))
+    (gate_up, gate_up_scales), (down, down_scales) = (quantize_experts(w, bits) for w in random_experts(8, 32, 16, gen))
     hidden = torch.randn(5, 32, generator=gen).half()
     on = {"device": kernel_device}
     out = TritonExperts().forward(hidden.to(**on), weights.to(**on), ids.to(**on), gate_up.to(**on), down.to(**on),
                                   "silu", gate_up_scales=gate_up_scales.to(**on), down_scales=down_scales.to(**on))
     exact = exact_experts(hidden, weights, ids, dequantize_experts(gate_up, gate_up_scales, torch.float64),
                           dequantize_experts(down, down_scales, torch.float64))
-    assert_rows_close(out, exact, ROW_TOLERANCE[torch.float16], "TritonExperts int8")
+    assert_rows_close(out, exact, ROW_TOLERANCE[torch.float16], f"TritonExperts int{bits}")
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -248,23 +267,25 @@ def test_alignment_kernel_equals_reference(kernel_device, num_tokens, top_k, num
         assert torch.equal(getattr(out, name).cpu(), getattr(ref, name).cpu()), name
 
 
-@pytest.mark.parametrize("int8", [False, True], ids=["bf16", "int8"])
+@pytest.mark.parametrize("bits", [16, 8, 4], ids=["bf16", "int8", "int4"])
 @pytest.mark.parametrize("num_tokens", [1, 3, 64])
-def test_decode_step_is_capturable_and_replays_match_eager(num_tokens: int, int8: bool) -> None:
-    """A graph of the fused experts (bfloat16 or int8 weights) replays with new hidden states and a new routing
-    copied into its inputs and gives the eager result; the eager call never synchronises with the host (CUDA's sync
-    debug mode would raise)."""
+def test_decode_step_is_capturable_and_replays_match_eager(num_tokens: int, bits: int) -> None:
+    """A graph of the fused experts (bfloat16, int8 or int4-g128 weights) replays with new hidden states and a new
+    routing copied into its inputs and gives the eager result; the eager call never synchronises with the host (CUDA's
+    sync debug mode would raise)."""
     device = torch.device("cuda")
     gen = torch.Generator().manual_seed(num_tokens)
     num_experts, top_k, hidden_size, inter = 64, 8, 256, 128
     gate_up, down = random_experts(num_experts, hidden_size, inter, gen)
     scales = {}
-    if int8:
-        (gate_up, gate_up_scales), (down, down_scales) = quantize_experts(gate_up), quantize_experts(down)
+    quantized = bits != 16
+    if quantized:
+        group = 128 if bits == 4 else None
+        (gate_up, gate_up_scales), (down, down_scales) = (quantize_experts(w, bits, group) for w in (gate_up, down))
         scales = {"gate_up_scales": gate_up_scales.to(device), "down_scales": down_scales.to(device)}
         exact_weights = (dequantize_experts(gate_up, gate_up_scales), dequantize_experts(down, down_scales))
-    gate_up, down = (w.to(device) if int8 else w.to(device, torch.bfloat16) for w in (gate_up, down))
-    if not int8:
+    gate_up, down = (w.to(device) if quantized else w.to(device, torch.bfloat16) for w in (gate_up, down))
+    if not quantized:
         exact_weights = (gate_up, down)
 
     def inputs():

@@ -9,6 +9,7 @@ default for the architecture (sdpa where supported); continuous batching switche
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -30,18 +31,37 @@ def load_hf(path: str, dtype: torch.dtype, device: torch.device):
     return model.to(device).eval()
 
 
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Modules created inside keep their parameters on the meta device (each is moved there as it is registered,
+    so at most one is ever allocated), their buffers where they are created."""
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        if param is not None and not param.is_meta:
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
 def load_hf_same_weights(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device):
     """A transformers model of ``checkpoint.hf_config`` holding ``checkpoint.tensors`` themselves.
 
-    The model is built on ``device`` without initialising its weights (buffers such as rotary frequencies
-    are computed as usual), then every parameter is replaced by the checkpoint's tensor and tied weights
-    are re-tied. A tensor the model lacks, or a parameter left unset, is an error."""
+    The model is built with its parameters on the meta device (no memory: a 61 GB model's empty parameters beside
+    its checkpoint and a quantized engine would not fit one GPU) and its buffers, such as rotary frequencies, on
+    ``device`` computed as usual; then every parameter is replaced by the checkpoint's tensor and tied weights are
+    re-tied. A tensor the model lacks, or a parameter left unset, is an error."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
     raw = dict(checkpoint.hf_config)
     config = AutoConfig.for_model(raw.pop("model_type"), **raw)
-    with torch.device(device), no_init_weights():
+    with torch.device(device), no_init_weights(), _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     result = model.load_state_dict(checkpoint.tensors, strict=False, assign=True)
     tied = {"lm_head.weight"} if checkpoint.config.tie_word_embeddings else set()
@@ -49,6 +69,9 @@ def load_hf_same_weights(checkpoint: Checkpoint, dtype: torch.dtype, device: tor
         raise TridentError(f"transformers' {type(model).__name__} does not take trident's tensor names: missing "
                            f"{sorted(set(result.missing_keys) - tied)[:5]}, unexpected {result.unexpected_keys[:5]}")
     model.tie_weights()
+    unset = [name for name, p in model.named_parameters() if p.is_meta]
+    if unset:
+        raise TridentError(f"transformers' {type(model).__name__} has parameters no tensor filled: {unset[:5]}")
     return model.eval()
 
 

@@ -8,9 +8,9 @@ migration: random weights have no outlier channels, and the speed does not depen
 embeddings stay in the model dtype (rtn.NEVER_QUANTIZED), unless ``lm_head``: then the head is int8 per output
 channel (trident/quant/head.py; a tied head is the embedding table).
 
-With int8 (weight-only), the routed experts of an MoE model are quantized too, to int8 per output channel and expert
-(trident/moe/quant.py, whatever --group-size): a step reads half their bytes. int4 and w8a8 leave them in the model
-dtype."""
+With int8 or int4 (weight-only), the routed experts of an MoE model are quantized too (trident/moe/quant.py): int8
+per output channel and expert (whatever --group-size), int4 per expert, output channel and group of --group-size
+along K: a step reads a half or a quarter of their bytes. w8a8 leaves them in the model dtype."""
 
 from __future__ import annotations
 
@@ -49,8 +49,8 @@ def quantize_checkpoint(checkpoint: Checkpoint, config: QuantConfig, quant_metho
     """A Checkpoint whose eligible Linear weights (fused projections concatenated along N, as the model holds
     them) are replaced by ``<module>.qweight`` / ``.scales`` (/ ``.zeros``) on the weights' device, with its
     ``quantization`` set (``quant_method``: trident-rtn weight-only, or trident-w8a8); the float weights are
-    released as they are quantized (from this Checkpoint's dict). With int8 weight-only, every MoE layer's routed
-    experts become ``<experts>.gate_up_qweight`` / ``_scales`` and ``.down_qweight`` / ``_scales`` likewise
+    released as they are quantized (from this Checkpoint's dict). With weight-only int8 / int4, every MoE layer's
+    routed experts become ``<experts>.gate_up_qweight`` / ``_scales`` and ``.down_qweight`` / ``_scales`` likewise
     (:func:`quantize_checkpoint_experts`). ``lm_head``: the head (or the embedding table a tied head is) becomes
     int8 per channel too (trident/quant/head.py), listed with its own config."""
     if checkpoint.quantization is not None:
@@ -79,14 +79,14 @@ def quantize_checkpoint(checkpoint: Checkpoint, config: QuantConfig, quant_metho
             if t is not None:
                 tensors[f"{name}.{kind}"] = t
                 types[f"{name}.{kind}"] = str(t.dtype).removeprefix("torch.").upper()
-    quantize_checkpoint_experts(model, plan.experts, tensors, types)
+    quantize_checkpoint_experts(model, plan.experts, tensors, types, config)
     return dataclasses.replace(checkpoint, tensors=tensors, tensor_types=types, quantization=plan)
 
 
 def quantization_plan(model: torch.nn.Module, config: QuantConfig, quant_method: str = QUANT_METHOD, *,
                       lm_head: bool = False) -> QuantizedModules:
     """What :func:`quantize_checkpoint` makes of ``model`` (built on the meta device): the eligible Linear layers,
-    the LM head with its own int8 config when ``lm_head``, and with int8 weight-only every experts module."""
+    the LM head with its own int8 config when ``lm_head``, and with weight-only int8 / int4 every experts module."""
     from trident.moe.experts import FusedExperts
 
     names = eligible_modules(model, config)
@@ -99,23 +99,26 @@ def quantization_plan(model: torch.nn.Module, config: QuantConfig, quant_method:
         module_configs[head_module(model)] = head_config()
         names = [*names, *module_configs]
     experts = ()
-    if config.bits == 8 and quant_method == QUANT_METHOD:
+    if quant_method == QUANT_METHOD:
         experts = tuple(name for name, module in model.named_modules() if isinstance(module, FusedExperts))
     return QuantizedModules(config, tuple(names), module_configs, quant_method=quant_method, experts=experts)
 
 
 def quantize_checkpoint_experts(model: torch.nn.Module, names: tuple[str, ...], tensors: dict[str, torch.Tensor],
-                                types: dict[str, str]) -> None:
+                                types: dict[str, str], config: QuantConfig) -> None:
     """Quantize the routed experts of the experts modules ``names`` of ``model`` (built on the meta device) in
     ``tensors`` (Hugging Face names), in place: their float matrices (fused, or per expert, stacked) are replaced by
-    the int8 codes and scales of trident/moe/quant.py, on the matrices' device, layer by layer."""
-    from trident.moe.quant import EXPERT_TENSORS, fused_expert_tensors, quantize_experts
+    the codes and scales of trident/moe/quant.py (``config``'s bits; int4 in its groups), on the matrices' device,
+    layer by layer."""
+    from trident.moe.quant import EXPERT_TENSORS, experts_group_size, fused_expert_tensors, quantize_experts
 
     for name in names:
         experts = model.get_submodule(name)
         sources = fused_expert_tensors(tensors, name, experts.num_experts, model.expert_part_names,
                                        getattr(model, "renames", {}))
-        quantized = (*quantize_experts(sources[0]), *quantize_experts(sources[1]))
+        group = experts_group_size(config)
+        quantized = (*quantize_experts(sources[0], config.bits, group), *quantize_experts(sources[1], config.bits,
+                                                                                           group))
         del sources
         for kind, t in zip(EXPERT_TENSORS, quantized):
             tensors[f"{name}.{kind}"] = t

@@ -202,7 +202,7 @@ def _roofline(engine, workload, kind: str):
                if isinstance(module, QuantizedFusedExperts) for kind, t in module.named_buffers()]
     weight_bytes = roofline.decode_weight_bytes(itertools.chain(engine.model.named_parameters(), stored),
                                                 engine.model_config.tie_word_embeddings)
-    # read as far as routed to (int8 experts: codes and scales)
+    # read as far as routed to (quantized experts: codes and scales)
     expert_bytes = roofline.routed_expert_bytes(itertools.chain(engine.model.named_parameters(), stored))
     kv_element = engine.kv_format.dtype.itemsize  # the codes of a quantized cache (its scales left out)
     prompt_lens, output_lens = workload.prompt_lens, workload.output_lens

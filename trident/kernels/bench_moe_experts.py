@@ -1,6 +1,6 @@
 """Time the fused MoE experts kernels against the torch experts backend on a CUDA device.
 
-``python -m trident.kernels.bench_moe_experts [--json FILE] [--tokens 1 8 64 512] [--no-sweep] [--weights int8]``:
+``python -m trident.kernels.bench_moe_experts [--json FILE] [--tokens 1 8 64 512] [--no-sweep] [--weights int8|int4]``:
 one MoE layer of
 Qwen3-30B-A3B (128 experts, top-8, hidden 2048, expert intermediate 768, bfloat16), each token count: the torch
 reference backend (TorchExperts: per active expert a gathered matmul pair; it reads the expert counts on the host,
@@ -15,11 +15,12 @@ E (1 - (1 - k/E)^T) experts) and the time that takes at the H200's 4.3 TB/s are 
 checked against the torch backend in float32 on the same routing before it is timed; a variant that fails is
 recorded with the reason, and the sweep goes on.
 
-``--weights int8`` also times the same layer with its experts quantized to int8 per output channel
-(trident/moe/quant.py): the fused kernels on the codes with moe_tiles' int8 tiles and, with the sweep, each of
-INT8_VARIANTS, checked against the torch backend in float32 on the dequantized weights. Their GB/s count the bytes
-an int8 call reads: the touched experts' codes and scales. At one token the CUDA kernels of
-trident/native/moe_gemv_cuda.cu (what a batch-1 decode step runs, where nvcc built them) are timed too.
+``--weights int8`` (``int4``) also times the same layer with its experts quantized to int8 per output channel (int4
+in groups of INT4_GROUP; trident/moe/quant.py): the fused kernels on the codes with moe_tiles' tiles and, with the
+sweep, each of INT8_VARIANTS (INT4_VARIANTS), checked against the torch backend in float32 on the dequantized
+weights. Their GB/s count the bytes a quantized call reads: the touched experts' codes and scales. At one token the
+CUDA kernels of trident/native/moe_gemv_cuda.cu (what a batch-1 decode step runs, where nvcc built them and they take
+the format) are timed too.
 
 ``--dry-run`` runs the same code on a tiny float16 layer with wall-clock timing, to check the script without a GPU
 (on the CPU under ``TRITON_INTERPRET=1``).
@@ -71,12 +72,29 @@ INT8_VARIANTS = (
 )
 """int8 tiles swept with --weights int8: bfloat16's (moe_tiles' choices, which int8 takes too), K doubled (half
 the bytes per tile leave room), and wider or deeper ones."""
+INT4_GROUP = 128
+"""--weights int4: the group length along K (a K tile lies inside one group: at most 128 deep)."""
+INT4_VARIANTS = (
+    MoeTiles(16, GemmTiles(32, 128, 4, 4), GemmTiles(64, 128, 4, 3)),
+    MoeTiles(16, GemmTiles(64, 128, 4, 4), GemmTiles(64, 128, 4, 4)),
+    MoeTiles(16, GemmTiles(16, 128, 2, 5), GemmTiles(32, 128, 2, 5)),
+    MoeTiles(16, GemmTiles(32, 128, 4, 6), GemmTiles(128, 128, 4, 4)),
+    MoeTiles(16, GemmTiles(128, 128, 8, 3), GemmTiles(128, 128, 8, 3)),
+    MoeTiles(64, GemmTiles(64, 64, 4, 3), GemmTiles(128, 64, 4, 3)),
+    MoeTiles(64, GemmTiles(64, 128, 4, 3), GemmTiles(128, 128, 8, 3)),
+    MoeTiles(128, GemmTiles(128, 64, 8, 3), GemmTiles(128, 64, 8, 3)),
+    MoeTiles(128, GemmTiles(128, 128, 8, 3), GemmTiles(128, 128, 8, 3)),
+)
+"""int4 tiles swept with --weights int4: moe_tiles' choices (K cut to the group), wider columns and more stages (a
+quarter of bfloat16's bytes per tile), and 128-deep K tiles for the larger row blocks."""
 DRY_LAYER = ("dry", 8, 2, 64, 48)
 DRY_TOKENS = (1, 20)
 DRY_VARIANTS = (MoeTiles(16, GemmTiles(16, 64, 4, 2), GemmTiles(32, 32, 4, 2)),
                 MoeTiles(32, GemmTiles(24, 64, 4, 2), GemmTiles(32, 32, 4, 2)))
 """The dry run's second variant cannot compile (tl.arange needs a power of two): the failure path runs too."""
 DRY_INT8_VARIANTS = (MoeTiles(16, GemmTiles(16, 64, 4, 2), GemmTiles(32, 32, 4, 2)),)
+DRY_INT4_GROUP = 32
+"""The dry layer's int4 groups (its expert intermediate is 48: per channel there; the hidden size 64 takes 32)."""
 DRY_DTYPE = torch.float16
 """Triton 3.6's CPU interpreter multiplies bfloat16 tl.dot operands as raw bits; float16 it computes right."""
 
@@ -107,8 +125,10 @@ def eager_us(fn, rotations: int) -> float:
 
 def bench_layer(layer: tuple, tokens: tuple[int, ...], variants: tuple[MoeTiles, ...], time_us: TimeUs,
                 eager_time_us: TimeUs, device: torch.device, dtype: torch.dtype,
-                int8_variants: tuple[MoeTiles, ...] | None = None) -> list[dict]:
-    """One row per token count; ``int8_variants`` (None: no int8 run) times the int8 experts too."""
+                quantized_variants: tuple[MoeTiles, ...] | None = None, bits: int = 8,
+                group_size: int | None = None) -> list[dict]:
+    """One row per token count; ``quantized_variants`` (None: no quantized run) times the experts quantized to
+    ``bits`` (int4 in groups of ``group_size``) too."""
     model, num_experts, top_k, hidden_size, inter = layer
     gen = torch.Generator().manual_seed(0)
     gate_up = (torch.randn(num_experts, 2 * inter, hidden_size, generator=gen) * hidden_size**-0.5).to(device, dtype)
@@ -116,11 +136,12 @@ def bench_layer(layer: tuple, tokens: tuple[int, ...], variants: tuple[MoeTiles,
     expert_bytes = (gate_up[0].numel() + down[0].numel()) * dtype.itemsize
     gate_up32, down32 = gate_up.float(), down.float()
     reference = TorchExperts()
-    if int8_variants is not None:
+    if quantized_variants is not None:
         from trident.moe.quant import dequantize_experts, quantize_experts
 
-        q_gate_up, q_down = quantize_experts(gate_up), quantize_experts(down)
-        int8_expert_bytes = sum(t[0].numel() * t.element_size() for t in (*q_gate_up, *q_down))
+        q_gate_up = quantize_experts(gate_up, bits, group_size if hidden_size % (group_size or 1) == 0 else None)
+        q_down = quantize_experts(down, bits, group_size if inter % (group_size or 1) == 0 else None)
+        quantized_expert_bytes = sum(t[0].numel() * t.element_size() for t in (*q_gate_up, *q_down))
         deq_gate_up, deq_down = dequantize_experts(*q_gate_up), dequantize_experts(*q_down)
     results = []
     for num_tokens in tokens:
@@ -151,19 +172,19 @@ def bench_layer(layer: tuple, tokens: tuple[int, ...], variants: tuple[MoeTiles,
         for key in ("torch", "fused", "best"):
             us = row[f"{key}_us"]
             row[f"{key}_GBps"] = touched / us / 1e3 if isinstance(us, float) else None
-        if int8_variants is not None:
-            row.update(_int8_row(hidden, routings, q_gate_up, q_down, reference.forward(
-                hidden.float(), weights0, ids0, deq_gate_up, deq_down, "silu"), int8_variants, time_us,
-                touched / expert_bytes * int8_expert_bytes))
+        if quantized_variants is not None:
+            row.update(_quantized_row(f"int{bits}", hidden, routings, q_gate_up, q_down, reference.forward(
+                hidden.float(), weights0, ids0, deq_gate_up, deq_down, "silu"), quantized_variants, time_us,
+                touched / expert_bytes * quantized_expert_bytes))
         results.append(row)
         print(json.dumps(row), flush=True)
     return results
 
 
-def _int8_row(hidden: torch.Tensor, routings: list, q_gate_up, q_down, expected: torch.Tensor,
-              variants: tuple[MoeTiles, ...], time_us: TimeUs, touched: float) -> dict:
-    """The int8 columns of a row: moe_tiles' int8 tiles and each variant, GB/s over ``touched`` (codes + scales of
-    the touched experts)."""
+def _quantized_row(q: str, hidden: torch.Tensor, routings: list, q_gate_up, q_down, expected: torch.Tensor,
+                   variants: tuple[MoeTiles, ...], time_us: TimeUs, touched: float) -> dict:
+    """The quantized columns of a row (keys prefixed ``q``: int8 / int4): moe_tiles' tiles and each variant, GB/s over
+    ``touched`` (codes + scales of the touched experts)."""
     num_tokens, hidden_size = hidden.shape
     num_experts, two_i, _ = q_gate_up.codes.shape
     top_k = routings[0][1].shape[1]
@@ -172,44 +193,45 @@ def _int8_row(hidden: torch.Tensor, routings: list, q_gate_up, q_down, expected:
     def fused(i, tiles=None):
         return fused_experts(hidden, *routings[i], q_gate_up.codes, q_down.codes, "silu", tiles=tiles, **scales)
 
-    row = {"int8_touched_bytes": touched,
-           "int8_config": tiles_name(moe_tiles(num_tokens * top_k, num_experts, hidden_size, two_i // 2)),
-           "int8_us": _checked_us(time_us, fused, ROUTINGS, expected),
-           "int8_variants_us": {tiles_name(v): _checked_us(time_us, lambda i, v=v: fused(i, v), ROUTINGS, expected)
+    row = {f"{q}_touched_bytes": touched,
+           f"{q}_config": tiles_name(moe_tiles(num_tokens * top_k, num_experts, hidden_size, two_i // 2)),
+           f"{q}_us": _checked_us(time_us, fused, ROUTINGS, expected),
+           f"{q}_variants_us": {tiles_name(v): _checked_us(time_us, lambda i, v=v: fused(i, v), ROUTINGS, expected)
                                 for v in variants}}
-    timed = {v: us for v, us in row["int8_variants_us"].items() if isinstance(us, float)}
-    row["int8_best_variant"] = min(timed, key=timed.get) if timed else None
-    row["int8_best_us"] = timed.get(row["int8_best_variant"])
-    row["int8_cuda_us"] = None
+    timed = {v: us for v, us in row[f"{q}_variants_us"].items() if isinstance(us, float)}
+    row[f"{q}_best_variant"] = min(timed, key=timed.get) if timed else None
+    row[f"{q}_best_us"] = timed.get(row[f"{q}_best_variant"])
+    row[f"{q}_cuda_us"] = None
     from trident.native import moe_gemv_cuda
 
     weights0, ids0 = routings[0]
     if moe_gemv_cuda.takes(hidden, ids0, q_gate_up.codes, q_down.codes, *scales.values(), "silu"):
-        row["int8_cuda_us"] = _checked_us(time_us, lambda i: moe_gemv_cuda.experts(
+        row[f"{q}_cuda_us"] = _checked_us(time_us, lambda i: moe_gemv_cuda.experts(
             hidden, *routings[i], q_gate_up.codes, q_down.codes, "silu", *scales.values()), ROUTINGS, expected)
-    for key in ("int8", "int8_best", "int8_cuda"):
+    for key in (q, f"{q}_best", f"{q}_cuda"):
         us = row[f"{key}_us"]
         row[f"{key}_GBps"] = touched / us / 1e3 if isinstance(us, float) else None
     return row
 
 
-def print_int8_table(rows: list[dict]) -> None:
-    print(f"\n{'int8 experts':14} {'T':>4} {'touched MB':>10} {'bf16 us':>9} {'int8 us':>9} {'int8 GB/s':>10} "
-          f"{'x bf16':>7}  {'int8 config':44} {'best variant':44} {'best us':>8} {'best GB/s':>9} {'CUDA us':>8} "
+def print_quantized_table(rows: list[dict], q: str) -> None:
+    """The quantized columns (``q``: int8 / int4) of the rows."""
+    print(f"\n{q + ' experts':14} {'T':>4} {'touched MB':>10} {'bf16 us':>9} {q + ' us':>9} {q + ' GB/s':>10} "
+          f"{'x bf16':>7}  {q + ' config':44} {'best variant':44} {'best us':>8} {'best GB/s':>9} {'CUDA us':>8} "
           f"{'CUDA GB/s':>9}")
     for r in rows:
-        speedup = (r["fused_us"] / r["int8_us"] if isinstance(r["fused_us"], float)
-                   and isinstance(r["int8_us"], float) else None)
-        print(f"{r['model']:14} {r['tokens']:>4} {r['int8_touched_bytes'] / 1e6:>10.1f} "
-              f"{cell(r['fused_us'], '.1f', 9)} {cell(r['int8_us'], '.1f', 9)} {cell(r['int8_GBps'], '.0f', 10)} "
+        speedup = (r["fused_us"] / r[f"{q}_us"] if isinstance(r["fused_us"], float)
+                   and isinstance(r[f"{q}_us"], float) else None)
+        print(f"{r['model']:14} {r['tokens']:>4} {r[f'{q}_touched_bytes'] / 1e6:>10.1f} "
+              f"{cell(r['fused_us'], '.1f', 9)} {cell(r[f'{q}_us'], '.1f', 9)} {cell(r[f'{q}_GBps'], '.0f', 10)} "
               f"{cell(speedup, '.2f', 7)}  "
-              f"{r['int8_config']:44} {r['int8_best_variant'] or '-':44} {cell(r['int8_best_us'], '.1f', 8, '-')} "
-              f"{cell(r['int8_best_GBps'], '.0f', 9, '-')} {cell(r['int8_cuda_us'], '.1f', 8, '-')} "
-              f"{cell(r['int8_cuda_GBps'], '.0f', 9, '-')}")
+              f"{r[f'{q}_config']:44} {r[f'{q}_best_variant'] or '-':44} {cell(r[f'{q}_best_us'], '.1f', 8, '-')} "
+              f"{cell(r[f'{q}_best_GBps'], '.0f', 9, '-')} {cell(r[f'{q}_cuda_us'], '.1f', 8, '-')} "
+              f"{cell(r[f'{q}_cuda_GBps'], '.0f', 9, '-')}")
     for r in rows:
-        for what, us in [("int8", r["int8_us"]), ("CUDA", r["int8_cuda_us"]), *r["int8_variants_us"].items()]:
+        for what, us in [(q, r[f"{q}_us"]), ("CUDA", r[f"{q}_cuda_us"]), *r[f"{q}_variants_us"].items()]:
             if isinstance(us, str):
-                print(f"failed: T={r['tokens']} int8 {what}: {us}")
+                print(f"failed: T={r['tokens']} {q} {what}: {us}")
 
 
 def print_table(rows: list[dict], timing: str) -> None:
@@ -234,8 +256,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=None, help=f"token counts (default {TOKENS})")
     parser.add_argument("--no-sweep", action="store_true", help="only moe_tiles' tiles and the torch backend")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes, wall clock: checks the script only")
-    parser.add_argument("--weights", choices=["bf16", "int8"], default="bf16",
-                        help="int8: also time the experts quantized to int8 per channel (codes + scales), beside bf16")
+    parser.add_argument("--weights", choices=["bf16", "int8", "int4"], default="bf16",
+                        help="int8 / int4: also time the experts quantized to int8 per channel / int4 in groups of "
+                        f"{INT4_GROUP} (codes + scales), beside bf16")
     args = parser.parse_args(argv)
     device = bench_device(parser, args.dry_run)
     if args.dry_run:
@@ -244,14 +267,17 @@ def main(argv: list[str] | None = None) -> None:
     else:
         layer, tokens, variants, time_us, eager, dtype = LAYER, TOKENS, VARIANTS, graph_us, eager_us, DTYPE
     tokens = tuple(args.tokens) if args.tokens else tokens
-    int8_variants = None
-    if args.weights == "int8":
-        int8_variants = () if args.no_sweep else DRY_INT8_VARIANTS if args.dry_run else INT8_VARIANTS
+    quantized_variants, bits, group = None, 16, None
+    if args.weights != "bf16":
+        bits = int(args.weights[3:])
+        group = None if bits == 8 else DRY_INT4_GROUP if args.dry_run else INT4_GROUP
+        full = INT8_VARIANTS if bits == 8 else INT4_VARIANTS
+        quantized_variants = () if args.no_sweep else DRY_INT8_VARIANTS if args.dry_run else full
     results = bench_layer(layer, tokens, () if args.no_sweep else variants, time_us, eager, device, dtype,
-                          int8_variants)
+                          quantized_variants, bits, group)
     print_table(results, "wall clock, dry run" if args.dry_run else "fused: CUDA-graph replays; torch: eager")
-    if int8_variants is not None:
-        print_int8_table(results)
+    if quantized_variants is not None:
+        print_quantized_table(results, args.weights)
     if args.json:
         write_results(args.json, device, dtype, args.dry_run, results)
 

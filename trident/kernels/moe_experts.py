@@ -37,9 +37,20 @@ with float32 accumulation, as trident/kernels/quant_matmul.py does for Linear we
 multiply the float32 accumulators: gate's and up's separately, before the activation, and down's before the routing
 weight. The scales cost one load per output column and program.
 
+int4 experts (codes two a byte along K, stored q + 8, float32 scales [E, N, K / G] per group of G): the
+``INT4`` specialisation cuts its K tiles to lie inside one group (:func:`_in_group`) and joins each byte's two
+nibbles back into K order in registers. It is bound by that unpacking, not by memory: 0.7-0.9 TB/s of codes on an
+H200 at 16-64 tokens, slower than the bfloat16 kernel over four times the bytes (python -m
+trident.kernels.bench_moe_experts --weights int4; two dots per tile on the even and odd elements instead of the join
+ran at 0.7, each element loading its own byte and shifting its nibble out at 0.1). A kernel that reaches the memory
+bound at one token (dp4a, as trident/native/moe_gemv_cuda.cu does for int8) and in batches (dp4a or a pre-shuffled
+layout) is open work. Codes become 16-bit floats by bits
+(MAGIC + code, trident/kernels/quant_matmul.py's MAGIC), the constant is taken off with the rows' sums of the
+activations, and each tile's products are scaled by their group's scales.
+
 Launches depend on shapes only and never synchronise with the host: a decode step's experts are capturable in
-a CUDA graph. bfloat16 and float16 activations; weights of the activations' dtype or int8 codes with float32
-scales; the row count is not a specialisation key.
+a CUDA graph. bfloat16 and float16 activations; weights of the activations' dtype, or int8 / int4 codes with
+float32 scales; the row count is not a specialisation key.
 """
 
 from __future__ import annotations
@@ -53,8 +64,10 @@ import triton.language as tl
 from trident.kernels.activation import KERNEL_ACTIVATIONS, activate
 from trident.kernels.moe_align import align_routing
 from trident.kernels.pdl import pdl_launch, wait_for_previous_grid
+from trident.kernels.quant_matmul import MAGIC, _codes_tile
 from trident.kernels.tiling import grouped_tile
 from trident.moe.align import AlignedRouting
+from trident.quant.rtn import INT4_ZERO_POINT
 
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
 DECODE_PAIRS_PER_EXPERT = 16
@@ -62,6 +75,7 @@ DECODE_PAIRS_PER_EXPERT = 16
 SUM_BLOCK = 1024
 """Columns of H per program of the sum over k."""
 GROUP_M = 8
+_ZERO_POINT = tl.constexpr(INT4_ZERO_POINT)
 
 
 class GemmTiles(NamedTuple):
@@ -112,6 +126,17 @@ def _fit(tiles: GemmTiles, k: int) -> GemmTiles:
     return tiles._replace(block_k=max(16, min(tiles.block_k, triton.next_power_of_2(k))))
 
 
+def _in_group(tiles: GemmTiles, k: int, groups: int) -> GemmTiles:
+    """int4 tiles whose K tiles each lie inside one group of k / groups (per channel: any tile), at least 32 deep
+    (groups are)."""
+    if groups == 1:
+        return tiles._replace(block_k=max(tiles.block_k, 32))
+    group = k // groups
+    block_k = min(tiles.block_k, group & -group)
+    assert block_k >= 32, f"int4 experts' group size {group} needs a power-of-two factor of at least 32"
+    return tiles._replace(block_k=block_k)
+
+
 def fused_experts(hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor,
                   down: torch.Tensor, activation: str, *, gate_up_scales: torch.Tensor | None = None,
                   down_scales: torch.Tensor | None = None, tiles: MoeTiles | None = None) -> torch.Tensor:
@@ -127,21 +152,25 @@ def fused_experts(hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch
         raise ValueError(f"fused_experts: no kernel for {activation!r}; have {', '.join(KERNEL_ACTIVATIONS)}")
     assert hidden.dim() == 2 and hidden.stride(1) == 1, "rows of hidden must be contiguous"
     assert hidden.dtype in ACTIVATION_DTYPES, f"hidden must be bfloat16 or float16, got {hidden.dtype}"
-    int8 = gate_up_scales is not None
-    assert (down_scales is not None) == int8, "int8 experts need both gate_up_scales and down_scales"
-    weight_dtype = torch.int8 if int8 else hidden.dtype
+    quantized = gate_up_scales is not None
+    assert (down_scales is not None) == quantized, "quantized experts need both gate_up_scales and down_scales"
+    bits = (8 if gate_up.dtype == torch.int8 else 4) if quantized else 16
+    weight_dtype = {16: hidden.dtype, 8: torch.int8, 4: torch.uint8}[bits]
     assert gate_up.dtype == down.dtype == weight_dtype, \
         f"experts' weights must be {weight_dtype} (got {gate_up.dtype}, {down.dtype})"
     assert gate_up.is_contiguous() and down.is_contiguous()
     num_tokens, hidden_size = hidden.shape
     num_experts, two_i, _ = gate_up.shape
     intermediate = two_i // 2
-    assert gate_up.shape == (num_experts, 2 * intermediate, hidden_size)
-    assert down.shape == (num_experts, hidden_size, intermediate)
-    if int8:
-        assert gate_up_scales.shape == (num_experts, 2 * intermediate) and gate_up_scales.is_contiguous()
-        assert down_scales.shape == (num_experts, hidden_size) and down_scales.is_contiguous()
+    per_byte = 2 if bits == 4 else 1
+    assert gate_up.shape == (num_experts, 2 * intermediate, hidden_size // per_byte)
+    assert down.shape == (num_experts, hidden_size, intermediate // per_byte)
+    if quantized:
+        groups = (gate_up_scales.shape[2], down_scales.shape[2]) if bits == 4 else (1, 1)
+        assert gate_up_scales.shape[:2] == (num_experts, 2 * intermediate) and gate_up_scales.is_contiguous()
+        assert down_scales.shape[:2] == (num_experts, hidden_size) and down_scales.is_contiguous()
         assert gate_up_scales.dtype == down_scales.dtype == torch.float32, "experts' scales must be float32"
+        assert gate_up_scales.dim() == down_scales.dim() == (3 if bits == 4 else 2)
     top_k = expert_ids.shape[1]
     assert expert_ids.shape == weights.shape == (num_tokens, top_k)
     assert weights.dtype == torch.float32
@@ -149,9 +178,12 @@ def fused_experts(hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch
         return torch.zeros_like(hidden)
     num_pairs = num_tokens * top_k
     tiles = tiles or moe_tiles(num_pairs, num_experts, hidden_size, intermediate)
+    if bits == 4:  # a K tile lies inside one group
+        tiles = tiles._replace(gate_up=_in_group(tiles.gate_up, hidden_size, groups[0]),
+                               down=_in_group(tiles.down, intermediate, groups[1]))
     aligned = align_routing(expert_ids.contiguous(), num_experts, tiles.block_m)
-    inter = _gate_up(hidden, gate_up, gate_up_scales, aligned, top_k, intermediate, activation, tiles)
-    out_pairs = _down(inter, down, down_scales, aligned, weights.contiguous(), num_pairs, tiles)
+    inter = _gate_up(hidden, gate_up, gate_up_scales, bits, aligned, top_k, intermediate, activation, tiles)
+    out_pairs = _down(inter, down, down_scales, bits, aligned, weights.contiguous(), num_pairs, tiles)
     if top_k == 1:
         return out_pairs
     return _sum_over_k(out_pairs, num_tokens, top_k, hidden_size)
@@ -168,38 +200,43 @@ def _sum_over_k(out_pairs: torch.Tensor, num_tokens: int, top_k: int, hidden_siz
     return out
 
 
-def _gate_up(hidden: torch.Tensor, gate_up: torch.Tensor, scales: torch.Tensor | None, aligned: AlignedRouting,
-             top_k: int, intermediate: int, activation: str, tiles: MoeTiles) -> torch.Tensor:
-    """intermediate [rows, I]: act(gate) * up of the sorted rows (padding rows: 0). ``scales``: int8 codes'."""
+def _gate_up(hidden: torch.Tensor, gate_up: torch.Tensor, scales: torch.Tensor | None, bits: int,
+             aligned: AlignedRouting, top_k: int, intermediate: int, activation: str, tiles: MoeTiles) -> torch.Tensor:
+    """intermediate [rows, I]: act(gate) * up of the sorted rows (padding rows: 0). ``scales``: the codes' (``bits``
+    8 or 4; 16: none)."""
     rows = aligned.sorted_pairs.numel()
     hidden_size = hidden.shape[1]
     inter = torch.empty((rows, intermediate), dtype=hidden.dtype, device=hidden.device)
     t = tiles.gate_up
     pdl = pdl_launch(hidden.device)
     grid = (rows // tiles.block_m * triton.cdiv(intermediate, t.block_n),)
+    magic_bits, magic = MAGIC[hidden.dtype]
     _gate_up_kernel[grid](
         hidden, gate_up, gate_up if scales is None else scales, aligned.sorted_pairs, aligned.block_experts, inter,
-        rows, intermediate, hidden_size, hidden.stride(0), TOP_K=top_k, ACTIVATION=activation,
-        INT8=scales is not None, BLOCK_M=tiles.block_m, BLOCK_N=t.block_n,
+        rows, intermediate, hidden_size, hidden.stride(0), 1 if bits != 4 else scales.shape[2], TOP_K=top_k,
+        ACTIVATION=activation, INT8=bits == 8, INT4=bits == 4, MAGIC_BITS=magic_bits, MAGIC=magic,
+        BLOCK_M=tiles.block_m, BLOCK_N=t.block_n,
         BLOCK_K=t.block_k, EVEN_K=hidden_size % t.block_k == 0, GROUP_M=GROUP_M, USE_PDL=pdl,
         num_warps=t.num_warps, num_stages=t.num_stages, launch_pdl=pdl,
     )
     return inter
 
 
-def _down(inter: torch.Tensor, down: torch.Tensor, scales: torch.Tensor | None, aligned: AlignedRouting,
+def _down(inter: torch.Tensor, down: torch.Tensor, scales: torch.Tensor | None, bits: int, aligned: AlignedRouting,
           weights: torch.Tensor, num_pairs: int, tiles: MoeTiles) -> torch.Tensor:
-    """out_pairs [T k, H]: each pair's expert output times its routing weight, at row t k + slot. ``scales``: int8
-    codes'."""
+    """out_pairs [T k, H]: each pair's expert output times its routing weight, at row t k + slot. ``scales``: the
+    codes' (``bits`` 8 or 4; 16: none)."""
     rows, intermediate = inter.shape
     hidden_size = down.shape[1]
     out_pairs = torch.empty((num_pairs, hidden_size), dtype=inter.dtype, device=inter.device)
     t = tiles.down
     pdl = pdl_launch(inter.device)
     grid = (rows // tiles.block_m * triton.cdiv(hidden_size, t.block_n),)
+    magic_bits, magic = MAGIC[inter.dtype]
     _down_kernel[grid](
         inter, down, down if scales is None else scales, aligned.sorted_pairs, aligned.block_experts, weights,
-        out_pairs, rows, hidden_size, intermediate, INT8=scales is not None, BLOCK_M=tiles.block_m,
+        out_pairs, rows, hidden_size, intermediate, 1 if bits != 4 else scales.shape[2], INT8=bits == 8,
+        INT4=bits == 4, MAGIC_BITS=magic_bits, MAGIC=magic, BLOCK_M=tiles.block_m,
         BLOCK_N=t.block_n, BLOCK_K=t.block_k, EVEN_K=intermediate % t.block_k == 0, GROUP_M=GROUP_M, USE_PDL=pdl,
         num_warps=t.num_warps, num_stages=t.num_stages, launch_pdl=pdl,
     )
@@ -209,8 +246,8 @@ def _down(inter: torch.Tensor, down: torch.Tensor, scales: torch.Tensor | None, 
 # The row count changes with the batch: not specialised on, only its tile BLOCK_M is.
 @triton.jit(do_not_specialize=["num_rows"])
 def _gate_up_kernel(hidden_ptr, gate_up_ptr, scales_ptr, sorted_pairs_ptr, block_experts_ptr, inter_ptr, num_rows, n,
-                    k, stride_hidden, TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, INT8: tl.constexpr,
-                    BLOCK_M: tl.constexpr,
+                    k, stride_hidden, num_groups, TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, INT8: tl.constexpr,
+                    INT4: tl.constexpr, MAGIC_BITS: tl.constexpr, MAGIC: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, GROUP_M: tl.constexpr,
                     USE_PDL: tl.constexpr):
     wait_for_previous_grid(USE_PDL)
@@ -225,7 +262,22 @@ def _gate_up_kernel(hidden_ptr, gate_up_ptr, scales_ptr, sorted_pairs_ptr, block
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n
     offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = hidden_ptr + tokens.to(tl.int64)[:, None] * stride_hidden + offs_k[None, :]
+    x_rows = hidden_ptr + tokens.to(tl.int64)[:, None] * stride_hidden
+    if INT4:
+        acc_gate, acc_up = _gate_up_int4(x_rows, valid, gate_up_ptr, scales_ptr, expert, cols, col_mask, n, k,
+                                         num_groups, MAGIC_BITS, MAGIC, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        acc_gate, acc_up = _gate_up_dense(x_rows + offs_k[None, :], valid, offs_k, gate_up_ptr, scales_ptr, expert,
+                                          cols, col_mask, n, k, INT8, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+    out = activate(acc_gate, ACTIVATION) * acc_up
+    out_ptrs = inter_ptr + rows.to(tl.int64)[:, None] * n + cols[None, :]
+    tl.store(out_ptrs, out.to(inter_ptr.dtype.element_ty), mask=col_mask[None, :])
+
+
+@triton.jit
+def _gate_up_dense(x_ptrs, valid, offs_k, gate_up_ptr, scales_ptr, expert, cols, col_mask, n, k, INT8: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """(gate, up) float32 [BLOCK_M, BLOCK_N] of 16-bit weights, or of int8 codes times their rows' scales."""
     gate_ptrs = gate_up_ptr + expert.to(tl.int64) * 2 * n * k + cols.to(tl.int64)[:, None] * k + offs_k[None, :]
     up_ptrs = gate_ptrs + n * k  # the up rows follow the expert's n gate rows
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -252,15 +304,39 @@ def _gate_up_kernel(hidden_ptr, gate_up_ptr, scales_ptr, sorted_pairs_ptr, block
         scale_ptrs = scales_ptr + expert.to(tl.int64) * 2 * n + cols
         acc_gate *= tl.load(scale_ptrs, mask=col_mask, other=0.0)[None, :]
         acc_up *= tl.load(scale_ptrs + n, mask=col_mask, other=0.0)[None, :]
-    out = activate(acc_gate, ACTIVATION) * acc_up
-    out_ptrs = inter_ptr + rows.to(tl.int64)[:, None] * n + cols[None, :]
-    tl.store(out_ptrs, out.to(inter_ptr.dtype.element_ty), mask=col_mask[None, :])
+    return acc_gate, acc_up
+
+
+@triton.jit
+def _gate_up_int4(x_rows, valid, gate_up_ptr, scales_ptr, expert, cols, col_mask, n, k, num_groups,
+                  MAGIC_BITS: tl.constexpr, MAGIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """(gate, up) float32 [BLOCK_M, BLOCK_N] of packed int4 codes with a scale per (row, group) (_int4_products);
+    ``x_rows`` [BLOCK_M, 1]: the rows' first elements."""
+    gate_codes = gate_up_ptr + expert.to(tl.int64) * 2 * n * (k // 2)
+    up_codes = gate_codes + n * (k // 2)
+    gate_scales = scales_ptr + expert.to(tl.int64) * 2 * n * num_groups + cols.to(tl.int64) * num_groups
+    up_scales = gate_scales + n * num_groups
+    group_size = k // num_groups
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    for start in range(0, k, BLOCK_K):
+        x = tl.load(x_rows + start + offs_k[None, :], mask=valid[:, None] & (start + offs_k < k)[None, :], other=0.0)
+        x_sum = tl.sum(x.to(tl.float32), axis=1)
+        group = start // group_size
+        acc_gate += _int4_products(x, x_sum, gate_codes, gate_scales + group, cols, col_mask, start, k, MAGIC_BITS,
+                                   MAGIC, BLOCK_N, BLOCK_K)
+        acc_up += _int4_products(x, x_sum, up_codes, up_scales + group, cols, col_mask, start, k, MAGIC_BITS, MAGIC,
+                                 BLOCK_N, BLOCK_K)
+    return acc_gate, acc_up
 
 
 @triton.jit(do_not_specialize=["num_rows"])
 def _down_kernel(inter_ptr, down_ptr, scales_ptr, sorted_pairs_ptr, block_experts_ptr, weights_ptr, out_ptr,
-                 num_rows, n, k, INT8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, GROUP_M: tl.constexpr, USE_PDL: tl.constexpr):
+                 num_rows, n, k, num_groups, INT8: tl.constexpr, INT4: tl.constexpr, MAGIC_BITS: tl.constexpr,
+                 MAGIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 EVEN_K: tl.constexpr, GROUP_M: tl.constexpr, USE_PDL: tl.constexpr):
     wait_for_previous_grid(USE_PDL)
     pid_m, pid_n = grouped_tile(tl.program_id(0), num_rows, n, BLOCK_M, BLOCK_N, GROUP_M)
     expert = tl.load(block_experts_ptr + pid_m)
@@ -273,7 +349,23 @@ def _down_kernel(inter_ptr, down_ptr, scales_ptr, sorted_pairs_ptr, block_expert
     col_mask = cols < n
     offs_k = tl.arange(0, BLOCK_K)
     # every row of a block in use was written by the gate|up kernel (padding rows as 0)
-    a_ptrs = inter_ptr + rows.to(tl.int64)[:, None] * k + offs_k[None, :]
+    a_rows = inter_ptr + rows.to(tl.int64)[:, None] * k
+    if INT4:
+        acc = _down_int4(a_rows, down_ptr, scales_ptr, expert, cols, col_mask, n, k, num_groups, MAGIC_BITS, MAGIC,
+                         BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        acc = _down_dense(a_rows + offs_k[None, :], offs_k, down_ptr, scales_ptr, expert, cols, col_mask, n, k, INT8,
+                          BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+    scale = tl.load(weights_ptr + pairs, mask=valid, other=0.0)
+    out = acc * scale[:, None]
+    out_ptrs = out_ptr + pairs.to(tl.int64)[:, None] * n + cols[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=valid[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _down_dense(a_ptrs, offs_k, down_ptr, scales_ptr, expert, cols, col_mask, n, k, INT8: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """float32 [BLOCK_M, BLOCK_N] of 16-bit down rows, or of int8 codes times their rows' scales."""
     w_ptrs = down_ptr + expert.to(tl.int64) * n * k + cols.to(tl.int64)[:, None] * k + offs_k[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for start in range(0, k, BLOCK_K):
@@ -291,10 +383,39 @@ def _down_kernel(inter_ptr, down_ptr, scales_ptr, sorted_pairs_ptr, block_expert
         w_ptrs += BLOCK_K
     if INT8:  # the down rows' scales, before the routing weight
         acc *= tl.load(scales_ptr + expert.to(tl.int64) * n + cols, mask=col_mask, other=0.0)[None, :]
-    scale = tl.load(weights_ptr + pairs, mask=valid, other=0.0)
-    out = acc * scale[:, None]
-    out_ptrs = out_ptr + pairs.to(tl.int64)[:, None] * n + cols[None, :]
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=valid[:, None] & col_mask[None, :])
+    return acc
+
+
+@triton.jit
+def _down_int4(a_rows, down_ptr, scales_ptr, expert, cols, col_mask, n, k, num_groups, MAGIC_BITS: tl.constexpr,
+               MAGIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """float32 [BLOCK_M, BLOCK_N] of packed int4 down codes with a scale per (row, group) (_int4_products);
+    ``a_rows`` [BLOCK_M, 1]: the intermediate rows' first elements."""
+    codes = down_ptr + expert.to(tl.int64) * n * (k // 2)
+    row_scales = scales_ptr + expert.to(tl.int64) * n * num_groups + cols.to(tl.int64) * num_groups
+    group_size = k // num_groups
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for start in range(0, k, BLOCK_K):
+        # every row of a block in use was written by the gate|up kernel (padding rows as 0)
+        a = tl.load(a_rows + start + offs_k[None, :], mask=(start + offs_k < k)[None, :], other=0.0)
+        acc += _int4_products(a, tl.sum(a.to(tl.float32), axis=1), codes, row_scales + start // group_size, cols,
+                              col_mask, start, k, MAGIC_BITS, MAGIC, BLOCK_N, BLOCK_K)
+    return acc
+
+
+@triton.jit
+def _int4_products(x, x_sum, codes_ptr, scale_ptrs, cols, col_mask, k_start, k, MAGIC_BITS: tl.constexpr,
+                   MAGIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x [BLOCK_M, BLOCK_K] (and its row sums x_sum) times the int4 weight rows ``cols`` (packed codes from codes_ptr,
+    rows of k / 2 bytes) over K elements k_start.., scaled by the rows' scales of this tile's group (scale_ptrs
+    [BLOCK_N]): float32 [BLOCK_M, BLOCK_N]. The tile's bytes are loaded once and their nibbles joined back into K
+    order in registers (quant_matmul's _codes_tile). Codes stored q + 8 become the 16-bit floats MAGIC + q + 8 by
+    bits (quant_matmul.MAGIC), so (MAGIC + 8) x_sum is taken off the products before the scale."""
+    codes = _codes_tile(codes_ptr, cols, col_mask, k_start, k, True, BLOCK_N, BLOCK_K)
+    codes_t = tl.trans((codes.to(tl.int16) | MAGIC_BITS).to(x.dtype, bitcast=True))
+    products = tl.dot(x, codes_t) - (MAGIC + _ZERO_POINT) * x_sum[:, None]
+    return products * tl.load(scale_ptrs, mask=col_mask, other=0.0)[None, :]
 
 
 @triton.jit

@@ -13,10 +13,11 @@ down, the weighting, and an index_add into the output. Only the active experts' 
 GPU path (Triton, trident/moe/experts_triton.py) implements the same :class:`ExpertsBackend` and is tested against
 this one; trident/moe/registry.py names the backends and picks one for a device and dtype.
 
-Experts may also be held as int8 codes with per-row float32 scales (:class:`trident.moe.quant.QuantizedFusedExperts`,
-the format in trident/moe/quant.py): a backend then gets the codes as ``gate_up`` / ``down`` and the scales as
-``gate_up_scales`` / ``down_scales``. The reference dequantizes each active expert to the activations' dtype before
-its matmuls; the fused kernels multiply the codes and scale their float32 accumulators.
+Experts may also be held as int8 codes with per-row float32 scales, or packed int4 codes with per-group ones
+(:class:`trident.moe.quant.QuantizedFusedExperts`, the formats in trident/moe/quant.py): a backend then gets the codes
+as ``gate_up`` / ``down`` and the scales as ``gate_up_scales`` / ``down_scales``. The reference dequantizes each
+active expert to the activations' dtype before its matmuls; the fused kernels multiply the codes and scale their
+float32 accumulators.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ class ExpertsBackend(Protocol):
                 gate_up: torch.Tensor, down: torch.Tensor, activation: str, *,
                 gate_up_scales: torch.Tensor | None = None, down_scales: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [T, H]; weights float32 [T, k]; expert_ids int64 [T, k]; gate_up [E, 2I, H]; down [E, H, I]
-        -> [T, H] in hidden's dtype. With ``gate_up_scales`` float32 [E, 2I] and ``down_scales`` [E, H], gate_up
-        and down are int8 codes (weight = code * its row's scale)."""
+        -> [T, H] in hidden's dtype. With ``gate_up_scales`` and ``down_scales`` (float32), gate_up and down are
+        codes: int8 with scales [E, 2I] / [E, H] (weight = code * its row's scale), or packed int4 (uint8
+        [E, 2I, H / 2] / [E, H, I / 2]) with scales [E, 2I, H / G] / [E, H, I / G] (trident/moe/quant.py)."""
         ...
 
 
@@ -52,7 +54,7 @@ class TorchExperts:
     """The reference backend: tokens sorted by expert, one matmul pair per active expert (see the module
     docstring). Each expert's output is weighted in float32 and added into the result in the activations'
     dtype, expert after expert in id order, as transformers does. It reads the per-expert counts on the host,
-    so it cannot be captured in a CUDA graph. int8 experts: each active expert is dequantized to the activations'
+    so it cannot be captured in a CUDA graph. Quantized experts: each active expert is dequantized to the activations'
     dtype (codes times scales in float32, one rounding), then multiplied as a float one."""
 
     supports_cuda_graphs = False
@@ -61,7 +63,7 @@ class TorchExperts:
                 gate_up: torch.Tensor, down: torch.Tensor, activation: str, *,
                 gate_up_scales: torch.Tensor | None = None, down_scales: torch.Tensor | None = None) -> torch.Tensor:
         if (gate_up_scales is None) != (down_scales is None):
-            raise ValueError("int8 experts need both gate_up_scales and down_scales")
+            raise ValueError("quantized experts need both gate_up_scales and down_scales")
         num_tokens, top_k = expert_ids.shape
         flat_ids = expert_ids.reshape(-1)
         order = torch.argsort(flat_ids, stable=True)  # (token, slot) pairs grouped by expert, in id order

@@ -169,7 +169,7 @@ def install_quantized_modules(model: nn.Module, quantization: QuantizedModules,
     file's weights come): the parts of a fused layer are concatenated along N (rows are independent output
     channels) when all of them are listed in one format; otherwise the listed parts are dequantized to float32
     and the fused layer stays a float Linear. Listed experts modules become QuantizedFusedExperts holding their
-    int8 codes and scales (on ``device``)."""
+    codes and scales (int8 or int4, on ``device``)."""
     from trident.models.layers import Embedding
     from trident.quant.embedding import QuantizedEmbedding
     from trident.quant.linear import replace_module
@@ -224,7 +224,7 @@ def _install_experts(model: nn.Module, names: tuple[str, ...], rest: dict[str, t
                                "model")
         missing = [f"{name}.{t}" for t in EXPERT_TENSORS if f"{name}.{t}" not in rest]
         if missing:
-            raise TridentError(f"the checkpoint lacks {', '.join(missing)} (int8 experts)")
+            raise TridentError(f"the checkpoint lacks {', '.join(missing)} (quantized experts)")
         parts = [rest.pop(f"{name}.{t}").to(device) for t in EXPERT_TENSORS]
         replace_module(model, name, QuantizedFusedExperts(
             experts.num_experts, experts.gate_up_proj.shape[2], experts.intermediate_size, experts.activation,

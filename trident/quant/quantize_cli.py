@@ -44,9 +44,9 @@ QUANTIZE_DESCRIPTION = (
     "channel j is divided by s_j = max|X_j|^alpha / max|W_:,j|^(1-alpha) in the norm's weight and its weight "
     "column multiplied by it, alpha = --smooth-alpha, maxima over the calibration text; likewise down_proj's inputs "
     "through the up rows of gate_up_proj), then quantizes as w8a8. "
-    "Mixture-of-experts models: --method rtn --bits 8 also quantizes the routed experts, to int8 per output channel "
-    "and expert (symmetric, whatever --group-size; run by the fused experts kernels on CUDA); other methods and bits "
-    "leave them in the source dtype."
+    "Mixture-of-experts models: --method rtn --bits 8 or 4 also quantizes the routed experts, symmetric: int8 per "
+    "output channel and expert (whatever --group-size), int4 per expert, output channel and --group-size group "
+    "(run by the fused experts kernels on CUDA); other methods and --bits mixed leave them in the source dtype."
 )
 
 
@@ -182,10 +182,10 @@ def _quantize(args: argparse.Namespace) -> int:
             task = bar.add_task("quantize", total=len(names))
             quant_report = quantize_model(model, config, progress=lambda _: bar.advance(task))
     experts: list[str] = []
-    if gptq_settings is None and config.bits == 8:  # int8 routed experts (trident/moe/quant.py)
-        from trident.moe.quant import quantize_model_experts
+    if gptq_settings is None:  # int8 / int4 routed experts (trident/moe/quant.py)
+        from trident.moe.quant import experts_group_size, quantize_model_experts
 
-        experts = quantize_model_experts(model)
+        experts = quantize_model_experts(model, config.bits, experts_group_size(config))
     head = None
     if args.lm_head == "int8":
         from trident.quant.head import head_config, quantize_head
@@ -230,7 +230,7 @@ def _source_weight_bytes(checkpoint, model, quantized: set[str]) -> int:
 
 
 def _experts_totals(model, experts: list[str]) -> dict:
-    """The int8 experts' part of the report (empty for none): the modules, and the bytes of their codes and
+    """The quantized experts' part of the report (empty for none): the modules, and the bytes of their codes and
     scales."""
     if not experts:
         return {}
