@@ -217,13 +217,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _generate_tensor_parallel(args: argparse.Namespace) -> int:
-    """``trident generate --tensor-parallel N``: N local ranks (trident/distributed/launch.py), rank 0 printing as
-    ``generate`` does. A GGUF file's weights are dequantized unless --gguf-weights says otherwise (quantized layers
-    are not split yet); CPU ranks share the cores unless --threads says otherwise."""
+    """``trident generate --tensor-parallel N``: N ranks (trident/distributed/launch.py), rank 0 printing as
+    ``generate`` does. Started by torchrun (one process per rank, on one host or several), this process is one rank;
+    otherwise it spawns the N ranks on this host. A GGUF file's weights are dequantized unless --gguf-weights says
+    otherwise (quantized layers are not split yet); CPU ranks of a host share its cores unless --threads says
+    otherwise."""
     import dataclasses
 
     from trident.distributed.config import ParallelConfig
-    from trident.distributed.launch import spawn_local
+    from trident.distributed.launch import local_world_size, spawn_local, started_by_torchrun, torchrun_config
     from trident.distributed.shard import check_shardable
     from trident.loader.describe import describe_model
 
@@ -232,14 +234,23 @@ def _generate_tensor_parallel(args: argparse.Namespace) -> int:
     if args.gguf_weights == "auto":
         args.gguf_weights = "dequantize"
     config = _engine_config(args, args.model)
+    torchrun = started_by_torchrun(os.environ)
     if config.device == "cpu" and config.num_threads is None:
-        config = dataclasses.replace(config, num_threads=max(1, (os.cpu_count() or 1) // size))
+        per_host = local_world_size(os.environ) if torchrun else size
+        config = dataclasses.replace(config, num_threads=max(1, (os.cpu_count() or 1) // per_host))
     check_shardable(describe_model(args.model).config, size)  # one clear error before any rank starts
-    return spawn_local(size, config.device, _generate_rank, (config, params, args))
+    if not torchrun:
+        return spawn_local(size, config.device, _generate_rank, (config, params, args))
+    parallel_config, local_rank = torchrun_config(os.environ, config.device)
+    if parallel_config.tensor_parallel_size != size:
+        raise TridentError(f"torchrun started {parallel_config.tensor_parallel_size} processes for --tensor-parallel "
+                           f"{size}; start --nnodes x --nproc-per-node = {size} processes")
+    return _generate_rank(local_rank, parallel_config, config, params, args)
 
 
-def _generate_rank(rank: int, parallel_config, config, params, args: argparse.Namespace) -> int:
-    """One rank of ``generate --tensor-parallel`` (spawned: a module-level function)."""
+def _generate_rank(local_rank: int, parallel_config, config, params, args: argparse.Namespace) -> int:
+    """One rank of ``generate --tensor-parallel`` (``local_rank``: its index on its host; spawned, hence a
+    module-level function)."""
     from trident.distributed.launch import report_errors, run_rank
 
     def drive(engine) -> int:
@@ -247,7 +258,7 @@ def _generate_rank(rank: int, parallel_config, config, params, args: argparse.Na
             raise TridentError("this model has no tokenizer; trident generate needs one")
         return _generate(engine, params, engine.tokenizer, args)
 
-    return report_errors(rank, lambda: run_rank(parallel_config, config, drive, local_rank=rank))
+    return report_errors(parallel_config.rank, lambda: run_rank(parallel_config, config, drive, local_rank=local_rank))
 
 
 def _generate(engine, params, tok, args: argparse.Namespace) -> int:

@@ -64,6 +64,16 @@ def torchrun_config(environ: Mapping[str, str] = os.environ, device: str = "cpu"
                           init_method="env://"), local_rank
 
 
+def started_by_torchrun(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether torchrun started this process (it sets LOCAL_RANK and WORLD_SIZE for each process it starts)."""
+    return "LOCAL_RANK" in environ and "WORLD_SIZE" in environ
+
+
+def local_world_size(environ: Mapping[str, str] = os.environ) -> int:
+    """Ranks on this host under torchrun (LOCAL_WORLD_SIZE), else 1."""
+    return int(environ.get("LOCAL_WORLD_SIZE", 1))
+
+
 def free_port() -> int:
     """A TCP port nobody listens on at this moment, on the loopback interface."""
     with socket.socket() as s:
