@@ -69,6 +69,8 @@ def test_kv_cache_holds_this_ranks_heads(ranks, name):
     expected = max(1, config.num_kv_heads // SIZE)
     assert [seen[f"{name}/kv_heads"] for seen in ranks] == [expected] * SIZE
     assert len({seen[f"{name}/num_blocks"] for seen in ranks}) == 1
+    whole = LLMEngine(engine_config(), checkpoint(SHAPES[name])).kv_block_bytes
+    assert [seen[f"{name}/kv_block_bytes"] for seen in ranks] == [whole * expected // config.num_kv_heads] * SIZE
 
 
 def test_heads_that_do_not_split_are_a_clear_error(ranks):

@@ -25,6 +25,10 @@ SHAPES: dict[str, dict] = {
     # per-head q/k norms, tied embeddings (the vocabulary-parallel table is also the LM head)
     "qwen3-tied": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **_COMMON, "head_dim": 16,
                    "vocab_size": 100, "tie_word_embeddings": True},
+    # Gemma 2: (1 + w) norms around attention and MLP, soft-capped attention and logits, sliding layers
+    "gemma2": {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", **_COMMON, "head_dim": 16,
+               "sliding_window": 6, "query_pre_attn_scalar": 16, "attn_logit_softcapping": 50.0,
+               "final_logit_softcapping": 30.0},
     # one kv head for four query heads: replicated on both ranks
     "llama-mqa": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **_COMMON, "num_key_value_heads": 1,
                   "tie_word_embeddings": True},
@@ -130,6 +134,7 @@ def run_rank(rank: int, size: int, init_method: str, out_dir: str) -> None:
             seen[f"{name}/logits"] = step_logits(engine)
             seen[f"{name}/kv_heads"] = engine.runner.kv_caches[0].key.shape[0]
             seen[f"{name}/num_blocks"] = engine.num_blocks
+            seen[f"{name}/kv_block_bytes"] = engine.kv_block_bytes
             engine = LLMEngine(engine_config(async_scheduling=name in ASYNC_SHAPES), ckpt, parallel=parallel)
             if parallel.is_driver:
                 try:
