@@ -122,6 +122,8 @@ class LLMEngine:
         """The experts backend an MoE model runs (torch or triton), auto resolved."""
         self.parallel = parallel
         """This rank's tensor-parallel group, or None (the whole model here)."""
+        if parallel is not None and config.sparse_kernel:
+            raise TridentError("--sparse-kernel is not supported with --tensor-parallel yet")
         # A model split over ranks is built on the CPU (the checkpoint's tensors, mostly without a copy) and only its
         # slices go to the device, which never holds the whole model.
         build_device = self.device if parallel is None else torch.device("cpu")
@@ -131,8 +133,6 @@ class LLMEngine:
         if parallel is not None:
             from trident.distributed.shard import shard_model
 
-            if config.sparse_kernel:
-                raise TridentError("--sparse-kernel is not supported with --tensor-parallel yet")
             self.model = shard_model(self.model, parallel).to(self.device)
         self.sparse_kernels = None
         """What --sparse-kernel converted (trident/quant/sparse24.py), None when it is off."""
