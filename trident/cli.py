@@ -210,7 +210,59 @@ def _text_engine(args: argparse.Namespace, command: str):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.tensor_parallel != 1:
+        return _generate_tensor_parallel(args)
     engine, params, tok = _text_engine(args, "generate")
+    return _generate(engine, params, tok, args)
+
+
+def _generate_tensor_parallel(args: argparse.Namespace) -> int:
+    """``trident generate --tensor-parallel N``: N ranks (trident/distributed/launch.py), rank 0 printing as
+    ``generate`` does. Started by torchrun (one process per rank, on one host or several), this process is one rank;
+    otherwise it spawns the N ranks on this host. A GGUF file's weights are dequantized unless --gguf-weights says
+    otherwise (quantized layers are not split yet); CPU ranks of a host share its cores unless --threads says
+    otherwise."""
+    import dataclasses
+
+    from trident.distributed.config import ParallelConfig
+    from trident.distributed.launch import local_world_size, spawn_local, started_by_torchrun, torchrun_config
+    from trident.distributed.shard import check_shardable
+    from trident.loader.describe import describe_model
+
+    size = ParallelConfig(tensor_parallel_size=args.tensor_parallel).tensor_parallel_size
+    params = _params(args)  # validate before loading anything
+    if args.gguf_weights == "auto":
+        args.gguf_weights = "dequantize"
+    config = _engine_config(args, args.model)
+    torchrun = started_by_torchrun(os.environ)
+    if config.device == "cpu" and config.num_threads is None:
+        per_host = local_world_size(os.environ) if torchrun else size
+        config = dataclasses.replace(config, num_threads=max(1, (os.cpu_count() or 1) // per_host))
+    check_shardable(describe_model(args.model).config, size)  # one clear error before any rank starts
+    if not torchrun:
+        return spawn_local(size, config.device, _generate_rank, (config, params, args))
+    parallel_config, local_rank = torchrun_config(os.environ, config.device)
+    if parallel_config.tensor_parallel_size != size:
+        raise TridentError(f"torchrun started {parallel_config.tensor_parallel_size} processes for --tensor-parallel "
+                           f"{size}; start --nnodes x --nproc-per-node = {size} processes")
+    return _generate_rank(local_rank, parallel_config, config, params, args)
+
+
+def _generate_rank(local_rank: int, parallel_config, config, params, args: argparse.Namespace) -> int:
+    """One rank of ``generate --tensor-parallel`` (``local_rank``: its index on its host; spawned, hence a
+    module-level function)."""
+    from trident.distributed.launch import report_errors, run_rank
+
+    def drive(engine) -> int:
+        if engine.tokenizer is None:
+            raise TridentError("this model has no tokenizer; trident generate needs one")
+        return _generate(engine, params, engine.tokenizer, args)
+
+    return report_errors(parallel_config.rank, lambda: run_rank(parallel_config, config, drive, local_rank=local_rank))
+
+
+def _generate(engine, params, tok, args: argparse.Namespace) -> int:
+    """Stream one reply to the prompt, then the speed line."""
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         prompt_ids = tok.encode_chat(messages + [{"role": "user", "content": args.prompt}])
@@ -320,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the model over N processes of this host (with --device cuda one GPU each, over NCCL; "
+                   "on the CPU over gloo): attention heads, MLP and expert features, vocabulary (default: 1; see "
+                   "docs/distributed.md)")
     _sampling_args(p, max_tokens=128)
     _engine_args(p)
     p.set_defaults(func=cmd_generate)

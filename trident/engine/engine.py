@@ -23,6 +23,7 @@ import itertools
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -53,6 +54,9 @@ from trident.loader import Checkpoint, load_checkpoint
 from trident.models.build import build_model
 from trident.moe.registry import resolve_experts_backend
 from trident.moe.stats import MoeStats
+
+if TYPE_CHECKING:
+    from trident.distributed.group import TensorParallel
 
 
 @dataclass
@@ -89,9 +93,15 @@ class EngineStats:
 
 
 class LLMEngine:
-    """A single-model engine. Not thread-safe: one caller steps it."""
+    """A single-model engine. Not thread-safe: one caller steps it.
 
-    def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None) -> None:
+    With ``parallel`` (tensor parallelism, trident/distributed/), this engine is one rank's: the model is split
+    over the group after it is built, the KV cache holds this rank's kv heads, and the runner is a
+    TensorParallelRunner. Rank 0's engine is stepped by the caller as usual; the other ranks' runners follow it
+    (``runner.follow()``) until rank 0 calls ``runner.stop_followers()``."""
+
+    def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None,
+                 parallel: TensorParallel | None = None) -> None:
         t0 = time.perf_counter()
         if config.device.startswith("cuda") and not torch.cuda.is_available():
             raise TridentError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
@@ -110,9 +120,20 @@ class LLMEngine:
         backend = create_backend(self.attention_backend, self.device)
         self.experts_backend = resolve_experts_backend(config.experts_backend, self.device, self.dtype)
         """The experts backend an MoE model runs (torch or triton), auto resolved."""
-        self.model = build_model(self.model_config, checkpoint.tensors, dtype=self.dtype, device=self.device,
+        self.parallel = parallel
+        """This rank's tensor-parallel group, or None (the whole model here)."""
+        if parallel is not None and config.sparse_kernel:
+            raise TridentError("--sparse-kernel is not supported with --tensor-parallel yet")
+        # A model split over ranks is built on the CPU (the checkpoint's tensors, mostly without a copy) and only its
+        # slices go to the device, which never holds the whole model.
+        build_device = self.device if parallel is None else torch.device("cpu")
+        self.model = build_model(self.model_config, checkpoint.tensors, dtype=self.dtype, device=build_device,
                                  backend=backend, quantization=checkpoint.quantization,
                                  experts_backend=self.experts_backend)
+        if parallel is not None:
+            from trident.distributed.shard import shard_model
+
+            self.model = shard_model(self.model, parallel).to(self.device)
         self.sparse_kernels = None
         """What --sparse-kernel converted (trident/quant/sparse24.py), None when it is off."""
         if config.sparse_kernel:
@@ -129,23 +150,33 @@ class LLMEngine:
         if self.device.type == "cuda":  # what building the model freed (copies, conversions) back to the device,
             torch.cuda.empty_cache()    # before the budget reads its free memory
         # A given block count needs no budget: the free-memory check is for sizing from the budget.
-        budget = 0 if cache.num_blocks else kv_budget_bytes(self.model_config, config, self.device)
-        num_blocks = num_kv_blocks(self.model_config, config, self.max_model_len, kv_format, budget)
+        # The cache is sized from the model's own config: with tensor parallelism, this rank's heads (its blocks
+        # hold its kv heads), the block count agreed by all ranks (the smallest).
+        kv_config = self.model.config
+        budget = 0 if cache.num_blocks else kv_budget_bytes(kv_config, config, self.device)
+        num_blocks = num_kv_blocks(kv_config, config, self.max_model_len, kv_format, budget)
+        if parallel is not None:
+            num_blocks = parallel.min_over_ranks(num_blocks)
         self.num_blocks = num_blocks
         self.kv_format = kv_format
         """How the KV cache stores keys and values (config.cache.kv_cache_dtype, auto resolved)."""
-        self.kv_block_bytes = kv_bytes_per_block(self.model_config, cache.block_size, kv_format)
-        """Bytes of one KV block over all layers (with the scales of a quantized cache)."""
+        self.kv_block_bytes = kv_bytes_per_block(kv_config, cache.block_size, kv_format)
+        """Bytes of one KV block over all layers (with the scales of a quantized cache), on this rank."""
         # MoE models answer for their experts backend too (the torch reference reads expert counts on the host;
         # the triton one is capturable), and 2:4 sparse layers for theirs (a capture probe at installation)
         capturable = (backend.supports_cuda_graphs and getattr(self.model, "supports_cuda_graphs", True)
                       and (self.sparse_kernels is None or self.sparse_kernels.capturable))
         graph_sizes = cuda_graph_batch_sizes(config, self.device, capturable)
-        self.runner = ModelRunner(self.model, backend=backend, num_blocks=num_blocks, block_size=cache.block_size,
-                                  kv_format=kv_format, device=self.device,
-                                  sampler=Sampler(seed=config.seed, device=self.device),
-                                  max_num_seqs=config.scheduler.max_num_seqs, max_model_len=self.max_model_len,
-                                  cuda_graph_batch_sizes=graph_sizes, cpu_decode=not config.enforce_eager)
+        runner_args = dict(backend=backend, num_blocks=num_blocks, block_size=cache.block_size, kv_format=kv_format,
+                           device=self.device, sampler=Sampler(seed=config.seed, device=self.device),
+                           max_num_seqs=config.scheduler.max_num_seqs, max_model_len=self.max_model_len,
+                           cuda_graph_batch_sizes=graph_sizes)
+        if parallel is None:
+            self.runner = ModelRunner(self.model, cpu_decode=not config.enforce_eager, **runner_args)
+        else:
+            from trident.distributed.runner import TensorParallelRunner
+
+            self.runner = TensorParallelRunner(self.model, parallel=parallel, **runner_args)
         if self.device.type == "cuda":
             self.runner.warm_up()
         self._moe_load = getattr(self.model, "load_stats", None)

@@ -1,0 +1,125 @@
+"""Tensor parallelism over two gloo ranks on the CPU, against the same weights unsplit (TP=1) in this process.
+
+One spawn of two ranks (module fixture) runs every model of tp_ranks.SHAPES: the logits of fixed prefill, mixed
+and decode steps through the engine's runner, and rank 0's greedy generation through the engine (the other rank
+following its plans); then a model whose heads do not split. The tests compare what the ranks saw with this
+process's unsplit engines.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from tp_ranks import ASYNC_SHAPES, SHAPES, checkpoint, engine_config, generate, run_rank, step_logits
+
+from trident.config import ModelConfig
+from trident.distributed.config import ParallelConfig
+from trident.distributed.group import TensorParallel
+from trident.distributed.shard import check_shardable, kv_heads_of, shard_config, shard_model
+from trident.engine.engine import LLMEngine
+from trident.errors import TridentError
+
+SIZE = 2
+ATOL = 1e-5
+"""float32: the split sums differ from the whole ones in rounding only (about 1e-6 here)."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    """What each of the two ranks saw (tp_ranks.run_rank)."""
+    out = tmp_path_factory.mktemp("tp")
+    mp.spawn(run_rank, args=(SIZE, f"tcp://127.0.0.1:{_free_port()}", str(out)), nprocs=SIZE)
+    return [torch.load(out / f"rank{r}.pt") for r in range(SIZE)]
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_logits_equal_unsplit(ranks, name):
+    """Prefill, prefill beside decodes, decodes: every rank has the full logits, equal to TP=1's."""
+    reference = step_logits(LLMEngine(engine_config(), checkpoint(SHAPES[name])))
+    for rank, seen in enumerate(ranks):
+        logits = seen[f"{name}/logits"]
+        assert len(logits) == len(reference)
+        for step, (got, want) in enumerate(zip(logits, reference)):
+            assert got.shape == want.shape, (rank, step)
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg=f"rank {rank}, step {step}")
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_greedy_generation_equals_unsplit(ranks, name):
+    """The engine split over two ranks (asynchronous scheduling for some shapes: pending tokens on every rank)
+    generates TP=1's tokens."""
+    engine = LLMEngine(engine_config(async_scheduling=name in ASYNC_SHAPES), checkpoint(SHAPES[name]))
+    assert ranks[0][f"{name}/tokens"] == generate(engine)
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_kv_cache_holds_this_ranks_heads(ranks, name):
+    """Each rank's cache holds its kv heads (half of them, or the one it reads when there are fewer than ranks),
+    with the same block count on every rank."""
+    config = ModelConfig.from_hf_dict(SHAPES[name])
+    expected = max(1, config.num_kv_heads // SIZE)
+    assert [seen[f"{name}/kv_heads"] for seen in ranks] == [expected] * SIZE
+    assert len({seen[f"{name}/num_blocks"] for seen in ranks}) == 1
+    whole = LLMEngine(engine_config(), checkpoint(SHAPES[name])).kv_block_bytes
+    assert [seen[f"{name}/kv_block_bytes"] for seen in ranks] == [whole * expected // config.num_kv_heads] * SIZE
+
+
+def test_heads_that_do_not_split_are_a_clear_error(ranks):
+    for seen in ranks:
+        assert seen["bad-heads/error"] == ("the model has 3 attention heads, which do not split evenly over "
+                                           "--tensor-parallel 2; use a size that divides 3")
+
+
+def _config(**overrides) -> ModelConfig:
+    return ModelConfig.from_hf_dict({**SHAPES["llama-gqa-bias"], **overrides})
+
+
+def test_unsplittable_shapes():
+    with pytest.raises(TridentError, match="6 kv heads, which neither split evenly over --tensor-parallel 4"):
+        check_shardable(_config(num_attention_heads=12, num_key_value_heads=6, head_dim=8), 4)
+    with pytest.raises(TridentError, match=r"intermediate_size \(96\) does not split evenly over --tensor-parallel 64"):
+        check_shardable(_config(num_attention_heads=64, num_key_value_heads=64, head_dim=8), 64)
+    deepseek = ModelConfig.from_hf_dict({
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 64, "hidden_size": 32,
+        "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+        "kv_lora_rank": 16, "q_lora_rank": None, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8,
+        "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16, "n_group": 1, "topk_group": 1})
+    with pytest.raises(TridentError, match="multi-head latent attention .* not supported with --tensor-parallel yet"):
+        check_shardable(deepseek, 2)
+
+
+def test_kv_heads_per_rank():
+    assert [kv_heads_of(4, 2, r) for r in range(2)] == [(0, 2), (2, 2)]
+    assert [kv_heads_of(2, 4, r) for r in range(4)] == [(0, 1), (0, 1), (1, 1), (1, 1)]  # replicated
+    local = shard_config(_config(), 2)
+    assert (local.num_heads, local.num_kv_heads, local.hidden_size, local.vocab_size) == (2, 1, 64, 101)
+
+
+def test_quantized_layers_are_refused_before_any_change():
+    """A model holding quantized layers is a clear error (no collective is reached: the group here is fake)."""
+    from trident.quant.linear import quantize_model
+    from trident.quant.rtn import QuantConfig
+
+    engine = LLMEngine(engine_config(), checkpoint(SHAPES["llama-gqa-bias"]))
+    quantize_model(engine.model, QuantConfig(bits=8))
+    fake = TensorParallel(rank=0, size=2, group=None, control_group=None)
+    with pytest.raises(TridentError, match="QuantizedLinear .*not supported with --tensor-parallel yet"):
+        shard_model(engine.model, fake)
+
+
+def test_parallel_config_is_validated():
+    with pytest.raises(TridentError, match="rank 2 is outside"):
+        ParallelConfig(tensor_parallel_size=2, rank=2)
+    with pytest.raises(TridentError, match="backend"):
+        ParallelConfig(backend="mpi")
+    with pytest.raises(TridentError, match="positive integer"):
+        ParallelConfig(tensor_parallel_size=0)

@@ -1,0 +1,227 @@
+"""Split a built model over the ranks of a tensor-parallel group, in place (Megatron-style).
+
+:func:`shard_model` takes a model built and loaded by trident/models/build.py and replaces its modules by
+the layers of trident/distributed/layers.py holding this rank's slices of the loaded weights:
+
+- attention: this rank's query heads and their kv heads (qkv_proj column-parallel, the q, k and v parts each
+  split by heads; o_proj row-parallel). With more ranks than kv heads, each kv head is replicated on the
+  ranks whose query heads read it;
+- the dense gated MLP: gate_up_proj column-parallel (this rank's gate rows, then its up rows), down_proj
+  row-parallel;
+- MoE blocks: every routed expert keeps the same slice of its intermediate features (gate_up rows, down
+  columns), the shared expert is split like a dense MLP, the router stays whole; the block's output (routed
+  plus shared) is all-reduced once (:class:`~trident.distributed.layers.ReducedMoeBlock`);
+- the embedding table and LM head: by vocabulary (tied embeddings included);
+- norms and rotary embeddings: replicated.
+
+The model's ``config`` becomes :func:`shard_config`'s: heads per rank, which is what the runner sizes each layer's
+KV cache from. Modules it does not know how to split (quantized layers, multi-head latent attention) are a
+TridentError before anything changes. Modules shared by several layers (``trident share``) are split once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from torch import nn
+
+from trident.config import ModelConfig
+from trident.distributed.group import TensorParallel
+from trident.distributed.layers import (
+    ColumnParallelLinear,
+    ReducedMoeBlock,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    VocabParallelLMHead,
+    take,
+)
+from trident.errors import TridentError
+from trident.models.layers import Attention, Embedding, GatedMLP, Linear, RMSNorm, RotaryEmbedding
+from trident.moe.block import SparseMoeBlock
+from trident.moe.experts import FusedExperts
+from trident.moe.router import Router
+
+UNSUPPORTED = "not supported with --tensor-parallel yet"
+
+Memo = dict[int, tuple[nn.Module, nn.Module]]
+"""id(original module) -> (the original, kept alive so its id stays unique; its replacement)."""
+
+
+def check_shardable(config: ModelConfig, size: int) -> None:
+    """Raise a TridentError when ``config``'s model cannot be split over ``size`` ranks: heads, intermediate
+    features and expert features must divide evenly (kv heads may instead be fewer than the ranks, a divisor of
+    them), and multi-head latent attention is not split yet."""
+    if config.mla is not None:
+        raise TridentError(f"{config.model_type}: multi-head latent attention (DeepSeek-V2/V3) is {UNSUPPORTED}; "
+                           "run it without --tensor-parallel")
+    heads, kv_heads = config.num_heads, config.num_kv_heads
+    if heads % size:
+        raise TridentError(f"the model has {heads} attention heads, which do not split evenly over "
+                           f"--tensor-parallel {size}; use a size that divides {heads}")
+    if kv_heads % size and size % kv_heads:
+        raise TridentError(f"the model has {kv_heads} kv heads, which neither split evenly over --tensor-parallel "
+                           f"{size} nor replicate evenly; use a size that divides {kv_heads} or a multiple of it")
+    moe = config.moe
+    dense = [i for i in range(config.num_layers) if moe is None or not moe.is_sparse(i)]
+    sizes = {"intermediate_size": config.intermediate_size if dense else 0}
+    if moe is not None:
+        sizes["moe_intermediate_size"] = moe.moe_intermediate_size
+        sizes["shared_expert_intermediate_size"] = moe.shared_expert_intermediate_size
+    for name, features in sizes.items():
+        if features % size:
+            raise TridentError(f"the model's {name} ({features}) does not split evenly over --tensor-parallel "
+                               f"{size}; use a size that divides it")
+
+
+def kv_heads_of(num_kv_heads: int, size: int, rank: int) -> tuple[int, int]:
+    """(first kv head, kv heads) a rank holds: its share when the kv heads split evenly, else (more ranks than kv
+    heads) the one kv head its query heads read."""
+    if num_kv_heads % size == 0:
+        per_rank = num_kv_heads // size
+        return rank * per_rank, per_rank
+    return rank * num_kv_heads // size, 1
+
+
+def shard_config(config: ModelConfig, size: int) -> ModelConfig:
+    """``config`` as one rank's attention and KV cache see it: query and kv heads per rank (the rest of the model
+    is described as a whole: hidden and vocabulary sizes are the model's)."""
+    check_shardable(config, size)
+    return dataclasses.replace(config, num_heads=config.num_heads // size,
+                               num_kv_heads=kv_heads_of(config.num_kv_heads, size, 0)[1])
+
+
+def shard_model(model: nn.Module, parallel: TensorParallel) -> nn.Module:
+    """Split ``model`` (built and loaded, see the module docstring) over ``parallel``'s ranks in place; returns it."""
+    config = model.config
+    check_shardable(config, parallel.size)
+    _check_modules(model, "")
+    _shard_children(model, "", parallel, {})
+    model.config = shard_config(config, parallel.size)
+    return model
+
+
+_REPLICATED = (RMSNorm, RotaryEmbedding)
+"""Modules every rank keeps whole."""
+
+
+def _check_modules(module: nn.Module, path: str) -> None:
+    """Raise before any change when a module holding weights is of a kind this file cannot split (quantized
+    layers and experts, or any module unknown here)."""
+    for name, child in module.named_children():
+        child_path = f"{path}{name}"
+        if isinstance(child, Attention):
+            _expect_linear(child, child_path, ("qkv_proj", "o_proj"))
+            for norm in ("q_norm", "k_norm"):
+                if hasattr(child, norm) and type(getattr(child, norm)) is not RMSNorm:
+                    raise TridentError(f"{child_path}.{norm} is a {type(getattr(child, norm)).__name__}: {UNSUPPORTED}")
+        elif isinstance(child, GatedMLP):
+            _expect_linear(child, child_path, ("gate_up_proj", "down_proj"))
+        elif isinstance(child, SparseMoeBlock):
+            if type(child.experts) is not FusedExperts:
+                raise TridentError(f"{child_path}.experts is a {type(child.experts).__name__} (quantized experts): "
+                                   f"{UNSUPPORTED}; use an unquantized checkpoint")
+            if type(child.gate) is not Router:
+                raise TridentError(f"{child_path}.gate is a {type(child.gate).__name__}: {UNSUPPORTED}")
+            if child.shared_expert is not None:
+                _expect_linear(child.shared_expert, f"{child_path}.shared_expert", ("gate_up_proj", "down_proj"))
+            if child.shared_expert_gate is not None:
+                _expect_linear(child, child_path, ("shared_expert_gate",))
+        elif type(child) is Embedding or (child_path == "lm_head" and type(child) is Linear):
+            continue
+        elif isinstance(child, _REPLICATED):
+            continue
+        elif any(p is not None for p in child._parameters.values()):
+            raise TridentError(f"{child_path} is a {type(child).__name__}, which {_unsupported_kind(child)} is "
+                               f"{UNSUPPORTED}; use an unquantized checkpoint (for a GGUF file: --gguf-weights "
+                               "dequantize)")
+        else:
+            _check_modules(child, f"{child_path}.")
+
+
+def _unsupported_kind(module: nn.Module) -> str:
+    return "(quantized weights)" if "quant" in type(module).__module__ else "(a layer split nowhere here)"
+
+
+def _expect_linear(owner: nn.Module, path: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        layer = getattr(owner, name)
+        if type(layer) is not Linear:
+            raise TridentError(f"{path}.{name} is a {type(layer).__name__} {_unsupported_kind(layer)}: {UNSUPPORTED}; "
+                               "use an unquantized checkpoint (for a GGUF file: --gguf-weights dequantize)")
+
+
+def _once(memo: Memo, module: nn.Module, make: Callable[[], nn.Module]) -> nn.Module:
+    """``module``'s replacement, made on its first visit (shared modules are split once)."""
+    if id(module) not in memo:
+        memo[id(module)] = (module, make())
+    return memo[id(module)][1]
+
+
+def _shard_children(module: nn.Module, path: str, parallel: TensorParallel, memo: Memo) -> None:
+    for name, child in list(module.named_children()):
+        child_path = f"{path}{name}"
+        if isinstance(child, Attention):
+            new = _once(memo, child, lambda c=child: _shard_attention(c, parallel, memo))
+        elif isinstance(child, GatedMLP):
+            new = _once(memo, child, lambda c=child: _shard_mlp(c, parallel, memo, reduce=True))
+        elif isinstance(child, SparseMoeBlock):
+            new = _once(memo, child, lambda c=child: _shard_moe(c, parallel, memo))
+        elif type(child) is Embedding:
+            new = _once(memo, child, lambda c=child: VocabParallelEmbedding.shard(c.weight, parallel))
+        elif child_path == "lm_head":
+            new = _once(memo, child, lambda c=child: VocabParallelLMHead.shard(c.weight, parallel))
+        elif isinstance(child, _REPLICATED):
+            continue
+        else:
+            _shard_children(child, f"{child_path}.", parallel, memo)
+            continue
+        if new is not child:
+            setattr(module, name, new)
+
+
+def _shard_attention(attn: Attention, parallel: TensorParallel, memo: Memo) -> Attention:
+    """This rank's query heads and the kv heads they read, in place."""
+    heads, kv_heads, dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    local_heads = heads // parallel.size
+    first_head = parallel.rank * local_heads
+    first_kv, local_kv = kv_heads_of(kv_heads, parallel.size, parallel.rank)
+    q_size, kv_size = heads * dim, kv_heads * dim
+    rows = ((first_head * dim, local_heads * dim), (q_size + first_kv * dim, local_kv * dim),
+            (q_size + kv_size + first_kv * dim, local_kv * dim))
+    attn.qkv_proj = _once(memo, attn.qkv_proj, lambda: ColumnParallelLinear.shard(attn.qkv_proj, rows))
+    attn.o_proj = _once(memo, attn.o_proj, lambda: RowParallelLinear.shard(attn.o_proj, first_head * dim,
+                                                                           local_heads * dim, parallel))
+    attn.num_heads, attn.num_kv_heads = local_heads, local_kv
+    attn.q_size, attn.kv_size = local_heads * dim, local_kv * dim
+    return attn
+
+
+def _shard_mlp(mlp: GatedMLP, parallel: TensorParallel, memo: Memo, reduce: bool) -> GatedMLP:
+    """This rank's slice of the intermediate features, in place; ``reduce``: down_proj all-reduces its output (not
+    inside an MoE block, which reduces once for all its experts)."""
+    features = mlp.intermediate_size
+    local = features // parallel.size
+    start = parallel.rank * local
+    mlp.gate_up_proj = _once(memo, mlp.gate_up_proj, lambda: ColumnParallelLinear.shard(
+        mlp.gate_up_proj, ((start, local), (features + start, local))))
+    mlp.down_proj = _once(memo, mlp.down_proj, lambda: RowParallelLinear.shard(mlp.down_proj, start, local, parallel,
+                                                                               reduce=reduce))
+    mlp.intermediate_size = local
+    return mlp
+
+
+def _shard_moe(block: SparseMoeBlock, parallel: TensorParallel, memo: Memo) -> ReducedMoeBlock:
+    """Every routed expert's slice of its intermediate features and the shared expert's, partial sums reduced once
+    by the returned wrapper; the router and the shared expert's gate stay whole."""
+    experts = block.experts
+    features = experts.intermediate_size
+    local = features // parallel.size
+    start = parallel.rank * local
+    experts.gate_up_proj = nn.Parameter(take(experts.gate_up_proj, ((start, local), (features + start, local)), dim=1),
+                                        requires_grad=False)
+    experts.down_proj = nn.Parameter(take(experts.down_proj, ((start, local),), dim=2), requires_grad=False)
+    experts.intermediate_size = local
+    if block.shared_expert is not None:
+        _shard_mlp(block.shared_expert, parallel, memo, reduce=False)
+    return ReducedMoeBlock(block, parallel)
