@@ -1,21 +1,13 @@
 """`trident generate --tensor-parallel 2` as a user runs it (real processes: the command spawns its two gloo ranks),
-on a tiny Llama folder with a byte-level tokenizer, against the same command without it."""
+on a tiny Llama folder with a byte-level tokenizer (conftest.py), against the same command without it."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
-import transformers
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "compress"))
-
-from byte_tokenizer import save_with_byte_tokenizer  # noqa: E402
 
 TRIDENT = [sys.executable, "-m", "trident.cli"]
 GENERATE = ("--prompt", "The quick brown fox", "--max-tokens", "12", "--ignore-eos", "--dtype", "float32",
@@ -25,25 +17,6 @@ GENERATE = ("--prompt", "The quick brown fox", "--max-tokens", "12", "--ignore-e
 def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*TRIDENT, *args], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory) -> Path:
-    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                      tie_word_embeddings=False)
-    path = save_with_byte_tokenizer(config, tmp_path_factory.mktemp("tp-llama"), seed=5)
-    # Only printable ASCII tokens keep their LM-head rows (the others' logits are 0, below the best of ~90 random
-    # ones): the text then shows every token, where stray bytes would all print as the same replacement character.
-    from safetensors.torch import load_file, save_file
-    from tokenizers import pre_tokenizers
-
-    tensors = load_file(path / "model.safetensors")
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    printable = torch.tensor([33 <= ord(ch) <= 126 for ch in alphabet])
-    tensors["lm_head.weight"][~printable] = 0
-    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    return path
 
 
 @pytest.fixture(scope="module")
