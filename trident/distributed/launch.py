@@ -146,8 +146,9 @@ def spawn_local(size: int, device: str, target: Callable[..., int], args: tuple 
 
 def _stop_ranks(processes: list) -> None:
     """Ask rank 0 to stop (SIGTERM, which it treats as Ctrl-C), wait up to STOP_GRACE_S for every rank, then
-    terminate, then kill what is left. A second interrupt skips the waiting."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # one Ctrl-C is enough: the ranks are being stopped
+    terminate, then kill what is left. Further Ctrl-C / SIGTERM to this process are ignored meanwhile (a second
+    Ctrl-C in the terminal still reaches rank 0, which then stops a server without waiting for its connections)."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # one Ctrl-C is enough: the ranks are being stopped
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         if processes[0].is_alive():
@@ -162,7 +163,7 @@ def _stop_ranks(processes: list) -> None:
             if not any(p.is_alive() for p in processes):
                 return
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, previous if previous is not signal.SIG_IGN else signal.default_int_handler)
 
 
 def raise_interrupt(signum, frame) -> None:
