@@ -18,7 +18,7 @@ from trident.config import ModelConfig
 from trident.distributed.config import ParallelConfig
 from trident.distributed.experts import ExpertParallelExperts, expert_range
 from trident.distributed.group import TensorParallel
-from trident.distributed.shard import check_shardable
+from trident.distributed.shard import check_shardable, shard_config
 from trident.engine.engine import LLMEngine
 from trident.errors import TridentError
 from trident.moe.experts import FusedExperts, TorchExperts
@@ -155,6 +155,7 @@ def test_what_expert_parallelism_needs():
         check_shardable(_moe_config(num_attention_heads=8, num_key_value_heads=8, head_dim=8), 8, True)
     odd_features = _moe_config(moe_intermediate_size=33)
     check_shardable(odd_features, 2, expert_parallel=True)
+    assert shard_config(odd_features, 2, expert_parallel=True).moe.moe_intermediate_size == 33
     with pytest.raises(TridentError, match=r"moe_intermediate_size \(33\) does not split evenly"):
         check_shardable(odd_features, 2)
     with pytest.raises(TridentError, match=r"shared_expert_intermediate_size \(49\) does not split evenly"):

@@ -96,10 +96,10 @@ def kv_heads_of(num_kv_heads: int, size: int, rank: int) -> tuple[int, int]:
     return rank * num_kv_heads // size, 1
 
 
-def shard_config(config: ModelConfig, size: int) -> ModelConfig:
+def shard_config(config: ModelConfig, size: int, expert_parallel: bool = False) -> ModelConfig:
     """``config`` as one rank's attention and KV cache see it: query and kv heads per rank (the rest of the model
-    is described as a whole: hidden and vocabulary sizes are the model's)."""
-    check_shardable(config, size)
+    is described as a whole: hidden and vocabulary sizes are the model's, and so are the experts')."""
+    check_shardable(config, size, expert_parallel)
     return dataclasses.replace(config, num_heads=config.num_heads // size,
                                num_kv_heads=kv_heads_of(config.num_kv_heads, size, 0)[1])
 
@@ -111,7 +111,7 @@ def shard_model(model: nn.Module, parallel: TensorParallel) -> nn.Module:
     check_shardable(config, parallel.size, parallel.expert_parallel)
     _check_modules(model, "")
     _shard_children(model, "", parallel, {})
-    model.config = shard_config(config, parallel.size)
+    model.config = shard_config(config, parallel.size, parallel.expert_parallel)
     return model
 
 
