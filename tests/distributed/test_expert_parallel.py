@@ -172,3 +172,18 @@ def test_generate_expert_parallel_without_tensor_parallel_is_one_line(capsys):
     assert main(["generate", "/nonexistent/model", "--prompt", "hi", "--expert-parallel"]) == 2
     assert capsys.readouterr().err == ("error: --expert-parallel splits experts over the ranks of --tensor-parallel N; "
                                        "add --tensor-parallel N with N > 1 (a divisor of the number of experts)\n")
+
+
+def test_quantized_experts_are_refused_before_any_change():
+    """int8 experts are not split, whole or by features (no collective is reached: the group here is fake)."""
+    from trident.distributed.shard import shard_model
+    from trident.moe.quant import quantize_model_experts
+
+    engine = LLMEngine(engine_config(), checkpoint(SHAPES["mixtral"]))
+    quantize_model_experts(engine.model, bits=8)
+    fake = TensorParallel(rank=0, size=2, group=None, control_group=None, expert_parallel=True)
+    with pytest.raises(TridentError, match="QuantizedFusedExperts .quantized experts.: not supported with "
+                                           "--tensor-parallel yet"):
+        shard_model(engine.model, fake)
+    assert engine.model.config.num_heads == SHAPES["mixtral"]["num_attention_heads"]  # nothing changed
+    assert engine.model.load_stats.snapshot().num_experts == NUM_EXPERTS
