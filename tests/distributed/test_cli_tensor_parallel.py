@@ -1,8 +1,10 @@
-"""`trident generate --tensor-parallel 2` as a user runs it (real processes: the command spawns its two gloo ranks),
-on a tiny Llama folder with a byte-level tokenizer, against the same command without it."""
+"""`trident generate --tensor-parallel 2` (and `--expert-parallel`) as a user runs it (real processes: the command
+spawns its two gloo ranks), on tiny Llama and Mixtral folders with a byte-level tokenizer, against the same command
+without it."""
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -32,9 +34,12 @@ def tiny_folder(tmp_path_factory) -> Path:
     config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                       tie_word_embeddings=False)
-    path = save_with_byte_tokenizer(config, tmp_path_factory.mktemp("tp-llama"), seed=5)
-    # Only printable ASCII tokens keep their LM-head rows (the others' logits are 0, below the best of ~90 random
-    # ones): the text then shows every token, where stray bytes would all print as the same replacement character.
+    return _printable_only(save_with_byte_tokenizer(config, tmp_path_factory.mktemp("tp-llama"), seed=5))
+
+
+def _printable_only(path: Path) -> Path:
+    """Only printable ASCII tokens keep their LM-head rows (the others' logits are 0, below the best of ~90 random
+    ones): the text then shows every token, where stray bytes would all print as the same replacement character."""
     from safetensors.torch import load_file, save_file
     from tokenizers import pre_tokenizers
 
@@ -46,15 +51,19 @@ def tiny_folder(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def unsplit_text(tiny_folder) -> str:
+def _unsplit_text(folder: Path) -> str:
     """What ``generate`` prints without tensor parallelism."""
-    whole = _run("generate", str(tiny_folder), *GENERATE)
+    whole = _run("generate", str(folder), *GENERATE)
     assert whole.returncode == 0, whole.stderr
     assert whole.stdout.startswith("The quick brown fox") and whole.stdout.endswith("\n")
     generated = whole.stdout[len("The quick brown fox"): -1]
     assert len(generated) == 12 and generated.isprintable()  # one character per token
     return whole.stdout
+
+
+@pytest.fixture(scope="module")
+def unsplit_text(tiny_folder) -> str:
+    return _unsplit_text(tiny_folder)
 
 
 def test_generate_tensor_parallel_prints_the_unsplit_text(tiny_folder, unsplit_text) -> None:
@@ -78,3 +87,33 @@ def test_heads_that_do_not_split_are_one_line_before_any_rank(tiny_folder) -> No
     assert r.returncode == 2, r.stderr
     assert r.stderr == ("error: the model has 4 attention heads, which do not split evenly over --tensor-parallel 3; "
                         "use a size that divides 4\n")
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_folder(tmp_path_factory) -> Path:
+    """A tiny Mixtral of four experts with 33 intermediate features each: they split over two ranks whole, but not
+    by features (so a rank that got no --expert-parallel would refuse it)."""
+    config = transformers.MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=33, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2, max_position_embeddings=256, tie_word_embeddings=False)
+    return _printable_only(save_with_byte_tokenizer(config, tmp_path_factory.mktemp("ep-mixtral"), seed=6))
+
+
+def test_generate_expert_parallel_prints_the_unsplit_text(tiny_moe_folder, capsys) -> None:
+    """Whole experts per rank reach the spawned ranks (the features would not split) and generate the text the
+    unsplit command streams (its engine and sampling built in this process from the same arguments); tensor
+    parallelism alone refuses the model in one line before any rank starts."""
+    from trident.cli import _engine_config, _params, _stream, build_parser, main
+    from trident.engine.engine import LLMEngine
+
+    split = _run("generate", str(tiny_moe_folder), *GENERATE, "--tensor-parallel", "2", "--expert-parallel")
+    assert split.returncode == 0, split.stderr
+    args = build_parser().parse_args(["generate", str(tiny_moe_folder), *GENERATE])
+    engine = LLMEngine(_engine_config(args, args.model))
+    streamed = io.StringIO()
+    _stream(engine, engine.tokenizer.encode(args.prompt), _params(args), out=streamed)
+    assert split.stdout == f"{args.prompt}{streamed.getvalue()}\n"
+    assert len(streamed.getvalue()) == 12 and streamed.getvalue().isprintable()  # one character per token
+    assert main(["generate", str(tiny_moe_folder), *GENERATE, "--tensor-parallel", "2"]) == 2
+    assert capsys.readouterr().err == ("error: the model's moe_intermediate_size (33) does not split evenly over "
+                                       "--tensor-parallel 2; use a size that divides it\n")
