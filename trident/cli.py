@@ -210,7 +210,7 @@ def _text_engine(args: argparse.Namespace, command: str):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    if args.tensor_parallel != 1:
+    if args.tensor_parallel != 1 or args.expert_parallel:
         return _generate_tensor_parallel(args)
     engine, params, tok = _text_engine(args, "generate")
     return _generate(engine, params, tok, args)
@@ -229,7 +229,8 @@ def _generate_tensor_parallel(args: argparse.Namespace) -> int:
     from trident.distributed.shard import check_shardable
     from trident.loader.describe import describe_model
 
-    size = ParallelConfig(tensor_parallel_size=args.tensor_parallel).tensor_parallel_size
+    size = ParallelConfig(tensor_parallel_size=args.tensor_parallel,
+                          expert_parallel=args.expert_parallel).tensor_parallel_size
     params = _params(args)  # validate before loading anything
     if args.gguf_weights == "auto":
         args.gguf_weights = "dequantize"
@@ -238,7 +239,7 @@ def _generate_tensor_parallel(args: argparse.Namespace) -> int:
     if config.device == "cpu" and config.num_threads is None:
         per_host = local_world_size(os.environ) if torchrun else size
         config = dataclasses.replace(config, num_threads=max(1, (os.cpu_count() or 1) // per_host))
-    check_shardable(describe_model(args.model).config, size)  # one clear error before any rank starts
+    check_shardable(describe_model(args.model).config, size, args.expert_parallel)  # one error before any rank
     if not torchrun:
         return spawn_local(size, config.device, _generate_rank, (config, params, args))
     parallel_config, local_rank = torchrun_config(os.environ, config.device)
@@ -251,7 +252,11 @@ def _generate_tensor_parallel(args: argparse.Namespace) -> int:
 def _generate_rank(local_rank: int, parallel_config, config, params, args: argparse.Namespace) -> int:
     """One rank of ``generate --tensor-parallel`` (``local_rank``: its index on its host; spawned, hence a
     module-level function)."""
+    import dataclasses
+
     from trident.distributed.launch import report_errors, run_rank
+
+    parallel_config = dataclasses.replace(parallel_config, expert_parallel=args.expert_parallel)
 
     def drive(engine) -> int:
         if engine.tokenizer is None:
@@ -396,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split the model over N processes of this host (with --device cuda one GPU each, over NCCL; "
                    "on the CPU over gloo): attention heads, MLP and expert features, vocabulary (default: 1; see "
                    "docs/distributed.md)")
+    p.add_argument("--expert-parallel", action="store_true",
+                   help="with --tensor-parallel N: each rank holds whole routed experts (E / N of every MoE layer) "
+                   "instead of a slice of every expert; the rest stays tensor-parallel (see docs/distributed.md)")
     _sampling_args(p, max_tokens=128)
     _engine_args(p)
     p.set_defaults(func=cmd_generate)

@@ -1,13 +1,17 @@
-"""`trident generate --tensor-parallel 2` as a user runs it (real processes: the command spawns its two gloo ranks),
-on a tiny Llama folder with a byte-level tokenizer (conftest.py), against the same command without it."""
+"""`trident generate --tensor-parallel 2` (and `--expert-parallel`) as a user runs it (real processes: the command
+spawns its two gloo ranks), on tiny Llama and Mixtral folders with a byte-level tokenizer (tiny_folders.py; the
+Llama one is conftest.py's), against the same command without it."""
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from tiny_folders import mixtral_folder
 
 TRIDENT = [sys.executable, "-m", "trident.cli"]
 GENERATE = ("--prompt", "The quick brown fox", "--max-tokens", "12", "--ignore-eos", "--dtype", "float32",
@@ -19,15 +23,19 @@ def _run(*args: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-@pytest.fixture(scope="module")
-def unsplit_text(tiny_folder) -> str:
+def _unsplit_text(folder: Path) -> str:
     """What ``generate`` prints without tensor parallelism."""
-    whole = _run("generate", str(tiny_folder), *GENERATE)
+    whole = _run("generate", str(folder), *GENERATE)
     assert whole.returncode == 0, whole.stderr
     assert whole.stdout.startswith("The quick brown fox") and whole.stdout.endswith("\n")
     generated = whole.stdout[len("The quick brown fox"): -1]
     assert len(generated) == 12 and generated.isprintable()  # one character per token
     return whole.stdout
+
+
+@pytest.fixture(scope="module")
+def unsplit_text(tiny_folder) -> str:
+    return _unsplit_text(tiny_folder)
 
 
 def test_generate_tensor_parallel_prints_the_unsplit_text(tiny_folder, unsplit_text) -> None:
@@ -51,3 +59,29 @@ def test_heads_that_do_not_split_are_one_line_before_any_rank(tiny_folder) -> No
     assert r.returncode == 2, r.stderr
     assert r.stderr == ("error: the model has 4 attention heads, which do not split evenly over --tensor-parallel 3; "
                         "use a size that divides 4\n")
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_folder(tmp_path_factory) -> Path:
+    """tiny_folders.mixtral_folder: experts that split whole but not by features."""
+    return mixtral_folder(tmp_path_factory.mktemp("ep-mixtral"))
+
+
+def test_generate_expert_parallel_prints_the_unsplit_text(tiny_moe_folder, capsys) -> None:
+    """Whole experts per rank reach the spawned ranks (the features would not split) and generate the text the
+    unsplit command streams (its engine and sampling built in this process from the same arguments); tensor
+    parallelism alone refuses the model in one line before any rank starts."""
+    from trident.cli import _engine_config, _params, _stream, build_parser, main
+    from trident.engine.engine import LLMEngine
+
+    split = _run("generate", str(tiny_moe_folder), *GENERATE, "--tensor-parallel", "2", "--expert-parallel")
+    assert split.returncode == 0, split.stderr
+    args = build_parser().parse_args(["generate", str(tiny_moe_folder), *GENERATE])
+    engine = LLMEngine(_engine_config(args, args.model))
+    streamed = io.StringIO()
+    _stream(engine, engine.tokenizer.encode(args.prompt), _params(args), out=streamed)
+    assert split.stdout == f"{args.prompt}{streamed.getvalue()}\n"
+    assert len(streamed.getvalue()) == 12 and streamed.getvalue().isprintable()  # one character per token
+    assert main(["generate", str(tiny_moe_folder), *GENERATE, "--tensor-parallel", "2"]) == 2
+    assert capsys.readouterr().err == ("error: the model's moe_intermediate_size (33) does not split evenly over "
+                                       "--tensor-parallel 2; use a size that divides it\n")

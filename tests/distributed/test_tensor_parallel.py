@@ -1,19 +1,16 @@
 """Tensor parallelism over two gloo ranks on the CPU, against the same weights unsplit (TP=1) in this process.
 
-One spawn of two ranks (module fixture) runs every model of tp_ranks.SHAPES: the logits of fixed prefill, mixed
-and decode steps through the engine's runner, and rank 0's greedy generation through the engine (the other rank
-following its plans); then a model whose heads do not split. The tests compare what the ranks saw with this
-process's unsplit engines.
+One spawn of two ranks (the ``ranks`` fixture of conftest.py, shared with test_expert_parallel.py) runs every model
+of tp_ranks.SHAPES: the logits of fixed prefill, mixed and decode steps through the engine's runner, and rank 0's
+greedy generation through the engine (the other rank following its plans); then a model whose heads do not split.
+The tests compare what the ranks saw with this process's unsplit engines.
 """
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
-from tp_ranks import ASYNC_SHAPES, SHAPES, checkpoint, engine_config, generate, run_rank, step_logits
+from tp_ranks import ASYNC_SHAPES, ATOL, SHAPES, SIZE, checkpoint, engine_config, generate, step_logits
 
 from trident.config import ModelConfig
 from trident.distributed.config import ParallelConfig
@@ -21,24 +18,6 @@ from trident.distributed.group import TensorParallel
 from trident.distributed.shard import check_shardable, kv_heads_of, shard_config, shard_model
 from trident.engine.engine import LLMEngine
 from trident.errors import TridentError
-
-SIZE = 2
-ATOL = 1e-5
-"""float32: the split sums differ from the whole ones in rounding only (about 1e-6 here)."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> list[dict]:
-    """What each of the two ranks saw (tp_ranks.run_rank)."""
-    out = tmp_path_factory.mktemp("tp")
-    mp.spawn(run_rank, args=(SIZE, f"tcp://127.0.0.1:{_free_port()}", str(out)), nprocs=SIZE)
-    return [torch.load(out / f"rank{r}.pt") for r in range(SIZE)]
 
 
 @pytest.mark.parametrize("name", SHAPES)

@@ -4,6 +4,8 @@ reference."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from trident.bench.random_weights import weight_specs
@@ -13,6 +15,12 @@ from trident.engine.plan import ScheduledChunk, StepPlan
 from trident.engine.request import SamplingParams
 from trident.errors import TridentError
 from trident.loader.checkpoint import Checkpoint
+from trident.moe.experts import FusedExperts
+
+SIZE = 2
+"""Ranks of the spawned group."""
+ATOL = 1e-5
+"""float32: the split sums differ from the whole ones in rounding only (about 1e-6 here)."""
 
 _COMMON = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
            "num_key_value_heads": 2, "vocab_size": 101, "max_position_embeddings": 256, "eos_token_id": 0}
@@ -40,6 +48,13 @@ SHAPES: dict[str, dict] = {
                 "num_experts_per_tok": 2, "sliding_window": 7, "tie_word_embeddings": False},
 }
 """Hugging Face config dicts of the models split over two ranks."""
+
+EP_SHAPES = ("qwen2-moe-shared", "mixtral")
+"""Shapes also split with expert parallelism (two whole experts of four per rank; the shared expert, attention and
+vocabulary split as without it)."""
+
+BAD_EXPERTS = {**SHAPES["mixtral"], "num_local_experts": 3}
+"""Three experts: they do not split over two ranks with expert parallelism (their features would)."""
 
 BAD_HEADS = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **_COMMON, "hidden_size": 48,
              "num_attention_heads": 3, "num_key_value_heads": 3}
@@ -117,9 +132,36 @@ def generate(engine: LLMEngine) -> list[list[int]]:
     return [done[i] for i in ids]
 
 
+def _split_run(name: str, hf_config: dict, parallel, seen: dict) -> None:
+    """One shape over ``parallel``'s ranks: the step logits, this rank's kv heads, block count and block bytes, its
+    experts and their load after the steps (MoE models), and (rank 0) the engine's greedy tokens; into ``seen``
+    under ``name``/."""
+    ckpt = checkpoint(hf_config)
+    engine = LLMEngine(engine_config(), ckpt, parallel=parallel)
+    seen[f"{name}/logits"] = step_logits(engine)
+    seen[f"{name}/kv_heads"] = engine.runner.kv_caches[0].key.shape[0]
+    seen[f"{name}/num_blocks"] = engine.num_blocks
+    seen[f"{name}/kv_block_bytes"] = engine.kv_block_bytes
+    experts = [m for m in engine.model.modules() if isinstance(m, FusedExperts)]
+    if experts:  # (the model's id of each layer's first expert here, its gate_up_proj's shape)
+        seen[f"{name}/experts"] = [(getattr(m, "first_expert", 0), tuple(m.gate_up_proj.shape)) for m in experts]
+    if engine.moe_stats() is not None:
+        seen[f"{name}/moe_stats"] = dataclasses.asdict(engine.moe_stats())  # plain types: torch.load's weights_only
+        seen[f"{name}/moe_stats_whole"] = dataclasses.asdict(engine.model.load_stats.snapshot(whole=True))
+    engine = LLMEngine(engine_config(async_scheduling=name.split("/")[-1] in ASYNC_SHAPES), ckpt, parallel=parallel)
+    if parallel.is_driver:
+        try:
+            seen[f"{name}/tokens"] = generate(engine)
+        finally:
+            engine.runner.stop_followers()
+    else:
+        engine.runner.follow()
+
+
 def run_rank(rank: int, size: int, init_method: str, out_dir: str) -> None:
-    """One spawned rank: for every shape, the step logits and (rank 0) the engine's greedy tokens; then the error of
-    a model whose heads do not split. Saves what it saw to ``out_dir``/rank{rank}.pt."""
+    """One spawned rank: every shape split with tensor parallelism (:func:`_split_run`), then the :data:`EP_SHAPES`
+    with expert parallelism too (under ``ep/``); then the errors of a model whose heads do not split and of one
+    whose experts do not. Saves what it saw to ``out_dir``/rank{rank}.pt."""
     from trident.distributed.config import ParallelConfig
     from trident.distributed.group import destroy_tensor_parallel, init_tensor_parallel
 
@@ -129,24 +171,18 @@ def run_rank(rank: int, size: int, init_method: str, out_dir: str) -> None:
     seen: dict[str, object] = {}
     try:
         for name, hf_config in SHAPES.items():
-            ckpt = checkpoint(hf_config)
-            engine = LLMEngine(engine_config(), ckpt, parallel=parallel)
-            seen[f"{name}/logits"] = step_logits(engine)
-            seen[f"{name}/kv_heads"] = engine.runner.kv_caches[0].key.shape[0]
-            seen[f"{name}/num_blocks"] = engine.num_blocks
-            seen[f"{name}/kv_block_bytes"] = engine.kv_block_bytes
-            engine = LLMEngine(engine_config(async_scheduling=name in ASYNC_SHAPES), ckpt, parallel=parallel)
-            if parallel.is_driver:
-                try:
-                    seen[f"{name}/tokens"] = generate(engine)
-                finally:
-                    engine.runner.stop_followers()
-            else:
-                engine.runner.follow()
+            _split_run(name, hf_config, parallel, seen)
+        expert_parallel = dataclasses.replace(parallel, expert_parallel=True)  # the same process groups
+        for name in EP_SHAPES:
+            _split_run(f"ep/{name}", SHAPES[name], expert_parallel, seen)
         try:
             LLMEngine(engine_config(), checkpoint(BAD_HEADS), parallel=parallel)
         except TridentError as e:
             seen["bad-heads/error"] = str(e)
+        try:
+            LLMEngine(engine_config(), checkpoint(BAD_EXPERTS), parallel=expert_parallel)
+        except TridentError as e:
+            seen["ep/bad-experts/error"] = str(e)
     finally:
         torch.save(seen, f"{out_dir}/rank{rank}.pt")
         destroy_tensor_parallel()

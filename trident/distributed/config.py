@@ -2,7 +2,9 @@
 
 Tensor parallelism runs one process (a *rank*) per device. Every rank builds the whole model from the checkpoint,
 then keeps its slice of each weight (trident/distributed/shard.py); rank 0 also runs the scheduler and samples
-(trident/distributed/runner.py). The ranks meet through ``torch.distributed`` at ``init_method``.
+(trident/distributed/runner.py). The ranks meet through ``torch.distributed`` at ``init_method``. With expert
+parallelism on, the same ranks split each MoE layer's routed experts whole (rank r holds E / N of them) instead of
+by their intermediate features (trident/distributed/experts.py).
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ class ParallelConfig:
     init_method: str = "env://"
     """Where the ranks meet (torch.distributed's init_method): env:// (MASTER_ADDR and MASTER_PORT set, as torchrun
     sets them), tcp://HOST:PORT, or file:///PATH (a file the ranks share, absent before they start)."""
+    expert_parallel: bool = False
+    """Split each MoE layer's routed experts over the ranks whole (rank r: experts [r E / N, (r + 1) E / N)) rather
+    than by their intermediate features; attention, dense MLPs, shared experts and the vocabulary stay split as
+    without it. Needs tensor_parallel_size > 1."""
 
     def __post_init__(self) -> None:
         size = self.tensor_parallel_size
@@ -46,6 +52,11 @@ class ParallelConfig:
             raise TridentError(f"unknown torch.distributed backend {self.backend!r}; supported: {', '.join(BACKENDS)}")
         if not self.init_method.startswith(("env://", "tcp://", "file://")):
             raise TridentError(f"init_method must be env://, tcp://HOST:PORT or file:///PATH, got {self.init_method!r}")
+        if not isinstance(self.expert_parallel, bool):
+            raise TridentError(f"expert_parallel must be True or False, got {self.expert_parallel!r}")
+        if self.expert_parallel and size == 1:
+            raise TridentError("--expert-parallel splits experts over the ranks of --tensor-parallel N; add "
+                               "--tensor-parallel N with N > 1 (a divisor of the number of experts)")
 
     @property
     def is_driver(self) -> bool:

@@ -33,6 +33,9 @@ class TensorParallel:
     """torch.distributed ProcessGroup of the forward's collectives (None only in tests that never communicate)."""
     control_group: Any
     """gloo ProcessGroup for Python objects (the same group as ``group`` on the CPU)."""
+    expert_parallel: bool = False
+    """Whether MoE layers split their routed experts whole over this group (ParallelConfig.expert_parallel), what
+    :func:`~trident.distributed.shard.shard_model` reads."""
 
     @property
     def is_driver(self) -> bool:
@@ -92,7 +95,8 @@ def init_tensor_parallel(config: ParallelConfig, device: torch.device, timeout: 
     control = group
     if config.backend != "gloo" or control_timeout is not None:
         control = dist.new_group(backend="gloo", timeout=control_timeout)
-    return TensorParallel(rank=config.rank, size=config.tensor_parallel_size, group=group, control_group=control)
+    return TensorParallel(rank=config.rank, size=config.tensor_parallel_size, group=group, control_group=control,
+                          expert_parallel=config.expert_parallel)
 
 
 def destroy_tensor_parallel() -> None:

@@ -10,7 +10,9 @@ the layers of trident/distributed/layers.py holding this rank's slices of the lo
   row-parallel;
 - MoE blocks: every routed expert keeps the same slice of its intermediate features (gate_up rows, down
   columns), the shared expert is split like a dense MLP, the router stays whole; the block's output (routed
-  plus shared) is all-reduced once (:class:`~trident.distributed.layers.ReducedMoeBlock`);
+  plus shared) is all-reduced once (:class:`~trident.distributed.layers.ReducedMoeBlock`). With expert
+  parallelism (``parallel.expert_parallel``) each rank keeps whole routed experts instead, E / N of them
+  (:class:`~trident.distributed.experts.ExpertParallelExperts`), and the model's load statistics report those;
 - the embedding table and LM head: by vocabulary (tied embeddings included);
 - norms and rotary embeddings: replicated.
 
@@ -27,6 +29,7 @@ from collections.abc import Callable
 from torch import nn
 
 from trident.config import ModelConfig
+from trident.distributed.experts import ExpertParallelExperts, expert_range
 from trident.distributed.group import TensorParallel
 from trident.distributed.layers import (
     ColumnParallelLinear,
@@ -48,10 +51,11 @@ Memo = dict[int, tuple[nn.Module, nn.Module]]
 """id(original module) -> (the original, kept alive so its id stays unique; its replacement)."""
 
 
-def check_shardable(config: ModelConfig, size: int) -> None:
+def check_shardable(config: ModelConfig, size: int, expert_parallel: bool = False) -> None:
     """Raise a TridentError when ``config``'s model cannot be split over ``size`` ranks: heads, intermediate
     features and expert features must divide evenly (kv heads may instead be fewer than the ranks, a divisor of
-    them), and multi-head latent attention is not split yet."""
+    them), and multi-head latent attention is not split yet. With ``expert_parallel``, the routed experts must
+    split evenly (whole experts per rank) rather than their features, and the model must have some."""
     if config.mla is not None:
         raise TridentError(f"{config.model_type}: multi-head latent attention (DeepSeek-V2/V3) is {UNSUPPORTED}; "
                            "run it without --tensor-parallel")
@@ -65,8 +69,17 @@ def check_shardable(config: ModelConfig, size: int) -> None:
     moe = config.moe
     dense = [i for i in range(config.num_layers) if moe is None or not moe.is_sparse(i)]
     sizes = {"intermediate_size": config.intermediate_size if dense else 0}
+    if expert_parallel:
+        if moe is None:
+            raise TridentError(f"{config.model_type} has no routed experts for --expert-parallel to split; drop "
+                               "--expert-parallel")
+        experts = moe.router.num_experts
+        if experts % size:
+            raise TridentError(f"the model's {experts} routed experts do not split evenly over --tensor-parallel "
+                               f"{size} with --expert-parallel; use a size that divides {experts}")
     if moe is not None:
-        sizes["moe_intermediate_size"] = moe.moe_intermediate_size
+        if not expert_parallel:
+            sizes["moe_intermediate_size"] = moe.moe_intermediate_size
         sizes["shared_expert_intermediate_size"] = moe.shared_expert_intermediate_size
     for name, features in sizes.items():
         if features % size:
@@ -83,21 +96,22 @@ def kv_heads_of(num_kv_heads: int, size: int, rank: int) -> tuple[int, int]:
     return rank * num_kv_heads // size, 1
 
 
-def shard_config(config: ModelConfig, size: int) -> ModelConfig:
+def shard_config(config: ModelConfig, size: int, expert_parallel: bool = False) -> ModelConfig:
     """``config`` as one rank's attention and KV cache see it: query and kv heads per rank (the rest of the model
-    is described as a whole: hidden and vocabulary sizes are the model's)."""
-    check_shardable(config, size)
+    is described as a whole: hidden and vocabulary sizes are the model's, and so are the experts')."""
+    check_shardable(config, size, expert_parallel)
     return dataclasses.replace(config, num_heads=config.num_heads // size,
                                num_kv_heads=kv_heads_of(config.num_kv_heads, size, 0)[1])
 
 
 def shard_model(model: nn.Module, parallel: TensorParallel) -> nn.Module:
-    """Split ``model`` (built and loaded, see the module docstring) over ``parallel``'s ranks in place; returns it."""
+    """Split ``model`` (built and loaded, see the module docstring) over ``parallel``'s ranks in place; returns it.
+    ``parallel.expert_parallel`` says how MoE blocks split their routed experts."""
     config = model.config
-    check_shardable(config, parallel.size)
+    check_shardable(config, parallel.size, parallel.expert_parallel)
     _check_modules(model, "")
     _shard_children(model, "", parallel, {})
-    model.config = shard_config(config, parallel.size)
+    model.config = shard_config(config, parallel.size, parallel.expert_parallel)
     return model
 
 
@@ -212,8 +226,16 @@ def _shard_mlp(mlp: GatedMLP, parallel: TensorParallel, memo: Memo, reduce: bool
 
 
 def _shard_moe(block: SparseMoeBlock, parallel: TensorParallel, memo: Memo) -> ReducedMoeBlock:
-    """Every routed expert's slice of its intermediate features and the shared expert's, partial sums reduced once
-    by the returned wrapper; the router and the shared expert's gate stay whole."""
+    """Every routed expert's slice of its intermediate features (with expert parallelism: this rank's whole experts)
+    and the shared expert's, partial sums reduced once by the returned wrapper; the router and the shared expert's
+    gate stay whole."""
+    if block.shared_expert is not None:
+        _shard_mlp(block.shared_expert, parallel, memo, reduce=False)
+    if parallel.expert_parallel:
+        block.experts = ExpertParallelExperts.shard(block.experts, parallel)
+        if block.stats is not None:  # one object for all layers: each rank reports its own experts' load
+            block.stats.report_experts(*expert_range(block.stats.num_experts, parallel.size, parallel.rank))
+        return ReducedMoeBlock(block, parallel)
     experts = block.experts
     features = experts.intermediate_size
     local = features // parallel.size
@@ -222,6 +244,4 @@ def _shard_moe(block: SparseMoeBlock, parallel: TensorParallel, memo: Memo) -> R
                                         requires_grad=False)
     experts.down_proj = nn.Parameter(take(experts.down_proj, ((start, local),), dim=2), requires_grad=False)
     experts.intermediate_size = local
-    if block.shared_expert is not None:
-        _shard_mlp(block.shared_expert, parallel, memo, reduce=False)
     return ReducedMoeBlock(block, parallel)

@@ -13,7 +13,7 @@ the forward unless asked.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -61,8 +61,8 @@ class TimedTensorParallel(TensorParallel):
 
     @classmethod
     def of(cls, parallel: TensorParallel, timer: CollectiveTimer) -> TimedTensorParallel:
-        return cls(rank=parallel.rank, size=parallel.size, group=parallel.group, control_group=parallel.control_group,
-                   timer=timer)
+        """``parallel`` (every field of it), timed by ``timer``."""
+        return cls(**{f.name: getattr(parallel, f.name) for f in fields(parallel)}, timer=timer)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return self._timed("all_reduce", x, super().all_reduce)

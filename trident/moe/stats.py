@@ -16,6 +16,13 @@ Figures of a snapshot, per MoE layer:
   spreads probability evenly, 0 when it always puts it all on one expert. ``alpha`` defaults to
   :data:`DEFAULT_ENTROPY_ALPHA` (1.0: the term is minus the entropy of the mean routing distribution, in nats).
 
+Expert parallelism (trident/distributed/experts.py): every rank's router is whole and routes every token, so
+every rank's accumulators count all the experts, alike. A rank's snapshot reports the experts it holds
+(:meth:`MoeLoadStats.report_experts`, set when the model is split): ``token_counts`` and ``mean_probs`` of those
+experts, ``first_expert`` the model's id of the first, ``imbalance`` over them (how evenly the rank's own experts
+are loaded); ``num_tokens`` and ``entropy_term`` stay the whole router's. The ranks' ``token_counts`` concatenated
+in rank order are the model's; ``snapshot(whole=True)`` gives them on any rank, without communication.
+
 Reset semantics: the figures count every token since the engine finished its start-up (warm-up and CUDA-graph
 capture are not counted) or since the last :meth:`MoeLoadStats.reset` (``LLMEngine.reset_moe_stats``). Reading
 a snapshot does not reset them. Prefill and decode tokens count alike; preempted and recomputed tokens count
@@ -59,11 +66,16 @@ class MoeStats:
     """A snapshot of an MoE model's expert load, per MoE layer."""
 
     num_experts: int
+    """Experts whose figures each layer reports: the model's experts per layer, or under expert parallelism a
+    rank's (E / N of them)."""
     top_k: int
     num_tokens: int
     """Tokens routed (through every MoE layer) since the last reset."""
     alpha: float
     layers: tuple[MoeLayerLoad, ...]
+    first_expert: int = 0
+    """The model's id of each layer's ``token_counts[0]`` (nonzero on the ranks after 0 under expert
+    parallelism)."""
 
     @property
     def max_imbalance(self) -> float:
@@ -81,6 +93,8 @@ class MoeLoadStats:
         self.sigmoid_scores = sigmoid_scores
         self.alpha = alpha
         self._slot = {layer: i for i, layer in enumerate(self.layers)}
+        self._reported = range(num_experts)
+        """The experts a snapshot reports (all of them, or a rank's under expert parallelism)."""
         self._counts: torch.Tensor | None = None
         """int64 [layers, experts]."""
         self._prob_sums: torch.Tensor | None = None
@@ -126,6 +140,13 @@ class MoeLoadStats:
         slot = self._slot[layer]
         return self._counts[slot], self._prob_sums[slot], self._row_mask
 
+    def report_experts(self, first: int, count: int) -> None:
+        """Let snapshots report experts ``first`` .. ``first + count - 1`` only (a rank's, under expert parallelism;
+        the accumulators still count every expert)."""
+        if not 0 <= first < first + count <= self.num_experts:
+            raise ValueError(f"experts {first}..{first + count - 1} are not among the {self.num_experts}")
+        self._reported = range(first, first + count)
+
     def reset(self) -> None:
         """Forget everything counted so far."""
         if self._counts is None:
@@ -135,8 +156,9 @@ class MoeLoadStats:
             self._prob_sums.zero_()
             self._num_tokens.zero_()
 
-    def snapshot(self) -> MoeStats:
-        """The figures so far, read from the device (the only place the statistics wait for it)."""
+    def snapshot(self, whole: bool = False) -> MoeStats:
+        """The figures so far, read from the device (the only place the statistics wait for it): of the reported
+        experts (:meth:`report_experts`), or of all of them with ``whole``."""
         if self._counts is None:
             counts = [[0] * self.num_experts for _ in self.layers]
             sums = [[0.0] * self.num_experts for _ in self.layers]
@@ -145,13 +167,16 @@ class MoeLoadStats:
             counts = self._counts.cpu().tolist()
             sums = self._prob_sums.cpu().tolist()
             num_tokens = int(self._num_tokens.item())
+        experts = range(self.num_experts) if whole else self._reported
+        kept = slice(experts.start, experts.stop)
         loads = []
         for layer, layer_counts, layer_sums in zip(self.layers, counts, sums):
             mean_probs = tuple(s / num_tokens if num_tokens else 0.0 for s in layer_sums)
+            entropy = self.alpha * sum(p * math.log(p) for p in mean_probs if p > 0)  # the whole router's
+            layer_counts = layer_counts[kept]
             total = sum(layer_counts)
-            imbalance = max(layer_counts) / (total / self.num_experts) if total else 0.0
-            entropy = self.alpha * sum(p * math.log(p) for p in mean_probs if p > 0)
-            loads.append(MoeLayerLoad(layer=layer, token_counts=tuple(layer_counts), mean_probs=mean_probs,
+            imbalance = max(layer_counts) / (total / len(experts)) if total else 0.0
+            loads.append(MoeLayerLoad(layer=layer, token_counts=tuple(layer_counts), mean_probs=mean_probs[kept],
                                       imbalance=imbalance, entropy_term=entropy))
-        return MoeStats(num_experts=self.num_experts, top_k=self.top_k, num_tokens=num_tokens, alpha=self.alpha,
-                        layers=tuple(loads))
+        return MoeStats(num_experts=len(experts), top_k=self.top_k, num_tokens=num_tokens, alpha=self.alpha,
+                        layers=tuple(loads), first_expert=experts.start)

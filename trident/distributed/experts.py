@@ -1,0 +1,81 @@
+"""Expert parallelism: each rank holds whole routed experts of every MoE layer and runs only its own experts' pairs.
+
+With expert parallelism on N ranks (ParallelConfig.expert_parallel), rank r holds experts [r E / N, (r + 1) E / N)
+of each MoE layer (:func:`expert_range`): ``gate_up_proj`` [E / N, 2I, H] and ``down_proj`` [E / N, H, I], whole
+experts, where tensor parallelism alone gives every rank a slice of every expert's intermediate features. The
+router stays whole and the residual stream is the same on every rank, so every rank routes every token alike;
+:class:`ExpertParallelExperts` then adds up the outputs of the (token, slot) pairs routed to this rank's experts
+only. Summed over the ranks (the block's one all-reduce, :class:`~trident.distributed.layers.ReducedMoeBlock`,
+together with the shared expert's partial sum) that is every pair's output: the unsplit layer's.
+
+Two ways of handing an experts backend (trident/moe/experts.py's interface) only this rank's pairs:
+
+- compacted, for backends that cannot be captured in a CUDA graph anyway (the torch reference reads its per-expert
+  counts on the host): the local pairs are selected (one host sync: how many there are), each becomes one row of a
+  one-slot routing (its token's hidden state, its local expert, its weight), the backend runs those rows and their
+  outputs are added into their tokens' rows. A rank computes its own pairs only, about T k / N of the T k.
+- masked, for capturable backends (the Triton kernels): shapes fixed by T and k, no host sync. Pairs routed to other
+  ranks are pointed at local expert 0 with weight 0. The kernels read only this rank's experts' weights (what a
+  memory-bound decode step pays for) but run all T k pairs: local expert 0 takes the other ranks' pairs too, and
+  their outputs, times 0, add nothing. Each rank thus does the unsplit layer's expert FLOPs (N times its share;
+  prefill feels it) and local expert 0 may take more row blocks than the aligned layout of its own pairs would. An
+  expert output that is not finite (inf times 0 is NaN) would also reach the other ranks' tokens; float32
+  accumulation keeps bf16 / fp16 expert outputs finite in practice.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from trident.distributed.group import TensorParallel
+from trident.moe.experts import ExpertsBackend, FusedExperts
+
+
+def expert_range(num_experts: int, size: int, rank: int) -> tuple[int, int]:
+    """(first expert, experts) of rank ``rank`` of ``size`` when ``num_experts`` split evenly over them."""
+    per_rank = num_experts // size
+    return rank * per_rank, per_rank
+
+
+class ExpertParallelExperts(FusedExperts):
+    """This rank's whole experts of one MoE layer: ``num_experts`` of them (local ids 0..), the model's experts
+    ``first_expert`` onwards. Its forward takes the layer's full routing (the model's expert ids) and returns the
+    sum of this rank's pairs' outputs, a partial sum over the ranks (see the module docstring for ``masked``)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, activation: str,
+                 backend: ExpertsBackend, first_expert: int, masked: bool) -> None:
+        super().__init__(num_experts, hidden_size, intermediate_size, activation, backend)
+        self.first_expert = first_expert
+        """The model's id of local expert 0."""
+        self.masked = masked
+        """Whether the backend runs every pair, those of other ranks with weight 0 (else only this rank's)."""
+
+    @classmethod
+    def shard(cls, full: FusedExperts, parallel: TensorParallel, masked: bool | None = None) -> ExpertParallelExperts:
+        """This rank's experts of ``full`` (copies: the full tensors can be freed). ``masked`` defaults to whether
+        ``full``'s backend can be captured in a CUDA graph."""
+        first, count = expert_range(full.num_experts, parallel.size, parallel.rank)
+        if masked is None:
+            masked = full.backend.supports_cuda_graphs
+        with torch.device("meta"):  # nothing allocated: the parameters are set next
+            layer = cls(count, full.gate_up_proj.shape[2], full.intermediate_size, full.activation, full.backend,
+                        first_expert=first, masked=masked)
+        layer.gate_up_proj = nn.Parameter(full.gate_up_proj[first: first + count].clone(), requires_grad=False)
+        layer.down_proj = nn.Parameter(full.down_proj[first: first + count].clone(), requires_grad=False)
+        return layer
+
+    def forward(self, hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """hidden [T, H], weights float32 [T, k], expert_ids [T, k] (the model's ids) -> [T, H]: the outputs of the
+        pairs routed to this rank's experts, weighted and summed per token (zeros for a token with none here)."""
+        local_ids = expert_ids - self.first_expert
+        here = (local_ids >= 0) & (local_ids < self.num_experts)
+        if self.masked:
+            return self.backend.forward(hidden, torch.where(here, weights, 0.0), torch.where(here, local_ids, 0),
+                                        self.gate_up_proj, self.down_proj, self.activation)
+        pairs = here.reshape(-1).nonzero().squeeze(1)  # pair p = t * k + slot; its count is read on the host
+        tokens = pairs // expert_ids.shape[1]
+        pair_out = self.backend.forward(hidden[tokens], weights.reshape(-1)[pairs, None],
+                                        local_ids.reshape(-1)[pairs, None], self.gate_up_proj, self.down_proj,
+                                        self.activation)
+        return torch.zeros_like(hidden).index_add_(0, tokens, pair_out)
