@@ -358,10 +358,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from trident.serve.server import serve
 
     config = serve_config(args)  # validate everything before loading anything
+    if args.tensor_parallel != 1:
+        return _serve_tensor_parallel(args, config)
     pool = ModelPool(serve_pool_config(args), config)
     serve(pool, host=args.host, port=args.port, log_level=args.log_level, config=config,
           base_engine=_engine_config(args, None))
     return 0
+
+
+def _serve_tensor_parallel(args: argparse.Namespace, config) -> int:
+    """``trident serve --tensor-parallel N``: one model split over N ranks, rank 0 serving
+    (trident/distributed/serve.py). A GGUF file's weights are dequantized unless --gguf-weights says otherwise
+    (quantized layers are not split yet)."""
+    from trident.distributed.config import ParallelConfig
+    from trident.distributed.serve import ServedModel, check_serve_options, serve_tensor_parallel
+
+    size = ParallelConfig(tensor_parallel_size=args.tensor_parallel).tensor_parallel_size
+    if args.gguf_weights == "auto":
+        args.gguf_weights = "dequantize"
+    pool_config = serve_pool_config(args)
+    check_serve_options(args, pool_config, config)
+    spec = pool_config.models[0]
+    served = ServedModel(engine=spec.engine, name=spec.name, aliases=dict(pool_config.aliases), serve_config=config,
+                         host=args.host, port=args.port, log_level=args.log_level)
+    return serve_tensor_parallel(args, size, served)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -418,6 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None,
                    help="the name clients pass as \"model\" for a single MODEL (default: its file or folder name)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the one served model over N processes of this host (with --device cuda one GPU each, "
+                   "over NCCL; on the CPU over gloo); rank 0 serves HTTP and schedules, the others follow its steps; "
+                   "under torchrun each process is one rank (several hosts); not with several models, "
+                   "--memory-budget or the admin API (default: 1; see docs/distributed.md)")
     _limit_args(p)
     _engine_args(p)
     p.set_defaults(func=cmd_serve)

@@ -1,6 +1,6 @@
 """`trident generate --tensor-parallel 2` (and `--expert-parallel`) as a user runs it (real processes: the command
-spawns its two gloo ranks), on tiny Llama and Mixtral folders with a byte-level tokenizer, against the same command
-without it."""
+spawns its two gloo ranks), on tiny Llama and Mixtral folders with a byte-level tokenizer (tiny_folders.py; the
+Llama one is conftest.py's), against the same command without it."""
 
 from __future__ import annotations
 
@@ -11,13 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-import transformers
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "compress"))
-
-from byte_tokenizer import save_with_byte_tokenizer  # noqa: E402
+from tiny_folders import mixtral_folder
 
 TRIDENT = [sys.executable, "-m", "trident.cli"]
 GENERATE = ("--prompt", "The quick brown fox", "--max-tokens", "12", "--ignore-eos", "--dtype", "float32",
@@ -27,28 +21,6 @@ GENERATE = ("--prompt", "The quick brown fox", "--max-tokens", "12", "--ignore-e
 def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*TRIDENT, *args], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory) -> Path:
-    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                      tie_word_embeddings=False)
-    return _printable_only(save_with_byte_tokenizer(config, tmp_path_factory.mktemp("tp-llama"), seed=5))
-
-
-def _printable_only(path: Path) -> Path:
-    """Only printable ASCII tokens keep their LM-head rows (the others' logits are 0, below the best of ~90 random
-    ones): the text then shows every token, where stray bytes would all print as the same replacement character."""
-    from safetensors.torch import load_file, save_file
-    from tokenizers import pre_tokenizers
-
-    tensors = load_file(path / "model.safetensors")
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    printable = torch.tensor([33 <= ord(ch) <= 126 for ch in alphabet])
-    tensors["lm_head.weight"][~printable] = 0
-    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    return path
 
 
 def _unsplit_text(folder: Path) -> str:
@@ -91,12 +63,8 @@ def test_heads_that_do_not_split_are_one_line_before_any_rank(tiny_folder) -> No
 
 @pytest.fixture(scope="module")
 def tiny_moe_folder(tmp_path_factory) -> Path:
-    """A tiny Mixtral of four experts with 33 intermediate features each: they split over two ranks whole, but not
-    by features (so a rank that got no --expert-parallel would refuse it)."""
-    config = transformers.MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=33, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                                        num_experts_per_tok=2, max_position_embeddings=256, tie_word_embeddings=False)
-    return _printable_only(save_with_byte_tokenizer(config, tmp_path_factory.mktemp("ep-mixtral"), seed=6))
+    """tiny_folders.mixtral_folder: experts that split whole but not by features."""
+    return mixtral_folder(tmp_path_factory.mktemp("ep-mixtral"))
 
 
 def test_generate_expert_parallel_prints_the_unsplit_text(tiny_moe_folder, capsys) -> None:

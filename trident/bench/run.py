@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import itertools
 import os
+import statistics
 from datetime import datetime, timezone
 
 from rich.console import Console
@@ -73,6 +74,15 @@ def add_bench_parser(sub, model_help: str, engine_args) -> None:
                    help="for a mixture-of-experts model: also report the expert load of trident's runs (per layer "
                    "imbalance and entropy balance term) and draw a heat map of each expert's share per layer, "
                    "written beside the JSON as a PNG")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="latency / offline: split trident's model over N processes of this host (with --device cuda "
+                   "one GPU each, over NCCL; on the CPU over gloo); rank 0 measures and reports, the others follow "
+                   "its steps; under torchrun each process is one rank; not with --compare or quantized --weights "
+                   "(default: 1; see docs/distributed.md)")
+    p.add_argument("--collective-timing", action="store_true",
+                   help="with --tensor-parallel: also time rank 0's collectives (each between two device "
+                   "synchronisations) and report the all-reduce share of the timed run; on CUDA with "
+                   "--enforce-eager (CUDA graphs replay their collectives unseen); the syncs slow the run a little")
     p.add_argument("--repeat", type=int, default=3, help="repetitions per engine, interleaved; medians reported")
     p.add_argument("--json", default=None, help="where to write results (default: bench-results/KIND-TIME.json)")
     engine_args(p)
@@ -90,19 +100,37 @@ def run_bench(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise TridentError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    tensor_parallel = getattr(args, "tensor_parallel", 1)
+    if getattr(args, "collective_timing", False) and tensor_parallel == 1:
+        raise TridentError("--collective-timing times the collectives of --tensor-parallel N (N > 1)")
     if args.kind == "serve":
+        if tensor_parallel != 1:
+            raise TridentError("`trident bench serve` drives a running server: start it with `trident serve "
+                               "--tensor-parallel N` and leave --tensor-parallel out here")
         from trident.bench.serve import run_serve_bench
 
         return run_serve_bench(args)
-    from trident.bench import peer_offline, peers, report, trident_side
-    from trident.bench.subject import prepare
-
     if args.compare == "llama.cpp" and (args.kind != "latency" or args.shape or args.device != "cpu"):
         raise TridentError("--compare llama.cpp runs `trident bench latency` on a GGUF file on the CPU (not --shape, "
                            "not offline, not CUDA)")
+    if tensor_parallel != 1:
+        from trident.distributed.bench import bench_tensor_parallel
+
+        return bench_tensor_parallel(args)
+    from trident.bench.subject import prepare
+
+    return measure(args, prepare(args))
+
+
+def measure(args: argparse.Namespace, subject, collectives=None) -> int:
+    """Run trident (and the peer --compare asks for) on the prepared ``subject``, print the table, write the JSON.
+    With tensor parallelism this is rank 0's part (the subject's engine is rank 0's; the others follow its steps);
+    ``collectives``: its CollectiveTimer with --collective-timing."""
+    from trident.bench import peer_offline, peers, report, trident_side
+
     console = Console()
-    subject = prepare(args)
     engine, workload = subject.engine, subject.workload
+    tp = engine.parallel.size if engine.parallel is not None else 1
     if getattr(args, "moe_report", False):
         if engine.moe_stats() is None:
             raise TridentError(f"--moe-report needs a mixture-of-experts model; {subject.name} "
@@ -110,6 +138,8 @@ def run_bench(args: argparse.Namespace) -> int:
         engine.reset_moe_stats()  # count the benchmark's requests only
     dtype_name = str(engine.dtype).removeprefix("torch.")
     label = dtype_name  # the rows' and title's: the dtype, and the weights' format when quantized
+    if tp > 1:
+        label += f", tensor parallel {tp}"
     if subject.checkpoint.quantization is not None:
         c = subject.checkpoint.quantization.config
         label += f", int{c.bits} {'per channel' if c.group_size is None else f'g{c.group_size}'} weights"
@@ -154,7 +184,7 @@ def run_bench(args: argparse.Namespace) -> int:
     for i in range(args.repeat):
         console.log(f"repetition {i + 1}/{args.repeat}: trident {args.kind}")
         method = f"paged {engine.kv_format.name} KV ({engine.attention_backend} attention)"
-        ours_runs.append({**ours_fn(engine, workload), "method": method})
+        ours_runs.append({**ours_fn(engine, workload, collectives), "method": method, "tensor_parallel": tp})
         if model is not None and peer_error is None:
             console.log(f"repetition {i + 1}/{args.repeat}: {peer_name} {args.kind}")
             try:
@@ -165,8 +195,11 @@ def run_bench(args: argparse.Namespace) -> int:
     rows = [report.summarize(f"trident ({label})", subject.load_s, ours_runs, None, bound_tok_s, args.kind)]
     if args.compare is not None:
         rows.append(report.summarize(peer_name, hf_load_s, theirs_runs, peer_error, bound_tok_s, args.kind))
+    captions = _captions(args, subject, dtype_name, bound)
+    if collectives is not None:
+        captions.append(_collectives_caption(rows[0], args.device))
     report.print_table(args.kind, f"trident bench {args.kind}: {subject.name}, {label}, {args.device}",
-                       rows, _captions(args, subject, dtype_name, bound))
+                       rows, captions)
     record = _record(args, subject, dtype_name, bound, rows)
     moe = engine.moe_stats() if getattr(args, "moe_report", False) else None
     if moe is not None:
@@ -184,6 +217,16 @@ def run_bench(args: argparse.Namespace) -> int:
         write_heatmap(png, moe, f"expert load (token share): {subject.name}")
         console.print(f"expert-load heat map written to {png}")
     return 0
+
+
+def _collectives_caption(row: dict, device: str) -> str:
+    """What the collectives took of rank 0's timed runs (medians), per kind."""
+    first = row["runs"][0]["collectives"]
+    kinds = ", ".join(f"{kind} {100 * statistics.median(r['collectives'][kind]['share'] for r in row['runs']):.1f}% "
+                      f"({first[kind]['calls']} calls)" for kind in first)
+    sync = "between device synchronisations, " if device.startswith("cuda") else ""
+    return (f"tensor parallel: the all-reduces took {100 * row['all_reduce_share']:.1f}% of rank 0's timed run "
+            f"(median; {sync}waiting for the other ranks included); all collectives: {kinds}")
 
 
 def _roofline(engine, workload, kind: str):
@@ -230,6 +273,7 @@ def _captions(args: argparse.Namespace, subject, dtype_name: str, bound) -> list
     if bound:
         captions.append(f"roofline: copy bandwidth {bound.bandwidth_bytes_s / 1e9:,.0f} GB/s, "
                         f"{report.size(round(bound.weight_bytes_per_step))} of weights per step"
+                        f"{' on each rank (its shard)' if subject.engine.parallel else ''}"
                         f"{' (routed experts: expected share under uniform routing)' if bound.expert_bytes else ''}, "
                         f"mean batch {bound.mean_batch:.1f}, "
                         f"mean context {bound.mean_context:.0f} tokens -> {bound.tok_s:,.0f} tok/s")
@@ -261,6 +305,8 @@ def _record(args: argparse.Namespace, subject, dtype_name: str, bound, rows: lis
                          if subject.checkpoint.quantization is not None else None),
         "attention_backend": engine.attention_backend, "experts_backend": engine.experts_backend,
         "engine_options": subject.engine_options, "workload": subject.workload.summary(),
+        "tensor_parallel_size": engine.parallel.size if engine.parallel is not None else 1,
+        "collective_timing": bool(getattr(args, "collective_timing", False)),
         "roofline": bound.as_dict() if bound else None,
         "kv_bytes_per_token": _kv_per_token(engine),
         "results": rows,

@@ -40,13 +40,15 @@ class Subject:
     """With --weights quantized and --compare hf: the float weights before quantization, which the peer runs."""
 
 
-def prepare(args: argparse.Namespace) -> Subject:
+def prepare(args: argparse.Namespace, parallel=None, device: str | None = None) -> Subject:
+    """The subject of ``args``. With ``parallel`` (a TensorParallel), this rank's: the engine holds its shard, on
+    ``device`` (its own GPU; default --device); every rank builds the same weights (a shape's are seeded)."""
     from trident.engine.sizing import resolve_dtype
     from trident.loader import default_model_path, load_checkpoint
 
     if args.shape and args.model:
         raise TridentError("pass either a MODEL path or --shape, not both")
-    device = torch.device(args.device)
+    device = torch.device(device or args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TridentError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
     t0 = time.perf_counter()
@@ -79,7 +81,8 @@ def prepare(args: argparse.Namespace) -> Subject:
     options = engine_options(args, checkpoint, workload)
     from trident.engine.llm import engine_config
 
-    engine = LLMEngine(engine_config(None if shape else name, **options), checkpoint)
+    config = engine_config(None if shape else name, **{**options, "device": str(device)})
+    engine = LLMEngine(config, checkpoint, parallel=parallel)
     return Subject(name=name, shape=shape, checkpoint=checkpoint, engine=engine, workload=workload,
                    load_s=time.perf_counter() - t0, engine_options=options, float_checkpoint=float_checkpoint)
 

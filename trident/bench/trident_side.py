@@ -34,10 +34,14 @@ def warm_up(engine: LLMEngine, num_requests: int = 1, prompt_len: int = WARM_UP_
         engine.step()
 
 
-def run_latency(engine: LLMEngine, workload: Workload) -> dict:
-    """Batch 1: prefill tok/s of the prompt, decode tok/s of the rest (after a warm-up of the prompt's length)."""
+def run_latency(engine: LLMEngine, workload: Workload, collectives=None) -> dict:
+    """Batch 1: prefill tok/s of the prompt, decode tok/s of the rest (after a warm-up of the prompt's length).
+    ``collectives``: a tensor-parallel engine's CollectiveTimer (trident/distributed/timing.py), whose figures over
+    the timed request join the result."""
     prompt = list(workload.prompts[0])
     warm_up(engine, prompt_len=len(prompt))
+    if collectives is not None:
+        collectives.start()
     t0 = time.perf_counter()
     engine.add_request(prompt, fixed_length_params(workload.output_lens[0]))
     t_first = None
@@ -53,13 +57,16 @@ def run_latency(engine: LLMEngine, workload: Workload) -> dict:
         "prefill_tok_s": len(prompt) / (t_first - t0),
         "decode_tok_s": (tokens - 1) / (end - t_first),
         "ttft_ms": (t_first - t0) * 1000,
+        **(collectives.stop(end - t0) if collectives is not None else {}),
     }
 
 
-def run_offline(engine: LLMEngine, workload: Workload) -> dict:
+def run_offline(engine: LLMEngine, workload: Workload, collectives=None) -> dict:
     """All prompts at once, continuously batched: total generated tokens per second. ``steps`` counts engine
-    steps, ``mean_batch`` the tokens one step generated on average."""
+    steps, ``mean_batch`` the tokens one step generated on average. ``collectives`` as for :func:`run_latency`."""
     warm_up(engine, len(workload.prompts))
+    if collectives is not None:
+        collectives.start()
     t0 = time.perf_counter()
     for prompt, output_len in zip(workload.prompts, workload.output_lens):
         engine.add_request(list(prompt), fixed_length_params(output_len))
@@ -74,4 +81,5 @@ def run_offline(engine: LLMEngine, workload: Workload) -> dict:
             tokens += done
     elapsed = time.perf_counter() - t0
     return {"requests": len(workload.prompts), "output_tokens": tokens, "elapsed_s": elapsed,
-            "output_tok_s": tokens / elapsed, "steps": steps, "mean_batch": tokens / steps}
+            "output_tok_s": tokens / elapsed, "steps": steps, "mean_batch": tokens / steps,
+            **(collectives.stop(elapsed) if collectives is not None else {})}

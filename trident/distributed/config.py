@@ -17,6 +17,12 @@ BACKENDS = ("gloo", "nccl")
 """torch.distributed backends: gloo for CPU tensors, nccl for CUDA tensors (one GPU per rank)."""
 
 
+class TensorParallelError(TridentError):
+    """A tensor-parallel engine cannot run further steps: a step failed on rank 0 once its plan may have gone out
+    (a rank exited, a collective timed out), so the ranks are out of step. Not the request's fault: a server answers
+    it with 503 and stops."""
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     """One rank's place in a tensor-parallel group."""

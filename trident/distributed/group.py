@@ -71,10 +71,13 @@ class TensorParallel:
         return int(t.item())
 
 
-def init_tensor_parallel(config: ParallelConfig, device: torch.device,
-                         timeout: datetime.timedelta | None = None) -> TensorParallel:
+def init_tensor_parallel(config: ParallelConfig, device: torch.device, timeout: datetime.timedelta | None = None,
+                         control_timeout: datetime.timedelta | None = None) -> TensorParallel:
     """Join the group ``config`` describes (blocks until every rank has joined). The backend must suit ``device``:
-    gloo for the CPU, nccl for CUDA, whose ranks each hold one GPU."""
+    gloo for the CPU, nccl for CUDA, whose ranks each hold one GPU. ``timeout`` bounds every collective of the
+    forward (torch's default when None); ``control_timeout``, when given, gives the control group a timeout of its
+    own (then always a separate gloo group): how long a following rank may wait for its next plan, which for a
+    server is as long as it sits idle."""
     if dist.is_initialized():
         raise TridentError("torch.distributed is already initialised in this process; one engine per process with "
                            "--tensor-parallel")
@@ -89,7 +92,9 @@ def init_tensor_parallel(config: ParallelConfig, device: torch.device,
                             world_size=config.tensor_parallel_size, timeout=timeout,
                             device_id=device if device.type == "cuda" else None)
     group = dist.group.WORLD
-    control = dist.new_group(backend="gloo") if config.backend != "gloo" else group
+    control = group
+    if config.backend != "gloo" or control_timeout is not None:
+        control = dist.new_group(backend="gloo", timeout=control_timeout)
     return TensorParallel(rank=config.rank, size=config.tensor_parallel_size, group=group, control_group=control,
                           expert_parallel=config.expert_parallel)
 

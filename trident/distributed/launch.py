@@ -1,26 +1,42 @@
 """Starting the ranks of a tensor-parallel engine: one process per rank, on one host or under torchrun.
 
-:func:`run_rank` is what every rank runs: join the group, build this rank's engine (its shard of the model), then
-rank 0 calls ``drive(engine)`` (generate, serve...) and stops the others when it returns, while they follow its
-plans. :func:`spawn_local` starts N such processes on this host (``trident generate --tensor-parallel N``);
-under torchrun, each process builds its :class:`ParallelConfig` with :func:`torchrun_config`.
+:func:`run_rank` is what every rank runs: join the group (:func:`joined`), build this rank's engine (its shard of the
+model), then (:func:`lead_or_follow`) rank 0 calls ``drive(engine)`` (generate, serve, bench) and stops the others
+when it returns, while they follow its plans. :func:`spawn_local` starts N such processes on this host
+(``trident generate|serve|bench --tensor-parallel N``); under torchrun, each process builds its
+:class:`ParallelConfig` with :func:`torchrun_config`.
+
+Stopping spawned ranks: rank 0 is the one to stop, the others follow it. Ctrl-C (SIGINT to the whole foreground
+process group) or SIGTERM to the parent makes the parent send SIGTERM to rank 0, which treats it as Ctrl-C (a server
+shuts down, then rank 0 sends the stop message); the other ranks ignore SIGINT. Ranks still alive
+:data:`STOP_GRACE_S` later are terminated, then killed. When a rank exits with an error or is killed, the parent
+sends SIGTERM to the others at once (rank 0 stops as on Ctrl-C, the others end) and kills those left 30 s later
+(torch.multiprocessing's join).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
+import signal
 import socket
 import sys
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 import torch.multiprocessing as mp
 
 from trident.config import EngineConfig
 from trident.distributed.config import ParallelConfig, backend_for
-from trident.distributed.group import destroy_tensor_parallel, init_tensor_parallel
+from trident.distributed.group import TensorParallel, destroy_tensor_parallel, init_tensor_parallel
 from trident.errors import TridentError
+
+STOP_GRACE_S = 30.0
+"""Seconds spawned ranks get to end by themselves once asked to stop (or once one of them failed) before they are
+terminated, and again before they are killed."""
 
 
 def rank_engine_config(config: EngineConfig, local_rank: int) -> EngineConfig:
@@ -34,23 +50,38 @@ def rank_engine_config(config: EngineConfig, local_rank: int) -> EngineConfig:
 
 
 def run_rank(parallel_config: ParallelConfig, config: EngineConfig, drive: Callable[..., int], local_rank: int = 0,
-             checkpoint=None) -> int:
-    """Run this process's rank (see the module docstring); returns ``drive``'s exit code on rank 0, 0 elsewhere."""
+             checkpoint=None, control_timeout: datetime.timedelta | None = None) -> int:
+    """Run this process's rank (see the module docstring); returns ``drive``'s exit code on rank 0, 0 elsewhere.
+    ``control_timeout``: how long the other ranks may wait for rank 0's next plan (a server's idle time; torch's
+    default otherwise)."""
     from trident.engine.engine import LLMEngine
 
     config = rank_engine_config(config, local_rank)
-    parallel = init_tensor_parallel(parallel_config, torch.device(config.device))
+    with joined(parallel_config, torch.device(config.device), control_timeout) as parallel:
+        return lead_or_follow(LLMEngine(config, checkpoint, parallel=parallel), drive)
+
+
+@contextmanager
+def joined(parallel_config: ParallelConfig, device: torch.device,
+           control_timeout: datetime.timedelta | None = None) -> Iterator[TensorParallel]:
+    """This process's place in its group, joined for the block (left after it)."""
+    parallel = init_tensor_parallel(parallel_config, device, control_timeout=control_timeout)
     try:
-        engine = LLMEngine(config, checkpoint, parallel=parallel)
-        if not parallel.is_driver:
-            engine.runner.follow()
-            return 0
-        try:
-            return drive(engine)
-        finally:
-            engine.runner.stop_followers()
+        yield parallel
     finally:
         destroy_tensor_parallel()
+
+
+def lead_or_follow(engine, drive: Callable[..., int]) -> int:
+    """Rank 0: ``drive(engine)``'s exit code, the other ranks stopped when it returns (or raises). The others:
+    follow rank 0's plans until it stops them; 0."""
+    if not engine.parallel.is_driver:
+        engine.runner.follow()
+        return 0
+    try:
+        return drive(engine)
+    finally:
+        engine.runner.stop_followers()
 
 
 def torchrun_config(environ: Mapping[str, str] = os.environ, device: str = "cpu") -> tuple[ParallelConfig, int]:
@@ -84,23 +115,70 @@ def free_port() -> int:
 def spawn_local(size: int, device: str, target: Callable[..., int], args: tuple = ()) -> int:
     """Run ``target(rank, parallel_config, *args)`` in ``size`` new processes of this host (ranks on ``device``'s
     type: gloo for cpu, nccl for cuda), meeting on a free loopback port. Returns 0 when every rank returns 0, else
-    the exit code of the first to fail (the others are then ended). ``target`` must be importable by name (a
-    module-level function); it returns its exit code."""
+    the exit code of the first to fail (the others are then stopped), 130 when interrupted (module docstring).
+    ``target`` must be importable by name (a module-level function); it returns its exit code."""
     ParallelConfig(tensor_parallel_size=size)  # a bad size is a TridentError here, before any process starts
     init_method = f"tcp://127.0.0.1:{free_port()}"
     configs = [ParallelConfig(tensor_parallel_size=size, rank=rank, backend=backend_for(device.split(":")[0]),
                               init_method=init_method) for rank in range(size)]
+    context = mp.start_processes(_spawned, args=(target, configs, args), nprocs=size, join=False,
+                                 start_method="spawn")
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
-        mp.spawn(_spawned, args=(target, configs, args), nprocs=size)
+        while not context.join():
+            pass
+    except KeyboardInterrupt:
+        _stop_ranks(context.processes)
+        return 130
     except mp.ProcessExitedException as e:
-        return e.exit_code or 1
+        if e.exit_code < 0:
+            print(f"error: rank {e.error_index} was ended by {e.signal_name}; the other ranks were stopped",
+                  file=sys.stderr)
+            return 1
+        return e.exit_code
     except mp.ProcessRaisedException as e:
         print(f"error: a rank failed:\n{e}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 
+def _stop_ranks(processes: list) -> None:
+    """Ask rank 0 to stop (SIGTERM, which it treats as Ctrl-C), wait up to STOP_GRACE_S for every rank, then
+    terminate, then kill what is left. Further Ctrl-C / SIGTERM to this process are ignored meanwhile (a second
+    Ctrl-C in the terminal still reaches rank 0, which then stops a server without waiting for its connections)."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # one Ctrl-C is enough: the ranks are being stopped
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        if processes[0].is_alive():
+            processes[0].terminate()
+        for stop in (None, "terminate", "kill"):
+            for p in processes:
+                if stop is not None and p.is_alive():
+                    getattr(p, stop)()
+            deadline = time.monotonic() + STOP_GRACE_S
+            for p in processes:
+                p.join(max(0.0, deadline - time.monotonic()))
+            if not any(p.is_alive() for p in processes):
+                return
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not signal.SIG_IGN else signal.default_int_handler)
+
+
+def raise_interrupt(signum, frame) -> None:
+    """A signal handler: stop as Ctrl-C does, once (later SIGINT / SIGTERM are ignored while stopping)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def _spawned(rank: int, target: Callable[..., int], configs: list[ParallelConfig], args: tuple) -> None:
+    if rank == 0:  # the parent stops rank 0 with SIGTERM; rank 0 stops the others
+        signal.signal(signal.SIGINT, raise_interrupt)
+        signal.signal(signal.SIGTERM, raise_interrupt)
+    else:  # Ctrl-C reaches every process of the terminal: the followers wait for rank 0 to stop them
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     code = target(rank, configs[rank], *args)
     if code:
         sys.exit(code)

@@ -2,9 +2,10 @@
 
 Every request gets its own queue of RequestOutputs. A single background task steps the engine while
 any request is unfinished, so requests that arrive while others run join the same batch (continuous
-batching). The blocking ``engine.step()`` runs in a worker thread, so the event loop keeps serving
-other clients meanwhile; an ``asyncio.Lock`` makes sure that ``add_request``, ``abort`` and ``step``
-never overlap (the LLMEngine is not thread-safe).
+batching). The blocking ``engine.step()`` runs in a worker thread (asyncio's default executor, or the one
+given: a tensor-parallel engine steps on one thread of its own, trident/distributed/serve.py), so the event
+loop keeps serving other clients meanwhile; an ``asyncio.Lock`` makes sure that ``add_request``, ``abort``
+and ``step`` never overlap (the LLMEngine is not thread-safe).
 
 Observers (``add_observer``; the server's metrics) hear once about every accepted request's end and
 about the engine's figures after each step.
@@ -17,6 +18,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -113,8 +115,10 @@ class RequestStream:
 class AsyncEngine:
     """Drives one :class:`LLMEngine` from asyncio; see the module docstring."""
 
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, executor: Executor | None = None) -> None:
         self.engine = engine
+        self._executor = executor
+        """Where ``engine.step`` runs (None: asyncio's default executor, any of its threads)."""
         self._lock = asyncio.Lock()
         self._queues: dict[str, asyncio.Queue] = {}
         self._pending_aborts: set[str] = set()
@@ -200,7 +204,7 @@ class AsyncEngine:
                     self._notify_stats()
                     return
                 try:
-                    outputs = await asyncio.to_thread(self.engine.step)
+                    outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self.engine.step)
                 except asyncio.CancelledError:  # shutdown: the step thread may still run, so leave the engine be
                     self._loop_running = False
                     self._fail_queues(RuntimeError("the server is shutting down"))

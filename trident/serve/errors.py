@@ -6,7 +6,8 @@ TridentError (bad sampling values, prompt over the context, ...) is a 400; anyth
 500 with a generic message, and the server keeps running. A full queue is a 429 with Retry-After, a
 request past the time limit a 408. An unknown model is a 404; a model that cannot be loaded now because
 the models filling the memory budget are busy is a 503 with Retry-After; unloading a busy model or
-registering a taken name is a 409.
+registering a taken name is a 409. A tensor-parallel engine whose ranks fell out of step (a rank exited) answers
+503 while the server stops.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from trident.distributed.config import TensorParallelError
 from trident.errors import TridentError
 from trident.serve.async_engine import QueueFullError, RequestTimeoutError
 from trident.serve.pool_errors import (
@@ -127,6 +129,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ModelConflictError)
     async def _on_conflict(_: Request, exc: ModelConflictError) -> JSONResponse:
         return error_response(409, str(exc), code="model_conflict")
+
+    @app.exception_handler(TensorParallelError)
+    async def _on_tensor_parallel(_: Request, exc: TensorParallelError) -> JSONResponse:
+        return error_response(503, str(exc), code="engine_failed")
 
     @app.exception_handler(TridentError)
     async def _on_trident_error(_: Request, exc: TridentError) -> JSONResponse:

@@ -122,12 +122,13 @@ class ModelPool:
             self.metrics.add_model(name)
 
     @classmethod
-    def of_engine(cls, engine: LLMEngine | AsyncEngine, name: str,
-                  serve_config: ServeConfig | None = None) -> ModelPool:
-        """A pool of one model already loaded (tests, benchmarks, embedding in another program)."""
+    def of_engine(cls, engine: LLMEngine | AsyncEngine, name: str, serve_config: ServeConfig | None = None,
+                  aliases: dict[str, str] | None = None) -> ModelPool:
+        """A pool of one model already loaded (tests, benchmarks, embedding in another program, a tensor-parallel
+        server's rank 0); ``aliases`` (alias -> ``name``) route to it too."""
         async_engine = engine if isinstance(engine, AsyncEngine) else AsyncEngine(engine)
         spec = ModelSpec(name=name, engine=async_engine.engine.config)
-        pool = cls(PoolConfig(models=(spec,)), serve_config)
+        pool = cls(PoolConfig(models=(spec,), aliases=aliases or {}), serve_config)
         pool._attach(pool._entries[name], async_engine, async_engine.engine.load_seconds)
         return pool
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 
 from trident.config import EngineConfig
 from trident.errors import TridentError
@@ -68,8 +69,10 @@ def pool_config(base: EngineConfig, *, paths: list[str] = (), named: list[str] =
 
 
 def serve(pool: ModelPool, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
-          config: ServeConfig | None = None, base_engine: EngineConfig | None = None) -> None:
-    """Preload ``pool``'s models and serve them over HTTP until interrupted."""
+          config: ServeConfig | None = None, base_engine: EngineConfig | None = None,
+          stop: threading.Event | None = None) -> None:
+    """Preload ``pool``'s models and serve them over HTTP until interrupted, or until ``stop`` is set (from any
+    thread: a tensor-parallel engine whose group failed). TridentError when the server could not start."""
     import uvicorn
 
     log = logging.getLogger("trident")
@@ -88,4 +91,14 @@ def serve(pool: ModelPool, host: str = "127.0.0.1", port: int = 8000, log_level:
     app = build_app(pool, config, base_engine)
     print(f"serving {', '.join(pool.model_names)} on http://{host}:{port}/v1 (dashboard: "
           f"http://{host}:{port}/dashboard)", file=sys.stderr)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    if stop is not None:
+        def exit_when_stopped() -> None:
+            stop.wait()
+            server.should_exit = True  # read by uvicorn's main loop every 0.1 s
+
+        threading.Thread(target=exit_when_stopped, name="trident-serve-stop", daemon=True).start()
+    server.run()
+    if not server.started:
+        raise TridentError(f"the server did not start on {host}:{port} (see the lines above: the address may be "
+                           "in use); pick another --host / --port")
