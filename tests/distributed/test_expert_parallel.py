@@ -11,7 +11,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tp_ranks import ASYNC_SHAPES, ATOL, EP_SHAPES, SHAPES, SIZE, checkpoint, engine_config, generate, step_logits
+from tp_ranks import (
+    ASYNC_SHAPES,
+    ATOL,
+    EP_SHAPES,
+    SHAPES,
+    SIZE,
+    assert_ranks_logits_equal,
+    checkpoint,
+    engine_config,
+    generate,
+    step_logits,
+)
 
 from trident.cli import main
 from trident.config import ModelConfig
@@ -43,11 +54,7 @@ def test_each_rank_holds_its_whole_experts(ranks, name):
 def test_logits_equal_unsplit(ranks, name):
     """Prefill, prefill beside decodes, decodes: every rank's full logits equal the unsplit model's."""
     reference = step_logits(LLMEngine(engine_config(), checkpoint(SHAPES[name])))
-    for rank, seen in enumerate(ranks):
-        logits = seen[f"ep/{name}/logits"]
-        assert len(logits) == len(reference)
-        for step, (got, want) in enumerate(zip(logits, reference)):
-            torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg=f"rank {rank}, step {step}")
+    assert_ranks_logits_equal(ranks, f"ep/{name}/logits", reference)
 
 
 @pytest.mark.parametrize("name", EP_SHAPES)

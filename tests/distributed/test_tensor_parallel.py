@@ -9,8 +9,16 @@ The tests compare what the ranks saw with this process's unsplit engines.
 from __future__ import annotations
 
 import pytest
-import torch
-from tp_ranks import ASYNC_SHAPES, ATOL, SHAPES, SIZE, checkpoint, engine_config, generate, step_logits
+from tp_ranks import (
+    ASYNC_SHAPES,
+    SHAPES,
+    SIZE,
+    assert_ranks_logits_equal,
+    checkpoint,
+    engine_config,
+    generate,
+    step_logits,
+)
 
 from trident.config import ModelConfig
 from trident.distributed.config import ParallelConfig
@@ -24,12 +32,7 @@ from trident.errors import TridentError
 def test_logits_equal_unsplit(ranks, name):
     """Prefill, prefill beside decodes, decodes: every rank has the full logits, equal to TP=1's."""
     reference = step_logits(LLMEngine(engine_config(), checkpoint(SHAPES[name])))
-    for rank, seen in enumerate(ranks):
-        logits = seen[f"{name}/logits"]
-        assert len(logits) == len(reference)
-        for step, (got, want) in enumerate(zip(logits, reference)):
-            assert got.shape == want.shape, (rank, step)
-            torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg=f"rank {rank}, step {step}")
+    assert_ranks_logits_equal(ranks, f"{name}/logits", reference)
 
 
 @pytest.mark.parametrize("name", SHAPES)

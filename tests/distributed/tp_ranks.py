@@ -121,6 +121,17 @@ def step_logits(engine: LLMEngine) -> list[torch.Tensor]:
     return out
 
 
+def assert_ranks_logits_equal(ranks: list[dict], key: str, reference: list[torch.Tensor]) -> None:
+    """Every rank's logits of the fixed steps (``ranks[r][key]``) equal ``reference`` (the unsplit engine's) within
+    ATOL."""
+    for rank, seen in enumerate(ranks):
+        logits = seen[key]
+        assert len(logits) == len(reference)
+        for step, (got, want) in enumerate(zip(logits, reference)):
+            assert got.shape == want.shape, (rank, step)
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg=f"rank {rank}, step {step}")
+
+
 def generate(engine: LLMEngine) -> list[list[int]]:
     """Greedy output tokens of :data:`PROMPTS` (EOS ignored), all submitted at once."""
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
