@@ -46,6 +46,23 @@ def test_latency_reports_the_size_and_the_all_reduce_share(tmp_path) -> None:
     assert calls["all_gather"]["calls"] == calls["broadcast"]["calls"] == steps
 
 
+def test_offline_with_expert_parallelism_reports_it(tmp_path) -> None:
+    """An MoE shape (Qwen2-MoE with a shared expert and a dense layer) split with whole experts per rank runs the
+    offline workload to its end and says so in the record."""
+    shape = tmp_path / "config.json"
+    shape.write_text(json.dumps(TINY_SHAPES["qwen2-moe-shared"]))
+    out = tmp_path / "offline.json"
+    r = subprocess.run([sys.executable, "-m", "trident.cli", "bench", "offline", "--shape", str(shape),
+                        "--tensor-parallel", "2", "--expert-parallel", "--num-prompts", "3", "--prompt-len", "12",
+                        "--output-len", "5", "--repeat", "1", "--dtype", "float32", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    record = json.loads(out.read_text())
+    assert record["tensor_parallel_size"] == 2 and record["expert_parallel"] is True
+    (row,) = record["results"]
+    assert row["tensor_parallel"] == 2 and row["output_tokens"] == 3 * 5
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (("latency", "--shape", "qwen3-0.6b", "--tensor-parallel", "2", "--compare", "hf"),
      "--compare is not supported with --tensor-parallel 2"),
@@ -55,6 +72,9 @@ def test_latency_reports_the_size_and_the_all_reduce_share(tmp_path) -> None:
     (("offline", "--shape", "qwen3-0.6b", "--tensor-parallel", "2", "--collective-timing", "--device", "cuda"),
      "--collective-timing on CUDA needs --enforce-eager"),
     (("serve", "--tensor-parallel", "2"), "start it with `trident serve --tensor-parallel N`"),
+    (("latency", "--shape", "qwen3-0.6b", "--expert-parallel"), "--expert-parallel splits experts over the ranks"),
+    (("latency", "--shape", "qwen3-0.6b", "--tensor-parallel", "2", "--expert-parallel"),
+     "qwen3 has no routed experts for --expert-parallel to split"),
 ])
 def test_refused_before_any_rank(flags, message, capsys) -> None:
     assert main(["bench", *flags]) == 2

@@ -79,6 +79,10 @@ def add_bench_parser(sub, model_help: str, engine_args) -> None:
                    "one GPU each, over NCCL; on the CPU over gloo); rank 0 measures and reports, the others follow "
                    "its steps; under torchrun each process is one rank; not with --compare or quantized --weights "
                    "(default: 1; see docs/distributed.md)")
+    p.add_argument("--expert-parallel", action="store_true",
+                   help="with --tensor-parallel N: an MoE model's routed experts are split whole over the N ranks "
+                   "(E / N experts each; attention and dense layers stay tensor-parallel) instead of by features "
+                   "(docs/distributed.md)")
     p.add_argument("--collective-timing", action="store_true",
                    help="with --tensor-parallel: also time rank 0's collectives (each between two device "
                    "synchronisations) and report the all-reduce share of the timed run; on CUDA with "
@@ -103,6 +107,8 @@ def run_bench(args: argparse.Namespace) -> int:
     tensor_parallel = getattr(args, "tensor_parallel", 1)
     if getattr(args, "collective_timing", False) and tensor_parallel == 1:
         raise TridentError("--collective-timing times the collectives of --tensor-parallel N (N > 1)")
+    if getattr(args, "expert_parallel", False) and tensor_parallel == 1:
+        raise TridentError("--expert-parallel splits experts over the ranks of --tensor-parallel N (N > 1)")
     if args.kind == "serve":
         if tensor_parallel != 1:
             raise TridentError("`trident bench serve` drives a running server: start it with `trident serve "
@@ -306,6 +312,7 @@ def _record(args: argparse.Namespace, subject, dtype_name: str, bound, rows: lis
         "attention_backend": engine.attention_backend, "experts_backend": engine.experts_backend,
         "engine_options": subject.engine_options, "workload": subject.workload.summary(),
         "tensor_parallel_size": engine.parallel.size if engine.parallel is not None else 1,
+        "expert_parallel": engine.parallel is not None and engine.parallel.expert_parallel,
         "collective_timing": bool(getattr(args, "collective_timing", False)),
         "roofline": bound.as_dict() if bound else None,
         "kv_bytes_per_token": _kv_per_token(engine),

@@ -1,4 +1,4 @@
-"""``trident bench latency|offline --tensor-parallel N``: trident's side split over N ranks.
+"""``trident bench latency|offline --tensor-parallel N [--expert-parallel]``: trident's side split over N ranks.
 
 Every rank prepares the same subject (trident/bench/subject.py: the same file, or the same seeded random weights of
 a ``--shape``, checked alike on every rank before anything is timed) and builds its shard of the engine; rank 0 then
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 
 import torch
@@ -26,7 +27,8 @@ def bench_tensor_parallel(args: argparse.Namespace) -> int:
     """Spawn the ranks on this host, or run this process's rank under torchrun; the exit code."""
     from trident.distributed.launch import local_world_size, spawn_local, started_by_torchrun, torchrun_config
 
-    size = ParallelConfig(tensor_parallel_size=args.tensor_parallel).tensor_parallel_size
+    size = ParallelConfig(tensor_parallel_size=args.tensor_parallel,
+                          expert_parallel=args.expert_parallel).tensor_parallel_size
     flag = f"--tensor-parallel {size}"
     if args.compare is not None:
         raise TridentError(f"--compare is not supported with {flag}: the peer would run beside one rank of the "
@@ -57,6 +59,7 @@ def bench_rank(local_rank: int, parallel_config: ParallelConfig, args: argparse.
     """One rank of ``bench --tensor-parallel`` (spawned, hence a module-level function)."""
     from trident.distributed.launch import report_errors
 
+    parallel_config = dataclasses.replace(parallel_config, expert_parallel=args.expert_parallel)
     return report_errors(parallel_config.rank, lambda: _bench_rank(local_rank, parallel_config, args))
 
 
@@ -104,4 +107,4 @@ def _check_shardable(args: argparse.Namespace, size: int) -> None:
         config = ModelConfig.from_hf_dict(resolve_shape(args.shape).hf_config)
     else:
         config = describe_model(args.model).config
-    check_shardable(config, size)
+    check_shardable(config, size, args.expert_parallel)
