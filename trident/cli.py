@@ -225,38 +225,26 @@ def _generate_tensor_parallel(args: argparse.Namespace) -> int:
     import dataclasses
 
     from trident.distributed.config import ParallelConfig
-    from trident.distributed.launch import local_world_size, spawn_local, started_by_torchrun, torchrun_config
+    from trident.distributed.launch import launch_ranks, threads_per_rank
     from trident.distributed.shard import check_shardable
     from trident.loader.describe import describe_model
 
-    size = ParallelConfig(tensor_parallel_size=args.tensor_parallel,
-                          expert_parallel=args.expert_parallel).tensor_parallel_size
+    parallel = ParallelConfig(tensor_parallel_size=args.tensor_parallel, expert_parallel=args.expert_parallel)
     params = _params(args)  # validate before loading anything
     if args.gguf_weights == "auto":
         args.gguf_weights = "dequantize"
     config = _engine_config(args, args.model)
-    torchrun = started_by_torchrun(os.environ)
     if config.device == "cpu" and config.num_threads is None:
-        per_host = local_world_size(os.environ) if torchrun else size
-        config = dataclasses.replace(config, num_threads=max(1, (os.cpu_count() or 1) // per_host))
-    check_shardable(describe_model(args.model).config, size, args.expert_parallel)  # one error before any rank
-    if not torchrun:
-        return spawn_local(size, config.device, _generate_rank, (config, params, args))
-    parallel_config, local_rank = torchrun_config(os.environ, config.device)
-    if parallel_config.tensor_parallel_size != size:
-        raise TridentError(f"torchrun started {parallel_config.tensor_parallel_size} processes for --tensor-parallel "
-                           f"{size}; start --nnodes x --nproc-per-node = {size} processes")
-    return _generate_rank(local_rank, parallel_config, config, params, args)
+        config = dataclasses.replace(config, num_threads=threads_per_rank(parallel.tensor_parallel_size))
+    # one error before any rank starts
+    check_shardable(describe_model(args.model).config, parallel.tensor_parallel_size, parallel.expert_parallel)
+    return launch_ranks(parallel, config.device, _generate_rank, (config, params, args))
 
 
 def _generate_rank(local_rank: int, parallel_config, config, params, args: argparse.Namespace) -> int:
     """One rank of ``generate --tensor-parallel`` (``local_rank``: its index on its host; spawned, hence a
     module-level function)."""
-    import dataclasses
-
     from trident.distributed.launch import report_errors, run_rank
-
-    parallel_config = dataclasses.replace(parallel_config, expert_parallel=args.expert_parallel)
 
     def drive(engine) -> int:
         if engine.tokenizer is None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import os
 
 import torch
@@ -25,10 +24,10 @@ from trident.errors import TridentError
 
 def bench_tensor_parallel(args: argparse.Namespace) -> int:
     """Spawn the ranks on this host, or run this process's rank under torchrun; the exit code."""
-    from trident.distributed.launch import local_world_size, spawn_local, started_by_torchrun, torchrun_config
+    from trident.distributed.launch import launch_ranks, threads_per_rank
 
-    size = ParallelConfig(tensor_parallel_size=args.tensor_parallel,
-                          expert_parallel=args.expert_parallel).tensor_parallel_size
+    parallel = ParallelConfig(tensor_parallel_size=args.tensor_parallel, expert_parallel=args.expert_parallel)
+    size = parallel.tensor_parallel_size
     flag = f"--tensor-parallel {size}"
     if args.compare is not None:
         raise TridentError(f"--compare is not supported with {flag}: the peer would run beside one rank of the "
@@ -41,25 +40,16 @@ def bench_tensor_parallel(args: argparse.Namespace) -> int:
                            "without Python seeing them")
     if args.gguf_weights == "auto":
         args.gguf_weights = "dequantize"
-    torchrun = started_by_torchrun(os.environ)
     if args.device == "cpu" and args.threads is None:  # the ranks of a host share its cores
-        per_host = local_world_size(os.environ) if torchrun else size
-        args.threads = max(1, (os.cpu_count() or 1) // per_host)
+        args.threads = threads_per_rank(size)
     _check_shardable(args, size)
-    if not torchrun:
-        return spawn_local(size, args.device, bench_rank, (args,))
-    parallel_config, local_rank = torchrun_config(os.environ, args.device)
-    if parallel_config.tensor_parallel_size != size:
-        raise TridentError(f"torchrun started {parallel_config.tensor_parallel_size} processes for {flag}; start "
-                           f"--nnodes x --nproc-per-node = {size} processes")
-    return bench_rank(local_rank, parallel_config, args)
+    return launch_ranks(parallel, args.device, bench_rank, (args,))
 
 
 def bench_rank(local_rank: int, parallel_config: ParallelConfig, args: argparse.Namespace) -> int:
     """One rank of ``bench --tensor-parallel`` (spawned, hence a module-level function)."""
     from trident.distributed.launch import report_errors
 
-    parallel_config = dataclasses.replace(parallel_config, expert_parallel=args.expert_parallel)
     return report_errors(parallel_config.rank, lambda: _bench_rank(local_rank, parallel_config, args))
 
 

@@ -2,9 +2,9 @@
 
 :func:`run_rank` is what every rank runs: join the group (:func:`joined`), build this rank's engine (its shard of the
 model), then (:func:`lead_or_follow`) rank 0 calls ``drive(engine)`` (generate, serve, bench) and stops the others
-when it returns, while they follow its plans. :func:`spawn_local` starts N such processes on this host
-(``trident generate|serve|bench --tensor-parallel N``); under torchrun, each process builds its
-:class:`ParallelConfig` with :func:`torchrun_config`.
+when it returns, while they follow its plans. :func:`launch_ranks` starts them (``trident generate|serve|bench
+--tensor-parallel N``): :func:`spawn_local` N processes on this host, or under torchrun this process's rank, whose
+:class:`ParallelConfig` :func:`torchrun_config` builds.
 
 Stopping spawned ranks: rank 0 is the one to stop, the others follow it. Ctrl-C (SIGINT to the whole foreground
 process group) or SIGTERM to the parent makes the parent send SIGTERM to rank 0, which treats it as Ctrl-C (a server
@@ -84,7 +84,29 @@ def lead_or_follow(engine, drive: Callable[..., int]) -> int:
         engine.runner.stop_followers()
 
 
-def torchrun_config(environ: Mapping[str, str] = os.environ, device: str = "cpu") -> tuple[ParallelConfig, int]:
+def launch_ranks(parallel: ParallelConfig, device: str, target: Callable[..., int], args: tuple = ()) -> int:
+    """``target(local_rank, rank's ParallelConfig, *args)`` for every rank of ``parallel`` (its size and
+    expert_parallel; rank, backend and meeting place are filled in): spawned on this host (:func:`spawn_local`), or,
+    under torchrun, this process's rank, whose world must be that size. The exit code."""
+    if not started_by_torchrun(os.environ):
+        return spawn_local(parallel, device, target, args)
+    rank_config, local_rank = torchrun_config(os.environ, device, parallel.expert_parallel)
+    size = parallel.tensor_parallel_size
+    if rank_config.tensor_parallel_size != size:
+        raise TridentError(f"torchrun started {rank_config.tensor_parallel_size} processes for --tensor-parallel "
+                           f"{size}; start --nnodes x --nproc-per-node = {size} processes")
+    return target(local_rank, rank_config, *args)
+
+
+def threads_per_rank(size: int) -> int:
+    """CPU threads for each rank when the ranks of this host share its cores: ``size`` spawned ranks, or torchrun's
+    LOCAL_WORLD_SIZE."""
+    per_host = local_world_size(os.environ) if started_by_torchrun(os.environ) else size
+    return max(1, (os.cpu_count() or 1) // per_host)
+
+
+def torchrun_config(environ: Mapping[str, str] = os.environ, device: str = "cpu",
+                    expert_parallel: bool = False) -> tuple[ParallelConfig, int]:
     """(ParallelConfig, local rank) of a process torchrun started: RANK, WORLD_SIZE and LOCAL_RANK from its
     environment (torchrun's own variables; it also sets MASTER_ADDR / MASTER_PORT for env://)."""
     try:
@@ -92,7 +114,7 @@ def torchrun_config(environ: Mapping[str, str] = os.environ, device: str = "cpu"
     except KeyError as e:
         raise TridentError(f"{e.args[0]} is not set: start the ranks with torchrun") from None
     return ParallelConfig(tensor_parallel_size=size, rank=rank, backend=backend_for(device.split(":")[0]),
-                          init_method="env://"), local_rank
+                          init_method="env://", expert_parallel=expert_parallel), local_rank
 
 
 def started_by_torchrun(environ: Mapping[str, str] = os.environ) -> bool:
@@ -112,15 +134,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_local(size: int, device: str, target: Callable[..., int], args: tuple = ()) -> int:
-    """Run ``target(rank, parallel_config, *args)`` in ``size`` new processes of this host (ranks on ``device``'s
-    type: gloo for cpu, nccl for cuda), meeting on a free loopback port. Returns 0 when every rank returns 0, else
-    the exit code of the first to fail (the others are then stopped), 130 when interrupted (module docstring).
-    ``target`` must be importable by name (a module-level function); it returns its exit code."""
-    ParallelConfig(tensor_parallel_size=size)  # a bad size is a TridentError here, before any process starts
+def spawn_local(parallel: ParallelConfig, device: str, target: Callable[..., int], args: tuple = ()) -> int:
+    """Run ``target(rank, parallel_config, *args)`` in ``parallel.tensor_parallel_size`` new processes of this host
+    (ranks on ``device``'s type: gloo for cpu, nccl for cuda; ``parallel``'s expert_parallel), meeting on a free
+    loopback port. Returns 0 when every rank returns 0, else the exit code of the first to fail (the others are then
+    stopped), 130 when interrupted (module docstring). ``target`` must be importable by name (a module-level
+    function); it returns its exit code."""
+    size = parallel.tensor_parallel_size
     init_method = f"tcp://127.0.0.1:{free_port()}"
-    configs = [ParallelConfig(tensor_parallel_size=size, rank=rank, backend=backend_for(device.split(":")[0]),
-                              init_method=init_method) for rank in range(size)]
+    configs = [dataclasses.replace(parallel, rank=rank, backend=backend_for(device.split(":")[0]),
+                                   init_method=init_method) for rank in range(size)]
     context = mp.start_processes(_spawned, args=(target, configs, args), nprocs=size, join=False,
                                  start_method="spawn")
     previous = signal.signal(signal.SIGTERM, raise_interrupt)

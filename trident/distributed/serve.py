@@ -126,27 +126,18 @@ def check_port_free(host: str, port: int) -> None:
 
 def serve_tensor_parallel(args: argparse.Namespace, size: int, served: ServedModel) -> int:
     """Spawn the ranks on this host, or run this process's rank under torchrun; the exit code."""
-    from trident.distributed.launch import local_world_size, spawn_local, started_by_torchrun, torchrun_config
+    from trident.distributed.launch import launch_ranks, threads_per_rank
     from trident.distributed.shard import check_shardable
     from trident.loader.describe import describe_model
 
     config = served.engine
-    torchrun = started_by_torchrun(os.environ)
     if config.device == "cpu" and config.num_threads is None:  # the ranks of a host share its cores
-        per_host = local_world_size(os.environ) if torchrun else size
-        config = dataclasses.replace(config, num_threads=max(1, (os.cpu_count() or 1) // per_host))
+        config = dataclasses.replace(config, num_threads=threads_per_rank(size))
     served = dataclasses.replace(served, engine=config)
     check_shardable(describe_model(config.model or None).config, size)  # one clear error before any rank starts
-    if not torchrun:
+    if int(os.environ.get("RANK", 0)) == 0:  # the serving rank: spawned here, or global rank 0 under torchrun
         check_port_free(served.host, served.port)
-        return spawn_local(size, config.device, serve_rank, (served,))
-    parallel_config, local_rank = torchrun_config(os.environ, config.device)
-    if parallel_config.tensor_parallel_size != size:
-        raise TridentError(f"torchrun started {parallel_config.tensor_parallel_size} processes for --tensor-parallel "
-                           f"{size}; start --nnodes x --nproc-per-node = {size} processes")
-    if parallel_config.rank == 0:
-        check_port_free(served.host, served.port)
-    return serve_rank(local_rank, parallel_config, served)
+    return launch_ranks(ParallelConfig(tensor_parallel_size=size), config.device, serve_rank, (served,))
 
 
 def serve_rank(local_rank: int, parallel_config: ParallelConfig, served: ServedModel) -> int:
