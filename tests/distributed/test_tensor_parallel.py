@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 from tp_ranks import (
     ASYNC_SHAPES,
+    EP_SHAPES,
     SHAPES,
     SIZE,
     assert_ranks_logits_equal,
@@ -27,20 +28,25 @@ from trident.distributed.shard import check_shardable, kv_heads_of, shard_config
 from trident.engine.engine import LLMEngine
 from trident.errors import TridentError
 
+SPLITS = ([pytest.param(name, "", id=name) for name in SHAPES]
+          + [pytest.param(name, "ep/", id=f"expert-parallel-{name}") for name in EP_SHAPES])
+"""(shape, prefix of what the ranks saw): every shape split by tensor parallelism, the MoE ones by expert
+parallelism too (test_expert_parallel.py)."""
 
-@pytest.mark.parametrize("name", SHAPES)
-def test_logits_equal_unsplit(ranks, name):
+
+@pytest.mark.parametrize(("name", "split"), SPLITS)
+def test_logits_equal_unsplit(ranks, name, split):
     """Prefill, prefill beside decodes, decodes: every rank has the full logits, equal to TP=1's."""
     reference = step_logits(LLMEngine(engine_config(), checkpoint(SHAPES[name])))
-    assert_ranks_logits_equal(ranks, f"{name}/logits", reference)
+    assert_ranks_logits_equal(ranks, f"{split}{name}/logits", reference)
 
 
-@pytest.mark.parametrize("name", SHAPES)
-def test_greedy_generation_equals_unsplit(ranks, name):
+@pytest.mark.parametrize(("name", "split"), SPLITS)
+def test_greedy_generation_equals_unsplit(ranks, name, split):
     """The engine split over two ranks (asynchronous scheduling for some shapes: pending tokens on every rank)
     generates TP=1's tokens."""
     engine = LLMEngine(engine_config(async_scheduling=name in ASYNC_SHAPES), checkpoint(SHAPES[name]))
-    assert ranks[0][f"{name}/tokens"] == generate(engine)
+    assert ranks[0][f"{split}{name}/tokens"] == generate(engine)
 
 
 @pytest.mark.parametrize("name", SHAPES)
