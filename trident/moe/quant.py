@@ -149,13 +149,13 @@ class QuantizedFusedExperts(nn.Module):
         self.intermediate_size = intermediate_size
         self.activation = ops.check_activation(activation)
         self.backend = backend
-        self.bits = expert_bits(gate_up.codes)
-        int4 = self.bits == 4
+        bits = expert_bits(gate_up.codes)
+        int4 = bits == 4
         gate_up_groups = gate_up.scales.shape[-1] if int4 and gate_up.scales.dim() == 3 else 1
         down_groups = down.scales.shape[-1] if int4 and down.scales.dim() == 3 else 1
         expected = dict(zip(EXPERT_TENSORS, (
-            *_expected_shapes(self.bits, num_experts, 2 * intermediate_size, hidden_size, gate_up_groups),
-            *_expected_shapes(self.bits, num_experts, hidden_size, intermediate_size, down_groups))))
+            *_expected_shapes(bits, num_experts, 2 * intermediate_size, hidden_size, gate_up_groups),
+            *_expected_shapes(bits, num_experts, hidden_size, intermediate_size, down_groups))))
         for name, t in zip(EXPERT_TENSORS, (*gate_up, *down)):
             shape, dtype = expected[name]
             if (tuple(t.shape), t.dtype) != (shape, dtype):
@@ -165,8 +165,19 @@ class QuantizedFusedExperts(nn.Module):
         for name, k, groups in (("gate_up", hidden_size, gate_up_groups), ("down", intermediate_size, down_groups)):
             if k % groups:
                 raise TridentError(f"experts' {name}_scales has {groups} groups, which do not divide K = {k}")
-        self.group_sizes = (hidden_size // gate_up_groups, intermediate_size // down_groups) if int4 else None
-        """int4: the group lengths along K of gate_up and down."""
+
+    @property
+    def bits(self) -> int:
+        """8 or 4 (from the codes' dtype)."""
+        return expert_bits(self.gate_up_qweight)
+
+    @property
+    def group_sizes(self) -> tuple[int, int] | None:
+        """int4: the group lengths along K of gate_up and down (None for int8)."""
+        if self.bits == 8:
+            return None
+        hidden_size, intermediate_size = self.down_qweight.shape[1], self.intermediate_size
+        return hidden_size // self.gate_up_scales.shape[2], intermediate_size // self.down_scales.shape[2]
 
     @classmethod
     def from_float(cls, experts: nn.Module, bits: int = 8, group_size: int | None = None) -> QuantizedFusedExperts:
