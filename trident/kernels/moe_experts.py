@@ -64,7 +64,7 @@ import triton.language as tl
 from trident.kernels.activation import KERNEL_ACTIVATIONS, activate
 from trident.kernels.moe_align import align_routing
 from trident.kernels.pdl import pdl_launch, wait_for_previous_grid
-from trident.kernels.quant_matmul import MAGIC, _codes_tile
+from trident.kernels.quant_matmul import MAGIC, codes_tile
 from trident.kernels.tiling import grouped_tile
 from trident.moe.align import AlignedRouting
 from trident.quant.rtn import INT4_ZERO_POINT
@@ -410,9 +410,9 @@ def _int4_products(x, x_sum, codes_ptr, scale_ptrs, cols, col_mask, k_start, k, 
     """x [BLOCK_M, BLOCK_K] (and its row sums x_sum) times the int4 weight rows ``cols`` (packed codes from codes_ptr,
     rows of k / 2 bytes) over K elements k_start.., scaled by the rows' scales of this tile's group (scale_ptrs
     [BLOCK_N]): float32 [BLOCK_M, BLOCK_N]. The tile's bytes are loaded once and their nibbles joined back into K
-    order in registers (quant_matmul's _codes_tile). Codes stored q + 8 become the 16-bit floats MAGIC + q + 8 by
+    order in registers (quant_matmul's codes_tile). Codes stored q + 8 become the 16-bit floats MAGIC + q + 8 by
     bits (quant_matmul.MAGIC), so (MAGIC + 8) x_sum is taken off the products before the scale."""
-    codes = _codes_tile(codes_ptr, cols, col_mask, k_start, k, True, BLOCK_N, BLOCK_K)
+    codes = codes_tile(codes_ptr, cols, col_mask, k_start, k, True, BLOCK_N, BLOCK_K)
     codes_t = tl.trans((codes.to(tl.int16) | MAGIC_BITS).to(x.dtype, bitcast=True))
     products = tl.dot(x, codes_t) - (MAGIC + _ZERO_POINT) * x_sum[:, None]
     return products * tl.load(scale_ptrs, mask=col_mask, other=0.0)[None, :]

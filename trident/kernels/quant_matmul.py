@@ -182,7 +182,7 @@ def quant_matmul(x: torch.Tensor, w: AffineWeight, bias: torch.Tensor | None = N
 
 
 @triton.jit
-def _codes_tile(codes_ptr, cols, col_mask, k_start, k, INT4: tl.constexpr, BLOCK_N: tl.constexpr,
+def codes_tile(codes_ptr, cols, col_mask, k_start, k, INT4: tl.constexpr, BLOCK_N: tl.constexpr,
                 SUB_K: tl.constexpr):
     """Codes [BLOCK_N, SUB_K] of weight rows ``cols`` and K elements k_start.. (zero beyond K or N)."""
     if INT4:
@@ -222,7 +222,7 @@ def _quant_matmul_kernel(x_ptr, codes_ptr, scales_ptr, offsets_ptr, bias_ptr, y_
             k_start = k_tile + j * SUB_K
             offs_k = k_start + tl.arange(0, SUB_K)
             x = tl.load(x_rows + offs_k[None, :], mask=row_mask[:, None] & (offs_k < k)[None, :], other=0.0)
-            codes = _codes_tile(codes_ptr, cols, col_mask, k_start, k, INT4, BLOCK_N, SUB_K)
+            codes = codes_tile(codes_ptr, cols, col_mask, k_start, k, INT4, BLOCK_N, SUB_K)
             if INT4:  # MAGIC + c, exactly, by bits (see MAGIC)
                 codes_t = tl.trans((codes.to(tl.int16) | MAGIC_BITS).to(x.dtype, bitcast=True))
             else:
