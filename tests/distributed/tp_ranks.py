@@ -160,6 +160,7 @@ def _split_run(name: str, hf_config: dict, parallel, seen: dict) -> None:
         seen[f"{name}/moe_stats"] = dataclasses.asdict(engine.moe_stats())  # plain types: torch.load's weights_only
         seen[f"{name}/moe_stats_whole"] = dataclasses.asdict(engine.model.load_stats.snapshot(whole=True))
     engine = LLMEngine(engine_config(async_scheduling=name.split("/")[-1] in ASYNC_SHAPES), ckpt, parallel=parallel)
+    engine.runner.warm_up()  # what a CUDA engine runs at start-up on every rank, each by itself (no plans sent)
     if parallel.is_driver:
         try:
             seen[f"{name}/tokens"] = generate(engine)

@@ -54,10 +54,8 @@ def bench_rank(local_rank: int, parallel_config: ParallelConfig, args: argparse.
 
 
 def _bench_rank(local_rank: int, parallel_config: ParallelConfig, args: argparse.Namespace) -> int:
-    from trident.bench.run import measure
-    from trident.bench.subject import prepare
     from trident.config import EngineConfig
-    from trident.distributed.launch import joined, lead_or_follow, rank_engine_config
+    from trident.distributed.launch import joined, rank_engine_config
     from trident.distributed.timing import CollectiveTimer, TimedTensorParallel
 
     device = rank_engine_config(EngineConfig("", device=args.device), local_rank).device
@@ -69,10 +67,20 @@ def _bench_rank(local_rank: int, parallel_config: ParallelConfig, args: argparse
         with contextlib.ExitStack() as quiet:
             if not driver:  # one table, one set of progress bars: rank 0's (errors still reach stderr)
                 quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(open(os.devnull, "w"))))
-            subject = prepare(args, parallel=parallel, device=device)
-            if subject.shape is not None:
-                check_same_weights(subject.checkpoint.tensors, parallel)
-            return lead_or_follow(subject.engine, lambda engine: measure(args, subject, timer))
+            return _measure(args, parallel, device, timer)
+
+
+def _measure(args: argparse.Namespace, parallel, device: str, timer) -> int:
+    """This rank's subject, built and measured (rank 0) or followed; gone when this returns, before the group is
+    left (its engine's CUDA graphs hold the communicator)."""
+    from trident.bench.run import measure
+    from trident.bench.subject import prepare
+    from trident.distributed.launch import lead_or_follow
+
+    subject = prepare(args, parallel=parallel, device=device)
+    if subject.shape is not None:
+        check_same_weights(subject.checkpoint.tensors, parallel)
+    return lead_or_follow(subject.engine, lambda engine: measure(args, subject, timer))
 
 
 def check_same_weights(tensors: dict[str, torch.Tensor], parallel) -> None:

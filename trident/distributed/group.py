@@ -10,6 +10,8 @@ is global: a layer reduces over the group it was given.
 from __future__ import annotations
 
 import datetime
+import gc
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +52,7 @@ class TensorParallel:
         """[..., n] from each rank -> [..., size * n], rank 0's columns first."""
         x = x.contiguous()
         out = torch.empty((self.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)  # ranks' x, stacked
-        dist.all_gather_single(out, x, group=self.group)
+        dist.all_gather_into_tensor(out, x, group=self.group)
         return out.view(self.size, *x.shape).movedim(0, -2).reshape(*x.shape[:-1], self.size * x.shape[-1])
 
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +101,24 @@ def init_tensor_parallel(config: ParallelConfig, device: torch.device, timeout: 
                           expert_parallel=config.expert_parallel)
 
 
-def destroy_tensor_parallel() -> None:
-    """Leave the group (after every rank is done with it); a no-op when none was set up."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+LEAVE_TIMEOUT_S = 60.0
+"""Seconds :func:`destroy_tensor_parallel` waits for torch.distributed to tear the group down."""
+
+
+def destroy_tensor_parallel(timeout_s: float = LEAVE_TIMEOUT_S) -> bool:
+    """Leave the group (after every rank is done with it); a no-op when none was set up. Whether it was left within
+    ``timeout_s`` (else it is left behind, and the process should end without tearing down torch: os._exit).
+
+    A CUDA graph that captured NCCL collectives holds a reference on the communicator, which NCCL's teardown waits
+    for: the engine's graphs must be gone first. Whatever no longer references them is collected here (the engine
+    and its runner form reference cycles); an engine still referenced (a caller's local, an exception's frames, see
+    launch.joined) would make the teardown wait, hence the timeout."""
+    if not dist.is_initialized():
+        return True
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    leaving = threading.Thread(target=dist.destroy_process_group, name="leave-tensor-parallel", daemon=True)
+    leaving.start()
+    leaving.join(timeout_s)
+    return not leaving.is_alive()

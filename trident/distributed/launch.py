@@ -23,6 +23,7 @@ import signal
 import socket
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
@@ -31,7 +32,12 @@ import torch.multiprocessing as mp
 
 from trident.config import EngineConfig
 from trident.distributed.config import ParallelConfig, backend_for
-from trident.distributed.group import TensorParallel, destroy_tensor_parallel, init_tensor_parallel
+from trident.distributed.group import (
+    LEAVE_TIMEOUT_S,
+    TensorParallel,
+    destroy_tensor_parallel,
+    init_tensor_parallel,
+)
 from trident.errors import TridentError
 
 STOP_GRACE_S = 30.0
@@ -66,10 +72,23 @@ def joined(parallel_config: ParallelConfig, device: torch.device,
            control_timeout: datetime.timedelta | None = None) -> Iterator[TensorParallel]:
     """This process's place in its group, joined for the block (left after it)."""
     parallel = init_tensor_parallel(parallel_config, device, control_timeout=control_timeout)
+    failure = None
     try:
         yield parallel
+    except BaseException as e:
+        # the failed frames' locals (an engine half built, its CUDA graphs) must not outlive the group: NCCL's
+        # teardown waits for every graph that captured its collectives (group.destroy_tensor_parallel)
+        failure = e
+        traceback.clear_frames(e.__traceback__)
+        raise
     finally:
-        destroy_tensor_parallel()
+        if not destroy_tensor_parallel():  # (another rank may be waiting in a collective for this one)
+            if failure is not None:  # os._exit skips the report the exception would get
+                traceback.print_exception(failure)
+            print(f"warning: rank {parallel.rank} could not leave its tensor-parallel group within "
+                  f"{LEAVE_TIMEOUT_S:.0f} s; it exits without tearing torch down", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(1)
 
 
 def lead_or_follow(engine, drive: Callable[..., int]) -> int:

@@ -25,7 +25,7 @@ import torch
 
 from trident.distributed.config import TensorParallelError
 from trident.distributed.group import TensorParallel
-from trident.engine.plan import ScheduledChunk, StepPlan
+from trident.engine.plan import ScheduledChunk, StepPlan, StepResult
 from trident.engine.request import SampledToken
 from trident.engine.runner import LaunchedStep, ModelRunner
 from trident.engine.sampler import DeviceSamples, Sampler
@@ -87,6 +87,12 @@ class TensorParallelRunner(ModelRunner):
             super().warm_up()
         finally:
             self._sends_plans = sends
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        if self.parallel.is_driver:
+            return super().execute(plan)
+        self.launch(plan)  # the other ranks read no tokens (rank 0 samples; theirs stay on the device for later steps)
+        return StepResult(sampled={})
 
     def launch(self, plan: StepPlan) -> LaunchedStep:
         if not self._sends_plans:
