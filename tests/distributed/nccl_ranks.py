@@ -19,6 +19,7 @@ CASES: dict[str, tuple[str, str, bool]] = {
     "llama-gqa-bias": ("llama-gqa-bias", "float32", False),
     "gemma2": ("gemma2", "float32", False),
     "llama-mqa": ("llama-mqa", "float32", False),
+    "llama-uneven-heads": ("llama-uneven-heads", "float32", False),
     # MoE models in bfloat16, where the Triton experts (capturable; masked expert-parallel dispatch) run
     "qwen2-moe-shared": ("qwen2-moe-shared", "bfloat16", False),
     "expert-parallel-qwen2-moe-shared": ("qwen2-moe-shared", "bfloat16", True),

@@ -45,6 +45,20 @@ def test_generate_tensor_parallel_prints_the_unsplit_text(tiny_folder, unsplit_t
     assert split.stdout == unsplit_text
 
 
+@pytest.mark.slow
+def test_default_model_splits_its_heads_unevenly_and_prints_the_unsplit_text() -> None:
+    """The embedded SmolLM2-135M (9 heads, 3 kv heads: rank 0 takes one kv head and its 3 query heads, rank 1 the
+    other 6) over two ranks prints, greedily, what it prints unsplit from the same (dequantized) weights: more
+    than a few words, so that a wrong head would show."""
+    common = ("generate", "--prompt", "The capital of France is", "--max-tokens", "24", "--ignore-eos",
+              "--gguf-weights", "dequantize", "--dtype", "float32", "--threads", "1")
+    whole, split = _run(*common), _run(*common, "--tensor-parallel", "2")
+    assert whole.returncode == 0 and split.returncode == 0, (whole.stderr, split.stderr)
+    assert "24 generated" in split.stderr
+    assert len(whole.stdout.split()) > 8
+    assert split.stdout == whole.stdout
+
+
 def test_generate_under_torchrun(tiny_folder, unsplit_text) -> None:
     """torchrun starts the two ranks (this process is one of them, rank 0 prints), as on several hosts."""
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -57,8 +71,9 @@ def test_generate_under_torchrun(tiny_folder, unsplit_text) -> None:
 def test_heads_that_do_not_split_are_one_line_before_any_rank(tiny_folder) -> None:
     r = _run("generate", str(tiny_folder), *GENERATE, "--tensor-parallel", "3")
     assert r.returncode == 2, r.stderr
-    assert r.stderr == ("error: the model has 4 attention heads, which do not split evenly over --tensor-parallel 3; "
-                        "use a size that divides 4\n")
+    assert r.stderr == ("error: the model has 4 attention heads and 2 kv heads, fewer kv heads than --tensor-parallel "
+                        "3: each rank would need a whole share of one kv head's query heads; use at most 2 ranks, or a "
+                        "multiple of 2 that divides 4\n")
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from tp_ranks import (
 from trident.config import ModelConfig
 from trident.distributed.config import ParallelConfig
 from trident.distributed.group import TensorParallel
-from trident.distributed.shard import check_shardable, kv_heads_of, shard_config, shard_model
+from trident.distributed.shard import check_shardable, heads_of, kv_heads_of, shard_config, shard_model
 from trident.engine.engine import LLMEngine
 from trident.errors import TridentError
 
@@ -51,20 +51,23 @@ def test_greedy_generation_equals_unsplit(ranks, name, split):
 
 @pytest.mark.parametrize("name", SHAPES)
 def test_kv_cache_holds_this_ranks_heads(ranks, name):
-    """Each rank's cache holds its kv heads (half of them, or the one it reads when there are fewer than ranks),
-    with the same block count on every rank."""
+    """Each rank's cache holds its kv heads (its share, uneven where they do not split evenly, or the one it reads
+    when there are fewer than ranks), with the same block count on every rank."""
     config = ModelConfig.from_hf_dict(SHAPES[name])
-    expected = max(1, config.num_kv_heads // SIZE)
-    assert [seen[f"{name}/kv_heads"] for seen in ranks] == [expected] * SIZE
+    expected = [kv_heads_of(config.num_kv_heads, SIZE, rank)[1] for rank in range(SIZE)]
+    assert [seen[f"{name}/kv_heads"] for seen in ranks] == expected
     assert len({seen[f"{name}/num_blocks"] for seen in ranks}) == 1
     whole = LLMEngine(engine_config(), checkpoint(SHAPES[name])).kv_block_bytes
-    assert [seen[f"{name}/kv_block_bytes"] for seen in ranks] == [whole * expected // config.num_kv_heads] * SIZE
+    assert [seen[f"{name}/kv_block_bytes"] for seen in ranks] == [whole * kv // config.num_kv_heads
+                                                                  for kv in expected]
 
 
 def test_heads_that_do_not_split_are_a_clear_error(ranks):
     for seen in ranks:
-        assert seen["bad-heads/error"] == ("the model has 3 attention heads, which do not split evenly over "
-                                           "--tensor-parallel 2; use a size that divides 3")
+        assert seen["bad-heads/error"] == (
+            "the model has 3 attention heads and 1 kv heads, fewer kv heads than --tensor-parallel 2: each rank "
+            "would need a whole share of one kv head's query heads; use at most 1 ranks, or a multiple of 1 that "
+            "divides 3")
 
 
 def _config(**overrides) -> ModelConfig:
@@ -72,8 +75,8 @@ def _config(**overrides) -> ModelConfig:
 
 
 def test_unsplittable_shapes():
-    with pytest.raises(TridentError, match="6 kv heads, which neither split evenly over --tensor-parallel 4"):
-        check_shardable(_config(num_attention_heads=12, num_key_value_heads=6, head_dim=8), 4)
+    with pytest.raises(TridentError, match="12 attention heads and 2 kv heads, fewer kv heads than --tensor-parallel"):
+        check_shardable(_config(num_attention_heads=12, num_key_value_heads=2, head_dim=8), 3)
     with pytest.raises(TridentError, match=r"intermediate_size \(96\) does not split evenly over --tensor-parallel 64"):
         check_shardable(_config(num_attention_heads=64, num_key_value_heads=64, head_dim=8), 64)
     deepseek = ModelConfig.from_hf_dict({
@@ -85,11 +88,18 @@ def test_unsplittable_shapes():
         check_shardable(deepseek, 2)
 
 
-def test_kv_heads_per_rank():
+def test_heads_per_rank():
     assert [kv_heads_of(4, 2, r) for r in range(2)] == [(0, 2), (2, 2)]
     assert [kv_heads_of(2, 4, r) for r in range(4)] == [(0, 1), (0, 1), (1, 1), (1, 1)]  # replicated
+    assert [heads_of(8, 2, 4, r) for r in range(4)] == [(0, 2), (2, 2), (4, 2), (6, 2)]
+    # SmolLM2-135M over two ranks (9 heads, 3 kv heads), and 6 kv heads over 4: as even as they go
+    assert [(kv_heads_of(3, 2, r), heads_of(9, 3, 2, r)) for r in range(2)] == [((0, 1), (0, 3)), ((1, 2), (3, 6))]
+    assert [kv_heads_of(6, 4, r) for r in range(4)] == [(0, 1), (1, 2), (3, 1), (4, 2)]
     local = shard_config(_config(), 2)
     assert (local.num_heads, local.num_kv_heads, local.hidden_size, local.vocab_size) == (2, 1, 64, 101)
+    smollm = _config(num_attention_heads=9, num_key_value_heads=3, hidden_size=576)
+    assert [(c.num_heads, c.num_kv_heads) for c in (shard_config(smollm, 2, rank=r) for r in range(2))] == [(3, 1),
+                                                                                                          (6, 2)]
 
 
 def test_quantized_layers_are_refused_before_any_change():

@@ -40,6 +40,10 @@ SHAPES: dict[str, dict] = {
     # one kv head for four query heads: replicated on both ranks
     "llama-mqa": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **_COMMON, "num_key_value_heads": 1,
                   "tie_word_embeddings": True},
+    # SmolLM2-135M's heads (9, 3 kv heads): they split unevenly, rank 0 one kv head and 3 query heads, rank 1 two
+    # and 6
+    "llama-uneven-heads": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **_COMMON, "hidden_size": 72,
+                           "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True},
     # routed experts, a gated shared expert and a dense first layer: routed + shared reduced once
     "qwen2-moe-shared": {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", **_COMMON,
                          "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
@@ -57,8 +61,8 @@ BAD_EXPERTS = {**SHAPES["mixtral"], "num_local_experts": 3}
 """Three experts: they do not split over two ranks with expert parallelism (their features would)."""
 
 BAD_HEADS = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **_COMMON, "hidden_size": 48,
-             "num_attention_heads": 3, "num_key_value_heads": 3}
-"""Three heads: they do not split over two ranks."""
+             "num_attention_heads": 3, "num_key_value_heads": 1}
+"""Three heads reading one kv head: two ranks would each need one and a half of them."""
 
 ASYNC_SHAPES = ("llama-gqa-bias", "qwen2-moe-shared")
 """Shapes whose engine test runs with asynchronous scheduling (pending tokens read from the broadcast samples)."""

@@ -21,6 +21,10 @@ import torch.distributed as dist
 from trident.distributed.config import ParallelConfig
 from trident.errors import TridentError
 
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+"""torch.distributed's gather of equal tensors into one: all_gather_single from torch 2.13 on (which deprecates
+all_gather_into_tensor), all_gather_into_tensor before it."""
+
 DRIVER = 0
 """The rank (within the group) that schedules, samples and sends the step plans."""
 
@@ -52,7 +56,7 @@ class TensorParallel:
         """[..., n] from each rank -> [..., size * n], rank 0's columns first."""
         x = x.contiguous()
         out = torch.empty((self.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)  # ranks' x, stacked
-        dist.all_gather_into_tensor(out, x, group=self.group)
+        _all_gather_single(out, x, group=self.group)
         return out.view(self.size, *x.shape).movedim(0, -2).reshape(*x.shape[:-1], self.size * x.shape[-1])
 
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:

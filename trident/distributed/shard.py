@@ -3,9 +3,10 @@
 :func:`shard_model` takes a model built and loaded by trident/models/build.py and replaces its modules by
 the layers of trident/distributed/layers.py holding this rank's slices of the loaded weights:
 
-- attention: this rank's query heads and their kv heads (qkv_proj column-parallel, the q, k and v parts each
-  split by heads; o_proj row-parallel). With more ranks than kv heads, each kv head is replicated on the
-  ranks whose query heads read it;
+- attention: this rank's kv heads and the query heads that read them (qkv_proj column-parallel, the q, k and v
+  parts each split by heads; o_proj row-parallel). kv heads that do not split evenly split as evenly as they can
+  (SmolLM2-135M's 3 over 2 ranks: 1 and 2, with their 3 and 6 query heads; each rank's cache holds its own); with
+  more ranks than kv heads, each kv head is replicated on the ranks whose query heads read it;
 - the dense gated MLP: gate_up_proj column-parallel (this rank's gate rows, then its up rows), down_proj
   row-parallel;
 - MoE blocks: every routed expert keeps the same slice of its intermediate features (gate_up rows, down
@@ -16,8 +17,8 @@ the layers of trident/distributed/layers.py holding this rank's slices of the lo
 - the embedding table and LM head: by vocabulary (tied embeddings included);
 - norms and rotary embeddings: replicated.
 
-The model's ``config`` becomes :func:`shard_config`'s: heads per rank, which is what the runner sizes each layer's
-KV cache from. Modules it does not know how to split (quantized layers, multi-head latent attention) are a
+The model's ``config`` becomes :func:`shard_config`'s: this rank's heads, which is what the runner sizes each
+layer's KV cache from. Modules it does not know how to split (quantized layers, multi-head latent attention) are a
 TridentError before anything changes. Modules shared by several layers (``trident share``) are split once.
 """
 
@@ -52,20 +53,19 @@ Memo = dict[int, tuple[nn.Module, nn.Module]]
 
 
 def check_shardable(config: ModelConfig, size: int, expert_parallel: bool = False) -> None:
-    """Raise a TridentError when ``config``'s model cannot be split over ``size`` ranks: heads, intermediate
-    features and expert features must divide evenly (kv heads may instead be fewer than the ranks, a divisor of
-    them), and multi-head latent attention is not split yet. With ``expert_parallel``, the routed experts must
-    split evenly (whole experts per rank) rather than their features, and the model must have some."""
+    """Raise a TridentError when ``config``'s model cannot be split over ``size`` ranks: every rank needs a kv head
+    (kv heads at least the ranks, split as evenly as they go, or fewer, a divisor of the ranks, each replicated with
+    the query heads split evenly), intermediate and expert features must divide evenly, and multi-head latent
+    attention is not split yet. With ``expert_parallel``, the routed experts must split evenly (whole experts per
+    rank) rather than their features, and the model must have some."""
     if config.mla is not None:
         raise TridentError(f"{config.model_type}: multi-head latent attention (DeepSeek-V2/V3) is {UNSUPPORTED}; "
                            "run it without --tensor-parallel")
     heads, kv_heads = config.num_heads, config.num_kv_heads
-    if heads % size:
-        raise TridentError(f"the model has {heads} attention heads, which do not split evenly over "
-                           f"--tensor-parallel {size}; use a size that divides {heads}")
-    if kv_heads % size and size % kv_heads:
-        raise TridentError(f"the model has {kv_heads} kv heads, which neither split evenly over --tensor-parallel "
-                           f"{size} nor replicate evenly; use a size that divides {kv_heads} or a multiple of it")
+    if kv_heads < size and (size % kv_heads or heads % size):
+        raise TridentError(f"the model has {heads} attention heads and {kv_heads} kv heads, fewer kv heads than "
+                           f"--tensor-parallel {size}: each rank would need a whole share of one kv head's query "
+                           f"heads; use at most {kv_heads} ranks, or a multiple of {kv_heads} that divides {heads}")
     moe = config.moe
     dense = [i for i in range(config.num_layers) if moe is None or not moe.is_sparse(i)]
     sizes = {"intermediate_size": config.intermediate_size if dense else 0}
@@ -88,20 +88,31 @@ def check_shardable(config: ModelConfig, size: int, expert_parallel: bool = Fals
 
 
 def kv_heads_of(num_kv_heads: int, size: int, rank: int) -> tuple[int, int]:
-    """(first kv head, kv heads) a rank holds: its share when the kv heads split evenly, else (more ranks than kv
-    heads) the one kv head its query heads read."""
-    if num_kv_heads % size == 0:
-        per_rank = num_kv_heads // size
-        return rank * per_rank, per_rank
+    """(first kv head, kv heads) a rank holds: with at least as many kv heads as ranks, its share of them, as even
+    as they split (the later ranks take one more where they do not); with fewer, the one kv head its query heads
+    read."""
+    if num_kv_heads >= size:
+        first = rank * num_kv_heads // size
+        return first, (rank + 1) * num_kv_heads // size - first
     return rank * num_kv_heads // size, 1
 
 
-def shard_config(config: ModelConfig, size: int, expert_parallel: bool = False) -> ModelConfig:
-    """``config`` as one rank's attention and KV cache see it: query and kv heads per rank (the rest of the model
-    is described as a whole: hidden and vocabulary sizes are the model's, and so are the experts')."""
+def heads_of(heads: int, kv_heads: int, size: int, rank: int) -> tuple[int, int]:
+    """(first query head, query heads) a rank holds: those of its kv heads (all the query heads that read them), or
+    with replicated kv heads its even share of the query heads."""
+    if kv_heads >= size:
+        first_kv, local_kv = kv_heads_of(kv_heads, size, rank)
+        group = heads // kv_heads
+        return first_kv * group, local_kv * group
+    return rank * (heads // size), heads // size
+
+
+def shard_config(config: ModelConfig, size: int, expert_parallel: bool = False, rank: int = 0) -> ModelConfig:
+    """``config`` as rank ``rank``'s attention and KV cache see it: its query and kv heads (the rest of the model is
+    described as a whole: hidden and vocabulary sizes are the model's, and so are the experts')."""
     check_shardable(config, size, expert_parallel)
-    return dataclasses.replace(config, num_heads=config.num_heads // size,
-                               num_kv_heads=kv_heads_of(config.num_kv_heads, size, 0)[1])
+    return dataclasses.replace(config, num_heads=heads_of(config.num_heads, config.num_kv_heads, size, rank)[1],
+                               num_kv_heads=kv_heads_of(config.num_kv_heads, size, rank)[1])
 
 
 def shard_model(model: nn.Module, parallel: TensorParallel) -> nn.Module:
@@ -111,7 +122,7 @@ def shard_model(model: nn.Module, parallel: TensorParallel) -> nn.Module:
     check_shardable(config, parallel.size, parallel.expert_parallel)
     _check_modules(model, "")
     _shard_children(model, "", parallel, {})
-    model.config = shard_config(config, parallel.size, parallel.expert_parallel)
+    model.config = shard_config(config, parallel.size, parallel.expert_parallel, parallel.rank)
     return model
 
 
@@ -197,8 +208,7 @@ def _shard_children(module: nn.Module, path: str, parallel: TensorParallel, memo
 def _shard_attention(attn: Attention, parallel: TensorParallel, memo: Memo) -> Attention:
     """This rank's query heads and the kv heads they read, in place."""
     heads, kv_heads, dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    local_heads = heads // parallel.size
-    first_head = parallel.rank * local_heads
+    first_head, local_heads = heads_of(heads, kv_heads, parallel.size, parallel.rank)
     first_kv, local_kv = kv_heads_of(kv_heads, parallel.size, parallel.rank)
     q_size, kv_size = heads * dim, kv_heads * dim
     rows = ((first_head * dim, local_heads * dim), (q_size + first_kv * dim, local_kv * dim),
