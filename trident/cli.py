@@ -346,7 +346,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from trident.serve.server import serve
 
     config = serve_config(args)  # validate everything before loading anything
-    if args.tensor_parallel != 1:
+    if args.tensor_parallel != 1 or args.expert_parallel:
         return _serve_tensor_parallel(args, config)
     pool = ModelPool(serve_pool_config(args), config)
     serve(pool, host=args.host, port=args.port, log_level=args.log_level, config=config,
@@ -361,7 +361,7 @@ def _serve_tensor_parallel(args: argparse.Namespace, config) -> int:
     from trident.distributed.config import ParallelConfig
     from trident.distributed.serve import ServedModel, check_serve_options, serve_tensor_parallel
 
-    size = ParallelConfig(tensor_parallel_size=args.tensor_parallel).tensor_parallel_size
+    parallel = ParallelConfig(tensor_parallel_size=args.tensor_parallel, expert_parallel=args.expert_parallel)
     if args.gguf_weights == "auto":
         args.gguf_weights = "dequantize"
     pool_config = serve_pool_config(args)
@@ -369,7 +369,7 @@ def _serve_tensor_parallel(args: argparse.Namespace, config) -> int:
     spec = pool_config.models[0]
     served = ServedModel(engine=spec.engine, name=spec.name, aliases=dict(pool_config.aliases), serve_config=config,
                          host=args.host, port=args.port, log_level=args.log_level)
-    return serve_tensor_parallel(args, size, served)
+    return serve_tensor_parallel(parallel, served)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -431,6 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "over NCCL; on the CPU over gloo); rank 0 serves HTTP and schedules, the others follow its steps; "
                    "under torchrun each process is one rank (several hosts); not with several models, "
                    "--memory-budget or the admin API (default: 1; see docs/distributed.md)")
+    p.add_argument("--expert-parallel", action="store_true",
+                   help="with --tensor-parallel N: each rank holds whole routed experts (E / N of every MoE layer) "
+                   "instead of a slice of every expert; /metrics reports every expert's load (see "
+                   "docs/distributed.md)")
     _limit_args(p)
     _engine_args(p)
     p.set_defaults(func=cmd_serve)

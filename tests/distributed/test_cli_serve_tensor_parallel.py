@@ -51,13 +51,14 @@ def _processes() -> list[tuple[int, str, int, int, str]]:
 class Server:
     """``trident serve FOLDER --tensor-parallel 2`` in its own process group (as a terminal runs a command)."""
 
-    def __init__(self, folder: Path, tmp_path: Path) -> None:
+    def __init__(self, folder: Path, tmp_path: Path, *flags: str) -> None:
         self.port = _free_port()
         self.log = tmp_path / "serve.log"
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "trident.cli", "serve", str(folder), "--served-model-name", "tiny",
-                 "--tensor-parallel", "2", "--port", str(self.port), *ENGINE], stdout=log, stderr=subprocess.STDOUT,
+                 "--tensor-parallel", "2", "--port", str(self.port), *ENGINE, *flags], stdout=log,
+                stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
         self.base_url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -103,15 +104,14 @@ def server(tiny_folder, tmp_path):
         s.kill()  # a failed test leaves no rank behind
 
 
-@pytest.fixture(scope="module")
-def unsplit_completions(tiny_folder) -> dict[str, str]:
-    """The unsplit engine's greedy text for each prompt (12 tokens, EOS ignored): one printable character per
-    token (conftest.py), so equal texts are equal tokens."""
+def _unsplit_run(folder: Path):
+    """The unsplit engine's greedy text for each prompt (12 tokens, EOS ignored; one printable character per token:
+    tiny_folders.py, so equal texts are equal tokens), and the engine."""
     from trident.engine.engine import LLMEngine
     from trident.engine.llm import engine_config
     from trident.engine.request import SamplingParams
 
-    engine = LLMEngine(engine_config(str(tiny_folder), dtype="float32", max_model_len=128, num_threads=1))
+    engine = LLMEngine(engine_config(str(folder), dtype="float32", max_model_len=128, num_threads=1))
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     ids = {engine.add_request(prompt, params): prompt for prompt in PROMPTS}
     texts = {}
@@ -119,10 +119,17 @@ def unsplit_completions(tiny_folder) -> dict[str, str]:
         for out in engine.step(only_finished=True):
             texts[ids[out.request_id]] = out.outputs[0].text
     assert all(len(t) == MAX_TOKENS and t.isprintable() for t in texts.values()), texts
-    return texts
+    return texts, engine
 
 
-def test_serve_answers_as_the_unsplit_engine_and_stops_on_ctrl_c(server, unsplit_completions) -> None:
+@pytest.fixture(scope="module")
+def unsplit_completions(tiny_folder) -> dict[str, str]:
+    return _unsplit_run(tiny_folder)[0]
+
+
+def _complete_all(server: Server) -> dict[str, tuple[str, int]]:
+    """Each prompt's greedy completion through the openai client (all at once: batched together on both ranks),
+    with its completion token count."""
     client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
     assert [m.id for m in client.models.list().data] == ["tiny"]
 
@@ -131,9 +138,14 @@ def test_serve_answers_as_the_unsplit_engine_and_stops_on_ctrl_c(server, unsplit
                                       extra_body={"ignore_eos": True})
         return r.choices[0].text, r.usage.completion_tokens
 
-    with ThreadPoolExecutor(len(PROMPTS)) as pool:  # at once: batched together on both ranks
-        answers = dict(zip(PROMPTS, pool.map(complete, PROMPTS)))
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        return dict(zip(PROMPTS, pool.map(complete, PROMPTS)))
+
+
+def test_serve_answers_as_the_unsplit_engine_and_stops_on_ctrl_c(server, unsplit_completions) -> None:
+    answers = _complete_all(server)
     assert answers == {p: (unsplit_completions[p], MAX_TOKENS) for p in PROMPTS}
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
     stream = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0,
                                        stream=True, extra_body={"ignore_eos": True})
     assert "".join(c.choices[0].text for c in stream if c.choices) == unsplit_completions[PROMPTS[0]]
@@ -143,6 +155,30 @@ def test_serve_answers_as_the_unsplit_engine_and_stops_on_ctrl_c(server, unsplit
     assert server.wait_all_ended() == 130
     out = server.output()
     assert "Shutting down" in out and "Traceback" not in out and "error" not in out, out
+
+
+def test_expert_parallel_serves_the_unsplit_text_and_every_experts_load(tmp_path) -> None:
+    """A Mixtral whose experts split whole over the two ranks (their features would not): the unsplit engine's
+    completions, and /metrics counts every expert's (token, expert) assignments, rank 1's experts included, as the
+    unsplit engine counts them for the same requests."""
+    from prometheus_client.parser import text_string_to_metric_families
+    from tiny_folders import mixtral_folder
+
+    folder = mixtral_folder(tmp_path / "mixtral")
+    texts, engine = _unsplit_run(folder)
+    server = Server(folder, tmp_path, "--expert-parallel")
+    try:
+        assert _complete_all(server) == {p: (texts[p], MAX_TOKENS) for p in PROMPTS}
+        exposition = httpx.get(f"{server.base_url}/metrics", timeout=30).text
+    finally:
+        server.kill()
+    counts = {(sample.labels["layer"], sample.labels["expert"]): sample.value
+              for family in text_string_to_metric_families(exposition) if family.name == "trident_moe_expert_tokens"
+              for sample in family.samples if sample.name.endswith("_total")}
+    expected = {(str(load.layer), str(expert)): float(count) for load in engine.moe_stats().layers
+                for expert, count in enumerate(load.token_counts)}
+    assert len(expected) == 2 * 4 and sum(expected.values()) > 0
+    assert counts == expected
 
 
 def test_a_killed_rank_stops_the_server(server) -> None:

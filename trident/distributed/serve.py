@@ -124,20 +124,23 @@ def check_port_free(host: str, port: int) -> None:
                 from None
 
 
-def serve_tensor_parallel(args: argparse.Namespace, size: int, served: ServedModel) -> int:
-    """Spawn the ranks on this host, or run this process's rank under torchrun; the exit code."""
+def serve_tensor_parallel(parallel: ParallelConfig, served: ServedModel) -> int:
+    """Spawn the ranks of ``parallel`` (its size and expert_parallel) on this host, or run this process's rank under
+    torchrun; the exit code."""
     from trident.distributed.launch import launch_ranks, threads_per_rank
     from trident.distributed.shard import check_shardable
     from trident.loader.describe import describe_model
 
+    size = parallel.tensor_parallel_size
     config = served.engine
     if config.device == "cpu" and config.num_threads is None:  # the ranks of a host share its cores
         config = dataclasses.replace(config, num_threads=threads_per_rank(size))
     served = dataclasses.replace(served, engine=config)
-    check_shardable(describe_model(config.model or None).config, size)  # one clear error before any rank starts
+    # one clear error before any rank starts
+    check_shardable(describe_model(config.model or None).config, size, parallel.expert_parallel)
     if int(os.environ.get("RANK", 0)) == 0:  # the serving rank: spawned here, or global rank 0 under torchrun
         check_port_free(served.host, served.port)
-    return launch_ranks(ParallelConfig(tensor_parallel_size=size), config.device, serve_rank, (served,))
+    return launch_ranks(parallel, config.device, serve_rank, (served,))
 
 
 def serve_rank(local_rank: int, parallel_config: ParallelConfig, served: ServedModel) -> int:

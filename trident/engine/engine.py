@@ -361,11 +361,12 @@ class LLMEngine:
             prefix_cache_hit_tokens=s.prefix_cache_hit_tokens,
         )
 
-    def moe_stats(self) -> MoeStats | None:
+    def moe_stats(self, whole: bool = False) -> MoeStats | None:
         """Expert load of an MoE model since start-up or the last :meth:`reset_moe_stats` (per layer token counts,
         imbalance, entropy balance term; trident/moe/stats.py); None for a dense model. Reading waits for the
-        device (once) and resets nothing."""
-        return self._moe_load.snapshot() if self._moe_load is not None else None
+        device (once) and resets nothing. Under expert parallelism a rank's figures are those of the experts it
+        holds, unless ``whole`` (every expert of the model: each rank's router routes every token)."""
+        return self._moe_load.snapshot(whole=whole) if self._moe_load is not None else None
 
     def reset_moe_stats(self) -> None:
         """Zero the expert load statistics (no-op for a dense model)."""

@@ -21,7 +21,9 @@ Where figures come from:
   assignments, and per layer ``trident_moe_layer_imbalance_ratio`` (max / mean expert load) and
   ``trident_moe_layer_entropy_term`` (alpha * sum p log p of the mean routing probabilities), both over the
   tokens since the engine's statistics were last reset. Their series appear at the model's first scrape as an
-  MoE model: layers x experts counters (6,144 for Qwen3-30B-A3B) and two gauges per layer.
+  MoE model: layers x experts counters (6,144 for Qwen3-30B-A3B) and two gauges per layer. Under expert
+  parallelism (``serve --tensor-parallel N --expert-parallel``) they are still every expert's: rank 0's router
+  routes every token (``moe_stats(whole=True)``); the experts rank r holds are r E / N .. (r + 1) E / N - 1.
 """
 
 from __future__ import annotations
@@ -215,7 +217,7 @@ class ServerMetrics:
         previous = self._moe_counts.setdefault(model, {})
         for load in stats.layers:
             layer = str(load.layer)
-            for expert, count in enumerate(load.token_counts):
+            for expert, count in enumerate(load.token_counts, start=stats.first_expert):
                 before = previous.get((load.layer, expert), 0)
                 counter = self.moe_expert_tokens.labels(model=model, layer=layer, expert=str(expert))
                 if count != before:

@@ -381,7 +381,7 @@ class ModelPool:
         """Bring every loaded model's gauges up to date (before a scrape)."""
         for name, engine in self.loaded_engines().items():
             self.metrics.engine_stats(name, engine.engine.stats())
-            moe = engine.engine.moe_stats()
+            moe = engine.engine.moe_stats(whole=True)  # every expert, also when rank 0 holds some of them
             if moe is not None:
                 self.metrics.moe_stats(name, moe)
 
