@@ -61,10 +61,11 @@ class ColumnParallelLinear(Linear):
 
 
 class RowParallelLinear(nn.Module):
-    """This rank's input features of a linear layer: ``layer`` holds the columns ``start : start + length`` of its
-    weight and no bias, so its product is a partial sum over the ranks. With ``reduce`` it is all-reduced here and
-    the bias (this module's) added after; without, the caller reduces the sum of several such outputs once (an MoE
-    block), and rank 0 alone adds the bias."""
+    """This rank's input features of a linear layer: ``layer`` (a Linear, or a QuantizedLinear cut by
+    trident/distributed/quantized.py) holds the columns ``start : start + length`` of its weight and no bias, so its
+    product is a partial sum over the ranks. With ``reduce`` it is all-reduced here and the bias (this module's)
+    added after; without, the caller reduces the sum of several such outputs once (an MoE block), and rank 0 alone
+    adds the bias."""
 
     def __init__(self, layer: nn.Module, bias: torch.Tensor | None, parallel: TensorParallel,
                  reduce: bool = True) -> None:

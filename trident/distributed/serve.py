@@ -134,7 +134,8 @@ def serve_tensor_parallel(args: argparse.Namespace, size: int, served: ServedMod
     if config.device == "cpu" and config.num_threads is None:  # the ranks of a host share its cores
         config = dataclasses.replace(config, num_threads=threads_per_rank(size))
     served = dataclasses.replace(served, engine=config)
-    check_shardable(describe_model(config.model or None).config, size)  # one clear error before any rank starts
+    described = describe_model(config.model or None, config.gguf_weights == "native")
+    check_shardable(described.config, size, quantization=described.quantization)  # one error before any rank starts
     if int(os.environ.get("RANK", 0)) == 0:  # the serving rank: spawned here, or global rank 0 under torchrun
         check_port_free(served.host, served.port)
     return launch_ranks(ParallelConfig(tensor_parallel_size=size), config.device, serve_rank, (served,))
