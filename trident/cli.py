@@ -220,8 +220,8 @@ def _generate_tensor_parallel(args: argparse.Namespace) -> int:
     """``trident generate --tensor-parallel N``: N ranks (trident/distributed/launch.py), rank 0 printing as
     ``generate`` does. Started by torchrun (one process per rank, on one host or several), this process is one rank;
     otherwise it spawns the N ranks on this host. A GGUF file's weights are dequantized unless --gguf-weights says
-    otherwise (quantized layers are not split yet); CPU ranks of a host share its cores unless --threads says
-    otherwise."""
+    otherwise (its quantized token embeddings are not split yet); CPU ranks of a host share its cores unless --threads
+    says otherwise."""
     import dataclasses
 
     from trident.distributed.config import ParallelConfig
@@ -236,8 +236,9 @@ def _generate_tensor_parallel(args: argparse.Namespace) -> int:
     config = _engine_config(args, args.model)
     if config.device == "cpu" and config.num_threads is None:
         config = dataclasses.replace(config, num_threads=threads_per_rank(parallel.tensor_parallel_size))
-    # one error before any rank starts
-    check_shardable(describe_model(args.model).config, parallel.tensor_parallel_size, parallel.expert_parallel)
+    described = describe_model(args.model, config.gguf_weights == "native")  # one error before any rank starts
+    check_shardable(described.config, parallel.tensor_parallel_size, parallel.expert_parallel,
+                    described.quantization)
     return launch_ranks(parallel, config.device, _generate_rank, (config, params, args))
 
 
@@ -357,7 +358,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _serve_tensor_parallel(args: argparse.Namespace, config) -> int:
     """``trident serve --tensor-parallel N``: one model split over N ranks, rank 0 serving
     (trident/distributed/serve.py). A GGUF file's weights are dequantized unless --gguf-weights says otherwise
-    (quantized layers are not split yet)."""
+    (its quantized token embeddings are not split yet)."""
     from trident.distributed.config import ParallelConfig
     from trident.distributed.serve import ServedModel, check_serve_options, serve_tensor_parallel
 

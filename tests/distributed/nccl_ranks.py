@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from tp_ranks import BLOCK_SIZE, PROMPTS, SHAPES, checkpoint, step_logits
+from tp_ranks import BLOCK_SIZE, PROMPTS, shape_checkpoint, step_logits
 
 from trident.config import CacheConfig, EngineConfig, SchedulerConfig
 from trident.engine.engine import LLMEngine
@@ -24,8 +24,14 @@ CASES: dict[str, tuple[str, str, bool]] = {
     "qwen2-moe-shared": ("qwen2-moe-shared", "bfloat16", False),
     "expert-parallel-qwen2-moe-shared": ("qwen2-moe-shared", "bfloat16", True),
     "expert-parallel-mixtral": ("mixtral", "bfloat16", True),
+    # weight-only quantized models in bfloat16 (the quantized Triton kernels and the batch-1 CUDA products, which
+    # take the norm with the column-parallel projections; offsets derived on the device after the split on the CPU)
+    "int8-llama-gqa-bias": ("int8/llama-gqa-bias", "bfloat16", False),
+    "int4-g32-llama-gqa-bias": ("int4-g32/llama-gqa-bias", "bfloat16", False),
+    "int4-g32-qwen2-moe-shared": ("int4-g32/qwen2-moe-shared", "bfloat16", False),
+    "expert-parallel-int8-qwen2-moe-shared": ("int8/qwen2-moe-shared", "bfloat16", True),
 }
-"""Case -> (tp_ranks shape, dtype, expert parallelism)."""
+"""Case -> (tp_ranks shape or quantized model, dtype, expert parallelism)."""
 ASYNC_CASES = ("llama-gqa-bias", "expert-parallel-mixtral")
 """Cases generated with asynchronous scheduling (each step's tokens read from the broadcast samples)."""
 MAX_TOKENS = 24
@@ -57,7 +63,7 @@ def case_run(case: str, device: str, parallel=None) -> dict:
     name, dtype, expert_parallel = CASES[case]
     if parallel is not None:
         parallel = dataclasses.replace(parallel, expert_parallel=expert_parallel)
-    ckpt = checkpoint(SHAPES[name])
+    ckpt = shape_checkpoint(name)
     seen = {"logits": [t.cpu() for t in step_logits(LLMEngine(engine_config(device, dtype), ckpt,
                                                                         parallel=parallel))]}
     engine = LLMEngine(engine_config(device, dtype, case in ASYNC_CASES), ckpt, parallel=parallel)

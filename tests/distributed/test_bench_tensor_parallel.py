@@ -1,6 +1,6 @@
 """`trident bench latency|offline --tensor-parallel 2` on a tiny random-weight shape (two spawned gloo ranks): the
-result reports the size and, with --collective-timing, the collectives' figures; what it refuses; the check that
-every rank drew the same random weights."""
+result reports the size and, with --collective-timing, the collectives' figures; int8 weights split; what it
+refuses; the check that every rank drew the same random weights."""
 
 from __future__ import annotations
 
@@ -63,11 +63,34 @@ def test_offline_with_expert_parallelism_reports_it(tmp_path) -> None:
     assert row["tensor_parallel"] == 2 and row["output_tokens"] == 3 * 5
 
 
+def test_latency_with_int8_weights(tmp_path) -> None:
+    """--weights int8: every rank quantizes the whole shape (its decoder layers and routed experts) before its engine
+    splits it; the record says so."""
+    shape = tmp_path / "config.json"
+    shape.write_text(json.dumps(TINY_SHAPES["qwen2-moe-shared"]))
+    out = tmp_path / "latency.json"
+    r = subprocess.run([sys.executable, "-m", "trident.cli", "bench", "latency", "--shape", str(shape),
+                        "--tensor-parallel", "2", "--weights", "int8", "--prompt-len", "12", "--output-len", "4",
+                        "--repeat", "1", "--dtype", "float32", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    record = json.loads(out.read_text())
+    assert record["tensor_parallel_size"] == 2 and record["weights"] == "int8"
+    assert record["quantization"]["bits"] == 8 and record["quantization"]["group_size"] is None
+    (row,) = record["results"]
+    assert row["tensor_parallel"] == 2 and row["output_tokens"] == 4
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (("latency", "--shape", "qwen3-0.6b", "--tensor-parallel", "2", "--compare", "hf"),
      "--compare is not supported with --tensor-parallel 2"),
-    (("latency", "--shape", "qwen3-0.6b", "--tensor-parallel", "2", "--weights", "int8"),
-     "--weights int8 is not supported with --tensor-parallel 2 yet"),
+    (("latency", "--shape", "qwen3-0.6b", "--tensor-parallel", "2", "--weights", "w8a8"),
+     "--weights w8a8 is not supported with --tensor-parallel 2 yet"),
+    (("latency", "--shape", "qwen3-0.6b", "--tensor-parallel", "2", "--weights", "int8", "--lm-head", "int8"),
+     "--lm-head int8 is not supported with --tensor-parallel 2 yet"),
+    (("latency", "--shape", "qwen3-0.6b", "--tensor-parallel", "16", "--weights", "int4"),
+     "model.layers.0.mlp.down_proj (int4 in groups of 128) does not split over --tensor-parallel 16: rank 0 would "
+     "hold its input features 0..191, not whole quantization groups of 128"),
     (("latency", "--shape", "qwen3-0.6b", "--collective-timing"), "--collective-timing times the collectives"),
     (("offline", "--shape", "qwen3-0.6b", "--tensor-parallel", "2", "--collective-timing", "--device", "cuda"),
      "--collective-timing on CUDA needs --enforce-eager"),

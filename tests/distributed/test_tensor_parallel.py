@@ -1,9 +1,10 @@
 """Tensor parallelism over two gloo ranks on the CPU, against the same weights unsplit (TP=1) in this process.
 
 One spawn of two ranks (the ``ranks`` fixture of conftest.py, shared with test_expert_parallel.py) runs every model
-of tp_ranks.SHAPES: the logits of fixed prefill, mixed and decode steps through the engine's runner, and rank 0's
-greedy generation through the engine (the other rank following its plans); then a model whose heads do not split.
-The tests compare what the ranks saw with this process's unsplit engines.
+of tp_ranks.SHAPES and tp_ranks.QUANTIZED (int8 / int4 weight-only models, quantized whole before the split): the
+logits of fixed prefill, mixed and decode steps through the engine's runner, and rank 0's greedy generation through
+the engine (the other rank following its plans); then a model whose heads do not split. The tests compare what the
+ranks saw with this process's unsplit engines (the same quantized weights).
 """
 
 from __future__ import annotations
@@ -12,13 +13,17 @@ import pytest
 from tp_ranks import (
     ASYNC_SHAPES,
     EP_SHAPES,
+    QUANTIZED,
+    QUANTIZED_EP,
     SHAPES,
     SIZE,
     assert_ranks_logits_equal,
     checkpoint,
     engine_config,
     generate,
+    shape_checkpoint,
     step_logits,
+    torch_products,
 )
 
 from trident.config import ModelConfig
@@ -28,16 +33,17 @@ from trident.distributed.shard import check_shardable, heads_of, kv_heads_of, sh
 from trident.engine.engine import LLMEngine
 from trident.errors import TridentError
 
-SPLITS = ([pytest.param(name, "", id=name) for name in SHAPES]
-          + [pytest.param(name, "ep/", id=f"expert-parallel-{name}") for name in EP_SHAPES])
-"""(shape, prefix of what the ranks saw): every shape split by tensor parallelism, the MoE ones by expert
-parallelism too (test_expert_parallel.py)."""
+SPLITS = ([pytest.param(name, "", id=name) for name in (*SHAPES, *QUANTIZED)]
+          + [pytest.param(name, "ep/", id=f"expert-parallel-{name}") for name in (*EP_SHAPES, *QUANTIZED_EP)])
+"""(model, prefix of what the ranks saw): every shape and quantized model split by tensor parallelism, the MoE ones
+by expert parallelism too (test_expert_parallel.py)."""
 
 
 @pytest.mark.parametrize(("name", "split"), SPLITS)
 def test_logits_equal_unsplit(ranks, name, split):
     """Prefill, prefill beside decodes, decodes: every rank has the full logits, equal to TP=1's."""
-    reference = step_logits(LLMEngine(engine_config(), checkpoint(SHAPES[name])))
+    with torch_products(name):
+        reference = step_logits(LLMEngine(engine_config(), shape_checkpoint(name)))
     assert_ranks_logits_equal(ranks, f"{split}{name}/logits", reference)
 
 
@@ -45,8 +51,9 @@ def test_logits_equal_unsplit(ranks, name, split):
 def test_greedy_generation_equals_unsplit(ranks, name, split):
     """The engine split over two ranks (asynchronous scheduling for some shapes: pending tokens on every rank)
     generates TP=1's tokens."""
-    engine = LLMEngine(engine_config(async_scheduling=name in ASYNC_SHAPES), checkpoint(SHAPES[name]))
-    assert ranks[0][f"{split}{name}/tokens"] == generate(engine)
+    with torch_products(name):
+        engine = LLMEngine(engine_config(async_scheduling=name in ASYNC_SHAPES), shape_checkpoint(name))
+        assert ranks[0][f"{split}{name}/tokens"] == generate(engine)
 
 
 @pytest.mark.parametrize("name", SHAPES)
@@ -102,16 +109,68 @@ def test_heads_per_rank():
                                                                                                           (6, 2)]
 
 
-def test_quantized_layers_are_refused_before_any_change():
-    """A model holding quantized layers is a clear error (no collective is reached: the group here is fake)."""
-    from trident.quant.linear import quantize_model
+_FAKE = TensorParallel(rank=0, size=2, group=None, control_group=None)
+"""Rank 0 of two, for splits that must fail before any collective."""
+MISALIGNED = ("model.layers.0.mlp.down_proj (int4 in groups of 32) does not split over --tensor-parallel 2: rank 0 "
+              "would hold its input features 0..47, not whole quantization groups of 32; quantize it with a group "
+              "size that divides 48 (or per channel), or use another --tensor-parallel size")
+"""int4 in groups of 32 of llama-gqa-bias, whose MLP's 96 intermediate features give each of two ranks 48."""
+
+
+def test_quantized_groups_that_do_not_split_are_a_clear_error():
+    """Input features that would cut a quantization group are an error naming the layer, raised by shard_model
+    before anything changes, and by check_shardable from the checkpoint's description (what the commands check
+    before any rank starts); the same model in groups that split, or per channel, passes."""
+    from trident.bench.quantized_weights import quantization_plan, quantize_checkpoint
+    from trident.models.build import meta_model
     from trident.quant.rtn import QuantConfig
 
+    int4 = QuantConfig(bits=4, group_size=32)
+    engine = LLMEngine(engine_config(), quantize_checkpoint(checkpoint(SHAPES["llama-gqa-bias"]), int4))
+    with pytest.raises(TridentError) as error:
+        shard_model(engine.model, _FAKE)
+    assert str(error.value) == MISALIGNED
+    assert engine.model.config.num_heads == SHAPES["llama-gqa-bias"]["num_attention_heads"]  # nothing changed
+    config = ModelConfig.from_hf_dict(SHAPES["llama-gqa-bias"])
+    with pytest.raises(TridentError) as error:
+        check_shardable(config, 2, quantization=quantization_plan(meta_model(config), int4))
+    assert str(error.value) == MISALIGNED
+    for fits in (QuantConfig(bits=4, group_size=None), QuantConfig(bits=8, group_size=None)):
+        check_shardable(config, 2, quantization=quantization_plan(meta_model(config), fits))
+    moe = ModelConfig.from_hf_dict({**QUANTIZED["int4-g32/qwen2-moe-shared"][0], "moe_intermediate_size": 96})
+    plan = quantization_plan(meta_model(moe), int4)
+    with pytest.raises(TridentError, match=r"model.layers.1.mlp.experts \(down\) \(int4 in groups of 32\) does not "
+                                           "split over --tensor-parallel 2: rank 0 would hold its input features "
+                                           "0..47, not whole quantization groups of 32"):
+        check_shardable(moe, 2, quantization=plan)
+    check_shardable(moe, 2, expert_parallel=True, quantization=plan)  # whole experts: their features stay whole
+
+
+def test_quantized_lm_heads_embeddings_and_w8a8_layers_are_refused_before_any_change():
+    """What the split does not cut yet (an int8 LM head, an int8 embedding table as a tied head or a GGUF file's
+    native one, W8A8 layers) is a clear error, nothing changed."""
+    from trident.quant.head import quantize_head
+    from trident.quant.linear import replace_module
+    from trident.quant.w8a8 import W8A8Linear
+
     engine = LLMEngine(engine_config(), checkpoint(SHAPES["llama-gqa-bias"]))
-    quantize_model(engine.model, QuantConfig(bits=8))
-    fake = TensorParallel(rank=0, size=2, group=None, control_group=None)
-    with pytest.raises(TridentError, match="QuantizedLinear .*not supported with --tensor-parallel yet"):
-        shard_model(engine.model, fake)
+    quantize_head(engine.model)
+    with pytest.raises(TridentError, match="lm_head is a QuantizedLinear, which .quantized weights. is not supported "
+                                           "with --tensor-parallel yet"):
+        shard_model(engine.model, _FAKE)
+    engine = LLMEngine(engine_config(), checkpoint(SHAPES["qwen3-tied"]))
+    quantize_head(engine.model)
+    with pytest.raises(TridentError, match=r"model.embed_tokens is a QuantizedEmbedding, which \(quantized weights\) "
+                                           "is not supported with --tensor-parallel yet; use an unquantized checkpoint "
+                                           r"\(for a GGUF file: --gguf-weights dequantize\)"):
+        shard_model(engine.model, _FAKE)
+    engine = LLMEngine(engine_config(), checkpoint(SHAPES["llama-gqa-bias"]))
+    name = "model.layers.1.self_attn.o_proj"
+    replace_module(engine.model, name, W8A8Linear.from_linear(engine.model.get_submodule(name)))
+    with pytest.raises(TridentError, match=f"{name} is a W8A8Linear .quantized weights.: not supported with "
+                                           "--tensor-parallel yet"):
+        shard_model(engine.model, _FAKE)
+    assert type(engine.model.model.layers[0].self_attn.o_proj).__name__ == "Linear"  # nothing changed
 
 
 def test_parallel_config_is_validated():

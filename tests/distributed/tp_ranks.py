@@ -4,18 +4,25 @@ reference."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+from collections.abc import Iterator
 
 import torch
 
+from trident.bench.quantized_weights import quantize_checkpoint
 from trident.bench.random_weights import weight_specs
 from trident.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from trident.distributed.experts import ExpertParallelExperts
 from trident.engine.engine import LLMEngine
 from trident.engine.plan import ScheduledChunk, StepPlan
 from trident.engine.request import SamplingParams
 from trident.errors import TridentError
 from trident.loader.checkpoint import Checkpoint
-from trident.moe.experts import FusedExperts
+from trident.moe.block import SparseMoeBlock
+from trident.native.build import DISABLE_ENV
+from trident.quant.rtn import QuantConfig
 
 SIZE = 2
 """Ranks of the spawned group."""
@@ -53,9 +60,31 @@ SHAPES: dict[str, dict] = {
 }
 """Hugging Face config dicts of the models split over two ranks."""
 
+_WIDE = {"hidden_size": 128, "intermediate_size": 128}
+"""Sizes whose row-parallel input features (o_proj's 64 of 128, down_proj's 64 of 128 per rank) hold whole groups of
+32."""
+
+QUANTIZED: dict[str, tuple[dict, QuantConfig]] = {
+    # weight-only int8 per channel and int4 in groups of 32 of the GQA Llama with biases (those of the column-parallel
+    # projections kept with their rows, down_proj's added once after the all-reduce)
+    "int8/llama-gqa-bias": ({**SHAPES["llama-gqa-bias"], **_WIDE}, QuantConfig(bits=8)),
+    "int4-g32/llama-gqa-bias": ({**SHAPES["llama-gqa-bias"], **_WIDE}, QuantConfig(bits=4, group_size=32)),
+    # Qwen2-MoE with int8 routed experts (per channel) and int4 ones (groups of 32: 32 intermediate features of 64 per
+    # rank), its attention, dense MLP, shared expert and shared expert gate quantized alike
+    "int8/qwen2-moe-shared": ({**SHAPES["qwen2-moe-shared"], **_WIDE, "moe_intermediate_size": 64,
+                               "shared_expert_intermediate_size": 128}, QuantConfig(bits=8)),
+    "int4-g32/qwen2-moe-shared": ({**SHAPES["qwen2-moe-shared"], **_WIDE, "moe_intermediate_size": 64,
+                                   "shared_expert_intermediate_size": 128}, QuantConfig(bits=4, group_size=32)),
+}
+"""Quantized models split over two ranks (:func:`quantized_checkpoint`: the whole model quantized, as `bench
+--weights` quantizes it, before the engine splits it)."""
+
 EP_SHAPES = ("qwen2-moe-shared", "mixtral")
 """Shapes also split with expert parallelism (two whole experts of four per rank; the shared expert, attention and
 vocabulary split as without it)."""
+
+QUANTIZED_EP = ("int8/qwen2-moe-shared", "int4-g32/qwen2-moe-shared")
+"""Quantized models also split with expert parallelism (whole quantized experts)."""
 
 BAD_EXPERTS = {**SHAPES["mixtral"], "num_local_experts": 3}
 """Three experts: they do not split over two ranks with expert parallelism (their features would)."""
@@ -84,6 +113,38 @@ def checkpoint(hf_config: dict, seed: int = 0, std: float = 0.1) -> Checkpoint:
         tensors[name] = tensor if fill is None else tensor + fill
     return Checkpoint(config=config, tensors=tensors, tensor_types=dict.fromkeys(tensors, "F32"), tokenizer=None,
                       format="random", path="random", file_bytes=0, hf_config=hf_config)
+
+
+def quantized_checkpoint(name: str) -> Checkpoint:
+    """The random weights of :data:`QUANTIZED` model ``name``, quantized as `bench --weights` quantizes them (every
+    decoder-layer Linear, and the routed experts, by trident/bench/quantized_weights.py)."""
+    hf_config, quant = QUANTIZED[name]
+    return quantize_checkpoint(checkpoint(hf_config), quant)
+
+
+@contextlib.contextmanager
+def torch_products(name: str) -> Iterator[None]:
+    """Within it, a :data:`QUANTIZED` model ``name`` (``ep/`` or not) multiplies on torch's paths (the native
+    library off, TRIDENT_NO_NATIVE=1): the native CPU kernel quantizes its activations per block, and that rounding
+    turns the split's float32 reorderings (1e-7) into logits 1e-4 apart. Its products of sliced layers are compared
+    on identical inputs in test_quantized_split.py."""
+    if name.removeprefix("ep/") not in QUANTIZED:
+        yield
+        return
+    before = os.environ.get(DISABLE_ENV)
+    os.environ[DISABLE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[DISABLE_ENV]
+        else:
+            os.environ[DISABLE_ENV] = before
+
+
+def shape_checkpoint(name: str) -> Checkpoint:
+    """The weights of a :data:`SHAPES` or :data:`QUANTIZED` model."""
+    return quantized_checkpoint(name) if name in QUANTIZED else checkpoint(SHAPES[name])
 
 
 def engine_config(async_scheduling: bool = False) -> EngineConfig:
@@ -147,23 +208,37 @@ def generate(engine: LLMEngine) -> list[list[int]]:
     return [done[i] for i in ids]
 
 
-def _split_run(name: str, hf_config: dict, parallel, seen: dict) -> None:
-    """One shape over ``parallel``'s ranks: the step logits, this rank's kv heads, block count and block bytes, its
-    experts and their load after the steps (MoE models), and (rank 0) the engine's greedy tokens; into ``seen``
-    under ``name``/."""
-    ckpt = checkpoint(hf_config)
+def experts_seen(model) -> list[tuple[int, tuple[int, ...]]]:
+    """For each MoE layer of ``model``, the model's id of its first expert here and the shape of its gate_up
+    tensor (float weights or codes)."""
+    seen = []
+    for block in (m for m in model.modules() if isinstance(m, SparseMoeBlock)):
+        experts, first = block.experts, 0
+        if isinstance(experts, ExpertParallelExperts):
+            experts, first = experts.experts, experts.first_expert
+        gate_up = experts.gate_up_proj if hasattr(experts, "gate_up_proj") else experts.gate_up_qweight
+        seen.append((first, tuple(gate_up.shape)))
+    return seen
+
+
+def _split_run(name: str, parallel, seen: dict) -> None:
+    """One model (``name``: a :data:`SHAPES` or :data:`QUANTIZED` one, after ``ep/`` with expert parallelism) over
+    ``parallel``'s ranks: the step logits, this rank's kv heads, block count and block bytes, its experts and their
+    load after the steps (MoE models), and (rank 0) the engine's greedy tokens; into ``seen`` under ``name``/."""
+    shape = name.removeprefix("ep/")
+    ckpt = shape_checkpoint(shape)
     engine = LLMEngine(engine_config(), ckpt, parallel=parallel)
     seen[f"{name}/logits"] = step_logits(engine)
     seen[f"{name}/kv_heads"] = engine.runner.kv_caches[0].key.shape[0]
     seen[f"{name}/num_blocks"] = engine.num_blocks
     seen[f"{name}/kv_block_bytes"] = engine.kv_block_bytes
-    experts = [m for m in engine.model.modules() if isinstance(m, FusedExperts)]
-    if experts:  # (the model's id of each layer's first expert here, its gate_up_proj's shape)
-        seen[f"{name}/experts"] = [(getattr(m, "first_expert", 0), tuple(m.gate_up_proj.shape)) for m in experts]
+    experts = experts_seen(engine.model)
+    if experts:
+        seen[f"{name}/experts"] = experts
     if engine.moe_stats() is not None:
         seen[f"{name}/moe_stats"] = dataclasses.asdict(engine.moe_stats())  # plain types: torch.load's weights_only
         seen[f"{name}/moe_stats_whole"] = dataclasses.asdict(engine.model.load_stats.snapshot(whole=True))
-    engine = LLMEngine(engine_config(async_scheduling=name.split("/")[-1] in ASYNC_SHAPES), ckpt, parallel=parallel)
+    engine = LLMEngine(engine_config(async_scheduling=shape in ASYNC_SHAPES), ckpt, parallel=parallel)
     engine.runner.warm_up()  # what a CUDA engine runs at start-up on every rank, each by itself (no plans sent)
     if parallel.is_driver:
         try:
@@ -175,9 +250,9 @@ def _split_run(name: str, hf_config: dict, parallel, seen: dict) -> None:
 
 
 def run_rank(rank: int, size: int, init_method: str, out_dir: str) -> None:
-    """One spawned rank: every shape split with tensor parallelism (:func:`_split_run`), then the :data:`EP_SHAPES`
-    with expert parallelism too (under ``ep/``); then the errors of a model whose heads do not split and of one
-    whose experts do not. Saves what it saw to ``out_dir``/rank{rank}.pt."""
+    """One spawned rank: every shape and quantized model split with tensor parallelism (:func:`_split_run`), then
+    the :data:`EP_SHAPES` and :data:`QUANTIZED_EP` with expert parallelism too (under ``ep/``); then the errors of a
+    model whose heads do not split and of one whose experts do not. Saves what it saw to ``out_dir``/rank{rank}.pt."""
     from trident.distributed.config import ParallelConfig
     from trident.distributed.group import destroy_tensor_parallel, init_tensor_parallel
 
@@ -186,11 +261,13 @@ def run_rank(rank: int, size: int, init_method: str, out_dir: str) -> None:
                                     torch.device("cpu"))
     seen: dict[str, object] = {}
     try:
-        for name, hf_config in SHAPES.items():
-            _split_run(name, hf_config, parallel, seen)
+        for name in (*SHAPES, *QUANTIZED):
+            with torch_products(name):
+                _split_run(name, parallel, seen)
         expert_parallel = dataclasses.replace(parallel, expert_parallel=True)  # the same process groups
-        for name in EP_SHAPES:
-            _split_run(f"ep/{name}", SHAPES[name], expert_parallel, seen)
+        for name in (*EP_SHAPES, *QUANTIZED_EP):
+            with torch_products(name):
+                _split_run(f"ep/{name}", expert_parallel, seen)
         try:
             LLMEngine(engine_config(), checkpoint(BAD_HEADS), parallel=parallel)
         except TridentError as e:

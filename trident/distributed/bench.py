@@ -6,8 +6,10 @@ runs the benchmark as ``trident bench`` does (trident/bench/run.py's ``measure``
 JSON), the other ranks following its steps. Spawned on this host, or one rank per process under torchrun.
 
 ``--compare`` is refused: the peer runs in the measuring process beside trident's engine, which here is a group of
-processes; run the same command without ``--tensor-parallel`` for the peer's figures. Quantized ``--weights`` are
-refused as every quantized layer is (they are not split yet).
+processes; run the same command without ``--tensor-parallel`` for the peer's figures. ``--weights int8|int4``
+quantizes the whole model on every rank, before its engine splits it (the unsplit model's codes, cut exactly:
+trident/distributed/quantized.py); ``--weights w8a8`` and ``--lm-head int8`` are refused (W8A8 layers and quantized
+LM heads are not split yet).
 """
 
 from __future__ import annotations
@@ -32,9 +34,12 @@ def bench_tensor_parallel(args: argparse.Namespace) -> int:
     if args.compare is not None:
         raise TridentError(f"--compare is not supported with {flag}: the peer would run beside one rank of the "
                            f"split engine; run the same command without {flag} for the peer's figures")
-    if args.weights != "float":
-        raise TridentError(f"--weights {args.weights} is not supported with {flag} yet: quantized layers are not "
-                           "split")
+    if args.weights == "w8a8":
+        raise TridentError(f"--weights w8a8 is not supported with {flag} yet: W8A8 layers are not split; use "
+                           "--weights int8 or int4")
+    if getattr(args, "lm_head", "float") != "float":
+        raise TridentError(f"--lm-head {args.lm_head} is not supported with {flag} yet: the LM head splits by "
+                           "vocabulary in float only")
     if args.collective_timing and args.device.startswith("cuda") and not args.enforce_eager:
         raise TridentError("--collective-timing on CUDA needs --enforce-eager: CUDA graphs replay their collectives "
                            "without Python seeing them")
@@ -95,14 +100,22 @@ def check_same_weights(tensors: dict[str, torch.Tensor], parallel) -> None:
 
 
 def _check_shardable(args: argparse.Namespace, size: int) -> None:
-    """One clear error before any rank starts when the model's heads or features do not split over ``size``."""
+    """One clear error before any rank starts when the model's heads or features do not split over ``size``, or its
+    quantized layers (the checkpoint's, or those --weights makes) do not cut into whole groups."""
+    from trident.bench.quantized_weights import bench_quant_config, quant_method_of, quantization_plan
     from trident.bench.shapes import resolve_shape
     from trident.config import ModelConfig
     from trident.distributed.shard import check_shardable
     from trident.loader.describe import describe_model
+    from trident.models.build import meta_model
 
+    quantization = None
     if args.shape:
         config = ModelConfig.from_hf_dict(resolve_shape(args.shape).hf_config)
     else:
-        config = describe_model(args.model).config
-    check_shardable(config, size, args.expert_parallel)
+        described = describe_model(args.model, args.gguf_weights == "native")
+        config, quantization = described.config, described.quantization
+    quant_config = bench_quant_config(args.weights, getattr(args, "group_size", None))
+    if quant_config is not None and quantization is None:
+        quantization = quantization_plan(meta_model(config), quant_config, quant_method_of(args.weights))
+    check_shardable(config, size, args.expert_parallel, quantization)

@@ -60,29 +60,30 @@ class ColumnParallelLinear(Linear):
         return layer
 
 
-class RowParallelLinear(Linear):
-    """This rank's input features of a Linear (the columns ``start : start + length`` of its weight): the product
-    is a partial sum over the ranks. With ``reduce`` it is all-reduced here and the bias added after; without, the
-    caller reduces the sum of several such outputs once (an MoE block), and rank 0 alone adds the bias."""
+class RowParallelLinear(nn.Module):
+    """This rank's input features of a linear layer: ``layer`` (a Linear, or a QuantizedLinear cut by
+    trident/distributed/quantized.py) holds the columns ``start : start + length`` of its weight and no bias, so its
+    product is a partial sum over the ranks. With ``reduce`` it is all-reduced here and the bias (this module's)
+    added after; without, the caller reduces the sum of several such outputs once (an MoE block), and rank 0 alone
+    adds the bias."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
-        super().__init__(in_features, out_features, bias)
-        self.parallel: TensorParallel | None = None
-        self.reduce = True
+    def __init__(self, layer: nn.Module, bias: torch.Tensor | None, parallel: TensorParallel,
+                 reduce: bool = True) -> None:
+        super().__init__()
+        self.layer = layer
+        self.bias = None if bias is None else _parameter(bias)
+        self.parallel = parallel
+        self.reduce = reduce
 
     @classmethod
     def shard(cls, full: Linear, start: int, length: int, parallel: TensorParallel,
               reduce: bool = True) -> RowParallelLinear:
-        layer = _empty_linear(cls, length, full.out_features, full.bias is not None)
+        layer = _empty_linear(Linear, length, full.out_features, bias=False)
         layer.weight = _parameter(take(full.weight, ((start, length),), dim=1))
-        if full.bias is not None:
-            layer.bias = _parameter(full.bias.detach().clone())
-        layer.parallel = parallel
-        layer.reduce = reduce
-        return layer
+        return cls(layer, None if full.bias is None else full.bias.detach().clone(), parallel, reduce)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight)
+        y = self.layer(x)
         if self.reduce:
             self.parallel.all_reduce(y)
         elif not self.parallel.is_driver:

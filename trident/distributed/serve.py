@@ -136,8 +136,9 @@ def serve_tensor_parallel(parallel: ParallelConfig, served: ServedModel) -> int:
     if config.device == "cpu" and config.num_threads is None:  # the ranks of a host share its cores
         config = dataclasses.replace(config, num_threads=threads_per_rank(size))
     served = dataclasses.replace(served, engine=config)
-    # one clear error before any rank starts
-    check_shardable(describe_model(config.model or None).config, size, parallel.expert_parallel)
+    described = describe_model(config.model or None, config.gguf_weights == "native")
+    check_shardable(described.config, size, parallel.expert_parallel,  # one clear error before any rank starts
+                    quantization=described.quantization)
     if int(os.environ.get("RANK", 0)) == 0:  # the serving rank: spawned here, or global rank 0 under torchrun
         check_port_free(served.host, served.port)
     return launch_ranks(parallel, config.device, serve_rank, (served,))

@@ -17,9 +17,17 @@ the layers of trident/distributed/layers.py holding this rank's slices of the lo
 - the embedding table and LM head: by vocabulary (tied embeddings included);
 - norms and rotary embeddings: replicated.
 
+Weight-only quantized layers split the same way, their stored codes, scales and zero points cut exactly
+(trident/distributed/quantized.py): a column-parallel QuantizedLinear keeps its rows (a plain QuantizedLinear), a
+row-parallel one its input features inside a RowParallelLinear, quantized experts their features or whole experts.
+Cutting input features needs whole quantization groups (and whole int4 bytes) on every rank: where some rank's
+share is not (int4 in groups of 32 over a 96-feature MLP on two ranks: 48 each), the model is a TridentError
+naming the layer, before anything changes. So are modules it does not know how to split (quantized embeddings and
+LM heads, W8A8 layers, multi-head latent attention). Modules shared by several layers (``trident share``) are split
+once.
+
 The model's ``config`` becomes :func:`shard_config`'s: this rank's heads, which is what the runner sizes each
-layer's KV cache from. Modules it does not know how to split (quantized layers, multi-head latent attention) are a
-TridentError before anything changes. Modules shared by several layers (``trident share``) are split once.
+layer's KV cache from.
 """
 
 from __future__ import annotations
@@ -27,24 +35,36 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from trident.config import ModelConfig
-from trident.distributed.experts import ExpertParallelExperts, expert_range
+from trident.distributed.experts import ExpertParallelExperts, expert_features, expert_range
 from trident.distributed.group import TensorParallel
 from trident.distributed.layers import (
     ColumnParallelLinear,
+    Ranges,
     ReducedMoeBlock,
     RowParallelLinear,
     VocabParallelEmbedding,
     VocabParallelLMHead,
-    take,
+)
+from trident.distributed.quantized import (
+    check_columns,
+    check_expert_columns,
+    even_ranges,
+    quantized_columns,
+    quantized_rows,
 )
 from trident.errors import TridentError
 from trident.models.layers import Attention, Embedding, GatedMLP, Linear, RMSNorm, RotaryEmbedding
 from trident.moe.block import SparseMoeBlock
 from trident.moe.experts import FusedExperts
+from trident.moe.quant import QuantizedFusedExperts
 from trident.moe.router import Router
+from trident.quant.embedding import QuantizedEmbedding
+from trident.quant.format import QUANT_METHOD, QuantizedModules
+from trident.quant.linear import QuantizedLinear
 
 UNSUPPORTED = "not supported with --tensor-parallel yet"
 
@@ -52,12 +72,15 @@ Memo = dict[int, tuple[nn.Module, nn.Module]]
 """id(original module) -> (the original, kept alive so its id stays unique; its replacement)."""
 
 
-def check_shardable(config: ModelConfig, size: int, expert_parallel: bool = False) -> None:
+def check_shardable(config: ModelConfig, size: int, expert_parallel: bool = False,
+                    quantization: QuantizedModules | None = None) -> None:
     """Raise a TridentError when ``config``'s model cannot be split over ``size`` ranks: every rank needs a kv head
     (kv heads at least the ranks, split as evenly as they go, or fewer, a divisor of the ranks, each replicated with
     the query heads split evenly), intermediate and expert features must divide evenly, and multi-head latent
     attention is not split yet. With ``expert_parallel``, the routed experts must split evenly (whole experts per
-    rank) rather than their features, and the model must have some."""
+    rank) rather than their features, and the model must have some. With ``quantization`` (what a quantized
+    checkpoint holds, as described before loading it), its layers must split too (the checks :func:`shard_model`
+    makes on the loaded model, made here on a meta-device build: nothing is read or allocated)."""
     if config.mla is not None:
         raise TridentError(f"{config.model_type}: multi-head latent attention (DeepSeek-V2/V3) is {UNSUPPORTED}; "
                            "run it without --tensor-parallel")
@@ -85,6 +108,37 @@ def check_shardable(config: ModelConfig, size: int, expert_parallel: bool = Fals
         if features % size:
             raise TridentError(f"the model's {name} ({features}) does not split evenly over --tensor-parallel "
                                f"{size}; use a size that divides it")
+    if quantization is not None:
+        _check_modules(_quantized_meta_model(config, quantization), "", size, expert_parallel)
+
+
+def _quantized_meta_model(config: ModelConfig, quantization: QuantizedModules) -> nn.Module:
+    """``config``'s model on the meta device with ``quantization``'s layers and experts installed as loading the
+    checkpoint installs them (their stored tensors' shapes from the formats)."""
+    from trident.models.build import meta_model
+    from trident.moe.quant import expert_layout, experts_group_size
+    from trident.quant.format import install_quantized_modules, listed_shape
+    from trident.quant.rtn import stored_layout
+
+    if quantization.quant_method != QUANT_METHOD:
+        raise TridentError(f"{quantization.quant_method} layers (int8 weights times int8 activations) are "
+                           f"{UNSUPPORTED}; use a weight-only (trident-rtn) or unquantized checkpoint")
+    model = meta_model(config)
+    layouts = {}
+    for name in quantization.modules:
+        layout = stored_layout(*listed_shape(model, name), quantization.config_of(name))
+        layouts.update({f"{name}.{kind}": spec for kind, spec in layout.items()})
+    bits, group = quantization.config.bits, experts_group_size(quantization.config)
+    for name in quantization.experts:
+        experts = model.get_submodule(name)
+        for prefix, (num_experts, n, k) in (("gate_up", experts.gate_up_proj.shape),
+                                            ("down", experts.down_proj.shape)):
+            groups = 1 if group is None else k // group
+            codes, scales = expert_layout(bits, num_experts, n, k, groups)
+            layouts.update({f"{name}.{prefix}_qweight": codes, f"{name}.{prefix}_scales": scales})
+    tensors = {name: torch.empty(shape, dtype=dtype, device="meta") for name, (shape, dtype) in layouts.items()}
+    install_quantized_modules(model, quantization, tensors, torch.device("meta"), torch.float32)
+    return model
 
 
 def kv_heads_of(num_kv_heads: int, size: int, rank: int) -> tuple[int, int]:
@@ -120,7 +174,7 @@ def shard_model(model: nn.Module, parallel: TensorParallel) -> nn.Module:
     ``parallel.expert_parallel`` says how MoE blocks split their routed experts."""
     config = model.config
     check_shardable(config, parallel.size, parallel.expert_parallel)
-    _check_modules(model, "")
+    _check_modules(model, "", parallel.size, parallel.expert_parallel)
     _shard_children(model, "", parallel, {})
     model.config = shard_config(config, parallel.size, parallel.expert_parallel, parallel.rank)
     return model
@@ -130,38 +184,58 @@ _REPLICATED = (RMSNorm, RotaryEmbedding)
 """Modules every rank keeps whole."""
 
 
-def _check_modules(module: nn.Module, path: str) -> None:
+def _check_modules(module: nn.Module, path: str, size: int, expert_parallel: bool) -> None:
     """Raise before any change when a module holding weights is of a kind this file cannot split (quantized
-    layers and experts, or any module unknown here)."""
+    embeddings and LM heads, W8A8 layers, any module unknown here), or a quantized layer's input features do not cut
+    into whole groups on every one of ``size`` ranks."""
     for name, child in module.named_children():
         child_path = f"{path}{name}"
         if isinstance(child, Attention):
             _expect_linear(child, child_path, ("qkv_proj", "o_proj"))
+            dim = child.head_dim
+            heads = (heads_of(child.num_heads, child.num_kv_heads, size, rank) for rank in range(size))
+            _check_input_features(child.o_proj, f"{child_path}.o_proj",
+                                  [(first * dim, count * dim) for first, count in heads])
             for norm in ("q_norm", "k_norm"):
                 if hasattr(child, norm) and type(getattr(child, norm)) is not RMSNorm:
                     raise TridentError(f"{child_path}.{norm} is a {type(getattr(child, norm)).__name__}: {UNSUPPORTED}")
         elif isinstance(child, GatedMLP):
-            _expect_linear(child, child_path, ("gate_up_proj", "down_proj"))
+            _check_mlp(child, child_path, size)
         elif isinstance(child, SparseMoeBlock):
-            if type(child.experts) is not FusedExperts:
-                raise TridentError(f"{child_path}.experts is a {type(child.experts).__name__} (quantized experts): "
-                                   f"{UNSUPPORTED}; use an unquantized checkpoint")
+            experts = child.experts
+            if type(experts) not in (FusedExperts, QuantizedFusedExperts):
+                raise TridentError(f"{child_path}.experts is a {type(experts).__name__} {_unsupported_kind(experts)}: "
+                                   f"{UNSUPPORTED}")
+            if type(experts) is QuantizedFusedExperts and not expert_parallel:
+                check_expert_columns(f"{child_path}.experts", experts, even_ranges(experts.intermediate_size, size))
             if type(child.gate) is not Router:
                 raise TridentError(f"{child_path}.gate is a {type(child.gate).__name__}: {UNSUPPORTED}")
             if child.shared_expert is not None:
-                _expect_linear(child.shared_expert, f"{child_path}.shared_expert", ("gate_up_proj", "down_proj"))
+                _check_mlp(child.shared_expert, f"{child_path}.shared_expert", size)
             if child.shared_expert_gate is not None:
                 _expect_linear(child, child_path, ("shared_expert_gate",))
         elif type(child) is Embedding or (child_path == "lm_head" and type(child) is Linear):
             continue
         elif isinstance(child, _REPLICATED):
             continue
-        elif any(p is not None for p in child._parameters.values()):
+        elif (child_path == "lm_head" or isinstance(child, (QuantizedEmbedding, QuantizedLinear))
+              or any(t is not None for t in (*child._parameters.values(), *child._buffers.values()))):
             raise TridentError(f"{child_path} is a {type(child).__name__}, which {_unsupported_kind(child)} is "
                                f"{UNSUPPORTED}; use an unquantized checkpoint (for a GGUF file: --gguf-weights "
                                "dequantize)")
         else:
-            _check_modules(child, f"{child_path}.")
+            _check_modules(child, f"{child_path}.", size, expert_parallel)
+
+
+def _check_mlp(mlp: GatedMLP, path: str, size: int) -> None:
+    _expect_linear(mlp, path, ("gate_up_proj", "down_proj"))
+    _check_input_features(mlp.down_proj, f"{path}.down_proj", even_ranges(mlp.intermediate_size, size))
+
+
+def _check_input_features(layer: nn.Module, path: str, ranges: list[tuple[int, int]]) -> None:
+    """A row-parallel quantized layer's input features (each rank's (start, length)) must cut into its groups."""
+    if isinstance(layer, QuantizedLinear):
+        check_columns(path, layer.config.bits, layer.config.group_size, ranges)
 
 
 def _unsupported_kind(module: nn.Module) -> str:
@@ -171,9 +245,26 @@ def _unsupported_kind(module: nn.Module) -> str:
 def _expect_linear(owner: nn.Module, path: str, names: tuple[str, ...]) -> None:
     for name in names:
         layer = getattr(owner, name)
-        if type(layer) is not Linear:
+        if type(layer) not in (Linear, QuantizedLinear):
             raise TridentError(f"{path}.{name} is a {type(layer).__name__} {_unsupported_kind(layer)}: {UNSUPPORTED}; "
-                               "use an unquantized checkpoint (for a GGUF file: --gguf-weights dequantize)")
+                               "use a weight-only quantized (int8 / int4) or unquantized checkpoint")
+
+
+def _column_parallel(full: Linear | QuantizedLinear, ranges: Ranges) -> nn.Module:
+    """The rows ``ranges`` of ``full``: a ColumnParallelLinear, or a QuantizedLinear of those rows."""
+    if isinstance(full, QuantizedLinear):
+        return quantized_rows(full, ranges)
+    return ColumnParallelLinear.shard(full, ranges)
+
+
+def _row_parallel(full: Linear | QuantizedLinear, start: int, length: int, parallel: TensorParallel,
+                  reduce: bool = True) -> RowParallelLinear:
+    """The input features ``start : start + length`` of ``full`` in a RowParallelLinear (a quantized layer's: a
+    QuantizedLinear of those features inside it)."""
+    if isinstance(full, QuantizedLinear):
+        bias = None if full.bias is None else full.bias.detach().clone()
+        return RowParallelLinear(quantized_columns(full, start, length), bias, parallel, reduce)
+    return RowParallelLinear.shard(full, start, length, parallel, reduce)
 
 
 def _once(memo: Memo, module: nn.Module, make: Callable[[], nn.Module]) -> nn.Module:
@@ -213,9 +304,9 @@ def _shard_attention(attn: Attention, parallel: TensorParallel, memo: Memo) -> A
     q_size, kv_size = heads * dim, kv_heads * dim
     rows = ((first_head * dim, local_heads * dim), (q_size + first_kv * dim, local_kv * dim),
             (q_size + kv_size + first_kv * dim, local_kv * dim))
-    attn.qkv_proj = _once(memo, attn.qkv_proj, lambda: ColumnParallelLinear.shard(attn.qkv_proj, rows))
-    attn.o_proj = _once(memo, attn.o_proj, lambda: RowParallelLinear.shard(attn.o_proj, first_head * dim,
-                                                                           local_heads * dim, parallel))
+    attn.qkv_proj = _once(memo, attn.qkv_proj, lambda: _column_parallel(attn.qkv_proj, rows))
+    attn.o_proj = _once(memo, attn.o_proj, lambda: _row_parallel(attn.o_proj, first_head * dim, local_heads * dim,
+                                                                 parallel))
     attn.num_heads, attn.num_kv_heads = local_heads, local_kv
     attn.q_size, attn.kv_size = local_heads * dim, local_kv * dim
     return attn
@@ -227,10 +318,10 @@ def _shard_mlp(mlp: GatedMLP, parallel: TensorParallel, memo: Memo, reduce: bool
     features = mlp.intermediate_size
     local = features // parallel.size
     start = parallel.rank * local
-    mlp.gate_up_proj = _once(memo, mlp.gate_up_proj, lambda: ColumnParallelLinear.shard(
+    mlp.gate_up_proj = _once(memo, mlp.gate_up_proj, lambda: _column_parallel(
         mlp.gate_up_proj, ((start, local), (features + start, local))))
-    mlp.down_proj = _once(memo, mlp.down_proj, lambda: RowParallelLinear.shard(mlp.down_proj, start, local, parallel,
-                                                                               reduce=reduce))
+    mlp.down_proj = _once(memo, mlp.down_proj, lambda: _row_parallel(mlp.down_proj, start, local, parallel,
+                                                                     reduce=reduce))
     mlp.intermediate_size = local
     return mlp
 
@@ -246,12 +337,6 @@ def _shard_moe(block: SparseMoeBlock, parallel: TensorParallel, memo: Memo) -> R
         if block.stats is not None:  # one object for all layers: each rank reports its own experts' load
             block.stats.report_experts(*expert_range(block.stats.num_experts, parallel.size, parallel.rank))
         return ReducedMoeBlock(block, parallel)
-    experts = block.experts
-    features = experts.intermediate_size
-    local = features // parallel.size
-    start = parallel.rank * local
-    experts.gate_up_proj = nn.Parameter(take(experts.gate_up_proj, ((start, local), (features + start, local)), dim=1),
-                                        requires_grad=False)
-    experts.down_proj = nn.Parameter(take(experts.down_proj, ((start, local),), dim=2), requires_grad=False)
-    experts.intermediate_size = local
+    local = block.experts.intermediate_size // parallel.size
+    block.experts = expert_features(block.experts, parallel.rank * local, local)
     return ReducedMoeBlock(block, parallel)

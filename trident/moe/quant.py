@@ -129,7 +129,7 @@ def expert_weight_bytes(named_tensors) -> int:
     return sum(t.numel() * t.element_size() for name, t in named_tensors if name.endswith(suffixes))
 
 
-def _expected_shapes(bits: int, num_experts: int, n: int, k: int, groups: int
+def expert_layout(bits: int, num_experts: int, n: int, k: int, groups: int
                      ) -> tuple[tuple[tuple[int, ...], torch.dtype], tuple[tuple[int, ...], torch.dtype]]:
     """((codes' shape, dtype), (scales' shape, dtype)) of a fused [E, N, K] expert tensor in the format."""
     if bits == 8:
@@ -154,8 +154,8 @@ class QuantizedFusedExperts(nn.Module):
         gate_up_groups = gate_up.scales.shape[-1] if int4 and gate_up.scales.dim() == 3 else 1
         down_groups = down.scales.shape[-1] if int4 and down.scales.dim() == 3 else 1
         expected = dict(zip(EXPERT_TENSORS, (
-            *_expected_shapes(bits, num_experts, 2 * intermediate_size, hidden_size, gate_up_groups),
-            *_expected_shapes(bits, num_experts, hidden_size, intermediate_size, down_groups))))
+            *expert_layout(bits, num_experts, 2 * intermediate_size, hidden_size, gate_up_groups),
+            *expert_layout(bits, num_experts, hidden_size, intermediate_size, down_groups))))
         for name, t in zip(EXPERT_TENSORS, (*gate_up, *down)):
             shape, dtype = expected[name]
             if (tuple(t.shape), t.dtype) != (shape, dtype):
