@@ -7,11 +7,10 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from tp_ranks import BLOCK_SIZE, PROMPTS, shape_checkpoint, step_logits
+from tp_ranks import BLOCK_SIZE, generate, shape_checkpoint, step_logits
 
 from trident.config import CacheConfig, EngineConfig, SchedulerConfig
 from trident.engine.engine import LLMEngine
-from trident.engine.request import SampledToken, SamplingParams
 
 SIZE = 2
 CASES: dict[str, tuple[str, str, bool]] = {
@@ -45,18 +44,6 @@ def engine_config(device: str, dtype: str, async_scheduling: bool = False) -> En
                         async_scheduling=async_scheduling)
 
 
-def generate(engine: LLMEngine) -> list[list[SampledToken]]:
-    """Greedy outputs of tp_ranks.PROMPTS (EOS ignored, all submitted at once): per prompt, its tokens with their
-    log-probabilities and top-2 alternatives."""
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=2)
-    ids = [engine.add_request(list(prompt), params) for prompt in PROMPTS]
-    done = {}
-    while len(done) < len(ids):
-        for out in engine.step(only_finished=True):
-            done[out.request_id] = list(out.outputs[0].logprobs)
-    return [done[i] for i in ids]
-
-
 def case_run(case: str, device: str, parallel=None) -> dict:
     """One case's step logits (float32, on the CPU), greedy outputs (rank 0 or unsplit) and decode-graph replays,
     split over ``parallel`` or unsplit."""
@@ -69,7 +56,7 @@ def case_run(case: str, device: str, parallel=None) -> dict:
     engine = LLMEngine(engine_config(device, dtype, case in ASYNC_CASES), ckpt, parallel=parallel)
     if parallel is None or parallel.is_driver:
         try:
-            seen["outputs"] = generate(engine)
+            seen["outputs"] = generate(engine, MAX_TOKENS, logprobs=2)
         finally:
             if parallel is not None:
                 engine.runner.stop_followers()

@@ -197,14 +197,16 @@ def assert_ranks_logits_equal(ranks: list[dict], key: str, reference: list[torch
             torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg=f"rank {rank}, step {step}")
 
 
-def generate(engine: LLMEngine) -> list[list[int]]:
-    """Greedy output tokens of :data:`PROMPTS` (EOS ignored), all submitted at once."""
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+def generate(engine: LLMEngine, max_tokens: int = MAX_TOKENS, logprobs: int | None = None) -> list[list]:
+    """Greedy outputs of :data:`PROMPTS` (EOS ignored), all submitted at once: per prompt its token ids, or with
+    ``logprobs`` its sampled tokens with their log-probabilities and that many alternatives."""
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=logprobs)
     ids = [engine.add_request(list(prompt), params) for prompt in PROMPTS]
     done = {}
     while len(done) < len(ids):
         for out in engine.step(only_finished=True):
-            done[out.request_id] = list(out.outputs[0].token_ids)
+            output = out.outputs[0]
+            done[out.request_id] = list(output.token_ids if logprobs is None else output.logprobs)
     return [done[i] for i in ids]
 
 
