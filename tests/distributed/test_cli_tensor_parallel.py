@@ -71,8 +71,8 @@ def test_generate_under_torchrun(tiny_folder, unsplit_text) -> None:
 def test_heads_that_do_not_split_are_one_line_before_any_rank(tiny_folder) -> None:
     r = _run("generate", str(tiny_folder), *GENERATE, "--tensor-parallel", "3")
     assert r.returncode == 2, r.stderr
-    assert r.stderr == ("error: the model has 4 attention heads and 2 kv heads, fewer kv heads than --tensor-parallel "
-                        "3: each rank would need a whole share of one kv head's query heads; use at most 2 ranks, or a "
+    assert r.stderr == ("error: the model has 4 attention heads and 2 kv heads, fewer than --tensor-parallel 3: "
+                        "each rank would need a whole share of one kv head's query heads; use at most 2 ranks, or a "
                         "multiple of 2 that divides 4\n")
 
 

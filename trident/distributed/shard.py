@@ -86,9 +86,11 @@ def check_shardable(config: ModelConfig, size: int, expert_parallel: bool = Fals
                            "run it without --tensor-parallel")
     heads, kv_heads = config.num_heads, config.num_kv_heads
     if kv_heads < size and (size % kv_heads or heads % size):
-        raise TridentError(f"the model has {heads} attention heads and {kv_heads} kv heads, fewer kv heads than "
-                           f"--tensor-parallel {size}: each rank would need a whole share of one kv head's query "
-                           f"heads; use at most {kv_heads} ranks, or a multiple of {kv_heads} that divides {heads}")
+        sizes = (f"a size that divides {heads}" if kv_heads == 1
+                 else f"at most {kv_heads} ranks, or a multiple of {kv_heads} that divides {heads}")
+        raise TridentError(f"the model has {heads} attention heads and {kv_heads} kv head{'s' * (kv_heads > 1)}, "
+                           f"fewer than --tensor-parallel {size}: each rank would need a whole share of one kv head's "
+                           f"query heads; use {sizes}")
     moe = config.moe
     dense = [i for i in range(config.num_layers) if moe is None or not moe.is_sparse(i)]
     sizes = {"intermediate_size": config.intermediate_size if dense else 0}
