@@ -27,8 +27,9 @@ from tp_ranks import (
 from trident.cli import main
 from trident.config import ModelConfig
 from trident.distributed.config import ParallelConfig
-from trident.distributed.experts import ExpertParallelExperts, expert_features, expert_range
+from trident.distributed.experts import ExpertParallelExperts, expert_features
 from trident.distributed.group import TensorParallel
+from trident.distributed.layers import even_share
 from trident.distributed.shard import check_shardable, shard_config
 from trident.engine.engine import LLMEngine
 from trident.errors import TridentError
@@ -64,7 +65,7 @@ def test_each_rank_reports_its_experts_load(ranks, name):
     assert whole.num_tokens > 0 and whole.first_expert == 0
     per_rank = [seen[f"ep/{name}/moe_stats"] for seen in ranks]
     for rank, stats in enumerate(per_rank):
-        assert (stats["first_expert"], stats["num_experts"]) == expert_range(NUM_EXPERTS, SIZE, rank)
+        assert (stats["first_expert"], stats["num_experts"]) == even_share(NUM_EXPERTS, SIZE, rank)
         assert stats["num_tokens"] == whole.num_tokens
     for i, layer in enumerate(whole.layers):
         loads = [stats["layers"][i] for stats in per_rank]
@@ -139,7 +140,7 @@ def test_ranks_outputs_sum_to_the_unsplit_experts(masked, size, quantized):
         full.backend = backend
         local = ExpertParallelExperts.shard(full, TensorParallel(rank=rank, size=size, group=None,
                                                                  control_group=None), masked=masked)
-        first, count = expert_range(8, size, rank)
+        first, count = even_share(8, size, rank)
         assert (local.first_expert, local.num_experts) == (first, count)
         for name, tensor in full.named_buffers() if quantized != "float" else full.named_parameters():
             assert torch.equal(getattr(local.experts, name), tensor[first: first + count]), name

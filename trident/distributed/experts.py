@@ -2,7 +2,7 @@
 and runs only its own experts' pairs; tensor parallelism alone: each rank holds a slice of every expert's features.
 
 With expert parallelism on N ranks (ParallelConfig.expert_parallel), rank r holds experts [r E / N, (r + 1) E / N)
-of each MoE layer (:func:`expert_range`, :func:`whole_experts`): ``gate_up_proj`` [E / N, 2I, H] and ``down_proj``
+of each MoE layer (``even_share``, :func:`whole_experts`): ``gate_up_proj`` [E / N, 2I, H] and ``down_proj``
 [E / N, H, I], whole experts (quantized experts: their codes and scales likewise), where tensor parallelism alone
 gives every rank a slice of every expert's intermediate features (:func:`expert_features`). The router stays whole
 and the residual stream is the same on every rank, so every rank routes every token alike;
@@ -32,19 +32,13 @@ import torch
 from torch import nn
 
 from trident.distributed.group import TensorParallel
-from trident.distributed.layers import take
+from trident.distributed.layers import even_share, take
 from trident.distributed.quantized import quantized_expert_features, quantized_whole_experts
 from trident.moe.experts import FusedExperts
 from trident.moe.quant import QuantizedFusedExperts
 
 Experts = FusedExperts | QuantizedFusedExperts
 """A layer's routed experts, float or quantized."""
-
-
-def expert_range(num_experts: int, size: int, rank: int) -> tuple[int, int]:
-    """(first expert, experts) of rank ``rank`` of ``size`` when ``num_experts`` split evenly over them."""
-    per_rank = num_experts // size
-    return rank * per_rank, per_rank
 
 
 def _float_experts(full: FusedExperts, num_experts: int, intermediate_size: int, gate_up: torch.Tensor,
@@ -99,7 +93,7 @@ class ExpertParallelExperts(nn.Module):
     def shard(cls, full: Experts, parallel: TensorParallel, masked: bool | None = None) -> ExpertParallelExperts:
         """This rank's experts of ``full`` (copies: the full tensors can be freed). ``masked`` defaults to whether
         ``full``'s backend can be captured in a CUDA graph."""
-        first, count = expert_range(full.num_experts, parallel.size, parallel.rank)
+        first, count = even_share(full.num_experts, parallel.size, parallel.rank)
         if masked is None:
             masked = full.backend.supports_cuda_graphs
         return cls(whole_experts(full, first, count), first, masked)

@@ -29,6 +29,18 @@ Ranges = Sequence[tuple[int, int]]
 """(start, length) ranges of one dimension, kept in this order."""
 
 
+def even_share(count: int, size: int, rank: int) -> tuple[int, int]:
+    """(start, length) of rank ``rank``'s share of ``count`` things (features, experts) split evenly over ``size``
+    ranks (the caller checked that they divide)."""
+    length = count // size
+    return rank * length, length
+
+
+def even_shares(count: int, size: int) -> list[tuple[int, int]]:
+    """:func:`even_share` of every rank, rank 0 first."""
+    return [even_share(count, size, rank) for rank in range(size)]
+
+
 def take(tensor: torch.Tensor, ranges: Ranges, dim: int = 0) -> torch.Tensor:
     """A new contiguous tensor of ``tensor``'s ranges along ``dim``, concatenated."""
     return torch.cat([tensor.narrow(dim, start, length) for start, length in ranges], dim=dim).contiguous()
@@ -60,6 +72,13 @@ class ColumnParallelLinear(Linear):
         return layer
 
 
+def linear_columns(full: Linear, start: int, length: int) -> Linear:
+    """A Linear of ``full``'s input features ``start : start + length`` (its weight's columns), without bias."""
+    layer = _empty_linear(Linear, length, full.out_features, bias=False)
+    layer.weight = _parameter(take(full.weight, ((start, length),), dim=1))
+    return layer
+
+
 class RowParallelLinear(nn.Module):
     """This rank's input features of a linear layer: ``layer`` (a Linear, or a QuantizedLinear cut by
     trident/distributed/quantized.py) holds the columns ``start : start + length`` of its weight and no bias, so its
@@ -76,11 +95,11 @@ class RowParallelLinear(nn.Module):
         self.reduce = reduce
 
     @classmethod
-    def shard(cls, full: Linear, start: int, length: int, parallel: TensorParallel,
-              reduce: bool = True) -> RowParallelLinear:
-        layer = _empty_linear(Linear, length, full.out_features, bias=False)
-        layer.weight = _parameter(take(full.weight, ((start, length),), dim=1))
-        return cls(layer, None if full.bias is None else full.bias.detach().clone(), parallel, reduce)
+    def of(cls, full: nn.Module, columns: nn.Module, parallel: TensorParallel,
+           reduce: bool = True) -> RowParallelLinear:
+        """``columns`` (this rank's input features of ``full``, without bias: :func:`linear_columns`, or
+        trident/distributed/quantized.py's for a quantized layer) with a copy of ``full``'s bias."""
+        return cls(columns, None if full.bias is None else full.bias.detach().clone(), parallel, reduce)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.layer(x)

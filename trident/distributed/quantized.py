@@ -57,12 +57,6 @@ def check_columns(path: str, bits: int, group_size: int | None, ranges: Sequence
                            f"{size}: rank {rank} would hold its {why}; {fix}")
 
 
-def even_ranges(features: int, size: int) -> list[tuple[int, int]]:
-    """(start, length) of each of ``size`` ranks' even share of ``features``."""
-    local = features // size
-    return [(rank * local, local) for rank in range(size)]
-
-
 def _codes_range(bits: int, start: int, length: int) -> tuple[int, int]:
     """The range of stored code columns (int8) or bytes (packed int4) holding input features start:start+length."""
     return (start // 2, length // 2) if bits == 4 else (start, length)

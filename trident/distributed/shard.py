@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from trident.config import ModelConfig
-from trident.distributed.experts import ExpertParallelExperts, expert_features, expert_range
+from trident.distributed.experts import ExpertParallelExperts, expert_features
 from trident.distributed.group import TensorParallel
 from trident.distributed.layers import (
     ColumnParallelLinear,
@@ -48,11 +48,13 @@ from trident.distributed.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     VocabParallelLMHead,
+    even_share,
+    even_shares,
+    linear_columns,
 )
 from trident.distributed.quantized import (
     check_columns,
     check_expert_columns,
-    even_ranges,
     quantized_columns,
     quantized_rows,
 )
@@ -209,7 +211,7 @@ def _check_modules(module: nn.Module, path: str, size: int, expert_parallel: boo
                 raise TridentError(f"{child_path}.experts is a {type(experts).__name__} {_unsupported_kind(experts)}: "
                                    f"{UNSUPPORTED}")
             if type(experts) is QuantizedFusedExperts and not expert_parallel:
-                check_expert_columns(f"{child_path}.experts", experts, even_ranges(experts.intermediate_size, size))
+                check_expert_columns(f"{child_path}.experts", experts, even_shares(experts.intermediate_size, size))
             if type(child.gate) is not Router:
                 raise TridentError(f"{child_path}.gate is a {type(child.gate).__name__}: {UNSUPPORTED}")
             if child.shared_expert is not None:
@@ -231,7 +233,7 @@ def _check_modules(module: nn.Module, path: str, size: int, expert_parallel: boo
 
 def _check_mlp(mlp: GatedMLP, path: str, size: int) -> None:
     _expect_linear(mlp, path, ("gate_up_proj", "down_proj"))
-    _check_input_features(mlp.down_proj, f"{path}.down_proj", even_ranges(mlp.intermediate_size, size))
+    _check_input_features(mlp.down_proj, f"{path}.down_proj", even_shares(mlp.intermediate_size, size))
 
 
 def _check_input_features(layer: nn.Module, path: str, ranges: list[tuple[int, int]]) -> None:
@@ -263,10 +265,9 @@ def _row_parallel(full: Linear | QuantizedLinear, start: int, length: int, paral
                   reduce: bool = True) -> RowParallelLinear:
     """The input features ``start : start + length`` of ``full`` in a RowParallelLinear (a quantized layer's: a
     QuantizedLinear of those features inside it)."""
-    if isinstance(full, QuantizedLinear):
-        bias = None if full.bias is None else full.bias.detach().clone()
-        return RowParallelLinear(quantized_columns(full, start, length), bias, parallel, reduce)
-    return RowParallelLinear.shard(full, start, length, parallel, reduce)
+    columns = (quantized_columns(full, start, length) if isinstance(full, QuantizedLinear)
+               else linear_columns(full, start, length))
+    return RowParallelLinear.of(full, columns, parallel, reduce)
 
 
 def _once(memo: Memo, module: nn.Module, make: Callable[[], nn.Module]) -> nn.Module:
@@ -318,8 +319,7 @@ def _shard_mlp(mlp: GatedMLP, parallel: TensorParallel, memo: Memo, reduce: bool
     """This rank's slice of the intermediate features, in place; ``reduce``: down_proj all-reduces its output (not
     inside an MoE block, which reduces once for all its experts)."""
     features = mlp.intermediate_size
-    local = features // parallel.size
-    start = parallel.rank * local
+    start, local = even_share(features, parallel.size, parallel.rank)
     mlp.gate_up_proj = _once(memo, mlp.gate_up_proj, lambda: _column_parallel(
         mlp.gate_up_proj, ((start, local), (features + start, local))))
     mlp.down_proj = _once(memo, mlp.down_proj, lambda: _row_parallel(mlp.down_proj, start, local, parallel,
@@ -337,8 +337,8 @@ def _shard_moe(block: SparseMoeBlock, parallel: TensorParallel, memo: Memo) -> R
     if parallel.expert_parallel:
         block.experts = ExpertParallelExperts.shard(block.experts, parallel)
         if block.stats is not None:  # one object for all layers: each rank reports its own experts' load
-            block.stats.report_experts(*expert_range(block.stats.num_experts, parallel.size, parallel.rank))
+            block.stats.report_experts(*even_share(block.stats.num_experts, parallel.size, parallel.rank))
         return ReducedMoeBlock(block, parallel)
-    local = block.experts.intermediate_size // parallel.size
-    block.experts = expert_features(block.experts, parallel.rank * local, local)
+    block.experts = expert_features(block.experts, *even_share(block.experts.intermediate_size, parallel.size,
+                                                               parallel.rank))
     return ReducedMoeBlock(block, parallel)
