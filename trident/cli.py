@@ -12,6 +12,7 @@ import time
 from collections.abc import Mapping
 
 from trident.config import KV_CACHE_DTYPES
+from trident.distributed.cli_args import add_parallel_args
 from trident.errors import TridentError
 
 API_KEY_ENV = "TRIDENT_API_KEY"
@@ -386,13 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
-    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
-                   help="split the model over N processes of this host (with --device cuda one GPU each, over NCCL; "
-                   "on the CPU over gloo): attention heads, MLP and expert features, vocabulary (default: 1; see "
-                   "docs/distributed.md)")
-    p.add_argument("--expert-parallel", action="store_true",
-                   help="with --tensor-parallel N: each rank holds whole routed experts (E / N of every MoE layer) "
-                   "instead of a slice of every expert; the rest stays tensor-parallel (see docs/distributed.md)")
+    add_parallel_args(p, "the model", ": attention heads, MLP and expert features, vocabulary",
+                      "; the rest stays tensor-parallel")
     _sampling_args(p, max_tokens=128)
     _engine_args(p)
     p.set_defaults(func=cmd_generate)
@@ -427,15 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None,
                    help="the name clients pass as \"model\" for a single MODEL (default: its file or folder name)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
-                   help="split the one served model over N processes of this host (with --device cuda one GPU each, "
-                   "over NCCL; on the CPU over gloo); rank 0 serves HTTP and schedules, the others follow its steps; "
-                   "under torchrun each process is one rank (several hosts); not with several models, "
-                   "--memory-budget or the admin API (default: 1; see docs/distributed.md)")
-    p.add_argument("--expert-parallel", action="store_true",
-                   help="with --tensor-parallel N: each rank holds whole routed experts (E / N of every MoE layer) "
-                   "instead of a slice of every expert; /metrics reports every expert's load (see "
-                   "docs/distributed.md)")
+    add_parallel_args(p, "the one served model", "; rank 0 serves HTTP and schedules, the others follow its steps; "
+                      "under torchrun each process is one rank (several hosts); not with several models, "
+                      "--memory-budget or the admin API", "; /metrics reports every expert's load")
     _limit_args(p)
     _engine_args(p)
     p.set_defaults(func=cmd_serve)

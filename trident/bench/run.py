@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from rich.console import Console
 
 from trident.bench.shapes import known_shapes
+from trident.distributed.cli_args import add_parallel_args
 from trident.errors import TridentError
 from trident.quant.head import HEAD_CHOICES, listed_head
 
@@ -74,15 +75,9 @@ def add_bench_parser(sub, model_help: str, engine_args) -> None:
                    help="for a mixture-of-experts model: also report the expert load of trident's runs (per layer "
                    "imbalance and entropy balance term) and draw a heat map of each expert's share per layer, "
                    "written beside the JSON as a PNG")
-    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
-                   help="latency / offline: split trident's model over N processes of this host (with --device cuda "
-                   "one GPU each, over NCCL; on the CPU over gloo); rank 0 measures and reports, the others follow "
-                   "its steps; under torchrun each process is one rank; not with --compare or quantized --weights "
-                   "(default: 1; see docs/distributed.md)")
-    p.add_argument("--expert-parallel", action="store_true",
-                   help="with --tensor-parallel N: an MoE model's routed experts are split whole over the N ranks "
-                   "(E / N experts each; attention and dense layers stay tensor-parallel) instead of by features "
-                   "(docs/distributed.md)")
+    add_parallel_args(p, "trident's model (latency / offline)", "; rank 0 measures and reports, the others follow "
+                      "its steps; under torchrun each process is one rank; not with --compare, --weights w8a8 or "
+                      "--lm-head int8", "; attention and dense layers stay tensor-parallel")
     p.add_argument("--collective-timing", action="store_true",
                    help="with --tensor-parallel: also time rank 0's collectives (each between two device "
                    "synchronisations) and report the all-reduce share of the timed run; on CUDA with "
