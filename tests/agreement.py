@@ -23,14 +23,15 @@ def assert_greedy_agree(ours: list, theirs: list, tolerance: float, min_compared
 
 
 def assert_cuda_kernels_agree_with_triton(model_dir, prompt: list[int], module, function: str, native_summary: str,
-                                          triton_summary: str, monkeypatch, max_tokens: int = 12) -> None:
+                                          triton_summary: str, monkeypatch, max_tokens: int = 12,
+                                          tolerance: float = 0.1) -> None:
     """A CUDA engine on ``model_dir`` (batch-1 decode steps, CUDA graphs) runs ``module.function`` (a CUDA kernel's
     wrapper: its calls are counted) and says ``native_summary`` at start-up; the same engine with
     TRIDENT_NO_NATIVE=1 says ``triton_summary``; both greedy decodes of ``prompt`` agree (assert_greedy_agree
-    within 0.1 nats: bfloat16 logits of a tiny random model differ by a few 1e-2 at most, a wrong row changes
-    tokens). The reference engine's one-row quantized products are the kernel's arithmetic in float32 torch
-    (kernel_rounded_forward), so that the CUDA side's kernels and fusions are what is compared, not the kernel's
-    rounding of the activations (one int8 stage for int4 codes moves these logits by ~0.15 alone)."""
+    within ``tolerance``, 0.1 nats by default: bfloat16 logits of a tiny random model differ by a few 1e-2 at most,
+    a wrong row changes tokens). The reference engine's one-row quantized products are the kernel's arithmetic in
+    float32 torch (kernel_rounded_forward), so that the CUDA side's kernels and fusions are what is compared, not the
+    kernel's rounding of the activations (one int8 stage for int4 codes moves these logits by ~0.15 alone)."""
     from trident.engine.llm import LLM
     from trident.engine.request import SamplingParams
     from trident.quant.linear import QuantizedLinear
@@ -50,7 +51,7 @@ def assert_cuda_kernels_agree_with_triton(model_dir, prompt: list[int], module, 
     assert triton_summary in triton.engine.decode_summary()
     theirs = list(triton.generate(prompt, params)[0].outputs[0].logprobs)
     assert len(ours) == max_tokens
-    assert_greedy_agree(ours, theirs, tolerance=0.1)
+    assert_greedy_agree(ours, theirs, tolerance=tolerance)
 
 
 def kernel_rounded_forward(plain_forward):

@@ -393,7 +393,7 @@ class LLMEngine:
             for module_type, library, native, fallback in (
                     (QuantizedLinear, gemv_cuda, "batch-1 quantized products: CUDA dp4a kernel",
                      "batch-1 quantized products: Triton"),
-                    (Router, moe_gemv_cuda, "one-token MoE router and int8 experts: CUDA kernels",
+                    (Router, moe_gemv_cuda, "one-token MoE router and quantized experts: CUDA kernels",
                      "one-token MoE router and experts: Triton")):
                 if any(issubclass(kind, module_type) for kind in kinds):
                     why = library.why_unavailable()

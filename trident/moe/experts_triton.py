@@ -6,9 +6,9 @@ It takes bfloat16 / float16 models on CUDA (trident/moe/registry.py picks it the
 elsewhere), with experts of the activations' dtype, int8 codes with per-row scales or int4 codes with per-group scales
 (trident/moe/quant.py); the kernel tests also run it on the CPU under Triton's interpreter.
 
-One token with int8 experts (batch-1 decode) goes to the CUDA kernels of trident/native/moe_gemv_cuda.cu instead,
-where nvcc built them (two launches: gate|up with the activation, then down with the weights and the sum over k);
-int4 experts stay on the Triton kernels at every batch size.
+One token with int8 or int4 experts (batch-1 decode) goes to the CUDA kernels of trident/native/moe_gemv_cuda.cu
+instead, where nvcc built them (two launches: gate|up with the activation, then down with the weights and the sum over
+k).
 """
 
 from __future__ import annotations

@@ -187,7 +187,9 @@ def quantize_activations_reference(x: torch.Tensor, stages: int = 2) -> torch.Te
 
     def stage(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = t.abs().amax(dim=-1, keepdim=True)
-        inv = torch.where(m > 0, 127.0 / m, torch.zeros_like(m))
+        # 127 / m divided as the kernel divides (correctly rounded): torch's ``127.0 / m`` is m.reciprocal() * 127,
+        # one ulp off in a quarter of the blocks, which turns exact ties of bfloat16 activations the other way
+        inv = torch.where(m > 0, torch.full_like(m, 127.0) / m, torch.zeros_like(m))
         q = torch.round(t * inv).clamp_(-127, 127)
         return m / 127.0, q
 

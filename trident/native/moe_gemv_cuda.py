@@ -1,9 +1,10 @@
-"""The CUDA batch-1 routed experts (``moe_gemv_cuda.cu``): one token through its k int8 experts in two launches,
-gate|up with the activation, then down with the routing weights and the sum over k, multiplied as integers (dp4a)
-after quantizing the activations to two int8 stages per block of 32 (as trident/native/gemv_cuda.py does).
+"""The CUDA batch-1 routed experts (``moe_gemv_cuda.cu``): one token through its k int8 or int4 experts in two
+launches, gate|up with the activation, then down with the routing weights and the sum over k, multiplied as integers
+(dp4a) after quantizing the activations to two int8 stages per block of 32 (one stage for int4 codes, as
+trident/native/gemv_cuda.py does).
 
 Built with ``nvcc`` on first use (trident/native/cuda_build.py). :func:`takes` says whether a call can run it;
-trident/moe/experts_triton.py sends one-token int8 steps here and keeps its Triton kernels otherwise. The
+trident/moe/experts_triton.py sends one-token quantized steps here and keeps its Triton kernels otherwise. The
 reference is :class:`trident.moe.experts.TorchExperts`; the kernels' own rounding is emulated by
 :func:`experts_reference` (float64 math on the two-stage activations), which tests/native/test_moe_gemv_cuda.py
 bounds.
@@ -17,6 +18,7 @@ import torch
 
 from trident.native.cuda_build import cuda_unavailable_reason, load_cuda
 from trident.native.gemv_cuda import (
+    ACTIVATION_STAGES,
     ACTIVATIONS,
     BLOCK,
     DTYPES,
@@ -35,9 +37,9 @@ def library() -> ctypes.CDLL | None:
     lib = load_cuda(LIBRARY)
     if lib is not None and not getattr(lib, "_typed", False):
         p, i = ctypes.c_void_p, ctypes.c_int
-        lib.tq_moe_gate_up.argtypes = [i, p, p, p, p, p, i, i, i, i, i, i, p]
+        lib.tq_moe_gate_up.argtypes = [i, i, p, p, p, p, p, i, i, i, i, i, i, i, p]
         lib.tq_moe_gate_up.restype = i
-        lib.tq_moe_down.argtypes = [i, p, p, p, p, p, p, i, i, i, i, i, p]
+        lib.tq_moe_down.argtypes = [i, i, p, p, p, p, p, p, i, i, i, i, i, i, p]
         lib.tq_moe_down.restype = i
         for name in ("tq_moe_max_top_k", "tq_moe_down_rows_per_warp", "tq_moe_threads"):
             getattr(lib, name).restype = i
@@ -53,21 +55,41 @@ def _aligned(*tensors: torch.Tensor) -> bool:
     return all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
 
 
+def _groups_fit(k: int, num_groups: int) -> bool:
+    """Whether the kernels take num_groups scales per row of k elements: one, or groups of a power-of-two number of
+    BLOCK-element blocks."""
+    if num_groups == 1:
+        return True
+    blocks, rest = divmod(k // num_groups, BLOCK) if k % num_groups == 0 else (0, 1)
+    return rest == 0 and blocks > 0 and blocks & (blocks - 1) == 0
+
+
+def _bits_and_groups(codes: torch.Tensor, scales: torch.Tensor) -> tuple[int, int]:
+    """(8, 1) for int8 codes with a scale per row; (4, groups) for packed int4 codes with [E, N, groups] scales."""
+    return (8, 1) if codes.dtype == torch.int8 else (4, scales.shape[-1])
+
+
 def takes(hidden: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
           gate_up_scales: torch.Tensor | None, down_scales: torch.Tensor | None, activation: str) -> bool:
-    """Whether :func:`experts` runs this step: one token of bfloat16 / float16 hidden on CUDA, int8 experts with
-    float32 scales, H and I multiples of BLOCK, k <= MAX_TOP_K, a known activation, everything contiguous and
-    16-byte aligned, and the library built. Shapes, dtypes and addresses only: the choice holds across CUDA-graph
-    capture."""
+    """Whether :func:`experts` runs this step: one token of bfloat16 / float16 hidden on CUDA, int8 or int4 experts
+    with float32 scales (int4 in groups of a power-of-two number of BLOCK-element blocks, or per channel), H and I
+    multiples of BLOCK, k <= MAX_TOP_K, a known activation, everything contiguous and 16-byte aligned, and the
+    library built. Shapes, dtypes and addresses only: the choice holds across CUDA-graph capture."""
     if gate_up_scales is None or down_scales is None:
         return False
-    num_experts, two_i, hidden_size = gate_up.shape
+    int4 = gate_up.dtype == torch.uint8
+    num_experts, two_i, row = gate_up.shape
+    hidden_size, inter = row * (2 if int4 else 1), two_i // 2
     if not (hidden.is_cuda and hidden.dim() == 2 and hidden.shape[0] == 1 and hidden.dtype in DTYPES
-            and gate_up.dtype == down.dtype == torch.int8 and expert_ids.dtype == torch.int64
+            and gate_up.dtype == down.dtype and gate_up.dtype in (torch.int8, torch.uint8)
+            and gate_up_scales.dim() == down_scales.dim() == (3 if int4 else 2)
+            and expert_ids.dtype == torch.int64
             and expert_ids.dim() == 2 and 1 <= expert_ids.shape[1] <= MAX_TOP_K and expert_ids.is_contiguous()
-            and activation in ACTIVATIONS and hidden_size % BLOCK == 0 and (two_i // 2) % BLOCK == 0
-            and gate_up_scales.dtype == down_scales.dtype == torch.float32
+            and activation in ACTIVATIONS and hidden_size % BLOCK == 0 and inter % BLOCK == 0
+            and hidden.shape[1] == hidden_size and gate_up_scales.dtype == down_scales.dtype == torch.float32
             and _aligned(hidden, gate_up, down) and gate_up_scales.is_contiguous() and down_scales.is_contiguous()):
+        return False
+    if int4 and not (_groups_fit(hidden_size, gate_up_scales.shape[2]) and _groups_fit(inter, down_scales.shape[2])):
         return False
     return library() is not None
 
@@ -80,12 +102,13 @@ def gate_up_activation(hidden: torch.Tensor, expert_ids: torch.Tensor, gate_up: 
 
     lib = library()
     top_k = expert_ids.shape[1]
-    intermediate, hidden_size = gate_up.shape[1] // 2, gate_up.shape[2]
+    intermediate, hidden_size = gate_up.shape[1] // 2, hidden.shape[1]
+    bits, groups = _bits_and_groups(gate_up, gate_up_scales)
     act = torch.empty((top_k, intermediate), dtype=hidden.dtype, device=hidden.device)
     grid = grid_size(top_k * intermediate, lib.tq_moe_threads() // 32, hidden.device, BLOCKS_PER_SM)
-    err = lib.tq_moe_gate_up(DTYPES[hidden.dtype], hidden.data_ptr(), expert_ids.data_ptr(), gate_up.data_ptr(),
-                             gate_up_scales.data_ptr(), act.data_ptr(), top_k, intermediate, hidden_size,
-                             ACTIVATIONS[activation], grid, int(pdl_launch(hidden.device)),
+    err = lib.tq_moe_gate_up(DTYPES[hidden.dtype], bits, hidden.data_ptr(), expert_ids.data_ptr(),
+                             gate_up.data_ptr(), gate_up_scales.data_ptr(), act.data_ptr(), top_k, intermediate,
+                             hidden_size, ACTIVATIONS[activation], groups, grid, int(pdl_launch(hidden.device)),
                              torch.cuda.current_stream(hidden.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"tq_moe_gate_up launch failed with CUDA error {err}")
@@ -104,9 +127,10 @@ def down_weighted_sum(act: torch.Tensor, weights: torch.Tensor, expert_ids: torc
     row_groups = -(-hidden_size // lib.tq_moe_down_rows_per_warp())
     grid = grid_size(row_groups, lib.tq_moe_threads() // 32, act.device, BLOCKS_PER_SM)
     weights = weights.contiguous()
-    err = lib.tq_moe_down(DTYPES[act.dtype], act.data_ptr(), expert_ids.data_ptr(), weights.data_ptr(),
+    bits, groups = _bits_and_groups(down, down_scales)
+    err = lib.tq_moe_down(DTYPES[act.dtype], bits, act.data_ptr(), expert_ids.data_ptr(), weights.data_ptr(),
                           down.data_ptr(), down_scales.data_ptr(), y.data_ptr(), top_k, intermediate, hidden_size,
-                          grid, int(pdl_launch(act.device)), torch.cuda.current_stream(act.device).cuda_stream)
+                          groups, grid, int(pdl_launch(act.device)), torch.cuda.current_stream(act.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"tq_moe_down launch failed with CUDA error {err}")
     return y
@@ -115,19 +139,21 @@ def down_weighted_sum(act: torch.Tensor, weights: torch.Tensor, expert_ids: torc
 def experts(hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor,
             down: torch.Tensor, activation: str, gate_up_scales: torch.Tensor,
             down_scales: torch.Tensor) -> torch.Tensor:
-    """hidden [1, H] through its k int8 experts (weights float32 [1, k], expert_ids int64 [1, k]) -> [1, H] in
-    hidden's dtype; the caller checked :func:`takes`."""
+    """hidden [1, H] through its k int8 / int4 experts (weights float32 [1, k], expert_ids int64 [1, k]) -> [1, H]
+    in hidden's dtype; the caller checked :func:`takes`."""
     act = gate_up_activation(hidden, expert_ids, gate_up, gate_up_scales, activation)
     return down_weighted_sum(act, weights, expert_ids, down, down_scales)
 
 
 def gate_up_reference(hidden: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor,
                       gate_up_scales: torch.Tensor, activation: str) -> torch.Tensor:
-    """float64 act [k, I] as the first kernel computes it before its one rounding: the two-stage x times each chosen
-    expert's dequantized gate and up rows."""
-    x_hat = quantize_activations_reference(hidden.cpu()).double()[0]
+    """float64 act [k, I] as the first kernel computes it before its one rounding: the two-stage x (one stage for
+    int4 codes) times each chosen expert's dequantized gate and up rows."""
+    from trident.moe.quant import dequantize_experts
+
+    x_hat = quantize_activations_reference(hidden.cpu(), _stages(gate_up)).double()[0]
     ids = expert_ids[0].cpu()
-    w = gate_up[ids].cpu().double() * gate_up_scales[ids].cpu().double()[..., None]  # [k, 2I, H]
+    w = dequantize_experts(gate_up[ids].cpu(), gate_up_scales[ids].cpu(), torch.float64)  # [k, 2I, H]
     gu = w @ x_hat
     gate, up = gu.chunk(2, dim=-1)
     return REFERENCE_ACTIVATIONS[activation](gate) * up
@@ -136,13 +162,21 @@ def gate_up_reference(hidden: torch.Tensor, expert_ids: torch.Tensor, gate_up: t
 def down_reference(act: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, down: torch.Tensor,
                    down_scales: torch.Tensor) -> torch.Tensor:
     """float64 [H] as the second kernel computes it before its one rounding, from the kernel's own act [k, I]: the
-    two-stage act row times each chosen expert's dequantized down rows, weighted and summed."""
+    two-stage act row (one stage for int4 codes) times each chosen expert's dequantized down rows, weighted and
+    summed."""
+    from trident.moe.quant import dequantize_experts
+
     top_k, intermediate = act.shape
-    a_hat = quantize_activations_reference(act.cpu().reshape(1, -1)).double().view(top_k, intermediate)
+    a_hat = quantize_activations_reference(act.cpu().reshape(1, -1), _stages(down)).double().view(top_k, intermediate)
     ids = expert_ids[0].cpu()
-    w = down[ids].cpu().double() * down_scales[ids].cpu().double()[..., None]  # [k, H, I]
+    w = dequantize_experts(down[ids].cpu(), down_scales[ids].cpu(), torch.float64)  # [k, H, I]
     per_expert = torch.einsum("khi,ki->kh", w, a_hat)
     return (weights[0].cpu().double()[:, None] * per_expert).sum(0)
+
+
+def _stages(codes: torch.Tensor) -> int:
+    """Activation stages the kernels multiply these codes with (gemv_cuda.ACTIVATION_STAGES)."""
+    return ACTIVATION_STAGES[4 if codes.dtype == torch.uint8 else 8]
 
 
 def experts_reference(hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor,
