@@ -6,10 +6,11 @@ from __future__ import annotations
 import torch
 
 
-def assert_greedy_agree(ours: list, theirs: list, tolerance: float, min_compared: int = 1) -> None:
+def assert_greedy_agree(ours: list, theirs: list, tolerance: float, min_compared: int = 1) -> int:
     """Per step (Logprob entries with top_logprobs): log-probabilities within ``tolerance`` nats; where the greedy
     tokens differ, only at a near tie (the runner-up within ``tolerance`` in both), after which the continuations
-    differ and the comparison stops. At least ``min_compared`` steps compared, and the two of equal length."""
+    differ and the comparison stops. At least ``min_compared`` steps compared, and the two of equal length; returns
+    the number of steps compared."""
     assert len(ours) == len(theirs), f"{len(ours)} against {len(theirs)} tokens"
     compared = 0
     for step, (a, b) in enumerate(zip(ours, theirs)):
@@ -20,6 +21,7 @@ def assert_greedy_agree(ours: list, theirs: list, tolerance: float, min_compared
             assert margin < tolerance, f"step {step}: greedy token {a.token_id} vs {b.token_id}, margin {margin}"
             break
     assert compared >= min_compared, f"only {compared} steps compared"
+    return compared
 
 
 def assert_cuda_kernels_agree_with_triton(model_dir, prompt: list[int], module, function: str, native_summary: str,
