@@ -11,9 +11,9 @@ from __future__ import annotations
 import time
 
 import torch
-from rich.progress import Progress
 
 from trident.bench.workloads import Workload
+from trident.progress import progress_bar
 
 CPU_MAX_BATCH_TOKENS = 512
 """Token budget of one continuous-batching step on the CPU (transformers sizes it from free memory
@@ -62,7 +62,7 @@ def hf_continuous_batching(model, workload: Workload) -> dict:
         t0 = time.perf_counter()
         ids = [manager.add_request(list(p), request_id=f"bench-{i}", max_new_tokens=o, eos_token_id=-1)
                for i, (p, o) in enumerate(zip(prompts, output_lens))]
-        with Progress(transient=True) as progress:
+        with progress_bar(transient=True) as progress:
             task = progress.add_task("hf continuous batching", total=len(ids))
             while len(done) < len(ids):
                 result = manager.get_result(timeout=1)

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeElapsedColumn
 
 from trident.bench.quantized_weights import bench_quant_config, quant_method_of, quantize_checkpoint
 from trident.bench.shapes import Shape, resolve_shape
@@ -17,6 +17,7 @@ from trident.bench.workloads import Workload, latency_workload, moe64_workload, 
 from trident.engine.engine import LLMEngine
 from trident.errors import TridentError
 from trident.loader.checkpoint import Checkpoint
+from trident.progress import progress_bar
 
 KV_HEADROOM_BLOCKS = 4
 """Blocks beyond what the workload's sequences need at full length (the warm-up request takes one or two)."""
@@ -130,7 +131,7 @@ def _random_checkpoint(shape: Shape, device: torch.device, dtype: torch.dtype, s
     from trident.bench.random_weights import checkpoint_bytes, random_checkpoint
 
     columns = (TextColumn("random weights"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
-    with Progress(*columns, transient=True) as progress:
+    with progress_bar(*columns, transient=True) as progress:
         task = progress.add_task("weights", total=checkpoint_bytes(shape, dtype))
         checkpoint = random_checkpoint(shape, device=device, dtype=dtype, seed=seed,
                                        on_tensor=lambda n: progress.advance(task, n))

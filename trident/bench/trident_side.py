@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import time
 
-from rich.progress import Progress
-
 from trident.bench.workloads import Workload
 from trident.engine.engine import LLMEngine
 from trident.engine.request import SamplingParams
+from trident.progress import progress_bar
 
 
 def fixed_length_params(output_len: int) -> SamplingParams:
@@ -71,7 +70,7 @@ def run_offline(engine: LLMEngine, workload: Workload, collectives=None) -> dict
     for prompt, output_len in zip(workload.prompts, workload.output_lens):
         engine.add_request(list(prompt), fixed_length_params(output_len))
     tokens = steps = 0
-    with Progress(transient=True) as progress:
+    with progress_bar(transient=True) as progress:
         task = progress.add_task("trident offline", total=workload.output_tokens)
         while engine.has_unfinished():
             finished = engine.step(only_finished=True)  # as LLM.generate: no per-step outputs to build

@@ -162,7 +162,9 @@ def perplexity(engine: LLMEngine, token_ids: SequenceOf[int], config: Perplexity
     """Perplexity of the engine's model on the windows of ``token_ids``. ``engine`` is an LLMEngine, or an LLM
     (whose engine is used); it must be idle (no unfinished requests). ``config`` defaults to PerplexityConfig();
     ``progress`` shows a bar over the windows."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    from trident.progress import progress_bar
 
     engine = getattr(engine, "engine", engine)
     config = config or PerplexityConfig()
@@ -172,8 +174,8 @@ def perplexity(engine: LLMEngine, token_ids: SequenceOf[int], config: Perplexity
     _check_engine(engine, tokens, config.window, batch)
     total_nll = 0.0
     t0 = time.perf_counter()
-    with Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TextColumn("windows"),
-                  TimeElapsedColumn(), transient=True, disable=not progress) as bar:
+    with progress_bar(TextColumn(description), BarColumn(), MofNCompleteColumn(), TextColumn("windows"),
+                      TimeElapsedColumn(), transient=True, disable=not progress) as bar:
         task = bar.add_task(description, total=len(plan.windows))
         for i in range(0, len(plan.windows), batch):
             group = plan.windows[i: i + batch]

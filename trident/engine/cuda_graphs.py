@@ -24,9 +24,10 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from trident.attention.base import AttentionMetadata, DecodeBatch
+from trident.progress import progress_bar
 
 ModelForward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
 """(input_ids, positions, meta) -> final hidden states [num_tokens, hidden]."""
@@ -83,8 +84,8 @@ class DecodeGraphs:
     def _capture(self, forward: ModelForward, show_progress: bool) -> None:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
-        with Progress(TextColumn("capturing CUDA graphs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      transient=True, disable=not show_progress) as progress:
+        with progress_bar(TextColumn("capturing CUDA graphs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                          transient=True, disable=not show_progress) as progress:
             task = progress.add_task("capture", total=len(self.batch_sizes))
             for batch in reversed(self.batch_sizes):  # the largest first: the smaller ones reuse its memory
                 meta = self._meta(batch)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from trident.config import CacheConfig, EngineConfig, SchedulerConfig
 from trident.engine.engine import LLMEngine
@@ -13,6 +13,7 @@ from trident.engine.request import SamplingParams
 from trident.engine.results import RequestOutput
 from trident.errors import TridentError
 from trident.moe.stats import MoeStats
+from trident.progress import progress_bar
 
 Prompt = str | list[int]
 
@@ -53,8 +54,8 @@ class LLM:
                 engine.abort(request_id)
             raise
         finished: dict[str, RequestOutput] = {}
-        with Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      transient=True, disable=not use_progress) as progress:
+        with progress_bar(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                          transient=True, disable=not use_progress) as progress:
             task = progress.add_task("generate", total=len(ids))
             while len(finished) < len(ids):
                 for out in engine.step(only_finished=True):  # no per-step outputs: only the final ones
