@@ -1,8 +1,9 @@
 """Time the paged-attention kernels against the reference backend on a CUDA device.
 
-``python -m trident.kernels.bench_attention [--json FILE]``: Llama-3-8B attention shape (32 query heads,
-8 kv heads, head dim 128, bf16, block size 16). Decode: batch 1, 4, 16, 64, contexts 512 and 4096, the
-backend's own choice of splits beside fixed variants; achieved bandwidth counts K and V read once.
+``python -m trident.kernels.bench_attention [--json FILE] [--kv-heads N] [--decode BATCH:CONTEXT ...]``: Llama-3-8B
+attention shape (32 query heads, 8 kv heads, head dim 128, bf16, block size 16; ``--kv-heads 4`` for Qwen3-30B-A3B's).
+Decode: batch 1, 4, 16, 64, contexts 512 and 4096 (or the ``--decode`` shapes alone, no prefill), the backend's own
+choice of splits beside fixed variants (splits x keys per tile); achieved bandwidth counts K and V read once.
 Prefill: 4 fresh 512-token prompts, one 512-token chunk after 3584 cached tokens, one 4096-token prompt;
 achieved TFLOP/s counts the causal part of QK^T and PV. Calls are captured in a CUDA graph and timed by
 its replays (medians of triton.testing.do_bench), so launch overhead stays out (``eager_ms`` keeps one
@@ -28,10 +29,10 @@ DTYPE = torch.bfloat16
 SCALE = DIM ** -0.5
 
 
-def _caches(tokens: int, copies: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _caches(tokens: int, copies: int, kv_heads: int = KV_HEADS) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``copies`` block-major cache pairs holding ``tokens`` tokens each, random values."""
     blocks = triton.cdiv(tokens, BLOCK) + 1
-    shape = (blocks, KV_HEADS, BLOCK, DIM)
+    shape = (blocks, kv_heads, BLOCK, DIM)
     return [(torch.randn(shape, device="cuda", dtype=DTYPE), torch.randn(shape, device="cuda", dtype=DTYPE))
             for _ in range(copies)]
 
@@ -71,10 +72,10 @@ def _variant_ms(fn, rotations: int) -> float | str:
         return f"{type(e).__name__}: {str(e)[:120]}"
 
 
-def bench_decode(batch: int, context: int) -> dict:
+def bench_decode(batch: int, context: int, kv_heads: int = KV_HEADS) -> dict:
     width = triton.cdiv(context, BLOCK)
-    copies = max(2, triton.cdiv(400 << 20, batch * context * KV_HEADS * DIM * 4))  # > 2x the L2 in rotation
-    caches = _caches(batch * context, copies)
+    copies = max(2, triton.cdiv(400 << 20, batch * context * kv_heads * DIM * 4))  # > 2x the L2 in rotation
+    caches = _caches(batch * context, copies, kv_heads)
     tables = torch.randperm(batch * width, device="cuda").view(batch, width)
     lens = torch.full((batch,), context, device="cuda")
     query = torch.randn(batch, HEADS, DIM, device="cuda", dtype=DTYPE)
@@ -86,19 +87,19 @@ def bench_decode(batch: int, context: int) -> dict:
     triton_backend, torch_backend = TritonPagedAttention(), TorchAttention()
     head_major = [(k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()) for k, v in caches]
     num_sms = triton_backend.num_sms(query.device)
-    row = {"batch": batch, "context": context,
-           "auto_splits": choose_num_splits(batch, KV_HEADS, width * BLOCK, num_sms)}
+    row = {"batch": batch, "context": context, "kv_heads": kv_heads,
+           "auto_splits": choose_num_splits(batch, kv_heads, width * BLOCK, num_sms)}
     row["eager_ms"] = _median_ms(lambda i: triton_backend.forward(query, *caches[i], meta, **options), copies)
     row["triton_ms"] = graph_ms(lambda i: triton_backend.forward(query, *caches[i], meta, **options), copies)
     row["torch_ms"] = _variant_ms(lambda i: torch_backend.forward(query, *head_major[i], meta, **options), copies)
     out = torch.empty_like(query)
     for splits in (1, 2, 4, 8, 16, 32):
-        for block_n, warps in ((64, 4),):
+        for block_n, warps in ((32, 4), (64, 4), (128, 4), (128, 8)):
             row[f"s{splits}_n{block_n}_w{warps}_ms"] = _variant_ms(
                 lambda i, s=splits, n=block_n, w=warps: paged_decode(
                     query, *caches[i], tables, lens, decode.token_indices, out, num_splits=s, block_n=n,
                     num_warps=w, **options), copies)
-    kv_bytes = 2 * batch * context * KV_HEADS * DIM * 2
+    kv_bytes = 2 * batch * context * kv_heads * DIM * 2
     row["triton_TBps"] = kv_bytes / row["triton_ms"] / 1e9
     row["speedup_vs_torch"] = row["torch_ms"] / row["triton_ms"] if isinstance(row["torch_ms"], float) else None
     return row
@@ -149,13 +150,17 @@ def bench_prefill(chunks: list[tuple[int, int]]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--kv-heads", type=int, default=KV_HEADS, help=f"kv heads of {HEADS} query heads")
+    parser.add_argument("--decode", nargs="+", default=None, metavar="BATCH:CONTEXT",
+                        help="only these decode shapes (no prefill)")
     args = parser.parse_args()
+    decode_shapes = ([tuple(int(v) for v in shape.split(":")) for shape in args.decode] if args.decode else
+                     [(batch, context) for batch in (1, 4, 16, 64) for context in (512, 4096)])
     rows = []
-    for batch in (1, 4, 16, 64):
-        for context in (512, 4096):
-            rows.append({"kind": "decode", **bench_decode(batch, context)})
-            print(json.dumps(rows[-1]), flush=True)
-    for chunks in ([(0, 512)] * 4, [(3584, 512)], [(0, 4096)]):
+    for batch, context in decode_shapes:
+        rows.append({"kind": "decode", **bench_decode(batch, context, args.kv_heads)})
+        print(json.dumps(rows[-1]), flush=True)
+    for chunks in (() if args.decode else ([(0, 512)] * 4, [(3584, 512)], [(0, 4096)])):
         rows.append({"kind": "prefill", **bench_prefill(chunks)})
         print(json.dumps(rows[-1]), flush=True)
     print(f"\n{'kind':8} {'shape':>22} {'triton ms':>10} {'torch ms':>10} {'x':>6}  achieved   (CUDA-graph replays)")
