@@ -23,8 +23,19 @@ rows walking the whole of K, all rows of x riding along as the dot's left operan
 16-row tile), no split over K. Matrix-multiply launches tile M too (BLOCK_M of 32 to 128 rows) and walk the
 programs in groups of GROUP_M row blocks, so that the weight columns one group reads stay in the L2.
 
+Matrix-multiply launches may split K (split-K, SPLIT_K > 1; the default tiles split it up to
+BATCHED_DECODE_MAX_ROWS rows where the output tiles number fewer than TARGET_PROGRAMS, see
+:func:`quant_matmul_config`): a second grid axis gives each output tile SPLIT_K programs, program s walking the
+s-th run of ceil(k_tiles / SPLIT_K) K tiles (the last run shorter, or empty). Every term of the product is linear
+in x (the per-group scales and offsets, the per-channel ones applied at the end, MAGIC's correction), so each
+program applies them to its own sums and stores a complete float32 partial, split 0 adding the bias, in a
+[SPLIT_K, M, N] buffer; a second launch, one program per REDUCE_BLOCK outputs, sums the SPLIT_K partials in
+float32 and writes y in x's dtype. With SPLIT_K 1 the one launch writes y.
+
 Launches depend on shapes only, never on values, and never synchronise with the host: CUDA graphs capture
-them. The row count is not a specialisation key; its tile (BLOCK_M) is.
+them (split-K's partial buffer is allocated per call, from the graph's pool under capture). The row count is not
+a specialisation key; its tile (BLOCK_M) is. Both launches are programmatic dependents (trident/kernels/pdl.py)
+where the device takes them: the reduction waits for the product's partials as any kernel for the one before it.
 """
 
 from __future__ import annotations
@@ -48,7 +59,7 @@ GEMM_TARGET_PROGRAMS = 128
 """Matrix-multiply programs to aim for before widening a tile: about one per multiprocessor."""
 BATCHED_DECODE_MAX_ROWS = 128
 """Most rows of x for which int8 matrix-multiply launches take the deep-K tiles of batched decode (still bound by
-reading the weights)."""
+reading the weights), and matrix-multiply launches (int8 and int4) split K."""
 TILE_ELEMENTS = 8192
 """Weight elements per matrix-vector K tile (BLOCK_N x BLOCK_K): 16 KB once converted to 16 bits, as gemv.py's
 tiles, i.e. 8 KB of int8 or 4 KB of int4 codes read per stage."""
@@ -57,6 +68,12 @@ MAX_SUBTILES = 8
 MIN_SUB_K = 16
 """The tensor cores' K: the narrowest sub-tile a dot takes."""
 GROUP_M = 8
+MAX_SPLIT_K = 8
+"""Most programs sharing one output tile's K loop (split-K)."""
+MIN_SPLIT_K_TILES = 2
+"""Fewest K tiles (of BLOCK_K) per split that the batched-decode rule divides K into."""
+REDUCE_BLOCK = 1024
+"""Outputs per program of the split-K reduction."""
 MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
 """Per activation dtype: the 16-bit pattern of a float whose last mantissa bits an int4 code can fill (bfloat16
 128.0, float16 1024.0: spacing 1 there), and its value. OR-ing a code c (0..15) into the pattern gives the float
@@ -72,6 +89,8 @@ class TileConfig(NamedTuple):
     block_k: int
     num_warps: int
     num_stages: int
+    split_k: int = 1
+    """Programs sharing one output tile's K loop (1: one program walks all of K and writes y itself)."""
 
 
 def sub_k_of(group_size: int, in_features: int, block_k: int) -> int:
@@ -88,6 +107,18 @@ def supports(w: AffineWeight) -> bool:
     return sub_k_of(w.group_size, w.in_features, 1 << 30) > 0
 
 
+def split_k_for(programs: int, k: int, block_k: int) -> int:
+    """Programs per output tile along K for a launch of ``programs`` tiles: the smallest power of two that
+    brings the launch to TARGET_PROGRAMS programs, at most MAX_SPLIT_K and at most what leaves MIN_SPLIT_K_TILES
+    K tiles of block_k per split (1: no split)."""
+    k_tiles = triton.cdiv(k, block_k)
+    split = 1
+    while (programs * split < TARGET_PROGRAMS and 2 * split <= MAX_SPLIT_K
+           and 2 * split * MIN_SPLIT_K_TILES <= k_tiles):
+        split *= 2
+    return split
+
+
 def quant_matmul_config(m: int, n: int, k: int, bits: int, group_size: int) -> TileConfig:
     """Tiles for y [m, n] = x [m, k] W^T, from shapes only.
 
@@ -101,6 +132,14 @@ def quant_matmul_config(m: int, n: int, k: int, bits: int, group_size: int) -> T
     and 32 (4 stages) or 64 (3 stages) columns, the narrowest giving at most GEMM_TARGET_PROGRAMS programs; else:
     Matrix-multiply: block_m 32 / 64 / 128 for m up to 32 / 64 / beyond; block_n the widest of 128, 64, 32, 16
     giving GEMM_TARGET_PROGRAMS programs; block_k 64; 8 warps for 128 x 128 tiles, else 4; 3 stages.
+    Split-K, up to BATCHED_DECODE_MAX_ROWS rows (int8 and int4, either tile rule above): the tiles' K loop is
+    divided among split_k programs (:func:`split_k_for`: the smallest power of two bringing the launch to
+    TARGET_PROGRAMS, about two programs per multiprocessor, at most MAX_SPLIT_K, each split keeping at least
+    MIN_SPLIT_K_TILES K tiles), since those launches have about one program per multiprocessor or fewer, each
+    walking all of K. A first rule, from the programs' count alone, still to be measured on the device
+    (bench_quant_matmul sweeps split variants): it does not weigh the partials' split_k x m x n float32 written and
+    read back (from the L2 where they fit) against the codes' bytes. Beyond BATCHED_DECODE_MAX_ROWS the launches
+    keep split_k 1.
     """
     def fit_k(block_k: int) -> int:
         block_k = max(MIN_SUB_K, min(block_k, triton.next_power_of_2(k)))
@@ -131,8 +170,10 @@ def quant_matmul_config(m: int, n: int, k: int, bits: int, group_size: int) -> T
         # below.
         block_m = 32 if m <= 32 else 64
         for block_n, stages in ((32, 4), (64, 3)):
-            if triton.cdiv(m, block_m) * triton.cdiv(n, block_n) <= GEMM_TARGET_PROGRAMS:
-                return TileConfig(block_m, block_n, fit_k(256), 4, stages)
+            programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+            if programs <= GEMM_TARGET_PROGRAMS:
+                block_k = fit_k(256)
+                return TileConfig(block_m, block_n, block_k, 4, stages, split_k_for(programs, k, block_k))
     block_m = 32 if m <= 32 else 64 if m <= 64 else 128
     block_n = 16
     for candidate in (128, 64, 32):
@@ -140,7 +181,10 @@ def quant_matmul_config(m: int, n: int, k: int, bits: int, group_size: int) -> T
             block_n = candidate
             break
     num_warps = 8 if block_m * block_n >= 128 * 128 else 4
-    return TileConfig(block_m, block_n, fit_k(64), num_warps, 3)
+    block_k = fit_k(64)
+    programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    split_k = split_k_for(programs, k, block_k) if m <= BATCHED_DECODE_MAX_ROWS else 1
+    return TileConfig(block_m, block_n, block_k, num_warps, 3, split_k)
 
 
 def quant_matmul(x: torch.Tensor, w: AffineWeight, bias: torch.Tensor | None = None, *,
@@ -148,7 +192,9 @@ def quant_matmul(x: torch.Tensor, w: AffineWeight, bias: torch.Tensor | None = N
     """x [M, K] (rows contiguous, any row stride; bfloat16 or float16) -> x W^T (+ b) [M, N] in x's dtype.
 
     ``w``'s codes, scales and offsets contiguous, its group size per channel or a multiple of 16 (:func:`supports`);
-    bias [N] of x's dtype or None. ``config`` overrides :func:`quant_matmul_config` (the benchmark's sweep)."""
+    bias [N] of x's dtype or None. ``config`` overrides :func:`quant_matmul_config` (the benchmark's sweep). With
+    split_k > 1, a float32 [split_k, M, N] buffer of partial sums is allocated and reduced into y by a second
+    launch."""
     check_affine(w)
     assert x.dim() == 2 and x.stride(1) == 1, "rows of x must be contiguous"
     assert x.dtype in ACTIVATION_DTYPES, f"x must be bfloat16 or float16, got {x.dtype}"
@@ -163,21 +209,29 @@ def quant_matmul(x: torch.Tensor, w: AffineWeight, bias: torch.Tensor | None = N
     if num_rows == 0 or n == 0:
         return y
     group_size = w.group_size
-    block_m, block_n, block_k, num_warps, num_stages = config or quant_matmul_config(num_rows, n, k, w.bits,
-                                                                                      group_size)
+    block_m, block_n, block_k, num_warps, num_stages, split_k = config or quant_matmul_config(
+        num_rows, n, k, w.bits, group_size)
     sub_k = sub_k_of(group_size, k, block_k)
     assert sub_k and block_k % sub_k == 0, f"block_k {block_k} does not suit group size {group_size}"
+    assert split_k >= 1, f"split_k {split_k}"
     pdl = pdl_launch(x.device)
-    grid = (triton.cdiv(num_rows, block_m) * triton.cdiv(n, block_n),)
+    grid = (triton.cdiv(num_rows, block_m) * triton.cdiv(n, block_n), split_k)
+    # Split K: each split's float32 partial sums in rows [s M, (s + 1) M) of one [split_k M, N] buffer.
+    out = y if split_k == 1 else torch.empty((split_k * num_rows, n), dtype=torch.float32, device=x.device)
     magic_bits, magic = MAGIC[x.dtype]
     _quant_matmul_kernel[grid](
         x, w.codes, w.scales, w.offsets if w.offsets is not None else w.scales,
-        bias if bias is not None else x, y, num_rows, n, k, w.scales.shape[1], group_size, x.stride(0), y.stride(0),
-        INT4=w.bits == 4, MAGIC_BITS=magic_bits, MAGIC=magic, HAS_OFFSETS=w.offsets is not None,
+        bias if bias is not None else x, out, num_rows, n, k, w.scales.shape[1], group_size, x.stride(0),
+        out.stride(0), INT4=w.bits == 4, MAGIC_BITS=magic_bits, MAGIC=magic, HAS_OFFSETS=w.offsets is not None,
         HAS_BIAS=bias is not None,
         PER_CHANNEL=w.scales.shape[1] == 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SUB_K=sub_k,
-        GROUP_M=GROUP_M, USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
+        GROUP_M=GROUP_M, SPLIT_K=split_k, USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )
+    if split_k > 1:
+        numel = num_rows * n
+        _split_k_reduce_kernel[(triton.cdiv(numel, REDUCE_BLOCK),)](
+            out, y, numel, SPLIT_K=split_k, BLOCK=REDUCE_BLOCK, USE_PDL=pdl, num_warps=4, launch_pdl=pdl,
+        )
     return y
 
 
@@ -205,9 +259,20 @@ def _quant_matmul_kernel(x_ptr, codes_ptr, scales_ptr, offsets_ptr, bias_ptr, y_
                          MAGIC: tl.constexpr, HAS_OFFSETS: tl.constexpr,
                          HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, GROUP_M: tl.constexpr,
-                         USE_PDL: tl.constexpr):
+                         SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr):
+    """Program (tile, s) of a (tiles, SPLIT_K) grid: with SPLIT_K 1, y's tile; else the float32 partial of
+    split s (K tiles s ceil(k_tiles / SPLIT_K) on, possibly none), every term linear in x (scales, offsets,
+    MAGIC's correction; the bias in split 0 only), in rows s num_rows.. of y_ptr's [SPLIT_K num_rows, n]."""
     wait_for_previous_grid(USE_PDL)
     pid_m, pid_n = grouped_tile(tl.program_id(0), num_rows, n, BLOCK_M, BLOCK_N, GROUP_M)
+    if SPLIT_K == 1:
+        k_first = 0
+        k_end = k
+    else:
+        split = tl.program_id(1)
+        span = tl.cdiv(tl.cdiv(k, BLOCK_K), SPLIT_K) * BLOCK_K
+        k_first = split * span
+        k_end = tl.minimum(k_first + span, k)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -217,7 +282,7 @@ def _quant_matmul_kernel(x_ptr, codes_ptr, scales_ptr, offsets_ptr, bias_ptr, y_
     param_ptrs = cols.to(tl.int64) * num_groups
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)  # per channel with offsets: sum of the row
-    for k_tile in range(0, k, BLOCK_K):
+    for k_tile in range(k_first, k_end, BLOCK_K):
         for j in tl.static_range(BLOCK_K // SUB_K):
             k_start = k_tile + j * SUB_K
             offs_k = k_start + tl.arange(0, SUB_K)
@@ -252,6 +317,31 @@ def _quant_matmul_kernel(x_ptr, codes_ptr, scales_ptr, offsets_ptr, bias_ptr, y_
         if HAS_OFFSETS:
             acc += x_sum[:, None] * tl.load(offsets_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_y + cols[None, :]
+        if SPLIT_K == 1:
+            acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        else:
+            bias_mask = col_mask & (tl.program_id(1) == 0)
+            acc += tl.load(bias_ptr + cols, mask=bias_mask, other=0.0).to(tl.float32)[None, :]
+    if SPLIT_K == 1:
+        y_rows = rows.to(tl.int64)
+    else:
+        y_rows = tl.program_id(1).to(tl.int64) * num_rows + rows
+    y_ptrs = y_ptr + y_rows[:, None] * stride_y + cols[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+# The output count changes with the batch: not specialised on.
+@triton.jit(do_not_specialize=["numel"])
+def _split_k_reduce_kernel(partial_ptr, y_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
+                           USE_PDL: tl.constexpr):
+    """y (contiguous, numel elements) = the sum in float32 of the SPLIT_K partials [SPLIT_K, numel] of split-K's
+    matrix-multiply launch, in y's dtype: BLOCK outputs per program."""
+    wait_for_previous_grid(USE_PDL)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    partial_ptrs = partial_ptr + offs
+    acc = tl.load(partial_ptrs, mask=mask, other=0.0)
+    for _ in tl.static_range(1, SPLIT_K):
+        partial_ptrs += numel
+        acc += tl.load(partial_ptrs, mask=mask, other=0.0)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
