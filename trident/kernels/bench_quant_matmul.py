@@ -1,15 +1,16 @@
 """Time the weight-only quantized matmul kernel against the bf16 kernels (gemv, cuBLAS) on a CUDA device.
 
 ``python -m trident.kernels.bench_quant_matmul [--json FILE] [--rows 1 16 64 256] [--formats int8 int4-g128]``:
-the projections of Llama-3-8B (qkv 6144x4096, o 4096x4096, gate_up 28672x4096, down 4096x14336), each row count
-and format: cuBLAS (F.linear) and, up to 16 rows, trident's bf16 gemv on the same shape in bfloat16; the kernel
-with quant_matmul_config's tiles; and a sweep of tile variants (GEMV_VARIANTS up to 16 rows, GEMM_VARIANTS
-beyond); at one row also the CUDA integer kernel (trident/native/gemv_cuda.cu) where nvcc built it, which is what
-the models run then. Calls are captured in a CUDA graph and timed by its replays (bench_gemv.graph_us), rotating over
-weight copies of ROTATION_BYTES together so that each call reads its weight from memory. GB/s counts the
-weight bytes each call reads once (bf16: 2 bytes per weight; quantized: codes, scales and offsets); TFLOP/s
-2 M N K. Every output is checked against the reference (float32 dequantization and matmul) before it is timed;
-a variant that fails to compile, launch or match is recorded with the reason, and the sweep goes on.
+the projections of Llama-3-8B (qkv 6144x4096, o 4096x4096, gate_up 28672x4096, down 4096x14336), each row count and
+format: cuBLAS (F.linear) and, up to 16 rows, trident's bf16 gemv on the same shape in bfloat16; the kernel with
+quant_matmul_config's tiles; and a sweep of tile variants (GEMV_VARIANTS up to 16 rows, GEMM_VARIANTS beyond, some
+splitting K: named ..._sk{split_k}); at one row also the CUDA integer kernel (trident/native/gemv_cuda.cu) where
+nvcc built it, which is what the models run then. Calls are captured in a CUDA graph and timed by its replays
+(bench_gemv.graph_us), rotating over weight copies of ROTATION_BYTES together so that each call reads its weight
+from memory. GB/s counts the weight bytes each call reads once (bf16: 2 bytes per weight; quantized: codes, scales
+and offsets); TFLOP/s 2 M N K. Every output is checked against the reference (float32 dequantization and matmul)
+before it is timed; a variant that fails to compile, launch or match is recorded with the reason, and the sweep goes
+on.
 
 ``--dry-run`` runs the same code on tiny float16 shapes with wall-clock timing, to check the script without a
 GPU (on the CPU under ``TRITON_INTERPRET=1``).
@@ -57,8 +58,13 @@ GEMM_VARIANTS = tuple(TileConfig(*v) for v in (
     (32, 64, 64, 4, 4), (64, 32, 128, 4, 4), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3),
     (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 256, 64, 8, 3),
     (32, 32, 256, 4, 4), (32, 64, 256, 4, 3), (64, 32, 256, 4, 4), (64, 64, 256, 4, 3), (64, 64, 128, 4, 4),
-    (64, 128, 128, 8, 3)))
-"""Matrix-multiply tiles swept beyond 16 rows."""
+    (64, 128, 128, 8, 3), (64, 32, 64, 4, 3))) + tuple(
+    TileConfig(*v, split_k) for v in ((32, 32, 256, 4, 4), (64, 32, 256, 4, 4), (64, 64, 256, 4, 3))
+    for split_k in (2, 4, 8)) + (
+    TileConfig(64, 32, 64, 4, 3, 2), TileConfig(64, 32, 64, 4, 3, 4), TileConfig(64, 128, 64, 4, 3, 2))
+"""Matrix-multiply tiles swept beyond 16 rows: the last ones split K (split_k programs per tile): int8's
+batched-decode tiles and the matrix-multiply rule's at 64 rows (int4, and int8 over wide matrices) split as
+quant_matmul_config's split-K rule would, and around that."""
 DTYPE = torch.bfloat16
 
 DRY_SHAPES = (("dry", "tall", 100, 256), ("dry", "wide", 33, 1024))
@@ -68,7 +74,9 @@ DRY_DTYPE = torch.float16
 
 
 def variant_name(config: TileConfig) -> str:
-    return "m{}_n{}_k{}_w{}_st{}".format(*config)
+    """m{block_m}_n{block_n}_k{block_k}_w{num_warps}_st{num_stages}, then _sk{split_k} where K is split."""
+    name = "m{}_n{}_k{}_w{}_st{}".format(*config)
+    return name if config.split_k == 1 else f"{name}_sk{config.split_k}"
 
 
 def random_weight(n: int, k: int, bits: int, group_size: int | None, offsets: bool,
@@ -145,7 +153,7 @@ def bench_shape(model: str, projection: str, n: int, k: int, rows: tuple[int, ..
 
 def print_table(rows: list[dict], timing: str) -> None:
     print(f"\n{'proj':8} {'N x K':>12} {'M':>4} {'format':10} {'cuBLAS us':>9} {'gemv us':>8} {'ours us':>8} "
-          f"{'ours GB/s':>9} {'TFLOP/s':>7} {'x best bf16':>11}  {'best variant':22} {'best us':>8} {'GB/s':>6}"
+          f"{'ours GB/s':>9} {'TFLOP/s':>7} {'x best bf16':>11}  {'best variant':24} {'best us':>8} {'GB/s':>6}"
           f" {'CUDA us':>8} {'GB/s':>6}   ({timing})")
     for r in rows:
         bf16 = [us for us in (r.get("cublas_us"), r.get("gemv_us")) if isinstance(us, float)]
@@ -153,7 +161,7 @@ def print_table(rows: list[dict], timing: str) -> None:
         print(f"{r['projection']:8} {r['n']:>6}x{r['k']:<5} {r['m']:>4} {r['format']:10} "
               f"{_cell(r['cublas_us'], '.2f', 9)} {_cell(r.get('gemv_us'), '.2f', 8)} {_cell(r['ours_us'], '.2f', 8)} "
               f"{_cell(r['ours_GBps'], '.0f', 9)} {_cell(r['ours_TFLOPs'], '.1f', 7)} {_cell(speedup, '.2f', 11)}  "
-              f"{r['best_variant'] or '-':22} {_cell(r['best_us'], '.2f', 8)} {_cell(r['best_GBps'], '.0f', 6)} "
+              f"{r['best_variant'] or '-':24} {_cell(r['best_us'], '.2f', 8)} {_cell(r['best_GBps'], '.0f', 6)} "
               f"{_cell(r.get('cuda_us'), '.2f', 8)} {_cell(r.get('cuda_GBps'), '.0f', 6)}")
     failed = [(r["projection"], r["m"], r["format"], v, us) for r in rows for v, us in r["variants_us"].items()
               if not isinstance(us, float)]
