@@ -2,7 +2,8 @@
 the same codes, scales, offsets and x within the output dtype's rounding: every matrix-vector row count (1 to
 16), matrix-multiply row counts from 17 to 300, odd N, K multiples of every group size (32, 64, 128, per channel
 with K off the tiles), int8 and int4, with and without offsets and bias, float32 and float16 scales, bfloat16 and
-float16 x, strided rows, every tile variant the benchmark sweeps. QuantizedLinear's kernel path equals its CPU
+float16 x, strided rows, every tile variant the benchmark sweeps, K split among 2 to 8 programs per tile (splits
+of uneven K and splits with no K at all). QuantizedLinear's kernel path equals its CPU
 reference (the dequantized weight through F.linear) for every round-to-nearest format (one row through the
 CUDA integer kernel where it is built).
 
@@ -14,8 +15,11 @@ import pytest
 import torch
 from elementwise_checks import dtype_id
 
-from trident.kernels.bench_quant_matmul import GEMM_VARIANTS, GEMV_VARIANTS
+from trident.kernels.bench_quant_matmul import GEMM_VARIANTS, GEMV_VARIANTS, variant_name
 from trident.kernels.quant_matmul import (
+    BATCHED_DECODE_MAX_ROWS,
+    MAX_SPLIT_K,
+    MIN_SPLIT_K_TILES,
     QGEMV_MAX_ROWS,
     TileConfig,
     quant_matmul,
@@ -150,7 +154,7 @@ def test_strided_rows(kernel_device, row_offset: int) -> None:
            row_offset=row_offset)
 
 
-@pytest.mark.parametrize("config", GEMV_VARIANTS + GEMM_VARIANTS, ids=lambda c: "m{}_n{}_k{}_w{}_st{}".format(*c))
+@pytest.mark.parametrize("config", GEMV_VARIANTS + GEMM_VARIANTS, ids=variant_name)
 def test_benchmark_variants(kernel_device, config: TileConfig) -> None:
     """Every tile shape the benchmark sweeps (the default configs may be tuned to any): K and N tails, the
     variant's row tile filled and partial, groups narrower and wider than its K tile."""
@@ -158,6 +162,29 @@ def test_benchmark_variants(kernel_device, config: TileConfig) -> None:
     seed = sum(config)
     _check(kernel_device, m, 37, 256, 4, 32, True, True, torch.float16, seed, config=config)
     _check(kernel_device, max(1, m - 1), 19, 200, 8, None, True, False, torch.bfloat16, seed + 1, config=config)
+
+
+@pytest.mark.parametrize("split_k", [2, 4, 8])
+@pytest.mark.parametrize("group_size", [32, None], ids=lambda g: f"group{g}" if g else "per_channel")
+@pytest.mark.parametrize("bits", [8, 4], ids=["int8", "int4"])
+def test_split_k(kernel_device, bits: int, group_size: int | None, split_k: int) -> None:
+    """K split among split_k programs per tile over five K tiles: splits of ceil(5 / split_k) tiles, the last
+    one shorter (split 2: 3 + 2 tiles) or empty (split 4: 2 + 2 + 1 + 0, split 8: five of one and three empty);
+    per channel the last K tile partial too (K 300 of 5 x 64), grouped several groups per K tile (32 in 128).
+    With and without offsets and bias, the bias added by split 0 alone."""
+    k, block_k = (640, 128) if group_size else (300, 64)
+    seed = bits * 100 + (group_size or 1) + split_k
+    for m, n, offsets, bias, dtype in ((20, 37, True, True, torch.float16), (40, 70, False, False, torch.bfloat16),
+                                       (33, 16, True, False, torch.bfloat16), (64, 45, False, True, torch.float16)):
+        config = TileConfig(32 if m <= 32 else 64, 32, block_k, 4, 3, split_k)
+        _check(kernel_device, m, n, k, bits, group_size, offsets, bias, dtype, seed + m, config=config)
+
+
+@pytest.mark.parametrize(("n", "k"), [(5120, 2048), (2048, 4096)], ids=["qkv", "o"])
+def test_qwen3_30b_attention_at_64_rows(kernel_device, n: int, k: int) -> None:
+    """Qwen3-30B-A3B's attention projections at 64 rows, int8 per channel, on the default tiles, which split K."""
+    assert quant_matmul_config(64, n, k, 8, k).split_k > 1
+    _check(kernel_device, 64, n, k, 8, None, False, False, torch.bfloat16, seed=n)
 
 
 def test_no_rows(kernel_device) -> None:
@@ -177,6 +204,10 @@ def test_config_depends_on_shapes_only(kernel_device) -> None:
                     assert config.block_m >= min(m, 16) and config.block_n >= 8, config
                     sub = sub_k_of(group, k, config.block_k)
                     assert sub >= 16 and config.block_k % sub == 0 and (group == k or group % sub == 0), config
+                    split = config.split_k
+                    assert split & (split - 1) == 0 and 1 <= split <= MAX_SPLIT_K, config
+                    assert split == 1 or QGEMV_MAX_ROWS < m <= BATCHED_DECODE_MAX_ROWS, config
+                    assert split == 1 or (k + config.block_k - 1) // config.block_k >= MIN_SPLIT_K_TILES * split, config
                 for m in range(1, QGEMV_MAX_ROWS + 1):
                     bucket = quant_matmul_config(1 << (m - 1).bit_length(), n, k, bits, group)
                     assert quant_matmul_config(m, n, k, bits, group) == bucket
