@@ -180,10 +180,10 @@ def test_split_k(kernel_device, bits: int, group_size: int | None, split_k: int)
         _check(kernel_device, m, n, k, bits, group_size, offsets, bias, dtype, seed + m, config=config)
 
 
-@pytest.mark.parametrize(("n", "k"), [(5120, 2048), (2048, 4096)], ids=["qkv", "o"])
-def test_qwen3_30b_attention_at_64_rows(kernel_device, n: int, k: int) -> None:
-    """Qwen3-30B-A3B's attention projections at 64 rows, int8 per channel, on the default tiles, which split K."""
-    assert quant_matmul_config(64, n, k, 8, k).split_k > 1
+@pytest.mark.parametrize(("n", "k", "split_k"), [(5120, 2048, 1), (2048, 4096, 2)], ids=["qkv", "o"])
+def test_qwen3_30b_attention_at_64_rows(kernel_device, n: int, k: int, split_k: int) -> None:
+    """Qwen3-30B-A3B's attention projections at 64 rows, int8 per channel, on the default tiles (o splits K)."""
+    assert quant_matmul_config(64, n, k, 8, k).split_k == split_k
     _check(kernel_device, 64, n, k, 8, None, False, False, torch.bfloat16, seed=n)
 
 
@@ -206,7 +206,7 @@ def test_config_depends_on_shapes_only(kernel_device) -> None:
                     assert sub >= 16 and config.block_k % sub == 0 and (group == k or group % sub == 0), config
                     split = config.split_k
                     assert split & (split - 1) == 0 and 1 <= split <= MAX_SPLIT_K, config
-                    assert split == 1 or QGEMV_MAX_ROWS < m <= BATCHED_DECODE_MAX_ROWS, config
+                    assert split == 1 or (bits == 8 and QGEMV_MAX_ROWS < m <= BATCHED_DECODE_MAX_ROWS), config
                     assert split == 1 or (k + config.block_k - 1) // config.block_k >= MIN_SPLIT_K_TILES * split, config
                 for m in range(1, QGEMV_MAX_ROWS + 1):
                     bucket = quant_matmul_config(1 << (m - 1).bit_length(), n, k, bits, group)
@@ -225,7 +225,9 @@ def test_quantized_linear_kernel_path_equals_its_reference(kernel_device, monkey
     """QuantizedLinear.forward on CUDA runs the kernel on the stored codes (and offsets derived from the format)
     and equals the CPU reference (the dequantized weight) within the output's rounding, for 1, 7 and 40 rows
     (3-D input); the CPU forward of the same layer stays the reference path. Under the interpreter the layer
-    is on the CPU, where uses_kernels is patched to say yes."""
+    is on the CPU, where uses_kernels is patched to say yes. One row would go to the CUDA integer kernel where
+    nvcc built it, which rounds the activations to int8 (one stage for int4 codes: beyond this allowance, seen on
+    an H200); tests/native/test_gemv_cuda.py bounds that kernel, so here it is turned off."""
     import trident.kernels.quant_matmul as kernel_module
 
     g = torch.Generator().manual_seed(config.bits * 7 + (config.group_size or 0) + config.symmetric)
@@ -241,16 +243,13 @@ def test_quantized_linear_kernel_path_equals_its_reference(kernel_device, monkey
     calls = []
     kernel = kernel_module.quant_matmul
     monkeypatch.setattr(kernel_module, "quant_matmul", lambda *a, **kw: calls.append("triton") or kernel(*a, **kw))
-    cuda_kernel = gemv_cuda.gemv
-    monkeypatch.setattr(gemv_cuda, "gemv", lambda *a, **kw: calls.append("cuda") or cuda_kernel(*a, **kw))
+    monkeypatch.setattr(gemv_cuda, "takes", lambda *a, **kw: False)
     for rows in (1, 7, 40):
         x = _x(rows, 256, dtype, g, kernel_device).reshape(1, rows, 256)
         calls.clear()
         y = device_layer(x)
         what = f"{config} {dtype_id(dtype)} rows={rows}"
-        # one row: the CUDA integer kernel where nvcc built it (tests/native/test_gemv_cuda.py), else Triton's
-        one_row_cuda = rows == 1 and gemv_cuda.takes(x.view(1, 256), device_layer.affine_weight(), device_layer.bias)
-        assert calls == ["cuda" if one_row_cuda else "triton"], f"{what}: the kernel did not run ({calls})"
+        assert calls == ["triton"], f"{what}: the kernel did not run ({calls})"
         assert y.shape == (1, rows, 43)
         assert_matches_math(y[0], x[0], reference_weight, cpu_layer.bias, what)
 

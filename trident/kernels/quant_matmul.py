@@ -23,10 +23,10 @@ rows walking the whole of K, all rows of x riding along as the dot's left operan
 16-row tile), no split over K. Matrix-multiply launches tile M too (BLOCK_M of 32 to 128 rows) and walk the
 programs in groups of GROUP_M row blocks, so that the weight columns one group reads stay in the L2.
 
-Matrix-multiply launches may split K (split-K, SPLIT_K > 1; the default tiles split it up to
-BATCHED_DECODE_MAX_ROWS rows where the output tiles number fewer than TARGET_PROGRAMS, see
-:func:`quant_matmul_config`): a second grid axis gives each output tile SPLIT_K programs, program s walking the
-s-th run of ceil(k_tiles / SPLIT_K) K tiles (the last run shorter, or empty). Every term of the product is linear
+Matrix-multiply launches may split K (split-K, SPLIT_K > 1; the default tiles split it for int8 batched decode
+where the output tiles are few and K is deep, see :func:`quant_matmul_config`): a second grid axis gives each
+output tile SPLIT_K programs, program s walking the s-th run of ceil(k_tiles / SPLIT_K) K tiles (the last run
+shorter, or empty). Every term of the product is linear
 in x (the per-group scales and offsets, the per-channel ones applied at the end, MAGIC's correction), so each
 program applies them to its own sums and stores a complete float32 partial, split 0 adding the bias, in a
 [SPLIT_K, M, N] buffer; a second launch, one program per REDUCE_BLOCK outputs, sums the SPLIT_K partials in
@@ -70,7 +70,7 @@ MIN_SUB_K = 16
 GROUP_M = 8
 MAX_SPLIT_K = 8
 """Most programs sharing one output tile's K loop (split-K)."""
-MIN_SPLIT_K_TILES = 2
+MIN_SPLIT_K_TILES = 8
 """Fewest K tiles (of BLOCK_K) per split that the batched-decode rule divides K into."""
 REDUCE_BLOCK = 1024
 """Outputs per program of the split-K reduction."""
@@ -107,13 +107,14 @@ def supports(w: AffineWeight) -> bool:
     return sub_k_of(w.group_size, w.in_features, 1 << 30) > 0
 
 
-def split_k_for(programs: int, k: int, block_k: int) -> int:
-    """Programs per output tile along K for a launch of ``programs`` tiles: the smallest power of two that
-    brings the launch to TARGET_PROGRAMS programs, at most MAX_SPLIT_K and at most what leaves MIN_SPLIT_K_TILES
-    K tiles of block_k per split (1: no split)."""
+def split_k_for(programs: int, block_m: int, k: int, block_k: int) -> int:
+    """Programs per output tile along K for a launch of ``programs`` tiles of block_m rows: the largest power of
+    two keeping the launch within GEMM_TARGET_PROGRAMS programs for 64-row tiles, twice that for 32-row ones, at
+    most MAX_SPLIT_K and leaving at least MIN_SPLIT_K_TILES K tiles of block_k per split (1: no split)."""
+    target = GEMM_TARGET_PROGRAMS * 64 // block_m
     k_tiles = triton.cdiv(k, block_k)
     split = 1
-    while (programs * split < TARGET_PROGRAMS and 2 * split <= MAX_SPLIT_K
+    while (programs * split * 2 <= target and 2 * split <= MAX_SPLIT_K
            and 2 * split * MIN_SPLIT_K_TILES <= k_tiles):
         split *= 2
     return split
@@ -132,14 +133,13 @@ def quant_matmul_config(m: int, n: int, k: int, bits: int, group_size: int) -> T
     and 32 (4 stages) or 64 (3 stages) columns, the narrowest giving at most GEMM_TARGET_PROGRAMS programs; else:
     Matrix-multiply: block_m 32 / 64 / 128 for m up to 32 / 64 / beyond; block_n the widest of 128, 64, 32, 16
     giving GEMM_TARGET_PROGRAMS programs; block_k 64; 8 warps for 128 x 128 tiles, else 4; 3 stages.
-    Split-K, up to BATCHED_DECODE_MAX_ROWS rows (int8 and int4, either tile rule above): the tiles' K loop is
-    divided among split_k programs (:func:`split_k_for`: the smallest power of two bringing the launch to
-    TARGET_PROGRAMS, about two programs per multiprocessor, at most MAX_SPLIT_K, each split keeping at least
-    MIN_SPLIT_K_TILES K tiles), since those launches have about one program per multiprocessor or fewer, each
-    walking all of K. A first rule, from the programs' count alone, still to be measured on the device
-    (bench_quant_matmul sweeps split variants): it does not weigh the partials' split_k x m x n float32 written and
-    read back (from the L2 where they fit) against the codes' bytes. Beyond BATCHED_DECODE_MAX_ROWS the launches
-    keep split_k 1.
+    Split-K, int8 batched decode only (:func:`split_k_for`): the largest power of two keeping the launch within
+    GEMM_TARGET_PROGRAMS programs of 64-row tiles (twice as many of 32-row ones) with at least MIN_SPLIT_K_TILES
+    K tiles per split. Measured on an H200 (bench_quant_matmul's sweep at 32, 64 and 128 rows, int8 per channel,
+    2026-11-30): a split paid only where the tiles were few and K deep: at 32 rows Llama-3-8B down 46 -> 36 us, o
+    16 -> 14, Qwen3-30B-A3B o 15 -> 11; at 64 rows Qwen3-30B-A3B o 16 -> 12; it cost elsewhere (K of 2048; 64-row
+    launches of 128 tiles already; the matrix-multiply rule's wide launches: Llama-3-8B gate_up at 128 rows 83 ->
+    107 us), which the rule keeps unsplit. int4 launches are not split (not better in the same sweep).
     """
     def fit_k(block_k: int) -> int:
         block_k = max(MIN_SUB_K, min(block_k, triton.next_power_of_2(k)))
@@ -173,7 +173,7 @@ def quant_matmul_config(m: int, n: int, k: int, bits: int, group_size: int) -> T
             programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
             if programs <= GEMM_TARGET_PROGRAMS:
                 block_k = fit_k(256)
-                return TileConfig(block_m, block_n, block_k, 4, stages, split_k_for(programs, k, block_k))
+                return TileConfig(block_m, block_n, block_k, 4, stages, split_k_for(programs, block_m, k, block_k))
     block_m = 32 if m <= 32 else 64 if m <= 64 else 128
     block_n = 16
     for candidate in (128, 64, 32):
@@ -181,10 +181,7 @@ def quant_matmul_config(m: int, n: int, k: int, bits: int, group_size: int) -> T
             block_n = candidate
             break
     num_warps = 8 if block_m * block_n >= 128 * 128 else 4
-    block_k = fit_k(64)
-    programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    split_k = split_k_for(programs, k, block_k) if m <= BATCHED_DECODE_MAX_ROWS else 1
-    return TileConfig(block_m, block_n, block_k, num_warps, 3, split_k)
+    return TileConfig(block_m, block_n, fit_k(64), num_warps, 3)
 
 
 def quant_matmul(x: torch.Tensor, w: AffineWeight, bias: torch.Tensor | None = None, *,
