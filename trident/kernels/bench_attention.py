@@ -18,7 +18,7 @@ import json
 import torch
 import triton
 
-from trident.attention.base import AttentionMetadata, DecodeBatch, PrefillBatch, PrefillSeq
+from trident.attention.base import AttentionMetadata, DecodeBatch, LayerKVCache, PrefillBatch, PrefillSeq
 from trident.attention.torch_ref import TorchAttention
 from trident.attention.triton_paged import TritonPagedAttention
 from trident.kernels.paged_decode import choose_num_splits, paged_decode
@@ -85,13 +85,14 @@ def bench_decode(batch: int, context: int, kv_heads: int = KV_HEADS) -> dict:
                              decode=decode, num_tokens=batch)
     options = dict(scale=SCALE, sliding_window=None, logit_softcap=None)
     triton_backend, torch_backend = TritonPagedAttention(), TorchAttention()
-    head_major = [(k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()) for k, v in caches]
+    head_major = [LayerKVCache(k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()) for k, v in caches]
+    layer_caches = [LayerKVCache(k, v) for k, v in caches]
     num_sms = triton_backend.num_sms(query.device)
     row = {"batch": batch, "context": context, "kv_heads": kv_heads,
            "auto_splits": choose_num_splits(batch, kv_heads, width * BLOCK, num_sms)}
-    row["eager_ms"] = _median_ms(lambda i: triton_backend.forward(query, *caches[i], meta, **options), copies)
-    row["triton_ms"] = graph_ms(lambda i: triton_backend.forward(query, *caches[i], meta, **options), copies)
-    row["torch_ms"] = _variant_ms(lambda i: torch_backend.forward(query, *head_major[i], meta, **options), copies)
+    row["eager_ms"] = _median_ms(lambda i: triton_backend.forward(query, layer_caches[i], meta, **options), copies)
+    row["triton_ms"] = graph_ms(lambda i: triton_backend.forward(query, layer_caches[i], meta, **options), copies)
+    row["torch_ms"] = _variant_ms(lambda i: torch_backend.forward(query, head_major[i], meta, **options), copies)
     out = torch.empty_like(query)
     for splits in (1, 2, 4, 8, 16, 32):
         for block_n, warps in ((32, 4), (64, 4), (128, 4), (128, 8)):
@@ -127,12 +128,13 @@ def bench_prefill(chunks: list[tuple[int, int]]) -> dict:
     meta = AttentionMetadata(slot_mapping=torch.zeros(0, dtype=torch.long, device="cuda"), prefills=tuple(prefills),
                              decode=None, num_tokens=num_tokens, prefill_batch=batch)
     options = dict(scale=SCALE, sliding_window=None, logit_softcap=None)
-    head_major = [(k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()) for k, v in caches]
+    head_major = [LayerKVCache(k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()) for k, v in caches]
+    layer_caches = [LayerKVCache(k, v) for k, v in caches]
     row = {"chunks": chunks}
     triton_backend, torch_backend = TritonPagedAttention(), TorchAttention()
-    row["eager_ms"] = _median_ms(lambda i: triton_backend.forward(query, *caches[i], meta, **options), 2)
-    row["triton_ms"] = graph_ms(lambda i: triton_backend.forward(query, *caches[i], meta, **options), 2)
-    row["torch_ms"] = _variant_ms(lambda i: torch_backend.forward(query, *head_major[i], meta, **options), 2)
+    row["eager_ms"] = _median_ms(lambda i: triton_backend.forward(query, layer_caches[i], meta, **options), 2)
+    row["triton_ms"] = graph_ms(lambda i: triton_backend.forward(query, layer_caches[i], meta, **options), 2)
+    row["torch_ms"] = _variant_ms(lambda i: torch_backend.forward(query, head_major[i], meta, **options), 2)
     out = torch.empty_like(query)
     for block_m, block_n, warps, stages in ((128, 64, 8, 2), (64, 64, 4, 2), (128, 128, 8, 2), (128, 64, 8, 3),
                                             (64, 64, 4, 3), (128, 32, 4, 2)):
