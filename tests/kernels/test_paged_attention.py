@@ -159,8 +159,9 @@ def test_num_splits_rule() -> None:
     assert choose_num_splits(1, 8, 4096, 132) == 32  # one long sequence: spread over the chip
     assert choose_num_splits(1, 8, 512, 132) == 8  # no split shorter than one key tile
     assert choose_num_splits(1, 8, 64, 132) == 1
-    assert choose_num_splits(8, 8, 4096, 132) == 7  # about 3 programs per multiprocessor
+    assert choose_num_splits(8, 8, 4096, 132) == 6  # at most 3 programs per multiprocessor
     assert choose_num_splits(64, 8, 512, 132) == 1  # enough programs already
+    assert choose_num_splits(64, 4, 768, 132) == 1  # 256 programs: unsplit ran faster than 2 splits
 
 
 def test_references_match_torch_attention(kernel_device) -> None:

@@ -75,7 +75,7 @@ def _variant_ms(fn, rotations: int) -> float | str:
 def bench_decode(batch: int, context: int, kv_heads: int = KV_HEADS) -> dict:
     width = triton.cdiv(context, BLOCK)
     copies = max(2, triton.cdiv(400 << 20, batch * context * kv_heads * DIM * 4))  # > 2x the L2 in rotation
-    caches = _caches(batch * context, copies, kv_heads)
+    caches = _caches(batch * width * BLOCK, copies, kv_heads)  # every block a table names
     tables = torch.randperm(batch * width, device="cuda").view(batch, width)
     lens = torch.full((batch,), context, device="cuda")
     query = torch.randn(batch, HEADS, DIM, device="cuda", dtype=DTYPE)
