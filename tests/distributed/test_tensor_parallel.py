@@ -9,7 +9,12 @@ ranks saw with this process's unsplit engines (the same quantized weights).
 
 from __future__ import annotations
 
+import dataclasses
+import gc
+import weakref
+
 import pytest
+import torch
 from tp_ranks import (
     ASYNC_SHAPES,
     EP_SHAPES,
@@ -26,12 +31,23 @@ from tp_ranks import (
     torch_products,
 )
 
+from trident.attention.torch_ref import TorchAttention
 from trident.config import ModelConfig
 from trident.distributed.config import ParallelConfig
 from trident.distributed.group import TensorParallel
-from trident.distributed.shard import check_shardable, heads_of, kv_heads_of, shard_config, shard_model
+from trident.distributed.layers import ColumnParallelLinear
+from trident.distributed.shard import (
+    ModelSharder,
+    check_shardable,
+    heads_of,
+    kv_heads_of,
+    shard_config,
+    shard_model,
+)
 from trident.engine.engine import LLMEngine
 from trident.errors import TridentError
+from trident.models.build import build_model
+from trident.models.layers import GatedMLP
 
 SPLITS = ([pytest.param(name, "", id=name) for name in (*SHAPES, *QUANTIZED)]
           + [pytest.param(name, "ep/", id=f"expert-parallel-{name}") for name in (*EP_SHAPES, *QUANTIZED_EP)])
@@ -179,3 +195,40 @@ def test_parallel_config_is_validated():
         ParallelConfig(backend="mpi")
     with pytest.raises(TridentError, match="positive integer"):
         ParallelConfig(tensor_parallel_size=0)
+
+
+@pytest.mark.parametrize(("name", "expert_parallel"), [("llama-gqa-bias", False), ("mixtral", False),
+                                                     ("mixtral", True)], ids=["dense", "moe", "moe-expert-parallel"])
+def test_a_rank_splits_each_layer_as_it_loads(name, expert_parallel):
+    """What an engine's rank does (ModelSharder as build_model's hook): when a decoder layer's weights are all set,
+    the later layers are not loaded yet (meta) and the earlier ones hold their slices only; the full fused tensors
+    the layer is cut from (qkv, gate|up, the routed experts) are released then (nothing keeps them alive); and the
+    finished model equals shard_model's split of the whole loaded model."""
+    ckpt = shape_checkpoint(name)
+    parallel = dataclasses.replace(_FAKE, expert_parallel=expert_parallel)
+    sharder = ModelSharder(parallel, torch.device("cpu"))
+    freed = []
+
+    def layer_loaded(model, path):
+        parent, index = path.rsplit(".", 1)
+        layers, index = model.get_submodule(parent), int(index)
+        assert all(p.is_meta for layer in layers[index + 1:] for p in layer.parameters()), f"{path}: later loaded"
+        assert all(isinstance(layer.self_attn.qkv_proj, ColumnParallelLinear) for layer in layers[:index]), path
+        attn, mlp = layers[index].self_attn, layers[index].mlp
+        fused = ([attn.qkv_proj.weight, mlp.gate_up_proj.weight] if isinstance(mlp, GatedMLP)
+                 else [attn.qkv_proj.weight, mlp.experts.gate_up_proj, mlp.experts.down_proj])
+        refs = [weakref.ref(t) for t in fused]
+        del fused, attn, mlp
+        sharder.layer_loaded(model, path)
+        gc.collect()
+        freed.append([ref() is None for ref in refs])
+
+    model = sharder.finish(build_model(ckpt.config, ckpt.tensors, dtype=torch.float32, device=torch.device("cpu"),
+                                       backend=TorchAttention(), layer_loaded=layer_loaded))
+    assert len(freed) == ckpt.config.num_layers >= 2 and all(all(layer) for layer in freed), freed
+    whole = shard_model(build_model(ckpt.config, ckpt.tensors, dtype=torch.float32, device=torch.device("cpu"),
+                                    backend=TorchAttention()), parallel)
+    ours, theirs = dict(model.named_parameters()), dict(whole.named_parameters())
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key

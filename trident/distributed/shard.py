@@ -28,6 +28,12 @@ once.
 
 The model's ``config`` becomes :func:`shard_config`'s: this rank's heads, which is what the runner sizes each
 layer's KV cache from.
+
+An engine splits its model while it loads (:class:`ModelSharder`): each decoder layer as soon as its weights are set
+(build_model's ``layer_loaded``), its slices moved to the rank's device at once and the full tensors they were cut
+from released; then the rest. A rank's host memory holds one decoder layer's full weights at a time beyond the
+checkpoint's own tensors (for a memory-mapped safetensors file, the page cache, shared by the ranks of a host), not
+the whole model's fused copies (qkv, gate|up, the routed experts: nearly all of an MoE model).
 """
 
 from __future__ import annotations
@@ -176,12 +182,52 @@ def shard_config(config: ModelConfig, size: int, expert_parallel: bool = False, 
 def shard_model(model: nn.Module, parallel: TensorParallel) -> nn.Module:
     """Split ``model`` (built and loaded, see the module docstring) over ``parallel``'s ranks in place; returns it.
     ``parallel.expert_parallel`` says how MoE blocks split their routed experts."""
-    config = model.config
-    check_shardable(config, parallel.size, parallel.expert_parallel)
-    _check_modules(model, "", parallel.size, parallel.expert_parallel)
-    _shard_children(model, "", parallel, {})
-    model.config = shard_config(config, parallel.size, parallel.expert_parallel, parallel.rank)
-    return model
+    return ModelSharder(parallel).finish(model)
+
+
+class ModelSharder:
+    """Splits a model over ``parallel``'s ranks while build_model loads it: :meth:`layer_loaded` (its
+    ``layer_loaded`` hook) splits each decoder layer once its weights are set, moves it to ``device`` (None: where
+    it is) and releases the full tensors its slices were cut from; :meth:`finish` splits the rest once the model is
+    loaded (every layer, for a model loaded without the hook) and returns it. Every module is checked before the
+    first one changes."""
+
+    def __init__(self, parallel: TensorParallel, device: torch.device | None = None) -> None:
+        self.parallel = parallel
+        self.device = device
+        self._memo: Memo = {}
+        self._done: set[int] = set()
+        """ids of the decoder layers split already."""
+        self._checked = False
+
+    def layer_loaded(self, model: nn.Module, path: str) -> None:
+        """Split the decoder layer at ``path`` of ``model`` (its weights set, later layers' perhaps not yet)."""
+        self._check(model)
+        layer = model.get_submodule(path)
+        before = set(self._memo)
+        _shard_children(layer, f"{path}.", self.parallel, self._memo, self._done)
+        if self.device is not None:
+            layer.to(self.device)
+        kept = {id(t) for t in (*layer.parameters(), *layer.buffers())}
+        for key in self._memo.keys() - before:  # the replaced modules' full tensors (kept alive by the memo) go
+            _release(self._memo[key][0], kept)
+        self._done.add(id(layer))
+
+    def finish(self, model: nn.Module) -> nn.Module:
+        """Split what :meth:`layer_loaded` has not (embeddings, LM head, any layer it was not called for); the
+        model with this rank's config."""
+        self._check(model)
+        parallel = self.parallel
+        _shard_children(model, "", parallel, self._memo, self._done)
+        model.config = shard_config(model.config, parallel.size, parallel.expert_parallel, parallel.rank)
+        return model
+
+    def _check(self, model: nn.Module) -> None:
+        if not self._checked:
+            parallel = self.parallel
+            check_shardable(model.config, parallel.size, parallel.expert_parallel)
+            _check_modules(model, "", parallel.size, parallel.expert_parallel)
+            self._checked = True
 
 
 _REPLICATED = (RMSNorm, RotaryEmbedding)
@@ -277,9 +323,24 @@ def _once(memo: Memo, module: nn.Module, make: Callable[[], nn.Module]) -> nn.Mo
     return memo[id(module)][1]
 
 
-def _shard_children(module: nn.Module, path: str, parallel: TensorParallel, memo: Memo) -> None:
+def _release(module: nn.Module, kept: set[int]) -> None:
+    """Replace ``module``'s parameters and buffers (its submodules' too) by meta tensors of their shapes, but for
+    those whose ids are in ``kept``: the module stays (a memo key) without its data."""
+    for owner in module.modules():
+        for key, param in owner._parameters.items():
+            if param is not None and id(param) not in kept and not param.is_meta:
+                owner._parameters[key] = nn.Parameter(param.to("meta"), requires_grad=False)
+        for key, buffer in owner._buffers.items():
+            if buffer is not None and id(buffer) not in kept and not buffer.is_meta:
+                owner._buffers[key] = buffer.to("meta")
+
+
+def _shard_children(module: nn.Module, path: str, parallel: TensorParallel, memo: Memo, done: set[int]) -> None:
+    """Split ``module``'s children (``path``: its own, with a trailing dot), skipping the modules in ``done``."""
     for name, child in list(module.named_children()):
         child_path = f"{path}{name}"
+        if id(child) in done:
+            continue
         if isinstance(child, Attention):
             new = _once(memo, child, lambda c=child: _shard_attention(c, parallel, memo))
         elif isinstance(child, GatedMLP):
@@ -293,7 +354,7 @@ def _shard_children(module: nn.Module, path: str, parallel: TensorParallel, memo
         elif isinstance(child, _REPLICATED):
             continue
         else:
-            _shard_children(child, f"{child_path}.", parallel, memo)
+            _shard_children(child, f"{child_path}.", parallel, memo, done)
             continue
         if new is not child:
             setattr(module, name, new)

@@ -124,16 +124,21 @@ class LLMEngine:
         """This rank's tensor-parallel group, or None (the whole model here)."""
         if parallel is not None and config.sparse_kernel:
             raise TridentError("--sparse-kernel is not supported with --tensor-parallel yet")
-        # A model split over ranks is built on the CPU (the checkpoint's tensors, mostly without a copy) and only its
-        # slices go to the device, which never holds the whole model.
+        # A model split over ranks is built on the CPU (the checkpoint's tensors, mostly without a copy), one decoder
+        # layer at a time split as soon as its weights are set and its slices moved to the device, which never holds
+        # the whole model (nor does the host beyond the checkpoint: trident/distributed/shard.py's ModelSharder).
         build_device = self.device if parallel is None else torch.device("cpu")
+        sharder = None
+        if parallel is not None:
+            from trident.distributed.shard import ModelSharder
+
+            sharder = ModelSharder(parallel, self.device)
         self.model = build_model(self.model_config, checkpoint.tensors, dtype=self.dtype, device=build_device,
                                  backend=backend, quantization=checkpoint.quantization,
-                                 experts_backend=self.experts_backend)
-        if parallel is not None:
-            from trident.distributed.shard import shard_model
-
-            self.model = shard_model(self.model, parallel).to(self.device)
+                                 experts_backend=self.experts_backend,
+                                 layer_loaded=sharder.layer_loaded if sharder is not None else None)
+        if sharder is not None:
+            self.model = sharder.finish(self.model).to(self.device)
         self.sparse_kernels = None
         """What --sparse-kernel converted (trident/quant/sparse24.py), None when it is off."""
         if config.sparse_kernel:

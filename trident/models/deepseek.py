@@ -37,7 +37,7 @@ from trident.errors import TridentError
 from trident.models import ops
 from trident.models.layers import Linear, RMSNorm
 from trident.models.mixtral import MixtralForCausalLM
-from trident.models.weights import PackedModules
+from trident.models.weights import LayerLoaded, PackedModules
 
 _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -127,11 +127,11 @@ class DeepseekV2ForCausalLM(MixtralForCausalLM):
         return packing
 
     def load_weights(self, tensors: Mapping[str, torch.Tensor], *, dtype: torch.dtype,
-                     device: torch.device) -> None:
+                     device: torch.device, layer_loaded: LayerLoaded | None = None) -> None:
         layers = self.config.num_layers
         kept = {k: v for k, v in tensors.items()
                 if (m := _LAYER_INDEX.match(k)) is None or int(m.group(1)) < layers}  # V3's MTP layers
-        super().load_weights(kept, dtype=dtype, device=device)
+        super().load_weights(kept, dtype=dtype, device=device, layer_loaded=layer_loaded)
 
 
 class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):

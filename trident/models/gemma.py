@@ -22,7 +22,7 @@ from trident.attention.base import AttentionBackend, AttentionMetadata, LayerKVC
 from trident.config import SLIDING_ATTENTION, ModelConfig
 from trident.models.layers import Attention, Embedding, GatedMLP, RMSNorm, RotaryEmbedding
 from trident.models.ops import RotaryInputs
-from trident.models.weights import PackedModules, attention_mlp_packing, load_weights
+from trident.models.weights import LayerLoaded, PackedModules, attention_mlp_packing, load_weights
 
 
 class GemmaDecoderLayer(nn.Module):
@@ -95,6 +95,6 @@ class GemmaForCausalLM(nn.Module):
         return logits
 
     def load_weights(self, tensors: Mapping[str, torch.Tensor], *, dtype: torch.dtype,
-                     device: torch.device) -> None:
+                     device: torch.device, layer_loaded: LayerLoaded | None = None) -> None:
         tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
-        load_weights(self, tensors, self.packed_modules, dtype=dtype, device=device)
+        load_weights(self, tensors, self.packed_modules, dtype=dtype, device=device, layer_loaded=layer_loaded)

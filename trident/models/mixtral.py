@@ -23,7 +23,7 @@ from trident.attention.base import AttentionBackend, AttentionMetadata, LayerKVC
 from trident.config import ModelConfig
 from trident.models.layers import Attention, Linear
 from trident.models.llama import LlamaDecoderLayer, LlamaModel
-from trident.models.weights import PackedModules, attention_mlp_packing, load_weights
+from trident.models.weights import LayerLoaded, PackedModules, attention_mlp_packing, load_weights
 from trident.moe.block import SparseMoeBlock
 from trident.moe.experts import ExpertsBackend, TorchExperts, expert_packing
 from trident.moe.stats import MoeLoadStats
@@ -121,9 +121,10 @@ class MixtralForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def load_weights(self, tensors: Mapping[str, torch.Tensor], *, dtype: torch.dtype,
-                     device: torch.device) -> None:
+                     device: torch.device, layer_loaded: LayerLoaded | None = None) -> None:
         if self.config.tie_word_embeddings:
             tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
         float32 = (".gate.weight", ".gate.e_score_correction_bias") if self.config.moe.router_float32 else ()
         load_weights(self, tensors, self.packed_modules, dtype=dtype, device=device,
-                     expert_modules=self.expert_modules, renames=self.renames, float32_suffixes=float32)
+                     expert_modules=self.expert_modules, renames=self.renames, float32_suffixes=float32,
+                     layer_loaded=layer_loaded)

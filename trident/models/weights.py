@@ -12,13 +12,16 @@ holds the fused tensor (transformers 5's own names) loads it as it is. ``renames
 to the model's (Mixtral's ``.block_sparse_moe.`` -> ``.mlp.``).
 
 The model may live on the meta device: each parameter is replaced by the loaded tensor itself when
-it needs no conversion (no copy at all), or by one concatenation of its parts.
+it needs no conversion (no copy at all), or by one concatenation of its parts. Parameters are set in the model's own
+order, decoder layer after decoder layer; ``layer_loaded`` (optional) is called with the model and a decoder layer's
+path (``model.layers.3``) once that layer's last parameter is set, before the next layer's first: a tensor-parallel
+rank keeps only its slices of one layer at a time (trident/distributed/shard.py's ModelSharder).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -27,14 +30,19 @@ from trident.config import ModelConfig
 from trident.errors import TridentError
 
 PackedModules = Mapping[str, tuple[tuple[str, int], ...]]
+LayerLoaded = Callable[[nn.Module, str], None]
+"""Called with the model and the path of a decoder layer whose parameters are all set."""
 _EXPERT_NAME = re.compile(r"^(.*\.experts)\.(\d+)\.([^.]+)\.weight$")
+_LAYER_PATH = re.compile(r"^(.*?layers\.\d+)\.")
 
 
 def load_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor], packed_modules: PackedModules, *,
                  dtype: torch.dtype, device: torch.device, expert_modules: PackedModules | None = None,
-                 renames: Mapping[str, str] | None = None, float32_suffixes: tuple[str, ...] = ()) -> None:
+                 renames: Mapping[str, str] | None = None, float32_suffixes: tuple[str, ...] = (),
+                 layer_loaded: LayerLoaded | None = None) -> None:
     """Set every parameter of ``model`` from ``tensors`` (cast to ``dtype``, moved to ``device``); parameters whose
-    names end with one of ``float32_suffixes`` are kept in float32 whatever ``dtype`` (DeepSeek's router)."""
+    names end with one of ``float32_suffixes`` are kept in float32 whatever ``dtype`` (DeepSeek's router).
+    ``layer_loaded``: see the module docstring."""
     params = dict(model.named_parameters())
     parts: dict[str, dict[int, torch.Tensor]] = {}
     unexpected = []
@@ -60,14 +68,26 @@ def load_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor], packed_m
     missing = [n for n, p in params.items() if sum(t.numel() for t in parts.get(n, {}).values()) != p.numel()]
     if missing:
         raise TridentError("weights missing from the checkpoint: " + _few(missing))
-    modules = dict(model.named_modules())
-    for name, pieces in parts.items():
+    layer = None  # the decoder layer whose parameters are being set
+    for name in params:
+        match = _LAYER_PATH.match(name)
+        if layer_loaded is not None and layer is not None and (match is None or match.group(1) != layer):
+            layer_loaded(model, layer)
+        layer = match and match.group(1)
+        pieces = parts.pop(name, None)
+        if pieces is None:  # an empty parameter: nothing to load
+            continue
         ordered = [pieces[k] for k in sorted(pieces)]
         param_dtype = torch.float32 if name.endswith(float32_suffixes) else dtype
         value = ordered[0] if len(ordered) == 1 else torch.cat([t.to(param_dtype) for t in ordered])
         value = value.to(device=device, dtype=param_dtype).view(params[name].shape)
         module_name, _, attr = name.rpartition(".")
-        modules[module_name]._parameters[attr] = nn.Parameter(value, requires_grad=False)
+        # looked up now, not from a table of every module made before: a layer split by ``layer_loaded`` drops
+        # the modules it replaced
+        model.get_submodule(module_name)._parameters[attr] = nn.Parameter(value, requires_grad=False)
+        del pieces, ordered, value
+    if layer_loaded is not None and layer is not None:
+        layer_loaded(model, layer)
 
 
 def attention_mlp_packing(config: ModelConfig) -> PackedModules:
