@@ -49,8 +49,7 @@ def align_routing(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> A
     pdl = pdl_launch(device)
     _align_kernel[(num_experts,)](expert_ids, sorted_pairs, block_experts, num_blocks, num_pairs, num_experts, rows,
                                   BLOCK_M=block_m, EXPERTS_PAD=triton.next_power_of_2(num_experts), CHUNK=CHUNK,
-                                  FILL=FILL_BLOCK, BLOCKS_PAD=triton.next_power_of_2(max(block_m, 16)),
-                                  USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
+                                  FILL=FILL_BLOCK, USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
     return AlignedRouting(sorted_pairs, block_experts, num_blocks, block_m)
 
 
@@ -58,7 +57,7 @@ def align_routing(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> A
 @triton.jit(do_not_specialize=["num_pairs", "num_rows"])
 def _align_kernel(ids_ptr, sorted_ptr, block_experts_ptr, num_blocks_ptr, num_pairs, num_experts, num_rows,
                   BLOCK_M: tl.constexpr, EXPERTS_PAD: tl.constexpr, CHUNK: tl.constexpr, FILL: tl.constexpr,
-                  BLOCKS_PAD: tl.constexpr, USE_PDL: tl.constexpr):
+                  USE_PDL: tl.constexpr):
     wait_for_previous_grid(USE_PDL)
     expert = tl.program_id(0)
     experts = tl.arange(0, EXPERTS_PAD)
@@ -76,6 +75,7 @@ def _align_kernel(ids_ptr, sorted_ptr, block_experts_ptr, num_blocks_ptr, num_pa
     mine = experts == expert
     first = tl.sum(tl.where(mine, padded_start, 0), axis=0)
     count = tl.sum(tl.where(mine, counts, 0), axis=0)
+    end = first + tl.sum(tl.where(mine, padded, 0), axis=0)  # past this expert's last block
     # 2. this expert's pairs at its first row plus their rank; -1 after them up to its last block's end
     seen = 0
     for start in range(0, num_pairs, CHUNK):
@@ -86,12 +86,10 @@ def _align_kernel(ids_ptr, sorted_ptr, block_experts_ptr, num_blocks_ptr, num_pa
         rank = tl.cumsum(hit, axis=0) - hit + seen
         tl.store(sorted_ptr + first + rank, offs, mask=hit != 0)
         seen += tl.sum(hit, axis=0)
-    padding = tl.arange(0, BLOCKS_PAD)
-    pad_rows = first + count + padding
-    tl.store(sorted_ptr + pad_rows, tl.full((BLOCKS_PAD,), -1, tl.int32),
-             mask=(padding < BLOCK_M) & (pad_rows < first + (count + BLOCK_M - 1) // BLOCK_M * BLOCK_M))
+    pad_rows = first + count + tl.arange(0, BLOCK_M)  # fewer than BLOCK_M padding rows
+    tl.store(sorted_ptr + pad_rows, tl.full((BLOCK_M,), -1, tl.int32), mask=pad_rows < end)
     first_block = first // BLOCK_M
-    num_mine = (count + BLOCK_M - 1) // BLOCK_M
+    num_mine = (end - first) // BLOCK_M
     for start in range(0, num_mine, CHUNK):
         blocks = start + lanes
         tl.store(block_experts_ptr + first_block + blocks, tl.full((CHUNK,), 0, tl.int32) + expert,

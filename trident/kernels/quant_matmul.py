@@ -59,7 +59,7 @@ GEMM_TARGET_PROGRAMS = 128
 """Matrix-multiply programs to aim for before widening a tile: about one per multiprocessor."""
 BATCHED_DECODE_MAX_ROWS = 128
 """Most rows of x for which int8 matrix-multiply launches take the deep-K tiles of batched decode (still bound by
-reading the weights), and matrix-multiply launches (int8 and int4) split K."""
+reading the weights), where they may split K (:func:`split_k_for`)."""
 TILE_ELEMENTS = 8192
 """Weight elements per matrix-vector K tile (BLOCK_N x BLOCK_K): 16 KB once converted to 16 bits, as gemv.py's
 tiles, i.e. 8 KB of int8 or 4 KB of int4 codes read per stage."""
