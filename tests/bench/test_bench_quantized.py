@@ -11,7 +11,12 @@ import pytest
 import torch
 from tiny_shapes import TINY_SHAPES
 
-from trident.bench.quantized_weights import bench_quant_config, quantization_plan, quantize_checkpoint
+from trident.bench.quantized_weights import (
+    bench_experts_config,
+    bench_quant_config,
+    quantization_plan,
+    quantize_checkpoint,
+)
 from trident.bench.random_weights import random_checkpoint, weight_specs
 from trident.bench.shapes import Shape
 from trident.cli import main
@@ -56,6 +61,41 @@ def test_bench_quant_config() -> None:
     for weights in ("float", "w8a8"):
         with pytest.raises(TridentError, match="--group-size"):
             bench_quant_config(weights, 32)
+
+
+def test_bench_experts_config() -> None:
+    """--expert-weights: None when absent or when it says what --weights implies (int8 experts per channel whatever
+    --group-size, int4 in its groups); int4 experts take --group-size (default 128, 0: per channel); refused beside
+    --weights float or w8a8."""
+    assert bench_experts_config("int8", None, None) is None
+    assert bench_experts_config("int8", "int8", 32) is None and bench_experts_config("int4", "int4", None) is None
+    assert bench_experts_config("int8", "int4", None) == QuantConfig(bits=4, group_size=128)
+    assert bench_experts_config("int8", "int4", 32) == QuantConfig(bits=4, group_size=32)
+    assert bench_experts_config("int8", "int4", 0) == QuantConfig(bits=4, group_size=None)
+    assert bench_experts_config("int4", "int8", 64) == QuantConfig(bits=8, group_size=None)
+    for weights in ("float", "w8a8"):
+        with pytest.raises(TridentError, match=f"--expert-weights applies to --weights int8 or int4.*{weights}"):
+            bench_experts_config(weights, "int4", None)
+    with pytest.raises(TridentError, match="--expert-weights must be one of"):
+        bench_experts_config("int8", "int2", None)
+
+
+def test_bench_cli_parses_expert_weights_and_refuses_it_with_float_weights(tmp_path, capsys) -> None:
+    from trident.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "latency", "--weights", "int8", "--expert-weights", "int4"])
+    assert (args.weights, args.expert_weights) == ("int8", "int4")
+    assert build_parser().parse_args(["bench", "offline"]).expert_weights is None
+    config_path = tmp_path / "tiny" / "config.json"
+    config_path.parent.mkdir()
+    config_path.write_text(json.dumps(TINY_SHAPES["mixtral-window"]))
+    assert main(["bench", "latency", "--shape", str(config_path), "--device", "cpu", "--weights", "float",
+                 "--expert-weights", "int4"]) == 2
+    assert "--expert-weights applies to --weights int8 or int4" in capsys.readouterr().err
+    config_path.write_text(json.dumps(TINY_SHAPES["llama3-scaled"]))  # a dense model
+    assert main(["bench", "latency", "--shape", str(config_path), "--device", "cpu", "--weights", "int8",
+                 "--expert-weights", "int4"]) == 2
+    assert "this model has no routed experts" in capsys.readouterr().err
 
 
 def test_bench_latency_with_w8a8_weights(tmp_path) -> None:
@@ -178,6 +218,29 @@ def test_int8_quantizes_the_routed_experts(per_expert: bool) -> None:
         assert (err <= scales.double() / 2 * (1 + 1e-6)).all()
 
 
+def test_bench_latency_with_int8_weights_and_int4_experts(tmp_path) -> None:
+    """--weights int8 --expert-weights int4 --group-size 32 on an MoE shape: int8 g32 Linear layers, int4 g32
+    experts; the row says both, the record keeps the experts' format, and the roofline's expert bytes are int4 codes
+    (half a byte a weight) and one float32 scale per group of 32."""
+    config_path = tmp_path / "tiny" / "config.json"
+    config_path.parent.mkdir()
+    config_path.write_text(json.dumps(TINY_SHAPES["mixtral-window"]))
+    out = tmp_path / "latency.json"
+    assert main(["bench", "latency", "--shape", str(config_path), "--prompt-len", "16", "--output-len", "4",
+                 "--repeat", "1", "--device", "cpu", "--dtype", "float32", "--weights", "int8", "--group-size", "32",
+                 "--expert-weights", "int4", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["weights"] == "int8" and record["expert_weights"] == "int4"
+    assert (record["quantization"]["bits"], record["quantization"]["group_size"]) == (8, 32)
+    assert record["quantization"]["experts"] == {"bits": 4, "group_size": 32, "modules": 2}
+    (row,) = record["results"]
+    assert "int8 g32 weights, int4 g32 experts" in row["engine"] and row["decode_tok_s"] > 0
+    layers, experts, hidden, inter = 2, 4, 64, 96
+    codes = layers * experts * 3 * hidden * inter // 2
+    scales = layers * experts * (2 * inter * hidden + hidden * inter) // 32 * 4
+    assert record["roofline"]["expert_bytes"] == codes + scales
+
+
 def test_bench_latency_with_int8_experts_counts_codes_and_scales(tmp_path) -> None:
     """An MoE shape with --weights int8 runs with int8 experts; the roofline's expert bytes are their codes and
     scales (1 byte per weight, 4 per row)."""
@@ -198,17 +261,19 @@ def test_bench_latency_with_int8_experts_counts_codes_and_scales(tmp_path) -> No
     assert record["roofline"]["expert_bytes"] == codes + scales
 
 
-@pytest.mark.parametrize(("name", "weights", "group", "dtype"), [
-    ("qwen2-moe-shared", "int8", None, torch.float32),
-    ("qwen2-moe-shared", "int4", 0, torch.bfloat16),  # per channel: K = 48 (the shared expert) takes no CPU kernel
-    ("llama3-scaled", "int4", 32, torch.bfloat16),
-    ("llama3-scaled", "int8", 32, torch.float32),
+@pytest.mark.parametrize(("name", "weights", "group", "dtype", "expert_weights"), [
+    ("qwen2-moe-shared", "int8", None, torch.float32, None),
+    ("qwen2-moe-shared", "int4", 0, torch.bfloat16, None),  # per channel: K = 48 (the shared expert): no CPU kernel
+    ("qwen2-moe-shared", "int8", 0, torch.float32, "int4"),
+    ("mixtral-window", "int8", 32, torch.bfloat16, "int4"),
+    ("llama3-scaled", "int4", 32, torch.bfloat16, None),
+    ("llama3-scaled", "int8", 32, torch.float32, None),
 ])
-def test_estimate_from_the_plan_equals_the_engine(name: str, weights: str, group: int | None,
-                                                  dtype: torch.dtype) -> None:
+def test_estimate_from_the_plan_equals_the_engine(name: str, weights: str, group: int | None, dtype: torch.dtype,
+                                                  expert_weights: str | None) -> None:
     """What the memory estimate sees before loading (the config and quantization_plan: no tensor) is what an engine
-    of the quantized checkpoint holds once every product has run: int8 experts as codes and scales, the CPU kernels'
-    layouts of the quantized layers."""
+    of the quantized checkpoint holds once every product has run: int8 or int4 experts (their own format beside
+    int8 layers too) as codes and scales, the CPU kernels' layouts of the quantized layers."""
     from trident.engine.engine import LLMEngine
     from trident.engine.llm import engine_config
     from trident.engine.request import SamplingParams
@@ -216,10 +281,13 @@ def test_estimate_from_the_plan_equals_the_engine(name: str, weights: str, group
     from trident.models.build import meta_model
 
     shape = Shape("t", dict(TINY_SHAPES[name]), "test")
+    experts_config = bench_experts_config(weights, expert_weights, group)
     quantized = quantize_checkpoint(random_checkpoint(shape, device="cpu", dtype=torch.float32, seed=3),
-                                    bench_quant_config(weights, group))
-    plan = quantization_plan(meta_model(quantized.config), quantized.quantization.config)
-    assert plan == quantized.quantization and bool(plan.experts) == ("moe" in name)
+                                    bench_quant_config(weights, group), experts_config=experts_config)
+    plan = quantization_plan(meta_model(quantized.config), quantized.quantization.config,
+                             experts_config=experts_config)
+    assert plan == quantized.quantization and bool(plan.experts) == (name != "llama3-scaled")
+    assert (expert_weights is None) == (plan.experts_config is None)
     config = engine_config(None, dtype=str(dtype).removeprefix("torch."), num_blocks=4, max_model_len=64)
     engine = LLMEngine(config, quantized)
     engine.add_request([5, 6, 7], SamplingParams(max_tokens=3))
@@ -229,3 +297,22 @@ def test_estimate_from_the_plan_equals_the_engine(name: str, weights: str, group
     used = engine.memory_usage()
     assert estimate.kv_cache_bytes == used.kv_cache_bytes
     assert 0 <= used.weights_bytes - estimate.weights_bytes <= 1024, (used, estimate)  # + the rotary table
+
+
+def test_sizing_counts_int4_experts_bytes() -> None:
+    """weights_bytes of an int8 plan with int4 g32 experts is the int8 plan's less, per experts tensor, the
+    difference between int8-per-channel and int4-g32 codes and scales."""
+    from trident.engine.sizing import weights_bytes
+    from trident.models.build import meta_model
+    from trident.moe.quant import quantized_experts_bytes
+
+    model_config = ModelConfig.from_hf_dict(dict(TINY_SHAPES["mixtral-window"]))
+    model = meta_model(model_config)
+    int8 = quantization_plan(model, QuantConfig(bits=8))
+    mixed = quantization_plan(model, QuantConfig(bits=8), experts_config=QuantConfig(bits=4, group_size=32))
+    assert mixed.experts == int8.experts and len(mixed.experts) == 2
+    saved = sum(quantized_experts_bytes(*m.shape, 8, None) - quantized_experts_bytes(*m.shape, 4, 32)
+                for name in mixed.experts
+                for m in (model.get_submodule(name).gate_up_proj, model.get_submodule(name).down_proj))
+    assert saved == 2 * 4 * 3 * 64 * 96 // 2 + 2 * 4 * 4 * (2 * 96 + 64) - 2 * 4 * 4 * (2 * 96 * 2 + 64 * 3)
+    assert weights_bytes(model_config, torch.float32, int8) - weights_bytes(model_config, torch.float32, mixed) == saved

@@ -159,6 +159,11 @@ def test_quantized_groups_that_do_not_split_are_a_clear_error():
                                            "0..47, not whole quantization groups of 32"):
         check_shardable(moe, 2, quantization=plan)
     check_shardable(moe, 2, expert_parallel=True, quantization=plan)  # whole experts: their features stay whole
+    int8 = QuantConfig(bits=8)  # int8 layers split anywhere; experts of their own int4 format are checked as such
+    check_shardable(moe, 2, quantization=quantization_plan(meta_model(moe), int8))
+    with pytest.raises(TridentError, match=r"model.layers.1.mlp.experts \(down\) \(int4 in groups of 32\) does not "
+                                           "split over --tensor-parallel 2"):
+        check_shardable(moe, 2, quantization=quantization_plan(meta_model(moe), int8, experts_config=int4))
 
 
 def test_quantized_lm_heads_embeddings_and_w8a8_layers_are_refused_before_any_change():

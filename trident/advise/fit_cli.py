@@ -95,7 +95,9 @@ def _describe_weights(quantization: QuantizedModules | None, config: EngineConfi
         return dtype
     bits = sorted({quantization.config_of(name).bits for name in quantization.modules})
     kind = "W8A8" if quantization.quant_method == "trident-w8a8" else "/".join(f"int{b}" for b in bits)
-    return f"{kind} layers ({len(quantization.modules)}), the rest {dtype}"
+    experts = (f", int{quantization.experts_format()[0]} experts ({len(quantization.experts)})"
+               if quantization.experts else "")
+    return f"{kind} layers ({len(quantization.modules)}){experts}, the rest {dtype}"
 
 
 def _contexts(spec: str | None, estimate: FitEstimate) -> list[int]:

@@ -41,14 +41,19 @@ def add_bench_parser(sub, model_help: str, engine_args) -> None:
                    help="float: the weights in --dtype; int8 / int4: round-to-nearest quantize the decoder layers' "
                    "weights on the device before timing (int8 per channel symmetric, int4 symmetric in groups of "
                    "128; the LM head stays in --dtype unless --lm-head int8), run by the weight-only kernels on "
-                   "CUDA; with int8 an MoE "
-                   "model's routed experts too (int8 per output channel and expert, run by the fused experts "
-                   "kernels; int4 and w8a8 leave them in --dtype); w8a8: int8 per "
+                   "CUDA, and an MoE model's routed experts too (to --expert-weights, default the same: int8 per "
+                   "output channel and expert, int4 per expert, output channel and group; run by the fused experts "
+                   "kernels); w8a8: int8 per "
                    "channel weights times int8 per-token activations (the int8 tensor-core kernels on CUDA, "
-                   "no SmoothQuant migration). --compare hf runs transformers on the float weights the codes came "
-                   "from")
+                   "no SmoothQuant migration; the experts stay in --dtype). --compare hf runs transformers on the "
+                   "float weights the codes came from")
     p.add_argument("--group-size", type=int, choices=[0, 32, 64, 128], default=None,
-                   help="with --weights int8|int4: the group length along K (0: per channel)")
+                   help="with --weights int8|int4: the group length along K (0: per channel), of int4 experts too")
+    p.add_argument("--expert-weights", choices=["int8", "int4"], default=None,
+                   help="with --weights int8|int4 on an MoE model: the routed experts' format (default: as "
+                   "--weights): int8 per output channel and expert, int4 in groups of --group-size (default 128); "
+                   "e.g. --weights int8 --expert-weights int4 keeps attention and dense projections int8 and "
+                   "stores the experts (most of the bytes) as int4")
     p.add_argument("--lm-head", default="float", choices=HEAD_CHOICES,
                    help="with --weights int8|int4: int8 also quantizes the LM head (int8 per output channel; a tied "
                    "head: the embedding table), as `trident quantize --lm-head int8` does; float keeps it in "
@@ -141,12 +146,15 @@ def measure(args: argparse.Namespace, subject, collectives=None) -> int:
     label = dtype_name  # the rows' and title's: the dtype, and the weights' format when quantized
     if tp > 1:
         label += f", tensor parallel {tp}"
-    if subject.checkpoint.quantization is not None:
-        c = subject.checkpoint.quantization.config
-        label += f", int{c.bits} {'per channel' if c.group_size is None else f'g{c.group_size}'} weights"
-        if subject.checkpoint.quantization.quant_method == "trident-w8a8":
+    quantization = subject.checkpoint.quantization
+    if quantization is not None:
+        c = quantization.config
+        label += f", {_format_label(c.bits, c.group_size)} weights"
+        if quantization.quant_method == "trident-w8a8":
             label += " x int8 per-token activations"
-        if listed_head(subject.checkpoint.quantization.modules) is not None:
+        if quantization.experts and quantization.experts_format() != (c.bits, c.group_size):
+            label += f", {_format_label(*quantization.experts_format())} experts"
+        if listed_head(quantization.modules) is not None:
             label += ", int8 LM head"
     bound = _roofline(engine, workload, args.kind)
     if args.kind == "latency":
@@ -281,6 +289,30 @@ def _captions(args: argparse.Namespace, subject, dtype_name: str, bound) -> list
     return captions
 
 
+def _format_label(bits: int, group_size: int | None) -> str:
+    """``int8 per channel``, ``int4 g128``: a quantized format in the rows' and title's words."""
+    return f"int{bits} {'per channel' if group_size is None else f'g{group_size}'}"
+
+
+def _expert_weights(quantization) -> str | None:
+    """The record's ``expert_weights``: ``int8`` / ``int4`` when the routed experts are quantized, None otherwise
+    (a dense model, or experts in the model dtype)."""
+    return f"int{quantization.experts_format()[0]}" if quantization is not None and quantization.experts else None
+
+
+def _quantization_record(quantization) -> dict | None:
+    """The JSON record's ``quantization``: the layers' config, the quant_method, and the routed experts' format
+    (None without quantized experts)."""
+    if quantization is None:
+        return None
+    experts = None
+    if quantization.experts:
+        bits, group_size = quantization.experts_format()
+        experts = {"bits": bits, "group_size": group_size, "modules": len(quantization.experts)}
+    return {**dataclasses.asdict(quantization.config), "quant_method": quantization.quant_method,
+            "experts": experts}
+
+
 def _kv_per_token(engine) -> dict:
     """KV-cache bytes per token over all layers as the engine allocated them (its block bytes over the block size)
     and, for multi-head latent attention, what a plain multi-head cache of the same heads would take (None
@@ -301,9 +333,8 @@ def _record(args: argparse.Namespace, subject, dtype_name: str, bound, rows: lis
         "device": args.device, "dtype": dtype_name, "weights": args.weights,
         "lm_head": ("float" if subject.checkpoint.quantization is None
                     or listed_head(subject.checkpoint.quantization.modules) is None else "int8"),
-        "quantization": ({**dataclasses.asdict(subject.checkpoint.quantization.config),
-                          "quant_method": subject.checkpoint.quantization.quant_method}
-                         if subject.checkpoint.quantization is not None else None),
+        "expert_weights": _expert_weights(subject.checkpoint.quantization),
+        "quantization": _quantization_record(subject.checkpoint.quantization),
         "attention_backend": engine.attention_backend, "experts_backend": engine.experts_backend,
         "engine_options": subject.engine_options, "workload": subject.workload.summary(),
         "tensor_parallel_size": engine.parallel.size if engine.parallel is not None else 1,

@@ -11,7 +11,12 @@ from dataclasses import dataclass
 import torch
 from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeElapsedColumn
 
-from trident.bench.quantized_weights import bench_quant_config, quant_method_of, quantize_checkpoint
+from trident.bench.quantized_weights import (
+    bench_experts_config,
+    bench_quant_config,
+    quant_method_of,
+    quantize_checkpoint,
+)
 from trident.bench.shapes import Shape, resolve_shape
 from trident.bench.workloads import Workload, latency_workload, moe64_workload, nano_workload, offline_workload
 from trident.engine.engine import LLMEngine
@@ -49,6 +54,12 @@ def prepare(args: argparse.Namespace, parallel=None, device: str | None = None) 
 
     if args.shape and args.model:
         raise TridentError("pass either a MODEL path or --shape, not both")
+    weights = getattr(args, "weights", "float")  # the flags checked before any weight is read or drawn
+    quant_config = bench_quant_config(weights, getattr(args, "group_size", None))
+    experts_config = bench_experts_config(weights, getattr(args, "expert_weights", None),
+                                          getattr(args, "group_size", None))
+    if getattr(args, "lm_head", "float") != "float" and weights not in ("int8", "int4"):
+        raise TridentError("--lm-head int8 applies to --weights int8 or int4")
     device = torch.device(device or args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TridentError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
@@ -66,16 +77,13 @@ def prepare(args: argparse.Namespace, parallel=None, device: str | None = None) 
         native = gguf_native(EngineConfig(name, device=args.device, dtype=args.dtype,
                                           gguf_weights=args.gguf_weights), device)
         checkpoint = load_checkpoint(name, native)
-    weights = getattr(args, "weights", "float")
-    quant_config = bench_quant_config(weights, getattr(args, "group_size", None))
-    if getattr(args, "lm_head", "float") != "float" and weights not in ("int8", "int4"):
-        raise TridentError("--lm-head int8 applies to --weights int8 or int4")
     float_checkpoint = None
     if quant_config is not None:
         if getattr(args, "compare", None) == "hf":  # the peer runs the float original: keep it
             float_checkpoint = checkpoint
         checkpoint = quantize_checkpoint(checkpoint, quant_config, quant_method_of(weights),
-                                         lm_head=getattr(args, "lm_head", "float") == "int8")
+                                         lm_head=getattr(args, "lm_head", "float") == "int8",
+                                         experts_config=experts_config)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     workload = make_workload(args, checkpoint)

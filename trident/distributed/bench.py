@@ -7,9 +7,9 @@ JSON), the other ranks following its steps. Spawned on this host, or one rank pe
 
 ``--compare`` is refused: the peer runs in the measuring process beside trident's engine, which here is a group of
 processes; run the same command without ``--tensor-parallel`` for the peer's figures. ``--weights int8|int4``
-quantizes the whole model on every rank, before its engine splits it (the unsplit model's codes, cut exactly:
-trident/distributed/quantized.py); ``--weights w8a8`` and ``--lm-head int8`` are refused (W8A8 layers and quantized
-LM heads are not split yet).
+(and ``--expert-weights``) quantizes the whole model on every rank, before its engine splits it (the unsplit model's
+codes, cut exactly: trident/distributed/quantized.py); ``--weights w8a8`` and ``--lm-head int8`` are refused (W8A8
+layers and quantized LM heads are not split yet).
 """
 
 from __future__ import annotations
@@ -102,7 +102,12 @@ def check_same_weights(tensors: dict[str, torch.Tensor], parallel) -> None:
 def _check_shardable(args: argparse.Namespace, size: int) -> None:
     """One clear error before any rank starts when the model's heads or features do not split over ``size``, or its
     quantized layers (the checkpoint's, or those --weights makes) do not cut into whole groups."""
-    from trident.bench.quantized_weights import bench_quant_config, quant_method_of, quantization_plan
+    from trident.bench.quantized_weights import (
+        bench_experts_config,
+        bench_quant_config,
+        quant_method_of,
+        quantization_plan,
+    )
     from trident.bench.shapes import resolve_shape
     from trident.config import ModelConfig
     from trident.distributed.shard import check_shardable
@@ -116,6 +121,9 @@ def _check_shardable(args: argparse.Namespace, size: int) -> None:
         described = describe_model(args.model, args.gguf_weights == "native")
         config, quantization = described.config, described.quantization
     quant_config = bench_quant_config(args.weights, getattr(args, "group_size", None))
+    experts_config = bench_experts_config(args.weights, getattr(args, "expert_weights", None),
+                                          getattr(args, "group_size", None))
     if quant_config is not None and quantization is None:
-        quantization = quantization_plan(meta_model(config), quant_config, quant_method_of(args.weights))
+        quantization = quantization_plan(meta_model(config), quant_config, quant_method_of(args.weights),
+                                         experts_config=experts_config)
     check_shardable(config, size, args.expert_parallel, quantization)

@@ -126,7 +126,7 @@ def _quantized_meta_model(config: ModelConfig, quantization: QuantizedModules) -
     """``config``'s model on the meta device with ``quantization``'s layers and experts installed as loading the
     checkpoint installs them (their stored tensors' shapes from the formats)."""
     from trident.models.build import meta_model
-    from trident.moe.quant import expert_layout, experts_group_size
+    from trident.moe.quant import expert_layout
     from trident.quant.format import install_quantized_modules, listed_shape
     from trident.quant.rtn import stored_layout
 
@@ -138,7 +138,7 @@ def _quantized_meta_model(config: ModelConfig, quantization: QuantizedModules) -
     for name in quantization.modules:
         layout = stored_layout(*listed_shape(model, name), quantization.config_of(name))
         layouts.update({f"{name}.{kind}": spec for kind, spec in layout.items()})
-    bits, group = quantization.config.bits, experts_group_size(quantization.config)
+    bits, group = quantization.experts_format()
     for name in quantization.experts:
         experts = model.get_submodule(name)
         for prefix, (num_experts, n, k) in (("gate_up", experts.gate_up_proj.shape),

@@ -143,7 +143,8 @@ def weights_bytes(model_config: ModelConfig, dtype: torch.dtype, quantization: Q
     """Bytes of the model's parameters in ``dtype``, counted on a meta-device build (nothing allocated; tied
     embeddings and shared layers' modules counted once, as the engine shares them). With ``quantization`` (a
     ``trident quantize`` checkpoint), the listed layers count their codes, scales and zero points instead of a
-    ``dtype`` weight, and the quantized experts modules (``quantization.experts``) their codes and float32 scales. On
+    ``dtype`` weight, and the quantized experts modules (``quantization.experts``) their codes and float32 scales (in
+    ``quantization.experts_format()``). On
     the CPU (``device`` None or a CPU), weight-only layers also count the kernel layouts they build from their codes
     and keep (``QuantizedLinear.derived_bytes``: for the native kernel or torch's packed ones); on CUDA the affine
     offsets they keep for the Triton kernels (``cuda_offsets_bytes``)."""
@@ -169,9 +170,9 @@ def weights_bytes(model_config: ModelConfig, dtype: torch.dtype, quantization: Q
             elif weight_only and device.type == "cuda":
                 total += cuda_offsets_bytes(out_features, in_features, config)
         if quantization.experts:
-            from trident.moe.quant import experts_group_size, quantized_experts_bytes
+            from trident.moe.quant import quantized_experts_bytes
 
-            bits, group = quantization.config.bits, experts_group_size(quantization.config)
+            bits, group = quantization.experts_format()
         for name in quantization.experts:
             for matrix in (model.get_submodule(name).gate_up_proj, model.get_submodule(name).down_proj):
                 total += quantized_experts_bytes(*matrix.shape, bits, group) - matrix.numel() * element

@@ -172,14 +172,28 @@ def _describe(checkpoint: Checkpoint) -> str | None:
         return (f"W8A8: int8 per-channel weights x int8 per-token activations ({how}), "
                 f"{len(quantization.modules)} layers")
     if not quantization.module_configs:
-        return f"{_describe_config(quantization.config, quantization.method)}, {len(quantization.modules)} layers"
+        return (f"{_describe_config(quantization.config, quantization.method)}, {len(quantization.modules)} layers"
+                f"{_describe_experts_format(quantization)}")
     counts: dict = {}
     for name in quantization.modules:
         config = quantization.config_of(name)
         counts[config] = counts.get(config, 0) + 1
     kinds = "; ".join(f"{count} layers {_describe_config(config, quantization.method)}"
                       for config, count in sorted(counts.items(), key=lambda kv: kv[0].bits))
-    return f"mixed bits: {kinds}; {checkpoint.quantized_average_bits():.3f} bits per weight"
+    return (f"mixed bits: {kinds}; {checkpoint.quantized_average_bits():.3f} bits per weight"
+            f"{_describe_experts_format(quantization)}")
+
+
+def _describe_experts_format(quantization) -> str:
+    """``; routed experts int4 in groups of 128 (2 layers)`` when the quantized experts' format differs from the
+    layers' default config (bits or groups), else empty."""
+    if not quantization.experts:
+        return ""
+    bits, group_size = quantization.experts_format()
+    if (bits, group_size) == (quantization.config.bits, quantization.config.group_size):
+        return ""
+    groups = f"in groups of {group_size}" if group_size else "per channel"
+    return f"; routed experts int{bits} {groups}, symmetric ({len(quantization.experts)} layers)"
 
 
 def _describe_config(q, method: str = "rtn") -> str:

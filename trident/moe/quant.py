@@ -76,9 +76,19 @@ def expert_quant_config(bits: int, group_size: int | None) -> QuantConfig:
 
 
 def experts_group_size(config: QuantConfig) -> int | None:
-    """The group length routed experts take when a model's Linear layers are quantized with ``config``: int8
-    experts are per channel (None) whatever its groups; int4 ones take its group size (None: per channel)."""
+    """The group length routed experts take when a model's Linear layers are quantized with ``config`` and the
+    experts have no format of their own: int8 experts are per channel (None) whatever its groups; int4 ones take its
+    group size (None: per channel). Read the experts' format through ``QuantizedModules.experts_format``."""
     return None if config.bits == 8 else config.group_size
+
+
+def experts_config_of(config: QuantConfig, bits: int, group_size: int | None) -> QuantConfig | None:
+    """``QuantizedModules.experts_config`` for routed experts quantized to ``bits`` beside Linear layers quantized
+    with ``config``: int8 per channel (``group_size`` ignored), int4 in groups of ``group_size`` (None: per channel);
+    None when that is the format ``config`` implies (:func:`experts_group_size`), so that such a checkpoint's
+    quantization_config reads as before experts had a format of their own."""
+    experts = expert_quant_config(bits, group_size if bits == 4 else None)
+    return None if experts == expert_quant_config(config.bits, experts_group_size(config)) else experts
 
 
 def quantize_experts(weight: torch.Tensor, bits: int = 8, group_size: int | None = None) -> QuantizedExpertWeight:
@@ -213,13 +223,20 @@ def quantize_model_experts(model: nn.Module, bits: int = 8, group_size: int | No
     """Replace every :class:`~trident.moe.experts.FusedExperts` of ``model`` by its quantized twin (``bits``; int4
     in groups of ``group_size``, None: per channel), in place, where its weights lie; returns the replaced modules'
     names in model order (empty for a dense model)."""
-    from trident.moe.experts import FusedExperts
     from trident.quant.linear import replace_module
 
-    names = [name for name, module in model.named_modules() if isinstance(module, FusedExperts)]
+    names = experts_module_names(model)
     for name in names:
         replace_module(model, name, QuantizedFusedExperts.from_float(model.get_submodule(name), bits, group_size))
     return names
+
+
+def experts_module_names(model: nn.Module) -> list[str]:
+    """The names of ``model``'s float experts modules (:class:`~trident.moe.experts.FusedExperts`), in model order
+    (empty for a dense model)."""
+    from trident.moe.experts import FusedExperts
+
+    return [name for name, module in model.named_modules() if isinstance(module, FusedExperts)]
 
 
 def experts_sources(module_name: str, names, renames) -> dict[str, list[tuple[int, str, str]]]:

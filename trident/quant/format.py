@@ -10,14 +10,17 @@
   Modules quantized differently from that default (mixed bits) are listed in ``"module_configs": {module name:
   {"bits", "group_size", "symmetric"}}``, absent when every module follows the default (as in folders written
   before mixed bits). ``"experts": [experts module names]`` (e.g. ``model.layers.0.mlp.experts``), absent when
-  none: MoE layers whose routed experts are stored as int8 per output channel, symmetric, whatever the Linear
-  layers' bits (:mod:`trident.moe.quant`; ``trident-rtn`` weight-only only).
+  none: MoE layers whose routed experts are stored quantized, symmetric (:mod:`trident.moe.quant`; ``trident-rtn``
+  weight-only only): by default as the default config implies (int8 per output channel whatever its groups, int4
+  in its groups); ``"experts_config": {"bits", "group_size", "symmetric"}`` gives them a format of their own
+  (int8 Linear layers with int4 experts), absent when they follow the default (as in folders written before it).
 - ``model.safetensors``: every tensor the quantized modules do not replace, under its Hugging Face name and in
   its source dtype (tensors a method changed besides the quantized modules, such as SmoothQuant's norm weights,
   in float32), plus ``<module>.qweight``, ``<module>.scales`` and (asymmetric) ``<module>.zeros`` for each
   quantized module (layouts in :mod:`trident.quant.rtn`). A quantized module's bias stays under its HF names.
-  Each listed experts module holds ``<experts>.gate_up_qweight`` int8 [E, 2I, H], ``.gate_up_scales`` float32
-  [E, 2I], ``.down_qweight`` int8 [E, H, I] and ``.down_scales`` float32 [E, H] instead of its float matrices.
+  Each listed experts module holds ``<experts>.gate_up_qweight``, ``.gate_up_scales``, ``.down_qweight`` and
+  ``.down_scales`` (int8 [E, 2I, H], float32 [E, 2I], int8 [E, H, I], float32 [E, H]; or int4's packed layout,
+  :mod:`trident.moe.quant`) instead of its float matrices.
 - the tokenizer: a Hugging Face source's tokenizer files are copied; a GGUF source's tokenizer is written as
   tokenizer.json (its fast-tokenizer backend), tokenizer_config.json (special tokens, add_bos/add_eos, chat
   template) and generation_config.json (every end-of-sequence id).
@@ -68,7 +71,12 @@ class QuantizedModules:
     smooth_alpha: float | None = None
     """``trident-w8a8`` with ``method="smoothquant"``: the migration strength used (metadata); None otherwise."""
     experts: tuple[str, ...] = ()
-    """Experts modules (``model.layers.0.mlp.experts``) held as int8 codes and scales (trident/moe/quant.py)."""
+    """Experts modules (``model.layers.0.mlp.experts``) held as codes and scales (trident/moe/quant.py), in the
+    format :meth:`experts_format` says."""
+    experts_config: QuantConfig | None = None
+    """How the routed experts (:attr:`experts`) are quantized when not as :attr:`config` implies: symmetric, int8
+    per channel or int4 per channel / in groups (e.g. int8 Linear layers with int4 experts); None: as
+    :attr:`config` implies (see :meth:`experts_format`)."""
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.module_configs if name not in self.modules]
@@ -90,12 +98,45 @@ class QuantizedModules:
             raise TridentError("quantization_config.smooth_alpha must be a number exactly when method is "
                                f"smoothquant; got {self.smooth_alpha!r} with method {self.method!r}")
         if self.experts and self.quant_method != QUANT_METHOD:
-            raise TridentError(f"quantization_config.experts (int8 experts) goes with {QUANT_METHOD} only, not "
-                               f"{self.quant_method}")
+            raise TridentError(f"quantization_config.experts (quantized routed experts) goes with {QUANT_METHOD} "
+                               f"only, not {self.quant_method}")
+        if self.experts_config is not None:
+            self._check_experts_config()
+
+    def _check_experts_config(self) -> None:
+        from trident.moe.quant import expert_quant_config
+
+        given = self.experts_config
+        if self.quant_method != QUANT_METHOD:
+            raise TridentError(f"quantization_config.experts_config (the routed experts' own format) goes with "
+                               f"{QUANT_METHOD} (weight-only) only, not {self.quant_method}, which leaves the "
+                               "experts in the source dtype")
+        if not self.experts:
+            raise TridentError("quantization_config.experts_config gives the routed experts a format, but "
+                               "quantization_config.experts lists no experts module (a dense model, or experts "
+                               "left in the source dtype)")
+        if not isinstance(given, QuantConfig) or not given.symmetric or given.float_zero_points:
+            raise TridentError(f"quantization_config.experts_config must be a symmetric config (routed experts are "
+                               f"symmetric codes), got {given}")
+        try:
+            expert_quant_config(given.bits, given.group_size)
+        except TridentError as e:
+            raise TridentError(f"quantization_config.experts_config is invalid: {e}") from None
 
     def config_of(self, name: str) -> QuantConfig:
         """How module ``name`` (one of :attr:`modules`) is quantized."""
         return self.module_configs.get(name, self.config)
+
+    def experts_format(self) -> tuple[int, int | None]:
+        """(bits, group length along K; None: per channel) of the routed experts (:attr:`experts`):
+        :attr:`experts_config`'s, or as :attr:`config` implies (int8 per channel whatever its groups, int4 in its
+        groups; :func:`trident.moe.quant.experts_group_size`). Everything that quantizes, sizes, splits, checks or
+        describes the experts reads their format here."""
+        if self.experts_config is not None:
+            return self.experts_config.bits, self.experts_config.group_size
+        from trident.moe.quant import experts_group_size
+
+        return self.config.bits, experts_group_size(self.config)
 
     def as_hf_dict(self) -> dict[str, Any]:
         entry = {"quant_method": self.quant_method, **_config_dict(self.config), "method": self.method,
@@ -103,6 +144,8 @@ class QuantizedModules:
                  "modules": list(self.modules)}
         if self.experts:
             entry["experts"] = list(self.experts)
+        if self.experts_config is not None:
+            entry["experts_config"] = _config_dict(self.experts_config)
         if self.module_configs:
             entry["module_configs"] = {name: _config_dict(self.module_configs[name])
                                        for name in self.modules if name in self.module_configs}
@@ -145,8 +188,12 @@ def read_quantization_config(hf_config: Mapping[str, Any]) -> QuantizedModules |
     experts = entry.get("experts", [])
     if not isinstance(experts, list) or not all(isinstance(m, str) for m in experts):
         raise TridentError("quantization_config.experts must be a list of experts module names")
+    experts_config = entry.get("experts_config")
+    if experts_config is not None:
+        experts_config = _config_from(experts_config, "quantization_config.experts_config")
     return QuantizedModules(config, tuple(modules), overrides, method=entry.get("method", "rtn"), quant_method=method,
-                            smooth_alpha=entry.get("smooth_alpha"), experts=tuple(experts))
+                            smooth_alpha=entry.get("smooth_alpha"), experts=tuple(experts),
+                            experts_config=experts_config)
 
 
 def module_class(quant_method: str) -> type[nn.Module]:
@@ -177,7 +224,7 @@ def install_quantized_modules(model: nn.Module, quantization: QuantizedModules,
 
     cls = module_class(quantization.quant_method)
     rest = dict(tensors)
-    _install_experts(model, quantization.experts, rest, device)
+    _install_experts(model, quantization, rest, device)
     targets = _install_targets(model, list(quantization.modules))  # an unknown name fails before anything else
     weights: dict[str, tuple[QuantizedWeight, QuantConfig]] = {}
     for name in quantization.modules:
@@ -210,14 +257,15 @@ def install_quantized_modules(model: nn.Module, quantization: QuantizedModules,
     return rest
 
 
-def _install_experts(model: nn.Module, names: tuple[str, ...], rest: dict[str, torch.Tensor],
+def _install_experts(model: nn.Module, quantization: QuantizedModules, rest: dict[str, torch.Tensor],
                      device: torch.device) -> None:
-    """Replace each listed experts module by a QuantizedFusedExperts of its tensors (popped from ``rest``)."""
+    """Replace each listed experts module by a QuantizedFusedExperts of its tensors (popped from ``rest``), which
+    must be in the format the quantization_config says (:meth:`QuantizedModules.experts_format`)."""
     from trident.moe.experts import FusedExperts
     from trident.moe.quant import EXPERT_TENSORS, QuantizedExpertWeight, QuantizedFusedExperts
     from trident.quant.linear import replace_module
 
-    for name in names:
+    for name in quantization.experts:
         experts = _submodule(model, name)
         if not isinstance(experts, FusedExperts):
             raise TridentError(f"quantization_config.experts lists {name}, which is not an experts module of this "
@@ -226,9 +274,19 @@ def _install_experts(model: nn.Module, names: tuple[str, ...], rest: dict[str, t
         if missing:
             raise TridentError(f"the checkpoint lacks {', '.join(missing)} (quantized experts)")
         parts = [rest.pop(f"{name}.{t}").to(device) for t in EXPERT_TENSORS]
-        replace_module(model, name, QuantizedFusedExperts(
-            experts.num_experts, experts.gate_up_proj.shape[2], experts.intermediate_size, experts.activation,
-            experts.backend, QuantizedExpertWeight(*parts[:2]), QuantizedExpertWeight(*parts[2:])))
+        hidden_size, intermediate_size = experts.gate_up_proj.shape[2], experts.intermediate_size
+        quantized = QuantizedFusedExperts(experts.num_experts, hidden_size, intermediate_size, experts.activation,
+                                          experts.backend, QuantizedExpertWeight(*parts[:2]),
+                                          QuantizedExpertWeight(*parts[2:]))
+        bits, group = quantization.experts_format()
+        expected = None if bits == 8 else (group or hidden_size, group or intermediate_size)
+        if quantized.bits != bits or quantized.group_sizes != expected:
+            found = "int8 per channel" if quantized.bits == 8 else "int4 in groups of {} / {}".format(
+                *quantized.group_sizes)
+            raise TridentError(f"{name} holds {found} experts, but quantization_config says int{bits} "
+                               f"{'per channel' if group is None else f'in groups of {group}'}: the checkpoint "
+                               "does not match its config")
+        replace_module(model, name, quantized)
 
 
 def _install_targets(model: nn.Module, names: list[str]) -> dict[str, list[str]]:

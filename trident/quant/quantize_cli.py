@@ -1,6 +1,7 @@
 """`trident quantize MODEL --method rtn|gptq|smoothquant|w8a8 --bits 8|4|mixed [--group-size G] [--asymmetric]
-[--calib TEXT ...] --out DIR [--json FILE]`: quantize a model's decoder-layer Linear weights (round to nearest, or
-GPTQ calibrated on a text), write a folder trident loads (see trident/quant/format.py), and report each module's
+[--expert-bits 8|4] [--calib TEXT ...] --out DIR [--json FILE]`: quantize a model's decoder-layer Linear weights
+(round to nearest, or GPTQ calibrated on a text) and with --method rtn an MoE model's routed experts (to
+--expert-bits, default --bits), write a folder trident loads (see trident/quant/format.py), and report each module's
 relative error and the bytes before and after, as a table and a JSON record. ``--bits mixed --avg-bits B --calib
 TEXT`` chooses int4 or int8 per module (trident/quant/mixed_cli.py); ``--method smoothquant|w8a8 --bits 8``
 quantizes activations too (W8A8, trident/quant/w8a8_cli.py)."""
@@ -44,9 +45,12 @@ QUANTIZE_DESCRIPTION = (
     "channel j is divided by s_j = max|X_j|^alpha / max|W_:,j|^(1-alpha) in the norm's weight and its weight "
     "column multiplied by it, alpha = --smooth-alpha, maxima over the calibration text; likewise down_proj's inputs "
     "through the up rows of gate_up_proj), then quantizes as w8a8. "
-    "Mixture-of-experts models: --method rtn --bits 8 or 4 also quantizes the routed experts, symmetric: int8 per "
-    "output channel and expert (whatever --group-size), int4 per expert, output channel and --group-size group "
-    "(run by the fused experts kernels on CUDA); other methods and --bits mixed leave them in the source dtype."
+    "Mixture-of-experts models: --method rtn --bits 8 or 4 also quantizes the routed experts, symmetric, to "
+    "--expert-bits (default --bits): int8 per output channel and expert (whatever --group-size), int4 per expert, "
+    "output channel and --group-size group (run by the fused experts kernels on CUDA); e.g. --bits 8 --expert-bits "
+    "4 --group-size 128 stores attention and dense projections as int8 and the experts (most of an MoE model's "
+    "bytes) as int4, both in groups of 128 (--group-size applies to every int4 and int8 Linear layer and to int4 "
+    "experts). Other methods and --bits mixed leave the experts in the source dtype."
 )
 
 
@@ -76,6 +80,10 @@ def add_quantize_parser(sub) -> None:
                    "the int4 modules (int8 ones are per channel)")
     p.add_argument("--asymmetric", action="store_true",
                    help="min/max range with an integer zero point per group (default: symmetric, no zero point)")
+    p.add_argument("--expert-bits", type=int, default=None, choices=[8, 4],
+                   help="--method rtn on an MoE model: the routed experts' bits (default: --bits); int8 experts are "
+                   "per output channel, int4 in --group-size groups (per channel without it); always symmetric. "
+                   "E.g. --bits 8 --expert-bits 4: int8 attention and dense projections, int4 experts")
     m = p.add_argument_group("mixed bits (--bits mixed)")
     m.add_argument("--avg-bits", type=float, default=None, metavar="B",
                    help="the most stored bits per weight on average over the quantized modules, scales and zero "
@@ -127,12 +135,17 @@ def _quantize(args: argparse.Namespace) -> int:
     from trident.bench import report as bench_report
     from trident.loader import load_checkpoint
     from trident.models.build import build_model
+    from trident.moe.quant import expert_quant_config, experts_config_of, experts_module_names, quantize_model_experts
     from trident.quant.format import QuantizedModules, save_quantized
     from trident.quant.linear import eligible_modules, quantize_model
-    from trident.quant.rtn import QuantConfig
+    from trident.quant.rtn import QuantConfig, group_size_of
 
     if args.lm_head != "float" and (args.method in W8A8_METHODS or args.bits == "mixed"):
         raise TridentError("--lm-head int8 applies to --method rtn or gptq with --bits 4 or 8")
+    if args.expert_bits is not None and (args.method != "rtn" or args.bits == "mixed"):
+        raise TridentError(f"--expert-bits applies to --method rtn with --bits 4 or 8 only: --method {args.method}"
+                           f"{' --bits mixed' if args.bits == 'mixed' else ''} leaves the routed experts in the "
+                           "source dtype")
     if args.method in W8A8_METHODS:
         return run_w8a8(args)
     if args.smooth_alpha is not None or args.smooth_mlp_down is not None:
@@ -152,6 +165,8 @@ def _quantize(args: argparse.Namespace) -> int:
     if given:
         raise TridentError(f"{', '.join(given)} only apply to --bits mixed")
     config = QuantConfig(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric)
+    experts_config = None if args.expert_bits is None else experts_config_of(config, args.expert_bits,
+                                                                             args.group_size)
     gptq_settings = gptq_settings_of(args)
     out = new_output_folder(args.out)
     console = Console()
@@ -166,13 +181,25 @@ def _quantize(args: argparse.Namespace) -> int:
     names = eligible_modules(model, config)
     if not names:
         raise TridentError(f"{args.model} has no linear layers to quantize")
+    experts = experts_module_names(model) if gptq_settings is None else []
+    if args.expert_bits is not None and not experts:
+        raise TridentError(f"--expert-bits sets the routed experts' bits; {args.model} is not a mixture-of-experts "
+                           "model (no routed experts): drop it")
     for name in names:  # refuse before any work when a shape does not fit the group size
-        from trident.quant.rtn import group_size_of
-
         try:
             group_size_of(config, model.get_submodule(name).in_features)
         except TridentError as e:
             raise TridentError(f"{name}: {e}") from None
+    if experts:  # the experts' inputs too, in their format
+        plan = QuantizedModules(config, tuple(names), experts=tuple(experts), experts_config=experts_config)
+        experts_format = expert_quant_config(*plan.experts_format())
+        for name in experts:
+            module = model.get_submodule(name)
+            for k in (module.gate_up_proj.shape[2], module.intermediate_size):
+                try:
+                    group_size_of(experts_format, k)
+                except TridentError as e:
+                    raise TridentError(f"{name} (routed experts): {e}") from None
     gptq_record = {}
     if gptq_settings is not None:
         quant_report, gptq_record = quantize_gptq(model, checkpoint, config, gptq_settings, console)
@@ -181,18 +208,16 @@ def _quantize(args: argparse.Namespace) -> int:
                       console=console, transient=True) as bar:
             task = bar.add_task("quantize", total=len(names))
             quant_report = quantize_model(model, config, progress=lambda _: bar.advance(task))
-    experts: list[str] = []
-    if gptq_settings is None:  # int8 / int4 routed experts (trident/moe/quant.py)
-        from trident.moe.quant import experts_group_size, quantize_model_experts
-
-        experts = quantize_model_experts(model, config.bits, experts_group_size(config))
     head = None
     if args.lm_head == "int8":
         from trident.quant.head import head_config, quantize_head
 
         head = quantize_head(model)
     modules = QuantizedModules(config, (*quant_report.names, *([head] if head else [])),
-                               {head: head_config()} if head else {}, method=args.method, experts=tuple(experts))
+                               {head: head_config()} if head else {}, method=args.method, experts=tuple(experts),
+                               experts_config=experts_config)
+    if experts:  # int8 / int4 routed experts (trident/moe/quant.py), in the format the folder records
+        quantize_model_experts(model, *modules.experts_format())
     files = save_quantized(model, checkpoint, modules, out)
     seconds = time.perf_counter() - t0
     source_bytes = _source_weight_bytes(checkpoint, model, set(modules.modules))
@@ -203,7 +228,7 @@ def _quantize(args: argparse.Namespace) -> int:
               "file_bytes_before": checkpoint.file_bytes, "file_bytes_after": out_bytes,
               "mean_relative_error": sum(m.relative_error for m in quant_report.modules) / len(quant_report.modules),
               "max_relative_error": max(m.relative_error for m in quant_report.modules),
-              **_experts_totals(model, experts), **_head_totals(model, head)}
+              **_experts_totals(model, modules), **_head_totals(model, head)}
     _print_table(console, args, quant_report, totals)
     record = {"kind": "quantize", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "model": args.model, "source_format": checkpoint.format, "method": args.method, "out": out,
@@ -229,13 +254,14 @@ def _source_weight_bytes(checkpoint, model, quantized: set[str]) -> int:
     return total
 
 
-def _experts_totals(model, experts: list[str]) -> dict:
-    """The quantized experts' part of the report (empty for none): the modules, and the bytes of their codes and
-    scales."""
-    if not experts:
+def _experts_totals(model, modules) -> dict:
+    """The quantized experts' part of the report (empty for none): the modules, their format (bits, group size
+    along K: None per channel) and the bytes of their codes and scales."""
+    if not modules.experts:
         return {}
-    return {"experts": experts,
-            "experts_bytes_after": sum(model.get_submodule(name).storage_bytes() for name in experts)}
+    bits, group_size = modules.experts_format()
+    return {"experts": list(modules.experts), "experts_bits": bits, "experts_group_size": group_size,
+            "experts_bytes_after": sum(model.get_submodule(name).storage_bytes() for name in modules.experts)}
 
 
 def _head_totals(model, head: str | None) -> dict:
@@ -258,8 +284,7 @@ def _print_table(console, args, quant_report, totals: dict) -> None:
     from rich.table import Table
 
     c = quant_report.config
-    table = Table(title=f"trident quantize {args.model}: {args.method} int{c.bits}, "
-                  f"{'per channel' if c.group_size is None else f'group {c.group_size}'}, "
+    table = Table(title=f"trident quantize {args.model}: {args.method} int{c.bits}, {_groups(c.group_size)}, "
                   f"{'symmetric' if c.symmetric else 'asymmetric'}")
     gptq = args.method == "gptq"
     columns = ("module", "shape", "rel. error") + (("output error", "rtn output error") if gptq else ()) + (
@@ -276,8 +301,13 @@ def _print_table(console, args, quant_report, totals: dict) -> None:
         f"{totals['quantized_weight_bytes_before']:,} -> {totals['quantized_weight_bytes_after']:,} bytes "
         "(scales and zero points counted) · weight files "
         f"{totals['file_bytes_before']:,} -> {totals['file_bytes_after']:,} bytes"
-        + (f" · {len(totals['experts'])} experts modules as int8 per channel "
-           f"({totals['experts_bytes_after']:,} bytes of codes and scales)" if "experts" in totals else "")
+        + (f" · {len(totals['experts'])} experts modules as int{totals['experts_bits']} "
+           f"{_groups(totals['experts_group_size'])}, symmetric ({totals['experts_bytes_after']:,} bytes of codes "
+           "and scales)" if "experts" in totals else "")
         + (f" · LM head {totals['lm_head']} as int8 per channel ({totals['lm_head_bytes_after']:,} bytes)"
            if "lm_head" in totals else ""))
     console.print(table)
+
+
+def _groups(group_size: int | None) -> str:
+    return "per channel" if group_size is None else f"group {group_size}"
