@@ -28,6 +28,20 @@
 // default model's int4-g64 perplexity moves +0.45% in a float32 CPU emulation, docs/benchmarks.md).
 template <int BITS> __host__ __device__ constexpr int stages_of() { return BITS == 4 ? INT4_STAGES : 2; }
 
+#define INT4_ZERO_POINT 8  // int4 codes are stored q + 8 (trident/quant/rtn.py's INT4_ZERO_POINT)
+
+// A 32-element chunk's group (int4 codes: a 16-byte chunk): its index within the row shifted right by log2(blocks
+// per group) (per channel, by 31: always 0). Groups of a power-of-two number of 32-element blocks, or one per row;
+// -1 otherwise.
+static inline int group_shift_of(int k, int num_groups) {
+    if (num_groups < 1 || k % num_groups) return -1;
+    const int group_size = k / num_groups;
+    const int blocks = group_size / ABLOCK;
+    if (num_groups == 1) return 31;
+    if (group_size % ABLOCK || (blocks & (blocks - 1))) return -1;
+    return __builtin_ctz(blocks);
+}
+
 template <typename T> __device__ __forceinline__ float to_float(T v);
 template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
 template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }

@@ -29,7 +29,6 @@
 #include "dp4a_common.cuh"
 
 #define MAX_TOP_K 32
-#define INT4_ZERO_POINT 8  // int4 codes are stored q + 8 (trident/quant/rtn.py's INT4_ZERO_POINT)
 #ifndef DOWN_ROWS
 #define DOWN_ROWS ROWS  // output rows a warp of moe_down_kernel multiplies at a time
 #endif
@@ -250,17 +249,6 @@ __global__ void __launch_bounds__(THREADS, 2) moe_down_kernel(const T* __restric
                 acc[r] = 0.f;
             }
         });
-}
-
-// A chunk's group: its index within the row shifted right by log2(blocks per group) (per channel, by 31: always 0).
-// Groups of a power-of-two number of 32-element blocks, or one per row; -1 otherwise.
-static int group_shift_of(int k, int num_groups) {
-    if (num_groups < 1 || k % num_groups) return -1;
-    const int group_size = k / num_groups;
-    const int blocks = group_size / ABLOCK;
-    if (num_groups == 1) return 31;
-    if (group_size % ABLOCK || (blocks & (blocks - 1))) return -1;
-    return __builtin_ctz(blocks);
 }
 
 template <int BITS, typename T>
