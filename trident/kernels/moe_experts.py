@@ -186,12 +186,13 @@ def fused_experts(hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch
     out_pairs = _down(inter, down, down_scales, bits, aligned, weights.contiguous(), num_pairs, tiles)
     if top_k == 1:
         return out_pairs
-    return _sum_over_k(out_pairs, num_tokens, top_k, hidden_size)
+    return sum_over_k(out_pairs, num_tokens, top_k, hidden_size)
 
 
-def _sum_over_k(out_pairs: torch.Tensor, num_tokens: int, top_k: int, hidden_size: int) -> torch.Tensor:
-    """out [T, H]: each token's k rows of out_pairs added in slot order in float32 (one launch; torch's sum over a
-    middle axis took 5 us for one token on an H200)."""
+def sum_over_k(out_pairs: torch.Tensor, num_tokens: int, top_k: int, hidden_size: int) -> torch.Tensor:
+    """out [T, H]: each token's k rows of out_pairs [T k, H] added in slot order in float32 (one launch; torch's sum
+    over a middle axis took 5 us for one token on an H200). Also the last launch of the batched CUDA int4 experts
+    (trident/native/moe_batched_cuda.py)."""
     out = torch.empty((num_tokens, hidden_size), dtype=out_pairs.dtype, device=out_pairs.device)
     block = min(SUM_BLOCK, triton.next_power_of_2(hidden_size))
     pdl = pdl_launch(out.device)

@@ -21,10 +21,11 @@ from trident.errors import TridentError
 from trident.native.build import DISABLE_ENV, SOURCE_DIR, cached_library_path, compile_cached, tool_version
 
 CUDA_LIBRARIES = {"tqgemv": ("gemv_cuda.cu",), "tqmoe": ("moe_gemv_cuda.cu", "moe_route_cuda.cu"),
-                  "tqdecode8": ("paged_decode_cuda.cu",)}
+                  "tqmoeb": ("moe_batched_cuda.cu",), "tqdecode8": ("paged_decode_cuda.cu",)}
 """Library name -> its CUDA sources (gemv_cuda.cu: the batch-1 integer weight-only matmul; moe_gemv_cuda.cu and
-moe_route_cuda.cu: an MoE layer's int8 experts and its router for one token; paged_decode_cuda.cu: decode attention
-over an 8-bit KV cache). Every ``*.cuh`` header of the folder is part of each library's cache key."""
+moe_route_cuda.cu: an MoE layer's int8 experts and its router for one token; moe_batched_cuda.cu: int4 experts for a
+batch of tokens; paged_decode_cuda.cu: decode attention over an 8-bit KV cache). Every ``*.cuh`` header of the folder
+is part of each library's cache key."""
 NVCC_FLAGS = ("-O3", "-shared", "-Xcompiler", "-fPIC", "-std=c++17", "--expt-relaxed-constexpr")
 
 

@@ -1,0 +1,239 @@
+"""The CUDA batched int4 routed experts (``moe_batched_cuda.cu``): T > 1 tokens through their k int4 experts, grouped
+by expert so that each expert's weight rows are read once per step, multiplied as integers (dp4a) against
+activations quantized to one int8 stage per block of 32 (gemv_cuda.py's rule for int4 codes). Five launches: the
+routing alignment (trident/kernels/moe_align.py, Triton), the hidden rows' quantization, gate|up with the activation
+and the intermediate's quantization, down with the routing weights into one row per pair, and the sum over k
+(trident/kernels/moe_experts.py's sum_over_k, Triton).
+
+Not wired into the engine: trident/moe/experts_triton.py does not call it. It has not been measured yet
+(``python -m trident.kernels.bench_moe_experts --weights int8 int4`` times it beside the Triton int8 / int4 kernels);
+whether and from how many tokens it should replace them is for that measurement to say.
+
+Built with ``nvcc`` on first use (trident/native/cuda_build.py). :func:`takes` says whether a call can run it. The
+reference is :class:`trident.moe.experts.TorchExperts`; the kernels' own rounding is emulated by
+:func:`experts_reference` (float64 math on the one-stage activations, the intermediate rounded to the activation dtype
+and quantized again), which tests/native/test_moe_batched_cuda.py bounds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import NamedTuple
+
+import torch
+
+from trident.native.cuda_build import cuda_unavailable_reason, load_cuda
+from trident.native.gemv_cuda import (
+    ACTIVATION_STAGES,
+    ACTIVATIONS,
+    BLOCK,
+    DTYPES,
+    REFERENCE_ACTIVATIONS,
+    quantize_activations_reference,
+)
+
+LIBRARY = "tqmoeb"
+BLOCK_M = 8
+"""Sorted rows per row block of the routing layout (align_routing's block_m; the kernels' MOEB_BLOCK_M, checked
+against the built library when it loads). Unmeasured: at 64 tokens x top-8 of 128 experts an expert has 4 pairs on
+average, so 8 rows take nearly every expert's pairs in one block (its weights read once); 16 would halve the blocks
+of busier experts at 200+ tokens and double the activations each block stages."""
+MIN_TOKENS = 2
+"""One token goes to trident/native/moe_gemv_cuda.py's kernels."""
+MAX_TOKENS = 512
+"""The most tokens :func:`takes` accepts (the benchmark's largest count; no kernel limit behind it: larger steps are
+simply unmeasured, and the tensor-core kernels are expected to win once experts have many pairs)."""
+MAX_TOP_K = 32
+MAX_HIDDEN = 16384
+"""The largest H and I: a block stages BLOCK_M quantized rows of them in shared memory (1.25 bytes an element)."""
+STAGES = ACTIVATION_STAGES[4]
+"""Activation stages multiplied with int4 codes (one)."""
+
+
+def library() -> ctypes.CDLL | None:
+    lib = load_cuda(LIBRARY)
+    if lib is not None and not getattr(lib, "_typed", False):
+        p, i, ll = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
+        lib.tq_moeb_quantize.argtypes = [i, p, p, i, i, i, p]
+        lib.tq_moeb_quantize.restype = i
+        lib.tq_moeb_gate_up.argtypes = [i, p, p, p, p, p, p, p, p, i, i, i, i, i, i, i, p]
+        lib.tq_moeb_gate_up.restype = i
+        lib.tq_moeb_down.argtypes = [i, p, p, p, p, p, p, p, p, i, i, i, i, i, p]
+        lib.tq_moeb_down.restype = i
+        for name in ("tq_moeb_block_m", "tq_moeb_threads", "tq_moeb_stages"):
+            getattr(lib, name).restype = i
+        for name in ("tq_moeb_row_bytes", "tq_moeb_staged_bytes"):
+            getattr(lib, name).argtypes = [i]
+            getattr(lib, name).restype = ll
+        built = (lib.tq_moeb_block_m(), lib.tq_moeb_stages())
+        if built != (BLOCK_M, STAGES):
+            raise RuntimeError(f"{LIBRARY}: the library has (block_m, int4 stages) {built}, the Python side expects "
+                               f"{(BLOCK_M, STAGES)}")
+        lib._typed = True
+    return lib
+
+
+def why_unavailable() -> str | None:
+    return cuda_unavailable_reason(LIBRARY)
+
+
+def _aligned(*tensors: torch.Tensor) -> bool:
+    return all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def _groups_fit(k: int, num_groups: int) -> bool:
+    """Whether the kernels take num_groups scales per row of k elements: one, or groups of a power-of-two number of
+    BLOCK-element blocks."""
+    if num_groups == 1:
+        return True
+    blocks, rest = divmod(k // num_groups, BLOCK) if k % num_groups == 0 else (0, 1)
+    return rest == 0 and blocks > 0 and blocks & (blocks - 1) == 0
+
+
+def takes(hidden: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+          gate_up_scales: torch.Tensor | None, down_scales: torch.Tensor | None, activation: str) -> bool:
+    """Whether :func:`experts` runs this step: MIN_TOKENS..MAX_TOKENS tokens of bfloat16 / float16 hidden on CUDA,
+    int4 experts (uint8 codes) with float32 scales [E, N, groups] in groups of a power-of-two number of
+    BLOCK-element blocks (or per channel), H and I multiples of BLOCK up to MAX_HIDDEN, int64 expert ids [T, k] with
+    k <= MAX_TOP_K, a known activation, everything contiguous and 16-byte aligned, and the library built. Shapes,
+    dtypes and addresses only: the choice holds across CUDA-graph capture."""
+    if gate_up_scales is None or down_scales is None:
+        return False
+    if not (gate_up.dtype == down.dtype == torch.uint8 and gate_up.dim() == down.dim() == 3
+            and gate_up_scales.dim() == down_scales.dim() == 3):
+        return False
+    num_experts, two_i, half_h = gate_up.shape
+    hidden_size, inter = 2 * half_h, two_i // 2
+    if not (hidden.is_cuda and hidden.dim() == 2 and MIN_TOKENS <= hidden.shape[0] <= MAX_TOKENS
+            and hidden.dtype in DTYPES and hidden.shape[1] == hidden_size
+            and down.shape == (num_experts, hidden_size, inter // 2)
+            and 0 < hidden_size <= MAX_HIDDEN and 0 < inter <= MAX_HIDDEN
+            and hidden_size % BLOCK == 0 and inter % BLOCK == 0
+            and expert_ids.dtype == torch.int64 and expert_ids.dim() == 2 and expert_ids.is_contiguous()
+            and expert_ids.shape[0] == hidden.shape[0] and 1 <= expert_ids.shape[1] <= MAX_TOP_K
+            and activation in ACTIVATIONS
+            and gate_up_scales.dtype == down_scales.dtype == torch.float32
+            and gate_up_scales.shape[:2] == (num_experts, 2 * inter) and down_scales.shape[:2] == (num_experts,
+                                                                                                  hidden_size)
+            and gate_up_scales.is_contiguous() and down_scales.is_contiguous()
+            and _aligned(hidden, gate_up, down)):
+        return False
+    if not (_groups_fit(hidden_size, gate_up_scales.shape[2]) and _groups_fit(inter, down_scales.shape[2])):
+        return False
+    return library() is not None
+
+
+class Stages(NamedTuple):
+    """What :func:`experts_stages` computed (the tests look at every stage)."""
+
+    out: torch.Tensor
+    """[T, H] in hidden's dtype: the sum over k of out_pairs."""
+    out_pairs: torch.Tensor
+    """[T k, H] in hidden's dtype: pair p = t k + slot's expert output times its routing weight, rounded once."""
+    act_rows: torch.Tensor | None
+    """[rows, I] in hidden's dtype: act(gate) * up at each pair's sorted row (padding rows unwritten), when asked
+    for."""
+    sorted_pairs: torch.Tensor
+    """int32 [rows]: the routing layout's pair of each sorted row (-1: padding)."""
+
+
+def _launch(err: int, what: str) -> None:
+    if err != 0:
+        raise RuntimeError(f"{what} launch failed with CUDA error {err}")
+
+
+def experts_stages(hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor,
+                   down: torch.Tensor, activation: str, gate_up_scales: torch.Tensor, down_scales: torch.Tensor,
+                   keep_act: bool = False) -> Stages:
+    """:func:`experts` with its intermediate results (``keep_act``: the gate|up kernel also writes act in hidden's
+    dtype); the caller checked :func:`takes`."""
+    from trident.kernels.moe_align import align_routing
+    from trident.kernels.moe_experts import sum_over_k
+    from trident.kernels.pdl import pdl_launch
+
+    lib = library()
+    num_tokens, hidden_size = hidden.shape
+    num_experts, two_i, _ = gate_up.shape
+    inter, top_k = two_i // 2, expert_ids.shape[1]
+    device, dtype = hidden.device, DTYPES[hidden.dtype]
+    pdl = int(pdl_launch(device))
+    stream = torch.cuda.current_stream(device).cuda_stream
+    aligned = align_routing(expert_ids, num_experts, BLOCK_M)
+    rows = aligned.sorted_pairs.numel()
+    layout = (aligned.sorted_pairs.data_ptr(), aligned.block_experts.data_ptr(), aligned.num_blocks.data_ptr())
+
+    xq = torch.empty((num_tokens, lib.tq_moeb_row_bytes(hidden_size)), dtype=torch.uint8, device=device)
+    _launch(lib.tq_moeb_quantize(dtype, hidden.data_ptr(), xq.data_ptr(), num_tokens, hidden_size, pdl, stream),
+            "tq_moeb_quantize")
+    aq = torch.empty((rows, lib.tq_moeb_row_bytes(inter)), dtype=torch.uint8, device=device)
+    act = torch.empty((rows, inter), dtype=hidden.dtype, device=device) if keep_act else None
+    _launch(lib.tq_moeb_gate_up(dtype, xq.data_ptr(), *layout, gate_up.data_ptr(), gate_up_scales.data_ptr(),
+                                aq.data_ptr(), None if act is None else act.data_ptr(), rows // BLOCK_M, top_k, inter,
+                                hidden_size, ACTIVATIONS[activation], gate_up_scales.shape[2], pdl, stream),
+            "tq_moeb_gate_up")
+    out_pairs = torch.empty((num_tokens * top_k, hidden_size), dtype=hidden.dtype, device=device)
+    weights = weights.contiguous()
+    _launch(lib.tq_moeb_down(dtype, aq.data_ptr(), *layout, weights.data_ptr(), down.data_ptr(),
+                             down_scales.data_ptr(), out_pairs.data_ptr(), rows // BLOCK_M, inter, hidden_size,
+                             down_scales.shape[2], pdl, stream), "tq_moeb_down")
+    out = out_pairs if top_k == 1 else sum_over_k(out_pairs, num_tokens, top_k, hidden_size)
+    return Stages(out, out_pairs, act, aligned.sorted_pairs)
+
+
+def experts(hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor,
+            down: torch.Tensor, activation: str, gate_up_scales: torch.Tensor,
+            down_scales: torch.Tensor) -> torch.Tensor:
+    """hidden [T, H] through its k int4 experts each (weights float32 [T, k], expert_ids int64 [T, k]) -> [T, H] in
+    hidden's dtype (the argument order of moe_gemv_cuda.experts); the caller checked :func:`takes`."""
+    return experts_stages(hidden, weights, expert_ids, gate_up, down, activation, gate_up_scales, down_scales).out
+
+
+def _by_expert(expert_ids: torch.Tensor):
+    """(expert, the pairs p = t k + slot routed to it) for each expert in use."""
+    flat = expert_ids.reshape(-1)
+    for e in flat.unique().tolist():
+        yield e, (flat == e).nonzero().squeeze(1)
+
+
+def gate_up_reference(hidden: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor,
+                      gate_up_scales: torch.Tensor, activation: str) -> torch.Tensor:
+    """float64 act [T k, I] (row p = t k + slot) as the gate|up kernel computes it before its one rounding: the
+    one-stage quantized hidden rows times each pair's dequantized gate and up rows. Computed where the tensors lie."""
+    from trident.moe.quant import dequantize_experts
+
+    top_k = expert_ids.shape[1]
+    x_hat = quantize_activations_reference(hidden, STAGES).double()
+    inter = gate_up.shape[1] // 2
+    act = torch.zeros((expert_ids.numel(), inter), dtype=torch.float64, device=hidden.device)
+    for e, pairs in _by_expert(expert_ids):
+        w = dequantize_experts(gate_up[e], gate_up_scales[e], torch.float64)  # [2I, H]
+        gate, up = (x_hat[pairs // top_k] @ w.T).chunk(2, dim=-1)
+        act[pairs] = REFERENCE_ACTIVATIONS[activation](gate) * up
+    return act
+
+
+def down_reference(act: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, down: torch.Tensor,
+                   down_scales: torch.Tensor) -> torch.Tensor:
+    """float64 [T k, H] as the down kernel computes each pair's row before its one rounding, from act [T k, I] in
+    the activation dtype (the kernel's own, or :func:`gate_up_reference` rounded): act quantized again (one stage)
+    times the pair's dequantized down rows, times its routing weight."""
+    from trident.moe.quant import dequantize_experts
+
+    a_hat = quantize_activations_reference(act, STAGES).double()
+    w_flat = weights.reshape(-1).double()
+    out = torch.zeros((act.shape[0], down.shape[1]), dtype=torch.float64, device=act.device)
+    for e, pairs in _by_expert(expert_ids):
+        w = dequantize_experts(down[e], down_scales[e], torch.float64)  # [H, I]
+        out[pairs] = (a_hat[pairs] @ w.T) * w_flat[pairs, None]
+    return out
+
+
+def experts_reference(hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor,
+                      down: torch.Tensor, activation: str, gate_up_scales: torch.Tensor,
+                      down_scales: torch.Tensor) -> torch.Tensor:
+    """The kernels emulated: :func:`gate_up_reference` rounded to hidden's dtype, :func:`down_reference` rounded to
+    it (out_pairs), summed over k in float64 [T, H] (the kernel sums in float32 in slot order, then rounds)."""
+    act = gate_up_reference(hidden, expert_ids, gate_up, gate_up_scales, activation).to(hidden.dtype)
+    pairs = down_reference(act, weights, expert_ids, down, down_scales).to(hidden.dtype)
+    num_tokens, top_k = expert_ids.shape
+    return pairs.double().view(num_tokens, top_k, -1).sum(1)
