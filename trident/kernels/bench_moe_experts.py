@@ -1,7 +1,7 @@
 """Time the fused MoE experts kernels against the torch experts backend on a CUDA device.
 
-``python -m trident.kernels.bench_moe_experts [--json FILE] [--tokens 1 8 64 512] [--no-sweep] [--weights int8|int4]``:
-one MoE layer of
+``python -m trident.kernels.bench_moe_experts [--json FILE] [--tokens 1 8 64 512] [--no-sweep]
+[--weights int8 int4]``: one MoE layer of
 Qwen3-30B-A3B (128 experts, top-8, hidden 2048, expert intermediate 768, bfloat16), each token count: the torch
 reference backend (TorchExperts: per active expert a gathered matmul pair; it reads the expert counts on the host,
 so it runs eagerly and is timed by triton.testing.do_bench), the fused backend with moe_tiles' tiles (captured in a
@@ -15,12 +15,14 @@ E (1 - (1 - k/E)^T) experts) and the time that takes at the H200's 4.3 TB/s are 
 checked against the torch backend in float32 on the same routing before it is timed; a variant that fails is
 recorded with the reason, and the sweep goes on.
 
-``--weights int8`` (``int4``) also times the same layer with its experts quantized to int8 per output channel (int4
-in groups of INT4_GROUP; trident/moe/quant.py): the fused kernels on the codes with moe_tiles' tiles and, with the
-sweep, each of INT8_VARIANTS (INT4_VARIANTS), checked against the torch backend in float32 on the dequantized
-weights. Their GB/s count the bytes a quantized call reads: the touched experts' codes and scales. At one token the
-CUDA kernels of trident/native/moe_gemv_cuda.cu (what a batch-1 decode step runs, where nvcc built them and they take
-the format) are timed too.
+``--weights int8`` (``int4``, or both: ``--weights int8 int4``, one table each) also times the same layer with its
+experts quantized to int8 per output channel (int4 in groups of INT4_GROUP; trident/moe/quant.py): the fused kernels
+on the codes with moe_tiles' tiles and, with the sweep, each of INT8_VARIANTS (INT4_VARIANTS), checked against the
+torch backend in float32 on the dequantized weights. Their GB/s count the bytes a quantized call reads: the touched
+experts' codes and scales. At one token the CUDA kernels of trident/native/moe_gemv_cuda.cu (what a batch-1 decode
+step runs, where nvcc built them and they take the format) are timed too, and with int4 at the token counts it takes
+(2 to moe_batched_cuda.MAX_TOKENS) the batched CUDA kernels of trident/native/moe_batched_cuda.cu (column "batched":
+not wired into the engine), so that one run compares int8 Triton, int4 Triton and int4 batched CUDA per layer.
 
 ``--dry-run`` runs the same code on a tiny float16 layer with wall-clock timing, to check the script without a GPU
 (on the CPU under ``TRITON_INTERPRET=1``).
@@ -125,10 +127,9 @@ def eager_us(fn, rotations: int) -> float:
 
 def bench_layer(layer: tuple, tokens: tuple[int, ...], variants: tuple[MoeTiles, ...], time_us: TimeUs,
                 eager_time_us: TimeUs, device: torch.device, dtype: torch.dtype,
-                quantized_variants: tuple[MoeTiles, ...] | None = None, bits: int = 8,
-                group_size: int | None = None) -> list[dict]:
-    """One row per token count; ``quantized_variants`` (None: no quantized run) times the experts quantized to
-    ``bits`` (int4 in groups of ``group_size``) too."""
+                quantized: tuple[tuple[int, int | None, tuple[MoeTiles, ...]], ...] = ()) -> list[dict]:
+    """One row per token count; each of ``quantized`` (bits, group size or None, tile variants) times the experts
+    quantized to int8 / int4 too (the row's keys prefixed int8_ / int4_)."""
     model, num_experts, top_k, hidden_size, inter = layer
     gen = torch.Generator().manual_seed(0)
     gate_up = (torch.randn(num_experts, 2 * inter, hidden_size, generator=gen) * hidden_size**-0.5).to(device, dtype)
@@ -136,13 +137,15 @@ def bench_layer(layer: tuple, tokens: tuple[int, ...], variants: tuple[MoeTiles,
     expert_bytes = (gate_up[0].numel() + down[0].numel()) * dtype.itemsize
     gate_up32, down32 = gate_up.float(), down.float()
     reference = TorchExperts()
-    if quantized_variants is not None:
+    formats = []  # (bits, variants, codes and scales of gate_up and down, their bytes an expert, dequantized)
+    for bits, group_size, quantized_variants in quantized:
         from trident.moe.quant import dequantize_experts, quantize_experts
 
         q_gate_up = quantize_experts(gate_up, bits, group_size if hidden_size % (group_size or 1) == 0 else None)
         q_down = quantize_experts(down, bits, group_size if inter % (group_size or 1) == 0 else None)
         quantized_expert_bytes = sum(t[0].numel() * t.element_size() for t in (*q_gate_up, *q_down))
-        deq_gate_up, deq_down = dequantize_experts(*q_gate_up), dequantize_experts(*q_down)
+        formats.append((bits, quantized_variants, q_gate_up, q_down, quantized_expert_bytes,
+                        (dequantize_experts(*q_gate_up), dequantize_experts(*q_down))))
     results = []
     for num_tokens in tokens:
         routings = random_routings(num_tokens, num_experts, top_k, ROUTINGS, device, gen)
@@ -172,7 +175,7 @@ def bench_layer(layer: tuple, tokens: tuple[int, ...], variants: tuple[MoeTiles,
         for key in ("torch", "fused", "best"):
             us = row[f"{key}_us"]
             row[f"{key}_GBps"] = touched / us / 1e3 if isinstance(us, float) else None
-        if quantized_variants is not None:
+        for bits, quantized_variants, q_gate_up, q_down, quantized_expert_bytes, (deq_gate_up, deq_down) in formats:
             row.update(_quantized_row(f"int{bits}", hidden, routings, q_gate_up, q_down, reference.forward(
                 hidden.float(), weights0, ids0, deq_gate_up, deq_down, "silu"), quantized_variants, time_us,
                 touched / expert_bytes * quantized_expert_bytes))
@@ -201,14 +204,17 @@ def _quantized_row(q: str, hidden: torch.Tensor, routings: list, q_gate_up, q_do
     timed = {v: us for v, us in row[f"{q}_variants_us"].items() if isinstance(us, float)}
     row[f"{q}_best_variant"] = min(timed, key=timed.get) if timed else None
     row[f"{q}_best_us"] = timed.get(row[f"{q}_best_variant"])
-    row[f"{q}_cuda_us"] = None
-    from trident.native import moe_gemv_cuda
+    row[f"{q}_cuda_us"] = row[f"{q}_batched_us"] = None
+    from trident.native import moe_batched_cuda, moe_gemv_cuda
 
     weights0, ids0 = routings[0]
     if moe_gemv_cuda.takes(hidden, ids0, q_gate_up.codes, q_down.codes, *scales.values(), "silu"):
         row[f"{q}_cuda_us"] = _checked_us(time_us, lambda i: moe_gemv_cuda.experts(
             hidden, *routings[i], q_gate_up.codes, q_down.codes, "silu", *scales.values()), ROUTINGS, expected)
-    for key in (q, f"{q}_best", f"{q}_cuda"):
+    if moe_batched_cuda.takes(hidden, ids0, q_gate_up.codes, q_down.codes, *scales.values(), "silu"):
+        row[f"{q}_batched_us"] = _checked_us(time_us, lambda i: moe_batched_cuda.experts(
+            hidden, *routings[i], q_gate_up.codes, q_down.codes, "silu", *scales.values()), ROUTINGS, expected)
+    for key in (q, f"{q}_best", f"{q}_cuda", f"{q}_batched"):
         us = row[f"{key}_us"]
         row[f"{key}_GBps"] = touched / us / 1e3 if isinstance(us, float) else None
     return row
@@ -218,7 +224,7 @@ def print_quantized_table(rows: list[dict], q: str) -> None:
     """The quantized columns (``q``: int8 / int4) of the rows."""
     print(f"\n{q + ' experts':14} {'T':>4} {'touched MB':>10} {'bf16 us':>9} {q + ' us':>9} {q + ' GB/s':>10} "
           f"{'x bf16':>7}  {q + ' config':44} {'best variant':44} {'best us':>8} {'best GB/s':>9} {'CUDA us':>8} "
-          f"{'CUDA GB/s':>9}")
+          f"{'CUDA GB/s':>9} {'batched us':>10} {'batched GB/s':>12}")
     for r in rows:
         speedup = (r["fused_us"] / r[f"{q}_us"] if isinstance(r["fused_us"], float)
                    and isinstance(r[f"{q}_us"], float) else None)
@@ -227,9 +233,11 @@ def print_quantized_table(rows: list[dict], q: str) -> None:
               f"{cell(speedup, '.2f', 7)}  "
               f"{r[f'{q}_config']:44} {r[f'{q}_best_variant'] or '-':44} {cell(r[f'{q}_best_us'], '.1f', 8, '-')} "
               f"{cell(r[f'{q}_best_GBps'], '.0f', 9, '-')} {cell(r[f'{q}_cuda_us'], '.1f', 8, '-')} "
-              f"{cell(r[f'{q}_cuda_GBps'], '.0f', 9, '-')}")
+              f"{cell(r[f'{q}_cuda_GBps'], '.0f', 9, '-')} {cell(r[f'{q}_batched_us'], '.1f', 10, '-')} "
+              f"{cell(r[f'{q}_batched_GBps'], '.0f', 12, '-')}")
     for r in rows:
-        for what, us in [(q, r[f"{q}_us"]), ("CUDA", r[f"{q}_cuda_us"]), *r[f"{q}_variants_us"].items()]:
+        for what, us in [(q, r[f"{q}_us"]), ("CUDA", r[f"{q}_cuda_us"]), ("batched CUDA", r[f"{q}_batched_us"]),
+                         *r[f"{q}_variants_us"].items()]:
             if isinstance(us, str):
                 print(f"failed: T={r['tokens']} {q} {what}: {us}")
 
@@ -256,9 +264,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=None, help=f"token counts (default {TOKENS})")
     parser.add_argument("--no-sweep", action="store_true", help="only moe_tiles' tiles and the torch backend")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes, wall clock: checks the script only")
-    parser.add_argument("--weights", choices=["bf16", "int8", "int4"], default="bf16",
-                        help="int8 / int4: also time the experts quantized to int8 per channel / int4 in groups of "
-                        f"{INT4_GROUP} (codes + scales), beside bf16")
+    parser.add_argument("--weights", choices=["bf16", "int8", "int4"], nargs="+", default=["bf16"],
+                        help="int8 / int4 (either or both): also time the experts quantized to int8 per channel / "
+                        f"int4 in groups of {INT4_GROUP} (codes + scales), beside bf16")
     args = parser.parse_args(argv)
     device = bench_device(parser, args.dry_run)
     if args.dry_run:
@@ -267,17 +275,17 @@ def main(argv: list[str] | None = None) -> None:
     else:
         layer, tokens, variants, time_us, eager, dtype = LAYER, TOKENS, VARIANTS, graph_us, eager_us, DTYPE
     tokens = tuple(args.tokens) if args.tokens else tokens
-    quantized_variants, bits, group = None, 16, None
-    if args.weights != "bf16":
-        bits = int(args.weights[3:])
+    quantized = []
+    for name in dict.fromkeys(w for w in args.weights if w != "bf16"):  # in the order given, once each
+        bits = int(name[3:])
         group = None if bits == 8 else DRY_INT4_GROUP if args.dry_run else INT4_GROUP
         full = INT8_VARIANTS if bits == 8 else INT4_VARIANTS
-        quantized_variants = () if args.no_sweep else DRY_INT8_VARIANTS if args.dry_run else full
+        quantized.append((bits, group, () if args.no_sweep else DRY_INT8_VARIANTS if args.dry_run else full))
     results = bench_layer(layer, tokens, () if args.no_sweep else variants, time_us, eager, device, dtype,
-                          quantized_variants, bits, group)
+                          tuple(quantized))
     print_table(results, "wall clock, dry run" if args.dry_run else "fused: CUDA-graph replays; torch: eager")
-    if quantized_variants is not None:
-        print_quantized_table(results, args.weights)
+    for bits, _, _ in quantized:
+        print_quantized_table(results, f"int{bits}")
     if args.json:
         write_results(args.json, device, dtype, args.dry_run, results)
 
