@@ -158,6 +158,7 @@ def experts_stages(hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torc
     device, dtype = hidden.device, DTYPES[hidden.dtype]
     pdl = int(pdl_launch(device))
     stream = torch.cuda.current_stream(device).cuda_stream
+    weights = weights.contiguous()  # before the first launch: the five follow each other with nothing between
     aligned = align_routing(expert_ids, num_experts, BLOCK_M)
     rows = aligned.sorted_pairs.numel()
     layout = (aligned.sorted_pairs.data_ptr(), aligned.block_experts.data_ptr(), aligned.num_blocks.data_ptr())
@@ -172,7 +173,6 @@ def experts_stages(hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torc
                                 hidden_size, ACTIVATIONS[activation], gate_up_scales.shape[2], pdl, stream),
             "tq_moeb_gate_up")
     out_pairs = torch.empty((num_tokens * top_k, hidden_size), dtype=hidden.dtype, device=device)
-    weights = weights.contiguous()
     _launch(lib.tq_moeb_down(dtype, aq.data_ptr(), *layout, weights.data_ptr(), down.data_ptr(),
                              down_scales.data_ptr(), out_pairs.data_ptr(), rows // BLOCK_M, inter, hidden_size,
                              down_scales.shape[2], pdl, stream), "tq_moeb_down")
