@@ -385,8 +385,8 @@ __global__ void __launch_bounds__(THREADS, 2) moeb_down_kernel(
     const Staged a = staged_rows(smem, inter);
 
     // After the reduce-scatter of the BM R sums (index m R + r) over a lane group, lane l of it holds indices
-    // l PER + j (j < PER), or where there are fewer sums than lanes index l / (L / N) in acc[0].
-    constexpr int N = BM * R, PER = N >= L ? N / L : 1;
+    // l PER + j (j < PER), or where there are fewer sums than lanes index l / SHARE in acc[0] (SHARE lanes each).
+    constexpr int N = BM * R, PER = N >= L ? N / L : 1, SHARE = N >= L ? 1 : L / N;
     float acc[N];
 #pragma unroll
     for (int j = 0; j < N; j++) acc[j] = 0.f;
@@ -397,10 +397,10 @@ __global__ void __launch_bounds__(THREADS, 2) moeb_down_kernel(
         },
         [&](int item) {  // the warp's DOWN_ITEM_ROWS rows are done
             reduce_scatter<L>(acc, lane);
-            const bool writer = N >= L || lane_in_row % (L / N) == 0;
+            const bool writer = lane_in_row % SHARE == 0;
 #pragma unroll
             for (int j = 0; j < PER; j++) {
-                const int idx = N >= L ? lane_in_row * PER + j : lane_in_row / (L / N);
+                const int idx = N >= L ? lane_in_row * PER + j : lane_in_row / SHARE;
                 const int m = idx / R, r = idx % R;
                 if (writer && ((real >> m) & 1)) {
                     out_pairs[(size_t)pairs[m] * hidden + row_of(item, r)] = from_float<T>(acc[j] * weights[m]);
