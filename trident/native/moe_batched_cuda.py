@@ -44,6 +44,7 @@ MAX_TOKENS = 512
 """The most tokens :func:`takes` accepts (the benchmark's largest count; no kernel limit behind it: larger steps are
 simply unmeasured, and the tensor-core kernels are expected to win once experts have many pairs)."""
 MAX_TOP_K = 32
+"""The most experts a token (the kernels have no limit of their own; moe_gemv_cuda's bound, kept alike)."""
 MAX_HIDDEN = 16384
 """The largest H and I: a block stages BLOCK_M quantized rows of them in shared memory (1.25 bytes an element)."""
 STAGES = ACTIVATION_STAGES[4]
