@@ -126,8 +126,9 @@ def _excess(y: torch.Tensor, reference: torch.Tensor, rss: torch.Tensor, dtype: 
 
 
 def _down_rss(act: torch.Tensor, layer: dict) -> torch.Tensor:
-    """[T k, H]: |weight| x the root-sum-square of each pair's down products (act [T k, I] float64)."""
-    rss = torch.zeros((act.shape[0], layer["down"].shape[1]), dtype=torch.float64)
+    """[T k, H]: |weight| x the root-sum-square of each pair's down products (act [T k, I] float64, on the layer's
+    device)."""
+    rss = torch.zeros((act.shape[0], layer["down"].shape[1]), dtype=torch.float64, device=act.device)
     flat_ids, weights = layer["expert_ids"].reshape(-1), layer["weights"].reshape(-1).double()
     for e in flat_ids.unique().tolist():
         pairs = (flat_ids == e).nonzero().squeeze(1)
@@ -137,35 +138,37 @@ def _down_rss(act: torch.Tensor, layer: dict) -> torch.Tensor:
 
 
 def _check(layer: dict, activation: str, what: str) -> None:
-    """Each stage of the kernels against its float64 emulation (the CPU copy of ``layer``), and experts() against
-    the stages."""
+    """Each stage of the kernels against its float64 emulation, and experts() against the stages. The emulation
+    runs on the GPU, in float64: on the CPU a Qwen3-30B-A3B layer's took minutes per case with several pytest
+    workers sharing the cores (the first GPU run stopped progressing after 34 cases)."""
     dtype = layer["hidden"].dtype
     assert _takes(layer, activation), what
     stages = moe_batched_cuda.experts_stages(activation=activation, keep_act=True, **layer)
-    cpu = {name: t.cpu() for name, t in layer.items()}
-    num_tokens, top_k = cpu["expert_ids"].shape
-    hidden_size = cpu["hidden"].shape[1]
-    sorted_pairs = stages.sorted_pairs.cpu().long()
+    device = layer["hidden"].device
+    num_tokens, top_k = layer["expert_ids"].shape
+    hidden_size = layer["hidden"].shape[1]
+    sorted_pairs = stages.sorted_pairs.long()
     real = sorted_pairs >= 0
-    assert torch.equal(sorted_pairs[real].sort().values, torch.arange(num_tokens * top_k)), f"{what}: layout"
-    act = torch.empty((num_tokens * top_k, stages.act_rows.shape[1]), dtype=dtype)
-    act[sorted_pairs[real]] = stages.act_rows.cpu()[real]
+    assert torch.equal(sorted_pairs[real].sort().values, torch.arange(num_tokens * top_k, device=device)), \
+        f"{what}: layout"
+    act = torch.empty((num_tokens * top_k, stages.act_rows.shape[1]), dtype=dtype, device=device)
+    act[sorted_pairs[real]] = stages.act_rows[real]
 
-    expected = moe_batched_cuda.gate_up_reference(cpu["hidden"], cpu["expert_ids"], cpu["gate_up"],
-                                                  cpu["gate_up_scales"], activation)
+    expected = moe_batched_cuda.gate_up_reference(layer["hidden"], layer["expert_ids"], layer["gate_up"],
+                                                  layer["gate_up_scales"], activation)
     excess = _excess(act, expected, expected.abs().max() * 2**-12, dtype)
     assert excess <= 1, f"{what}: gate|up off the float64 math by {excess:.2f}x the allowance"
 
-    expected = moe_batched_cuda.down_reference(act, cpu["weights"], cpu["expert_ids"], cpu["down"],
-                                               cpu["down_scales"])
-    out_pairs = stages.out_pairs.cpu()
-    excess = _excess(out_pairs, expected, _down_rss(act.double(), cpu), dtype)
+    expected = moe_batched_cuda.down_reference(act, layer["weights"], layer["expert_ids"], layer["down"],
+                                               layer["down_scales"])
+    out_pairs = stages.out_pairs
+    excess = _excess(out_pairs, expected, _down_rss(act.double(), layer), dtype)
     assert excess <= 1, f"{what}: down off the float64 math by {excess:.2f}x the allowance"
 
-    total = torch.zeros((num_tokens, hidden_size), dtype=torch.float32)
+    total = torch.zeros((num_tokens, hidden_size), dtype=torch.float32, device=device)
     for j in range(top_k):  # the sum over k: slot order, float32, one rounding
         total += out_pairs.view(num_tokens, top_k, hidden_size)[:, j].float()
-    assert torch.equal(stages.out.cpu(), total.to(dtype)), f"{what}: the sum over k"
+    assert torch.equal(stages.out, total.to(dtype)), f"{what}: the sum over k"
     assert torch.equal(moe_batched_cuda.experts(activation=activation, **layer), stages.out), f"{what}: experts()"
 
 

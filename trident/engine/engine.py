@@ -403,6 +403,14 @@ class LLMEngine:
                 if any(issubclass(kind, module_type) for kind in kinds):
                     why = library.why_unavailable()
                     summary += f", {native}" if why is None else f", {fallback} ({why.splitlines()[0][:80]})"
+            from trident.moe.quant import QuantizedFusedExperts
+
+            if any(isinstance(m, QuantizedFusedExperts) and m.bits == 4 for m in self.model.modules()):
+                from trident.native import moe_batched_cuda
+
+                why = moe_batched_cuda.why_unavailable()
+                summary += (f", int4 experts at 2-{moe_batched_cuda.MAX_TOKENS} tokens: CUDA kernels" if why is None
+                            else f", int4 experts: Triton ({why.splitlines()[0][:80]})")
             if self.kv_format.quantized and self.attention_backend == "triton":
                 from trident.native import paged_decode_cuda
 

@@ -8,7 +8,8 @@ elsewhere), with experts of the activations' dtype, int8 codes with per-row scal
 
 One token with int8 or int4 experts (batch-1 decode) goes to the CUDA kernels of trident/native/moe_gemv_cuda.cu
 instead, where nvcc built them (two launches: gate|up with the activation, then down with the weights and the sum over
-k).
+k); 2 to moe_batched_cuda.MAX_TOKENS tokens with int4 experts to trident/native/moe_batched_cuda.cu's (grouped by
+expert, dp4a).
 """
 
 from __future__ import annotations
@@ -28,10 +29,13 @@ class TritonExperts:
     def forward(self, hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
                 gate_up: torch.Tensor, down: torch.Tensor, activation: str, *,
                 gate_up_scales: torch.Tensor | None = None, down_scales: torch.Tensor | None = None) -> torch.Tensor:
-        from trident.native import moe_gemv_cuda
+        from trident.native import moe_batched_cuda, moe_gemv_cuda
 
         if moe_gemv_cuda.takes(hidden, expert_ids, gate_up, down, gate_up_scales, down_scales, activation):
             return moe_gemv_cuda.experts(hidden, weights, expert_ids, gate_up, down, activation, gate_up_scales,
                                          down_scales)
+        if moe_batched_cuda.takes(hidden, expert_ids, gate_up, down, gate_up_scales, down_scales, activation):
+            return moe_batched_cuda.experts(hidden, weights, expert_ids, gate_up, down, activation, gate_up_scales,
+                                            down_scales)
         return fused_experts(hidden, weights, expert_ids, gate_up, down, activation, gate_up_scales=gate_up_scales,
                              down_scales=down_scales)

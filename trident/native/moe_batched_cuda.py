@@ -5,9 +5,10 @@ routing alignment (trident/kernels/moe_align.py, Triton), the hidden rows' quant
 and the intermediate's quantization, down with the routing weights into one row per pair, and the sum over k
 (trident/kernels/moe_experts.py's sum_over_k, Triton).
 
-Not wired into the engine: trident/moe/experts_triton.py does not call it. It has not been measured yet
-(``python -m trident.kernels.bench_moe_experts --weights int8 int4`` times it beside the Triton int8 / int4 kernels);
-whether and from how many tokens it should replace them is for that measurement to say.
+trident/moe/experts_triton.py sends 2..MAX_TOKENS tokens with int4 experts here (``python -m
+trident.kernels.bench_moe_experts --weights int8 int4`` times it beside the Triton int8 / int4 kernels: MAX_TOKENS).
+At 64 tokens it is twice as fast as the int4 Triton kernels but still slower than the int8 ones (1.7 TB/s of codes:
+one 8-row block per expert leaves each weight stream short).
 
 Built with ``nvcc`` on first use (trident/native/cuda_build.py). :func:`takes` says whether a call can run it. The
 reference is :class:`trident.moe.experts.TorchExperts`; the kernels' own rounding is emulated by
@@ -40,9 +41,10 @@ average, so 8 rows take nearly every expert's pairs in one block (its weights re
 of busier experts at 200+ tokens and double the activations each block stages."""
 MIN_TOKENS = 2
 """One token goes to trident/native/moe_gemv_cuda.py's kernels."""
-MAX_TOKENS = 512
-"""The most tokens :func:`takes` accepts (the benchmark's largest count; no kernel limit behind it: larger steps are
-simply unmeasured, and the tensor-core kernels are expected to win once experts have many pairs)."""
+MAX_TOKENS = 128
+"""The most tokens :func:`takes` accepts (no kernel limit behind it). Measured on an H200 (bench_moe_experts, one
+Qwen3-30B-A3B layer, int4 g128, 2026-11-30): 71.9 / 188.5 / 406.4 / 916.2 us at 8 / 64 / 200 / 512 tokens against
+155.1 / 342.1 / 392.2 / 526.3 for the int4 Triton kernels: faster up to 64, level by 200, slower beyond."""
 MAX_TOP_K = 32
 """The most experts a token (the kernels have no limit of their own; moe_gemv_cuda's bound, kept alike)."""
 MAX_HIDDEN = 16384
