@@ -21,8 +21,9 @@ on the codes with moe_tiles' tiles and, with the sweep, each of INT8_VARIANTS (I
 torch backend in float32 on the dequantized weights. Their GB/s count the bytes a quantized call reads: the touched
 experts' codes and scales. At one token the CUDA kernels of trident/native/moe_gemv_cuda.cu (what a batch-1 decode
 step runs, where nvcc built them and they take the format) are timed too, and with int4 at the token counts it takes
-(2 to moe_batched_cuda.MAX_TOKENS) the batched CUDA kernels of trident/native/moe_batched_cuda.cu (column "batched":
-not wired into the engine), so that one run compares int8 Triton, int4 Triton and int4 batched CUDA per layer.
+(2 to moe_batched_cuda.MAX_TOKENS) the batched CUDA kernels of trident/native/moe_batched_cuda.cu (column "batched"),
+so that one run compares int8 Triton, int4 Triton and int4 batched CUDA per layer; ``--batched-variants
+MOEB_BLOCK_M=16,GU_ROWS=128 ...`` times builds of those kernels with other compile-time tiles beside it.
 
 ``--dry-run`` runs the same code on a tiny float16 layer with wall-clock timing, to check the script without a GPU
 (on the CPU under ``TRITON_INTERPRET=1``).
@@ -127,9 +128,11 @@ def eager_us(fn, rotations: int) -> float:
 
 def bench_layer(layer: tuple, tokens: tuple[int, ...], variants: tuple[MoeTiles, ...], time_us: TimeUs,
                 eager_time_us: TimeUs, device: torch.device, dtype: torch.dtype,
-                quantized: tuple[tuple[int, int | None, tuple[MoeTiles, ...]], ...] = ()) -> list[dict]:
+                quantized: tuple[tuple[int, int | None, tuple[MoeTiles, ...]], ...] = (),
+                batched_variants: tuple[dict[str, int], ...] = ()) -> list[dict]:
     """One row per token count; each of ``quantized`` (bits, group size or None, tile variants) times the experts
-    quantized to int8 / int4 too (the row's keys prefixed int8_ / int4_)."""
+    quantized to int8 / int4 too (the row's keys prefixed int8_ / int4_); ``batched_variants``: compile-time tiles of
+    the batched int4 CUDA kernels to time beside their default build (moe_batched_cuda.variant)."""
     model, num_experts, top_k, hidden_size, inter = layer
     gen = torch.Generator().manual_seed(0)
     gate_up = (torch.randn(num_experts, 2 * inter, hidden_size, generator=gen) * hidden_size**-0.5).to(device, dtype)
@@ -178,14 +181,15 @@ def bench_layer(layer: tuple, tokens: tuple[int, ...], variants: tuple[MoeTiles,
         for bits, quantized_variants, q_gate_up, q_down, quantized_expert_bytes, (deq_gate_up, deq_down) in formats:
             row.update(_quantized_row(f"int{bits}", hidden, routings, q_gate_up, q_down, reference.forward(
                 hidden.float(), weights0, ids0, deq_gate_up, deq_down, "silu"), quantized_variants, time_us,
-                touched / expert_bytes * quantized_expert_bytes))
+                touched / expert_bytes * quantized_expert_bytes, batched_variants))
         results.append(row)
         print(json.dumps(row), flush=True)
     return results
 
 
 def _quantized_row(q: str, hidden: torch.Tensor, routings: list, q_gate_up, q_down, expected: torch.Tensor,
-                   variants: tuple[MoeTiles, ...], time_us: TimeUs, touched: float) -> dict:
+                   variants: tuple[MoeTiles, ...], time_us: TimeUs, touched: float,
+                   batched_variants: tuple[dict[str, int], ...] = ()) -> dict:
     """The quantized columns of a row (keys prefixed ``q``: int8 / int4): moe_tiles' tiles and each variant, GB/s over
     ``touched`` (codes + scales of the touched experts)."""
     num_tokens, hidden_size = hidden.shape
@@ -211,13 +215,33 @@ def _quantized_row(q: str, hidden: torch.Tensor, routings: list, q_gate_up, q_do
     if moe_gemv_cuda.takes(hidden, ids0, q_gate_up.codes, q_down.codes, *scales.values(), "silu"):
         row[f"{q}_cuda_us"] = _checked_us(time_us, lambda i: moe_gemv_cuda.experts(
             hidden, *routings[i], q_gate_up.codes, q_down.codes, "silu", *scales.values()), ROUTINGS, expected)
+    row[f"{q}_batched_variants_us"] = {}
     if moe_batched_cuda.takes(hidden, ids0, q_gate_up.codes, q_down.codes, *scales.values(), "silu"):
         row[f"{q}_batched_us"] = _checked_us(time_us, lambda i: moe_batched_cuda.experts(
             hidden, *routings[i], q_gate_up.codes, q_down.codes, "silu", *scales.values()), ROUTINGS, expected)
+        for defines in batched_variants:
+            lib, why = moe_batched_cuda.variant(defines)
+            row[f"{q}_batched_variants_us"][batched_name(defines)] = why if lib is None else _checked_us(
+                time_us, lambda i, lib=lib: moe_batched_cuda.experts_stages(
+                    hidden, *routings[i], q_gate_up.codes, q_down.codes, "silu", *scales.values(), lib=lib).out,
+                ROUTINGS, expected)
     for key in (q, f"{q}_best", f"{q}_cuda", f"{q}_batched"):
         us = row[f"{key}_us"]
         row[f"{key}_GBps"] = touched / us / 1e3 if isinstance(us, float) else None
     return row
+
+
+def parse_defines(text: str) -> dict[str, int]:
+    """``KEY=VALUE,KEY=VALUE`` -> {KEY: VALUE} (integer values)."""
+    defines = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        defines[key.strip()] = int(value)
+    return defines
+
+
+def batched_name(defines: dict[str, int]) -> str:
+    return ",".join(f"{key}={value}" for key, value in sorted(defines.items()))
 
 
 def print_quantized_table(rows: list[dict], q: str) -> None:
@@ -236,8 +260,11 @@ def print_quantized_table(rows: list[dict], q: str) -> None:
               f"{cell(r[f'{q}_cuda_GBps'], '.0f', 9, '-')} {cell(r[f'{q}_batched_us'], '.1f', 10, '-')} "
               f"{cell(r[f'{q}_batched_GBps'], '.0f', 12, '-')}")
     for r in rows:
+        for name, us in r.get(f"{q}_batched_variants_us", {}).items():
+            print(f"batched CUDA {name}: T={r['tokens']} " + (f"{us:.1f} us" if isinstance(us, float) else "-"))
+    for r in rows:
         for what, us in [(q, r[f"{q}_us"]), ("CUDA", r[f"{q}_cuda_us"]), ("batched CUDA", r[f"{q}_batched_us"]),
-                         *r[f"{q}_variants_us"].items()]:
+                         *r[f"{q}_variants_us"].items(), *r.get(f"{q}_batched_variants_us", {}).items()]:
             if isinstance(us, str):
                 print(f"failed: T={r['tokens']} {q} {what}: {us}")
 
@@ -267,6 +294,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weights", choices=["bf16", "int8", "int4"], nargs="+", default=["bf16"],
                         help="int8 / int4 (either or both): also time the experts quantized to int8 per channel / "
                         f"int4 in groups of {INT4_GROUP} (codes + scales), beside bf16")
+    parser.add_argument("--batched-variants", nargs="+", default=[], metavar="KEY=VALUE,...",
+                        help="with int4: also time the batched CUDA kernels built with these compile-time tiles "
+                        "(e.g. MOEB_BLOCK_M=16,GU_ROWS=128; moe_batched_cuda.cu's #ifndef constants)")
     args = parser.parse_args(argv)
     device = bench_device(parser, args.dry_run)
     if args.dry_run:
@@ -281,8 +311,9 @@ def main(argv: list[str] | None = None) -> None:
         group = None if bits == 8 else DRY_INT4_GROUP if args.dry_run else INT4_GROUP
         full = INT8_VARIANTS if bits == 8 else INT4_VARIANTS
         quantized.append((bits, group, () if args.no_sweep else DRY_INT8_VARIANTS if args.dry_run else full))
+    batched_variants = tuple(parse_defines(text) for text in args.batched_variants)
     results = bench_layer(layer, tokens, () if args.no_sweep else variants, time_us, eager, device, dtype,
-                          tuple(quantized))
+                          tuple(quantized), batched_variants)
     print_table(results, "wall clock, dry run" if args.dry_run else "fused: CUDA-graph replays; torch: eager")
     for bits, _, _ in quantized:
         print_quantized_table(results, f"int{bits}")

@@ -39,7 +39,7 @@ def _nvcc() -> str | None:
 
 
 @functools.cache
-def _build(name: str, arch: str) -> tuple[ctypes.CDLL | None, str | None]:
+def _build(name: str, arch: str, defines: tuple[tuple[str, int], ...] = ()) -> tuple[ctypes.CDLL | None, str | None]:
     if name not in CUDA_LIBRARIES:
         raise TridentError(f"no CUDA library {name!r}; have {', '.join(CUDA_LIBRARIES)}")
     nvcc = _nvcc()
@@ -49,8 +49,9 @@ def _build(name: str, arch: str) -> tuple[ctypes.CDLL | None, str | None]:
     if version is None:
         return None, why
     sources = [SOURCE_DIR / file for file in CUDA_LIBRARIES[name]]
-    flags = (*NVCC_FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}")
-    library = cached_library_path(f"{name}-sm{arch}", sources, "*.cuh", flags, version)
+    flags = (*NVCC_FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}", *(f"-D{k}={v}" for k, v in defines))
+    variant = "".join(f"-{k}{v}" for k, v in defines)
+    library = cached_library_path(f"{name}{variant}-sm{arch}", sources, "*.cuh", flags, version)
     return compile_cached(name, library, lambda out: [nvcc, *flags, *map(str, sources), "-o", out])
 
 
@@ -72,6 +73,16 @@ def load_cuda(name: str) -> ctypes.CDLL | None:
         return None
     arch = _arch()
     return None if arch is None else _build(name, arch)[0]
+
+
+def load_cuda_variant(name: str, defines: dict[str, int]) -> tuple[ctypes.CDLL | None, str | None]:
+    """The CUDA library ``name`` built with its compile-time constants set by ``defines`` (``-DKEY=VALUE``, for the
+    benchmarks' sweeps of a kernel's ``#ifndef`` tiles), cached apart from the default build; (None, why) where it
+    cannot be built."""
+    if os.environ.get(DISABLE_ENV) == "1":
+        return None, f"{DISABLE_ENV}=1"
+    arch = _arch()
+    return (None, "no CUDA device") if arch is None else _build(name, arch, tuple(sorted(defines.items())))
 
 
 def cuda_unavailable_reason(name: str) -> str | None:

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from trident.native.cuda_build import cuda_unavailable_reason, load_cuda
+from trident.native.cuda_build import cuda_unavailable_reason, load_cuda, load_cuda_variant
 from trident.native.gemv_cuda import (
     ACTIVATION_STAGES,
     ACTIVATIONS,
@@ -55,7 +55,26 @@ STAGES = ACTIVATION_STAGES[4]
 
 def library() -> ctypes.CDLL | None:
     lib = load_cuda(LIBRARY)
-    if lib is not None and not getattr(lib, "_typed", False):
+    if lib is not None:
+        typed(lib)
+        built = (lib.tq_moeb_block_m(), lib.tq_moeb_stages())
+        if built != (BLOCK_M, STAGES):
+            raise RuntimeError(f"{LIBRARY}: the library has (block_m, int4 stages) {built}, the Python side expects "
+                               f"{(BLOCK_M, STAGES)}")
+    return lib
+
+
+def variant(defines: dict[str, int]) -> tuple[ctypes.CDLL | None, str | None]:
+    """The library built with other compile-time tiles (``MOEB_BLOCK_M``, ``GU_ROWS``, ``GU_UNROLL``,
+    ``DOWN_BLOCK_ROWS``, ``DOWN_UNROLL``: moe_batched_cuda.cu's ``#ifndef`` constants), for bench_moe_experts'
+    sweep: :func:`experts_stages` takes it as ``lib``; (None, why) where it cannot be built."""
+    lib, why = load_cuda_variant(LIBRARY, defines)
+    return (typed(lib), None) if lib is not None else (None, why)
+
+
+def typed(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """``lib`` with its entry points' argument and result types set (once)."""
+    if not getattr(lib, "_typed", False):
         p, i, ll = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
         lib.tq_moeb_quantize.argtypes = [i, p, p, i, i, i, p]
         lib.tq_moeb_quantize.restype = i
@@ -68,10 +87,6 @@ def library() -> ctypes.CDLL | None:
         for name in ("tq_moeb_row_bytes", "tq_moeb_staged_bytes"):
             getattr(lib, name).argtypes = [i]
             getattr(lib, name).restype = ll
-        built = (lib.tq_moeb_block_m(), lib.tq_moeb_stages())
-        if built != (BLOCK_M, STAGES):
-            raise RuntimeError(f"{LIBRARY}: the library has (block_m, int4 stages) {built}, the Python side expects "
-                               f"{(BLOCK_M, STAGES)}")
         lib._typed = True
     return lib
 
@@ -147,14 +162,15 @@ def _launch(err: int, what: str) -> None:
 
 def experts_stages(hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor,
                    down: torch.Tensor, activation: str, gate_up_scales: torch.Tensor, down_scales: torch.Tensor,
-                   keep_act: bool = False) -> Stages:
+                   keep_act: bool = False, lib: ctypes.CDLL | None = None) -> Stages:
     """:func:`experts` with its intermediate results (``keep_act``: the gate|up kernel also writes act in hidden's
-    dtype); the caller checked :func:`takes`."""
+    dtype); the caller checked :func:`takes`. ``lib``: a :func:`variant` build instead of the library."""
     from trident.kernels.moe_align import align_routing
     from trident.kernels.moe_experts import sum_over_k
     from trident.kernels.pdl import pdl_launch
 
-    lib = library()
+    lib = lib or library()
+    block_m = lib.tq_moeb_block_m()
     num_tokens, hidden_size = hidden.shape
     num_experts, two_i, _ = gate_up.shape
     inter, top_k = two_i // 2, expert_ids.shape[1]
@@ -162,7 +178,7 @@ def experts_stages(hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torc
     pdl = int(pdl_launch(device))
     stream = torch.cuda.current_stream(device).cuda_stream
     weights = weights.contiguous()  # before the first launch: the five follow each other with nothing between
-    aligned = align_routing(expert_ids, num_experts, BLOCK_M)
+    aligned = align_routing(expert_ids, num_experts, block_m)
     rows = aligned.sorted_pairs.numel()
     layout = (aligned.sorted_pairs.data_ptr(), aligned.block_experts.data_ptr(), aligned.num_blocks.data_ptr())
 
@@ -172,12 +188,12 @@ def experts_stages(hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torc
     aq = torch.empty((rows, lib.tq_moeb_row_bytes(inter)), dtype=torch.uint8, device=device)
     act = torch.empty((rows, inter), dtype=hidden.dtype, device=device) if keep_act else None
     _launch(lib.tq_moeb_gate_up(dtype, xq.data_ptr(), *layout, gate_up.data_ptr(), gate_up_scales.data_ptr(),
-                                aq.data_ptr(), None if act is None else act.data_ptr(), rows // BLOCK_M, top_k, inter,
+                                aq.data_ptr(), None if act is None else act.data_ptr(), rows // block_m, top_k, inter,
                                 hidden_size, ACTIVATIONS[activation], gate_up_scales.shape[2], pdl, stream),
             "tq_moeb_gate_up")
     out_pairs = torch.empty((num_tokens * top_k, hidden_size), dtype=hidden.dtype, device=device)
     _launch(lib.tq_moeb_down(dtype, aq.data_ptr(), *layout, weights.data_ptr(), down.data_ptr(),
-                             down_scales.data_ptr(), out_pairs.data_ptr(), rows // BLOCK_M, inter, hidden_size,
+                             down_scales.data_ptr(), out_pairs.data_ptr(), rows // block_m, inter, hidden_size,
                              down_scales.shape[2], pdl, stream), "tq_moeb_down")
     out = out_pairs if top_k == 1 else sum_over_k(out_pairs, num_tokens, top_k, hidden_size)
     return Stages(out, out_pairs, act, aligned.sorted_pairs)
