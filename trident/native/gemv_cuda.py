@@ -179,11 +179,11 @@ def gemv_normed(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: tor
     return y, new_residual
 
 
-def quantize_activations_reference(x: torch.Tensor, stages: int = 2) -> torch.Tensor:
-    """x [..., K] (K a multiple of BLOCK) as the kernel sees it: per block of 32, s1 q1 + s2 q2 (``stages`` 2) or
-    s1 q1 alone (1) in float32 with the kernel's roundings (s = max / 127, q = rint(x * (127 / max)) clamped to
-    +-127, remainder x - s1 q1)."""
-    v = x.float().reshape(*x.shape[:-1], -1, BLOCK)
+def quantize_activations_reference(x: torch.Tensor, stages: int = 2, block: int = BLOCK) -> torch.Tensor:
+    """x [..., K] (K a multiple of ``block``) as the kernel sees it: per block of 32 (or ``block``: the batched
+    MoE kernels' 128), s1 q1 + s2 q2 (``stages`` 2) or s1 q1 alone (1) in float32 with the kernel's roundings
+    (s = max / 127, q = rint(x * (127 / max)) clamped to +-127, remainder x - s1 q1)."""
+    v = x.float().reshape(*x.shape[:-1], -1, block)
 
     def stage(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = t.abs().amax(dim=-1, keepdim=True)

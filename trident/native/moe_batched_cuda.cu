@@ -1,8 +1,9 @@
 // The routed experts of an MoE layer for T > 1 tokens with int4 experts (trident/moe/quant.py: uint8 gate_up
-// [E, 2I, H/2] and down [E, H, I/2], two codes a byte along K stored q + 8, float32 scales [E, 2I, H/G] and
-// [E, H, I/G]), grouped by expert so that each expert's weight rows are read once per step and multiplied against
-// all of that expert's (token, slot) pairs, with the GPU's 8-bit integer dot products (dp4a). The batched sibling of
-// moe_gemv_cuda.cu (one token), in three launches after the routing alignment:
+// [E, 2I, H/2] and down [E, H, I/2], two codes a byte along K stored q + 8, float32 scales [E, 2I, groups] and
+// [E, H, groups] in groups of a multiple of 128 along K, or one per row), grouped by expert so that each expert's
+// weight rows are read once per step and multiplied against all of that expert's (token, slot) pairs on the tensor
+// cores (8-bit integer mma: unsigned int4 codes x signed int8 activations, int32 sums). The batched sibling of
+// moe_gemv_cuda.cu (one token, dp4a), in three launches after the routing alignment:
 //
 //   xq          = quantize(x)                                      [T, H]     (moeb_quantize_kernel)
 //   act[r, i]   = act(gate_e . xq[t]) * (up_e . xq[t]),  aq = quantize(act)   (moeb_gate_up_kernel)
@@ -13,226 +14,120 @@
 // num_blocks). The caller (trident/native/moe_batched_cuda.py) then sums out_pairs over k (moe_experts.py's
 // sum_over_k: slot order, float32).
 //
-//  * Activations are quantized as gemv_cuda.cu quantizes them for int4 codes: one int8 stage per block of 32,
-//    s = max|x| / 127 (dp4a_common.cuh's quantize_chunk, the same function), stored in the order the codes unpack
-//    to, with each block's sum of codes (zero point 8 comes off a block's dp4a sum as -8 x that sum, never
-//    subtracted from the codes). A quantized row of k elements lives in global memory as codes [k] bytes, then
-//    s1, the plain sums and the code sums [k / 32] each (qrow_bytes(k) apart: quantize_chunk writes it through an
-//    XStages that points there). moeb_quantize_kernel writes the T hidden rows once; moeb_gate_up_kernel writes the
-//    intermediate rows itself (below), so the down kernel needs no quantizing launch of its own.
-//  * A block of either product kernel takes one row block b of the layout (its BLOCK_M sorted rows, one expert
-//    e = block_experts[b]; -1, or b >= num_blocks: it returns at once) and a chunk of the output rows. It copies its
-//    real rows' quantized activations (sorted_pairs >= 0; padding rows are skipped everywhere) into shared memory,
-//    each 16-byte half of a 32-element block placed so that the lanes of a warp reading consecutive blocks read
-//    consecutive 16 bytes (unit_of: no bank conflicts). Then warps stream the expert's weight rows: a lane reads 16
-//    bytes of codes (32 int4: one activation block, inside one scale group), unpacks them once to int8 (w &
-//    0x0F0F0F0F, (w >> 4) & 0x0F0F0F0F) and multiplies them by dp4a against each real row of the block, adding
-//    sum x (group scale x activation block scale) to a float32 sum per (weight row, pair). The codes of a warp's
-//    next step are loaded while this one is multiplied (dp4a_common.cuh's walk_steps), and the first step is
-//    requested before the PDL wait (the weights and the layout do not depend on the kernel just before).
-//  * moeb_gate_up_kernel: GU_ROWS intermediate rows a block; a warp takes gate row i and up row I + i (a step:
-//    GU_UNROLL chunks of each row per lane, 32 lanes a row). A row's 2 BLOCK_M sums are reduced over the warp by a
-//    reduce-scatter (each lane ends with one of them), and act(gate) * up, float32, is rounded once to the
-//    activation dtype into a shared tile [BLOCK_M, GU_ROWS]; the block then quantizes the tile (whole blocks of 32
-//    along I: GU_ROWS is a multiple of 32) into the intermediate's quantized rows at the block's sorted rows.
-//  * moeb_down_kernel: DOWN_BLOCK_ROWS output rows a block; groups of DOWN_LANES lanes take DOWN_R rows each (H
-//    rows are short: Qwen3-30B-A3B's I = 768 is 24 chunks, 3 a lane), DOWN_UNROLL chunks a lane and row per step.
-//    The sums are reduce-scattered over each lane group and each lane writes its pairs' values times their routing
-//    weights (float32), rounded once, at out_pairs row p.
+//  * Activations: one int8 stage per block of KBLOCK = 128 elements, s = max|x| / 127, q = rint(x / s) (the rule of
+//    gemv_cuda.cu's int4 activations with 128-element blocks: one mma chain of 128 products shares one weight scale
+//    and one activation scale). A quantized row of k elements in global memory: codes [k] bytes, each 8 elements'
+//    even ones then their odd ones (the order int4 codes unpack to), then the blocks' scales (float) and code sums
+//    (int) [k / 128] each (qrow_bytes(k) in all). The zero point 8 comes off a block's integer sum as -8 x the
+//    block's code sum (the mma's accumulator starts there).
+//  * The tensor-core tile (mma.m16n8k32, u8 x s8 -> s32) puts weights on M and sorted rows on N ("swapped": 16 weight
+//    rows x 8 pairs), so a row block of BLOCK_M = 8 rows is one mma column tile. A warp step is 128 elements of K:
+//    the lane of quad position tig (lane % 4) and group g (lane / 4) loads the 16 bytes of 32-element block
+//    4 step + tig of weight rows g and g + 8 (one 16-byte load a row: a quad reads 64 contiguous bytes), and the
+//    step's four mmas j = 0..3 take word j of each lane's 16 bytes: the low nibbles as A's k = 4 tig + 0..3, the
+//    high ones as k = 16 + 4 tig + 0..3 (the activation words 2j, 2j + 1 of the same block are B's fragment, read
+//    from shared memory). The four mmas chain in int32 (one scale pair for the 128 products), then the sum is scaled
+//    by (weight group scale x activation block scale) into float32 accumulators.
+//  * A warp streams ITEMs: two 16-row tiles (gate|up: gate rows i..i+15 and up rows I+i..; down: 32 adjacent output
+//    rows) over all of K, DEPTH steps of loads in flight (registers, a ring), across items without a break. Steps
+//    are loaded two at a time, row by row, so that a quad reads 128 contiguous bytes of a row in adjacent requests:
+//    one 64-byte request a row and step left each DRAM page half read (H200, one Qwen3-30B-A3B layer at 64 tokens:
+//    gate|up 90 -> 66 us, 2.3 -> 3.1 TB/s). The first steps are requested before the PDL wait (the weights and the
+//    layout do not depend on the kernel just before).
+//  * moeb_gate_up_kernel: a block takes row block b and GU_ROWS intermediate rows (a multiple of 128: whole
+//    activation blocks of I); act(gate) * up, float32, is rounded once to the activation dtype into a shared tile
+//    [BLOCK_M, GU_ROWS] that the block then quantizes into the intermediate's rows at the block's sorted rows.
+//  * moeb_down_kernel: a block takes row block b and DOWN_ROWS output rows; each pair's values times its routing
+//    weight (float32) are rounded once at out_pairs row p.
 //
-// Unmeasured: no timing of these kernels exists yet (trident/kernels/bench_moe_experts.py times them beside the
-// Triton kernels); BLOCK_M, GU_ROWS, DOWN_* are first choices, not a sweep's. Nothing is read back on the host, every
-// launch takes the caller's stream (CUDA-graph capturable). Requirements (checked by the caller): int4 codes, H and I
-// multiples of 32, groups of a power-of-two number of 32-element blocks (or per channel), everything contiguous and
-// 16-byte aligned, the layout from align_routing with block_m = tq_moeb_block_m(), and these launches in the order
-// align_routing, quantize, gate|up, down (the product kernels read the layout before their PDL wait: it comes from
-// the kernel before the one just before them).
+// Padding rows of a block (sorted_pairs -1) are staged as zeros and never written. Nothing is read back on the host;
+// every launch takes the caller's stream (CUDA-graph capturable). Requirements (checked by the caller): int4 codes,
+// H and I multiples of 128, groups of a power-of-two multiple of 128 elements (or one per row), everything contiguous
+// and 16-byte aligned, the layout from align_routing with block_m = tq_moeb_block_m(), and these launches in the
+// order align_routing, quantize, gate|up, down (the product kernels read the layout before their PDL wait: it comes
+// from the kernel before the one just before them). sm_80 or newer (integer mma).
 
 #include "dp4a_common.cuh"
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "moe_batched_cuda.cu multiplies on the tensor cores' integer mma: sm_80 or newer"
+#endif
+
 #ifndef MOEB_BLOCK_M
-#define MOEB_BLOCK_M 8  // sorted rows per row block (align_routing's block_m); unmeasured
+#define MOEB_BLOCK_M 8  // sorted rows per row block (align_routing's block_m): mma column tiles of 8
 #endif
 #define BM MOEB_BLOCK_M
+#define NTILES (BM / 8)
+#define KBLOCK 128  // elements per activation scale and per warp step
 #ifndef GU_ROWS
-#define GU_ROWS 64  // intermediate rows a gate|up block takes (a multiple of 32); unmeasured
+#define GU_ROWS 128  // intermediate rows a gate|up block takes (a multiple of 128: whole activation blocks)
 #endif
-#ifndef GU_UNROLL
-#define GU_UNROLL 2  // 16-byte chunks per lane and row in a gate|up step (H = 2048: a row pair in one step)
+#ifndef DOWN_ROWS
+#define DOWN_ROWS 512  // output rows a down block takes (a multiple of 32: whole items); 256: +6% at 64 tokens
 #endif
-#ifndef DOWN_BLOCK_ROWS
-#define DOWN_BLOCK_ROWS 128  // output rows a down block takes; unmeasured
+#ifndef DEPTH
+#define DEPTH 2  // warp steps whose loads are in flight (a ring of registers); 4: +5% at 8-128 tokens (H200)
 #endif
-#define DOWN_LANES 8  // lanes that share a down row
-#define DOWN_R 2      // down rows a lane group multiplies at a time (adjacent rows)
-#ifndef DOWN_UNROLL
-#define DOWN_UNROLL 3  // 16-byte chunks per lane and row in a down step (I = 768: 24 chunks, one step)
+#ifndef MIN_BLOCKS
+#define MIN_BLOCKS 2  // blocks a multiprocessor holds at once (__launch_bounds__)
 #endif
-#define DOWN_ITEM_ROWS ((32 / DOWN_LANES) * DOWN_R)  // output rows a warp takes at a time
 
-static_assert(stages_of<4>() == 1, "the batched kernels multiply int4 codes with one activation stage");
-static_assert(BM >= 1 && BM <= 16 && (BM & (BM - 1)) == 0, "BLOCK_M: a power of two up to 16 (2 BLOCK_M sums a warp)");
-static_assert(GU_ROWS % 32 == 0 && GU_ROWS <= 1024, "a gate|up block's rows: whole blocks of 32 of the intermediate");
-static_assert(DOWN_BLOCK_ROWS % DOWN_ITEM_ROWS == 0 && 32 % DOWN_ITEM_ROWS == 0,
-              "a down block's rows: whole warp items, which never straddle H (a multiple of 32)");
-static_assert((DOWN_LANES & (DOWN_LANES - 1)) == 0 && DOWN_LANES <= 32, "lane groups: a power of two");
+static_assert(BM == 8 || BM == 16 || BM == 32, "BLOCK_M: 8, 16 or 32 (whole mma column tiles)");
+static_assert(GU_ROWS % KBLOCK == 0 && GU_ROWS <= 512, "gate|up rows: whole activation blocks of the intermediate");
+static_assert(DOWN_ROWS % 32 == 0, "down rows: whole items of 32");
+static_assert(DEPTH >= 2 && DEPTH <= 8 && DEPTH % 2 == 0, "DEPTH: 2, 4, 6 or 8 steps in flight (loaded in pairs)");
 
-// Bytes of one quantized activation row of k elements in global memory: codes [k], then s1, the plain block sums
-// and the code sums [k / 32] each (4 bytes), rounded up to 16.
+// Bytes of one quantized activation row of k elements in global memory: codes [k], then the block scales and code
+// sums [k / 128] each (4 bytes), rounded up to 16.
 __host__ __device__ __forceinline__ size_t qrow_bytes(int k) {
-    return ((size_t)k + 12 * (size_t)(k / ABLOCK) + 15) & ~(size_t)15;
+    return ((size_t)k + 8 * (size_t)(k / KBLOCK) + 15) & ~(size_t)15;
 }
 
-// The XStages through which quantize_chunk writes a quantized row at `row` (one stage: no q2, s2 or qsum2).
-__device__ __forceinline__ XStages qrow_stages(uint8_t* row, int k) {
-    const int blocks = k / ABLOCK;
-    float* s1 = reinterpret_cast<float*>(row + k);
-    return {reinterpret_cast<uint32_t*>(row), nullptr, s1, nullptr, s1 + blocks,
-            reinterpret_cast<int*>(s1 + 2 * blocks), nullptr};
-}
-
-// Shared memory of a block's staged rows of k elements: BLOCK_M rows of codes, 2 x 16 bytes per block of 32 with the
-// blocks padded to a multiple of 32 (unit_of's layout), then the blocks' scales and code sums [BLOCK_M, k / 32].
-__host__ __device__ __forceinline__ int padded_blocks(int k) { return (k / ABLOCK + 31) & ~31; }
+// Shared memory of a block's staged rows of k elements: BLOCK_M rows of codes, k + 16 bytes apart (the quads of a
+// warp reading one block of 32 of rows g and g + 1 hit different banks), then the scales and code sums
+// [BLOCK_M, k / 128].
+__host__ __device__ __forceinline__ int staged_stride(int k) { return k + 16; }
 __host__ __device__ __forceinline__ size_t staged_bytes(int k) {
-    return (size_t)BM * (32 * (size_t)padded_blocks(k) + 8 * (size_t)(k / ABLOCK));
+    return (size_t)BM * staged_stride(k) + 8 * (size_t)BM * (k / KBLOCK);
 }
 
-// The 16-byte unit of a staged row that holds half `half` (its words 0-3 or 4-7) of block `blk`: the first halves
-// of 32 consecutive blocks, then their second halves, so that a warp's lanes reading consecutive blocks read
-// consecutive units.
-__device__ __forceinline__ int unit_of(int blk, int half) { return ((blk >> 5) << 6) + (half << 5) + (blk & 31); }
-
-struct Staged {
-    const uint4* codes;  // [BM][units]
-    const float* scales;  // [BM][blocks]
-    const int* qsums;     // [BM][blocks]
-    int units;
-    int blocks;
-};
-
-__device__ __forceinline__ Staged staged_rows(const uint8_t* smem, int k) {
-    const int units = 2 * padded_blocks(k), blocks = k / ABLOCK;
-    const uint4* codes = reinterpret_cast<const uint4*>(smem);
-    const float* scales = reinterpret_cast<const float*>(codes + BM * units);
-    return {codes, scales, reinterpret_cast<const int*>(scales + BM * blocks), units, blocks};
+// The weight group of step q as a shift: q >> shift (per row: 31, always group 0); -1 where the groups are not a
+// power-of-two multiple of 128 elements.
+static inline int step_group_shift(int k, int num_groups) {
+    if (num_groups == 1) return 31;
+    if (num_groups < 1 || k % num_groups) return -1;
+    const int group_size = k / num_groups, steps = group_size / KBLOCK;
+    if (group_size % KBLOCK || (steps & (steps - 1))) return -1;
+    return __builtin_ctz(steps);
 }
 
-// Copy the block's real rows (bit m of `real`) of k elements into shared memory (staged_rows' layout); row_of(m):
-// the global quantized row of staged row m (written by the kernel before: read from L2, .cg, as this
-// multiprocessor's L1 may hold an older layer's).
-template <typename RowOf>
-__device__ __forceinline__ void stage_rows(uint8_t* smem, int k, unsigned real, RowOf row_of) {
-    const int units = 2 * padded_blocks(k), blocks = k / ABLOCK, row_units = k / 16;
-    uint4* codes = reinterpret_cast<uint4*>(smem);
-    float* scales = reinterpret_cast<float*>(codes + BM * units);
-    int* qsums = reinterpret_cast<int*>(scales + BM * blocks);
-    for (int idx = threadIdx.x; idx < BM * row_units; idx += THREADS) {
-        const int m = idx / row_units, j = idx - m * row_units;
-        if ((real >> m) & 1) {
-            codes[m * units + unit_of(j >> 1, j & 1)] = __ldcg(reinterpret_cast<const uint4*>(row_of(m)) + j);
+// Quantize 8 values (chunk c of a row of k elements: 16 consecutive threads, an aligned half warp, share a block of
+// 128) into a global quantized row; every lane of the warp takes the shuffles, `active` ones write.
+__device__ __forceinline__ void quantize8(const float (&v)[8], int c, bool active, uint8_t* row, int k) {
+    float m = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; i++) m = fmaxf(m, fabsf(v[i]));
+#pragma unroll
+    for (int off = 1; off < 16; off <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+    const float inv = m > 0.f ? 127.f / m : 0.f;
+    int a[8], sum = 0;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        a[i] = quantize_code(v[i], inv);
+        sum += a[i];
+    }
+#pragma unroll
+    for (int off = 1; off < 16; off <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if (active) {
+        uint32_t* codes = reinterpret_cast<uint32_t*>(row);
+        codes[2 * c] = pack4(a[0], a[2], a[4], a[6]);
+        codes[2 * c + 1] = pack4(a[1], a[3], a[5], a[7]);
+        if ((c & 15) == 0) {
+            float* scales = reinterpret_cast<float*>(row + k);
+            scales[c / 16] = m / 127.f;
+            reinterpret_cast<int*>(scales + k / KBLOCK)[c / 16] = sum;
         }
     }
-    for (int idx = threadIdx.x; idx < BM * blocks; idx += THREADS) {
-        const int m = idx / blocks, blk = idx - m * blocks;
-        if ((real >> m) & 1) {
-            const float* s1 = reinterpret_cast<const float*>(row_of(m) + k);
-            scales[idx] = __ldcg(s1 + blk);
-            qsums[idx] = __ldcg(reinterpret_cast<const int*>(s1 + 2 * blocks) + blk);
-        }
-    }
-}
-
-// A step's codes and group scales of R weight rows (row_codes[r], row_scales[r]: the rows' starts): chunks
-// c = base + lane_in_row + lanes u (u < U) of `chunks`; zero codes and scales past the row.
-template <int R, int U>
-__device__ __forceinline__ void load_rows(Step<4, R, U>& s, const uint8_t* const (&row_codes)[R],
-                                          const float* const (&row_scales)[R], int base, int lane_in_row, int lanes,
-                                          int chunks, int group_shift) {
-    const bool whole = base + lanes * U <= chunks;  // every chunk inside the rows: loads without predicates
-#pragma unroll
-    for (int u = 0; u < U; u++) {
-        const int c = base + lanes * u + lane_in_row;
-        const bool in = whole || c < chunks;
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            s.w[r][u] = in ? __ldcs(reinterpret_cast<const uint4*>(row_codes[r]) + c) : make_uint4(0, 0, 0, 0);
-            s.scale[r][u] = in ? __ldg(row_scales[r] + (c >> group_shift)) : 0.f;
-        }
-    }
-}
-
-// Multiply a step (R weight rows, U chunks a lane) into acc[m R + r] for every real staged row m: each 16-byte
-// chunk is unpacked once and multiplied (dp4a) against each real row's activation block, the sum starting at
-// -8 x the block's code sum (zero point 8), then scaled by (group scale x activation block scale).
-template <int R, int U>
-__device__ __forceinline__ void multiply_step(const Step<4, R, U>& s, float (&acc)[BM * R], const Staged& a,
-                                              unsigned real, int base, int lane_in_row, int lanes, int chunks) {
-#pragma unroll
-    for (int u = 0; u < U; u++) {
-        // past the row: chunk 0's activations (finite), multiplied by the zero scales load_rows gave it
-        const int c = base + lanes * u + lane_in_row;
-        const int ch = c < chunks ? c : 0;
-        const int unit = unit_of(ch, 0);
-        uint32_t lo[R][4], hi[R][4];
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            const uint32_t w[4] = {s.w[r][u].x, s.w[r][u].y, s.w[r][u].z, s.w[r][u].w};
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                lo[r][j] = w[j] & 0x0F0F0F0Fu;  // elements 8j, 8j + 2, 8j + 4, 8j + 6
-                hi[r][j] = (w[j] >> 4) & 0x0F0F0F0Fu;  // elements 8j + 1, ..., 8j + 7
-            }
-        }
-#pragma unroll
-        for (int m = 0; m < BM; m++) {
-            if (!((real >> m) & 1)) continue;  // a padding row (uniform over the block)
-            const uint4 ea = a.codes[m * a.units + unit];
-            const uint4 eb = a.codes[m * a.units + unit + 32];
-            const uint32_t e[8] = {ea.x, ea.y, ea.z, ea.w, eb.x, eb.y, eb.z, eb.w};
-            const float xs = a.scales[m * a.blocks + ch];
-            const int start = -INT4_ZERO_POINT * a.qsums[m * a.blocks + ch];
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                int dot = start;
-#pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    dot = __dp4a((int)lo[r][j], (int)e[2 * j], dot);
-                    dot = __dp4a((int)hi[r][j], (int)e[2 * j + 1], dot);
-                }
-                acc[m * R + r] = fmaf(s.scale[r][u] * xs, (float)dot, acc[m * R + r]);
-            }
-        }
-    }
-}
-
-// Sum v over each aligned group of W lanes, scattered: lane l of a group ends with the total of v[l N / W + j] in
-// v[j] (j < N / W) where N >= W, else with the total of v[l / (W / N)] in v[0] (W / N lanes hold each). O: the
-// next xor offset, K: the values a lane still holds.
-template <int O, int K, int N>
-__device__ __forceinline__ void reduce_scatter_from(float (&v)[N], int lane) {
-    if constexpr (O > 0) {
-        if constexpr (K > 1) {
-            constexpr int half = K / 2;
-            const bool upper = (lane & O) != 0;
-#pragma unroll
-            for (int j = 0; j < half; j++) {  // keep one half, send the other to the partner lane
-                const float send = upper ? v[j] : v[j + half];
-                const float keep = upper ? v[j + half] : v[j];
-                v[j] = keep + __shfl_xor_sync(0xffffffffu, send, O);
-            }
-            reduce_scatter_from<O / 2, half, N>(v, lane);
-        } else {
-            v[0] += __shfl_xor_sync(0xffffffffu, v[0], O);
-            reduce_scatter_from<O / 2, 1, N>(v, lane);
-        }
-    }
-}
-
-template <int W, int N>
-__device__ __forceinline__ void reduce_scatter(float (&v)[N], int lane) {
-    static_assert(W >= 1 && W <= 32 && (W & (W - 1)) == 0 && (N & (N - 1)) == 0, "powers of two");
-    reduce_scatter_from<W / 2, N, N>(v, lane);
 }
 
 // xq [T] quantized rows of x [T, k]: one block a token.
@@ -240,8 +135,19 @@ template <typename T>
 __global__ void __launch_bounds__(THREADS) moeb_quantize_kernel(const T* __restrict__ x, uint8_t* __restrict__ xq,
                                                                 int k) {
     wait_for_previous_grid();  // x comes from the kernels before
-    const int t = blockIdx.x;
-    quantize_x<4, T>(x + (size_t)t * k, k, qrow_stages(xq + (size_t)t * qrow_bytes(k), k));
+    const int t = blockIdx.x, chunks = k / 8;
+    uint8_t* row = xq + (size_t)t * qrow_bytes(k);
+    for (int base = 0; base < chunks; base += THREADS) {  // uniform: whole warps take the shuffles
+        const int c = base + threadIdx.x;
+        const bool active = c < chunks;
+        const uint4 raw = active ? *reinterpret_cast<const uint4*>(x + (size_t)t * k + 8 * (size_t)c)
+                                 : make_uint4(0, 0, 0, 0);
+        const T* e = reinterpret_cast<const T*>(&raw);
+        float v[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++) v[i] = to_float(e[i]);
+        quantize8(v, c, active, row, k);
+    }
 }
 
 // The block's sorted rows: the pair of each (shared), and a bit mask of the real ones (-1: padding).
@@ -254,10 +160,204 @@ __device__ __forceinline__ unsigned load_block_pairs(const int* __restrict__ sor
     return real;
 }
 
+struct Staged {
+    const uint8_t* codes;  // [BM][stride]
+    const float* scales;   // [BM][blocks]
+    const int* qsums;      // [BM][blocks]
+    int stride;
+    int blocks;
+};
+
+// Copy the block's real rows (bit m of `real`) of k elements into shared memory, zeros for padding rows, a warp a
+// row; row_of(m): the global quantized row of staged row m (written by the kernel before: read from L2, .cg).
+template <typename RowOf>
+__device__ __forceinline__ Staged stage_rows(uint8_t* smem, int k, unsigned real, RowOf row_of) {
+    const int stride = staged_stride(k), blocks = k / KBLOCK, row_units = k / 16;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    float* scales = reinterpret_cast<float*>(smem + (size_t)BM * stride);
+    int* qsums = reinterpret_cast<int*>(scales + BM * blocks);
+    for (int m = warp; m < BM; m += WARPS) {
+        const bool r = (real >> m) & 1;
+        const uint8_t* row = r ? row_of(m) : nullptr;
+        uint4* to = reinterpret_cast<uint4*>(smem + (size_t)m * stride);
+#pragma unroll 4
+        for (int j = lane; j < row_units; j += 32) {
+            to[j] = r ? __ldcg(reinterpret_cast<const uint4*>(row) + j) : make_uint4(0, 0, 0, 0);
+        }
+        for (int blk = lane; blk < blocks; blk += 32) {
+            const float* s = reinterpret_cast<const float*>(row + k);
+            scales[m * blocks + blk] = r ? __ldcg(s + blk) : 0.f;
+            qsums[m * blocks + blk] = r ? __ldcg(reinterpret_cast<const int*>(s + blocks) + blk) : 0;
+        }
+    }
+    __syncthreads();
+    return {smem, scales, qsums, stride, blocks};
+}
+
+// D += A B on the tensor cores: A 16 x 32 unsigned 8-bit (row), B 32 x 8 signed 8-bit (column), D 16 x 8 int32.
+__device__ __forceinline__ void mma_u8s8(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                         uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// One step's loads: 16 bytes of each of the item's four rows (tile 0 rows g, g + 8, tile 1 rows g, g + 8) and their
+// group scales.
+struct StepLoad {
+    uint4 w[4];
+    float s[4];
+};
+
+// A warp's item for this lane: its first weight row's start (codes, scales); the item's four rows lie RowOffsets
+// from it (the same for every item of a kernel).
+struct ItemRows {
+    const uint8_t* codes;
+    const float* scales;
+};
+
+struct RowOffsets {
+    int codes[4];   // bytes
+    int scales[4];  // floats
+};
+
+// Two steps' loads (a of step qa of rows ra, b of step qb of rows rb), row by row: where they are consecutive steps of
+// one item, a quad reads 128 contiguous bytes of a row in two adjacent requests (one 64-byte request a row and step
+// left each DRAM page half read: 2.3 TB/s).
+__device__ __forceinline__ void load_steps(StepLoad& a, ItemRows ra, int qa, bool take_a, StepLoad& b, ItemRows rb,
+                                           int qb, bool take_b, const RowOffsets& off, int tig, int group_shift) {
+    const uint4* ca = reinterpret_cast<const uint4*>(ra.codes + 64 * qa + 16 * tig);
+    const uint4* cb = reinterpret_cast<const uint4*>(rb.codes + 64 * qb + 16 * tig);
+    const float* sa = ra.scales + (qa >> group_shift);
+    const float* sb = rb.scales + (qb >> group_shift);
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+        if (take_a) a.w[r] = __ldcs(reinterpret_cast<const uint4*>(reinterpret_cast<const uint8_t*>(ca) + off.codes[r]));
+        if (take_b) b.w[r] = __ldcs(reinterpret_cast<const uint4*>(reinterpret_cast<const uint8_t*>(cb) + off.codes[r]));
+    }
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+        if (take_a) a.s[r] = __ldg(sa + off.scales[r]);
+        if (take_b) b.s[r] = __ldg(sb + off.scales[r]);
+    }
+}
+
+// Multiply step q into acc[tile][column tile][4] (the mma's D layout: rows g, g + 8 x columns 2 tig, 2 tig + 1).
+__device__ __forceinline__ void multiply_step(const StepLoad& l, float (&acc)[2][NTILES][4], const Staged& a, int q,
+                                              int g, int tig) {
+    uint32_t lo[4][4], hi[4][4];  // [row r][word j]
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+        const uint32_t w[4] = {l.w[r].x, l.w[r].y, l.w[r].z, l.w[r].w};
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            lo[r][j] = w[j] & 0x0F0F0F0Fu;
+            hi[r][j] = (w[j] >> 4) & 0x0F0F0F0Fu;
+        }
+    }
+#pragma unroll
+    for (int n = 0; n < NTILES; n++) {
+        // B: block 4 q + tig of staged row 8 n + g (32 bytes: words 2j, 2j + 1 for mma j)
+        const uint8_t* brow = a.codes + (size_t)(8 * n + g) * a.stride + 32 * (4 * q + tig);
+        const uint4 b_lo = *reinterpret_cast<const uint4*>(brow);
+        const uint4 b_hi = *reinterpret_cast<const uint4*>(brow + 16);
+        const uint32_t e[8] = {b_lo.x, b_lo.y, b_lo.z, b_lo.w, b_hi.x, b_hi.y, b_hi.z, b_hi.w};
+        const int c0 = 8 * n + 2 * tig;  // D's columns: staged rows c0, c0 + 1
+        const float x0 = a.scales[c0 * a.blocks + q], x1 = a.scales[(c0 + 1) * a.blocks + q];
+        const int z0 = -INT4_ZERO_POINT * a.qsums[c0 * a.blocks + q];
+        const int z1 = -INT4_ZERO_POINT * a.qsums[(c0 + 1) * a.blocks + q];
+#pragma unroll
+        for (int t = 0; t < 2; t++) {
+            int d[4] = {z0, z1, z0, z1};
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+#ifdef MOEB_LOADS_ONLY  // a timing variant: the loads and the staging without the products (wrong results)
+                d[j] ^= (int)(lo[2 * t][j] ^ hi[2 * t + 1][j] ^ e[2 * j]);
+#else
+                mma_u8s8(d, lo[2 * t][j], lo[2 * t + 1][j], hi[2 * t][j], hi[2 * t + 1][j], e[2 * j], e[2 * j + 1]);
+#endif
+            }
+            acc[t][n][0] = fmaf((float)d[0], l.s[2 * t] * x0, acc[t][n][0]);
+            acc[t][n][1] = fmaf((float)d[1], l.s[2 * t] * x1, acc[t][n][1]);
+            acc[t][n][2] = fmaf((float)d[2], l.s[2 * t + 1] * x0, acc[t][n][2]);
+            acc[t][n][3] = fmaf((float)d[3], l.s[2 * t + 1] * x1, acc[t][n][3]);
+        }
+    }
+}
+
+// A position in a warp's walk over its items: item = first + i stride (i < count), step q of `steps`, and the item's
+// rows; advanced one step at a time (no division).
+template <typename RowsOf>
+struct Cursor {
+    int i, q;
+    ItemRows rows;
+
+    __device__ __forceinline__ void advance(const RowsOf& rows_of, int first, int stride, int steps) {
+        if (++q == steps) {
+            q = 0;
+            rows = rows_of(first + ++i * stride);
+        }
+    }
+};
+
+// Stream a warp's items (item = first + i stride, i < count) over `steps` steps of K each, DEPTH (even) steps of
+// loads in flight across items, refilled two at a time (load_steps); rows_of(item) gives an item's ItemRows,
+// finish(item, acc) takes its sums. start() requests the first DEPTH steps (before the block's PDL wait).
+template <typename RowsOf>
+struct Stream {
+    static_assert(DEPTH % 2 == 0, "steps are loaded in pairs");
+    RowsOf rows_of;
+    RowOffsets off;
+    int first, stride, count, steps, g, tig, group_shift;
+    Cursor<RowsOf> next;  // the next step to load
+
+    __device__ __forceinline__ int total() const { return count * steps; }
+    __device__ __forceinline__ void load_pair(StepLoad& a, StepLoad& b, int s) {
+        const int n = total();
+        const ItemRows rows_a = next.rows;
+        const int q_a = next.q;
+        if (s < n) next.advance(rows_of, first, stride, steps);
+        load_steps(a, rows_a, q_a, s < n, b, next.rows, next.q, s + 1 < n, off, tig, group_shift);
+        if (s + 1 < n) next.advance(rows_of, first, stride, steps);
+    }
+    __device__ __forceinline__ void start(StepLoad (&ring)[DEPTH]) {
+        next = {0, 0, rows_of(first)};
+#pragma unroll
+        for (int d = 0; d < DEPTH; d += 2) load_pair(ring[d], ring[d + 1], d);
+    }
+    template <typename Finish>
+    __device__ __forceinline__ void run(StepLoad (&ring)[DEPTH], const Staged& a, Finish finish) {
+        float acc[2][NTILES][4] = {};
+        const int n = total();
+        int item = first, q = 0;
+        for (int s0 = 0; s0 < n; s0 += DEPTH) {
+#pragma unroll
+            for (int d = 0; d < DEPTH; d++) {
+                if (s0 + d < n) {
+                    multiply_step(ring[d], acc, a, q, g, tig);
+                    if (++q == steps) {
+                        finish(item, acc);
+                        q = 0;
+                        item += stride;
+#pragma unroll
+                        for (int t = 0; t < 2; t++)
+#pragma unroll
+                            for (int c = 0; c < NTILES; c++)
+#pragma unroll
+                                for (int v = 0; v < 4; v++) acc[t][c][v] = 0.f;
+                    }
+                }
+                if (d % 2 == 1 && s0 + d + DEPTH - 1 < n) load_pair(ring[d - 1], ring[d], s0 + d - 1 + DEPTH);
+            }
+        }
+    }
+};
+
 // aq [rows] quantized rows of act [rows, I] = act(gate_e xq[t]) * up_e xq[t] at each pair's sorted row (and act
 // itself where act_out is given); blocks: row block b (fastest) x chunk of GU_ROWS intermediate rows.
 template <typename T>
-__global__ void __launch_bounds__(THREADS, 2) moeb_gate_up_kernel(
+__global__ void __launch_bounds__(THREADS, MIN_BLOCKS) moeb_gate_up_kernel(
     const uint8_t* __restrict__ xq, const int* __restrict__ sorted_pairs, const int* __restrict__ block_experts,
     const int* __restrict__ num_blocks, const uint8_t* __restrict__ codes, const float* __restrict__ scales,
     uint8_t* __restrict__ aq, T* __restrict__ act_out, int row_blocks, int top_k, int inter, int hidden,
@@ -265,7 +365,6 @@ __global__ void __launch_bounds__(THREADS, 2) moeb_gate_up_kernel(
     extern __shared__ __align__(16) uint8_t smem[];
     __shared__ int pairs[BM];
     __shared__ __align__(16) T tile[BM][GU_ROWS];
-    constexpr int U = GU_UNROLL;
     const int b = blockIdx.x % row_blocks, i0 = (blockIdx.x / row_blocks) * GU_ROWS;
     // The layout (align_routing's) was complete before the quantize kernel passed its wait, which it did before
     // letting this grid launch.
@@ -274,68 +373,61 @@ __global__ void __launch_bounds__(THREADS, 2) moeb_gate_up_kernel(
     if (e < 0) return;
     const unsigned real = load_block_pairs(sorted_pairs, b, pairs);
 
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int chunks = hidden / ABLOCK;  // 16-byte chunks of a row: 32 int4 codes each
-    const int items = min(GU_ROWS, inter - i0);  // this block's intermediate rows
-    const int steps_per_item = (chunks + 32 * U - 1) / (32 * U);
-    const int my_items = warp < items ? (items - warp + WARPS - 1) / WARPS : 0;
-    const int steps = my_items * steps_per_item;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tig = lane & 3;
+    const int items = min(GU_ROWS, inter - i0) / 16;  // 16 gate rows and their 16 up rows an item
     const size_t row_bytes = hidden / 2;
     const uint8_t* expert_codes = codes + (size_t)e * 2 * inter * row_bytes;
     const float* expert_scales = scales + (size_t)e * 2 * inter * num_groups;
-    auto load = [&](Step<4, 2, U>& s, int item, int base) {
-        const int i = i0 + item;
-        const uint8_t* const row_codes[2] = {expert_codes + i * row_bytes, expert_codes + (inter + i) * row_bytes};
-        const float* const row_scales[2] = {expert_scales + (size_t)i * num_groups,
-                                            expert_scales + (size_t)(inter + i) * num_groups};
-        load_rows<2, U>(s, row_codes, row_scales, base, lane, 32, chunks, group_shift);
+    auto rows_of = [=](int item) {  // gate rows i, i + 8; up rows I + i, I + i + 8
+        const int i = i0 + 16 * item + g;
+        return ItemRows{expert_codes + i * row_bytes, expert_scales + (size_t)i * num_groups};
     };
-    Step<4, 2, U> cur;
-    if (steps > 0) load(cur, warp, 0);
+    const RowOffsets off{{0, 8 * (int)row_bytes, inter * (int)row_bytes, (inter + 8) * (int)row_bytes},
+                         {0, 8 * num_groups, inter * num_groups, (inter + 8) * num_groups}};
+    const int mine = warp < items ? (items - warp + WARPS - 1) / WARPS : 0;
+    Stream<decltype(rows_of)> stream{rows_of, off, warp, WARPS, mine, hidden / KBLOCK, g, tig, group_shift, {}};
+    StepLoad ring[DEPTH];
+    if (mine > 0) stream.start(ring);
     wait_for_previous_grid();  // xq comes from the quantize kernel
-    stage_rows(smem, hidden, real, [&](int m) { return xq + (size_t)(pairs[m] / top_k) * qrow_bytes(hidden); });
-    __syncthreads();
-    const Staged a = staged_rows(smem, hidden);
-
-    // After the reduce-scatter of the 2 BM sums (index m 2 + r, r 0 gate / 1 up) lane l holds index l / SPREAD;
-    // its gate and up lie SPREAD lanes apart.
-    constexpr int N = 2 * BM, SPREAD = 32 / N;
-    float acc[N];
+    const Staged a = stage_rows(smem, hidden, real,
+                                [&](int m) { return xq + (size_t)(pairs[m] / top_k) * qrow_bytes(hidden); });
+    stream.run(ring, a, [&](int item, const float (&acc)[2][NTILES][4]) {
 #pragma unroll
-    for (int j = 0; j < N; j++) acc[j] = 0.f;
-    walk_steps<U>(
-        cur, steps, warp, WARPS, steps_per_item, load,
-        [&](const Step<4, 2, U>& s, int base) { multiply_step<2, U>(s, acc, a, real, base, lane, 32, chunks); },
-        [&](int item) {  // the row pair is done
-            reduce_scatter<32>(acc, lane);
-            const float up = __shfl_xor_sync(0xffffffffu, acc[0], SPREAD);
-            const int m = lane / (2 * SPREAD);
-            if (lane % (2 * SPREAD) == 0 && ((real >> m) & 1)) {
-                const T v = from_float<T>(activate(acc[0], activation) * up);
-                tile[m][item] = v;
-                if (act_out != nullptr) act_out[(size_t)(b * BM + m) * inter + i0 + item] = v;
+        for (int n = 0; n < NTILES; n++) {
+#pragma unroll
+            for (int v = 0; v < 4; v++) {
+                const int m = 8 * n + 2 * tig + (v & 1), row = 16 * item + g + 8 * (v >> 1);
+                const T out = from_float<T>(activate(acc[0][n][v], activation) * acc[1][n][v]);
+                tile[m][row] = out;
+                if (act_out != nullptr && ((real >> m) & 1)) {
+                    act_out[(size_t)(b * BM + m) * inter + i0 + row] = out;
+                }
             }
-#pragma unroll
-            for (int j = 0; j < N; j++) acc[j] = 0.f;
-        });
+        }
+    });
     __syncthreads();
 
-    // Quantize the tile's rows into aq (blocks of 32 along I: 4 threads, an aligned quad, a block; whole warps take
-    // part in quantize_chunk's shuffles).
+    // Quantize the tile's rows into aq (chunks of 8; 16 threads, an aligned half warp, a block of 128; whole warps
+    // take part in the shuffles).
     constexpr int CHUNKS = GU_ROWS / 8, TILE = BM * CHUNKS, ROUNDED = (TILE + 31) / 32 * 32;
+    const int rows_here = min(GU_ROWS, inter - i0);
     const size_t aq_row = qrow_bytes(inter);
     for (int c = threadIdx.x; c < ROUNDED; c += THREADS) {
         const int m = min(c / CHUNKS, BM - 1), cc = c % CHUNKS;
-        const bool active = c < TILE && ((real >> m) & 1) && i0 + 8 * cc < inter;
+        const bool active = c < TILE && ((real >> m) & 1) && 8 * cc < rows_here;
+        float v[8];
         const uint4 raw = active ? *reinterpret_cast<const uint4*>(&tile[m][8 * cc]) : make_uint4(0, 0, 0, 0);
-        quantize_chunk<4, T>(raw, i0 / 8 + cc, active, qrow_stages(aq + (size_t)(b * BM + m) * aq_row, inter));
+        const T* te = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int i = 0; i < 8; i++) v[i] = to_float(te[i]);
+        quantize8(v, i0 / 8 + cc, active, aq + (size_t)(b * BM + m) * aq_row, inter);
     }
 }
 
 // out_pairs [T k, H]: each pair's down_e(aq[r]) times its routing weight at row p; blocks: row block b (fastest) x
-// chunk of DOWN_BLOCK_ROWS output rows.
+// chunk of DOWN_ROWS output rows.
 template <typename T>
-__global__ void __launch_bounds__(THREADS, 2) moeb_down_kernel(
+__global__ void __launch_bounds__(THREADS, MIN_BLOCKS) moeb_down_kernel(
     const uint8_t* __restrict__ aq, const int* __restrict__ sorted_pairs, const int* __restrict__ block_experts,
     const int* __restrict__ num_blocks, const float* __restrict__ routing_weights, const uint8_t* __restrict__ codes,
     const float* __restrict__ scales, T* __restrict__ out_pairs, int row_blocks, int inter, int hidden,
@@ -343,8 +435,7 @@ __global__ void __launch_bounds__(THREADS, 2) moeb_down_kernel(
     extern __shared__ __align__(16) uint8_t smem[];
     __shared__ int pairs[BM];
     __shared__ float weights[BM];
-    constexpr int U = DOWN_UNROLL, R = DOWN_R, L = DOWN_LANES;
-    const int b = blockIdx.x % row_blocks, h0 = (blockIdx.x / row_blocks) * DOWN_BLOCK_ROWS;
+    const int b = blockIdx.x % row_blocks, h0 = (blockIdx.x / row_blocks) * DOWN_ROWS;
     // The layout and the routing weights were complete before the gate|up kernel passed its wait.
     if (b >= __ldcg(num_blocks)) return;
     const int e = __ldcg(block_experts + b);
@@ -355,60 +446,37 @@ __global__ void __launch_bounds__(THREADS, 2) moeb_down_kernel(
     }
     const unsigned real = load_block_pairs(sorted_pairs, b, pairs);  // (its __syncthreads covers weights too)
 
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int group = lane / L, lane_in_row = lane % L;
-    const int chunks = inter / ABLOCK;
-    const int items = min(DOWN_BLOCK_ROWS, hidden - h0) / DOWN_ITEM_ROWS;
-    // walk_steps counts a step as 32 U chunks; a row's lane group covers L U of them: its base is base L / 32
-    const int steps_per_item = (chunks + L * U - 1) / (L * U);
-    const int my_items = warp < items ? (items - warp + WARPS - 1) / WARPS : 0;
-    const int steps = my_items * steps_per_item;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tig = lane & 3;
+    const int items = min(DOWN_ROWS, hidden - h0) / 32;  // 32 adjacent output rows an item
     const size_t row_bytes = inter / 2;
-    auto row_of = [&](int item, int r) { return h0 + item * DOWN_ITEM_ROWS + group * R + r; };
-    auto load = [&](Step<4, R, U>& s, int item, int base) {
-        const uint8_t* row_codes[R];
-        const float* row_scales[R];
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            const size_t row = (size_t)e * hidden + row_of(item, r);
-            row_codes[r] = codes + row * row_bytes;
-            row_scales[r] = scales + row * num_groups;
-        }
-        load_rows<R, U>(s, row_codes, row_scales, base / (32 / L), lane_in_row, L, chunks, group_shift);
+    auto rows_of = [=](int item) {  // rows h, h + 8, h + 16, h + 24
+        const size_t row = (size_t)e * hidden + h0 + 32 * item + g;
+        return ItemRows{codes + row * row_bytes, scales + row * num_groups};
     };
-    Step<4, R, U> cur;
-    if (steps > 0) load(cur, warp, 0);
+    const int rb = (int)row_bytes;
+    const RowOffsets off{{0, 8 * rb, 16 * rb, 24 * rb}, {0, 8 * num_groups, 16 * num_groups, 24 * num_groups}};
+    const int mine = warp < items ? (items - warp + WARPS - 1) / WARPS : 0;
+    Stream<decltype(rows_of)> stream{rows_of, off, warp, WARPS, mine, inter / KBLOCK, g, tig, group_shift, {}};
+    StepLoad ring[DEPTH];
+    if (mine > 0) stream.start(ring);
     wait_for_previous_grid();  // aq comes from the gate|up kernel
     const size_t aq_row = qrow_bytes(inter);
-    stage_rows(smem, inter, real, [&](int m) { return aq + (size_t)(b * BM + m) * aq_row; });
-    __syncthreads();
-    const Staged a = staged_rows(smem, inter);
-
-    // After the reduce-scatter of the BM R sums (index m R + r) over a lane group, lane l of it holds indices
-    // l PER + j (j < PER), or where there are fewer sums than lanes index l / SHARE in acc[0] (SHARE lanes each).
-    constexpr int N = BM * R, PER = N >= L ? N / L : 1, SHARE = N >= L ? 1 : L / N;
-    float acc[N];
+    const Staged a = stage_rows(smem, inter, real, [&](int m) { return aq + (size_t)(b * BM + m) * aq_row; });
+    stream.run(ring, a, [&](int item, const float (&acc)[2][NTILES][4]) {
 #pragma unroll
-    for (int j = 0; j < N; j++) acc[j] = 0.f;
-    walk_steps<U>(
-        cur, steps, warp, WARPS, steps_per_item, load,
-        [&](const Step<4, R, U>& s, int base) {
-            multiply_step<R, U>(s, acc, a, real, base / (32 / L), lane_in_row, L, chunks);
-        },
-        [&](int item) {  // the warp's DOWN_ITEM_ROWS rows are done
-            reduce_scatter<L>(acc, lane);
-            const bool writer = lane_in_row % SHARE == 0;
+        for (int t = 0; t < 2; t++) {
 #pragma unroll
-            for (int j = 0; j < PER; j++) {
-                const int idx = N >= L ? lane_in_row * PER + j : lane_in_row / SHARE;
-                const int m = idx / R, r = idx % R;
-                if (writer && ((real >> m) & 1)) {
-                    out_pairs[(size_t)pairs[m] * hidden + row_of(item, r)] = from_float<T>(acc[j] * weights[m]);
+            for (int n = 0; n < NTILES; n++) {
+#pragma unroll
+                for (int v = 0; v < 4; v++) {
+                    const int m = 8 * n + 2 * tig + (v & 1), h = h0 + 32 * item + 16 * t + g + 8 * (v >> 1);
+                    if ((real >> m) & 1) {
+                        out_pairs[(size_t)pairs[m] * hidden + h] = from_float<T>(acc[t][n][v] * weights[m]);
+                    }
                 }
             }
-#pragma unroll
-            for (int j = 0; j < N; j++) acc[j] = 0.f;
-        });
+        }
+    });
 }
 
 template <typename T>
@@ -421,7 +489,7 @@ template <typename T>
 static int gate_up(const void* xq, const int* sorted_pairs, const int* block_experts, const int* num_blocks,
                    const void* codes, const float* scales, void* aq, void* act, int row_blocks, int top_k, int inter,
                    int hidden, int activation, int num_groups, int pdl, cudaStream_t stream) {
-    const int shift = group_shift_of(hidden, num_groups);
+    const int shift = step_group_shift(hidden, num_groups);
     if (shift < 0) return (int)cudaErrorInvalidValue;
     const int grid = row_blocks * ((inter + GU_ROWS - 1) / GU_ROWS);
     return launch_kernel(moeb_gate_up_kernel<T>, grid, THREADS, staged_bytes(hidden), pdl, stream,
@@ -434,9 +502,9 @@ template <typename T>
 static int down(const void* aq, const int* sorted_pairs, const int* block_experts, const int* num_blocks,
                 const float* weights, const void* codes, const float* scales, void* out_pairs, int row_blocks,
                 int inter, int hidden, int num_groups, int pdl, cudaStream_t stream) {
-    const int shift = group_shift_of(inter, num_groups);
+    const int shift = step_group_shift(inter, num_groups);
     if (shift < 0) return (int)cudaErrorInvalidValue;
-    const int grid = row_blocks * ((hidden + DOWN_BLOCK_ROWS - 1) / DOWN_BLOCK_ROWS);
+    const int grid = row_blocks * ((hidden + DOWN_ROWS - 1) / DOWN_ROWS);
     return launch_kernel(moeb_down_kernel<T>, grid, THREADS, staged_bytes(inter), pdl, stream,
                          reinterpret_cast<const uint8_t*>(aq), sorted_pairs, block_experts, num_blocks, weights,
                          reinterpret_cast<const uint8_t*>(codes), scales, reinterpret_cast<T*>(out_pairs), row_blocks,
@@ -444,14 +512,14 @@ static int down(const void* aq, const int* sorted_pairs, const int* block_expert
 }
 
 static bool shapes_fit(int inter, int hidden) {
-    return inter > 0 && hidden > 0 && inter % ABLOCK == 0 && hidden % ABLOCK == 0;
+    return inter > 0 && hidden > 0 && inter % KBLOCK == 0 && hidden % KBLOCK == 0;
 }
 
 extern "C" {
 
 int tq_moeb_block_m(void) { return BM; }
 int tq_moeb_threads(void) { return THREADS; }
-int tq_moeb_stages(void) { return stages_of<4>(); }
+int tq_moeb_kblock(void) { return KBLOCK; }
 // Bytes of one quantized activation row of k elements (the buffers the Python side allocates).
 long long tq_moeb_row_bytes(int k) { return (long long)qrow_bytes(k); }
 // Shared memory a product kernel's block takes for activation rows of k elements (beyond its static arrays).
@@ -461,7 +529,7 @@ long long tq_moeb_staged_bytes(int k) { return (long long)staged_bytes(k); }
 // the launch's CUDA error code.
 int tq_moeb_quantize(int dtype, const void* x, void* xq, int tokens, int k, int pdl, void* stream) {
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-    if (tokens < 1 || k <= 0 || k % ABLOCK) return (int)cudaErrorInvalidValue;
+    if (tokens < 1 || k <= 0 || k % KBLOCK) return (int)cudaErrorInvalidValue;
     return dtype == 0 ? quantize<__nv_bfloat16>(x, xq, tokens, k, pdl, s) : quantize<__half>(x, xq, tokens, k, pdl, s);
 }
 

@@ -1,18 +1,18 @@
 """The CUDA batched int4 routed experts (``moe_batched_cuda.cu``): T > 1 tokens through their k int4 experts, grouped
-by expert so that each expert's weight rows are read once per step, multiplied as integers (dp4a) against
-activations quantized to one int8 stage per block of 32 (gemv_cuda.py's rule for int4 codes). Five launches: the
+by expert so that each expert's weight rows are read once per step, multiplied as integers on the tensor cores
+(8-bit mma: the int4 codes against activations quantized to one int8 stage per block of KBLOCK = 128, gemv_cuda.py's
+rule for int4 codes with longer blocks: one mma chain shares one pair of scales). Five launches: the
 routing alignment (trident/kernels/moe_align.py, Triton), the hidden rows' quantization, gate|up with the activation
 and the intermediate's quantization, down with the routing weights into one row per pair, and the sum over k
 (trident/kernels/moe_experts.py's sum_over_k, Triton).
 
 trident/moe/experts_triton.py sends 2..MAX_TOKENS tokens with int4 experts here (``python -m
 trident.kernels.bench_moe_experts --weights int8 int4`` times it beside the Triton int8 / int4 kernels: MAX_TOKENS).
-At 64 tokens it is twice as fast as the int4 Triton kernels but still slower than the int8 ones (1.7 TB/s of codes:
-one 8-row block per expert leaves each weight stream short).
+Groups of a power-of-two multiple of 128 along K (or per channel) only: smaller groups go to the Triton kernels.
 
 Built with ``nvcc`` on first use (trident/native/cuda_build.py). :func:`takes` says whether a call can run it. The
 reference is :class:`trident.moe.experts.TorchExperts`; the kernels' own rounding is emulated by
-:func:`experts_reference` (float64 math on the one-stage activations, the intermediate rounded to the activation dtype
+:func:`experts_reference` (float64 math on the one-stage activations in blocks of 128, the intermediate rounded to the activation dtype
 and quantized again), which tests/native/test_moe_batched_cuda.py bounds.
 """
 
@@ -24,14 +24,7 @@ from typing import NamedTuple
 import torch
 
 from trident.native.cuda_build import cuda_unavailable_reason, load_cuda, load_cuda_variant
-from trident.native.gemv_cuda import (
-    ACTIVATION_STAGES,
-    ACTIVATIONS,
-    BLOCK,
-    DTYPES,
-    REFERENCE_ACTIVATIONS,
-    quantize_activations_reference,
-)
+from trident.native.gemv_cuda import ACTIVATIONS, DTYPES, REFERENCE_ACTIVATIONS, quantize_activations_reference
 
 LIBRARY = "tqmoeb"
 BLOCK_M = 8
@@ -41,33 +34,33 @@ average, so 8 rows take nearly every expert's pairs in one block (its weights re
 of busier experts at 200+ tokens and double the activations each block stages."""
 MIN_TOKENS = 2
 """One token goes to trident/native/moe_gemv_cuda.py's kernels."""
-MAX_TOKENS = 128
+MAX_TOKENS = 512
 """The most tokens :func:`takes` accepts (no kernel limit behind it). Measured on an H200 (bench_moe_experts, one
 Qwen3-30B-A3B layer, int4 g128, 2026-11-30): 71.9 / 188.5 / 406.4 / 916.2 us at 8 / 64 / 200 / 512 tokens against
 155.1 / 342.1 / 392.2 / 526.3 for the int4 Triton kernels: faster up to 64, level by 200, slower beyond."""
 MAX_TOP_K = 32
 """The most experts a token (the kernels have no limit of their own; moe_gemv_cuda's bound, kept alike)."""
 MAX_HIDDEN = 16384
-"""The largest H and I: a block stages BLOCK_M quantized rows of them in shared memory (1.25 bytes an element)."""
-STAGES = ACTIVATION_STAGES[4]
-"""Activation stages multiplied with int4 codes (one)."""
+"""The largest H and I: a block stages BLOCK_M quantized rows of them in shared memory (~1.06 bytes an element)."""
+KBLOCK = 128
+"""Elements per activation scale and per kernel step along K (the kernels' KBLOCK, checked when the library loads):
+H, I and the weight groups are multiples of it."""
 
 
 def library() -> ctypes.CDLL | None:
     lib = load_cuda(LIBRARY)
     if lib is not None:
         typed(lib)
-        built = (lib.tq_moeb_block_m(), lib.tq_moeb_stages())
-        if built != (BLOCK_M, STAGES):
-            raise RuntimeError(f"{LIBRARY}: the library has (block_m, int4 stages) {built}, the Python side expects "
-                               f"{(BLOCK_M, STAGES)}")
+        built = (lib.tq_moeb_block_m(), lib.tq_moeb_kblock())
+        if built != (BLOCK_M, KBLOCK):
+            raise RuntimeError(f"{LIBRARY}: the library has (block_m, kblock) {built}, the Python side expects "
+                               f"{(BLOCK_M, KBLOCK)}")
     return lib
 
 
 def variant(defines: dict[str, int]) -> tuple[ctypes.CDLL | None, str | None]:
-    """The library built with other compile-time tiles (``MOEB_BLOCK_M``, ``GU_ROWS``, ``GU_UNROLL``,
-    ``DOWN_BLOCK_ROWS``, ``DOWN_UNROLL``: moe_batched_cuda.cu's ``#ifndef`` constants), for bench_moe_experts'
-    sweep: :func:`experts_stages` takes it as ``lib``; (None, why) where it cannot be built."""
+    """The library built with other compile-time tiles (``MOEB_BLOCK_M``, ``GU_ROWS``, ``DOWN_ROWS``, ``DEPTH``,
+    ``MIN_BLOCKS``: moe_batched_cuda.cu's ``#ifndef`` constants), for bench_moe_experts' sweep: :func:`experts_stages` takes it as ``lib``; (None, why) where it cannot be built."""
     lib, why = load_cuda_variant(LIBRARY, defines)
     return (typed(lib), None) if lib is not None else (None, why)
 
@@ -82,7 +75,7 @@ def typed(lib: ctypes.CDLL) -> ctypes.CDLL:
         lib.tq_moeb_gate_up.restype = i
         lib.tq_moeb_down.argtypes = [i, p, p, p, p, p, p, p, p, i, i, i, i, i, p]
         lib.tq_moeb_down.restype = i
-        for name in ("tq_moeb_block_m", "tq_moeb_threads", "tq_moeb_stages"):
+        for name in ("tq_moeb_block_m", "tq_moeb_threads", "tq_moeb_kblock"):
             getattr(lib, name).restype = i
         for name in ("tq_moeb_row_bytes", "tq_moeb_staged_bytes"):
             getattr(lib, name).argtypes = [i]
@@ -101,18 +94,18 @@ def _aligned(*tensors: torch.Tensor) -> bool:
 
 def _groups_fit(k: int, num_groups: int) -> bool:
     """Whether the kernels take num_groups scales per row of k elements: one, or groups of a power-of-two number of
-    BLOCK-element blocks."""
+    KBLOCK-element blocks (a kernel step's 128 products share one weight scale)."""
     if num_groups == 1:
         return True
-    blocks, rest = divmod(k // num_groups, BLOCK) if k % num_groups == 0 else (0, 1)
+    blocks, rest = divmod(k // num_groups, KBLOCK) if k % num_groups == 0 else (0, 1)
     return rest == 0 and blocks > 0 and blocks & (blocks - 1) == 0
 
 
 def takes(hidden: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
           gate_up_scales: torch.Tensor | None, down_scales: torch.Tensor | None, activation: str) -> bool:
     """Whether :func:`experts` runs this step: MIN_TOKENS..MAX_TOKENS tokens of bfloat16 / float16 hidden on CUDA,
-    int4 experts (uint8 codes) with float32 scales [E, N, groups] in groups of a power-of-two number of
-    BLOCK-element blocks (or per channel), H and I multiples of BLOCK up to MAX_HIDDEN, int64 expert ids [T, k] with
+    int4 experts (uint8 codes) with float32 scales [E, N, groups] in groups of a power-of-two multiple of KBLOCK
+    elements (or per channel), H and I multiples of KBLOCK up to MAX_HIDDEN, int64 expert ids [T, k] with
     k <= MAX_TOP_K, a known activation, everything contiguous and 16-byte aligned, and the library built. Shapes,
     dtypes and addresses only: the choice holds across CUDA-graph capture."""
     if gate_up_scales is None or down_scales is None:
@@ -126,7 +119,7 @@ def takes(hidden: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor,
             and hidden.dtype in DTYPES and hidden.shape[1] == hidden_size
             and down.shape == (num_experts, hidden_size, inter // 2)
             and 0 < hidden_size <= MAX_HIDDEN and 0 < inter <= MAX_HIDDEN
-            and hidden_size % BLOCK == 0 and inter % BLOCK == 0
+            and hidden_size % KBLOCK == 0 and inter % KBLOCK == 0
             and expert_ids.dtype == torch.int64 and expert_ids.dim() == 2 and expert_ids.is_contiguous()
             and expert_ids.shape[0] == hidden.shape[0] and 1 <= expert_ids.shape[1] <= MAX_TOP_K
             and activation in ACTIVATIONS
@@ -217,11 +210,12 @@ def _by_expert(expert_ids: torch.Tensor):
 def gate_up_reference(hidden: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor,
                       gate_up_scales: torch.Tensor, activation: str) -> torch.Tensor:
     """float64 act [T k, I] (row p = t k + slot) as the gate|up kernel computes it before its one rounding: the
-    one-stage quantized hidden rows times each pair's dequantized gate and up rows. Computed where the tensors lie."""
+    one-stage quantized hidden rows (blocks of KBLOCK) times each pair's dequantized gate and up rows. Computed where
+    the tensors lie."""
     from trident.moe.quant import dequantize_experts
 
     top_k = expert_ids.shape[1]
-    x_hat = quantize_activations_reference(hidden, STAGES).double()
+    x_hat = quantize_activations_reference(hidden, 1, KBLOCK).double()
     inter = gate_up.shape[1] // 2
     act = torch.zeros((expert_ids.numel(), inter), dtype=torch.float64, device=hidden.device)
     for e, pairs in _by_expert(expert_ids):
@@ -234,11 +228,12 @@ def gate_up_reference(hidden: torch.Tensor, expert_ids: torch.Tensor, gate_up: t
 def down_reference(act: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, down: torch.Tensor,
                    down_scales: torch.Tensor) -> torch.Tensor:
     """float64 [T k, H] as the down kernel computes each pair's row before its one rounding, from act [T k, I] in
-    the activation dtype (the kernel's own, or :func:`gate_up_reference` rounded): act quantized again (one stage)
+    the activation dtype (the kernel's own, or :func:`gate_up_reference` rounded): act quantized again (one stage,
+    blocks of KBLOCK)
     times the pair's dequantized down rows, times its routing weight."""
     from trident.moe.quant import dequantize_experts
 
-    a_hat = quantize_activations_reference(act, STAGES).double()
+    a_hat = quantize_activations_reference(act, 1, KBLOCK).double()
     w_flat = weights.reshape(-1).double()
     out = torch.zeros((act.shape[0], down.shape[1]), dtype=torch.float64, device=act.device)
     for e, pairs in _by_expert(expert_ids):
