@@ -2,11 +2,13 @@
 kernels back to back), by kernel.
 
 - ``SHAPE:BATCH:CTX[:WEIGHTS[:KV[:LM_HEAD]]]``: decode steps of BATCH sequences at ~CTX tokens. Random weights,
-  bfloat16 or quantized (WEIGHTS: int8 / int4 / w8a8, as `trident bench --weights`), a KV cache in the compute dtype
+  bfloat16 or quantized (WEIGHTS: int8 / int4 / w8a8, as `trident bench --weights`; int8+int4: int8 weights with
+  int4 routed experts, as `--weights int8 --expert-weights int4`), a KV cache in the compute dtype
   or another (KV: auto / int8 / fp8 / bfloat16 ..., as `--kv-cache-dtype`), and the LM head in the model dtype or
   int8 (LM_HEAD: float / int8, as `--lm-head`).
-- ``prefill[:KV]``: one prefill step of Qwen3-0.6B over the nano workload's first prompts up to 16,384 tokens
-  (after a warm-up step on later prompts, which compiles the kernels); KV int8 by default.
+- ``prefill[:KV[:SHAPE[:WEIGHTS]]]``: one prefill step of Qwen3-0.6B (or SHAPE, its weights as WEIGHTS above)
+  over the nano workload's first prompts up to 16,384 tokens (after a warm-up step on later prompts, which compiles
+  the kernels); KV int8 by default.
 
 NO_PDL=1 launches without programmatic dependent launch, so that a kernel's time is its own and not also the wait
 for the one before it. Run on the GPU machine:
@@ -44,13 +46,26 @@ def print_kernels(title: str, prof: profile, steps: int) -> None:
         print(f"  {us / steps:9.1f} us  {count / steps:5.0f}x  {us / count:7.2f} us each  {k}")
 
 
-def decode_case(name: str, batch: int, ctx: int, weights: str, kv: str, lm_head: str) -> None:
+def checkpoint(name: str, weights: str, lm_head: str):
+    """Random bfloat16 weights of shape ``name`` on the GPU, quantized as WEIGHTS (int8+int4: int4 experts)."""
     ck = random_checkpoint(resolve_shape(name), device="cuda", dtype=torch.bfloat16)
     if weights != "float":
-        from trident.bench.quantized_weights import bench_quant_config, quant_method_of, quantize_checkpoint
+        from trident.bench.quantized_weights import (
+            bench_experts_config,
+            bench_quant_config,
+            quant_method_of,
+            quantize_checkpoint,
+        )
 
+        weights, _, experts = weights.partition("+")
         ck = quantize_checkpoint(ck, bench_quant_config(weights, None), quant_method_of(weights),
-                                 lm_head=lm_head == "int8")
+                                 lm_head=lm_head == "int8",
+                                 experts_config=bench_experts_config(weights, experts or None, None))
+    return ck
+
+
+def decode_case(name: str, batch: int, ctx: int, weights: str, kv: str, lm_head: str) -> None:
+    ck = checkpoint(name, weights, lm_head)
     eng = LLMEngine(engine_config("", device="cuda", dtype="bfloat16", max_num_seqs=batch, enforce_eager=True,
                                   max_num_batched_tokens=16384, max_model_len=4096,
                                   memory_budget_bytes=16 << 30, kv_cache_dtype=kv), ck)
@@ -68,8 +83,8 @@ def decode_case(name: str, batch: int, ctx: int, weights: str, kv: str, lm_head:
     print_kernels(f"{name} {weights} KV {kv} LM head {lm_head} batch {batch} ctx ~{ctx}", prof, n)
 
 
-def prefill_case(kv: str) -> None:
-    ck = random_checkpoint(resolve_shape("qwen3-0.6b"), device="cuda", dtype=torch.bfloat16)
+def prefill_case(kv: str, name: str = "qwen3-0.6b", weights: str = "float") -> None:
+    ck = checkpoint(name, weights, "float")
     prompts = [list(p) for p in nano_workload(256, None, None, ck.config.vocab_size).prompts]
     eng = LLMEngine(engine_config("", device="cuda", dtype="bfloat16", max_num_seqs=256, enforce_eager=True,
                                   max_num_batched_tokens=PREFILL_TOKENS, max_model_len=4096,
@@ -95,7 +110,7 @@ def prefill_case(kv: str) -> None:
         torch.cuda.synchronize()
     while eng.has_unfinished():
         eng.step()
-    print_kernels(f"qwen3-0.6b prefill, KV {kv}: {count} prompts, {total} tokens", prof, 1)
+    print_kernels(f"{name} {weights} prefill, KV {kv}: {count} prompts, {total} tokens", prof, 1)
 
 
 def main() -> None:
@@ -106,7 +121,7 @@ def main() -> None:
     for case in sys.argv[1:] or DEFAULT_CASES:
         f = case.split(":")
         if f[0] == "prefill":
-            prefill_case(f[1] if len(f) > 1 else "int8")
+            prefill_case(*(f[1:] or ["int8"]))
         else:
             decode_case(f[0], int(f[1]), int(f[2]), *(f[3:] + ["float", "auto", "float"][len(f) - 3:]))
         torch.cuda.empty_cache()

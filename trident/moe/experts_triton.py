@@ -8,8 +8,8 @@ elsewhere), with experts of the activations' dtype, int8 codes with per-row scal
 
 One token with int8 or int4 experts (batch-1 decode) goes to the CUDA kernels of trident/native/moe_gemv_cuda.cu
 instead, where nvcc built them (two launches: gate|up with the activation, then down with the weights and the sum over
-k); 2 to moe_batched_cuda.MAX_TOKENS tokens with int4 experts to trident/native/moe_batched_cuda.cu's (grouped by
-expert, dp4a).
+k); 2 to moe_batched_cuda.MAX_TOKENS tokens with int4 experts in groups of 128 (or per channel) to
+trident/native/moe_batched_cuda.cu's (grouped by expert, integer mma on the tensor cores).
 """
 
 from __future__ import annotations

@@ -8,12 +8,15 @@ and the intermediate's quantization, down with the routing weights into one row 
 
 trident/moe/experts_triton.py sends 2..MAX_TOKENS tokens with int4 experts here (``python -m
 trident.kernels.bench_moe_experts --weights int8 int4`` times it beside the Triton int8 / int4 kernels: MAX_TOKENS).
-Groups of a power-of-two multiple of 128 along K (or per channel) only: smaller groups go to the Triton kernels.
+Groups of a power-of-two multiple of 128 along K (or per channel) only: smaller groups go to the Triton kernels. At
+decode sizes it reads the codes at ~3 TB/s (64 tokens: 104 us a Qwen3-30B-A3B layer against int8's 168), so int4
+experts step faster than int8 ones; at prefill sizes each 8-row block re-reads its expert's rows and it runs at about
+half int8's speed (8,192 tokens: 4.2 ms against 2.0), still twice the int4 Triton kernels'.
 
 Built with ``nvcc`` on first use (trident/native/cuda_build.py). :func:`takes` says whether a call can run it. The
 reference is :class:`trident.moe.experts.TorchExperts`; the kernels' own rounding is emulated by
-:func:`experts_reference` (float64 math on the one-stage activations in blocks of 128, the intermediate rounded to the activation dtype
-and quantized again), which tests/native/test_moe_batched_cuda.py bounds.
+:func:`experts_reference` (float64 math on the one-stage activations in blocks of 128, the intermediate rounded to
+the activation dtype and quantized again), which tests/native/test_moe_batched_cuda.py bounds.
 """
 
 from __future__ import annotations
@@ -29,15 +32,18 @@ from trident.native.gemv_cuda import ACTIVATIONS, DTYPES, REFERENCE_ACTIVATIONS,
 LIBRARY = "tqmoeb"
 BLOCK_M = 8
 """Sorted rows per row block of the routing layout (align_routing's block_m; the kernels' MOEB_BLOCK_M, checked
-against the built library when it loads). Unmeasured: at 64 tokens x top-8 of 128 experts an expert has 4 pairs on
-average, so 8 rows take nearly every expert's pairs in one block (its weights read once); 16 would halve the blocks
-of busier experts at 200+ tokens and double the activations each block stages."""
+against the built library when it loads): one mma column tile. At 64 tokens x top-8 of 128 experts an expert has 4
+pairs on average, so 8 rows take nearly every expert's pairs in one block (its weights read once). Measured on an
+H200 (bench_moe_experts --batched-variants MOEB_BLOCK_M=16 / 32): 16 rows 104 -> 116 us at 64 tokens, 321 -> 262
+at 512; 32 rows 4.2 -> 2.9 ms at 8,192 tokens but 175 us at 64. Decode steps are what this kernel is for: 8."""
 MIN_TOKENS = 2
 """One token goes to trident/native/moe_gemv_cuda.py's kernels."""
-MAX_TOKENS = 512
-"""The most tokens :func:`takes` accepts (no kernel limit behind it). Measured on an H200 (bench_moe_experts, one
-Qwen3-30B-A3B layer, int4 g128, 2026-11-30): 71.9 / 188.5 / 406.4 / 916.2 us at 8 / 64 / 200 / 512 tokens against
-155.1 / 342.1 / 392.2 / 526.3 for the int4 Triton kernels: faster up to 64, level by 200, slower beyond."""
+MAX_TOKENS = 16384
+"""The most tokens :func:`takes` accepts (no kernel limit behind it; twice the engine's 8,192-token CUDA steps).
+Measured on an H200 (bench_moe_experts, one Qwen3-30B-A3B layer, int4 g128, 2026-11-30): 59 / 104 / 129 / 191 / 321
+/ 1,100 / 4,177 us at 8 / 64 / 128 / 256 / 512 / 2,048 / 8,192 tokens, against 155 / 347 / 350 / 493 / 526 / 2,948 /
+8,325 for the int4 Triton kernels (int8 Triton: 81 / 168 / 172 / 235 / 293 / 681 / 2,012): faster than the int4
+Triton kernels at every size."""
 MAX_TOP_K = 32
 """The most experts a token (the kernels have no limit of their own; moe_gemv_cuda's bound, kept alike)."""
 MAX_HIDDEN = 16384
@@ -60,7 +66,8 @@ def library() -> ctypes.CDLL | None:
 
 def variant(defines: dict[str, int]) -> tuple[ctypes.CDLL | None, str | None]:
     """The library built with other compile-time tiles (``MOEB_BLOCK_M``, ``GU_ROWS``, ``DOWN_ROWS``, ``DEPTH``,
-    ``MIN_BLOCKS``: moe_batched_cuda.cu's ``#ifndef`` constants), for bench_moe_experts' sweep: :func:`experts_stages` takes it as ``lib``; (None, why) where it cannot be built."""
+    ``MIN_BLOCKS``: moe_batched_cuda.cu's ``#ifndef`` constants), for bench_moe_experts' sweep:
+    :func:`experts_stages` takes it as ``lib``; (None, why) where it cannot be built."""
     lib, why = load_cuda_variant(LIBRARY, defines)
     return (typed(lib), None) if lib is not None else (None, why)
 
