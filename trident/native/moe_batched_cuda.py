@@ -28,6 +28,7 @@ import torch
 
 from trident.native.cuda_build import cuda_unavailable_reason, load_cuda, load_cuda_variant
 from trident.native.gemv_cuda import ACTIVATIONS, DTYPES, REFERENCE_ACTIVATIONS, quantize_activations_reference
+from trident.native.operands import aligned, groups_fit
 
 LIBRARY = "tqmoeb"
 BLOCK_M = 8
@@ -95,19 +96,6 @@ def why_unavailable() -> str | None:
     return cuda_unavailable_reason(LIBRARY)
 
 
-def _aligned(*tensors: torch.Tensor) -> bool:
-    return all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
-
-
-def _groups_fit(k: int, num_groups: int) -> bool:
-    """Whether the kernels take num_groups scales per row of k elements: one, or groups of a power-of-two number of
-    KBLOCK-element blocks (a kernel step's 128 products share one weight scale)."""
-    if num_groups == 1:
-        return True
-    blocks, rest = divmod(k // num_groups, KBLOCK) if k % num_groups == 0 else (0, 1)
-    return rest == 0 and blocks > 0 and blocks & (blocks - 1) == 0
-
-
 def takes(hidden: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
           gate_up_scales: torch.Tensor | None, down_scales: torch.Tensor | None, activation: str) -> bool:
     """Whether :func:`experts` runs this step: MIN_TOKENS..MAX_TOKENS tokens of bfloat16 / float16 hidden on CUDA,
@@ -134,9 +122,10 @@ def takes(hidden: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor,
             and gate_up_scales.shape[:2] == (num_experts, 2 * inter) and down_scales.shape[:2] == (num_experts,
                                                                                                   hidden_size)
             and gate_up_scales.is_contiguous() and down_scales.is_contiguous()
-            and _aligned(hidden, gate_up, down)):
+            and aligned(hidden, gate_up, down)):
         return False
-    if not (_groups_fit(hidden_size, gate_up_scales.shape[2]) and _groups_fit(inter, down_scales.shape[2])):
+    if not (groups_fit(hidden_size, gate_up_scales.shape[2], KBLOCK)
+            and groups_fit(inter, down_scales.shape[2], KBLOCK)):
         return False
     return library() is not None
 

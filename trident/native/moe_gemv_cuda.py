@@ -26,6 +26,7 @@ from trident.native.gemv_cuda import (
     grid_size,
     quantize_activations_reference,
 )
+from trident.native.operands import aligned, groups_fit
 
 LIBRARY = "tqmoe"
 BLOCKS_PER_SM = 2
@@ -51,19 +52,6 @@ def why_unavailable() -> str | None:
     return cuda_unavailable_reason(LIBRARY)
 
 
-def _aligned(*tensors: torch.Tensor) -> bool:
-    return all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
-
-
-def _groups_fit(k: int, num_groups: int) -> bool:
-    """Whether the kernels take num_groups scales per row of k elements: one, or groups of a power-of-two number of
-    BLOCK-element blocks."""
-    if num_groups == 1:
-        return True
-    blocks, rest = divmod(k // num_groups, BLOCK) if k % num_groups == 0 else (0, 1)
-    return rest == 0 and blocks > 0 and blocks & (blocks - 1) == 0
-
-
 def _bits_and_groups(codes: torch.Tensor, scales: torch.Tensor) -> tuple[int, int]:
     """(8, 1) for int8 codes with a scale per row; (4, groups) for packed int4 codes with [E, N, groups] scales."""
     return (8, 1) if codes.dtype == torch.int8 else (4, scales.shape[-1])
@@ -87,9 +75,10 @@ def takes(hidden: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor,
             and expert_ids.dim() == 2 and 1 <= expert_ids.shape[1] <= MAX_TOP_K and expert_ids.is_contiguous()
             and activation in ACTIVATIONS and hidden_size % BLOCK == 0 and inter % BLOCK == 0
             and hidden.shape[1] == hidden_size and gate_up_scales.dtype == down_scales.dtype == torch.float32
-            and _aligned(hidden, gate_up, down) and gate_up_scales.is_contiguous() and down_scales.is_contiguous()):
+            and aligned(hidden, gate_up, down) and gate_up_scales.is_contiguous() and down_scales.is_contiguous()):
         return False
-    if int4 and not (_groups_fit(hidden_size, gate_up_scales.shape[2]) and _groups_fit(inter, down_scales.shape[2])):
+    if int4 and not (groups_fit(hidden_size, gate_up_scales.shape[2], BLOCK)
+                     and groups_fit(inter, down_scales.shape[2], BLOCK)):
         return False
     return library() is not None
 
