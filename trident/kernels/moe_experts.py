@@ -44,10 +44,10 @@ H200 at 16-64 tokens, slower than the bfloat16 kernel over four times the bytes 
 trident.kernels.bench_moe_experts --weights int4; two dots per tile on the even and odd elements instead of the join
 ran at 0.7, each element loading its own byte and shifting its nibble out at 0.1; at prefill sizes the even / odd
 dots were slower still: 1,566 against 526 us at 512 tokens, and in a 15,705-token Qwen3-30B-A3B prefill step 16.7 +
-10.3 ms a layer against 12.2 + 2.4, session 20). On CUDA, int4 experts in groups of 128 (or per channel) go to
-trident/native/moe_gemv_cuda.cu at one token and trident/native/moe_batched_cuda.cu at 2 to 16,384 tokens instead;
-these kernels take int4 in groups of 32 or 64, and a prefill-sized int4 kernel at int8's speed (2.2 + 1.1 ms a layer
-there) is open work. Codes become 16-bit floats by bits
+10.3 ms a layer against 12.2 + 2.4, session 20). On CUDA, int4 experts go to trident/native/moe_gemv_cuda.cu at one
+token and, in groups of 128 (or per channel), to trident/native/moe_batched_cuda.cu at 2 to 16,384 tokens instead;
+these kernels take int4 in groups of 32 or 64 beyond one token, and a prefill-sized int4 kernel at int8's speed (2.2 +
+1.1 ms a layer there) is open work. Codes become 16-bit floats by bits
 (MAGIC + code, trident/kernels/quant_matmul.py's MAGIC), the constant is taken off with the rows' sums of the
 activations, and each tile's products are scaled by their group's scales.
 
