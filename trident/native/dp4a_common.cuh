@@ -30,15 +30,15 @@ template <int BITS> __host__ __device__ constexpr int stages_of() { return BITS 
 
 #define INT4_ZERO_POINT 8  // int4 codes are stored q + 8 (trident/quant/rtn.py's INT4_ZERO_POINT)
 
-// A 32-element chunk's group (int4 codes: a 16-byte chunk): its index within the row shifted right by log2(blocks
-// per group) (per channel, by 31: always 0). Groups of a power-of-two number of 32-element blocks, or one per row;
-// -1 otherwise.
-static inline int group_shift_of(int k, int num_groups) {
+// The group of a `block`-element block of K (default 32: int4 codes' 16-byte chunk): its index within the row shifted
+// right by log2(blocks per group) (per channel, by 31: always 0). Groups of a power-of-two number of blocks, or one
+// per row; -1 otherwise (trident/native/operands.py's groups_fit, on the host side).
+static inline int group_shift_of(int k, int num_groups, int block = ABLOCK) {
     if (num_groups < 1 || k % num_groups) return -1;
     const int group_size = k / num_groups;
-    const int blocks = group_size / ABLOCK;
+    const int blocks = group_size / block;
     if (num_groups == 1) return 31;
-    if (group_size % ABLOCK || (blocks & (blocks - 1))) return -1;
+    if (group_size % block || (blocks & (blocks - 1))) return -1;
     return __builtin_ctz(blocks);
 }
 

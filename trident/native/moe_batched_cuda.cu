@@ -91,16 +91,6 @@ __host__ __device__ __forceinline__ size_t staged_bytes(int k) {
     return (size_t)BM * staged_stride(k) + 8 * (size_t)BM * (k / KBLOCK);
 }
 
-// The weight group of step q as a shift: q >> shift (per row: 31, always group 0); -1 where the groups are not a
-// power-of-two multiple of 128 elements.
-static inline int step_group_shift(int k, int num_groups) {
-    if (num_groups == 1) return 31;
-    if (num_groups < 1 || k % num_groups) return -1;
-    const int group_size = k / num_groups, steps = group_size / KBLOCK;
-    if (group_size % KBLOCK || (steps & (steps - 1))) return -1;
-    return __builtin_ctz(steps);
-}
-
 // Quantize 8 values (chunk c of a row of k elements: 16 consecutive threads, an aligned half warp, share a block of
 // 128) into a global quantized row; every lane of the warp takes the shuffles, `active` ones write.
 __device__ __forceinline__ void quantize8(const float (&v)[8], int c, bool active, uint8_t* row, int k) {
@@ -227,14 +217,14 @@ struct RowOffsets {
 // left each DRAM page half read: 2.3 TB/s).
 __device__ __forceinline__ void load_steps(StepLoad& a, ItemRows ra, int qa, bool take_a, StepLoad& b, ItemRows rb,
                                            int qb, bool take_b, const RowOffsets& off, int tig, int group_shift) {
-    const uint4* ca = reinterpret_cast<const uint4*>(ra.codes + 64 * qa + 16 * tig);
-    const uint4* cb = reinterpret_cast<const uint4*>(rb.codes + 64 * qb + 16 * tig);
+    const uint8_t* ca = ra.codes + 64 * qa + 16 * tig;
+    const uint8_t* cb = rb.codes + 64 * qb + 16 * tig;
     const float* sa = ra.scales + (qa >> group_shift);
     const float* sb = rb.scales + (qb >> group_shift);
 #pragma unroll
     for (int r = 0; r < 4; r++) {
-        if (take_a) a.w[r] = __ldcs(reinterpret_cast<const uint4*>(reinterpret_cast<const uint8_t*>(ca) + off.codes[r]));
-        if (take_b) b.w[r] = __ldcs(reinterpret_cast<const uint4*>(reinterpret_cast<const uint8_t*>(cb) + off.codes[r]));
+        if (take_a) a.w[r] = __ldcs(reinterpret_cast<const uint4*>(ca + off.codes[r]));
+        if (take_b) b.w[r] = __ldcs(reinterpret_cast<const uint4*>(cb + off.codes[r]));
     }
 #pragma unroll
     for (int r = 0; r < 4; r++) {
@@ -272,11 +262,7 @@ __device__ __forceinline__ void multiply_step(const StepLoad& l, float (&acc)[2]
             int d[4] = {z0, z1, z0, z1};
 #pragma unroll
             for (int j = 0; j < 4; j++) {
-#ifdef MOEB_LOADS_ONLY  // a timing variant: the loads and the staging without the products (wrong results)
-                d[j] ^= (int)(lo[2 * t][j] ^ hi[2 * t + 1][j] ^ e[2 * j]);
-#else
                 mma_u8s8(d, lo[2 * t][j], lo[2 * t + 1][j], hi[2 * t][j], hi[2 * t + 1][j], e[2 * j], e[2 * j + 1]);
-#endif
             }
             acc[t][n][0] = fmaf((float)d[0], l.s[2 * t] * x0, acc[t][n][0]);
             acc[t][n][1] = fmaf((float)d[1], l.s[2 * t] * x1, acc[t][n][1]);
@@ -489,7 +475,7 @@ template <typename T>
 static int gate_up(const void* xq, const int* sorted_pairs, const int* block_experts, const int* num_blocks,
                    const void* codes, const float* scales, void* aq, void* act, int row_blocks, int top_k, int inter,
                    int hidden, int activation, int num_groups, int pdl, cudaStream_t stream) {
-    const int shift = step_group_shift(hidden, num_groups);
+    const int shift = group_shift_of(hidden, num_groups, KBLOCK);
     if (shift < 0) return (int)cudaErrorInvalidValue;
     const int grid = row_blocks * ((inter + GU_ROWS - 1) / GU_ROWS);
     return launch_kernel(moeb_gate_up_kernel<T>, grid, THREADS, staged_bytes(hidden), pdl, stream,
@@ -502,7 +488,7 @@ template <typename T>
 static int down(const void* aq, const int* sorted_pairs, const int* block_experts, const int* num_blocks,
                 const float* weights, const void* codes, const float* scales, void* out_pairs, int row_blocks,
                 int inter, int hidden, int num_groups, int pdl, cudaStream_t stream) {
-    const int shift = step_group_shift(inter, num_groups);
+    const int shift = group_shift_of(inter, num_groups, KBLOCK);
     if (shift < 0) return (int)cudaErrorInvalidValue;
     const int grid = row_blocks * ((hidden + DOWN_ROWS - 1) / DOWN_ROWS);
     return launch_kernel(moeb_down_kernel<T>, grid, THREADS, staged_bytes(inter), pdl, stream,
