@@ -180,7 +180,7 @@ def test_builds_on_the_gpu_machine() -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("group_size", [128, None], ids=["g128", "channel"])
 @pytest.mark.parametrize("routing", ROUTINGS)
-@pytest.mark.parametrize("num_tokens", [2, 5, 64, moe_batched_cuda.MAX_TOKENS])
+@pytest.mark.parametrize("num_tokens", [2, 5, 64, moe_batched_cuda.PREFILL_TOKENS, moe_batched_cuda.MAX_TOKENS])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_kernels_equal_float64_math(dtype: torch.dtype, num_tokens: int, routing: str, group_size: int) -> None:
     """128 experts, top-8, H 512, I 256, silu."""
@@ -197,6 +197,25 @@ def test_qwen3_30b_a3b_layer(dtype: torch.dtype) -> None:
     layer = random_step(128, 2048, 768, 64, 8, "uniform", 30, dtype, "cuda", 128)
     layer["hidden"] = layer["hidden"] / 16
     _check(layer, "silu", f"Qwen3-30B-A3B T=64 {dtype}")
+
+
+@pytest.mark.gpu
+def test_qwen3_30b_a3b_layer_at_prefill_size() -> None:
+    """The same layer at 1,024 tokens: the prefill build (32-row blocks)."""
+    assert moe_batched_cuda.library_for(1024, 2048, 768).tq_moeb_block_m() == moe_batched_cuda.PREFILL_BLOCK_M
+    layer = random_step(128, 2048, 768, 1024, 8, "uniform", 31, torch.bfloat16, "cuda", 128)
+    layer["hidden"] = layer["hidden"] / 16
+    _check(layer, "silu", "Qwen3-30B-A3B T=1024")
+
+
+@pytest.mark.gpu
+def test_builds_by_token_count_and_shared_memory() -> None:
+    """8-row blocks below PREFILL_TOKENS, 32-row ones from it, and 8-row ones again where 32 rows of activations do
+    not fit in a block's shared memory (H = 16,384: 525 KB)."""
+    below, at = moe_batched_cuda.PREFILL_TOKENS - 1, moe_batched_cuda.PREFILL_TOKENS
+    assert moe_batched_cuda.library_for(below, 2048, 768).tq_moeb_block_m() == moe_batched_cuda.BLOCK_M
+    assert moe_batched_cuda.library_for(at, 2048, 768).tq_moeb_block_m() == moe_batched_cuda.PREFILL_BLOCK_M
+    assert moe_batched_cuda.library_for(at, 16384, 768).tq_moeb_block_m() == moe_batched_cuda.BLOCK_M
 
 
 @pytest.mark.gpu

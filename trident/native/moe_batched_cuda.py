@@ -22,6 +22,7 @@ the activation dtype and quantized again), which tests/native/test_moe_batched_c
 from __future__ import annotations
 
 import ctypes
+import functools
 from typing import NamedTuple
 
 import torch
@@ -36,7 +37,16 @@ BLOCK_M = 8
 against the built library when it loads): one mma column tile. At 64 tokens x top-8 of 128 experts an expert has 4
 pairs on average, so 8 rows take nearly every expert's pairs in one block (its weights read once). Measured on an
 H200 (bench_moe_experts --batched-variants MOEB_BLOCK_M=16 / 32): 16 rows 104 -> 116 us at 64 tokens, 321 -> 262
-at 512; 32 rows 4.2 -> 2.9 ms at 8,192 tokens but 175 us at 64. Decode steps are what this kernel is for: 8."""
+at 512; 32 rows 4.2 -> 2.9 ms at 8,192 tokens but 175 us at 64: 8 up to PREFILL_TOKENS, PREFILL_BLOCK_M beyond."""
+PREFILL_TOKENS = 512
+"""From this many tokens the kernels run from a build with PREFILL_BLOCK_M-row blocks (where its shared memory fits:
+:func:`library_for`): measured on an H200 (one Qwen3-30B-A3B layer, int4 g128), 32-row blocks against 8: 278 / 321
+us at 512 tokens, 820 / 1,100 at 2,048, 2,858 / 4,177 at 8,192; below, 8-row blocks (104 / 175 us at 64)."""
+PREFILL_BLOCK_M = 32
+"""The prefill build's rows per block (four mma column tiles: each weight row read once per 32 pairs)."""
+STATIC_SHARED_MEMORY = 9 * 1024
+"""Shared memory a gate|up block holds beside its staged rows, at most (the act tile: 32 rows x 128 x 2 bytes, and
+the block's pairs)."""
 MIN_TOKENS = 2
 """One token goes to trident/native/moe_gemv_cuda.py's kernels."""
 MAX_TOKENS = 16384
@@ -63,6 +73,35 @@ def library() -> ctypes.CDLL | None:
             raise RuntimeError(f"{LIBRARY}: the library has (block_m, kblock) {built}, the Python side expects "
                                f"{(BLOCK_M, KBLOCK)}")
     return lib
+
+
+def prefill_library() -> ctypes.CDLL | None:
+    """The library built with PREFILL_BLOCK_M-row blocks (built on first use, like :func:`library`)."""
+    lib, _ = load_cuda_variant(LIBRARY, {"MOEB_BLOCK_M": PREFILL_BLOCK_M})
+    if lib is not None:
+        typed(lib)
+        if lib.tq_moeb_block_m() != PREFILL_BLOCK_M:
+            raise RuntimeError(f"{LIBRARY}: the prefill build has block_m {lib.tq_moeb_block_m()}, the Python side "
+                               f"expects {PREFILL_BLOCK_M}")
+    return lib
+
+
+def library_for(num_tokens: int, hidden_size: int, inter: int) -> ctypes.CDLL | None:
+    """The build a step of ``num_tokens`` runs: from PREFILL_TOKENS the prefill build where its blocks' staged
+    activations fit in shared memory, else the default one (None where it cannot be built)."""
+    if num_tokens >= PREFILL_TOKENS:
+        lib = prefill_library()
+        staged = None if lib is None else lib.tq_moeb_staged_bytes(max(hidden_size, inter))
+        if staged is not None and staged + STATIC_SHARED_MEMORY <= _shared_memory_per_block():
+            return lib
+    return library()
+
+
+@functools.cache
+def _shared_memory_per_block() -> int:
+    """The current GPU's shared memory a block may opt into (H100 / H200: 227 KB, A100: 163 KB)."""
+    properties = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return int(getattr(properties, "shared_memory_per_block_optin", 163 * 1024))
 
 
 def variant(defines: dict[str, int]) -> tuple[ctypes.CDLL | None, str | None]:
@@ -93,7 +132,12 @@ def typed(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 def why_unavailable() -> str | None:
-    return cuda_unavailable_reason(LIBRARY)
+    """Why the kernels cannot run (None: both builds are ready; asking builds them, so that an engine's start-up
+    and not its first prefill waits for nvcc)."""
+    why = cuda_unavailable_reason(LIBRARY)
+    if why is None:
+        prefill_library()
+    return why
 
 
 def takes(hidden: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
@@ -101,7 +145,8 @@ def takes(hidden: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor,
     """Whether :func:`experts` runs this step: MIN_TOKENS..MAX_TOKENS tokens of bfloat16 / float16 hidden on CUDA,
     int4 experts (uint8 codes) with float32 scales [E, N, groups] in groups of a power-of-two multiple of KBLOCK
     elements (or per channel), H and I multiples of KBLOCK up to MAX_HIDDEN, int64 expert ids [T, k] with
-    k <= MAX_TOP_K, a known activation, everything contiguous and 16-byte aligned, and the library built. Shapes,
+    k <= MAX_TOP_K, a known activation, everything contiguous and 16-byte aligned, and the library built (from
+    PREFILL_TOKENS tokens the prefill build where it fits, else the default one: :func:`library_for`). Shapes,
     dtypes and addresses only: the choice holds across CUDA-graph capture."""
     if gate_up_scales is None or down_scales is None:
         return False
@@ -127,7 +172,7 @@ def takes(hidden: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor,
     if not (groups_fit(hidden_size, gate_up_scales.shape[2], KBLOCK)
             and groups_fit(inter, down_scales.shape[2], KBLOCK)):
         return False
-    return library() is not None
+    return library_for(hidden.shape[0], hidden_size, inter) is not None
 
 
 class Stages(NamedTuple):
@@ -158,7 +203,7 @@ def experts_stages(hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torc
     from trident.kernels.moe_experts import sum_over_k
     from trident.kernels.pdl import pdl_launch
 
-    lib = lib or library()
+    lib = lib or library_for(hidden.shape[0], hidden.shape[1], gate_up.shape[1] // 2)
     block_m = lib.tq_moeb_block_m()
     num_tokens, hidden_size = hidden.shape
     num_experts, two_i, _ = gate_up.shape
