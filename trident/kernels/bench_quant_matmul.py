@@ -58,13 +58,19 @@ GEMM_VARIANTS = tuple(TileConfig(*v) for v in (
     (32, 64, 64, 4, 4), (64, 32, 128, 4, 4), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3),
     (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 256, 64, 8, 3),
     (32, 32, 256, 4, 4), (32, 64, 256, 4, 3), (64, 32, 256, 4, 4), (64, 64, 256, 4, 3), (64, 64, 128, 4, 4),
-    (64, 128, 128, 8, 3), (64, 32, 64, 4, 3))) + tuple(
+    (64, 128, 128, 8, 3), (64, 32, 64, 4, 3),
+    (64, 64, 128, 8, 4), (64, 32, 128, 8, 4), (64, 32, 64, 4, 4), (64, 128, 64, 8, 4), (32, 64, 128, 8, 4))) + tuple(
     TileConfig(*v, split_k) for v in ((32, 32, 256, 4, 4), (64, 32, 256, 4, 4), (64, 64, 256, 4, 3))
-    for split_k in (2, 4, 8)) + (
-    TileConfig(64, 32, 64, 4, 3, 2), TileConfig(64, 32, 64, 4, 3, 4), TileConfig(64, 128, 64, 4, 3, 2))
+    for split_k in (2, 4, 8)) + tuple(
+    TileConfig(*v, split_k) for v in ((64, 64, 128, 8, 4), (64, 32, 128, 8, 4)) for split_k in (2, 4)) + (
+    TileConfig(64, 32, 64, 4, 3, 2), TileConfig(64, 32, 64, 4, 3, 4), TileConfig(64, 128, 64, 4, 3, 2)) + tuple(
+    TileConfig(*v, swap=True) for v in (
+        (16, 64, 256, 4, 3), (32, 64, 256, 4, 3), (32, 64, 128, 4, 4), (64, 64, 256, 4, 3), (64, 64, 128, 4, 4),
+        (64, 128, 128, 4, 3), (64, 128, 128, 8, 3), (64, 64, 128, 4, 4, 2), (32, 64, 256, 4, 3, 2),
+        (64, 64, 256, 4, 3, 2), (128, 64, 128, 4, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 4, 2)))
 """Matrix-multiply tiles swept beyond 16 rows: the last ones split K (split_k programs per tile): int8's
 batched-decode tiles and the matrix-multiply rule's at 64 rows (int4, and int8 over wide matrices) split as
-quant_matmul_config's split-K rule would, and around that."""
+quant_matmul_config's split-K rule would, and around that; then tiles multiplied transposed (swap: named ..._sw)."""
 DTYPE = torch.bfloat16
 
 DRY_SHAPES = (("dry", "tall", 100, 256), ("dry", "wide", 33, 1024))
@@ -74,9 +80,11 @@ DRY_DTYPE = torch.float16
 
 
 def variant_name(config: TileConfig) -> str:
-    """m{block_m}_n{block_n}_k{block_k}_w{num_warps}_st{num_stages}, then _sk{split_k} where K is split."""
+    """m{block_m}_n{block_n}_k{block_k}_w{num_warps}_st{num_stages}, then _sk{split_k} where K is split and _sw
+    where the tile is multiplied transposed."""
     name = "m{}_n{}_k{}_w{}_st{}".format(*config)
-    return name if config.split_k == 1 else f"{name}_sk{config.split_k}"
+    name = name if config.split_k == 1 else f"{name}_sk{config.split_k}"
+    return f"{name}_sw" if config.swap else name
 
 
 def random_weight(n: int, k: int, bits: int, group_size: int | None, offsets: bool,
@@ -177,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=None, help=f"row counts of x (default {ROWS})")
     parser.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(DEFAULT_FORMATS),
                         help=f"weight formats (default {' '.join(DEFAULT_FORMATS)})")
+    parser.add_argument("--models", nargs="+", choices=sorted({s[0] for s in SHAPES}), default=None,
+                        help="only these models' projections (default: all of SHAPES)")
     parser.add_argument("--no-sweep", action="store_true", help="only the default tiles and the bf16 baselines")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes, wall clock: checks the script only")
     args = parser.parse_args(argv)
@@ -186,6 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         shapes, rows, time_us, dtype = SHAPES, ROWS, graph_us, DTYPE
     rows = tuple(args.rows) if args.rows else rows
+    if args.models and not args.dry_run:
+        shapes = tuple(s for s in shapes if s[0] in args.models)
     results = []
     for model, projection, n, k in shapes:
         results += bench_shape(model, projection, n, k, rows, tuple(args.formats), time_us, device, dtype,
