@@ -10,8 +10,9 @@ trident/moe/experts_triton.py sends 2..MAX_TOKENS tokens with int4 experts here 
 trident.kernels.bench_moe_experts --weights int8 int4`` times it beside the Triton int8 / int4 kernels: MAX_TOKENS).
 Groups of a power-of-two multiple of 128 along K (or per channel) only: smaller groups go to the Triton kernels. At
 decode sizes it reads the codes at ~3 TB/s (64 tokens: 104 us a Qwen3-30B-A3B layer against int8's 168), so int4
-experts step faster than int8 ones; at prefill sizes each 8-row block re-reads its expert's rows and it runs at about
-half int8's speed (8,192 tokens: 4.2 ms against 2.0), still twice the int4 Triton kernels'.
+experts step faster than int8 ones; at prefill sizes, from a build with 32-row blocks (:func:`library_for`), each
+block still re-reads its expert's rows and it runs at about 0.7 of int8's speed (8,192 tokens: 2.9 ms against 2.0),
+three times the int4 Triton kernels'.
 
 Built with ``nvcc`` on first use (trident/native/cuda_build.py). :func:`takes` says whether a call can run it. The
 reference is :class:`trident.moe.experts.TorchExperts`; the kernels' own rounding is emulated by
@@ -43,7 +44,9 @@ PREFILL_TOKENS = 512
 :func:`library_for`): measured on an H200 (one Qwen3-30B-A3B layer, int4 g128), 32-row blocks against 8: 278 / 321
 us at 512 tokens, 820 / 1,100 at 2,048, 2,858 / 4,177 at 8,192; below, 8-row blocks (104 / 175 us at 64)."""
 PREFILL_BLOCK_M = 32
-"""The prefill build's rows per block (four mma column tiles: each weight row read once per 32 pairs)."""
+"""The prefill build's rows per block (four mma column tiles: each weight row read once per 32 pairs). 64 rows (a
+build with a 64-bit row mask, one block a multiprocessor at 255 registers) measured no faster on an H200: 3,048 us
+at 8,192 tokens (2,882 with 256 intermediate rows a block) and 905 at 2,048 against 2,874 and 819."""
 STATIC_SHARED_MEMORY = 9 * 1024
 """Shared memory a gate|up block holds beside its staged rows, at most (the act tile: 32 rows x 128 x 2 bytes, and
 the block's pairs)."""
