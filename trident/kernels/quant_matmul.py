@@ -155,8 +155,9 @@ def quant_matmul_config(m: int, n: int, k: int, bits: int, group_size: int) -> T
     tiles of 256 (3 stages) up to 32 rows, else 64 with K tiles of 128 (4 stages), 4 warps, K split in two where the
     launch has at most GEMM_TARGET_PROGRAMS programs and K at least 4 tiles. Measured on an H200 (bench_quant_matmul's
     sweep at 32, 64 and 128 rows, int4 g128, Llama-3-8B's projections and Qwen3-30B-A3B's attention ones,
-    2026-11-30): twice as fast as the untransposed tiles, within 6% of the fastest of 47 variants in 15 of the 18
-    cases (e.g. 8B down at 64 rows 151 -> 60 us, gate_up at 128 rows 434 -> 190; the others within 14%). The same
+    2026-11-30): 1.1 to 2.6 times as fast as the untransposed tiles before (8B down at 64 rows 151 -> 60 us, qkv 66 ->
+    29, gate_up at 128 rows 434 -> 190), within 4% of the fastest of the sweep's variants in 16 of the 18 cases and 5
+    and 7% in the other two. The same
     tiles helped int8 only at 128 rows (8B qkv 40 -> 32 us, down 86 -> 70), which the int8 rule leaves as it is.
     Per channel int4 keeps the rules below: transposed per channel tiles (a dot accumulating across K tiles with its
     left operand in registers) came out wrong on an H200 with float16 activations and K of two tiles (Triton 3.6;
