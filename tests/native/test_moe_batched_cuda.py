@@ -211,7 +211,7 @@ def test_qwen3_30b_a3b_layer_at_prefill_size() -> None:
 @pytest.mark.gpu
 def test_builds_by_token_count_and_shared_memory() -> None:
     """8-row blocks below PREFILL_TOKENS, 32-row ones from it, and 8-row ones again where 32 rows of activations do
-    not fit in a block's shared memory (H = 16,384: 525 KB)."""
+    not fit in a block's shared memory (H = 16,384: 566 KB)."""
     below, at = moe_batched_cuda.PREFILL_TOKENS - 1, moe_batched_cuda.PREFILL_TOKENS
     assert moe_batched_cuda.library_for(below, 2048, 768).tq_moeb_block_m() == moe_batched_cuda.BLOCK_M
     assert moe_batched_cuda.library_for(at, 2048, 768).tq_moeb_block_m() == moe_batched_cuda.PREFILL_BLOCK_M

@@ -508,8 +508,13 @@ int tq_moeb_threads(void) { return THREADS; }
 int tq_moeb_kblock(void) { return KBLOCK; }
 // Bytes of one quantized activation row of k elements (the buffers the Python side allocates).
 long long tq_moeb_row_bytes(int k) { return (long long)qrow_bytes(k); }
-// Shared memory a product kernel's block takes for activation rows of k elements (beyond its static arrays).
-long long tq_moeb_staged_bytes(int k) { return (long long)staged_bytes(k); }
+// Shared memory a block of either product kernel takes, at most, for H = hidden and I = inter: its staged activation
+// rows and its static arrays (gate|up: the pairs and the act tile of 16-bit values; down: the pairs and weights).
+long long tq_moeb_block_shared_bytes(int hidden, int inter) {
+    const size_t gate_up = staged_bytes(hidden) + sizeof(int) * BM + sizeof(__nv_bfloat16) * BM * GU_ROWS;
+    const size_t down = staged_bytes(inter) + (sizeof(int) + sizeof(float)) * BM;
+    return (long long)(gate_up > down ? gate_up : down);
+}
 
 // xq [tokens] quantized rows (tq_moeb_row_bytes(k) apart) of x [tokens, k] (dtype 0 bfloat16, 1 float16). Returns
 // the launch's CUDA error code.

@@ -47,9 +47,6 @@ PREFILL_BLOCK_M = 32
 """The prefill build's rows per block (four mma column tiles: each weight row read once per 32 pairs). 64 rows (a
 build with a 64-bit row mask, one block a multiprocessor at 255 registers) measured no faster on an H200: 3,048 us
 at 8,192 tokens (2,882 with 256 intermediate rows a block) and 905 at 2,048 against 2,874 and 819."""
-STATIC_SHARED_MEMORY = 9 * 1024
-"""Shared memory a gate|up block holds beside its staged rows, at most (the act tile: 32 rows x 128 x 2 bytes, and
-the block's pairs)."""
 MIN_TOKENS = 2
 """One token goes to trident/native/moe_gemv_cuda.py's kernels."""
 MAX_TOKENS = 16384
@@ -68,34 +65,32 @@ H, I and the weight groups are multiples of it."""
 
 
 def library() -> ctypes.CDLL | None:
-    lib = load_cuda(LIBRARY)
-    if lib is not None:
-        typed(lib)
-        built = (lib.tq_moeb_block_m(), lib.tq_moeb_kblock())
-        if built != (BLOCK_M, KBLOCK):
-            raise RuntimeError(f"{LIBRARY}: the library has (block_m, kblock) {built}, the Python side expects "
-                               f"{(BLOCK_M, KBLOCK)}")
-    return lib
+    """The default build (BLOCK_M-row blocks; built on first use), or None where it cannot be built."""
+    return _checked(load_cuda(LIBRARY), BLOCK_M)
 
 
 def prefill_library() -> ctypes.CDLL | None:
-    """The library built with PREFILL_BLOCK_M-row blocks (built on first use, like :func:`library`)."""
-    lib, _ = load_cuda_variant(LIBRARY, {"MOEB_BLOCK_M": PREFILL_BLOCK_M})
+    """The build with PREFILL_BLOCK_M-row blocks (built on first use, like :func:`library`)."""
+    return _checked(load_cuda_variant(LIBRARY, {"MOEB_BLOCK_M": PREFILL_BLOCK_M})[0], PREFILL_BLOCK_M)
+
+
+def _checked(lib: ctypes.CDLL | None, block_m: int) -> ctypes.CDLL | None:
+    """``lib`` typed, once its (block_m, kblock) are found to be what the Python side expects."""
     if lib is not None:
         typed(lib)
-        if lib.tq_moeb_block_m() != PREFILL_BLOCK_M:
-            raise RuntimeError(f"{LIBRARY}: the prefill build has block_m {lib.tq_moeb_block_m()}, the Python side "
-                               f"expects {PREFILL_BLOCK_M}")
+        built = (lib.tq_moeb_block_m(), lib.tq_moeb_kblock())
+        if built != (block_m, KBLOCK):
+            raise RuntimeError(f"{LIBRARY}: the build has (block_m, kblock) {built}, the Python side expects "
+                               f"{(block_m, KBLOCK)}")
     return lib
 
 
 def library_for(num_tokens: int, hidden_size: int, inter: int) -> ctypes.CDLL | None:
-    """The build a step of ``num_tokens`` runs: from PREFILL_TOKENS the prefill build where its blocks' staged
-    activations fit in shared memory, else the default one (None where it cannot be built)."""
+    """The build a step of ``num_tokens`` runs: from PREFILL_TOKENS the prefill build where its blocks fit in the
+    GPU's shared memory, else the default one (None where it cannot be built)."""
     if num_tokens >= PREFILL_TOKENS:
         lib = prefill_library()
-        staged = None if lib is None else lib.tq_moeb_staged_bytes(max(hidden_size, inter))
-        if staged is not None and staged + STATIC_SHARED_MEMORY <= _shared_memory_per_block():
+        if lib is not None and lib.tq_moeb_block_shared_bytes(hidden_size, inter) <= _shared_memory_per_block():
             return lib
     return library()
 
@@ -127,9 +122,10 @@ def typed(lib: ctypes.CDLL) -> ctypes.CDLL:
         lib.tq_moeb_down.restype = i
         for name in ("tq_moeb_block_m", "tq_moeb_threads", "tq_moeb_kblock"):
             getattr(lib, name).restype = i
-        for name in ("tq_moeb_row_bytes", "tq_moeb_staged_bytes"):
-            getattr(lib, name).argtypes = [i]
-            getattr(lib, name).restype = ll
+        lib.tq_moeb_row_bytes.argtypes = [i]
+        lib.tq_moeb_row_bytes.restype = ll
+        lib.tq_moeb_block_shared_bytes.argtypes = [i, i]
+        lib.tq_moeb_block_shared_bytes.restype = ll
         lib._typed = True
     return lib
 
